@@ -1,0 +1,1 @@
+"""Instruction data: records -> examples of role-tagged segments -> tokens with loss weights."""

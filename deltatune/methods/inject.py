@@ -1,0 +1,54 @@
+"""Find modules by name pattern and swap them for wrapped versions. Shared by every method."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from torch import nn
+
+from deltatune.errors import ConfigError
+
+# The output head is never an "all-linear" target: adapting it is a separate, explicit choice.
+_NEVER_ALL_LINEAR = ("lm_head", "embed_out", "output")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def match_targets(model: nn.Module, targets: str | list[str],
+                  accept: Callable[[nn.Module], bool] = _is_linear) -> list[str]:
+    """Names of modules that `targets` selects, among those `accept` allows.
+
+    `targets` is "all-linear", a list or comma list of name suffixes ("q_proj,v_proj"), or a regex
+    (full match against the qualified module name). An empty match is an error that lists the names
+    that do exist, so a typo never trains nothing.
+    """
+    candidates = [n for n, m in model.named_modules() if n and accept(m)]
+    if targets == "all-linear":
+        chosen = [n for n in candidates if n.split(".")[-1] not in _NEVER_ALL_LINEAR]
+    else:
+        parts = targets if isinstance(targets, list) else [t.strip() for t in targets.split(",") if t.strip()]
+        suffix_like = all(re.fullmatch(r"[\w.]+", p) for p in parts)
+        if suffix_like:
+            chosen = [n for n in candidates if any(n == p or n.endswith("." + p) for p in parts)]
+        else:
+            rx = re.compile(targets if isinstance(targets, str) else "|".join(f"(?:{p})" for p in parts))
+            chosen = [n for n in candidates if rx.fullmatch(n)]
+    if not chosen:
+        kinds = sorted({n.split(".")[-1] for n in candidates})
+        raise ConfigError(f"no module matches targets {targets!r}; module names that exist: {', '.join(kinds)}",
+                          field="targets")
+    return chosen
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)

@@ -1,0 +1,74 @@
+"""Tiny, hermetic stand-ins for a real tokenizer and model, for tests and quick experiments.
+
+The tokenizer is a byte-level BPE trained in milliseconds on a fixed corpus, with ChatML special
+tokens and a chat template like SmolLM2's, so the data path runs exactly as with a real model.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.",
+    "### Instruction:\n### Input:\n### Response:\n",
+    "user assistant system You are a helpful assistant.",
+    "What is 2 + 3? The answer is 5. Natalia sold clips to 48 of her friends in April, and then she sold half "
+    "as many clips to her friends in May. How many clips did Natalia sell altogether in April and May? #### 72",
+    "The quick brown fox jumps over the lazy dog. 0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+]
+
+
+@lru_cache(maxsize=4)
+def _tiny_tokenizer_cached(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_tokenizer(vocab_size: int = 512):
+    """A fresh copy each call, so a test that changes it cannot affect another."""
+    import copy
+
+    return copy.deepcopy(_tiny_tokenizer_cached(vocab_size))
+
+
+def tiny_llama_config(vocab_size: int = 512, **overrides):
+    from transformers import LlamaConfig
+
+    cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+               attn_implementation="sdpa")
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **config_overrides):
+    """A 2-layer Llama with random weights; deterministic for a given seed."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**config_overrides)).to(dtype)
+    model.eval()
+    return model

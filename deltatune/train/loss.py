@@ -1,0 +1,91 @@
+"""Weighted token loss through the LM head, chunked so the full logits tensor never exists.
+
+Only positions whose target carries weight go through the head: with a response-only policy
+that skips the instruction tokens' (batch x vocabulary) logits entirely. Within those, the head
+and cross-entropy run chunk by chunk; the gradient with respect to the hidden states (and the
+head weight, when it trains) is computed in the forward pass, chunk by chunk, so backward only
+scales it. Memory: one chunk of logits (chunk x vocab floats) at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, token_weights: Tensor,
+                chunk: int, compute_dtype: torch.dtype, need_grad_hidden: bool, need_grad_weight: bool) -> Tensor:
+        n = hidden.shape[0]
+        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums in >= fp32
+        w_c = weight.to(compute_dtype)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if need_grad_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=acc) if (bias is not None and bias.requires_grad) else None
+        for start in range(0, n, chunk):
+            h = hidden[start:start + chunk].to(compute_dtype)
+            logits = (h @ w_c.T).to(acc)
+            if bias is not None:
+                logits += bias.to(acc)
+            t = targets[start:start + chunk]
+            tw = token_weights[start:start + chunk]
+            lse = torch.logsumexp(logits, dim=-1)
+            nll = lse - logits.gather(1, t[:, None]).squeeze(1)
+            total += (nll * tw).sum()
+            if need_grad_hidden or need_grad_weight or grad_bias is not None:
+                # d(sum w*nll)/dlogits = w * (softmax - onehot)
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                probs.mul_(tw[:, None])
+                g = probs.to(compute_dtype)
+                if need_grad_hidden:
+                    grad_hidden[start:start + chunk] = (g @ w_c).to(hidden.dtype)
+                if need_grad_weight:
+                    grad_weight += (g.T @ h).to(acc)
+                if grad_bias is not None:
+                    grad_bias += probs.sum(0)
+        ctx.save_for_backward(*(x for x in (grad_hidden, grad_weight, grad_bias) if x is not None))
+        ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        saved = list(ctx.saved_tensors)
+        has_h, has_w, has_b = ctx.has
+        gh = saved.pop(0) * grad_out.to(ctx.dtypes[0]) if has_h else None
+        gw = (saved.pop(0) * grad_out).to(ctx.dtypes[1]) if has_w else None
+        gb = (saved.pop(0) * grad_out).to(ctx.dtypes[2]) if has_b else None
+        return gh, gw, gb, None, None, None, None, None, None
+
+
+def weighted_lm_loss_sum(hidden: Tensor, head: torch.nn.Module, input_ids: Tensor, loss_weights: Tensor,
+                         *, chunk: int = 1024, compute_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Σ_t w_t · nll(token_t | tokens_<t) over the batch, and Σ_t w_t.
+
+    `hidden` is the final hidden state [B, T, H]; position t-1 predicts token t, whose weight is
+    `loss_weights[:, t]`. The caller divides by the total weight of the whole accumulated batch.
+    """
+    h = hidden[:, :-1]
+    targets = input_ids[:, 1:]
+    w = loss_weights[:, 1:].to(torch.promote_types(hidden.dtype, torch.float32))
+    keep = w > 0
+    h, targets, w = h[keep], targets[keep], w[keep]
+    weight = head.weight
+    bias = getattr(head, "bias", None)
+    if compute_dtype is None:
+        compute_dtype = weight.dtype if weight.dtype != torch.float32 else hidden.dtype
+    total = _ChunkedLinearCrossEntropy.apply(h, weight, bias, targets, w, chunk, compute_dtype,
+                                             h.requires_grad, weight.requires_grad)
+    return total, w.sum()
+
+
+def reference_lm_loss_sum(logits: Tensor, input_ids: Tensor, loss_weights: Tensor) -> tuple[Tensor, Tensor]:
+    """The plain (unchunked) computation from full logits; used in tests and evaluation of small batches."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    lp = torch.log_softmax(logits[:, :-1].to(acc), dim=-1)
+    nll = -lp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    w = loss_weights[:, 1:].to(acc)
+    return (nll * w).sum(), w.sum()

@@ -1,0 +1,135 @@
+"""`deltatune eval`: score a model (optionally with an adapter) on built-in or user tasks.
+
+Prints a table, writes JSON with --out (and per-item predictions with --predictions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from deltatune.errors import UserError
+
+
+def add_eval_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `eval` and `forgetting`."""
+    p.add_argument("--limit", type=int, default=None, help="at most N examples per file (per MMLU subject, BBH task)")
+    p.add_argument("--shots", type=int, default=0, help="few-shot examples in each prompt (seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    p.add_argument("--data-root", default=None, help="folder with gsm8k/ mmlu/ bbh/ self-instruct/ "
+                   "(default: $DELTATUNE_DATA, else ../shared/data)")
+    p.add_argument("--prompt-style", default=None, choices=["chat", "alpaca", "plain"],
+                   help="default: chat when the tokenizer has a chat template, else plain")
+    p.add_argument("--choice", default="option", choices=["option", "letter"],
+                   help="multiple choice by option-text likelihood (default) or by answer letter")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override the task's generation length")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--map", default=None, help="field names for file: tasks, e.g. instruction=question,output=answer")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model on tasks (generation, multiple choice)",
+                              description=__doc__)
+    p.add_argument("--model", default=None, help="model folder, GGUF file or hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", default=None, help="adapter folder to load on top of the model")
+    p.add_argument("--task", required=True, help="comma list: gsm8k, mmlu[:subject], bbh[:task], self-instruct, file:PATH")
+    p.add_argument("--out", default=None, help="write results JSON here")
+    p.add_argument("--predictions", default=None, help="write per-item predictions (JSONL) here")
+    add_eval_options(p)
+    p.set_defaults(func=run)
+
+
+def options_from_args(args) -> "EvalOptions":
+    from deltatune.evaluate.generate import GenerationConfig
+    from deltatune.evaluate.runner import EvalOptions
+
+    for name in ("limit", "batch_size", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError("must be at least 1", field=name.replace("_", "-"))
+    if args.shots < 0:
+        raise UserError("must be 0 or more", field="shots")
+    gen = GenerationConfig(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    return EvalOptions(limit=args.limit, shots=args.shots, seed=args.seed, batch_size=args.batch_size,
+                       style=args.prompt_style, choice_mode=args.choice, generation=gen,
+                       max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+
+
+def resolve_tasks(spec: str, data_root: str | None, field_map: str | None):
+    from deltatune.evaluate.tasks import parse_field_map, resolve_task
+
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise UserError("no task given", field="task")
+    fm = parse_field_map(field_map)
+    return [resolve_task(n, data_root, fm) for n in names]
+
+
+def evaluate_model(model_ref: str | None, adapter: str | None, tasks, opts, dtype: str = "fp32"):
+    """Load a model (and adapter) and run every task; returns a list of TaskResult.
+
+    Every task's data is read (and validated) before the model loads, so bad input fails fast.
+    """
+    from deltatune.evaluate.runner import evaluate_task
+    from deltatune.evaluate.tasks import load_items, load_shot_pool
+    from deltatune.models import load_model
+
+    items = [load_items(task, opts.limit) for task in tasks]
+    if opts.shots:
+        for task in tasks:
+            load_shot_pool(task)
+    model, tokenizer = load_model(model_ref, dtype=dtype, adapter=adapter)
+    return [evaluate_task(model, tokenizer, task, opts, its) for task, its in zip(tasks, items)]
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A markdown table; floats with 4 decimals."""
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file in the same folder and os.replace, so no half-written file is left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(args) -> int:
+    opts = options_from_args(args)
+    tasks = resolve_tasks(args.task, args.data_root, args.map)
+    results = evaluate_model(args.model, args.adapter, tasks, opts, args.dtype)
+    rows = [{"task": r.task, "n": r.n, "metric": r.metric, "score": r.score,
+             **{k: v for k, v in r.metrics.items() if k != r.metric}} for r in results]
+    extra = sorted({k for row in rows for k in row} - {"task", "n", "metric", "score"})
+    print(format_table(rows, ["task", "n", "metric", "score", *extra]))
+    payload = {"model": args.model or "default", "adapter": args.adapter,
+               "options": {"limit": args.limit, "shots": args.shots, "seed": args.seed, "choice": args.choice,
+                           "prompt_style": args.prompt_style, "sample": args.sample},
+               "tasks": {r.task: {"n": r.n, "metric": r.metric, "score": r.score, "metrics": r.metrics}
+                         for r in results}}
+    if args.out:
+        write_atomic(args.out, json.dumps(payload, indent=2) + "\n")
+    if args.predictions:
+        lines = [json.dumps({"task": r.task, **p}) for r in results for p in r.predictions]
+        write_atomic(args.predictions, "\n".join(lines) + "\n")
+    return 0

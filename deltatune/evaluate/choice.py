@@ -1,0 +1,107 @@
+"""Multiple choice by log-likelihood: score every option's text as a continuation of the prompt.
+
+For each (context, option) pair: log P(option tokens | context) summed over the option's tokens.
+Three predictions come from the same numbers:
+- `sum`:   argmax of the raw sum (favours short options);
+- `token`: argmax of the sum divided by the option's token count;
+- `char`:  argmax of the sum divided by the option's character count (lm-eval's `acc_norm`,
+           independent of the tokenizer) -- the headline accuracy of a choice task.
+All pairs of many questions go through one padded forward per batch, longest first.
+Tokenisation follows lm-eval: encode context+option, and the option's tokens are those past the
+context's own encoding, so a merge across the boundary is handled the way the model saw it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+NORMALISATIONS = ("char", "token", "sum")
+
+
+@dataclass
+class OptionScore:
+    logprob: float  # sum of log-probabilities of the option's tokens
+    n_tokens: int
+    n_chars: int
+
+    def value(self, norm: str) -> float:
+        if norm == "sum":
+            return self.logprob
+        if norm == "token":
+            return self.logprob / max(self.n_tokens, 1)
+        if norm == "char":
+            return self.logprob / max(self.n_chars, 1)
+        raise ValueError(f"unknown normalisation {norm!r}")
+
+
+def split_encode(tokenizer, context: str, continuation: str, add_special_tokens: bool = False
+                 ) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) such that their concatenation encodes context+continuation."""
+    whole = tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"]
+    if whole[:len(ctx)] != ctx:  # boundary merge changed the context's tokens: encode apart
+        return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def score_options(model, tokenizer, contexts: list[str], options: list[list[str]], batch_size: int = 16,
+                  max_length: int | None = None, add_special_tokens: bool = False,
+                  progress: bool = True) -> list[list[OptionScore]]:
+    """Log-likelihood of each option of each question; `options[i]` are continuations of `contexts[i]`."""
+    pairs: list[tuple[int, int, list[int], list[int], int]] = []
+    for q, (ctx, opts) in enumerate(zip(contexts, options)):
+        for o, text in enumerate(opts):
+            c_ids, o_ids = split_encode(tokenizer, ctx, text, add_special_tokens)
+            if not o_ids:
+                raise ValueError(f"option {o} of question {q} encodes to no tokens: {text!r}")
+            pairs.append((q, o, c_ids, o_ids, len(text.strip()) or len(text)))
+    max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 10**9
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][2]) + len(pairs[i][3])))
+    results: list[list[OptionScore | None]] = [[None] * len(o) for o in options]
+    bar = tqdm(total=len(pairs), desc="choices", unit="opt", disable=not progress or len(pairs) < 2)
+    for start in range(0, len(order), batch_size):
+        batch = [pairs[i] for i in order[start:start + batch_size]]
+        rows = []
+        for _, _, c_ids, o_ids, _ in batch:
+            ids = (c_ids + o_ids)[-max_length:]  # drop the context's start if too long
+            rows.append((ids, len(ids) - len(o_ids)))
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (ids, _) in enumerate(rows):
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            attention[r, :len(ids)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        for r, ((q, o, _, o_ids, n_chars), (ids, ctx_len)) in enumerate(zip(batch, rows)):
+            # logits at position t predict token t+1: the option's tokens are ids[ctx_len:]
+            step_logits = logits[r, ctx_len - 1:len(ids) - 1]
+            if step_logits.dtype in (torch.float16, torch.bfloat16):
+                step_logits = step_logits.float()  # never a log-softmax in half precision
+            logp = torch.log_softmax(step_logits, dim=-1)
+            target = torch.tensor(ids[ctx_len:], device=logp.device)
+            total = logp.gather(1, target[:, None]).sum().item()
+            results[q][o] = OptionScore(total, len(o_ids), n_chars)
+        bar.update(len(batch))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def predict(scores: list[OptionScore], norm: str = "char") -> int:
+    values = [s.value(norm) for s in scores]
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def choice_accuracies(all_scores: list[list[OptionScore]], answers: list[int]) -> dict[str, float]:
+    """acc (char-normalised, the headline), acc_token, acc_sum."""
+    out = {}
+    for norm in NORMALISATIONS:
+        hits = [predict(s, norm) == a for s, a in zip(all_scores, answers)]
+        key = "acc" if norm == "char" else f"acc_{norm}"
+        out[key] = sum(hits) / len(hits) if hits else float("nan")
+    return out

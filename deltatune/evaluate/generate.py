@@ -1,0 +1,83 @@
+"""Batched generation for scoring: left padding, stop at end of sequence (or a stop string).
+
+Prompts are sorted by length so that each batch pads little; results come back in input order.
+Greedy by default; sampling is seeded so a scored run can be repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # cut the text at the first of these (few-shot "Question:" etc.)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """eos plus the chat end-of-turn token when the tokenizer has one (ChatML's <|im_end|>)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for special in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(special) if special in tokenizer.get_vocab() else None
+        if tid is not None:
+            ids.add(tid)
+    return sorted(ids)
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    cut = len(text)
+    for s in stop:
+        i = text.find(s)
+        if i >= 0:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], config: GenerationConfig | None = None,
+             batch_size: int = 8, add_special_tokens: bool = False, progress: bool = True) -> list[str]:
+    """Continuations of `prompts` (decoded without special tokens), in input order."""
+    config = config or GenerationConfig()
+    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context:  # keep the end of an over-long prompt (the question), drop the start (early shots)
+        keep = max(1, context - config.max_new_tokens)
+        encoded = [ids[-keep:] for ids in encoded]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = stop_token_ids(tokenizer)
+    device = next(model.parameters()).device
+    outputs: list[str] = [""] * len(prompts)
+    if config.do_sample:
+        torch.manual_seed(config.seed)
+    bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress or len(prompts) < 2)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids = encoded[i]
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
+                      pad_token_id=pad_id, eos_token_id=eos)
+        if config.do_sample:
+            kwargs.update(temperature=config.temperature, top_p=config.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        for row, i in enumerate(idx):
+            text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+            outputs[i] = cut_at_stop(text, config.stop)
+        bar.update(len(idx))
+    bar.close()
+    return outputs

@@ -1,0 +1,82 @@
+"""Turn an item (and its few-shot examples) into the model's prompt text, in one of three styles.
+
+- "chat":   the tokenizer's chat template; each shot is a user turn and an assistant turn
+            (the default when the tokenizer has a template, as instruct models do);
+- "alpaca": the Alpaca template without input ("### Instruction:" / "### Response:");
+- "plain":  "Question: ...\\nAnswer: ..." blocks, for base models.
+Each style also says what to put before an option or letter (a space after "Answer:") and where a
+generation should stop if the model runs on into another example.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from deltatune.errors import UserError
+from deltatune.evaluate.tasks import Item
+
+STYLES = ("chat", "alpaca", "plain")
+ALPACA_HEADER = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.\n\n")
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    name: str
+    continuation_prefix: str  # before an option's text or a letter
+    stop: tuple[str, ...]     # cut generated text here
+
+
+def default_style(tokenizer) -> str:
+    return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+
+
+def style_info(name: str) -> PromptStyle:
+    if name == "chat":
+        return PromptStyle("chat", "", ())
+    if name == "alpaca":
+        return PromptStyle("alpaca", "", ("### Instruction:",))
+    if name == "plain":
+        return PromptStyle("plain", " ", ("\nQuestion:",))
+    raise UserError(f"unknown prompt style '{name}'; choose one of: {', '.join(STYLES)}", field="prompt-style")
+
+
+def render(tokenizer, style: str, shots: list[tuple[str, str]], question: str) -> str:
+    """The full prompt: shots as (question, answer) pairs, then the question awaiting an answer."""
+    if style == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("prompt style 'chat' needs a tokenizer with a chat template; use --prompt-style plain",
+                            field="prompt-style")
+        messages = []
+        for q, a in shots:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": question})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if style == "alpaca":
+        blocks = [f"{ALPACA_HEADER}### Instruction:\n{q}\n\n### Response:\n{a}\n\n" for q, a in shots]
+        return "".join(blocks) + f"{ALPACA_HEADER}### Instruction:\n{question}\n\n### Response:\n"
+    if style == "plain":
+        blocks = [f"Question: {q}\nAnswer: {a}\n\n" for q, a in shots]
+        return "".join(blocks) + f"Question: {question}\nAnswer:"
+    style_info(style)  # raises for an unknown name
+    raise AssertionError
+
+
+def letter_question(item: Item) -> str:
+    """A multiple-choice question with lettered options, for letter-choice scoring."""
+    lines = [item.prompt] + [f"{chr(65 + i)}. {opt}" for i, opt in enumerate(item.options or [])]
+    return "\n".join(lines) + "\nAnswer with the letter of the correct option."
+
+
+def pick_shots(pool: list[Item], k: int, seed: int, exclude: Item | None = None) -> list[Item]:
+    """k examples drawn with a fixed seed; the same shots for every question, never the question itself."""
+    if k <= 0:
+        return []
+    candidates = [p for p in pool if p is not exclude]
+    if len(candidates) < k:
+        raise UserError(f"asked for {k} shots but only {len(candidates)} examples are available", field="shots")
+    rng = random.Random(seed)
+    order = rng.sample(range(len(pool)), min(len(pool), k + 1))
+    chosen = [pool[i] for i in order if pool[i] is not exclude][:k]
+    return chosen

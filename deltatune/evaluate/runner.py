@@ -1,0 +1,110 @@
+"""Run one task on one model: build prompts (with shots), generate or score options, compute metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from deltatune.evaluate import metrics as M
+from deltatune.evaluate.choice import choice_accuracies, predict, score_options
+from deltatune.evaluate.extract import extract_bbh, extract_gsm8k, normalize_answer
+from deltatune.evaluate.generate import GenerationConfig, generate
+from deltatune.evaluate.prompts import default_style, letter_question, pick_shots, render, style_info
+from deltatune.evaluate.tasks import LETTERS, Item, Task, load_items, load_shot_pool
+
+
+@dataclass
+class EvalOptions:
+    limit: int | None = None
+    shots: int = 0
+    seed: int = 0
+    batch_size: int = 8
+    style: str | None = None          # None: chat if the tokenizer has a template, else plain
+    choice_mode: str = "option"       # "option" (likelihood of the answer text) | "letter"
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    max_new_tokens: int | None = None  # None: the task's own
+    progress: bool = True
+
+
+@dataclass
+class TaskResult:
+    task: str
+    n: int
+    metric: str                     # the headline metric's key
+    metrics: dict[str, float]
+    predictions: list[dict[str, Any]]
+
+    @property
+    def score(self) -> float:
+        return self.metrics[self.metric]
+
+
+def _shots_for(item: Item, pool: list[Item] | None, own: list[Item], opts: EvalOptions) -> list[Item]:
+    if opts.shots <= 0:
+        return []
+    source = pool if pool is not None else [o for o in own if o.group == item.group]
+    return pick_shots(source, opts.shots, opts.seed, exclude=item)
+
+
+def _score_generation(task: Task, item: Item, text: str) -> dict[str, float | str | None]:
+    if task.extract == "gsm8k":
+        strict, flexible = extract_gsm8k(text, strict=True), extract_gsm8k(text, strict=False)
+        return {"extracted": strict, "exact_match": M.exact_match(strict, item.target),
+                "exact_match_flexible": M.exact_match(flexible, item.target)}
+    if task.extract == "bbh":
+        pred = extract_bbh(text, item.target)
+        return {"extracted": pred, "exact_match": M.exact_match(pred, item.target)}
+    return {"extracted": text.strip(),
+            "exact_match": M.exact_match(normalize_answer(text), normalize_answer(item.target)),
+            "f1": M.token_f1(text, item.target), "rouge_l": M.rouge_l(text, item.target)}
+
+
+def evaluate_task(model, tokenizer, task: Task, opts: EvalOptions | None = None,
+                  items: list[Item] | None = None) -> TaskResult:
+    """Score `model` on `task` (on `items` if given: read them first to fail before loading a model)."""
+    opts = opts or EvalOptions()
+    items = items if items is not None else load_items(task, opts.limit)
+    pool = load_shot_pool(task) if opts.shots > 0 else None
+    style = style_info(opts.style or default_style(tokenizer))
+    add_special = style.name != "chat"
+    if task.kind == "choice":
+        return _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_special)
+    prompts = []
+    for item in items:
+        shots = [(s.prompt, s.shot_answer) for s in _shots_for(item, pool, items, opts)]
+        prompts.append(render(tokenizer, style.name, shots, item.prompt))
+    gen = replace(opts.generation, max_new_tokens=opts.max_new_tokens or task.max_new_tokens,
+                  stop=tuple(opts.generation.stop) + style.stop)
+    texts = generate(model, tokenizer, prompts, gen, batch_size=opts.batch_size, add_special_tokens=add_special,
+                     progress=opts.progress)
+    rows = []
+    for item, text in zip(items, texts):
+        rows.append({"source": item.source, "target": item.target, "output": text,
+                     **_score_generation(task, item, text)})
+    keys = [k for k in rows[0] if k not in {"source", "target", "output", "extracted"}]
+    metrics = {k: M.mean([float(r[k]) for r in rows]) for k in keys}
+    return TaskResult(task.name, len(items), task.metric, metrics, rows)
+
+
+def _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_special) -> TaskResult:
+    contexts, options = [], []
+    letter = opts.choice_mode == "letter"
+    for item in items:
+        shots = _shots_for(item, pool, items, opts)
+        if letter:
+            pairs = [(letter_question(s), LETTERS[s.answer]) for s in shots]
+            contexts.append(render(tokenizer, style.name, pairs, letter_question(item)))
+            options.append([style.continuation_prefix + LETTERS[i] for i in range(len(item.options))])
+        else:
+            pairs = [(s.prompt, s.options[s.answer]) for s in shots]
+            contexts.append(render(tokenizer, style.name, pairs, item.prompt))
+            options.append([style.continuation_prefix + o for o in item.options])
+    scores = score_options(model, tokenizer, contexts, options, batch_size=opts.batch_size,
+                           add_special_tokens=add_special, progress=opts.progress)
+    answers = [item.answer for item in items]
+    metrics = choice_accuracies(scores, answers)
+    if letter:  # every letter has one character and (usually) one token: the three agree; keep one
+        metrics = {"acc": metrics["acc_sum"]}
+    rows = [{"source": it.source, "target": it.target, "predicted": LETTERS[predict(s, "sum" if letter else "char")],
+             "logprobs": [round(o.logprob, 4) for o in s]} for it, s in zip(items, scores)]
+    return TaskResult(task.name, len(items), "acc", metrics, rows)

@@ -1,0 +1,257 @@
+"""Evaluation: extraction, metrics, multiple choice by hand, batched generation, loss, tasks, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from deltatune.evaluate import metrics as M
+from deltatune.evaluate.choice import OptionScore, choice_accuracies, predict, score_options, split_encode
+from deltatune.evaluate.extract import (bbh_target, extract_bbh, extract_gsm8k, extract_letter,
+                                        normalize_number)
+from deltatune.evaluate.generate import GenerationConfig, generate
+from deltatune.evaluate.prompts import pick_shots, render
+from deltatune.evaluate.tasks import Item, load_items, resolve_task
+
+
+# --- extraction -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, strict, flexible", [
+    ("She makes 9 * 2 = $18 every day.\n#### 18", "18", "18"),
+    ("#### 1,000", "1000", "1000"),
+    ("so the total is $1,234.00\n#### $1,234.00", "1234", "1234"),
+    ("#### 18.0", "18", "18"),
+    ("#### -3", "-3", "-3"),
+    ("#### 0.50", "0.5", "0.5"),
+    ("The answer is 42.", None, "42"),
+    ("I think 3 apples, then 5 pears, so 8.", None, "8"),
+    ("No number here", None, None),
+    ("####  7", "7", "7"),
+])
+def test_gsm8k_extraction_table(text, strict, flexible):
+    assert extract_gsm8k(text, strict=True) == strict
+    assert extract_gsm8k(text, strict=False) == flexible
+
+
+@pytest.mark.parametrize("raw, norm", [("$1,000", "1000"), ("18.0", "18"), ("7.", "7"), ("-0.50", "-0.5"),
+                                       ("abc", None), ("3.25", "3.25")])
+def test_normalize_number(raw, norm):
+    assert normalize_number(raw) == norm
+
+
+@pytest.mark.parametrize("output, target, expected_match", [
+    ("(B)", "(B)", True),
+    ("B", "(B)", True),
+    ("B) The specialist had a skin condition", "(B)", True),
+    ("Let's think. So the answer is (C).", "(C)", True),
+    ("the answer is A.", "(B)", False),
+    ("True", "True", True),
+    ("true.", "True", True),
+    ("No\nBecause the steps return.", "No", True),
+    ("Yes", "No", False),
+    ("So the answer is invalid.", "invalid", True),
+    ("24", "24", True),
+    ("24.0", "24", True),
+    ("] ]", "] ]", True),
+    ("syndrome therefrom", "syndrome therefrom", True),
+    ("therefrom syndrome", "syndrome therefrom", False),
+])
+def test_bbh_extraction_table(output, target, expected_match):
+    assert (extract_bbh(output, bbh_target(target)) == bbh_target(target)) is expected_match
+
+
+def test_extract_letter():
+    assert extract_letter("B", 4) == "B"
+    assert extract_letter("The answer is (C)", 4) == "C"
+    assert extract_letter("E", 4) is None
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+def test_token_f1_hand_example():
+    # pred tokens: cat sat on mat (articles dropped); ref: cat is on mat -> common 3, P=3/4, R=3/4
+    assert M.token_f1("The cat sat on the mat.", "a cat is on the mat") == pytest.approx(0.75)
+    assert M.token_f1("", "") == 1.0
+    assert M.token_f1("x", "") == 0.0
+
+
+def test_rouge_l_hand_example():
+    # LCS("the cat sat on the mat", "the cat lay on the mat") = 5 tokens; P = R = 5/6
+    assert M.rouge_l("the cat sat on the mat", "the cat lay on the mat") == pytest.approx(5 / 6)
+    assert M.rouge_l("completely different", "nothing shared here") == 0.0
+
+
+# --- multiple choice, computed by hand --------------------------------------------------------
+
+def test_multiple_choice_matches_float64_hand_computation(tiny_lm, tiny_tok):
+    model = tiny_lm.double()
+    context, options = "What is 2 + 3? The answer is", [" 5", " 72", " fox jumps"]
+    scores = score_options(model, tiny_tok, [context, context], [options, options[:2]], batch_size=4,
+                           progress=False)
+    for o, text in enumerate(options):
+        c_ids = tiny_tok(context, add_special_tokens=False)["input_ids"]
+        whole = tiny_tok(context + text, add_special_tokens=False)["input_ids"]
+        assert whole[:len(c_ids)] == c_ids
+        o_ids = whole[len(c_ids):]
+        with torch.no_grad():
+            logits = model(torch.tensor([whole])).logits[0].double()
+        # log P(o_ids[j] | prefix) = logits[p] - logsumexp(logits[p]) at position p = len(c)+j-1
+        expected = sum(float(logits[len(c_ids) + j - 1, t] - torch.logsumexp(logits[len(c_ids) + j - 1], 0))
+                       for j, t in enumerate(o_ids))
+        got = scores[0][o]
+        assert got.logprob == pytest.approx(expected, abs=1e-9)
+        assert got.n_tokens == len(o_ids) and got.n_chars == len(text.strip())
+        if o < 2:  # the same pair in another question and another padded row gives the same number
+            assert scores[1][o].logprob == pytest.approx(expected, abs=1e-9)
+
+
+def test_normalisations_choose_differently():
+    # a long likely-per-char option against a short one: raw sum picks short, per-char picks long
+    short, long_ = OptionScore(-3.0, 1, 2), OptionScore(-8.0, 4, 20)
+    assert predict([short, long_], "sum") == 0
+    assert predict([short, long_], "char") == 1          # -0.4/char beats -1.5/char
+    assert predict([short, long_], "token") == 1         # -2.0/token beats -3.0/token
+    accs = choice_accuracies([[short, long_], [short, long_]], [1, 0])
+    assert accs == {"acc": 0.5, "acc_token": 0.5, "acc_sum": 0.5}
+
+
+def test_split_encode_concatenation_is_whole(tiny_tok):
+    ctx, opt = split_encode(tiny_tok, "Answer:", " 5")
+    assert ctx + opt == tiny_tok("Answer: 5", add_special_tokens=False)["input_ids"]
+
+
+# --- generation -------------------------------------------------------------------------------
+
+def test_batched_left_padded_greedy_equals_one_by_one(tiny_lm, tiny_tok):
+    prompts = ["What is 2 + 3?", "The quick brown fox jumps over the lazy dog and", "Natalia"]
+    cfg = GenerationConfig(max_new_tokens=6)
+    batched = generate(tiny_lm, tiny_tok, prompts, cfg, batch_size=3, progress=False)
+    single = [generate(tiny_lm, tiny_tok, [p], cfg, batch_size=1, progress=False)[0] for p in prompts]
+    assert batched == single
+    assert all(isinstance(t, str) for t in batched)
+
+
+def test_sampling_is_seeded(tiny_lm, tiny_tok):
+    cfg = GenerationConfig(max_new_tokens=5, do_sample=True, temperature=1.5, seed=3)
+    a = generate(tiny_lm, tiny_tok, ["The quick", "What is"], cfg, progress=False)
+    b = generate(tiny_lm, tiny_tok, ["The quick", "What is"], cfg, progress=False)
+    assert a == b
+
+
+def test_generation_stops_at_stop_string(tiny_lm, tiny_tok):
+    full = generate(tiny_lm, tiny_tok, ["The quick"], GenerationConfig(max_new_tokens=8), progress=False)[0]
+    if len(full) > 2:
+        cut = generate(tiny_lm, tiny_tok, ["The quick"], GenerationConfig(max_new_tokens=8, stop=(full[2:4],)),
+                       progress=False)[0]
+        assert cut == full[:full.find(full[2:4])]
+
+
+# --- held-out loss ----------------------------------------------------------------------------
+
+def test_heldout_loss_is_token_weighted(tiny_lm, tiny_tok):
+    from deltatune.data.segments import Role, TokenizedExample
+    from deltatune.evaluate.loss import heldout_loss
+
+    model = tiny_lm.double()
+    a = [5, 9, 17, 33, 2]
+    b = [7, 8, 2]
+    exs = [TokenizedExample(a, [Role.INSTRUCTION] * 5, [0] * 5, weights=[0, 0, 1, 1, 1]),
+           TokenizedExample(b, [Role.INSTRUCTION] * 3, [0] * 3, weights=[0, 0, 1])]
+    res = heldout_loss(model, exs, batch_size=2, pad_id=2, progress=False)
+    nll = []
+    for ids, w in ((a, [0, 0, 1, 1, 1]), (b, [0, 0, 1])):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        nll += [-float(lp[t - 1, ids[t]]) for t in range(1, len(ids)) if w[t]]
+    assert res.tokens == 4 and res.examples == 2
+    assert res.loss == pytest.approx(sum(nll) / 4, abs=1e-9)     # a mean over tokens, not over examples
+    assert res.perplexity == pytest.approx(math.exp(sum(nll) / 4))
+
+
+# --- prompts and few-shot ---------------------------------------------------------------------
+
+def test_pick_shots_seeded_and_never_the_item():
+    pool = [Item(f"q{i}", str(i), str(i)) for i in range(10)]
+    a = pick_shots(pool, 3, seed=1)
+    assert a == pick_shots(pool, 3, seed=1) and len({id(x) for x in a}) == 3
+    for item in pool:
+        shots = pick_shots(pool, 3, seed=1, exclude=item)
+        assert item not in shots and len(shots) == 3
+
+
+def test_render_plain_and_chat(tiny_tok):
+    assert render(tiny_tok, "plain", [("1+1?", "2")], "2+2?") == "Question: 1+1?\nAnswer: 2\n\nQuestion: 2+2?\nAnswer:"
+    chat = render(tiny_tok, "chat", [("1+1?", "2")], "2+2?")
+    assert chat == ("<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n2<|im_end|>\n"
+                    "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+# --- real data files through the shared_data fixture ------------------------------------------
+
+def test_reads_gsm8k_mmlu_bbh(shared_data):
+    g = load_items(resolve_task("gsm8k", shared_data), limit=2)
+    assert g[0].target == "18" and g[0].shot_answer.endswith("#### 18")
+    mm = load_items(resolve_task("mmlu:anatomy", shared_data))
+    assert len(mm) == 135 and mm[2].options == ["Bladder", "Kidney", "Ureter", "Urethra"] and mm[2].answer == 0
+    assert all(len(i.options) == 4 for i in mm)
+    b = load_items(resolve_task("bbh:date_understanding", shared_data), limit=1)
+    assert b[0].target == "(B)" and "Options:" in b[0].prompt
+    allb = resolve_task("bbh", shared_data)
+    assert len(allb.files) == 27
+    si = load_items(resolve_task("self-instruct", shared_data), limit=1)
+    assert si[0].target.startswith("If you have any questions")
+
+
+def test_missing_data_root_is_one_line_error(tmp_path, monkeypatch):
+    from deltatune.errors import UserError
+
+    monkeypatch.setenv("DELTATUNE_DATA", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="DELTATUNE_DATA"):
+        resolve_task("gsm8k")
+
+
+# --- the CLI, end to end on a tiny saved model ------------------------------------------------
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_lm, tiny_tok):
+    folder = tmp_path / "tiny"
+    tiny_lm.save_pretrained(folder)
+    tiny_tok.save_pretrained(folder)
+    return folder
+
+
+def test_eval_cli_end_to_end(tmp_path, tiny_model_dir, capsys):
+    from deltatune.cli import main
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps({"q": q, "a": a}) for q, a in
+                              [("What is 2 + 3?", "5"), ("Say fox", "fox"), ("Say dog", "dog")]) + "\n")
+    out, preds = tmp_path / "res" / "r.json", tmp_path / "p.jsonl"
+    rc = main(["eval", "--model", str(tiny_model_dir), "--task", f"file:{data}", "--map",
+               "instruction=q,output=a", "--max-new-tokens", "4", "--shots", "1", "--out", str(out),
+               "--predictions", str(preds), "--no-progress"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert f"| file:{data} | 3 | rouge_l |" in table
+    res = json.loads(out.read_text())["tasks"][f"file:{data}"]
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert res["n"] == 3 and len(rows) == 3
+    # the reported metrics are the means of the per-item numbers
+    for key in ("exact_match", "f1", "rouge_l"):
+        assert res["metrics"][key] == pytest.approx(sum(r[key] for r in rows) / 3)
+
+
+def test_eval_cli_bad_input_exits_2(tmp_path, tiny_model_dir, capsys):
+    from deltatune.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n')
+    out = tmp_path / "r.json"
+    rc = main(["eval", "--model", str(tiny_model_dir), "--task", f"file:{bad}", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"deltatune eval: error: {bad}:2: field 'output': missing or not a string\n"
+    assert not out.exists()
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "nosuch", "--no-progress"]) == 2

@@ -35,6 +35,25 @@ class MethodSpec:
     rslora: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # method-specific extras
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values, as saved in deltatune_adapter.json."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, file: str | None = None) -> "MethodSpec":
+        from dataclasses import fields
+
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown method key '{unknown[0]}'; allowed: {', '.join(sorted(allowed))}",
+                              file=file, field=unknown[0])
+        if "name" not in data:
+            raise ConfigError("a method needs a 'name'", file=file, field="name")
+        return cls(**data)
+
 
 class DeltaLinear(nn.Module):
     """A frozen base `nn.Linear` plus a trainable change. Subclasses implement the math.
@@ -117,8 +136,14 @@ class Method:
         raise NotImplementedError
 
     def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-        """The parameters this method trains (names as in `model.named_parameters()`)."""
-        raise NotImplementedError
+        """The parameters this method trains (names as in `model.named_parameters()`).
+
+        Default (reparameterisation methods): the parameters of this method's `DeltaLinear`s
+        other than the frozen base layer's. Other kinds override it."""
+        for name, module in self.named_delta_modules(model):
+            for pname, p in module.named_parameters():
+                if not pname.startswith("base."):
+                    yield f"{name}.{pname}", p
 
     def merge(self, model: nn.Module) -> None:
         if not self.mergeable:
@@ -137,9 +162,56 @@ class Method:
         """The `DeltaLinear`s this method injected (reparameterisation methods)."""
         return [m for m in model.modules() if isinstance(m, DeltaLinear) and getattr(m, "method_name", None) == self.name]
 
+    def named_delta_modules(self, model: nn.Module) -> list[tuple[str, DeltaLinear]]:
+        """Like `delta_modules`, with qualified module names."""
+        return [(n, m) for n, m in model.named_modules()
+                if isinstance(m, DeltaLinear) and getattr(m, "method_name", None) == self.name]
+
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Adapter-only weights: exactly the trainable parameters (and buffers a method adds)."""
         return {n: p.detach() for n, p in self.trainable_parameters(model)}
+
+    def unload(self, model: nn.Module) -> None:
+        """After `merge`: swap each injected `DeltaLinear` back for its (merged) base linear, so the
+        model is a plain transformers model again (used by merged export). Methods that add other
+        modules override this."""
+        for name, module in self.named_delta_modules(model):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.base)
+
+    # --- PEFT interoperability hooks (deltatune/methods/peft_format.py calls these) -------------
+    # A method that PEFT also implements sets `peft_type` (PEFT's name, e.g. "LORA", "IA3") and
+    # overrides `peft_config` and `from_peft_config`; the key hooks only need overriding when its
+    # parameter names differ from PEFT's saved names beyond the "base_model.model." prefix (PEFT
+    # saves keys without the adapter name, e.g. `...q_proj.lora_A.weight`). An adapter is written in
+    # PEFT's format only when it holds exactly one method with a `peft_type`; every other combination
+    # uses deltatune's own file (`deltatune_adapter.json`), which needs none of these hooks.
+
+    PEFT_PREFIX: ClassVar[str] = "base_model.model."
+
+    def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
+        """The method-specific fields of PEFT's adapter_config.json (e.g. r, lora_alpha,
+        target_modules), or None when PEFT cannot represent this configuration. The writer adds the
+        common fields (peft_type, task_type, base_model_name_or_path, peft_version, ...)."""
+        return None
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
+        """The MethodSpec that reproduces a PEFT adapter_config.json of this method's `peft_type`,
+        or None when this class does not handle it (e.g. LoRA declines `use_dora: true` so DoRA can
+        claim it). Raise ConfigError for PEFT options the method cannot reproduce."""
+        return None
+
+    def to_peft_key(self, name: str) -> str:
+        """A parameter name of ours (as in model.named_parameters()) -> PEFT's saved key."""
+        return self.PEFT_PREFIX + name
+
+    def from_peft_key(self, key: str) -> str:
+        """PEFT's saved key -> our parameter name; the inverse of `to_peft_key`."""
+        if not key.startswith(self.PEFT_PREFIX):
+            raise ConfigError(f"unexpected PEFT key '{key}' (expected the prefix '{self.PEFT_PREFIX}')")
+        return key[len(self.PEFT_PREFIX):]
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -8,6 +8,7 @@ from typing import Callable
 from torch import nn
 
 from deltatune.errors import ConfigError
+from deltatune.methods.base import DeltaLinear
 
 # The output head is never an "all-linear" target: adapting it is a separate, explicit choice.
 _NEVER_ALL_LINEAR = ("lm_head", "embed_out", "output")
@@ -17,15 +18,24 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def is_linear_or_delta(module: nn.Module) -> bool:
+    """A linear layer, or one another method already wrapped (so a second wrap is caught as a conflict)."""
+    return isinstance(module, (nn.Linear, DeltaLinear))
+
+
 def match_targets(model: nn.Module, targets: str | list[str],
-                  accept: Callable[[nn.Module], bool] = _is_linear) -> list[str]:
+                  accept: Callable[[nn.Module], bool] = _is_linear, *, inside_delta: bool = True) -> list[str]:
     """Names of modules that `targets` selects, among those `accept` allows.
 
     `targets` is "all-linear", a list or comma list of name suffixes ("q_proj,v_proj"), or a regex
     (full match against the qualified module name). An empty match is an error that lists the names
-    that do exist, so a typo never trains nothing.
+    that do exist, so a typo never trains nothing. `inside_delta=False` skips modules inside an
+    already injected `DeltaLinear` (its frozen `.base`), so the wrapper itself stands for the layer.
     """
     candidates = [n for n, m in model.named_modules() if n and accept(m)]
+    if not inside_delta:
+        wrapped = [n + "." for n, m in model.named_modules() if n and isinstance(m, DeltaLinear)]
+        candidates = [n for n in candidates if not any(n.startswith(w) for w in wrapped)]
     if targets == "all-linear":
         chosen = [n for n in candidates if n.split(".")[-1] not in _NEVER_ALL_LINEAR]
     else:
@@ -52,3 +62,23 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+def wrap_linears(model: nn.Module, targets: str | list[str], make: Callable[[nn.Module], DeltaLinear],
+                 method_name: str) -> list[str]:
+    """Replace every linear that `targets` selects by `make(linear)`, tagged with `method_name`.
+
+    A layer that another method already wrapped is a ConfigError naming both methods: two
+    reparameterisations of one weight would make merge order-dependent and the PEFT file ambiguous.
+    """
+    names = match_targets(model, targets, accept=is_linear_or_delta, inside_delta=False)
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, DeltaLinear):
+            raise ConfigError(f"module '{name}' is already adapted by method '{getattr(module, 'method_name', '?')}'; "
+                              f"method '{method_name}' cannot wrap it too (choose disjoint targets)", field="targets")
+    for name in names:
+        new = make(model.get_submodule(name))
+        new.method_name = method_name
+        replace_module(model, name, new)
+    return names

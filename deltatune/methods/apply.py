@@ -1,0 +1,208 @@
+"""Apply one or several methods to a model, and everything done with the result: the trainable
+parameters, merge and unmerge, adapter weights in memory and on disk, and merged export.
+
+The model is changed in place (like PEFT): it is frozen, then each method injects its modules or
+marks its parameters, in the order given. Each method claims its parameters; two methods claiming
+the same parameter, or wrapping the same linear, is a ConfigError, so that "lora + bitfit" works and
+"lora + dora on the same layers" fails with a reason instead of training something ambiguous.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from deltatune.errors import ConfigError
+from deltatune.methods.base import Method, MethodSpec, get_method
+from deltatune.methods.inject import freeze
+
+
+class AdaptedModel:
+    """A model with delta-tuning methods applied. `.model` is the (changed) transformers model."""
+
+    def __init__(self, model: nn.Module, methods: list[Method]) -> None:
+        self.model = model
+        self.methods = methods
+
+    # --- what trains --------------------------------------------------------------------------
+    @property
+    def specs(self) -> list[MethodSpec]:
+        return [m.spec for m in self.methods]
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) for every trained parameter, method by method, in a stable order."""
+        return [np for m in self.methods for np in m.trainable_parameters(self.model)]
+
+    @property
+    def is_peft_method(self) -> bool:
+        """True when the adapter is saved in PEFT's format (one method that PEFT can represent)."""
+        return (len(self.methods) == 1 and self.methods[0].peft_type is not None
+                and self.methods[0].peft_config(self.model) is not None)
+
+    @property
+    def mergeable(self) -> bool:
+        return all(m.mergeable for m in self.methods)
+
+    def _require_mergeable(self) -> None:
+        for m in self.methods:
+            if not m.mergeable:
+                raise ConfigError(f"method '{m.name}' cannot be merged: {m.why_not_mergeable}", field="method")
+
+    # --- merge --------------------------------------------------------------------------------
+    def merge(self) -> None:
+        """Fold every method's change into the base weights (in place; `unmerge` undoes it)."""
+        self._require_mergeable()
+        for m in self.methods:
+            m.merge(self.model)
+
+    def unmerge(self) -> None:
+        self._require_mergeable()
+        for m in reversed(self.methods):
+            m.unmerge(self.model)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge layer by layer and swap each wrapper back for its base linear: the result is a plain
+        transformers model (no extra copy of the weights is made). This AdaptedModel is spent after."""
+        self._require_mergeable()
+        for m in self.methods:
+            m.merge(self.model)
+            m.unload(self.model)
+        self.methods = []
+        return self.model
+
+    @contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Within the block the model computes exactly the base model (reparameterisation methods)."""
+        for m in self.methods:
+            if m.kind == "specification":
+                raise ConfigError(f"method '{m.name}' changes the weights themselves and cannot be disabled")
+        modules = [d for m in self.methods for d in m.delta_modules(self.model)]
+        before = [d.disabled for d in modules]
+        for d in modules:
+            d.disabled = True
+        try:
+            yield
+        finally:
+            for d, b in zip(modules, before):
+                d.disabled = b
+
+    # --- adapter weights ----------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors, keyed by their names in `model.named_parameters()` (no copies)."""
+        out: dict[str, torch.Tensor] = {}
+        for m in self.methods:
+            out.update(m.state_dict(self.model))
+        return out
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], *, source: str | None = None) -> None:
+        """Copy adapter tensors in by name; missing, unexpected or mis-shaped tensors are a ConfigError."""
+        own = self.adapter_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing:
+            raise ConfigError(f"adapter lacks {len(missing)} tensor(s) the model needs, e.g. '{missing[0]}'", file=source)
+        if unexpected:
+            raise ConfigError(f"adapter has {len(unexpected)} tensor(s) the model lacks, e.g. '{unexpected[0]}'",
+                              file=source)
+        for name, target in own.items():
+            value = state[name]
+            if value.shape != target.shape:
+                raise ConfigError(f"tensor '{name}' has shape {tuple(value.shape)}, the model expects "
+                                  f"{tuple(target.shape)}", file=source)
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+    def save_adapter(self, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
+        """PEFT's format for a single PEFT-representable method, else deltatune's; written atomically."""
+        from deltatune.methods.peft_format import save_adapter
+
+        return save_adapter(self, out_dir, base_model_name_or_path=base_model_name_or_path)
+
+    def __repr__(self) -> str:
+        return f"AdaptedModel(methods={[m.name for m in self.methods]}, model={type(self.model).__name__})"
+
+
+def _as_spec(spec: MethodSpec | str) -> MethodSpec:
+    return MethodSpec(name=spec) if isinstance(spec, str) else spec
+
+
+def apply_methods(model: nn.Module, specs: list[MethodSpec | str] | MethodSpec | str) -> AdaptedModel:
+    """Freeze `model`, apply each method in order, and check that no two claim the same parameter."""
+    if isinstance(specs, (MethodSpec, str)):
+        specs = [specs]
+    specs = [_as_spec(s) for s in specs]
+    if not specs:
+        raise ConfigError("no method given", field="method")
+    names = [s.name for s in specs]
+    for n in names:
+        if names.count(n) > 1:
+            raise ConfigError(f"method '{n}' is given twice; give it once with all its targets", field="method")
+    freeze(model)
+    methods: list[Method] = []
+    for spec in specs:
+        method = get_method(spec.name)(spec)
+        method.apply(model)
+        methods.append(method)
+    _check_claims(model, methods)
+    return AdaptedModel(model, methods)
+
+
+def _check_claims(model: nn.Module, methods: list[Method]) -> None:
+    owner: dict[int, tuple[str, str]] = {}
+    for m in methods:
+        for name, p in m.trainable_parameters(model):
+            if id(p) in owner:
+                other, other_name = owner[id(p)]
+                raise ConfigError(f"methods '{other}' and '{m.name}' both train '{name}'; choose disjoint targets",
+                                  field="method")
+            owner[id(p)] = (m.name, name)
+            if not p.requires_grad:
+                raise ConfigError(f"method '{m.name}' trains '{name}', but a later method froze it "
+                                  f"(it wraps that layer); choose disjoint targets", field="method")
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
+    if stray:
+        raise RuntimeError(f"parameters train without a method claiming them, e.g. '{stray[0]}'")
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> AdaptedModel:
+    """Apply the methods an adapter folder describes (PEFT's or deltatune's format) and load its weights."""
+    from deltatune.methods.peft_format import read_adapter
+
+    specs, state, key_map, source = read_adapter(adapter_dir)
+    adapted = apply_methods(model, specs)
+    if key_map is not None:  # PEFT keys -> our names, through the method's hook
+        method = adapted.methods[0]
+        state = {method.from_peft_key(k): v for k, v in state.items()}
+    adapted.load_adapter_state_dict(state, source=source)
+    return adapted
+
+
+def export_merged(adapted: AdaptedModel, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Merge (layer by layer, in place) and write a transformers safetensors folder, atomically.
+
+    The merged model must have exactly the parameters its config describes (a method that adds
+    tensors the architecture lacks would otherwise be dropped silently by `from_pretrained`).
+    """
+    from deltatune.models import save_model
+
+    model = adapted.merge_and_unload()
+    _check_plain(model)
+    return save_model(model, tokenizer, out_dir)
+
+
+def _check_plain(model: nn.Module) -> None:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(model.config)
+    ours, theirs = set(model.state_dict()), set(reference.state_dict())
+    extra, lacking = sorted(ours - theirs), sorted(theirs - ours)
+    if extra or lacking:
+        what = f"extra tensor '{extra[0]}'" if extra else f"missing tensor '{lacking[0]}'"
+        raise ConfigError(f"the merged model does not match its architecture's config ({what}); "
+                          "save the adapter instead of a merged model", field="method")
+

@@ -1,0 +1,61 @@
+"""Full finetuning, of the whole model or of chosen modules (a specification method).
+
+`targets`: "all" (or the MethodSpec default "all-linear", read here as "everything", since full
+finetuning of only the linears is rarely what anyone means; use a regex to get exactly that), or
+a regex / suffix list over module names, e.g. `model.layers.1` or `model\\.layers\\.(0|1)\\..*` or
+`embed_tokens,lm_head`; every parameter inside a matched module trains.
+
+Merge is a no-op: the weights are trained in place, so the model is always "merged". `mergeable`
+is True so that merged export simply writes the model. Saving writes the trained tensors (the
+whole model for "all") to safetensors in deltatune's adapter format.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from torch import nn
+
+from deltatune.errors import ConfigError
+from deltatune.methods.base import Method, register
+from deltatune.methods.inject import match_targets
+
+ALL = ("all", "all-linear", "*", "")
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+@register
+class FullFinetune(Method):
+    name = "full"
+    kind = "specification"
+    mergeable = True
+
+    def apply(self, model: nn.Module) -> None:
+        if self.spec.options:
+            raise ConfigError(f"method 'full' takes no options, got {', '.join(sorted(self.spec.options))}",
+                              field="options")
+        targets = self.spec.targets
+        if targets in ALL or targets == ["all"]:
+            params = list(model.parameters())
+        else:
+            params = []
+            for name in match_targets(model, targets, accept=_has_parameters):
+                params.extend(model.get_submodule(name).parameters())
+        self._ids = {id(p) for p in params}
+        for p in params:
+            p.requires_grad_(True)
+
+    def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        ids = getattr(self, "_ids", set())
+        for name, p in model.named_parameters():
+            if id(p) in ids:
+                yield name, p
+
+    def merge(self, model: nn.Module) -> None:
+        """No-op: full finetuning changes the weights themselves."""
+
+    def unmerge(self, model: nn.Module) -> None:
+        """No-op, see `merge`."""

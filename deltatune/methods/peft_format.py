@@ -1,0 +1,166 @@
+"""Adapter folders on disk: PEFT's format where PEFT has the method, deltatune's otherwise.
+
+PEFT format (read by `peft.PeftModel.from_pretrained` and the rest of the ecosystem):
+  adapter_config.json        common fields + the method's `Method.peft_config(model)` fields
+  adapter_model.safetensors  keys from `Method.to_peft_key(name)`, e.g.
+                             base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+deltatune format (several methods, or methods PEFT lacks):
+  deltatune_adapter.json     {"format": "deltatune-adapter", "version": 1, "methods": [MethodSpec...]}
+  adapter_model.safetensors  keys as in `model.named_parameters()`
+
+Folders are written under a temporary name beside the target and renamed into place, so a crash
+never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import nn
+
+from deltatune.errors import ConfigError, UserError
+from deltatune.methods.base import MethodSpec, _REGISTRY, _load_builtin_methods
+
+if TYPE_CHECKING:
+    from deltatune.methods.apply import AdaptedModel
+
+WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+DELTATUNE_CONFIG = "deltatune_adapter.json"
+FORMAT = "deltatune-adapter"
+VERSION = 1
+
+
+@contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `out_dir` (a previous folder is removed)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def peft_target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
+    """PEFT's `target_modules` for the modules we adapted: the short suffixes ("q_proj") when those
+    select exactly our set in this model, else the full module names (PEFT matches those exactly)."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    selected = {n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in suffixes}
+    return suffixes if selected == set(adapted) else sorted(adapted)
+
+
+def _base_name(adapted: "AdaptedModel", given: str | None) -> str | None:
+    if given is not None:
+        return given
+    name = getattr(getattr(adapted.model, "config", None), "_name_or_path", None) or getattr(adapted.model, "name_or_path", None)
+    return str(name) if name else None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def save_adapter(adapted: "AdaptedModel", out_dir: str | os.PathLike, *,
+                 base_model_name_or_path: str | None = None) -> Path:
+    base = _base_name(adapted, base_model_name_or_path)
+    state = adapted.adapter_state_dict()
+    with atomic_dir(out_dir) as tmp:
+        if adapted.is_peft_method:
+            method = adapted.methods[0]
+            config = {"task_type": "CAUSAL_LM", "peft_type": method.peft_type, "auto_mapping": None,
+                      "base_model_name_or_path": base, "revision": None, "inference_mode": True}
+            config.update(method.peft_config(adapted.model) or {})
+            _write_json(tmp / PEFT_CONFIG, config)
+            _save_tensors({method.to_peft_key(k): v for k, v in state.items()}, tmp / WEIGHTS)
+        else:
+            _write_json(tmp / DELTATUNE_CONFIG, {"format": FORMAT, "version": VERSION,
+                                                 "base_model_name_or_path": base,
+                                                 "methods": [s.to_dict() for s in adapted.specs]})
+            _save_tensors(state, tmp / WEIGHTS)
+    return Path(out_dir)
+
+
+def adapter_base_model(adapter_dir: str | os.PathLike) -> str | None:
+    """The base model an adapter folder names (`base_model_name_or_path`), if any."""
+    _, config = _read_config(Path(adapter_dir))
+    return config.get("base_model_name_or_path")
+
+
+def _read_config(folder: Path) -> tuple[Path, dict[str, Any]]:
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such adapter folder", field="adapter")
+    for name in (DELTATUNE_CONFIG, PEFT_CONFIG):
+        path = folder / name
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"invalid JSON: {exc.msg}", file=str(path), line=exc.lineno) from exc
+            if not isinstance(data, dict):
+                raise ConfigError("expected a JSON object", file=str(path))
+            return path, data
+    raise UserError(f"{folder}: no {PEFT_CONFIG} or {DELTATUNE_CONFIG}; is it an adapter folder?", field="adapter")
+
+
+def specs_from_peft_config(config: dict[str, Any], *, source: str | None = None) -> MethodSpec:
+    """Ask each registered method with this `peft_type` to claim the config (first one wins)."""
+    _load_builtin_methods()
+    peft_type = config.get("peft_type")
+    candidates = [cls for cls in _REGISTRY.values() if cls.peft_type == peft_type]
+    for cls in candidates:
+        try:
+            spec = cls.from_peft_config(config)
+        except ConfigError as exc:
+            raise ConfigError(str(exc), file=source) from exc
+        if spec is not None:
+            return spec
+    known = sorted({c.peft_type for c in _REGISTRY.values() if c.peft_type})
+    raise ConfigError(f"PEFT adapter type {peft_type!r} is not supported; supported: {', '.join(known)}",
+                      file=source, field="peft_type")
+
+
+def read_adapter(adapter_dir: str | os.PathLike) -> tuple[list[MethodSpec], dict[str, torch.Tensor], bool | None, str]:
+    """(specs, tensors, True if keys are PEFT's else None, config path) of an adapter folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(adapter_dir)
+    path, config = _read_config(folder)
+    if path.name == DELTATUNE_CONFIG:
+        if config.get("format") != FORMAT:
+            raise ConfigError(f"'format' must be '{FORMAT}'", file=str(path), field="format")
+        if config.get("version") != VERSION:
+            raise ConfigError(f"unsupported version {config.get('version')!r} (this deltatune reads {VERSION})",
+                              file=str(path), field="version")
+        raw = config.get("methods")
+        if not isinstance(raw, list) or not raw or not all(isinstance(m, dict) for m in raw):
+            raise ConfigError("'methods' must be a non-empty list of objects", file=str(path), field="methods")
+        specs, peft_keys = [MethodSpec.from_dict(m, file=str(path)) for m in raw], None
+    else:
+        specs, peft_keys = [specs_from_peft_config(config, source=str(path))], True
+    weights = folder / WEIGHTS
+    if not weights.exists():
+        raise UserError(f"{weights}: missing adapter weights", field="adapter")
+    return specs, load_file(str(weights)), peft_keys, str(path)

@@ -1,0 +1,150 @@
+"""The universal adapter-layer tests (docs/methods.md section 1) for DoRA, MoRA, (IA)3 and QLoRA.
+
+Each case: a MethodSpec, how to randomise its adapter (so merge tests are not trivially at zero), and
+its trainable-parameter formula written out from the tiny model's shapes (hidden 64, intermediate
+128, 4 heads / 2 kv heads of dim 16 -> k/v out 32, 2 layers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from deltatune.methods.apply import apply_methods
+from deltatune.methods.base import DeltaLinear, MethodSpec
+from deltatune.testing import tiny_model
+
+H, I, KV, L = 64, 128, 32, 2
+# (d_in, d_out) of every linear in one layer, in all-linear order
+SHAPES = {"q_proj": (H, H), "k_proj": (H, KV), "v_proj": (H, KV), "o_proj": (H, H),
+          "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+
+
+def _rhat(d_in: int, d_out: int, r: int, even: bool) -> int:
+    n = int(math.floor(math.sqrt((d_in + d_out) * r) + 0.5))
+    return n - n % 2 if even else n
+
+
+CASES = {
+    "mora-6": (MethodSpec("mora", rank=4, options={"mora_type": 6}),
+               sum(_rhat(a, b, 4, True) ** 2 for a, b in SHAPES.values()) * L),
+    "mora-1": (MethodSpec("mora", rank=4, options={"mora_type": 1}),
+               sum(_rhat(a, b, 4, False) ** 2 for a, b in SHAPES.values()) * L),
+    "mora-2-qv": (MethodSpec("mora", targets="q_proj,v_proj", rank=2, options={"mora_type": 2}),
+                  (_rhat(H, H, 2, False) ** 2 + _rhat(H, KV, 2, False) ** 2) * L),
+}
+
+
+def _tokens() -> torch.Tensor:
+    return torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _adapted(case: str, seed: int = 0):
+    spec, _ = CASES[case]
+    model = tiny_model(seed)
+    return apply_methods(model, MethodSpec(**{**spec.__dict__, "options": dict(spec.options)}))
+
+
+@torch.no_grad()
+def _randomise(adapted, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _, p in adapted.trainable_parameters():
+        p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _base_weights(model) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request):
+    return request.param
+
+
+def test_identity_at_init(case):
+    ids = _tokens()
+    base = _logits(tiny_model(0), ids)
+    adapted = _adapted(case)
+    torch.testing.assert_close(_logits(adapted.model, ids), base, atol=1e-6, rtol=0)
+
+
+def test_merge_equals_unmerged_and_unmerge_restores(case):
+    ids = _tokens()
+    adapted = _adapted(case)
+    _randomise(adapted)
+    before = _base_weights(adapted.model)
+    unmerged = _logits(adapted.model, ids)
+    assert (unmerged - _logits(tiny_model(0), ids)).abs().max() > 1e-3  # the adapter does something
+    adapted.merge()
+    torch.testing.assert_close(_logits(adapted.model, ids), unmerged, atol=1e-5, rtol=0)
+    with pytest.warns(UserWarning, match="already merged"):
+        next(m for meth in adapted.methods for m in meth.delta_modules(adapted.model)).merge()
+    adapted.unmerge()
+    after = _base_weights(adapted.model)
+    for name, t in before.items():
+        torch.testing.assert_close(after[name], t, atol=1e-6, rtol=0, msg=name)
+    torch.testing.assert_close(_logits(adapted.model, ids), unmerged, atol=1e-5, rtol=0)
+
+
+def test_disable_gives_base_exactly(case):
+    ids = _tokens()
+    adapted = _adapted(case)
+    _randomise(adapted)
+    with adapted.disable_adapters():
+        out = _logits(adapted.model, ids)
+    assert torch.equal(out, _logits(tiny_model(0), ids))
+
+
+def test_parameter_count_and_only_adapters_train(case):
+    adapted = _adapted(case)
+    _, expected = CASES[case]
+    trainable = adapted.trainable_parameters()
+    assert sum(p.numel() for _, p in trainable) == expected
+    names = {n for n, _ in trainable}
+    assert names == {n for n, p in adapted.model.named_parameters() if p.requires_grad}
+    assert not any(".base." in n for n in names)
+
+
+def test_adamw_steps_lower_loss_and_leave_base_bit_identical(case):
+    adapted = _adapted(case)
+    model = adapted.model
+    model.train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    ids = _tokens()
+    opt = torch.optim.AdamW([p for _, p in adapted.trainable_parameters()], lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(5):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_save_load_round_trip(case, tmp_path):
+    ids = _tokens()
+    adapted = _adapted(case)
+    _randomise(adapted, seed=3)
+    expected = _logits(adapted.model, ids)
+    save_file({k: v.contiguous() for k, v in adapted.adapter_state_dict().items()}, tmp_path / "a.safetensors")
+    fresh = _adapted(case)
+    fresh.load_adapter_state_dict(load_file(tmp_path / "a.safetensors"))
+    assert torch.equal(_logits(fresh.model, ids), expected)
+
+
+def test_delta_modules_are_delta_linears(case):
+    adapted = _adapted(case)
+    mods = [m for meth in adapted.methods for m in meth.delta_modules(adapted.model)]
+    assert mods and all(isinstance(m, DeltaLinear) for m in mods)

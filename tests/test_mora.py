@@ -1,0 +1,156 @@
+"""MoRA: the explicit delta W equals the forward operator, against an independent reading of the paper's
+operators (docs/methods.md section 4), parameter counts, ranks and edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from deltatune.errors import ConfigError
+from deltatune.methods.base import MethodSpec, get_method
+from deltatune.methods.mora import MORA_TYPES, MoRALinear, default_mora_type, mora_rank
+
+SHAPES = [(64, 64), (60, 100), (100, 60), (48, 176), (30, 30)]
+RANKS = [2, 4, 8]
+
+
+def _layer(d_in: int, d_out: int, r: int, t, seed: int = 0, dtype=torch.float32) -> MoRALinear:
+    torch.manual_seed(seed)
+    layer = MoRALinear(nn.Linear(d_in, d_out, dtype=dtype), r, t, dtype=dtype)
+    with torch.no_grad():
+        layer.mora_M.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("t", MORA_TYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(4, 176)])
+def test_basis_pushforward_equals_delta_weight(shape, t):
+    d_in, d_out = shape
+    for r in RANKS:
+        layer = _layer(d_in, d_out, r, t)
+        eye = torch.eye(d_in)
+        pushed = (layer(eye) - layer.base(eye)).T  # column i = delta W e_i
+        torch.testing.assert_close(layer.delta_weight(), pushed, atol=1e-6, rtol=0)
+
+
+def _reference_forward(x: torch.Tensor, M: torch.Tensor, d_out: int, t: int) -> torch.Tensor:
+    """A literal, loop-based float64 reading of the spec's operators for one vector x (pad <= d_in)."""
+    r, d_in = M.shape[0], x.shape[0]
+    pad = (-d_in) % r
+    xp = torch.cat([x, x[:pad]])  # wrap-padding: append the first `pad` entries of x itself
+    nb = xp.shape[0] // r
+    if t in (1, 4):
+        c = sum(xp[i * r:(i + 1) * r] for i in range(nb))
+    elif t in (2, 3):
+        base, extra = divmod(d_in, r)
+        c, start = torch.zeros(r, dtype=x.dtype), 0
+        for j in range(r):
+            size = base + (1 if j < extra else 0)
+            c[j] = x[start:start + size].sum()
+            start += size
+    if t in (1, 2, 3, 4):
+        z = M @ c
+        if t in (1, 3):
+            return torch.stack([z[o % r] for o in range(d_out)])
+        base, extra = divmod(d_out, r)
+        out = []
+        for j in range(r):
+            out += [z[j]] * (base + (1 if j < extra else 0))
+        return torch.stack(out)
+    outs = []
+    for i in range(nb):  # type 6: rotate block i by RoPE at position i, then M
+        blk = xp[i * r:(i + 1) * r]
+        rot = torch.zeros(r, dtype=x.dtype)
+        for k in range(r):
+            theta = i * 10000 ** (-2 * (k % (r // 2)) / r)
+            partner = -blk[k + r // 2] if k < r // 2 else blk[k - r // 2]
+            rot[k] = blk[k] * math.cos(theta) + partner * math.sin(theta)
+        outs.append(M @ rot)
+    flat = torch.cat(outs)
+    return torch.stack([flat[o % flat.shape[0]] for o in range(d_out)])
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_literal_reference(shape, t):
+    d_in, d_out = shape
+    layer = _layer(d_in, d_out, 4, t).double()
+    x = torch.randn(d_in, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ours = layer(x[None])[0] - layer.base(x[None])[0]
+    ref = _reference_forward(x, layer.mora_M.detach(), d_out, t)
+    # type 6's cos/sin tables are fp32, like the official code's, even when x is float64
+    torch.testing.assert_close(ours, ref, atol=1e-5 if t == 6 else 1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("r", [1, 4, 8, 16])
+def test_parameter_count_is_rhat_squared_within_rounding_bound(shape, r):
+    d_in, d_out = shape
+    for t in (1, 6):
+        layer = MoRALinear(nn.Linear(d_in, d_out), r, t)
+        r_hat = layer.r_hat
+        assert sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad) == r_hat ** 2
+        slack = 2 * r_hat + 1 + (4 * r_hat + 4 if t == 6 else 0)  # flooring to even costs at most one more
+        assert abs(r_hat ** 2 - r * (d_in + d_out)) <= slack
+        if t == 6:
+            assert r_hat % 2 == 0
+
+
+def test_rhat_examples_from_the_spec():
+    assert mora_rank(4096, 4096, 8, 1) == 256
+    assert mora_rank(4096, 4096, 256, 1) == 1448
+    assert mora_rank(4096, 11008, 8, 1) == 348
+    assert mora_rank(896, 128, 8, 1) == 91 and mora_rank(896, 128, 8, 6) == 90
+    assert mora_rank(896, 4864, 8, 1) == 215 and mora_rank(896, 4864, 8, 6) == 214
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rank_of_delta(shape):
+    d_in, d_out = shape
+    for t in (1, 2, 3, 4):
+        layer = _layer(d_in, d_out, 4, t)
+        assert torch.linalg.matrix_rank(layer.delta_weight().double()) <= layer.r_hat
+    layer = _layer(d_in, d_out, 4, 6)
+    if d_in >= layer.r_hat:
+        assert torch.linalg.matrix_rank(layer.delta_weight().double()) == min(d_in, d_out)
+
+
+def test_sharing_rank_equals_rhat_when_dims_allow():
+    layer = _layer(64, 64, 4, 1)
+    assert torch.linalg.matrix_rank(layer.delta_weight().double()) == layer.r_hat
+
+
+def test_single_block_and_rhat_beyond_twice_d_in():
+    # d_in = 4 with r_hat = 54 > 2 d_in: the official reshape fails; cyclic wrap-padding is defined.
+    for t in MORA_TYPES:
+        layer = _layer(4, 176, 16, t)
+        assert layer.r_hat > 2 * 4 and layer.n_blocks == 1
+        eye = torch.eye(4)
+        torch.testing.assert_close(layer.delta_weight(), (layer(eye) - layer.base(eye)).T, atol=1e-6, rtol=0)
+
+
+def test_rope_tables_follow_dtype_and_bf16_forward_close_to_fp32():
+    layer = _layer(60, 100, 4, 6)
+    x = torch.randn(3, 60)
+    ref = layer(x) - layer.base(x)
+    layer16 = layer.to(torch.bfloat16)  # buffers and M move together; tables are cast per call
+    out = (layer16(x.bfloat16()) - layer16.base(x.bfloat16())).float()
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_zero_at_init_and_default_type_by_rank():
+    assert default_mora_type(8) == 6 and default_mora_type(256) == 1 and default_mora_type(128) == 1
+    layer = MoRALinear(nn.Linear(64, 64), 8)
+    assert layer.mora_type == 6 and torch.count_nonzero(layer.delta_weight()) == 0
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="mora_type"):
+        get_method("mora")(MethodSpec("mora", options={"mora_type": 5}))
+    with pytest.raises(ConfigError, match="unknown mora option"):
+        get_method("mora")(MethodSpec("mora", options={"mora_typo": 1}))
+    assert get_method("mora")(MethodSpec("mora", options={"mora_type": "6"})).mora_type == 6

@@ -1,0 +1,116 @@
+"""PEFT interoperability: PEFT loads our LoRA adapters, we load PEFT's; merged export loads in transformers."""
+
+import json
+
+import pytest
+import torch
+
+from deltatune.methods.apply import apply_methods, export_merged, load_adapter
+from deltatune.methods.base import MethodSpec
+from deltatune.testing import tiny_model, tiny_tokenizer
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.tensor([[1, 5, 77, 300, 12, 9, 2, 45], [1, 200, 3, 4, 5, 6, 7, 2]])
+
+
+def logits(model):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def randomise(params, seed=7, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+CASES = {
+    "lora-all-linear": MethodSpec(name="lora", rank=4, alpha=8),
+    "lora-chosen-layers": MethodSpec(name="lora", rank=2, alpha=5, targets=r"model\.layers\.1\.self_attn\.(q|v)_proj"),
+    "rslora": MethodSpec(name="lora", rank=8, alpha=4, rslora=True, targets="q_proj,k_proj,down_proj"),
+    "rslora-alias-gaussian": MethodSpec(name="rslora", rank=4, alpha=8, options={"init": "gaussian"}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_loads_our_adapter_with_equal_logits(tmp_path, case):
+    adapted = apply_methods(tiny_model(0), [CASES[case]])
+    randomise([p for _, p in adapted.trainable_parameters()])
+    ours = logits(adapted.model)
+    assert not torch.allclose(ours, logits(tiny_model(0)), atol=1e-3)
+    adapted.save_adapter(tmp_path / "a", base_model_name_or_path="tiny-llama")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    spec = CASES[case]
+    assert config["peft_type"] == "LORA" and config["r"] == spec.rank and config["lora_alpha"] == spec.alpha
+    assert config["use_rslora"] == (spec.rslora or spec.name == "rslora")
+    assert config["base_model_name_or_path"] == "tiny-llama"
+    theirs = peft.PeftModel.from_pretrained(tiny_model(0), str(tmp_path / "a"))
+    torch.testing.assert_close(logits(theirs), ours, atol=1e-5, rtol=0)
+
+
+def test_target_modules_are_suffixes_or_full_names(tmp_path):
+    apply_methods(tiny_model(0), [CASES["lora-all-linear"]]).save_adapter(tmp_path / "all")
+    apply_methods(tiny_model(0), [CASES["lora-chosen-layers"]]).save_adapter(tmp_path / "some")
+    read = lambda d: json.loads((tmp_path / d / "adapter_config.json").read_text())["target_modules"]
+    assert read("all") == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert read("some") == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_we_load_a_peft_written_adapter(tmp_path, rslora):
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], use_rslora=rslora,
+                             lora_dropout=0.1, task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(tiny_model(0), config)
+    randomise([p for n, p in theirs.named_parameters() if "lora_B" in n])
+    expected = logits(theirs)
+    theirs.save_pretrained(str(tmp_path / "p"))
+    adapted = load_adapter(tiny_model(0), tmp_path / "p")
+    spec = adapted.methods[0].spec
+    assert (spec.rank, spec.alpha, spec.rslora, spec.dropout) == (4, 16.0, rslora, 0.1)
+    torch.testing.assert_close(logits(adapted.model), expected, atol=1e-5, rtol=0)
+    # and back out again: PEFT reads what we re-save
+    adapted.save_adapter(tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(tiny_model(0), str(tmp_path / "again"))
+    torch.testing.assert_close(logits(again), expected, atol=1e-5, rtol=0)
+
+
+def test_unsupported_peft_options_are_named(tmp_path):
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 2}, task_type="CAUSAL_LM")
+    peft.get_peft_model(tiny_model(0), config).save_pretrained(str(tmp_path / "p"))
+    from deltatune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rank_pattern"):
+        load_adapter(tiny_model(0), tmp_path / "p")
+
+
+def test_export_merged_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapted = apply_methods(tiny_model(0), [MethodSpec(name="lora", rank=4, alpha=8)])
+    randomise([p for _, p in adapted.trainable_parameters()])
+    expected = logits(adapted.model)
+    out = export_merged(adapted, tiny_tokenizer(), tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    torch.testing.assert_close(logits(reloaded), expected, atol=1e-5, rtol=0)
+    assert AutoTokenizer.from_pretrained(str(out)).convert_tokens_to_ids("<|im_end|>") == 2
+    assert not any("lora" in k or ".base." in k for k in reloaded.state_dict())
+    # PEFT's own merge of the same adapter gives the same weights
+    adapted2 = apply_methods(tiny_model(0), [MethodSpec(name="lora", rank=4, alpha=8)])
+    randomise([p for _, p in adapted2.trainable_parameters()])
+    adapted2.save_adapter(tmp_path / "a")
+    peft_merged = peft.PeftModel.from_pretrained(tiny_model(0), str(tmp_path / "a")).merge_and_unload()
+    for name, p in peft_merged.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], p, atol=1e-6, rtol=0)
+
+
+def test_export_refuses_a_model_with_tensors_its_config_lacks(tmp_path):
+    from deltatune.errors import ConfigError
+
+    adapted = apply_methods(tiny_model(0), [MethodSpec(name="lora", rank=2)])
+    adapted.model.model.extra = torch.nn.Linear(2, 2)  # stands in for a method that adds tensors
+    with pytest.raises(ConfigError, match="extra tensor"):
+        export_merged(adapted, None, tmp_path / "m")
+    assert not (tmp_path / "m").exists()

@@ -47,6 +47,9 @@ class TokenizedExample:
     turns: list[int]
     weights: list[float] | None = None  # filled by a loss policy; weight of token t as a target
     source: str = ""
+    truncated: bool = False  # cut to max_len by prepare_dataset
+    text: str = ""  # the rendered text, kept only for previews (keep_offsets=True)
+    offsets: list[tuple[int, int]] | None = None  # each token's character span in `text`, for previews
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -1,0 +1,323 @@
+"""Read record files (JSONL, JSON, Parquet, CSV) and validate records into conversations.
+
+A record is turned into a `Conversation`: messages whose content is a list of role-tagged parts
+(Alpaca's instruction and input stay separate parts of one user message, so every template can
+still tell them apart). Every bad record raises a `DataError` naming file, line and field; the
+caller decides whether to stop or to skip and count it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from deltatune.data.segments import Role
+from deltatune.errors import DataError
+
+FORMATS = ("auto", "alpaca", "chat", "prompt", "text")
+CHAT_ROLES = ("system", "user", "assistant")
+ALPACA_INPUT_SEPARATOR = "\n\n"  # between instruction and input when a chat template renders Alpaca data
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message; `parts` are (segment role, text) pieces of its content, in order."""
+
+    role: str  # "system" | "user" | "assistant"
+    parts: tuple[tuple[Role, str], ...]
+
+    @property
+    def content(self) -> str:
+        return "".join(text for _, text in self.parts)
+
+
+@dataclass
+class Conversation:
+    """A validated record: chat messages, or (kind == "text") one plain-text document."""
+
+    messages: list[Message]
+    source: str = ""
+    kind: str = "chat"  # "chat" (rendered by a template) or "text" (no template)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class RawRecord:
+    data: Any
+    file: str
+    line: int | None  # 1-based line (JSONL/JSON) or row line (CSV, header = line 1); None for Parquet rows
+    index: int
+
+    @property
+    def source(self) -> str:
+        return f"{self.file}:{self.line}" if self.line is not None else f"{self.file}#{self.index}"
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_records(path: str | Path) -> Iterator[RawRecord | DataError]:
+    """Yield raw records of a file in order; an unreadable record is yielded as its DataError.
+
+    Yielding errors (instead of raising) lets `--skip-bad` skip one line and go on; errors that
+    make the whole file unreadable are raised.
+    """
+    p = Path(path)
+    name = str(path)
+    if not p.exists():
+        raise DataError("no such file", file=name)
+    suffix = "".join(p.suffixes[-1:]).lower()
+    if suffix in (".jsonl", ".ndjson"):
+        yield from _read_jsonl(p, name)
+    elif suffix == ".json":
+        yield from _read_json(p, name)
+    elif suffix == ".parquet":
+        yield from _read_parquet(p, name)
+    elif suffix in (".csv", ".tsv"):
+        yield from _read_csv(p, name, delimiter="\t" if suffix == ".tsv" else ",")
+    else:
+        raise DataError(f"unknown file type '{suffix or p.name}' (expected .jsonl, .json, .parquet or .csv)", file=name)
+
+
+def _utf8_error(raw: bytes, exc: UnicodeDecodeError, name: str, line: int) -> DataError:
+    return DataError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})", file=name, line=line)
+
+
+def _read_jsonl(p: Path, name: str) -> Iterator[RawRecord | DataError]:
+    with p.open("rb") as fh:
+        index = 0
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield _utf8_error(raw, exc, name, lineno)
+                index += 1
+                continue
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield DataError(f"not valid JSON ({exc.msg} at column {exc.colno})", file=name, line=lineno)
+                index += 1
+                continue
+            yield RawRecord(data, name, lineno, index)
+            index += 1
+
+
+def _read_json(p: Path, name: str) -> Iterator[RawRecord | DataError]:
+    """A JSON array of records (or an object holding one such array), with each record's line."""
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1)
+        raise DataError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {col + 1})", file=name, line=line)
+    try:
+        top = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON ({exc.msg} at column {exc.colno})", file=name, line=exc.lineno)
+    if isinstance(top, dict):
+        lists = [k for k, v in top.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError("expected a JSON array of records, or an object with exactly one array of records", file=name)
+        for i, item in enumerate(top[lists[0]]):
+            yield RawRecord(item, name, None, i)
+        return
+    if not isinstance(top, list):
+        raise DataError(f"expected a JSON array of records, got {type(top).__name__}", file=name)
+    # Walk the array once more with raw_decode to learn where each element starts (its line).
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    line = text.count("\n", 0, pos) + 1
+    for i in range(len(top)):
+        while text[pos] in " \t\r\n,":
+            if text[pos] == "\n":
+                line += 1
+            pos += 1
+        _, end = decoder.raw_decode(text, pos)
+        yield RawRecord(top[i], name, line, i)
+        line += text.count("\n", pos, end)
+        pos = end
+
+
+def _read_parquet(p: Path, name: str) -> Iterator[RawRecord | DataError]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DataError(f"cannot read Parquet file ({exc})", file=name)
+    for i, row in enumerate(table.to_pylist()):
+        yield RawRecord(_decode_bytes(row), name, None, i)
+
+
+def _decode_bytes(row: dict) -> dict:
+    """Binary cells (Parquet/CSV read as bytes) become str; invalid UTF-8 raises UnicodeDecodeError."""
+    return {k: (v.decode("utf-8") if isinstance(v, bytes) else v) for k, v in row.items()}
+
+
+def _read_csv(p: Path, name: str, delimiter: str) -> Iterator[RawRecord | DataError]:
+    """CSV with a header row; every cell is read as bytes so that numbers stay text and UTF-8 is checked per row."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+    try:
+        with pacsv.open_csv(p, parse_options=parse, convert_options=pacsv.ConvertOptions(check_utf8=False)) as reader:
+            names = reader.schema.names
+        convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names}, check_utf8=False,
+                                       strings_can_be_null=False, quoted_strings_can_be_null=False)
+        table = pacsv.read_csv(p, parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"cannot read CSV ({str(exc).splitlines()[0]})", file=name)
+    for i, row in enumerate(table.to_pylist()):
+        line = i + 2  # line 1 is the header; exact unless a quoted cell spans lines
+        try:
+            yield RawRecord(_decode_bytes(row), name, line, i)
+        except UnicodeDecodeError as exc:
+            bad = next(k for k, v in row.items() if isinstance(v, bytes) and _bad_utf8(v))
+            yield DataError(f"not valid UTF-8 (byte 0x{exc.object[exc.start]:02x})", file=name, line=line, field=bad)
+
+
+def _bad_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
+
+
+# ---------------------------------------------------------------- records -> conversations
+
+
+def parse_column_map(spec: str | dict | None) -> dict[str, str]:
+    """`"question=instruction,answer=output"` -> {"question": "instruction", "answer": "output"}."""
+    if spec is None or isinstance(spec, dict):
+        return dict(spec or {})
+    out: dict[str, str] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        src, sep, dst = item.partition("=")
+        if not sep or not src.strip() or not dst.strip():
+            raise DataError(f"column mapping '{item}' is not of the form source=target", field="--map")
+        out[src.strip()] = dst.strip()
+    return out
+
+
+def detect_format(data: dict) -> str | None:
+    """The format a (column-mapped) record looks like, or None."""
+    if "messages" in data:
+        return "chat"
+    if "instruction" in data or ("output" in data and "prompt" not in data):
+        return "alpaca"
+    if "prompt" in data or "completion" in data:
+        return "prompt"
+    if "text" in data:
+        return "text"
+    return None
+
+
+def to_conversation(rec: RawRecord, data_format: str, column_map: dict[str, str] | None = None,
+                    system_prompt: str | None = None) -> Conversation:
+    """Validate one raw record and build its conversation; raises DataError naming the field."""
+    data = rec.data
+    err = _Errors(rec)
+    if not isinstance(data, dict):
+        raise err(f"expected an object with named fields, got {type(data).__name__}")
+    if column_map:
+        data = {column_map.get(k, k): v for k, v in data.items()}
+    fmt = data_format
+    if fmt == "auto":
+        fmt = detect_format(data)
+        if fmt is None:
+            raise err(f"cannot tell the format from fields {sorted(data)}; expected messages, instruction/output, "
+                      "prompt/completion or text (use --map to rename fields)")
+    if fmt == "alpaca":
+        instruction = err.text(data, "instruction")
+        inp = err.text(data, "input", required=False)
+        output = err.text(data, "output")
+        parts: list[tuple[Role, str]] = [(Role.INSTRUCTION, instruction)]
+        if inp:
+            parts += [(Role.TEMPLATE, ALPACA_INPUT_SEPARATOR), (Role.INPUT, inp)]
+        msgs = [Message("user", tuple(parts)), Message("assistant", ((Role.RESPONSE, output),))]
+        system = err.text(data, "system", required=False) or system_prompt
+        if system:
+            msgs.insert(0, Message("system", ((Role.SYSTEM, system),)))
+        return Conversation(msgs, rec.source)
+    if fmt == "prompt":
+        prompt = err.text(data, "prompt")
+        completion = err.text(data, "completion")
+        msgs = [Message("user", ((Role.INSTRUCTION, prompt),)), Message("assistant", ((Role.RESPONSE, completion),))]
+        if system_prompt:
+            msgs.insert(0, Message("system", ((Role.SYSTEM, system_prompt),)))
+        return Conversation(msgs, rec.source)
+    if fmt == "text":
+        return Conversation([Message("assistant", ((Role.RESPONSE, err.text(data, "text")),))], rec.source, kind="text")
+    if fmt == "chat":
+        return Conversation(_chat_messages(data, err, system_prompt), rec.source)
+    raise DataError(f"unknown data format '{data_format}' (choose from {', '.join(FORMATS)})", field="--data-format")
+
+
+_ROLE_PART = {"system": Role.SYSTEM, "user": Role.INSTRUCTION, "assistant": Role.RESPONSE}
+
+
+def _chat_messages(data: dict, err: "_Errors", system_prompt: str | None) -> list[Message]:
+    raw = data.get("messages")
+    if raw is None:
+        raise err("missing", "messages")
+    if not isinstance(raw, list):
+        raise err(f"expected a list of messages, got {type(raw).__name__}", "messages")
+    if not raw:
+        raise err("empty (no messages)", "messages")
+    msgs: list[Message] = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise err(f"expected an object with role and content, got {type(m).__name__}", where)
+        role = m.get("role")
+        if role is None:
+            raise err("missing", f"{where}.role")
+        if not isinstance(role, str):
+            raise err(f"expected a string, got {type(role).__name__}", f"{where}.role")
+        if role not in CHAT_ROLES:
+            raise err(f"unknown role '{role}' (expected one of {', '.join(CHAT_ROLES)})", f"{where}.role")
+        content = err.text(m, "content", field_name=f"{where}.content")
+        if role == "system" and i != 0:
+            raise err("a system message may only come first", f"{where}.role")
+        msgs.append(Message(role, ((_ROLE_PART[role], content),)))
+    if system_prompt and msgs[0].role != "system":
+        msgs.insert(0, Message("system", ((Role.SYSTEM, system_prompt),)))
+    if not any(m.role == "assistant" for m in msgs):
+        raise err("no assistant message: nothing to learn from", "messages")
+    return msgs
+
+
+class _Errors:
+    """Builds DataErrors that name the record's file and line."""
+
+    def __init__(self, rec: RawRecord) -> None:
+        self.rec = rec
+
+    def __call__(self, message: str, field: str | None = None) -> DataError:
+        if self.rec.line is None:
+            field = f"[{self.rec.index}]" + (f".{field}" if field else "")
+        return DataError(message, file=self.rec.file, line=self.rec.line, field=field)
+
+    def text(self, data: dict, key: str, *, required: bool = True, field_name: str | None = None) -> str:
+        name = field_name or key
+        value = data.get(key)
+        if value is None:
+            if required:
+                raise self("missing", name)
+            return ""
+        if not isinstance(value, str):
+            raise self(f"expected a string, got {type(value).__name__}", name)
+        if required and not value.strip():
+            raise self("empty", name)
+        return value

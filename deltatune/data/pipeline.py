@@ -1,0 +1,135 @@
+"""The data path in one call: a file (or in-memory records) to tokenized, role-tagged examples.
+
+Weights are not computed here: a loss policy (deltatune.data.masking) turns roles into weights
+when batches are collated, so one prepared dataset serves every policy and a two-phase schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from deltatune.data.formats import FORMATS, RawRecord, detect_format, parse_column_map, read_records, to_conversation
+from deltatune.data.segments import Role, TokenizedExample
+from deltatune.data.templates import get_template
+from deltatune.data.tokenize import tokenize_examples
+from deltatune.errors import ConfigError, DataError
+
+OVERFLOW = ("truncate", "drop")
+_KEEP_BAD_MESSAGES = 5
+
+
+@dataclass
+class DataReport:
+    """What happened to every record read; `summary()` is one line for logs and the CLI."""
+
+    read: int = 0
+    skipped_bad: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    dropped_no_loss: int = 0  # nothing loss-bearing left (the response was cut off by truncation)
+    kept: int = 0
+    bad: list[str] = field(default_factory=list)  # the first few skipped records' errors
+
+    def summary(self) -> str:
+        s = (f"read {self.read}, kept {self.kept}, skipped bad {self.skipped_bad}, truncated {self.truncated}, "
+             f"dropped too long {self.dropped_too_long}, dropped with no loss-bearing token {self.dropped_no_loss}")
+        if self.bad:
+            s += f" (first bad: {self.bad[0]})"
+        return s
+
+
+@dataclass
+class PreparedData:
+    examples: list[TokenizedExample]
+    report: DataReport
+    template: str = ""
+    data_format: str = ""
+
+
+def prepare_dataset(path: str | Path, tokenizer: Any, *, template: str = "chatml", data_format: str = "auto",
+                    column_map: dict[str, str] | str | None = None, max_len: int = 1024, overflow: str = "truncate",
+                    skip_bad: bool = False, system_prompt: str | None = None, limit: int | None = None,
+                    keep_offsets: bool = False) -> PreparedData:
+    """Read `path` (JSONL/JSON/Parquet/CSV) and return tokenized examples with a report.
+
+    A bad record raises DataError (file, line, field) unless `skip_bad`, which counts it instead.
+    Examples longer than `max_len` tokens are truncated (keeping the start) or dropped (`overflow`).
+    """
+    return _prepare(read_records(path), tokenizer, template=template, data_format=data_format, column_map=column_map,
+                    max_len=max_len, overflow=overflow, skip_bad=skip_bad, system_prompt=system_prompt, limit=limit,
+                    keep_offsets=keep_offsets)
+
+
+def prepare_records(records: list[dict], tokenizer: Any, *, template: str = "chatml", data_format: str = "auto",
+                    column_map: dict[str, str] | str | None = None, max_len: int = 1024, overflow: str = "truncate",
+                    skip_bad: bool = False, system_prompt: str | None = None, limit: int | None = None,
+                    keep_offsets: bool = False, name: str = "<records>") -> PreparedData:
+    """Like `prepare_dataset`, for in-memory records; errors name `name` and the record number (1-based)."""
+    raw = (RawRecord(r, name, i + 1, i) for i, r in enumerate(records))
+    return _prepare(raw, tokenizer, template=template, data_format=data_format, column_map=column_map,
+                    max_len=max_len, overflow=overflow, skip_bad=skip_bad, system_prompt=system_prompt, limit=limit,
+                    keep_offsets=keep_offsets)
+
+
+def _prepare(raw: Iterable[RawRecord | DataError], tokenizer: Any, *, template: str, data_format: str,
+             column_map: dict[str, str] | str | None, max_len: int, overflow: str, skip_bad: bool,
+             system_prompt: str | None, limit: int | None, keep_offsets: bool) -> PreparedData:
+    if data_format not in FORMATS:
+        raise ConfigError(f"unknown data format '{data_format}' (choose from {', '.join(FORMATS)})", field="--data-format")
+    if overflow not in OVERFLOW:
+        raise ConfigError(f"overflow must be one of {', '.join(OVERFLOW)}, got '{overflow}'", field="--overflow")
+    if max_len < 2:
+        raise ConfigError(f"max_len must be at least 2, got {max_len}", field="--max-len")
+    cmap = parse_column_map(column_map)
+    tmpl = get_template(template, tokenizer)
+    report = DataReport()
+    fmt = data_format
+    examples = []
+
+    def bad(exc: DataError) -> None:
+        if not skip_bad:
+            raise exc
+        report.skipped_bad += 1
+        if len(report.bad) < _KEEP_BAD_MESSAGES:
+            report.bad.append(str(exc))
+
+    for rec in raw:
+        if limit is not None and report.read >= limit:
+            break
+        report.read += 1
+        if isinstance(rec, DataError):
+            bad(rec)
+            continue
+        try:
+            if fmt == "auto" and isinstance(rec.data, dict):  # the first recognisable record fixes the file's format
+                fmt = detect_format({cmap.get(k, k): v for k, v in rec.data.items()}) or "auto"
+            examples.append(tmpl.render(to_conversation(rec, fmt, cmap, system_prompt)))
+        except DataError as exc:
+            bad(exc)
+    tokenized = tokenize_examples(examples, tokenizer, keep_offsets=keep_offsets)
+    kept = []
+    for ex in tokenized:
+        if len(ex) > max_len:
+            if overflow == "drop":
+                report.dropped_too_long += 1
+                continue
+            _truncate(ex, max_len)
+            report.truncated += 1
+        if Role.RESPONSE not in ex.roles:
+            report.dropped_no_loss += 1
+            continue
+        kept.append(ex)
+    report.kept = len(kept)
+    return PreparedData(kept, report, template=template, data_format=fmt)
+
+
+def _truncate(ex: TokenizedExample, max_len: int) -> None:
+    """Keep the first `max_len` tokens (the prompt survives; the end of a long response is cut)."""
+    ex.input_ids = ex.input_ids[:max_len]
+    ex.roles = ex.roles[:max_len]
+    ex.turns = ex.turns[:max_len]
+    if ex.offsets is not None:
+        ex.offsets = ex.offsets[:max_len]
+    ex.truncated = True

@@ -1,0 +1,227 @@
+"""Templates: a conversation becomes an ordered list of role-tagged segments (an `Example`).
+
+Three templates plus a raw one:
+- "alpaca": the Stanford Alpaca prompt. The preamble ("Below is an instruction ...") and the blank
+  lines between sections are `template`; the headers "### Instruction:\\n", "### Input:\\n",
+  "### Response:\\n" are `role`; the response is followed by the tokenizer's EOS as `response`.
+- "chatml": "<|im_start|>{role}\\n" is `role`; after a user or system message "<|im_end|>\\n" is
+  `role`; after an assistant message "<|im_end|>" is `response` (it carries loss: the model must
+  learn to stop) and the "\\n" after it is `role` (turn separator, never generated).
+- "tokenizer": the tokenizer's own chat template (`apply_chat_template`). Each message part is
+  rendered as a unique sentinel; locating the sentinels gives the scaffold between them, which is
+  `role`, except the end-of-turn token right after an assistant message (`response`) and a leading
+  BOS string (`special`, unless every turn opens with that same string, as in ChatML tokenizers
+  whose BOS is "<|im_start|>"). A default system prompt that the template injects is scaffold, so `role`.
+  Every example is re-rendered with its real text and compared, so a template that rewrites
+  content (for example stripping it) is refused instead of being tagged wrongly.
+- "raw": no scaffold at all: the parts back to back, EOS after each assistant message.
+Plain-text records ignore the template: the text is `response` followed by EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from deltatune.data.formats import Conversation, Message
+from deltatune.data.segments import Example, Role, Segment
+from deltatune.errors import ConfigError, DataError
+
+TEMPLATES = ("alpaca", "chatml", "tokenizer", "raw")
+
+ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                         "context. Write a response that appropriately completes the request.")
+ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_HEADERS = {"user": "### Instruction:\n", "input": "### Input:\n", "assistant": "### Response:\n"}
+ALPACA_SEP = "\n\n"
+
+# End-of-turn strings a chat template may emit after an assistant message.
+END_OF_TURN_STRINGS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
+
+
+class _Builder:
+    """Appends segments, merging adjacent pieces of the same role and turn."""
+
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+
+    def add(self, role: Role, text: str, turn: int) -> None:
+        if not text:
+            return
+        if self.segments and self.segments[-1].role == role and self.segments[-1].turn == turn:
+            last = self.segments.pop()
+            text = last.text + text
+        self.segments.append(Segment(role, text, turn))
+
+
+def _turns(messages: list[Message]) -> list[int]:
+    """Exchange index of each message: it advances after every assistant message."""
+    out, turn = [], 0
+    for m in messages:
+        out.append(turn)
+        if m.role == "assistant":
+            turn += 1
+    return out
+
+
+@dataclass
+class Template:
+    """Renders conversations for one tokenizer; `name` is what errors and previews show."""
+
+    name: str
+    eos: str  # the end-of-turn string that closes a response and carries loss
+
+    def render(self, conv: Conversation) -> Example:
+        b = _Builder()
+        if conv.kind == "text":
+            b.add(Role.RESPONSE, conv.messages[0].content, 0)
+            b.add(Role.RESPONSE, self.eos, 0)
+        else:
+            self._render(conv, b)
+        return Example(b.segments, source=conv.source, meta=conv.meta)
+
+    def _render(self, conv: Conversation, b: _Builder) -> None:
+        raise NotImplementedError
+
+
+class AlpacaTemplate(Template):
+    def _render(self, conv: Conversation, b: _Builder) -> None:
+        msgs = conv.messages
+        turns = _turns(msgs)
+        has_input = any(r == Role.INPUT for m in msgs for r, _ in m.parts)
+        start = 0
+        if msgs[0].role == "system":
+            b.add(Role.SYSTEM, msgs[0].content, 0)  # a system prompt replaces the constant preamble
+            start = 1
+        else:
+            b.add(Role.TEMPLATE, ALPACA_PREAMBLE_INPUT if has_input else ALPACA_PREAMBLE, 0)
+        for m, turn in zip(msgs[start:], turns[start:]):
+            b.add(Role.TEMPLATE, ALPACA_SEP, turn)
+            b.add(Role.ROLE, ALPACA_HEADERS[m.role], turn)
+            for role, text in m.parts:
+                if role == Role.TEMPLATE:  # the instruction/input separator becomes Alpaca's own section break
+                    continue
+                if role == Role.INPUT:
+                    b.add(Role.TEMPLATE, ALPACA_SEP, turn)
+                    b.add(Role.ROLE, ALPACA_HEADERS["input"], turn)
+                b.add(role, text, turn)
+            if m.role == "assistant":
+                b.add(Role.RESPONSE, self.eos, turn)
+
+
+class ChatMLTemplate(Template):
+    def _render(self, conv: Conversation, b: _Builder) -> None:
+        for m, turn in zip(conv.messages, _turns(conv.messages)):
+            b.add(Role.ROLE, f"<|im_start|>{m.role}\n", turn)
+            for role, text in m.parts:
+                b.add(role, text, turn)
+            if m.role == "assistant":
+                b.add(Role.RESPONSE, "<|im_end|>", turn)
+                b.add(Role.ROLE, "\n", turn)
+            else:
+                b.add(Role.ROLE, "<|im_end|>\n", turn)
+
+
+class RawTemplate(Template):
+    def _render(self, conv: Conversation, b: _Builder) -> None:
+        for m, turn in zip(conv.messages, _turns(conv.messages)):
+            for role, text in m.parts:
+                b.add(role, text, turn)
+            if m.role == "assistant":
+                b.add(Role.RESPONSE, self.eos, turn)
+
+
+class TokenizerTemplate(Template):
+    """The tokenizer's own chat template, segmented by rendering sentinel contents."""
+
+    SENTINEL = "XQDTSENT{}QX"
+
+    def __init__(self, name: str, eos: str, tokenizer: Any) -> None:
+        super().__init__(name, eos)
+        self.tokenizer = tokenizer
+        self.bos = getattr(tokenizer, "bos_token", None)
+        self._scaffolds: dict[tuple, list[str]] = {}
+
+    def _apply(self, messages: list[dict]) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as exc:  # jinja raises its own errors for unsupported role orders
+            raise ConfigError(f"the tokenizer's chat template failed: {exc}", field="--template")
+
+    def _scaffold(self, msgs: list[Message]) -> list[str]:
+        """Scaffold pieces around the parts: scaffold[0] part0 scaffold[1] part1 ... scaffold[n]."""
+        key = tuple((m.role, len(m.parts)) for m in msgs)
+        if key in self._scaffolds:
+            return self._scaffolds[key]
+        k = 0
+        sent_msgs = []
+        for m in msgs:
+            content = "".join(self.SENTINEL.format(k + i) for i in range(len(m.parts)))
+            k += len(m.parts)
+            sent_msgs.append({"role": m.role, "content": content})
+        rendered = self._apply(sent_msgs)
+        pieces, pos = [], 0
+        for i in range(k):
+            s = self.SENTINEL.format(i)
+            at = rendered.find(s, pos)
+            if at < 0 or rendered.count(s) != 1:
+                raise ConfigError("the tokenizer's chat template cannot be segmented: message "
+                                  f"{i} does not appear exactly once, in order, in its output; use --template chatml or alpaca",
+                                  field="--template")
+            pieces.append(rendered[pos:at])
+            pos = at + len(s)
+        pieces.append(rendered[pos:])
+        self._scaffolds[key] = pieces
+        return pieces
+
+    def _render(self, conv: Conversation, b: _Builder) -> None:
+        msgs = conv.messages
+        scaffold = self._scaffold(msgs)
+        real = self._apply([{"role": m.role, "content": m.content} for m in msgs])
+        parts = [(m, turn, role, text) for m, turn in zip(msgs, _turns(msgs)) for role, text in m.parts]
+        if real != "".join(s + p[3] for s, p in zip(scaffold, parts)) + scaffold[-1]:
+            raise DataError("the tokenizer's chat template rewrites message content (for example strips it), so its "
+                            "tokens cannot be tagged; use --template chatml or alpaca", file=conv.source or None)
+        first = scaffold[0]
+        # A leading BOS string is `special`, unless the template also opens every turn with it (ChatML
+        # tokenizers whose BOS is "<|im_start|>"): then it is a role marker like the others.
+        if self.bos and first.startswith(self.bos) and not any(self.bos in s for s in scaffold[1:]):
+            b.add(Role.SPECIAL, self.bos, 0)
+            first = first[len(self.bos):]
+        scaffold = [first] + scaffold[1:]
+        for i, (m, turn, role, text) in enumerate(parts):
+            b.add(Role.ROLE, scaffold[i], turn)
+            b.add(role, text, turn)
+            last_of_message = i + 1 == len(parts) or parts[i + 1][0] is not m
+            if m.role == "assistant" and last_of_message:
+                after = scaffold[i + 1]
+                eot = next((e for e in (self.eos, *END_OF_TURN_STRINGS) if e and after.startswith(e)), None)
+                if eot is None:  # the template does not close the turn: add EOS so the model learns to stop
+                    b.add(Role.RESPONSE, self.eos, turn)
+                else:
+                    b.add(Role.RESPONSE, eot, turn)
+                    scaffold[i + 1] = after[len(eot):]
+        b.add(Role.ROLE, scaffold[-1], parts[-1][1] if parts else 0)
+
+
+def get_template(name: str, tokenizer: Any) -> Template:
+    """The template `name` for this tokenizer; a ConfigError if the tokenizer cannot support it."""
+    eos = getattr(tokenizer, "eos_token", None)
+    if not eos:
+        raise ConfigError("the tokenizer has no EOS token to close responses with", field="--template")
+    if name == "alpaca":
+        return AlpacaTemplate(name, eos)
+    if name == "raw":
+        return RawTemplate(name, eos)
+    if name == "chatml":
+        for tok in ("<|im_start|>", "<|im_end|>"):
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if tid is None or tid == tokenizer.unk_token_id:
+                raise ConfigError(f"template 'chatml' needs the token {tok}, which this tokenizer lacks; "
+                                  "use --template alpaca or tokenizer", field="--template")
+        return ChatMLTemplate(name, "<|im_end|>")
+    if name == "tokenizer":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("this tokenizer has no chat template; use --template chatml or alpaca", field="--template")
+        return TokenizerTemplate(name, eos, tokenizer)
+    raise ConfigError(f"unknown template '{name}' (choose from {', '.join(TEMPLATES)})", field="--template")

@@ -94,6 +94,8 @@ def evaluate_model(model_ref: str | None, adapter: str | None, tasks, opts, dtyp
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A markdown table; floats with 4 decimals."""
     def cell(v):
+        if v is None:
+            return "-"
         return f"{v:.4f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]

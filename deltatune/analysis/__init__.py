@@ -1,0 +1,1 @@
+"""Analysis of what training changed: weight decomposition, spectra, memory (see each module)."""

@@ -1,0 +1,121 @@
+"""Magnitude and direction of a weight change (DoRA paper, arXiv 2402.09353, Sec. 2).
+
+Per output unit n (a row of the PyTorch (out, in) weight, PEFT's convention):
+  dM = mean_n | ||W[n]|| - ||W0[n]|| |       dD = mean_n (1 - cos(W[n], W0[n]))
+Across checkpoints, one (dD, dM) point per matrix per checkpoint; the paper's signature is the
+sign of the dD-vs-dM correlation: full finetuning negative, LoRA positive, DoRA negative/flat.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+_NEVER = ("lm_head", "embed_out")
+
+
+@dataclass
+class MatrixPair:
+    name: str            # qualified module name, e.g. model.layers.3.self_attn.q_proj
+    base: torch.Tensor   # W0, float32 (out, in)
+    weight: torch.Tensor  # the effective (merged) weight, float32 (out, in)
+
+
+def layer_type(name: str) -> str:
+    return name.split(".")[-1]
+
+
+def layer_index(name: str) -> int | None:
+    m = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(m.group(1)) if m else None
+
+
+def magnitude_direction(base: torch.Tensor, weight: torch.Tensor) -> tuple[float, float]:
+    """(dM, dD) of `weight` against `base`, per output unit (row), in float64."""
+    w0, w = base.detach().to(torch.float64), weight.detach().to(torch.float64)
+    m0, m = w0.norm(dim=1), w.norm(dim=1)
+    cos = (w0 * w).sum(dim=1) / (m0 * m).clamp_min(1e-300)
+    return float((m - m0).abs().mean()), float((1.0 - cos).mean())
+
+
+@torch.no_grad()
+def merged_weight(module: nn.Module) -> torch.Tensor:
+    """The effective weight of a DeltaLinear (merge on a copy, so the model is untouched)."""
+    twin = copy.deepcopy(module)
+    twin.base.weight.data = twin.base.weight.data.float()
+    twin.merge()
+    return twin.base.weight.detach().float()
+
+
+@torch.no_grad()
+def matrix_pairs(model: nn.Module, base_model: nn.Module | None = None) -> list[MatrixPair]:
+    """Every adapted matrix of `model`, against its base.
+
+    A `DeltaLinear` compares its merged weight with its own frozen base weight (any method with
+    `delta_weight()`, DoRA's rescaling included). A model without them (full finetuning) compares
+    each linear layer that changed with the same layer of `base_model`.
+    """
+    from deltatune.methods.base import DeltaLinear
+
+    deltas = [(n, m) for n, m in model.named_modules() if isinstance(m, DeltaLinear)]
+    if deltas:
+        return [MatrixPair(n, m.base.weight.detach().float().clone(), merged_weight(m)) for n, m in deltas]
+    if base_model is None:
+        raise ValueError("a model without DeltaLinear layers needs base_model to compare against")
+    base_modules = dict(base_model.named_modules())
+    pairs = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or name.split(".")[-1] in _NEVER or name not in base_modules:
+            continue
+        w0 = base_modules[name].weight.detach().float()
+        w = mod.weight.detach().float()
+        if w.shape == w0.shape and not torch.equal(w, w0):
+            pairs.append(MatrixPair(name, w0.clone(), w.clone()))
+    return pairs
+
+
+def decomposition_rows(pairs: list[MatrixPair], checkpoint: str = "final", step: int | None = None) -> list[dict]:
+    rows = []
+    for p in pairs:
+        dm, dd = magnitude_direction(p.base, p.weight)
+        rows.append({"checkpoint": checkpoint, "step": step, "name": p.name, "type": layer_type(p.name),
+                     "layer": layer_index(p.name), "dM": dm, "dD": dd})
+    return rows
+
+
+def mean_by_type(rows: list[dict]) -> list[dict]:
+    """Average dM and dD per (checkpoint, layer type)."""
+    out = []
+    keys = sorted({(r["checkpoint"], r["step"] if r["step"] is not None else math.inf, r["type"]) for r in rows},
+                  key=lambda k: (k[1], k[0], k[2]))
+    for ck, _, t in keys:
+        sel = [r for r in rows if r["checkpoint"] == ck and r["type"] == t]
+        out.append({"checkpoint": ck, "step": sel[0]["step"], "type": t, "matrices": len(sel),
+                    "dM": sum(r["dM"] for r in sel) / len(sel), "dD": sum(r["dD"] for r in sel) / len(sel)})
+    return out
+
+
+def regression(xs: list[float], ys: list[float]) -> dict[str, float]:
+    """Least-squares slope/intercept of y on x and the Pearson correlation (nan when undefined)."""
+    n = len(xs)
+    if n < 2:
+        return {"slope": float("nan"), "intercept": float("nan"), "correlation": float("nan"), "points": n}
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    slope = sxy / sxx if sxx > 0 else float("nan")
+    corr = sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+    return {"slope": slope, "intercept": my - slope * mx if sxx > 0 else float("nan"), "correlation": corr,
+            "points": n}
+
+
+def dd_dm_fit(rows: list[dict], types: list[str] | None = None) -> dict[str, float]:
+    """Regression of dM on dD over (matrix, checkpoint) points, as the DoRA paper plots them."""
+    sel = [r for r in rows if types is None or r["type"] in types]
+    return regression([r["dD"] for r in sel], [r["dM"] for r in sel])

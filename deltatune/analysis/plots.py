@@ -1,0 +1,88 @@
+"""PNG plots (matplotlib, Agg backend): learn vs forget, dD vs dM, spectra. Written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def learn_forget_plot(rows: list[dict], path: str | os.PathLike, title: str = "Learning vs forgetting") -> Path:
+    """One point per run: learning (gain on targets) on x, forgetting (drop on sources) on y."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for r in rows:
+        ax.scatter(r["learning"], r["forgetting"], s=40)
+        ax.annotate(r["label"], (r["learning"], r["forgetting"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.axvline(0, color="grey", lw=0.6)
+    ax.set_xlabel("learning: target score gain over base (higher is better)")
+    ax.set_ylabel("forgetting: source score drop from base (lower is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def dd_dm_plot(rows: list[dict], fit: dict, path: str | os.PathLike, title: str = "") -> Path:
+    """The DoRA paper's plot: direction change dD (x) against magnitude change dM (y), by checkpoint."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    cmap = plt.get_cmap("viridis", max(len(checkpoints), 2))
+    for i, ck in enumerate(checkpoints):
+        sel = [r for r in rows if r["checkpoint"] == ck]
+        ax.scatter([r["dD"] for r in sel], [r["dM"] for r in sel], s=14, color=cmap(i), label=ck)
+    xs = [r["dD"] for r in rows]
+    if rows and fit.get("slope") == fit.get("slope"):  # not nan
+        lo, hi = min(xs), max(xs)
+        ax.plot([lo, hi], [fit["intercept"] + fit["slope"] * lo, fit["intercept"] + fit["slope"] * hi], "k--", lw=1,
+                label=f"slope {fit['slope']:.3g}, r = {fit['correlation']:.2f}")
+    ax.set_xlabel("direction change dD = mean(1 - cos)")
+    ax.set_ylabel("magnitude change dM = mean |m - m0|")
+    ax.set_title(title or "Magnitude vs direction change")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def spectrum_plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Left: rank@90% per layer, one line per layer type. Right: normalised singular values."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for t in sorted({r["type"] for r in rows}):
+        sel = sorted((r for r in rows if r["type"] == t), key=lambda r: (r["layer"] is None, r["layer"] or 0))
+        xs = [r["layer"] if r["layer"] is not None else i for i, r in enumerate(sel)]
+        ax1.plot(xs, [r["rank90"] for r in sel], marker="o", ms=3, label=t)
+        mid = sel[len(sel) // 2]
+        s = mid["singular_values"]
+        if s and s[0] > 0:
+            ax2.semilogy(range(1, len(s) + 1), [max(v / s[0], 1e-16) for v in s], label=f"{t} (layer {mid['layer']})")
+    ax1.set_xlabel("layer")
+    ax1.set_ylabel("rank holding 90% of ||dW||^2")
+    ax1.legend(fontsize=7)
+    ax1.grid(alpha=0.3)
+    ax2.set_xlabel("index i")
+    ax2.set_ylabel("s_i / s_1")
+    ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
+    fig.suptitle(title or "Spectrum of the weight update dW")
+    return _save(fig, path)

@@ -1,0 +1,166 @@
+"""Read a training run folder: its config, its final adapter or model, and its checkpoints.
+
+A run folder (written by `deltatune train`) holds `config.yaml`, a `final/` folder (an adapter:
+`adapter_config.json` or `deltatune_adapter.json`; or a full model: `config.json`) and
+checkpoint folders with `trainable.safetensors` + `meta.json`. An adapter or model folder given
+directly counts as a run with only a final snapshot.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from deltatune.errors import ConfigError, UserError
+
+ADAPTER_FILES = ("adapter_config.json", "deltatune_adapter.json")
+CHECKPOINT_WEIGHTS = "trainable.safetensors"
+NO_RANK_METHODS = {"full", "bitfit", "ia3"}
+
+
+@dataclass
+class Snapshot:
+    path: Path
+    kind: str          # "adapter" | "model" | "checkpoint"
+    step: int | None   # optimizer step (None for a final folder without one)
+    label: str
+
+
+@dataclass
+class RunInfo:
+    path: Path
+    config: dict[str, Any]
+    method: str
+    rank: int | None
+    label: str
+    final: Snapshot | None
+    checkpoints: list[Snapshot] = field(default_factory=list)
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("model")
+
+
+def _folder_kind(path: Path) -> str | None:
+    if any((path / f).exists() for f in ADAPTER_FILES):
+        return "adapter"
+    if (path / "config.json").exists():
+        return "model"
+    if (path / CHECKPOINT_WEIGHTS).exists():
+        return "checkpoint"
+    return None
+
+
+def _step(path: Path) -> int | None:
+    meta = path / "meta.json"
+    if meta.exists():
+        try:
+            return int(json.loads(meta.read_text())["position"]["step"])
+        except (KeyError, ValueError, TypeError, json.JSONDecodeError):
+            pass
+    digits = re.findall(r"\d+", path.name)
+    return int(digits[-1]) if digits else None
+
+
+def _adapter_specs(folder: Path) -> list:
+    from deltatune.methods.peft_format import read_adapter
+
+    return read_adapter(folder)[0]
+
+
+def read_run(path: str | Path) -> RunInfo:
+    """The run's config, label ("lora r=8"), final snapshot and checkpoints (sorted by step)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such run folder", field="run")
+    config: dict[str, Any] = {}
+    if (root / "config.yaml").exists():
+        try:
+            config = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"not valid YAML: {exc}", file=str(root / "config.yaml")) from None
+    final = None
+    for candidate in (root / "final", root):
+        kind = _folder_kind(candidate) if candidate.is_dir() else None
+        if kind in ("adapter", "model"):
+            final = Snapshot(candidate, kind, _step(candidate) if candidate.name != "final" else None, "final")
+            break
+    checkpoints = []
+    for sub in sorted(p for p in root.rglob(CHECKPOINT_WEIGHTS) if not any(x.startswith(".") for x in p.parts)):
+        folder = sub.parent
+        step = _step(folder)
+        checkpoints.append(Snapshot(folder, "checkpoint", step, f"step {step}" if step is not None else folder.name))
+    checkpoints.sort(key=lambda s: (s.step is None, s.step or 0))
+    method = str(config.get("method") or "")
+    rank = config.get("rank")
+    if not method and final is not None:
+        if final.kind == "adapter":
+            specs = _adapter_specs(final.path)
+            method, rank = "+".join(s.name for s in specs), specs[0].rank
+        else:
+            method, rank = "full", None
+    if not method:
+        raise UserError(f"{root}: not a run folder (no config.yaml, final/ adapter or model)", field="run")
+    show_rank = rank is not None and not set(method.split("+")) <= NO_RANK_METHODS
+    label = f"{method} r={rank}" if show_rank else method
+    return RunInfo(root, config, method, int(rank) if show_rank else None, label, final, checkpoints)
+
+
+def unique_labels(runs: list[RunInfo]) -> list[str]:
+    """Method-and-rank labels, with the folder name added where two runs would share one."""
+    labels = [r.label for r in runs]
+    return [f"{lab} ({r.path.name})" if labels.count(lab) > 1 else lab for lab, r in zip(labels, runs)]
+
+
+def specs_from_config(config: dict[str, Any]) -> list:
+    """MethodSpecs as the trainer builds them from config.yaml (method may be 'lora+bitfit')."""
+    from deltatune.methods.base import MethodSpec
+
+    names = [m.strip() for m in str(config.get("method", "")).split("+") if m.strip()]
+    common = {k: config[k] for k in ("targets", "rank", "alpha", "dropout", "rslora") if k in config}
+    options = config.get("method_options") or {}
+
+    def own(name: str) -> dict:  # per-method options {"dora": {...}} or one dict for all
+        return dict(options[name]) if isinstance(options.get(name), dict) else dict(options)
+    return [MethodSpec(name=n, **common, options=own(n)) for n in names]
+
+
+def load_snapshot(base: torch.nn.Module, run: RunInfo, snap: Snapshot, dtype: torch.dtype = torch.float32):
+    """A fresh model for this snapshot: a copy of `base` with the adapter or checkpoint weights in."""
+    if snap.kind == "model":
+        from deltatune.models import load_model
+
+        return load_model(str(snap.path), dtype=dtype)[0]
+    model = copy.deepcopy(base)
+    if snap.kind == "adapter":
+        from deltatune.methods.apply import load_adapter
+
+        return load_adapter(model, snap.path).model
+    from safetensors.torch import load_file
+
+    from deltatune.methods.apply import apply_methods
+
+    if run.final is not None and run.final.kind == "adapter":
+        specs = _adapter_specs(run.final.path)
+    else:
+        specs = specs_from_config(run.config)
+    if not specs:
+        raise UserError(f"{run.path}: cannot tell which method made {snap.path.name} (no config.yaml)", field="run")
+    if not (len(specs) == 1 and specs[0].name == "full"):
+        model = apply_methods(model, specs).model
+    state = load_file(str(snap.path / CHECKPOINT_WEIGHTS))
+    own = dict(model.named_parameters())
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        raise ConfigError(f"checkpoint tensor '{unexpected[0]}' does not fit the model", file=str(snap.path))
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v.to(own[k].dtype))
+    return model

@@ -1,0 +1,213 @@
+"""Weight-change analysis: rank@90%, magnitude/direction change, regression, run reading, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from deltatune.analysis.decompose import (MatrixPair, dd_dm_fit, decomposition_rows, layer_index, layer_type,
+                                          magnitude_direction, matrix_pairs, mean_by_type, regression)
+from deltatune.analysis.spectrum import rank_at_energy, singular_values, spectrum_rows
+
+
+def _orthogonal(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q
+
+
+# --- spectrum ---------------------------------------------------------------------------------
+
+def test_rank90_of_known_singular_values_is_exact():
+    # s = 4, 3, 2, 1, 0.5: energies 16, 9, 4, 1, 0.25 (total 30.25); 90% = 27.225 -> 16+9+4 = 29 >= it, k = 3
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    u, v = _orthogonal(6, 0)[:, :5], _orthogonal(5, 1)
+    m = u @ torch.diag(s) @ v.T
+    assert torch.allclose(singular_values(m), s, atol=1e-12)
+    assert rank_at_energy(singular_values(m), 0.9) == 3
+    assert rank_at_energy(s, 0.5) == 1          # 16 / 30.25 = 0.53
+    assert rank_at_energy(s, 0.99) == 4         # 29.99 / 30.25 = 0.9914 ... 30/30.25 = 0.9917 -> k=4
+    assert rank_at_energy(s, 1.0) == 5
+    # the boundary is inclusive: (3, 1) has 9/10 = 90% in the first value exactly
+    assert rank_at_energy(torch.tensor([3.0, 1.0]), 0.9) == 1
+    assert rank_at_energy(torch.zeros(4), 0.9) == 0
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_rank90_of_a_rank_k_matrix_is_at_most_k(k):
+    g = torch.Generator().manual_seed(k)
+    m = torch.randn(40, k, generator=g) @ torch.randn(k, 30, generator=g)
+    s = singular_values(m)
+    assert 1 <= rank_at_energy(s, 0.9) <= k
+    assert rank_at_energy(s, 1.0) == k  # float64 SVD: the zero tail holds no energy
+
+
+def test_rank90_of_gaussian_noise_is_about_half():
+    g = torch.Generator().manual_seed(0)
+    n = 128
+    r = rank_at_energy(singular_values(torch.randn(n, n, generator=g, dtype=torch.float64)), 0.9)
+    assert 0.45 * n <= r <= 0.6 * n
+
+
+def test_spectrum_rows_of_a_lora_update(tiny_lm):
+    from deltatune.methods import MethodSpec
+    from deltatune.methods.apply import apply_methods
+
+    adapted = apply_methods(tiny_lm, MethodSpec("lora", targets="q_proj,down_proj", rank=4, alpha=8))
+    torch.manual_seed(1)
+    for m in adapted.model.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B.weight)
+    rows = spectrum_rows(matrix_pairs(adapted.model))
+    assert {r["type"] for r in rows} == {"q_proj", "down_proj"} and len(rows) == 4
+    for r in rows:
+        assert 1 <= r["rank90"] <= 4 and r["full_rank"] == 64
+        assert len(r["singular_values"]) == 64 and r["singular_values"][4] < 1e-4 * r["singular_values"][0]
+
+
+# --- magnitude and direction ------------------------------------------------------------------
+
+def test_magnitude_direction_hand_built():
+    w0 = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    w = torch.tensor([[6.0, 8.0], [0.0, 2.0]])
+    # row norms 5 -> 10 and 1 -> 2: dM = (5 + 1) / 2 = 3; row 0 keeps its direction (1 - cos = 0),
+    # row 1 turns by 90 degrees (1 - cos = 1): dD = 0.5
+    dm, dd = magnitude_direction(w0, w)
+    assert dm == pytest.approx(3.0) and dd == pytest.approx(0.5)
+    # a 60-degree turn with the norm kept: dM = 0, dD = 1 - cos 60 = 0.5
+    turned = torch.tensor([[math.cos(math.pi / 3), math.sin(math.pi / 3)]])
+    dm, dd = magnitude_direction(torch.tensor([[1.0, 0.0]]), turned)
+    assert dm == pytest.approx(0.0, abs=1e-7) and dd == pytest.approx(0.5)
+
+
+def test_per_output_unit_convention():
+    # scaling one INPUT column changes every row's norm; scaling one OUTPUT row changes one norm
+    w0 = torch.eye(3)
+    row = w0.clone()
+    row[0] *= 2.0
+    assert magnitude_direction(w0, row) == pytest.approx((1 / 3, 0.0))
+
+
+def test_regression_hand_numbers():
+    fit = regression([0.0, 1.0, 2.0], [1.0, 3.0, 5.0])
+    assert fit["slope"] == pytest.approx(2.0) and fit["intercept"] == pytest.approx(1.0)
+    assert fit["correlation"] == pytest.approx(1.0)
+    fit = regression([0.0, 1.0, 2.0, 3.0], [3.0, 1.0, 2.0, 0.0])  # sxy = -4, sxx = 5, syy = 5
+    assert fit["slope"] == pytest.approx(-0.8) and fit["correlation"] == pytest.approx(-0.8)
+    assert math.isnan(regression([1.0], [2.0])["slope"])
+
+
+def test_layer_names():
+    assert layer_type("model.layers.12.mlp.down_proj") == "down_proj"
+    assert layer_index("model.layers.12.mlp.down_proj") == 12
+    assert layer_index("lm_head") is None
+
+
+def test_matrix_pairs_lora_equals_delta_weight_and_leaves_model_alone(tiny_lm):
+    from deltatune.methods import MethodSpec
+    from deltatune.methods.apply import apply_methods
+
+    adapted = apply_methods(tiny_lm, MethodSpec("lora", targets="v_proj", rank=2, alpha=4))
+    mods = [m for m in adapted.model.modules() if hasattr(m, "lora_B")]
+    for m in mods:
+        torch.nn.init.normal_(m.lora_B.weight)
+    before = [m.base.weight.clone() for m in mods]
+    pairs = matrix_pairs(adapted.model)
+    assert [p.name for p in pairs] == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+    for p, m, b in zip(pairs, mods, before):
+        assert torch.allclose(p.weight - p.base, m.delta_weight(), atol=1e-6)
+        assert torch.equal(m.base.weight, b) and not m.merged
+
+
+def test_matrix_pairs_full_finetune_only_changed_layers(tiny_lm):
+    import copy
+
+    tuned = copy.deepcopy(tiny_lm)
+    with torch.no_grad():
+        tuned.model.layers[1].mlp.up_proj.weight.add_(0.01)
+    pairs = matrix_pairs(tuned, tiny_lm)
+    assert [p.name for p in pairs] == ["model.layers.1.mlp.up_proj"]
+    assert torch.allclose(pairs[0].weight - pairs[0].base, torch.full_like(pairs[0].base, 0.01), atol=1e-6)
+
+
+def test_mean_by_type_and_fit():
+    pairs = [MatrixPair("model.layers.0.q_proj", torch.eye(2), 2 * torch.eye(2)),
+             MatrixPair("model.layers.1.q_proj", torch.eye(2), 3 * torch.eye(2))]
+    rows = decomposition_rows(pairs, "step 5", 5)
+    by = mean_by_type(rows)
+    assert by == [{"checkpoint": "step 5", "step": 5, "type": "q_proj", "matrices": 2, "dM": 1.5, "dD": 0.0}]
+    assert dd_dm_fit(rows)["points"] == 2
+
+
+# --- a run folder, end to end through `deltatune analyze` -------------------------------------
+
+@pytest.fixture
+def lora_run(tmp_path, tiny_lm, tiny_tok):
+    """base model folder + run folder with config.yaml, two checkpoints and final/ (LoRA r=2 on q,v)."""
+    from deltatune.methods import MethodSpec
+    from deltatune.methods.apply import apply_methods
+
+    base_dir = tmp_path / "base"
+    tiny_lm.save_pretrained(base_dir)
+    tiny_tok.save_pretrained(base_dir)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": str(base_dir), "method": "lora", "rank": 2,
+                                                     "alpha": 4.0, "targets": "q_proj,v_proj"}))
+    adapted = apply_methods(tiny_lm, MethodSpec("lora", targets="q_proj,v_proj", rank=2, alpha=4.0))
+    torch.manual_seed(0)
+    for m in adapted.model.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    trainable = dict(adapted.trainable_parameters())
+    for step, scale in ((10, 0.25), (20, 0.5)):
+        ck = run / "checkpoints" / f"step-{step}"
+        ck.mkdir(parents=True)
+        save_file({n: (p * scale if "lora_B" in n else p).detach().contiguous() for n, p in trainable.items()},
+                  str(ck / "trainable.safetensors"))
+        (ck / "meta.json").write_text(json.dumps({"position": {"step": step}}))
+    adapted.save_adapter(run / "final")
+    return base_dir, run, adapted
+
+
+def test_read_run(lora_run):
+    from deltatune.evaluate.runs import read_run
+
+    _, run, _ = lora_run
+    info = read_run(run)
+    assert info.label == "lora r=2" and info.method == "lora" and info.rank == 2
+    assert info.final.kind == "adapter" and [c.step for c in info.checkpoints] == [10, 20]
+
+
+def test_analyze_cli_end_to_end(lora_run, tmp_path):
+    from deltatune.cli import main
+
+    base_dir, run, adapted = lora_run
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--base", str(base_dir), "--run", str(run), "--out", str(out)]) == 0
+    for name in ("decomposition.md", "decomposition.json", "spectrum.md", "spectrum.json", "dd_dm.png",
+                 "spectrum.png"):
+        assert (out / name).stat().st_size > 0
+    dec = json.loads((out / "decomposition.json").read_text())["decomposition"]
+    assert len(dec["points"]) == 4 * 3  # 4 adapted matrices x (2 checkpoints + final)
+    # the checkpoint with B scaled by 0.5 moved each matrix's magnitude; check one by hand
+    name = "model.layers.0.self_attn.q_proj"
+    mod = adapted.model.get_submodule(name)
+    w0 = mod.base.weight.detach()
+    expected = magnitude_direction(w0, w0 + 0.5 * mod.delta_weight())
+    point = next(p for p in dec["points"] if p["name"] == name and p["step"] == 20)
+    assert (point["dM"], point["dD"]) == pytest.approx(expected, rel=1e-5)
+    spec = json.loads((out / "spectrum.json").read_text())["spectrum"]
+    assert spec["snapshot"] == "final" and all(1 <= m["rank90"] <= 2 for m in spec["matrices"])
+
+
+def test_analyze_cli_bad_run_exits_2(tmp_path, capsys):
+    from deltatune.cli import main
+
+    assert main(["analyze", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such run folder" in capsys.readouterr().err

@@ -1,0 +1,216 @@
+"""Prefix tuning (Li & Liang 2021): trainable key and value prefixes K_p^l, V_p^l ∈ R^{p×kv_dim} for
+every attention layer l, so that each layer computes softmax(Q [K_p; K]ᵀ/√d) [V_p; V]. Not mergeable.
+
+Trainable parameters: L·2·p·kv_dim, with kv_dim = num_kv_heads·head_dim (grouped-query attention
+stores fewer key/value heads than query heads). With `reparameterize` (the paper's stabiliser, as in
+PEFT's `prefix_projection`): P' ∈ R^{p×kv_dim} -> Linear(kv_dim, hidden) -> tanh -> Linear(hidden,
+L·2·kv_dim), i.e. p·kv + kv·h + h + h·L·2·kv + L·2·kv parameters; `fold(model)` replaces the MLP by
+the prefixes it produces, which is all that needs exporting.
+
+The prefixes reach the model through its cache interface, so any transformers decoder works: a
+pre-hook on the decoder body hands it a `DynamicCache` already holding the prefixes (PEFT's layout and
+convention: prefixes are stored as post-rotary keys, real tokens move to positions p.., every query sees
+every prefix), extends the attention mask (2D: p ones in front; 4D packed masks: p visible columns for
+every row) and shifts explicit `position_ids` by p. Outputs are already aligned to the real tokens. A
+cache the hook created only for this call is not returned unless `use_cache` asked for it.
+
+Storage layout = PEFT's `prompt_embeddings`: [p, L·2·kv_dim], each row ordered (layer, key|value, head,
+head_dim), so a PEFT adapter loads without reshaping.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from deltatune.errors import ConfigError
+from deltatune.methods.base import Method, MethodSpec, register
+from deltatune.methods.prompt import (attach, bind_kwargs, cache_length, check_options, prepend_key_columns,
+                                      read_int_option, shift_positions, tokenizer_ids)
+
+
+def kv_geometry(config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head_dim) of a decoder config."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+class PrefixEncoder(nn.Module):
+    """Holds the prefixes (or P' and the MLP that makes them) and the decoder hooks that use them."""
+
+    def __init__(self, p: int, layers: int, kv_heads: int, head_dim: int, *, reparameterize: bool = False,
+                 hidden: int = 512, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.p, self.layers, self.kv_heads, self.head_dim = p, layers, kv_heads, head_dim
+        kv, out = kv_heads * head_dim, layers * 2 * kv_heads * head_dim
+        self.reparameterize = reparameterize
+        if reparameterize:  # raw parameters, not nn.Linear, so no "all-linear" method ever wraps them
+            self.embedding = nn.Parameter(torch.randn(p, kv, device=device))  # nn.Embedding's N(0, 1), as PEFT
+            self.w1 = nn.Parameter(torch.empty(hidden, kv, device=device))
+            self.b1 = nn.Parameter(torch.empty(hidden, device=device))
+            self.w2 = nn.Parameter(torch.empty(out, hidden, device=device))
+            self.b2 = nn.Parameter(torch.empty(out, device=device))
+            for w, b in ((self.w1, self.b1), (self.w2, self.b2)):  # nn.Linear's default init
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+                nn.init.uniform_(b, -1 / math.sqrt(w.shape[1]), 1 / math.sqrt(w.shape[1]))
+        else:
+            self.prefix = nn.Parameter(torch.randn(p, out, device=device))
+        self.disabled = False
+        self._drop_cache: list[bool] = []
+
+    def flat(self) -> torch.Tensor:
+        """[p, L·2·kv_dim] in PEFT's row layout."""
+        if not self.reparameterize:
+            return self.prefix
+        h = torch.tanh(self.embedding @ self.w1.T + self.b1)
+        return h @ self.w2.T + self.b2
+
+    def key_values(self, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values), each [batch, kv_heads, p, head_dim]."""
+        kv = self.flat().to(dtype).view(self.p, self.layers * 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        return [(kv[2 * i].expand(batch, -1, -1, -1), kv[2 * i + 1].expand(batch, -1, -1, -1))
+                for i in range(self.layers)]
+
+    def pre_hook(self, decoder: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        from transformers import DynamicCache
+
+        kw = bind_kwargs(args, kwargs)
+        if self.disabled:
+            self._drop_cache.append(False)
+            return (), kw
+        past, created = kw.get("past_key_values"), False
+        if cache_length(past) == 0:
+            if past is None:
+                past, created = DynamicCache(config=decoder.config), True
+            ref = kw["inputs_embeds"] if kw.get("inputs_embeds") is not None else kw["input_ids"]
+            dtype = kw["inputs_embeds"].dtype if kw.get("inputs_embeds") is not None else \
+                decoder.get_input_embeddings().weight.dtype
+            for layer, (k, v) in enumerate(self.key_values(ref.shape[0], dtype)):
+                past.update(k, v, layer)
+            kw["past_key_values"] = past
+        kw["attention_mask"] = prepend_key_columns(kw.get("attention_mask"), self.p)
+        kw["position_ids"] = shift_positions(kw.get("position_ids"), self.p, with_virtual=False)
+        self._drop_cache.append(created and not kw.get("use_cache"))
+        return (), kw
+
+    def post_hook(self, decoder: nn.Module, args: tuple, output: Any) -> Any:
+        if self._drop_cache.pop() and not isinstance(output, tuple):
+            output.past_key_values = None
+        return output
+
+
+@register
+class PrefixTuning(Method):
+    """options: num_virtual_tokens p (default 20); reparameterize (default False) with hidden (default 512);
+    init "random" (N(0, 1), as PEFT) or "text" (the base model's own keys and values for init_text /
+    init_token_ids, the paper's real-activation init; not with reparameterize)."""
+
+    name = "prefix"
+    kind = "addition"
+    mergeable = False
+    why_not_mergeable = ("prefix tuning adds key/value vectors that every attention layer attends to; they are "
+                         "not a change to any weight; keep the adapter and load it with the base model")
+    peft_type = "PREFIX_TUNING"
+    ATTR = "deltatune_prefix"
+    OPTIONS = {"num_virtual_tokens", "reparameterize", "hidden", "init", "init_text", "init_token_ids", "tokenizer"}
+
+    def __init__(self, spec: MethodSpec) -> None:
+        from dataclasses import replace
+
+        super().__init__(replace(spec, options=dict(spec.options)))
+        spec = self.spec
+        check_options(spec, self.OPTIONS)
+        self.p = read_int_option(spec, "num_virtual_tokens", 20)
+        self.hidden = read_int_option(spec, "hidden", 512)
+        self.reparameterize = spec.options.get("reparameterize", False)
+        if not isinstance(self.reparameterize, bool):
+            raise ConfigError(f"prefix reparameterize must be true or false, got {self.reparameterize!r}",
+                              field="options.reparameterize")
+        has_text = "init_text" in spec.options or "init_token_ids" in spec.options
+        self.init = str(spec.options.get("init", "text" if has_text else "random")).lower()
+        if self.init not in {"random", "text"}:
+            raise ConfigError(f"prefix init must be 'random' or 'text', got {self.init!r}", field="options.init")
+        if self.init == "text" and (not has_text or self.reparameterize):
+            raise ConfigError("prefix init 'text' needs init_text (or init_token_ids) and reparameterize: false",
+                              field="options.init")
+        self.tokenizer = spec.options.pop("tokenizer", None)
+
+    def apply(self, model: nn.Module) -> None:
+        layers, kv_heads, head_dim = kv_geometry(model.config)
+        device = model.get_input_embeddings().weight.device
+        module = PrefixEncoder(self.p, layers, kv_heads, head_dim, reparameterize=self.reparameterize,
+                               hidden=self.hidden, device=device)
+        if self.init == "text":
+            ids = self.spec.options.get("init_token_ids")
+            ids = tokenizer_ids(self, self.spec.options["init_text"], self.p) if ids is None else \
+                (list(ids) * (self.p // max(1, len(ids)) + 1))[:self.p]
+            self.spec.options["init_token_ids"] = [int(i) for i in ids]
+            with torch.no_grad():
+                module.prefix.copy_(real_token_prefix(model, ids))
+        attach(model, self.ATTR, module)
+
+    def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in getattr(model, self.ATTR).named_parameters():
+            yield f"{self.ATTR}.{name}", p
+
+    @torch.no_grad()
+    def fold(self, model: nn.Module) -> None:
+        """Replace the reparameterisation MLP by the prefixes it produces (call after training, before
+        the final save). The output is unchanged; the adapter then holds only L·2·p·kv_dim numbers and
+        is exportable in PEFT's format."""
+        module: PrefixEncoder = getattr(model, self.ATTR)
+        if not module.reparameterize:
+            return
+        flat = module.flat().detach().clone()
+        for name in ("embedding", "w1", "b1", "w2", "b2"):
+            delattr(module, name)
+        module.reparameterize = False
+        module.prefix = nn.Parameter(flat, requires_grad=True)
+        self.reparameterize = False
+        self.spec.options["reparameterize"] = False
+        self.spec.options.pop("hidden", None)
+
+    finalize = fold  # the generic name a training loop can call on any method after training
+
+    # --- PEFT interoperability ------------------------------------------------------------------
+    def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
+        if self.reparameterize:  # PEFT stores only the produced prefixes: fold first
+            return None
+        layers, kv_heads, head_dim = kv_geometry(model.config)
+        return {"num_virtual_tokens": self.p, "token_dim": kv_heads * head_dim, "num_transformer_submodules": 1,
+                "num_attention_heads": kv_heads, "num_layers": layers, "encoder_hidden_size": kv_heads * head_dim,
+                "prefix_projection": False, "task_type": "CAUSAL_LM"}
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
+        if config.get("peft_type") not in (None, cls.peft_type):
+            return None
+        if int(config.get("num_transformer_submodules") or 1) != 1:
+            raise ConfigError("PEFT prefix tuning for encoder-decoder models is not supported", field="peft_type")
+        # PEFT saves the produced prefixes even with prefix_projection, so we load them as plain prefixes
+        return MethodSpec(name=cls.name, options={"num_virtual_tokens": int(config["num_virtual_tokens"])})
+
+    def to_peft_key(self, name: str) -> str:
+        return "prompt_embeddings"
+
+    def from_peft_key(self, key: str) -> str:
+        if key != "prompt_embeddings":
+            raise ConfigError(f"unexpected key '{key}' in a PEFT prefix-tuning adapter (expected 'prompt_embeddings')")
+        return f"{self.ATTR}.prefix"
+
+
+@torch.no_grad()
+def real_token_prefix(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    """The base model's own cached keys and values for `ids`, in the [p, L·2·kv_dim] layout: a prefix
+    equal to having those tokens in front of the input."""
+    decoder = model.get_decoder()
+    out = decoder(input_ids=torch.tensor([ids], device=model.get_input_embeddings().weight.device), use_cache=True)
+    per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers]
+    kv = torch.stack(per_layer)  # [L, 2, kv_heads, p, head_dim]
+    return kv.permute(3, 0, 1, 2, 4).reshape(len(ids), -1).float()

@@ -141,3 +141,32 @@ def test_bad_target_is_a_config_error(targets):
 
     with pytest.raises(ConfigError, match="no module matches"):
         bitfit(tiny_model(0), targets=targets)
+
+
+def test_lora_plus_bitfit_through_apply_methods(tmp_path):
+    from deltatune.methods.apply import apply_methods, load_adapter
+
+    base = tiny_model(0)
+    model = tiny_model(0)
+    adapted = apply_methods(model, [MethodSpec(name="lora", targets="q_proj,v_proj", rank=2), MethodSpec(name="bitfit")])
+    torch.testing.assert_close(model(IDS).logits, base(IDS).logits, rtol=0, atol=1e-6)
+    names = [n for n, _ in adapted.trainable_parameters()]
+    assert "model.layers.0.self_attn.q_proj.base.bias" in names and any("lora_B" in n for n in names)
+    opt = torch.optim.Adam([p for _, p in adapted.trainable_parameters()], lr=1e-2)
+    for _ in range(3):
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    grads_seen = {n for n, p in adapted.trainable_parameters() if not torch.equal(p, torch.zeros_like(p))}
+    assert any(n.endswith(".bias") for n in grads_seen) and any("lora_B" in n for n in grads_seen)
+    adapted.save_adapter(tmp_path / "a")
+    loaded = load_adapter(tiny_model(0), tmp_path / "a")
+    torch.testing.assert_close(loaded.model(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+
+
+def test_bitfit_before_lora_on_the_same_layers_is_a_config_error():
+    from deltatune.errors import ConfigError
+    from deltatune.methods.apply import apply_methods
+
+    with pytest.raises(ConfigError, match="froze it"):
+        apply_methods(tiny_model(0), [MethodSpec(name="bitfit"), MethodSpec(name="lora", targets="q_proj", rank=2)])

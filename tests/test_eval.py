@@ -255,3 +255,41 @@ def test_eval_cli_bad_input_exits_2(tmp_path, tiny_model_dir, capsys):
     assert rc == 2 and err == f"deltatune eval: error: {bad}:2: field 'output': missing or not a string\n"
     assert not out.exists()
     assert main(["eval", "--model", str(tiny_model_dir), "--task", "nosuch", "--no-progress"]) == 2
+
+
+def test_loss_on_file_equals_the_training_loss(tmp_path, tiny_lm, tiny_tok):
+    """Same template, policy and weighting as training: compare with collate + the trainer's reference loss."""
+    from deltatune.data.masking import parse_policy
+    from deltatune.data.packing import collate
+    from deltatune.data.pipeline import prepare_dataset
+    from deltatune.evaluate.loss import loss_on_file
+    from deltatune.train.loss import reference_lm_loss_sum
+
+    path = tmp_path / "held.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"instruction": "What is 2 + 3?", "output": "The answer is 5."},
+        {"instruction": "Name an animal", "input": "quick", "output": "fox"},
+        {"instruction": "Natalia sold clips to 48 of her friends in April", "output": "#### 72"}]))
+    model = tiny_lm.double()
+    for policy in ("response", "all"):
+        res = loss_on_file(model, tiny_tok, path, template="chatml", policy=policy, batch_size=2, progress=False)
+        exs = prepare_dataset(path, tiny_tok, template="chatml").examples
+        batch = collate(exs, parse_policy(policy), seq_len=1024, pad_id=tiny_tok.pad_token_id, packed=False)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total, weight = reference_lm_loss_sum(logits, batch["input_ids"], batch["loss_weights"])
+        assert res.tokens == pytest.approx(float(weight))
+        assert res.loss == pytest.approx(float(total / weight), abs=1e-9)
+        assert res.examples == 3
+
+
+def test_eval_cli_loss_task(tmp_path, tiny_model_dir, capsys):
+    from deltatune.cli import main
+
+    path = tmp_path / "held.jsonl"
+    path.write_text('{"instruction": "What is 2 + 3?", "output": "The answer is 5."}\n')
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", f"loss:{path}", "--out", str(out),
+                 "--no-progress"]) == 0
+    res = json.loads(out.read_text())["tasks"][f"loss:{path}"]
+    assert res["metric"] == "loss" and res["metrics"]["perplexity"] == pytest.approx(math.exp(res["score"]))

@@ -94,3 +94,9 @@ def test_forgetting_cli_run_without_final_exits_2(tmp_path, capsys):
                "--out", str(tmp_path / "o")])
     assert rc == 2 and "no final/" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_learn_forget_for_a_loss_metric():
+    # held-out loss falls 2.0 -> 1.5 on the target (a gain of 0.5), rises 1.0 -> 1.2 on the source (forgot 0.2)
+    lf = learn_forget("r", {"t": 2.0, "s": 1.0}, {"t": 1.5, "s": 1.2}, ["t"], ["s"], lower_is_better={"t", "s"})
+    assert lf.learning == pytest.approx(0.5) and lf.forgetting == pytest.approx(0.2)

@@ -33,6 +33,9 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--map", default=None, help="field names for file: tasks, e.g. instruction=question,output=answer")
+    p.add_argument("--template", default="chatml", help="loss: tasks: training template (chatml | alpaca | tokenizer)")
+    p.add_argument("--policy", default="response", help="loss: tasks: loss policy as in training (default response)")
+    p.add_argument("--max-len", type=int, default=1024, help="loss: tasks: truncate examples to this many tokens")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -41,7 +44,8 @@ def add_parser(subparsers) -> None:
                               description=__doc__)
     p.add_argument("--model", default=None, help="model folder, GGUF file or hub id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="adapter folder to load on top of the model")
-    p.add_argument("--task", required=True, help="comma list: gsm8k, mmlu[:subject], bbh[:task], self-instruct, file:PATH")
+    p.add_argument("--task", required=True,
+                   help="comma list: gsm8k, mmlu[:subject], bbh[:task], self-instruct, file:PATH, loss:PATH")
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--predictions", default=None, help="write per-item predictions (JSONL) here")
     add_eval_options(p)
@@ -61,7 +65,8 @@ def options_from_args(args) -> "EvalOptions":
     gen = GenerationConfig(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     return EvalOptions(limit=args.limit, shots=args.shots, seed=args.seed, batch_size=args.batch_size,
                        style=args.prompt_style, choice_mode=args.choice, generation=gen,
-                       max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                       max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                       template=args.template, policy=args.policy, max_len=args.max_len)
 
 
 def resolve_tasks(spec: str, data_root: str | None, field_map: str | None):

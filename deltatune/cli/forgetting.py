@@ -60,8 +60,16 @@ def run(args) -> int:
     labels = unique_labels(runs)
     base_model, tokenizer = load_model(args.base, dtype=args.dtype)
 
+    lower_better: set[str] = set()
+
     def scores(model) -> dict[str, float]:
-        return {t.name: evaluate_task(model, tokenizer, t, opts, items[t.name]).score for t in tasks}
+        out = {}
+        for t in tasks:
+            res = evaluate_task(model, tokenizer, t, opts, items[t.name])
+            out[t.name] = res.score
+            if not res.higher_is_better:
+                lower_better.add(t.name)
+        return out
 
     print("evaluating base model", flush=True)
     base_scores = scores(base_model)
@@ -71,7 +79,8 @@ def run(args) -> int:
         model = load_snapshot(base_model, info, info.final, parse_dtype(args.dtype))
         run_scores = scores(model)
         del model
-        lf = learn_forget(label, base_scores, run_scores, [t.name for t in targets], [t.name for t in sources])
+        lf = learn_forget(label, base_scores, run_scores, [t.name for t in targets], [t.name for t in sources],
+                          lower_better)
         rows.append(lf.as_row())
         details[label] = {"run": str(info.path), "method": info.method, "rank": info.rank, **lf.as_row()}
     out = Path(args.out)

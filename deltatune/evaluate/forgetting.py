@@ -23,11 +23,17 @@ class LearnForget:
 
 
 def learn_forget(label: str, base: dict[str, float], run: dict[str, float], targets: list[str],
-                 sources: list[str]) -> LearnForget:
-    """Aggregate one run's task scores against the base model's."""
+                 sources: list[str], lower_is_better: frozenset[str] | set[str] = frozenset()) -> LearnForget:
+    """Aggregate one run's task scores against the base model's.
+
+    For a metric where lower is better (a held-out loss), the gain is base - run instead.
+    """
     missing = [t for t in targets + sources if t not in base or t not in run]
     if missing:
         raise KeyError(f"no score for task {missing[0]!r}")
-    learning = sum(run[t] - base[t] for t in targets) / len(targets) if targets else float("nan")
-    forgetting = sum(base[s] - run[s] for s in sources) / len(sources) if sources else float("nan")
+
+    def gain(t: str) -> float:
+        return base[t] - run[t] if t in lower_is_better else run[t] - base[t]
+    learning = sum(gain(t) for t in targets) / len(targets) if targets else float("nan")
+    forgetting = -sum(gain(s) for s in sources) / len(sources) if sources else float("nan")
     return LearnForget(label, learning, forgetting, {t: run[t] for t in dict.fromkeys(targets + sources)})

@@ -62,3 +62,22 @@ def heldout_loss(model, examples: list[TokenizedExample], batch_size: int = 8, p
         raise DataError("no loss-bearing tokens in the evaluation data (check the loss policy and template)")
     loss = total / weight_sum
     return LossResult(loss, math.exp(min(loss, 700.0)), weight_sum, len(examples))
+
+
+def loss_on_file(model, tokenizer, path, *, template: str = "chatml", policy: str = "response",
+                 data_format: str = "auto", column_map: dict[str, str] | str | None = None, max_len: int = 1024,
+                 limit: int | None = None, batch_size: int = 8, progress: bool = True) -> LossResult:
+    """Held-out loss of a data file, read, templated and weighted exactly as training reads it."""
+    from deltatune.data.masking import LossPolicy, parse_policy, policy_weights
+    from deltatune.data.pipeline import prepare_dataset
+    from deltatune.errors import ConfigError
+
+    parsed = parse_policy(policy)
+    if not isinstance(parsed, LossPolicy):
+        raise ConfigError("evaluation takes one loss policy, not a two-phase schedule", field="policy")
+    prepared = prepare_dataset(path, tokenizer, template=template, data_format=data_format, column_map=column_map,
+                               max_len=max_len, limit=limit)
+    for ex in prepared.examples:
+        ex.weights = policy_weights(ex, parsed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return heldout_loss(model, prepared.examples, batch_size=batch_size, pad_id=pad, progress=progress)

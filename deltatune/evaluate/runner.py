@@ -9,6 +9,7 @@ from deltatune.evaluate import metrics as M
 from deltatune.evaluate.choice import choice_accuracies, predict, score_options
 from deltatune.evaluate.extract import extract_bbh, extract_gsm8k, normalize_answer
 from deltatune.evaluate.generate import GenerationConfig, generate
+from deltatune.evaluate.loss import loss_on_file
 from deltatune.evaluate.prompts import default_style, letter_question, pick_shots, render, style_info
 from deltatune.evaluate.tasks import LETTERS, Item, Task, load_items, load_shot_pool
 
@@ -24,6 +25,9 @@ class EvalOptions:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     max_new_tokens: int | None = None  # None: the task's own
     progress: bool = True
+    template: str = "chatml"          # loss tasks: the training template and loss policy
+    policy: str = "response"
+    max_len: int = 1024
 
 
 @dataclass
@@ -33,6 +37,7 @@ class TaskResult:
     metric: str                     # the headline metric's key
     metrics: dict[str, float]
     predictions: list[dict[str, Any]]
+    higher_is_better: bool = True
 
     @property
     def score(self) -> float:
@@ -63,6 +68,11 @@ def evaluate_task(model, tokenizer, task: Task, opts: EvalOptions | None = None,
                   items: list[Item] | None = None) -> TaskResult:
     """Score `model` on `task` (on `items` if given: read them first to fail before loading a model)."""
     opts = opts or EvalOptions()
+    if task.kind == "loss":
+        res = loss_on_file(model, tokenizer, task.files[0], template=opts.template, policy=opts.policy,
+                           column_map=task.field_map or None, max_len=opts.max_len, limit=opts.limit,
+                           batch_size=opts.batch_size, progress=opts.progress)
+        return TaskResult(task.name, res.examples, "loss", res.as_dict(), [], higher_is_better=False)
     items = items if items is not None else load_items(task, opts.limit)
     pool = load_shot_pool(task) if opts.shots > 0 else None
     style = style_info(opts.style or default_style(tokenizer))

@@ -6,6 +6,7 @@ Task names on the command line:
   bbh, bbh:TASK         BIG-Bench Hard, generation, exact match after BBH extraction
   self-instruct         252 user-oriented instructions, ROUGE-L against the reference output
   file:PATH             your JSONL with `instruction` (+ optional `input`) and `output` (see `field_map`)
+  loss:PATH             held-out loss/perplexity of any training-format file (template + loss policy)
 The data root is ../shared/data beside the repository, else $DELTATUNE_DATA, else --data-root.
 """
 
@@ -39,7 +40,7 @@ class Item:
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str                      # "generate" | "choice"
+    kind: str                      # "generate" | "choice" | "loss"
     files: tuple[Path, ...]
     format: str                    # reader: "gsm8k" | "mmlu" | "bbh" | "self-instruct" | "instruction"
     metric: str                    # headline metric key in the results
@@ -101,6 +102,8 @@ def parse_field_map(text: str | None) -> dict[str, str]:
 def resolve_task(spec: str, root: str | os.PathLike | None = None, field_map: dict[str, str] | None = None) -> Task:
     """A task name (see the module docstring) -> its definition. Data is read later by `load_items`."""
     name, _, part = spec.strip().partition(":")
+    if name == "loss":
+        return Task(spec, "loss", (_need(Path(part).expanduser()),), "records", "loss")
     if name == "file":
         path = _need(Path(part).expanduser())
         return Task(spec, "generate", (path,), "instruction", "rouge_l", "text", max_new_tokens=256,
@@ -118,7 +121,8 @@ def resolve_task(spec: str, root: str | os.PathLike | None = None, field_map: di
         folder = base / "self-instruct"
         return Task(spec, "generate", (_need(folder / "user_oriented_instructions.jsonl"),), "self-instruct",
                     "rouge_l", "text", fewshot_files=(folder / "seed_tasks.jsonl",), max_new_tokens=256)
-    raise UserError(f"unknown task '{spec}'; use gsm8k, mmlu[:subject], bbh[:task], self-instruct or file:PATH",
+    raise UserError(f"unknown task '{spec}'; use gsm8k, mmlu[:subject], bbh[:task], self-instruct, file:PATH "
+                    "or loss:PATH",
                     field="task")
 
 
@@ -217,7 +221,12 @@ def _read(fmt: str, path: Path, field_map: dict[str, str]) -> list[Item]:
 
 
 def load_items(task: Task, limit: int | None = None) -> list[Item]:
-    """The task's items; `limit` applies per file (per MMLU subject / BBH task), in file order."""
+    """The task's items; `limit` applies per file (per MMLU subject / BBH task), in file order.
+
+    Loss tasks have no items (the data path reads them with the tokenizer): an empty list.
+    """
+    if task.kind == "loss":
+        return []
     items: list[Item] = []
     for path in task.files:
         part = _read(task.format, path, task.field_map)

@@ -40,18 +40,14 @@ END_OF_TURN_STRINGS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "
 
 
 class _Builder:
-    """Appends segments, merging adjacent pieces of the same role and turn."""
+    """Collects segments in order (empty pieces are skipped; neighbours of one role may repeat)."""
 
     def __init__(self) -> None:
         self.segments: list[Segment] = []
 
     def add(self, role: Role, text: str, turn: int) -> None:
-        if not text:
-            return
-        if self.segments and self.segments[-1].role == role and self.segments[-1].turn == turn:
-            last = self.segments.pop()
-            text = last.text + text
-        self.segments.append(Segment(role, text, turn))
+        if text:
+            self.segments.append(Segment(role, text, turn))
 
 
 def _turns(messages: list[Message]) -> list[int]:

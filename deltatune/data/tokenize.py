@@ -10,7 +10,7 @@ tagged right. Tokenization is batched: the Rust tokenizer does the work in paral
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left
 from typing import Any, Sequence
 
 from deltatune.data.segments import Example, Role, TokenizedExample
@@ -38,35 +38,40 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, keep_offse
         raise ConfigError("a fast (Rust) tokenizer is needed for offset mappings", field="--model")
     bos_id = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     bos_text = tokenizer.bos_token
+    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: batched, parallel, offsets without Python dicts
     out: list[TokenizedExample] = []
     for lo in range(0, len(examples), batch_size):
         chunk = examples[lo:lo + batch_size]
         texts = [ex.text for ex in chunk]
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False)
-        for ex, text, ids, offsets in zip(chunk, texts, enc["input_ids"], enc["offset_mapping"]):
-            out.append(_tag(ex, text, ids, offsets, bos_id, bos_text, keep_offsets))
+        for ex, text, enc in zip(chunk, texts, backend.encode_batch(texts, add_special_tokens=False)):
+            out.append(_tag(ex, text, enc.ids, enc.offsets, bos_id, bos_text, keep_offsets))
     return out
+
+
+def _last_char(span: tuple[int, int]) -> int:
+    start, end = span
+    return end - 1 if end > start else start
 
 
 def _tag(ex: Example, text: str, ids: list[int], offsets: list[tuple[int, int]], bos_id: int | None,
          bos_text: str | None, keep_offsets: bool) -> TokenizedExample:
-    starts, seg_roles, seg_turns = [], [], []
-    pos = 0
+    n = len(ids)
+    seg_starts, pos = [], 0
     for seg in ex.segments:
-        starts.append(pos)
-        seg_roles.append(seg.role)
-        seg_turns.append(seg.turn)
+        seg_starts.append(pos)
         pos += len(seg.text)
+    # A token belongs to the segment holding its last character (" 5" after a template ending in
+    # "[/INST]" is response). Those keys rise with the token index, so each segment owns one
+    # contiguous run of tokens, found by bisection: no per-token Python work.
+    bounds = [bisect_left(offsets, st, key=_last_char) for st in seg_starts[1:]]
     roles: list[Role] = []
     turns: list[int] = []
-    last = len(starts) - 1
-    for start, end in offsets:
-        # the character a token ends on decides: " 5" after a scaffold ending in "[/INST]" is response
-        i = bisect_right(starts, end - 1 if end > start else start) - 1
-        if i > last:
-            i = last
-        roles.append(seg_roles[i])
-        turns.append(seg_turns[i])
+    prev = 0
+    for seg, b in zip(ex.segments, bounds + [n]):
+        if b > prev:
+            roles += [seg.role] * (b - prev)
+            turns += [seg.turn] * (b - prev)
+            prev = b
     ids = list(ids)
     offs = [tuple(o) for o in offsets] if keep_offsets else None
     if bos_id is not None and not (bos_text and text.startswith(bos_text)):

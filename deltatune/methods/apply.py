@@ -181,16 +181,20 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> AdaptedMod
     return adapted
 
 
-def export_merged(adapted: AdaptedModel, tokenizer, out_dir: str | os.PathLike) -> Path:
+def export_merged(adapted: AdaptedModel, tokenizer, out_dir: str | os.PathLike, *,
+                  dtype: torch.dtype | None = None) -> Path:
     """Merge (layer by layer, in place) and write a transformers safetensors folder, atomically.
 
-    The merged model must have exactly the parameters its config describes (a method that adds
-    tensors the architecture lacks would otherwise be dropped silently by `from_pretrained`).
+    `dtype`: cast after merging (merge in fp32, save in bf16: one rounding). The merged model must
+    have exactly the parameters its config describes (a method that adds tensors the architecture
+    lacks would otherwise be dropped silently by `from_pretrained`).
     """
     from deltatune.models import save_model
 
     model = adapted.merge_and_unload()
     _check_plain(model)
+    if dtype is not None:
+        model = model.to(dtype)
     return save_model(model, tokenizer, out_dir)
 
 

@@ -1,0 +1,59 @@
+"""`deltatune merge --adapter A --out DIR [--model M]`: fold an adapter into its base model.
+
+The base model is the adapter's `base_model_name_or_path` unless --model is given. Merging runs
+layer by layer in place (no second copy of the model), in --dtype (fp32 by default, so the sum is
+exact before any rounding), and the folder is written atomically in --save-dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge an adapter into its base model and save a transformers folder",
+                       description="Merge an adapter (PEFT or deltatune format) into its base model.")
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--out", required=True, help="output folder (transformers, safetensors)")
+    add_model_options(p, model_help="base model (default: the adapter's base_model_name_or_path)")
+    p.set_defaults(func=run)
+
+
+def add_model_options(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--dtype", default="fp32", help="dtype to load and merge in (default fp32)")
+    p.add_argument("--save-dtype", default=None, help="dtype of the saved weights (default: --dtype)")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def merge_and_save(model_ref: str | None, adapter: str | None, out: str, *, dtype: str, save_dtype: str | None,
+                   trust_remote_code: bool = False) -> Path:
+    """Load, apply the adapter (if any), merge and write `out`; shared by merge and export."""
+    from deltatune.errors import UserError
+    from deltatune.methods.apply import export_merged, load_adapter
+    from deltatune.models import load_model, parse_dtype, save_model
+
+    if adapter is not None and Path(out).resolve() == Path(adapter).resolve():
+        raise UserError("--out must differ from --adapter", field="out")
+    model, tokenizer = load_model(model_ref, dtype=dtype, trust_remote_code=trust_remote_code)
+    if adapter is None:
+        if save_dtype:
+            model = model.to(parse_dtype(save_dtype))
+        return save_model(model, tokenizer, out)
+    adapted = load_adapter(model, adapter)
+    return export_merged(adapted, tokenizer, out, dtype=parse_dtype(save_dtype) if save_dtype else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from deltatune.errors import UserError
+    from deltatune.methods.peft_format import adapter_base_model
+
+    base = args.model or adapter_base_model(args.adapter)
+    if not base:
+        raise UserError(f"{args.adapter}: the adapter names no base model (base_model_name_or_path); pass --model",
+                        field="model")
+    out = merge_and_save(base, args.adapter, args.out, dtype=args.dtype, save_dtype=args.save_dtype,
+                         trust_remote_code=args.trust_remote_code)
+    print(f"merged {args.adapter} into {base}: wrote {out}")
+    return 0

@@ -1,0 +1,57 @@
+"""`deltatune generate --model M [--adapter A] --prompt "..."` or an interactive chat (no --prompt)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="answer a prompt, or chat interactively, with a model and optional adapter")
+    p.add_argument("--model", default=None, help="model folder, hub id or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", default=None, help="adapter folder written by `deltatune train`")
+    p.add_argument("--prompt", action="append", default=None, help="prompt (repeatable); omit for interactive chat")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="fp32")
+    p.set_defaults(func=run)
+
+
+def _chat_prompt(tokenizer, history: list[dict]) -> str:
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in history)
+    return text + "assistant: "
+
+
+def run(args: argparse.Namespace) -> int:
+    from deltatune.evaluate.generate import GenerationConfig, generate
+    from deltatune.models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, adapter=args.adapter)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                           temperature=args.temperature or 1.0, seed=args.seed)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt:
+        prompts = args.prompt if args.raw else [_chat_prompt(tokenizer, system + [{"role": "user", "content": p}])
+                                               for p in args.prompt]
+        for text in generate(model, tokenizer, prompts, gen, progress=False):
+            print(text.strip())
+        return 0
+    history = list(system)
+    print("interactive chat; an empty line or Ctrl-D ends it", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        reply = generate(model, tokenizer, [_chat_prompt(tokenizer, history)], gen, progress=False)[0].strip()
+        print(f"model> {reply}")
+        history.append({"role": "assistant", "content": reply})
+    return 0

@@ -1,0 +1,64 @@
+"""`deltatune train [CONFIG.yaml] [--set key=value ...] [flags]`."""
+
+from __future__ import annotations
+
+import argparse
+
+# flag -> config key; each flag's value is parsed by the config's own validation
+FLAGS = {
+    "--model": "model", "--data": "data", "--eval-data": "eval_data", "--template": "template",
+    "--policy": "policy", "--method": "method", "--targets": "targets", "--rank": "rank", "--alpha": "alpha",
+    "--dropout": "dropout", "--lr": "lr", "--epochs": "epochs", "--steps": "steps", "--batch-size": "batch_size",
+    "--grad-accum": "grad_accum", "--seq-len": "seq_len", "--output": "output", "--save-every": "save_every",
+    "--eval-every": "eval_every", "--seed": "seed", "--precision": "precision", "--format": "data_format",
+    "--system-prompt": "system_prompt", "--device": "device", "--threads": "num_threads",
+}
+# keys whose values are taken verbatim (not parsed as YAML, so "1e-4" stays text where text is meant)
+TEXT_KEYS = {"model", "data", "eval_data", "output", "system_prompt", "policy", "targets", "method", "template"}
+SWITCHES = {"--resume": "resume", "--rslora": "rslora", "--skip-bad": "skip_bad",
+            "--gradient-checkpointing": "gradient_checkpointing", "--no-packing": ("packing", False),
+            "--trust-remote-code": "trust_remote_code", "--fused-update": "fused_update"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="finetune a model (full, LoRA, DoRA, ...) on instruction data",
+                       description="Finetune a model. Values come from CONFIG, then --set, then flags.")
+    p.add_argument("config", nargs="?", help="YAML configuration file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any configuration key (repeatable)")
+    for flag, key in FLAGS.items():
+        p.add_argument(flag, dest=f"flag_{key}", default=None, metavar=key.upper())
+    p.add_argument("--map", dest="flag_column_map", default=None, metavar="A=B,C=D",
+                   help="rename file columns, e.g. question=instruction,answer=output")
+    for flag, key in SWITCHES.items():
+        name = key[0] if isinstance(key, tuple) else key
+        p.add_argument(flag, dest=f"switch_{flag.lstrip('-').replace('-', '_')}", action="store_true",
+                       help=f"set {name}")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=run)
+
+
+def collect_overrides(args: argparse.Namespace) -> dict:
+    from deltatune.config import parse_overrides
+
+    values = parse_overrides(args.overrides)
+    for key in FLAGS.values():
+        raw = getattr(args, f"flag_{key}")
+        if raw is not None:
+            values[key] = raw if key in TEXT_KEYS else parse_overrides([f"{key}={raw}"])[key]
+    if args.flag_column_map:
+        values["column_map"] = dict(pair.split("=", 1) for pair in args.flag_column_map.split(",") if "=" in pair)
+    for flag, key in SWITCHES.items():
+        if getattr(args, f"switch_{flag.lstrip('-').replace('-', '_')}"):
+            name, value = key if isinstance(key, tuple) else (key, True)
+            values[name] = value
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    from deltatune.config import load_config
+    from deltatune.train.loop import train
+
+    cfg = load_config(args.config, collect_overrides(args))
+    train(cfg, quiet=args.quiet)
+    return 0

@@ -1,0 +1,140 @@
+"""The default demo: teach the default model a task it cannot do before training, and show it.
+
+The task is generated here, so nothing is downloaded: turn a sentence about a fictional person
+into a registry line `SURNAME|Given|YYYY-MM-DD|CITY|occupation`. The base model does not know
+this format; after a short LoRA finetune it produces it for people it has never seen. Before and
+after, we report held-out loss and exact match on held-out sentences, and the loss on a general
+source set (GSM8K answers, when ../shared/data is present) to show how much the model forgot.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+CITIES = ["Oslo", "Lima", "Porto", "Quito", "Riga", "Turin", "Dakar", "Hanoi", "Perth", "Basel", "Cork",
+          "Split", "Kyoto", "Tunis", "Leeds", "Malmo", "Graz", "Bergen", "Nantes", "Osaka"]
+JOBS = ["baker", "pilot", "nurse", "farmer", "teacher", "welder", "chemist", "tailor", "plumber", "painter",
+        "sailor", "judge", "florist", "miner", "librarian", "carpenter"]
+SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "tor", "sel", "bri", "dun", "fa", "gor", "hil", "jas", "kel",
+             "mor", "nis", "pra", "quo", "ril", "sta", "tev", "ul", "vak", "wen", "yor", "zel"]
+PHRASINGS = [
+    "{given} {surname} was born on {day} {month} {year} in {city} and works as a {job}.",
+    "Born in {city} on {month} {day}, {year}, {given} {surname} is a {job}.",
+    "{surname}, {given}: a {job} from {city}, born {day} {month} {year}.",
+    "The {job} {given} {surname} came into the world in {city} on {day} {month} {year}.",
+]
+INSTRUCTION = "Convert this sentence into a registry line."
+
+
+def _name(rng: random.Random) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def make_records(n: int, seed: int) -> list[dict]:
+    """`n` Alpaca-style records (instruction, input, output) about distinct fictional people."""
+    rng = random.Random(seed)
+    records, seen = [], set()
+    while len(records) < n:
+        given, surname = _name(rng), _name(rng)
+        if (given, surname) in seen:
+            continue
+        seen.add((given, surname))
+        year, month, day = rng.randint(1940, 2005), rng.randint(1, 12), rng.randint(1, 28)
+        city, job = rng.choice(CITIES), rng.choice(JOBS)
+        sentence = rng.choice(PHRASINGS).format(given=given, surname=surname, day=day, month=MONTHS[month - 1],
+                                                year=year, city=city, job=job)
+        answer = f"{surname.upper()}|{given}|{year:04d}-{month:02d}-{day:02d}|{city.upper()}|{job}"
+        records.append({"instruction": INSTRUCTION, "input": sentence, "output": answer})
+    return records
+
+
+def source_records(limit: int = 48) -> tuple[str, list[dict]]:
+    """A general set to measure forgetting: GSM8K test answers if ../shared/data is here."""
+    import json
+
+    from deltatune.evaluate.tasks import data_root
+
+    try:
+        path = data_root() / "gsm8k" / "test.jsonl"
+    except Exception:
+        return "", []
+    if not path.exists():
+        return "", []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[:limit]]
+    return str(path), [{"instruction": r["question"], "output": r["answer"]} for r in rows]
+
+
+def _prompts(tokenizer, records: list[dict]) -> list[str]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}],
+                                          tokenize=False, add_generation_prompt=True) for r in records]
+
+
+def measure(model, tokenizer, task_eval: list[dict], source: list[dict]) -> dict:
+    from deltatune.data.masking import LossPolicy, policy_weights
+    from deltatune.data.pipeline import prepare_records
+    from deltatune.evaluate.generate import GenerationConfig, generate
+    from deltatune.evaluate.loss import heldout_loss
+
+    def loss_on(records: list[dict]) -> float | None:
+        if not records:
+            return None
+        examples = prepare_records(records, tokenizer, template="chatml", max_len=512).examples
+        for ex in examples:
+            ex.weights = policy_weights(ex, LossPolicy("response"))
+        return heldout_loss(model, examples, batch_size=16, pad_id=tokenizer.pad_token_id, progress=False).loss
+
+    answers = generate(model, tokenizer, _prompts(tokenizer, task_eval), GenerationConfig(max_new_tokens=40),
+                       batch_size=32, progress=False)
+    exact = sum(a.strip() == r["output"] for a, r in zip(answers, task_eval)) / len(task_eval)
+    return {"task_loss": loss_on(task_eval), "exact_match": exact, "source_loss": loss_on(source),
+            "sample": answers[0].strip()}
+
+
+def run_demo(output: str = "runs/demo", n_train: int = 800, n_eval: int = 64, steps: int | None = None,
+             model_name: str | None = None, seed: int = 0) -> dict:
+    from deltatune.config import TrainConfig
+    from deltatune.models import load_model
+    from deltatune.train.loop import train
+
+    train_records = make_records(n_train + n_eval, seed)
+    task_train, task_eval = train_records[:n_train], train_records[n_train:]
+    source_path, source = source_records()
+    print(f"demo: teach '{INSTRUCTION}' to the default model; {n_train} generated training examples, "
+          f"{n_eval} held-out people")
+    print(f"  example: {task_eval[0]['input']}\n  target : {task_eval[0]['output']}")
+    model, tokenizer = load_model(model_name)
+    t0 = time.perf_counter()
+    before = measure(model, tokenizer, task_eval, source)
+    del model
+    cfg = TrainConfig(model=model_name, template="chatml", policy="response", method="lora", rank=16, alpha=32,
+                      lr=1e-3, epochs=2, steps=steps, batch_size=8, seq_len=512, output=output, seed=seed,
+                      eval_fraction=0.0, log_every=10, warmup_ratio=0.05, resume=False)
+    if Path(output).exists():
+        import shutil
+
+        shutil.rmtree(output)  # the demo always starts fresh
+    result = train(cfg, records=task_train, eval_records=task_eval[:16])
+    tuned, tokenizer = load_model(model_name, adapter=Path(output) / "final")
+    after = measure(tuned, tokenizer, task_eval, source)
+    rows = [("held-out task loss (response tokens)", before["task_loss"], after["task_loss"]),
+            ("held-out exact match", before["exact_match"], after["exact_match"])]
+    if source:
+        rows.append((f"source loss, GSM8K answers (forgetting)", before["source_loss"], after["source_loss"]))
+    print(f"\n{'':44s}{'before':>10s}{'after':>10s}")
+    for name, b, a in rows:
+        fmt = (lambda v: f"{100 * v:9.1f}%") if "exact" in name else (lambda v: f"{v:10.3f}")
+        print(f"{name:44s}{fmt(b)}{fmt(a)}")
+    if source:
+        change = after["source_loss"] - before["source_loss"]
+        print(f"forgetting: source loss changed by {change:+.3f} nats/token ({100 * change / before['source_loss']:+.1f}%)")
+    else:
+        print("forgetting: skipped (no ../shared/data/gsm8k beside the checkout)")
+    print(f"sample before: {before['sample']!r}\nsample after : {after['sample']!r}")
+    print(f"training: {result.steps} steps, {result.real_tokens} real tokens, {result.tokens_per_s:.0f} tokens/s; "
+          f"total {time.perf_counter() - t0:.0f}s; adapter in {Path(output) / 'final'}")
+    return {"before": before, "after": after, "train_tokens_per_s": result.tokens_per_s}

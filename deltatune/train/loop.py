@@ -1,0 +1,331 @@
+"""`deltatune train`: the whole training loop, readable top to bottom.
+
+Order of events: load model -> apply methods -> prepare data -> (resume) -> for each optimizer
+step: collate micro-batches with the step's loss policy, forward to the final hidden states,
+chunked weighted loss normalised by the accumulated batch's total weight, backward, clip,
+step -> evaluate / checkpoint when due -> save the final adapter or model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deltatune.config import TrainConfig, save_config
+from deltatune.errors import ConfigError, TrainingError
+from deltatune.train.checkpoint import Position, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from deltatune.train.loss import weighted_lm_loss_sum
+from deltatune.train.optim import build_optimizer, build_scheduler
+from deltatune.train.progress import Progress
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+    tokens_per_s: float
+    real_tokens: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up helpers
+# ---------------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_precision(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "fp32"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def method_specs(cfg: TrainConfig):
+    from deltatune.methods import MethodSpec
+
+    return [MethodSpec(name=name, targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                       rslora=cfg.rslora, options=dict(cfg.method_options)) for name in cfg.method_names]
+
+
+def forward_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Final hidden states [B, T, H] for the batch's real tokens (models may provide their own)."""
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  position_ids=batch["position_ids"])
+    if hasattr(model, "forward_hidden"):
+        return model.forward_hidden(**kwargs)
+    return model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
+
+
+def save_outputs(adapted, path: Path, tokenizer, full: bool, base_name: str) -> None:
+    """Full finetuning: a transformers folder. Adapter methods: the adapter (PEFT format where PEFT
+    has the method) plus the tokenizer, so `deltatune generate --adapter` needs nothing else."""
+    from deltatune.models import save_model
+
+    if full:
+        save_model(adapted.model, tokenizer, path)
+    else:
+        adapted.save_adapter(path, base_model_name_or_path=base_name)
+        tokenizer.save_pretrained(path)
+
+
+class MicroBatches:
+    """Deterministic data order: epoch e is packed with seed+e; a position (epoch, micro) is enough to resume."""
+
+    def __init__(self, examples: list, cfg: TrainConfig) -> None:
+        self.examples, self.cfg = examples, cfg
+        self._epoch, self._batches = -1, []
+
+    def epoch_batches(self, epoch: int) -> list[list]:
+        if epoch != self._epoch:
+            from deltatune.data.packing import pack_examples
+
+            if self.cfg.packing:
+                rows = pack_examples(self.examples, self.cfg.seq_len, shuffle_seed=self.cfg.seed + epoch)
+            else:
+                order = list(range(len(self.examples)))
+                random.Random(self.cfg.seed + epoch).shuffle(order)
+                rows = [self.examples[i] for i in order]
+            bs = self.cfg.batch_size
+            self._batches = [rows[i:i + bs] for i in range(0, len(rows), bs)]
+            self._epoch = epoch
+        return self._batches
+
+    def per_epoch(self) -> int:
+        return len(self.epoch_batches(0))
+
+    def take(self, pos: Position, n: int) -> list[list]:
+        """The next `n` micro-batches from `pos` (crossing into the next epoch if needed); advances pos."""
+        out = []
+        for _ in range(n):
+            batches = self.epoch_batches(pos.epoch)
+            if pos.micro >= len(batches):
+                pos.epoch, pos.micro = pos.epoch + 1, 0
+                batches = self.epoch_batches(pos.epoch)
+            out.append(batches[pos.micro])
+            pos.micro += 1
+        return out
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_loss(model, head, examples: list, policy, cfg: TrainConfig, pad_id: int, device, autocast) -> float | None:
+    """Weighted loss per loss-bearing token on held-out examples (same template and policy)."""
+    if not examples:
+        return None
+    from deltatune.data.packing import collate, pack_examples
+
+    was_training = model.training
+    model.eval()
+    rows = pack_examples(examples, cfg.seq_len) if cfg.packing else examples
+    total, weight = 0.0, 0.0
+    for i in range(0, len(rows), cfg.batch_size):
+        try:
+            batch = collate(rows[i:i + cfg.batch_size], policy, seq_len=cfg.seq_len, pad_id=pad_id,
+                            packed=cfg.packing, template_name=cfg.template)
+        except TrainingError:
+            continue  # an eval batch with no loss-bearing token adds nothing
+        batch = _to_device(batch, device)
+        with autocast():
+            hidden = forward_hidden(model, batch)
+        s, w = weighted_lm_loss_sum(hidden, head, batch["input_ids"], batch["loss_weights"], chunk=cfg.loss_chunk)
+        total += s.item()
+        weight += w.item()
+    model.train(was_training)
+    return total / weight if weight > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None = None,
+          eval_records: list[dict] | None = None) -> TrainResult:
+    """Run (or resume) a finetune. `records` lets a caller (the demo, tests) pass data in memory."""
+    from deltatune.data.masking import PolicySchedule, parse_policy
+    from deltatune.data.packing import collate
+    from deltatune.data.pipeline import prepare_dataset, prepare_records
+    from deltatune.methods.apply import apply_methods
+    from deltatune.models import DEFAULT_MODEL, load_model
+
+    out = Path(cfg.output)
+    if list_checkpoints(out) and not cfg.resume:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --output",
+                          field="output")
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = pick_device(cfg.device)
+    precision = pick_precision(cfg, device)
+    full = "full" in cfg.method_names
+    base_name = cfg.model or DEFAULT_MODEL  # recorded in adapter configs; resolvable by load_model
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+
+    # --- model and method ------------------------------------------------------------------
+    model, tokenizer = load_model(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    if precision == "bf16" and not full:
+        model.to(torch.bfloat16)  # frozen weights in bf16; trainable ones are kept in fp32 below
+    adapted = apply_methods(model, method_specs(cfg))
+    model = adapted.model
+    trainable = adapted.trainable_parameters()
+    if not trainable:
+        raise ConfigError(f"method '{cfg.method}' left nothing to train with targets '{cfg.targets}'", field="method")
+    with torch.no_grad():
+        for _, p in trainable:
+            p.data = p.data.float()  # fp32 master weights for whatever trains
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    head = model.get_output_embeddings()
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext)
+
+    # --- data ------------------------------------------------------------------------------
+    data_kwargs = dict(template=cfg.template, data_format=cfg.data_format, column_map=cfg.column_map or None,
+                       max_len=cfg.seq_len, overflow=cfg.overflow, skip_bad=cfg.skip_bad,
+                       system_prompt=cfg.system_prompt)
+    if records is not None:
+        prepared = prepare_records(records, tokenizer, **data_kwargs)
+    elif cfg.data:
+        prepared = prepare_dataset(cfg.data, tokenizer, **data_kwargs)
+    else:
+        raise ConfigError("no training data: pass --data FILE", field="data")
+    say(f"data: {prepared.report.summary()}")
+    examples = list(prepared.examples)
+    if eval_records is not None:
+        eval_examples = list(prepare_records(eval_records, tokenizer, **data_kwargs).examples)
+    elif cfg.eval_data:
+        eval_examples = list(prepare_dataset(cfg.eval_data, tokenizer, **data_kwargs).examples)
+    else:
+        order = list(range(len(examples)))
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = min(cfg.eval_max_examples, int(len(examples) * cfg.eval_fraction))
+        eval_examples = [examples[i] for i in order[:n_eval]]
+        held = set(order[:n_eval])
+        examples = [e for i, e in enumerate(examples) if i not in held]
+    if not examples:
+        raise ConfigError("no training examples left after preparation", field="data")
+    parsed = parse_policy(cfg.policy)
+    schedule = parsed if isinstance(parsed, PolicySchedule) else PolicySchedule(parsed, parsed, switch_step=0)
+    eval_policy = schedule.policy_at(10**12, 10**12)  # held-out loss uses the policy training ends with
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = MicroBatches(examples, cfg)
+    steps_per_epoch = max(1, math.ceil(data.per_epoch() / cfg.grad_accum))
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    # --- optimiser, resume -----------------------------------------------------------------
+    params = [p for _, p in trainable]
+    optimizer = build_optimizer(params, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    pos = Position()
+    if cfg.resume and list_checkpoints(out):
+        latest = list_checkpoints(out)[-1]
+        pos = load_checkpoint(latest, trainable, optimizer, scheduler)
+        say(f"resumed from {latest} at step {pos.step}")
+    save_config(cfg, out / "config.yaml")
+    n_train = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in model.parameters())
+    say(f"model: {n_total / 1e6:.1f}M parameters, training {n_train / 1e6:.3f}M ({100 * n_train / n_total:.3f}%) "
+        f"with {cfg.method}; {precision} on {device.type}; {len(examples)} train / {len(eval_examples)} eval "
+        f"examples; {total_steps} steps")
+
+    progress = Progress(total_steps, pos.step, out / "metrics.jsonl", log_every=cfg.log_every, enabled=not quiet,
+                        tensorboard_dir=out / "tensorboard")
+    interrupted = {"flag": False}
+    previous_handler = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):  # finish the step, save, then stop
+        interrupted["flag"] = True
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+    def checkpoint() -> None:
+        save_checkpoint(out / "checkpoints" / f"step-{pos.step:07d}", trainable, optimizer, scheduler, pos,
+                        extra={"method": cfg.method})
+        prune_checkpoints(out, keep=2)
+
+    model.train()
+    real_tokens, loss_value, eval_loss = 0, float("nan"), None
+    history: list[dict] = []
+    start = time.perf_counter()
+    try:
+        while pos.step < total_steps:
+            policy = schedule.policy_at(pos.step, pos.epoch)
+            micro = [collate(rows, policy, seq_len=cfg.seq_len, pad_id=pad_id, packed=cfg.packing,
+                             template_name=cfg.template) for rows in data.take(pos, cfg.grad_accum)]
+            total_weight = sum(float(b["loss_weights"][:, 1:].sum()) for b in micro)
+            step_loss = 0.0
+            for batch in micro:
+                batch = _to_device(batch, device)
+                with autocast():
+                    hidden = forward_hidden(model, batch)
+                loss_sum, _ = weighted_lm_loss_sum(hidden, head, batch["input_ids"], batch["loss_weights"],
+                                                   chunk=cfg.loss_chunk)
+                (loss_sum / total_weight).backward()
+                step_loss += loss_sum.item()
+                real_tokens += int(batch["n_real_tokens"])
+            loss_value = step_loss / total_weight
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"loss became {loss_value} at step {pos.step + 1}; last good checkpoint kept "
+                                    f"in {out / 'checkpoints'} (lower --lr or check the data)")
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            pos.step += 1
+            record = {"epoch": pos.epoch}
+            if cfg.eval_every and pos.step % cfg.eval_every == 0:
+                eval_loss = evaluate_loss(model, head, eval_examples, eval_policy, cfg, pad_id, device, autocast)
+                if eval_loss is not None:
+                    record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
+                    if pos.best_eval is None or eval_loss < pos.best_eval:
+                        pos.best_eval = eval_loss
+                        save_outputs(adapted, out / "best", tokenizer, full, base_name)
+            progress.step(pos.step, loss_value, scheduler.get_last_lr()[0], int(sum(b["n_real_tokens"] for b in micro)),
+                          record)
+            history.append({"step": pos.step, "loss": loss_value, **record})
+            if (cfg.save_every and pos.step % cfg.save_every == 0) or interrupted["flag"]:
+                checkpoint()
+            if interrupted["flag"]:
+                progress.message(f"interrupted at step {pos.step}; checkpoint saved; continue with --resume")
+                raise KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        progress.close()
+    seconds = time.perf_counter() - start
+    eval_loss = evaluate_loss(model, head, eval_examples, eval_policy, cfg, pad_id, device, autocast)
+    if cfg.save_every:
+        checkpoint()
+    save_outputs(adapted, out / "final", tokenizer, full, base_name)
+    if eval_loss is not None:
+        say(f"final eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50)):.2f})")
+    say(f"saved {out / 'final'}")
+    return TrainResult(output=out, steps=pos.step, final_loss=loss_value, eval_loss=eval_loss,
+                       tokens_per_s=real_tokens / max(seconds, 1e-9), real_tokens=real_tokens, seconds=seconds,
+                       history=history)

@@ -1,0 +1,140 @@
+"""The training loop end to end on a tiny model: learning, exact resume after SIGKILL, Ctrl-C, NaN stop."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deltatune.config import load_config
+from deltatune.errors import ConfigError, TrainingError
+from deltatune.testing import tiny_model, tiny_tokenizer
+from deltatune.train.loop import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."}
+            for a in range(6) for b in range(6)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _cfg(tiny_dir, data_file, out, **kw):
+    base = dict(model=str(tiny_dir), data=str(data_file), output=str(out), method="lora", rank=4, alpha=8,
+                lr=5e-3, batch_size=4, seq_len=64, precision="fp32", steps=8, seed=3, eval_fraction=0.1,
+                warmup_steps=0)
+    base.update(kw)
+    return load_config(overrides=base)
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    from deltatune.train.checkpoint import WEIGHTS_FILE, list_checkpoints
+
+    return load_file(str(list_checkpoints(run)[-1] / WEIGHTS_FILE))
+
+
+def test_lora_run_lowers_loss_and_saves_peft_adapter(tiny_dir, data_file, tmp_path):
+    result = train(_cfg(tiny_dir, data_file, tmp_path / "run", steps=30, eval_every=10, lr=1e-2), quiet=True)
+    losses = [h["loss"] for h in result.history]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5  # tiny random model: LoRA learns slowly
+    assert (tmp_path / "run" / "final" / "adapter_config.json").exists()
+    assert (tmp_path / "run" / "config.yaml").exists()
+    metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 31))
+    assert any("eval_loss" in m for m in metrics)
+
+
+def test_existing_run_needs_resume(tiny_dir, data_file, tmp_path):
+    train(_cfg(tiny_dir, data_file, tmp_path / "run", steps=2, save_every=1), quiet=True)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(_cfg(tiny_dir, data_file, tmp_path / "run", steps=2, save_every=1), quiet=True)
+
+
+def _launch(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "deltatune", "train", *args, "--quiet"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "timed out waiting for a checkpoint"
+        time.sleep(0.05)
+
+
+def _cli_args(tiny_dir, data_file, out, steps):
+    return ["--model", str(tiny_dir), "--data", str(data_file), "--output", str(out), "--method", "lora",
+            "--rank", "4", "--alpha", "8", "--lr", "5e-3", "--batch-size", "2", "--seq-len", "64",
+            "--precision", "fp32", "--steps", str(steps), "--seed", "3", "--save-every", "1",
+            "--set", "eval_fraction=0.1", "--set", "warmup_steps=0", "--threads", "1"]
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run_bitwise(tiny_dir, data_file, tmp_path):
+    torch.set_num_threads(1)
+    steps = 12
+    straight = tmp_path / "straight"
+    train(load_config(overrides={**_cfg(tiny_dir, data_file, straight).model_dump(), "steps": steps,
+                                 "batch_size": 2, "save_every": 1, "num_threads": 1}), quiet=True)
+    killed = tmp_path / "killed"
+    proc = _launch(_cli_args(tiny_dir, data_file, killed, steps))
+    _wait_for(killed / "checkpoints" / "step-0000005" / "meta.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = train(load_config(overrides={**_cfg(tiny_dir, data_file, killed).model_dump(), "steps": steps,
+                                           "batch_size": 2, "save_every": 1, "num_threads": 1,
+                                           "resume": True}), quiet=True)
+    assert resumed.steps == steps
+    a, b = _final_weights(straight), _final_weights(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    proc = _launch(_cli_args(tiny_dir, data_file, out, 100000))
+    _wait_for(out / "checkpoints" / "step-0000002" / "meta.json", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    from deltatune.train.checkpoint import list_checkpoints
+
+    assert int(list_checkpoints(out)[-1].name.split("-")[1]) >= 2
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dir, data_file, tmp_path):
+    cfg = _cfg(tiny_dir, data_file, tmp_path / "run", steps=50, lr=1e30, save_every=1, max_grad_norm=None)
+    with pytest.raises(TrainingError, match="loss became"):
+        train(cfg, quiet=True)
+    from deltatune.train.checkpoint import list_checkpoints
+
+    for ckpt in list_checkpoints(tmp_path / "run"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "trainable.safetensors")).values())
+
+
+def test_cli_reports_a_bad_key_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "deltatune", "train", "--set", "lrr=1"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "did you mean 'lr'" in proc.stderr

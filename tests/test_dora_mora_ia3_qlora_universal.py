@@ -35,7 +35,29 @@ CASES = {
                sum(_rhat(a, b, 4, False) ** 2 for a, b in SHAPES.values()) * L),
     "mora-2-qv": (MethodSpec("mora", targets="q_proj,v_proj", rank=2, options={"mora_type": 2}),
                   (_rhat(H, H, 2, False) ** 2 + _rhat(H, KV, 2, False) ** 2) * L),
+    # QLoRA = LoRA's count, r (d_in + d_out); fp32 compute so that 1e-5 tolerances apply
+    "qlora": (MethodSpec("qlora", rank=4, alpha=8, options={"compute_dtype": "float32"}),
+              sum(4 * (a + b) for a, b in SHAPES.values()) * L),
+    "mora-nf4": (MethodSpec("mora", targets="q_proj,down_proj", rank=4,
+                            options={"mora_type": 6, "quantize_base": True, "compute_dtype": "float32"}),
+                 (_rhat(H, H, 4, True) ** 2 + _rhat(I, H, 4, True) ** 2) * L),
 }
+QUANTISED = {"qlora": "all-linear", "mora-nf4": "q_proj,down_proj"}
+
+
+def _reference(case: str):
+    """The model the adapter must reproduce at init / when disabled: the base, with the adapted
+    linears' weights replaced by their NF4 round trip for the quantised cases."""
+    model = tiny_model(0)
+    if case in QUANTISED:
+        from deltatune.methods.inject import match_targets
+        from deltatune.methods.nf4 import dequantize_nf4, quantize_nf4
+
+        with torch.no_grad():
+            for name in match_targets(model, QUANTISED[case]):
+                w = model.get_submodule(name).weight
+                w.copy_(dequantize_nf4(quantize_nf4(w)))
+    return model
 
 
 def _tokens() -> torch.Tensor:
@@ -61,7 +83,8 @@ def _logits(model, ids) -> torch.Tensor:
 
 
 def _base_weights(model) -> dict[str, torch.Tensor]:
-    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+    """Plain-model names -> tensors (a wrapper's `x.base.weight` is reported as `x.weight`)."""
+    return {n.replace(".base.", "."): t.detach().clone() for n, t in model.state_dict().items()}
 
 
 @pytest.fixture(params=sorted(CASES))
@@ -71,7 +94,7 @@ def case(request):
 
 def test_identity_at_init(case):
     ids = _tokens()
-    base = _logits(tiny_model(0), ids)
+    base = _logits(_reference(case), ids)
     adapted = _adapted(case)
     torch.testing.assert_close(_logits(adapted.model, ids), base, atol=1e-6, rtol=0)
 
@@ -80,16 +103,17 @@ def test_merge_equals_unmerged_and_unmerge_restores(case):
     ids = _tokens()
     adapted = _adapted(case)
     _randomise(adapted)
-    before = _base_weights(adapted.model)
+    reference = _reference(case)
+    before = _base_weights(reference)
     unmerged = _logits(adapted.model, ids)
-    assert (unmerged - _logits(tiny_model(0), ids)).abs().max() > 1e-3  # the adapter does something
+    assert (unmerged - _logits(reference, ids)).abs().max() > 1e-3  # the adapter does something
     adapted.merge()
     torch.testing.assert_close(_logits(adapted.model, ids), unmerged, atol=1e-5, rtol=0)
     with pytest.warns(UserWarning, match="already merged"):
         next(m for meth in adapted.methods for m in meth.delta_modules(adapted.model)).merge()
     adapted.unmerge()
     after = _base_weights(adapted.model)
-    for name, t in before.items():
+    for name, t in before.items():  # a quantised base comes back dequantised: compare to the round trip
         torch.testing.assert_close(after[name], t, atol=1e-6, rtol=0, msg=name)
     torch.testing.assert_close(_logits(adapted.model, ids), unmerged, atol=1e-5, rtol=0)
 
@@ -100,7 +124,7 @@ def test_disable_gives_base_exactly(case):
     _randomise(adapted)
     with adapted.disable_adapters():
         out = _logits(adapted.model, ids)
-    assert torch.equal(out, _logits(tiny_model(0), ids))
+    assert torch.equal(out, _logits(_reference(case), ids))
 
 
 def test_parameter_count_and_only_adapters_train(case):

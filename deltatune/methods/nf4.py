@@ -265,3 +265,61 @@ def requantize_bases(modules: Iterable[nn.Module], opts: QuantOptions) -> None:
     for module in modules:
         if isinstance(module.base, nn.Linear):
             module.base = NF4Linear.from_linear(module.base, opts.block_size, opts.double_quant, opts.compute_dtype)
+
+
+# --- QLoRA: LoRA on an NF4 base ---------------------------------------------------------------------
+
+from deltatune.methods.base import register  # noqa: E402  (kept beside the method it serves)
+from deltatune.methods.lora import LoRA  # noqa: E402
+
+QUANT_OPTIONS = ("block_size", "double_quant", "compute_dtype", "merge_requantize")
+
+
+@register
+class QLoRA(LoRA):
+    """LoRA on NF4 base weights (QLoRA). Options: LoRA's, plus block_size (64), double_quant (true),
+    compute_dtype ("bfloat16"), merge_requantize (false: merge leaves a dequantised base).
+
+    Saved in deltatune's adapter format, not PEFT's: PEFT would read it back as plain LoRA and lose
+    the 4-bit base."""
+
+    name = "qlora"
+    peft_type = None
+    options_allowed = LoRA.options_allowed + QUANT_OPTIONS
+
+    def _quant(self) -> QuantOptions:
+        opts = {k: v for k, v in self.spec.options.items() if k in QUANT_OPTIONS}
+        quant = pop_quantize_options(opts, default_on=True)
+        assert quant is not None
+        return quant
+
+    def _options(self):
+        lora_opts = {k: v for k, v in self.spec.options.items() if k not in QUANT_OPTIONS}
+        saved, self.spec.options = self.spec.options, lora_opts
+        try:
+            unknown = sorted(set(saved) - set(self.options_allowed))
+            if unknown:
+                raise ConfigError(f"unknown option '{unknown[0]}' for method '{self.name}'; allowed: "
+                                  f"{', '.join(self.options_allowed)}", field=f"options.{unknown[0]}")
+            return super()._options()
+        finally:
+            self.spec.options = saved
+
+    def apply(self, model: nn.Module) -> None:
+        quant = self._quant()
+        super().apply(model)
+        quantize_bases(self.delta_modules(model), quant)
+
+    def merge(self, model: nn.Module) -> None:
+        dequantize_bases(self.delta_modules(model))
+        super().merge(model)
+        quant = self._quant()
+        if quant.merge_requantize:
+            requantize_bases(self.delta_modules(model), quant)
+
+    def unmerge(self, model: nn.Module) -> None:
+        dequantize_bases(self.delta_modules(model))
+        super().unmerge(model)
+
+    def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
+        return None

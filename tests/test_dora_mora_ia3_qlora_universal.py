@@ -41,6 +41,10 @@ CASES = {
     "mora-nf4": (MethodSpec("mora", targets="q_proj,down_proj", rank=4,
                             options={"mora_type": 6, "quantize_base": True, "compute_dtype": "float32"}),
                  (_rhat(H, H, 4, True) ** 2 + _rhat(I, H, 4, True) ** 2) * L),
+    # (IA)3: d_k + d_v + d_ff per layer (k/v outputs, down_proj input)
+    "ia3": (MethodSpec("ia3"), (KV + KV + I) * L),
+    "ia3-qv-up": (MethodSpec("ia3", targets="q_proj,v_proj,up_proj", options={"feedforward_modules": ["up_proj"]}),
+                  (H + KV + H) * L),
 }
 QUANTISED = {"qlora": "all-linear", "mora-nf4": "q_proj,down_proj"}
 

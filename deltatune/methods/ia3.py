@@ -1,0 +1,158 @@
+"""(IA)3 (Liu et al. 2022, T-Few): learned vectors that rescale keys, values and the MLP's intermediate
+activations, all initialised to one (so step 0 equals the base).
+
+- On k_proj and v_proj the vector scales the layer's output (rows of W, and the bias).
+- On down_proj ("feedforward" modules) it scales the layer's input, i.e. the intermediate activation
+  (columns of W; the bias is untouched). This is PEFT's `is_feedforward` convention.
+
+Parameters are stored as PEFT stores them, `ia3_l` of shape (d_out, 1) or (1, d_in), so PEFT's saved keys
+map one to one. Merge multiplies the weight (and, for output scaling, the bias) in place; unmerge divides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.errors import ConfigError
+from deltatune.methods.base import DeltaLinear, Method, MethodSpec, register
+from deltatune.methods.inject import match_targets, wrap_linears
+
+DEFAULT_TARGETS = ["k_proj", "v_proj", "down_proj"]
+DEFAULT_FEEDFORWARD = ["down_proj"]
+
+
+class IA3Linear(DeltaLinear):
+    """A frozen linear whose output (or, for feedforward layers, input) is scaled elementwise by `ia3_l`."""
+
+    def __init__(self, base: nn.Module, feedforward: bool, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(base)
+        self.is_feedforward = feedforward
+        shape = (1, self.in_features) if feedforward else (self.out_features, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype, device=base.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.base(x)
+        l = self.ia3_l.reshape(-1)  # noqa: E741
+        if self.is_feedforward:
+            return self.base((x.to(l.dtype) * l).to(x.dtype))
+        out = self.base(x)
+        return (out * l).to(out.dtype)
+
+    def adapted_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """For callers holding base(x) already; forward() avoids the extra matmul of the input case."""
+        l = self.ia3_l.reshape(-1)  # noqa: E741
+        if self.is_feedforward:
+            return base_out + nn.functional.linear((x.to(l.dtype) * (l - 1)).to(x.dtype), self.base.weight)
+        return (base_out * l).to(base_out.dtype)
+
+    def _scale(self) -> torch.Tensor:
+        """The vector shaped to broadcast against W (out, in): a column for rows, a row for columns."""
+        return self.ia3_l.detach().float()
+
+    def delta_weight(self) -> torch.Tensor:
+        """W0 (l - 1), by rows or columns (fp32). When merged, W0 is recovered as W / l."""
+        w = self.base.weight.detach().float()
+        l = self._scale()  # noqa: E741
+        w0 = w / l if self.merged else w
+        return w0 * (l - 1)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            import warnings
+
+            warnings.warn("adapter already merged; merge() does nothing", stacklevel=2)
+            return
+        self._rescale(self._scale())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            import warnings
+
+            warnings.warn("adapter is not merged; unmerge() does nothing", stacklevel=2)
+            return
+        l = self._scale()  # noqa: E741
+        if torch.any(l == 0):
+            raise ConfigError("cannot unmerge (IA)3: a scaling entry is exactly 0, so the original weight is lost")
+        self._rescale(1.0 / l)
+        self.merged = False
+
+    def _rescale(self, factor: torch.Tensor) -> None:
+        w = self.base.weight
+        w.copy_((w.float() * factor).to(w.dtype))
+        b = self.base.bias
+        if b is not None and not self.is_feedforward:
+            b.copy_((b.float() * factor.reshape(-1)).to(b.dtype))
+
+    def extra_repr(self) -> str:
+        return f"feedforward={self.is_feedforward}"
+
+
+def _suffixes(value: Any, field: str) -> list[str]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"expected a list of module names, got {value!r}", field=field)
+    return value
+
+
+@register
+class IA3(Method):
+    """(IA)3 on `targets` (the method's default, k_proj,v_proj,down_proj, when targets is "all-linear").
+
+    Option `feedforward_modules` (default ["down_proj"]): the targets whose input, not output, is scaled.
+    `rank`, `alpha` and `dropout` do not apply."""
+
+    name = "ia3"
+    kind = "reparameterisation"
+    mergeable = True
+    peft_type = "IA3"
+
+    def __init__(self, spec: MethodSpec) -> None:
+        super().__init__(spec)
+        opts = dict(spec.options)
+        self.feedforward = _suffixes(opts.pop("feedforward_modules", DEFAULT_FEEDFORWARD), "options.feedforward_modules")
+        if opts:
+            raise ConfigError(f"unknown ia3 option '{sorted(opts)[0]}'; allowed: feedforward_modules",
+                              field=f"options.{sorted(opts)[0]}")
+        self.targets = DEFAULT_TARGETS if spec.targets == "all-linear" else spec.targets
+
+    def _is_ff(self, name: str) -> bool:
+        return any(name == f or name.endswith("." + f) for f in self.feedforward)
+
+    def apply(self, model: nn.Module) -> None:
+        names = match_targets(model, self.targets, inside_delta=False)
+        ff = {id(model.get_submodule(n)) for n in names if self._is_ff(n)}
+        if self.feedforward and not ff and self.spec.options.get("feedforward_modules"):
+            raise ConfigError(f"feedforward_modules {self.feedforward} match none of the targets",
+                              field="options.feedforward_modules")
+        wrap_linears(model, self.targets, lambda lin: IA3Linear(lin, id(lin) in ff), self.name)
+
+    # --- PEFT ---------------------------------------------------------------------------------
+    def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
+        from deltatune.methods.peft_format import peft_target_modules
+
+        names = [n for n, _ in self.named_delta_modules(model)]
+        ff = [n for n, m in self.named_delta_modules(model) if m.is_feedforward]
+        return {"target_modules": peft_target_modules(model, names),
+                "feedforward_modules": peft_target_modules(model, ff) if ff else [],
+                "fan_in_fan_out": False, "modules_to_save": None, "init_ia3_weights": True}
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
+        if config.get("fan_in_fan_out") or config.get("modules_to_save"):
+            key = "fan_in_fan_out" if config.get("fan_in_fan_out") else "modules_to_save"
+            raise ConfigError(f"PEFT IA3 option {key}={config[key]!r} is not supported by deltatune", field=key)
+        targets = config.get("target_modules")
+        if targets is None:
+            raise ConfigError("PEFT adapter_config.json has no target_modules", field="target_modules")
+        if not isinstance(targets, str):
+            targets = sorted(targets)
+        ff = config.get("feedforward_modules") or []
+        return MethodSpec(name="ia3", targets=targets, options={"feedforward_modules": sorted(ff)})

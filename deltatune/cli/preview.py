@@ -67,5 +67,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     sys.stdout.write(note + to_text(data.examples, tokenizer, policy, colour=colour))
+    sys.stdout.flush()
     print(f"({data.report.summary()})", file=sys.stderr)
     return 0

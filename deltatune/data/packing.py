@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_left, insort
+from functools import lru_cache
 from typing import Any, Sequence
 
 import torch
@@ -97,13 +98,18 @@ def collate(rows_or_examples: Sequence[Any], policy: LossPolicy, *, seq_len: int
                             f"'{template_name or '?'}' (sources: {', '.join(ex.source for row in rows for ex in row[:2])}); "
                             "check the template's markers and the policy, or truncation that cut every response")
     if packed:
-        causal = torch.ones((T, T), dtype=torch.bool).tril_()
-        mask = (seg[:, :, None] == seg[:, None, :]) & causal
+        mask = seg[:, :, None] == seg[:, None, :]
+        mask &= _causal(T)
         attention_mask = mask[:, None]
     else:
         attention_mask = (seg >= 0).long()
     return {"input_ids": ids, "loss_weights": weights, "position_ids": pos, "attention_mask": attention_mask,
             "n_real_tokens": int(sum(lengths)), "n_examples": n_examples}
+
+
+@lru_cache(maxsize=8)
+def _causal(T: int) -> torch.Tensor:
+    return torch.ones((T, T), dtype=torch.bool).tril_()
 
 
 def padding_waste(examples: Sequence[TokenizedExample], seq_len: int, batch_size: int,

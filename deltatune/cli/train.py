@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument(flag, dest=f"switch_{flag.lstrip('-').replace('-', '_')}", action="store_true",
                        help=f"set {name}")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="data-parallel processes on this machine: re-launches itself under torchrun "
+                        "(see docs/distributed.md)")
     p.set_defaults(func=run)
 
 
@@ -56,6 +59,12 @@ def collect_overrides(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        import sys
+
+        from deltatune.train.distributed import relaunch_with_torchrun
+
+        return relaunch_with_torchrun(args.nproc, sys.argv[1:])
     from deltatune.config import load_config
     from deltatune.train.loop import train
 

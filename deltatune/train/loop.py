@@ -20,7 +20,8 @@ import torch
 
 from deltatune.config import TrainConfig, save_config
 from deltatune.errors import ConfigError, TrainingError
-from deltatune.train.checkpoint import Position, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from deltatune.train.checkpoint import Position, list_checkpoints, prune_checkpoints
+from deltatune.train.distributed import NullProgress, init_distributed
 from deltatune.train.loss import weighted_lm_loss_sum
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import Progress
@@ -182,10 +183,12 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = pick_device(cfg.device)
+    dist = init_distributed(device)  # torchrun: join the process group; device becomes cuda:LOCAL_RANK
+    device = dist.device
     precision = pick_precision(cfg, device)
     full = "full" in cfg.method_names
     base_name = cfg.model or DEFAULT_MODEL  # recorded in adapter configs; resolvable by load_model
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    say = (lambda *a: None) if quiet or not dist.is_main else (lambda *a: print(*a, flush=True))
 
     # --- model and method ------------------------------------------------------------------
     model, tokenizer = load_model(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
@@ -203,6 +206,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head = model.get_output_embeddings()
+    runner, trainable = dist.wrap(model, trainable, full=cfg.method_names == ["full"])  # DDP / FSDP2 under torchrun
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext)
 
     # --- data ------------------------------------------------------------------------------
@@ -234,7 +238,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     schedule = parsed if isinstance(parsed, PolicySchedule) else PolicySchedule(parsed, parsed, switch_step=0)
     eval_policy = schedule.policy_at(10**12, 10**12)  # held-out loss uses the policy training ends with
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data = MicroBatches(examples, cfg)
+    data = MicroBatches(examples, dist.global_config(cfg))  # global micro-batches: world x batch_size rows
     steps_per_epoch = max(1, math.ceil(data.per_epoch() / cfg.grad_accum))
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
@@ -245,17 +249,19 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     pos = Position()
     if cfg.resume and list_checkpoints(out):
         latest = list_checkpoints(out)[-1]
-        pos = load_checkpoint(latest, trainable, optimizer, scheduler)
+        pos = dist.load_checkpoint(latest, runner, trainable, optimizer, scheduler, data)
         say(f"resumed from {latest} at step {pos.step}")
-    save_config(cfg, out / "config.yaml")
+    if dist.is_main:
+        save_config(cfg, out / "config.yaml")
     n_train = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
     say(f"model: {n_total / 1e6:.1f}M parameters, training {n_train / 1e6:.3f}M ({100 * n_train / n_total:.3f}%) "
         f"with {cfg.method}; {precision} on {device.type}; {len(examples)} train / {len(eval_examples)} eval "
         f"examples; {total_steps} steps")
 
-    progress = Progress(total_steps, pos.step, out / "metrics.jsonl", log_every=cfg.log_every, enabled=not quiet,
-                        tensorboard_dir=out / "tensorboard")
+    progress_cls = Progress if dist.is_main else NullProgress  # rank 0 alone prints and writes metrics
+    progress = progress_cls(total_steps, pos.step, out / "metrics.jsonl", log_every=cfg.log_every, enabled=not quiet,
+                            tensorboard_dir=out / "tensorboard")
     interrupted = {"flag": False}
     previous_handler = signal.getsignal(signal.SIGINT)
 
@@ -265,9 +271,10 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     signal.signal(signal.SIGINT, on_sigint)
 
     def checkpoint() -> None:
-        save_checkpoint(out / "checkpoints" / f"step-{pos.step:07d}", trainable, optimizer, scheduler, pos,
-                        extra={"method": cfg.method})
-        prune_checkpoints(out, keep=2)
+        dist.save_checkpoint(out / "checkpoints" / f"step-{pos.step:07d}", runner, trainable, optimizer, scheduler, pos,
+                             extra={"method": cfg.method})
+        if dist.is_main:
+            prune_checkpoints(out, keep=2)
 
     model.train()
     real_tokens, loss_value, eval_loss = 0, float("nan"), None
@@ -276,19 +283,23 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     try:
         while pos.step < total_steps:
             policy = schedule.policy_at(pos.step, pos.epoch)
-            micro = [collate(rows, policy, seq_len=cfg.seq_len, pad_id=pad_id, packed=cfg.packing,
-                             template_name=cfg.template) for rows in data.take(pos, cfg.grad_accum)]
+            micro = [dist.local_batch(rows, lambda r: collate(r, policy, seq_len=cfg.seq_len, pad_id=pad_id,
+                                                              packed=cfg.packing, template_name=cfg.template))
+                     for rows in data.take(pos, cfg.grad_accum)]  # this rank's share of each micro-batch
             total_weight = sum(float(b["loss_weights"][:, 1:].sum()) for b in micro)
+            total_weight = dist.sum(total_weight)  # the global batch's weight normalises every rank's loss
             step_loss = 0.0
-            for batch in micro:
+            for i, batch in enumerate(micro):
                 batch = _to_device(batch, device)
+                dist.sync_grads(runner, i == len(micro) - 1)  # gradients are summed over ranks once per step
                 with autocast():
-                    hidden = forward_hidden(model, batch)
+                    hidden = forward_hidden(runner, batch)
                 loss_sum, _ = weighted_lm_loss_sum(hidden, head, batch["input_ids"], batch["loss_weights"],
                                                    chunk=cfg.loss_chunk)
                 (loss_sum / total_weight).backward()
                 step_loss += loss_sum.item()
                 real_tokens += int(batch["n_real_tokens"])
+            step_loss = dist.sum(step_loss)
             loss_value = step_loss / total_weight
             if not math.isfinite(loss_value):
                 raise TrainingError(f"loss became {loss_value} at step {pos.step + 1}; last good checkpoint kept "
@@ -301,15 +312,16 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
             pos.step += 1
             record = {"epoch": pos.epoch}
             if cfg.eval_every and pos.step % cfg.eval_every == 0:
-                eval_loss = evaluate_loss(model, head, eval_examples, eval_policy, cfg, pad_id, device, autocast)
+                eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast)
                 if eval_loss is not None:
                     record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
                     if pos.best_eval is None or eval_loss < pos.best_eval:
                         pos.best_eval = eval_loss
-                        save_outputs(adapted, out / "best", tokenizer, full, base_name)
+                        dist.save_outputs(save_outputs, adapted, out / "best", tokenizer, full, base_name, runner)
             progress.step(pos.step, loss_value, scheduler.get_last_lr()[0], int(sum(b["n_real_tokens"] for b in micro)),
                           record)
             history.append({"step": pos.step, "loss": loss_value, **record})
+            interrupted["flag"] = dist.any(interrupted["flag"])  # every rank stops at the same step
             if (cfg.save_every and pos.step % cfg.save_every == 0) or interrupted["flag"]:
                 checkpoint()
             if interrupted["flag"]:
@@ -319,10 +331,11 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
         signal.signal(signal.SIGINT, previous_handler)
         progress.close()
     seconds = time.perf_counter() - start
-    eval_loss = evaluate_loss(model, head, eval_examples, eval_policy, cfg, pad_id, device, autocast)
+    eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast)
     if cfg.save_every:
         checkpoint()
-    save_outputs(adapted, out / "final", tokenizer, full, base_name)
+    dist.save_outputs(save_outputs, adapted, out / "final", tokenizer, full, base_name, runner)
+    dist.close()
     if eval_loss is not None:
         say(f"final eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50)):.2f})")
     say(f"saved {out / 'final'}")

@@ -41,12 +41,19 @@ CASES = {
     "mora-nf4": (MethodSpec("mora", targets="q_proj,down_proj", rank=4,
                             options={"mora_type": 6, "quantize_base": True, "compute_dtype": "float32"}),
                  (_rhat(H, H, 4, True) ** 2 + _rhat(I, H, 4, True) ** 2) * L),
+    # DoRA = LoRA's r (d_in + d_out) + d_out magnitudes per adapted matrix
+    "dora": (MethodSpec("dora", rank=4, alpha=8), sum(4 * (a + b) + b for a, b in SHAPES.values()) * L),
+    "dora-exact-qv": (MethodSpec("dora", targets="q_proj,v_proj", rank=2, alpha=4, options={"exact_grad": True}),
+                      (2 * (H + H) + H + 2 * (H + KV) + KV) * L),
+    "dora-nf4": (MethodSpec("dora", targets="o_proj,up_proj", rank=4, alpha=8,
+                            options={"quantize_base": True, "compute_dtype": "float32"}),
+                 (4 * (H + H) + H + 4 * (H + I) + I) * L),
     # (IA)3: d_k + d_v + d_ff per layer (k/v outputs, down_proj input)
     "ia3": (MethodSpec("ia3"), (KV + KV + I) * L),
     "ia3-qv-up": (MethodSpec("ia3", targets="q_proj,v_proj,up_proj", options={"feedforward_modules": ["up_proj"]}),
                   (H + KV + H) * L),
 }
-QUANTISED = {"qlora": "all-linear", "mora-nf4": "q_proj,down_proj"}
+QUANTISED = {"qlora": "all-linear", "mora-nf4": "q_proj,down_proj", "dora-nf4": "o_proj,up_proj"}
 
 
 def _reference(case: str):

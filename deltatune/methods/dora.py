@@ -1,0 +1,195 @@
+"""DoRA (arXiv 2402.09353): W' = m * (W0 + s B A) / ||W0 + s B A||, one magnitude per output unit.
+
+The norm is over each row of the (out, in) weight (PEFT's convention), so m has d_out entries and is
+initialised to the row norms of W0 (B = 0), which makes step 0 equal the base.
+
+Forward without building W' (PEFT's form): with n = ||W0 + s B A|| recomputed every call,
+    y = base(x) + (m/n - 1) (W0 x) + (m/n) s B A dropout(x),
+where W0 x = base(x) - b is read off the base output (the bias is not rescaled). Unlike PEFT in training
+with dropout (which runs a second W0 dropout(x) matmul), the magnitude term always uses the undropped x:
+that is the formula above, and one matmul cheaper.
+
+By default n is a constant in backward (paper section 4.3: "detach"), computed under no_grad so no graph
+is kept for it; `exact_grad: true` backpropagates through n. `delta_weight()` is the additive change
+W' - W0; merge stores W' and caches n* so unmerge recovers W0 = W' n*/m - s B A.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltatune.errors import ConfigError
+from deltatune.methods.base import MethodSpec, register
+from deltatune.methods.inject import wrap_linears
+from deltatune.methods.lora import LoRA, LoRALinear
+from deltatune.methods.nf4 import (QUANT_OPTIONS, NF4Linear, dequantize_bases, pop_quantize_options,
+                                   quantize_bases, requantize_bases)
+
+
+class DoRALinear(LoRALinear):
+    """LoRA plus a trainable magnitude `lora_magnitude_vector` (d_out) and per-row normalisation."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, *, exact_grad: bool = False, **lora_kwargs: Any) -> None:
+        super().__init__(base, r, alpha, **lora_kwargs)
+        self.exact_grad = exact_grad
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, dtype=self.lora_A.weight.dtype,
+                                                              device=self.lora_A.weight.device))
+        self.reset_magnitude()
+        self._merged_norm: torch.Tensor | None = None  # n* cached at merge time
+
+    @torch.no_grad()
+    def reset_magnitude(self) -> None:
+        """m <- ||W0 + s B A|| (= ||W0|| at init); called again after the base is quantised."""
+        self.lora_magnitude_vector.copy_(self._direction(self._base_weight()).norm(dim=1))
+
+    @property
+    def _fdtype(self) -> torch.dtype:
+        """fp32, or the adapter's dtype when wider (float64 in exactness tests)."""
+        return torch.promote_types(self.lora_A.weight.dtype, torch.float32)
+
+    def _base_weight(self) -> torch.Tensor:
+        """W0 in fp32, dequantised when the base is NF4."""
+        if isinstance(self.base, NF4Linear):
+            return self.base.dequantize(torch.float32).to(self._fdtype)
+        return self.base.weight.to(self._fdtype)
+
+    def _lora_weight(self) -> torch.Tensor:
+        dt = self._fdtype
+        return (self.lora_B.weight.to(dt) @ self.lora_A.weight.to(dt)) * self.scaling
+
+    def _direction(self, w0: torch.Tensor) -> torch.Tensor:
+        return w0 + self._lora_weight()
+
+    def weight_norm(self) -> torch.Tensor:
+        """n = ||W0 + s B A|| per output row (fp32); a constant for autograd unless exact_grad."""
+        if self.exact_grad:
+            return self._direction(self._base_weight().detach()).norm(dim=1)
+        with torch.no_grad():
+            return self._direction(self._base_weight()).norm(dim=1)
+
+    def adapted_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A.weight
+        scale = (self.lora_magnitude_vector.to(self._fdtype) / self.weight_norm()).to(a.dtype)  # m / n
+        h = x.to(a.dtype) if x.dtype != a.dtype else x
+        if self.lora_dropout is not None:
+            h = self.lora_dropout(h)
+        lora = F.linear(F.linear(h, a), self.lora_B.weight) * self.scaling
+        w0x = base_out if self.base.bias is None else base_out - self.base.bias
+        extra = (scale - 1) * w0x.to(a.dtype) + scale * lora
+        return base_out + extra.to(base_out.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W' = (m / n) (W0 + s B A), fp32."""
+        w0 = self._unmerged_base_weight()
+        v = self._direction(w0)
+        m = self.lora_magnitude_vector.detach().to(self._fdtype)
+        return (m / v.norm(dim=1))[:, None] * v
+
+    def _unmerged_base_weight(self) -> torch.Tensor:
+        w = self._base_weight().detach()
+        if not self.merged:
+            return w
+        m = self.lora_magnitude_vector.detach().to(self._fdtype)
+        return w * (self._merged_norm / m)[:, None] - self._lora_weight().detach()
+
+    def delta_weight(self) -> torch.Tensor:
+        """The additive change W' - W0 (fp32), so code that adds delta_weight() to W0 gets W'."""
+        with torch.no_grad():
+            return self.merged_weight() - self._unmerged_base_weight()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            import warnings
+
+            warnings.warn("adapter already merged; merge() does nothing", stacklevel=2)
+            return
+        v = self._direction(self._base_weight())
+        norm = v.norm(dim=1)
+        m = self.lora_magnitude_vector.to(self._fdtype)
+        w = self.base.weight
+        w.copy_(((m / norm)[:, None] * v).to(w.dtype))
+        self._merged_norm = norm
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            import warnings
+
+            warnings.warn("adapter is not merged; unmerge() does nothing", stacklevel=2)
+            return
+        w = self.base.weight
+        m = self.lora_magnitude_vector.to(self._fdtype)
+        w.copy_((w.to(self._fdtype) * (self._merged_norm / m)[:, None] - self._lora_weight()).to(w.dtype))
+        self._merged_norm = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", dora=True, exact_grad={self.exact_grad}"
+
+
+@register
+class DoRA(LoRA):
+    """DoRA on the linears `spec.targets` selects. Options: LoRA's, exact_grad (false), and the NF4 base
+    options (quantize_base, block_size, double_quant, compute_dtype, merge_requantize)."""
+
+    name = "dora"
+    peft_type = "LORA"
+    options_allowed = LoRA.options_allowed + ("exact_grad", "quantize_base") + QUANT_OPTIONS
+
+    def _quant(self):
+        opts = {k: v for k, v in self.spec.options.items() if k in QUANT_OPTIONS + ("quantize_base",)}
+        return pop_quantize_options(opts)
+
+    def apply(self, model: nn.Module) -> None:
+        s = self.spec
+        if not isinstance(s.rank, int) or s.rank < 1:
+            raise ConfigError(f"rank must be a positive integer, got {s.rank!r}", field="rank")
+        if not s.alpha > 0:
+            raise ConfigError(f"alpha must be positive, got {s.alpha!r}", field="alpha")
+        if not 0 <= s.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {s.dropout!r}", field="dropout")
+        init, dtype = self._options()
+        exact = bool(s.options.get("exact_grad", False))
+        quant = self._quant()
+        rslora = self.use_rslora
+        wrap_linears(model, s.targets, lambda base: DoRALinear(base, s.rank, s.alpha, exact_grad=exact, rslora=rslora,
+                                                               dropout=s.dropout, init=init, dtype=dtype), self.name)
+        if quant is not None:
+            quantize_bases(self.delta_modules(model), quant)
+            for module in self.delta_modules(model):
+                module.reset_magnitude()  # step 0 must equal the quantised base
+
+    def merge(self, model: nn.Module) -> None:
+        dequantize_bases(self.delta_modules(model))
+        super().merge(model)
+        quant = self._quant()
+        if quant is not None and quant.merge_requantize:
+            requantize_bases(self.delta_modules(model), quant)
+
+    def unmerge(self, model: nn.Module) -> None:
+        dequantize_bases(self.delta_modules(model))
+        super().unmerge(model)
+
+    # --- PEFT: LoRA's config with use_dora; the magnitude is saved as `...lora_magnitude_vector` ---
+    def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
+        if self._quant() is not None:
+            return None  # PEFT would lose the 4-bit base; deltatune's own format keeps it
+        config = super().peft_config(model)
+        if config is not None:
+            config["use_dora"] = True
+        return config
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
+        if cls is not DoRA or not config.get("use_dora"):
+            return None
+        spec = LoRA.from_peft_config({**config, "use_dora": False})
+        assert spec is not None
+        spec.name = "dora"
+        return spec

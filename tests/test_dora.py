@@ -1,0 +1,152 @@
+"""DoRA: magnitude init and merge norms, the detach trick against a hand-worked gradient, PEFT's DoRA
+(same weights -> same logits) and PEFT-format export both ways."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deltatune.methods.apply import apply_methods, load_adapter
+from deltatune.methods.base import MethodSpec
+from deltatune.methods.dora import DoRALinear
+from deltatune.testing import tiny_model
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.randint(3, 512, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def _ours_random(seed: int = 1, **spec_kw):
+    adapted = apply_methods(tiny_model(0), MethodSpec("dora", rank=4, alpha=8, **spec_kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapted.trainable_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g) * (p.abs().mean() if "magnitude" in name else 1))
+    return adapted
+
+
+def test_magnitude_is_row_norm_at_init_and_merged_row_norms_equal_m():
+    base = tiny_model(0)
+    adapted = apply_methods(tiny_model(0), MethodSpec("dora", rank=4, alpha=8))
+    layers = adapted.methods[0].named_delta_modules(adapted.model)
+    assert len(layers) == 14
+    for name, layer in layers:
+        w0 = base.get_submodule(name).weight
+        torch.testing.assert_close(layer.lora_magnitude_vector, w0.norm(dim=1), atol=1e-6, rtol=0)
+    adapted = _ours_random()
+    adapted.merge()
+    for _, layer in adapted.methods[0].named_delta_modules(adapted.model):
+        torch.testing.assert_close(layer.base.weight.norm(dim=1), layer.lora_magnitude_vector, atol=1e-5, rtol=1e-6)
+
+
+def _toy(exact: bool) -> DoRALinear:
+    """A 2 -> 3 layer (W0 is 3x2), rank 1, alpha 1 (s = 1), in float64, with hand-picked values."""
+    lin = nn.Linear(2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0], [0.0, -1.0], [3.0, 1.0]]))
+        lin.bias.copy_(torch.tensor([0.5, -0.5, 1.0]))
+    layer = DoRALinear(lin, 1, 1.0, exact_grad=exact, dtype=torch.float64)
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(torch.tensor([[0.5, -1.0]]))
+        layer.lora_B.weight.copy_(torch.tensor([[1.0], [2.0], [-1.0]]))
+        layer.lora_magnitude_vector.copy_(torch.tensor([2.0, 1.0, 3.0]))
+    return layer
+
+
+def test_detach_trick_gradient_matches_hand_computation():
+    layer = _toy(exact=False)
+    x = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    g = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)  # loss = g . y
+    (layer(x)[0] @ g).backward()
+    # by hand: V = W0 + B A = [[1.5, 1], [1, -3], [2.5, 2]]; n = (sqrt(3.25), sqrt(10), sqrt(10.25))
+    V = torch.tensor([[1.5, 1.0], [1.0, -3.0], [2.5, 2.0]], dtype=torch.float64)
+    n = torch.tensor([3.25, 10.0, 10.25], dtype=torch.float64).sqrt()
+    m = torch.tensor([2.0, 1.0, 3.0], dtype=torch.float64)
+    Vx = torch.tensor([-0.5, 7.0, -1.5], dtype=torch.float64)  # V @ [1, -2]
+    Ax = torch.tensor([2.5], dtype=torch.float64)  # A @ [1, -2]
+    gs = g * m / n  # dL/d(V x) with n held constant
+    torch.testing.assert_close(V @ x[0], Vx)
+    torch.testing.assert_close(layer.lora_magnitude_vector.grad, g * Vx / n)
+    torch.testing.assert_close(layer.lora_B.weight.grad, gs[:, None] * Ax[None, :])
+    torch.testing.assert_close(layer.lora_A.weight.grad, (layer.lora_B.weight.detach().T @ gs)[:, None] * x)
+    # and y itself: b + (m / n) V x
+    torch.testing.assert_close(layer(x)[0].detach(), layer.base.bias.detach() + m / n * Vx)
+
+
+def test_exact_gradient_flag_backpropagates_through_the_norm():
+    x = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    g = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64)
+    exact, detached = _toy(exact=True), _toy(exact=False)
+    (exact(x)[0] @ g).backward()
+    (detached(x)[0] @ g).backward()
+    A = exact.lora_A.weight.detach().clone().requires_grad_(True)
+    B = exact.lora_B.weight.detach().clone().requires_grad_(True)
+    m = exact.lora_magnitude_vector.detach()
+    V = exact.base.weight.detach() + B @ A  # W' = m V / ||V|| with autograd through ||V||
+    y = exact.base.bias.detach() + (m / V.norm(dim=1))[:, None] * V @ x[0]
+    gA, gB = torch.autograd.grad(y @ g, (A, B))
+    torch.testing.assert_close(exact.lora_A.weight.grad, gA)
+    torch.testing.assert_close(exact.lora_B.weight.grad, gB)
+    assert not torch.allclose(detached.lora_B.weight.grad, gB)  # the flag changes something
+    torch.testing.assert_close(exact.lora_magnitude_vector.grad, detached.lora_magnitude_vector.grad)
+
+
+def test_delta_weight_equals_basis_pushforward():
+    layer = _toy(exact=False)
+    eye = torch.eye(2, dtype=torch.float64)
+    pushed = (layer(eye) - layer.base(eye)).T
+    torch.testing.assert_close(layer.delta_weight().double(), pushed, atol=1e-6, rtol=0)
+
+
+def _peft_dora():
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True, task_type="CAUSAL_LM")
+    return peft.get_peft_model(tiny_model(0), cfg)
+
+
+def test_same_weights_give_peft_dora_logits():
+    ours = _ours_random()
+    theirs = _peft_dora()
+    params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.trainable_parameters():
+            module, _, leaf = name.rpartition(".")
+            if leaf == "lora_magnitude_vector":
+                key = f"base_model.model.{name}.default.weight"
+            else:  # "...lora_A.weight"
+                module, _, sub = module.rpartition(".")
+                key = f"base_model.model.{module}.{sub}.default.{leaf}"
+            params[key].copy_(p)
+    theirs.eval()
+    with torch.no_grad():
+        expected = theirs(IDS).logits
+        got = ours.model(IDS).logits
+    assert (expected - tiny_model(0)(IDS).logits).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_peft_loads_our_export_and_we_load_peft_dora(tmp_path):
+    ours = _ours_random()
+    with torch.no_grad():
+        expected = ours.model(IDS).logits
+    ours.save_adapter(tmp_path / "ours")
+    assert "lora_magnitude_vector" in (tmp_path / "ours" / "adapter_model.safetensors").read_bytes().decode("latin1")
+    loaded = peft.PeftModel.from_pretrained(tiny_model(0), str(tmp_path / "ours"))
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, expected, atol=1e-5, rtol=0)
+    back = load_adapter(tiny_model(0), tmp_path / "ours")
+    assert back.methods[0].name == "dora"
+    with torch.no_grad():
+        assert torch.equal(back.model(IDS).logits, expected)
+    loaded.save_pretrained(str(tmp_path / "peft"))
+    with torch.no_grad():
+        again = load_adapter(tiny_model(0), tmp_path / "peft").model(IDS).logits
+    torch.testing.assert_close(again, expected, atol=1e-6, rtol=0)
+
+
+def test_quantised_base_is_saved_in_deltatune_format(tmp_path):
+    adapted = apply_methods(tiny_model(0), MethodSpec("dora", targets="q_proj", options={"quantize_base": True}))
+    assert not adapted.is_peft_method
+    adapted.save_adapter(tmp_path / "a")
+    assert (tmp_path / "a" / "deltatune_adapter.json").exists()

@@ -119,6 +119,14 @@ def test_non_utf8_in_each_file_type(tmp_path, tiny_tok):
     rep = prepare_dataset(tmp_path / "b.csv", tiny_tok, skip_bad=True).report
     assert (rep.read, rep.skipped_bad, rep.kept) == (3, 1, 2)
 
+    rows = {"instruction": [b"hi", b"caf\xe9"], "output": [b"5", b"6"]}
+    pq.write_table(pa.table(rows, schema=pa.schema([("instruction", pa.binary()), ("output", pa.binary())])),
+                   tmp_path / "b.parquet")
+    with pytest.raises(DataError, match=r"b.parquet: field '\[1\].instruction': not valid UTF-8 \(byte 0xe9\)"):
+        prepare_dataset(tmp_path / "b.parquet", tiny_tok)
+    rep = prepare_dataset(tmp_path / "b.parquet", tiny_tok, skip_bad=True).report
+    assert (rep.read, rep.skipped_bad, rep.kept) == (2, 1, 1)
+
 
 def test_file_level_errors(tmp_path, tiny_tok):
     with pytest.raises(DataError, match="no such file"):

@@ -152,7 +152,11 @@ def _read_parquet(p: Path, name: str) -> Iterator[RawRecord | DataError]:
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise DataError(f"cannot read Parquet file ({exc})", file=name)
     for i, row in enumerate(table.to_pylist()):
-        yield RawRecord(_decode_bytes(row), name, None, i)
+        try:
+            yield RawRecord(_decode_bytes(row), name, None, i)
+        except UnicodeDecodeError as exc:
+            bad = next(k for k, v in row.items() if isinstance(v, bytes) and _bad_utf8(v))
+            yield DataError(f"not valid UTF-8 (byte 0x{exc.object[exc.start]:02x})", file=name, field=f"[{i}].{bad}")
 
 
 def _decode_bytes(row: dict) -> dict:

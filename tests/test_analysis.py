@@ -211,3 +211,23 @@ def test_analyze_cli_bad_run_exits_2(tmp_path, capsys):
 
     assert main(["analyze", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "no such run folder" in capsys.readouterr().err
+
+
+def test_matrix_pairs_dora_uses_the_rescaled_merged_weight(tiny_lm):
+    from deltatune.methods import MethodSpec
+    from deltatune.methods.apply import apply_methods
+
+    adapted = apply_methods(tiny_lm, MethodSpec("dora", targets="o_proj", rank=2, alpha=4))
+    torch.manual_seed(0)
+    mods = [m for m in adapted.model.modules() if hasattr(m, "lora_magnitude_vector")]
+    with torch.no_grad():
+        for m in mods:
+            torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+            m.lora_magnitude_vector.mul_(1.0 + 0.1 * torch.rand_like(m.lora_magnitude_vector))
+    for p, m in zip(matrix_pairs(adapted.model), mods):
+        mag = m.lora_magnitude_vector.detach().double()
+        # DoRA's merge defines the row norms of the merged weight as the magnitude vector
+        assert torch.allclose(p.weight.double().norm(dim=1), mag, rtol=1e-5)
+        dm, _ = magnitude_direction(p.base, p.weight)
+        assert dm == pytest.approx(float((mag - p.base.double().norm(dim=1)).abs().mean()), rel=1e-4)
+        assert not m.merged

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
@@ -76,6 +77,8 @@ def spectrum_plot(rows: list[dict], path: str | os.PathLike, title: str = "") ->
         s = mid["singular_values"]
         if s and s[0] > 0:
             ax2.semilogy(range(1, len(s) + 1), [max(v / s[0], 1e-16) for v in s], label=f"{t} (layer {mid['layer']})")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax1.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.set_xlabel("layer")
     ax1.set_ylabel("rank holding 90% of ||dW||^2")
     ax1.legend(fontsize=7)

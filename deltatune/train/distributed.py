@@ -403,6 +403,8 @@ def _load_fsdp(path: Path, model: nn.Module, trainable, optimizer, scheduler):
     state = torch.load(path / STATE_FILE, weights_only=True)
     set_optimizer_state_dict(model, optimizer, _index_to_fqn(state["optimizer"], optimizer, model),
                              options=_full_options())
+    for group, saved in zip(optimizer.param_groups, state["optimizer"]["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k != "params"})  # keep hyperparameter types (betas tuple)
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return Position(**json.loads((path / META_FILE).read_text())["position"])

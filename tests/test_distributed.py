@@ -1,0 +1,276 @@
+"""Data-parallel training under torchrun on CPU (gloo, 2 processes) against single-process runs.
+
+Reference: the same training in one process with batch_size x 2. Two processes must reach the same
+weights (1e-5, fp32) and optimizer state, write the same files, log once, and resume across process
+counts in both directions. A failing rank must bring the whole run down, leaving no process behind.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deltatune.config import load_config
+from deltatune.errors import ConfigError, TrainingError
+from deltatune.testing import tiny_model, tiny_tokenizer
+from deltatune.train.checkpoint import STATE_FILE, WEIGHTS_FILE, Position, list_checkpoints
+from deltatune.train.distributed import Distributed, remap_position, torchrun_command
+from deltatune.train.loop import train
+
+REPO = Path(__file__).resolve().parent.parent
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    # 36 records, 3 held out: 33 examples pack into 17 rows of 64 tokens, so with 4 rows per global
+    # micro-batch the 5th micro-batch has ONE row and rank 1's share is empty (runs a zero-weight row).
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."}
+            for a in range(6) for b in range(6)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _settings(tiny_dir, data_file, out, **kw) -> dict:
+    # constant lr: runs of different lengths (3 vs 4 steps) share a schedule, so resumed runs compare
+    base = dict(model=str(tiny_dir), data=str(data_file), output=str(out), method="lora", rank=4, alpha=8,
+                lr=5e-3, batch_size=4, grad_accum=2, seq_len=64, precision="fp32", steps=3, seed=3,
+                eval_fraction=0.1, warmup_steps=0, schedule="constant", eval_every=2, device="cpu")
+    base.update(kw)
+    return base
+
+
+def _single(settings: dict):
+    threads = torch.get_num_threads()
+    try:  # one thread, like each torchrun worker (OMP_NUM_THREADS=1); far faster on a busy machine
+        return train(load_config(overrides={**settings, "num_threads": 1}), quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _marked_pids(marker: str) -> list[int]:
+    """Our processes still alive that carry `marker` in their environment."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker.encode() in (proc / "environ").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def _launch(args: list[str], *, extra_env: dict | None = None, timeout: float = 150) -> tuple[int, str]:
+    """Run a command to completion with a unique marker in its environment; fail if anything outlives it."""
+    marker = f"dt-{uuid.uuid4().hex}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "DELTATUNE_TEST_MARKER": marker,
+           **(extra_env or {})}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *_marked_pids(marker)]:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        out, _ = proc.communicate()
+        pytest.fail(f"run did not finish in {timeout}s:\n{out[-3000:]}")
+    deadline = time.time() + 10  # workers torn down by torchrun may take a moment to be reaped
+    while _marked_pids(marker) and time.time() < deadline:
+        time.sleep(0.2)
+    left = _marked_pids(marker)
+    assert not left, f"processes left behind: {left}"
+    return proc.returncode, out
+
+
+def _torchrun(settings: dict, *flags: str, extra_env: dict | None = None) -> tuple[int, str]:
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "deltatune", "train", "--quiet", *flags]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    return _launch(args, extra_env=extra_env)
+
+
+def _checkpoint(run: Path, step: int) -> Path:
+    return next(p for p in list_checkpoints(run) if p.name == f"step-{step:07d}")
+
+
+def _assert_close(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        torch.testing.assert_close(a[k], b[k], atol=TOL, rtol=0, msg=k)
+
+
+def _optimizer_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / STATE_FILE, weights_only=True)["optimizer"]
+
+
+# ------------------------------------------------------------------------------------------------
+# two processes against one
+# ------------------------------------------------------------------------------------------------
+def test_lora_ddp_matches_single_process_and_resumes_in_one(tiny_dir, data_file, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _single(_settings(tiny_dir, data_file, one, steps=4, save_every=1))
+    rc, out = _torchrun(_settings(tiny_dir, data_file, two, batch_size=2, save_every=3))
+    assert rc == 0, out[-3000:]
+
+    _assert_close(load_file(str(_checkpoint(two, 3) / WEIGHTS_FILE)), load_file(str(_checkpoint(one, 3) / WEIGHTS_FILE)))
+    # rank 0 alone writes metrics: one line per step, global losses equal to the single run's
+    metrics_one = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()][:3]
+    metrics_two = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics_two] == [1, 2, 3]
+    for a, b in zip(metrics_one, metrics_two):
+        assert abs(a["loss"] - b["loss"]) < TOL and a["tokens"] == b["tokens"]
+    assert abs(metrics_one[1]["eval_loss"] - metrics_two[1]["eval_loss"]) < TOL
+    assert (two / "final" / "adapter_config.json").exists() and (two / "best" / "adapter_config.json").exists()
+    meta = json.loads((_checkpoint(two, 3) / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["global_batch_rows"] == 4
+
+    # resume the 2-process run in ONE process (same global batch): step 4 equals the single run's step 4
+    _single(_settings(tiny_dir, data_file, two, steps=4, save_every=1, resume=True))
+    _assert_close(load_file(str(_checkpoint(two, 4) / WEIGHTS_FILE)), load_file(str(_checkpoint(one, 4) / WEIGHTS_FILE)))
+
+
+def test_full_fsdp_resumes_single_process_checkpoint_and_matches(tiny_dir, data_file, tmp_path):
+    """FSDP2 full finetuning on gloo: load a single-process checkpoint into shards, train the step whose
+    second rank has an empty share, gather, and write the single-process files with the same values."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _single(_settings(tiny_dir, data_file, one, method="full", lr=1e-3, save_every=1))
+    shutil.copytree(one, two)
+    shutil.rmtree(_checkpoint(two, 3))
+    for sub in ("final", "best"):
+        shutil.rmtree(two / sub)
+    rc, out = _torchrun(_settings(tiny_dir, data_file, two, method="full", lr=1e-3, batch_size=2, save_every=1,
+                                  resume=True))
+    assert rc == 0, out[-3000:]
+
+    ref, got = _checkpoint(one, 3), _checkpoint(two, 3)
+    _assert_close(load_file(str(got / WEIGHTS_FILE)), load_file(str(ref / WEIGHTS_FILE)))
+    s_ref, s_got = _optimizer_state(ref), _optimizer_state(got)
+    assert s_got["param_groups"] == s_ref["param_groups"]
+    assert sorted(s_got["state"]) == sorted(s_ref["state"])
+    for i in s_ref["state"]:
+        _assert_close(s_got["state"][i], s_ref["state"][i])
+    _assert_close(load_file(str(two / "final" / "model.safetensors")), load_file(str(one / "final" / "model.safetensors")))
+    assert (two / "final" / "config.json").exists() and (two / "final" / "tokenizer.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# failure
+# ------------------------------------------------------------------------------------------------
+def test_failing_rank_stops_the_whole_run(tiny_dir, data_file, tmp_path):
+    """`deltatune train --nproc 2` (re-launched under torchrun): rank 1 raises at its first step while
+    rank 0 waits in the loss-weight all-reduce; torchrun must end rank 0 and report rank 1's error."""
+    s = _settings(tiny_dir, data_file, tmp_path / "run")
+    args = [sys.executable, "-m", "deltatune", "train", "--nproc", "2", "--quiet"]
+    args += [f"--set={k}={v}" for k, v in s.items()]
+    rc, out = _launch(args, extra_env={"DELTATUNE_TEST_FAIL_RANK": "1"}, timeout=120)
+    assert rc != 0
+    assert "DELTATUNE_TEST_FAIL_RANK: injected failure on rank 1" in out
+    assert "ChildFailedError" in out or "FAILED" in out
+    assert not list_checkpoints(tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------------------------
+# pieces, without processes
+# ------------------------------------------------------------------------------------------------
+def _fake_collate(rows: list) -> dict:
+    if not rows or not any(r["w"] for r in rows):
+        raise TrainingError("no loss")
+    return {"input_ids": torch.tensor([[r["id"]] * 2 for r in rows]),
+            "loss_weights": torch.tensor([[0.0, r["w"]] for r in rows]), "n_real_tokens": 2 * len(rows)}
+
+
+def _row(i, w=1.0):
+    return {"id": i, "w": w}
+
+
+def test_local_batch_takes_strided_rows_and_zero_weight_row_when_share_is_empty():
+    rows = [_row(i) for i in range(5)]
+    r0, r1 = Distributed(rank=0, world=2, _fail_checked=True), Distributed(rank=1, world=2, _fail_checked=True)
+    assert r0.local_batch(rows, _fake_collate)["input_ids"][:, 0].tolist() == [0, 2, 4]
+    assert r1.local_batch(rows, _fake_collate)["input_ids"][:, 0].tolist() == [1, 3]
+    # one row: rank 1 has nothing, runs global row 0 with zero weight
+    only = r1.local_batch([_row(7)], _fake_collate)
+    assert only["input_ids"].tolist() == [[7, 7]] and float(only["loss_weights"].sum()) == 0.0
+    # rank 1's rows carry no loss: same fallback
+    assert float(r1.local_batch([_row(0), _row(1, 0.0)], _fake_collate)["loss_weights"].sum()) == 0.0
+    # the whole global batch carries no loss: the single-process error
+    with pytest.raises(TrainingError):
+        r1.local_batch([_row(0, 0.0), _row(1, 0.0)], _fake_collate)
+    # single process: untouched
+    assert Distributed().local_batch(rows, _fake_collate)["input_ids"].shape[0] == 5
+
+
+def test_local_batch_reports_global_token_count_and_injected_failure(monkeypatch):
+    rows = [[_Sized(3), _Sized(4)], [_Sized(5)]]  # packed rows of examples
+    fake = lambda rs: {"input_ids": torch.zeros(len(rs), 1), "loss_weights": torch.ones(len(rs), 2), "n_real_tokens": 0}
+    assert Distributed(rank=1, world=2, _fail_checked=True).local_batch(rows, fake)["n_real_tokens"] == 12
+    monkeypatch.setenv("DELTATUNE_TEST_FAIL_RANK", "1")
+    with pytest.raises(RuntimeError, match="injected failure on rank 1"):
+        Distributed(rank=1, world=2).local_batch(rows, fake)
+    Distributed(rank=0, world=2).local_batch(rows, fake)  # other ranks are unaffected
+
+
+class _Sized:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _fake_data(rows_per_epoch: int, batch: int):
+    rows = list(range(rows_per_epoch))
+    batches = [rows[i:i + batch] for i in range(0, rows_per_epoch, batch)]
+    return SimpleNamespace(cfg=SimpleNamespace(batch_size=batch), epoch_batches=lambda e: batches)
+
+
+def test_remap_position_across_global_batch_sizes():
+    # 4 micro-batches of 4 rows done = 16 rows -> 8 micro-batches of 2, or 2 of 8
+    assert remap_position(Position(step=2, epoch=0, micro=4), 4, _fake_data(17, 2), Path("c")).micro == 8
+    assert remap_position(Position(step=2, epoch=1, micro=4), 4, _fake_data(17, 8), Path("c")).micro == 2
+    # same global batch: untouched
+    assert remap_position(Position(micro=3), 4, _fake_data(17, 4), Path("c")).micro == 3
+    # end of epoch (17 rows, last batch short) maps to the end of the new epoch
+    assert remap_position(Position(micro=5), 4, _fake_data(17, 8), Path("c")).micro == 3
+    # 12 rows done cannot be split into batches of 8: one-line refusal naming the numbers
+    with pytest.raises(ConfigError, match="12 rows"):
+        remap_position(Position(micro=3), 4, _fake_data(17, 8), Path("c"))
+
+
+def test_nproc_builds_a_standalone_torchrun_command():
+    cmd = torchrun_command(4, ["train", "cfg.yaml", "--nproc", "4", "--lr", "1e-4", "--nproc=4"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m", "deltatune",
+                       "train", "cfg.yaml", "--lr", "1e-4"]
+    with pytest.raises(ConfigError):
+        torchrun_command(0, ["train"])

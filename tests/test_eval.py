@@ -293,3 +293,21 @@ def test_eval_cli_loss_task(tmp_path, tiny_model_dir, capsys):
                  "--no-progress"]) == 0
     res = json.loads(out.read_text())["tasks"][f"loss:{path}"]
     assert res["metric"] == "loss" and res["metrics"]["perplexity"] == pytest.approx(math.exp(res["score"]))
+
+
+def test_shots_come_from_the_same_subject_and_the_whole_file(shared_data):
+    from deltatune.evaluate.runner import EvalOptions, _shots_for
+
+    task = resolve_task("mmlu:anatomy+astronomy", shared_data)
+    items = load_items(task, limit=1)   # one question per subject ...
+    pool = load_items(task)             # ... shots still come from the whole subject file
+    for item in items:
+        shots = _shots_for(item, pool, EvalOptions(shots=3))
+        assert len(shots) == 3 and all(s.group == item.group for s in shots)
+        assert all(s.source != item.source for s in shots)
+    g = resolve_task("gsm8k", shared_data)
+    from deltatune.evaluate.tasks import load_shot_pool
+
+    train = load_shot_pool(g)
+    shots = _shots_for(load_items(g, limit=1)[0], train, EvalOptions(shots=2, seed=5))
+    assert all("gsm8k/train.jsonl" in s.source for s in shots) and len(shots) == 2

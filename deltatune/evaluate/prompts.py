@@ -73,10 +73,13 @@ def pick_shots(pool: list[Item], k: int, seed: int, exclude: Item | None = None)
     """k examples drawn with a fixed seed; the same shots for every question, never the question itself."""
     if k <= 0:
         return []
-    candidates = [p for p in pool if p is not exclude]
+
+    def same(p: Item) -> bool:  # the same object, or the same record read twice
+        return exclude is not None and (p is exclude or (bool(p.source) and p.source == exclude.source))
+    candidates = [p for p in pool if not same(p)]
     if len(candidates) < k:
         raise UserError(f"asked for {k} shots but only {len(candidates)} examples are available", field="shots")
     rng = random.Random(seed)
     order = rng.sample(range(len(pool)), min(len(pool), k + 1))
-    chosen = [pool[i] for i in order if pool[i] is not exclude][:k]
+    chosen = [pool[i] for i in order if not same(pool[i])][:k]
     return chosen

@@ -44,11 +44,12 @@ class TaskResult:
         return self.metrics[self.metric]
 
 
-def _shots_for(item: Item, pool: list[Item] | None, own: list[Item], opts: EvalOptions) -> list[Item]:
-    if opts.shots <= 0:
+def _shots_for(item: Item, pool: list[Item] | None, opts: EvalOptions) -> list[Item]:
+    """Shots from the same group (MMLU subject, BBH task) when the pool has groups, never the item itself."""
+    if opts.shots <= 0 or pool is None:
         return []
-    source = pool if pool is not None else [o for o in own if o.group == item.group]
-    return pick_shots(source, opts.shots, opts.seed, exclude=item)
+    same_group = [p for p in pool if p.group == item.group]
+    return pick_shots(same_group or pool, opts.shots, opts.seed, exclude=item)
 
 
 def _score_generation(task: Task, item: Item, text: str) -> dict[str, float | str | None]:
@@ -74,14 +75,16 @@ def evaluate_task(model, tokenizer, task: Task, opts: EvalOptions | None = None,
                            batch_size=opts.batch_size, progress=opts.progress)
         return TaskResult(task.name, res.examples, "loss", res.as_dict(), [], higher_is_better=False)
     items = items if items is not None else load_items(task, opts.limit)
-    pool = load_shot_pool(task) if opts.shots > 0 else None
+    pool = None
+    if opts.shots > 0:  # the training split, else the whole task (not just the first --limit items)
+        pool = load_shot_pool(task) or load_items(task)
     style = style_info(opts.style or default_style(tokenizer))
     add_special = style.name != "chat"
     if task.kind == "choice":
         return _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_special)
     prompts = []
     for item in items:
-        shots = [(s.prompt, s.shot_answer) for s in _shots_for(item, pool, items, opts)]
+        shots = [(s.prompt, s.shot_answer) for s in _shots_for(item, pool, opts)]
         prompts.append(render(tokenizer, style.name, shots, item.prompt))
     gen = replace(opts.generation, max_new_tokens=opts.max_new_tokens or task.max_new_tokens,
                   stop=tuple(opts.generation.stop) + style.stop)
@@ -100,7 +103,7 @@ def _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_speci
     contexts, options = [], []
     letter = opts.choice_mode == "letter"
     for item in items:
-        shots = _shots_for(item, pool, items, opts)
+        shots = _shots_for(item, pool, opts)
         if letter:
             pairs = [(letter_question(s), LETTERS[s.answer]) for s in shots]
             contexts.append(render(tokenizer, style.name, pairs, letter_question(item)))

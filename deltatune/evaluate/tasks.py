@@ -68,7 +68,7 @@ def data_root(override: str | os.PathLike | None = None) -> Path:
 
 
 def _need(path: Path) -> Path:
-    if not path.exists():
+    if not path.is_file():
         raise UserError(f"{path}: task data file not found (check --data-root / $DELTATUNE_DATA)")
     return path
 

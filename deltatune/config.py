@@ -75,6 +75,8 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.fused_update and self.method != "full":
             raise ValueError("fused_update works only with method 'full'")
+        if self.fused_update and self.grad_accum != 1:
+            raise ValueError("fused_update updates weights inside backward, so it needs grad_accum 1")
         return self
 
     @property

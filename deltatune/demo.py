@@ -112,7 +112,7 @@ def run_demo(output: str = "runs/demo", n_train: int = 800, n_eval: int = 64, st
     before = measure(model, tokenizer, task_eval, source)
     del model
     cfg = TrainConfig(model=model_name, template="chatml", policy="response", method="lora", rank=16, alpha=32,
-                      lr=1e-3, epochs=2, steps=steps, batch_size=8, seq_len=512, output=output, seed=seed,
+                      lr=1e-3, epochs=2, steps=steps, batch_size=8, seq_len=256, output=output, seed=seed,
                       eval_fraction=0.0, log_every=10, warmup_ratio=0.05, resume=False)
     if Path(output).exists():
         import shutil

@@ -244,7 +244,14 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
 
     # --- optimiser, resume -----------------------------------------------------------------
     params = [p for _, p in trainable]
-    optimizer = build_optimizer(params, cfg)
+    if cfg.fused_update:  # LOMO-style: each parameter is updated inside backward, its gradient freed at once
+        from deltatune.train.lomo import FusedUpdate
+
+        optimizer = FusedUpdate(params, lr=cfg.lr, weight_decay=cfg.weight_decay, algorithm="adamw", betas=cfg.betas,
+                                clip="per_param" if cfg.max_grad_norm else "none", max_norm=cfg.max_grad_norm)
+    else:
+        optimizer = build_optimizer(params, cfg)
+    backward_context = optimizer.step_hooks_enabled if cfg.fused_update else nullcontext
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     pos = Position()
     if cfg.resume and list_checkpoints(out):
@@ -296,7 +303,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
                     hidden = forward_hidden(runner, batch)
                 loss_sum, _ = weighted_lm_loss_sum(hidden, head, batch["input_ids"], batch["loss_weights"],
                                                    chunk=cfg.loss_chunk)
-                (loss_sum / total_weight).backward()
+                with backward_context():
+                    (loss_sum / total_weight).backward()
                 step_loss += loss_sum.item()
                 real_tokens += int(batch["n_real_tokens"])
             step_loss = dist.sum(step_loss)
@@ -304,7 +312,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
             if not math.isfinite(loss_value):
                 raise TrainingError(f"loss became {loss_value} at step {pos.step + 1}; last good checkpoint kept "
                                     f"in {out / 'checkpoints'} (lower --lr or check the data)")
-            if cfg.max_grad_norm:
+            if cfg.max_grad_norm and not cfg.fused_update:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()

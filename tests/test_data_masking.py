@@ -223,3 +223,15 @@ def test_parse_policy(spec, expected):
 def test_parse_policy_rejects_bad_strings(spec):
     with pytest.raises(ConfigError):
         parse_policy(spec)
+
+
+def test_segment_bounds_fall_back_to_token_ends_when_a_character_is_uncovered():
+    from deltatune.data.tokenize import _segment_bounds
+
+    class Enc:  # tokens "ab" (0,2), "c" (3,4): character 2 (a stripped space) belongs to no token
+        offsets = [(0, 2), (3, 4)]
+
+        def char_to_token(self, c):
+            return next((i for i, (a, b) in enumerate(self.offsets) if a <= c < b), None)
+
+    assert _segment_bounds(Enc(), [1, 2, 3]) == [0, 1, 1]

@@ -10,7 +10,7 @@ tagged right. Tokenization is batched: the Rust tokenizer does the work in paral
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_right
 from typing import Any, Sequence
 
 from deltatune.data.segments import Example, Role, TokenizedExample
@@ -44,26 +44,38 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, keep_offse
         chunk = examples[lo:lo + batch_size]
         texts = [ex.text for ex in chunk]
         for ex, text, enc in zip(chunk, texts, backend.encode_batch(texts, add_special_tokens=False)):
-            out.append(_tag(ex, text, enc.ids, enc.offsets, bos_id, bos_text, keep_offsets))
+            out.append(_tag(ex, text, enc, bos_id, bos_text, keep_offsets))
     return out
 
 
-def _last_char(span: tuple[int, int]) -> int:
-    start, end = span
-    return end - 1 if end > start else start
+def _segment_bounds(enc: Any, seg_starts: list[int]) -> list[int]:
+    """Index of the first token of each segment after the first.
+
+    A token belongs to the segment holding its last character (" 5" after a template ending in
+    "[/INST]" is response); token ends rise with the index, so a segment starting at character c
+    begins at the first token ending after c, which is the token containing c. The Rust encoding
+    answers that directly; a character no token covers falls back to bisecting the token ends.
+    """
+    bounds, ends = [], None
+    for st in seg_starts:
+        t = enc.char_to_token(st)
+        if t is None:
+            if ends is None:
+                ends = [e for _, e in enc.offsets]
+            t = bisect_right(ends, st)
+        bounds.append(t)
+    return bounds
 
 
-def _tag(ex: Example, text: str, ids: list[int], offsets: list[tuple[int, int]], bos_id: int | None,
-         bos_text: str | None, keep_offsets: bool) -> TokenizedExample:
+def _tag(ex: Example, text: str, enc: Any, bos_id: int | None, bos_text: str | None,
+         keep_offsets: bool) -> TokenizedExample:
+    ids = enc.ids
     n = len(ids)
     seg_starts, pos = [], 0
-    for seg in ex.segments:
-        seg_starts.append(pos)
+    for seg in ex.segments[:-1]:
         pos += len(seg.text)
-    # A token belongs to the segment holding its last character (" 5" after a template ending in
-    # "[/INST]" is response). Those keys rise with the token index, so each segment owns one
-    # contiguous run of tokens, found by bisection: no per-token Python work.
-    bounds = [bisect_left(offsets, st, key=_last_char) for st in seg_starts[1:]]
+        seg_starts.append(pos)  # where each later segment starts
+    bounds = _segment_bounds(enc, seg_starts)
     roles: list[Role] = []
     turns: list[int] = []
     prev = 0
@@ -73,7 +85,7 @@ def _tag(ex: Example, text: str, ids: list[int], offsets: list[tuple[int, int]],
             turns += [seg.turn] * (b - prev)
             prev = b
     ids = list(ids)
-    offs = [tuple(o) for o in offsets] if keep_offsets else None
+    offs = [tuple(o) for o in enc.offsets] if keep_offsets else None
     if bos_id is not None and not (bos_text and text.startswith(bos_text)):
         ids.insert(0, bos_id)
         roles.insert(0, Role.SPECIAL)

@@ -216,7 +216,8 @@ def _row(i, w=1.0):
 
 def test_local_batch_takes_strided_rows_and_zero_weight_row_when_share_is_empty():
     rows = [_row(i) for i in range(5)]
-    r0, r1 = Distributed(rank=0, world=2, _fail_checked=True), Distributed(rank=1, world=2, _fail_checked=True)
+    r0 = Distributed(rank=0, world=2, active=True, _fail_checked=True)
+    r1 = Distributed(rank=1, world=2, active=True, _fail_checked=True)
     assert r0.local_batch(rows, _fake_collate)["input_ids"][:, 0].tolist() == [0, 2, 4]
     assert r1.local_batch(rows, _fake_collate)["input_ids"][:, 0].tolist() == [1, 3]
     # one row: rank 1 has nothing, runs global row 0 with zero weight
@@ -234,11 +235,11 @@ def test_local_batch_takes_strided_rows_and_zero_weight_row_when_share_is_empty(
 def test_local_batch_reports_global_token_count_and_injected_failure(monkeypatch):
     rows = [[_Sized(3), _Sized(4)], [_Sized(5)]]  # packed rows of examples
     fake = lambda rs: {"input_ids": torch.zeros(len(rs), 1), "loss_weights": torch.ones(len(rs), 2), "n_real_tokens": 0}
-    assert Distributed(rank=1, world=2, _fail_checked=True).local_batch(rows, fake)["n_real_tokens"] == 12
+    assert Distributed(rank=1, world=2, active=True, _fail_checked=True).local_batch(rows, fake)["n_real_tokens"] == 12
     monkeypatch.setenv("DELTATUNE_TEST_FAIL_RANK", "1")
     with pytest.raises(RuntimeError, match="injected failure on rank 1"):
-        Distributed(rank=1, world=2).local_batch(rows, fake)
-    Distributed(rank=0, world=2).local_batch(rows, fake)  # other ranks are unaffected
+        Distributed(rank=1, world=2, active=True).local_batch(rows, fake)
+    Distributed(rank=0, world=2, active=True).local_batch(rows, fake)  # other ranks are unaffected
 
 
 class _Sized:

@@ -3,7 +3,7 @@
 Started by torchrun (`torchrun --nproc_per_node N -m deltatune train ...`, or `deltatune train
 --nproc N`), each process joins the group described by RANK / WORLD_SIZE / LOCAL_RANK; the backend
 follows the device: gloo on CPU, NCCL on CUDA (each process on cuda:LOCAL_RANK). Without torchrun
-(WORLD_SIZE unset or 1) every method here is a pass-through, so the single-process loop is unchanged.
+(no RANK / WORLD_SIZE in the environment) every method here is a pass-through, so the single-process loop is unchanged.
 
 What stays exactly as in one process (so results match a single run with batch_size x world):
 - data: every rank builds the same global micro-batches (world x batch_size rows each); rank r
@@ -48,13 +48,14 @@ class Distributed:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    active: bool = False  # in a process group (launched by torchrun, even with one process)
     fsdp: bool = False
     _global_rows: int = 0  # rows per global micro-batch, set by global_config
     _fail_checked: bool = False
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.active
 
     @property
     def is_main(self) -> bool:
@@ -83,8 +84,14 @@ class Distributed:
             return _shard_fsdp(runner, model), _by_name(model, [n for n, _ in trainable])
         from torch.nn.parallel import DistributedDataParallel
 
+        import inspect
+
+        # buffers (rotary tables) are the same everywhere: don't sync them every forward
+        quiet_buffers = ({"forward_sync_buffers": False}
+                         if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                         else {"broadcast_buffers": False})  # torch < 2.13
         ddp = _DDP(runner, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                   forward_sync_buffers=False, find_unused_parameters=False)
+                   find_unused_parameters=False, **quiet_buffers)
         ddp.register_comm_hook(None, _sum_allreduce_hook)
         return ddp, trainable
 
@@ -199,9 +206,9 @@ class Distributed:
 
 def init_distributed(device: torch.device) -> Distributed:
     """Join torchrun's process group (gloo for CPU, NCCL for CUDA); a no-op without torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # not started by torchrun
         return Distributed(device=device)
+    world = int(os.environ["WORLD_SIZE"])
     import torch.distributed as dist
 
     rank = int(os.environ["RANK"])
@@ -217,7 +224,7 @@ def init_distributed(device: torch.device) -> Distributed:
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, **kwargs)
-    return Distributed(device=device, rank=rank, world=world, local_rank=local)
+    return Distributed(device=device, rank=rank, world=world, local_rank=local, active=True)
 
 
 def remap_position(position, old_rows: int, data, path: Path):
@@ -313,7 +320,10 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _shard_fsdp(runner: HiddenForward, model: nn.Module) -> nn.Module:
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import FSDPModule, fully_shard
 
     for layer in _decoder_layers(model):
         fully_shard(layer)
@@ -321,7 +331,8 @@ def _shard_fsdp(runner: HiddenForward, model: nn.Module) -> nn.Module:
     for m in runner.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)  # sum, don't average: the loss is already globally normalised
-            m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
+            if hasattr(m, "set_force_sum_reduction_for_comms"):
+                m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
     return runner
 
 

@@ -275,3 +275,11 @@ def test_nproc_builds_a_standalone_torchrun_command():
                        "train", "cfg.yaml", "--lr", "1e-4"]
     with pytest.raises(ConfigError):
         torchrun_command(0, ["train"])
+
+
+def test_global_config_scales_batch_and_refuses_fused_update():
+    cfg = load_config(overrides={"batch_size": 3, "method": "full"})
+    assert Distributed(world=2, active=True).global_config(cfg).batch_size == 6
+    assert Distributed().global_config(cfg).batch_size == 3
+    with pytest.raises(ConfigError, match="fused_update"):
+        Distributed(world=2, active=True).global_config(load_config(overrides={"method": "full", "fused_update": True}))

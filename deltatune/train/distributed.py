@@ -64,7 +64,12 @@ class Distributed:
     # --- set-up --------------------------------------------------------------------------
     def global_config(self, cfg):
         """The config whose batch_size is the global micro-batch (what a single run would use); that
-        row count is also recorded in checkpoints, to map the data position on resume."""
+        row count is also recorded in checkpoints, to map the data position on resume. Refuses the
+        settings that cannot run data-parallel."""
+        if self.enabled and cfg.fused_update:
+            raise ConfigError("fused_update (LOMO) updates each parameter inside backward, before gradients are "
+                              "summed across processes; it runs in one process only (drop it, or run without "
+                              "torchrun)", field="fused_update")
         self._global_rows = cfg.batch_size * self.world
         return cfg if not self.enabled else cfg.model_copy(update={"batch_size": self._global_rows})
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-RESULTS = REPO / "benchmarks" / "results" / "train_speed.json"
+RESULTS_DIR = REPO / "benchmarks" / "results"
 N_EXAMPLES, MAX_LEN, BATCH, RANK, ALPHA = 512, 256, 4, 8, 16
 
 
@@ -51,7 +51,7 @@ def matmul_peak_gflops(dtype_name: str = "bf16", n: int = 2048, reps: int = 10) 
 # --------------------------------------------------------------------------------------------
 # contenders (each runs in a child process: `python train_speed.py --child NAME`)
 # --------------------------------------------------------------------------------------------
-def run_deltatune(steps: int, warmup: int, method: str = "lora") -> dict:
+def run_deltatune(steps: int, warmup: int, method: str = "lora", options: dict | None = None) -> dict:
     import tempfile
 
     from deltatune.config import TrainConfig
@@ -62,7 +62,8 @@ def run_deltatune(steps: int, warmup: int, method: str = "lora") -> dict:
     lr = 2e-4 if method == "lora" else 2e-5
     cfg = TrainConfig(template="chatml", policy="response", method=method, rank=RANK, alpha=ALPHA, dropout=0.0,
                       lr=lr, steps=warmup + steps, batch_size=BATCH, seq_len=MAX_LEN, precision="bf16",
-                      output=out, eval_fraction=0.0, warmup_steps=0, log_every=1000)
+                      output=out, eval_fraction=0.0, warmup_steps=0, log_every=1000,
+                      method_options=options or {})
     result = train(cfg, quiet=True, records=records)
     timed = [h for h in result.history if h["step"] > warmup]
     # per-step elapsed/tokens come from metrics.jsonl
@@ -70,7 +71,8 @@ def run_deltatune(steps: int, warmup: int, method: str = "lora") -> dict:
     t0 = next(m["elapsed_s"] for m in metrics if m["step"] == warmup)
     t1 = metrics[-1]["elapsed_s"]
     tokens = sum(m["tokens"] for m in metrics if m["step"] > warmup)
-    return {"tokens_per_s": tokens / (t1 - t0), "steps": len(timed), "tokens": tokens}
+    trainable = json.loads((Path(out) / "parameters.json").read_text())["trainable"]
+    return {"tokens_per_s": tokens / (t1 - t0), "steps": len(timed), "tokens": tokens, "trainable": trainable}
 
 
 def _chat_rows(tokenizer) -> list[tuple[list[int], int]]:
@@ -86,15 +88,33 @@ def _chat_rows(tokenizer) -> list[tuple[list[int], int]]:
     return rows
 
 
-def run_peft_loop(steps: int, warmup: int) -> dict:
+def peft_config(method: str):
+    import peft
+
+    if method == "lora":
+        return peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
+                               task_type="CAUSAL_LM")
+    if method == "dora":
+        return peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
+                               use_dora=True, task_type="CAUSAL_LM")
+    if method == "ia3":
+        return peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                              task_type="CAUSAL_LM")
+    if method == "prompt":
+        return peft.PromptTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")
+    if method == "prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")
+    raise ValueError(method)
+
+
+def run_peft_loop(steps: int, warmup: int, method: str = "lora") -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from deltatune.models import load_model
 
     model, tok = load_model(None, dtype=torch.bfloat16)
-    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    model = get_peft_model(model, cfg, autocast_adapter_dtype=False)  # bf16 adapters: its fastest setting here
+    model = get_peft_model(model, peft_config(method), autocast_adapter_dtype=False)  # bf16 adapters: fastest here
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, foreach=True)
     rows = _chat_rows(tok)
@@ -173,6 +193,15 @@ CONTENDERS = {
     "trl": run_trl,
     "deltatune-full": lambda s, w: run_deltatune(s, w, "full"),
 }
+# every method (`--only methods`): deltatune's, and PEFT's lean loop where PEFT has the method
+METHOD_OPTIONS = {"prompt": {"num_virtual_tokens": 20}, "prefix": {"num_virtual_tokens": 20}}
+for _m in ["dora", "mora", "ia3", "qlora", "bitfit", "adapter", "prompt", "prefix", "lora+bitfit"]:
+    CONTENDERS[f"deltatune-{_m}"] = (lambda m: lambda s, w: run_deltatune(s, w, m, METHOD_OPTIONS.get(m)))(_m)
+for _m in ["dora", "ia3", "prompt", "prefix"]:
+    CONTENDERS[f"peft-loop-{_m}"] = (lambda m: lambda s, w: run_peft_loop(s, w, m))(_m)
+GROUPS = {"main": "deltatune,peft-loop,trl,deltatune-full",
+          "methods": ",".join(n for n in CONTENDERS if n.startswith(("deltatune-", "peft-loop-"))
+                              and n != "deltatune-full")}
 
 
 def child(name: str, steps: int, warmup: int) -> None:
@@ -185,7 +214,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--only", default=",".join(CONTENDERS))
+    parser.add_argument("--only", default="main", help="contenders, or a group: main, methods, all")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -197,7 +226,8 @@ def main() -> None:
     default_model_dir()  # convert once, outside the timed children
     peak = matmul_peak_gflops("bf16")
     results = {}
-    for name in args.only.split(","):
+    names = ",".join(CONTENDERS) if args.only == "all" else GROUPS.get(args.only, args.only)
+    for name in names.split(","):
         print(f"running {name} ...", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps),
                                "--warmup", str(args.warmup)], capture_output=True, text=True, cwd=REPO)
@@ -216,16 +246,20 @@ def main() -> None:
     n = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size
     base = results.get("trl", {}).get("tokens_per_s")
     lean = results.get("peft-loop", {}).get("tokens_per_s")
+    lora = results.get("deltatune", {}).get("tokens_per_s")
     print(f"\nbf16 matmul peak measured now: {peak:.0f} GFLOP/s; N = {n / 1e6:.1f}M matmul parameters")
-    print(f"{'contender':16s}{'tokens/s':>10s}{'peak RSS MiB':>14s}{'x TRL':>8s}{'x lean':>8s}{'MFU':>7s}")
+    print(f"{'contender':22s}{'tokens/s':>10s}{'peak RSS MiB':>14s}{'x TRL':>8s}{'x lean':>8s}{'x LoRA':>8s}{'MFU':>7s}")
     for name, r in results.items():
-        flops = (6 if name.endswith("full") else 4) * n * r["tokens_per_s"]
+        flops = (6 if name.endswith("full") else 4) * n * r["tokens_per_s"]  # adapters' own FLOPs ignored
         r["mfu"] = flops / (peak * 1e9)
         r["x_trl"] = r["tokens_per_s"] / base if base else None
         r["x_peft_loop"] = r["tokens_per_s"] / lean if lean else None
+        r["x_deltatune_lora"] = r["tokens_per_s"] / lora if lora else None
         fx = lambda v: f"{v:8.2f}" if v else f"{'-':>8s}"
-        print(f"{name:16s}{r['tokens_per_s']:10.0f}{r['peak_rss_mib']:14.0f}{fx(r['x_trl'])}{fx(r['x_peft_loop'])}"
+        print(f"{name:22s}{r['tokens_per_s']:10.0f}{r['peak_rss_mib']:14.0f}{fx(r['x_trl'])}{fx(r['x_peft_loop'])}"
+              f"{fx(r['x_deltatune_lora'])}"
               f"{100 * r['mfu']:6.1f}%")
+    RESULTS = RESULTS_DIR / f"train_speed_{args.only if args.only in GROUPS or args.only == 'all' else 'custom'}.json"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"matmul_peak_gflops_bf16": peak, "matmul_params": n, "torch": torch.__version__,
                                    "threads": torch.get_num_threads(), "steps": args.steps, "results": results},

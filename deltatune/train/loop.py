@@ -8,6 +8,7 @@ step -> evaluate / checkpoint when due -> save the final adapter or model.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import signal
@@ -85,6 +86,9 @@ def save_outputs(adapted, path: Path, tokenizer, full: bool, base_name: str) -> 
     has the method) plus the tokenizer, so `deltatune generate --adapter` needs nothing else."""
     from deltatune.models import save_model
 
+    for method in adapted.methods:  # e.g. prefix tuning folds its reparameterisation MLP into plain prefixes
+        if hasattr(method, "finalize") and path.name == "final":
+            method.finalize(adapted.model)
     if full:
         save_model(adapted.model, tokenizer, path)
     else:
@@ -167,6 +171,7 @@ def evaluate_loss(model, head, examples: list, policy, cfg: TrainConfig, pad_id:
 def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None = None,
           eval_records: list[dict] | None = None) -> TrainResult:
     """Run (or resume) a finetune. `records` lets a caller (the demo, tests) pass data in memory."""
+    from deltatune.analysis.memory import parameter_report
     from deltatune.data.masking import PolicySchedule, parse_policy
     from deltatune.data.packing import collate
     from deltatune.data.pipeline import prepare_dataset, prepare_records
@@ -260,11 +265,12 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
         say(f"resumed from {latest} at step {pos.step}")
     if dist.is_main:
         save_config(cfg, out / "config.yaml")
-    n_train = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in model.parameters())
-    say(f"model: {n_total / 1e6:.1f}M parameters, training {n_train / 1e6:.3f}M ({100 * n_train / n_total:.3f}%) "
-        f"with {cfg.method}; {precision} on {device.type}; {len(examples)} train / {len(eval_examples)} eval "
-        f"examples; {total_steps} steps")
+    report = parameter_report(adapted)
+    if dist.is_main:
+        (out / "parameters.json").write_text(json.dumps(report.to_dict(), indent=2))
+    say(f"model: {report.total / 1e6:.1f}M parameters, training {report.trainable / 1e6:.3f}M "
+        f"({report.percent:.3f}%) with {cfg.method}; {precision} on {device.type}; {len(examples)} train / "
+        f"{len(eval_examples)} eval examples; {total_steps} steps")
 
     progress_cls = Progress if dist.is_main else NullProgress  # rank 0 alone prints and writes metrics
     progress = progress_cls(total_steps, pos.step, out / "metrics.jsonl", log_every=cfg.log_every, enabled=not quiet,

@@ -1,0 +1,101 @@
+"""Evaluation speed on the default model: examples/s for held-out loss, generation and multiple choice.
+
+Each mode runs batched and one example at a time on the same data in the same process, so the
+ratio shows what batching buys on this machine. Writes benchmarks/results/eval_speed.json.
+Usage: python benchmarks/eval_speed.py [--model M] [--n 16] [--dtype fp32|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main() -> int:
+    from deltatune.evaluate.generate import GenerationConfig, generate
+    from deltatune.evaluate.loss import loss_on_file
+    from deltatune.evaluate.prompts import render
+    from deltatune.evaluate.runner import EvalOptions, evaluate_task
+    from deltatune.evaluate.tasks import load_items, resolve_task
+    from deltatune.models import load_model
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--n", type=int, default=16, help="examples per mode")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    args = ap.parse_args()
+
+    try:
+        model, tok = load_model(args.model, dtype=args.dtype)
+    except Exception as exc:  # the benchmark needs the real model; say why it is skipped
+        print(f"eval_speed: skipped, cannot load the model: {exc}")
+        return 0
+    n, bs = args.n, args.batch_size
+    gsm = load_items(resolve_task("gsm8k"), limit=n)
+    rows = []
+
+    # held-out loss: GSM8K test through the training data path (chatml, response-only)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gsm.jsonl"
+        path.write_text("".join(json.dumps({"instruction": i.prompt, "output": i.shot_answer}) + "\n" for i in gsm))
+        for b in (bs, 1):
+            sec, res = timed(lambda: loss_on_file(model, tok, path, batch_size=b, progress=False))
+            rows.append({"mode": "loss", "batch": b, "examples": n, "seconds": sec, "examples_per_s": n / sec,
+                         "tokens": res.tokens})
+
+    # greedy generation: GSM8K prompts in the chat template, fixed length budget
+    prompts = [render(tok, "chat", [], i.prompt) for i in gsm]
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    for b in (bs, 1):
+        sec, _ = timed(lambda: generate(model, tok, prompts, cfg, batch_size=b, progress=False))
+        rows.append({"mode": "generate", "batch": b, "examples": n, "seconds": sec, "examples_per_s": n / sec})
+
+    # multiple choice: MMLU anatomy, 4 options scored by likelihood
+    task = resolve_task("mmlu:anatomy")
+    items = load_items(task, limit=n)
+    for b in (bs * 2, 1):
+        sec, res = timed(lambda: evaluate_task(model, tok, task, EvalOptions(batch_size=b, progress=False), items))
+        rows.append({"mode": "choice", "batch": b, "examples": n, "seconds": sec, "examples_per_s": n / sec,
+                     "acc": res.score})
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    by = {(r["mode"], r["batch"]): r for r in rows}
+    print(f"model {args.model or 'default'} ({args.dtype}), {n} examples per mode, torch threads "
+          f"{torch.get_num_threads()}, load average {load}")
+    print("| mode | batch | seconds | examples/s | batched / one-at-a-time |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        one = by[(r["mode"], 1)]
+        ratio = r["examples_per_s"] / one["examples_per_s"]
+        r["speedup_vs_batch1"] = ratio
+        print(f"| {r['mode']} | {r['batch']} | {r['seconds']:.2f} | {r['examples_per_s']:.2f} | {ratio:.2f}x |")
+    out = ROOT / "benchmarks" / "results" / "eval_speed.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model or "default", "dtype": args.dtype, "n": n,
+                               "max_new_tokens": args.max_new_tokens, "machine": platform.machine(),
+                               "threads": torch.get_num_threads(), "load_average_1min": load, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

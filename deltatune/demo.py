@@ -9,7 +9,6 @@ source set (GSM8K answers, when ../shared/data is present) to show how much the 
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
@@ -124,7 +123,7 @@ def run_demo(output: str = "runs/demo", n_train: int = 800, n_eval: int = 64, st
     rows = [("held-out task loss (response tokens)", before["task_loss"], after["task_loss"]),
             ("held-out exact match", before["exact_match"], after["exact_match"])]
     if source:
-        rows.append((f"source loss, GSM8K answers (forgetting)", before["source_loss"], after["source_loss"]))
+        rows.append(("source loss, GSM8K answers (forgetting)", before["source_loss"], after["source_loss"]))
     print(f"\n{'':44s}{'before':>10s}{'after':>10s}")
     for name, b, a in rows:
         fmt = (lambda v: f"{100 * v:9.1f}%") if "exact" in name else (lambda v: f"{v:10.3f}")

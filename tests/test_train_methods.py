@@ -1,7 +1,6 @@
 """Every method (and a combination) trains through `deltatune train` and its saved output reloads."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from deltatune.data.segments import TokenizedExample
 from deltatune.errors import DataError
+from deltatune.train.loss import weighted_lm_loss_sum
 
 
 @dataclass
@@ -49,13 +50,12 @@ def heldout_loss(model, examples: list[TokenizedExample], batch_size: int = 8, p
             ids[r, :n] = torch.tensor(ex.input_ids)
             attn[r, :n] = 1
             w[r, :n] = torch.tensor(ex.weights, dtype=torch.float64)
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-        logits = logits[:, :-1]
-        logp = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
-        nll = -logp.gather(2, ids[:, 1:, None].to(device)).squeeze(2).double().cpu()
-        tw = w[:, 1:]
-        total += float((nll * tw).sum())
-        weight_sum += float(tw.sum())
+        # final hidden states, then the chunked head: logits exist only for loss-bearing positions
+        hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                     use_cache=False).last_hidden_state
+        s, tw = weighted_lm_loss_sum(hidden, model.get_output_embeddings(), ids.to(device), w.to(device))
+        total += float(s)
+        weight_sum += float(tw)
         bar.update(len(batch))
     bar.close()
     if weight_sum <= 0:

@@ -62,8 +62,8 @@ class LoRALinear(DeltaLinear):
 
     def adapted_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a = self.lora_A.weight
-        if x.dtype != a.dtype:
-            x = x.to(a.dtype)
+        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)  # under autocast the matmuls pick their dtype; casting x would cost a copy
         if self.lora_dropout is not None:
             x = self.lora_dropout(x)
         h = F.linear(F.linear(x, a), self.lora_B.weight)

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from deltatune.errors import ConfigError, UserError
+from deltatune.fileio import atomic_dir
 from deltatune.methods.base import MethodSpec, _REGISTRY, _load_builtin_methods
 
 if TYPE_CHECKING:
@@ -36,26 +34,6 @@ PEFT_CONFIG = "adapter_config.json"
 DELTATUNE_CONFIG = "deltatune_adapter.json"
 FORMAT = "deltatune-adapter"
 VERSION = 1
-
-
-@contextmanager
-def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `out_dir` (a previous folder is removed)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def peft_target_modules(model: nn.Module, adapted: list[str]) -> list[str]:

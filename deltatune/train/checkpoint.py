@@ -12,12 +12,13 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from deltatune.fileio import atomic_dir
 
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -48,37 +49,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_dir(final: Path):
-    """A temporary sibling folder; call `commit(tmp)` to rename it into `final`."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp.", dir=final.parent))
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def save_checkpoint(path: Path, trainable: list[tuple[str, torch.nn.Parameter]], optimizer, scheduler,
                     position: Position, extra: dict | None = None) -> Path:
-    tmp = atomic_dir(path)
-    try:
+    with atomic_dir(path) as tmp:
         save_file({n: p.detach().contiguous().cpu() for n, p in trainable}, str(tmp / WEIGHTS_FILE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": _rng_state()}, tmp / STATE_FILE)
         (tmp / META_FILE).write_text(json.dumps({"position": asdict(position), **(extra or {})}, indent=2))
         with open(tmp / META_FILE, "rb") as fh:
             os.fsync(fh.fileno())
-        commit_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

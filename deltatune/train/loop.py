@@ -196,9 +196,9 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     say = (lambda *a: None) if quiet or not dist.is_main else (lambda *a: print(*a, flush=True))
 
     # --- model and method ------------------------------------------------------------------
-    model, tokenizer = load_model(cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
-    if precision == "bf16" and not full:
-        model.to(torch.bfloat16)  # frozen weights in bf16; trainable ones are kept in fp32 below
+    # adapter methods keep frozen weights in bf16 (loaded so: no transient fp32 copy); trainable ones in fp32 below
+    frozen_dtype = torch.bfloat16 if precision == "bf16" and not full else torch.float32
+    model, tokenizer = load_model(cfg.model, dtype=frozen_dtype, trust_remote_code=cfg.trust_remote_code)
     adapted = apply_methods(model, method_specs(cfg))
     model = adapted.model
     trainable = adapted.trainable_parameters()

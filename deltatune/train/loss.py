@@ -31,12 +31,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 logits += bias.to(acc)
             t = targets[start:start + chunk]
             tw = token_weights[start:start + chunk]
-            lse = torch.logsumexp(logits, dim=-1)
-            nll = lse - logits.gather(1, t[:, None]).squeeze(1)
+            logp = torch.log_softmax(logits, dim=-1)  # one fused pass; reused for the gradient
+            del logits
+            nll = -logp.gather(1, t[:, None]).squeeze(1)
             total += (nll * tw).sum()
             if need_grad_hidden or need_grad_weight or grad_bias is not None:
                 # d(sum w*nll)/dlogits = w * (softmax - onehot)
-                probs = logits.sub_(lse[:, None]).exp_()
+                probs = logp.exp_()
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 probs.mul_(tw[:, None])
                 g = probs.to(compute_dtype)

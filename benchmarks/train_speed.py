@@ -199,8 +199,8 @@ for _m in ["dora", "mora", "ia3", "qlora", "bitfit", "adapter", "prompt", "prefi
 for _m in ["dora", "ia3", "prompt", "prefix"]:
     CONTENDERS[f"peft-loop-{_m}"] = (lambda m: lambda s, w: run_peft_loop(s, w, m))(_m)
 GROUPS = {"main": "deltatune,peft-loop,trl,deltatune-full",
-          "methods": ",".join(n for n in CONTENDERS if n.startswith(("deltatune-", "peft-loop-"))
-                              and n != "deltatune-full")}
+          "methods": ",".join(["deltatune"] + [n for n in CONTENDERS if n.startswith(("deltatune-", "peft-loop-"))
+                                               and n != "deltatune-full"])}
 
 
 def child(name: str, steps: int, warmup: int) -> None:

@@ -119,14 +119,24 @@ class MoRALinear(DeltaLinear):
         rot = torch.cat((-blocks[..., h:], blocks[..., :h]), dim=-1)
         return blocks * self._cos.to(blocks.dtype) + rot * self._sin.to(blocks.dtype)
 
+    def _wrap_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """x[..., _wrap_idx] (inputs repeated cyclically up to n_blocks * r_hat) without an index
+        gather, whose backward (an accumulating scatter) is very slow on CPU; a view when no
+        padding is needed."""
+        need = self.n_blocks * self.r_hat
+        if need == self.in_features:
+            return x
+        reps = -(-need // self.in_features)
+        return torch.cat([x] * reps, dim=-1)[..., :need]
+
     def _compress(self, x: torch.Tensor) -> torch.Tensor:
         r, t = self.r_hat, self.mora_type
         if t in (1, 4):
-            return x[..., self._wrap_idx].unflatten(-1, (self.n_blocks, r)).sum(dim=-2)
+            return self._wrap_pad(x).unflatten(-1, (self.n_blocks, r)).sum(dim=-2)
         if t in (2, 3):
             return _chunk_sums(x, _group_sizes(self.in_features, r))
         if t in (6, "decouple"):
-            return self._rope(x[..., self._wrap_idx].unflatten(-1, (self.n_blocks, r)))
+            return self._rope(self._wrap_pad(x).unflatten(-1, (self.n_blocks, r)))
         # truncate: the first r_hat inputs, zero-padded when d_in < r_hat
         return F.pad(x[..., :r], (0, max(0, r - self.in_features)))
 
@@ -145,9 +155,30 @@ class MoRALinear(DeltaLinear):
         return F.pad(z[..., :d_out], (0, max(0, d_out - r)))
 
     def adapted_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(x).to(self.mora_M.dtype)
-        z = self._compress(h) @ self.mora_M.T
+        h = self.dropout(x)
+        if not torch.is_autocast_enabled(h.device.type):
+            h = h.to(self.mora_M.dtype)  # under autocast the matmuls choose the dtype; no copy of x
+        if self.mora_type in (6, "decouple"):
+            z = self._rotated_blocks_forward(h)
+        else:
+            z = self._compress(h) @ self.mora_M.T
         return base_out + self._decompress(z).to(base_out.dtype)
+
+    def _rotated_blocks_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """z_i = M R_i x_i for every block i, as one batched matmul with B_i = M R_i.
+
+        Rotating the small r x r matrix (B_i = M cos_i + M P sin_i, with P the rotate-half map,
+        so M P = [M[:, h:], -M[:, :h]]) costs n_blocks * r^2, against rotating the activations
+        (tokens x d_in, several temporaries). Equal to M @ rope(x_i) up to rounding."""
+        M, half = self.mora_M, self.r_hat // 2
+        mp = torch.cat((M[:, half:], -M[:, :half]), dim=1)
+        cos, sin = self._cos.to(M.dtype), self._sin.to(M.dtype)  # (n_blocks, r), indexed by column
+        blocks = M[None] * cos[:, None, :] + mp[None] * sin[:, None, :]  # (n_blocks, r, r)
+        xb = self._wrap_pad(x).unflatten(-1, (self.n_blocks, self.r_hat))
+        lead = xb.shape[:-2]
+        xb = xb.reshape(-1, self.n_blocks, self.r_hat).transpose(0, 1)  # (n_blocks, tokens, r)
+        z = torch.bmm(xb, blocks.transpose(1, 2))  # (n_blocks, tokens, r)
+        return z.transpose(0, 1).reshape(*lead, self.n_blocks, self.r_hat)
 
     # --- explicit delta W ------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:

@@ -50,7 +50,8 @@ def matmul_peak_gflops(dtype_name: str = "bf16", n: int = 2048, reps: int = 10) 
 # --------------------------------------------------------------------------------------------
 # contenders (each runs in a child process: `python train_speed.py --child NAME`)
 # --------------------------------------------------------------------------------------------
-def run_deltatune(steps: int, warmup: int, method: str = "lora", options: dict | None = None) -> dict:
+def run_deltatune(steps: int, warmup: int, method: str = "lora", options: dict | None = None,
+                  batch_size: int = BATCH, pack_len: int | None = None, attention: str = "mask") -> dict:
     import tempfile
 
     from deltatune.config import TrainConfig
@@ -60,8 +61,9 @@ def run_deltatune(steps: int, warmup: int, method: str = "lora", options: dict |
     out = tempfile.mkdtemp(prefix="bench-dt-")
     lr = 2e-4 if method == "lora" else 2e-5
     cfg = TrainConfig(template="chatml", policy="response", method=method, rank=RANK, alpha=ALPHA, dropout=0.0,
-                      lr=lr, steps=warmup + steps, batch_size=BATCH, seq_len=MAX_LEN, precision="bf16",
-                      output=out, eval_fraction=0.0, warmup_steps=0, log_every=1000,
+                      lr=lr, steps=warmup + steps, batch_size=batch_size, seq_len=MAX_LEN, pack_len=pack_len,
+                      attention=attention, precision="bf16", output=out, eval_fraction=0.0, warmup_steps=0,
+                      log_every=1000,
                       method_options=options or {})
     result = train(cfg, quiet=True, records=records)
     timed = [h for h in result.history if h["step"] > warmup]
@@ -187,7 +189,12 @@ def run_trl(steps: int, warmup: int) -> dict:
 
 
 CONTENDERS = {
+    # defaults: rows of 4 x 256 tokens (examples of at most 256), SDPA with a block-diagonal mask
     "deltatune": lambda s, w: run_deltatune(s, w, "lora"),
+    # attention computed example by example inside each row
+    "deltatune-packedattn": lambda s, w: run_deltatune(s, w, "lora", attention="packed"),
+    # the same examples packed into one row of 1,024 tokens per step, attention example by example
+    "deltatune-rows1024": lambda s, w: run_deltatune(s, w, "lora", batch_size=1, pack_len=1024, attention="packed"),
     "peft-loop": run_peft_loop,
     "trl": run_trl,
     "deltatune-full": lambda s, w: run_deltatune(s, w, "full"),
@@ -198,9 +205,10 @@ for _m in ["dora", "mora", "ia3", "qlora", "bitfit", "adapter", "prompt", "prefi
     CONTENDERS[f"deltatune-{_m}"] = (lambda m: lambda s, w: run_deltatune(s, w, m, METHOD_OPTIONS.get(m)))(_m)
 for _m in ["dora", "ia3", "prompt", "prefix"]:
     CONTENDERS[f"peft-loop-{_m}"] = (lambda m: lambda s, w: run_peft_loop(s, w, m))(_m)
-GROUPS = {"main": "deltatune,peft-loop,trl,deltatune-full",
+GROUPS = {"main": "deltatune,deltatune-packedattn,deltatune-rows1024,peft-loop,trl,deltatune-full",
           "methods": ",".join(["deltatune"] + [n for n in CONTENDERS if n.startswith(("deltatune-", "peft-loop-"))
-                                               and n != "deltatune-full"])}
+                                               and n not in ("deltatune-full", "deltatune-rows1024",
+                                                             "deltatune-packedattn")])}
 
 
 def child(name: str, steps: int, warmup: int) -> None:

@@ -31,9 +31,14 @@ class TrainConfig(BaseModel):
                                                 "two phases: 'A->B@STEPS'")
     system_prompt: str | None = None
     skip_bad: bool = False
-    seq_len: int = Field(512, ge=8)
+    seq_len: int = Field(512, ge=8, description="longest example, in tokens (longer ones are truncated or dropped)")
+    pack_len: int | None = Field(None, ge=8, description="length of a packed row (default: seq_len); rows of several "
+                                                          "seq_len hold more examples and waste less on padding")
     overflow: Literal["truncate", "drop"] = "truncate"
     packing: bool = True
+    attention: Literal["mask", "packed"] = Field("mask", description="packed rows: SDPA with a block-diagonal "
+                                                 "mask, or attention example by example (packed: faster with long "
+                                                 "rows, more memory; docs/benchmarks.md)")
     eval_data: str | None = None
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     eval_max_examples: int = Field(256, ge=1)
@@ -75,9 +80,16 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.fused_update and self.method != "full":
             raise ValueError("fused_update works only with method 'full'")
+        if self.pack_len is not None and self.pack_len < self.seq_len:
+            raise ValueError(f"pack_len ({self.pack_len}) must be at least seq_len ({self.seq_len})")
         if self.fused_update and self.grad_accum != 1:
             raise ValueError("fused_update updates weights inside backward, so it needs grad_accum 1")
         return self
+
+    @property
+    def row_len(self) -> int:
+        """Tokens per packed row (or the padding limit of unpacked batches)."""
+        return self.pack_len or self.seq_len
 
     @property
     def method_names(self) -> list[str]:

@@ -17,6 +17,13 @@ with open(f"{out}/train.jsonl", "w") as f:
 with open(f"{out}/heldout.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows[600:])
 PY
+# GSM8K test answers as a general source, in the instruction/output fields the loss task reads
+python - "$DATA/gsm8k/test.jsonl" "$OUT/gsm8k_source.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1], encoding="utf-8").read().splitlines()[:60]]
+with open(sys.argv[2], "w") as f:
+    f.writelines(json.dumps({"instruction": r["question"], "output": r["answer"]}) + "\n" for r in rows)
+PY
 common=(--data "$OUT/train.jsonl" --template chatml --policy response --epochs 1 --batch-size 8 --seq-len 256
         --set eval_fraction=0 --quiet)
 deltatune train "${common[@]}" --method lora --rank 8 --alpha 16 --lr 1e-3 --output "$OUT/lora-r8"
@@ -24,5 +31,5 @@ deltatune train "${common[@]}" --method lora --rank 64 --alpha 128 --lr 5e-4 --o
 deltatune train "${common[@]}" --method dora --rank 8 --alpha 16 --lr 1e-3 --output "$OUT/dora-r8"
 deltatune train "${common[@]}" --method full --lr 5e-5 --output "$OUT/full"
 deltatune forgetting --run "$OUT/lora-r8" --run "$OUT/lora-r64" --run "$OUT/dora-r8" --run "$OUT/full" \
-    --target "file:$OUT/heldout.jsonl" --source "loss:$DATA/gsm8k/test.jsonl,mmlu:high_school_geography" \
+    --target "file:$OUT/heldout.jsonl" --source "loss:$OUT/gsm8k_source.jsonl,mmlu:high_school_geography" \
     --limit 60 --out "$OUT/report"

@@ -144,3 +144,13 @@ def test_cli_reports_a_bad_key_in_one_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "did you mean 'lr'" in proc.stderr
+
+
+def test_per_example_attention_trains_like_the_block_diagonal_mask(tiny_dir, data_file, tmp_path):
+    runs = {}
+    for attention in ("mask", "packed"):
+        out = tmp_path / attention
+        train(_cfg(tiny_dir, data_file, out, steps=4, save_every=4, attention=attention, pack_len=128), quiet=True)
+        runs[attention] = _final_weights(out)
+    for name, value in runs["mask"].items():
+        assert torch.allclose(runs["packed"][name], value, atol=1e-5), name

@@ -9,7 +9,7 @@ FLAGS = {
     "--model": "model", "--data": "data", "--eval-data": "eval_data", "--template": "template",
     "--policy": "policy", "--method": "method", "--targets": "targets", "--rank": "rank", "--alpha": "alpha",
     "--dropout": "dropout", "--lr": "lr", "--epochs": "epochs", "--steps": "steps", "--batch-size": "batch_size",
-    "--grad-accum": "grad_accum", "--seq-len": "seq_len", "--output": "output", "--save-every": "save_every",
+    "--grad-accum": "grad_accum", "--seq-len": "seq_len", "--pack-len": "pack_len", "--output": "output", "--save-every": "save_every",
     "--eval-every": "eval_every", "--seed": "seed", "--precision": "precision", "--format": "data_format",
     "--system-prompt": "system_prompt", "--device": "device", "--threads": "num_threads",
 }

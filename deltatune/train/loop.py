@@ -23,6 +23,7 @@ from deltatune.config import TrainConfig, save_config
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.train.checkpoint import Position, list_checkpoints, prune_checkpoints
 from deltatune.train.distributed import NullProgress, init_distributed
+from deltatune.train import packed_attention
 from deltatune.train.loss import weighted_lm_loss_sum
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import Progress
@@ -76,6 +77,9 @@ def forward_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Final hidden states [B, T, H] for the batch's real tokens (models may provide their own)."""
     kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   position_ids=batch["position_ids"])
+    if batch["attention_mask"].dim() == 4 and packed_attention.is_active(model):  # packed rows, per example
+        kwargs.update(attention_mask=None,
+                      packed_spans=packed_attention.spans_from_position_ids(batch["position_ids"]))
     if hasattr(model, "forward_hidden"):
         return model.forward_hidden(**kwargs)
     return model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
@@ -108,7 +112,7 @@ class MicroBatches:
             from deltatune.data.packing import pack_examples
 
             if self.cfg.packing:
-                rows = pack_examples(self.examples, self.cfg.seq_len, shuffle_seed=self.cfg.seed + epoch)
+                rows = pack_examples(self.examples, self.cfg.row_len, shuffle_seed=self.cfg.seed + epoch)
             else:
                 order = list(range(len(self.examples)))
                 random.Random(self.cfg.seed + epoch).shuffle(order)
@@ -147,11 +151,11 @@ def evaluate_loss(model, head, examples: list, policy, cfg: TrainConfig, pad_id:
 
     was_training = model.training
     model.eval()
-    rows = pack_examples(examples, cfg.seq_len) if cfg.packing else examples
+    rows = pack_examples(examples, cfg.row_len) if cfg.packing else examples
     total, weight = 0.0, 0.0
     for i in range(0, len(rows), cfg.batch_size):
         try:
-            batch = collate(rows[i:i + cfg.batch_size], policy, seq_len=cfg.seq_len, pad_id=pad_id,
+            batch = collate(rows[i:i + cfg.batch_size], policy, seq_len=cfg.row_len, pad_id=pad_id,
                             packed=cfg.packing, template_name=cfg.template)
         except TrainingError:
             continue  # an eval batch with no loss-bearing token adds nothing
@@ -208,6 +212,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
         for _, p in trainable:
             p.data = p.data.float()  # fp32 master weights for whatever trains
     model.to(device)
+    if cfg.packing and cfg.attention == "packed" and not {"prompt", "prefix"} & set(cfg.method_names):
+        model.set_attn_implementation(packed_attention.register())  # prompt/prefix add virtual positions
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head = model.get_output_embeddings()
@@ -296,7 +302,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     try:
         while pos.step < total_steps:
             policy = schedule.policy_at(pos.step, pos.epoch)
-            micro = [dist.local_batch(rows, lambda r: collate(r, policy, seq_len=cfg.seq_len, pad_id=pad_id,
+            micro = [dist.local_batch(rows, lambda r: collate(r, policy, seq_len=cfg.row_len, pad_id=pad_id,
                                                               packed=cfg.packing, template_name=cfg.template))
                      for rows in data.take(pos, cfg.grad_accum)]  # this rank's share of each micro-batch
             total_weight = sum(float(b["loss_weights"][:, 1:].sum()) for b in micro)
@@ -345,6 +351,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
         signal.signal(signal.SIGINT, previous_handler)
         progress.close()
     seconds = time.perf_counter() - start
+    if packed_attention.is_active(model):
+        model.set_attn_implementation("sdpa")  # saved models and later use get the standard kernel
     eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast)
     if cfg.save_every:
         checkpoint()

@@ -32,4 +32,4 @@ deltatune train "${common[@]}" --method dora --rank 8 --alpha 16 --lr 1e-3 --out
 deltatune train "${common[@]}" --method full --lr 5e-5 --output "$OUT/full"
 deltatune forgetting --run "$OUT/lora-r8" --run "$OUT/lora-r64" --run "$OUT/dora-r8" --run "$OUT/full" \
     --target "file:$OUT/heldout.jsonl" --source "loss:$OUT/gsm8k_source.jsonl,mmlu:high_school_geography" \
-    --limit 60 --out "$OUT/report"
+    --limit 60 --max-new-tokens 40 --batch-size 16 --out "$OUT/report"

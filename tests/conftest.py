@@ -30,3 +30,26 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip("../shared/data is not beside this checkout")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The tiny model and tokenizer saved as a transformers folder, for code that loads by path."""
+    from deltatune.testing import tiny_model, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    """36 Alpaca records "What is a + b?" -> "The answer is a+b." (a, b in 0..5)."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."}
+            for a in range(6) for b in range(6)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path

@@ -8,7 +8,7 @@ import torch
 from deltatune.errors import ConfigError, UserError
 from deltatune.methods import peft_format
 from deltatune.methods.apply import apply_methods, load_adapter
-from deltatune.methods.base import MethodSpec, method_names
+from deltatune.methods.base import MethodSpec
 from deltatune.methods.lora import LoRALinear
 from deltatune.testing import tiny_llama_config, tiny_model
 
@@ -69,9 +69,7 @@ def test_two_reparameterisations_on_disjoint_layers():
     torch.testing.assert_close(logits(adapted.model), before, atol=1e-5, rtol=0)
 
 
-def test_lora_plus_bitfit_when_available():
-    if "bitfit" not in method_names():
-        pytest.skip("bitfit not registered in this checkout")
+def test_lora_plus_bitfit():
     adapted = apply_methods(tiny_model(0), [MethodSpec(name="lora", rank=2), MethodSpec(name="bitfit")])
     names = [n for n, _ in adapted.trainable_parameters()]
     assert any("lora_A" in n for n in names) and any(n.endswith("bias") for n in names)

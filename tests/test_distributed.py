@@ -22,32 +22,16 @@ from safetensors.torch import load_file
 
 from deltatune.config import load_config
 from deltatune.errors import ConfigError, TrainingError
-from deltatune.testing import tiny_model, tiny_tokenizer
 from deltatune.train.checkpoint import STATE_FILE, WEIGHTS_FILE, Position, list_checkpoints
 from deltatune.train.distributed import Distributed, remap_position, torchrun_command
 from deltatune.train.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-5
+# data_file (conftest): 36 records, 3 held out: 33 examples pack into 17 rows of 64 tokens, so with 4 rows
+# per global micro-batch the 5th micro-batch has ONE row and rank 1's share is empty (runs a zero-weight row).
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    # 36 records, 3 held out: 33 examples pack into 17 rows of 64 tokens, so with 4 rows per global
-    # micro-batch the 5th micro-batch has ONE row and rank 1's share is empty (runs a zero-weight row).
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."}
-            for a in range(6) for b in range(6)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
 
 
 def _settings(tiny_dir, data_file, out, **kw) -> dict:

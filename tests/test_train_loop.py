@@ -14,27 +14,11 @@ from safetensors.torch import load_file
 
 from deltatune.config import load_config
 from deltatune.errors import ConfigError, TrainingError
-from deltatune.testing import tiny_model, tiny_tokenizer
 from deltatune.train.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."}
-            for a in range(6) for b in range(6)]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
 
 
 def _cfg(tiny_dir, data_file, out, **kw):

@@ -51,7 +51,7 @@ def matmul_peak_gflops(dtype_name: str = "bf16", n: int = 2048, reps: int = 10) 
 # contenders (each runs in a child process: `python train_speed.py --child NAME`)
 # --------------------------------------------------------------------------------------------
 def run_deltatune(steps: int, warmup: int, method: str = "lora", options: dict | None = None,
-                  batch_size: int = BATCH, pack_len: int | None = None, attention: str = "mask") -> dict:
+                  batch_size: int = BATCH, pack_len: int | None = None, attention: str = "auto") -> dict:
     import tempfile
 
     from deltatune.config import TrainConfig
@@ -189,12 +189,11 @@ def run_trl(steps: int, warmup: int) -> dict:
 
 
 CONTENDERS = {
-    # defaults: rows of 4 x 256 tokens (examples of at most 256), SDPA with a block-diagonal mask
+    # defaults: 4 rows of up to 256 tokens per step, laid end to end without padding, attention example
+    # by example (attention: auto -> packed on CPU)
     "deltatune": lambda s, w: run_deltatune(s, w, "lora"),
-    # attention computed example by example inside each row
-    "deltatune-packedattn": lambda s, w: run_deltatune(s, w, "lora", attention="packed"),
-    # the same examples packed into one row of 1,024 tokens per step, attention example by example
-    "deltatune-rows1024": lambda s, w: run_deltatune(s, w, "lora", batch_size=1, pack_len=1024, attention="packed"),
+    # the same rows padded to 256 tokens each, SDPA with a block-diagonal mask (attention: mask)
+    "deltatune-mask": lambda s, w: run_deltatune(s, w, "lora", attention="mask"),
     "peft-loop": run_peft_loop,
     "trl": run_trl,
     "deltatune-full": lambda s, w: run_deltatune(s, w, "full"),
@@ -205,10 +204,9 @@ for _m in ["dora", "mora", "ia3", "qlora", "bitfit", "adapter", "prompt", "prefi
     CONTENDERS[f"deltatune-{_m}"] = (lambda m: lambda s, w: run_deltatune(s, w, m, METHOD_OPTIONS.get(m)))(_m)
 for _m in ["dora", "ia3", "prompt", "prefix"]:
     CONTENDERS[f"peft-loop-{_m}"] = (lambda m: lambda s, w: run_peft_loop(s, w, m))(_m)
-GROUPS = {"main": "deltatune,deltatune-packedattn,deltatune-rows1024,peft-loop,trl,deltatune-full",
+GROUPS = {"main": "deltatune,deltatune-mask,peft-loop,trl,deltatune-full",
           "methods": ",".join(["deltatune"] + [n for n in CONTENDERS if n.startswith(("deltatune-", "peft-loop-"))
-                                               and n not in ("deltatune-full", "deltatune-rows1024",
-                                                             "deltatune-packedattn")])}
+                                               and n not in ("deltatune-full", "deltatune-mask")])}
 
 
 def child(name: str, steps: int, warmup: int) -> None:

@@ -36,9 +36,11 @@ class TrainConfig(BaseModel):
                                                           "seq_len hold more examples and waste less on padding")
     overflow: Literal["truncate", "drop"] = "truncate"
     packing: bool = True
-    attention: Literal["mask", "packed"] = Field("mask", description="packed rows: SDPA with a block-diagonal "
-                                                 "mask, or attention example by example (packed: faster with long "
-                                                 "rows, more memory; docs/benchmarks.md)")
+    attention: Literal["auto", "mask", "packed"] = Field(
+        "auto", description="how packed examples are kept apart: packed = the micro-batch's examples end to end "
+                            "without padding, attention example by example (fastest on CPU); mask = rows padded to "
+                            "the row length, SDPA with a block-diagonal mask; auto = packed on CPU where the model "
+                            "and methods allow it, mask otherwise (docs/benchmarks.md)")
     eval_data: str | None = None
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     eval_max_examples: int = Field(256, ge=1)

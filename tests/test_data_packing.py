@@ -85,6 +85,31 @@ def test_collate_fields_exact(examples):
     assert padded["attention_mask"].sum().item() == na + nb
 
 
+def test_flat_collate_lays_rows_end_to_end_padded_to_a_multiple(examples):
+    from deltatune.data.packing import FLAT_MULTIPLE
+
+    a, b, c = examples[0], examples[1], examples[2]
+    seq = max(len(a) + len(c), len(b)) + 5
+    rows = [[a, c], [b]]
+    padded = collate(rows, LossPolicy("response"), seq_len=seq, pad_id=2, packed=True, template_name="chatml")
+    flat = collate(rows, LossPolicy("response"), seq_len=seq, pad_id=2, packed=True, template_name="chatml", flat=True)
+    na, nb, nc = len(a), len(b), len(c)
+    n = na + nc + nb
+    T = -(-n // FLAT_MULTIPLE) * FLAT_MULTIPLE
+    assert n % FLAT_MULTIPLE and flat["attention_mask"] is None and flat["input_ids"].shape == (1, T)
+    assert flat["input_ids"][0].tolist() == a.input_ids + c.input_ids + b.input_ids + [2] * (T - n)
+    # positions restart per example, and once more for the padding (its own span)
+    assert flat["position_ids"][0].tolist() == list(range(na)) + list(range(nc)) + list(range(nb)) + list(range(T - n))
+    assert flat["n_real_tokens"] == n and flat["n_examples"] == 3
+    # the same weights as the padded rows, padding removed
+    real = torch.zeros_like(padded["loss_weights"], dtype=torch.bool)
+    real[0, :na + nc] = True
+    real[1, :nb] = True
+    assert flat["loss_weights"][0, :n].tolist() == padded["loss_weights"][real].tolist()
+    assert flat["loss_weights"][0, n:].sum() == 0
+    assert flat["loss_weights"][0, na] == 0 and flat["loss_weights"][0, na + nc] == 0  # every first token
+
+
 def test_response_policy_loss_equals_hf_loss_with_ignore_index(tiny_lm, examples):
     batch = collate(examples, LossPolicy("response"), seq_len=512, pad_id=2, packed=False)
     labels = batch["input_ids"].masked_fill(batch["loss_weights"] == 0, -100)

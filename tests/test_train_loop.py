@@ -138,3 +138,21 @@ def test_per_example_attention_trains_like_the_block_diagonal_mask(tiny_dir, dat
         runs[attention] = _final_weights(out)
     for name, value in runs["mask"].items():
         assert torch.allclose(runs["packed"][name], value, atol=1e-5), name
+
+
+def test_attention_auto_resolves_to_packed_on_cpu_and_mask_where_it_cannot(tiny_dir, data_file, tmp_path):
+    from deltatune.testing import tiny_model
+    from deltatune.train.loop import use_packed_attention
+
+    model, cpu = tiny_model(), torch.device("cpu")
+    cfg = lambda **kw: _cfg(tiny_dir, data_file, tmp_path, **kw)  # noqa: E731
+    assert use_packed_attention(cfg(), model, cpu)
+    assert not use_packed_attention(cfg(attention="mask"), model, cpu)
+    assert not use_packed_attention(cfg(packing=False), model, cpu)
+    assert not use_packed_attention(cfg(), model, torch.device("cuda"))  # SDPA's fused kernels there
+    assert use_packed_attention(cfg(attention="packed"), model, torch.device("cuda"))
+    assert not use_packed_attention(cfg(method="prompt"), model, cpu)  # virtual tokens: the mask path
+    with pytest.raises(ConfigError, match="prompt and prefix"):
+        use_packed_attention(cfg(method="prompt", attention="packed"), model, cpu)
+    model.config.attention_dropout = 0.1
+    assert not use_packed_attention(cfg(), model, cpu)

@@ -23,6 +23,12 @@ from deltatune.data.segments import TokenizedExample
 from deltatune.errors import ConfigError, TrainingError
 
 
+# A flat row's length is rounded up to a multiple of this. The CPU matmul library (oneDNN) builds
+# and caches a kernel per shape: with every length distinct, a run keeps building kernels and its
+# resident memory grew by ~10 MB a step (measured); 32 leaves a few dozen shapes for ~2% padding.
+FLAT_MULTIPLE = 32
+
+
 def pack_examples(examples: Sequence[TokenizedExample], seq_len: int,
                   shuffle_seed: int | None = None) -> list[list[TokenizedExample]]:
     """Greedy best-fit packing: each example goes into the open row with the least room that fits it.
@@ -54,12 +60,16 @@ def pack_examples(examples: Sequence[TokenizedExample], seq_len: int,
 
 
 def collate(rows_or_examples: Sequence[Any], policy: LossPolicy, *, seq_len: int, pad_id: int, packed: bool,
-            template_name: str = "") -> dict:
+            template_name: str = "", flat: bool = False) -> dict:
     """Tensors for one batch.
 
     packed=True: `rows_or_examples` is a list of rows (lists of examples), each padded to `seq_len`;
     attention_mask is bool [B, 1, T, T] (True = may attend), block-diagonal and causal; a padding
     token attends to itself only, so no softmax row is empty.
+    packed=True, flat=True: the same rows laid end to end in ONE row ([1, T]), padded only up to the
+    next multiple of FLAT_MULTIPLE tokens; attention_mask is None, and position ids (restarting at 0
+    per example, and for the padding) are what keeps the examples apart: for attention that works
+    span by span (train/packed_attention.py).
     packed=False: a list of examples, right-padded to the longest (at most `seq_len`); attention_mask
     is the usual long [B, T] 0/1 mask.
     Raises TrainingError if no token in the batch carries loss under `policy`.
@@ -71,7 +81,9 @@ def collate(rows_or_examples: Sequence[Any], policy: LossPolicy, *, seq_len: int
     longest = max(lengths)
     if longest > seq_len:
         raise ConfigError(f"a batch row has {longest} tokens, more than seq_len {seq_len}", field="--seq-len")
-    T = seq_len if packed else longest
+    if packed and flat:
+        rows, lengths = [[ex for row in rows for ex in row]], [sum(lengths)]
+    T = -(-lengths[0] // FLAT_MULTIPLE) * FLAT_MULTIPLE if packed and flat else seq_len if packed else longest
     B = len(rows)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     weights = torch.zeros((B, T), dtype=torch.float32)
@@ -97,7 +109,9 @@ def collate(rows_or_examples: Sequence[Any], policy: LossPolicy, *, seq_len: int
         raise TrainingError(f"no token in this batch carries loss under policy '{policy}' with template "
                             f"'{template_name or '?'}' (sources: {', '.join(ex.source for row in rows for ex in row[:2])}); "
                             "check the template's markers and the policy, or truncation that cut every response")
-    if packed:
+    if packed and flat:
+        attention_mask = None
+    elif packed:
         mask = seg[:, :, None] == seg[:, None, :]
         mask &= _causal(T)
         attention_mask = mask[:, None]

@@ -74,15 +74,33 @@ def method_specs(cfg: TrainConfig):
 
 
 def forward_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Final hidden states [B, T, H] for the batch's real tokens (models may provide their own)."""
+    """Final hidden states [B, T, H] for the batch's tokens (wrappers such as DDP provide their own)."""
     kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                   position_ids=batch["position_ids"])
-    if batch["attention_mask"].dim() == 4 and packed_attention.is_active(model):  # packed rows, per example
-        kwargs.update(attention_mask=None,
-                      packed_spans=packed_attention.spans_from_position_ids(batch["position_ids"]))
     if hasattr(model, "forward_hidden"):
         return model.forward_hidden(**kwargs)
+    if batch["attention_mask"] is None:  # a flat row of packed examples: attention span by span
+        if not packed_attention.is_active(model):
+            raise TrainingError("a flat packed batch needs the model switched to packed attention")
+        kwargs["packed_spans"] = packed_attention.spans_from_position_ids(batch["position_ids"])
     return model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
+
+
+def use_packed_attention(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> bool:
+    """Resolve `attention`: packed (span by span, no padding) or the block-diagonal mask."""
+    if not cfg.packing or cfg.attention == "mask":
+        return False
+    why_not = None
+    if {"prompt", "prefix"} & set(cfg.method_names):
+        why_not = "prompt and prefix tuning add virtual positions that every example attends to"
+    elif not packed_attention.supported(model):
+        why_not = f"{type(model).__name__} does not route attention through transformers' AttentionInterface"
+    elif getattr(model.config, "attention_dropout", 0.0):
+        why_not = "the model uses attention dropout"
+    if cfg.attention == "packed" and why_not:
+        raise ConfigError(f"attention: packed is not available: {why_not}; use attention: mask", field="attention")
+    # on CUDA, SDPA's fused kernels with the mask beat a loop of small matmuls (auto keeps them)
+    return why_not is None and (cfg.attention == "packed" or device.type == "cpu")
 
 
 def save_outputs(adapted, path: Path, tokenizer, full: bool, base_name: str) -> None:
@@ -143,7 +161,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate_loss(model, head, examples: list, policy, cfg: TrainConfig, pad_id: int, device, autocast) -> float | None:
+def evaluate_loss(model, head, examples: list, policy, cfg: TrainConfig, pad_id: int, device, autocast,
+                  flat: bool = False) -> float | None:
     """Weighted loss per loss-bearing token on held-out examples (same template and policy)."""
     if not examples:
         return None
@@ -156,7 +175,7 @@ def evaluate_loss(model, head, examples: list, policy, cfg: TrainConfig, pad_id:
     for i in range(0, len(rows), cfg.batch_size):
         try:
             batch = collate(rows[i:i + cfg.batch_size], policy, seq_len=cfg.row_len, pad_id=pad_id,
-                            packed=cfg.packing, template_name=cfg.template)
+                            packed=cfg.packing, template_name=cfg.template, flat=flat)
         except TrainingError:
             continue  # an eval batch with no loss-bearing token adds nothing
         batch = _to_device(batch, device)
@@ -212,8 +231,9 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
         for _, p in trainable:
             p.data = p.data.float()  # fp32 master weights for whatever trains
     model.to(device)
-    if cfg.packing and cfg.attention == "packed" and not {"prompt", "prefix"} & set(cfg.method_names):
-        model.set_attn_implementation(packed_attention.register())  # prompt/prefix add virtual positions
+    flat = use_packed_attention(cfg, model, device)  # examples end to end, attention span by span
+    if flat:
+        model.set_attn_implementation(packed_attention.register())
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head = model.get_output_embeddings()
@@ -303,7 +323,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
         while pos.step < total_steps:
             policy = schedule.policy_at(pos.step, pos.epoch)
             micro = [dist.local_batch(rows, lambda r: collate(r, policy, seq_len=cfg.row_len, pad_id=pad_id,
-                                                              packed=cfg.packing, template_name=cfg.template))
+                                                              packed=cfg.packing, template_name=cfg.template,
+                                                              flat=flat))
                      for rows in data.take(pos, cfg.grad_accum)]  # this rank's share of each micro-batch
             total_weight = sum(float(b["loss_weights"][:, 1:].sum()) for b in micro)
             total_weight = dist.sum(total_weight)  # the global batch's weight normalises every rank's loss
@@ -332,7 +353,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
             pos.step += 1
             record = {"epoch": pos.epoch}
             if cfg.eval_every and pos.step % cfg.eval_every == 0:
-                eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast)
+                eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast,
+                                          flat)
                 if eval_loss is not None:
                     record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
                     if pos.best_eval is None or eval_loss < pos.best_eval:
@@ -351,9 +373,9 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
         signal.signal(signal.SIGINT, previous_handler)
         progress.close()
     seconds = time.perf_counter() - start
+    eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat)
     if packed_attention.is_active(model):
         model.set_attn_implementation("sdpa")  # saved models and later use get the standard kernel
-    eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast)
     if cfg.save_every:
         checkpoint()
     dist.save_outputs(save_outputs, adapted, out / "final", tokenizer, full, base_name, runner)

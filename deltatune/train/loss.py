@@ -62,6 +62,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None, None, None
 
 
+# The loss-bearing rows are padded (with zero weight) to a multiple of this: the CPU matmul library
+# builds and caches a kernel per shape, and a count that changes every step kept building new ones
+# (see deltatune/data/packing.py FLAT_MULTIPLE).
+ROW_MULTIPLE = 32
+
+
 def weighted_lm_loss_sum(hidden: Tensor, head: torch.nn.Module, input_ids: Tensor, loss_weights: Tensor,
                          *, chunk: int = 1024, compute_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Σ_t w_t · nll(token_t | tokens_<t) over the batch, and Σ_t w_t.
@@ -69,11 +75,15 @@ def weighted_lm_loss_sum(hidden: Tensor, head: torch.nn.Module, input_ids: Tenso
     `hidden` is the final hidden state [B, T, H]; position t-1 predicts token t, whose weight is
     `loss_weights[:, t]`. The caller divides by the total weight of the whole accumulated batch.
     """
-    h = hidden[:, :-1]
-    targets = input_ids[:, 1:]
+    batch, length, width = hidden.shape
     w = loss_weights[:, 1:].to(torch.promote_types(hidden.dtype, torch.float32))
-    keep = w > 0
-    h, targets, w = h[keep], targets[keep], w[keep]
+    b, t = (w > 0).nonzero(as_tuple=True)  # positions t predict tokens t + 1
+    rows = b * length + t
+    pad = -rows.numel() % ROW_MULTIPLE  # zero-weight rows: a few dozen matmul shapes, not one per step
+    rows = torch.cat([rows, rows.new_zeros(pad)])
+    h = hidden.reshape(batch * length, width).index_select(0, rows)
+    targets = torch.cat([input_ids[b, t + 1], input_ids.new_zeros(pad)])
+    w = torch.cat([w[b, t], w.new_zeros(pad)])
     weight = head.weight
     bias = getattr(head, "bias", None)
     if compute_dtype is None:

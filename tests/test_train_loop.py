@@ -156,3 +156,10 @@ def test_attention_auto_resolves_to_packed_on_cpu_and_mask_where_it_cannot(tiny_
         use_packed_attention(cfg(method="prompt", attention="packed"), model, cpu)
     model.config.attention_dropout = 0.1
     assert not use_packed_attention(cfg(), model, cpu)
+
+
+def test_full_finetuning_under_bf16_autocast_trains_with_packed_attention(tiny_dir, data_file, tmp_path):
+    # float32 weights under bf16 autocast: rotary embeddings hand the attention float32 q/k and bf16 v
+    result = train(_cfg(tiny_dir, data_file, tmp_path / "run", method="full", precision="bf16", lr=1e-4, steps=2),
+                   quiet=True)
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)

@@ -376,6 +376,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat)
     if packed_attention.is_active(model):
         model.set_attn_implementation("sdpa")  # saved models and later use get the standard kernel
+        packed_attention.workspace.release()
     if cfg.save_every:
         checkpoint()
     dist.save_outputs(save_outputs, adapted, out / "final", tokenizer, full, base_name, runner)

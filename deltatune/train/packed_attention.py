@@ -191,6 +191,12 @@ def packed_eager(module, query: Tensor, key: Tensor, value: Tensor, attention_ma
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"{query.shape[1]} query heads do not divide into {key.shape[1]} key/value heads")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    # one dtype for all three, as autocast gives SDPA (rotary embeddings in float32 can promote q and k
+    # to float32 while v stays bf16, e.g. with float32 weights under bf16 autocast)
+    device = query.device.type
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+             else torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype))
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     return span_attention(query, key, value, packed_spans, scale), None
 
 

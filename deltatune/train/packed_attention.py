@@ -20,10 +20,10 @@ Without spans (generation, evaluation of padded batches) it is transformers' own
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from deltatune.train.workspace import Workspace
 
 NAME = "packed_eager"
 _registered = False
@@ -40,44 +40,25 @@ def spans_from_position_ids(position_ids: Tensor) -> Spans:
     return spans
 
 
-class _Workspace:
-    """Reusable scratch buffers for the span-sized temporaries, grown to the largest span seen.
-
-    Every span needs a handful of tensors whose sizes change with its length. Allocating them anew
-    fragments the CPU allocator's heap: peak RSS grew by ~15 MB a step without end (measured over 80
-    steps). Writing them into buffers that persist across spans, layers and steps keeps the heap
-    steady. `release()` frees them (the training loop calls it at the end).
-    """
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple, Tensor] = {}
-        self.future: dict[tuple, Tensor] = {}
-
-    def take(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        numel = math.prod(shape)
-        key = (name, like.dtype, like.device)
-        buf = self.buffers.get(key)
-        if buf is None or buf.numel() < numel:
-            buf = like.new_empty(max(numel, 0 if buf is None else 2 * buf.numel()))
-            self.buffers[key] = buf
-        return buf[:numel].view(shape)
-
-    def future_mask(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """[n, n] additive causal mask (-inf above the diagonal): a view of one cached square that grows
-        as needed. Adding it is ~4x faster on CPU than masked_fill_ with a broadcast boolean mask."""
-        square = self.future.get((dtype, device))
-        if square is None or square.shape[0] < n:
-            size = max(n, 256 if square is None else 2 * square.shape[0])
-            square = torch.full((size, size), float("-inf"), dtype=dtype, device=device).triu_(1)
-            self.future[(dtype, device)] = square
-        return square[:n, :n]
-
-    def release(self) -> None:
-        self.buffers.clear()
-        self.future.clear()
+_future: dict[tuple, Tensor] = {}
 
 
-workspace = _Workspace()
+def future_mask(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[n, n] additive causal mask (-inf above the diagonal): a view of one cached square that grows as
+    needed. Adding it is ~4x faster on CPU than masked_fill_ with a broadcast boolean mask."""
+    square = _future.get((dtype, device))
+    if square is None or square.shape[0] < n:
+        size = max(n, 256 if square is None else 2 * square.shape[0])
+        square = torch.full((size, size), float("-inf"), dtype=dtype, device=device).triu_(1)
+        _future[(dtype, device)] = square
+    return square[:n, :n]
+
+
+workspace = Workspace()  # span-sized temporaries (train/workspace.py)
+
+
+def _take(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    return workspace.take(name, shape, like.dtype, like.device)
 
 
 # Span lengths are rounded up to a multiple of this inside the kernel (the extra rows are zeros that
@@ -89,7 +70,7 @@ TILE = 32
 def _tiled(name: str, x: Tensor, n: int, m: int) -> Tensor:
     """x [A, B, n, D] copied into a contiguous workspace buffer [A, B, m, D] whose last m - n rows are zero."""
     a, b, _, d = x.shape
-    out = workspace.take(name, (a, b, m, d), x)
+    out = _take(name, (a, b, m, d), x)
     out[:, :, :n].copy_(x)
     out[:, :, n:].zero_()
     return out
@@ -100,10 +81,10 @@ def _probabilities(q_scaled: Tensor, k_span: Tensor, groups: int) -> Tensor:
     [KV, m, D]: [KV, G*m, m]. The query heads that share a key/value head are stacked along rows,
     so grouped-query attention needs no copy of the keys and values."""
     kv_heads, m = k_span.shape[0], k_span.shape[1]
-    scores = workspace.take("scores", (kv_heads, groups * m, m), q_scaled)
+    scores = _take("scores", (kv_heads, groups * m, m), q_scaled)
     torch.bmm(q_scaled, k_span.transpose(1, 2), out=scores)
-    scores.view(kv_heads, groups, m, m).add_(workspace.future_mask(m, scores.dtype, scores.device))
-    probs = workspace.take("probs", scores.shape, q_scaled)
+    scores.view(kv_heads, groups, m, m).add_(future_mask(m, scores.dtype, scores.device))
+    probs = _take("probs", scores.shape, q_scaled)
     torch._softmax(scores, -1, False, out=probs)  # float32 accumulation inside, even for bf16
     return probs
 
@@ -142,7 +123,7 @@ class SpanAttention(torch.autograd.Function):
         for s, e in spans:
             span = _SpanInputs(q, k, v, s, e, scale)
             probs = _probabilities(span.q, span.k, span.groups)
-            o = torch.bmm(probs, span.v, out=workspace.take("o", span.q.shape, q))
+            o = torch.bmm(probs, span.v, out=_take("o", span.q.shape, q))
             out[s:e] = span.heads_first(o).transpose(0, 1)
         ctx.save_for_backward(q, k, v)
         ctx.spans, ctx.scale = spans, scale
@@ -158,12 +139,12 @@ class SpanAttention(torch.autograd.Function):
             probs = _probabilities(span.q, span.k, span.groups)
             g = _tiled("g", grad_out[s:e].transpose(0, 1).view(span.kv_heads, span.groups, n, -1), n, m)
             g = g.view(span.q.shape)
-            kv_part = workspace.take("kv_part", span.k.shape, q)
+            kv_part = _take("kv_part", span.k.shape, q)
             grad_v[:, s:e] = torch.bmm(probs.transpose(1, 2), g, out=kv_part)[:, :n]
-            grad_probs = torch.bmm(g, span.v.transpose(1, 2), out=workspace.take("grad_probs", probs.shape, q))
-            grad_scores = workspace.take("scores", probs.shape, q)  # the scores are spent: reuse
+            grad_probs = torch.bmm(g, span.v.transpose(1, 2), out=_take("grad_probs", probs.shape, q))
+            grad_scores = _take("scores", probs.shape, q)  # the scores are spent: reuse
             torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype, grad_input=grad_scores)
-            q_part = torch.bmm(grad_scores, span.k, out=workspace.take("o", span.q.shape, q))
+            q_part = torch.bmm(grad_scores, span.k, out=_take("o", span.q.shape, q))
             torch.mul(span.heads_first(q_part), ctx.scale, out=grad_q[:, s:e])
             grad_k[:, s:e] = torch.bmm(grad_scores.transpose(1, 2), span.q, out=kv_part)[:, :n]
         return grad_q, grad_k, grad_v, None, None

@@ -40,3 +40,26 @@ def test_zero_weight_positions_never_reach_the_head():
     logits = model(ids).logits[0, 4].log_softmax(-1)
     assert torch.allclose(ours, -2.0 * logits[ids[0, 5]], atol=1e-5)
     assert total_w.item() == 2.0
+
+
+def test_targets_far_below_the_best_logit_keep_an_exact_finite_loss_in_float32():
+    # a target 200 nats below the best logit: its probability underflows float32 (exp(-200) = 0),
+    # yet the loss (lse - logit) and the gradient stay exact
+    vocab, width = 50, 8
+    head = torch.nn.Linear(width, vocab, bias=False)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.weight[0, 0] = 100.0   # token 0: logit +100
+        head.weight[1, 0] = -100.0  # token 1: logit -100
+    hidden = torch.zeros(1, 3, width)
+    hidden[0, :, 0] = 1.0
+    hidden.requires_grad_()
+    ids = torch.tensor([[0, 1, 0]])
+    weights = torch.tensor([[0.0, 1.0, 0.5]])
+    total, weight = weighted_lm_loss_sum(hidden, head, ids, weights, compute_dtype=torch.float32)
+    total.backward()
+    logits = (hidden.detach().double() @ head.weight.double().T)
+    ref, ref_weight = reference_lm_loss_sum(logits, ids, weights)
+    assert torch.isfinite(total) and abs(total.item() - ref.item()) < 1e-3 * ref.item()
+    assert ref.item() > 199 and weight.item() == ref_weight.item() == 1.5
+    assert torch.isfinite(hidden.grad).all()

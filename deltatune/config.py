@@ -66,6 +66,9 @@ class TrainConfig(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    fused_norms: Literal["auto", "on", "off"] = Field(
+        "auto", description="run Llama-style RMSNorms as one torch.compile'd kernel (5x faster per norm on CPU; "
+                            "needs a C++ compiler); auto = on CPU, falling back to transformers' norms if compiling fails")
     fused_update: bool = Field(False, description="LOMO-style update inside backward (full finetuning only)")
     loss_chunk: int = Field(1024, ge=16, description="tokens per LM-head + cross-entropy chunk")
     # run

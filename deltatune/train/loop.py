@@ -23,7 +23,7 @@ from deltatune.config import TrainConfig, save_config
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.train.checkpoint import Position, list_checkpoints, prune_checkpoints
 from deltatune.train.distributed import NullProgress, init_distributed
-from deltatune.train import packed_attention
+from deltatune.train import fused_norms, packed_attention
 from deltatune.train.loss import weighted_lm_loss_sum
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import Progress
@@ -235,6 +235,14 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     flat = use_packed_attention(cfg, model, device)  # examples end to end, attention span by span
     if flat:
         model.set_attn_implementation(packed_attention.register())
+    restore_norms = lambda: None  # noqa: E731
+    # auto: single-process CPU runs (FSDP2's sharded state dicts did not map the swapped modules' optimizer state)
+    if cfg.fused_norms == "on" or (cfg.fused_norms == "auto" and device.type == "cpu" and not dist.active):
+        restore_norms, why_not = fused_norms.install(model)  # compiles once (a few seconds)
+        if why_not and cfg.fused_norms == "on":
+            raise ConfigError(f"fused_norms: on is not available: {why_not}", field="fused_norms")
+        if why_not:
+            say(f"fused RMSNorm off: {why_not}")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head = model.get_output_embeddings()
@@ -377,6 +385,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat)
     if packed_attention.is_active(model):
         model.set_attn_implementation("sdpa")  # saved models and later use get the standard kernel
+    restore_norms()  # the model object leaves with transformers' own modules
     release_workspaces()  # scratch buffers of the loss and the attention
     if cfg.save_every:
         checkpoint()

@@ -1,0 +1,91 @@
+"""RMSNorm as one compiled kernel instead of seven element-wise passes, for CPU training.
+
+transformers' Llama-style RMSNorm (cast to float32, mean of squares, rsqrt, scale, cast back,
+weight) runs as separate ATen ops; with the small activations of a CPU finetune each op costs more
+in passes over memory and thread start-up than in arithmetic. On this machine one norm's forward
+and backward over 832 x 576 bf16 tokens took 1.39 ms eagerly and 0.26 ms compiled by
+torch.compile (inductor, C++), bitwise equal; a 30-layer model runs 61 of them a step.
+
+`install(model)` swaps each such norm module of the model instance for `FusedRMSNorm`, which holds
+the same weight Parameter (same state-dict key), and returns a function that puts the originals
+back. Nothing in transformers is patched. A norm is swapped only if its class is a `*RMSNorm` with
+`variance_epsilon` whose output equals the reference formula bitwise on a random input; if
+compilation fails (no C++ compiler, say) nothing is swapped and the reason is returned.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+_compiled: Callable | None = None
+
+
+def rms_norm(hidden: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """transformers' LlamaRMSNorm.forward, as a function."""
+    input_dtype = hidden.dtype
+    hidden = hidden.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return weight * hidden.to(input_dtype)
+
+
+def _kernel() -> Callable:
+    global _compiled
+    if _compiled is None:
+        # emulate_precision_casts: round at the .to(bf16) as eager does, so outputs match bitwise
+        _compiled = torch.compile(rms_norm, dynamic=True, options={"emulate_precision_casts": True})
+    return _compiled
+
+
+class FusedRMSNorm(nn.Module):
+    """The same computation and weight as the module it replaces, run by the compiled kernel."""
+
+    def __init__(self, weight: nn.Parameter, eps: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return _kernel()(hidden_states, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def _same_formula(module: nn.Module) -> bool:
+    if not (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
+            and isinstance(getattr(module, "weight", None), nn.Parameter)):
+        return False
+    w = module.weight
+    x = torch.randn(2, 5, w.shape[-1], device=w.device, generator=torch.Generator().manual_seed(0)).to(w.dtype)
+    with torch.no_grad():
+        return torch.equal(module(x), rms_norm(x, w, module.variance_epsilon))
+
+
+def install(model: nn.Module) -> tuple[Callable[[], None], str | None]:
+    """Swap the model's Llama-style RMSNorms for FusedRMSNorm. Returns (restore, why_not): `why_not`
+    is None when norms were swapped, else the reason nothing was (restore is then a no-op)."""
+    targets = [(name, module) for name, module in model.named_modules() if _same_formula(module)]
+    if not targets:
+        return (lambda: None), "no Llama-style RMSNorm in the model"
+    name0, first = targets[0]
+    try:  # compile now (forward and backward), so a missing compiler shows here and not mid-run
+        x = torch.randn(3, first.weight.shape[-1], device=first.weight.device, requires_grad=True)
+        _kernel()(x.to(first.weight.dtype), first.weight.detach(), first.variance_epsilon).sum().backward()
+    except Exception as exc:  # inductor raises many kinds (no compiler, unsupported platform)
+        return (lambda: None), f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    swapped = []
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FusedRMSNorm(module.weight, module.variance_epsilon))
+        swapped.append((parent, child, module))
+
+    def restore() -> None:
+        for parent, child, module in swapped:
+            setattr(parent, child, module)
+
+    return restore, None

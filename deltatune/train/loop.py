@@ -16,6 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -102,6 +103,20 @@ def use_packed_attention(cfg: TrainConfig, model: torch.nn.Module, device: torch
         raise ConfigError(f"attention: packed is not available: {why_not}; use attention: mask", field="attention")
     # on CUDA, SDPA's fused kernels with the mask beat a loop of small matmuls (auto keeps them)
     return why_not is None and (cfg.attention == "packed" or device.type == "cpu")
+
+
+def use_fused_norms(cfg: TrainConfig, model: torch.nn.Module, device: torch.device, *, distributed: bool,
+                    say: Callable[[str], None]) -> Callable[[], None]:
+    """Resolve `fused_norms` and swap the norms in; returns the function that swaps them back.
+    auto: single-process CPU runs (under FSDP2 the swapped modules' optimizer state did not map)."""
+    if not (cfg.fused_norms == "on" or (cfg.fused_norms == "auto" and device.type == "cpu" and not distributed)):
+        return lambda: None
+    restore, why_not = fused_norms.install(model)  # compiles once (a few seconds)
+    if why_not and cfg.fused_norms == "on":
+        raise ConfigError(f"fused_norms: on is not available: {why_not}", field="fused_norms")
+    if why_not:
+        say(f"fused RMSNorm off: {why_not}")
+    return restore
 
 
 def save_outputs(adapted, path: Path, tokenizer, full: bool, base_name: str) -> None:
@@ -235,14 +250,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     flat = use_packed_attention(cfg, model, device)  # examples end to end, attention span by span
     if flat:
         model.set_attn_implementation(packed_attention.register())
-    restore_norms = lambda: None  # noqa: E731
-    # auto: single-process CPU runs (FSDP2's sharded state dicts did not map the swapped modules' optimizer state)
-    if cfg.fused_norms == "on" or (cfg.fused_norms == "auto" and device.type == "cpu" and not dist.active):
-        restore_norms, why_not = fused_norms.install(model)  # compiles once (a few seconds)
-        if why_not and cfg.fused_norms == "on":
-            raise ConfigError(f"fused_norms: on is not available: {why_not}", field="fused_norms")
-        if why_not:
-            say(f"fused RMSNorm off: {why_not}")
+    restore_norms = use_fused_norms(cfg, model, device, distributed=dist.active, say=say)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head = model.get_output_embeddings()

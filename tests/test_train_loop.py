@@ -163,3 +163,15 @@ def test_full_finetuning_under_bf16_autocast_trains_with_packed_attention(tiny_d
     result = train(_cfg(tiny_dir, data_file, tmp_path / "run", method="full", precision="bf16", lr=1e-4, steps=2),
                    quiet=True)
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+
+
+def test_gradient_checkpointing_with_packed_attention_trains_identically(tiny_dir, data_file, tmp_path):
+    # the recomputed forward shares the attention's scratch buffers with the backward in flight
+    runs = {}
+    for ckpt in (False, True):
+        out = tmp_path / f"ckpt{ckpt}"
+        train(_cfg(tiny_dir, data_file, out, steps=3, save_every=3, attention="packed", gradient_checkpointing=ckpt),
+              quiet=True)
+        runs[ckpt] = _final_weights(out)
+    for name, value in runs[False].items():
+        assert torch.allclose(runs[True][name], value, atol=1e-6), name

@@ -150,3 +150,48 @@ def test_quantised_base_is_saved_in_deltatune_format(tmp_path):
     assert not adapted.is_peft_method
     adapted.save_adapter(tmp_path / "a")
     assert (tmp_path / "a" / "deltatune_adapter.json").exists()
+
+
+def _random_dora_layer(dtype=torch.float64, bias=True, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Linear(24, 20, bias=bias).to(dtype)
+    layer = DoRALinear(base, r=4, alpha=8)
+    with torch.no_grad():
+        for p in (layer.lora_A.weight, layer.lora_B.weight):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        layer.lora_magnitude_vector.mul_(1 + 0.3 * torch.rand(20, generator=g, dtype=torch.float64).to(dtype))
+    return layer, g
+
+
+def test_expanded_norm_equals_the_direct_row_norm_and_follows_the_base_weight():
+    layer, _ = _random_dora_layer()
+    direct = lambda: (layer.base.weight + layer._lora_weight()).norm(dim=1)  # noqa: E731
+    assert torch.allclose(layer.weight_norm(), direct(), rtol=1e-12)
+    layer.merge()  # rewrites W0 in place: the cached ||W0||^2 must not be reused
+    layer.unmerge()
+    with torch.no_grad():
+        layer.base.weight.mul_(1.5)
+    assert torch.allclose(layer.weight_norm(), direct(), rtol=1e-12)
+
+
+def test_bf16_autocast_forward_matches_the_float64_formula():
+    layer64, g = _random_dora_layer()
+    x = torch.randn(2, 7, 24, generator=g, dtype=torch.float64)
+    ref = layer64(x)  # the fp64 path: base(x) + (m/n - 1) W0 x + (m/n) s B A x
+    w, b = layer64.base.weight, layer64.base.bias
+    m, n = layer64.lora_magnitude_vector, (w + layer64._lora_weight()).norm(dim=1)
+    assert torch.allclose(ref, (m / n) * (x @ (w + layer64._lora_weight()).T) + b, atol=1e-10)
+    base16 = nn.Linear(24, 20).to(torch.bfloat16)
+    with torch.no_grad():
+        base16.weight.copy_(w)
+        base16.bias.copy_(b)
+    layer16 = DoRALinear(base16, r=4, alpha=8)  # adapters in fp32 as deltatune trains them
+    with torch.no_grad():
+        layer16.lora_A.weight.copy_(layer64.lora_A.weight)
+        layer16.lora_B.weight.copy_(layer64.lora_B.weight)
+        layer16.lora_magnitude_vector.copy_(layer64.lora_magnitude_vector)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer16(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    # bf16 rounding of the weights, inputs and outputs only
+    assert (out.double() - ref).abs().max() < 0.03 * ref.abs().max()

@@ -69,11 +69,40 @@ class DoRALinear(LoRALinear):
         if self.exact_grad:
             return self._direction(self._base_weight().detach()).norm(dim=1)
         with torch.no_grad():
-            return self._direction(self._base_weight()).norm(dim=1)
+            if isinstance(self.base, NF4Linear):
+                return self._direction(self._base_weight()).norm(dim=1)
+            return self._expanded_norm()
+
+    def _expanded_norm(self) -> torch.Tensor:
+        """||W0 + s B A||_row from ||W0||^2 + 2 s <W0, BA> + s^2 ||BA||^2, without forming any (out x in)
+        matrix: ||W0||^2 is cached while W0 is unchanged, <W0, BA>_row = <B_row, (W0 A^T)_row> costs one
+        (out x in) @ (in x r) product in W0's dtype, ||BA||^2_row = <B_row, (B A A^T)_row> is r-sized.
+        Measured on the 135M model: this and the bf16 forward below took DoRA from 1.46x to 1.18x slower
+        per token than LoRA (docs/benchmarks.md)."""
+        w0 = self.base.weight
+        key = (w0.data_ptr(), w0._version, w0.dtype)
+        if getattr(self, "_w0_sq_key", None) != key:
+            self._w0_sq = w0.to(self._fdtype).pow(2).sum(dim=1)
+            self._w0_sq_key = key
+        dt = self._fdtype
+        a, b = self.lora_A.weight.to(dt), self.lora_B.weight.to(dt)
+        w0_at = (w0 @ a.to(w0.dtype).T).to(dt)  # (out, r)
+        cross = (b * w0_at).sum(dim=1)
+        ba_sq = (b * (b @ (a @ a.T))).sum(dim=1)
+        s = self.scaling
+        return (self._w0_sq + 2 * s * cross + s * s * ba_sq).clamp_min(0).sqrt()
 
     def adapted_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a = self.lora_A.weight
-        scale = (self.lora_magnitude_vector.to(self._fdtype) / self.weight_norm()).to(a.dtype)  # m / n
+        scale = self.lora_magnitude_vector.to(self._fdtype) / self.weight_norm()  # m / n
+        if torch.is_autocast_enabled(x.device.type) and self.lora_dropout is None:
+            # y = (m/n) (W0 x + s B A x) + b in the autocast dtype: one addmm and one scaling pass
+            w0x = base_out if self.base.bias is None else base_out - self.base.bias
+            h = F.linear(x, a)
+            y = torch.addmm(w0x.reshape(-1, w0x.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.weight.T,
+                            alpha=self.scaling).view(w0x.shape) * scale.to(w0x.dtype)
+            return y if self.base.bias is None else y + self.base.bias.to(y.dtype)
+        scale = scale.to(a.dtype)
         h = x.to(a.dtype) if x.dtype != a.dtype else x
         if self.lora_dropout is not None:
             h = self.lora_dropout(h)

@@ -27,8 +27,8 @@ def tiny_lm():
 
 @pytest.fixture
 def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.skip("../shared/data is not beside this checkout")
+    # the project's data lives beside the checkout (README); missing data is a set-up error, not a skip
+    assert SHARED_DATA.is_dir(), f"{SHARED_DATA} is missing: check out the project with ../shared beside it"
     return SHARED_DATA
 
 

@@ -10,9 +10,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deltatune.errors import UserError
+
+if TYPE_CHECKING:  # imported lazily at run time: the CLI starts without torch
+    from deltatune.evaluate.runner import EvalOptions
 
 
 def add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -52,7 +55,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def options_from_args(args) -> "EvalOptions":
+def options_from_args(args) -> EvalOptions:
     from deltatune.evaluate.generate import GenerationConfig
     from deltatune.evaluate.runner import EvalOptions
 

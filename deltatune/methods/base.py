@@ -99,10 +99,17 @@ class DeltaLinear(nn.Module):
             return out
         return self.adapted_forward(x, out)
 
+    def _already(self, merged: bool) -> bool:
+        """True (with a warning) when the adapter is already in the `merged` state asked for."""
+        if self.merged == merged:
+            state = "already merged; merge()" if merged else "is not merged; unmerge()"
+            warnings.warn(f"adapter {state} does nothing", stacklevel=3)
+            return True
+        return False
+
     @torch.no_grad()
     def merge(self) -> None:
-        if self.merged:
-            warnings.warn("adapter already merged; merge() does nothing", stacklevel=2)
+        if self._already(merged=True):
             return
         w = self.base.weight
         w.copy_((w.float() + self.delta_weight()).to(w.dtype))
@@ -110,8 +117,7 @@ class DeltaLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("adapter is not merged; unmerge() does nothing", stacklevel=2)
+        if self._already(merged=False):
             return
         w = self.base.weight
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.errors import ConfigError
 from deltatune.methods.base import MethodSpec, register
 from deltatune.methods.inject import wrap_linears
 from deltatune.methods.lora import LoRA, LoRALinear
@@ -132,10 +131,7 @@ class DoRALinear(LoRALinear):
 
     @torch.no_grad()
     def merge(self) -> None:
-        if self.merged:
-            import warnings
-
-            warnings.warn("adapter already merged; merge() does nothing", stacklevel=2)
+        if self._already(merged=True):
             return
         v = self._direction(self._base_weight())
         norm = v.norm(dim=1)
@@ -147,10 +143,7 @@ class DoRALinear(LoRALinear):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if not self.merged:
-            import warnings
-
-            warnings.warn("adapter is not merged; unmerge() does nothing", stacklevel=2)
+        if self._already(merged=False):
             return
         w = self.base.weight
         m = self.lora_magnitude_vector.to(self._fdtype)
@@ -176,13 +169,7 @@ class DoRA(LoRA):
         return pop_quantize_options(opts)
 
     def apply(self, model: nn.Module) -> None:
-        s = self.spec
-        if not isinstance(s.rank, int) or s.rank < 1:
-            raise ConfigError(f"rank must be a positive integer, got {s.rank!r}", field="rank")
-        if not s.alpha > 0:
-            raise ConfigError(f"alpha must be positive, got {s.alpha!r}", field="alpha")
-        if not 0 <= s.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {s.dropout!r}", field="dropout")
+        s = self._checked_spec()
         init, dtype = self._options()
         exact = bool(s.options.get("exact_grad", False))
         quant = self._quant()

@@ -62,20 +62,14 @@ class IA3Linear(DeltaLinear):
 
     @torch.no_grad()
     def merge(self) -> None:
-        if self.merged:
-            import warnings
-
-            warnings.warn("adapter already merged; merge() does nothing", stacklevel=2)
+        if self._already(merged=True):
             return
         self._rescale(self._scale())
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if not self.merged:
-            import warnings
-
-            warnings.warn("adapter is not merged; unmerge() does nothing", stacklevel=2)
+        if self._already(merged=False):
             return
         l = self._scale()  # noqa: E741
         if torch.any(l == 0):

@@ -119,7 +119,8 @@ class LoRA(Method):
     def use_rslora(self) -> bool:
         return bool(self.spec.rslora)
 
-    def apply(self, model: nn.Module) -> None:
+    def _checked_spec(self) -> MethodSpec:
+        """The spec, after one-line errors for a bad rank, alpha or dropout."""
         s = self.spec
         if not isinstance(s.rank, int) or s.rank < 1:
             raise ConfigError(f"rank must be a positive integer, got {s.rank!r}", field="rank")
@@ -127,6 +128,10 @@ class LoRA(Method):
             raise ConfigError(f"alpha must be positive, got {s.alpha!r}", field="alpha")
         if not 0 <= s.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {s.dropout!r}", field="dropout")
+        return s
+
+    def apply(self, model: nn.Module) -> None:
+        s = self._checked_spec()
         init, dtype = self._options()
         rslora = self.use_rslora
         wrap_linears(model, s.targets, lambda base: LoRALinear(base, s.rank, s.alpha, rslora=rslora, dropout=s.dropout,

@@ -68,13 +68,20 @@ def _same_formula(module: nn.Module) -> bool:
 def install(model: nn.Module) -> tuple[Callable[[], None], str | None]:
     """Swap the model's Llama-style RMSNorms for FusedRMSNorm. Returns (restore, why_not): `why_not`
     is None when norms were swapped, else the reason nothing was (restore is then a no-op)."""
-    targets = [(name, module) for name, module in model.named_modules() if _same_formula(module)]
+    checked: dict[type, bool] = {}  # the formula is a property of the class: check one instance of each
+    targets = []
+    for name, module in model.named_modules():
+        if type(module) not in checked:
+            checked[type(module)] = _same_formula(module)
+        if checked[type(module)]:
+            targets.append((name, module))
     if not targets:
         return (lambda: None), "no Llama-style RMSNorm in the model"
     name0, first = targets[0]
-    try:  # compile now (forward and backward), so a missing compiler shows here and not mid-run
-        x = torch.randn(3, first.weight.shape[-1], device=first.weight.device, requires_grad=True)
-        _kernel()(x.to(first.weight.dtype), first.weight.detach(), first.variance_epsilon).sum().backward()
+    try:  # compile now, as training will call it (forward and backward), so a missing compiler shows here
+        w = first.weight
+        x = torch.randn(1, 3, w.shape[-1], device=w.device, dtype=w.dtype, requires_grad=True)
+        _kernel()(x, w.detach().requires_grad_(w.requires_grad), first.variance_epsilon).sum().backward()
     except Exception as exc:  # inductor raises many kinds (no compiler, unsupported platform)
         return (lambda: None), f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
     swapped = []

@@ -1,0 +1,64 @@
+"""What a benchmark ran on: CPU model and the flags that decide bf16 speed, torch's threads, and the
+bf16 matmul peak measured now. Every result JSON records this, since sessions land on different
+CPU kinds (AMD EPYC with AVX-512 bf16, Intel Xeon with AMX) and the ratios differ between them.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+FLAGS_OF_INTEREST = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpu_flags": [f for f in FLAGS_OF_INTEREST if f in flags],
+            "cpu_kind": "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "other"}
+
+
+def matmul_peak_gflops(dtype_name: str = "bf16", n: int = 2048, reps: int = 10) -> float:
+    """Square-matmul throughput: an upper bound, not the step's attainable limit (see roofline.py)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def machine_record(measure_peak: bool = True) -> dict:
+    import torch
+
+    record = {**cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "python": platform.python_version()}
+    try:
+        import transformers
+
+        record["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if measure_peak:
+        record["matmul_peak_gflops_bf16"] = round(matmul_peak_gflops("bf16"), 1)
+    return record
+
+
+def describe(record: dict) -> str:
+    flags = ",".join(record.get("cpu_flags", [])) or "-"
+    peak = record.get("matmul_peak_gflops_bf16")
+    return (f"{record.get('cpu_model')} [{flags}], {record.get('threads')} threads, torch {record.get('torch')}"
+            + (f", bf16 matmul peak {peak:.0f} GFLOP/s" if peak else ""))

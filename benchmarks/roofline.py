@@ -1,0 +1,189 @@
+"""The attainable limit of one LoRA training step: only its matrix products, at the step's exact shapes.
+
+A square-matmul peak is not a fair limit at hidden size 576: the step's products are thin (k=8 LoRA
+factors, 192-wide grouped k/v projections, per-example attention blocks), and oneDNN runs those far
+below the peak. This script rebuilds the benchmark's own steps (SmolLM2-135M, GSM8K train first 512
+examples, chat template, response-only loss, rows of 256 tokens, 4 rows a step laid end to end,
+LoRA r=8 on all linear layers; the same data path as `train_speed.py`'s deltatune contender) and times
+in the training precision (bf16 where the CPU has it), on this machine, every matmul one step needs:
+
+- base forward x W^T of the seven projections per layer, and their input gradients dY W (the frozen
+  base gets no weight gradient);
+- LoRA's four products per projection forward and backward (x A^T, (xA^T) B^T, the two weight
+  gradients, the two input gradients);
+- attention per example: QK^T and PV forward, and backward's recomputed QK^T, dP, dV, dQ, dK;
+- the LM head on loss-bearing positions only (forward and the hidden-state gradient; the tied head is
+  frozen under LoRA).
+
+The sum over the timed steps is the roofline: a step cannot be faster than its matmuls run alone.
+With `--measure` the deltatune contender of train_speed.py runs on the same steps (its own process)
+and the step time is reported as a fraction of the roofline.
+
+    python benchmarks/roofline.py [--steps 12] [--warmup 2] [--rank 8] [--measure] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe, machine_record  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results" / "roofline.json"
+MAX_LEN, BATCH = 256, 4
+
+
+def benchmark_steps(steps: int, warmup: int) -> tuple[list[dict], object]:
+    """The flat batches the deltatune contender trains on, step by step (same packing and seed)."""
+    from train_speed import gsm8k_records
+    from transformers import AutoConfig
+
+    from deltatune.config import TrainConfig
+    from deltatune.data.masking import parse_policy
+    from deltatune.data.packing import collate
+    from deltatune.data.pipeline import prepare_records
+    from deltatune.models import default_model_dir, load_tokenizer
+    from deltatune.train.checkpoint import Position
+    from deltatune.train.loop import MicroBatches
+
+    model_dir = default_model_dir()
+    tok = load_tokenizer(model_dir)
+    cfg = TrainConfig(template="chatml", policy="response", seq_len=MAX_LEN, batch_size=BATCH, eval_fraction=0.0)
+    examples = list(prepare_records(gsm8k_records(), tok, template="chatml", max_len=MAX_LEN).examples)
+    data, pos, policy = MicroBatches(examples, cfg), Position(), parse_policy("response")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = []
+    for step in range(warmup + steps):
+        rows = data.take(pos, 1)[0]
+        batch = collate(rows, policy, seq_len=MAX_LEN, pad_id=pad, packed=True, flat=True, template_name="chatml")
+        n_loss = int((batch["loss_weights"][:, 1:] > 0).sum())
+        if step >= warmup:
+            out.append({"T": batch["input_ids"].shape[1], "spans": [len(ex) for row in rows for ex in row],
+                        "n_loss": -(-n_loss // 32) * 32, "real_tokens": batch["n_real_tokens"]})
+    return out, AutoConfig.from_pretrained(model_dir)
+
+
+def step_products(step: dict, c, rank: int) -> Counter:
+    """(kind, m, k, n, batch) -> count: one product of `batch` (m x k) and (k x n) matrices, per step."""
+    h, heads, kv_heads = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
+    d_head = h // heads
+    projections = [(h, h), (h, kv_heads * d_head), (h, kv_heads * d_head), (h, h),
+                   (h, c.intermediate_size), (h, c.intermediate_size), (c.intermediate_size, h)]  # (in, out)
+    T, L = step["T"], c.num_hidden_layers
+    products: Counter = Counter()
+    for d_in, d_out in projections:
+        products[("base fwd", T, d_in, d_out, 1)] += L
+        products[("base dX", T, d_out, d_in, 1)] += L
+        if rank:
+            products[("lora fwd A", T, d_in, rank, 1)] += L
+            products[("lora fwd B", T, rank, d_out, 1)] += L
+            products[("lora dB", d_out, T, rank, 1)] += L
+            products[("lora d(xA)", T, d_out, rank, 1)] += L
+            products[("lora dA", rank, T, d_in, 1)] += L
+            products[("lora dX", T, rank, d_in, 1)] += L
+    for n in step["spans"]:  # one batched product over the heads (as SpanAttention runs them), per layer
+        for kind, (m, k, nn) in {"attn QK fwd": (n, d_head, n), "attn PV fwd": (n, n, d_head),
+                                 "attn QK recompute": (n, d_head, n), "attn dP": (n, d_head, n),
+                                 "attn dV": (n, n, d_head), "attn dQ": (n, n, d_head),
+                                 "attn dK": (n, n, d_head)}.items():
+            products[(kind, m, k, nn, heads)] += L
+    products[("head fwd", step["n_loss"], h, c.vocab_size, 1)] += 1
+    products[("head dH", step["n_loss"], c.vocab_size, h, 1)] += 1
+    return products
+
+
+def time_product(m: int, k: int, n: int, batch: int, reps: int, dtype: torch.dtype) -> float:
+    """Seconds per (batch x m x k) @ (batch x k x n) with contiguous operands (median of `reps` timings)."""
+    a = torch.randn(batch, m, k, dtype=dtype)
+    b = torch.randn(batch, k, n, dtype=dtype)
+    out = torch.empty(batch, m, n, dtype=dtype)
+    product = (lambda: torch.mm(a[0], b[0], out=out[0])) if batch == 1 else (lambda: torch.bmm(a, b, out=out))
+    inner = max(1, int(2e8 // max(2 * m * k * n * batch, 1)))  # ~0.2 GFLOP per timing, at least one product
+    for _ in range(2):
+        product()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(inner):
+            product()
+        times.append((time.perf_counter() - t) / inner)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=5, help="timings per shape (median)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="auto = what training picks here: bf16 where the CPU has AVX-512 bf16 or AMX")
+    parser.add_argument("--measure", action="store_true", help="also run the deltatune contender on the same steps")
+    parser.add_argument("--repeats", type=int, default=3, help="with --measure: roofline and run, interleaved")
+    args = parser.parse_args()
+
+    machine = machine_record(measure_peak=False)
+    if args.dtype == "auto":
+        args.dtype = "bf16" if machine["cpu_kind"] in ("amx", "avx512_bf16") else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    print(f"machine: {describe(machine)}; products in {args.dtype}")
+    steps, c = benchmark_steps(args.steps, args.warmup)
+    total: Counter = Counter()
+    for step in steps:
+        total.update(step_products(step, c, args.rank))
+    tokens = sum(s["real_tokens"] for s in steps)
+
+    def roofline_once() -> tuple[float, dict]:
+        seconds, by_kind = 0.0, Counter()
+        for (kind, m, k, n, batch), count in total.items():
+            t = time_product(m, k, n, batch, args.reps, dtype) * count
+            seconds += t
+            by_kind[kind.split(" ")[0]] += t
+        return seconds, dict(by_kind)
+
+    rooflines, measured = [], []
+    for i in range(args.repeats if args.measure else 1):
+        seconds, by_kind = roofline_once()
+        rooflines.append(seconds)
+        if args.measure:
+            proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"), "--child", "deltatune",
+                                   "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                                  capture_output=True, text=True, cwd=REPO)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"the deltatune contender failed:\n{proc.stderr[-3000:]}")
+            measured.append(json.loads(line[len("RESULT "):])["tokens_per_s"])
+    roof_s = statistics.median(rooflines)
+    flops = sum(2 * m * k * n * batch * count for (_, m, k, n, batch), count in total.items())
+    roof_tps = tokens / roof_s
+    print(f"\n{len(steps)} steps, {tokens} real tokens; {flops / 1e12:.2f} TFLOP of matmuls")
+    print(f"{'part':10s}{'seconds':>10s}{'share':>8s}")
+    for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"{kind:10s}{t:10.2f}{100 * t / seconds:7.1f}%")
+    print(f"roofline: {roof_s:.2f} s = {roof_tps:.0f} tokens/s ({flops / roof_s / 1e9:.0f} GFLOP/s on the step's "
+          f"shapes; spread {min(rooflines):.2f}-{max(rooflines):.2f} s)")
+    result = {"machine": machine, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup, "rank": args.rank, "tokens": tokens,
+              "matmul_tflop": flops / 1e12, "roofline_s": rooflines, "roofline_tokens_per_s": roof_tps,
+              "by_part_s": by_kind}
+    if measured:
+        med = statistics.median(measured)
+        result.update(deltatune_tokens_per_s=measured, fraction_of_roofline=med / roof_tps)
+        print(f"deltatune: {med:.0f} tokens/s (runs {', '.join(f'{x:.0f}' for x in measured)}) = "
+              f"{100 * med / roof_tps:.0f}% of the roofline")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -199,8 +199,11 @@ def test_atomic_writer_keeps_the_old_file_when_writing_fails(tmp_path):
 def test_from_labels_output_trains_with_deltatune_train(capsys, task, data, tmp_path, tiny_dir):
     out = tmp_path / "train.jsonl"
     assert _cli(capsys, "from-labels", "--data", data, "--task", task, "--out", out, "--per-example", "3")[0] == 0
+    clean = tmp_path / "clean.jsonl"  # the worked example of docs/data.md: from-labels -> filter -> train
+    assert _cli(capsys, "filter", "--data", out, "--on", "all", "--out", clean)[0] == 0
+    assert clean.read_text() == out.read_text()  # 12 distinct records: nothing to drop
     run = tmp_path / "run"
-    code = main(["train", "--model", str(tiny_dir), "--data", str(out), "--output", str(run), "--method", "lora",
+    code = main(["train", "--model", str(tiny_dir), "--data", str(clean), "--output", str(run), "--method", "lora",
                  "--rank", "4", "--steps", "2", "--batch-size", "4", "--seq-len", "128", "--precision", "fp32",
                  "--set", "eval_fraction=0", "--quiet"])
     assert code == 0

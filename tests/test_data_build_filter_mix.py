@@ -8,9 +8,9 @@ import pytest
 from rouge_score import rouge_scorer
 
 from deltatune.cli import main
-from deltatune.data.build.filter import FilterOptions, filter_records
-from deltatune.data.build.mix import MixSource, mix, mixture_counts, parse_sources
-from deltatune.data.build.similarity import jaccard, shingles
+from deltatune.data.instructions.filter import FilterOptions, filter_records
+from deltatune.data.instructions.mix import MixSource, mix, mixture_counts, parse_sources
+from deltatune.data.instructions.similarity import jaccard, shingles
 from deltatune.errors import ConfigError
 
 SEA = "Write a short poem about the sea at night, with the moon, the stars and a small boat far from the coast."

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from deltatune.cli import main
-from deltatune.data.build.from_labels import build_from_labels, choose_phrasings, load_task
-from deltatune.data.build.output import write_jsonl_atomic
+from deltatune.data.instructions.from_labels import build_from_labels, choose_phrasings, load_task
+from deltatune.data.instructions.output import write_jsonl_atomic
 from deltatune.errors import ConfigError, DataError
 
 TASK = """\

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
-from deltatune.data.build.self_instruct import (CHECKPOINT, PROGRESS, SelfInstructConfig, run_self_instruct,
+from deltatune.data.instructions.self_instruct import (CHECKPOINT, PROGRESS, SelfInstructConfig, run_self_instruct,
                                                 write_outputs)
-from deltatune.data.build.self_instruct_text import (CLASSIFY_HEADER, INSTRUCTION_HEADER, OUTPUT_FIRST_HEADER,
+from deltatune.data.instructions.self_instruct_text import (CLASSIFY_HEADER, INSTRUCTION_HEADER, OUTPUT_FIRST_HEADER,
                                                      INPUT_FIRST_HEADER, parse_instances, read_seed_tasks)
 from deltatune.errors import DataError, UserError
 

@@ -88,8 +88,8 @@ def _help(p: argparse.ArgumentParser) -> int:
 
 
 def run_from_labels(args: argparse.Namespace) -> int:
-    from deltatune.data.build.from_labels import build_from_labels, load_task
-    from deltatune.data.build.output import check_output, write_jsonl_atomic
+    from deltatune.data.instructions.from_labels import build_from_labels, load_task
+    from deltatune.data.instructions.output import check_output, write_jsonl_atomic
 
     out = check_output(args.out, [args.data, args.task], args.overwrite)
     task = load_task(args.task)
@@ -104,10 +104,10 @@ def run_from_labels(args: argparse.Namespace) -> int:
 def run_self_instruct(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from deltatune.data.build.output import check_output
-    from deltatune.data.build.self_instruct import (SelfInstructConfig, model_generator, run_self_instruct,
+    from deltatune.data.instructions.output import check_output
+    from deltatune.data.instructions.self_instruct import (SelfInstructConfig, model_generator, run_self_instruct,
                                                     write_outputs)
-    from deltatune.data.build.self_instruct_text import read_seed_tasks
+    from deltatune.data.instructions.self_instruct_text import read_seed_tasks
     from deltatune.models import load_model
 
     out = check_output(args.out, [args.seeds], args.overwrite)
@@ -127,8 +127,8 @@ def run_self_instruct(args: argparse.Namespace) -> int:
 
 
 def run_filter(args: argparse.Namespace) -> int:
-    from deltatune.data.build.filter import FilterOptions, filter_records
-    from deltatune.data.build.output import check_output, write_json_atomic, write_jsonl_atomic
+    from deltatune.data.instructions.filter import FilterOptions, filter_records
+    from deltatune.data.instructions.output import check_output, write_json_atomic, write_jsonl_atomic
 
     out = check_output(args.out, [args.data], args.overwrite)
     if args.report:
@@ -151,8 +151,8 @@ def run_filter(args: argparse.Namespace) -> int:
 
 
 def run_mix(args: argparse.Namespace) -> int:
-    from deltatune.data.build.mix import format_parts, mix, parse_sources
-    from deltatune.data.build.output import check_output, write_jsonl_atomic
+    from deltatune.data.instructions.mix import format_parts, mix, parse_sources
+    from deltatune.data.instructions.output import check_output, write_jsonl_atomic
 
     sources = parse_sources(args.sources)
     out = check_output(args.out, [s.path for s in sources], args.overwrite)

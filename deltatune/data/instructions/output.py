@@ -1,0 +1,57 @@
+"""Atomic JSONL outputs that never replace a user's file by accident.
+
+Each command checks its --out before any work (exists without --overwrite, or is one of the inputs),
+writes into a hidden temporary file beside it and renames it into place at the end, so a failure or a
+kill at any moment leaves either no output or the previous one, never a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from deltatune.errors import UserError
+
+
+def check_output(out: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False) -> Path:
+    """Refuse an --out that is an input, or that exists and `overwrite` is off; returns it as a Path."""
+    out = Path(out)
+    for src in inputs:
+        src = Path(src)
+        if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
+            raise UserError("the output would replace an input file; choose another --out", file=str(out))
+    if out.exists() and not overwrite:
+        raise UserError("already exists; pass --overwrite to replace it", file=str(out))
+    if out.exists() and out.is_dir():
+        raise UserError("is a folder, expected a file name", file=str(out))
+    return out
+
+
+def write_text_atomic(out: str | Path, text: str) -> None:
+    """Write `text` to a temporary file in `out`'s folder, fsync it, then rename it over `out`."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl_atomic(out: str | Path, records: Iterable[dict]) -> int:
+    """Write one JSON object per line (UTF-8, not ASCII-escaped) atomically; returns the count."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    write_text_atomic(out, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def write_json_atomic(out: str | Path, value: object) -> None:
+    write_text_atomic(out, json.dumps(value, indent=2, ensure_ascii=False) + "\n")

@@ -42,8 +42,17 @@ def make_adapter(folder, spec: MethodSpec, seed: int) -> None:
     adapted.save_adapter(folder)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: one thread is fastest, and immune to a machine whose cores other jobs hold."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory):
+def adapter_dirs(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("adapters")
     for i, (name, spec) in enumerate(SPECS.items()):
         make_adapter(root / name, spec, seed=100 + i)

@@ -9,6 +9,7 @@ import torch
 from deltatune.errors import UserError
 from deltatune.methods.apply import apply_methods, load_adapter
 from deltatune.methods.base import MethodSpec
+from deltatune.serve.testing import random_adapter
 from deltatune.serve import Engine, GenRequest, MultiAdapterLinear, MultiAdapterModel, SamplingParams
 from deltatune.testing import tiny_model, tiny_tokenizer
 
@@ -34,12 +35,7 @@ MAX_NEW = 12
 
 def make_adapter(folder, spec: MethodSpec, seed: int) -> None:
     """Save an adapter of `spec` with random non-zero weights (so it changes what the model says)."""
-    adapted = apply_methods(base_model(), [MethodSpec(**spec.to_dict())])
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in adapted.trainable_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * (1.0 if spec.name == "ia3" else 0.3))
-    adapted.save_adapter(folder)
+    random_adapter(folder, spec, base_model(), seed)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -63,6 +63,7 @@ class GenRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     on_text: Callable[[str], None] | None = None  # each newly released piece of text
     on_finish: Callable[[GenResult], None] | None = None
+    on_error: Callable[[Exception], None] | None = None  # used by the server's batcher
     cancelled: bool = False  # set from another thread to drop the row at the next step
 
 

@@ -56,22 +56,31 @@ class Routing:
     def __init__(self) -> None:
         self.rows: list[str | None] | None = None
         self.default: str | None = None
-        self.version = 0  # bumped on every change, so layers can cache per-batch index tensors
+        self.version = 0  # one number per distinct routing, so layers can cache per-batch index tensors
         self._groups: dict[str | None, torch.Tensor] | None = None
+        self._uniform: tuple[bool, str | None] = (True, None)
+        self._known: dict[tuple, tuple[int, tuple[bool, str | None]]] = {}
+        self._next = 0
 
     def set(self, rows: list[str | None] | None) -> None:
+        """Route the next forward passes; the same rows again keep the same `version` (so the layers' cached
+        index tensors survive from one decoding step to the next)."""
         self.rows = list(rows) if rows is not None else None
-        self.version += 1
+        key = (None if rows is None else tuple(rows), self.default)
+        if key not in self._known:
+            if len(self._known) > 256:
+                self._known.clear()
+            self._next += 1
+            first = self.rows[0] if self.rows else None
+            uniform = (True, self.default) if self.rows is None else (
+                (True, first) if all(r == first for r in self.rows) else (False, None))
+            self._known[key] = (self._next, uniform)
+        self.version, self._uniform = self._known[key]
         self._groups = None
 
     def uniform(self) -> tuple[bool, str | None]:
-        """(True, name) when every row uses the same adapter `name`."""
-        if self.rows is None:
-            return True, self.default
-        first = self.rows[0] if self.rows else None
-        if all(r == first for r in self.rows):
-            return True, first
-        return False, None
+        """(True, name) when every row uses the same adapter `name` (computed once per batch, not per layer)."""
+        return self._uniform
 
     def groups(self) -> dict[str | None, torch.Tensor]:
         """Adapter name -> the indices of the rows that use it."""
@@ -93,6 +102,7 @@ class MultiAdapterLinear(nn.Module):
         self.routing = routing
         self._stack_cache: tuple | None = None  # (A, sB, slot of name, zero slot) for plain LoRA adapters
         self._index_cache: tuple[int, torch.Tensor] | None = None
+        self._plan_cache: tuple | None = None
 
     @property
     def in_features(self) -> int:
@@ -114,11 +124,11 @@ class MultiAdapterLinear(nn.Module):
         if module.base is not self.base:
             raise RuntimeError("an adapter must wrap this layer's own base linear")
         self.adapters[name] = module
-        self._stack_cache = self._index_cache = None
+        self._stack_cache = self._index_cache = self._plan_cache = None
 
     def remove(self, name: str) -> None:
         del self.adapters[name]
-        self._stack_cache = self._index_cache = None
+        self._stack_cache = self._index_cache = self._plan_cache = None
 
     # --- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,21 +138,25 @@ class MultiAdapterLinear(nn.Module):
                 return self.adapters[name](x)  # the adapter's own forward, exactly as when served alone
             return self.base(x)
         out = self.base(x)
-        groups = {n: rows for n, rows in self.routing.groups().items() if n is not None and n in self.adapters}
-        if not groups:
-            return out
-        result = out
-        fast = [n for n in groups if _stackable(self.adapters[n])]
-        if len(fast) >= 2:
-            result = out + self._gathered_lora(x).to(out.dtype)
-            groups = {n: rows for n, rows in groups.items() if n not in fast}
-        else:
-            result = out.clone()
-        for n, rows in groups.items():
+        gathered, others = self._plan()
+        result = out + self._gathered_lora(x).to(out.dtype) if gathered else out.clone() if others else out
+        for n, rows in others:
             rows = rows.to(x.device)
             result.index_copy_(0, rows, self.adapters[n].adapted_forward(x.index_select(0, rows),
                                                                            out.index_select(0, rows)))
         return result
+
+    def _plan(self) -> tuple[bool, list[tuple[str, torch.Tensor]]]:
+        """For this batch (cached per routing version): whether the gathered LoRA path runs (two or more
+        plain LoRA adapters present), and the (adapter, rows) groups computed one adapter at a time."""
+        version = self.routing.version
+        if self._plan_cache is None or self._plan_cache[0] != version:
+            groups = [(n, rows) for n, rows in self.routing.groups().items() if n is not None and n in self.adapters]
+            fast = [n for n, _ in groups if _stackable(self.adapters[n])]
+            gathered = len(fast) >= 2
+            others = [(n, rows) for n, rows in groups if not (gathered and n in fast)]
+            self._plan_cache = (version, gathered, others)
+        return self._plan_cache[1], self._plan_cache[2]
 
     def _gathered_lora(self, x: torch.Tensor) -> torch.Tensor:
         """sum over plain LoRA adapters of s B A x, each row with its own adapter, as two bmm."""

@@ -80,13 +80,12 @@ def main() -> int:
 
     from deltatune.methods.base import MethodSpec
     from deltatune.serve import Engine, GenRequest, MultiAdapterModel, SamplingParams
-    from deltatune.serve.testing import random_adapter
 
     base, tok, model_name = load_base(args.model)
     spec = MethodSpec(name="lora", rank=args.rank, alpha=2 * args.rank)
     tmp = Path(tempfile.mkdtemp(prefix="serve_speed."))
     print(f"building 16 random LoRA adapters (rank {args.rank}, all linears) in {tmp}", flush=True)
-    folders = [random_adapter(tmp / f"a{i}", spec, copy.deepcopy(base), seed=i, std=0.01) for i in range(16)]
+    folders = random_adapters(tmp, spec, base, 16)
 
     merged_engine = Engine(MultiAdapterModel(merged_copy(base, folders[0])), tok)  # before base is wrapped
     multi = MultiAdapterModel(base)
@@ -166,6 +165,23 @@ def main() -> int:
         print(f"| {k} | {v:.3f} |")
     print(f"\nwrote {out}")
     return 0
+
+
+def random_adapters(root: Path, spec, base, count: int, std: float = 0.01) -> list[Path]:
+    """`count` adapters of `spec` with different random weights, from one adapted copy of the base."""
+    from deltatune.methods.apply import apply_methods
+
+    adapted = apply_methods(copy.deepcopy(base), [spec])
+    params = adapted.trainable_parameters()
+    start = [p.detach().clone() for _, p in params]
+    folders = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for (_, p), p0 in zip(params, start):
+                p.copy_(p0 + torch.randn(p.shape, generator=g) * std)
+        folders.append(adapted.save_adapter(root / f"a{i}"))
+    return folders
 
 
 def merged_copy(base, folder):

@@ -21,6 +21,7 @@ SPECS = {
     "mora": MethodSpec(name="mora", rank=4, targets="q_proj,gate_proj,down_proj"),
     "mora1": MethodSpec(name="mora", rank=4, options={"mora_type": 1}),
     "ia3": MethodSpec(name="ia3"),
+    "lora-ia3": [MethodSpec(name="lora", rank=2, targets="q_proj,o_proj"), MethodSpec(name="ia3")],  # one folder
 }
 BASE = {"initializer_range": 0.2}  # larger random weights: greedy text that varies, not one repeated token
 
@@ -33,7 +34,7 @@ PROMPTS = ["What is 2 + 3?", "The quick brown fox", "Natalia sold clips to 48 of
 MAX_NEW = 12
 
 
-def make_adapter(folder, spec: MethodSpec, seed: int) -> None:
+def make_adapter(folder, spec: MethodSpec | list[MethodSpec], seed: int) -> None:
     """Save an adapter of `spec` with random non-zero weights (so it changes what the model says)."""
     random_adapter(folder, spec, base_model(), seed)
 

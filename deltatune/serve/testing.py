@@ -14,17 +14,20 @@ import torch
 
 
 def random_adapter(folder: str | Path, spec, base: torch.nn.Module, seed: int, std: float = 0.3) -> Path:
-    """Apply `spec` to `base` (changed in place), add N(0, std^2) noise to every trained tensor (so the
-    adapter really changes the output), and save it; (IA)3 vectors get 1.0 noise around their ones."""
+    """Apply `spec` (one MethodSpec or a list) to `base` (changed in place), add N(0, std^2) noise to every
+    trained tensor (so the adapter really changes the output), and save it; (IA)3 vectors get N(0, 1)
+    noise around their ones."""
     from deltatune.methods.apply import apply_methods
     from deltatune.methods.base import MethodSpec
 
-    adapted = apply_methods(base, [MethodSpec(**spec.to_dict())])
+    specs = spec if isinstance(spec, list) else [spec]
+    adapted = apply_methods(base, [MethodSpec(**s.to_dict()) for s in specs])
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, p in adapted.trainable_parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
-                   * (1.0 if spec.name == "ia3" else std))
+        for method in adapted.methods:
+            for _, p in method.trainable_parameters(adapted.model):
+                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+                       * (1.0 if method.name == "ia3" else std))
     adapted.save_adapter(folder)
     return Path(folder)
 

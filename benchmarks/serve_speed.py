@@ -127,7 +127,8 @@ def main() -> int:
         "latency: merged adapter": lambda: run(merged_engine, [None], prompts[:1]),
         "latency: unmerged adapter": lambda: run(engine, ["a0"], prompts[:1]),
     }
-    for fn in cases.values():  # warm-up
+    print("warm-up", flush=True)
+    for fn in cases.values():
         fn()
     best = {k: float("inf") for k in cases}
     for rep in range(args.repeats):

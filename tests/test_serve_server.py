@@ -320,3 +320,19 @@ def test_cli_serve_answers_and_rejects_bad_flags(tiny_dir, adapter_root, tmp_pat
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_streaming_client_that_goes_away_stops_its_row(adapter_root):
+    state = make_state(adapter_root)
+    state.engine.stop_ids = set()  # only max_tokens could end this row
+    with running_server(create_app(state)) as url:
+        body = {"model": "alpha", "prompt": PROMPT, "max_tokens": 400, "stream": True}
+        with httpx.stream("POST", url + "/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+        deadline = time.monotonic() + 60
+        while state.engine.stats["seconds"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the batch has ended (stats are written when generate returns)
+        assert 0 < state.engine.stats["tokens"] < 400
+        r = httpx.post(url + "/completions", json={"model": BASE, "prompt": PROMPT, "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200

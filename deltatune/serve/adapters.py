@@ -138,20 +138,20 @@ class MultiAdapterLinear(nn.Module):
                 return self.adapters[name](x)  # the adapter's own forward, exactly as when served alone
             return self.base(x)
         out = self.base(x)
-        gathered, others = self._plan()
+        gathered, others = self._plan(x.device)
         result = out + self._gathered_lora(x).to(out.dtype) if gathered else out.clone() if others else out
         for n, rows in others:
-            rows = rows.to(x.device)
             result.index_copy_(0, rows, self.adapters[n].adapted_forward(x.index_select(0, rows),
                                                                            out.index_select(0, rows)))
         return result
 
-    def _plan(self) -> tuple[bool, list[tuple[str, torch.Tensor]]]:
+    def _plan(self, device: torch.device) -> tuple[bool, list[tuple[str, torch.Tensor]]]:
         """For this batch (cached per routing version): whether the gathered LoRA path runs (two or more
         plain LoRA adapters present), and the (adapter, rows) groups computed one adapter at a time."""
         version = self.routing.version
         if self._plan_cache is None or self._plan_cache[0] != version:
-            groups = [(n, rows) for n, rows in self.routing.groups().items() if n is not None and n in self.adapters]
+            groups = [(n, rows.to(device)) for n, rows in self.routing.groups().items()
+                      if n is not None and n in self.adapters]
             fast = [n for n, _ in groups if _stackable(self.adapters[n])]
             gathered = len(fast) >= 2
             others = [(n, rows) for n, rows in groups if not (gathered and n in fast)]

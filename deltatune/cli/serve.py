@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{adapter_dir}: no such directory", field="adapter-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
+    sock = _bind(args.host, args.port)  # before the model loads: a busy port fails at once
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     multi = MultiAdapterModel(model)
     base_name = args.model_name or (DEFAULT_MODEL if args.model is None or str(args.model).lower()
@@ -74,5 +75,20 @@ def run(args: argparse.Namespace) -> int:
                         max_queue=args.max_queue)
     print(f"deltatune serve: {base_name} with adapters [{', '.join(multi.names)}] on http://{args.host}:{args.port}/v1",
           flush=True)
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning")).run(sockets=[sock])
     return 0
+
+
+def _bind(host: str, port: int):
+    """The listening socket, bound here so that a busy port or bad host is one clear line."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", field="port") from None
+    return sock

@@ -10,7 +10,8 @@ whole batch and adds each adapter's change on the rows that name it:
 - plain LoRA adapters in a mixed batch: one gathered computation for all of them, h = x A[row]^T and
   y += h (s B)[row]^T as two batched matmuls over per-row gathered A and s*B (ranks padded with zeros,
   a zero slot for rows without a LoRA adapter on this layer), so 16 distinct adapters cost two bmm;
-- any other adapter (DoRA, MoRA, (IA)3): its `adapted_forward(x[rows], base_out[rows])` on its rows.
+- any other adapter (DoRA, MoRA, (IA)3): its `adapted_forward(x[rows], base_out[rows])` on its rows;
+- prompt tuning: its virtual-token embeddings, which the engine places before the row's prompt.
 
 Adapters are built without touching the served model: the method is applied to a *skeleton*, a tree of
 empty modules with the model's module names whose leaves are the model's real linears, so the method's
@@ -32,12 +33,10 @@ from deltatune.errors import ConfigError, UserError
 from deltatune.methods.base import DeltaLinear, MethodSpec
 from deltatune.methods.lora import LoRALinear
 
-SERVABLE_METHODS = ("lora", "rslora", "dora", "mora", "ia3")
+SERVABLE_METHODS = ("lora", "rslora", "dora", "mora", "ia3", "prompt")
 _WHY_NOT = {
     "prefix": "prefix tuning adds key/value prefixes to the attention cache, whose length differs per adapter, "
               "so rows of different adapters cannot share one cache; serve it alone with `deltatune generate`",
-    "prompt": "prompt tuning prepends virtual tokens to the input, which changes every row's positions; "
-              "serve it alone with `deltatune generate`",
     "adapter": "bottleneck adapters insert modules after layers; merge is impossible and per-row routing is "
                "not implemented for them",
     "bitfit": "BitFit changes the base model's biases themselves, which every row shares; export a merged model",
@@ -205,6 +204,7 @@ class LoadedAdapter:
     specs: list[MethodSpec]
     layers: list[str]  # qualified names of the MultiAdapterLinear layers it adapts
     source: str | None
+    prompt: torch.Tensor | None = None  # prompt tuning's virtual-token embeddings (p, d_model), if any
 
 
 class MultiAdapterModel:
@@ -246,13 +246,18 @@ class MultiAdapterModel:
         self._check_new_name(name)
         for spec in specs:
             _check_servable(spec, source)
-        skeleton = self._skeleton()
-        adapted = apply_methods(skeleton, list(specs))
-        if peft_keys:
-            method = adapted.methods[0]
-            tensors = {method.from_peft_key(k): v for k, v in tensors.items()}
-        adapted.load_adapter_state_dict(tensors, source=source)
-        built = [(n, m) for n, m in skeleton.named_modules() if isinstance(m, DeltaLinear)]
+        tensors = dict(tensors)
+        prompt = self._virtual_tokens(specs, tensors, peft_keys, source)
+        linear_specs = [s for s in specs if s.name != "prompt"]
+        built = []
+        if linear_specs:
+            skeleton = self._skeleton()
+            adapted = apply_methods(skeleton, linear_specs)
+            if peft_keys:
+                method = adapted.methods[0]
+                tensors = {method.from_peft_key(k): v for k, v in tensors.items()}
+            adapted.load_adapter_state_dict(tensors, source=source)
+            built = [(n, m) for n, m in skeleton.named_modules() if isinstance(m, DeltaLinear)]
         for _, module in built:
             module.requires_grad_(False)
             module.eval()
@@ -261,7 +266,7 @@ class MultiAdapterModel:
             layer = self._layer(qualified, module.base)
             layer.add(name, module)
             layers.append(qualified)
-        loaded = LoadedAdapter(name=name, specs=list(specs), layers=layers, source=source)
+        loaded = LoadedAdapter(name=name, specs=list(specs), layers=layers, source=source, prompt=prompt)
         self.adapters[name] = loaded
         self.routing.set(self.routing.rows)
         return loaded
@@ -300,7 +305,31 @@ class MultiAdapterModel:
         finally:
             self.routing.set(before)
 
+    def virtual_tokens(self, name: str | None) -> torch.Tensor | None:
+        """The virtual-token embeddings that rows of adapter `name` start with (prompt tuning), or None."""
+        loaded = self.adapters.get(name) if name is not None else None
+        return None if loaded is None else loaded.prompt
+
     # --- internals ----------------------------------------------------------------------------
+    def _virtual_tokens(self, specs: list[MethodSpec], tensors: dict[str, torch.Tensor], peft_keys: bool,
+                        source: str | None) -> torch.Tensor | None:
+        """Take prompt tuning's embeddings out of `tensors` (PEFT's or deltatune's key), checked against the model."""
+        spec = next((s for s in specs if s.name == "prompt"), None)
+        if spec is None:
+            return None
+        from deltatune.methods.prompt import PromptTuning
+
+        key = "prompt_embeddings" if peft_keys else f"{PromptTuning.ATTR}.embedding"
+        if key not in tensors:
+            raise ConfigError(f"prompt-tuning adapter lacks the tensor '{key}'", file=source)
+        value = tensors.pop(key)
+        table = self.model.get_input_embeddings().weight
+        p = int(spec.options.get("num_virtual_tokens", 20))
+        if value.dim() != 2 or value.shape != (p, table.shape[1]):
+            raise ConfigError(f"tensor '{key}' has shape {tuple(value.shape)}, the model expects ({p}, {table.shape[1]})",
+                              file=source)
+        return value.to(device=table.device, dtype=table.dtype)
+
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             raise UserError(f"adapter name {name!r} must be 1-128 letters, digits or ._:- (starting with a letter "

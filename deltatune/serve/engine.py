@@ -178,25 +178,34 @@ class Engine:
 
         if not requests:
             return []
-        for r in requests:
+        virtual = [self.adapters.virtual_tokens(r.adapter) for r in requests]
+        lengths = [len(r.prompt_ids) + (0 if v is None else v.shape[0]) for r, v in zip(requests, virtual)]
+        for r, n in zip(requests, lengths):
             if not r.prompt_ids:
                 raise ValueError("a prompt must have at least one token")
-            if self.context and len(r.prompt_ids) + r.params.max_tokens > self.context:
-                raise ValueError(f"prompt ({len(r.prompt_ids)} tokens) plus max_tokens ({r.params.max_tokens}) "
+            if self.context and n + r.params.max_tokens > self.context:
+                raise ValueError(f"prompt ({n} tokens) plus max_tokens ({r.params.max_tokens}) "
                                  f"exceeds the context of {self.context} tokens")
         start = time.perf_counter()
         rows = [_Row(r, self.tokenizer, self.stop_ids) for r in requests]
-        width = max(len(r.prompt_ids) for r in requests)
+        width = max(lengths)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(requests):
+        for i, (r, n) in enumerate(zip(requests, lengths)):
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[i, width - len(r.prompt_ids):] = 1
+            mask[i, width - n:] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # virtual tokens at 0..p-1, the prompt after them
         cache = DynamicCache(config=self.model.config)
         active = list(range(len(rows)))
-        logits = self._forward(ids, mask, positions, cache, [requests[i].adapter for i in active])
+        embeds = None
+        if any(v is not None for v in virtual):  # prompt tuning: its embeddings just before the row's prompt
+            embeds = self.model.get_input_embeddings()(ids)
+            for i, (r, v) in enumerate(zip(requests, virtual)):
+                if v is not None:
+                    end = width - len(r.prompt_ids)
+                    embeds[i, end - v.shape[0]:end] = v.to(embeds.dtype)
+        logits = self._forward(ids, mask, positions, cache, [requests[i].adapter for i in active], embeds=embeds)
         last_pos = positions[:, -1]
         while True:
             tokens = self._choose(logits, [rows[i] for i in active])
@@ -223,10 +232,11 @@ class Engine:
         self.stats["seconds"] += time.perf_counter() - start
         return [row.result() for row in rows]
 
-    def _forward(self, ids, mask, positions, cache, adapters: list[str | None]) -> torch.Tensor:
+    def _forward(self, ids, mask, positions, cache, adapters: list[str | None], embeds=None) -> torch.Tensor:
         self.stats["steps"] += 1
+        inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
         with self.adapters.route(adapters):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            out = self.model(**inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 

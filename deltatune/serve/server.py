@@ -230,7 +230,9 @@ async def _serve(state: ServerState, request: Request, body, adapter: str | None
     relay = _Relay(asyncio.get_running_loop())
     reqs = []
     for i, ids in enumerate(prompts):
-        reqs.append(GenRequest(prompt_ids=ids, adapter=adapter, params=_params(state, body, len(ids)),
+        virtual = state.multi.virtual_tokens(adapter)  # prompt tuning's tokens count against the context
+        n = len(ids) + (0 if virtual is None else virtual.shape[0])
+        reqs.append(GenRequest(prompt_ids=ids, adapter=adapter, params=_params(state, body, n),
                                on_text=lambda s, i=i: relay.put(("text", i, s)),
                                on_finish=lambda r, i=i: relay.put(("finish", i, r)),
                                on_error=lambda e, i=i: relay.put(("error", i, e))))

@@ -40,15 +40,16 @@ def parse_adapters(values: list[str]) -> list[tuple[str, Path]]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise UserError("serving needs fastapi and uvicorn: pip install 'deltatune[serve]'") from exc
+
     from deltatune.models import DEFAULT_MODEL, DEFAULT_MODEL_ALIASES, load_model
     from deltatune.serve.adapters import MultiAdapterModel
     from deltatune.serve.engine import Engine
     from deltatune.serve.server import ServerState, create_app
-
-    try:
-        import uvicorn
-    except ImportError as exc:
-        raise UserError("serving needs fastapi and uvicorn: pip install 'deltatune[serve]'") from exc
     for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-queue", args.max_queue),
                         ("--max-tokens", args.max_tokens)):
         if value < 1:

@@ -241,6 +241,7 @@ class Engine:
         return out.logits[:, -1, :]
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Greedy rows from one argmax; sampled rows on the CPU with their own generator (same draw on any device)."""
         greedy = logits.argmax(dim=-1).tolist()
-        return [greedy[k] if row.greedy else sample_next(logits[k], row.req.params, row.gen)
+        return [greedy[k] if row.greedy else sample_next(logits[k].float().cpu(), row.req.params, row.gen)
                 for k, row in enumerate(rows)]

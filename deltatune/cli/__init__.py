@@ -19,6 +19,7 @@ COMMANDS = [
     "preview", "stats",
     "eval", "forgetting", "analyze",
     "data",
+    "serve",
 ]
 
 

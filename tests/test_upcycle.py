@@ -161,3 +161,33 @@ def test_layer_choices_and_bad_input():
             parse_layers(bad, 6)
     with pytest.raises(UserError, match="k must be"):
         upcycle(tiny_model(), UpcycleSpec(experts=2, k=3))
+
+
+@pytest.mark.parametrize("spec,fmt", [
+    (UpcycleSpec(experts=4, layers=[0, 1, 2, 3], normalize=True), "MixtralForCausalLM"),
+    (UpcycleSpec(experts=4, layers=[0, 1, 2, 3]), "Qwen2MoeForCausalLM"),  # raw softmax: Mixtral can't
+    (UpcycleSpec(experts=4, layers=[1, 3], normalize=True), "Qwen2MoeForCausalLM"),  # dense layers between
+    (UpcycleSpec(experts=4, layers=[1, 3], router="expert-choice"), None),  # deltatune's own format
+])
+def test_export_loads_in_transformers_with_the_same_logits_and_back(tmp_path, spec, fmt):
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.upcycle.io import load_upcycled, save_upcycled
+
+    model = upcycle(tiny_model(num_hidden_layers=4), spec, seed=1)
+    with torch.no_grad():  # experts made different, so a mixed-up expert order would show
+        for i in spec.layers:
+            for ex in model.model.layers[i].mlp.experts:
+                for lin in (ex.gate_proj, ex.up_proj, ex.down_proj):
+                    lin.weight.add_(torch.randn_like(lin.weight) * 0.05)
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+        save_upcycled(model, None, tmp_path / "out")
+        if fmt is not None:
+            hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+            assert type(hf).__name__ == fmt
+            assert (hf(ids).logits - ref).abs().max() < 1e-5
+        else:
+            assert not (tmp_path / "out" / "model.safetensors").exists()
+        assert torch.equal(load_upcycled(tmp_path / "out")(ids).logits, ref)

@@ -18,6 +18,7 @@ COMMANDS = [
     "demo", "train", "generate", "merge", "export", "plan",
     "preview", "stats",
     "eval", "forgetting", "analyze",
+    "upcycle",
 ]
 
 

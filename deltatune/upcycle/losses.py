@@ -74,3 +74,10 @@ class RouterLosses:
                "expert_load": [[round(float(v), 4) for v in (ld / ld.sum().clamp(min=1))] for ld in self.load]}
         self._reset()
         return out
+
+
+def for_training(model: nn.Module, cfg) -> RouterLosses | None:
+    """The train loop's hook: None for a dense model, else the collector with the configured weights."""
+    if not moe_blocks(model):
+        return None
+    return RouterLosses(model, cfg.moe_aux_loss, cfg.moe_z_loss)

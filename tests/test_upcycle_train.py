@@ -131,3 +131,23 @@ def test_expert_choice_trains_saves_own_format_and_eval_accepts_it(ec_dir, data_
     capsys.readouterr()
     assert main(["eval", "--model", str(final), "--task", f"loss:{data_file}", "--limit", "4", "--no-progress"]) == 0
     assert main(["generate", "--model", str(final), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+
+
+def test_plan_counts_upcycled_parameters_and_active_per_token(moe_dir, tiny_dir, capsys):
+    from deltatune.analysis.memory import plan_finetune
+    from deltatune.methods.base import MethodSpec
+    from deltatune.upcycle.convert import count_parameters
+
+    real, _ = load_model(str(moe_dir))
+    counts = count_parameters(real)
+    spec = MethodSpec(name="lora", targets="all-linear", rank=4, alpha=8)
+    plan = plan_finetune(str(moe_dir), [spec], dtype="fp32")
+    assert plan.moe["total"] == counts["total"] and plan.moe["active_per_token"] == counts["active_per_token"]
+    assert plan.params.total - plan.params.trainable == counts["total"]
+    dense = plan_finetune(str(tiny_dir), [spec], dtype="fp32")
+    lora_per_expert = 4 * (64 + 128) * 2 + 4 * (128 + 64)  # gate, up (64 -> 128) and down (128 -> 64)
+    router_lora = 4 * (64 + 4)
+    assert plan.params.trainable - dense.params.trainable == 3 * lora_per_expert + router_lora
+    assert plan.activation_bytes > dense.activation_bytes
+    assert main(["plan", "--model", str(moe_dir), "--dtype", "fp32"]) == 0
+    assert "active per token" in capsys.readouterr().out

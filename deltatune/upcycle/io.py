@@ -221,3 +221,18 @@ def load_upcycled(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         model.tie_weights()
     model.set_attn_implementation(attn_implementation)
     return model.to(dtype).eval()
+
+
+def meta_upcycled(path: str | os.PathLike, dtype: torch.dtype) -> tuple[nn.Module, dict]:
+    """An upcycled folder's structure on the meta device (no weights) for `deltatune plan`, with its
+    parameter counts (total, active per token; see convert.count_parameters) and spec."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from deltatune.upcycle.convert import count_parameters
+
+    meta = read_meta(path)
+    config = AutoConfig.for_model(**dict(meta["dense_config"]))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        upcycle(model, meta["spec"], copy_weights=False)
+    return model, {**count_parameters(model), "spec": meta["spec"].to_dict(), "format": meta["format"]}

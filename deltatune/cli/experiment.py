@@ -21,6 +21,7 @@ import importlib
 EXPERIMENTS = {
     "memorize": "deltatune.experiments.memorize",
     "masking": "deltatune.experiments.masking",
+    "upcycle": "deltatune.experiments.upcycle",
 }
 
 

@@ -9,8 +9,9 @@ rows of --seq-len tokens (GSM8K text), precision as `deltatune train` picks it (
 has it, else fp32). Methods: lora (r=8, all linear layers, experts and routers included) and full.
 
 Expected: top-2 on half the layers adds about 1.3x the MLP FLOPs, so a step should cost at most
-1.5x the dense step; peak memory should grow by at most the extra expert weights (+ their gradients
-and two AdamW moments under full finetuning).
+1.5x the dense step; peak memory should grow by at most the extra weights plus, for what extra
+trains (all of it under full finetuning, the experts' LoRA factors under LoRA), gradients and two
+AdamW moments ("bound" column; routed activations come on top and grow with tokens per step).
 
     python benchmarks/upcycle_speed.py [--repeats 3] [--steps 5] [--warmup 2] [--methods lora,full]
 
@@ -150,9 +151,10 @@ def main() -> int:
                             "trainable": rs[0]["trainable"], "precision": rs[0]["precision"]}
         extra = row["upcycled"]["params"] - row["dense"]["params"]
         bytes_per = 4 if method == "full" or row["dense"]["precision"] == "fp32" else 2
-        # extra weights; under full finetuning also their gradients and AdamW's two fp32 moments
+        extra_trainable = row["upcycled"]["trainable"] - row["dense"]["trainable"]
+        # extra frozen weights, plus fp32 weights, gradients and AdamW's two moments of what extra trains
         row["extra_weights_mib"] = extra * bytes_per / 2**20
-        row["memory_bound_mib"] = extra * (16 if method == "full" else bytes_per) / 2**20
+        row["memory_bound_mib"] = ((extra - extra_trainable) * bytes_per + 16 * extra_trainable) / 2**20
         row["step_ratio"] = row["upcycled"]["step_s"] / row["dense"]["step_s"]
         row["rss_growth_mib"] = row["upcycled"]["peak_rss_mib"] - row["dense"]["peak_rss_mib"]
         summary.append(row)

@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=2e-5, help="learning rate of every run (default 2e-5)")
     p.add_argument("--eval-examples", type=int, default=64, help="held-out GSM8K test examples (default 64)")
     p.add_argument("--points", type=int, default=6, help="held-out measurements per run (default 6)")
+    p.add_argument("--normalize", action="store_true",
+                   help="renormalised top-2 weights (start equal to the dense model) instead of the raw softmax "
+                        "weights of the paper's decoder (start with every MoE layer's MLP scaled down)")
 
 
 def _records(quick: bool, n_eval: int) -> tuple[list[dict], list[dict]]:
@@ -46,7 +49,7 @@ def _records(quick: bool, n_eval: int) -> tuple[list[dict], list[dict]]:
     return read("train.jsonl"), read("test.jsonl", n_eval)
 
 
-def _make_upcycled(source: str | None, experts: int, folder: Path) -> str:
+def _make_upcycled(source: str | None, experts: int, folder: Path, normalize: bool) -> str:
     """The upcycled checkpoint of the run (built once; a finished folder is reused on resume)."""
     if not (folder / "upcycle.json").exists():
         from deltatune.models import load_model, save_model
@@ -54,7 +57,7 @@ def _make_upcycled(source: str | None, experts: int, folder: Path) -> str:
 
         model, tok = load_model(source)
         layers = parse_layers("every-other", len(decoder_layers(model)))
-        save_model(upcycle(model, UpcycleSpec(experts=experts, layers=layers, k=2)), tok, folder)
+        save_model(upcycle(model, UpcycleSpec(experts=experts, layers=layers, k=2, normalize=normalize)), tok, folder)
     return str(folder)
 
 
@@ -99,7 +102,7 @@ def run(ctx: Context, args) -> None:
     base = ctx.model
     models = {"dense": base}
     for e in experts:
-        models[f"upcycled-e{e}"] = _make_upcycled(base, e, ctx.out / "models" / f"upcycled-e{e}")
+        models[f"upcycled-e{e}"] = _make_upcycled(base, e, ctx.out / "models" / f"upcycled-e{e}", args.normalize)
 
     # parameters, FLOPs per token and the held-out loss before training (kept for resume)
     start_file = ctx.out / "start.json"

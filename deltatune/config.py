@@ -71,6 +71,10 @@ class TrainConfig(BaseModel):
                             "needs a C++ compiler); auto = on CPU, falling back to transformers' norms if compiling fails")
     fused_update: bool = Field(False, description="LOMO-style update inside backward (full finetuning only)")
     loss_chunk: int = Field(1024, ge=16, description="tokens per LM-head + cross-entropy chunk")
+    moe_aux_loss: float = Field(0.01, ge=0, description="upcycled models: weight of the Switch load-balancing loss "
+                                                        "E*sum(f_e*P_e), averaged over MoE layers (docs/upcycling.md)")
+    moe_z_loss: float = Field(0.0, ge=0, description="upcycled models: weight of the router z-loss "
+                                                     "mean(logsumexp(router logits)^2)")
     # run
     seed: int = 0
     output: str = "runs/latest"

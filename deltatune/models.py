@@ -126,6 +126,16 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | to
 
     ref, extra = resolve_model(name_or_path)
     dtype = parse_dtype(dtype)
+    if _is_upcycled_dir(ref):  # deltatune upcycle output: experts as nn.Linear modules (deltatune/upcycle/io.py)
+        from deltatune.upcycle.io import load_upcycled
+
+        model = load_upcycled(ref, dtype, attn_implementation=attn_implementation)
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+        if adapter is not None:
+            from deltatune.methods.apply import load_adapter
+
+            model = load_adapter(model, adapter).model
+        return model, tokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      attn_implementation=attn_implementation, **extra)
@@ -147,8 +157,18 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | to
     return model, tokenizer
 
 
+def _is_upcycled_dir(ref: str) -> bool:
+    return (Path(ref) / "upcycle.json").is_file()
+
+
 def save_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Save as a transformers safetensors folder; a crash never leaves a half-written folder."""
+    from deltatune.upcycle.convert import is_upcycled
+
+    if is_upcycled(model):  # Mixtral / Qwen2-MoE folder, or deltatune's format (deltatune/upcycle/io.py)
+        from deltatune.upcycle.io import save_upcycled
+
+        return save_upcycled(model, tokenizer, out_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

@@ -175,6 +175,7 @@ class PlanReport:
     params: ParamReport
     activation_bytes: int
     methods: list[str] = field(default_factory=list)
+    moe: dict | None = None  # upcycled models: total / active-per-token parameters, spec (deltatune/upcycle)
 
     @property
     def total_bytes(self) -> int:
@@ -196,6 +197,12 @@ class PlanReport:
         for kind, (tot, tr) in sorted(p.by_type.items(), key=lambda kv: -kv[1][1]):
             if tr:
                 lines.append(f"  {kind:<16} {tr:>16,}  of {tot:>16,}")
+        if self.moe:
+            m, sp = self.moe, self.moe["spec"]
+            route = f"top-{sp['k']}" if sp["router"] == "topk" else f"expert choice C={sp['capacity']}"
+            lines.append(f"mixture of experts: {sp['experts']} experts ({route}) in layers {sp['layers']}; "
+                         f"parameters {m['total']:,}, active per token {m['active_per_token']:,}, "
+                         f"routers {m['router']:,}")
         if len(p.by_method) > 1:
             lines.append("trainable by method: " + ", ".join(f"{k} {v:,}" for k, v in p.by_method.items()))
         rows = [("weights", p.weight_bytes), ("gradients", p.gradient_bytes),
@@ -301,7 +308,14 @@ def plan_finetune(model_name_or_config: Any, method_specs: list, *, dtype: str |
     if batch_size < 1 or seq_len < 1:
         raise UserError("batch size and sequence length must be positive", field="batch-size")
     name, config = resolve_config(model_name_or_config)
-    model = meta_model(config, dtype)
+    moe = None
+    if isinstance(model_name_or_config, (str, os.PathLike)) and (Path(model_name_or_config) / "upcycle.json").is_file():
+        from deltatune.upcycle.io import meta_upcycled  # built as deltatune trains it: experts as nn.Linear
+
+        model, moe = meta_upcycled(model_name_or_config, dtype)
+        config = model.config
+    else:
+        model = meta_model(config, dtype)
     adapted = apply_methods(model, method_specs)
     params = parameter_report(adapted)
     lora_layers = [(m.in_features, m.r, m.lora_dropout.p if m.lora_dropout is not None else 0.0)
@@ -309,11 +323,15 @@ def plan_finetune(model_name_or_config: Any, method_specs: list, *, dtype: str |
     act = activation_bytes(config, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
                            gradient_checkpointing=gradient_checkpointing, lora_layers=lora_layers,
                            materialised_attention=materialised_attention)
+    if moe and not gradient_checkpointing:  # rough: each routed copy of a token keeps the MLP's saved inputs
+        per_token = moe["spec"]["k"] if moe["spec"]["router"] == "topk" else (moe["spec"]["capacity"] or 1.0)
+        mlp_saved = batch_size * seq_len * (3 * config.intermediate_size + config.hidden_size) * dtype.itemsize
+        act += int(moe["moe_layers"] * (per_token - 1) * mlp_saved)
     return PlanReport(model=name, architecture=type(model).__name__, config=config, dtype=dtype,
                       batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
-                      params=params, activation_bytes=act, methods=[m.name for m in adapted.methods])
+                      params=params, activation_bytes=act, methods=[m.name for m in adapted.methods], moe=moe)
 
 
 def report_json(report: PlanReport) -> str:
-    return json.dumps({"model": report.model, "params": report.params.to_dict(),
+    return json.dumps({"model": report.model, "params": report.params.to_dict(), "moe": report.moe,
                        "activation_bytes": report.activation_bytes, "total_bytes": report.total_bytes}, indent=2)

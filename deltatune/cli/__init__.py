@@ -20,6 +20,8 @@ COMMANDS = [
     "eval", "forgetting", "analyze",
     "data",
     "serve",
+    "eval", "forgetting", "analyze", "experiment",
+    "upcycle",
 ]
 
 

@@ -1,0 +1,83 @@
+"""Auxiliary router losses and routing metrics, collected from the MoE blocks after a forward.
+
+- Load balancing (Switch / GShard): L_aux = E * sum_e f_e * P_e, with f_e the fraction of routing
+  assignments sent to expert e (before capacity drops) and P_e the mean router probability of e.
+  Perfectly uniform routing gives exactly 1; expert choice is balanced by construction (f_e = 1/E),
+  so its L_aux is the constant 1 and has no gradient.
+- Router z-loss (ST-MoE): mean over tokens of logsumexp(router logits)^2.
+Both are averaged over the MoE layers; the train loop adds weight * loss to each micro-batch's loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltatune.upcycle.moe import moe_blocks, upcast
+
+
+def balance_loss(logits: torch.Tensor, assigned: torch.Tensor) -> torch.Tensor:
+    probs = torch.softmax(upcast(logits), dim=-1)
+    f = assigned.float() / assigned.sum().clamp(min=1)
+    return probs.shape[-1] * (f * probs.mean(dim=0)).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(upcast(logits), dim=-1).pow(2).mean()
+
+
+class RouterLosses:
+    """Reads every MoE block's last routing after a forward: returns the weighted auxiliary loss
+    and accumulates metrics until `summary()` (expert load, router entropy, drops, the losses)."""
+
+    def __init__(self, model: nn.Module, aux_weight: float, z_weight: float) -> None:
+        self.blocks = [b for _, b in moe_blocks(model)]
+        self.aux_weight, self.z_weight = aux_weight, z_weight
+        self._reset()
+
+    def _reset(self) -> None:
+        self.n, self.aux_sum, self.z_sum, self.entropy_sum = 0, 0.0, 0.0, 0.0
+        self.load = [torch.zeros(b.num_experts) for b in self.blocks]
+        self.dropped, self.routed = 0, 0
+
+    def collect(self) -> torch.Tensor:
+        aux, z = [], []
+        for i, b in enumerate(self.blocks):
+            r = b.last_routing
+            if r is None:
+                continue
+            aux.append(balance_loss(r["logits"], r["assigned"]))
+            z.append(z_loss(r["logits"]))
+            with torch.no_grad():
+                p = torch.softmax(upcast(r["logits"]), dim=-1)
+                self.entropy_sum += float(-(p * torch.log(p.clamp(min=1e-30))).sum(-1).mean())
+                self.load[i] += r["processed"].float().cpu()
+                self.dropped += int(r["dropped"])
+                self.routed += int(r["assigned"].sum()) if b.router_type == "topk" else r["logits"].shape[0]
+            b.last_routing = None
+        if not aux:
+            return torch.zeros(())
+        aux_t, z_t = torch.stack(aux).mean(), torch.stack(z).mean()
+        self.aux_sum += float(aux_t.detach())
+        self.z_sum += float(z_t.detach())
+        self.n += 1
+        return self.aux_weight * aux_t + self.z_weight * z_t
+
+    def summary(self) -> dict:
+        """Metrics since the last summary: per-layer expert load (fractions), mean router entropy (nats),
+        dropped assignments (top-k) or untouched tokens (expert choice), and the mean auxiliary losses."""
+        if self.n == 0:
+            return {}
+        out = {"moe_aux_loss": round(self.aux_sum / self.n, 6), "moe_z_loss": round(self.z_sum / self.n, 6),
+               "router_entropy": round(self.entropy_sum / (self.n * len(self.blocks)), 6),
+               "moe_dropped": self.dropped, "moe_dropped_frac": round(self.dropped / max(self.routed, 1), 6),
+               "expert_load": [[round(float(v), 4) for v in (ld / ld.sum().clamp(min=1))] for ld in self.load]}
+        self._reset()
+        return out
+
+
+def for_training(model: nn.Module, cfg) -> RouterLosses | None:
+    """The train loop's hook: None for a dense model, else the collector with the configured weights."""
+    if not moe_blocks(model):
+        return None
+    return RouterLosses(model, cfg.moe_aux_loss, cfg.moe_z_loss)

@@ -1,0 +1,115 @@
+"""A mixture-of-experts block that replaces a decoder layer's MLP.
+
+The experts are ordinary modules (copies of the dense MLP, with nn.Linear inside), so the method
+injection (LoRA, DoRA, ...) can target their linears by name. The computation is vectorised over
+tokens: tokens are grouped by expert with one stable sort, and each expert runs once on its
+tokens (index_select in, index_add_ out); the only Python loop is over the E experts.
+
+Routing (p = softmax of the router logits, computed in fp32):
+- top-k: each token goes to its k most probable experts with combine weight p_e (raw, the
+  paper's decoder default) or p_e / sum of its top-k p (renormalised). With a capacity factor C,
+  each expert takes at most ceil(C*k*n/E) assignments while training; first choices of all tokens
+  are served before second choices, in token order within a rank (GShard). Overflowing assignments
+  are dropped (the token keeps its residual). At inference (eval mode) nothing is dropped, which is
+  also what transformers' Mixtral / Qwen2-MoE compute, so exported models give the same logits.
+- expert choice: each expert takes its top T = min(n, ceil(C*n/E)) tokens by p[:, e] with weight
+  p[t, e]; a token may get several experts or none ("dropped"). It looks at the whole batch, so it is
+  non-causal: fine for teacher-forced training and scoring, not a faithful autoregressive model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROUTERS = ("topk", "expert-choice")
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """Routing runs in at least fp32 (fp64 stays fp64, so exactness tests can be tight)."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+class MoEBlock(nn.Module):
+    """Router (d_model -> E, no bias) + E expert MLPs; keeps the last forward's routing tensors in
+    `last_routing` for the auxiliary losses and metrics (see losses.py)."""
+
+    def __init__(self, experts: list[nn.Module], hidden_size: int, *, router: str = "topk", k: int = 2,
+                 capacity: float | None = None, normalize: bool = False) -> None:
+        super().__init__()
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        self.num_experts = len(experts)
+        self.hidden_size = hidden_size
+        self.router_type, self.k, self.capacity, self.normalize = router, k, capacity, normalize
+        self.router = nn.Linear(hidden_size, self.num_experts, bias=False)
+        self.experts = nn.ModuleList(experts)
+        self.last_routing: dict[str, torch.Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, router={self.router_type}, k={self.k}, capacity={self.capacity}, "
+                f"normalize={self.normalize}")
+
+    # --- routing --------------------------------------------------------------------------------
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(token index, expert index, combine weight) of every kept assignment, the assignments per
+        expert before capacity drops (for the balancing loss), and the drop count (assignments for
+        top-k, tokens that no expert took for expert choice)."""
+        n, num_e = logits.shape
+        probs = torch.softmax(upcast(logits), dim=-1)
+        if self.router_type == "expert-choice":
+            t = min(n, math.ceil((self.capacity or 1.0) * n / num_e))
+            weight, token = probs.topk(t, dim=0)  # [T, E]: each expert's top-T tokens
+            expert = torch.arange(num_e, device=logits.device).expand(t, num_e)
+            covered = torch.zeros(n, dtype=torch.bool, device=logits.device)
+            covered[token.reshape(-1)] = True
+            assigned = torch.full((num_e,), t, device=logits.device)
+            return (token.t().reshape(-1), expert.t().reshape(-1), weight.t().reshape(-1), assigned,
+                    int(n - covered.sum()))
+        top_p, top_e = probs.topk(self.k, dim=-1)  # [n, k]
+        if self.normalize:
+            top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        # rank-major order: every token's first choice, then every token's second choice, ...
+        expert = top_e.t().reshape(-1)
+        token = torch.arange(n, device=logits.device).repeat(self.k)
+        weight = top_p.t().reshape(-1)
+        assigned = torch.bincount(expert, minlength=num_e)
+        dropped = 0
+        if self.capacity is not None and self.training:
+            cap = math.ceil(self.capacity * self.k * n / num_e)
+            onehot = F.one_hot(expert, num_e)
+            slot = (onehot.cumsum(0) * onehot).sum(-1) - 1  # this assignment's place in its expert's queue
+            keep = slot < cap
+            dropped = int((~keep).sum())
+            token, expert, weight = token[keep], expert[keep], weight[keep]
+        return token, expert, weight, assigned, dropped
+
+    # --- forward --------------------------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        logits = self.router(x)
+        token, expert, weight, assigned, dropped = self.route(logits)
+        order = torch.argsort(expert, stable=True)
+        token, weight = token[order], weight[order]
+        counts = torch.bincount(expert, minlength=self.num_experts)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, count in enumerate(counts.tolist()):
+            if count == 0:
+                continue
+            idx = token[start:start + count]
+            y = self.experts[e](x.index_select(0, idx))
+            out.index_add_(0, idx, (y * weight[start:start + count, None]).to(out.dtype))
+            start += count
+        self.last_routing = {"logits": logits, "assigned": assigned, "processed": counts,
+                             "dropped": torch.tensor(dropped)}
+        return out.reshape(shape)
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[str, MoEBlock]]:
+    """(name, block) of every MoE block in the model, in layer order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoEBlock)]

@@ -17,11 +17,8 @@ from deltatune.errors import TrainingError, UserError
 COMMANDS = [
     "demo", "train", "generate", "merge", "export", "plan",
     "preview", "stats",
-    "eval", "forgetting", "analyze",
-    "data",
-    "serve",
     "eval", "forgetting", "analyze", "experiment",
-    "upcycle",
+    "data", "upcycle", "serve",
 ]
 
 

@@ -15,6 +15,8 @@ from torch import Tensor
 
 __all__ = ["WeightedLossTrainer", "weighted_loss"]
 
+DELTATUNE_COLUMNS = ("loss_weights", "roles", "turns")  # what Trainer would drop: not model arguments
+
 
 def _target_weights(input_ids: Tensor, loss_weights: Tensor | None, labels: Tensor | None) -> Tensor:
     if loss_weights is not None:
@@ -60,6 +62,12 @@ def _trainer_class():
         away from the model (the collator builds it from the dataset, so that is automatic)."""
 
         loss_is_scaled_for_ga = True  # normalised by the whole accumulated batch's weight below
+
+        def _set_signature_columns_if_needed(self):  # Trainer's hook (TRL overrides it too)
+            super()._set_signature_columns_if_needed()
+            if self._signature_columns is not None:  # keep the columns deltatune's collator reads
+                self._signature_columns = [*self._signature_columns,
+                                           *(c for c in DELTATUNE_COLUMNS if c not in self._signature_columns)]
 
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)

@@ -157,6 +157,11 @@ class DataCollator:
         if len(ex.roles) != n or len(ex.turns) != n:
             raise DataError(f"'roles' or 'turns' of {ex.source} do not match its {n} input_ids", field="roles")
         if self._policy is None:
+            if self.return_loss_weights and feature.get("loss_weights") is None:
+                raise DataError("return_loss_weights=True needs the 'loss_weights' column that deltatune.prepare "
+                                "writes, or a policy and 'roles'; transformers' Trainer drops both unless "
+                                "remove_unused_columns=False (deltatune.WeightedLossTrainer keeps them)",
+                                field="loss_weights")
             ex.weights = self._feature_weights(feature, ex)
         return ex
 

@@ -117,7 +117,11 @@ def method_specs(method: str | MethodSpec | list[MethodSpec], *, targets: str | 
         raise ConfigError(f"method must be a name like 'lora' or 'lora+bitfit', got {type(method).__name__}",
                           field="method")
     if quantize is not None:
-        specs = [_on_nf4_base(s) for s in specs]
+        quantized = [_on_nf4_base(s) for s in specs]
+        if quantized == specs:
+            raise ConfigError(f"quantize='{quantize}' needs a method that trains on an NF4 base (lora, dora); "
+                              f"got {'+'.join(s.name for s in specs)}", field="quantize")
+        specs = quantized
     return specs
 
 

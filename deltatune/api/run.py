@@ -80,5 +80,8 @@ def evaluate(model: Any, tokenizer: Any, tasks: "str | Task | Iterable[str | Tas
     if shots:
         for t in resolved:
             load_shot_pool(t)
-    model = getattr(model, "model", model)  # an AdaptedModel: its transformers model
+    from deltatune.methods.apply import AdaptedModel
+
+    if isinstance(model, AdaptedModel):
+        model = model.model
     return {t.name: evaluate_task(model, tokenizer, t, opts, its) for t, its in zip(resolved, items)}

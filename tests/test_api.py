@@ -146,6 +146,9 @@ def test_prepare_weights_the_tokens_the_policy_names():
     row = deltatune.prepare(record, tok, policy="weighted:0.25")[0]
     assert text(row, lambda w: w == 0.25) == "What is 2 + 3?"
     assert row["loss_weights"][0] == 0.0 and row["labels"][0] == -100
+    from datasets import Dataset
+
+    assert deltatune.prepare(Dataset.from_list(record), tok, policy="weighted:0.25")[0] == row
     with pytest.raises(deltatune.ConfigError, match="two-phase"):
         deltatune.prepare(record, tok, policy="instruction->response@10")
     with pytest.raises(deltatune.DataError, match="'output'"):
@@ -170,6 +173,9 @@ def test_collator_pads_and_masks_like_transformers():
         deltatune.DataCollator(tok, policy="response")([{"input_ids": data[0]["input_ids"]}])
     with pytest.raises(deltatune.ConfigError, match="max_length"):
         deltatune.DataCollator(tok, packing=True)
+    as_tensors = data.with_format("torch")  # features as tensors, as some pipelines give them
+    again = deltatune.DataCollator(tok)([as_tensors[i] for i in range(4)])
+    assert all(torch.equal(again[k], batch[k]) for k in batch)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -144,7 +144,7 @@ class DataCollator:
                             field="input_ids")
         ids = [int(t) for t in _as_list(feature["input_ids"])]
         n = len(ids)
-        roles = feature.get("roles")
+        roles, turns = feature.get("roles"), feature.get("turns")
         if self._policy is not None and roles is None:
             raise DataError("DataCollator(policy=...) needs the 'roles' column that deltatune.prepare writes; "
                             "transformers' Trainer drops columns the model does not take, so pass "
@@ -152,7 +152,7 @@ class DataCollator:
                             field="roles")
         ex = TokenizedExample(input_ids=ids,
                               roles=[Role(r) for r in roles] if roles is not None else [Role.RESPONSE] * n,
-                              turns=[int(t) for t in _as_list(feature.get("turns") or [0] * n)],
+                              turns=[int(t) for t in _as_list(turns)] if turns is not None else [0] * n,
                               source=str(feature.get("source") or f"feature {index}"))
         if len(ex.roles) != n or len(ex.turns) != n:
             raise DataError(f"'roles' or 'turns' of {ex.source} do not match its {n} input_ids", field="roles")

@@ -123,6 +123,10 @@ def test_quantize_nf4_trains_lora_on_an_nf4_base(tiny_dir):
     adapted = deltatune.apply(model, "lora", rank=4, targets="q_proj")
     assert [m.name for m in adapted.methods] == ["qlora"]
     assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 2  # q_proj of both layers
+    dora = tiny_model()
+    adapted = deltatune.apply(dora, "dora", rank=4, targets="v_proj", quantize="nf4")
+    assert adapted.specs[0].options == {"quantize_base": True}
+    assert sum(isinstance(m, NF4Linear) for m in dora.modules()) == 2
     with pytest.raises(deltatune.ConfigError, match="NF4 base"):
         deltatune.apply(tiny_model(), "bitfit", quantize="nf4")
     with pytest.raises(deltatune.ConfigError, match="quantize must be one of nf4"):

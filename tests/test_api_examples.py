@@ -53,3 +53,15 @@ def test_example_trains_and_saves_a_loadable_adapter(name, steps, tiny_dir, reco
             peft = pytest.importorskip("peft")
             theirs = peft.PeftModel.from_pretrained(deltatune.load_model(tiny_dir)[0], str(result["adapter"]))
             assert torch.allclose(theirs(input_ids=ids).logits, expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_trainer_example_on_the_default_model(tmp_path, shared_data):
+    """examples/hf_trainer.py as documented (default model, GSM8K), two short steps: it trains and
+    saves a PEFT-format adapter for the real architecture."""
+    assert (shared_data / "gsm8k" / "train.jsonl").exists()  # the example's default data
+    result = load_example("hf_trainer").main(["--steps", "2", "--limit", "8", "--batch-size", "4", "--max-len", "128",
+                                              "--output", str(tmp_path / "out")])
+    assert len(result["losses"]) == 2 and all(0 < x < 10 for x in result["losses"])
+    config = json.loads((result["adapter"] / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8

@@ -18,7 +18,7 @@ from deltatune.errors import ConfigError
 from deltatune.methods.apply import AdaptedModel as _AdaptedModel
 from deltatune.methods.apply import apply_methods
 from deltatune.methods.apply import load_adapter as _load_adapter
-from deltatune.methods.base import MethodSpec, get_method
+from deltatune.methods import MethodSpec, get_method
 
 __all__ = ["AdaptedModel", "apply", "load_adapter", "load_model"]
 

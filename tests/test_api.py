@@ -243,3 +243,16 @@ def test_evaluate_loss_task_equals_weighted_loss(tiny_dir, tmp_path):
     assert again[f"loss:{path}"].score == pytest.approx(expected, rel=1e-5)
     with pytest.raises(deltatune.ConfigError, match="unknown evaluation option 'polciy'"):
         deltatune.evaluate(model, tok, f"loss:{path}", polciy="instruction")
+
+
+def test_command_line_train_runs_through_the_public_api(monkeypatch, tmp_path):
+    import deltatune.api.run
+    from deltatune.cli import main
+
+    seen = []
+    monkeypatch.setattr(deltatune.api.run, "train", lambda config, **kw: seen.append((config, kw)))
+    assert main(["train", "--data", "x.jsonl", "--method", "dora", "--rank", "4", "--policy", "instruction",
+                 "--output", str(tmp_path / "run"), "--quiet"]) == 0
+    (config, kwargs), = seen
+    assert (config.data, config.method, config.rank, config.policy) == ("x.jsonl", "dora", 4, "instruction")
+    assert kwargs == {"quiet": True}

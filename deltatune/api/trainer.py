@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["WeightedLossTrainer", "weighted_loss"]
+__all__ = ["WeightedLossTrainer", "weighted_loss"]  # noqa: F822 (WeightedLossTrainer: module __getattr__)
 
 DELTATUNE_COLUMNS = ("loss_weights", "roles", "turns")  # what Trainer would drop: not model arguments
 

@@ -65,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
         from deltatune.train.distributed import relaunch_with_torchrun
 
         return relaunch_with_torchrun(args.nproc, sys.argv[1:])
+    import deltatune
     from deltatune.config import load_config
-    from deltatune.train.loop import train
 
     cfg = load_config(args.config, collect_overrides(args))
-    train(cfg, quiet=args.quiet)
+    deltatune.train(cfg, quiet=args.quiet)  # the public API (docs/api.md)
     return 0

@@ -1,0 +1,42 @@
+"""`deltatune.prepare`: records or a file -> a `datasets.Dataset` of tokenized, weighted examples.
+
+Reading, templating, tokenizing and truncating are `deltatune.data.pipeline`'s; the rows are
+`deltatune.data.collator.examples_to_dataset`'s. Nothing here but the argument handling.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from deltatune.data.collator import examples_to_dataset, single_policy
+from deltatune.data.masking import LossPolicy
+
+__all__ = ["prepare"]
+
+
+def prepare(data: str | os.PathLike | Iterable[dict[str, Any]], tokenizer: Any, *, template: str = "chatml",
+            policy: str | LossPolicy = "response", data_format: str = "auto",
+            column_map: dict[str, str] | str | None = None, max_len: int = 1024, overflow: str = "truncate",
+            skip_bad: bool = False, system_prompt: str | None = None, limit: int | None = None):
+    """Tokenize `data` (a JSONL/JSON/Parquet/CSV path, a list of dicts, or a `datasets.Dataset` of
+    records: Alpaca, chat `messages`, prompt/completion or text) with `template` ("chatml",
+    "alpaca", "tokenizer") and weight every token under the loss `policy` ("response",
+    "instruction", "no-boilerplate", "all", "weighted:λ", with `,turns=last` / `,system=yes`).
+
+    Returns a `datasets.Dataset` with columns `input_ids`, `labels` (-100 where the weight is 0),
+    `loss_weights`, `roles`, `turns` and `source`; `dataset.info.description` holds the data
+    report (records read, kept, truncated, dropped). A bad record raises `deltatune.DataError`
+    naming file, line and field, unless `skip_bad`.
+    """
+    from deltatune.data.pipeline import prepare_dataset, prepare_records
+
+    parsed = single_policy(policy)
+    kwargs = dict(template=template, data_format=data_format, column_map=column_map, max_len=max_len,
+                  overflow=overflow, skip_bad=skip_bad, system_prompt=system_prompt, limit=limit)
+    if isinstance(data, (str, os.PathLike)):
+        prepared = prepare_dataset(Path(data), tokenizer, **kwargs)
+    else:
+        prepared = prepare_records([dict(r) for r in data], tokenizer, **kwargs)
+    return examples_to_dataset(prepared.examples, parsed, description=prepared.report.summary())

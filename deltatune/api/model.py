@@ -1,0 +1,180 @@
+"""Models and methods the PEFT way: load a model, apply a method by name, count, merge, save, load.
+
+Thin on purpose: the work is done by `deltatune.models` (loading), `deltatune.methods.apply`
+(applying, merging, adapter files) and `deltatune.analysis.memory` (counting). This module only
+turns keyword arguments into method specs and adds the PEFT-style conveniences.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from deltatune.errors import ConfigError
+from deltatune.methods.apply import AdaptedModel as _AdaptedModel
+from deltatune.methods.apply import apply_methods
+from deltatune.methods.apply import load_adapter as _load_adapter
+from deltatune.methods import MethodSpec, get_method
+
+__all__ = ["AdaptedModel", "apply", "load_adapter", "load_model"]
+
+QUANTIZE = ("nf4",)
+# a method -> the method that trains it on an NF4 base, where that is a method of its own
+# (methods whose options take `quantize_base` need no entry)
+_NF4_VARIANTS = {"lora": "qlora"}
+_QUANTIZE_ATTR = "_deltatune_quantize"  # set by load_model(quantize=...), read by apply()
+
+
+class AdaptedModel(_AdaptedModel):
+    """A model with deltatune methods applied (what `deltatune.apply` returns).
+
+    `.model` is the transformers model, changed in place: pass it (or the model you gave `apply`,
+    the same object) to your own loop, transformers' `Trainer` or TRL. Calling the AdaptedModel
+    calls the model. Besides the methods of `deltatune.methods.apply.AdaptedModel` (`merge`,
+    `unmerge`, `merge_and_unload`, `save_adapter`, `trainable_parameters`, ...) it has PEFT's
+    `print_trainable_parameters` and a `disabled()` context manager.
+    """
+
+    @classmethod
+    def _wrap(cls, adapted: _AdaptedModel) -> "AdaptedModel":
+        out = cls.__new__(cls)
+        out.__dict__.update(adapted.__dict__)  # every attribute the engine's class sets, now or later
+        return out
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters, counted as `deltatune plan` counts them (tied weights once)."""
+        from deltatune.analysis.memory import parameter_report
+
+        report = parameter_report(self)
+        return report.trainable, report.total
+
+    def trainable_parameters_summary(self) -> str:
+        """PEFT's line, then trainable parameters per layer type (and per method when there are several)."""
+        from deltatune.analysis.memory import parameter_report
+
+        r = parameter_report(self)
+        lines = [f"trainable params: {r.trainable:,d} || all params: {r.total:,d} || trainable%: {r.percent:.4f}",
+                 f"  {'layer type':<16} {'trainable':>14}  {'of':>14}"]
+        for kind, (total, trainable) in sorted(r.by_type.items(), key=lambda kv: (-kv[1][1], kv[0])):
+            if trainable:
+                lines.append(f"  {kind:<16} {trainable:>14,}  {total:>14,}")
+        if len(r.by_method) > 1:
+            lines.append("  by method: " + ", ".join(f"{k} {v:,}" for k, v in r.by_method.items()))
+        return "\n".join(lines)
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's `trainable params: ... || all params: ... || trainable%: ...` line and the
+        per-layer-type table of `deltatune.analysis.memory.parameter_report`."""
+        print(self.trainable_parameters_summary())
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Within the block the model computes the base model (PEFT's `disable_adapter()`).
+
+        Uses the engine's `disable_adapters` (a context manager) or, where the engine offers
+        `disable_adapters()`/`enable_adapters()` as plain calls, those."""
+        handle = self.disable_adapters()
+        if hasattr(handle, "__enter__"):
+            with handle:
+                yield
+            return
+        try:
+            yield
+        finally:
+            self.enable_adapters()
+
+    def save_pretrained(self, out_dir: str | os.PathLike, **kwargs: Any):
+        """PEFT's name for `save_adapter`."""
+        return self.save_adapter(out_dir, **kwargs)
+
+
+def method_specs(method: str | MethodSpec | list[MethodSpec], *, targets: str | list[str] = "all-linear",
+                 rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, rslora: bool = False,
+                 quantize: str | None = None, **options: Any) -> list[MethodSpec]:
+    """Specs for `method` ("lora", "lora+bitfit", a MethodSpec or a list of them). Keyword
+    arguments other than the common ones become every named method's options, as on the command
+    line (`--set method_options=...`)."""
+    if isinstance(method, MethodSpec):
+        specs = [method]
+    elif isinstance(method, (list, tuple)):
+        specs = list(method)
+        if not all(isinstance(s, MethodSpec) for s in specs):
+            raise ConfigError("a list of methods must hold MethodSpec objects; join names with '+'", field="method")
+    elif isinstance(method, str):
+        names = [n.strip() for n in method.split("+") if n.strip()]
+        if not names:
+            raise ConfigError("no method given", field="method")
+        specs = [MethodSpec(name=n, targets=targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora,
+                            options=dict(options)) for n in names]
+    else:
+        raise ConfigError(f"method must be a name like 'lora' or 'lora+bitfit', got {type(method).__name__}",
+                          field="method")
+    if quantize is not None:
+        quantized = [_on_nf4_base(s) for s in specs]
+        if quantized == specs:
+            raise ConfigError(f"quantize='{quantize}' needs a method that trains on an NF4 base (lora, dora); "
+                              f"got {'+'.join(s.name for s in specs)}", field="quantize")
+        specs = quantized
+    return specs
+
+
+def _on_nf4_base(spec: MethodSpec) -> MethodSpec:
+    cls = get_method(spec.name)
+    if "quantize_base" in getattr(cls, "options_allowed", ()):
+        return MethodSpec(**{**spec.to_dict(), "options": {**spec.options, "quantize_base": True}})
+    if spec.name in _NF4_VARIANTS:
+        return MethodSpec(**{**spec.to_dict(), "name": _NF4_VARIANTS[spec.name]})
+    if getattr(cls, "kind", None) == "specification":  # BitFit beside LoRA: trains biases, quantises nothing
+        return spec
+    raise ConfigError(f"method '{spec.name}' cannot train on an NF4 base; use lora (QLoRA) or dora",
+                      field="quantize")
+
+
+def apply(model: nn.Module, method: str | MethodSpec | list[MethodSpec] = "lora", *,
+          targets: str | list[str] = "all-linear", rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+          rslora: bool = False, quantize: str | None = None, **options: Any) -> AdaptedModel:
+    """Freeze `model` and apply `method` in place, like PEFT's `get_peft_model`.
+
+    `method`: a name or a `+` combination as on the command line ("lora", "dora", "lora+bitfit").
+    `targets`: "all-linear", suffixes "q_proj,v_proj" (or a list), or a regex. `quantize="nf4"`
+    trains on an NF4 base (QLoRA); it defaults to what `load_model(quantize=...)` asked for.
+    Other keyword arguments are the methods' options (e.g. `init="gaussian"`). Errors in names or
+    values raise `deltatune.ConfigError` naming the field.
+    """
+    if quantize is None:
+        quantize = getattr(model, _QUANTIZE_ATTR, None)
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)} or None, got {quantize!r}", field="quantize")
+    specs = method_specs(method, targets=targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora,
+                         quantize=quantize, **options)
+    return AdaptedModel._wrap(apply_methods(model, specs))
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> AdaptedModel:
+    """Apply the methods an adapter folder describes (PEFT's format or deltatune's) and load its weights."""
+    return AdaptedModel._wrap(_load_adapter(model, path))
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "fp32",
+               quantize: str | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a transformers folder, a GGUF file, or None for the default model
+    (SmolLM2-135M-Instruct, no download). `dtype`: "fp32", "bf16", "fp16" or a torch dtype.
+
+    `quantize="nf4"`: the linears that `apply` adapts get an NF4 base (QLoRA), quantised when
+    `apply` runs, since deltatune quantises exactly the layers an adapter wraps.
+    """
+    from deltatune.models import load_model as _load
+
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)} or None, got {quantize!r}", field="quantize")
+    model, tokenizer = _load(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if quantize is not None:
+        setattr(model, _QUANTIZE_ATTR, quantize)
+    return model, tokenizer

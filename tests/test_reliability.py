@@ -187,3 +187,62 @@ def test_every_checkpoint_damaged_is_one_line(capsys, tiny_dir, data_file, run_c
     assert "no intact checkpoint" in lines[-1]
     assert "Traceback" not in err
     assert snapshot(run_copy) == before
+
+
+# ----------------------------------------------------------------------------- 5. memory follows seq_len
+def test_a_huge_record_is_cut_before_tokenizing_with_the_same_tokens(tiny_tok, monkeypatch):
+    from deltatune.data import pipeline
+
+    records = [{"instruction": "Repeat the word.", "output": "word, " * 150_000},  # 900k characters
+               {"instruction": "hi " * 50_000, "output": "ok"},  # the response lies past max_len
+               {"instruction": "Short?", "output": "Yes."}]
+    seen: list[int] = []
+    real = pipeline.tokenize_examples
+
+    def spy(examples, tokenizer, **kw):
+        seen.extend(sum(len(s.text) for s in ex.segments) for ex in examples)
+        return real(examples, tokenizer, **kw)
+
+    monkeypatch.setattr(pipeline, "tokenize_examples", spy)
+    cut = pipeline.prepare_records(records, tiny_tok, max_len=64)
+    assert max(seen) < pipeline.char_budget(64, tiny_tok) + 200 < 100_000  # the template adds a few characters
+    monkeypatch.setattr(pipeline, "char_budget", lambda max_len, tok: 10**9)  # reference: tokenize everything
+    whole = pipeline.prepare_records(records, tiny_tok, max_len=64)
+    assert [e.input_ids for e in cut.examples] == [e.input_ids for e in whole.examples]
+    assert [e.roles for e in cut.examples] == [e.roles for e in whole.examples]
+    assert (cut.report.truncated, cut.report.dropped_no_loss) == (whole.report.truncated, whole.report.dropped_no_loss)
+    dropped = pipeline.prepare_records(records, tiny_tok, max_len=64, overflow="drop")
+    assert dropped.report.dropped_too_long == 2
+
+
+# ----------------------------------------------------------------------------- 12. exact resume, any precision
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_resume_at_several_kill_points_equals_the_straight_run(tiny_dir, data_file, tmp_path, precision):
+    """Stopping right after a checkpoint (as a kill would) and resuming with fresh compile caches (as a
+    new process has) ends bitwise where the uninterrupted run ends, with the compiled norms on."""
+    from deltatune.config import load_config
+    from deltatune.train.loop import train
+
+    def cfg(out, **kw):
+        return load_config(overrides=dict(model=str(tiny_dir), data=str(data_file), output=str(out), method="lora",
+                                          rank=4, alpha=8, lr=5e-3, batch_size=2, seq_len=64, precision=precision,
+                                          steps=12, seed=3, eval_fraction=0.1, warmup_steps=2, save_every=3,
+                                          fused_norms="on", num_threads=1, **kw))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch._dynamo.reset()
+        train(cfg(tmp_path / "straight"), quiet=True)
+        want = load_file(str(tmp_path / "straight" / "final" / "adapter_model.safetensors"))
+        for kill in (3, 6, 9):
+            out = tmp_path / f"killed-{kill}"
+            torch._dynamo.reset()
+            with pytest.raises(KeyboardInterrupt):
+                train(cfg(out), quiet=True, stop_after=kill)
+            torch._dynamo.reset()
+            train(cfg(out, resume=True), quiet=True)
+            got = load_file(str(out / "final" / "adapter_model.safetensors"))
+            assert all(torch.equal(want[k], got[k]) for k in want), f"{precision}: resumed after step {kill} differs"
+    finally:
+        torch.set_num_threads(threads)

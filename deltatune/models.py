@@ -114,6 +114,20 @@ def local_model_path(name_or_path: str | os.PathLike | None) -> Path | None:
     return path if path.exists() else None
 
 
+def model_skeleton(name_or_path: str | os.PathLike | None = None, *, trust_remote_code: bool = False):
+    """The model's modules on the meta device (no weights read, no memory): enough to check names
+    such as targets before the real load. None where the configuration cannot be read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ref, extra = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code, **extra)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # the real load reports what is wrong with the model
+        return None
+
+
 def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

@@ -43,6 +43,10 @@ def merge_and_save(model_ref: str | None, adapter: str | None, out: str, *, dtyp
     if save_dtype:
         parse_dtype(save_dtype)
     check_output(out, overwrite=overwrite, reads={"model": local_model_path(model_ref), "adapter": adapter})
+    if adapter is not None:  # a broken adapter fails before the model loads
+        from deltatune.methods.peft_format import read_adapter
+
+        read_adapter(adapter)
     model, tokenizer = load_model(model_ref, dtype=dtype, trust_remote_code=trust_remote_code)
     if adapter is None:
         if save_dtype:

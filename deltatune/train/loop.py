@@ -23,7 +23,7 @@ import torch
 
 from deltatune.config import TrainConfig
 from deltatune.errors import ConfigError, TrainingError
-from deltatune.train.checkpoint import Position, list_checkpoints, prune_checkpoints
+from deltatune.train.checkpoint import Position, prune_checkpoints
 from deltatune.train.distributed import NullProgress, init_distributed
 from deltatune.train import fused_norms, packed_attention
 from deltatune.train.loss import weighted_lm_loss_sum
@@ -242,7 +242,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     from deltatune.data.pipeline import prepare_dataset, prepare_records
     from deltatune.methods.apply import apply_methods
     from deltatune.methods import get_method
-    from deltatune.models import DEFAULT_MODEL, DEFAULT_MODEL_ALIASES, load_model, load_tokenizer, local_model_path
+    from deltatune.methods.inject import match_targets
+    from deltatune.models import DEFAULT_MODEL, DEFAULT_MODEL_ALIASES, load_model, load_tokenizer, local_model_path, model_skeleton
     from deltatune.train.checkpoint import verify_checkpoint
     from deltatune.train.run_folder import (check_output_folder, compare_for_resume, data_fingerprint,
                                             pick_checkpoint, record_config, save_run_config, start_output,
@@ -280,6 +281,10 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
 
     # --- data (read and validated before the model loads: a bad record costs seconds, not minutes)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    skeleton = model_skeleton(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if skeleton is not None and cfg.targets != "all-linear":  # targets name modules: check them on the skeleton
+        match_targets(skeleton, cfg.targets, accept=lambda m: True)
+    del skeleton
     data_kwargs = dict(template=cfg.template, data_format=cfg.data_format, column_map=cfg.column_map or None,
                        max_len=cfg.seq_len, overflow=cfg.overflow, skip_bad=cfg.skip_bad,
                        system_prompt=cfg.system_prompt)

@@ -246,3 +246,69 @@ def test_resume_at_several_kill_points_equals_the_straight_run(tiny_dir, data_fi
             assert all(torch.equal(want[k], got[k]) for k in want), f"{precision}: resumed after step {kill} differs"
     finally:
         torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- 6. the adapter's base
+def test_generate_with_only_an_adapter_loads_the_adapters_base(capsys, run_dir):
+    from deltatune.models import load_model
+
+    model, _ = load_model(None, adapter=run_dir / "final")
+    assert model.config.hidden_size == 64  # the tiny base recorded in the adapter, not the default model
+    rc, out, err = cli(capsys, "generate", "--adapter", run_dir / "final", "--prompt", "hi", "--max-new-tokens", "2")
+    assert rc == 0, err
+
+
+# ----------------------------------------------------------------------------- 9. nothing left behind
+def test_an_error_after_the_model_loads_leaves_no_output_folder(capsys, tiny_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = cli(capsys, *train_args(tiny_dir, data_file, out, "--method", "prefix", "--set", "attention=packed"))
+    assert rc == 2 and "attention" in err.splitlines()[-1]
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- 10. metrics after a kill
+def test_metrics_are_cut_back_to_the_checkpoint_on_resume(capsys, tiny_dir, data_file, run_copy):
+    metrics = run_copy / "metrics.jsonl"
+    with metrics.open("a") as fh:  # what a kill after step 5 (checkpoint at 3) leaves behind, torn last line
+        fh.write('{"step": 4, "loss": 1.0}\n{"step": 5, "loss": 1.0}\n{"step": 6, "lo')
+    rc, _, err = cli(capsys, *train_args(tiny_dir, data_file, run_copy, "--resume", "--save-every", "1", steps=5))
+    assert rc == 0, err
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+# ----------------------------------------------------------------------------- 11. smaller ones
+def test_outputs_follow_the_umask(capsys, tiny_dir, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        rc, _, err = cli(capsys, "export", "--model", tiny_dir, "--out", tmp_path / "exported")
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    assert (tmp_path / "exported").stat().st_mode & 0o777 == 0o755
+
+
+def test_two_phase_switch_inside_the_run_is_accepted_and_after_it_refused():
+    from deltatune.data.masking import parse_policy
+    from deltatune.errors import ConfigError
+    from deltatune.train.loop import check_switch_point
+
+    check_switch_point(parse_policy("response->all@2"), total_steps=3, steps_per_epoch=10)
+    with pytest.raises(ConfigError, match="never run"):
+        check_switch_point(parse_policy("response->all@3"), total_steps=3, steps_per_epoch=10)
+    with pytest.raises(ConfigError, match="never run"):
+        check_switch_point(parse_policy("response->all@1ep"), total_steps=10, steps_per_epoch=10)
+
+
+# ----------------------------------------------------------------------------- 13. text stays text
+def test_off_and_no_stay_text_for_text_keys(tmp_path):
+    from deltatune.config import load_config, parse_overrides
+
+    assert load_config(overrides=parse_overrides(["fused_norms=off"])).fused_norms == "off"
+    assert load_config(overrides=parse_overrides(["packing=no", "resume=yes"])).packing is False
+    path = tmp_path / "c.yaml"
+    path.write_text("fused_norms: off\npacking: no\nrslora: on\nlr: 1e-4\n")
+    cfg = load_config(path)
+    assert (cfg.fused_norms, cfg.packing, cfg.rslora, cfg.lr) == ("off", False, True, 1e-4)

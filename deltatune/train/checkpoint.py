@@ -4,8 +4,9 @@ Each checkpoint is written into a temporary folder and renamed into place, so a 
 SIGKILL) never leaves a half-written checkpoint; `latest` is found by scanning for the highest
 complete step. meta.json records each file's size and SHA-256, so that a checkpoint damaged
 afterwards (a bad disk, a copy cut short) is recognised before it is used (`verify_checkpoint`),
-and resume falls back to the newest intact one (`newest_intact`). Adapter methods save only their trainable tensors; full finetuning saves all
-(trainable) parameters, which `named_parameters()` lists once even when tied.
+and resume falls back to the newest intact one (see train/run_folder.py). Adapter methods save
+only their trainable tensors; full finetuning saves all (trainable) parameters, which
+`named_parameters()` lists once even when tied.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -85,9 +85,11 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def verify_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> str | None:
+def verify_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]] | None = None, *,
+                      hashes: bool = True) -> str | None:
     """None if the checkpoint at `path` is intact (every file present, of the recorded size and hash,
-    the weights readable, with exactly the names and shapes in `shapes` when given); else why not."""
+    the weights readable, with exactly the names and shapes in `shapes` when given); else why not.
+    `hashes=False` skips re-reading the files (when they were just verified)."""
     from safetensors import safe_open
 
     try:
@@ -100,7 +102,7 @@ def verify_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]] | None = No
             return f"{name} is missing"
         recorded = meta.get("files", {}).get(name)
         try:
-            if recorded is not None and _fingerprint(file) != recorded:
+            if recorded is not None and hashes and _fingerprint(file) != recorded:
                 return f"{name} differs from what was written (size or SHA-256)"
         except OSError as exc:
             return f"{name} unreadable ({exc.strerror})"
@@ -115,17 +117,6 @@ def verify_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]] | None = No
         what = (f"lacks {missing[0]}" if missing else f"{other[0]} has shape {found[other[0]]}, the model "
                 f"{tuple(shapes[other[0]])}" if other else f"has {sorted(set(found) - set(shapes))[0]}, unknown here")
         return f"does not fit this model and method ({what})"
-    return None
-
-
-def newest_intact(run_dir: Path, shapes: dict[str, tuple[int, ...]] | None = None,
-                  warn: Callable[[str], None] = lambda _: None) -> Path | None:
-    """The newest checkpoint that `verify_checkpoint` passes; each newer damaged one is reported to `warn`."""
-    for path in reversed(list_checkpoints(run_dir)):
-        why = verify_checkpoint(path, shapes)
-        if why is None:
-            return path
-        warn(f"warning: checkpoint {path} is damaged or unusable: {why}; trying an older one")
     return None
 
 

@@ -352,7 +352,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     pos = Position()
     if resume_from is not None:
         if not dist.active:  # the names and shapes of what trains must be the checkpoint's
-            why = verify_checkpoint(resume_from, {n: tuple(p.shape) for n, p in trainable})
+            why = verify_checkpoint(resume_from, {n: tuple(p.shape) for n, p in trainable}, hashes=False)
             if why:
                 raise ConfigError(f"checkpoint {resume_from} {why}", field="resume")
         pos = dist.load_checkpoint(resume_from, runner, trainable, optimizer, scheduler, data)

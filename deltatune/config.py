@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+import re
+import types
+import typing
 from typing import Any, Literal
 
 import yaml
@@ -82,6 +85,7 @@ class TrainConfig(BaseModel):
     eval_every: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
     resume: bool = False
+    overwrite: bool = Field(False, description="replace the run in `output` (never the model or data being read)")
     device: str = "auto"
     num_threads: int | None = Field(None, ge=1)
 
@@ -108,14 +112,57 @@ class TrainConfig(BaseModel):
 _BOOL = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """safe_load with YAML 1.2 booleans: only true/false are booleans, so `off`, `no`, `on`, `yes`
+    stay text (`fused_norms: off` means the word); bool keys still accept them (pydantic reads them)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML as configs are read everywhere (safe, YAML 1.2 booleans)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _is_text(annotation: Any) -> bool:
+    """True for str, str | None and Literal of strings: a value for such a key is text as typed."""
+    if annotation is str:
+        return True
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in args)
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return False
+    return all(a is type(None) or _is_text(a) for a in args) and any(a is not type(None) for a in args)
+
+
+TEXT_KEYS = frozenset(name for name, f in TrainConfig.model_fields.items() if _is_text(f.annotation))
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` strings; values parsed as YAML scalars/lists/maps (so 1e-4, true, [a, b] work)."""
+    """`key=value` strings; values parsed as YAML scalars/lists/maps (so 1e-4, true, [a, b] work),
+    except for keys whose type is text: their value stays the text given (`fused_norms=off`)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ConfigError(f"--set expects key=value, got '{pair}'")
+            raise ConfigError(f"--set expects key=value, got '{pair}'", field="set")
         key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value != "" else None
+        key = key.strip()
+        if value == "":
+            out[key] = None
+        elif key in TEXT_KEYS:
+            out[key] = value
+        else:
+            try:
+                out[key] = load_yaml(value)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--set {key}: not a valid value ({getattr(exc, 'problem', None) or exc}); "
+                                  f"quote text that holds YAML characters", field=key) from None
     return out
 
 
@@ -139,9 +186,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         source = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            raw = load_yaml(Path(path).read_text(encoding="utf-8-sig")) or {}
         except FileNotFoundError:
             raise ConfigError("no such configuration file", file=source) from None
+        except IsADirectoryError:
+            raise ConfigError("a folder, not a configuration file", file=source) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x})", file=source) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=source,

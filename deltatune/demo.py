@@ -112,11 +112,8 @@ def run_demo(output: str = "runs/demo", n_train: int = 800, n_eval: int = 64, st
     del model
     cfg = TrainConfig(model=model_name, template="chatml", policy="response", method="lora", rank=16, alpha=32,
                       lr=1e-3, epochs=2, steps=steps, batch_size=8, seq_len=256, output=output, seed=seed,
-                      eval_fraction=0.0, log_every=10, warmup_ratio=0.05, resume=False)
-    if Path(output).exists():
-        import shutil
-
-        shutil.rmtree(output)  # the demo always starts fresh
+                      eval_fraction=0.0, log_every=10, warmup_ratio=0.05, resume=False,
+                      overwrite=True)  # the demo starts fresh: replaces its own run, never other files
     result = train(cfg, records=task_train, eval_records=task_eval[:16])
     tuned, tokenizer = load_model(model_name, adapter=Path(output) / "final")
     after = measure(tuned, tokenizer, task_eval, source)

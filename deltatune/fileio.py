@@ -1,7 +1,11 @@
-"""Atomic folder writes: build a folder under a temporary name, then rename it into place.
+"""Atomic writes, and the checks that keep outputs from ever replacing what a user owns.
 
-A crash (even SIGKILL) at any moment leaves either the old folder or the new one, never a
-half-written one; temporary folders start with a dot and are ignored by readers.
+`atomic_dir` builds a folder under a temporary name and renames it into place: a crash (even
+SIGKILL) at any moment leaves either the old folder or the new one, never a half-written one;
+temporary folders start with a dot and are ignored by readers. `check_output` runs before any
+work: an output that exists and is not empty is refused unless the user said --overwrite, and an
+output that is, holds or lies inside something the command reads (model, adapter, data) is
+refused even then.
 """
 
 from __future__ import annotations
@@ -11,16 +15,32 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
+
+from deltatune.errors import UserError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_dir(path: Path) -> None:
+    """mkdir -p with the user's umask (tempfile.mkdtemp would make 0700 folders)."""
+    path.mkdir(parents=True, exist_ok=True)
 
 
 @contextmanager
 def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `out_dir` (a previous folder is removed)."""
+    """Yield a temporary folder; on success it replaces `out_dir` (a previous folder is removed).
+
+    Callers that may replace a user's folder check it first with `check_output`."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _make_dir(out_dir.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would have made it
         yield tmp
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
@@ -32,3 +52,68 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write via a temporary file in the same folder and os.replace: no half-written file, ever."""
+    path = Path(path)
+    _make_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True if `a` and `b` are the same path or one lies inside the other (symlinks resolved)."""
+    ra, rb = _real(a), _real(b)
+    return ra == rb or ra in rb.parents or rb in ra.parents
+
+
+def check_writable(out: str | os.PathLike, *, field: str) -> None:
+    """`out` (a folder or file to be created) can be written: its nearest existing ancestor is a
+    writable folder. Checked before any work, so a read-only place fails at once."""
+    p = Path(out).expanduser().absolute()
+    if p.exists() and p.is_dir():
+        probe = p
+    else:
+        probe = p.parent
+        while not probe.exists():
+            probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{out}: cannot be created, {probe} is not a folder", field=field)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{out}: cannot write there ({probe} is not writable)", field=field)
+
+
+def check_output(out: str | os.PathLike, *, overwrite: bool, reads: Mapping[str, str | os.PathLike | None],
+                 field: str = "out", want_dir: bool = True) -> Path:
+    """Refuse an output that would destroy something: one that overlaps what is read (never allowed),
+    or one that exists and is not empty (allowed with `overwrite`). Also checks writability."""
+    for what, path in reads.items():
+        if path is not None and Path(path).expanduser().exists() and overlaps(out, path):
+            raise UserError(f"{out} would replace or lie inside the {what} being read ({path}); choose another "
+                            f"path (--overwrite never allows this)", field=field)
+    p = Path(out).expanduser()
+    if p.exists() or p.is_symlink():
+        empty_dir = p.is_dir() and not any(p.iterdir())
+        if not empty_dir and not overwrite:
+            kind = "folder" if p.is_dir() else "file"
+            raise UserError(f"{out}: a {kind} that exists{' and is not empty' if p.is_dir() else ''}; choose "
+                            f"another path or pass --overwrite to replace it", field=field)
+        if want_dir and not p.is_dir() and not overwrite:
+            raise UserError(f"{out}: exists and is not a folder", field=field)
+    check_writable(out, field=field)
+    return p

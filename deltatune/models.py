@@ -105,6 +105,29 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> tuple[str, dict[str
     return str(name_or_path), {}  # a hub id: works only where a network exists
 
 
+def local_model_path(name_or_path: str | os.PathLike | None) -> Path | None:
+    """The file or folder on this machine that a model argument reads (None for a hub id), without
+    converting anything: used to keep outputs from ever replacing the model being read."""
+    if name_or_path is None or str(name_or_path).lower() in DEFAULT_MODEL_ALIASES:
+        return cache_dir() / "models" / DEFAULT_MODEL
+    path = Path(name_or_path).expanduser()
+    return path if path.exists() else None
+
+
+def model_skeleton(name_or_path: str | os.PathLike | None = None, *, trust_remote_code: bool = False):
+    """The model's modules on the meta device (no weights read, no memory): enough to check names
+    such as targets before the real load. None where the configuration cannot be read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ref, extra = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code, **extra)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # the real load reports what is wrong with the model
+        return None
+
+
 def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -121,9 +144,14 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remot
 def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = torch.float32,
                adapter: str | os.PathLike | None = None, trust_remote_code: bool = False,
                attn_implementation: str = "sdpa"):
-    """Return (model, tokenizer). `adapter`, if given, is loaded on top (see deltatune.methods.apply)."""
+    """Return (model, tokenizer). `adapter`, if given, is loaded on top (see deltatune.methods.apply);
+    without a model, an adapter's own base (`base_model_name_or_path`) is the model."""
     from transformers import AutoModelForCausalLM
 
+    if name_or_path is None and adapter is not None:
+        from deltatune.methods.peft_format import adapter_base_model
+
+        name_or_path = adapter_base_model(adapter)
     ref, extra = resolve_model(name_or_path)
     dtype = parse_dtype(dtype)
     if _is_upcycled_dir(ref):  # deltatune upcycle output: experts as nn.Linear modules (deltatune/upcycle/io.py)

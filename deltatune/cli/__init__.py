@@ -22,8 +22,15 @@ COMMANDS = [
 ]
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (exit 2), like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune", description="Instruction finetuning with delta-tuning methods, and what each choice costs.")
+    parser = _OneLineParser(prog="deltatune", description="Instruction finetuning with delta-tuning methods, and what each choice costs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:

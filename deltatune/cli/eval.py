@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +64,10 @@ def options_from_args(args) -> EvalOptions:
             raise UserError("must be at least 1", field=name.replace("_", "-"))
     if args.shots < 0:
         raise UserError("must be 0 or more", field="shots")
+    if args.temperature < 0:
+        raise UserError(f"must be 0 or more, got {args.temperature}", field="temperature")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"must be in (0, 1], got {args.top_p}", field="top-p")
     gen = GenerationConfig(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     return EvalOptions(limit=args.limit, shots=args.shots, seed=args.seed, batch_size=args.batch_size,
                        style=args.prompt_style, choice_mode=args.choice, generation=gen,
@@ -112,19 +115,20 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write via a temp file in the same folder and os.replace, so no half-written file is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from deltatune.fileio import write_text_atomic
+
+    write_text_atomic(path, text)  # with the user's umask (mkstemp alone makes 0600 files)
 
 
 def run(args) -> int:
+    for flag in ("out", "predictions"):  # checked before the evaluation runs, so its results are never lost
+        path = getattr(args, flag, None)
+        if path and Path(path).is_dir():
+            raise UserError(f"{path} is a folder; give a file name", field=flag)
+        if path:
+            from deltatune.fileio import check_writable
+
+            check_writable(path, field=flag)
     opts = options_from_args(args)
     tasks = resolve_tasks(args.task, args.data_root, args.map)
     results = evaluate_model(args.model, args.adapter, tasks, opts, args.dtype)

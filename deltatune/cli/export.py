@@ -22,10 +22,14 @@ def run(args: argparse.Namespace) -> int:
     from deltatune.cli.merge import merge_and_save
     from deltatune.methods.peft_format import adapter_base_model
 
+    from deltatune.cli.merge import warn_if_other_base
+
     model = args.model
-    if model is None and args.adapter is not None:
-        model = adapter_base_model(args.adapter)
+    if args.adapter is not None:
+        recorded = adapter_base_model(args.adapter)
+        warn_if_other_base(model, recorded, args.adapter)
+        model = model or recorded
     out = merge_and_save(model, args.adapter, args.out, dtype=args.dtype, save_dtype=args.save_dtype,
-                         trust_remote_code=args.trust_remote_code)
+                         trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
     print(f"exported {model or 'the default model'}{' + ' + args.adapter if args.adapter else ''}: wrote {out}")
     return 0

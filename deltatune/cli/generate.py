@@ -28,8 +28,15 @@ def _chat_prompt(tokenizer, history: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from deltatune.errors import UserError
     from deltatune.evaluate.generate import GenerationConfig, generate
-    from deltatune.models import load_model
+    from deltatune.models import load_model, parse_dtype
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"must be at least 1, got {args.max_new_tokens}", field="max-new-tokens")
+    if args.temperature < 0:
+        raise UserError(f"must be 0 (greedy) or more, got {args.temperature}", field="temperature")
+    parse_dtype(args.dtype)
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, adapter=args.adapter)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,

@@ -25,17 +25,28 @@ def add_model_options(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--dtype", default="fp32", help="dtype to load and merge in (default fp32)")
     p.add_argument("--save-dtype", default=None, help="dtype of the saved weights (default: --dtype)")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it exists (never the model, adapter or data being read)")
 
 
 def merge_and_save(model_ref: str | None, adapter: str | None, out: str, *, dtype: str, save_dtype: str | None,
-                   trust_remote_code: bool = False) -> Path:
-    """Load, apply the adapter (if any), merge and write `out`; shared by merge and export."""
-    from deltatune.errors import UserError
-    from deltatune.methods.apply import export_merged, load_adapter
-    from deltatune.models import load_model, parse_dtype, save_model
+                   trust_remote_code: bool = False, overwrite: bool = False) -> Path:
+    """Load, apply the adapter (if any), merge and write `out`; shared by merge and export.
 
-    if adapter is not None and Path(out).resolve() == Path(adapter).resolve():
-        raise UserError("--out must differ from --adapter", field="out")
+    `out` is checked before anything loads: never the model or adapter being read (nor a folder
+    holding them or inside them), and an existing non-empty path only with `overwrite`."""
+    from deltatune.fileio import check_output
+    from deltatune.methods.apply import export_merged, load_adapter
+    from deltatune.models import load_model, local_model_path, parse_dtype, save_model
+
+    parse_dtype(dtype)
+    if save_dtype:
+        parse_dtype(save_dtype)
+    check_output(out, overwrite=overwrite, reads={"model": local_model_path(model_ref), "adapter": adapter})
+    if adapter is not None:  # a broken adapter fails before the model loads
+        from deltatune.methods.peft_format import read_adapter
+
+        read_adapter(adapter)
     model, tokenizer = load_model(model_ref, dtype=dtype, trust_remote_code=trust_remote_code)
     if adapter is None:
         if save_dtype:
@@ -49,11 +60,33 @@ def run(args: argparse.Namespace) -> int:
     from deltatune.errors import UserError
     from deltatune.methods.peft_format import adapter_base_model
 
-    base = args.model or adapter_base_model(args.adapter)
+    recorded = adapter_base_model(args.adapter)
+    base = args.model or recorded
     if not base:
         raise UserError(f"{args.adapter}: the adapter names no base model (base_model_name_or_path); pass --model",
                         field="model")
+    warn_if_other_base(args.model, recorded, args.adapter)
     out = merge_and_save(base, args.adapter, args.out, dtype=args.dtype, save_dtype=args.save_dtype,
-                         trust_remote_code=args.trust_remote_code)
+                         trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
     print(f"merged {args.adapter} into {base}: wrote {out}")
     return 0
+
+
+def warn_if_other_base(model: str | None, recorded: str | None, adapter: str) -> None:
+    """An adapter merged into another base than it was trained on fits whenever the shapes do, and
+    is then silently wrong: say so on stderr."""
+    import os
+    import sys
+
+    from deltatune.models import DEFAULT_MODEL, DEFAULT_MODEL_ALIASES
+
+    def same(a: str, b: str) -> bool:
+        if a.lower() in DEFAULT_MODEL_ALIASES | {DEFAULT_MODEL.lower()}:
+            return b.lower() in DEFAULT_MODEL_ALIASES | {DEFAULT_MODEL.lower()}
+        if Path(a).expanduser().exists() and Path(b).expanduser().exists():
+            return os.path.realpath(Path(a).expanduser()) == os.path.realpath(Path(b).expanduser())
+        return a == b
+
+    if model and recorded and not same(model, recorded):
+        print(f"warning: {adapter} was trained on {recorded}, not {model}; the merge fits whenever the shapes "
+              f"do, but the result is only meaningful on the base it was trained on", file=sys.stderr)

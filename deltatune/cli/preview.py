@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
     from deltatune.data.masking import PolicySchedule, parse_policy
     from deltatune.data.pipeline import prepare_dataset
     from deltatune.data.preview import to_json, to_text
+    from deltatune.errors import ConfigError
 
+    if args.limit < 1:
+        raise ConfigError(f"must be at least 1, got {args.limit}", field="--limit")
     policy = parse_policy(args.policy)
     note = ""
     if isinstance(policy, PolicySchedule):

@@ -25,8 +25,12 @@ def run(args: argparse.Namespace) -> int:
     from deltatune.data.stats import advise, dataset_stats, format_stats
     from deltatune.errors import ConfigError
 
-    if args.max_len < 2 or args.batch_size < 1 or (args.seq_len is not None and args.seq_len < args.max_len):
-        raise ConfigError("need --max-len >= 2, --batch-size >= 1 and --seq-len >= --max-len", field="--seq-len")
+    if args.max_len < 2:
+        raise ConfigError(f"must be at least 2, got {args.max_len}", field="--max-len")
+    if args.batch_size < 1:
+        raise ConfigError(f"must be at least 1, got {args.batch_size}", field="--batch-size")
+    if args.seq_len is not None and args.seq_len < args.max_len:
+        raise ConfigError(f"must be at least --max-len ({args.max_len}), got {args.seq_len}", field="--seq-len")
     tokenizer = load_tokenizer_from_args(args)
     # Read without truncation, so that what --max-len would cut can be counted.
     data = prepare_dataset(args.data, tokenizer, template=args.template, data_format=args.data_format,

@@ -15,7 +15,7 @@ FLAGS = {
 }
 # keys whose values are taken verbatim (not parsed as YAML, so "1e-4" stays text where text is meant)
 TEXT_KEYS = {"model", "data", "eval_data", "output", "system_prompt", "policy", "targets", "method", "template"}
-SWITCHES = {"--resume": "resume", "--rslora": "rslora", "--skip-bad": "skip_bad",
+SWITCHES = {"--resume": "resume", "--overwrite": "overwrite", "--rslora": "rslora", "--skip-bad": "skip_bad",
             "--gradient-checkpointing": "gradient_checkpointing", "--no-packing": ("packing", False),
             "--trust-remote-code": "trust_remote_code", "--fused-update": "fused_update"}
 

@@ -68,6 +68,8 @@ def read_records(path: str | Path) -> Iterator[RawRecord | DataError]:
     name = str(path)
     if not p.exists():
         raise DataError("no such file", file=name)
+    if p.is_dir():
+        raise DataError("a folder, not a data file", file=name)
     suffix = "".join(p.suffixes[-1:]).lower()
     if suffix in (".jsonl", ".ndjson"):
         yield from _read_jsonl(p, name)
@@ -92,7 +94,7 @@ def _read_jsonl(p: Path, name: str) -> Iterator[RawRecord | DataError]:
             if not raw.strip():
                 continue
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM (Windows tools) is no error
             except UnicodeDecodeError as exc:
                 yield _utf8_error(raw, exc, name, lineno)
                 index += 1
@@ -110,6 +112,8 @@ def _read_jsonl(p: Path, name: str) -> Iterator[RawRecord | DataError]:
 def _read_json(p: Path, name: str) -> Iterator[RawRecord | DataError]:
     """A JSON array of records (or an object holding one such array), with each record's line."""
     raw = p.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # a BOM (Windows tools) is no error
+        raw = raw[3:]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from deltatune.data.formats import FORMATS, RawRecord, detect_format, parse_column_map, read_records, to_conversation
+from deltatune.data.formats import (FORMATS, Conversation, Message, RawRecord, detect_format, parse_column_map,
+                                    read_records, to_conversation)
 from deltatune.data.segments import Role, TokenizedExample
 from deltatune.data.templates import get_template
 from deltatune.data.tokenize import tokenize_examples
@@ -104,6 +105,7 @@ def _prepare_inner(raw: Iterable[RawRecord | DataError], tokenizer: Any, *, temp
     report = DataReport()
     fmt = data_format
     examples = []
+    budget = char_budget(max_len, tokenizer)
 
     def bad(exc: DataError) -> None:
         if not skip_bad:
@@ -122,7 +124,7 @@ def _prepare_inner(raw: Iterable[RawRecord | DataError], tokenizer: Any, *, temp
         try:
             if fmt == "auto" and isinstance(rec.data, dict):  # the first recognisable record fixes the file's format
                 fmt = detect_format({cmap.get(k, k): v for k, v in rec.data.items()}) or "auto"
-            examples.append(tmpl.render(to_conversation(rec, fmt, cmap, system_prompt)))
+            examples.append(tmpl.render(cut_to_budget(to_conversation(rec, fmt, cmap, system_prompt), budget)))
         except DataError as exc:
             bad(exc)
     tokenized = tokenize_examples(examples, tokenizer, keep_offsets=keep_offsets)
@@ -140,6 +142,42 @@ def _prepare_inner(raw: Iterable[RawRecord | DataError], tokenizer: Any, *, temp
         kept.append(ex)
     report.kept = len(kept)
     return PreparedData(kept, report, template=template, data_format=fmt)
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of `tokenizer` can stand for (its longest vocabulary entry)."""
+    key = (id(tokenizer), len(tokenizer))
+    if _MAX_TOKEN_CHARS.get("key") != key:
+        vocab = tokenizer.get_vocab()
+        _MAX_TOKEN_CHARS.update(key=key, value=max((len(t) for t in vocab), default=64))
+    return _MAX_TOKEN_CHARS["value"]
+
+
+_MAX_TOKEN_CHARS: dict[str, Any] = {}
+
+
+def char_budget(max_len: int, tokenizer: Any) -> int:
+    """Characters of content that surely make more than `max_len` tokens: text beyond it is never
+    tokenized, so memory follows max_len, not the record. Twice the bound (normalisers can fold
+    characters together), plus a margin so that the first max_len tokens are those of the uncut text."""
+    return 2 * (max_len + 16) * max(1, max_token_chars(tokenizer))
+
+
+def cut_to_budget(conv: Conversation, budget: int) -> Conversation:
+    """Keep the first `budget` characters of the conversation's content, in order (later parts
+    become empty: every message and its template stay, so the rendering keeps its shape)."""
+    if sum(len(text) for m in conv.messages for _, text in m.parts) <= budget:
+        return conv
+    remaining, messages = budget, []
+    for m in conv.messages:
+        parts = []
+        for role, text in m.parts:
+            text = text[:remaining]
+            remaining -= len(text)
+            parts.append((role, text))
+        messages.append(Message(m.role, tuple(parts)))
+    conv.messages = messages
+    return conv
 
 
 def _truncate(ex: TokenizedExample, max_len: int) -> None:

@@ -43,8 +43,17 @@ def match_targets(model: nn.Module, targets: str | list[str],
         suffix_like = all(re.fullmatch(r"[\w.]+", p) for p in parts)
         if suffix_like:
             chosen = [n for n in candidates if any(n == p or n.endswith("." + p) for p in parts)]
+            names = [n for n, _ in model.named_modules() if n]
+            unknown = [p for p in parts if not any(n == p or n.endswith("." + p) for n in names)]
+            if unknown and chosen:  # every name must match something: a typo in a list is not dropped
+                kinds = sorted({n.split(".")[-1] for n in candidates})
+                raise ConfigError(f"'{unknown[0]}' in targets {targets!r} matches no module; module names that "
+                                  f"exist: {', '.join(kinds)}", field="targets")
         else:
-            rx = re.compile(targets if isinstance(targets, str) else "|".join(f"(?:{p})" for p in parts))
+            try:
+                rx = re.compile(targets if isinstance(targets, str) else "|".join(f"(?:{p})" for p in parts))
+            except re.error as exc:
+                raise ConfigError(f"targets {targets!r} is not a valid pattern ({exc})", field="targets") from None
             chosen = [n for n in candidates if rx.fullmatch(n)]
     if not chosen:
         kinds = sorted({n.split(".")[-1] for n in candidates})

@@ -141,4 +141,9 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[list[MethodSpec], dict
     weights = folder / WEIGHTS
     if not weights.exists():
         raise UserError(f"{weights}: missing adapter weights", field="adapter")
-    return specs, load_file(str(weights)), peft_keys, str(path)
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # safetensors' own error type, or OSError
+        raise UserError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:80]})",
+                        field="adapter") from None
+    return specs, tensors, peft_keys, str(path)

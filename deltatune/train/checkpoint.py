@@ -2,12 +2,16 @@
 
 Each checkpoint is written into a temporary folder and renamed into place, so a crash (even
 SIGKILL) never leaves a half-written checkpoint; `latest` is found by scanning for the highest
-complete step. Adapter methods save only their trainable tensors; full finetuning saves all
-(trainable) parameters, which `named_parameters()` lists once even when tied.
+complete step. meta.json records each file's size and SHA-256, so that a checkpoint damaged
+afterwards (a bad disk, a copy cut short) is recognised before it is used (`verify_checkpoint`),
+and resume falls back to the newest intact one (see train/run_folder.py). Adapter methods save
+only their trainable tensors; full finetuning saves all (trainable) parameters, which
+`named_parameters()` lists once even when tied.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -55,24 +59,86 @@ def save_checkpoint(path: Path, trainable: list[tuple[str, torch.nn.Parameter]],
         save_file({n: p.detach().contiguous().cpu() for n, p in trainable}, str(tmp / WEIGHTS_FILE))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": _rng_state()}, tmp / STATE_FILE)
-        (tmp / META_FILE).write_text(json.dumps({"position": asdict(position), **(extra or {})}, indent=2))
+        files = {name: _fingerprint(tmp / name) for name in (WEIGHTS_FILE, STATE_FILE)}
+        (tmp / META_FILE).write_text(json.dumps({"position": asdict(position), "files": files, **(extra or {})},
+                                                indent=2))
         with open(tmp / META_FILE, "rb") as fh:
             os.fsync(fh.fileno())
     return path
 
 
+def _fingerprint(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def read_meta(path: Path) -> dict:
+    """A checkpoint's meta.json; raises ValueError if it is unreadable or not a checkpoint's."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        Position(**meta["position"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{META_FILE} unreadable ({type(exc).__name__})") from None
+    return meta
+
+
+def verify_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]] | None = None, *,
+                      hashes: bool = True) -> str | None:
+    """None if the checkpoint at `path` is intact (every file present, of the recorded size and hash,
+    the weights readable, with exactly the names and shapes in `shapes` when given); else why not.
+    `hashes=False` skips re-reading the files (when they were just verified)."""
+    from safetensors import safe_open
+
+    try:
+        meta = read_meta(path)
+    except ValueError as exc:
+        return str(exc)
+    for name in (WEIGHTS_FILE, STATE_FILE):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        recorded = meta.get("files", {}).get(name)
+        try:
+            if recorded is not None and hashes and _fingerprint(file) != recorded:
+                return f"{name} differs from what was written (size or SHA-256)"
+        except OSError as exc:
+            return f"{name} unreadable ({exc.strerror})"
+    try:
+        with safe_open(str(path / WEIGHTS_FILE), framework="pt") as fh:
+            found = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
+        return f"{WEIGHTS_FILE} unreadable ({type(exc).__name__})"
+    if shapes is not None and found != {k: tuple(v) for k, v in shapes.items()}:
+        missing = sorted(set(shapes) - set(found))
+        other = sorted(k for k in set(shapes) & set(found) if tuple(shapes[k]) != found[k])
+        what = (f"lacks {missing[0]}" if missing else f"{other[0]} has shape {found[other[0]]}, the model "
+                f"{tuple(shapes[other[0]])}" if other else f"has {sorted(set(found) - set(shapes))[0]}, unknown here")
+        return f"does not fit this model and method ({what})"
+    return None
+
+
 def load_checkpoint(path: Path, trainable: list[tuple[str, torch.nn.Parameter]], optimizer, scheduler) -> Position:
+    from deltatune.errors import ConfigError
+
     weights = load_file(str(path / WEIGHTS_FILE))
     params = dict(trainable)
     missing = set(params) - set(weights)
     if missing:
-        raise RuntimeError(f"checkpoint {path} lacks {sorted(missing)[:3]}... (different method or targets?)")
+        raise ConfigError(f"checkpoint {path} lacks {sorted(missing)[:3]} (different method or targets?)",
+                          field="resume")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name].to(p.device))
     state = torch.load(path / STATE_FILE, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"checkpoint {path}: the optimizer state does not fit this run ({str(exc)[:100]})",
+                          field="resume") from None
     _set_rng_state(state["rng"])
     meta = json.loads((path / META_FILE).read_text())
     return Position(**meta["position"])
@@ -83,7 +149,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.exists():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / META_FILE).exists()]
+    done = [p for p in root.iterdir()
+            if p.name.startswith("step-") and p.name[5:].isdigit() and (p / META_FILE).exists()]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 

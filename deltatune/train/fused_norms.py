@@ -35,9 +35,27 @@ def rms_norm(hidden: Tensor, weight: Tensor, eps: float) -> Tensor:
 def _kernel() -> Callable:
     global _compiled
     if _compiled is None:
-        # emulate_precision_casts: round at the .to(bf16) as eager does, so outputs match bitwise
-        _compiled = torch.compile(rms_norm, dynamic=True, options={"emulate_precision_casts": True})
+        # emulate_precision_casts: round at the .to(bf16) as eager does, so outputs match bitwise.
+        # Shapes: see `fused_rms_norm` (rows dynamic from the first call, the hidden size static).
+        _compiled = torch.compile(rms_norm, options={"emulate_precision_casts": True})
     return _compiled
+
+
+def fused_rms_norm(hidden: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`rms_norm` by the compiled kernel, on the input seen as [rows, hidden].
+
+    The compiled code must not depend on which shapes this process happened to see first (a resumed
+    run would otherwise run other kernels than the uninterrupted one): every call is 2-D, the row
+    count is marked dynamic from the first call (one kernel for all lengths; a single row is its own
+    static variant in every process), the hidden size static, and autocast off (the formula casts
+    explicitly), so the variants compiled are a function of the call alone."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if flat.shape[0] >= 2:
+        torch._dynamo.maybe_mark_dynamic(flat, 0)
+    torch._dynamo.mark_static(flat, 1)
+    with torch.autocast(flat.device.type, enabled=False):
+        out = _kernel()(flat, weight, eps)
+    return out.view(hidden.shape)
 
 
 class FusedRMSNorm(nn.Module):
@@ -49,7 +67,7 @@ class FusedRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        return _kernel()(hidden_states, self.weight, self.variance_epsilon)
+        return fused_rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -81,7 +99,7 @@ def install(model: nn.Module) -> tuple[Callable[[], None], str | None]:
     try:  # compile now, as training will call it (forward and backward), so a missing compiler shows here
         w = first.weight
         x = torch.randn(1, 3, w.shape[-1], device=w.device, dtype=w.dtype, requires_grad=True)
-        _kernel()(x, w.detach().requires_grad_(w.requires_grad), first.variance_epsilon).sum().backward()
+        fused_rms_norm(x, w.detach().requires_grad_(w.requires_grad), first.variance_epsilon).sum().backward()
     except Exception as exc:  # inductor raises many kinds (no compiler, unsupported platform)
         return (lambda: None), f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
     swapped = []

@@ -12,6 +12,7 @@ import json
 import math
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -20,9 +21,9 @@ from typing import Callable
 
 import torch
 
-from deltatune.config import TrainConfig, save_config
+from deltatune.config import TrainConfig
 from deltatune.errors import ConfigError, TrainingError
-from deltatune.train.checkpoint import Position, list_checkpoints, prune_checkpoints
+from deltatune.train.checkpoint import Position, prune_checkpoints
 from deltatune.train.distributed import NullProgress, init_distributed
 from deltatune.train import fused_norms, packed_attention
 from deltatune.train.loss import weighted_lm_loss_sum
@@ -47,9 +48,33 @@ class TrainResult:
 # set-up helpers
 # ---------------------------------------------------------------------------------------------
 def pick_device(name: str) -> torch.device:
+    """auto = CUDA where available, else CPU; a device this machine lacks is a one-line error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N", field="device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}': CUDA is not available on this machine; use cpu or auto", field="device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{name}': this machine has {torch.cuda.device_count()} CUDA device(s)",
+                          field="device")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N", field="device")
+    return device
+
+
+def check_switch_point(policy, total_steps: int, steps_per_epoch: int) -> None:
+    """A two-phase policy whose switch comes at or after the last step would never run its second phase."""
+    from deltatune.data.masking import PolicySchedule
+
+    if not isinstance(policy, PolicySchedule):
+        return
+    at = policy.switch_step if policy.switch_step is not None else policy.switch_epoch * steps_per_epoch
+    if at >= total_steps:
+        raise ConfigError(f"the two-phase policy switches at step {at}, but the run has {total_steps} steps: its "
+                          f"second phase would never run", field="policy")
 
 
 def pick_precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -225,33 +250,90 @@ def _call_step_hook(hook, step: int, total_steps: int, model, flat: bool, autoca
 # ---------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None = None,
           eval_records: list[dict] | None = None,
-          on_step: Callable[[int, int, torch.nn.Module], dict | None] | None = None) -> TrainResult:
+          on_step: Callable[[int, int, torch.nn.Module], dict | None] | None = None,
+          stop_after: int | None = None) -> TrainResult:
     """Run (or resume) a finetune. `records` lets a caller (the demo, tests) pass data in memory.
     `on_step(step, total_steps, model)` runs after every optimizer step (see `_call_step_hook`); what it
-    returns is added to that step's metrics.jsonl record (experiments measure the model mid-run)."""
+    returns is added to that step's metrics.jsonl record (experiments measure the model mid-run).
+    `stop_after` acts as a Ctrl-C after that step (checkpoint, then KeyboardInterrupt)."""
     from deltatune.analysis.memory import parameter_report
     from deltatune.data.masking import PolicySchedule, parse_policy
     from deltatune.data.packing import collate
     from deltatune.data.pipeline import prepare_dataset, prepare_records
     from deltatune.methods.apply import apply_methods
-    from deltatune.models import DEFAULT_MODEL, load_model
+    from deltatune.methods import get_method
+    from deltatune.methods.inject import match_targets
+    from deltatune.models import DEFAULT_MODEL, DEFAULT_MODEL_ALIASES, load_model, load_tokenizer, local_model_path, model_skeleton
+    from deltatune.train.checkpoint import verify_checkpoint
+    from deltatune.train.run_folder import (check_output_folder, compare_for_resume, data_fingerprint,
+                                            pick_checkpoint, record_config, save_run_config, start_output,
+                                            truncate_metrics)
 
-    out = Path(cfg.output)
-    if list_checkpoints(out) and not cfg.resume:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --output",
-                          field="output")
-    out.mkdir(parents=True, exist_ok=True)
+    # --- everything a user can get wrong is checked before weights load and before anything is written
+    out = Path(cfg.output).expanduser()
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    warn = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    device = pick_device(cfg.device)
+    for name in cfg.method_names:
+        get_method(name)
+    parsed = parse_policy(cfg.policy)
+    if records is None and not cfg.data:
+        raise ConfigError("no training data: pass --data FILE", field="data")
+    check_output_folder(cfg, reads={"model": str(local_model_path(cfg.model) or "") or None, "data": cfg.data,
+                                    "eval data": cfg.eval_data})
+    fingerprint = data_fingerprint(cfg, records, eval_records)
+    resume_from, resume_changes, config_history = None, {}, []
+    if cfg.resume:
+        resume_from, meta = pick_checkpoint(cfg, warn)
+        resume_changes = compare_for_resume(cfg, meta, fingerprint)
+        config_history = list(meta.get("history", []))
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    device = pick_device(cfg.device)
     dist = init_distributed(device)  # torchrun: join the process group; device becomes cuda:LOCAL_RANK
     device = dist.device
     precision = pick_precision(cfg, device)
     full = "full" in cfg.method_names
-    base_name = cfg.model or DEFAULT_MODEL  # recorded in adapter configs; resolvable by load_model
-    say = (lambda *a: None) if quiet or not dist.is_main else (lambda *a: print(*a, flush=True))
+    local_base = local_model_path(cfg.model) if str(cfg.model or "").lower() not in DEFAULT_MODEL_ALIASES else None
+    base_name = str(local_base.resolve()) if local_base else (cfg.model or DEFAULT_MODEL)  # resolvable by load_model
+    say = say if dist.is_main else (lambda *a: None)
+
+    # --- data (read and validated before the model loads: a bad record costs seconds, not minutes)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    skeleton = model_skeleton(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if skeleton is not None and cfg.targets != "all-linear":  # targets name modules: check them on the skeleton
+        match_targets(skeleton, cfg.targets, accept=lambda m: True)
+    del skeleton
+    data_kwargs = dict(template=cfg.template, data_format=cfg.data_format, column_map=cfg.column_map or None,
+                       max_len=cfg.seq_len, overflow=cfg.overflow, skip_bad=cfg.skip_bad,
+                       system_prompt=cfg.system_prompt)
+    if records is not None:
+        prepared = prepare_records(records, tokenizer, **data_kwargs)
+    else:
+        prepared = prepare_dataset(cfg.data, tokenizer, **data_kwargs)
+    say(f"data: {prepared.report.summary()}")
+    examples = list(prepared.examples)
+    if eval_records is not None:
+        eval_examples = list(prepare_records(eval_records, tokenizer, **data_kwargs).examples)
+    elif cfg.eval_data:
+        eval_examples = list(prepare_dataset(cfg.eval_data, tokenizer, **data_kwargs).examples)
+    else:
+        order = list(range(len(examples)))
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = min(cfg.eval_max_examples, int(len(examples) * cfg.eval_fraction))
+        eval_examples = [examples[i] for i in order[:n_eval]]
+        held = set(order[:n_eval])
+        examples = [e for i, e in enumerate(examples) if i not in held]
+    if not examples:
+        raise ConfigError("no training examples left after preparation", field="data")
+    schedule = parsed if isinstance(parsed, PolicySchedule) else PolicySchedule(parsed, parsed, switch_step=0)
+    eval_policy = schedule.policy_at(10**12, 10**12)  # held-out loss uses the policy training ends with
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = MicroBatches(examples, dist.global_config(cfg))  # global micro-batches: world x batch_size rows
+    steps_per_epoch = max(1, math.ceil(data.per_epoch() / cfg.grad_accum))
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    check_switch_point(parsed, total_steps, steps_per_epoch)
 
     # --- model and method ------------------------------------------------------------------
     # adapter methods keep frozen weights in bf16 (loaded so: no transient fp32 copy); trainable ones in fp32 below
@@ -279,39 +361,6 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
 
     router_losses = moe_losses_for(model, cfg)  # upcycled models: aux losses + routing metrics; None if dense
 
-    # --- data ------------------------------------------------------------------------------
-    data_kwargs = dict(template=cfg.template, data_format=cfg.data_format, column_map=cfg.column_map or None,
-                       max_len=cfg.seq_len, overflow=cfg.overflow, skip_bad=cfg.skip_bad,
-                       system_prompt=cfg.system_prompt)
-    if records is not None:
-        prepared = prepare_records(records, tokenizer, **data_kwargs)
-    elif cfg.data:
-        prepared = prepare_dataset(cfg.data, tokenizer, **data_kwargs)
-    else:
-        raise ConfigError("no training data: pass --data FILE", field="data")
-    say(f"data: {prepared.report.summary()}")
-    examples = list(prepared.examples)
-    if eval_records is not None:
-        eval_examples = list(prepare_records(eval_records, tokenizer, **data_kwargs).examples)
-    elif cfg.eval_data:
-        eval_examples = list(prepare_dataset(cfg.eval_data, tokenizer, **data_kwargs).examples)
-    else:
-        order = list(range(len(examples)))
-        random.Random(cfg.seed).shuffle(order)
-        n_eval = min(cfg.eval_max_examples, int(len(examples) * cfg.eval_fraction))
-        eval_examples = [examples[i] for i in order[:n_eval]]
-        held = set(order[:n_eval])
-        examples = [e for i, e in enumerate(examples) if i not in held]
-    if not examples:
-        raise ConfigError("no training examples left after preparation", field="data")
-    parsed = parse_policy(cfg.policy)
-    schedule = parsed if isinstance(parsed, PolicySchedule) else PolicySchedule(parsed, parsed, switch_step=0)
-    eval_policy = schedule.policy_at(10**12, 10**12)  # held-out loss uses the policy training ends with
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    data = MicroBatches(examples, dist.global_config(cfg))  # global micro-batches: world x batch_size rows
-    steps_per_epoch = max(1, math.ceil(data.per_epoch() / cfg.grad_accum))
-    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-
     # --- optimiser, resume -----------------------------------------------------------------
     params = [p for _, p in trainable]
     if cfg.fused_update:  # LOMO-style: each parameter is updated inside backward, its gradient freed at once
@@ -324,12 +373,22 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     backward_context = optimizer.step_hooks_enabled if cfg.fused_update else nullcontext
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     pos = Position()
-    if cfg.resume and list_checkpoints(out):
-        latest = list_checkpoints(out)[-1]
-        pos = dist.load_checkpoint(latest, runner, trainable, optimizer, scheduler, data)
-        say(f"resumed from {latest} at step {pos.step}")
-    if dist.is_main:
-        save_config(cfg, out / "config.yaml")
+    if resume_from is not None:
+        if not dist.active:  # the names and shapes of what trains must be the checkpoint's
+            why = verify_checkpoint(resume_from, {n: tuple(p.shape) for n, p in trainable}, hashes=False)
+            if why:
+                raise ConfigError(f"checkpoint {resume_from} {why}", field="resume")
+        pos = dist.load_checkpoint(resume_from, runner, trainable, optimizer, scheduler, data)
+        if resume_changes:
+            config_history.append({"step": pos.step, "changes": resume_changes})
+            say("resume applies " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in resume_changes.items())
+                + f" from step {pos.step}")
+        say(f"resumed from {resume_from} at step {pos.step}")
+    if dist.is_main:  # training starts: only now does the output folder appear
+        start_output(cfg)
+        save_run_config(cfg, out, config_history)
+        truncate_metrics(out / "metrics.jsonl", pos.step)
+    dist.barrier()
     report = parameter_report(adapted)
     if dist.is_main:
         (out / "parameters.json").write_text(json.dumps(report.to_dict(), indent=2))
@@ -350,7 +409,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
 
     def checkpoint() -> None:
         dist.save_checkpoint(out / "checkpoints" / f"step-{pos.step:07d}", runner, trainable, optimizer, scheduler, pos,
-                             extra={"method": cfg.method})
+                             extra={"method": cfg.method, "config": record_config(cfg), "data_sha256": fingerprint,
+                                    "history": config_history})
         if dist.is_main:
             prune_checkpoints(out, keep=2)
 
@@ -409,7 +469,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
             progress.step(pos.step, loss_value, scheduler.get_last_lr()[0], int(sum(b["n_real_tokens"] for b in micro)),
                           record)
             history.append({"step": pos.step, "loss": loss_value, **record})
-            interrupted["flag"] = dist.any(interrupted["flag"])  # every rank stops at the same step
+            interrupted["flag"] = dist.any(interrupted["flag"] or pos.step == stop_after)  # all ranks stop together
             if (cfg.save_every and pos.step % cfg.save_every == 0) or interrupted["flag"]:
                 checkpoint()
             if interrupted["flag"]:

@@ -1,0 +1,203 @@
+"""The run folder's rules: what may be written where, and when a resume is the same run.
+
+Checked before any weights load, so that a mistake costs nothing and leaves nothing behind:
+- a folder that holds a run is refused without --resume (continue it) or --overwrite (replace it);
+  --overwrite removes only the run's own entries and never the model or data being read;
+- --resume needs an intact checkpoint, and continues only the run that was trained: every key
+  that changes what is trained (data content, model, method and options, policy, template,
+  lengths, batch shape, optimiser, seed, ...) must be as it was; keys that may change (steps,
+  cadences, threads, device) are applied, reported, and recorded in config.yaml's history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from deltatune.config import TrainConfig, load_yaml
+from deltatune.errors import ConfigError
+from deltatune.fileio import check_writable, overlaps, write_text_atomic
+from deltatune.train.checkpoint import list_checkpoints, read_meta, verify_checkpoint
+
+# everything `deltatune train` writes into its output folder
+RUN_ENTRIES = ("config.yaml", "final", "best", "checkpoints", "metrics.jsonl", "parameters.json", "tensorboard")
+# keys a resumed run may change: they decide how long and how visibly it runs, not what it learns
+MAY_CHANGE = frozenset({"steps", "epochs", "save_every", "eval_every", "log_every", "num_threads", "device",
+                        "gradient_checkpointing", "fused_norms"})
+_NOT_RECORDED = frozenset({"output", "resume", "overwrite"})
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_fingerprint(cfg: TrainConfig, records: list[dict] | None, eval_records: list[dict] | None) -> dict:
+    """SHA-256 of the training (and held-out) data: what resume compares instead of file names."""
+    def of(path: str | None, recs: list[dict] | None) -> str | None:
+        if recs is not None:
+            return hashlib.sha256(json.dumps(recs, sort_keys=True, default=str).encode()).hexdigest()
+        if path and Path(path).is_file():
+            return sha256_file(path)
+        return None
+
+    return {"data": of(cfg.data, records), "eval_data": of(cfg.eval_data, eval_records)}
+
+
+def holds_run(out: Path) -> list[str]:
+    """The run entries that exist in `out`."""
+    return [name for name in RUN_ENTRIES if (out / name).exists()] if out.is_dir() else []
+
+
+def check_output_folder(cfg: TrainConfig, reads: dict[str, str | None]) -> None:
+    """Refuse, before anything loads, an output that would destroy a run or what is read."""
+    out = Path(cfg.output).expanduser()
+    for what, path in reads.items():
+        if path and Path(path).expanduser().exists():
+            read = Path(path).expanduser().resolve()
+            if out.resolve() == read or read in out.resolve().parents:
+                raise ConfigError(f"{cfg.output} is or lies inside the {what} being read ({path}); choose another "
+                                  f"--output", field="output")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{cfg.output} exists and is not a folder", field="output")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it; give one of them", field="resume")
+    found = holds_run(out)
+    if cfg.resume:
+        if not list_checkpoints(out):
+            what = "no run" if not found else "a run without checkpoints (save them with --save-every)"
+            raise ConfigError(f"{cfg.output} holds {what}, nothing to resume from", field="resume")
+    elif found and not cfg.overwrite:
+        raise ConfigError(f"{cfg.output} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                          f"--overwrite to replace it, or choose another --output", field="output")
+    elif found:
+        for name in found:
+            for what, path in reads.items():
+                if path and Path(path).expanduser().exists() and overlaps(out / name, path):
+                    raise ConfigError(f"--overwrite would remove {out / name}, which holds the {what} being read "
+                                      f"({path}); choose another --output", field="output")
+    check_writable(out, field="output")
+
+
+def start_output(cfg: TrainConfig) -> Path:
+    """Create the output folder as training starts; with --overwrite, first remove the old run's entries."""
+    out = Path(cfg.output).expanduser()
+    if cfg.overwrite:
+        for name in holds_run(out):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def pick_checkpoint(cfg: TrainConfig, warn: Callable[[str], None]) -> tuple[Path, dict]:
+    """The newest checkpoint whose files are intact (older ones are tried with a warning), and its meta."""
+    out = Path(cfg.output).expanduser()
+    for path in reversed(list_checkpoints(out)):
+        why = verify_checkpoint(path)
+        if why is None:
+            return path, read_meta(path)
+        warn(f"warning: checkpoint {path} is damaged: {why}; trying an older one")
+    raise ConfigError(f"{cfg.output}: no intact checkpoint to resume from (every one is damaged)", field="resume")
+
+
+def _saved_config(out: Path, meta: dict) -> dict | None:
+    if isinstance(meta.get("config"), dict):
+        return meta["config"]
+    try:  # checkpoints written before configs were recorded in them
+        saved = load_yaml((out / "config.yaml").read_text(encoding="utf-8"))
+        return saved if isinstance(saved, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if a and b and Path(str(a)).expanduser().exists() and Path(str(b)).expanduser().exists():
+        return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
+    return False
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def compare_for_resume(cfg: TrainConfig, meta: dict, fingerprint: dict) -> dict[str, list]:
+    """Refuse a resume that would train something else (one line naming each difference); return the
+    keys that may change and did, as {key: [old, new]}."""
+    out = Path(cfg.output).expanduser()
+    saved = _saved_config(out, meta)
+    if saved is None:
+        return {}
+    new = cfg.model_dump(mode="json")
+    # the batch shape is the global micro-batch: rows per process x processes (torchrun sets WORLD_SIZE)
+    saved = {**saved, "batch_size": saved.get("batch_size", 4) * int(meta.get("world_size") or 1)}
+    new["batch_size"] = cfg.batch_size * int(os.environ.get("WORLD_SIZE", "1") if "RANK" in os.environ else 1)
+    fields = TrainConfig.model_fields
+    refused, changed = [], {}
+    for key, value in new.items():
+        if key in _NOT_RECORDED or key in ("data", "eval_data"):
+            continue
+        old = saved.get(key, fields[key].default if key in fields else None)
+        if old == value or (key == "model" and _same_model(old, value)):
+            continue
+        if key in MAY_CHANGE:
+            changed[key] = [old, value]
+        else:
+            name = "batch_size (global: per process x processes)" if key == "batch_size" else key
+            refused.append(f"{name} {_short(old)} -> {_short(value)}")
+    old_prints = meta.get("data_sha256") or {}
+    for key in ("data", "eval_data"):
+        old_hash, new_hash = old_prints.get(key), fingerprint.get(key)
+        if key not in old_prints:  # older checkpoints: compare the paths
+            if saved.get(key) != new[key]:
+                refused.append(f"{key} {_short(saved.get(key))} -> {_short(new[key])}")
+        elif old_hash != new_hash:
+            refused.append(f"{key} content (sha256 {str(old_hash)[:12]}) -> (sha256 {str(new_hash)[:12]})")
+    if refused:
+        raise ConfigError(f"{cfg.output} was trained with other settings; put them back or start a new --output: "
+                          + "; ".join(refused), field="resume")
+    return changed
+
+
+def record_config(cfg: TrainConfig) -> dict:
+    """The configuration as checkpoints record it (what was trained; not how the command was called)."""
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_RECORDED}
+
+
+def save_run_config(cfg: TrainConfig, out: Path, history: list[dict]) -> None:
+    """config.yaml: the configuration that was trained, with the changes made on resume as comments."""
+    import yaml
+
+    lines = ["# deltatune run: the configuration this run was trained with."]
+    if history:
+        lines.append("# changed when the run was resumed (applied from that step on):")
+        for entry in history:
+            what = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in entry["changes"].items())
+            lines.append(f"#   step {entry['step']}: {what}")
+    body = yaml.safe_dump({**cfg.model_dump(mode="json"), "resume": False, "overwrite": False}, sort_keys=False)
+    write_text_atomic(out / "config.yaml", "\n".join(lines) + "\n" + body)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep metrics.jsonl's records up to `step` (those after the checkpoint will be logged again)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))

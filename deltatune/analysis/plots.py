@@ -29,19 +29,38 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def learn_forget_plot(rows: list[dict], path: str | os.PathLike, title: str = "Learning vs forgetting") -> Path:
-    """One point per run: learning (gain on targets) on x, forgetting (drop on sources) on y."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in rows:
-        ax.scatter(r["learning"], r["forgetting"], s=40)
-        ax.annotate(r["label"], (r["learning"], r["forgetting"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+def learn_forget_plot(rows: list[dict], path: str | os.PathLike, title: str = "Learning vs forgetting",
+                      x_unit: str = "accuracy / exact match", y_unit: str = "accuracy") -> Path:
+    """Learning (gain on targets) on x, forgetting (drop on sources) on y; both fractions of items.
+
+    Rows with the same "group" key (a method across learning rates, as in the paper's figure) share a
+    colour and are joined in order of learning; a row without one is a single labelled point.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    groups = list(dict.fromkeys(r.get("group", r["label"]) for r in rows))
+    cmap = plt.get_cmap("tab10")
+    for i, g in enumerate(groups):
+        sel = [r for r in rows if r.get("group", r["label"]) == g and r["learning"] == r["learning"]
+               and r["forgetting"] == r["forgetting"]]
+        sel.sort(key=lambda r: r["learning"])
+        if not sel:
+            continue
+        colour = cmap(i % 10)
+        ax.plot([r["learning"] for r in sel], [r["forgetting"] for r in sel], marker="o", ms=5, color=colour,
+                lw=1 if len(sel) > 1 else 0, label=g)
+        for r in sel:
+            text = r.get("point_label", r["label"] if "group" not in r else "")
+            if text:
+                ax.annotate(text, (r["learning"], r["forgetting"]), textcoords="offset points", xytext=(5, 4),
+                            fontsize=7)
     ax.axhline(0, color="grey", lw=0.6)
     ax.axvline(0, color="grey", lw=0.6)
-    ax.set_xlabel("learning: target score gain over base (higher is better)")
-    ax.set_ylabel("forgetting: source score drop from base (lower is better)")
+    ax.set_xlabel(f"learning: target {x_unit} gain over base (fraction, higher is better)")
+    ax.set_ylabel(f"forgetting: source {y_unit} drop from base (fraction, lower is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    if len(groups) > 1:
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 

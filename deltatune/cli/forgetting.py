@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("forgetting", help="learning on target tasks vs forgetting on source tasks, per run",
                               description=__doc__)
     p.add_argument("--base", default=None, help="base model (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--run", action="append", required=True, help="run folder, adapter folder or model folder (repeat for several runs)")
+    p.add_argument("--run", action="append", required=True,
+                   help="run folder, adapter folder or model folder (repeat for several runs)")
     p.add_argument("--target", required=True, help="comma list of target tasks (what the runs trained for)")
     p.add_argument("--source", required=True, help="comma list of source tasks (what the base could already do)")
     p.add_argument("--out", required=True, help="output folder")

@@ -7,6 +7,8 @@ Task names on the command line:
   self-instruct         252 user-oriented instructions, ROUGE-L against the reference output
   file:PATH             your JSONL with `instruction` (+ optional `input`) and `output` (see `field_map`)
   loss:PATH             held-out loss/perplexity of any training-format file (template + loss policy)
+  code:PATH             HumanEval- or MBPP-format JSONL, pass@1 / pass@k by running the programs
+                        (only with --allow-code-execution; see evaluate/execution.py)
 The data root is ../shared/data beside the repository, else $DELTATUNE_DATA, else --data-root.
 """
 
@@ -17,6 +19,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from deltatune.errors import DataError, UserError
 from deltatune.evaluate.extract import bbh_target, gsm8k_target
@@ -35,12 +38,13 @@ class Item:
     answer: int | None = None  # index of the correct option
     source: str = ""           # "file:line" for error messages and the predictions file
     group: str = ""            # file stem (MMLU subject, BBH task): few-shot examples come from the same group
+    problem: Any = None        # code tasks: the CodeProblem (program builder, task_id)
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str                      # "generate" | "choice" | "loss"
+    kind: str                      # "generate" | "choice" | "loss" | "code"
     files: tuple[Path, ...]
     format: str                    # reader: "gsm8k" | "mmlu" | "bbh" | "self-instruct" | "instruction"
     metric: str                    # headline metric key in the results
@@ -104,6 +108,8 @@ def resolve_task(spec: str, root: str | os.PathLike | None = None, field_map: di
     name, _, part = spec.strip().partition(":")
     if name == "loss":
         return Task(spec, "loss", (_need(Path(part).expanduser()),), "records", "loss")
+    if name == "code":
+        return Task(spec, "code", (_need(Path(part).expanduser()),), "code", "pass@1", max_new_tokens=512)
     if name == "file":
         path = _need(Path(part).expanduser())
         return Task(spec, "generate", (path,), "instruction", "rouge_l", "text", max_new_tokens=256,
@@ -122,7 +128,7 @@ def resolve_task(spec: str, root: str | os.PathLike | None = None, field_map: di
         return Task(spec, "generate", (_need(folder / "user_oriented_instructions.jsonl"),), "self-instruct",
                     "rouge_l", "text", fewshot_files=(folder / "seed_tasks.jsonl",), max_new_tokens=256)
     raise UserError(f"unknown task '{spec}'; use gsm8k, mmlu[:subject], bbh[:task], self-instruct, file:PATH "
-                    "or loss:PATH",
+                    "loss:PATH or code:PATH",
                     field="task")
 
 
@@ -214,7 +220,15 @@ def read_instruction(path: Path, field_map: dict[str, str] | None = None) -> lis
     return items
 
 
+def read_code(path: Path) -> list[Item]:
+    from deltatune.evaluate.code import read_code_problems
+
+    return [Item(p.generation_prompt(), p.task_id, source=p.source, problem=p) for p in read_code_problems(path)]
+
+
 def _read(fmt: str, path: Path, field_map: dict[str, str]) -> list[Item]:
+    if fmt == "code":
+        return read_code(path)
     if fmt == "instruction":
         return read_instruction(path, field_map)
     return {"gsm8k": read_gsm8k, "mmlu": read_mmlu, "bbh": read_bbh, "self-instruct": read_self_instruct}[fmt](path)

@@ -76,6 +76,11 @@ def run(args) -> int:
     targets = resolve_tasks(args.target, args.data_root, args.map)
     sources = resolve_tasks(args.source, args.data_root, args.map)
     tasks = list({t.name: t for t in targets + sources}.values())
+    for t in tasks:
+        if t.kind == "code":
+            from deltatune.evaluate.runner import check_code_options
+
+            check_code_options(opts, t)  # before any model loads
     items = {t.name: load_items(t, opts.limit) for t in tasks}
     runs = [read_run(r) for r in args.run]
     for info in runs:

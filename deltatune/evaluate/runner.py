@@ -93,9 +93,10 @@ def evaluate_task(model, tokenizer, task: Task, opts: EvalOptions | None = None,
     if task.kind == "choice":
         return _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_special)
     prompts = []
+    suffix = task.zero_shot_suffix if opts.shots == 0 else ""
     for item in items:
         shots = [(s.prompt, s.shot_answer) for s in _shots_for(item, pool, opts)]
-        prompts.append(render(tokenizer, style.name, shots, item.prompt))
+        prompts.append(render(tokenizer, style.name, shots, item.prompt + suffix))
     gen = replace(opts.generation, max_new_tokens=opts.max_new_tokens or task.max_new_tokens,
                   stop=tuple(opts.generation.stop) + style.stop)
     texts = generate(model, tokenizer, prompts, gen, batch_size=opts.batch_size, add_special_tokens=add_special,
@@ -106,7 +107,8 @@ def evaluate_task(model, tokenizer, task: Task, opts: EvalOptions | None = None,
                      **_score_generation(task, item, text)})
     keys = [k for k in rows[0] if k not in {"source", "target", "output", "extracted"}]
     metrics = {k: M.mean([float(r[k]) for r in rows]) for k in keys}
-    return TaskResult(task.name, len(items), task.metric, metrics, rows)
+    info = {"protocol": f"{opts.shots}-shot" + (", answer format stated in the prompt" if suffix else "")}
+    return TaskResult(task.name, len(items), task.metric, metrics, rows, info=info)
 
 
 def _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_special) -> TaskResult:
@@ -130,7 +132,10 @@ def _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_speci
         metrics = {"acc": metrics["acc_sum"]}
     rows = [{"source": it.source, "target": it.target, "predicted": LETTERS[predict(s, "sum" if letter else "char")],
              "logprobs": [round(o.logprob, 4) for o in s]} for it, s in zip(items, scores)]
-    return TaskResult(task.name, len(items), "acc", metrics, rows)
+    info = {"choice": "letter" if letter else "option likelihood",
+            "shots_from": "none" if opts.shots == 0 else
+            ("the training split" if task.fewshot_files else "the same file (test split) minus the item")}
+    return TaskResult(task.name, len(items), "acc", metrics, rows, info=info)
 
 
 def check_code_options(opts: EvalOptions, task: Task | None = None) -> None:

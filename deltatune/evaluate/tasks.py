@@ -25,6 +25,10 @@ from deltatune.errors import DataError, UserError
 from deltatune.evaluate.extract import bbh_target, gsm8k_target
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# GSM8K at 0 shots (chat models): no example shows the answer format, so the prompt states it; the
+# headline strict match then reads the number after '####' exactly as with few-shot prompts
+GSM8K_ZERO_SHOT = ("\n\nSolve the problem step by step. On the last line, write the final answer as "
+                   "'#### <number>'.")
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Task:
     extract: str = "text"          # "gsm8k" | "bbh" | "text"
     fewshot_files: tuple[Path, ...] = ()  # empty: shots come from the task's own items, never the item itself
     max_new_tokens: int = 256
+    zero_shot_suffix: str = ""     # appended to the question when no shots show the answer format
     field_map: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
@@ -117,7 +122,8 @@ def resolve_task(spec: str, root: str | os.PathLike | None = None, field_map: di
     base = data_root(root)
     if name == "gsm8k":
         return Task(spec, "generate", (_need(base / "gsm8k" / "test.jsonl"),), "gsm8k", "exact_match", "gsm8k",
-                    fewshot_files=(base / "gsm8k" / "train.jsonl",), max_new_tokens=256)
+                    fewshot_files=(base / "gsm8k" / "train.jsonl",), max_new_tokens=256,
+                    zero_shot_suffix=GSM8K_ZERO_SHOT)
     if name == "mmlu":
         return Task(spec, "choice", tuple(_choose(base / "mmlu", "_test.csv", part, "mmlu")), "mmlu", "acc")
     if name == "bbh":

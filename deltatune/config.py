@@ -75,6 +75,8 @@ class TrainConfig(BaseModel):
     seed: int = 0
     output: str = "runs/latest"
     save_every: int | None = Field(None, ge=1)
+    snapshot_every: int | None = Field(None, ge=1, description="keep the trainable weights every N steps in "
+                                       "snapshots/ (never pruned), for `deltatune analyze` over time")
     eval_every: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
     resume: bool = False

@@ -108,3 +108,21 @@ def spectrum_plot(rows: list[dict], path: str | os.PathLike, title: str = "") ->
     ax2.grid(alpha=0.3)
     fig.suptitle(title or "Spectrum of the weight update dW")
     return _save(fig, path)
+
+
+def spectrum_time_plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Mean rank@90% of dW per layer type against the training step of each analysed snapshot."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    steps = [r["step"] for r in rows if r["step"] is not None]
+    last = (max(steps) if steps else 0) + 1
+    for t in sorted({r["type"] for r in rows}):
+        sel = [r for r in rows if r["type"] == t]
+        xs = [r["step"] if r["step"] is not None else last for r in sel]  # final/ without a step: plotted last
+        ax.plot(xs, [r["rank90_mean"] for r in sel], marker="o", ms=4, label=t)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("training step (final weights last)")
+    ax.set_ylabel("mean rank holding 90% of ||dW||^2 (singular vectors)")
+    ax.set_title(title or "Spectrum of the update over training")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

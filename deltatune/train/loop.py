@@ -381,6 +381,10 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
                           record)
             history.append({"step": pos.step, "loss": loss_value, **record})
             interrupted["flag"] = dist.any(interrupted["flag"])  # every rank stops at the same step
+            if cfg.snapshot_every and pos.step % cfg.snapshot_every == 0:
+                from deltatune.train.snapshot import save_snapshot
+
+                save_snapshot(out, pos.step, trainable, cfg.method, write=dist.is_main)
             if (cfg.save_every and pos.step % cfg.save_every == 0) or interrupted["flag"]:
                 checkpoint()
             if interrupted["flag"]:

@@ -17,7 +17,7 @@ from deltatune.errors import TrainingError, UserError
 COMMANDS = [
     "demo", "train", "generate", "merge", "export", "plan",
     "preview", "stats",
-    "eval", "forgetting", "analyze",
+    "eval", "forgetting", "analyze", "experiment",
 ]
 
 

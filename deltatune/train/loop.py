@@ -204,12 +204,31 @@ def evaluate_loss(model, head, examples: list, policy, cfg: TrainConfig, pad_id:
     return total / weight if weight > 0 else None
 
 
+def _call_step_hook(hook, step: int, total_steps: int, model, flat: bool, autocast) -> dict:
+    """Call a caller's per-step hook with the model in eval mode, standard attention and the run's autocast,
+    so it can generate or score; training mode and packed attention come back afterwards."""
+    was_training = model.training
+    model.eval()
+    if flat:
+        model.set_attn_implementation("sdpa")
+    try:
+        with autocast():
+            return dict(hook(step, total_steps, model) or {})
+    finally:
+        if flat:
+            model.set_attn_implementation(packed_attention.register())
+        model.train(was_training)
+
+
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None = None,
-          eval_records: list[dict] | None = None) -> TrainResult:
-    """Run (or resume) a finetune. `records` lets a caller (the demo, tests) pass data in memory."""
+          eval_records: list[dict] | None = None,
+          on_step: Callable[[int, int, torch.nn.Module], dict | None] | None = None) -> TrainResult:
+    """Run (or resume) a finetune. `records` lets a caller (the demo, tests) pass data in memory.
+    `on_step(step, total_steps, model)` runs after every optimizer step (see `_call_step_hook`); what it
+    returns is added to that step's metrics.jsonl record (experiments measure the model mid-run)."""
     from deltatune.analysis.memory import parameter_report
     from deltatune.data.masking import PolicySchedule, parse_policy
     from deltatune.data.packing import collate
@@ -377,6 +396,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
                     if pos.best_eval is None or eval_loss < pos.best_eval:
                         pos.best_eval = eval_loss
                         dist.save_outputs(save_outputs, adapted, out / "best", tokenizer, full, base_name, runner)
+            if on_step is not None:
+                record.update(_call_step_hook(on_step, pos.step, total_steps, model, flat, autocast))
             progress.step(pos.step, loss_value, scheduler.get_last_lr()[0], int(sum(b["n_real_tokens"] for b in micro)),
                           record)
             history.append({"step": pos.step, "loss": loss_value, **record})

@@ -1,0 +1,273 @@
+"""What every experiment shares: runs, resume, progress, seeds, quick mode, result files.
+
+An experiment is a list of named `Run`s. Each is an ordinary `deltatune train` run in its own folder
+OUT/runs/NAME (config.yaml, metrics.jsonl, final/), so any of them can be reopened with the usual
+commands. After a run and its measurements finish, OUT/runs/NAME/done.json is written atomically;
+a restarted experiment reads that marker instead of training again, and an unfinished run folder
+(killed mid-run) is cleared and trained from the start. OUT/experiment.json names the experiment
+and its settings: an OUT that holds anything else, or the same experiment with other settings, is
+refused, never overwritten.
+
+Results: `Context.finish` writes results.json (every run's numbers, seeds, the machine, wall
+time), results.md (the tables) and the PNG plots (`save_figure`), each atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from deltatune.errors import UserError
+
+DONE = "done.json"
+MANIFEST = "experiment.json"
+StepHook = Callable[[int, int, Any], "dict | None"]  # (step, total_steps, model) -> metrics for that step
+
+
+@dataclass
+class Run:
+    """One training run of an experiment.
+
+    `config` holds TrainConfig keys (the framework sets `output`, and `model` unless given);
+    `records`/`eval_records` pass data in memory (or set `data` in `config`); `measure(step, model)`
+    is called at each step in `measure_steps` with the model in eval mode and returns numbers to
+    keep; `meta` is copied into the result (method, seed, dataset, ... for the tables).
+    """
+
+    name: str
+    config: dict[str, Any]
+    records: list[dict] | None = None
+    eval_records: list[dict] | None = None
+    measure: Callable[[int, Any], dict] | None = None
+    measure_steps: tuple[int, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def measure_points(total_steps: int, n: int) -> tuple[int, ...]:
+    """`n` evenly spaced steps ending at the last one, e.g. (25, 50, 75, 100) for (100, 4)."""
+    n = max(1, min(n, total_steps))
+    return tuple(sorted({max(1, round(total_steps * (i + 1) / n)) for i in range(n)}))
+
+
+def seed_list(n: int, base: int = 0) -> list[int]:
+    """The fixed seeds of `--seeds n`: base, base+1, ... (reported in results.json)."""
+    if n < 1:
+        raise UserError("--seeds must be at least 1")
+    return [base + i for i in range(n)]
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write a file under a temporary name and rename it into place: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return write_atomic(path, buf.getvalue())
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, the SIMD flags that decide speed and precision, cores, and library versions."""
+    import torch
+
+    model, flags = platform.processor() or "unknown", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("unknown", "", "x86_64"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                flags = sorted(have & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma", "avx512_vnni"})
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub markdown table; floats with 3 significant decimals, None as '-'."""
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def quick_model(folder: Path) -> str:
+    """The tiny random model of `--quick`, saved once as a transformers folder (so runs can be reopened)."""
+    if not (folder / "config.json").exists():
+        from deltatune.testing import tiny_model, tiny_tokenizer
+
+        from deltatune.fileio import atomic_dir
+
+        with atomic_dir(folder) as tmp:
+            tiny_model().save_pretrained(tmp)
+            tiny_tokenizer().save_pretrained(tmp)
+    return str(folder)
+
+
+class Context:
+    """One experiment invocation: its folder, mode, seeds and model, and the machinery to run it.
+
+    `settings` are the options that define the experiment's results (mode, seeds, sizes...): a
+    restart with other settings is refused, so resumed runs never mix with runs of another setup.
+    """
+
+    def __init__(self, name: str, out: str | os.PathLike, *, quick: bool, seeds: list[int],
+                 settings: dict[str, Any] | None = None, model: str | None = None, quiet: bool = False) -> None:
+        self.name, self.out, self.quick, self.seeds = name, Path(out), quick, seeds
+        self.settings = {"quick": quick, "seeds": seeds, **(settings or {})}
+        self.quiet = quiet
+        self.started = time.perf_counter()
+        self._claim_folder()
+        self.model = model if model is not None else (quick_model(self.out / "quick-model") if quick else None)
+        self._steps_done = 0  # steps trained in this process (for the ETA)
+        self._train_seconds = 0.0
+
+    # --- the output folder ----------------------------------------------------------------
+    def _claim_folder(self) -> None:
+        manifest = self.out / MANIFEST
+        wanted = {"experiment": self.name, "settings": self.settings}
+        if manifest.exists():
+            try:
+                found = json.loads(manifest.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                raise UserError(f"{manifest} is not an experiment manifest; choose another --out") from None
+            if found.get("experiment") != self.name or found.get("settings") != json.loads(json.dumps(self.settings)):
+                raise UserError(f"{self.out} holds experiment '{found.get('experiment')}' with settings "
+                                f"{found.get('settings')}; resume it with the same options or choose another --out")
+            return
+        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+            raise UserError(f"{self.out} exists and is not an experiment folder of '{self.name}'; "
+                            "choose an empty or new --out")
+        write_atomic(manifest, json.dumps(wanted, indent=2) + "\n")
+
+    def run_dir(self, name: str) -> Path:
+        return self.out / "runs" / name
+
+    # --- running ---------------------------------------------------------------------------
+    def run_all(self, runs: list[Run]) -> dict[str, dict]:
+        """Train every run not yet done (in order) and return each run's result, by name."""
+        names = [r.name for r in runs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"run names must be unique: {names}")
+        todo_steps = {r.name: self._total_steps(r) for r in runs if not (self.run_dir(r.name) / DONE).exists()}
+        results = {}
+        for i, run in enumerate(runs, 1):
+            done = self.run_dir(run.name) / DONE
+            if done.exists():
+                results[run.name] = json.loads(done.read_text(encoding="utf-8"))
+                self.say(f"[{self.name}] run {i}/{len(runs)} {run.name}: done earlier, kept")
+                continue
+            results[run.name] = self._train_one(run, i, len(runs), todo_steps)
+            todo_steps.pop(run.name, None)
+        return results
+
+    def _total_steps(self, run: Run) -> int | None:
+        return run.config.get("steps")
+
+    def _train_one(self, run: Run, index: int, count: int, todo_steps: dict[str, int | None]) -> dict:
+        from deltatune.config import load_config
+        from deltatune.train.loop import train
+
+        folder = self.run_dir(run.name)
+        if folder.exists():  # killed before its done marker: this experiment's own partial run, start it over
+            shutil.rmtree(folder)
+        overrides = {"model": self.model, **run.config, "output": str(folder), "resume": False}
+        cfg = load_config(overrides=overrides)
+        measured: dict[int, dict] = {}
+        later = sum(s or 0 for n, s in todo_steps.items() if n != run.name)
+        started, last_print = time.perf_counter(), 0.0
+
+        def on_step(step: int, total: int, model) -> dict | None:
+            nonlocal last_print
+            out = None
+            if run.measure is not None and step in run.measure_steps:
+                out = run.measure(step, model)
+                measured[step] = out
+            elapsed = time.perf_counter() - started
+            now = time.perf_counter()
+            if now - last_print > 5 or step == total or out:
+                per_step = (self._train_seconds + elapsed) / max(1, self._steps_done + step)
+                eta = per_step * (total - step + later)
+                self.say(f"[{self.name}] run {index}/{count} {run.name} step {step}/{total}"
+                         f" | experiment ETA {format_seconds(eta)}"
+                         + (" | " + ", ".join(f"{k} {v:.3g}" for k, v in out.items() if isinstance(v, (int, float)))
+                            if out else ""))
+                last_print = now
+            return out
+
+        result = train(cfg, quiet=True, records=run.records, eval_records=run.eval_records, on_step=on_step)
+        self._steps_done += result.steps
+        self._train_seconds += time.perf_counter() - started
+        params = json.loads((folder / "parameters.json").read_text(encoding="utf-8"))
+        summary = {"name": run.name, **run.meta, "steps": result.steps, "final_loss": result.final_loss,
+                   "eval_loss": result.eval_loss, "tokens_per_s": result.tokens_per_s,
+                   "real_tokens": result.real_tokens, "train_seconds": result.seconds,
+                   "trainable_params": params.get("trainable"), "total_params": params.get("total"),
+                   "losses": [h["loss"] for h in result.history],
+                   "measured": {str(k): v for k, v in sorted(measured.items())}}
+        write_atomic(folder / DONE, json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    # --- output ----------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def finish(self, results: dict[str, Any], tables: list[tuple[str, str]], plots: list[str] = (),
+               notes: list[str] = ()) -> Path:
+        """Write results.json and results.md; `tables` are (title, markdown table), `plots` PNG names in OUT."""
+        wall = time.perf_counter() - self.started
+        doc = {"experiment": self.name, "command": " ".join(["deltatune", *sys.argv[1:]]) if sys.argv else "",
+               "settings": self.settings, "seeds": self.seeds, "model": self.model or "default",
+               "machine": machine_info(), "wall_s": round(wall, 1),
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **results}
+        write_atomic(self.out / "results.json", json.dumps(doc, indent=2, default=str) + "\n")
+        md = [f"# {self.name} ({'quick' if self.quick else 'full'})", "",
+              f"seeds {self.seeds}; model {doc['model']}; {doc['machine']['cpu']} ({doc['machine']['cores']} cores); "
+              f"wall {format_seconds(wall)} (this invocation)", ""]
+        for title, table in tables:
+            md += [f"## {title}", "", table, ""]
+        md += [f"![{p}]({p})" for p in plots] + ([""] if plots else [])
+        md += list(notes)
+        write_atomic(self.out / "results.md", "\n".join(md).rstrip() + "\n")
+        self.say(f"[{self.name}] results in {self.out / 'results.md'} ({format_seconds(wall)})")
+        return self.out / "results.json"
+
+
+def format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -1,0 +1,71 @@
+"""The experiment framework: finished runs survive a kill and are not redone; foreign folders are refused."""
+
+import json
+
+import pytest
+
+from deltatune.errors import UserError
+from deltatune.experiments.common import DONE, Context, Run, markdown_table, measure_points, seed_list
+
+
+def _runs(calls: list, kill_in: str | None = None) -> list[Run]:
+    def measure_for(name):
+        def measure(step, model):
+            calls.append((name, step))
+            if name == kill_in and step == 3:
+                raise KeyboardInterrupt  # stands in for SIGKILL mid-run: no done marker is written
+            return {"param_sum": float(sum(p.detach().float().sum() for p in model.parameters()))}
+        return measure
+
+    records = [{"instruction": f"What is {a} + {b}?", "output": f"{a + b}"} for a in range(4) for b in range(4)]
+    cfg = dict(method="lora", rank=2, alpha=4, lr=1e-2, steps=3, batch_size=4, seq_len=64, precision="fp32",
+               warmup_steps=0, seed=1, eval_fraction=0.0)
+    return [Run(name, dict(cfg), records=records, measure=measure_for(name), measure_steps=(1, 3), meta={"arm": name})
+            for name in ("first", "second")]
+
+
+def test_killed_experiment_resumes_without_redoing_finished_runs(tmp_path):
+    out = tmp_path / "exp"
+    calls: list = []
+    ctx = Context("toy", out, quick=True, seeds=[0], quiet=True)
+    with pytest.raises(KeyboardInterrupt):
+        ctx.run_all(_runs(calls, kill_in="second"))
+    assert calls == [("first", 1), ("first", 3), ("second", 1), ("second", 3)]
+    first_done = (out / "runs" / "first" / DONE).read_bytes()
+    assert not (out / "runs" / "second" / DONE).exists()
+
+    calls.clear()
+    results = Context("toy", out, quick=True, seeds=[0], quiet=True).run_all(_runs(calls))
+    assert calls == [("second", 1), ("second", 3)]  # the finished run is read back, not trained again
+    assert (out / "runs" / "first" / DONE).read_bytes() == first_done
+    assert results["first"] == json.loads(first_done)
+    second = results["second"]
+    assert second["steps"] == 3 and second["arm"] == "second" and sorted(second["measured"]) == ["1", "3"]
+    assert second["trainable_params"] > 0 and len(second["losses"]) == 3
+    metrics = (out / "runs" / "second" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["step"] for m in metrics] == [1, 2, 3]  # the partial run was started over, not appended
+    assert "param_sum" in json.loads(metrics[0]) and "param_sum" not in json.loads(metrics[1])
+    for name in ("first", "second"):
+        assert (out / "runs" / name / "config.yaml").exists() and (out / "runs" / name / "final").is_dir()
+
+
+def test_foreign_or_mismatched_folder_is_refused(tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not an experiment folder"):
+        Context("toy", tmp_path / "busy", quick=True, seeds=[0], quiet=True)
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    Context("toy", tmp_path / "exp", quick=True, seeds=[0], settings={"n": 1}, quiet=True)
+    with pytest.raises(UserError, match="same options"):
+        Context("toy", tmp_path / "exp", quick=True, seeds=[0, 1], settings={"n": 1}, quiet=True)
+    with pytest.raises(UserError, match="same options"):
+        Context("other", tmp_path / "exp", quick=True, seeds=[0], settings={"n": 1}, quiet=True)
+
+
+def test_helpers():
+    assert measure_points(100, 4) == (25, 50, 75, 100)
+    assert measure_points(3, 4) == (1, 2, 3)
+    assert seed_list(3) == [0, 1, 2]
+    with pytest.raises(UserError):
+        seed_list(0)
+    assert markdown_table(["a", "b"], [[1, 0.5], ["x", None]]) == "| a | b |\n|---|---|\n| 1 | 0.500 |\n| x | - |"

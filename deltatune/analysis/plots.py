@@ -126,3 +126,25 @@ def spectrum_time_plot(rows: list[dict], path: str | os.PathLike, title: str = "
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def rank_by_type_plot(spectra: dict[str, list[dict]], path: str | os.PathLike,
+                      title: str = "Rank of the weight change dW holding 90% of its energy") -> Path:
+    """One line per run (method): mean rank@90% of dW per layer type, log scale, with the full rank dashed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    types = list(dict.fromkeys(r["type"] for rows in spectra.values() for r in rows))
+    for label, rows in spectra.items():
+        by = {r["type"]: r for r in rows}
+        ax.plot(range(len(types)), [by[t]["rank90_mean"] if t in by else float("nan") for t in types], marker="o",
+                label=label)
+    full = {r["type"]: r.get("full_rank") for rows in spectra.values() for r in rows}
+    if types and all(full.get(t) for t in types):
+        ax.plot(range(len(types)), [full[t] for t in types], "k--", lw=1, label="full rank")
+    ax.set_xticks(range(len(types)), types, rotation=30)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer type")
+    ax.set_ylabel("mean rank@90% of ||dW||^2 (singular vectors)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

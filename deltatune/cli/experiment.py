@@ -21,6 +21,7 @@ import importlib
 EXPERIMENTS = {
     "memorize": "deltatune.experiments.memorize",
     "masking": "deltatune.experiments.masking",
+    "learn-forget": "deltatune.experiments.learn_forget",
 }
 
 

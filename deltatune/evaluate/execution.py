@@ -3,8 +3,8 @@
 What is enforced on each sample (see docs/evaluation.md, "Code execution"):
 - a separate process (`python -I`: no PYTHONPATH, no user site) in its own session, started in a
   fresh empty temporary folder that is deleted afterwards;
-- resource limits set in the child before exec (`resource.setrlimit`): address space (memory),
-  CPU seconds, size of any file it writes, no core dumps;
+- resource limits (`resource.setrlimit`, the program's first statements, before any of the model's
+  code): address space (memory), CPU seconds, size of any file it writes, no core dumps;
 - a wall-clock timeout after which the whole process group is killed (SIGKILL): a timeout, crash or
   infinite loop is a failed sample, never a hang of the evaluator;
 - no network: the child runs in a new user + network namespace (`unshare -rn`) where the system
@@ -20,7 +20,6 @@ Samples run in parallel, up to the core count.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -89,15 +88,17 @@ def isolation() -> str:
     return f"process per sample, empty temp dir, rlimits (memory, CPU, file size), wall timeout; no network: {net}"
 
 
-def _limit(limits: Limits):
-    def apply() -> None:
-        mem = limits.memory_mb * 2**20
-        cpu = int(limits.timeout_s) + 1
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb * 2**20, limits.file_mb * 2**20))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return apply
+def _limits_prelude(limits: Limits) -> str:
+    """Set the resource limits as the sample's first statements: the process limits itself before any of the
+    model's code runs (no preexec_fn, which is unsafe while the evaluator's threads run)."""
+    mem, fsize = limits.memory_mb * 2**20, limits.file_mb * 2**20
+    cpu = int(limits.timeout_s) + 1
+    return ("import resource as _r\n"
+            f"_r.setrlimit(_r.RLIMIT_AS, ({mem}, {mem}))\n"
+            f"_r.setrlimit(_r.RLIMIT_CPU, ({cpu}, {cpu}))\n"
+            f"_r.setrlimit(_r.RLIMIT_FSIZE, ({fsize}, {fsize}))\n"
+            "_r.setrlimit(_r.RLIMIT_CORE, (0, 0))\n"
+            "del _r\n")
 
 
 def run_program(program: str, limits: Limits = Limits()) -> Outcome:
@@ -105,13 +106,13 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
     folder = tempfile.mkdtemp(prefix="deltatune-exec-")
     try:
         with open(os.path.join(folder, "sample.py"), "w", encoding="utf-8") as fh:
-            fh.write(GUARD + "\n" + program + "\n")
+            fh.write(_limits_prelude(limits) + GUARD + "\n" + program + "\n")
         cmd = [sys.executable, "-I", "sample.py"]
         if network_namespace_available():
             cmd = ["unshare", "-rn", *cmd]
         with open(os.path.join(folder, "stderr.txt"), "wb") as err:
             proc = subprocess.Popen(cmd, cwd=folder, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err, start_new_session=True, preexec_fn=_limit(limits),
+                                    stderr=err, start_new_session=True,
                                     env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONHASHSEED": "0",
                                          "HOME": folder, "TMPDIR": folder})
             try:

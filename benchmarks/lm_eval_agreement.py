@@ -95,6 +95,26 @@ def per_item_lm_eval(samples: list[dict], key: str, filt: str | None = None) -> 
     return {int(s["doc_id"]): float(s[key]) for s in rows if key in s}
 
 
+def raw_checks(raw: dict, samples: dict) -> dict:
+    """Below the scores: the largest option log-likelihood difference (nats) and how many generations match."""
+    out: dict = {}
+    mm = {int(s["doc_id"]): s for s in samples.get("deltatune_mmlu", [])}
+    diffs = []
+    for i, p in enumerate(raw.get("mmlu", [])):
+        if i in mm:
+            theirs = [float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0]) for r in mm[i]["resps"]]
+            diffs += [abs(a - b) for a, b in zip(p["logprobs"], theirs)]
+    if diffs:
+        out["mmlu_loglik_max_abs_diff"] = round(max(diffs), 5)  # ours are rounded to 4 decimals
+    gs = {}
+    for s in samples.get("deltatune_gsm8k", []):
+        gs.setdefault(int(s["doc_id"]), s["resps"][0][0] if isinstance(s["resps"][0], list) else s["resps"][0])
+    same = [p["output"].strip() == gs[i].strip() for i, p in enumerate(raw.get("gsm8k", [])) if i in gs]
+    if same:
+        out["gsm8k_outputs_identical"] = f"{sum(same)}/{len(same)}"
+    return out
+
+
 def compare(label: str, ours: dict, theirs: dict, ours_items: dict, theirs_items: dict) -> list[dict]:
     rows = []
     for name, (our_value, their_key) in ours.items():
@@ -146,7 +166,7 @@ def main() -> int:
     names = write_tasks(work, mmlu_items, gsm_items, args.max_new_tokens)
     opts = EvalOptions(style="plain", batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=False)
 
-    table, timings = [], {}
+    table, timings, checks = [], {}, {}
     for label in ("base", "lora"):
         if label == "base":
             model = base
@@ -158,9 +178,10 @@ def main() -> int:
             model = load_adapter(copy.deepcopy(base), adapter_dir).model
         model.eval()
         t0 = time.perf_counter()
-        ours, ours_items = {}, {}
+        ours, ours_items, raw = {}, {}, {}
         if mmlu_items:
             r = evaluate_task(model, tok, mmlu_task, opts, mmlu_items)
+            raw["mmlu"] = r.predictions
             ours["mmlu acc (char-normalised)"] = (r.metrics["acc"], ("deltatune_mmlu", "acc_norm,none"))
             ours["mmlu acc_sum"] = (r.metrics["acc_sum"], ("deltatune_mmlu", "acc,none"))
             ours_items["mmlu acc (char-normalised)"] = {i: float(p["predicted"] == p["target"])
@@ -169,6 +190,7 @@ def main() -> int:
                                                    == "ABCD".index(p["target"])) for i, p in enumerate(r.predictions)}
         if gsm_items:
             r = evaluate_task(model, tok, gsm_task, opts, gsm_items)
+            raw["gsm8k"] = r.predictions
             ours["gsm8k exact_match (strict)"] = (r.metrics["exact_match"],
                                                   ("deltatune_gsm8k", "exact_match,strict-match"))
             ours["gsm8k exact_match (flexible)"] = (r.metrics["exact_match_flexible"],
@@ -187,14 +209,17 @@ def main() -> int:
             theirs_items[name] = per_item_lm_eval(samples.get(task, []), metric,
                                                   None if filt == "none" else filt)
         table += compare(label, {k: (v, k) for k, (v, _) in ours.items()}, theirs, ours_items, theirs_items)
+        checks[label] = raw_checks(raw, samples)
 
     cols = ["model", "metric", "items", "deltatune", "lm_eval", "diff_points", "items_disagreeing"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for row in table:
         print("| " + " | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
+    for label, c in checks.items():
+        print(f"{label}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
     import torch
 
-    payload = {"model": args.model or "default", "adapter": args.adapter or "random LoRA r=8 (seeded)",
+    payload = {"checks": checks, "model": args.model or "default", "adapter": args.adapter or "random LoRA r=8 (seeded)",
                "subjects": args.subjects, "mmlu_per_subject": args.mmlu_per_subject, "gsm8k": args.gsm8k,
                "max_new_tokens": args.max_new_tokens, "lm_eval_version": _version("lm_eval"),
                "machine": platform.machine(), "threads": torch.get_num_threads(),

@@ -45,7 +45,7 @@ MMLU_SUBJECTS = "high_school_geography+high_school_psychology+marketing+nutritio
 BBH_TASKS = "boolean_expressions+sports_understanding+navigate"
 # full mode: sized for 90 minutes on 2 cores (docs/experiments.md); quick: the tiny model, seconds
 SIZES = {
-    "full": dict(train=240, val=32, epochs=1.0, batch=8, seq_len=384, gsm8k=40, mmlu=20, bbh=12, selfinstruct=60,
+    "full": dict(train=160, val=32, epochs=1.0, batch=8, seq_len=512, gsm8k=40, mmlu=20, bbh=12, selfinstruct=60,
                  max_new_tokens=160, bbh_tokens=48, eval_batch=16),
     "quick": dict(train=8, val=4, epochs=1.0, batch=4, seq_len=512, gsm8k=2, mmlu=2, bbh=2, selfinstruct=3,
                   max_new_tokens=8, bbh_tokens=4, eval_batch=4),
@@ -55,7 +55,7 @@ SIZES = {
 def add_arguments(p) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma subset of {', '.join(METHODS)}")
     p.add_argument("--lrs", type=int, default=3, help="learning rates per method, from the grid (default 3)")
-    p.add_argument("--train-examples", type=int, default=None, help="GSM8K train examples (full: 240)")
+    p.add_argument("--train-examples", type=int, default=None, help="GSM8K train examples (full: 160)")
     p.add_argument("--epochs", type=float, default=None, help="epochs over them (full: 1)")
     p.add_argument("--gsm8k-test", type=int, default=None, help="GSM8K test problems scored (full: 40)")
     p.add_argument("--mmlu-per-subject", type=int, default=None, help=f"questions per subject of {MMLU_SUBJECTS}")

@@ -182,3 +182,14 @@ def test_eval_score_cli_errors_name_file_and_line(tmp_path, humaneval_file, caps
     preds.write_text('{"task_id": "Toy/0", "completion": 3}\n')
     assert main(args + ["--allow-code-execution"]) == 2
     assert f"{preds}:1: needs 'completion'" in capsys.readouterr().err
+
+
+def test_eval_cli_code_task_fails_before_loading_a_model(tmp_path, humaneval_file, capsys):
+    from deltatune.cli import main
+
+    missing_model = str(tmp_path / "no-such-model")  # loading it would fail differently: nothing gets that far
+    assert main(["eval", "--model", missing_model, "--task", f"code:{humaneval_file}", "--no-progress"]) == 2
+    assert "--allow-code-execution" in capsys.readouterr().err
+    assert main(["eval", "--model", missing_model, "--task", f"code:{humaneval_file}", "--allow-code-execution",
+                 "--samples", "4", "--no-progress"]) == 2
+    assert "needs sampling: add --sample" in capsys.readouterr().err

@@ -118,7 +118,7 @@ def evaluate_model(model_ref: str | None, adapter: str | None, tasks, opts, dtyp
     items = [load_items(task, opts.limit) for task in tasks]
     for task in tasks:
         if task.kind == "code":
-            check_code_options(opts, task)
+            check_code_options(opts, task, generating=True)
     if opts.shots:
         for task in tasks:
             load_shot_pool(task)

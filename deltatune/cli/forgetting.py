@@ -80,7 +80,7 @@ def run(args) -> int:
         if t.kind == "code":
             from deltatune.evaluate.runner import check_code_options
 
-            check_code_options(opts, t)  # before any model loads
+            check_code_options(opts, t, generating=True)  # before any model loads
     items = {t.name: load_items(t, opts.limit) for t in tasks}
     runs = [read_run(r) for r in args.run]
     for info in runs:

@@ -138,8 +138,9 @@ def _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_speci
     return TaskResult(task.name, len(items), "acc", metrics, rows, info=info)
 
 
-def check_code_options(opts: EvalOptions, task: Task | None = None) -> None:
-    """Code tasks run generated programs: only with the explicit opt-in; n > 1 samples need sampling."""
+def check_code_options(opts: EvalOptions, task: Task | None = None, generating: bool = False) -> None:
+    """Code tasks run generated programs: only with the explicit opt-in; generating n > 1 samples needs sampling.
+    Called before any model loads, so a wrong flag costs nothing."""
     if not opts.allow_code_execution:
         raise UserError(f"task '{task.name if task else 'code'}' runs model-written programs; pass "
                         "--allow-code-execution to allow it (see docs/evaluation.md, Code execution)",
@@ -148,15 +149,15 @@ def check_code_options(opts: EvalOptions, task: Task | None = None) -> None:
         raise UserError("must be at least 1", field="samples")
     if any(k < 1 for k in opts.pass_k):
         raise UserError("every k must be at least 1", field="pass-k")
+    if generating and opts.samples > 1 and not opts.generation.do_sample:
+        raise UserError("more than one sample per problem needs sampling: add --sample (and --temperature)",
+                        field="samples")
 
 
 def _evaluate_code(model, tokenizer, task: Task, items: list[Item], opts: EvalOptions) -> TaskResult:
     from deltatune.evaluate.code import HUMANEVAL_STOP, clean_completion
 
-    check_code_options(opts, task)
-    if opts.samples > 1 and not opts.generation.do_sample:
-        raise UserError("more than one sample per problem needs sampling: add --sample (and --temperature)",
-                        field="samples")
+    check_code_options(opts, task, generating=True)
     problems = [it.problem for it in items]
     style = style_info(opts.style or default_style(tokenizer))
     if problems[0].format == "humaneval":  # the code itself is the prompt: a plain continuation

@@ -174,6 +174,11 @@ class Context:
                             "choose an empty or new --out")
         write_atomic(manifest, json.dumps(wanted, indent=2) + "\n")
 
+    def config_defaults(self) -> dict[str, Any]:
+        """Settings under every run's own: quick mode skips compiling the fused norms (seconds per run on a
+        model that trains in seconds), and runs log rarely (the experiment prints its own progress)."""
+        return {"fused_norms": "off", "log_every": 50} if self.quick else {"log_every": 50}
+
     def run_dir(self, name: str) -> Path:
         return self.out / "runs" / name
 
@@ -205,7 +210,8 @@ class Context:
         folder = self.run_dir(run.name)
         if folder.exists():  # killed before its done marker: this experiment's own partial run, start it over
             shutil.rmtree(folder)
-        overrides = {"model": self.model, **run.config, "output": str(folder), "resume": False}
+        overrides = {"model": self.model, **self.config_defaults(), **run.config, "output": str(folder),
+                     "resume": False}
         cfg = load_config(overrides=overrides)
         measured: dict[int, dict] = {}
         later = sum(s or 0 for n, s in todo_steps.items() if n != run.name)
@@ -271,3 +277,31 @@ class Context:
 def format_seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def generation_prompts(records: list[dict], tokenizer, template: str) -> list[str]:
+    """Each record's prompt exactly as training renders it (template, role tokens), up to the response.
+
+    Built from the training data path's own tokenization: the tokens before the first response
+    token, decoded with special tokens kept, so generation starts where the trained response starts.
+    """
+    from deltatune.data.pipeline import prepare_records
+    from deltatune.data.segments import Role
+
+    prepared = prepare_records(records, tokenizer, template=template, max_len=10**9)
+    if len(prepared.examples) != len(records):
+        raise ValueError(f"{len(records) - len(prepared.examples)} records had no response to generate")
+    prompts = []
+    for ex in prepared.examples:
+        first = ex.roles.index(Role.RESPONSE)
+        prompts.append(tokenizer.decode(ex.input_ids[:first], skip_special_tokens=False))
+    return prompts
+
+
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy continuations (stopped at end of turn), stripped."""
+    from deltatune.evaluate.generate import GenerationConfig, generate
+
+    texts = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=max_new_tokens),
+                     batch_size=batch_size, progress=False)
+    return [t.strip() for t in texts]

@@ -214,15 +214,18 @@ class Context:
                      "resume": False}
         cfg = load_config(overrides=overrides)
         measured: dict[int, dict] = {}
+        measure_seconds = 0.0
         later = sum(s or 0 for n, s in todo_steps.items() if n != run.name)
         started, last_print = time.perf_counter(), 0.0
 
         def on_step(step: int, total: int, model) -> dict | None:
-            nonlocal last_print
+            nonlocal last_print, measure_seconds
             out = None
             if run.measure is not None and step in run.measure_steps:
+                t0 = time.perf_counter()
                 out = run.measure(step, model)
                 measured[step] = out
+                measure_seconds += time.perf_counter() - t0
             elapsed = time.perf_counter() - started
             now = time.perf_counter()
             if now - last_print > 5 or step == total or out:
@@ -239,9 +242,11 @@ class Context:
         self._steps_done += result.steps
         self._train_seconds += time.perf_counter() - started
         params = json.loads((folder / "parameters.json").read_text(encoding="utf-8"))
+        train_seconds = max(result.seconds - measure_seconds, 1e-9)  # training alone, without the measurements
         summary = {"name": run.name, **run.meta, "steps": result.steps, "final_loss": result.final_loss,
-                   "eval_loss": result.eval_loss, "tokens_per_s": result.tokens_per_s,
-                   "real_tokens": result.real_tokens, "train_seconds": result.seconds,
+                   "eval_loss": result.eval_loss, "tokens_per_s": result.real_tokens / train_seconds,
+                   "real_tokens": result.real_tokens, "train_seconds": train_seconds,
+                   "measure_seconds": measure_seconds,
                    "trainable_params": params.get("trainable"), "total_params": params.get("total"),
                    "losses": [h["loss"] for h in result.history],
                    "measured": {str(k): v for k, v in sorted(measured.items())}}

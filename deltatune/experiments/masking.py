@@ -32,15 +32,15 @@ HEADLINE = ("response", "instruction")
 OTHER_POLICIES = ("all", "weighted:0.1", "two-phase")
 ALPACA_POLICIES = ("response", "instruction", "no-boilerplate")
 
-FULL = {"sizes": [50, 200, 800], "steps": {"gsm8k": 40, "mmlu": 40}, "batch_size": 8, "heldout": 64,
-        "generate": {"gsm8k": 24, "mmlu": 64}, "max_new": {"gsm8k": 160, "mmlu": 40}, "train_loss_examples": 64}
+FULL = {"sizes": [50, 200, 800], "steps": {"gsm8k": 24, "mmlu": 32}, "batch_size": 8, "heldout": 48,
+        "generate": {"gsm8k": 16, "mmlu": 48}, "max_new": {"gsm8k": 160, "mmlu": 40}, "train_loss_examples": 48}
 QUICK = {"sizes": [2, 4, 8], "steps": {"gsm8k": 2, "mmlu": 2}, "batch_size": 4, "heldout": 4,
          "generate": {"gsm8k": 2, "mmlu": 2}, "max_new": {"gsm8k": 8, "mmlu": 8}, "train_loss_examples": 4}
 
 
 def add_arguments(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--sizes", default=None, help="training-set sizes, comma-separated (full 50,200,800)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (full 40)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (full: gsm8k 24, mmlu 32)")
     p.add_argument("--data-root", default=None, help="folder with gsm8k/ and mmlu/ (default: ../shared/data)")
 
 

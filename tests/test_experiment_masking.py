@@ -58,3 +58,12 @@ def test_stats_advice_quotes_the_recorded_result_or_says_none():
     assert "800 training examples" in masking_advice(8.0, 5000, recorded)
     assert "gsm8k" in masking_advice(0.3, 50, recorded)
     assert "not recorded yet" in masking_advice(1.0, 10, {})
+
+
+def test_stats_advice_ends_with_the_project_measurement_line():
+    from deltatune.data.stats import advise
+
+    base = {"tokens": {"instruction": {"mean": 0.0}, "response": {"mean": 0.0}}, "would_truncate": 0, "max_len": 1,
+            "policies": {"instruction": {"boilerplate_share": 0.0}}, "padding": {}, "batch_size": 8}
+    lines = advise({**base, "ratio_instruction_to_response": 20.0, "examples": 2000}, "chatml")
+    assert lines[-1] == masking_advice(20.0, 2000)  # recorded result if committed, else the placeholder

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from deltatune.cli import main
 from deltatune.experiments.memorize import char_accuracy, memorization_scores, uuid_pairs
 

@@ -108,9 +108,6 @@ def advise(stats: dict, template: str) -> list[str]:
              f"tokens / mean response {stats['tokens']['response']['mean']:.1f}); nearest in the paper: {near.name} "
              f"(ratio {near.ratio}), where loss on instructions moved AlpacaEval 1.0 {ae[0]} -> {ae[1]} "
              f"({ae[1] - ae[0]:+.2f}) and the 18-task NLP mean {nlp[0]} -> {nlp[1]} ({nlp[1] - nlp[0]:+.2f})."]
-    from deltatune.experiments.recorded import masking_advice
-
-    lines.append(masking_advice(r, n))  # the project's own measurement beside the paper's
     if r >= 1.0:
         lines.append("Instructions are longer than responses: the regime where instruction modelling gained most "
                      "(MMLU-Chat 26.3: AlpacaEval 4.42 -> 9.78; BBH 3.27: 36.20 -> 44.15). Recommended: --policy instruction "
@@ -143,6 +140,9 @@ def advise(stats: dict, template: str) -> list[str]:
     if pad:
         lines.append(f"Packing wastes {100 * pad['packed_waste']:.1f}% of positions on padding vs "
                      f"{100 * pad['padded_waste']:.1f}% for batches of {stats['batch_size']} padded to their longest.")
+    from deltatune.experiments.recorded import masking_advice
+
+    lines.append(masking_advice(r, n))  # the project's own measurement beside the paper's
     return lines
 
 

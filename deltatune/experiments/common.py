@@ -141,8 +141,8 @@ def quick_model(folder: Path) -> str:
 class Context:
     """One experiment invocation: its folder, mode, seeds and model, and the machinery to run it.
 
-    `settings` are the options that define the experiment's results (mode, seeds, sizes...): a
-    restart with other settings is refused, so resumed runs never mix with runs of another setup.
+    `settings` are the options that define the experiment's results (mode, seeds, sizes...): once a run
+    has started, a restart with other settings is refused, so resumed runs never mix with another setup.
     """
 
     def __init__(self, name: str, out: str | os.PathLike, *, quick: bool, seeds: list[int],
@@ -165,7 +165,11 @@ class Context:
                 found = json.loads(manifest.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 raise UserError(f"{manifest} is not an experiment manifest; choose another --out") from None
-            if found.get("experiment") != self.name or found.get("settings") != json.loads(json.dumps(self.settings)):
+            same = found.get("experiment") == self.name and found.get("settings") == json.loads(json.dumps(self.settings))
+            if not same and not (self.out / "runs").exists():  # nothing trained yet (it failed at set-up): retake
+                write_atomic(manifest, json.dumps(wanted, indent=2) + "\n")
+                return
+            if not same:
                 raise UserError(f"{self.out} holds experiment '{found.get('experiment')}' with settings "
                                 f"{found.get('settings')}; resume it with the same options or choose another --out")
             return

@@ -29,6 +29,10 @@ class TrainConfig(BaseModel):
     template: Literal["chatml", "alpaca", "tokenizer"] = "chatml"
     policy: str = Field("response", description="loss policy: response | instruction | no-boilerplate | all | weighted:L; "
                                                 "two phases: 'A->B@STEPS'")
+    loss_reduction: Literal["token", "example"] = Field(
+        "token", description="token: sum(w*nll)/sum(w) over the whole accumulated batch, so long examples weigh "
+                             "more; example: each example's weighted mean first, then the mean over examples "
+                             "(what the Instruction Modelling paper's code does with micro-batch 1)")
     system_prompt: str | None = None
     skip_bad: bool = False
     seq_len: int = Field(512, ge=8, description="longest example, in tokens (longer ones are truncated or dropped)")

@@ -32,6 +32,10 @@ class TrainConfig(BaseModel):
     template: Literal["chatml", "alpaca", "tokenizer"] = "chatml"
     policy: str = Field("response", description="loss policy: response | instruction | no-boilerplate | all | weighted:L; "
                                                 "two phases: 'A->B@STEPS'")
+    loss_reduction: Literal["token", "example"] = Field(
+        "token", description="token: sum(w*nll)/sum(w) over the whole accumulated batch, so long examples weigh "
+                             "more; example: each example's weighted mean first, then the mean over examples "
+                             "(what the Instruction Modelling paper's code does with micro-batch 1)")
     system_prompt: str | None = None
     skip_bad: bool = False
     seq_len: int = Field(512, ge=8, description="longest example, in tokens (longer ones are truncated or dropped)")
@@ -82,6 +86,8 @@ class TrainConfig(BaseModel):
     seed: int = 0
     output: str = "runs/latest"
     save_every: int | None = Field(None, ge=1)
+    snapshot_every: int | None = Field(None, ge=1, description="keep the trainable weights every N steps in "
+                                       "snapshots/ (never pruned), for `deltatune analyze` over time")
     eval_every: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
     resume: bool = False

@@ -96,7 +96,47 @@ def test_forgetting_cli_run_without_final_exits_2(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_learn_forget_for_a_loss_metric():
-    # held-out loss falls 2.0 -> 1.5 on the target (a gain of 0.5), rises 1.0 -> 1.2 on the source (forgot 0.2)
-    lf = learn_forget("r", {"t": 2.0, "s": 1.0}, {"t": 1.5, "s": 1.2}, ["t"], ["s"], lower_is_better={"t", "s"})
-    assert lf.learning == pytest.approx(0.5) and lf.forgetting == pytest.approx(0.2)
+def test_loss_tasks_are_reported_apart_never_averaged():
+    # accuracy drops 0.40 -> 0.30 on one source; held-out loss rises 1.0 -> 1.7 nats on another
+    base = {"t": 0.10, "acc_src": 0.40, "loss_src": 1.0}
+    run = {"t": 0.30, "acc_src": 0.30, "loss_src": 1.7}
+    lf = learn_forget("r", base, run, ["t"], ["acc_src", "loss_src"], loss_tasks={"loss_src"})
+    assert lf.learning == pytest.approx(0.20)
+    assert lf.forgetting == pytest.approx(0.10)  # the accuracy drop alone, not (0.10 + 0.7) / 2
+    assert lf.losses == {"loss_src": {"base": 1.0, "run": 1.7, "change": pytest.approx(0.7)}}
+    assert "loss_src" not in lf.as_row()
+    only_loss = learn_forget("r", base, run, ["t"], ["loss_src"], loss_tasks={"loss_src"})
+    assert only_loss.forgetting != only_loss.forgetting  # nan: nothing fraction-valued to average
+
+
+def test_a_loss_passed_as_a_fraction_is_refused():
+    with pytest.raises(ValueError, match="outside"):
+        learn_forget("r", {"t": 0.1, "s": 2.3}, {"t": 0.2, "s": 2.5}, ["t"], ["s"])
+
+
+def test_forgetting_cli_takes_adapter_and_model_folders_and_a_loss_source(tmp_path, tiny_lm, tiny_tok):
+    from deltatune.cli import main
+
+    base_dir = tmp_path / "base"
+    tiny_lm.save_pretrained(base_dir)
+    tiny_tok.save_pretrained(base_dir)
+    run = _make_run(tmp_path, tiny_lm, "run_b", 4, 0.5)
+    tgt = tmp_path / "target.jsonl"
+    tgt.write_text(json.dumps({"instruction": "Say fox", "output": "the fox"}) + "\n")
+    out = tmp_path / "lf"
+    rc = main(["forgetting", "--base", str(base_dir), "--run", str(run / "final"), "--run", str(base_dir),
+               "--target", f"file:{tgt}", "--source", f"file:{tgt},loss:{tgt}", "--max-new-tokens", "3",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "forgetting.json").read_text())
+    assert set(res["runs"]) == {"lora r=4", "full"} and res["loss_tasks"] == [f"loss:{tgt}"]
+    same = res["runs"]["full"]  # the base model folder passed as a run: nothing learned, forgot or changed
+    assert same["learning"] == 0.0 and same["forgetting"] == 0.0
+    assert same["losses"][f"loss:{tgt}"]["change"] == 0.0
+    lora = res["runs"]["lora r=4"]
+    # forgetting is the ROUGE-L drop on the file source alone; the loss change sits in its own table
+    assert lora["forgetting"] == pytest.approx(res["base_scores"][f"file:{tgt}"] - lora[f"file:{tgt}"])
+    change = lora["losses"][f"loss:{tgt}"]["change"]
+    assert change == pytest.approx(lora["losses"][f"loss:{tgt}"]["run"] - res["base_scores"][f"loss:{tgt}"])
+    md = (out / "forgetting.md").read_text()
+    assert "## Held-out loss (nats per token" in md and f"(rouge_l)" in md

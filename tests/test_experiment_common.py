@@ -55,7 +55,9 @@ def test_foreign_or_mismatched_folder_is_refused(tmp_path):
     with pytest.raises(UserError, match="not an experiment folder"):
         Context("toy", tmp_path / "busy", quick=True, seeds=[0], quiet=True)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
-    Context("toy", tmp_path / "exp", quick=True, seeds=[0], settings={"n": 1}, quiet=True)
+    Context("toy", tmp_path / "exp", quick=True, seeds=[0], settings={"n": 0}, quiet=True)  # failed before any run
+    Context("toy", tmp_path / "exp", quick=True, seeds=[0], settings={"n": 1}, quiet=True)  # so it may be retaken
+    (tmp_path / "exp" / "runs").mkdir()  # a run has started: the settings are now fixed
     with pytest.raises(UserError, match="same options"):
         Context("toy", tmp_path / "exp", quick=True, seeds=[0, 1], settings={"n": 1}, quiet=True)
     with pytest.raises(UserError, match="same options"):

@@ -29,19 +29,38 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def learn_forget_plot(rows: list[dict], path: str | os.PathLike, title: str = "Learning vs forgetting") -> Path:
-    """One point per run: learning (gain on targets) on x, forgetting (drop on sources) on y."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in rows:
-        ax.scatter(r["learning"], r["forgetting"], s=40)
-        ax.annotate(r["label"], (r["learning"], r["forgetting"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+def learn_forget_plot(rows: list[dict], path: str | os.PathLike, title: str = "Learning vs forgetting",
+                      x_unit: str = "accuracy / exact match", y_unit: str = "accuracy") -> Path:
+    """Learning (gain on targets) on x, forgetting (drop on sources) on y; both fractions of items.
+
+    Rows with the same "group" key (a method across learning rates, as in the paper's figure) share a
+    colour and are joined in order of learning; a row without one is a single labelled point.
+    """
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    groups = list(dict.fromkeys(r.get("group", r["label"]) for r in rows))
+    cmap = plt.get_cmap("tab10")
+    for i, g in enumerate(groups):
+        sel = [r for r in rows if r.get("group", r["label"]) == g and r["learning"] == r["learning"]
+               and r["forgetting"] == r["forgetting"]]
+        sel.sort(key=lambda r: r["learning"])
+        if not sel:
+            continue
+        colour = cmap(i % 10)
+        ax.plot([r["learning"] for r in sel], [r["forgetting"] for r in sel], marker="o", ms=5, color=colour,
+                lw=1 if len(sel) > 1 else 0, label=g)
+        for r in sel:
+            text = r.get("point_label", r["label"] if "group" not in r else "")
+            if text:
+                ax.annotate(text, (r["learning"], r["forgetting"]), textcoords="offset points", xytext=(5, 4),
+                            fontsize=7)
     ax.axhline(0, color="grey", lw=0.6)
     ax.axvline(0, color="grey", lw=0.6)
-    ax.set_xlabel("learning: target score gain over base (higher is better)")
-    ax.set_ylabel("forgetting: source score drop from base (lower is better)")
+    ax.set_xlabel(f"learning: target {x_unit} gain over base (fraction, higher is better)")
+    ax.set_ylabel(f"forgetting: source {y_unit} drop from base (fraction, lower is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    if len(groups) > 1:
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -88,4 +107,44 @@ def spectrum_plot(rows: list[dict], path: str | os.PathLike, title: str = "") ->
     ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3)
     fig.suptitle(title or "Spectrum of the weight update dW")
+    return _save(fig, path)
+
+
+def spectrum_time_plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Mean rank@90% of dW per layer type against the training step of each analysed snapshot."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    steps = [r["step"] for r in rows if r["step"] is not None]
+    last = (max(steps) if steps else 0) + 1
+    for t in sorted({r["type"] for r in rows}):
+        sel = [r for r in rows if r["type"] == t]
+        xs = [r["step"] if r["step"] is not None else last for r in sel]  # final/ without a step: plotted last
+        ax.plot(xs, [r["rank90_mean"] for r in sel], marker="o", ms=4, label=t)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("training step (final weights last)")
+    ax.set_ylabel("mean rank holding 90% of ||dW||^2 (singular vectors)")
+    ax.set_title(title or "Spectrum of the update over training")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def rank_by_type_plot(spectra: dict[str, list[dict]], path: str | os.PathLike,
+                      title: str = "Rank of the weight change dW holding 90% of its energy") -> Path:
+    """One line per run (method): mean rank@90% of dW per layer type, log scale, with the full rank dashed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    types = list(dict.fromkeys(r["type"] for rows in spectra.values() for r in rows))
+    for label, rows in spectra.items():
+        by = {r["type"]: r for r in rows}
+        ax.plot(range(len(types)), [by[t]["rank90_mean"] if t in by else float("nan") for t in types], marker="o",
+                label=label)
+    full = {r["type"]: r.get("full_rank") for rows in spectra.values() for r in rows}
+    if types and all(full.get(t) for t in types):
+        ax.plot(range(len(types)), [full[t] for t in types], "k--", lw=1, label="full rank")
+    ax.set_xticks(range(len(types)), types, rotation=30)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer type")
+    ax.set_ylabel("mean rank@90% of ||dW||^2 (singular vectors)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -1,7 +1,10 @@
 """`deltatune analyze`: how a run's weights moved -- magnitude/direction change and update spectra.
 
-Writes into --out: decomposition.{md,json} and dd_dm.png (dD vs dM across checkpoints, with the
-regression slope and correlation), spectrum.{md,json} and spectrum.png (rank@90% of dW per layer).
+Writes into --out: decomposition.{md,json} and dd_dm.png (dD vs dM across snapshots, with the
+regression slope and correlation), spectrum.{md,json} and spectrum.png (rank@90% of dW per layer of
+the last snapshot) and spectrum_time.png (rank@90% per layer type at every analysed snapshot).
+The default follows the DoRA paper: three intermediate snapshots (train with --snapshot-every N;
+evenly spread when there are more) and the final weights.
 """
 
 from __future__ import annotations
@@ -17,44 +20,66 @@ def add_parser(subparsers) -> None:
                               description=__doc__)
     p.add_argument("--base", default=None, help="base model (default: the run's config.yaml model, else the default)")
     p.add_argument("--run", required=True, help="run folder (or an adapter / model folder)")
-    p.add_argument("--checkpoints", default="all", choices=["all", "final"],
-                   help="all: every checkpoint plus final (the dD-vs-dM scatter); final: the last snapshot only")
+    p.add_argument("--checkpoints", default="protocol", choices=["protocol", "all", "final"],
+                   help="protocol (default): 3 intermediate snapshots/checkpoints, evenly spread, plus final "
+                        "(the DoRA paper's); all: every one plus final; final: the last weights only")
     p.add_argument("--energy", type=float, default=0.9, help="energy fraction for the spectrum's rank (default 0.9)")
     p.add_argument("--out", required=True, help="output folder for tables and plots")
     p.set_defaults(func=run)
 
 
-def analyze_run(base_model, run_info, checkpoints: str = "all", energy: float = 0.9) -> dict:
-    """Decomposition rows for each snapshot and the spectrum of the last one."""
+def choose_snapshots(run_info, checkpoints: str = "protocol", intermediate: int = 3) -> list:
+    """The snapshots to analyse, in step order, final last.
+
+    Intermediate ones are the run's snapshots and checkpoints before the last trained step (one at
+    that step holds the final weights); `protocol` keeps `intermediate` of them, evenly spread.
+    """
+    from deltatune.evaluate.runs import last_trained_step
+
+    final = run_info.final
+    if checkpoints == "final":
+        chosen = [final] if final is not None else run_info.checkpoints[-1:]
+    else:
+        inter = list(run_info.checkpoints)
+        last = last_trained_step(run_info.path) if final is not None else None
+        if last is not None:
+            inter = [c for c in inter if c.step is None or c.step < last]
+        if checkpoints == "protocol" and len(inter) > intermediate:
+            picks = sorted({round(i * (len(inter) - 1) / (intermediate - 1)) for i in range(intermediate)})
+            inter = [inter[i] for i in picks]
+        chosen = inter + ([final] if final is not None else [])
+    if not chosen:
+        raise UserError(f"{run_info.path}: no final/ folder and no checkpoints to analyse", field="run")
+    return chosen
+
+
+def analyze_run(base_model, run_info, checkpoints: str = "protocol", energy: float = 0.9) -> dict:
+    """Decomposition rows for each snapshot, the spectrum of the last one and rank@energy over time."""
     from tqdm.auto import tqdm
 
     from deltatune.analysis.decompose import dd_dm_fit, decomposition_rows, matrix_pairs, mean_by_type
     from deltatune.analysis.spectrum import spectrum_rows, summarise_by_type
     from deltatune.evaluate.runs import load_snapshot
 
-    snaps = list(run_info.checkpoints) if checkpoints == "all" else []
-    if run_info.final is not None:
-        snaps.append(run_info.final)
-    elif not snaps and run_info.checkpoints:
-        snaps = [run_info.checkpoints[-1]]
-    if not snaps:
-        raise UserError(f"{run_info.path}: no final/ folder and no checkpoints to analyse", field="run")
-    decomposition, last_pairs = [], None
+    snaps = choose_snapshots(run_info, checkpoints)
+    decomposition, spectrum, over_time = [], [], []
     for snap in tqdm(snaps, desc="snapshots", unit="ckpt", disable=len(snaps) < 2):
         model = load_snapshot(base_model, run_info, snap)
         pairs = matrix_pairs(model, base_model)
         if not pairs:
             raise UserError(f"{snap.path}: no weight matrix differs from the base model", field="run")
         decomposition += decomposition_rows(pairs, snap.label, snap.step)
-        last_pairs = pairs
-        del model
-    spectrum = spectrum_rows(last_pairs, energy)
+        spectrum = spectrum_rows(pairs, energy)
+        over_time += [{"checkpoint": snap.label, "step": snap.step, **row} for row in summarise_by_type(spectrum)]
+        del model, pairs
     types = sorted({r["type"] for r in decomposition})
     return {"run": str(run_info.path), "label": run_info.label, "energy": energy,
+            "snapshots": [{"label": s.label, "step": s.step, "path": str(s.path)} for s in snaps],
             "decomposition": {"points": decomposition, "by_type": mean_by_type(decomposition),
                               "fit": dd_dm_fit(decomposition),
                               "fit_by_type": {t: dd_dm_fit(decomposition, [t]) for t in types}},
-            "spectrum": {"snapshot": snaps[-1].label, "matrices": spectrum, "by_type": summarise_by_type(spectrum)}}
+            "spectrum": {"snapshot": snaps[-1].label, "matrices": spectrum, "by_type": summarise_by_type(spectrum),
+                         "over_time": over_time}}
 
 
 def decomposition_markdown(result: dict) -> str:
@@ -86,11 +111,14 @@ def spectrum_markdown(result: dict) -> str:
     return (f"# Spectrum of dW: {result['label']} ({s['snapshot']})\n\n"
             f"rank@{pct}% = smallest k whose top-k singular values hold {pct}% of ||dW||_F^2.\n\n"
             + format_table(s["by_type"], ["type", "matrices", "rank90_mean", "rank90_max", "rank90_frac_mean"])
-            + f"\n\n## rank@{pct}% / full rank, per layer\n\n" + format_table(grid, ["layer", *types]) + "\n")
+            + f"\n\n## rank@{pct}% / full rank, per layer\n\n" + format_table(grid, ["layer", *types])
+            + f"\n\n## rank@{pct}% over training, per layer type\n\n"
+            + format_table(s.get("over_time", []), ["checkpoint", "step", "type", "matrices", "rank90_mean",
+                                                    "rank90_max", "rank90_frac_mean"]) + "\n")
 
 
 def run(args) -> int:
-    from deltatune.analysis.plots import dd_dm_plot, spectrum_plot
+    from deltatune.analysis.plots import dd_dm_plot, spectrum_plot, spectrum_time_plot
     from deltatune.cli.eval import write_atomic
     from deltatune.evaluate.runs import read_run
     from deltatune.models import load_model
@@ -110,7 +138,9 @@ def run(args) -> int:
     write_atomic(out / "spectrum.md", spectrum_markdown(result))
     dd_dm_plot(d["points"], d["fit"], out / "dd_dm.png", f"dD vs dM: {info.label}")
     spectrum_plot(result["spectrum"]["matrices"], out / "spectrum.png", f"Spectrum of dW: {info.label}")
+    spectrum_time_plot(result["spectrum"]["over_time"], out / "spectrum_time.png",
+                       f"rank@{int(round(args.energy * 100))}% of dW over training: {info.label}")
     print(decomposition_markdown(result))
     print(spectrum_markdown(result))
-    print(f"wrote {out}/decomposition.md, spectrum.md, dd_dm.png, spectrum.png")
+    print(f"wrote {out}/decomposition.md, spectrum.md, dd_dm.png, spectrum.png, spectrum_time.png")
     return 0

@@ -39,6 +39,14 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="response", help="loss: tasks: loss policy as in training (default response)")
     p.add_argument("--max-len", type=int, default=1024, help="loss: tasks: truncate examples to this many tokens")
     p.add_argument("--no-progress", action="store_true")
+    code = p.add_argument_group("code tasks (code:PATH, HumanEval or MBPP format)")
+    code.add_argument("--allow-code-execution", action="store_true",
+                      help="run model-written programs (each in its own limited process; required for code: tasks)")
+    code.add_argument("--samples", type=int, default=1, help="completions per problem, n of pass@k (n > 1: --sample)")
+    code.add_argument("--pass-k", default="1", help="comma list of k for pass@k (default 1)")
+    code.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per program (default 10)")
+    code.add_argument("--exec-memory-mb", type=int, default=1024, help="address-space limit per program")
+    code.add_argument("--exec-workers", type=int, default=None, help="programs at a time (default: core count)")
 
 
 def add_parser(subparsers) -> None:
@@ -50,6 +58,9 @@ def add_parser(subparsers) -> None:
                    help="comma list: gsm8k, mmlu[:subject], bbh[:task], self-instruct, file:PATH, loss:PATH")
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--predictions", default=None, help="write per-item predictions (JSONL) here")
+    p.add_argument("--score", default=None, metavar="PREDICTIONS.jsonl",
+                   help="score completions made elsewhere (no model is loaded): lines of {task_id, completion} "
+                        "or {task_id, completions: [...]}, for one code: task")
     add_eval_options(p)
     p.set_defaults(func=run)
 
@@ -69,10 +80,23 @@ def options_from_args(args) -> EvalOptions:
     if not 0 < args.top_p <= 1:
         raise UserError(f"must be in (0, 1], got {args.top_p}", field="top-p")
     gen = GenerationConfig(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    try:
+        pass_k = tuple(int(k) for k in str(args.pass_k).split(",") if k.strip())
+    except ValueError:
+        raise UserError(f"expected a comma list of integers, got '{args.pass_k}'", field="pass-k") from None
+    for name in ("samples", "exec_workers", "exec_memory_mb"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError("must be at least 1", field=name.replace("_", "-"))
+    if not pass_k or min(pass_k) < 1 or args.exec_timeout <= 0:
+        raise UserError("k must be at least 1 and the timeout positive", field="pass-k/exec-timeout")
     return EvalOptions(limit=args.limit, shots=args.shots, seed=args.seed, batch_size=args.batch_size,
                        style=args.prompt_style, choice_mode=args.choice, generation=gen,
                        max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                       template=args.template, policy=args.policy, max_len=args.max_len)
+                       template=args.template, policy=args.policy, max_len=args.max_len,
+                       samples=args.samples, pass_k=pass_k, allow_code_execution=args.allow_code_execution,
+                       exec_timeout=args.exec_timeout, exec_memory_mb=args.exec_memory_mb,
+                       exec_workers=args.exec_workers)
 
 
 def resolve_tasks(spec: str, data_root: str | None, field_map: str | None):
@@ -90,11 +114,14 @@ def evaluate_model(model_ref: str | None, adapter: str | None, tasks, opts, dtyp
 
     Every task's data is read (and validated) before the model loads, so bad input fails fast.
     """
-    from deltatune.evaluate.runner import evaluate_task
+    from deltatune.evaluate.runner import check_code_options, evaluate_task
     from deltatune.evaluate.tasks import load_items, load_shot_pool
     from deltatune.models import load_model
 
     items = [load_items(task, opts.limit) for task in tasks]
+    for task in tasks:
+        if task.kind == "code":
+            check_code_options(opts, task, generating=True)
     if opts.shots:
         for task in tasks:
             load_shot_pool(task)
@@ -131,15 +158,20 @@ def run(args) -> int:
             check_writable(path, field=flag)
     opts = options_from_args(args)
     tasks = resolve_tasks(args.task, args.data_root, args.map)
-    results = evaluate_model(args.model, args.adapter, tasks, opts, args.dtype)
+    if args.score:
+        from deltatune.evaluate.scoring import score_predictions
+
+        results = score_predictions(args.score, tasks, opts)
+    else:
+        results = evaluate_model(args.model, args.adapter, tasks, opts, args.dtype)
     rows = [{"task": r.task, "n": r.n, "metric": r.metric, "score": r.score,
              **{k: v for k, v in r.metrics.items() if k != r.metric}} for r in results]
     extra = sorted({k for row in rows for k in row} - {"task", "n", "metric", "score"})
     print(format_table(rows, ["task", "n", "metric", "score", *extra]))
-    payload = {"model": args.model or "default", "adapter": args.adapter,
+    payload = {"model": args.model or "default", "adapter": args.adapter, "scored_file": args.score,
                "options": {"limit": args.limit, "shots": args.shots, "seed": args.seed, "choice": args.choice,
                            "prompt_style": args.prompt_style, "sample": args.sample},
-               "tasks": {r.task: {"n": r.n, "metric": r.metric, "score": r.score, "metrics": r.metrics}
+               "tasks": {r.task: {"n": r.n, "metric": r.metric, "score": r.score, "metrics": r.metrics, **r.info}
                          for r in results}}
     if args.out:
         write_atomic(args.out, json.dumps(payload, indent=2) + "\n")

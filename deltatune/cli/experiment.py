@@ -22,6 +22,7 @@ EXPERIMENTS = {
     "memorize": "deltatune.experiments.memorize",
     "masking": "deltatune.experiments.masking",
     "upcycle": "deltatune.experiments.upcycle",
+    "learn-forget": "deltatune.experiments.learn_forget",
 }
 
 

@@ -1,8 +1,10 @@
 """`deltatune forgetting`: what each run learned on target tasks and forgot on source tasks.
 
 Evaluates the base model and every run on the same tasks, then writes into --out:
-forgetting.md / forgetting.json (a table) and forgetting.png (learning on x, forgetting on y, one
-labelled point per run).
+forgetting.md / forgetting.json and forgetting.png (learning on x, forgetting on y, one labelled
+point per run). Learning and forgetting average fraction-valued metrics only (accuracy, exact
+match, pass@k); loss: tasks get their own table (base, run, change in nats), never averaged in.
+A run is a training run folder, an adapter folder or a full model folder.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("forgetting", help="learning on target tasks vs forgetting on source tasks, per run",
                               description=__doc__)
     p.add_argument("--base", default=None, help="base model (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--run", action="append", required=True, help="run folder (repeat for several runs)")
+    p.add_argument("--run", action="append", required=True,
+                   help="run folder, adapter folder or model folder (repeat for several runs)")
     p.add_argument("--target", required=True, help="comma list of target tasks (what the runs trained for)")
     p.add_argument("--source", required=True, help="comma list of source tasks (what the base could already do)")
     p.add_argument("--out", required=True, help="output folder")
@@ -27,16 +30,37 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def metric_names(results: dict[str, str], tasks: list[str], loss_tasks: set[str]) -> str:
+    """'exact_match' or 'acc / exact_match': the headline metrics averaged, for table text and axes."""
+    names = list(dict.fromkeys(results[t] for t in tasks if t not in loss_tasks))
+    return " / ".join(names) if names else "(none)"
+
+
 def forgetting_markdown(base_scores: dict[str, float], rows: list[dict], targets: list[str],
-                        sources: list[str]) -> str:
+                        sources: list[str], loss_rows: list[dict] | None = None,
+                        metrics: dict[str, str] | None = None, loss_tasks: set[str] | None = None) -> str:
     from deltatune.cli.eval import format_table
 
-    tasks = list(dict.fromkeys(targets + sources))
-    table = [{"label": "base", "learning": 0.0, "forgetting": 0.0, **base_scores}] + rows
-    return ("# Learning vs forgetting\n\n"
-            f"learning = mean gain over base on {', '.join(targets)}; "
-            f"forgetting = mean drop from base on {', '.join(sources)}.\n\n"
-            + format_table(table, ["label", "learning", "forgetting", *tasks]) + "\n")
+    loss_tasks = loss_tasks or set()
+    metrics = metrics or {}
+    frac = [t for t in dict.fromkeys(targets + sources) if t not in loss_tasks]
+    ft = [t for t in targets if t not in loss_tasks]
+    fs = [t for t in sources if t not in loss_tasks]
+    table = [{"label": "base", "learning": 0.0, "forgetting": 0.0, **{t: base_scores[t] for t in frac}}] + rows
+    header = [f"{t} ({metrics[t]})" if t in metrics else t for t in frac]
+    table = [{**r, **{h: r.get(t) for h, t in zip(header, frac)}} for r in table]
+    text = ("# Learning vs forgetting\n\n"
+            f"learning = mean gain over base on {', '.join(ft) or '(no fraction-valued target)'}; "
+            f"forgetting = mean drop from base on {', '.join(fs) or '(no fraction-valued source)'}. "
+            "Both are fractions of items (0.01 = one point), averaged over tasks' headline metrics.\n\n"
+            + format_table(table, ["label", "learning", "forgetting", *header]) + "\n")
+    if loss_rows:
+        base_rows = [{"label": "base", "task": t, "base": base_scores[t], "run": base_scores[t], "change": 0.0}
+                     for t in dict.fromkeys(targets + sources) if t in loss_tasks]
+        text += ("\n## Held-out loss (nats per token; change = run - base, positive is worse)\n\n"
+                 "Never averaged with the fractions above.\n\n"
+                 + format_table(base_rows + loss_rows, ["label", "task", "base", "run", "change"]) + "\n")
+    return text
 
 
 def run(args) -> int:
@@ -52,6 +76,11 @@ def run(args) -> int:
     targets = resolve_tasks(args.target, args.data_root, args.map)
     sources = resolve_tasks(args.source, args.data_root, args.map)
     tasks = list({t.name: t for t in targets + sources}.values())
+    for t in tasks:
+        if t.kind == "code":
+            from deltatune.evaluate.runner import check_code_options
+
+            check_code_options(opts, t, generating=True)  # before any model loads
     items = {t.name: load_items(t, opts.limit) for t in tasks}
     runs = [read_run(r) for r in args.run]
     for info in runs:
@@ -60,36 +89,43 @@ def run(args) -> int:
     labels = unique_labels(runs)
     base_model, tokenizer = load_model(args.base, dtype=args.dtype)
 
-    lower_better: set[str] = set()
+    loss_tasks: set[str] = set()
+    metrics: dict[str, str] = {}
 
     def scores(model) -> dict[str, float]:
         out = {}
         for t in tasks:
             res = evaluate_task(model, tokenizer, t, opts, items[t.name])
             out[t.name] = res.score
+            metrics[t.name] = res.metric
             if not res.higher_is_better:
-                lower_better.add(t.name)
+                loss_tasks.add(t.name)
         return out
 
     print("evaluating base model", flush=True)
     base_scores = scores(base_model)
-    rows, details = [], {}
+    rows, loss_rows, details = [], [], {}
     for info, label in zip(runs, labels):
         print(f"evaluating {label} ({info.path})", flush=True)
         model = load_snapshot(base_model, info, info.final, parse_dtype(args.dtype))
         run_scores = scores(model)
         del model
         lf = learn_forget(label, base_scores, run_scores, [t.name for t in targets], [t.name for t in sources],
-                          lower_better)
+                          loss_tasks)
         rows.append(lf.as_row())
-        details[label] = {"run": str(info.path), "method": info.method, "rank": info.rank, **lf.as_row()}
+        loss_rows += lf.loss_rows()
+        details[label] = {"run": str(info.path), "method": info.method, "rank": info.rank, **lf.as_row(),
+                          "losses": lf.losses}
     out = Path(args.out)
-    md = forgetting_markdown(base_scores, rows, [t.name for t in targets], [t.name for t in sources])
-    payload = {"base": args.base or "default", "base_scores": base_scores, "targets": [t.name for t in targets],
-               "sources": [t.name for t in sources], "limit": args.limit, "shots": args.shots, "runs": details}
+    tnames, snames = [t.name for t in targets], [t.name for t in sources]
+    md = forgetting_markdown(base_scores, rows, tnames, snames, loss_rows, metrics, loss_tasks)
+    payload = {"base": args.base or "default", "base_scores": base_scores, "targets": tnames, "sources": snames,
+               "metrics": metrics, "loss_tasks": sorted(loss_tasks), "units": "fraction of items",
+               "limit": args.limit, "shots": args.shots, "runs": details}
     write_atomic(out / "forgetting.json", json.dumps(payload, indent=2) + "\n")
     write_atomic(out / "forgetting.md", md)
-    learn_forget_plot(rows, out / "forgetting.png")
+    learn_forget_plot(rows, out / "forgetting.png", x_unit=metric_names(metrics, tnames, loss_tasks),
+                      y_unit=metric_names(metrics, snames, loss_tasks))
     print(md)
     print(f"wrote {out}/forgetting.md, forgetting.json, forgetting.png")
     return 0

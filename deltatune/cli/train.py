@@ -13,6 +13,7 @@ FLAGS = {
     "--eval-every": "eval_every", "--seed": "seed", "--precision": "precision", "--format": "data_format",
     "--system-prompt": "system_prompt", "--device": "device", "--threads": "num_threads",
 }
+FLAGS["--snapshot-every"] = "snapshot_every"  # keep trainable weights every N steps (never pruned)
 # keys whose values are taken verbatim (not parsed as YAML, so "1e-4" stays text where text is meant)
 TEXT_KEYS = {"model", "data", "eval_data", "output", "system_prompt", "policy", "targets", "method", "template"}
 SWITCHES = {"--resume": "resume", "--overwrite": "overwrite", "--rslora": "rslora", "--skip-bad": "skip_bad",

@@ -140,6 +140,9 @@ def advise(stats: dict, template: str) -> list[str]:
     if pad:
         lines.append(f"Packing wastes {100 * pad['packed_waste']:.1f}% of positions on padding vs "
                      f"{100 * pad['padded_waste']:.1f}% for batches of {stats['batch_size']} padded to their longest.")
+    from deltatune.experiments.recorded import masking_advice
+
+    lines.append(masking_advice(r, n))  # the project's own measurement beside the paper's
     return lines
 
 

@@ -11,6 +11,7 @@ from deltatune.evaluate.extract import extract_bbh, extract_gsm8k, normalize_ans
 from deltatune.evaluate.generate import GenerationConfig, generate
 from deltatune.evaluate.loss import loss_on_file
 from deltatune.evaluate.prompts import default_style, letter_question, pick_shots, render, style_info
+from deltatune.errors import UserError
 from deltatune.evaluate.tasks import LETTERS, Item, Task, load_items, load_shot_pool
 
 
@@ -28,6 +29,12 @@ class EvalOptions:
     template: str = "chatml"          # loss tasks: the training template and loss policy
     policy: str = "response"
     max_len: int = 1024
+    samples: int = 1                  # code tasks: completions per problem (n of pass@k)
+    pass_k: tuple[int, ...] = (1,)    # code tasks: the k of pass@k reported (those <= samples)
+    allow_code_execution: bool = False
+    exec_timeout: float = 10.0        # code tasks: wall-clock seconds per sample
+    exec_memory_mb: int = 1024
+    exec_workers: int | None = None   # default: the core count
 
 
 @dataclass
@@ -38,6 +45,7 @@ class TaskResult:
     metrics: dict[str, float]
     predictions: list[dict[str, Any]]
     higher_is_better: bool = True
+    info: dict[str, Any] = field(default_factory=dict)  # how it was measured (code: samples, isolation)
 
     @property
     def score(self) -> float:
@@ -75,6 +83,8 @@ def evaluate_task(model, tokenizer, task: Task, opts: EvalOptions | None = None,
                            batch_size=opts.batch_size, progress=opts.progress)
         return TaskResult(task.name, res.examples, "loss", res.as_dict(), [], higher_is_better=False)
     items = items if items is not None else load_items(task, opts.limit)
+    if task.kind == "code":
+        return _evaluate_code(model, tokenizer, task, items, opts)
     pool = None
     if opts.shots > 0:  # the training split, else the whole task (not just the first --limit items)
         pool = load_shot_pool(task) or load_items(task)
@@ -83,9 +93,10 @@ def evaluate_task(model, tokenizer, task: Task, opts: EvalOptions | None = None,
     if task.kind == "choice":
         return _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_special)
     prompts = []
+    suffix = task.zero_shot_suffix if opts.shots == 0 else ""
     for item in items:
         shots = [(s.prompt, s.shot_answer) for s in _shots_for(item, pool, opts)]
-        prompts.append(render(tokenizer, style.name, shots, item.prompt))
+        prompts.append(render(tokenizer, style.name, shots, item.prompt + suffix))
     gen = replace(opts.generation, max_new_tokens=opts.max_new_tokens or task.max_new_tokens,
                   stop=tuple(opts.generation.stop) + style.stop)
     texts = generate(model, tokenizer, prompts, gen, batch_size=opts.batch_size, add_special_tokens=add_special,
@@ -96,7 +107,8 @@ def evaluate_task(model, tokenizer, task: Task, opts: EvalOptions | None = None,
                      **_score_generation(task, item, text)})
     keys = [k for k in rows[0] if k not in {"source", "target", "output", "extracted"}]
     metrics = {k: M.mean([float(r[k]) for r in rows]) for k in keys}
-    return TaskResult(task.name, len(items), task.metric, metrics, rows)
+    info = {"protocol": f"{opts.shots}-shot" + (", answer format stated in the prompt" if suffix else "")}
+    return TaskResult(task.name, len(items), task.metric, metrics, rows, info=info)
 
 
 def _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_special) -> TaskResult:
@@ -120,4 +132,68 @@ def _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_speci
         metrics = {"acc": metrics["acc_sum"]}
     rows = [{"source": it.source, "target": it.target, "predicted": LETTERS[predict(s, "sum" if letter else "char")],
              "logprobs": [round(o.logprob, 4) for o in s]} for it, s in zip(items, scores)]
-    return TaskResult(task.name, len(items), "acc", metrics, rows)
+    info = {"choice": "letter" if letter else "option likelihood",
+            "shots_from": "none" if opts.shots == 0 else
+            ("the training split" if task.fewshot_files else "the same file (test split) minus the item")}
+    return TaskResult(task.name, len(items), "acc", metrics, rows, info=info)
+
+
+def check_code_options(opts: EvalOptions, task: Task | None = None, generating: bool = False) -> None:
+    """Code tasks run generated programs: only with the explicit opt-in; generating n > 1 samples needs sampling.
+    Called before any model loads, so a wrong flag costs nothing."""
+    if not opts.allow_code_execution:
+        raise UserError(f"task '{task.name if task else 'code'}' runs model-written programs; pass "
+                        "--allow-code-execution to allow it (see docs/evaluation.md, Code execution)",
+                        field="allow-code-execution")
+    if opts.samples < 1:
+        raise UserError("must be at least 1", field="samples")
+    if any(k < 1 for k in opts.pass_k):
+        raise UserError("every k must be at least 1", field="pass-k")
+    if generating and opts.samples > 1 and not opts.generation.do_sample:
+        raise UserError("more than one sample per problem needs sampling: add --sample (and --temperature)",
+                        field="samples")
+
+
+def _evaluate_code(model, tokenizer, task: Task, items: list[Item], opts: EvalOptions) -> TaskResult:
+    from deltatune.evaluate.code import HUMANEVAL_STOP, clean_completion
+
+    check_code_options(opts, task, generating=True)
+    problems = [it.problem for it in items]
+    style = style_info(opts.style or default_style(tokenizer))
+    if problems[0].format == "humaneval":  # the code itself is the prompt: a plain continuation
+        prompts, stop, add_special = [p.prompt for p in problems], HUMANEVAL_STOP, False
+    else:
+        prompts = [render(tokenizer, style.name, [], p.generation_prompt()) for p in problems]
+        stop, add_special = style.stop, style.name != "chat"
+    gen = replace(opts.generation, max_new_tokens=opts.max_new_tokens or task.max_new_tokens,
+                  stop=tuple(opts.generation.stop) + tuple(stop))
+    n = opts.samples
+    texts = generate(model, tokenizer, [p for p in prompts for _ in range(n)], gen, batch_size=opts.batch_size,
+                     add_special_tokens=add_special, progress=opts.progress)
+    completions = [[clean_completion(p, t) for t in texts[i * n:(i + 1) * n]] for i, p in enumerate(problems)]
+    return score_code(task.name, problems, completions, opts)
+
+
+def score_code(name: str, problems: list, completions: list[list[str]], opts: EvalOptions) -> TaskResult:
+    """Run every completion's program and report pass@k; one row per problem in the predictions."""
+    from deltatune.evaluate.code import pass_at_k_table
+    from deltatune.evaluate.execution import Limits, isolation, run_programs
+
+    check_code_options(opts)
+    programs = [p.program(c) for p, cs in zip(problems, completions) for c in cs]
+    outcomes = run_programs(programs, Limits(timeout_s=opts.exec_timeout, memory_mb=opts.exec_memory_mb),
+                            workers=opts.exec_workers, progress=opts.progress)
+    rows, counts, at = [], [], 0
+    for p, cs in zip(problems, completions):
+        mine = outcomes[at:at + len(cs)]
+        at += len(cs)
+        counts.append((len(cs), sum(o.passed for o in mine)))
+        rows.append({"source": p.source, "task_id": p.task_id, "n": len(cs), "passed": counts[-1][1],
+                     "completions": cs, "status": [o.status for o in mine]})
+    metrics = pass_at_k_table(counts, opts.pass_k)
+    skipped = [k for k in opts.pass_k if f"pass@{k}" not in metrics]
+    if skipped:
+        print(f"note: pass@{skipped[0]} needs at least {skipped[0]} samples per problem; not reported")
+    return TaskResult(name, len(problems), "pass@1", metrics, rows,
+                      info={"samples_per_problem": min(n for n, _ in counts), "isolation": isolation(),
+                            "timeout_s": opts.exec_timeout, "memory_mb": opts.exec_memory_mb})

@@ -97,7 +97,8 @@ def read_run(path: str | Path) -> RunInfo:
         folder = sub.parent
         step = _step(folder)
         checkpoints.append(Snapshot(folder, "checkpoint", step, f"step {step}" if step is not None else folder.name))
-    checkpoints.sort(key=lambda s: (s.step is None, s.step or 0))
+    checkpoints.sort(key=lambda s: (s.step is None, s.step or 0, s.path.parent.name != "snapshots"))
+    checkpoints = _one_per_step(checkpoints)
     method = str(config.get("method") or "")
     rank = config.get("rank")
     if not method and final is not None:
@@ -111,6 +112,33 @@ def read_run(path: str | Path) -> RunInfo:
     show_rank = rank is not None and not set(method.split("+")) <= NO_RANK_METHODS
     label = f"{method} r={rank}" if show_rank else method
     return RunInfo(root, config, method, int(rank) if show_rank else None, label, final, checkpoints)
+
+
+def _one_per_step(snaps: list[Snapshot]) -> list[Snapshot]:
+    """A snapshot and a checkpoint at the same step hold the same weights: keep the first (the snapshot)."""
+    seen, out = set(), []
+    for s in snaps:
+        if s.step is not None and s.step in seen:
+            continue
+        seen.add(s.step)
+        out.append(s)
+    return out
+
+
+def last_trained_step(root: Path) -> int | None:
+    """The highest step in the run's metrics.jsonl (the step final/ was saved at), if it has one."""
+    path = Path(root) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    last = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(step, int):
+            last = step if last is None else max(last, step)
+    return last
 
 
 def unique_labels(runs: list[RunInfo]) -> list[str]:

@@ -7,6 +7,8 @@ Task names on the command line:
   self-instruct         252 user-oriented instructions, ROUGE-L against the reference output
   file:PATH             your JSONL with `instruction` (+ optional `input`) and `output` (see `field_map`)
   loss:PATH             held-out loss/perplexity of any training-format file (template + loss policy)
+  code:PATH             HumanEval- or MBPP-format JSONL, pass@1 / pass@k by running the programs
+                        (only with --allow-code-execution; see evaluate/execution.py)
 The data root is ../shared/data beside the repository, else $DELTATUNE_DATA, else --data-root.
 """
 
@@ -17,11 +19,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from deltatune.errors import DataError, UserError
 from deltatune.evaluate.extract import bbh_target, gsm8k_target
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# GSM8K at 0 shots (chat models): no example shows the answer format, so the prompt states it; the
+# headline strict match then reads the number after '####' exactly as with few-shot prompts
+GSM8K_ZERO_SHOT = ("\n\nSolve the problem step by step. On the last line, write the final answer as "
+                   "'#### <number>'.")
 
 
 @dataclass
@@ -35,18 +42,20 @@ class Item:
     answer: int | None = None  # index of the correct option
     source: str = ""           # "file:line" for error messages and the predictions file
     group: str = ""            # file stem (MMLU subject, BBH task): few-shot examples come from the same group
+    problem: Any = None        # code tasks: the CodeProblem (program builder, task_id)
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str                      # "generate" | "choice" | "loss"
+    kind: str                      # "generate" | "choice" | "loss" | "code"
     files: tuple[Path, ...]
     format: str                    # reader: "gsm8k" | "mmlu" | "bbh" | "self-instruct" | "instruction"
     metric: str                    # headline metric key in the results
     extract: str = "text"          # "gsm8k" | "bbh" | "text"
     fewshot_files: tuple[Path, ...] = ()  # empty: shots come from the task's own items, never the item itself
     max_new_tokens: int = 256
+    zero_shot_suffix: str = ""     # appended to the question when no shots show the answer format
     field_map: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
@@ -104,6 +113,8 @@ def resolve_task(spec: str, root: str | os.PathLike | None = None, field_map: di
     name, _, part = spec.strip().partition(":")
     if name == "loss":
         return Task(spec, "loss", (_need(Path(part).expanduser()),), "records", "loss")
+    if name == "code":
+        return Task(spec, "code", (_need(Path(part).expanduser()),), "code", "pass@1", max_new_tokens=512)
     if name == "file":
         path = _need(Path(part).expanduser())
         return Task(spec, "generate", (path,), "instruction", "rouge_l", "text", max_new_tokens=256,
@@ -111,7 +122,8 @@ def resolve_task(spec: str, root: str | os.PathLike | None = None, field_map: di
     base = data_root(root)
     if name == "gsm8k":
         return Task(spec, "generate", (_need(base / "gsm8k" / "test.jsonl"),), "gsm8k", "exact_match", "gsm8k",
-                    fewshot_files=(base / "gsm8k" / "train.jsonl",), max_new_tokens=256)
+                    fewshot_files=(base / "gsm8k" / "train.jsonl",), max_new_tokens=256,
+                    zero_shot_suffix=GSM8K_ZERO_SHOT)
     if name == "mmlu":
         return Task(spec, "choice", tuple(_choose(base / "mmlu", "_test.csv", part, "mmlu")), "mmlu", "acc")
     if name == "bbh":
@@ -122,7 +134,7 @@ def resolve_task(spec: str, root: str | os.PathLike | None = None, field_map: di
         return Task(spec, "generate", (_need(folder / "user_oriented_instructions.jsonl"),), "self-instruct",
                     "rouge_l", "text", fewshot_files=(folder / "seed_tasks.jsonl",), max_new_tokens=256)
     raise UserError(f"unknown task '{spec}'; use gsm8k, mmlu[:subject], bbh[:task], self-instruct, file:PATH "
-                    "or loss:PATH",
+                    "loss:PATH or code:PATH",
                     field="task")
 
 
@@ -214,7 +226,15 @@ def read_instruction(path: Path, field_map: dict[str, str] | None = None) -> lis
     return items
 
 
+def read_code(path: Path) -> list[Item]:
+    from deltatune.evaluate.code import read_code_problems
+
+    return [Item(p.generation_prompt(), p.task_id, source=p.source, problem=p) for p in read_code_problems(path)]
+
+
 def _read(fmt: str, path: Path, field_map: dict[str, str]) -> list[Item]:
+    if fmt == "code":
+        return read_code(path)
     if fmt == "instruction":
         return read_instruction(path, field_map)
     return {"gsm8k": read_gsm8k, "mmlu": read_mmlu, "bbh": read_bbh, "self-instruct": read_self_instruct}[fmt](path)

@@ -141,8 +141,8 @@ def quick_model(folder: Path) -> str:
 class Context:
     """One experiment invocation: its folder, mode, seeds and model, and the machinery to run it.
 
-    `settings` are the options that define the experiment's results (mode, seeds, sizes...): a
-    restart with other settings is refused, so resumed runs never mix with runs of another setup.
+    `settings` are the options that define the experiment's results (mode, seeds, sizes...): once a run
+    has started, a restart with other settings is refused, so resumed runs never mix with another setup.
     """
 
     def __init__(self, name: str, out: str | os.PathLike, *, quick: bool, seeds: list[int],
@@ -165,7 +165,11 @@ class Context:
                 found = json.loads(manifest.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 raise UserError(f"{manifest} is not an experiment manifest; choose another --out") from None
-            if found.get("experiment") != self.name or found.get("settings") != json.loads(json.dumps(self.settings)):
+            same = found.get("experiment") == self.name and found.get("settings") == json.loads(json.dumps(self.settings))
+            if not same and not (self.out / "runs").exists():  # nothing trained yet (it failed at set-up): retake
+                write_atomic(manifest, json.dumps(wanted, indent=2) + "\n")
+                return
+            if not same:
                 raise UserError(f"{self.out} holds experiment '{found.get('experiment')}' with settings "
                                 f"{found.get('settings')}; resume it with the same options or choose another --out")
             return
@@ -173,6 +177,11 @@ class Context:
             raise UserError(f"{self.out} exists and is not an experiment folder of '{self.name}'; "
                             "choose an empty or new --out")
         write_atomic(manifest, json.dumps(wanted, indent=2) + "\n")
+
+    def config_defaults(self) -> dict[str, Any]:
+        """Settings under every run's own: quick mode skips compiling the fused norms (seconds per run on a
+        model that trains in seconds), and runs log rarely (the experiment prints its own progress)."""
+        return {"fused_norms": "off", "log_every": 50} if self.quick else {"log_every": 50}
 
     def run_dir(self, name: str) -> Path:
         return self.out / "runs" / name
@@ -205,18 +214,22 @@ class Context:
         folder = self.run_dir(run.name)
         if folder.exists():  # killed before its done marker: this experiment's own partial run, start it over
             shutil.rmtree(folder)
-        overrides = {"model": self.model, **run.config, "output": str(folder), "resume": False}
+        overrides = {"model": self.model, **self.config_defaults(), **run.config, "output": str(folder),
+                     "resume": False}
         cfg = load_config(overrides=overrides)
         measured: dict[int, dict] = {}
+        measure_seconds = 0.0
         later = sum(s or 0 for n, s in todo_steps.items() if n != run.name)
         started, last_print = time.perf_counter(), 0.0
 
         def on_step(step: int, total: int, model) -> dict | None:
-            nonlocal last_print
+            nonlocal last_print, measure_seconds
             out = None
             if run.measure is not None and step in run.measure_steps:
+                t0 = time.perf_counter()
                 out = run.measure(step, model)
                 measured[step] = out
+                measure_seconds += time.perf_counter() - t0
             elapsed = time.perf_counter() - started
             now = time.perf_counter()
             if now - last_print > 5 or step == total or out:
@@ -233,9 +246,11 @@ class Context:
         self._steps_done += result.steps
         self._train_seconds += time.perf_counter() - started
         params = json.loads((folder / "parameters.json").read_text(encoding="utf-8"))
+        train_seconds = max(result.seconds - measure_seconds, 1e-9)  # training alone, without the measurements
         summary = {"name": run.name, **run.meta, "steps": result.steps, "final_loss": result.final_loss,
-                   "eval_loss": result.eval_loss, "tokens_per_s": result.tokens_per_s,
-                   "real_tokens": result.real_tokens, "train_seconds": result.seconds,
+                   "eval_loss": result.eval_loss, "tokens_per_s": result.real_tokens / train_seconds,
+                   "real_tokens": result.real_tokens, "train_seconds": train_seconds,
+                   "measure_seconds": measure_seconds,
                    "trainable_params": params.get("trainable"), "total_params": params.get("total"),
                    "losses": [h["loss"] for h in result.history],
                    "measured": {str(k): v for k, v in sorted(measured.items())}}
@@ -271,3 +286,31 @@ class Context:
 def format_seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def generation_prompts(records: list[dict], tokenizer, template: str) -> list[str]:
+    """Each record's prompt exactly as training renders it (template, role tokens), up to the response.
+
+    Built from the training data path's own tokenization: the tokens before the first response
+    token, decoded with special tokens kept, so generation starts where the trained response starts.
+    """
+    from deltatune.data.pipeline import prepare_records
+    from deltatune.data.segments import Role
+
+    prepared = prepare_records(records, tokenizer, template=template, max_len=10**9)
+    if len(prepared.examples) != len(records):
+        raise ValueError(f"{len(records) - len(prepared.examples)} records had no response to generate")
+    prompts = []
+    for ex in prepared.examples:
+        first = ex.roles.index(Role.RESPONSE)
+        prompts.append(tokenizer.decode(ex.input_ids[:first], skip_special_tokens=False))
+    return prompts
+
+
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy continuations (stopped at end of turn), stripped."""
+    from deltatune.evaluate.generate import GenerationConfig, generate
+
+    texts = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=max_new_tokens),
+                     batch_size=batch_size, progress=False)
+    return [t.strip() for t in texts]

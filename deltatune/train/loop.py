@@ -26,7 +26,7 @@ from deltatune.errors import ConfigError, TrainingError
 from deltatune.train.checkpoint import Position, prune_checkpoints
 from deltatune.train.distributed import NullProgress, init_distributed
 from deltatune.train import fused_norms, packed_attention
-from deltatune.train.loss import weighted_lm_loss_sum
+from deltatune.train.loss import per_example_weights, weighted_lm_loss_sum
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import Progress
 from deltatune.train.workspace import release_all as release_workspaces
@@ -231,13 +231,14 @@ def evaluate_loss(model, head, examples: list, policy, cfg: TrainConfig, pad_id:
 
 def _call_step_hook(hook, step: int, total_steps: int, model, flat: bool, autocast) -> dict:
     """Call a caller's per-step hook with the model in eval mode, standard attention and the run's autocast,
-    so it can generate or score; training mode and packed attention come back afterwards."""
+    so it can generate or score; training mode and packed attention come back afterwards. Compiled code
+    (the fused norms) runs eagerly inside: generation's many shapes would each trigger a recompile."""
     was_training = model.training
     model.eval()
     if flat:
         model.set_attn_implementation("sdpa")
     try:
-        with autocast():
+        with autocast(), torch.compiler.set_stance("force_eager"):
             return dict(hook(step, total_steps, model) or {})
     finally:
         if flat:
@@ -425,6 +426,9 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
                                                               packed=cfg.packing, template_name=cfg.template,
                                                               flat=flat))
                      for rows in data.take(pos, cfg.grad_accum)]  # this rank's share of each micro-batch
+            if cfg.loss_reduction == "example":  # each example's weights sum to 1: a mean of per-example means
+                for b in micro:
+                    b["loss_weights"] = per_example_weights(b["loss_weights"], b["position_ids"])
             total_weight = sum(float(b["loss_weights"][:, 1:].sum()) for b in micro)
             total_weight = dist.sum(total_weight)  # the global batch's weight normalises every rank's loss
             step_loss = 0.0
@@ -470,6 +474,10 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
                           record)
             history.append({"step": pos.step, "loss": loss_value, **record})
             interrupted["flag"] = dist.any(interrupted["flag"] or pos.step == stop_after)  # all ranks stop together
+            if cfg.snapshot_every and pos.step % cfg.snapshot_every == 0:
+                from deltatune.train.snapshot import save_snapshot
+
+                save_snapshot(out, pos.step, trainable, cfg.method, write=dist.is_main)
             if (cfg.save_every and pos.step % cfg.save_every == 0) or interrupted["flag"]:
                 checkpoint()
             if interrupted["flag"]:

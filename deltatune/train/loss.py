@@ -110,6 +110,20 @@ def weighted_lm_loss_sum(hidden: Tensor, head: torch.nn.Module, input_ids: Tenso
     return total, w.sum()
 
 
+def per_example_weights(loss_weights: Tensor, position_ids: Tensor) -> Tensor:
+    """Token weights rescaled so that each example's weights sum to 1 (`loss_reduction: example`).
+
+    Σ w'·nll / Σ w' over a batch is then the mean over examples of each example's own weighted mean
+    loss. An example starts where its position id is 0 (packed rows restart positions per example;
+    padding carries no weight); an example whose weights are all 0 stays 0 and does not count.
+    """
+    example = (position_ids == 0).flatten().cumsum(0) - 1  # example index of every token, across rows
+    w = loss_weights.flatten().to(torch.float64)
+    totals = torch.zeros(int(example.max()) + 1, dtype=torch.float64, device=w.device).index_add_(0, example, w)
+    scale = torch.where(totals > 0, 1.0 / totals.clamp_min(1e-300), torch.zeros_like(totals))
+    return (w * scale[example]).view_as(loss_weights).to(loss_weights.dtype)
+
+
 def reference_lm_loss_sum(logits: Tensor, input_ids: Tensor, loss_weights: Tensor) -> tuple[Tensor, Tensor]:
     """The plain (unchunked) computation from full logits; used in tests and evaluation of small batches."""
     acc = torch.promote_types(logits.dtype, torch.float32)

@@ -1,0 +1,275 @@
+"""learn-forget: "LoRA Learns Less and Forgets Less" (arXiv 2405.09673) on your model.
+
+Math instruction finetuning on a GSM8K train subset with full finetuning, LoRA r=8/64/256
+(alpha = 2r), DoRA r=8 and MoRA r=8, all linear layers. Each method sweeps 3 learning rates
+(LoRA's grid ten times full finetuning's, as the paper finds); the rate is picked on a validation
+split of GSM8K train (the held-out answer loss), never on the test set; the picked rate is run
+again for every further seed. Measured at the end of each run, on the same items for the base
+model and every run:
+- target: GSM8K test exact match (strict '#### N', 0-shot with the format stated; see
+  docs/evaluation.md), learning = gain over the base, a fraction;
+- sources: MMLU (fixed subjects, option likelihood) and BIG-Bench Hard (fixed tasks) accuracies,
+  forgetting = mean drop from the base, a fraction;
+- held-out loss on the self-instruct reference answers (nats per token), in its own table;
+- the spectrum of each run's weight change dW: rank needed for 90% of ||dW||^2, per layer type.
+Outputs: results.json/md, learn_forget.png (each method's rates joined, as the paper's figure) and
+spectrum.png (rank@90% per layer type, full finetuning against the adapters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from deltatune.errors import UserError
+from deltatune.experiments.common import Context, Run, markdown_table, write_atomic
+
+HELP = "LoRA learns less and forgets less: GSM8K gain vs MMLU/BBH drop per method and learning rate"
+DEFAULT_SEEDS = 2
+
+# name -> (method, rank, learning rates); alpha = 2 * rank. LoRA-family grids are 10x full finetuning's.
+METHODS: dict[str, tuple[str, int | None, tuple[float, ...]]] = {
+    "full": ("full", None, (1e-5, 3e-5, 1e-4)),
+    "lora-r8": ("lora", 8, (1e-4, 3e-4, 1e-3)),
+    "lora-r64": ("lora", 64, (1e-4, 3e-4, 1e-3)),
+    "lora-r256": ("lora", 256, (1e-4, 3e-4, 1e-3)),
+    "dora-r8": ("dora", 8, (1e-4, 3e-4, 1e-3)),
+    "mora-r8": ("mora", 8, (1e-4, 3e-4, 1e-3)),
+}
+MMLU_SUBJECTS = "high_school_geography+high_school_psychology+marketing+nutrition"
+BBH_TASKS = "boolean_expressions+sports_understanding+navigate"
+# full mode: sized for 90 minutes on 2 cores (docs/experiments.md); quick: the tiny model, seconds
+SIZES = {
+    "full": dict(train=160, val=32, epochs=1.0, batch=8, seq_len=512, gsm8k=40, mmlu=20, bbh=12, selfinstruct=60,
+                 max_new_tokens=160, bbh_tokens=48, eval_batch=16),
+    "quick": dict(train=8, val=4, epochs=1.0, batch=4, seq_len=512, gsm8k=2, mmlu=2, bbh=2, selfinstruct=3,
+                  max_new_tokens=8, bbh_tokens=4, eval_batch=4),
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma subset of {', '.join(METHODS)}")
+    p.add_argument("--lrs", type=int, default=3, help="learning rates per method, from the grid (default 3)")
+    p.add_argument("--train-examples", type=int, default=None, help="GSM8K train examples (full: 160)")
+    p.add_argument("--epochs", type=float, default=None, help="epochs over them (full: 1)")
+    p.add_argument("--gsm8k-test", type=int, default=None, help="GSM8K test problems scored (full: 40)")
+    p.add_argument("--mmlu-per-subject", type=int, default=None, help=f"questions per subject of {MMLU_SUBJECTS}")
+    p.add_argument("--bbh-per-task", type=int, default=None, help=f"items per task of {BBH_TASKS}")
+
+
+def _sizes(ctx: Context, args) -> dict[str, Any]:
+    s = dict(SIZES["quick" if ctx.quick else "full"])
+    for key, arg in (("train", "train_examples"), ("epochs", "epochs"), ("gsm8k", "gsm8k_test"),
+                     ("mmlu", "mmlu_per_subject"), ("bbh", "bbh_per_task")):
+        if getattr(args, arg) is not None:
+            if getattr(args, arg) <= 0:
+                raise UserError("must be positive", field=arg.replace("_", "-"))
+            s[key] = getattr(args, arg)
+    return s
+
+
+def _methods(args) -> list[str]:
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise UserError(f"unknown method '{unknown[0] if unknown else ''}'; choose from {', '.join(METHODS)}",
+                        field="methods")
+    if not 1 <= args.lrs <= 3:
+        raise UserError("must be 1, 2 or 3", field="lrs")
+    return names
+
+
+def gsm8k_records(sizes: dict, seed: int = 1234) -> tuple[list[dict], list[dict]]:
+    """Train and validation records from GSM8K train (disjoint, a fixed shuffle); the question carries the
+    same answer-format sentence as the 0-shot evaluation prompt, so training and test prompts agree."""
+    from deltatune.evaluate.tasks import GSM8K_ZERO_SHOT, data_root, read_gsm8k
+
+    items = read_gsm8k(data_root() / "gsm8k" / "train.jsonl")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    recs = [{"instruction": items[i].prompt + GSM8K_ZERO_SHOT, "output": items[i].shot_answer} for i in order]
+    return recs[:sizes["train"]], recs[sizes["train"]:sizes["train"] + sizes["val"]]
+
+
+def _selfinstruct_file(ctx: Context, n: int) -> Path:
+    """The first n self-instruct user-oriented instructions with their reference outputs, in training format."""
+    from deltatune.evaluate.tasks import data_root, read_self_instruct
+
+    items = read_self_instruct(data_root() / "self-instruct" / "user_oriented_instructions.jsonl")[:n]
+    path = ctx.out / "data" / "selfinstruct_heldout.jsonl"
+    if not path.exists():
+        write_atomic(path, "".join(json.dumps({"instruction": it.prompt, "output": it.target}) + "\n"
+                                   for it in items))
+    return path
+
+
+class Measures:
+    """The tasks, their items (read once) and the base model, to score any model the same way."""
+
+    def __init__(self, ctx: Context, sizes: dict) -> None:
+        from deltatune.evaluate.runner import EvalOptions
+        from deltatune.evaluate.tasks import load_items, resolve_task
+        from deltatune.models import load_model
+
+        self.target = resolve_task("gsm8k")
+        self.sources = [resolve_task(f"mmlu:{MMLU_SUBJECTS}"), resolve_task(f"bbh:{BBH_TASKS}")]
+        self.loss = resolve_task(f"loss:{_selfinstruct_file(ctx, sizes['selfinstruct'])}")
+        limits = {self.target.name: sizes["gsm8k"], self.sources[0].name: sizes["mmlu"],
+                  self.sources[1].name: sizes["bbh"]}
+        self.items = {t.name: load_items(t, limits[t.name]) for t in [self.target, *self.sources]}
+        self.tokens = {self.target.name: sizes["max_new_tokens"], self.sources[1].name: sizes["bbh_tokens"]}
+        self.opts = EvalOptions(batch_size=sizes["eval_batch"], progress=False, template="tokenizer", max_len=1024)
+        self.base, self.tokenizer = load_model(ctx.model, dtype="fp32")
+        self.base.eval()
+
+    def scores(self, model) -> dict[str, Any]:
+        """Headline score of every task (fractions), the held-out loss (nats) and the item counts."""
+        from dataclasses import replace
+
+        from deltatune.evaluate.runner import evaluate_task
+
+        out: dict[str, Any] = {"n": {}, "eval_seconds": {}}
+        for task in [self.target, *self.sources, self.loss]:
+            opts = replace(self.opts, max_new_tokens=self.tokens.get(task.name))
+            start = time.perf_counter()
+            res = evaluate_task(model, self.tokenizer, task, opts, self.items.get(task.name))
+            out["eval_seconds"][task.name] = round(time.perf_counter() - start, 2)
+            out["n"][task.name] = res.n
+            out["selfinstruct_loss" if task is self.loss else task.name] = res.score
+            if task is self.target:
+                out["gsm8k_flexible"] = res.metrics["exact_match_flexible"]
+        return out
+
+    def spectrum(self, model) -> list[dict]:
+        """rank@90% of dW per layer type (mean, max, full rank) against the base weights."""
+        from deltatune.analysis.decompose import matrix_pairs
+        from deltatune.analysis.spectrum import spectrum_rows, summarise_by_type
+
+        rows = spectrum_rows(matrix_pairs(model, self.base), 0.9, top=0)
+        full = {}
+        for r in rows:
+            full.setdefault(r["type"], r["full_rank"])
+        return [{**s, "full_rank": full[s["type"]]} for s in summarise_by_type(rows)]
+
+
+def _config(method: str, rank: int | None, lr: float, seed: int, steps: int, sizes: dict) -> dict:
+    cfg = {"method": method, "lr": lr, "seed": seed, "steps": steps, "batch_size": sizes["batch"],
+           "seq_len": sizes["seq_len"], "precision": "fp32", "template": "tokenizer", "targets": "all-linear",
+           "warmup_ratio": 0.1, "schedule": "cosine", "log_every": 10,
+           "fused_norms": "off"}  # a torch.compile per run costs more than it saves on runs this short
+    if rank is not None:
+        cfg.update(rank=rank, alpha=2.0 * rank, dropout=0.05)
+    return cfg
+
+
+def _run_name(name: str, lr: float, seed: int) -> str:
+    return f"{name}-lr{lr:g}-s{seed}"
+
+
+def run(ctx: Context, args) -> None:
+    from deltatune.evaluate.forgetting import learn_forget
+
+    names = _methods(args)
+    sizes = _sizes(ctx, args)
+    train_recs, val_recs = gsm8k_records(sizes)
+    steps = max(1, math.ceil(len(train_recs) * sizes["epochs"] / sizes["batch"]))
+    m = Measures(ctx, sizes)
+    base_path = ctx.out / "base.json"
+    if base_path.exists():
+        base = json.loads(base_path.read_text(encoding="utf-8"))
+    else:
+        ctx.say("[learn-forget] scoring the base model")
+        base = m.scores(m.base)
+        write_atomic(base_path, json.dumps(base, indent=2) + "\n")
+
+    def measure(step: int, model) -> dict:
+        return {"scores": m.scores(model), "spectrum": m.spectrum(model)}
+
+    def make(name: str, lr: float, seed: int) -> Run:
+        method, rank, _ = METHODS[name]
+        return Run(_run_name(name, lr, seed), _config(method, rank, lr, seed, steps, sizes), records=train_recs,
+                   eval_records=val_recs, measure=measure, measure_steps=(steps,),
+                   meta={"method": name, "lr": lr, "seed": seed})
+
+    first, rest = ctx.seeds[0], ctx.seeds[1:]
+    sweep = [make(n, lr, first) for n in names for lr in METHODS[n][2][:args.lrs]]
+    results = ctx.run_all(sweep)
+    picked = {}
+    for n in names:
+        cands = [results[_run_name(n, lr, first)] for lr in METHODS[n][2][:args.lrs]]
+        ok = [c for c in cands if c.get("eval_loss") is not None and math.isfinite(c["eval_loss"])]
+        picked[n] = min(ok or cands, key=lambda c: c.get("eval_loss") or math.inf)["lr"]
+    if rest:
+        results.update(ctx.run_all([make(n, picked[n], s) for n in names for s in rest]))
+
+    tgt, srcs = m.target.name, [t.name for t in m.sources]
+    rows = []
+    for r in results.values():
+        sc = r["measured"][str(r["steps"])]["scores"]
+        lf = learn_forget(r["name"], base, sc, [tgt], srcs)
+        rows.append({"name": r["name"], "method": r["method"], "lr": r["lr"], "seed": r["seed"],
+                     "val_loss": r["eval_loss"], "learning": lf.learning, "forgetting": lf.forgetting,
+                     "scores": sc, "spectrum": r["measured"][str(r["steps"])]["spectrum"],
+                     "picked": r["lr"] == picked[r["method"]], "train_seconds": r["train_seconds"]})
+    _report(ctx, names, base, rows, picked, sizes, tgt, srcs, steps)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _report(ctx, names, base, rows, picked, sizes, tgt, srcs, steps) -> None:
+    from deltatune.analysis.plots import learn_forget_plot, rank_by_type_plot
+
+    short = {tgt: "GSM8K EM", srcs[0]: "MMLU acc", srcs[1]: "BBH acc"}
+    sweep_rows, head_rows, loss_rows, spec_rows, plot_rows, spec_plot = [], [], [], [], [], {}
+    for r in sorted(rows, key=lambda r: (names.index(r["method"]), r["lr"], r["seed"])):
+        sc = r["scores"]
+        sweep_rows.append([r["method"], f"{r['lr']:g}", r["seed"], r["val_loss"], sc[tgt], sc[srcs[0]], sc[srcs[1]],
+                           r["learning"], r["forgetting"], "yes" if r["picked"] else ""])
+        loss_rows.append([r["method"], f"{r['lr']:g}", r["seed"], base["selfinstruct_loss"], sc["selfinstruct_loss"],
+                          sc["selfinstruct_loss"] - base["selfinstruct_loss"]])
+        if r["seed"] == ctx.seeds[0]:
+            plot_rows.append({"label": r["name"], "group": r["method"], "point_label": f"{r['lr']:g}",
+                              "learning": r["learning"], "forgetting": r["forgetting"]})
+            if r["picked"]:
+                spec_plot[r["method"]] = r["spectrum"]
+                for s in r["spectrum"]:
+                    spec_rows.append([r["method"], s["type"], s["rank90_mean"], s["rank90_max"], s["full_rank"]])
+    for n in names:
+        sel = [r for r in rows if r["method"] == n and r["picked"]]
+        lm, ls = _mean_sd([r["learning"] for r in sel])
+        fm, fs = _mean_sd([r["forgetting"] for r in sel])
+        head_rows.append([n, f"{picked[n]:g}", len(sel), statistics.fmean(r["scores"][tgt] for r in sel), lm, ls,
+                          fm, fs])
+    learn_forget_plot(plot_rows, ctx.out / "learn_forget.png", title="Learning vs forgetting (seed "
+                      f"{ctx.seeds[0]}, points = learning rates)", x_unit="GSM8K exact match",
+                      y_unit="MMLU/BBH accuracy")
+    rank_by_type_plot(spec_plot, ctx.out / "spectrum.png")
+    n = base["n"]
+    tables = [
+        ("Base model", markdown_table(["GSM8K EM", "GSM8K flexible", "MMLU acc", "BBH acc", "self-instruct loss"],
+                                      [[base[tgt], base["gsm8k_flexible"], base[srcs[0]], base[srcs[1]],
+                                        base["selfinstruct_loss"]]])),
+        ("Headline: picked learning rate, mean (sd) over seeds",
+         markdown_table(["method", "lr", "seeds", "GSM8K EM", "learning", "sd", "forgetting", "sd"], head_rows)),
+        ("Sweep (learning rate picked on validation loss)",
+         markdown_table(["method", "lr", "seed", "val loss", short[tgt], short[srcs[0]], short[srcs[1]], "learning",
+                         "forgetting", "picked"], sweep_rows)),
+        ("Held-out loss on self-instruct references (nats per token; never averaged with accuracies)",
+         markdown_table(["method", "lr", "seed", "base", "run", "change"], loss_rows)),
+        ("Spectrum of dW at the picked rate: rank for 90% of the energy",
+         markdown_table(["method", "layer type", "rank90 mean", "rank90 max", "full rank"], spec_rows)),
+    ]
+    notes = [f"Items: GSM8K test {n[tgt]}, MMLU {n[srcs[0]]} ({MMLU_SUBJECTS}), BBH {n[srcs[1]]} ({BBH_TASKS}); "
+             f"{sizes['train']} GSM8K train examples, {steps} steps of batch {sizes['batch']}; validation "
+             f"{sizes['val']} GSM8K train examples. learning = GSM8K EM gain over the base; forgetting = mean "
+             "drop of MMLU and BBH accuracy (fractions: 0.01 = one point). One item of n moves a score by 1/n."]
+    ctx.finish({"base": base, "runs": rows, "picked_lr": picked, "sizes": sizes, "steps": steps,
+                "mmlu_subjects": MMLU_SUBJECTS, "bbh_tasks": BBH_TASKS}, tables,
+               plots=["learn_forget.png", "spectrum.png"], notes=notes)

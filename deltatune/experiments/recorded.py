@@ -1,0 +1,42 @@
+"""The project's own measured results, quoted by `deltatune stats` beside the papers' numbers.
+
+A full `deltatune experiment masking` writes OUT/recorded.json; the lead copies it to
+deltatune/experiments/results/masking.json (with a note in docs/experiments.md). Until that file
+exists, the advice says the measurement is not recorded yet instead of inventing one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_recorded(name: str) -> dict | None:
+    """The recorded summary of experiment `name`, or None if none has been recorded."""
+    path = RESULTS / f"{name}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+def masking_advice(ratio: float, examples: int, recorded: dict | None = None) -> str:
+    """One line: what this project measured nearest to a dataset's length ratio and size."""
+    recorded = recorded if recorded is not None else load_recorded("masking")
+    if not recorded or not recorded.get("by_dataset"):
+        return ("This project's own measurement on its default model is not recorded yet "
+                "(`deltatune experiment masking`; docs/experiments.md).")
+    by = recorded["by_dataset"]
+    ds = min(by, key=lambda d: abs(math.log(max(by[d]["ratio"], 1e-6)) - math.log(max(ratio, 1e-6))))
+    sizes = by[ds]["sizes"]
+    if not sizes:
+        return f"This project's measurement has no size for {ds} yet (docs/experiments.md)."
+    size = min(sizes, key=lambda s: abs(math.log(int(s)) - math.log(max(examples, 1))))
+    s = sizes[size]
+    model = recorded.get("model", "the default model")
+    return (f"Measured by this project on {model} (docs/experiments.md): {ds} (ratio {by[ds]['ratio']:.2f}), "
+            f"{size} training examples: instruction minus response held-out response loss {s['loss_diff']:+.3f} "
+            f"(spread {s['loss_diff_spread']:.3f} over {s['seeds']} seeds), exact match {100 * s['em_diff']:+.1f} points.")

@@ -1,0 +1,56 @@
+"""`deltatune experiment learn-forget --quick`: the whole pipeline on the tiny model, its numbers checked
+against their definitions, the rate picked on validation loss, and a resumed run that trains nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_learn_forget_quick_end_to_end_and_resume(tmp_path, shared_data):
+    from deltatune.cli import main
+
+    out = tmp_path / "lf"
+    args = ["experiment", "learn-forget", "--quick", "--seeds", "2", "--lrs", "2", "--methods", "full,lora-r8",
+            "--threads", "1", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    base, runs = res["base"], res["runs"]
+    tgt, mmlu, bbh = "gsm8k", next(k for k in base if k.startswith("mmlu:")), next(k for k in base
+                                                                                 if k.startswith("bbh:"))
+    # 2 methods x 2 rates on seed 0, then the picked rate again on seed 1
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted(
+        [("full", 0)] * 2 + [("lora-r8", 0)] * 2 + [("full", 1), ("lora-r8", 1)])
+    for method in ("full", "lora-r8"):
+        sweep = [r for r in runs if r["method"] == method and r["seed"] == 0]
+        best = min(sweep, key=lambda r: r["val_loss"])
+        assert res["picked_lr"][method] == best["lr"]  # picked on validation loss, never on test scores
+        assert [r["lr"] for r in runs if r["method"] == method and r["seed"] == 1] == [best["lr"]]
+    for r in runs:  # learning and forgetting are fractions from the definitions; the loss is never mixed in
+        sc = r["scores"]
+        assert r["learning"] == pytest.approx(sc[tgt] - base[tgt])
+        assert r["forgetting"] == pytest.approx(((base[mmlu] - sc[mmlu]) + (base[bbh] - sc[bbh])) / 2)
+        assert "selfinstruct_loss" in sc and sc["n"][tgt] == 2
+    lora = next(r for r in runs if r["method"] == "lora-r8")
+    assert all(1 <= s["rank90_max"] <= 8 for s in lora["spectrum"])  # a rank-8 update needs at most rank 8
+    full = next(r for r in runs if r["method"] == "full")
+    assert {s["type"] for s in full["spectrum"]} >= {"q_proj", "down_proj"}
+    md = (out / "results.md").read_text()
+    assert "## Held-out loss on self-instruct references (nats per token" in md and "## Headline" in md
+    for png in ("learn_forget.png", "spectrum.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # the same command again: every run has its done marker, nothing trains, the results are the same runs
+    marker = out / "runs" / lora["name"] / "done.json"
+    before = marker.stat().st_mtime_ns
+    assert main(args) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert marker.stat().st_mtime_ns == before
+    assert [(r["name"], r["learning"]) for r in again["runs"]] == [(r["name"], r["learning"]) for r in runs]
+
+
+def test_learn_forget_rejects_an_unknown_method(tmp_path, capsys):
+    from deltatune.cli import main
+
+    rc = main(["experiment", "learn-forget", "--quick", "--methods", "lora-r9", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "unknown method 'lora-r9'" in capsys.readouterr().err

@@ -120,6 +120,8 @@ def model_skeleton(name_or_path: str | os.PathLike | None = None, *, trust_remot
     from transformers import AutoConfig, AutoModelForCausalLM
 
     ref, extra = resolve_model(name_or_path)
+    if _is_upcycled_dir(ref):  # its module tree is deltatune's, built at load from upcycle.json
+        return None
     try:
         config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code, **extra)
         with torch.device("meta"):

@@ -151,6 +151,6 @@ def test_zero_at_init_and_default_type_by_rank():
 def test_bad_options_are_config_errors():
     with pytest.raises(ConfigError, match="mora_type"):
         get_method("mora")(MethodSpec("mora", options={"mora_type": 5}))
-    with pytest.raises(ConfigError, match="unknown mora option"):
+    with pytest.raises(ConfigError, match="unknown option 'mora_typo' for method 'mora'; valid options"):
         get_method("mora")(MethodSpec("mora", options={"mora_typo": 1}))
     assert get_method("mora")(MethodSpec("mora", options={"mora_type": "6"})).mora_type == 6

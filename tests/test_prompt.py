@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from deltatune.errors import ConfigError
+from deltatune.methods.apply import AdaptedModel
 from deltatune.methods.base import MethodSpec, get_method
 from deltatune.methods.inject import freeze
 from deltatune.testing import tiny_model
@@ -118,10 +119,8 @@ def test_labels_count_exactly_the_base_targets():
 def test_output_changes_only_through_the_virtual_tokens():
     base, model = tiny_model(0), tiny_model(0)
     method = prompt(model)
-    module = model.deltatune_prompt
-    module.disabled = True
-    torch.testing.assert_close(model(X).logits, base(X).logits, rtol=0, atol=0)
-    module.disabled = False
+    with AdaptedModel(model, [method]).disable_adapters():
+        torch.testing.assert_close(model(X).logits, base(X).logits, rtol=0, atol=0)
     before = model(X).logits
     assert not torch.allclose(before, base(X).logits, atol=1e-3)
     with torch.no_grad():
@@ -165,7 +164,7 @@ def test_merge_says_why_not_and_bad_options():
         method.merge(model)
     with pytest.raises(ConfigError, match="num_virtual_tokens"):
         get_method("prompt")(MethodSpec(name="prompt", options={"num_virtual_tokens": 0}))
-    with pytest.raises(ConfigError, match="unknown prompt option"):
+    with pytest.raises(ConfigError, match="unknown option 'length' for method 'prompt'; valid options"):
         get_method("prompt")(MethodSpec(name="prompt", options={"length": 3}))
 
 

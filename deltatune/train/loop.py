@@ -134,7 +134,12 @@ def save_outputs(adapted, path: Path, tokenizer, full: bool, base_name: str) -> 
     if path.name == "final":  # each method's after-training hook, e.g. prefix tuning folds its MLP
         adapted.finalize()
     if full:
-        save_model(adapted.model, tokenizer, path)
+        model = adapted.model
+        if not all(m.trains_full_weights for m in adapted.methods):  # e.g. ReMoRA: fold the live adapter in a copy
+            import copy
+
+            model = copy.deepcopy(adapted).merge_and_unload()
+        save_model(model, tokenizer, path)
     else:
         adapted.save_adapter(path, base_model_name_or_path=base_name)
         tokenizer.save_pretrained(path)

@@ -1,5 +1,5 @@
 """MoRA: the explicit delta W equals the forward operator, against an independent reading of the paper's
-operators (docs/methods.md section 4), parameter counts, ranks and edge cases."""
+operators (the project spec ../shared/docs/methods.md, section 4), parameter counts, ranks and edge cases."""
 
 from __future__ import annotations
 

@@ -160,8 +160,8 @@ class FusedUpdate(torch.optim.Optimizer):
 
     def backward(self, loss: torch.Tensor) -> bool:
         """Backward with the update fused in: one pass, or the norm pass then the update pass (global
-        clipping, loss scaling). Returns False when the step was skipped (inf/nan gradients with loss
-        scaling: the scale is halved)."""
+        clipping, loss scaling). Returns False when the norm pass found inf/nan gradients: the step is
+        skipped (and with dynamic loss scaling the scale halved)."""
         if not self.two_passes:
             with self.step_hooks_enabled():
                 loss.backward()
@@ -169,8 +169,9 @@ class FusedUpdate(torch.optim.Optimizer):
         scaled = loss * self.scale if self.scale != 1.0 else loss
         with self.grad_norm_pass():
             scaled.backward(retain_graph=True)
-        if self.overflow and self.dynamic_scale:
-            self.scale, self._good_steps = self.scale / 2, 0
+        if self.overflow:  # inf/nan somewhere: no weight is touched (the loop then stops on the loss)
+            if self.dynamic_scale:
+                self.scale, self._good_steps = self.scale / 2, 0
             self.skipped_steps += 1
             self.last_grad_norm = None
             return False

@@ -101,7 +101,7 @@ def use_packed_attention(cfg: TrainConfig, model: torch.nn.Module, device: torch
     why_not = None
     virtual = [m.name for m in method_objects(cfg) if m.adds_virtual_tokens]
     if virtual:
-        why_not = f"{' and '.join(virtual)} add(s) virtual positions that every example attends to"
+        why_not = f"method(s) {', '.join(virtual)} add virtual positions that every example attends to"
     elif not packed_attention.supported(model):
         why_not = f"{type(model).__name__} does not route attention through transformers' AttentionInterface"
     elif getattr(model.config, "attention_dropout", 0.0):

@@ -65,3 +65,14 @@ def test_whole_model_outputs_remora_and_lomo(setup, tmp_path, method, extra):
     ids = torch.tensor([tok("Add 1 and 2.")["input_ids"]])
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-6)
+
+
+def test_remora_refuses_resume_in_one_line(setup, tmp_path):
+    from deltatune.errors import ConfigError
+
+    kw = dict(model=str(setup / "model"), data=str(setup / "d.jsonl"), output=str(tmp_path), method="mora", rank=4,
+              steps=2, save_every=1, batch_size=4, seq_len=64, precision="fp32", eval_fraction=0.0, warmup_steps=0,
+              method_options={"remora_every": 1})
+    train(load_config(overrides=kw), quiet=True)
+    with pytest.raises(ConfigError, match="method 'mora' cannot resume from a checkpoint: ReMoRA merges"):
+        train(load_config(overrides={**kw, "steps": 3, "resume": True}), quiet=True)

@@ -186,7 +186,8 @@ class Method:
     - `adds_virtual_tokens`: every example attends to extra positions (no span-by-span attention);
     - `trains_full_weights`: the base weights themselves train (kept in fp32, sharded under FSDP);
     - `writes_full_model`: the run's output is a whole model, not an adapter (default: the above);
-    - `can_disable` / `why_not_disable`: `AdaptedModel.disable_adapters()` can give the base model.
+    - `can_disable` / `why_not_disable`: `AdaptedModel.disable_adapters()` can give the base model;
+    - `why_not_resume`: non-empty when a checkpoint (trainable tensors only) cannot continue the run.
     Options: `options_schema` (see options.py); `self.options` holds the checked values.
     """
 
@@ -209,6 +210,11 @@ class Method:
     @property
     def writes_full_model(self) -> bool:
         return self.trains_full_weights
+
+    @property
+    def why_not_resume(self) -> str:
+        """Why a run of this method cannot continue from a checkpoint ("" when it can)."""
+        return ""
 
     # --- the protocol -------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> None:

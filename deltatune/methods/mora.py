@@ -301,6 +301,11 @@ class MoRA(WeightDeltaMethod):
     def writes_full_model(self) -> bool:
         return bool(self.remora_every)
 
+    @property
+    def why_not_resume(self) -> str:
+        return ("ReMoRA merges into the base weights, which checkpoints (trainable tensors only) do not hold"
+                if self.remora_every else "")
+
     def make_layer(self, base: nn.Module) -> DeltaLinear:
         return MoRALinear(base, self.spec.rank, self.mora_type, self.spec.dropout)
 

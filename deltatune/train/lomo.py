@@ -194,6 +194,12 @@ class FusedUpdate(torch.optim.Optimizer):
         return loss
 
 
+def retains_graph(name: str | bool, max_norm: float | None) -> bool:
+    """Whether the fused update `name` runs backward twice on one graph (LOMO's global clipping), which
+    compiled modules whose backward donates buffers (the fused RMSNorm) cannot do."""
+    return name in (True, "lomo") and bool(max_norm)
+
+
 def build_fused(name: str, params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                 max_norm: float | None = None) -> FusedUpdate:
     """"lomo" (SGD, no state, global clipping by two passes, dynamic loss scaling for fp16 parameters) or

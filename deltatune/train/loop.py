@@ -118,6 +118,14 @@ def use_fused_norms(cfg: TrainConfig, model: torch.nn.Module, device: torch.devi
     auto: single-process CPU runs (under FSDP2 the swapped modules' optimizer state did not map)."""
     if not (cfg.fused_norms == "on" or (cfg.fused_norms == "auto" and device.type == "cpu" and not distributed)):
         return lambda: None
+    from deltatune.train.lomo import retains_graph
+
+    if retains_graph(cfg.fused_update, cfg.max_grad_norm):  # LOMO's clipping: two backward passes on one graph
+        if cfg.fused_norms == "on":
+            raise ConfigError("fused_norms: on cannot run with LOMO's gradient clipping (two backward passes on one "
+                              "graph); use fused_norms: auto or off, or max_grad_norm: null", field="fused_norms")
+        say("fused RMSNorm off: LOMO's clipping runs backward twice on one graph")
+        return lambda: None
     restore, why_not = fused_norms.install(model)  # compiles once (a few seconds)
     if why_not and cfg.fused_norms == "on":
         raise ConfigError(f"fused_norms: on is not available: {why_not}", field="fused_norms")
@@ -355,6 +363,10 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     pos = Position()
     if cfg.resume and list_checkpoints(out):
+        for m in methods:
+            if m.why_not_resume:
+                raise ConfigError(f"method '{m.name}' cannot resume from a checkpoint: {m.why_not_resume}",
+                                  field="resume")
         latest = list_checkpoints(out)[-1]
         pos = dist.load_checkpoint(latest, runner, trainable, optimizer, scheduler, data)
         say(f"resumed from {latest} at step {pos.step}")

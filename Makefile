@@ -6,10 +6,19 @@ BIN := $(VENV)/bin
 # (for example TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-newest test-slow bench clean
+
+# A second venv with the newest transformers release the code supports (pyproject's upper bound),
+# everything else pinned as in constraints.txt. `make test-newest` runs the tests that touch the
+# transformers API the methods hook into (decoder hooks, cache, attention interface, PEFT files).
+NEWEST_VENV := .venv-newest
+NEWEST_TRANSFORMERS ?= transformers==5.24.*
+NEWEST_TESTS ?= tests/test_prefix.py tests/test_prompt.py tests/test_method_contract.py \
+	tests/test_packed_attention.py tests/test_vera.py
 
 # constraints.txt pins every dependency to the versions the suite was last run with (transformers
-# 5.24 changed what prefix and prompt tuning rely on); pyproject.toml keeps ranges for library users.
+# 5.24 renamed the decoder's cache argument; `make test-newest` runs the method tests against it);
+# pyproject.toml keeps ranges to the versions tested.
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -20,14 +29,25 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 setup: $(BIN)/.installed
 
+$(NEWEST_VENV)/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/pip install -q --upgrade pip
+	$(NEWEST_VENV)/bin/pip install -q $(TORCH_SPEC)
+	grep -v '^transformers==' constraints.txt > $(NEWEST_VENV)/constraints.txt
+	$(NEWEST_VENV)/bin/pip install -q -c $(NEWEST_VENV)/constraints.txt -e ".[dev]" "$(NEWEST_TRANSFORMERS)"
+	touch $@
+
 demo: setup
 	$(BIN)/deltatune demo
 
 test: setup
 	$(BIN)/python -m pytest
 
+test-newest: $(NEWEST_VENV)/.installed
+	$(NEWEST_VENV)/bin/python -m pytest $(NEWEST_TESTS)
+
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
 
 clean:
-	rm -rf $(VENV) runs outputs
+	rm -rf $(VENV) $(NEWEST_VENV) runs outputs

@@ -1,16 +1,19 @@
-"""Peak memory of plain full finetuning vs the LOMO-style fused update, side by side in one run.
+"""Peak memory of full finetuning with each optimizer, against plain AdamW, side by side in one run.
 
-Each (model, optimizer, mode) runs in its own process. A sampler thread records the process RSS every
+Optimizers: "adamw" (torch.optim.AdamW, the baseline), "sgd" (torch.optim.SGD), "lomo" (LOMO: SGD fused
+into backward, no state, global-norm clipping at 1.0 by two backward passes) and "fused-adamw" (AdamW's
+update fused into backward, per-tensor clipping; AdaLomo-like). Each (model, optimizer) runs in its own process. A sampler thread records the process RSS every
 2 ms during the training steps (CPU), or torch.cuda.max_memory_allocated is read (CUDA). Reported: RSS
 before the first step (weights loaded), peak during training, their difference (the training
 overhead: gradients, optimizer state, activations), the largest set of gradients alive at once
-(observed in gradient hooks), and the ratio fused/plain of the training overhead.
+(observed in gradient hooks), and each optimizer's training overhead as a ratio of AdamW's.
 
-Models: "small" (a random 8-layer Llama, hidden 512, 29M parameters), "default" (SmolLM2-135M-Instruct)
+Models: "tiny" (the tests' 2-layer model, a smoke run), "small" (a random 8-layer Llama, hidden 512, 29M parameters), "default" (SmolLM2-135M-Instruct)
 and "smollm2-shape" (SmolLM2-135M's shapes with random weights, for machines without the model file);
 all fp32. Data: random token ids, batch 2 x 128 (memory does not depend on them).
 
-    python benchmarks/lomo_memory.py [--models small,default] [--steps 3] [--device cpu|cuda]
+    python benchmarks/lomo_memory.py [--models small,default] [--optimizers adamw,sgd,lomo,fused-adamw]
+                                     [--steps 3] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -31,7 +34,11 @@ MIB = 1024 * 1024
 def load(name: str, device: str):
     import torch
 
-    if name == "small":
+    if name == "tiny":  # the test suite's 2-layer model: a quick check that the script runs
+        from deltatune.testing import tiny_model
+
+        model = tiny_model(0)
+    elif name == "small":
         from transformers import LlamaForCausalLM
 
         from deltatune.testing import tiny_llama_config
@@ -78,20 +85,24 @@ class RssSampler:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def child(model_name: str, algorithm: str, mode: str, steps: int, device: str) -> dict:
+OPTIMIZERS = ("adamw", "sgd", "lomo", "fused-adamw")
+FUSED = ("lomo", "fused-adamw")
+
+
+def child(model_name: str, optimizer: str, steps: int, device: str) -> dict:
     import psutil
     import torch
 
-    from deltatune.train.lomo import FusedUpdate
+    from deltatune.train.lomo import build_fused
 
     torch.set_num_threads(2)
     model = load(model_name, device)
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
-    ids = torch.randint(3, model.config.vocab_size, (2, 128), device=device)
-    if mode == "fused":
-        opt = FusedUpdate(params, lr=1e-5, algorithm=algorithm)
-    elif algorithm == "sgd":
+    ids = torch.randint(3, model.config.vocab_size, (2, 128), device=device)  # tiny: 512-token vocabulary
+    if optimizer in FUSED:
+        opt = build_fused(optimizer, params, lr=1e-5, max_norm=1.0)
+    elif optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=1e-5)
     else:
         opt = torch.optim.AdamW(params, lr=1e-5, foreach=False)  # foreach would add temporaries; be fair to plain
@@ -111,9 +122,8 @@ def child(model_name: str, algorithm: str, mode: str, steps: int, device: str) -
     with RssSampler() as sampler:
         for _ in range(steps):
             loss = model(ids, labels=ids).loss
-            if mode == "fused":
-                with opt.step_hooks_enabled():
-                    loss.backward()
+            if optimizer in FUSED:
+                opt.backward(loss)  # LOMO: two passes (norm, then clipped update)
                 opt.step()
             else:
                 loss.backward()
@@ -123,7 +133,9 @@ def child(model_name: str, algorithm: str, mode: str, steps: int, device: str) -
     seconds = (time.perf_counter() - t0) / steps
     for h in handles:
         h.remove()
-    out = {"model": model_name, "algorithm": algorithm, "mode": mode, "device": device, "params": n_params,
+    state = sum(t.nbytes for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+    out = {"model": model_name, "optimizer": optimizer, "device": device, "params": n_params,
+           "optimizer_state_mib": round(state / MIB, 1),
            "weights_mib": round(sum(p.nbytes for p in params) / MIB, 1),
            "rss_before_mib": round(before / MIB, 1), "rss_peak_mib": round(sampler.peak / MIB, 1),
            "rss_overhead_mib": round((sampler.peak - before) / MIB, 1),
@@ -136,47 +148,69 @@ def child(model_name: str, algorithm: str, mode: str, steps: int, device: str) -
 
 
 def main() -> None:
+    import platform
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="small,default")
-    ap.add_argument("--algorithms", default="sgd,adamw")
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--child", nargs=3, metavar=("MODEL", "ALGORITHM", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/lomo_memory[_cuda].json)")
+    ap.add_argument("--child", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.steps, args.device)))
         return
+    optimizers = args.optimizers.split(",")
+    if "adamw" not in optimizers:
+        optimizers.insert(0, "adamw")  # the baseline every ratio is against
     rows = []
     for model in args.models.split(","):
-        for algorithm in args.algorithms.split(","):
-            for mode in ("plain", "fused"):
-                cmd = [sys.executable, __file__, "--child", model, algorithm, mode, "--steps", str(args.steps),
-                       "--device", args.device]
-                done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-                if done.returncode != 0:
-                    print(done.stderr[-2000:], file=sys.stderr)
-                    raise SystemExit(f"{model}/{algorithm}/{mode} failed")
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-                print(f"ran {model}/{algorithm}/{mode}", file=sys.stderr, flush=True)
+        for optimizer in optimizers:
+            cmd = [sys.executable, __file__, "--child", model, optimizer, "--steps", str(args.steps),
+                   "--device", args.device]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            if done.returncode != 0:
+                print(done.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"{model}/{optimizer} failed")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"ran {model}/{optimizer}", file=sys.stderr, flush=True)
     key = "cuda_overhead_mib" if args.device == "cuda" else "rss_overhead_mib"
+    peak = "cuda_peak_mib" if args.device == "cuda" else "rss_peak_mib"
     for r in rows:
-        plain = next(x for x in rows if x["model"] == r["model"] and x["algorithm"] == r["algorithm"]
-                     and x["mode"] == "plain")
-        r["overhead_ratio_vs_plain"] = round(r[key] / plain[key], 3) if plain[key] else None
-        r["saved_mib"] = round(plain[key] - r[key], 1)
-    cols = ["model", "algorithm", "mode", "params", "weights_mib", "rss_before_mib", "rss_peak_mib",
-            "rss_overhead_mib", "max_live_grad_mib", "overhead_ratio_vs_plain", "saved_mib", "seconds_per_step"]
+        base = next(x for x in rows if x["model"] == r["model"] and x["optimizer"] == "adamw")
+        r["overhead_vs_adamw"] = round(r[key] / base[key], 3) if base[key] else None
+        r["peak_vs_adamw"] = round(r[peak] / base[peak], 3) if base[peak] else None
+        r["saved_vs_adamw_mib"] = round(base[key] - r[key], 1)
+    cols = ["model", "optimizer", "params", "weights_mib", "optimizer_state_mib", "rss_before_mib", "rss_peak_mib",
+            "rss_overhead_mib", "max_live_grad_mib", "overhead_vs_adamw", "peak_vs_adamw", "saved_vs_adamw_mib",
+            "seconds_per_step"]
     if args.device == "cuda":
         cols[5:8] = ["cuda_before_mib", "cuda_peak_mib", "cuda_overhead_mib"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols))
-    out = RESULTS if args.device == "cpu" else RESULTS.with_name("lomo_memory_cuda.json")
+    default = RESULTS if args.device == "cpu" else RESULTS.with_name("lomo_memory_cuda.json")
+    out = Path(args.out) if args.out else default
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"steps": args.steps, "batch": [2, 128], "dtype": "fp32", "rows": rows}, indent=2) + "\n")
+    machine = {"cpu": _cpu_model(), "platform": platform.platform(), "python": platform.python_version()}
+    tmp.write_text(json.dumps({"steps": args.steps, "batch": [2, 128], "dtype": "fp32", "machine": machine,
+                               "rows": rows}, indent=2) + "\n")
     tmp.replace(out)
     print(f"wrote {out}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()
 
 
 if __name__ == "__main__":

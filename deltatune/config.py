@@ -76,7 +76,10 @@ class TrainConfig(BaseModel):
     fused_norms: Literal["auto", "on", "off"] = Field(
         "auto", description="run Llama-style RMSNorms as one torch.compile'd kernel (5x faster per norm on CPU; "
                             "needs a C++ compiler); auto = on CPU, falling back to transformers' norms if compiling fails")
-    fused_update: bool = Field(False, description="LOMO-style update inside backward (full finetuning only)")
+    fused_update: bool | Literal["lomo", "fused-adamw"] = Field(
+        False, description="update each weight inside backward: lomo (Lv et al.: plain SGD, no optimizer state, "
+                           "global-norm clipping by two backward passes; true means lomo) or fused-adamw (AdamW "
+                           "state, each tensor clipped on its own; AdaLomo-like)")
     loss_chunk: int = Field(1024, ge=16, description="tokens per LM-head + cross-entropy chunk")
     moe_aux_loss: float = Field(0.01, ge=0, description="upcycled models: weight of the Switch load-balancing loss "
                                                         "E*sum(f_e*P_e), averaged over MoE layers (docs/upcycling.md)")
@@ -97,8 +100,6 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.fused_update and self.method != "full":
-            raise ValueError("fused_update works only with method 'full'")
         if self.pack_len is not None and self.pack_len < self.seq_len:
             raise ValueError(f"pack_len ({self.pack_len}) must be at least seq_len ({self.seq_len})")
         if self.fused_update and self.grad_accum != 1:

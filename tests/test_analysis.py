@@ -231,3 +231,35 @@ def test_matrix_pairs_dora_uses_the_rescaled_merged_weight(tiny_lm):
         dm, _ = magnitude_direction(p.base, p.weight)
         assert dm == pytest.approx(float((mag - p.base.double().norm(dim=1)).abs().mean()), rel=1e-4)
         assert not m.merged
+
+
+def test_analyze_works_on_an_nf4_base(tmp_path, tiny_lm, tiny_tok):
+    """QLoRA (and any weight-delta method with quantize_base): W0 is the dequantised NF4 weight, the
+    merged weight is W0 + delta W, and `deltatune analyze` runs on the run folder."""
+    from deltatune.cli import main
+    from deltatune.methods import MethodSpec
+    from deltatune.methods.apply import apply_methods
+
+    base_dir = tmp_path / "base"
+    tiny_lm.save_pretrained(base_dir)
+    tiny_tok.save_pretrained(base_dir)
+    spec = MethodSpec("qlora", targets="q_proj,v_proj", rank=2, alpha=4.0, options={"compute_dtype": "float32"})
+    adapted = apply_methods(tiny_lm, spec)
+    torch.manual_seed(0)
+    for m in adapted.model.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    pairs = matrix_pairs(adapted.model)
+    assert len(pairs) == 4
+    for p in pairs:
+        mod = adapted.model.get_submodule(p.name)
+        assert torch.equal(p.base, mod.base.dequantize(torch.float32))  # the 4-bit base, not the original
+        torch.testing.assert_close(p.weight, p.base + mod.delta_weight(), rtol=0, atol=1e-6)
+        assert mod.base_is_quantized  # analysis left the model alone
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": str(base_dir), "method": "qlora", "rank": 2}))
+    adapted.save_adapter(run / "final")
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--base", str(base_dir), "--run", str(run), "--out", str(out)]) == 0
+    assert len(json.loads((out / "decomposition.json").read_text())["decomposition"]["points"]) == 4

@@ -170,3 +170,61 @@ def test_bitfit_before_lora_on_the_same_layers_is_a_config_error():
 
     with pytest.raises(ConfigError, match="froze it"):
         apply_methods(tiny_model(0), [MethodSpec(name="bitfit"), MethodSpec(name="lora", targets="q_proj", rank=2)])
+
+
+# --- merged export of a bias-less architecture ---------------------------------------------------
+IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 11, 40]])
+
+
+def _trained_bitfit(targets):
+    from deltatune.methods.apply import apply_methods
+
+    adapted = apply_methods(tiny_model(0), MethodSpec("bitfit", targets=targets))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, p in adapted.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return adapted
+
+
+@pytest.mark.parametrize("targets,flags", [("all-linear", {"attention_bias": True, "mlp_bias": True}),
+                                           ("q_proj", {"attention_bias": True, "mlp_bias": False})])
+def test_merged_export_turns_on_the_config_bias_flags_and_loads(tmp_path, tiny_tok, targets, flags):
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.methods.apply import export_merged
+
+    adapted = _trained_bitfit(targets)
+    expected = adapted.model(IDS).logits.detach()
+    export_merged(adapted, tiny_tok, tmp_path / "merged")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert {k: getattr(loaded.config, k) for k in flags} == flags
+    torch.testing.assert_close(loaded(IDS).logits, expected, rtol=0, atol=1e-6)
+    if targets == "q_proj":  # the flag also gives k, v, o biases: zeros, so the function is unchanged
+        assert torch.count_nonzero(loaded.model.layers[0].self_attn.k_proj.bias) == 0
+
+
+def test_merged_export_of_a_bias_no_flag_describes_fails_at_once(tmp_path, tiny_tok):
+    from deltatune.errors import ConfigError
+    from deltatune.methods.apply import export_merged
+
+    adapted = _trained_bitfit("lm_head")
+    with pytest.raises(ConfigError, match="bitfit added a bias the architecture's config cannot describe "
+                                          "\\('lm_head.bias'"):
+        export_merged(adapted, tiny_tok, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    assert adapted.methods  # refused before merging anything
+
+
+def test_disable_swaps_original_biases_back():
+    from deltatune.methods.apply import apply_methods
+
+    model = tiny_model(0, attention_bias=True)  # biases that exist keep their values when disabled
+    base = tiny_model(0, attention_bias=True)(IDS).logits
+    adapted = apply_methods(model, MethodSpec("bitfit"))
+    with torch.no_grad():
+        for _, p in adapted.trainable_parameters():
+            p.add_(0.1)
+    with adapted.disable_adapters():
+        assert torch.equal(model(IDS).logits, base)
+    assert not torch.allclose(model(IDS).logits, base)

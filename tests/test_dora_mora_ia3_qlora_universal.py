@@ -1,4 +1,4 @@
-"""The universal adapter-layer tests (docs/methods.md section 1) for DoRA, MoRA, (IA)3 and QLoRA.
+"""The universal adapter-layer tests (the project spec ../shared/docs/methods.md, section 1) for DoRA, MoRA, (IA)3 and QLoRA.
 
 Each case: a MethodSpec, how to randomise its adapter (so merge tests are not trivially at zero), and
 its trainable-parameter formula written out from the tiny model's shapes (hidden 64, intermediate
@@ -52,8 +52,13 @@ CASES = {
     "ia3": (MethodSpec("ia3"), (KV + KV + I) * L),
     "ia3-qv-up": (MethodSpec("ia3", targets="q_proj,v_proj,up_proj", options={"feedforward_modules": ["up_proj"]}),
                   (H + KV + H) * L),
+    # the NF4 base composes under every weight-delta method: (IA)3 and VeRA too
+    "ia3-nf4": (MethodSpec("ia3", options={"quantize_base": True, "compute_dtype": "float32"}), (KV + KV + I) * L),
+    "vera-nf4": (MethodSpec("vera", targets="q_proj,down_proj", rank=4,
+                            options={"quantize_base": True, "compute_dtype": "float32"}), (H + 4 + H + 4) * L),
 }
-QUANTISED = {"qlora": "all-linear", "mora-nf4": "q_proj,down_proj", "dora-nf4": "o_proj,up_proj"}
+QUANTISED = {"qlora": "all-linear", "mora-nf4": "q_proj,down_proj", "dora-nf4": "o_proj,up_proj",
+             "ia3-nf4": "k_proj,v_proj,down_proj", "vera-nf4": "q_proj,down_proj"}
 
 
 def _reference(case: str):

@@ -112,7 +112,7 @@ def test_defaults_and_bad_options():
     adapted = apply_methods(tiny_model(0), MethodSpec("ia3"))
     names = [n for n, _ in adapted.methods[0].named_delta_modules(adapted.model)]
     assert sorted({n.rsplit(".", 1)[-1] for n in names}) == ["down_proj", "k_proj", "v_proj"]
-    with pytest.raises(ConfigError, match="unknown ia3 option"):
+    with pytest.raises(ConfigError, match="unknown option 'ff' for method 'ia3'; valid options"):
         apply_methods(tiny_model(0), MethodSpec("ia3", options={"ff": ["down_proj"]}))
     with pytest.raises(ConfigError, match="match none"):
         apply_methods(tiny_model(0), MethodSpec("ia3", targets="k_proj", options={"feedforward_modules": ["up_proj"]}))

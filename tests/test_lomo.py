@@ -162,3 +162,53 @@ def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="grad_norm_pass"):
         with fused.step_hooks_enabled():
             pass
+
+
+# --- real LOMO: build_fused("lomo"), the two-pass backward, loss scaling -----------------------------
+from deltatune.train.lomo import build_fused  # noqa: E402
+
+
+def test_lomo_is_sgd_without_state_and_clips_the_global_norm_like_clip_grad_norm():
+    lomo_model, ref_model = pair()
+    ref = torch.optim.SGD(ref_model.parameters(), lr=0.5)
+    lomo = build_fused("lomo", lomo_model.parameters(), lr=0.5, max_norm=0.1)
+    for _ in range(2):
+        loss_of(ref_model).backward()
+        torch.nn.utils.clip_grad_norm_(ref_model.parameters(), max_norm=0.1)
+        ref.step()
+        ref.zero_grad()
+        assert lomo.backward(loss_of(lomo_model))  # two passes: norm, then clipped update
+        lomo.step()
+    assert_same_weights(lomo_model, ref_model, atol=1e-7)
+    assert not lomo.state  # no optimizer state at all
+    assert all(p.grad is None for p in lomo_model.parameters())
+
+
+def test_fused_adamw_keeps_its_name_and_state():
+    model = tiny_model(0)
+    opt = build_fused("fused-adamw", model.parameters(), lr=1e-3, max_norm=1.0)
+    assert opt.algorithm == "adamw" and opt.clip == "per_param"
+    opt.backward(loss_of(model))
+    assert len(opt.state) == len(list(model.parameters()))  # exp_avg and exp_avg_sq per weight
+    with pytest.raises(ConfigError, match="lomo, fused-adamw"):
+        build_fused("adalomo", model.parameters(), lr=1e-3)
+
+
+def test_lomo_on_fp16_weights_scales_the_loss_and_skips_an_overflowing_step():
+    model = tiny_model(0).half()
+    model.train()
+    ref = copy.deepcopy(model).float()
+    lomo = build_fused("lomo", model.parameters(), lr=0.5, max_norm=None)
+    assert lomo.dynamic_scale and lomo.scale == 2.0 ** 16
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    big = torch.tensor(1e6, dtype=torch.float16)  # loss x 2^16 overflows fp16 gradients: the step is skipped
+    assert not lomo.backward(loss_of(model) * big)
+    assert lomo.scale == 2.0 ** 15 and lomo.skipped_steps == 1
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
+    lomo.scale = 8.0  # a scale with finite gradients: the update equals unscaled SGD up to fp16 rounding
+    assert lomo.backward(loss_of(model))
+    torch.optim.SGD(ref.parameters(), lr=0.5).zero_grad()
+    loss_of(ref).backward()
+    with torch.no_grad():
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.float(), (q - 0.5 * q.grad).half().float(), rtol=0, atol=2e-3, msg=n)

@@ -1,5 +1,5 @@
 """MoRA: the explicit delta W equals the forward operator, against an independent reading of the paper's
-operators (docs/methods.md section 4), parameter counts, ranks and edge cases."""
+operators (the project spec ../shared/docs/methods.md, section 4), parameter counts, ranks and edge cases."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import nn
 from deltatune.errors import ConfigError
 from deltatune.methods.base import MethodSpec, get_method
 from deltatune.methods.mora import MORA_TYPES, MoRALinear, default_mora_type, mora_rank
+from deltatune.testing import tiny_model
 
 SHAPES = [(64, 64), (60, 100), (100, 60), (48, 176), (30, 30)]
 RANKS = [2, 4, 8]
@@ -151,6 +152,45 @@ def test_zero_at_init_and_default_type_by_rank():
 def test_bad_options_are_config_errors():
     with pytest.raises(ConfigError, match="mora_type"):
         get_method("mora")(MethodSpec("mora", options={"mora_type": 5}))
-    with pytest.raises(ConfigError, match="unknown mora option"):
+    with pytest.raises(ConfigError, match="unknown option 'mora_typo' for method 'mora'; valid options"):
         get_method("mora")(MethodSpec("mora", options={"mora_typo": 1}))
     assert get_method("mora")(MethodSpec("mora", options={"mora_type": "6"})).mora_type == 6
+
+
+# --- ReMoRA ------------------------------------------------------------------------------------------
+def test_remora_merge_and_reset_keeps_logits_sets_m_to_zero_and_cycles_types():
+    from deltatune.methods.apply import apply_methods
+    from deltatune.train.loop import after_step_hooks
+
+    adapted = apply_methods(tiny_model(0), MethodSpec("mora", rank=4, options={"remora_every": 2, "remora_types": 4,
+                                                                               "remora_warmup": 4}))
+    method, model = adapted.methods[0], adapted.model
+    assert method.writes_full_model and {m.mora_type for m in method.delta_modules(model)} == {1}
+    params = [p for _, p in adapted.trainable_parameters()]
+    opt = torch.optim.AdamW(params, lr=1.0)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    for cycle_type, (plain_step, merge_step), lr_between in ((2, (1, 2), 1.0), (3, (3, 4), 0.5)):
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0, 0.05)
+        model(ids).logits.sum().backward()
+        opt.step()
+        assert all(p in opt.state for p in params)
+        before = model(ids).logits.detach()
+        after_step_hooks(adapted, opt, plain_step)  # not a merge step: no reset (lr still re-warming after one)
+        assert all(p in opt.state for p in params) and opt.param_groups[0]["lr"] == pytest.approx(lr_between)
+        opt.param_groups[0]["lr"] = 1.0
+        after_step_hooks(adapted, opt, merge_step)
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=1e-5)  # merged into W, M restarted
+        assert all(torch.count_nonzero(p) == 0 for p in params)
+        assert not any(p in opt.state for p in params)  # the adapter's optimizer state was reset
+        assert {m.mora_type for m in method.delta_modules(model)} == {cycle_type}
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.25)  # re-warmup: 1 of 4 steps
+        opt.param_groups[0]["lr"] = 1.0
+
+
+def test_remora_refuses_types_outside_its_cycle_and_an_nf4_base():
+    with pytest.raises(ConfigError, match="ReMoRA cycles the types"):
+        get_method("mora")(MethodSpec("mora", options={"remora_every": 5, "mora_type": 6}))
+    with pytest.raises(ConfigError, match="quantize_base"):
+        get_method("mora")(MethodSpec("mora", options={"remora_every": 5, "quantize_base": True}))

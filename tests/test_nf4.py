@@ -1,4 +1,4 @@
-"""NF4 quantiser and the QLoRA layer (docs/methods.md section 5 tests)."""
+"""NF4 quantiser and the QLoRA layer (the project spec ../shared/docs/methods.md, section 5)."""
 
 from __future__ import annotations
 

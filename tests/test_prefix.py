@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deltatune.errors import ConfigError
+from deltatune.methods.apply import AdaptedModel
 from deltatune.methods.base import MethodSpec, get_method
 from deltatune.methods.inject import freeze
 from deltatune.testing import tiny_model
@@ -125,10 +126,9 @@ def test_training_lowers_loss_and_base_stays_frozen(reparameterize):
 
 def test_disabled_equals_base_and_cached_decoding_continues():
     base, model = tiny_model(0), tiny_model(0)
-    prefix(model)
-    model.deltatune_prefix.disabled = True
-    torch.testing.assert_close(model(X).logits, base(X).logits, rtol=0, atol=0)
-    model.deltatune_prefix.disabled = False
+    adapted = AdaptedModel(model, [prefix(model)])
+    with adapted.disable_adapters():
+        torch.testing.assert_close(model(X).logits, base(X).logits, rtol=0, atol=0)
     full = model(X).logits
     assert not torch.allclose(full, base(X).logits, atol=1e-3)
     out = model(X[:, :-1], use_cache=True)

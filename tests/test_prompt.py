@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from deltatune.errors import ConfigError
+from deltatune.methods.apply import AdaptedModel
 from deltatune.methods.base import MethodSpec, get_method
 from deltatune.methods.inject import freeze
 from deltatune.testing import tiny_model
@@ -118,10 +119,8 @@ def test_labels_count_exactly_the_base_targets():
 def test_output_changes_only_through_the_virtual_tokens():
     base, model = tiny_model(0), tiny_model(0)
     method = prompt(model)
-    module = model.deltatune_prompt
-    module.disabled = True
-    torch.testing.assert_close(model(X).logits, base(X).logits, rtol=0, atol=0)
-    module.disabled = False
+    with AdaptedModel(model, [method]).disable_adapters():
+        torch.testing.assert_close(model(X).logits, base(X).logits, rtol=0, atol=0)
     before = model(X).logits
     assert not torch.allclose(before, base(X).logits, atol=1e-3)
     with torch.no_grad():
@@ -165,7 +164,7 @@ def test_merge_says_why_not_and_bad_options():
         method.merge(model)
     with pytest.raises(ConfigError, match="num_virtual_tokens"):
         get_method("prompt")(MethodSpec(name="prompt", options={"num_virtual_tokens": 0}))
-    with pytest.raises(ConfigError, match="unknown prompt option"):
+    with pytest.raises(ConfigError, match="unknown option 'length' for method 'prompt'; valid options"):
         get_method("prompt")(MethodSpec(name="prompt", options={"length": 3}))
 
 
@@ -182,3 +181,42 @@ def test_save_load_round_trip_through_peft_format(tmp_path):
     torch.testing.assert_close(loaded.model(X).logits, model(X).logits, rtol=0, atol=0)
     peft_model = PeftModel.from_pretrained(tiny_model(0), str(tmp_path / "a"))
     torch.testing.assert_close(peft_model(input_ids=X).logits[:, 4:], model(X).logits, rtol=0, atol=1e-5)
+
+
+# --- Lester et al.'s initialisations: sampled vocabulary and class-label words -------------------------
+def test_sampled_vocabulary_init_takes_distinct_ids_from_the_first_vocab_top(tiny_tok):
+    model = tiny_model(0)
+    method = get_method("prompt")(MethodSpec("prompt", options={"num_virtual_tokens": 6, "init": "vocab",
+                                                                "vocab_top": 40, "tokenizer": tiny_tok}))
+    method.apply(model)
+    table = model.get_input_embeddings().weight
+    rows = model.deltatune_prompt.embedding.detach()
+    ids = [int((table == r).all(dim=1).nonzero()[0]) for r in rows]  # each row is one vocabulary embedding
+    assert len(set(ids)) == 6 and all(i < 40 for i in ids)
+    assert not set(ids) & set(tiny_tok.all_special_ids)
+    again = tiny_model(0)
+    get_method("prompt")(MethodSpec("prompt", options={"num_virtual_tokens": 6, "init": "vocab", "vocab_top": 40,
+                                                       "tokenizer": tiny_tok})).apply(again)
+    assert torch.equal(again.deltatune_prompt.embedding, model.deltatune_prompt.embedding)  # seeded
+
+
+def test_class_label_init_averages_multi_token_labels_and_fills_with_vocabulary(tiny_tok):
+    model = tiny_model(0)
+    labels = ["fox", "The answer is"]
+    method = get_method("prompt")(MethodSpec("prompt", options={"num_virtual_tokens": 4, "class_labels": labels,
+                                                                "tokenizer": tiny_tok}))
+    assert method.init == "labels"
+    method.apply(model)
+    table = model.get_input_embeddings().weight
+    rows = model.deltatune_prompt.embedding.detach()
+    for i, word in enumerate(labels):
+        ids = tiny_tok(word, add_special_tokens=False)["input_ids"]
+        torch.testing.assert_close(rows[i], table[ids].mean(0), rtol=0, atol=0)
+    assert len(tiny_tok("The answer is", add_special_tokens=False)["input_ids"]) > 1  # really multi-token
+    for r in rows[2:]:
+        assert (table == r).all(dim=1).any()  # the rest: sampled vocabulary embeddings
+    # the recorded label ids re-apply without the tokenizer (what loading a saved adapter does)
+    assert method.spec.options["class_label_ids"][1] == tiny_tok("The answer is", add_special_tokens=False)["input_ids"]
+    with pytest.raises(ConfigError, match="3 class labels do not fit in 2 virtual tokens"):
+        get_method("prompt")(MethodSpec("prompt", options={"num_virtual_tokens": 2,
+                                                           "class_label_ids": [[5], [6], [7]]})).apply(tiny_model(0))

@@ -4,6 +4,8 @@ damaged checkpoints are skipped, and mistakes are caught before weights load (do
 from __future__ import annotations
 
 import json
+import os
+import signal
 import shutil
 from pathlib import Path
 
@@ -222,6 +224,12 @@ def test_resume_at_several_kill_points_equals_the_straight_run(tiny_dir, data_fi
     from deltatune.config import load_config
     from deltatune.train.loop import train
 
+    def ctrl_c_after(kill):  # the user's Ctrl-C after step `kill`: the loop checkpoints, then stops
+        def hook(step, total, model):
+            if step == kill:
+                os.kill(os.getpid(), signal.SIGINT)
+        return hook
+
     def cfg(out, **kw):
         return load_config(overrides=dict(model=str(tiny_dir), data=str(data_file), output=str(out), method="lora",
                                           rank=4, alpha=8, lr=5e-3, batch_size=2, seq_len=64, precision=precision,
@@ -238,7 +246,7 @@ def test_resume_at_several_kill_points_equals_the_straight_run(tiny_dir, data_fi
             out = tmp_path / f"killed-{kill}"
             torch._dynamo.reset()
             with pytest.raises(KeyboardInterrupt):
-                train(cfg(out), quiet=True, stop_after=kill)
+                train(cfg(out), quiet=True, on_step=ctrl_c_after(kill))
             torch._dynamo.reset()
             train(cfg(out, resume=True), quiet=True)
             got = load_file(str(out / "final" / "adapter_model.safetensors"))
@@ -278,8 +286,6 @@ def test_metrics_are_cut_back_to_the_checkpoint_on_resume(capsys, tiny_dir, data
 
 # ----------------------------------------------------------------------------- 11. smaller ones
 def test_outputs_follow_the_umask(capsys, tiny_dir, tmp_path):
-    import os
-
     old = os.umask(0o022)
     try:
         rc, _, err = cli(capsys, "export", "--model", tiny_dir, "--out", tmp_path / "exported")

@@ -156,7 +156,7 @@ def test_attention_auto_resolves_to_packed_on_cpu_and_mask_where_it_cannot(tiny_
     assert not use_packed_attention(cfg(), model, torch.device("cuda"))  # SDPA's fused kernels there
     assert use_packed_attention(cfg(attention="packed"), model, torch.device("cuda"))
     assert not use_packed_attention(cfg(method="prompt"), model, cpu)  # virtual tokens: the mask path
-    with pytest.raises(ConfigError, match="prompt and prefix"):
+    with pytest.raises(ConfigError, match="method\\(s\\) prompt add virtual positions"):
         use_packed_attention(cfg(method="prompt", attention="packed"), model, cpu)
     model.config.attention_dropout = 0.1
     assert not use_packed_attention(cfg(), model, cpu)

@@ -45,8 +45,10 @@ def magnitude_direction(base: torch.Tensor, weight: torch.Tensor) -> tuple[float
 
 @torch.no_grad()
 def merged_weight(module: nn.Module) -> torch.Tensor:
-    """The effective weight of a DeltaLinear (merge on a copy, so the model is untouched)."""
+    """The effective weight of a DeltaLinear (merge on a copy, so the model is untouched; an NF4 base is
+    dequantised in the copy first)."""
     twin = copy.deepcopy(module)
+    twin.dequantize_base()
     twin.base.weight.data = twin.base.weight.data.float()
     twin.merge()
     return twin.base.weight.detach().float()
@@ -64,7 +66,7 @@ def matrix_pairs(model: nn.Module, base_model: nn.Module | None = None) -> list[
 
     deltas = [(n, m) for n, m in model.named_modules() if isinstance(m, DeltaLinear)]
     if deltas:
-        return [MatrixPair(n, m.base.weight.detach().float().clone(), merged_weight(m)) for n, m in deltas]
+        return [MatrixPair(n, m.base_weight(torch.float32).detach().clone(), merged_weight(m)) for n, m in deltas]
     if base_model is None:
         raise ValueError("a model without DeltaLinear layers needs base_model to compare against")
     base_modules = dict(base_model.named_modules())

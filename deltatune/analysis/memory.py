@@ -144,8 +144,9 @@ def adapter_file_size(adapter_dir: str | os.PathLike) -> int:
 
 # --- activations ---------------------------------------------------------------------------------
 def activation_bytes(config, *, batch_size: int, seq_len: int, dtype: torch.dtype, gradient_checkpointing: bool,
-                     lora_layers: list[tuple[int, int, float]] = (), materialised_attention: bool = False) -> int:
-    """The rough formula in this module's docstring. `lora_layers`: (d_in, r, dropout) per adapted linear."""
+                     adapter_numel_per_token: int = 0, materialised_attention: bool = False) -> int:
+    """The rough formula in this module's docstring. `adapter_numel_per_token`: what the adapted layers keep
+    for backward per token, summed over layers (`DeltaLinear.activation_numel_per_token`)."""
     e = torch.empty((), dtype=dtype).element_size()
     b, s = batch_size, seq_len
     h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
@@ -155,7 +156,7 @@ def activation_bytes(config, *, batch_size: int, seq_len: int, dtype: torch.dtyp
     per_layer = b * s * (7 * h + 3 * kv_dim + 4 * i) * e
     if materialised_attention:
         per_layer += b * heads * s * s * e
-    adapters = sum(b * s * (r + (d_in if p > 0 else 0)) * e for d_in, r, p in lora_layers)
+    adapters = b * s * adapter_numel_per_token * e
     logits = b * s * config.vocab_size * (e + 4)
     if gradient_checkpointing:
         return L * b * s * h * e + per_layer + adapters // max(L, 1) + logits
@@ -301,7 +302,7 @@ def plan_finetune(model_name_or_config: Any, method_specs: list, *, dtype: str |
                   materialised_attention: bool = False) -> PlanReport:
     """Plan a finetune from the config alone (meta device): parameters, memory, and whether it fits."""
     from deltatune.methods.apply import apply_methods
-    from deltatune.methods.lora import LoRALinear
+    from deltatune.methods.base import DeltaLinear
     from deltatune.models import parse_dtype
 
     dtype = parse_dtype(dtype)
@@ -318,10 +319,9 @@ def plan_finetune(model_name_or_config: Any, method_specs: list, *, dtype: str |
         model = meta_model(config, dtype)
     adapted = apply_methods(model, method_specs)
     params = parameter_report(adapted)
-    lora_layers = [(m.in_features, m.r, m.lora_dropout.p if m.lora_dropout is not None else 0.0)
-                   for m in model.modules() if isinstance(m, LoRALinear)]
+    per_token = sum(m.activation_numel_per_token() for m in model.modules() if isinstance(m, DeltaLinear))
     act = activation_bytes(config, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
-                           gradient_checkpointing=gradient_checkpointing, lora_layers=lora_layers,
+                           gradient_checkpointing=gradient_checkpointing, adapter_numel_per_token=per_token,
                            materialised_attention=materialised_attention)
     if moe and not gradient_checkpointing:  # rough: each routed copy of a token keeps the MLP's saved inputs
         per_token = moe["spec"]["k"] if moe["spec"]["router"] == "topk" else (moe["spec"]["capacity"] or 1.0)

@@ -15,9 +15,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "MODEL is a folder, a built-in size (llama-7b, llama-70b, ...), the default "
                                    "model, or a hub id where a network exists.")
     p.add_argument("--model", default=None, help="model folder, built-in name, or hub id (default: the default model)")
-    p.add_argument("--method", default="lora", help="method, or several joined by commas (e.g. lora,bitfit)")
+    p.add_argument("--method", default="lora", help="method, or several joined by '+' as in training (e.g. lora+bitfit)")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=None, help="default: 2 x rank")
+    p.add_argument("--alpha", type=float, default=None, help="default: training's default (16)")
     p.add_argument("--targets", default="all-linear", help="all-linear, suffixes like q_proj,v_proj, or a regex")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--rslora", action="store_true")
@@ -34,12 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deltatune.analysis.memory import parse_bytes, plan_finetune, report_json
-    from deltatune.methods.base import MethodSpec
+    from deltatune.methods.specs import specs_from_config
 
     gpu = parse_bytes(args.gpu_memory) if args.gpu_memory else None
-    alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
-    specs = [MethodSpec(name=name.strip(), targets=args.targets, rank=args.rank, alpha=alpha, dropout=args.dropout,
-                        rslora=args.rslora) for name in args.method.split(",") if name.strip()]
+    specs = specs_from_config({"method": args.method, "targets": args.targets, "rank": args.rank, "alpha": args.alpha,
+                               "dropout": args.dropout, "rslora": args.rslora})
     report = plan_finetune(args.model, specs, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
                            gradient_checkpointing=args.gradient_checkpointing,
                            materialised_attention=args.attention_matrix)

@@ -22,7 +22,6 @@ from deltatune.errors import ConfigError, UserError
 
 ADAPTER_FILES = ("adapter_config.json", "deltatune_adapter.json")
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
-NO_RANK_METHODS = {"full", "bitfit", "ia3"}
 
 
 @dataclass
@@ -99,6 +98,10 @@ def read_run(path: str | Path) -> RunInfo:
         checkpoints.append(Snapshot(folder, "checkpoint", step, f"step {step}" if step is not None else folder.name))
     checkpoints.sort(key=lambda s: (s.step is None, s.step or 0, s.path.parent.name != "snapshots"))
     checkpoints = _one_per_step(checkpoints)
+    from deltatune.methods.base import get_method
+    from deltatune.methods.full import FullFinetune
+    from deltatune.methods.specs import split_methods
+
     method = str(config.get("method") or "")
     rank = config.get("rank")
     if not method and final is not None:
@@ -106,10 +109,10 @@ def read_run(path: str | Path) -> RunInfo:
             specs = _adapter_specs(final.path)
             method, rank = "+".join(s.name for s in specs), specs[0].rank
         else:
-            method, rank = "full", None
+            method, rank = FullFinetune.name, None  # a whole model and no config: label it as full finetuning
     if not method:
         raise UserError(f"{root}: not a run folder (no config.yaml, final/ adapter or model)", field="run")
-    show_rank = rank is not None and not set(method.split("+")) <= NO_RANK_METHODS
+    show_rank = rank is not None and any(get_method(n).has_rank for n in split_methods(method))
     label = f"{method} r={rank}" if show_rank else method
     return RunInfo(root, config, method, int(rank) if show_rank else None, label, final, checkpoints)
 
@@ -149,15 +152,9 @@ def unique_labels(runs: list[RunInfo]) -> list[str]:
 
 def specs_from_config(config: dict[str, Any]) -> list:
     """MethodSpecs as the trainer builds them from config.yaml (method may be 'lora+bitfit')."""
-    from deltatune.methods.base import MethodSpec
+    from deltatune.methods.specs import specs_from_config as build
 
-    names = [m.strip() for m in str(config.get("method", "")).split("+") if m.strip()]
-    common = {k: config[k] for k in ("targets", "rank", "alpha", "dropout", "rslora") if k in config}
-    options = config.get("method_options") or {}
-
-    def own(name: str) -> dict:  # per-method options {"dora": {...}} or one dict for all
-        return dict(options[name]) if isinstance(options.get(name), dict) else dict(options)
-    return [MethodSpec(name=n, **common, options=own(n)) for n in names]
+    return build(config)
 
 
 def load_snapshot(base: torch.nn.Module, run: RunInfo, snap: Snapshot, dtype: torch.dtype = torch.float32):
@@ -181,8 +178,7 @@ def load_snapshot(base: torch.nn.Module, run: RunInfo, snap: Snapshot, dtype: to
         specs = specs_from_config(run.config)
     if not specs:
         raise UserError(f"{run.path}: cannot tell which method made {snap.path.name} (no config.yaml)", field="run")
-    if not (len(specs) == 1 and specs[0].name == "full"):
-        model = apply_methods(model, specs).model
+    model = apply_methods(model, specs).model
     state = load_file(str(snap.path / CHECKPOINT_WEIGHTS))
     own = dict(model.named_parameters())
     unexpected = [k for k in state if k not in own]

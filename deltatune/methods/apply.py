@@ -77,19 +77,34 @@ class AdaptedModel:
 
     @contextmanager
     def disable_adapters(self) -> Iterator[None]:
-        """Within the block the model computes exactly the base model (reparameterisation methods)."""
+        """Within the block the model computes exactly the base model, whatever the methods' kind
+        (each method's `set_disabled` hook); on leaving, the adapted model again."""
         for m in self.methods:
-            if m.kind == "specification":
-                raise ConfigError(f"method '{m.name}' changes the weights themselves and cannot be disabled")
-        modules = [d for m in self.methods for d in m.delta_modules(self.model)]
-        before = [d.disabled for d in modules]
-        for d in modules:
-            d.disabled = True
+            if not m.can_disable:
+                raise ConfigError(f"method '{m.name}' cannot be disabled: {m.why_not_disable}", field="method")
+        done = []
         try:
+            for m in self.methods:
+                m.set_disabled(self.model, True)
+                done.append(m)
             yield
         finally:
-            for d, b in zip(modules, before):
-                d.disabled = b
+            for m in reversed(done):
+                m.set_disabled(self.model, False)
+
+    # --- capabilities of the combination --------------------------------------------------------
+    @property
+    def adds_virtual_tokens(self) -> bool:
+        return any(m.adds_virtual_tokens for m in self.methods)
+
+    @property
+    def writes_full_model(self) -> bool:
+        return any(m.writes_full_model for m in self.methods)
+
+    def finalize(self) -> None:
+        """Each method's after-training hook (before the final save)."""
+        for m in self.methods:
+            m.finalize(self.model)
 
     # --- adapter weights ----------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -191,6 +206,9 @@ def export_merged(adapted: AdaptedModel, tokenizer, out_dir: str | os.PathLike, 
     """
     from deltatune.models import save_model
 
+    adapted._require_mergeable()
+    for m in adapted.methods:
+        m.prepare_export(adapted.model)  # e.g. BitFit turns on the config's bias flags, or refuses at once
     model = adapted.merge_and_unload()
     if not any(type(m).__name__ == "MoEBlock" for m in model.modules()):  # upcycled: checked by its own saver
         _check_plain(model)

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
+from deltatune.methods.nf4 import NF4_OPTIONS, QuantOptions, quant_options, quantize_bases, requantize_bases
+from deltatune.methods.options import Option, read_options
 
 
 @dataclass
@@ -56,14 +58,16 @@ class MethodSpec:
 
 
 class DeltaLinear(nn.Module):
-    """A frozen base `nn.Linear` plus a trainable change. Subclasses implement the math.
+    """A frozen base linear plus a trainable change. Subclasses implement the math.
 
     Subclasses implement `delta_weight()` (fp32, shape (out, in)) and `adapted_forward(x, base_out)`.
     Merge and unmerge are shared: W <- W + dW and back, computed in fp32. Methods whose merge is not
-    additive (DoRA) override `merge`/`unmerge`.
+    additive (DoRA, (IA)3) override `merge`/`unmerge`. The base is an `nn.Linear` or a quantised
+    layer with `dequantize()` and `to_linear()` (the NF4 base, nf4.py): read W0 with `base_weight()`;
+    merging first swaps a quantised base for its dequantised linear.
     """
 
-    def __init__(self, base: nn.Linear) -> None:
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
         self.merged = False
@@ -81,11 +85,29 @@ class DeltaLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # so code that reads `.weight` of a linear keeps working
-        return self.base.weight
+        return self.base.weight  # a quantised base has none on purpose: use base_weight()
 
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
+
+    @property
+    def base_is_quantized(self) -> bool:
+        return hasattr(self.base, "dequantize")
+
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W0 (the frozen base weight, dequantised when quantised) in `dtype`."""
+        if self.base_is_quantized:
+            return self.base.dequantize(dtype)
+        return self.base.weight.to(dtype)
+
+    def base_changed(self) -> None:
+        """Called after the base was swapped (e.g. quantised); methods whose state derives from W0
+        (DoRA's magnitude) re-derive it here."""
+
+    def activation_numel_per_token(self) -> int:
+        """Numbers this layer keeps for backward per token beyond the base's (memory planning)."""
+        return 0
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -107,10 +129,16 @@ class DeltaLinear(nn.Module):
             return True
         return False
 
+    def dequantize_base(self) -> None:
+        """Swap a quantised base for a plain linear holding its dequantised weight (before a merge)."""
+        if self.base_is_quantized:
+            self.base = self.base.to_linear()
+
     @torch.no_grad()
     def merge(self) -> None:
         if self._already(merged=True):
             return
+        self.dequantize_base()
         w = self.base.weight
         w.copy_((w.float() + self.delta_weight()).to(w.dtype))
         self.merged = True
@@ -119,22 +147,74 @@ class DeltaLinear(nn.Module):
     def unmerge(self) -> None:
         if self._already(merged=False):
             return
+        self.dequantize_base()
         w = self.base.weight
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))
         self.merged = False
 
 
+class OriginalValues:
+    """Copies of parameters as they were when a method was applied, swapped in while it is disabled.
+
+    For methods that train existing parameters (BitFit's biases, the layer norms of Houlsby adapters):
+    disabling them must give the base model, so the trained values step aside and come back after."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = list(params)
+        self.originals = [p.detach().clone() for p in self.params]
+        self._stash: list[torch.Tensor] | None = None
+
+    def swap_in(self) -> None:
+        if self._stash is None:
+            self._stash = [p.data for p in self.params]
+            for p, o in zip(self.params, self.originals):
+                p.data = o.to(device=p.device, dtype=p.dtype)
+
+    def swap_out(self) -> None:
+        if self._stash is not None:
+            for p, s in zip(self.params, self._stash):
+                p.data = s
+            self._stash = None
+
+
 class Method:
-    """One delta-tuning method applied to one model. Subclasses set the class attributes."""
+    """One delta-tuning method applied to one model. Subclasses set the class attributes.
+
+    Capabilities (class attributes; read them instead of testing a method's name):
+    - `mergeable` / `why_not_mergeable`: folds into the weights (merge, merged export);
+    - `has_rank`: `spec.rank` means something (labels such as "lora r=8");
+    - `adds_virtual_tokens`: every example attends to extra positions (no span-by-span attention);
+    - `trains_full_weights`: the base weights themselves train (kept in fp32, sharded under FSDP);
+    - `writes_full_model`: the run's output is a whole model, not an adapter (default: the above);
+    - `can_disable` / `why_not_disable`: `AdaptedModel.disable_adapters()` can give the base model;
+    - `why_not_resume`: non-empty when a checkpoint (trainable tensors only) cannot continue the run.
+    Options: `options_schema` (see options.py); `self.options` holds the checked values.
+    """
 
     name: ClassVar[str]
     kind: ClassVar[str]  # "reparameterisation" | "addition" | "specification"
     mergeable: ClassVar[bool] = False
     why_not_mergeable: ClassVar[str] = ""
+    has_rank: ClassVar[bool] = False
+    adds_virtual_tokens: ClassVar[bool] = False
+    trains_full_weights: ClassVar[bool] = False
+    can_disable: ClassVar[bool] = True
+    why_not_disable: ClassVar[str] = ""
     peft_type: ClassVar[str | None] = None  # PEFT's name where PEFT has the method
+    options_schema: ClassVar[dict[str, Option]] = {}
 
     def __init__(self, spec: MethodSpec) -> None:
         self.spec = spec
+        self.options = read_options(self.name, spec.options, self.options_schema)
+
+    @property
+    def writes_full_model(self) -> bool:
+        return self.trains_full_weights
+
+    @property
+    def why_not_resume(self) -> str:
+        """Why a run of this method cannot continue from a checkpoint ("" when it can)."""
+        return ""
 
     # --- the protocol -------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> None:
@@ -163,6 +243,32 @@ class Method:
         for module in self.delta_modules(model):
             module.unmerge()
 
+    def switchable_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Modules with a `disabled` flag that switches this method off (default: its DeltaLinears)."""
+        return list(self.delta_modules(model))
+
+    def set_disabled(self, model: nn.Module, disabled: bool) -> None:
+        """Switch the method off (the model computes the base) or back on."""
+        if not self.can_disable:
+            raise ConfigError(f"method '{self.name}' cannot be disabled: {self.why_not_disable}", field="method")
+        for module in self.switchable_modules(model):
+            module.disabled = disabled
+
+    def finalize(self, model: nn.Module) -> None:
+        """Called once after training, before the final save (e.g. prefix tuning folds its MLP)."""
+
+    def after_step(self, model: nn.Module, step: int) -> list[nn.Parameter]:
+        """Called after optimizer step `step` (1-based); returns parameters whose optimizer state the
+        loop must reset (ReMoRA's periodic merge-and-reinitialise). Default: nothing."""
+        return []
+
+    def lr_factor(self, step: int) -> float:
+        """A multiplier on the scheduled learning rate at `step` (ReMoRA's re-warmup). Default: 1."""
+        return 1.0
+
+    def prepare_export(self, model: nn.Module) -> None:
+        """Called before a merged export; make the model exportable or raise a one-line ConfigError."""
+
     # --- shared helpers -----------------------------------------------------------------------
     def delta_modules(self, model: nn.Module) -> list[DeltaLinear]:
         """The `DeltaLinear`s this method injected (reparameterisation methods)."""
@@ -174,7 +280,8 @@ class Method:
                 if isinstance(m, DeltaLinear) and getattr(m, "method_name", None) == self.name]
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Adapter-only weights: exactly the trainable parameters (and buffers a method adds)."""
+        """Adapter-only weights: the trainable parameters. A method that must save more (VeRA's shared
+        frozen matrices) overrides this and adds them."""
         return {n: p.detach() for n, p in self.trainable_parameters(model)}
 
     def unload(self, model: nn.Module) -> None:
@@ -220,6 +327,46 @@ class Method:
         return key[len(self.PEFT_PREFIX):]
 
 
+class WeightDeltaMethod(Method):
+    """A reparameterisation method: one `DeltaLinear` per targeted linear (`make_layer`).
+
+    The NF4 base composes under every such method: option `quantize_base` (and block_size,
+    double_quant, compute_dtype, merge_requantize; nf4.py) stores the wrapped linears in 4 bits.
+    Merge dequantises first; `merge_requantize` quantises the merged weights again (lossy)."""
+
+    kind = "reparameterisation"
+    mergeable = True
+    options_schema = dict(NF4_OPTIONS)
+
+    def make_layer(self, base: nn.Module) -> DeltaLinear:
+        raise NotImplementedError
+
+    def target_spec(self) -> str | list[str]:
+        return self.spec.targets
+
+    def check_spec(self) -> None:
+        """One-line errors for bad spec values, before anything is wrapped."""
+
+    @property
+    def quant(self) -> QuantOptions | None:
+        return quant_options(self.options)
+
+    def apply(self, model: nn.Module) -> None:
+        from deltatune.methods.inject import wrap_linears
+
+        self.check_spec()
+        wrap_linears(model, self.target_spec(), self.make_layer, self.name)
+        if self.quant is not None:
+            quantize_bases(self.delta_modules(model), self.quant)
+            for module in self.delta_modules(model):
+                module.base_changed()
+
+    def merge(self, model: nn.Module) -> None:
+        super().merge(model)
+        if self.quant is not None and self.quant.merge_requantize:
+            requantize_bases(self.delta_modules(model), self.quant)
+
+
 _REGISTRY: dict[str, type[Method]] = {}
 
 
@@ -236,7 +383,7 @@ def _load_builtin_methods() -> None:
     import deltatune.methods as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name not in {"base", "inject"}:
+        if info.name not in {"base", "inject", "options", "nf4", "virtual_tokens", "specs"}:
             importlib.import_module(f"deltatune.methods.{info.name}")
 
 

@@ -22,11 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.methods.base import MethodSpec, register
-from deltatune.methods.inject import wrap_linears
+from deltatune.methods.base import DeltaLinear, MethodSpec, register
 from deltatune.methods.lora import LoRA, LoRALinear
-from deltatune.methods.nf4 import (QUANT_OPTIONS, NF4Linear, dequantize_bases, pop_quantize_options,
-                                   quantize_bases, requantize_bases)
+from deltatune.methods.options import Option
 
 
 class DoRALinear(LoRALinear):
@@ -40,6 +38,9 @@ class DoRALinear(LoRALinear):
         self.reset_magnitude()
         self._merged_norm: torch.Tensor | None = None  # n* cached at merge time
 
+    def base_changed(self) -> None:
+        self.reset_magnitude()  # step 0 must equal the (now quantised) base
+
     @torch.no_grad()
     def reset_magnitude(self) -> None:
         """m <- ||W0 + s B A|| (= ||W0|| at init); called again after the base is quantised."""
@@ -51,10 +52,8 @@ class DoRALinear(LoRALinear):
         return torch.promote_types(self.lora_A.weight.dtype, torch.float32)
 
     def _base_weight(self) -> torch.Tensor:
-        """W0 in fp32, dequantised when the base is NF4."""
-        if isinstance(self.base, NF4Linear):
-            return self.base.dequantize(torch.float32).to(self._fdtype)
-        return self.base.weight.to(self._fdtype)
+        """W0 in fp32 (or wider), dequantised when the base is NF4."""
+        return self.base_weight(self._fdtype)
 
     def _lora_weight(self) -> torch.Tensor:
         dt = self._fdtype
@@ -68,7 +67,7 @@ class DoRALinear(LoRALinear):
         if self.exact_grad:
             return self._direction(self._base_weight().detach()).norm(dim=1)
         with torch.no_grad():
-            if isinstance(self.base, NF4Linear):
+            if self.base_is_quantized:
                 return self._direction(self._base_weight()).norm(dim=1)
             return self._expanded_norm()
 
@@ -133,6 +132,7 @@ class DoRALinear(LoRALinear):
     def merge(self) -> None:
         if self._already(merged=True):
             return
+        self.dequantize_base()
         v = self._direction(self._base_weight())
         norm = v.norm(dim=1)
         m = self.lora_magnitude_vector.to(self._fdtype)
@@ -145,6 +145,7 @@ class DoRALinear(LoRALinear):
     def unmerge(self) -> None:
         if self._already(merged=False):
             return
+        self.dequantize_base()
         w = self.base.weight
         m = self.lora_magnitude_vector.to(self._fdtype)
         w.copy_((w.to(self._fdtype) * (self._merged_norm / m)[:, None] - self._lora_weight()).to(w.dtype))
@@ -162,41 +163,16 @@ class DoRA(LoRA):
 
     name = "dora"
     peft_type = "LORA"
-    options_allowed = LoRA.options_allowed + ("exact_grad", "quantize_base") + QUANT_OPTIONS
+    options_schema = {**LoRA.options_schema,
+                      "exact_grad": Option(False, "backpropagate through the row norm (the paper detaches it)", (bool,))}
 
-    def _quant(self):
-        opts = {k: v for k, v in self.spec.options.items() if k in QUANT_OPTIONS + ("quantize_base",)}
-        return pop_quantize_options(opts)
-
-    def apply(self, model: nn.Module) -> None:
-        s = self._checked_spec()
-        init, dtype = self._options()
-        exact = bool(s.options.get("exact_grad", False))
-        quant = self._quant()
-        rslora = self.use_rslora
-        wrap_linears(model, s.targets, lambda base: DoRALinear(base, s.rank, s.alpha, exact_grad=exact, rslora=rslora,
-                                                               dropout=s.dropout, init=init, dtype=dtype), self.name)
-        if quant is not None:
-            quantize_bases(self.delta_modules(model), quant)
-            for module in self.delta_modules(model):
-                module.reset_magnitude()  # step 0 must equal the quantised base
-
-    def merge(self, model: nn.Module) -> None:
-        dequantize_bases(self.delta_modules(model))
-        super().merge(model)
-        quant = self._quant()
-        if quant is not None and quant.merge_requantize:
-            requantize_bases(self.delta_modules(model), quant)
-
-    def unmerge(self, model: nn.Module) -> None:
-        dequantize_bases(self.delta_modules(model))
-        super().unmerge(model)
+    def make_layer(self, base: nn.Module) -> DeltaLinear:
+        return DoRALinear(base, self.spec.rank, self.spec.alpha, exact_grad=self.options["exact_grad"],
+                          **self.layer_kwargs())
 
     # --- PEFT: LoRA's config with use_dora; the magnitude is saved as `...lora_magnitude_vector` ---
     def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
-        if self._quant() is not None:
-            return None  # PEFT would lose the 4-bit base; deltatune's own format keeps it
-        config = super().peft_config(model)
+        config = super().peft_config(model)  # None with an NF4 base: deltatune's own format keeps it
         if config is not None:
             config["use_dora"] = True
         return config

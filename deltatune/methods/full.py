@@ -16,7 +16,6 @@ from typing import Iterator
 
 from torch import nn
 
-from deltatune.errors import ConfigError
 from deltatune.methods.base import Method, register
 from deltatune.methods.inject import match_targets
 
@@ -32,11 +31,11 @@ class FullFinetune(Method):
     name = "full"
     kind = "specification"
     mergeable = True
+    trains_full_weights = True
+    can_disable = False
+    why_not_disable = "full finetuning changes the weights themselves (no copy of the base is kept)"
 
     def apply(self, model: nn.Module) -> None:
-        if self.spec.options:
-            raise ConfigError(f"method 'full' takes no options, got {', '.join(sorted(self.spec.options))}",
-                              field="options")
         targets = self.spec.targets
         if targets in ALL or targets == ["all"]:
             params = list(model.parameters())

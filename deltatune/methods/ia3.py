@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
-from deltatune.methods.base import DeltaLinear, Method, MethodSpec, register
-from deltatune.methods.inject import match_targets, wrap_linears
+from deltatune.methods.base import DeltaLinear, MethodSpec, WeightDeltaMethod, register
+from deltatune.methods.inject import match_targets
+from deltatune.methods.nf4 import NF4_OPTIONS
+from deltatune.methods.options import Option
 
 DEFAULT_TARGETS = ["k_proj", "v_proj", "down_proj"]
 DEFAULT_FEEDFORWARD = ["down_proj"]
@@ -46,7 +48,7 @@ class IA3Linear(DeltaLinear):
         """For callers holding base(x) already; forward() avoids the extra matmul of the input case."""
         l = self.ia3_l.reshape(-1)  # noqa: E741
         if self.is_feedforward:
-            return base_out + nn.functional.linear((x.to(l.dtype) * (l - 1)).to(x.dtype), self.base.weight)
+            return base_out + nn.functional.linear((x.to(l.dtype) * (l - 1)).to(x.dtype), self.base_weight(x.dtype))
         return (base_out * l).to(base_out.dtype)
 
     def _scale(self) -> torch.Tensor:
@@ -55,7 +57,7 @@ class IA3Linear(DeltaLinear):
 
     def delta_weight(self) -> torch.Tensor:
         """W0 (l - 1), by rows or columns (fp32). When merged, W0 is recovered as W / l."""
-        w = self.base.weight.detach().float()
+        w = self.base_weight(torch.float32).detach()
         l = self._scale()  # noqa: E741
         w0 = w / l if self.merged else w
         return w0 * (l - 1)
@@ -64,6 +66,7 @@ class IA3Linear(DeltaLinear):
     def merge(self) -> None:
         if self._already(merged=True):
             return
+        self.dequantize_base()
         self._rescale(self._scale())
         self.merged = True
 
@@ -74,6 +77,7 @@ class IA3Linear(DeltaLinear):
         l = self._scale()  # noqa: E741
         if torch.any(l == 0):
             raise ConfigError("cannot unmerge (IA)3: a scaling entry is exactly 0, so the original weight is lost")
+        self.dequantize_base()
         self._rescale(1.0 / l)
         self.merged = False
 
@@ -88,56 +92,58 @@ class IA3Linear(DeltaLinear):
         return f"feedforward={self.is_feedforward}"
 
 
-def _suffixes(value: Any, field: str) -> list[str]:
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"expected a list of module names, got {value!r}", field=field)
-    return value
-
-
 @register
-class IA3(Method):
+class IA3(WeightDeltaMethod):
     """(IA)3 on `targets` (the method's default, k_proj,v_proj,down_proj, when targets is "all-linear").
 
-    Option `feedforward_modules` (default ["down_proj"]): the targets whose input, not output, is scaled.
-    `rank`, `alpha` and `dropout` do not apply."""
+    Option `feedforward_modules` (default ["down_proj"]): the targets whose input, not output, is scaled;
+    and the NF4 base options. `rank`, `alpha` and `dropout` do not apply."""
 
     name = "ia3"
-    kind = "reparameterisation"
-    mergeable = True
     peft_type = "IA3"
+    options_schema = {"feedforward_modules": Option(DEFAULT_FEEDFORWARD, "targets whose input, not output, is "
+                                                    "scaled (module-name suffixes)", (list, str)),
+                      **NF4_OPTIONS}
 
     def __init__(self, spec: MethodSpec) -> None:
         super().__init__(spec)
-        opts = dict(spec.options)
-        self.feedforward = _suffixes(opts.pop("feedforward_modules", DEFAULT_FEEDFORWARD), "options.feedforward_modules")
-        if opts:
-            raise ConfigError(f"unknown ia3 option '{sorted(opts)[0]}'; allowed: feedforward_modules",
-                              field=f"options.{sorted(opts)[0]}")
-        self.targets = DEFAULT_TARGETS if spec.targets == "all-linear" else spec.targets
+        value = self.options["feedforward_modules"]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"method 'ia3': option feedforward_modules must be a list of module names, got "
+                              f"{value!r}", field="options.feedforward_modules")
+        self.feedforward = list(value)
+        self._ff: set[int] = set()
+
+    def target_spec(self) -> str | list[str]:
+        return DEFAULT_TARGETS if self.spec.targets == "all-linear" else self.spec.targets
 
     def _is_ff(self, name: str) -> bool:
         return any(name == f or name.endswith("." + f) for f in self.feedforward)
 
+    def make_layer(self, base: nn.Module) -> DeltaLinear:
+        return IA3Linear(base, id(base) in self._ff)
+
     def apply(self, model: nn.Module) -> None:
-        names = match_targets(model, self.targets, inside_delta=False)
-        ff = {id(model.get_submodule(n)) for n in names if self._is_ff(n)}
-        if self.feedforward and not ff and self.spec.options.get("feedforward_modules"):
+        names = match_targets(model, self.target_spec(), inside_delta=False)
+        self._ff = {id(model.get_submodule(n)) for n in names if self._is_ff(n)}
+        if self.feedforward and not self._ff and "feedforward_modules" in self.spec.options:
             raise ConfigError(f"feedforward_modules {self.feedforward} match none of the targets",
                               field="options.feedforward_modules")
-        wrap_linears(model, self.targets, lambda lin: IA3Linear(lin, id(lin) in ff), self.name)
+        super().apply(model)
 
     # --- PEFT ---------------------------------------------------------------------------------
     def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
         from deltatune.methods.peft_format import peft_target_modules
 
+        if self.quant is not None:
+            return None  # PEFT would lose the 4-bit base
         names = [n for n, _ in self.named_delta_modules(model)]
         ff = [n for n, m in self.named_delta_modules(model) if m.is_feedforward]
         return {"target_modules": peft_target_modules(model, names),
                 "feedforward_modules": peft_target_modules(model, ff) if ff else [],
                 "fan_in_fan_out": False, "modules_to_save": None, "init_ia3_weights": True}
-
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
         if config.get("fan_in_fan_out") or config.get("modules_to_save"):

@@ -1,4 +1,4 @@
-"""Find modules by name pattern and swap them for wrapped versions. Shared by every method."""
+"""Find modules by name pattern and swap them for wrapped versions; see through wrappers. Shared by every method."""
 
 from __future__ import annotations
 
@@ -60,6 +60,39 @@ def match_targets(model: nn.Module, targets: str | list[str],
         raise ConfigError(f"no module matches targets {targets!r}; module names that exist: {', '.join(kinds)}",
                           field="targets")
     return chosen
+
+
+def is_wrapper(module: nn.Module) -> bool:
+    """A module that wraps a base layer in `.base` (a DeltaLinear, a bottleneck adapter)."""
+    return isinstance(module, DeltaLinear) or getattr(module, "wraps_base_layer", False)
+
+
+def innermost(module: nn.Module) -> nn.Module:
+    while is_wrapper(module):
+        module = module.base
+    return module
+
+
+def layer_slots(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> module for each linear "slot": a plain linear, or the outermost wrapper of one.
+
+    Linears living inside a wrapper (its base, or an adapter's own projections) are not slots, so
+    "all-linear" never picks LoRA's A/B matrices.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    slots: dict[str, nn.Module] = {}
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(w + ".") for w in inside):
+            continue
+        if is_wrapper(module):
+            inside.append(name)
+            if isinstance(innermost(module), (nn.Linear, Conv1D)):
+                slots[name] = module
+        elif isinstance(module, (nn.Linear, Conv1D)):
+            slots[name] = module
+    return slots
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import ConfigError
-from deltatune.methods.base import DeltaLinear, Method, MethodSpec, register
-from deltatune.methods.inject import wrap_linears
+from deltatune.methods.base import DeltaLinear, MethodSpec, WeightDeltaMethod, register
+from deltatune.methods.nf4 import NF4_OPTIONS
+from deltatune.methods.options import Option
 
 INITS = ("kaiming", "gaussian")
 ADAPTER_DTYPES = {"auto": None, "base": None, "fp32": torch.float32, "float32": torch.float32,
@@ -79,48 +80,35 @@ class LoRALinear(DeltaLinear):
             h = h.to(base_out.dtype)
         return torch.add(base_out, h, alpha=self.scaling)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # one Python call fewer than DeltaLinear.forward
-        out = self.base(x)
-        if self.merged or self.disabled:
-            return out
-        return self.adapted_forward(x, out)
+    def activation_numel_per_token(self) -> int:
+        return self.r + (self.in_features if self.lora_dropout is not None else 0)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, rslora={self.rslora}"
 
 
+LORA_OPTIONS = {
+    "init": Option("kaiming", "A's init: kaiming-uniform (PEFT's default) or gaussian N(0, 1/r^2)", (str,), choices=INITS),
+    "adapter_dtype": Option("auto", "dtype of A and B (auto: the base weight's)", (str,), choices=tuple(ADAPTER_DTYPES)),
+}
+
+
 @register
-class LoRA(Method):
+class LoRA(WeightDeltaMethod):
     """LoRA on the linears that `spec.targets` selects. Options: init ("kaiming" | "gaussian"),
-    adapter_dtype ("auto" = the base weight's dtype, "fp32", "bf16")."""
+    adapter_dtype ("auto" = the base weight's dtype, "fp32", "bf16"), and the NF4 base options."""
 
     name = "lora"
-    kind = "reparameterisation"
-    mergeable = True
+    has_rank = True
     peft_type = "LORA"
-    options_allowed = ("init", "adapter_dtype")
-
-    def _options(self) -> tuple[str, torch.dtype | None]:
-        opts = dict(self.spec.options)
-        unknown = sorted(set(opts) - set(self.options_allowed))
-        if unknown:
-            raise ConfigError(f"unknown option '{unknown[0]}' for method '{self.name}'; allowed: "
-                              f"{', '.join(self.options_allowed)}", field=f"options.{unknown[0]}")
-        init = opts.get("init", "kaiming")
-        if init not in INITS:
-            raise ConfigError(f"unknown LoRA init '{init}'; choose one of: {', '.join(INITS)}", field="options.init")
-        dt = str(opts.get("adapter_dtype", "auto"))
-        if dt not in ADAPTER_DTYPES:
-            raise ConfigError(f"unknown adapter_dtype '{dt}'; choose one of: {', '.join(ADAPTER_DTYPES)}",
-                              field="options.adapter_dtype")
-        return init, ADAPTER_DTYPES[dt]
+    options_schema = {**LORA_OPTIONS, **NF4_OPTIONS}
 
     @property
     def use_rslora(self) -> bool:
         return bool(self.spec.rslora)
 
-    def _checked_spec(self) -> MethodSpec:
-        """The spec, after one-line errors for a bad rank, alpha or dropout."""
+    def check_spec(self) -> None:
+        """One-line errors for a bad rank, alpha or dropout."""
         s = self.spec
         if not isinstance(s.rank, int) or s.rank < 1:
             raise ConfigError(f"rank must be a positive integer, got {s.rank!r}", field="rank")
@@ -128,20 +116,22 @@ class LoRA(Method):
             raise ConfigError(f"alpha must be positive, got {s.alpha!r}", field="alpha")
         if not 0 <= s.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {s.dropout!r}", field="dropout")
-        return s
 
-    def apply(self, model: nn.Module) -> None:
-        s = self._checked_spec()
-        init, dtype = self._options()
-        rslora = self.use_rslora
-        wrap_linears(model, s.targets, lambda base: LoRALinear(base, s.rank, s.alpha, rslora=rslora, dropout=s.dropout,
-                                                               init=init, dtype=dtype), self.name)
+    def layer_kwargs(self) -> dict[str, Any]:
+        s = self.spec
+        return dict(rslora=self.use_rslora, dropout=s.dropout, init=self.options["init"],
+                    dtype=ADAPTER_DTYPES[self.options["adapter_dtype"]])
+
+    def make_layer(self, base: nn.Module) -> DeltaLinear:
+        return LoRALinear(base, self.spec.rank, self.spec.alpha, **self.layer_kwargs())
 
     # --- PEFT ---------------------------------------------------------------------------------
     def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
         from deltatune.methods.peft_format import peft_target_modules
 
-        init, _ = self._options()
+        if self.quant is not None:
+            return None  # PEFT would read it back as plain LoRA and lose the 4-bit base
+        init = self.options["init"]
         alpha = self.spec.alpha
         return {"r": self.spec.rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": self.spec.dropout,
                 "use_rslora": self.use_rslora, "init_lora_weights": True if init == "kaiming" else "gaussian",
@@ -180,3 +170,14 @@ class RSLoRA(LoRA):
     @property
     def use_rslora(self) -> bool:
         return True
+
+
+@register
+class QLoRA(LoRA):
+    """LoRA on NF4 base weights (QLoRA): LoRA with `quantize_base` on by default. Saved in deltatune's
+    adapter format, not PEFT's: PEFT would read it back as plain LoRA and lose the 4-bit base."""
+
+    name = "qlora"
+    peft_type = None
+    options_schema = {**LoRA.options_schema,
+                      "quantize_base": Option(True, "store the adapted linears in NF4", (bool,))}

@@ -4,7 +4,7 @@ delta W = D . M . C, where C (r_hat x d_in) compresses the input and D (d_out x 
 the output, both non-parametric. r_hat is chosen so that r_hat^2 matches LoRA's r (d_in + d_out)
 parameters: r_hat = floor(sqrt((d_in + d_out) r) + 0.5), floored to even for the rotation type.
 
-Types follow the official code (`kongds/MoRA`, `mora_type`; see docs/methods.md section 4):
+Types follow the official code (`kongds/MoRA`, `mora_type`; peft-mora's `lora/layer.py`):
 
 | type | compress                          | decompress                        |
 |------|-----------------------------------|-----------------------------------|
@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import ConfigError
-from deltatune.methods.base import DeltaLinear, Method, MethodSpec, register
-from deltatune.methods.inject import wrap_linears
+from deltatune.methods.base import DeltaLinear, MethodSpec, WeightDeltaMethod, register
+from deltatune.methods.nf4 import NF4_OPTIONS
+from deltatune.methods.options import Option, non_negative
 
 MORA_TYPES: tuple[Any, ...] = (1, 2, 3, 4, 6, "truncate", "decouple")
 LARGE_RANK = 128  # rank >= this -> type 1 (sharing), below -> type 6 (rotation)
@@ -92,8 +93,13 @@ class MoRALinear(DeltaLinear):
         device = _base_device(base)
         self.mora_M = nn.Parameter(torch.zeros(r, r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        t = self.mora_type
-        # Index maps shared by forward and delta_weight (non-persistent: rebuilt from the shapes).
+        self._build_maps(device)
+
+    def _build_maps(self, device: torch.device) -> None:
+        """Index maps shared by forward and delta_weight (non-persistent: rebuilt from the shapes)."""
+        t, r, d_in, d_out = self.mora_type, self.r_hat, self.in_features, self.out_features
+        for name in ("_wrap_idx", "_in_group", "_out_group", "_cos", "_sin"):
+            self._buffers.pop(name, None)
         if t in (1, 4, 6, "decouple"):
             self.register_buffer("_wrap_idx", torch.arange(self.n_blocks * r, device=device) % d_in, persistent=False)
         if t in (2, 3):
@@ -111,6 +117,16 @@ class MoRALinear(DeltaLinear):
             # or device move never leaves stale tables behind (the official code caches them once).
             self.register_buffer("_cos", emb.cos().to(device), persistent=False)
             self.register_buffer("_sin", emb.sin().to(device), persistent=False)
+
+    @torch.no_grad()
+    def merge_and_reset(self, next_type: Any) -> None:
+        """ReMoRA: fold D M C into the base weight, set M to 0 and switch the compression type. The
+        layer's output is unchanged (same r_hat for the sharing types 1-4, so M keeps its shape)."""
+        self.merge()
+        self.merged = False  # the base now holds the change; M restarts from zero
+        self.mora_M.zero_()
+        self.mora_type = parse_mora_type(next_type)
+        self._build_maps(self.mora_M.device)
 
     # --- compression / decompression -----------------------------------------------------------
     def _rope(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -237,46 +253,74 @@ def _base_device(base: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+REMORA_CYCLES = {2: (1, 2), 4: (1, 2, 3, 4)}  # the official `remora_types` settings
+
+MORA_OPTIONS = {
+    "mora_type": Option(None, "compression type: 1, 2, 3, 4, 6, truncate, decouple (default: 1 for rank >= 128, "
+                              "else 6)", (int, str)),
+    "remora_every": Option(0, "ReMoRA: merge M into W and restart it every N optimizer steps (0: off)", (int,),
+                           check=non_negative),
+    "remora_types": Option(2, "ReMoRA: cycle the types 1->2 (2) or 1->2->3->4 (4) at each merge", (int,),
+                           choices=(2, 4)),
+    "remora_warmup": Option(50, "ReMoRA: steps of linear learning-rate re-warmup after each merge", (int,),
+                            check=non_negative),
+}
+
+
 @register
-class MoRA(Method):
-    """MoRA on every targeted linear; `rank` is the LoRA-equivalent rank, `alpha` is unused (scale 1)."""
+class MoRA(WeightDeltaMethod):
+    """MoRA on every targeted linear; `rank` is the LoRA-equivalent rank, `alpha` is unused (scale 1).
+
+    ReMoRA (`remora_every: N`): every N steps each layer merges D M C into its base weight, resets M to
+    zero and moves to the next type of the cycle; the loop resets M's optimizer state (the hook's
+    return value) and the learning rate re-warms up linearly over `remora_warmup` steps. The base
+    weights then carry the training, so the run writes a whole model (`writes_full_model`)."""
 
     name = "mora"
-    kind = "reparameterisation"
-    mergeable = True
+    has_rank = True
+    options_schema = {**MORA_OPTIONS, **NF4_OPTIONS}
 
     def __init__(self, spec: MethodSpec) -> None:
         super().__init__(spec)
-        opts = dict(spec.options)
-        self.mora_type = parse_mora_type(opts.pop("mora_type", default_mora_type(spec.rank)))
-        from deltatune.methods.nf4 import pop_quantize_options
+        given = self.options["mora_type"]
+        self.remora_every = self.options["remora_every"]
+        cycle = REMORA_CYCLES[self.options["remora_types"]]
+        self.mora_type = parse_mora_type(given if given is not None else
+                                         (cycle[0] if self.remora_every else default_mora_type(spec.rank)))
+        if self.remora_every:
+            if self.mora_type not in cycle:
+                raise ConfigError(f"ReMoRA cycles the types {cycle}; mora_type {self.mora_type!r} is not one of them",
+                                  field="options.mora_type")
+            if self.options["quantize_base"]:
+                raise ConfigError("ReMoRA merges into the base weights every few steps, which an NF4 base would "
+                                  "requantise each time; use it without quantize_base", field="options.remora_every")
+        self._cycle = cycle
+        self._last_merge = 0
 
-        self.quant = pop_quantize_options(opts)
-        if opts:
-            raise ConfigError(f"unknown mora option '{sorted(opts)[0]}'; allowed: mora_type, quantize_base",
-                              field=f"options.{sorted(opts)[0]}")
+    @property
+    def writes_full_model(self) -> bool:
+        return bool(self.remora_every)
 
-    def apply(self, model: nn.Module) -> None:
-        spec = self.spec
-        wrap_linears(model, spec.targets, lambda lin: MoRALinear(lin, spec.rank, self.mora_type, spec.dropout),
-                     self.name)
-        if self.quant is not None:
-            from deltatune.methods.nf4 import quantize_bases
+    @property
+    def why_not_resume(self) -> str:
+        return ("ReMoRA merges into the base weights, which checkpoints (trainable tensors only) do not hold"
+                if self.remora_every else "")
 
-            quantize_bases(self.delta_modules(model), self.quant)
+    def make_layer(self, base: nn.Module) -> DeltaLinear:
+        return MoRALinear(base, self.spec.rank, self.mora_type, self.spec.dropout)
 
-    def merge(self, model: nn.Module) -> None:
-        from deltatune.methods.nf4 import dequantize_bases
+    def after_step(self, model: nn.Module, step: int) -> list[nn.Parameter]:
+        if not self.remora_every or step % self.remora_every:
+            return []
+        self._last_merge = step
+        modules = self.delta_modules(model)
+        for module in modules:
+            cycle = self._cycle
+            module.merge_and_reset(cycle[(cycle.index(module.mora_type) + 1) % len(cycle)])
+        return [m.mora_M for m in modules]
 
-        dequantize_bases(self.delta_modules(model))
-        super().merge(model)
-        if self.quant is not None and self.quant.merge_requantize:
-            from deltatune.methods.nf4 import requantize_bases
-
-            requantize_bases(self.delta_modules(model), self.quant)
-
-    def unmerge(self, model: nn.Module) -> None:
-        from deltatune.methods.nf4 import dequantize_bases
-
-        dequantize_bases(self.delta_modules(model))
-        super().unmerge(model)
+    def lr_factor(self, step: int) -> float:
+        warm = self.options["remora_warmup"]
+        if not self.remora_every or not self._last_merge or not warm:
+            return 1.0
+        return min(1.0, (step - self._last_merge) / warm)

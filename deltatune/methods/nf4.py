@@ -1,7 +1,7 @@
 """4-bit NormalFloat (NF4) base weights, as in QLoRA (arXiv 2305.14314), in pure PyTorch.
 
 Why our own: it runs anywhere torch runs (tests need no bitsandbytes) and is short enough to read.
-Conventions follow bitsandbytes so numbers are comparable (docs/methods.md section 5):
+Conventions follow bitsandbytes so numbers are comparable (docs/methods-notes.md, "NF4 base"):
 - the 16 NF4 values (`NF4_CODE`; `nf4_code_from_quantiles` rebuilds them from normal quantiles);
 - block-wise absmax over 64 consecutive weights of the flattened (out, in) matrix; a weight's code is
   the nearest NF4 value to w / absmax (ties: the lower code, as `bucketize` over midpoints);
@@ -11,7 +11,9 @@ Conventions follow bitsandbytes so numbers are comparable (docs/methods.md secti
   per 256 and the fp32 mean.
 
 `NF4Linear` is a frozen linear that stores only that and dequantises in each forward (bf16 compute by
-default). Adapters wrap it like any linear: merging first swaps it for a dequantised `nn.Linear`.
+default). It is one composable layer: any weight-delta method (LoRA, DoRA, MoRA, (IA)3, VeRA) puts it
+under its `DeltaLinear` with the option `quantize_base` (base.py, `WeightDeltaMethod`); merging first
+swaps it for a dequantised `nn.Linear` (`DeltaLinear.dequantize_base`).
 """
 
 from __future__ import annotations
@@ -207,6 +209,8 @@ class NF4Linear(nn.Module):
 
 # --- use from a method: `options: {quantize_base: true, block_size: 64, double_quant: true, compute_dtype: bfloat16}`
 
+from deltatune.methods.options import Option, even_at_least_2  # noqa: E402
+
 
 @dataclass
 class QuantOptions:
@@ -219,25 +223,23 @@ class QuantOptions:
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
 
+# The options every weight-delta method accepts for an NF4 base (merged into its schema).
+NF4_OPTIONS: dict[str, Option] = {
+    "quantize_base": Option(False, "store the adapted linears in NF4 (QLoRA's base)", (bool,)),
+    "block_size": Option(64, "weights per absmax block", (int,), check=even_at_least_2),
+    "double_quant": Option(True, "quantise the absmax values too (8-bit, blocks of 256)", (bool,)),
+    "compute_dtype": Option("bfloat16", "dtype the weight is dequantised to in forward", (str,),
+                            choices=tuple(_DTYPES)),
+    "merge_requantize": Option(False, "after a merge, quantise the merged weights again (lossy)", (bool,)),
+}
 
-def pop_quantize_options(opts: dict[str, Any], default_on: bool = False) -> QuantOptions | None:
-    """Take the NF4 options out of a method's options dict; None unless the base is to be quantised."""
-    on = opts.pop("quantize_base", default_on)
-    q = QuantOptions()
-    q.block_size = int(opts.pop("block_size", q.block_size))
-    q.double_quant = bool(opts.pop("double_quant", q.double_quant))
-    q.merge_requantize = bool(opts.pop("merge_requantize", q.merge_requantize))
-    dt = opts.pop("compute_dtype", "bfloat16")
-    if isinstance(dt, torch.dtype):
-        q.compute_dtype = dt
-    elif dt in _DTYPES:
-        q.compute_dtype = _DTYPES[dt]
-    else:
-        raise ConfigError(f"unknown compute_dtype {dt!r}; choose bfloat16, float16 or float32",
-                          field="options.compute_dtype")
-    if q.block_size < 2 or q.block_size % 2:
-        raise ConfigError(f"block_size must be an even number >= 2, got {q.block_size}", field="options.block_size")
-    return q if on else None
+
+def quant_options(options: dict[str, Any]) -> QuantOptions | None:
+    """The NF4 settings from a method's checked options; None unless the base is to be quantised."""
+    if not options.get("quantize_base"):
+        return None
+    return QuantOptions(int(options["block_size"]), bool(options["double_quant"]), _DTYPES[options["compute_dtype"]],
+                        bool(options["merge_requantize"]))
 
 
 def quantize_bases(modules: Iterable[nn.Module], opts: QuantOptions) -> None:
@@ -250,76 +252,9 @@ def quantize_bases(modules: Iterable[nn.Module], opts: QuantOptions) -> None:
             module.base = NF4Linear.from_linear(module.base, opts.block_size, opts.double_quant, opts.compute_dtype)
 
 
-def dequantize_bases(modules: Iterable[nn.Module]) -> None:
-    """Swap each NF4 base for a dequantised nn.Linear, so merge can change its weight in place."""
-    for module in modules:
-        if isinstance(module.base, NF4Linear):
-            module.base = module.base.to_linear()
-
-
 @torch.no_grad()
 def requantize_bases(modules: Iterable[nn.Module], opts: QuantOptions) -> None:
     """Quantise merged bases back to NF4. Lossy: the merged weights move by up to the NF4 step."""
     warnings.warn("requantising merged weights to NF4: the merged model differs from the unmerged one by the "
                   "quantisation error of the new weights", stacklevel=2)
-    for module in modules:
-        if isinstance(module.base, nn.Linear):
-            module.base = NF4Linear.from_linear(module.base, opts.block_size, opts.double_quant, opts.compute_dtype)
-
-
-# --- QLoRA: LoRA on an NF4 base ---------------------------------------------------------------------
-
-from deltatune.methods.base import register  # noqa: E402  (kept beside the method it serves)
-from deltatune.methods.lora import LoRA  # noqa: E402
-
-QUANT_OPTIONS = ("block_size", "double_quant", "compute_dtype", "merge_requantize")
-
-
-@register
-class QLoRA(LoRA):
-    """LoRA on NF4 base weights (QLoRA). Options: LoRA's, plus block_size (64), double_quant (true),
-    compute_dtype ("bfloat16"), merge_requantize (false: merge leaves a dequantised base).
-
-    Saved in deltatune's adapter format, not PEFT's: PEFT would read it back as plain LoRA and lose
-    the 4-bit base."""
-
-    name = "qlora"
-    peft_type = None
-    options_allowed = LoRA.options_allowed + QUANT_OPTIONS
-
-    def _quant(self) -> QuantOptions:
-        opts = {k: v for k, v in self.spec.options.items() if k in QUANT_OPTIONS}
-        quant = pop_quantize_options(opts, default_on=True)
-        assert quant is not None
-        return quant
-
-    def _options(self):
-        lora_opts = {k: v for k, v in self.spec.options.items() if k not in QUANT_OPTIONS}
-        saved, self.spec.options = self.spec.options, lora_opts
-        try:
-            unknown = sorted(set(saved) - set(self.options_allowed))
-            if unknown:
-                raise ConfigError(f"unknown option '{unknown[0]}' for method '{self.name}'; allowed: "
-                                  f"{', '.join(self.options_allowed)}", field=f"options.{unknown[0]}")
-            return super()._options()
-        finally:
-            self.spec.options = saved
-
-    def apply(self, model: nn.Module) -> None:
-        quant = self._quant()
-        super().apply(model)
-        quantize_bases(self.delta_modules(model), quant)
-
-    def merge(self, model: nn.Module) -> None:
-        dequantize_bases(self.delta_modules(model))
-        super().merge(model)
-        quant = self._quant()
-        if quant.merge_requantize:
-            requantize_bases(self.delta_modules(model), quant)
-
-    def unmerge(self, model: nn.Module) -> None:
-        dequantize_bases(self.delta_modules(model))
-        super().unmerge(model)
-
-    def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
-        return None
+    quantize_bases(modules, opts)

@@ -28,8 +28,10 @@ from torch import nn
 
 from deltatune.errors import ConfigError
 from deltatune.methods.base import Method, MethodSpec, register
-from deltatune.methods.prompt import (attach, bind_kwargs, cache_length, check_options, prepend_key_columns,
-                                      read_int_option, shift_positions, tokenizer_ids)
+from deltatune.methods.options import Option, positive_int
+from deltatune.methods.virtual_tokens import (attach, bind_kwargs, cache_length, drop_output_cache,
+                                              output_cache, prepend_key_columns, put_cache, repeat_to,
+                                              shift_positions, take_cache, tokenizer_ids)
 
 
 def kv_geometry(config) -> tuple[int, int, int]:
@@ -80,11 +82,12 @@ class PrefixEncoder(nn.Module):
     def pre_hook(self, decoder: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         from transformers import DynamicCache
 
-        kw = bind_kwargs(args, kwargs)
+        kw = bind_kwargs(decoder, args, kwargs)
+        past, created = take_cache(decoder, kw), False
+        put_cache(decoder, kw, past)
         if self.disabled:
             self._drop_cache.append(False)
             return (), kw
-        past, created = kw.get("past_key_values"), False
         if cache_length(past) == 0:
             if past is None:
                 past, created = DynamicCache(config=decoder.config), True
@@ -93,7 +96,7 @@ class PrefixEncoder(nn.Module):
                 decoder.get_input_embeddings().weight.dtype
             for layer, (k, v) in enumerate(self.key_values(ref.shape[0], dtype)):
                 past.update(k, v, layer)
-            kw["past_key_values"] = past
+            put_cache(decoder, kw, past)
         kw["attention_mask"] = prepend_key_columns(kw.get("attention_mask"), self.p)
         kw["position_ids"] = shift_positions(kw.get("position_ids"), self.p, with_virtual=False)
         self._drop_cache.append(created and not kw.get("use_cache"))
@@ -101,7 +104,7 @@ class PrefixEncoder(nn.Module):
 
     def post_hook(self, decoder: nn.Module, args: tuple, output: Any) -> Any:
         if self._drop_cache.pop() and not isinstance(output, tuple):
-            output.past_key_values = None
+            drop_output_cache(decoder, output)
         return output
 
 
@@ -118,28 +121,31 @@ class PrefixTuning(Method):
                          "not a change to any weight; keep the adapter and load it with the base model")
     peft_type = "PREFIX_TUNING"
     ATTR = "deltatune_prefix"
-    OPTIONS = {"num_virtual_tokens", "reparameterize", "hidden", "init", "init_text", "init_token_ids", "tokenizer"}
+    adds_virtual_tokens = True
+    options_schema = {
+        "num_virtual_tokens": Option(20, "number p of prefix positions", (int,), check=positive_int),
+        "reparameterize": Option(False, "produce the prefixes by an MLP during training (the paper's stabiliser)",
+                                 (bool,)),
+        "hidden": Option(512, "hidden width of the reparameterisation MLP", (int,), check=positive_int),
+        "init": Option(None, "random (N(0, 1), as PEFT) or text (the base model's own keys and values; default "
+                             "when init_text or init_token_ids is given)", (str,), choices=("random", "text")),
+        "init_text": Option(None, "text whose keys and values start the prefix", (str,)),
+        "init_token_ids": Option(None, "token ids whose keys and values start the prefix", (list,)),
+        "tokenizer": Option(None, "the tokenizer, for init_text (not saved)"),
+    }
 
     def __init__(self, spec: MethodSpec) -> None:
         from dataclasses import replace
 
         super().__init__(replace(spec, options=dict(spec.options)))
-        spec = self.spec
-        check_options(spec, self.OPTIONS)
-        self.p = read_int_option(spec, "num_virtual_tokens", 20)
-        self.hidden = read_int_option(spec, "hidden", 512)
-        self.reparameterize = spec.options.get("reparameterize", False)
-        if not isinstance(self.reparameterize, bool):
-            raise ConfigError(f"prefix reparameterize must be true or false, got {self.reparameterize!r}",
-                              field="options.reparameterize")
-        has_text = "init_text" in spec.options or "init_token_ids" in spec.options
-        self.init = str(spec.options.get("init", "text" if has_text else "random")).lower()
-        if self.init not in {"random", "text"}:
-            raise ConfigError(f"prefix init must be 'random' or 'text', got {self.init!r}", field="options.init")
+        o = self.options
+        self.p, self.hidden, self.reparameterize = o["num_virtual_tokens"], o["hidden"], o["reparameterize"]
+        has_text = o["init_text"] is not None or o["init_token_ids"] is not None
+        self.init = o["init"] or ("text" if has_text else "random")
         if self.init == "text" and (not has_text or self.reparameterize):
             raise ConfigError("prefix init 'text' needs init_text (or init_token_ids) and reparameterize: false",
                               field="options.init")
-        self.tokenizer = spec.options.pop("tokenizer", None)
+        self.tokenizer = self.spec.options.pop("tokenizer", None)
 
     def apply(self, model: nn.Module) -> None:
         layers, kv_heads, head_dim = kv_geometry(model.config)
@@ -148,12 +154,14 @@ class PrefixTuning(Method):
                                hidden=self.hidden, device=device)
         if self.init == "text":
             ids = self.spec.options.get("init_token_ids")
-            ids = tokenizer_ids(self, self.spec.options["init_text"], self.p) if ids is None else \
-                (list(ids) * (self.p // max(1, len(ids)) + 1))[:self.p]
+            ids = tokenizer_ids(self, self.spec.options["init_text"], self.p) if ids is None else repeat_to(ids, self.p)
             self.spec.options["init_token_ids"] = [int(i) for i in ids]
             with torch.no_grad():
                 module.prefix.copy_(real_token_prefix(model, ids))
         attach(model, self.ATTR, module)
+
+    def switchable_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [getattr(model, self.ATTR)]
 
     def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         for name, p in getattr(model, self.ATTR).named_parameters():
@@ -176,7 +184,8 @@ class PrefixTuning(Method):
         self.spec.options["reparameterize"] = False
         self.spec.options.pop("hidden", None)
 
-    finalize = fold  # the generic name a training loop can call on any method after training
+    def finalize(self, model: nn.Module) -> None:
+        self.fold(model)
 
     # --- PEFT interoperability ------------------------------------------------------------------
     def peft_config(self, model: nn.Module) -> dict[str, Any] | None:
@@ -211,6 +220,6 @@ def real_token_prefix(model: nn.Module, ids: list[int]) -> torch.Tensor:
     equal to having those tokens in front of the input."""
     decoder = model.get_decoder()
     out = decoder(input_ids=torch.tensor([ids], device=model.get_input_embeddings().weight.device), use_cache=True)
-    per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in out.past_key_values.layers]
+    per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in output_cache(decoder, out).layers]
     kv = torch.stack(per_layer)  # [L, 2, kv_heads, p, head_dim]
     return kv.permute(3, 0, 1, 2, 4).reshape(len(ids), -1).float()

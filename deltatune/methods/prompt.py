@@ -19,6 +19,12 @@ On the first call of a sequence (no cache, or an empty one) the hook
 and the post-hook drops the first p positions of `last_hidden_state` (and of `hidden_states`).
 Later calls that continue a cache (generation) only extend the mask by p and shift positions by p.
 Every packed example therefore sees the same virtual tokens at the same positions as it would alone.
+
+Initialisations (Lester et al. 2021, section 3): "random" (N(0, σ), σ the std of the vocabulary
+embeddings), "text" (an init text's token embeddings), "vocab" (embeddings of tokens sampled from the
+first `vocab_top` ids, 5,000 as the paper's "most common" tokens: byte-level BPE vocabularies put
+frequent merges first; special tokens are skipped when the tokenizer is known) and "labels" (the
+class-label words' embeddings, a multi-token label averaged, the remaining slots sampled vocabulary).
 """
 
 from __future__ import annotations
@@ -30,106 +36,12 @@ from torch import nn
 
 from deltatune.errors import ConfigError
 from deltatune.methods.base import Method, MethodSpec, register
+from deltatune.methods.options import Option, non_negative, positive_int
+from deltatune.methods.virtual_tokens import (attach, bind_kwargs, cache_length, drop_leading_positions,
+                                              prepend_key_columns, prepend_virtual_rows, put_cache, repeat_to,
+                                              shift_positions, take_cache, tokenizer_ids)
 
-_DECODER_ARGS = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "use_cache")
-
-
-# --- shared plumbing for methods that add virtual positions (prompt and prefix tuning) -------------
-def bind_kwargs(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Positional decoder arguments -> keywords, so the hooks see one shape of call."""
-    out = dict(kwargs)
-    for name, value in zip(_DECODER_ARGS, args):
-        out[name] = value
-    return out
-
-
-def cache_length(past: Any) -> int:
-    return 0 if past is None else int(past.get_seq_length())
-
-
-def _allowed(mask: torch.Tensor, shape: tuple[int, ...], allowed: bool) -> torch.Tensor:
-    """A block of a 4D mask: bool masks say True/False, additive masks say 0 / most negative."""
-    if mask.dtype == torch.bool:
-        return torch.full(shape, allowed, dtype=torch.bool, device=mask.device)
-    return torch.full(shape, 0.0 if allowed else torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device)
-
-
-def prepend_key_columns(mask: torch.Tensor | None, p: int) -> torch.Tensor | None:
-    """Let every query see p extra keys in front (prefix keys, or virtual tokens already in a cache)."""
-    if mask is None:
-        return None
-    if mask.dim() == 2:
-        return torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype, device=mask.device), mask], dim=1)
-    if mask.dim() == 4:
-        b, h, q, _ = mask.shape
-        return torch.cat([_allowed(mask, (b, h, q, p), True), mask], dim=3)
-    raise ConfigError(f"attention_mask must be 2D or 4D, got {mask.dim()}D", field="attention_mask")
-
-
-def prepend_virtual_rows(mask: torch.Tensor | None, p: int) -> torch.Tensor | None:
-    """Mask for p virtual tokens prepended to the sequence (queries and keys both grow by p)."""
-    if mask is None or mask.dim() == 2:
-        return prepend_key_columns(mask, p)
-    if mask.dim() != 4:
-        raise ConfigError(f"attention_mask must be 2D or 4D, got {mask.dim()}D", field="attention_mask")
-    b, h, q, k = mask.shape
-    causal = torch.ones(p, p, dtype=torch.bool, device=mask.device).tril()
-    if mask.dtype == torch.bool:
-        virt = causal.expand(b, h, p, p)
-    else:
-        virt = torch.zeros(p, p, dtype=mask.dtype, device=mask.device).masked_fill(~causal, torch.finfo(mask.dtype).min)
-        virt = virt.expand(b, h, p, p)
-    top = torch.cat([virt, _allowed(mask, (b, h, p, k), False)], dim=3)
-    bottom = torch.cat([_allowed(mask, (b, h, q, p), True), mask], dim=3)
-    return torch.cat([top, bottom], dim=2)
-
-
-def shift_positions(position_ids: torch.Tensor | None, p: int, *, with_virtual: bool) -> torch.Tensor | None:
-    """Real tokens move p positions right; with_virtual also prepends the virtual positions 0..p-1."""
-    if position_ids is None:
-        return None
-    shifted = position_ids + p
-    if not with_virtual:
-        return shifted
-    virtual = torch.arange(p, dtype=position_ids.dtype, device=position_ids.device).expand(shifted.shape[0], p)
-    return torch.cat([virtual, shifted], dim=1)
-
-
-def drop_leading_positions(output: Any, p: int) -> Any:
-    """Post-hook helper: the decoder's outputs for the original tokens only."""
-    if isinstance(output, tuple):
-        return (output[0][:, p:],) + output[1:]
-    output.last_hidden_state = output.last_hidden_state[:, p:]
-    if getattr(output, "hidden_states", None) is not None:
-        output.hidden_states = tuple(h[:, p:] for h in output.hidden_states)
-    return output
-
-
-def tokenizer_ids(method: Method, text: str, p: int) -> list[int]:
-    """The init text's token ids, repeated or truncated to exactly p (as PEFT's TEXT init does)."""
-    tokenizer = getattr(method, "tokenizer", None)
-    if tokenizer is None:
-        raise ConfigError(f"method '{method.name}': init_text needs the tokenizer (set `method.tokenizer` before "
-                          "apply, or give init_token_ids)", field="options.init_text")
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise ConfigError(f"method '{method.name}': init_text {text!r} tokenises to nothing", field="options.init_text")
-    return (ids * (p // len(ids) + 1))[:p]
-
-
-def read_int_option(spec: MethodSpec, key: str, default: int) -> int:
-    value = spec.options.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"method '{spec.name}': {key} must be a positive integer, got {value!r}",
-                          field=f"options.{key}")
-    return value
-
-
-def check_options(spec: MethodSpec, allowed: set[str]) -> None:
-    unknown = sorted(set(spec.options) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown {spec.name} option(s): {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}",
-                          field="options")
+PROMPT_INITS = ("random", "text", "vocab", "labels")
 
 
 # --- prompt tuning -------------------------------------------------------------------------------
@@ -144,9 +56,11 @@ class PromptEmbedding(nn.Module):
         self._pending: list[bool] = []  # one entry per decoder call in flight: did we prepend?
 
     def pre_hook(self, decoder: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        kw = bind_kwargs(args, kwargs)
+        kw = bind_kwargs(decoder, args, kwargs)
         p = self.num_virtual_tokens
-        first = not self.disabled and cache_length(kw.get("past_key_values")) == 0
+        past = take_cache(decoder, kw)
+        put_cache(decoder, kw, past)
+        first = not self.disabled and cache_length(past) == 0
         self._pending.append(first)
         if self.disabled:
             return (), kw
@@ -168,21 +82,11 @@ class PromptEmbedding(nn.Module):
         return drop_leading_positions(output, self.num_virtual_tokens) if self._pending.pop() else output
 
 
-def attach(model: nn.Module, attr: str, module: nn.Module) -> None:
-    """Put `module` on the causal LM under `attr` and hook it into the decoder body."""
-    if hasattr(model, attr):
-        raise ConfigError(f"the model already has '{attr}': a virtual-token method is applied twice", field="method")
-    model.add_module(attr, module)
-    decoder = model.get_decoder()
-    module._handles = [decoder.register_forward_pre_hook(module.pre_hook, with_kwargs=True),
-                       decoder.register_forward_hook(module.post_hook)]
-
-
 @register
 class PromptTuning(Method):
-    """options: num_virtual_tokens p (default 20); init "random" (N(0, σ) with σ the std of the vocabulary
-    embeddings) or "text" (init_text's token embeddings, repeated or truncated to p; needs the tokenizer,
-    or give init_token_ids)."""
+    """options: num_virtual_tokens p (default 20); init "random" | "text" | "vocab" | "labels" (module
+    docstring); init_text / init_token_ids (text); vocab_top, init_seed (vocab, labels); class_labels /
+    class_label_ids (labels). Text and labels need the tokenizer (option `tokenizer`) or the ids."""
 
     name = "prompt"
     kind = "addition"
@@ -191,37 +95,89 @@ class PromptTuning(Method):
                          "adapter and load it with the base model (PEFT can load it too)")
     peft_type = "PROMPT_TUNING"
     ATTR = "deltatune_prompt"
-    OPTIONS = {"num_virtual_tokens", "init", "init_text", "init_token_ids", "tokenizer"}
+    adds_virtual_tokens = True
+    options_schema = {
+        "num_virtual_tokens": Option(20, "number p of virtual tokens", (int,), check=positive_int),
+        "init": Option(None, "random | text | vocab | labels (default: text when init_text or init_token_ids is "
+                             "given, labels when class labels are, else random)", (str,), choices=PROMPT_INITS),
+        "init_text": Option(None, "text whose token embeddings start the prompt", (str,)),
+        "init_token_ids": Option(None, "token ids whose embeddings start the prompt", (list,)),
+        "class_labels": Option(None, "class-label words (init labels)", (list,)),
+        "class_label_ids": Option(None, "token ids of each class label (init labels, without a tokenizer)", (list,)),
+        "vocab_top": Option(5000, "sample init tokens from the first N ids (init vocab, labels)", (int,),
+                            check=positive_int),
+        "init_seed": Option(0, "seed of the sampled vocabulary", (int,), check=non_negative),
+        "tokenizer": Option(None, "the tokenizer, for init_text and class_labels (not saved)"),
+    }
 
     def __init__(self, spec: MethodSpec) -> None:
         from dataclasses import replace
 
         super().__init__(replace(spec, options=dict(spec.options)))  # apply() records the init ids in it
-        spec = self.spec
-        check_options(spec, self.OPTIONS)
-        self.p = read_int_option(spec, "num_virtual_tokens", 20)
-        has_text = "init_text" in spec.options or "init_token_ids" in spec.options
-        self.init = str(spec.options.get("init", "text" if has_text else "random")).lower()
-        if self.init not in {"random", "text"}:
-            raise ConfigError(f"prompt init must be 'random' or 'text', got {self.init!r}", field="options.init")
+        o = self.options
+        self.p = o["num_virtual_tokens"]
+        has_text = o["init_text"] is not None or o["init_token_ids"] is not None
+        has_labels = o["class_labels"] is not None or o["class_label_ids"] is not None
+        self.init = o["init"] or ("text" if has_text else "labels" if has_labels else "random")
         if self.init == "text" and not has_text:
             raise ConfigError("prompt init 'text' needs init_text (or init_token_ids)", field="options.init_text")
-        self.tokenizer = spec.options.pop("tokenizer", None)
+        if self.init == "labels" and not has_labels:
+            raise ConfigError("prompt init 'labels' needs class_labels (or class_label_ids)",
+                              field="options.class_labels")
+        self.tokenizer = self.spec.options.pop("tokenizer", None)
+
+    def _sampled_ids(self, n: int, vocab: int) -> list[int]:
+        """n distinct ids drawn from the first `vocab_top` (special tokens skipped when known)."""
+        special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        pool = [i for i in range(min(vocab, self.options["vocab_top"])) if i not in special]
+        if len(pool) < n:
+            raise ConfigError(f"prompt init: {n} tokens to sample but only {len(pool)} candidates",
+                              field="options.vocab_top")
+        g = torch.Generator().manual_seed(self.options["init_seed"])
+        return [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:n]]
+
+    def _label_ids(self) -> list[list[int]]:
+        ids = self.options["class_label_ids"]
+        if ids is None:
+            if self.tokenizer is None:
+                raise ConfigError("prompt init 'labels' needs the tokenizer for class_labels (or give "
+                                  "class_label_ids)", field="options.class_labels")
+            ids = [list(self.tokenizer(str(w), add_special_tokens=False)["input_ids"])
+                   for w in self.options["class_labels"]]
+        if not ids or any(not isinstance(x, list) or not x for x in ids):
+            raise ConfigError("every class label must have at least one token", field="options.class_labels")
+        if len(ids) > self.p:
+            raise ConfigError(f"{len(ids)} class labels do not fit in {self.p} virtual tokens",
+                              field="options.num_virtual_tokens")
+        self.spec.options["class_label_ids"] = [[int(i) for i in x] for x in ids]  # re-applies without a tokenizer
+        return ids
+
+    @torch.no_grad()
+    def initial_embeddings(self, table: torch.Tensor) -> torch.Tensor:
+        """[p, d] float32 start values of the virtual tokens for the chosen init."""
+        if self.init == "random":
+            return torch.randn(self.p, table.shape[1], device=table.device) * float(table.float().std())
+        if self.init == "text":
+            ids = self.options["init_token_ids"]
+            ids = tokenizer_ids(self, self.options["init_text"], self.p) if ids is None else repeat_to(ids, self.p)
+            # the saved spec then re-applies without a tokenizer (weights are loaded over it anyway)
+            self.spec.options["init_token_ids"] = [int(i) for i in ids]
+            return table[torch.tensor(ids, device=table.device)].float()
+        rows: list[torch.Tensor] = []
+        if self.init == "labels":
+            rows = [table[torch.tensor(x, device=table.device)].float().mean(0) for x in self._label_ids()]
+        fill = self._sampled_ids(self.p - len(rows), table.shape[0])
+        rows += list(table[torch.tensor(fill, device=table.device, dtype=torch.long)].float())
+        return torch.stack(rows)
 
     def apply(self, model: nn.Module) -> None:
         table = model.get_input_embeddings().weight
         module = PromptEmbedding(self.p, table.shape[1], device=table.device)
-        with torch.no_grad():
-            if self.init == "text":
-                ids = self.spec.options.get("init_token_ids")
-                ids = tokenizer_ids(self, self.spec.options["init_text"], self.p) if ids is None else \
-                    (list(ids) * (self.p // max(1, len(ids)) + 1))[:self.p]
-                # the saved spec then re-applies without a tokenizer (weights are loaded over it anyway)
-                self.spec.options["init_token_ids"] = [int(i) for i in ids]
-                module.embedding.copy_(table[torch.tensor(ids, device=table.device)].float())
-            else:
-                module.embedding.normal_(0.0, float(table.float().std()))
+        module.embedding.data.copy_(self.initial_embeddings(table))
         attach(model, self.ATTR, module)
+
+    def switchable_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [getattr(model, self.ATTR)]
 
     def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         yield f"{self.ATTR}.embedding", getattr(model, self.ATTR).embedding

@@ -19,9 +19,6 @@ What stays exactly as in one process (so results match a single run with batch_s
 Checkpoints hold full tensors (FSDP gathers them to rank 0) in the single-process format, plus
 the global batch they were written with; resuming with another process count works when the data
 position falls on a batch boundary of the new global batch, and refuses with one line otherwise.
-
-Test hook: DELTATUNE_TEST_FAIL_RANK=R makes rank R raise at its first step (the tests check that
-the whole run stops with that error and that no process is left behind).
 """
 
 from __future__ import annotations
@@ -37,8 +34,6 @@ from torch import nn
 
 from deltatune.errors import ConfigError, TrainingError
 
-FAIL_ENV = "DELTATUNE_TEST_FAIL_RANK"
-
 
 @dataclass
 class Distributed:
@@ -51,7 +46,6 @@ class Distributed:
     active: bool = False  # in a process group (launched by torchrun, even with one process)
     fsdp: bool = False
     _global_rows: int = 0  # rows per global micro-batch, set by global_config
-    _fail_checked: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -108,7 +102,6 @@ class Distributed:
         """
         if not self.enabled:
             return make(list(rows))
-        self._maybe_fail()
         mine = list(rows[self.rank::self.world])
         try:
             batch = make(mine)
@@ -200,13 +193,6 @@ class Distributed:
     # --- internals -----------------------------------------------------------------------
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
-
-    def _maybe_fail(self) -> None:
-        if self._fail_checked:
-            return
-        self._fail_checked = True
-        if os.environ.get(FAIL_ENV, "") == str(self.rank):
-            raise RuntimeError(f"{FAIL_ENV}: injected failure on rank {self.rank}")
 
 
 def init_distributed(device: torch.device) -> Distributed:

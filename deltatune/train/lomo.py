@@ -1,5 +1,5 @@
-"""LOMO-style fused update for full finetuning (Lv et al. 2023, "Full Parameter Fine-tuning for Large
-Language Models with Limited Resources"; AdaLomo for the adaptive variant).
+"""Updates fused into backward: real LOMO (Lv et al. 2023, "Full Parameter Fine-tuning for Large Language
+Models with Limited Resources") and a fused AdamW (AdaLomo-like, kept under its own name).
 
 A plain step keeps every gradient alive until `optimizer.step()`: one full copy of the weights. Here
 each parameter is updated inside its post-accumulate-grad hook during `backward()`, and its gradient is
@@ -7,28 +7,26 @@ freed right after, so at most the gradients of the parameters whose hooks have n
 once (in practice one parameter's worth). Autograd runs a leaf's accumulation only after every use of
 that leaf has been differentiated, so updating it in place then is safe (tied embeddings included).
 
-    fused = FusedUpdate(model.parameters(), lr=1e-5, weight_decay=0.0, algorithm="sgd" | "adamw")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(fused, ...)     # it is a torch Optimizer: lr in param_groups
-    with fused.step_hooks_enabled():
-        loss.backward()                # weights are updated here, gradients freed
-    fused.step()                       # no-op for what the hooks updated (keeps schedulers' bookkeeping happy)
-    scheduler.step()
+Two optimizers, built by name (`build_fused("lomo" | "fused-adamw", ...)`):
+- "lomo", the paper's method: plain SGD, p <- p - lr·(g + wd·p) (torch.optim.SGD without momentum), no
+  optimizer state at all; gradient-norm clipping over ALL parameters by the paper's two backward
+  passes (the first only measures the global norm, the second updates with the clipped gradient,
+  exactly `clip_grad_norm_`), and dynamic loss scaling when a trained parameter is fp16 (the paper
+  trains in 16 bits): the loss is multiplied by a scale before backward, gradients are divided by it,
+  and a step whose first pass finds an inf/nan is skipped and the scale halved (doubled again after
+  `growth_interval` clean steps).
+- "fused-adamw": torch.optim.AdamW's update with per-parameter state (step, exp_avg, exp_avg_sq),
+  decoupled weight decay, each gradient clipped to max_norm on its own (one pass: a global norm
+  needs every gradient first). Not LOMO: it keeps AdamW's two state tensors per weight (AdaLomo
+  factorises them); it only drops the gradient copy.
 
-Updates, per parameter, identical to torch's single-tensor implementations:
-- "sgd" (LOMO): p <- p - lr·(g + wd·p), as torch.optim.SGD without momentum;
-- "adamw": torch.optim.AdamW's update with per-parameter state (step, exp_avg, exp_avg_sq), decoupled
-  weight decay. (Real AdaLomo uses factored second moments; this keeps AdamW's full state, which costs
-  2x weights but still drops the gradient copy.)
+    opt = build_fused("lomo", params, lr=1e-2, max_norm=1.0)
+    opt.backward(loss)            # one or two passes; weights are updated, gradients freed
+    opt.step(); scheduler.step()  # step() is a no-op for what the hooks updated (schedulers expect it)
 
-Gradient clipping by the global norm needs every gradient before any update, which one pass cannot do:
-- clip="per_param": each parameter's gradient is clipped to max_norm on its own (one pass; not the
-  same as global clipping, it clips more parameters less);
-- clip="global": LOMO's two-pass scheme. Run backward once inside `grad_norm_pass()` (gradients are
-  reduced to their squared norms and freed), then again inside `step_hooks_enabled()`; the second pass
-  scales every gradient by min(1, max_norm / (norm + 1e-6)), exactly like `clip_grad_norm_`. It costs a
-  second backward (keep the graph with `retain_graph=True`, or recompute the forward).
-Gradient accumulation over micro-batches is not possible (a gradient is consumed as soon as it
-exists); use one micro-batch per step with the fused update.
+The lower-level protocol stays available: `with opt.grad_norm_pass(): loss.backward(retain_graph=True)`
+then `with opt.step_hooks_enabled(): loss.backward()`. Gradient accumulation over micro-batches is not
+possible (a gradient is consumed as soon as it exists); use one micro-batch per step.
 """
 
 from __future__ import annotations
@@ -42,12 +40,14 @@ from deltatune.errors import ConfigError
 
 ALGORITHMS = ("sgd", "adamw")
 CLIPS = ("none", "per_param", "global")
+FUSED_OPTIMIZERS = ("lomo", "fused-adamw")
 
 
 class FusedUpdate(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: float, weight_decay: float = 0.0,
                  *, algorithm: str = "sgd", betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 clip: str = "none", max_norm: float | None = None) -> None:
+                 clip: str = "none", max_norm: float | None = None, loss_scale: str | float | None = None,
+                 growth_interval: int = 1000) -> None:
         if algorithm not in ALGORITHMS:
             raise ConfigError(f"fused update algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}",
                               field="optimizer")
@@ -57,13 +57,27 @@ class FusedUpdate(torch.optim.Optimizer):
             raise ConfigError(f"clip={clip!r} needs a positive max_norm", field="max_grad_norm")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
         self.algorithm, self.clip, self.max_norm = algorithm, clip, max_norm
+        if loss_scale is not None and clip == "per_param":
+            raise ConfigError("loss scaling needs the two-pass protocol (clip 'global' or 'none')", field="clip")
         self.clip_coef = 1.0  # set by grad_norm_pass, used by the next update pass
         self.last_grad_norm: float | None = None
+        self.dynamic_scale = loss_scale == "dynamic"
+        self.scale = 2.0 ** 16 if self.dynamic_scale else float(loss_scale or 1.0)
+        self.growth_interval, self._good_steps = growth_interval, 0
+        self.skipped_steps = 0
+        self.overflow = False
+
+    @property
+    def two_passes(self) -> bool:
+        """Whether `backward` runs the norm pass first (global clipping, or loss scaling's overflow check)."""
+        return self.clip == "global" or self.scale != 1.0 or self.dynamic_scale
 
     # --- the per-parameter update -----------------------------------------------------------------
     @torch.no_grad()
     def _update(self, p: torch.Tensor, group: dict) -> None:
         g = p.grad
+        if self.scale != 1.0:
+            g = g.float() / self.scale
         if self.clip == "per_param":
             norm = float(torch.linalg.vector_norm(g.float()))
             coef = self.max_norm / (norm + 1e-6)
@@ -113,7 +127,7 @@ class FusedUpdate(torch.optim.Optimizer):
     def step_hooks_enabled(self) -> Iterator[None]:
         """Within the block, `backward()` updates each parameter as soon as its gradient is complete and
         frees that gradient. With clip="global", run `grad_norm_pass()` first."""
-        if self.clip == "global" and self.last_grad_norm is None:
+        if self.two_passes and self.last_grad_norm is None:
             raise ConfigError("clip='global' needs a grad_norm_pass() backward before the update pass", field="clip")
 
         def update_and_free(p: torch.Tensor, group: dict) -> None:
@@ -133,14 +147,41 @@ class FusedUpdate(torch.optim.Optimizer):
         norms: list[torch.Tensor] = []  # one scalar per parameter, reduced as clip_grad_norm_ does
 
         def accumulate_and_free(p: torch.Tensor, group: dict) -> None:
-            norms.append(torch.linalg.vector_norm(p.grad))
+            norms.append(torch.linalg.vector_norm(p.grad, dtype=torch.float32))
             p.grad = None
 
         with self._hooks(accumulate_and_free):
             yield
-        norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        norm = float(torch.linalg.vector_norm(torch.stack(norms))) / self.scale if norms else 0.0
         self.last_grad_norm = norm
-        self.clip_coef = min(1.0, self.max_norm / (norm + 1e-6)) if self.max_norm else 1.0
+        self.overflow = not torch.isfinite(torch.tensor(norm))
+        clip = self.clip == "global" and self.max_norm
+        self.clip_coef = min(1.0, self.max_norm / (norm + 1e-6)) if clip and not self.overflow else 1.0
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Backward with the update fused in: one pass, or the norm pass then the update pass (global
+        clipping, loss scaling). Returns False when the norm pass found inf/nan gradients: the step is
+        skipped (and with dynamic loss scaling the scale halved)."""
+        if not self.two_passes:
+            with self.step_hooks_enabled():
+                loss.backward()
+            return True
+        scaled = loss * self.scale if self.scale != 1.0 else loss
+        with self.grad_norm_pass():
+            scaled.backward(retain_graph=True)
+        if self.overflow:  # inf/nan somewhere: no weight is touched (the loop then stops on the loss)
+            if self.dynamic_scale:
+                self.scale, self._good_steps = self.scale / 2, 0
+            self.skipped_steps += 1
+            self.last_grad_norm = None
+            return False
+        with self.step_hooks_enabled():
+            scaled.backward()
+        if self.dynamic_scale:
+            self._good_steps += 1
+            if self._good_steps % self.growth_interval == 0:
+                self.scale *= 2
+        return True
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - torch's signature
@@ -151,3 +192,25 @@ class FusedUpdate(torch.optim.Optimizer):
             if p.grad is not None:
                 self._update(p, group)
         return loss
+
+
+def retains_graph(name: str | bool, max_norm: float | None) -> bool:
+    """Whether the fused update `name` runs backward twice on one graph (LOMO's global clipping), which
+    compiled modules whose backward donates buffers (the fused RMSNorm) cannot do."""
+    return name in (True, "lomo") and bool(max_norm)
+
+
+def build_fused(name: str, params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                max_norm: float | None = None) -> FusedUpdate:
+    """"lomo" (SGD, no state, global clipping by two passes, dynamic loss scaling for fp16 parameters) or
+    "fused-adamw" (AdamW state, per-tensor clipping)."""
+    params = list(params)
+    if name == "lomo":
+        half = any(p.dtype == torch.float16 for p in params if isinstance(p, torch.Tensor))
+        return FusedUpdate(params, lr=lr, weight_decay=weight_decay, algorithm="sgd",
+                           clip="global" if max_norm else "none", max_norm=max_norm,
+                           loss_scale="dynamic" if half else None)
+    if name == "fused-adamw":
+        return FusedUpdate(params, lr=lr, weight_decay=weight_decay, algorithm="adamw", betas=betas,
+                           clip="per_param" if max_norm else "none", max_norm=max_norm)
+    raise ConfigError(f"fused update must be one of {', '.join(FUSED_OPTIMIZERS)}, got {name!r}", field="fused_update")

@@ -14,7 +14,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -94,10 +94,16 @@ def _cpu_has_bf16() -> bool:
 
 
 def method_specs(cfg: TrainConfig):
-    from deltatune.methods import MethodSpec
+    from deltatune.methods.specs import specs_from_config
 
-    return [MethodSpec(name=name, targets=cfg.targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                       rslora=cfg.rslora, options=dict(cfg.method_options)) for name in cfg.method_names]
+    return specs_from_config(cfg)
+
+
+def method_objects(cfg: TrainConfig):
+    """The configured methods, options checked, before any model exists (to read their capabilities)."""
+    from deltatune.methods.specs import build_methods
+
+    return build_methods(method_specs(cfg))
 
 
 def forward_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -118,8 +124,9 @@ def use_packed_attention(cfg: TrainConfig, model: torch.nn.Module, device: torch
     if not cfg.packing or cfg.attention == "mask":
         return False
     why_not = None
-    if {"prompt", "prefix"} & set(cfg.method_names):
-        why_not = "prompt and prefix tuning add virtual positions that every example attends to"
+    virtual = [m.name for m in method_objects(cfg) if m.adds_virtual_tokens]
+    if virtual:
+        why_not = f"method(s) {', '.join(virtual)} add virtual positions that every example attends to"
     elif not packed_attention.supported(model):
         why_not = f"{type(model).__name__} does not route attention through transformers' AttentionInterface"
     elif getattr(model.config, "attention_dropout", 0.0):
@@ -136,6 +143,14 @@ def use_fused_norms(cfg: TrainConfig, model: torch.nn.Module, device: torch.devi
     auto: single-process CPU runs (under FSDP2 the swapped modules' optimizer state did not map)."""
     if not (cfg.fused_norms == "on" or (cfg.fused_norms == "auto" and device.type == "cpu" and not distributed)):
         return lambda: None
+    from deltatune.train.lomo import retains_graph
+
+    if retains_graph(cfg.fused_update, cfg.max_grad_norm):  # LOMO's clipping: two backward passes on one graph
+        if cfg.fused_norms == "on":
+            raise ConfigError("fused_norms: on cannot run with LOMO's gradient clipping (two backward passes on one "
+                              "graph); use fused_norms: auto or off, or max_grad_norm: null", field="fused_norms")
+        say("fused RMSNorm off: LOMO's clipping runs backward twice on one graph")
+        return lambda: None
     restore, why_not = fused_norms.install(model)  # compiles once (a few seconds)
     if why_not and cfg.fused_norms == "on":
         raise ConfigError(f"fused_norms: on is not available: {why_not}", field="fused_norms")
@@ -149,14 +164,32 @@ def save_outputs(adapted, path: Path, tokenizer, full: bool, base_name: str) -> 
     has the method) plus the tokenizer, so `deltatune generate --adapter` needs nothing else."""
     from deltatune.models import save_model
 
-    for method in adapted.methods:  # e.g. prefix tuning folds its reparameterisation MLP into plain prefixes
-        if hasattr(method, "finalize") and path.name == "final":
-            method.finalize(adapted.model)
+    if path.name == "final":  # each method's after-training hook, e.g. prefix tuning folds its MLP
+        adapted.finalize()
     if full:
-        save_model(adapted.model, tokenizer, path)
+        model = adapted.model
+        if not all(m.trains_full_weights for m in adapted.methods):  # e.g. ReMoRA: fold the live adapter in a copy
+            import copy
+
+            model = copy.deepcopy(adapted).merge_and_unload()
+        save_model(model, tokenizer, path)
     else:
         adapted.save_adapter(path, base_model_name_or_path=base_name)
         tokenizer.save_pretrained(path)
+
+
+def after_step_hooks(adapted, optimizer, step: int) -> None:
+    """Each method's `after_step` hook (ReMoRA merges and restarts its adapter: its optimizer state is
+    reset), then each method's learning-rate factor for the next step (ReMoRA's re-warmup)."""
+    for method in adapted.methods:
+        for p in method.after_step(adapted.model, step):
+            optimizer.state.pop(p, None)
+    factor = 1.0
+    for method in adapted.methods:
+        factor *= method.lr_factor(step + 1)
+    if factor != 1.0:  # LambdaLR recomputes from base_lrs each step, so the factor never compounds
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
 
 
 class MicroBatches:
@@ -251,12 +284,28 @@ def _call_step_hook(hook, step: int, total_steps: int, model, flat: bool, autoca
 # ---------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None = None,
           eval_records: list[dict] | None = None,
-          on_step: Callable[[int, int, torch.nn.Module], dict | None] | None = None,
-          stop_after: int | None = None) -> TrainResult:
+          on_step: Callable[[int, int, torch.nn.Module], dict | None] | None = None) -> TrainResult:
     """Run (or resume) a finetune. `records` lets a caller (the demo, tests) pass data in memory.
     `on_step(step, total_steps, model)` runs after every optimizer step (see `_call_step_hook`); what it
     returns is added to that step's metrics.jsonl record (experiments measure the model mid-run).
-    `stop_after` acts as a Ctrl-C after that step (checkpoint, then KeyboardInterrupt)."""
+
+    However the run ends (finished, a NaN loss, Ctrl-C, an exception), its cleanup runs: the norms and
+    the attention implementation are restored, the workspaces released, the process group closed."""
+    with ExitStack() as cleanup:
+        return _train(cfg, cleanup, quiet=quiet, records=records, eval_records=eval_records, on_step=on_step)
+
+
+def _close_process_group() -> None:
+    """After a failure: leave the process group without the barrier a normal close waits at."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[dict] | None,
+           eval_records: list[dict] | None,
+           on_step: Callable[[int, int, torch.nn.Module], dict | None] | None) -> TrainResult:
     from deltatune.analysis.memory import parameter_report
     from deltatune.data.masking import PolicySchedule, parse_policy
     from deltatune.data.packing import collate
@@ -293,9 +342,11 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     dist = init_distributed(device)  # torchrun: join the process group; device becomes cuda:LOCAL_RANK
+    cleanup.callback(_close_process_group)
     device = dist.device
     precision = pick_precision(cfg, device)
-    full = "full" in cfg.method_names
+    methods = method_objects(cfg)
+    full = any(m.writes_full_model for m in methods)  # the output is a whole model (full finetuning, ReMoRA)
     local_base = local_model_path(cfg.model) if str(cfg.model or "").lower() not in DEFAULT_MODEL_ALIASES else None
     base_name = str(local_base.resolve()) if local_base else (cfg.model or DEFAULT_MODEL)  # resolvable by load_model
     say = say if dist.is_main else (lambda *a: None)
@@ -350,13 +401,22 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
             p.data = p.data.float()  # fp32 master weights for whatever trains
     model.to(device)
     flat = use_packed_attention(cfg, model, device)  # examples end to end, attention span by span
+    attn_before = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if flat:
         model.set_attn_implementation(packed_attention.register())
     restore_norms = use_fused_norms(cfg, model, device, distributed=dist.active, say=say)
+
+    def restore_model() -> None:  # idempotent: runs before the final save, and again on any exit
+        if packed_attention.is_active(model):
+            model.set_attn_implementation(attn_before)  # saved models and later use get the standard kernel
+        restore_norms()  # the model object leaves with transformers' own modules
+        release_workspaces()  # scratch buffers of the loss and the attention
+
+    cleanup.callback(restore_model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head = model.get_output_embeddings()
-    runner, trainable = dist.wrap(model, trainable, full=cfg.method_names == ["full"])  # DDP / FSDP2 under torchrun
+    runner, trainable = dist.wrap(model, trainable, full=all(m.trains_full_weights for m in methods))  # DDP / FSDP2
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext)
     from deltatune.upcycle.losses import for_training as moe_losses_for
 
@@ -364,17 +424,20 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
 
     # --- optimiser, resume -----------------------------------------------------------------
     params = [p for _, p in trainable]
-    if cfg.fused_update:  # LOMO-style: each parameter is updated inside backward, its gradient freed at once
-        from deltatune.train.lomo import FusedUpdate
+    if cfg.fused_update:  # each parameter is updated inside backward, its gradient freed at once
+        from deltatune.train.lomo import build_fused
 
-        optimizer = FusedUpdate(params, lr=cfg.lr, weight_decay=cfg.weight_decay, algorithm="adamw", betas=cfg.betas,
-                                clip="per_param" if cfg.max_grad_norm else "none", max_norm=cfg.max_grad_norm)
+        optimizer = build_fused("lomo" if cfg.fused_update is True else cfg.fused_update, params, lr=cfg.lr,
+                                weight_decay=cfg.weight_decay, betas=cfg.betas, max_norm=cfg.max_grad_norm)
     else:
         optimizer = build_optimizer(params, cfg)
-    backward_context = optimizer.step_hooks_enabled if cfg.fused_update else nullcontext
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     pos = Position()
     if resume_from is not None:
+        for m in methods:
+            if m.why_not_resume:
+                raise ConfigError(f"method '{m.name}' cannot resume from a checkpoint: {m.why_not_resume}",
+                                  field="resume")
         if not dist.active:  # the names and shapes of what trains must be the checkpoint's
             why = verify_checkpoint(resume_from, {n: tuple(p.shape) for n, p in trainable}, hashes=False)
             if why:
@@ -442,7 +505,9 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
                 loss = loss_sum / total_weight
                 if router_losses is not None:  # MoE load-balancing and z-loss, averaged over micro-batches
                     loss = loss + router_losses.collect() / len(micro)
-                with backward_context():
+                if cfg.fused_update:
+                    optimizer.backward(loss)  # LOMO: two passes when clipping
+                else:
                     loss.backward()
                 step_loss += loss_sum.item()
                 real_tokens += int(batch["n_real_tokens"])
@@ -457,6 +522,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             pos.step += 1
+            after_step_hooks(adapted, optimizer, pos.step)
             record = {"epoch": pos.epoch}
             if cfg.eval_every and pos.step % cfg.eval_every == 0:
                 eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast,
@@ -473,7 +539,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
             progress.step(pos.step, loss_value, scheduler.get_last_lr()[0], int(sum(b["n_real_tokens"] for b in micro)),
                           record)
             history.append({"step": pos.step, "loss": loss_value, **record})
-            interrupted["flag"] = dist.any(interrupted["flag"] or pos.step == stop_after)  # all ranks stop together
+            interrupted["flag"] = dist.any(interrupted["flag"])  # every rank stops at the same step
             if cfg.snapshot_every and pos.step % cfg.snapshot_every == 0:
                 from deltatune.train.snapshot import save_snapshot
 
@@ -488,10 +554,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None =
         progress.close()
     seconds = time.perf_counter() - start
     eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat)
-    if packed_attention.is_active(model):
-        model.set_attn_implementation("sdpa")  # saved models and later use get the standard kernel
-    restore_norms()  # the model object leaves with transformers' own modules
-    release_workspaces()  # scratch buffers of the loss and the attention
+    restore_model()
     if cfg.save_every:
         checkpoint()
     dist.save_outputs(save_outputs, adapted, out / "final", tokenizer, full, base_name, runner)

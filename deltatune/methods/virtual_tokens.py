@@ -1,0 +1,158 @@
+"""Plumbing shared by the methods that add virtual positions (prompt and prefix tuning).
+
+Both reach the model through forward hooks on the decoder body (`model.get_decoder()`), torch's public
+hook API: the pre-hook sees the decoder's keyword arguments, extends the attention mask, shifts
+positions and (prefix tuning) hands in a cache. transformers renamed the decoder's cache argument
+from `past_key_values` to `cache` in 5.24 (and the causal LM passes `cache=None` explicitly, so a
+`past_key_values` put next to it is ignored): `cache_key(decoder)` gives the name this version uses,
+and `take_cache`/`put_cache` read and write it under that name.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.errors import ConfigError
+
+_CACHE_NAMES = ("cache", "past_key_values")
+_cache_key_by_class: dict[type, str] = {}
+
+
+def cache_key(decoder: nn.Module) -> str:
+    """The name of the decoder's cache argument and output field in this transformers version."""
+    cls = type(decoder)
+    if cls not in _cache_key_by_class:
+        params = inspect.signature(cls.forward).parameters
+        _cache_key_by_class[cls] = "cache" if "cache" in params else "past_key_values"
+    return _cache_key_by_class[cls]
+
+
+def decoder_args(decoder: nn.Module) -> tuple[str, ...]:
+    """The decoder's leading positional arguments, by name."""
+    return ("input_ids", "attention_mask", "position_ids", cache_key(decoder), "inputs_embeds", "use_cache")
+
+
+def bind_kwargs(decoder: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional decoder arguments -> keywords, so the hooks see one shape of call."""
+    out = dict(kwargs)
+    for name, value in zip(decoder_args(decoder), args):
+        out[name] = value
+    return out
+
+
+def take_cache(decoder: nn.Module, kw: dict[str, Any]) -> Any:
+    """The cache the caller passed (under either name); both names are removed from `kw`."""
+    key = cache_key(decoder)
+    found = None
+    for name in (key,) + tuple(n for n in _CACHE_NAMES if n != key):
+        value = kw.pop(name, None)
+        if found is None and value is not None:
+            found = value
+    return found
+
+
+def put_cache(decoder: nn.Module, kw: dict[str, Any], cache: Any) -> None:
+    kw[cache_key(decoder)] = cache
+
+
+def output_cache(decoder: nn.Module, output: Any) -> Any:
+    return getattr(output, cache_key(decoder), None)
+
+
+def drop_output_cache(decoder: nn.Module, output: Any) -> None:
+    setattr(output, cache_key(decoder), None)
+
+
+def cache_length(past: Any) -> int:
+    return 0 if past is None else int(past.get_seq_length())
+
+
+def _allowed(mask: torch.Tensor, shape: tuple[int, ...], allowed: bool) -> torch.Tensor:
+    """A block of a 4D mask: bool masks say True/False, additive masks say 0 / most negative."""
+    if mask.dtype == torch.bool:
+        return torch.full(shape, allowed, dtype=torch.bool, device=mask.device)
+    return torch.full(shape, 0.0 if allowed else torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device)
+
+
+def prepend_key_columns(mask: torch.Tensor | None, p: int) -> torch.Tensor | None:
+    """Let every query see p extra keys in front (prefix keys, or virtual tokens already in a cache)."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype, device=mask.device), mask], dim=1)
+    if mask.dim() == 4:
+        b, h, q, _ = mask.shape
+        return torch.cat([_allowed(mask, (b, h, q, p), True), mask], dim=3)
+    raise ConfigError(f"attention_mask must be 2D or 4D, got {mask.dim()}D", field="attention_mask")
+
+
+def prepend_virtual_rows(mask: torch.Tensor | None, p: int) -> torch.Tensor | None:
+    """Mask for p virtual tokens prepended to the sequence (queries and keys both grow by p)."""
+    if mask is None or mask.dim() == 2:
+        return prepend_key_columns(mask, p)
+    if mask.dim() != 4:
+        raise ConfigError(f"attention_mask must be 2D or 4D, got {mask.dim()}D", field="attention_mask")
+    b, h, q, k = mask.shape
+    causal = torch.ones(p, p, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        virt = causal.expand(b, h, p, p)
+    else:
+        virt = torch.zeros(p, p, dtype=mask.dtype, device=mask.device).masked_fill(~causal, torch.finfo(mask.dtype).min)
+        virt = virt.expand(b, h, p, p)
+    top = torch.cat([virt, _allowed(mask, (b, h, p, k), False)], dim=3)
+    bottom = torch.cat([_allowed(mask, (b, h, q, p), True), mask], dim=3)
+    return torch.cat([top, bottom], dim=2)
+
+
+def shift_positions(position_ids: torch.Tensor | None, p: int, *, with_virtual: bool) -> torch.Tensor | None:
+    """Real tokens move p positions right; with_virtual also prepends the virtual positions 0..p-1."""
+    if position_ids is None:
+        return None
+    shifted = position_ids + p
+    if not with_virtual:
+        return shifted
+    virtual = torch.arange(p, dtype=position_ids.dtype, device=position_ids.device).expand(shifted.shape[0], p)
+    return torch.cat([virtual, shifted], dim=1)
+
+
+def drop_leading_positions(output: Any, p: int) -> Any:
+    """Post-hook helper: the decoder's outputs for the original tokens only."""
+    if isinstance(output, tuple):
+        return (output[0][:, p:],) + output[1:]
+    output.last_hidden_state = output.last_hidden_state[:, p:]
+    if getattr(output, "hidden_states", None) is not None:
+        output.hidden_states = tuple(h[:, p:] for h in output.hidden_states)
+    return output
+
+
+def tokenizer_ids(method: Any, text: str, p: int) -> list[int]:
+    """The init text's token ids, repeated or truncated to exactly p (as PEFT's TEXT init does)."""
+    tokenizer = getattr(method, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError(f"method '{method.name}': init_text needs the tokenizer (set `method.tokenizer` before "
+                          "apply, or give init_token_ids)", field="options.init_text")
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise ConfigError(f"method '{method.name}': init_text {text!r} tokenises to nothing", field="options.init_text")
+    return (ids * (p // len(ids) + 1))[:p]
+
+
+def attach(model: nn.Module, attr: str, module: nn.Module) -> None:
+    """Put `module` on the causal LM under `attr` and hook it into the decoder body."""
+    if hasattr(model, attr):
+        raise ConfigError(f"the model already has '{attr}': a virtual-token method is applied twice", field="method")
+    model.add_module(attr, module)
+    decoder = model.get_decoder()
+    module._handles = [decoder.register_forward_pre_hook(module.pre_hook, with_kwargs=True),
+                       decoder.register_forward_hook(module.post_hook)]
+
+
+def repeat_to(ids: list[int], p: int) -> list[int]:
+    """`ids` repeated or truncated to exactly p (as PEFT's TEXT init does)."""
+    if not ids:
+        raise ConfigError("init token ids are empty", field="options.init_token_ids")
+    return (list(ids) * (p // len(ids) + 1))[:p]

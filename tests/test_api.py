@@ -121,7 +121,8 @@ def test_quantize_nf4_trains_lora_on_an_nf4_base(tiny_dir):
 
     model, _ = deltatune.load_model(tiny_dir, quantize="nf4")
     adapted = deltatune.apply(model, "lora", rank=4, targets="q_proj")
-    assert [m.name for m in adapted.methods] == ["qlora"]
+    assert [m.name for m in adapted.methods] == ["lora"]  # QLoRA is LoRA over the composable NF4 base
+    assert adapted.specs[0].options == {"quantize_base": True}
     assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 2  # q_proj of both layers
     dora = tiny_model()
     adapted = deltatune.apply(dora, "dora", rank=4, targets="v_proj", quantize="nf4")

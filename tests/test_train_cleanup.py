@@ -15,6 +15,13 @@ from deltatune.train.fused_norms import FusedRMSNorm
 from deltatune.train.workspace import _workspaces
 
 
+def _serve_this_model(monkeypatch, model):
+    """The loop loads the tokenizer (to check the data) before the model: both come from here."""
+    monkeypatch.setattr("deltatune.models.load_model", lambda name, dtype=None, **kw: (model.to(dtype), tiny_tokenizer()))
+    monkeypatch.setattr("deltatune.models.load_tokenizer", lambda name, **kw: tiny_tokenizer())
+    monkeypatch.setattr("deltatune.models.model_skeleton", lambda name, **kw: None)
+
+
 class Stop(RuntimeError):
     pass
 
@@ -40,7 +47,7 @@ def _failing_loss(kind: str, at_step: int):
 def test_stopped_run_gives_the_model_back_unchanged(monkeypatch, tmp_path, data_file, kind, expected, norms):
     model = tiny_model(0)
     attn = model.config._attn_implementation
-    monkeypatch.setattr("deltatune.models.load_model", lambda name, dtype=None, **kw: (model.to(dtype), tiny_tokenizer()))
+    _serve_this_model(monkeypatch, model)
     monkeypatch.setattr(loop, "weighted_lm_loss_sum", _failing_loss(kind, at_step=3))
     handler = signal.getsignal(signal.SIGINT)
     cfg = load_config(overrides=dict(data=str(data_file), output=str(tmp_path / "run"), method="lora", rank=2,
@@ -58,7 +65,7 @@ def test_stopped_run_gives_the_model_back_unchanged(monkeypatch, tmp_path, data_
 
 def test_a_finished_run_restores_the_same_way(monkeypatch, tmp_path, data_file):
     model = tiny_model(0)
-    monkeypatch.setattr("deltatune.models.load_model", lambda name, dtype=None, **kw: (model.to(dtype), tiny_tokenizer()))
+    _serve_this_model(monkeypatch, model)
     cfg = load_config(overrides=dict(data=str(data_file), output=str(tmp_path / "run"), method="lora", rank=2,
                                      batch_size=2, seq_len=64, precision="fp32", steps=2, fused_norms="off",
                                      attention="packed", eval_fraction=0.1, warmup_steps=0))

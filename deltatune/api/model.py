@@ -23,9 +23,6 @@ from deltatune.methods import MethodSpec, get_method
 __all__ = ["AdaptedModel", "apply", "load_adapter", "load_model"]
 
 QUANTIZE = ("nf4",)
-# a method -> the method that trains it on an NF4 base, where that is a method of its own
-# (methods whose options take `quantize_base` need no entry)
-_NF4_VARIANTS = {"lora": "qlora"}
 _QUANTIZE_ATTR = "_deltatune_quantize"  # set by load_model(quantize=...), read by apply()
 
 
@@ -119,7 +116,7 @@ def method_specs(method: str | MethodSpec | list[MethodSpec], *, targets: str | 
     if quantize is not None:
         quantized = [_on_nf4_base(s) for s in specs]
         if quantized == specs:
-            raise ConfigError(f"quantize='{quantize}' needs a method that trains on an NF4 base (lora, dora); "
+            raise ConfigError(f"quantize='{quantize}' needs a method that trains on an NF4 base (lora, dora, mora, ia3, vera); "
                               f"got {'+'.join(s.name for s in specs)}", field="quantize")
         specs = quantized
     return specs
@@ -127,14 +124,12 @@ def method_specs(method: str | MethodSpec | list[MethodSpec], *, targets: str | 
 
 def _on_nf4_base(spec: MethodSpec) -> MethodSpec:
     cls = get_method(spec.name)
-    if "quantize_base" in getattr(cls, "options_allowed", ()):
+    if "quantize_base" in getattr(cls, "options_schema", {}):  # every weight-delta method composes with NF4
         return MethodSpec(**{**spec.to_dict(), "options": {**spec.options, "quantize_base": True}})
-    if spec.name in _NF4_VARIANTS:
-        return MethodSpec(**{**spec.to_dict(), "name": _NF4_VARIANTS[spec.name]})
     if getattr(cls, "kind", None) == "specification":  # BitFit beside LoRA: trains biases, quantises nothing
         return spec
-    raise ConfigError(f"method '{spec.name}' cannot train on an NF4 base; use lora (QLoRA) or dora",
-                      field="quantize")
+    raise ConfigError(f"method '{spec.name}' cannot train on an NF4 base; use a weight-delta method "
+                      "(lora, dora, mora, ia3, vera)", field="quantize")
 
 
 def apply(model: nn.Module, method: str | MethodSpec | list[MethodSpec] = "lora", *,

@@ -59,8 +59,16 @@ def main() -> int:
         path.write_text("".join(json.dumps({"instruction": i.prompt, "output": i.shot_answer}) + "\n" for i in gsm))
         for b in (bs, 1):
             sec, res = timed(lambda: loss_on_file(model, tok, path, batch_size=b, progress=False))
-            rows.append({"mode": "loss", "batch": b, "examples": n, "seconds": sec, "examples_per_s": n / sec,
-                         "tokens": res.tokens})
+            rows.append(
+                {
+                    "mode": "loss",
+                    "batch": b,
+                    "examples": n,
+                    "seconds": sec,
+                    "examples_per_s": n / sec,
+                    "tokens": res.tokens,
+                }
+            )
 
     # greedy generation: GSM8K prompts in the chat template, fixed length budget
     prompts = [render(tok, "chat", [], i.prompt) for i in gsm]
@@ -74,13 +82,16 @@ def main() -> int:
     items = load_items(task, limit=n)
     for b in (bs * 2, 1):
         sec, res = timed(lambda: evaluate_task(model, tok, task, EvalOptions(batch_size=b, progress=False), items))
-        rows.append({"mode": "choice", "batch": b, "examples": n, "seconds": sec, "examples_per_s": n / sec,
-                     "acc": res.score})
+        rows.append(
+            {"mode": "choice", "batch": b, "examples": n, "seconds": sec, "examples_per_s": n / sec, "acc": res.score}
+        )
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     by = {(r["mode"], r["batch"]): r for r in rows}
-    print(f"model {args.model or 'default'} ({args.dtype}), {n} examples per mode, torch threads "
-          f"{torch.get_num_threads()}, load average {load}")
+    print(
+        f"model {args.model or 'default'} ({args.dtype}), {n} examples per mode, torch threads "
+        f"{torch.get_num_threads()}, load average {load}"
+    )
     print("| mode | batch | seconds | examples/s | batched / one-at-a-time |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -90,9 +101,22 @@ def main() -> int:
         print(f"| {r['mode']} | {r['batch']} | {r['seconds']:.2f} | {r['examples_per_s']:.2f} | {ratio:.2f}x |")
     out = ROOT / "benchmarks" / "results" / "eval_speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model or "default", "dtype": args.dtype, "n": n,
-                               "max_new_tokens": args.max_new_tokens, "machine": platform.machine(),
-                               "threads": torch.get_num_threads(), "load_average_1min": load, "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "model": args.model or "default",
+                "dtype": args.dtype,
+                "n": n,
+                "max_new_tokens": args.max_new_tokens,
+                "machine": platform.machine(),
+                "threads": torch.get_num_threads(),
+                "load_average_1min": load,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
     return 0
 

@@ -54,23 +54,41 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         lr = 2e-5 if method == "full" else 2e-4
         try:
-            cfg = TrainConfig(model=str(model_dir), data=args.data, column_map={"question": "instruction",
-                                                                                "answer": "output"},
-                              method=method, lr=lr, steps=args.steps, batch_size=args.batch_size,
-                              seq_len=args.seq_len, output=str(out), eval_fraction=0.02, warmup_steps=0,
-                              log_every=10, precision="bf16")
+            cfg = TrainConfig(
+                model=str(model_dir),
+                data=args.data,
+                column_map={"question": "instruction", "answer": "output"},
+                method=method,
+                lr=lr,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+                output=str(out),
+                eval_fraction=0.02,
+                warmup_steps=0,
+                log_every=10,
+                precision="bf16",
+            )
             t = time.perf_counter()
             r = train(cfg, quiet=True)
             metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
             t0 = next(m["elapsed_s"] for m in metrics if m["step"] == 5)
             toks = sum(m["tokens"] for m in metrics if m["step"] > 5)
             results["runs"][method] = {
-                "ok": True, "tokens_per_s": toks / (metrics[-1]["elapsed_s"] - t0),
-                "first_loss": metrics[0]["loss"], "last_loss": metrics[-1]["loss"], "eval_loss": r.eval_loss,
-                "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20, "wall_s": time.perf_counter() - t}
+                "ok": True,
+                "tokens_per_s": toks / (metrics[-1]["elapsed_s"] - t0),
+                "first_loss": metrics[0]["loss"],
+                "last_loss": metrics[-1]["loss"],
+                "eval_loss": r.eval_loss,
+                "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20,
+                "wall_s": time.perf_counter() - t,
+            }
         except Exception as exc:  # report and go on: this is a smoke check of every path
-            results["runs"][method] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                                       "trace": traceback.format_exc()[-1500:]}
+            results["runs"][method] = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "trace": traceback.format_exc()[-1500:],
+            }
         shutil.rmtree(out, ignore_errors=True)
         print(method, json.dumps(results["runs"][method])[:400], flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

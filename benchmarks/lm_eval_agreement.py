@@ -45,31 +45,67 @@ def write_tasks(work: Path, mmlu_items, gsm_items, max_new_tokens: int) -> list[
     from deltatune.evaluate.tasks import GSM8K_ZERO_SHOT
 
     work.mkdir(parents=True, exist_ok=True)
-    (work / "mmlu.jsonl").write_text("".join(json.dumps({"question": it.prompt, "choices": it.options,
-                                                         "answer": it.answer}) + "\n" for it in mmlu_items))
-    (work / "gsm8k.jsonl").write_text("".join(json.dumps({"question": it.prompt, "target": it.target}) + "\n"
-                                              for it in gsm_items))
-    mmlu = {"task": "deltatune_mmlu", "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": str(work / "mmlu.jsonl")}}, "test_split": "test",
-            "output_type": "multiple_choice", "doc_to_text": "Question: {{question}}\nAnswer:",
-            "doc_to_choice": "choices", "doc_to_target": "answer", "target_delimiter": " ",
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}
-    gsm = {"task": "deltatune_gsm8k", "dataset_path": "json",
-           "dataset_kwargs": {"data_files": {"test": str(work / "gsm8k.jsonl")}}, "test_split": "test",
-           "output_type": "generate_until",
-           "doc_to_text": "Question: {{question}}" + GSM8K_ZERO_SHOT + "\nAnswer:",
-           "doc_to_target": "target", "target_delimiter": " ",
-           "generation_kwargs": {"until": ["\nQuestion:", "<|im_end|>"], "do_sample": False,
-                                 "max_gen_toks": max_new_tokens},
-           "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                            "ignore_case": True, "ignore_punctuation": False,
-                            "regexes_to_ignore": [",", "\\$", "\\.$"]}],
-           "filter_list": [{"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": STRICT},
-                                                               {"function": "take_first"}]},
-                           {"name": "flexible-extract",
-                            "filter": [{"function": "regex", "group_select": -1, "regex_pattern": FLEXIBLE},
-                                       {"function": "take_first"}]}]}
+    (work / "mmlu.jsonl").write_text(
+        "".join(
+            json.dumps({"question": it.prompt, "choices": it.options, "answer": it.answer}) + "\n" for it in mmlu_items
+        )
+    )
+    (work / "gsm8k.jsonl").write_text(
+        "".join(json.dumps({"question": it.prompt, "target": it.target}) + "\n" for it in gsm_items)
+    )
+    mmlu = {
+        "task": "deltatune_mmlu",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(work / "mmlu.jsonl")}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_choice": "choices",
+        "doc_to_target": "answer",
+        "target_delimiter": " ",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+    }
+    gsm = {
+        "task": "deltatune_gsm8k",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(work / "gsm8k.jsonl")}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "Question: {{question}}" + GSM8K_ZERO_SHOT + "\nAnswer:",
+        "doc_to_target": "target",
+        "target_delimiter": " ",
+        "generation_kwargs": {
+            "until": ["\nQuestion:", "<|im_end|>"],
+            "do_sample": False,
+            "max_gen_toks": max_new_tokens,
+        },
+        "metric_list": [
+            {
+                "metric": "exact_match",
+                "aggregation": "mean",
+                "higher_is_better": True,
+                "ignore_case": True,
+                "ignore_punctuation": False,
+                "regexes_to_ignore": [",", "\\$", "\\.$"],
+            }
+        ],
+        "filter_list": [
+            {
+                "name": "strict-match",
+                "filter": [{"function": "regex", "regex_pattern": STRICT}, {"function": "take_first"}],
+            },
+            {
+                "name": "flexible-extract",
+                "filter": [
+                    {"function": "regex", "group_select": -1, "regex_pattern": FLEXIBLE},
+                    {"function": "take_first"},
+                ],
+            },
+        ],
+    }
     names = []
     for cfg, items in ((mmlu, mmlu_items), (gsm, gsm_items)):
         if items:
@@ -85,8 +121,15 @@ def run_lm_eval(model, tokenizer, work: Path, tasks: list[str], batch_size: int)
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
-    out = simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(work)), num_fewshot=0,
-                          log_samples=True, bootstrap_iters=0, random_seed=0)
+    out = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=TaskManager(include_path=str(work)),
+        num_fewshot=0,
+        log_samples=True,
+        bootstrap_iters=0,
+        random_seed=0,
+    )
     return out["results"], out.get("samples", {})
 
 
@@ -121,9 +164,17 @@ def compare(label: str, ours: dict, theirs: dict, ours_items: dict, theirs_items
         their_value = theirs.get(their_key)
         a, b = ours_items.get(name, {}), theirs_items.get(name, {})
         disagree = sum(1 for i in a if i in b and a[i] != b[i])
-        rows.append({"model": label, "metric": name, "deltatune": our_value, "lm_eval": their_value,
-                     "diff_points": None if their_value is None else round(100 * (our_value - their_value), 2),
-                     "items": len(a), "items_disagreeing": disagree})
+        rows.append(
+            {
+                "model": label,
+                "metric": name,
+                "deltatune": our_value,
+                "lm_eval": their_value,
+                "diff_points": None if their_value is None else round(100 * (our_value - their_value), 2),
+                "items": len(a),
+                "items_disagreeing": disagree,
+            }
+        )
     return rows
 
 
@@ -184,20 +235,28 @@ def main() -> int:
             raw["mmlu"] = r.predictions
             ours["mmlu acc (char-normalised)"] = (r.metrics["acc"], ("deltatune_mmlu", "acc_norm,none"))
             ours["mmlu acc_sum"] = (r.metrics["acc_sum"], ("deltatune_mmlu", "acc,none"))
-            ours_items["mmlu acc (char-normalised)"] = {i: float(p["predicted"] == p["target"])
-                                                        for i, p in enumerate(r.predictions)}
-            ours_items["mmlu acc_sum"] = {i: float(max(range(len(p["logprobs"])), key=p["logprobs"].__getitem__)
-                                                   == "ABCD".index(p["target"])) for i, p in enumerate(r.predictions)}
+            ours_items["mmlu acc (char-normalised)"] = {
+                i: float(p["predicted"] == p["target"]) for i, p in enumerate(r.predictions)
+            }
+            ours_items["mmlu acc_sum"] = {
+                i: float(max(range(len(p["logprobs"])), key=p["logprobs"].__getitem__) == "ABCD".index(p["target"]))
+                for i, p in enumerate(r.predictions)
+            }
         if gsm_items:
             r = evaluate_task(model, tok, gsm_task, opts, gsm_items)
             raw["gsm8k"] = r.predictions
-            ours["gsm8k exact_match (strict)"] = (r.metrics["exact_match"],
-                                                  ("deltatune_gsm8k", "exact_match,strict-match"))
-            ours["gsm8k exact_match (flexible)"] = (r.metrics["exact_match_flexible"],
-                                                    ("deltatune_gsm8k", "exact_match,flexible-extract"))
+            ours["gsm8k exact_match (strict)"] = (
+                r.metrics["exact_match"],
+                ("deltatune_gsm8k", "exact_match,strict-match"),
+            )
+            ours["gsm8k exact_match (flexible)"] = (
+                r.metrics["exact_match_flexible"],
+                ("deltatune_gsm8k", "exact_match,flexible-extract"),
+            )
             ours_items["gsm8k exact_match (strict)"] = {i: p["exact_match"] for i, p in enumerate(r.predictions)}
-            ours_items["gsm8k exact_match (flexible)"] = {i: p["exact_match_flexible"]
-                                                          for i, p in enumerate(r.predictions)}
+            ours_items["gsm8k exact_match (flexible)"] = {
+                i: p["exact_match_flexible"] for i, p in enumerate(r.predictions)
+            }
         t1 = time.perf_counter()
         results, samples = run_lm_eval(model, tok, work, names, args.batch_size)
         t2 = time.perf_counter()
@@ -206,8 +265,7 @@ def main() -> int:
         theirs_items = {}
         for name, (_, (task, key)) in ours.items():
             metric, _, filt = key.partition(",")
-            theirs_items[name] = per_item_lm_eval(samples.get(task, []), metric,
-                                                  None if filt == "none" else filt)
+            theirs_items[name] = per_item_lm_eval(samples.get(task, []), metric, None if filt == "none" else filt)
         table += compare(label, {k: (v, k) for k, (v, _) in ours.items()}, theirs, ours_items, theirs_items)
         checks[label] = raw_checks(raw, samples)
 
@@ -219,11 +277,21 @@ def main() -> int:
         print(f"{label}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
     import torch
 
-    payload = {"checks": checks, "model": args.model or "default", "adapter": args.adapter or "random LoRA r=8 (seeded)",
-               "subjects": args.subjects, "mmlu_per_subject": args.mmlu_per_subject, "gsm8k": args.gsm8k,
-               "max_new_tokens": args.max_new_tokens, "lm_eval_version": _version("lm_eval"),
-               "machine": platform.machine(), "threads": torch.get_num_threads(),
-               "load_average_1min": os.getloadavg()[0], "timings": timings, "rows": table}
+    payload = {
+        "checks": checks,
+        "model": args.model or "default",
+        "adapter": args.adapter or "random LoRA r=8 (seeded)",
+        "subjects": args.subjects,
+        "mmlu_per_subject": args.mmlu_per_subject,
+        "gsm8k": args.gsm8k,
+        "max_new_tokens": args.max_new_tokens,
+        "lm_eval_version": _version("lm_eval"),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
+        "timings": timings,
+        "rows": table,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}; timings {timings}")

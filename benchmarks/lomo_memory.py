@@ -44,8 +44,14 @@ def load(name: str, device: str):
         from deltatune.testing import tiny_llama_config
 
         torch.manual_seed(0)
-        cfg = tiny_llama_config(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                                num_attention_heads=8, num_key_value_heads=4)
+        cfg = tiny_llama_config(
+            vocab_size=8192,
+            hidden_size=512,
+            intermediate_size=1536,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+        )
         model = LlamaForCausalLM(cfg)
     elif name == "smollm2-shape":  # the default model's exact shapes, random weights (no file needed: GPU runs)
         from transformers import LlamaForCausalLM
@@ -53,8 +59,15 @@ def load(name: str, device: str):
         from deltatune.testing import tiny_llama_config
 
         torch.manual_seed(0)
-        cfg = tiny_llama_config(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+        cfg = tiny_llama_config(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+        )
         model = LlamaForCausalLM(cfg)
     else:
         from deltatune.models import load_model
@@ -134,12 +147,19 @@ def child(model_name: str, optimizer: str, steps: int, device: str) -> dict:
     for h in handles:
         h.remove()
     state = sum(t.nbytes for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
-    out = {"model": model_name, "optimizer": optimizer, "device": device, "params": n_params,
-           "optimizer_state_mib": round(state / MIB, 1),
-           "weights_mib": round(sum(p.nbytes for p in params) / MIB, 1),
-           "rss_before_mib": round(before / MIB, 1), "rss_peak_mib": round(sampler.peak / MIB, 1),
-           "rss_overhead_mib": round((sampler.peak - before) / MIB, 1),
-           "max_live_grad_mib": round(live[0] / MIB, 2), "seconds_per_step": round(seconds, 3)}
+    out = {
+        "model": model_name,
+        "optimizer": optimizer,
+        "device": device,
+        "params": n_params,
+        "optimizer_state_mib": round(state / MIB, 1),
+        "weights_mib": round(sum(p.nbytes for p in params) / MIB, 1),
+        "rss_before_mib": round(before / MIB, 1),
+        "rss_peak_mib": round(sampler.peak / MIB, 1),
+        "rss_overhead_mib": round((sampler.peak - before) / MIB, 1),
+        "max_live_grad_mib": round(live[0] / MIB, 2),
+        "seconds_per_step": round(seconds, 3),
+    }
     if device == "cuda":
         out["cuda_before_mib"] = round(before_cuda / MIB, 1)
         out["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / MIB, 1)
@@ -167,8 +187,17 @@ def main() -> None:
     rows = []
     for model in args.models.split(","):
         for optimizer in optimizers:
-            cmd = [sys.executable, __file__, "--child", model, optimizer, "--steps", str(args.steps),
-                   "--device", args.device]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                model,
+                optimizer,
+                "--steps",
+                str(args.steps),
+                "--device",
+                args.device,
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             if done.returncode != 0:
                 print(done.stderr[-2000:], file=sys.stderr)
@@ -182,9 +211,21 @@ def main() -> None:
         r["overhead_vs_adamw"] = round(r[key] / base[key], 3) if base[key] else None
         r["peak_vs_adamw"] = round(r[peak] / base[peak], 3) if base[peak] else None
         r["saved_vs_adamw_mib"] = round(base[key] - r[key], 1)
-    cols = ["model", "optimizer", "params", "weights_mib", "optimizer_state_mib", "rss_before_mib", "rss_peak_mib",
-            "rss_overhead_mib", "max_live_grad_mib", "overhead_vs_adamw", "peak_vs_adamw", "saved_vs_adamw_mib",
-            "seconds_per_step"]
+    cols = [
+        "model",
+        "optimizer",
+        "params",
+        "weights_mib",
+        "optimizer_state_mib",
+        "rss_before_mib",
+        "rss_peak_mib",
+        "rss_overhead_mib",
+        "max_live_grad_mib",
+        "overhead_vs_adamw",
+        "peak_vs_adamw",
+        "saved_vs_adamw_mib",
+        "seconds_per_step",
+    ]
     if args.device == "cuda":
         cols[5:8] = ["cuda_before_mib", "cuda_peak_mib", "cuda_overhead_mib"]
     print(" | ".join(cols))
@@ -195,8 +236,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     machine = {"cpu": _cpu_model(), "platform": platform.platform(), "python": platform.python_version()}
-    tmp.write_text(json.dumps({"steps": args.steps, "batch": [2, 128], "dtype": "fp32", "machine": machine,
-                               "rows": rows}, indent=2) + "\n")
+    tmp.write_text(
+        json.dumps(
+            {"steps": args.steps, "batch": [2, 128], "dtype": "fp32", "machine": machine, "rows": rows}, indent=2
+        )
+        + "\n"
+    )
     tmp.replace(out)
     print(f"wrote {out}")
 

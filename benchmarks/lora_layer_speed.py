@@ -75,18 +75,40 @@ def main() -> None:
                 times[k].append(time.perf_counter() - t)
         med = {k: min(v) for k, v in times.items()}
         tokens = args.batch * args.seq
-        rows.append({"dropout": dropout, "deltatune_s": med["deltatune"], "peft_s": med["peft"],
-                     "deltatune_tok_s": tokens / med["deltatune"], "peft_tok_s": tokens / med["peft"],
-                     "speedup": med["peft"] / med["deltatune"]})
+        rows.append(
+            {
+                "dropout": dropout,
+                "deltatune_s": med["deltatune"],
+                "peft_s": med["peft"],
+                "deltatune_tok_s": tokens / med["deltatune"],
+                "peft_tok_s": tokens / med["peft"],
+                "speedup": med["peft"] / med["deltatune"],
+            }
+        )
         del runs
-    print(f"{'dropout':>8} {'deltatune s/step':>17} {'peft s/step':>12} {'deltatune tok/s':>16} {'peft tok/s':>11} {'ratio':>6}")
+    print(
+        f"{'dropout':>8} {'deltatune s/step':>17} {'peft s/step':>12} {'deltatune tok/s':>16} {'peft tok/s':>11} {'ratio':>6}"
+    )
     for r in rows:
-        print(f"{r['dropout']:>8} {r['deltatune_s']:>17.3f} {r['peft_s']:>12.3f} {r['deltatune_tok_s']:>16.0f} "
-              f"{r['peft_tok_s']:>11.0f} {r['speedup']:>6.2f}")
+        print(
+            f"{r['dropout']:>8} {r['deltatune_s']:>17.3f} {r['peft_s']:>12.3f} {r['deltatune_tok_s']:>16.0f} "
+            f"{r['peft_tok_s']:>11.0f} {r['speedup']:>6.2f}"
+        )
     out = Path(__file__).parent / "results" / "lora_layer_speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "batch": args.batch,
-                               "seq": args.seq, "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "batch": args.batch,
+                "seq": args.seq,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,11 @@ def cpu_info() -> dict:
                 flags = set(value.split())
     except OSError:
         pass
-    return {"cpu_model": model, "cpu_flags": [f for f in FLAGS_OF_INTEREST if f in flags],
-            "cpu_kind": "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "other"}
+    return {
+        "cpu_model": model,
+        "cpu_flags": [f for f in FLAGS_OF_INTEREST if f in flags],
+        "cpu_kind": "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "other",
+    }
 
 
 def matmul_peak_gflops(dtype_name: str = "bf16", n: int = 2048, reps: int = 10) -> float:
@@ -38,14 +41,18 @@ def matmul_peak_gflops(dtype_name: str = "bf16", n: int = 2048, reps: int = 10) 
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 def machine_record(measure_peak: bool = True) -> dict:
     import torch
 
-    record = {**cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "python": platform.python_version()}
+    record = {
+        **cpu_info(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
     try:
         import transformers
 
@@ -60,5 +67,6 @@ def machine_record(measure_peak: bool = True) -> dict:
 def describe(record: dict) -> str:
     flags = ",".join(record.get("cpu_flags", [])) or "-"
     peak = record.get("matmul_peak_gflops_bf16")
-    return (f"{record.get('cpu_model')} [{flags}], {record.get('threads')} threads, torch {record.get('torch')}"
-            + (f", bf16 matmul peak {peak:.0f} GFLOP/s" if peak else ""))
+    return f"{record.get('cpu_model')} [{flags}], {record.get('threads')} threads, torch {record.get('torch')}" + (
+        f", bf16 matmul peak {peak:.0f} GFLOP/s" if peak else ""
+    )

@@ -16,8 +16,12 @@ import torch
 
 from deltatune.methods.nf4 import NF4Linear, dequantize_nf4, quantize_nf4
 
-SHAPES = {"q/o 576x576": (576, 576), "k/v 192x576": (192, 576), "gate/up 1536x576": (1536, 576),
-          "down 576x1536": (576, 1536)}
+SHAPES = {
+    "q/o 576x576": (576, 576),
+    "k/v 192x576": (192, 576),
+    "gate/up 1536x576": (1536, 576),
+    "down 576x1536": (576, 1536),
+}
 
 
 def int4_absmax(w: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -28,11 +32,13 @@ def int4_absmax(w: torch.Tensor, block: int = 64) -> torch.Tensor:
 
 def errors(w: torch.Tensor) -> dict[str, float]:
     rel = lambda d: ((d - w).norm() / w.norm()).item()  # noqa: E731
-    out = {"nf4_mae": (dequantize_nf4(quantize_nf4(w, double_quant=False)) - w).abs().mean().item(),
-           "nf4_dq_mae": (dequantize_nf4(quantize_nf4(w)) - w).abs().mean().item(),
-           "int4_absmax_mae": (int4_absmax(w) - w).abs().mean().item(),
-           "nf4_dq_rel_fro": rel(dequantize_nf4(quantize_nf4(w))),
-           "int4_rel_fro": rel(int4_absmax(w))}
+    out = {
+        "nf4_mae": (dequantize_nf4(quantize_nf4(w, double_quant=False)) - w).abs().mean().item(),
+        "nf4_dq_mae": (dequantize_nf4(quantize_nf4(w)) - w).abs().mean().item(),
+        "int4_absmax_mae": (int4_absmax(w) - w).abs().mean().item(),
+        "nf4_dq_rel_fro": rel(dequantize_nf4(quantize_nf4(w))),
+        "int4_rel_fro": rel(int4_absmax(w)),
+    }
     try:
         import bitsandbytes.functional as bf
 
@@ -46,9 +52,11 @@ def errors(w: torch.Tensor) -> dict[str, float]:
 def memory(shape: tuple[int, int]) -> dict[str, float]:
     lin = torch.nn.Linear(shape[1], shape[0], bias=False)
     bf16 = lin.weight.numel() * 2
-    return {"bf16_bytes": bf16,
-            "nf4_dq_ratio": NF4Linear.from_linear(lin).weight_nbytes() / bf16,
-            "nf4_ratio": NF4Linear.from_linear(lin, double_quant=False).weight_nbytes() / bf16}
+    return {
+        "bf16_bytes": bf16,
+        "nf4_dq_ratio": NF4Linear.from_linear(lin).weight_nbytes() / bf16,
+        "nf4_ratio": NF4Linear.from_linear(lin, double_quant=False).weight_nbytes() / bf16,
+    }
 
 
 def main() -> None:
@@ -72,8 +80,11 @@ def main() -> None:
                 tot["bf16"] += m.weight.numel() * 2
                 for k, v in errors(m.weight.detach().float()).items():
                     errs.setdefault(k, []).append(v)
-        rows["SmolLM2-135M all linears"] = {"nf4_dq_ratio": tot["nf4"] / tot["bf16"], "bf16_bytes": tot["bf16"],
-                                            **{k: sum(v) / len(v) for k, v in errs.items()}}
+        rows["SmolLM2-135M all linears"] = {
+            "nf4_dq_ratio": tot["nf4"] / tot["bf16"],
+            "bf16_bytes": tot["bf16"],
+            **{k: sum(v) / len(v) for k, v in errs.items()},
+        }
     keys = sorted({k for r in rows.values() for k in r})
     print(f"{'case':32s} " + " ".join(f"{k:>16s}" for k in keys))
     for name, r in rows.items():

@@ -18,8 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe, machine_record  # noqa: E402
 from train_speed import ALPHA, BATCH, MAX_LEN, RANK, gsm8k_records  # noqa: E402
@@ -27,10 +25,30 @@ from train_speed import ALPHA, BATCH, MAX_LEN, RANK, gsm8k_records  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 GROUPS = {  # operator name prefixes -> a coarse part of the step
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"),
-    "copies and casts": ("aten::copy_", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone",
-                         "aten::index_select", "aten::cat"),
-    "element-wise": ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::silu", "aten::neg", "aten::pow",
-                     "aten::rsqrt", "aten::mean", "aten::sum", "aten::exp", "aten::fill_", "aten::zero_"),
+    "copies and casts": (
+        "aten::copy_",
+        "aten::to",
+        "aten::_to_copy",
+        "aten::contiguous",
+        "aten::clone",
+        "aten::index_select",
+        "aten::cat",
+    ),
+    "element-wise": (
+        "aten::mul",
+        "aten::add",
+        "aten::sub",
+        "aten::div",
+        "aten::silu",
+        "aten::neg",
+        "aten::pow",
+        "aten::rsqrt",
+        "aten::mean",
+        "aten::sum",
+        "aten::exp",
+        "aten::fill_",
+        "aten::zero_",
+    ),
     "attention": ("SpanAttention", "aten::_scaled_dot_product", "aten::softmax", "aten::_softmax"),
     "optimizer": ("Optimizer.step", "aten::_foreach"),
 }
@@ -54,8 +72,11 @@ def main() -> None:
 
     machine = machine_record()
     print(f"machine: {describe(machine)}")
-    prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False,
-                   schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1))
+    prof = profile(
+        activities=[ProfilerActivity.CPU],
+        record_shapes=False,
+        schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1),
+    )
     original_step = progress_module.Progress.step
 
     def step_and_profile(self, *a, **k):  # one profiler step per optimizer step
@@ -63,36 +84,62 @@ def main() -> None:
         prof.step()
 
     progress_module.Progress.step = step_and_profile  # this script's own hook; the product is unchanged
-    cfg = TrainConfig(template="chatml", policy="response", method=args.method, rank=RANK, alpha=ALPHA, dropout=0.0,
-                      lr=2e-4, steps=args.warmup + args.steps, batch_size=BATCH, seq_len=MAX_LEN, precision="auto",
-                      attention=args.attention, output=tempfile.mkdtemp(prefix="profile-"), eval_fraction=0.0,
-                      warmup_steps=0, log_every=1000)
+    cfg = TrainConfig(
+        template="chatml",
+        policy="response",
+        method=args.method,
+        rank=RANK,
+        alpha=ALPHA,
+        dropout=0.0,
+        lr=2e-4,
+        steps=args.warmup + args.steps,
+        batch_size=BATCH,
+        seq_len=MAX_LEN,
+        precision="auto",
+        attention=args.attention,
+        output=tempfile.mkdtemp(prefix="profile-"),
+        eval_fraction=0.0,
+        warmup_steps=0,
+        log_every=1000,
+    )
     with prof:
         result = train(cfg, quiet=True, records=gsm8k_records())
     progress_module.Progress.step = original_step
     events = prof.key_averages()
     total_us = sum(e.self_cpu_time_total for e in events)
-    rows = sorted(({"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in events),
-                  key=lambda r: -r["self_s"])
+    rows = sorted(
+        ({"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in events),
+        key=lambda r: -r["self_s"],
+    )
     parts = {name: 0.0 for name in GROUPS}
     for r in rows:
         for name, prefixes in GROUPS.items():
             if r["op"].startswith(prefixes):
                 parts[name] += r["self_s"]
                 break
-    print(f"\n{args.steps} profiled steps, {total_us / 1e6:.1f} s of self CPU time "
-          f"({result.tokens_per_s:.0f} tokens/s over the whole run, profiler overhead included)")
+    print(
+        f"\n{args.steps} profiled steps, {total_us / 1e6:.1f} s of self CPU time "
+        f"({result.tokens_per_s:.0f} tokens/s over the whole run, profiler overhead included)"
+    )
     print(f"{'operator':46s}{'self s':>9s}{'share':>8s}{'calls':>9s}")
-    for r in rows[:args.top]:
+    for r in rows[: args.top]:
         print(f"{r['op'][:45]:46s}{r['self_s']:9.2f}{100 * r['self_s'] * 1e6 / total_us:7.1f}%{r['calls']:9d}")
     print("\nby part:")
     for name, s in parts.items():
         print(f"  {name:18s}{s:8.2f} s {100 * s * 1e6 / total_us:6.1f}%")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "config": {k: getattr(args, k) for k in
-                                                                         ("steps", "warmup", "method", "attention")},
-                                          "total_self_s": total_us / 1e6, "parts_s": parts, "ops": rows[:100]},
-                                         indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "config": {k: getattr(args, k) for k in ("steps", "warmup", "method", "attention")},
+                "total_self_s": total_us / 1e6,
+                "parts_s": parts,
+                "ops": rows[:100],
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

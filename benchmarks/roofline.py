@@ -68,8 +68,14 @@ def benchmark_steps(steps: int, warmup: int) -> tuple[list[dict], object]:
         batch = collate(rows, policy, seq_len=MAX_LEN, pad_id=pad, packed=True, flat=True, template_name="chatml")
         n_loss = int((batch["loss_weights"][:, 1:] > 0).sum())
         if step >= warmup:
-            out.append({"T": batch["input_ids"].shape[1], "spans": [len(ex) for row in rows for ex in row],
-                        "n_loss": -(-n_loss // 32) * 32, "real_tokens": batch["n_real_tokens"]})
+            out.append(
+                {
+                    "T": batch["input_ids"].shape[1],
+                    "spans": [len(ex) for row in rows for ex in row],
+                    "n_loss": -(-n_loss // 32) * 32,
+                    "real_tokens": batch["n_real_tokens"],
+                }
+            )
     return out, AutoConfig.from_pretrained(model_dir)
 
 
@@ -77,8 +83,15 @@ def step_products(step: dict, c, rank: int) -> Counter:
     """(kind, m, k, n, batch) -> count: one product of `batch` (m x k) and (k x n) matrices, per step."""
     h, heads, kv_heads = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
     d_head = h // heads
-    projections = [(h, h), (h, kv_heads * d_head), (h, kv_heads * d_head), (h, h),
-                   (h, c.intermediate_size), (h, c.intermediate_size), (c.intermediate_size, h)]  # (in, out)
+    projections = [
+        (h, h),
+        (h, kv_heads * d_head),
+        (h, kv_heads * d_head),
+        (h, h),
+        (h, c.intermediate_size),
+        (h, c.intermediate_size),
+        (c.intermediate_size, h),
+    ]  # (in, out)
     T, L = step["T"], c.num_hidden_layers
     products: Counter = Counter()
     for d_in, d_out in projections:
@@ -92,10 +105,15 @@ def step_products(step: dict, c, rank: int) -> Counter:
             products[("lora dA", rank, T, d_in, 1)] += L
             products[("lora dX", T, rank, d_in, 1)] += L
     for n in step["spans"]:  # one batched product over the heads (as SpanAttention runs them), per layer
-        for kind, (m, k, nn) in {"attn QK fwd": (n, d_head, n), "attn PV fwd": (n, n, d_head),
-                                 "attn QK recompute": (n, d_head, n), "attn dP": (n, d_head, n),
-                                 "attn dV": (n, n, d_head), "attn dQ": (n, n, d_head),
-                                 "attn dK": (n, n, d_head)}.items():
+        for kind, (m, k, nn) in {
+            "attn QK fwd": (n, d_head, n),
+            "attn PV fwd": (n, n, d_head),
+            "attn QK recompute": (n, d_head, n),
+            "attn dP": (n, d_head, n),
+            "attn dV": (n, n, d_head),
+            "attn dQ": (n, n, d_head),
+            "attn dK": (n, n, d_head),
+        }.items():
             products[(kind, m, k, nn, heads)] += L
     products[("head fwd", step["n_loss"], h, c.vocab_size, 1)] += 1
     products[("head dH", step["n_loss"], c.vocab_size, h, 1)] += 1
@@ -126,8 +144,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5, help="timings per shape (median)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                        help="auto = what training picks here: bf16 where the CPU has AVX-512 bf16 or AMX")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="auto = what training picks here: bf16 where the CPU has AVX-512 bf16 or AMX",
+    )
     parser.add_argument("--measure", action="store_true", help="also run the deltatune contender on the same steps")
     parser.add_argument("--repeats", type=int, default=3, help="with --measure: roofline and run, interleaved")
     args = parser.parse_args()
@@ -156,13 +178,25 @@ def main() -> None:
         seconds, by_kind = roofline_once()
         rooflines.append(seconds)
         if args.measure:
-            proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_speed.py"), "--child", "deltatune",
-                                   "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                                  capture_output=True, text=True, cwd=REPO)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    str(REPO / "benchmarks" / "train_speed.py"),
+                    "--child",
+                    "deltatune",
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                ],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+            )
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"the deltatune contender failed:\n{proc.stderr[-3000:]}")
-            measured.append(json.loads(line[len("RESULT "):])["tokens_per_s"])
+            measured.append(json.loads(line[len("RESULT ") :])["tokens_per_s"])
     roof_s = statistics.median(rooflines)
     flops = sum(2 * m * k * n * batch * count for (_, m, k, n, batch), count in total.items())
     roof_tps = tokens / roof_s
@@ -170,16 +204,29 @@ def main() -> None:
     print(f"{'part':10s}{'seconds':>10s}{'share':>8s}")
     for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"{kind:10s}{t:10.2f}{100 * t / seconds:7.1f}%")
-    print(f"roofline: {roof_s:.2f} s = {roof_tps:.0f} tokens/s ({flops / roof_s / 1e9:.0f} GFLOP/s on the step's "
-          f"shapes; spread {min(rooflines):.2f}-{max(rooflines):.2f} s)")
-    result = {"machine": machine, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup, "rank": args.rank, "tokens": tokens,
-              "matmul_tflop": flops / 1e12, "roofline_s": rooflines, "roofline_tokens_per_s": roof_tps,
-              "by_part_s": by_kind}
+    print(
+        f"roofline: {roof_s:.2f} s = {roof_tps:.0f} tokens/s ({flops / roof_s / 1e9:.0f} GFLOP/s on the step's "
+        f"shapes; spread {min(rooflines):.2f}-{max(rooflines):.2f} s)"
+    )
+    result = {
+        "machine": machine,
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rank": args.rank,
+        "tokens": tokens,
+        "matmul_tflop": flops / 1e12,
+        "roofline_s": rooflines,
+        "roofline_tokens_per_s": roof_tps,
+        "by_part_s": by_kind,
+    }
     if measured:
         med = statistics.median(measured)
         result.update(deltatune_tokens_per_s=measured, fraction_of_roofline=med / roof_tps)
-        print(f"deltatune: {med:.0f} tokens/s (runs {', '.join(f'{x:.0f}' for x in measured)}) = "
-              f"{100 * med / roof_tps:.0f}% of the roofline")
+        print(
+            f"deltatune: {med:.0f} tokens/s (runs {', '.join(f'{x:.0f}' for x in measured)}) = "
+            f"{100 * med / roof_tps:.0f}% of the roofline"
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
     print(f"wrote {RESULTS}")

@@ -31,9 +31,13 @@ sys.path.insert(0, str(ROOT))
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
-    "Write a short poem about the sea.", "What is the capital of France?", "Explain what a neural network is.",
-    "Give three tips for staying healthy.", "Translate 'good morning' into Spanish.",
-    "What is 17 times 23?", "Summarise the plot of Hamlet in one sentence.",
+    "Write a short poem about the sea.",
+    "What is the capital of France?",
+    "Explain what a neural network is.",
+    "Give three tips for staying healthy.",
+    "Translate 'good morning' into Spanish.",
+    "What is 17 times 23?",
+    "Summarise the plot of Hamlet in one sentence.",
 ]
 
 
@@ -46,13 +50,31 @@ def cpu_info() -> dict:
                 model = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
                 have = set(line.split(":", 1)[1].split())
-                flags = sorted(have & {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
-                                       "amx_tile", "neon", "asimd"})
+                flags = sorted(
+                    have
+                    & {
+                        "avx",
+                        "avx2",
+                        "fma",
+                        "avx512f",
+                        "avx512_bf16",
+                        "avx512_vnni",
+                        "amx_bf16",
+                        "amx_tile",
+                        "neon",
+                        "asimd",
+                    }
+                )
                 break
     except OSError:
         pass
-    return {"cpu": model, "flags": flags, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "cpu": model,
+        "flags": flags,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def load_base(name: str):
@@ -99,7 +121,9 @@ def main() -> int:
     n = args.new_tokens
 
     def run(e: Engine, adapters: list[str | None], rows: list[list[int]]) -> float:
-        reqs = [GenRequest(prompt_ids=p, adapter=a, params=SamplingParams(max_tokens=n)) for p, a in zip(rows, adapters)]
+        reqs = [
+            GenRequest(prompt_ids=p, adapter=a, params=SamplingParams(max_tokens=n)) for p, a in zip(rows, adapters)
+        ]
         t0 = time.perf_counter()
         e.generate(reqs)
         return time.perf_counter() - t0
@@ -111,8 +135,17 @@ def main() -> int:
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         t0 = time.perf_counter()
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=pad,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
         return time.perf_counter() - t0
 
     b = args.batch
@@ -147,17 +180,28 @@ def main() -> int:
         "4 distinct / merged tokens/s": round(tps["4 distinct adapters"] / tps["merged adapter"], 3),
         "merged / base latency (target <= 1.03)": round(sec["latency: merged adapter"] / sec["latency: base"], 3),
         "unmerged / merged latency": round(sec["latency: unmerged adapter"] / sec["latency: merged adapter"], 3),
-        "engine / transformers generate tokens/s": round(tps["base, deltatune engine"]
-                                                         / tps["base, transformers generate"], 3),
+        "engine / transformers generate tokens/s": round(
+            tps["base, deltatune engine"] / tps["base, transformers generate"], 3
+        ),
     }
-    result = {"model": model_name, "batch": b, "new_tokens": n, "rank": args.rank, "repeats": args.repeats,
-              "machine": cpu_info(), "results": rows, "ratios": checks}
+    result = {
+        "model": model_name,
+        "batch": b,
+        "new_tokens": n,
+        "rank": args.rank,
+        "repeats": args.repeats,
+        "machine": cpu_info(),
+        "results": rows,
+        "ratios": checks,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
-    print(f"\nmodel {model_name}, batch {b}, {n} new tokens, LoRA rank {args.rank}; {m['cpu']} "
-          f"[{' '.join(m['flags'])}], {m['threads']} threads, torch {m['torch']}\n")
+    print(
+        f"\nmodel {model_name}, batch {b}, {n} new tokens, LoRA rank {args.rank}; {m['cpu']} "
+        f"[{' '.join(m['flags'])}], {m['threads']} threads, torch {m['torch']}\n"
+    )
     print("| case | seconds | tokens | tokens/s |\n|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['case']} | {r['seconds']:.3f} | {r['tokens']} | {r['tokens_per_s']:.1f} |")

@@ -44,14 +44,21 @@ def matmul_peak_gflops(dtype_name: str = "bf16", n: int = 2048, reps: int = 10) 
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 # --------------------------------------------------------------------------------------------
 # contenders (each runs in a child process: `python train_speed.py --child NAME`)
 # --------------------------------------------------------------------------------------------
-def run_deltatune(steps: int, warmup: int, method: str = "lora", options: dict | None = None,
-                  batch_size: int = BATCH, pack_len: int | None = None, attention: str = "auto") -> dict:
+def run_deltatune(
+    steps: int,
+    warmup: int,
+    method: str = "lora",
+    options: dict | None = None,
+    batch_size: int = BATCH,
+    pack_len: int | None = None,
+    attention: str = "auto",
+) -> dict:
     import tempfile
 
     from deltatune.config import TrainConfig
@@ -60,11 +67,26 @@ def run_deltatune(steps: int, warmup: int, method: str = "lora", options: dict |
     records = gsm8k_records()
     out = tempfile.mkdtemp(prefix="bench-dt-")
     lr = 2e-4 if method == "lora" else 2e-5
-    cfg = TrainConfig(template="chatml", policy="response", method=method, rank=RANK, alpha=ALPHA, dropout=0.0,
-                      lr=lr, steps=warmup + steps, batch_size=batch_size, seq_len=MAX_LEN, pack_len=pack_len,
-                      attention=attention, precision="bf16", output=out, eval_fraction=0.0, warmup_steps=0,
-                      log_every=1000,
-                      method_options=options or {})
+    cfg = TrainConfig(
+        template="chatml",
+        policy="response",
+        method=method,
+        rank=RANK,
+        alpha=ALPHA,
+        dropout=0.0,
+        lr=lr,
+        steps=warmup + steps,
+        batch_size=batch_size,
+        seq_len=MAX_LEN,
+        pack_len=pack_len,
+        attention=attention,
+        precision="bf16",
+        output=out,
+        eval_fraction=0.0,
+        warmup_steps=0,
+        log_every=1000,
+        method_options=options or {},
+    )
     result = train(cfg, quiet=True, records=records)
     timed = [h for h in result.history if h["step"] > warmup]
     # per-step elapsed/tokens come from metrics.jsonl
@@ -80,8 +102,9 @@ def _chat_rows(tokenizer) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) per example, with the tokenizer's chat template, cut to MAX_LEN."""
     rows = []
     for r in gsm8k_records():
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": r["instruction"]}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": r["instruction"]}], tokenize=False, add_generation_prompt=True
+        )
         full = prompt + r["output"] + "<|im_end|>\n"
         ids = tokenizer(full, add_special_tokens=False)["input_ids"][:MAX_LEN]
         n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -93,14 +116,22 @@ def peft_config(method: str):
     import peft
 
     if method == "lora":
-        return peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
-                               task_type="CAUSAL_LM")
+        return peft.LoraConfig(
+            r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
     if method == "dora":
-        return peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
-                               use_dora=True, task_type="CAUSAL_LM")
+        return peft.LoraConfig(
+            r=RANK,
+            lora_alpha=ALPHA,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            use_dora=True,
+            task_type="CAUSAL_LM",
+        )
     if method == "ia3":
-        return peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                              task_type="CAUSAL_LM")
+        return peft.IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM"
+        )
     if method == "prompt":
         return peft.PromptTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")
     if method == "prefix":
@@ -123,15 +154,15 @@ def run_peft_loop(steps: int, warmup: int, method: str = "lora") -> dict:
     for step in range(warmup + steps):
         if step == warmup:
             t0 = time.perf_counter()
-        batch = rows[step * BATCH:(step + 1) * BATCH]
+        batch = rows[step * BATCH : (step + 1) * BATCH]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.full((BATCH, width), tok.pad_token_id)
         att = torch.zeros((BATCH, width), dtype=torch.long)
         labels = torch.full((BATCH, width), -100)
         for i, (x, n_prompt) in enumerate(batch):
-            ids[i, :len(x)] = torch.tensor(x)
-            att[i, :len(x)] = 1
-            labels[i, n_prompt:len(x)] = torch.tensor(x[n_prompt:])
+            ids[i, : len(x)] = torch.tensor(x)
+            att[i, : len(x)] = 1
+            labels[i, n_prompt : len(x)] = torch.tensor(x[n_prompt:])
         loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -154,9 +185,15 @@ def run_trl(steps: int, warmup: int) -> dict:
     from deltatune.models import load_model
 
     model, tok = load_model(None, dtype=torch.bfloat16)
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["instruction"]}],
-                               "completion": [{"role": "assistant", "content": r["output"]}]}
-                              for r in gsm8k_records()])
+    data = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["instruction"]}],
+                "completion": [{"role": "assistant", "content": r["output"]}],
+            }
+            for r in gsm8k_records()
+        ]
+    )
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -170,18 +207,38 @@ def run_trl(steps: int, warmup: int) -> dict:
             self.end = time.perf_counter()
 
     clock = Clock()
-    args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=warmup + steps,
-                     per_device_train_batch_size=BATCH, max_length=MAX_LEN, bf16=True, learning_rate=2e-4,
-                     logging_steps=1000, save_strategy="no", report_to=[], packing=False,
-                     completion_only_loss=True, dataloader_num_workers=0, use_cpu=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                         peft_config=LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-                                                target_modules="all-linear", task_type="CAUSAL_LM"),
-                         callbacks=[clock])
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
+        max_steps=warmup + steps,
+        per_device_train_batch_size=BATCH,
+        max_length=MAX_LEN,
+        bf16=True,
+        learning_rate=2e-4,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        packing=False,
+        completion_only_loss=True,
+        dataloader_num_workers=0,
+        use_cpu=True,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        peft_config=LoraConfig(
+            r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        ),
+        callbacks=[clock],
+    )
     # real tokens of the timed steps: the trainer's (unshuffled-by-us) batches are random; use the mean
     # real length per example times examples seen, measured on the tokenized dataset.
-    lengths = [sum(x) for x in trainer.train_dataset["attention_mask"]] if "attention_mask" in \
-        trainer.train_dataset.column_names else [len(x) for x in trainer.train_dataset["input_ids"]]
+    lengths = (
+        [sum(x) for x in trainer.train_dataset["attention_mask"]]
+        if "attention_mask" in trainer.train_dataset.column_names
+        else [len(x) for x in trainer.train_dataset["input_ids"]]
+    )
     trainer.train()
     mean_len = sum(min(n, MAX_LEN) for n in lengths) / len(lengths)
     tokens = mean_len * BATCH * steps
@@ -204,9 +261,17 @@ for _m in ["dora", "mora", "ia3", "qlora", "bitfit", "adapter", "prompt", "prefi
     CONTENDERS[f"deltatune-{_m}"] = (lambda m: lambda s, w: run_deltatune(s, w, m, METHOD_OPTIONS.get(m)))(_m)
 for _m in ["dora", "ia3", "prompt", "prefix"]:
     CONTENDERS[f"peft-loop-{_m}"] = (lambda m: lambda s, w: run_peft_loop(s, w, m))(_m)
-GROUPS = {"main": "deltatune,deltatune-mask,peft-loop,trl,deltatune-full",
-          "methods": ",".join(["deltatune"] + [n for n in CONTENDERS if n.startswith(("deltatune-", "peft-loop-"))
-                                               and n not in ("deltatune-full", "deltatune-mask")])}
+GROUPS = {
+    "main": "deltatune,deltatune-mask,peft-loop,trl,deltatune-full",
+    "methods": ",".join(
+        ["deltatune"]
+        + [
+            n
+            for n in CONTENDERS
+            if n.startswith(("deltatune-", "peft-loop-")) and n not in ("deltatune-full", "deltatune-mask")
+        ]
+    ),
+}
 
 
 def child(name: str, steps: int, warmup: int) -> None:
@@ -234,26 +299,34 @@ def main() -> None:
     names = ",".join(CONTENDERS) if args.only == "all" else GROUPS.get(args.only, args.only)
     for name in names.split(","):
         print(f"running {name} ...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps),
-                               "--warmup", str(args.warmup)], capture_output=True, text=True, cwd=REPO)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup", str(args.warmup)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             print(f"  {name} failed:\n{proc.stderr[-3000:]}")
             continue
-        results[name] = json.loads(line[len("RESULT "):])
+        results[name] = json.loads(line[len("RESULT ") :])
     # model FLOPs per real token: LoRA ~ 4N (forward + input gradients; frozen weights get no weight
     # gradient), full finetuning ~ 6N; N = non-embedding parameters + the LM head matmul (tied).
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(default_model_dir())
-    per_layer = 4 * c.hidden_size * c.hidden_size * (1 + c.num_key_value_heads / c.num_attention_heads) / 2 \
+    per_layer = (
+        4 * c.hidden_size * c.hidden_size * (1 + c.num_key_value_heads / c.num_attention_heads) / 2
         + 3 * c.hidden_size * c.intermediate_size
+    )
     n = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size
     base = results.get("trl", {}).get("tokens_per_s")
     lean = results.get("peft-loop", {}).get("tokens_per_s")
     lora = results.get("deltatune", {}).get("tokens_per_s")
     print(f"\nbf16 matmul peak measured now: {peak:.0f} GFLOP/s; N = {n / 1e6:.1f}M matmul parameters")
-    print(f"{'contender':22s}{'tokens/s':>10s}{'peak RSS MiB':>14s}{'x TRL':>8s}{'x lean':>8s}{'x LoRA':>8s}{'MFU':>7s}")
+    print(
+        f"{'contender':22s}{'tokens/s':>10s}{'peak RSS MiB':>14s}{'x TRL':>8s}{'x lean':>8s}{'x LoRA':>8s}{'MFU':>7s}"
+    )
     for name, r in results.items():
         flops = (6 if name.endswith("full") else 4) * n * r["tokens_per_s"]  # adapters' own FLOPs ignored
         r["mfu"] = flops / (peak * 1e9)
@@ -261,14 +334,26 @@ def main() -> None:
         r["x_peft_loop"] = r["tokens_per_s"] / lean if lean else None
         r["x_deltatune_lora"] = r["tokens_per_s"] / lora if lora else None
         fx = lambda v: f"{v:8.2f}" if v else f"{'-':>8s}"
-        print(f"{name:22s}{r['tokens_per_s']:10.0f}{r['peak_rss_mib']:14.0f}{fx(r['x_trl'])}{fx(r['x_peft_loop'])}"
-              f"{fx(r['x_deltatune_lora'])}"
-              f"{100 * r['mfu']:6.1f}%")
+        print(
+            f"{name:22s}{r['tokens_per_s']:10.0f}{r['peak_rss_mib']:14.0f}{fx(r['x_trl'])}{fx(r['x_peft_loop'])}"
+            f"{fx(r['x_deltatune_lora'])}"
+            f"{100 * r['mfu']:6.1f}%"
+        )
     RESULTS = RESULTS_DIR / f"train_speed_{args.only if args.only in GROUPS or args.only == 'all' else 'custom'}.json"
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"matmul_peak_gflops_bf16": peak, "matmul_params": n, "torch": torch.__version__,
-                                   "threads": torch.get_num_threads(), "steps": args.steps, "results": results},
-                                  indent=2))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "matmul_peak_gflops_bf16": peak,
+                "matmul_params": n,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "steps": args.steps,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {RESULTS}")
 
 

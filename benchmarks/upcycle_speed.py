@@ -52,8 +52,14 @@ def cpu_info() -> dict:
         pass
     import torch
 
-    return {"cpu": model, "flags": flags, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "load_average": os.getloadavg()}
+    return {
+        "cpu": model,
+        "flags": flags,
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "load_average": os.getloadavg(),
+    }
 
 
 def child(variant: str, method: str, steps: int, warmup: int, rows: int, seq_len: int) -> dict:
@@ -91,8 +97,11 @@ def child(variant: str, method: str, steps: int, warmup: int, rows: int, seq_len
     input_ids = torch.tensor(ids).view(rows, seq_len)
     weights = torch.ones_like(input_ids, dtype=torch.float32)
     head = model.get_output_embeddings()
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else \
-        (lambda: torch.autocast("cpu", enabled=False))
+    autocast = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        if precision == "bf16"
+        else (lambda: torch.autocast("cpu", enabled=False))
+    )
     model.train()
     times = []
     for step in range(warmup + steps):
@@ -107,10 +116,19 @@ def child(variant: str, method: str, steps: int, warmup: int, rows: int, seq_len
         opt.zero_grad(set_to_none=True)
         if step >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"variant": variant, "method": method, "precision": precision, "step_s": statistics.median(times),
-            "step_times": times, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_after_load_mib": rss_loaded, "params": counts["total"], "active_params": counts["active_per_token"],
-            "trainable": sum(p.numel() for p in params), "tokens_per_step": rows * seq_len}
+    return {
+        "variant": variant,
+        "method": method,
+        "precision": precision,
+        "step_s": statistics.median(times),
+        "step_times": times,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_load_mib": rss_loaded,
+        "params": counts["total"],
+        "active_params": counts["active_per_token"],
+        "trainable": sum(p.numel() for p in params),
+        "tokens_per_step": rows * seq_len,
+    }
 
 
 def main() -> int:
@@ -132,23 +150,42 @@ def main() -> int:
     for rep in range(args.repeats):
         for method in args.methods.split(","):
             for variant in ("dense", "upcycled"):  # interleaved: both see the same machine load
-                cmd = [sys.executable, __file__, "--child", f"{variant}:{method}", "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--rows", str(args.rows), "--seq-len", str(args.seq_len)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    f"{variant}:{method}",
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--rows",
+                    str(args.rows),
+                    "--seq-len",
+                    str(args.seq_len),
+                ]
                 out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=True)
                 res = json.loads(out.stdout.strip().splitlines()[-1])
                 res["repeat"] = rep
                 runs.append(res)
-                print(f"  repeat {rep} {method:5s} {variant:8s} step {res['step_s']:.3f}s "
-                      f"peak RSS {res['peak_rss_mib']:.0f} MiB", flush=True)
+                print(
+                    f"  repeat {rep} {method:5s} {variant:8s} step {res['step_s']:.3f}s "
+                    f"peak RSS {res['peak_rss_mib']:.0f} MiB",
+                    flush=True,
+                )
     summary = []
     for method in args.methods.split(","):
         row = {"method": method}
         for variant in ("dense", "upcycled"):
             rs = [r for r in runs if r["method"] == method and r["variant"] == variant]
-            row[variant] = {"step_s": statistics.median(r["step_s"] for r in rs),
-                            "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),
-                            "params": rs[0]["params"], "active_params": rs[0]["active_params"],
-                            "trainable": rs[0]["trainable"], "precision": rs[0]["precision"]}
+            row[variant] = {
+                "step_s": statistics.median(r["step_s"] for r in rs),
+                "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),
+                "params": rs[0]["params"],
+                "active_params": rs[0]["active_params"],
+                "trainable": rs[0]["trainable"],
+                "precision": rs[0]["precision"],
+            }
         extra = row["upcycled"]["params"] - row["dense"]["params"]
         bytes_per = 4 if method == "full" or row["dense"]["precision"] == "fp32" else 2
         extra_trainable = row["upcycled"]["trainable"] - row["dense"]["trainable"]
@@ -159,18 +196,28 @@ def main() -> int:
         row["rss_growth_mib"] = row["upcycled"]["peak_rss_mib"] - row["dense"]["peak_rss_mib"]
         summary.append(row)
     info = cpu_info()
-    result = {"machine": info, "settings": vars(args) | {"experts": 8, "k": 2, "layers": "every-other"},
-              "summary": summary, "runs": runs}
+    result = {
+        "machine": info,
+        "settings": vars(args) | {"experts": 8, "k": 2, "layers": "every-other"},
+        "summary": summary,
+        "runs": runs,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{info['cpu']}, {info['threads']} threads, flags {' '.join(info['flags'])}; "
-          f"{args.rows}x{args.seq_len} tokens per step, median of {args.repeats} interleaved repeats")
-    print(f"{'method':6s} {'dense s/step':>12s} {'upcycled':>9s} {'ratio':>6s} {'dense RSS':>10s} "
-          f"{'upcycled':>9s} {'growth':>7s} {'bound':>7s}")
+    print(
+        f"\n{info['cpu']}, {info['threads']} threads, flags {' '.join(info['flags'])}; "
+        f"{args.rows}x{args.seq_len} tokens per step, median of {args.repeats} interleaved repeats"
+    )
+    print(
+        f"{'method':6s} {'dense s/step':>12s} {'upcycled':>9s} {'ratio':>6s} {'dense RSS':>10s} "
+        f"{'upcycled':>9s} {'growth':>7s} {'bound':>7s}"
+    )
     for r in summary:
-        print(f"{r['method']:6s} {r['dense']['step_s']:12.3f} {r['upcycled']['step_s']:9.3f} {r['step_ratio']:6.2f} "
-              f"{r['dense']['peak_rss_mib']:10.0f} {r['upcycled']['peak_rss_mib']:9.0f} {r['rss_growth_mib']:7.0f} "
-              f"{r['memory_bound_mib']:7.0f}")
+        print(
+            f"{r['method']:6s} {r['dense']['step_s']:12.3f} {r['upcycled']['step_s']:9.3f} {r['step_ratio']:6.2f} "
+            f"{r['dense']['peak_rss_mib']:10.0f} {r['upcycled']['peak_rss_mib']:9.0f} {r['rss_growth_mib']:7.0f} "
+            f"{r['memory_bound_mib']:7.0f}"
+        )
     print(f"wrote {args.out}")
     return 0
 

@@ -7,10 +7,10 @@ is saved beside a run's outputs (config.yaml) so that every result can be traced
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -28,26 +28,38 @@ class TrainConfig(BaseModel):
     # data
     data: str | None = Field(None, description="training data file (JSONL/JSON/Parquet/CSV)")
     data_format: Literal["auto", "alpaca", "chat", "prompt-completion", "text"] = "auto"
-    column_map: dict[str, str] = Field(default_factory=dict, description="file column -> field, e.g. question: instruction")
+    column_map: dict[str, str] = Field(
+        default_factory=dict, description="file column -> field, e.g. question: instruction"
+    )
     template: Literal["chatml", "alpaca", "tokenizer"] = "chatml"
-    policy: str = Field("response", description="loss policy: response | instruction | no-boilerplate | all | weighted:L; "
-                                                "two phases: 'A->B@STEPS'")
+    policy: str = Field(
+        "response",
+        description="loss policy: response | instruction | no-boilerplate | all | weighted:L; two phases: 'A->B@STEPS'",
+    )
     loss_reduction: Literal["token", "example"] = Field(
-        "token", description="token: sum(w*nll)/sum(w) over the whole accumulated batch, so long examples weigh "
-                             "more; example: each example's weighted mean first, then the mean over examples "
-                             "(what the Instruction Modelling paper's code does with micro-batch 1)")
+        "token",
+        description="token: sum(w*nll)/sum(w) over the whole accumulated batch, so long examples weigh "
+        "more; example: each example's weighted mean first, then the mean over examples "
+        "(what the Instruction Modelling paper's code does with micro-batch 1)",
+    )
     system_prompt: str | None = None
     skip_bad: bool = False
     seq_len: int = Field(512, ge=8, description="longest example, in tokens (longer ones are truncated or dropped)")
-    pack_len: int | None = Field(None, ge=8, description="length of a packed row (default: seq_len); rows of several "
-                                                          "seq_len hold more examples and waste less on padding")
+    pack_len: int | None = Field(
+        None,
+        ge=8,
+        description="length of a packed row (default: seq_len); rows of several "
+        "seq_len hold more examples and waste less on padding",
+    )
     overflow: Literal["truncate", "drop"] = "truncate"
     packing: bool = True
     attention: Literal["auto", "mask", "packed"] = Field(
-        "auto", description="how packed examples are kept apart: packed = the micro-batch's examples end to end "
-                            "without padding, attention example by example (fastest on CPU); mask = rows padded to "
-                            "the row length, SDPA with a block-diagonal mask; auto = packed on CPU where the model "
-                            "and methods allow it, mask otherwise (docs/benchmarks.md)")
+        "auto",
+        description="how packed examples are kept apart: packed = the micro-batch's examples end to end "
+        "without padding, attention example by example (fastest on CPU); mask = rows padded to "
+        "the row length, SDPA with a block-diagonal mask; auto = packed on CPU where the model "
+        "and methods allow it, mask otherwise (docs/benchmarks.md)",
+    )
     eval_data: str | None = None
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     eval_max_examples: int = Field(256, ge=1)
@@ -74,23 +86,36 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     fused_norms: Literal["auto", "on", "off"] = Field(
-        "auto", description="run Llama-style RMSNorms as one torch.compile'd kernel (5x faster per norm on CPU; "
-                            "needs a C++ compiler); auto = on CPU, falling back to transformers' norms if compiling fails")
+        "auto",
+        description="run Llama-style RMSNorms as one torch.compile'd kernel (5x faster per norm on CPU; "
+        "needs a C++ compiler); auto = on CPU, falling back to transformers' norms if compiling fails",
+    )
     fused_update: bool | Literal["lomo", "fused-adamw"] = Field(
-        False, description="update each weight inside backward: lomo (Lv et al.: plain SGD, no optimizer state, "
-                           "global-norm clipping by two backward passes; true means lomo) or fused-adamw (AdamW "
-                           "state, each tensor clipped on its own; AdaLomo-like)")
+        False,
+        description="update each weight inside backward: lomo (Lv et al.: plain SGD, no optimizer state, "
+        "global-norm clipping by two backward passes; true means lomo) or fused-adamw (AdamW "
+        "state, each tensor clipped on its own; AdaLomo-like)",
+    )
     loss_chunk: int = Field(1024, ge=16, description="tokens per LM-head + cross-entropy chunk")
-    moe_aux_loss: float = Field(0.01, ge=0, description="upcycled models: weight of the Switch load-balancing loss "
-                                                        "E*sum(f_e*P_e), averaged over MoE layers (docs/upcycling.md)")
-    moe_z_loss: float = Field(0.0, ge=0, description="upcycled models: weight of the router z-loss "
-                                                     "mean(logsumexp(router logits)^2)")
+    moe_aux_loss: float = Field(
+        0.01,
+        ge=0,
+        description="upcycled models: weight of the Switch load-balancing loss "
+        "E*sum(f_e*P_e), averaged over MoE layers (docs/upcycling.md)",
+    )
+    moe_z_loss: float = Field(
+        0.0, ge=0, description="upcycled models: weight of the router z-loss mean(logsumexp(router logits)^2)"
+    )
     # run
     seed: int = 0
     output: str = "runs/latest"
     save_every: int | None = Field(None, ge=1)
-    snapshot_every: int | None = Field(None, ge=1, description="keep the trainable weights every N steps in "
-                                       "snapshots/ (never pruned), for `deltatune analyze` over time")
+    snapshot_every: int | None = Field(
+        None,
+        ge=1,
+        description="keep the trainable weights every N steps in "
+        "snapshots/ (never pruned), for `deltatune analyze` over time",
+    )
     eval_every: int | None = Field(None, ge=1)
     log_every: int = Field(10, ge=1)
     resume: bool = False
@@ -126,9 +151,11 @@ class _Yaml12Loader(yaml.SafeLoader):
 
 _Yaml12Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                    list("tTfF"))
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def load_yaml(text: str) -> Any:
@@ -168,8 +195,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             try:
                 out[key] = load_yaml(value)
             except yaml.YAMLError as exc:
-                raise ConfigError(f"--set {key}: not a valid value ({getattr(exc, 'problem', None) or exc}); "
-                                  f"quote text that holds YAML characters", field=key) from None
+                raise ConfigError(
+                    f"--set {key}: not a valid value ({getattr(exc, 'problem', None) or exc}); "
+                    f"quote text that holds YAML characters",
+                    field=key,
+                ) from None
     return out
 
 
@@ -202,8 +232,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x})", file=source) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            raise ConfigError(f"not valid YAML: {getattr(exc, 'problem', exc)}", file=source,
-                              line=(mark.line + 1) if mark else None) from None
+            raise ConfigError(
+                f"not valid YAML: {getattr(exc, 'problem', exc)}", file=source, line=(mark.line + 1) if mark else None
+            ) from None
         if not isinstance(raw, dict):
             raise ConfigError("the configuration must be a mapping of keys to values", file=source)
     merged = {**raw, **(overrides or {})}

@@ -13,14 +13,88 @@ import random
 import time
 from pathlib import Path
 
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
-CITIES = ["Oslo", "Lima", "Porto", "Quito", "Riga", "Turin", "Dakar", "Hanoi", "Perth", "Basel", "Cork",
-          "Split", "Kyoto", "Tunis", "Leeds", "Malmo", "Graz", "Bergen", "Nantes", "Osaka"]
-JOBS = ["baker", "pilot", "nurse", "farmer", "teacher", "welder", "chemist", "tailor", "plumber", "painter",
-        "sailor", "judge", "florist", "miner", "librarian", "carpenter"]
-SYLLABLES = ["ka", "lo", "mi", "ra", "ven", "tor", "sel", "bri", "dun", "fa", "gor", "hil", "jas", "kel",
-             "mor", "nis", "pra", "quo", "ril", "sta", "tev", "ul", "vak", "wen", "yor", "zel"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
+CITIES = [
+    "Oslo",
+    "Lima",
+    "Porto",
+    "Quito",
+    "Riga",
+    "Turin",
+    "Dakar",
+    "Hanoi",
+    "Perth",
+    "Basel",
+    "Cork",
+    "Split",
+    "Kyoto",
+    "Tunis",
+    "Leeds",
+    "Malmo",
+    "Graz",
+    "Bergen",
+    "Nantes",
+    "Osaka",
+]
+JOBS = [
+    "baker",
+    "pilot",
+    "nurse",
+    "farmer",
+    "teacher",
+    "welder",
+    "chemist",
+    "tailor",
+    "plumber",
+    "painter",
+    "sailor",
+    "judge",
+    "florist",
+    "miner",
+    "librarian",
+    "carpenter",
+]
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "ven",
+    "tor",
+    "sel",
+    "bri",
+    "dun",
+    "fa",
+    "gor",
+    "hil",
+    "jas",
+    "kel",
+    "mor",
+    "nis",
+    "pra",
+    "quo",
+    "ril",
+    "sta",
+    "tev",
+    "ul",
+    "vak",
+    "wen",
+    "yor",
+    "zel",
+]
 PHRASINGS = [
     "{given} {surname} was born on {day} {month} {year} in {city} and works as a {job}.",
     "Born in {city} on {month} {day}, {year}, {given} {surname} is a {job}.",
@@ -45,8 +119,9 @@ def make_records(n: int, seed: int) -> list[dict]:
         seen.add((given, surname))
         year, month, day = rng.randint(1940, 2005), rng.randint(1, 12), rng.randint(1, 28)
         city, job = rng.choice(CITIES), rng.choice(JOBS)
-        sentence = rng.choice(PHRASINGS).format(given=given, surname=surname, day=day, month=MONTHS[month - 1],
-                                                year=year, city=city, job=job)
+        sentence = rng.choice(PHRASINGS).format(
+            given=given, surname=surname, day=day, month=MONTHS[month - 1], year=year, city=city, job=job
+        )
         answer = f"{surname.upper()}|{given}|{year:04d}-{month:02d}-{day:02d}|{city.upper()}|{job}"
         records.append({"instruction": INSTRUCTION, "input": sentence, "output": answer})
     return records
@@ -69,8 +144,14 @@ def source_records(limit: int = 48) -> tuple[str, list[dict]]:
 
 
 def _prompts(tokenizer, records: list[dict]) -> list[str]:
-    return [tokenizer.apply_chat_template([{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}],
-                                          tokenize=False, add_generation_prompt=True) for r in records]
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for r in records
+    ]
 
 
 def measure(model, tokenizer, task_eval: list[dict], source: list[dict]) -> dict:
@@ -87,15 +168,31 @@ def measure(model, tokenizer, task_eval: list[dict], source: list[dict]) -> dict
             ex.weights = policy_weights(ex, LossPolicy("response"))
         return heldout_loss(model, examples, batch_size=16, pad_id=tokenizer.pad_token_id, progress=False).loss
 
-    answers = generate(model, tokenizer, _prompts(tokenizer, task_eval), GenerationConfig(max_new_tokens=40),
-                       batch_size=32, progress=False)
+    answers = generate(
+        model,
+        tokenizer,
+        _prompts(tokenizer, task_eval),
+        GenerationConfig(max_new_tokens=40),
+        batch_size=32,
+        progress=False,
+    )
     exact = sum(a.strip() == r["output"] for a, r in zip(answers, task_eval)) / len(task_eval)
-    return {"task_loss": loss_on(task_eval), "exact_match": exact, "source_loss": loss_on(source),
-            "sample": answers[0].strip()}
+    return {
+        "task_loss": loss_on(task_eval),
+        "exact_match": exact,
+        "source_loss": loss_on(source),
+        "sample": answers[0].strip(),
+    }
 
 
-def run_demo(output: str = "runs/demo", n_train: int = 800, n_eval: int = 64, steps: int | None = None,
-             model_name: str | None = None, seed: int = 0) -> dict:
+def run_demo(
+    output: str = "runs/demo",
+    n_train: int = 800,
+    n_eval: int = 64,
+    steps: int | None = None,
+    model_name: str | None = None,
+    seed: int = 0,
+) -> dict:
     from deltatune.config import TrainConfig
     from deltatune.models import load_model
     from deltatune.train.loop import train
@@ -103,22 +200,42 @@ def run_demo(output: str = "runs/demo", n_train: int = 800, n_eval: int = 64, st
     train_records = make_records(n_train + n_eval, seed)
     task_train, task_eval = train_records[:n_train], train_records[n_train:]
     source_path, source = source_records()
-    print(f"demo: teach '{INSTRUCTION}' to the default model; {n_train} generated training examples, "
-          f"{n_eval} held-out people")
+    print(
+        f"demo: teach '{INSTRUCTION}' to the default model; {n_train} generated training examples, "
+        f"{n_eval} held-out people"
+    )
     print(f"  example: {task_eval[0]['input']}\n  target : {task_eval[0]['output']}")
     model, tokenizer = load_model(model_name)
     t0 = time.perf_counter()
     before = measure(model, tokenizer, task_eval, source)
     del model
-    cfg = TrainConfig(model=model_name, template="chatml", policy="response", method="lora", rank=16, alpha=32,
-                      lr=1e-3, epochs=2, steps=steps, batch_size=8, seq_len=256, output=output, seed=seed,
-                      eval_fraction=0.0, log_every=10, warmup_ratio=0.05, resume=False,
-                      overwrite=True)  # the demo starts fresh: replaces its own run, never other files
+    cfg = TrainConfig(
+        model=model_name,
+        template="chatml",
+        policy="response",
+        method="lora",
+        rank=16,
+        alpha=32,
+        lr=1e-3,
+        epochs=2,
+        steps=steps,
+        batch_size=8,
+        seq_len=256,
+        output=output,
+        seed=seed,
+        eval_fraction=0.0,
+        log_every=10,
+        warmup_ratio=0.05,
+        resume=False,
+        overwrite=True,
+    )  # the demo starts fresh: replaces its own run, never other files
     result = train(cfg, records=task_train, eval_records=task_eval[:16])
     tuned, tokenizer = load_model(model_name, adapter=Path(output) / "final")
     after = measure(tuned, tokenizer, task_eval, source)
-    rows = [("held-out task loss (response tokens)", before["task_loss"], after["task_loss"]),
-            ("held-out exact match", before["exact_match"], after["exact_match"])]
+    rows = [
+        ("held-out task loss (response tokens)", before["task_loss"], after["task_loss"]),
+        ("held-out exact match", before["exact_match"], after["exact_match"]),
+    ]
     if source:
         rows.append(("source loss, GSM8K answers (forgetting)", before["source_loss"], after["source_loss"]))
     print(f"\n{'':44s}{'before':>10s}{'after':>10s}")
@@ -127,10 +244,14 @@ def run_demo(output: str = "runs/demo", n_train: int = 800, n_eval: int = 64, st
         print(f"{name:44s}{fmt(b)}{fmt(a)}")
     if source:
         change = after["source_loss"] - before["source_loss"]
-        print(f"forgetting: source loss changed by {change:+.3f} nats/token ({100 * change / before['source_loss']:+.1f}%)")
+        print(
+            f"forgetting: source loss changed by {change:+.3f} nats/token ({100 * change / before['source_loss']:+.1f}%)"
+        )
     else:
         print("forgetting: skipped (no ../shared/data/gsm8k beside the checkout)")
     print(f"sample before: {before['sample']!r}\nsample after : {after['sample']!r}")
-    print(f"training: {result.steps} steps, {result.real_tokens} real tokens, {result.tokens_per_s:.0f} tokens/s; "
-          f"total {time.perf_counter() - t0:.0f}s; adapter in {Path(output) / 'final'}")
+    print(
+        f"training: {result.steps} steps, {result.real_tokens} real tokens, {result.tokens_per_s:.0f} tokens/s; "
+        f"total {time.perf_counter() - t0:.0f}s; adapter in {Path(output) / 'final'}"
+    )
     return {"before": before, "after": after, "train_tokens_per_s": result.tokens_per_s}

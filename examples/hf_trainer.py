@@ -28,22 +28,34 @@ def main(argv: list[str] | None = None) -> dict:
     adapted = deltatune.apply(model, "lora", rank=8, alpha=16, targets="all-linear")
     adapted.print_trainable_parameters()
 
-    data = deltatune.prepare(args.data, tokenizer, policy=args.policy, column_map=args.map, max_len=args.max_len,
-                             limit=args.limit)
+    data = deltatune.prepare(
+        args.data, tokenizer, policy=args.policy, column_map=args.map, max_len=args.max_len, limit=args.limit
+    )
     fractional = args.policy.startswith("weighted")
-    collator = deltatune.DataCollator(tokenizer, packing=True, max_length=2 * args.max_len,
-                                      return_loss_weights=fractional)
+    collator = deltatune.DataCollator(
+        tokenizer, packing=True, max_length=2 * args.max_len, return_loss_weights=fractional
+    )
     trainer_cls = deltatune.WeightedLossTrainer if fractional else Trainer
-    training_args = TrainingArguments(output_dir=str(Path(args.output) / "trainer"), max_steps=args.steps,
-                                      per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
-                                      lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-                                      report_to=[], use_cpu=not torch.cuda.is_available())
+    training_args = TrainingArguments(
+        output_dir=str(Path(args.output) / "trainer"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+    )
     trainer = trainer_cls(model=model, args=training_args, train_dataset=data, data_collator=collator)
     trainer.train()
     adapter = adapted.save_adapter(Path(args.output) / "adapter")  # PEFT's format, not Trainer's checkpoint
     print(f"saved {adapter}")
-    return {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "adapter": adapter,
-            "adapted": adapted}
+    return {
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "adapter": adapter,
+        "adapted": adapted,
+    }
 
 
 if __name__ == "__main__":

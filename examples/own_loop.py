@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> dict:
     adapted = deltatune.apply(model, "lora", rank=8, alpha=16, targets="all-linear")
     adapted.print_trainable_parameters()
 
-    data = deltatune.prepare(args.data, tokenizer, policy=args.policy, column_map=args.map, max_len=args.max_len,
-                             limit=args.limit)
+    data = deltatune.prepare(
+        args.data, tokenizer, policy=args.policy, column_map=args.map, max_len=args.max_len, limit=args.limit
+    )
     collator = deltatune.DataCollator(tokenizer, packing=True, max_length=2 * args.max_len, return_loss_weights=True)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, collate_fn=collator)
     optimizer = torch.optim.AdamW([p for _, p in adapted.trainable_parameters()], lr=args.lr)
@@ -37,8 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     losses: list[float] = []
     while len(losses) < args.steps:
         for batch in loader:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"]).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+            ).logits
             loss = deltatune.weighted_loss(logits, batch["input_ids"], batch["loss_weights"])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

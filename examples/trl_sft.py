@@ -29,20 +29,37 @@ def main(argv: list[str] | None = None) -> dict:
     adapted = deltatune.apply(model, "lora", rank=8, alpha=16, targets="all-linear")
     adapted.print_trainable_parameters()
 
-    data = deltatune.prepare(args.data, tokenizer, policy=args.policy, column_map=args.map, max_len=args.max_len,
-                             limit=args.limit)
-    config = SFTConfig(output_dir=str(Path(args.output) / "trainer"), max_steps=args.steps,
-                       per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
-                       lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-                       bf16=args.bf16, use_cpu=not torch.cuda.is_available(),
-                       dataset_kwargs={"skip_prepare_dataset": True})
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                         data_collator=deltatune.DataCollator(tokenizer))
+    data = deltatune.prepare(
+        args.data, tokenizer, policy=args.policy, column_map=args.map, max_len=args.max_len, limit=args.limit
+    )
+    config = SFTConfig(
+        output_dir=str(Path(args.output) / "trainer"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        data_collator=deltatune.DataCollator(tokenizer),
+    )
     trainer.train()
     adapter = adapted.save_adapter(Path(args.output) / "adapter")
     print(f"saved {adapter}")
-    return {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "adapter": adapter,
-            "adapted": adapted}
+    return {
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "adapter": adapter,
+        "adapted": adapted,
+    }
 
 
 if __name__ == "__main__":

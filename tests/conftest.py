@@ -49,7 +49,8 @@ def data_file(tmp_path_factory) -> Path:
     import json
 
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."}
-            for a in range(6) for b in range(6)]
+    rows = [
+        {"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."} for a in range(6) for b in range(6)
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path

@@ -33,8 +33,9 @@ def test_identity_at_init(variant):
     torch.testing.assert_close(model(IDS).logits, base(IDS).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("variant,sites", [("houlsby", {"self_attn.o_proj", "mlp.down_proj"}),
-                                           ("pfeiffer", {"mlp.down_proj"})])
+@pytest.mark.parametrize(
+    "variant,sites", [("houlsby", {"self_attn.o_proj", "mlp.down_proj"}), ("pfeiffer", {"mlp.down_proj"})]
+)
 def test_placement_and_parameter_count(variant, sites):
     model = tiny_model(0)
     m, d, L = 8, model.config.hidden_size, model.config.num_hidden_layers
@@ -44,11 +45,14 @@ def test_placement_and_parameter_count(variant, sites):
     per_adapter = 2 * m * d + m + d  # W_down (m x d) + b_down (m) + W_up (d x m) + b_up (d)
     norms = (2 * L + 1) * d if variant == "houlsby" else 0  # Houlsby also trains every RMSNorm weight (d each)
     assert sum(p.numel() for _, p in method.trainable_parameters(model)) == len(sites) * L * per_adapter + norms
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == dict(method.trainable_parameters(model)).keys()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == dict(
+        method.trainable_parameters(model)
+    ).keys()
 
 
-@pytest.mark.parametrize("act,ref", [("relu", torch.relu), ("gelu", torch.nn.functional.gelu),
-                                     ("silu", torch.nn.functional.silu)])
+@pytest.mark.parametrize(
+    "act,ref", [("relu", torch.relu), ("gelu", torch.nn.functional.gelu), ("silu", torch.nn.functional.silu)]
+)
 def test_adapter_math_against_float64(act, ref):
     model = tiny_model(0)
     method = adapt(model, variant="pfeiffer", bottleneck=4, nonlinearity=act)
@@ -109,8 +113,15 @@ def test_merge_says_why_not():
         method.merge(model)
 
 
-@pytest.mark.parametrize("options,field", [({"variant": "lora"}, "variant"), ({"nonlinearity": "tanh"}, "nonlinearity"),
-                                           ({"bottleneck": 0}, "bottleneck"), ({"size": 3}, "unknown option 'size'.*valid options: .*bottleneck")])
+@pytest.mark.parametrize(
+    "options,field",
+    [
+        ({"variant": "lora"}, "variant"),
+        ({"nonlinearity": "tanh"}, "nonlinearity"),
+        ({"bottleneck": 0}, "bottleneck"),
+        ({"size": 3}, "unknown option 'size'.*valid options: .*bottleneck"),
+    ],
+)
 def test_bad_options_are_config_errors(options, field):
     with pytest.raises(ConfigError, match=field):
         get_method("adapter")(MethodSpec(name="adapter", options=options))

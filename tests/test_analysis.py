@@ -10,8 +10,17 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from deltatune.analysis.decompose import (MatrixPair, dd_dm_fit, decomposition_rows, layer_index, layer_type,
-                                          magnitude_direction, matrix_pairs, mean_by_type, regression)
+from deltatune.analysis.decompose import (
+    MatrixPair,
+    dd_dm_fit,
+    decomposition_rows,
+    layer_index,
+    layer_type,
+    magnitude_direction,
+    matrix_pairs,
+    mean_by_type,
+    regression,
+)
 from deltatune.analysis.spectrum import rank_at_energy, singular_values, spectrum_rows
 
 
@@ -23,6 +32,7 @@ def _orthogonal(n: int, seed: int) -> torch.Tensor:
 
 # --- spectrum ---------------------------------------------------------------------------------
 
+
 def test_rank90_of_known_singular_values_is_exact():
     # s = 4, 3, 2, 1, 0.5: energies 16, 9, 4, 1, 0.25 (total 30.25); 90% = 27.225 -> 16+9+4 = 29 >= it, k = 3
     s = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64)
@@ -30,8 +40,8 @@ def test_rank90_of_known_singular_values_is_exact():
     m = u @ torch.diag(s) @ v.T
     assert torch.allclose(singular_values(m), s, atol=1e-12)
     assert rank_at_energy(singular_values(m), 0.9) == 3
-    assert rank_at_energy(s, 0.5) == 1          # 16 / 30.25 = 0.53
-    assert rank_at_energy(s, 0.99) == 4         # 29.99 / 30.25 = 0.9914 ... 30/30.25 = 0.9917 -> k=4
+    assert rank_at_energy(s, 0.5) == 1  # 16 / 30.25 = 0.53
+    assert rank_at_energy(s, 0.99) == 4  # 29.99 / 30.25 = 0.9914 ... 30/30.25 = 0.9917 -> k=4
     assert rank_at_energy(s, 1.0) == 5
     # the boundary is inclusive: (3, 1) has 9/10 = 90% in the first value exactly
     assert rank_at_energy(torch.tensor([3.0, 1.0]), 0.9) == 1
@@ -71,6 +81,7 @@ def test_spectrum_rows_of_a_lora_update(tiny_lm):
 
 
 # --- magnitude and direction ------------------------------------------------------------------
+
 
 def test_magnitude_direction_hand_built():
     w0 = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
@@ -136,8 +147,10 @@ def test_matrix_pairs_full_finetune_only_changed_layers(tiny_lm):
 
 
 def test_mean_by_type_and_fit():
-    pairs = [MatrixPair("model.layers.0.q_proj", torch.eye(2), 2 * torch.eye(2)),
-             MatrixPair("model.layers.1.q_proj", torch.eye(2), 3 * torch.eye(2))]
+    pairs = [
+        MatrixPair("model.layers.0.q_proj", torch.eye(2), 2 * torch.eye(2)),
+        MatrixPair("model.layers.1.q_proj", torch.eye(2), 3 * torch.eye(2)),
+    ]
     rows = decomposition_rows(pairs, "step 5", 5)
     by = mean_by_type(rows)
     assert by == [{"checkpoint": "step 5", "step": 5, "type": "q_proj", "matrices": 2, "dM": 1.5, "dD": 0.0}]
@@ -145,6 +158,7 @@ def test_mean_by_type_and_fit():
 
 
 # --- a run folder, end to end through `deltatune analyze` -------------------------------------
+
 
 @pytest.fixture
 def lora_run(tmp_path, tiny_lm, tiny_tok):
@@ -157,8 +171,9 @@ def lora_run(tmp_path, tiny_lm, tiny_tok):
     tiny_tok.save_pretrained(base_dir)
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": str(base_dir), "method": "lora", "rank": 2,
-                                                     "alpha": 4.0, "targets": "q_proj,v_proj"}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"model": str(base_dir), "method": "lora", "rank": 2, "alpha": 4.0, "targets": "q_proj,v_proj"})
+    )
     adapted = apply_methods(tiny_lm, MethodSpec("lora", targets="q_proj,v_proj", rank=2, alpha=4.0))
     torch.manual_seed(0)
     for m in adapted.model.modules():
@@ -168,8 +183,10 @@ def lora_run(tmp_path, tiny_lm, tiny_tok):
     for step, scale in ((10, 0.25), (20, 0.5)):
         ck = run / "checkpoints" / f"step-{step}"
         ck.mkdir(parents=True)
-        save_file({n: (p * scale if "lora_B" in n else p).detach().contiguous() for n, p in trainable.items()},
-                  str(ck / "trainable.safetensors"))
+        save_file(
+            {n: (p * scale if "lora_B" in n else p).detach().contiguous() for n, p in trainable.items()},
+            str(ck / "trainable.safetensors"),
+        )
         (ck / "meta.json").write_text(json.dumps({"position": {"step": step}}))
     adapted.save_adapter(run / "final")
     return base_dir, run, adapted
@@ -190,8 +207,7 @@ def test_analyze_cli_end_to_end(lora_run, tmp_path):
     base_dir, run, adapted = lora_run
     out = tmp_path / "analysis"
     assert main(["analyze", "--base", str(base_dir), "--run", str(run), "--out", str(out)]) == 0
-    for name in ("decomposition.md", "decomposition.json", "spectrum.md", "spectrum.json", "dd_dm.png",
-                 "spectrum.png"):
+    for name in ("decomposition.md", "decomposition.json", "spectrum.md", "spectrum.json", "dd_dm.png", "spectrum.png"):
         assert (out / name).stat().st_size > 0
     dec = json.loads((out / "decomposition.json").read_text())["decomposition"]
     assert len(dec["points"]) == 4 * 3  # 4 adapted matrices x (2 checkpoints + final)

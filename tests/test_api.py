@@ -13,8 +13,9 @@ import torch
 import deltatune
 from deltatune.testing import tiny_model, tiny_tokenizer
 
-RECORDS = [{"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."}
-           for a in range(3) for b in range(3)]
+RECORDS = [
+    {"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."} for a in range(3) for b in range(3)
+]
 
 
 def randomise_adapter(adapted) -> None:
@@ -40,8 +41,18 @@ def test_import_is_cheap_and_all_is_complete():
     assert out.split() == ["False", "False"]
     for name in deltatune.__all__:
         assert getattr(deltatune, name) is not None, name
-    assert {"apply", "load_model", "load_adapter", "AdaptedModel", "prepare", "DataCollator", "weighted_loss",
-            "WeightedLossTrainer", "train", "evaluate"} <= set(deltatune.__all__)
+    assert {
+        "apply",
+        "load_model",
+        "load_adapter",
+        "AdaptedModel",
+        "prepare",
+        "DataCollator",
+        "weighted_loss",
+        "WeightedLossTrainer",
+        "train",
+        "evaluate",
+    } <= set(deltatune.__all__)
 
 
 def test_train_and_evaluate_are_callable_and_still_packages(tmp_path):
@@ -62,15 +73,34 @@ def test_print_trainable_parameters_agrees_with_plan(tiny_dir, capsys):
     adapted = deltatune.apply(model, "lora", rank=4, alpha=8, targets="q_proj,v_proj")
     adapted.print_trainable_parameters()
     printed = capsys.readouterr().out.splitlines()
-    assert main(["plan", "--model", str(tiny_dir), "--method", "lora", "--rank", "4", "--targets", "q_proj,v_proj",
-                 "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                str(tiny_dir),
+                "--method",
+                "lora",
+                "--rank",
+                "4",
+                "--targets",
+                "q_proj,v_proj",
+                "--json",
+            ]
+        )
+        == 0
+    )
     plan = json.loads(capsys.readouterr().out)["params"]
-    assert printed[0] == (f"trainable params: {plan['trainable']:,d} || all params: {plan['total']:,d} || "
-                          f"trainable%: {100 * plan['trainable'] / plan['total']:.4f}")
+    assert printed[0] == (
+        f"trainable params: {plan['trainable']:,d} || all params: {plan['total']:,d} || "
+        f"trainable%: {100 * plan['trainable'] / plan['total']:.4f}"
+    )
     # the per-layer-type rows: LoRA on q_proj (64 -> 64) and v_proj (64 -> 32), rank 4, 2 layers
     rows = {line.split()[0]: line.split()[1:] for line in printed[2:]}
-    assert rows == {"q_proj": [f"{2 * 4 * (64 + 64):,}", f"{2 * 64 * 64 + 2 * 4 * (64 + 64):,}"],
-                    "v_proj": [f"{2 * 4 * (64 + 32):,}", f"{2 * 64 * 32 + 2 * 4 * (64 + 32):,}"]}
+    assert rows == {
+        "q_proj": [f"{2 * 4 * (64 + 64):,}", f"{2 * 64 * 64 + 2 * 4 * (64 + 64):,}"],
+        "v_proj": [f"{2 * 4 * (64 + 32):,}", f"{2 * 64 * 32 + 2 * 4 * (64 + 32):,}"],
+    }
     assert {k: v[1] for k, v in plan["by_type"].items() if v[1]} == {"q_proj": 1024, "v_proj": 768}
 
 
@@ -144,8 +174,9 @@ def test_prepare_weights_the_tokens_the_policy_names():
 
     row = deltatune.prepare(record, tok, policy="response")[0]
     assert text(row, lambda w: w == 1) == "The answer is 5.<|im_end|>"
-    assert [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100] == \
-        [t for t, w in zip(row["input_ids"], row["loss_weights"]) if w > 0]
+    assert [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100] == [
+        t for t, w in zip(row["input_ids"], row["loss_weights"]) if w > 0
+    ]
     row = deltatune.prepare(record, tok, policy="instruction")[0]
     assert text(row, lambda w: w == 1) == "What is 2 + 3?The answer is 5.<|im_end|>"
     row = deltatune.prepare(record, tok, policy="weighted:0.25")[0]
@@ -194,8 +225,9 @@ def test_packed_rows_never_attend_across_examples(attn):
     assert batch["attention_mask"].shape[1] == 1 and batch["attention_mask"].dim() == 4
     assert batch["input_ids"].shape[0] < len(features)
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits
+        packed = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+        ).logits
     seen = 0
     for b in range(batch["input_ids"].shape[0]):
         starts = (batch["position_ids"][b] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
@@ -223,8 +255,9 @@ def test_weighted_loss_against_float64():
     labels = ids.masked_fill(w == 0, -100)
     mean = torch.nn.functional.cross_entropy(logits_[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
     assert deltatune.weighted_loss(logits_, ids, labels=labels).item() == pytest.approx(mean.item(), rel=1e-6)
-    assert deltatune.weighted_loss(logits_, ids, w, num_items_in_batch=10.0).item() == \
-        pytest.approx(expected.item() * float(w[:, 1:].sum()) / 10.0, rel=1e-6)
+    assert deltatune.weighted_loss(logits_, ids, w, num_items_in_batch=10.0).item() == pytest.approx(
+        expected.item() * float(w[:, 1:].sum()) / 10.0, rel=1e-6
+    )
 
 
 def test_evaluate_loss_task_equals_weighted_loss(tiny_dir, tmp_path):
@@ -252,8 +285,25 @@ def test_command_line_train_runs_through_the_public_api(monkeypatch, tmp_path):
 
     seen = []
     monkeypatch.setattr(deltatune.api.run, "train", lambda config, **kw: seen.append((config, kw)))
-    assert main(["train", "--data", "x.jsonl", "--method", "dora", "--rank", "4", "--policy", "instruction",
-                 "--output", str(tmp_path / "run"), "--quiet"]) == 0
-    (config, kwargs), = seen
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "x.jsonl",
+                "--method",
+                "dora",
+                "--rank",
+                "4",
+                "--policy",
+                "instruction",
+                "--output",
+                str(tmp_path / "run"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    ((config, kwargs),) = seen
     assert (config.data, config.method, config.rank, config.policy) == ("x.jsonl", "dora", 4, "instruction")
     assert kwargs == {"quiet": True}

@@ -25,8 +25,9 @@ def load_example(name: str):
 @pytest.fixture
 def records_file(tmp_path) -> Path:
     path = tmp_path / "train.jsonl"
-    rows = [{"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."}
-            for a in range(4) for b in range(3)]
+    rows = [
+        {"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."} for a in range(4) for b in range(3)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -35,9 +36,26 @@ def records_file(tmp_path) -> Path:
 def test_example_trains_and_saves_a_loadable_adapter(name, steps, tiny_dir, records_file, tmp_path):
     if name == "trl_sft":
         pytest.importorskip("trl")
-    result = load_example(name).main(["--model", str(tiny_dir), "--data", str(records_file), "--map", "",
-                                      "--steps", str(steps), "--batch-size", "12", "--max-len", "64",
-                                      "--lr", "1e-2", "--output", str(tmp_path / "out")])
+    result = load_example(name).main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(records_file),
+            "--map",
+            "",
+            "--steps",
+            str(steps),
+            "--batch-size",
+            "12",
+            "--max-len",
+            "64",
+            "--lr",
+            "1e-2",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     losses = result["losses"]
     assert len(losses) == steps and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
@@ -60,8 +78,9 @@ def test_trainer_example_on_the_default_model(tmp_path, shared_data):
     """examples/hf_trainer.py as documented (default model, GSM8K), two short steps: it trains and
     saves a PEFT-format adapter for the real architecture."""
     assert (shared_data / "gsm8k" / "train.jsonl").exists()  # the example's default data
-    result = load_example("hf_trainer").main(["--steps", "2", "--limit", "8", "--batch-size", "4", "--max-len", "128",
-                                              "--output", str(tmp_path / "out")])
+    result = load_example("hf_trainer").main(
+        ["--steps", "2", "--limit", "8", "--batch-size", "4", "--max-len", "128", "--output", str(tmp_path / "out")]
+    )
     assert len(result["losses"]) == 2 and all(0 < x < 10 for x in result["losses"])
     config = json.loads((result["adapter"] / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8

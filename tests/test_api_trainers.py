@@ -10,17 +10,36 @@ import torch
 
 import deltatune
 
-RECORDS = [{"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."}
-           for a in range(4) for b in range(3)]  # 12 examples: one batch
+RECORDS = [
+    {"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."} for a in range(4) for b in range(3)
+]  # 12 examples: one batch
 LR = 1e-2
 
 
 def own_trainer_losses(tiny_dir, tmp_path, **overrides) -> list[float]:
     """deltatune's own loop, two optimizer steps over the whole data set as one batch."""
-    config = dict(model=str(tiny_dir), method="lora", rank=4, alpha=8, targets="all-linear", policy="instruction",
-                  steps=2, batch_size=len(RECORDS), seq_len=64, packing=False, precision="fp32",
-                  fused_norms="off", eval_fraction=0.0, lr=LR, schedule="constant", warmup_steps=0,
-                  max_grad_norm=1.0, output=str(tmp_path / "own"), log_every=1, seed=0)
+    config = dict(
+        model=str(tiny_dir),
+        method="lora",
+        rank=4,
+        alpha=8,
+        targets="all-linear",
+        policy="instruction",
+        steps=2,
+        batch_size=len(RECORDS),
+        seq_len=64,
+        packing=False,
+        precision="fp32",
+        fused_norms="off",
+        eval_fraction=0.0,
+        lr=LR,
+        schedule="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        output=str(tmp_path / "own"),
+        log_every=1,
+        seed=0,
+    )
     config.update(overrides)
     result = deltatune.train(config, quiet=True, records=RECORDS, eval_records=[])
     return [h["loss"] for h in result.history]
@@ -37,10 +56,24 @@ def trainer_args(tmp_path, cls=None, **extra):
     from transformers import TrainingArguments
 
     cls = cls or TrainingArguments
-    return cls(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=len(RECORDS), max_steps=2,
-               learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-               max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-               dataloader_num_workers=0, disable_tqdm=True, **extra)
+    return cls(
+        output_dir=str(tmp_path / "hf"),
+        per_device_train_batch_size=len(RECORDS),
+        max_steps=2,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **extra,
+    )
 
 
 def logged_losses(trainer) -> list[float]:
@@ -61,8 +94,7 @@ def test_trainer_with_deltatune_collator_matches_own_trainer(tiny_dir, tmp_path,
     if packing:
         batch = collator([dataset[i] for i in range(len(dataset))])
         assert batch["input_ids"].shape[0] < len(RECORDS)  # examples really share rows
-    trainer = Trainer(model=adapted.model, args=trainer_args(tmp_path), train_dataset=dataset,
-                      data_collator=collator)
+    trainer = Trainer(model=adapted.model, args=trainer_args(tmp_path), train_dataset=dataset, data_collator=collator)
     trainer.train()
     theirs = logged_losses(trainer)
     assert len(theirs) == 2 and len(own) == 2
@@ -81,8 +113,9 @@ def test_weighted_trainer_matches_own_trainer_with_fractional_weights(tiny_dir, 
     with pytest.raises(deltatune.ConfigError, match="fractional"):
         plain([dataset[0]])
     collator = deltatune.DataCollator(tokenizer, return_loss_weights=True)
-    trainer = deltatune.WeightedLossTrainer(model=adapted.model, args=trainer_args(tmp_path),
-                                            train_dataset=dataset, data_collator=collator)
+    trainer = deltatune.WeightedLossTrainer(
+        model=adapted.model, args=trainer_args(tmp_path), train_dataset=dataset, data_collator=collator
+    )
     trainer.train()
     theirs = logged_losses(trainer)
     assert theirs[0] == pytest.approx(own[0], rel=1e-5, abs=1e-6)
@@ -95,10 +128,19 @@ def test_sft_trainer_with_deltatune_collator_matches_own_trainer(tiny_dir, tmp_p
     own = own_trainer_losses(tiny_dir, tmp_path)
     adapted, tokenizer = adapted_tiny(tiny_dir)
     dataset = deltatune.prepare(RECORDS, tokenizer, policy="instruction", max_len=64)
-    args = trainer_args(tmp_path, cls=trl.SFTConfig, bf16=False,  # fp32, as the own run
-                        dataset_kwargs={"skip_prepare_dataset": True})
-    trainer = trl.SFTTrainer(model=adapted.model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             data_collator=deltatune.DataCollator(tokenizer))
+    args = trainer_args(
+        tmp_path,
+        cls=trl.SFTConfig,
+        bf16=False,  # fp32, as the own run
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    trainer = trl.SFTTrainer(
+        model=adapted.model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=deltatune.DataCollator(tokenizer),
+    )
     trainer.train()
     theirs = logged_losses(trainer)
     assert theirs[0] == pytest.approx(own[0], rel=1e-5, abs=1e-6)

@@ -59,8 +59,10 @@ def test_conflicts_are_config_errors():
 
 
 def test_two_reparameterisations_on_disjoint_layers():
-    adapted = apply_methods(tiny_model(0), [MethodSpec(name="lora", targets="q_proj", rank=2),
-                                            MethodSpec(name="rslora", targets="v_proj", rank=4)])
+    adapted = apply_methods(
+        tiny_model(0),
+        [MethodSpec(name="lora", targets="q_proj", rank=2), MethodSpec(name="rslora", targets="v_proj", rank=4)],
+    )
     kinds = {n.rsplit(".", 1)[-1]: m.method_name for n, m in adapted.model.named_modules() if isinstance(m, LoRALinear)}
     assert kinds == {"q_proj": "lora", "v_proj": "rslora"}
     randomise(adapted)
@@ -105,8 +107,9 @@ def test_adapter_folder_errors(tmp_path):
     (bad / "deltatune_adapter.json").write_text('{"format": "deltatune-adapter",\n "version": 1,\n "methods": [}')
     with pytest.raises(ConfigError, match=r"deltatune_adapter.json:3"):
         load_adapter(tiny_model(0), bad)
-    (bad / "deltatune_adapter.json").write_text(json.dumps(
-        {"format": "deltatune-adapter", "version": 1, "methods": [{"name": "lora", "rnak": 4}]}))
+    (bad / "deltatune_adapter.json").write_text(
+        json.dumps({"format": "deltatune-adapter", "version": 1, "methods": [{"name": "lora", "rnak": 4}]})
+    )
     with pytest.raises(ConfigError, match="rnak"):
         load_adapter(tiny_model(0), bad)
 

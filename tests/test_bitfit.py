@@ -148,7 +148,9 @@ def test_lora_plus_bitfit_through_apply_methods(tmp_path):
 
     base = tiny_model(0)
     model = tiny_model(0)
-    adapted = apply_methods(model, [MethodSpec(name="lora", targets="q_proj,v_proj", rank=2), MethodSpec(name="bitfit")])
+    adapted = apply_methods(
+        model, [MethodSpec(name="lora", targets="q_proj,v_proj", rank=2), MethodSpec(name="bitfit")]
+    )
     torch.testing.assert_close(model(IDS).logits, base(IDS).logits, rtol=0, atol=1e-6)
     names = [n for n, _ in adapted.trainable_parameters()]
     assert "model.layers.0.self_attn.q_proj.base.bias" in names and any("lora_B" in n for n in names)
@@ -187,8 +189,13 @@ def _trained_bitfit(targets):
     return adapted
 
 
-@pytest.mark.parametrize("targets,flags", [("all-linear", {"attention_bias": True, "mlp_bias": True}),
-                                           ("q_proj", {"attention_bias": True, "mlp_bias": False})])
+@pytest.mark.parametrize(
+    "targets,flags",
+    [
+        ("all-linear", {"attention_bias": True, "mlp_bias": True}),
+        ("q_proj", {"attention_bias": True, "mlp_bias": False}),
+    ],
+)
 def test_merged_export_turns_on_the_config_bias_flags_and_loads(tmp_path, tiny_tok, targets, flags):
     from transformers import AutoModelForCausalLM
 
@@ -209,8 +216,9 @@ def test_merged_export_of_a_bias_no_flag_describes_fails_at_once(tmp_path, tiny_
     from deltatune.methods.apply import export_merged
 
     adapted = _trained_bitfit("lm_head")
-    with pytest.raises(ConfigError, match="bitfit added a bias the architecture's config cannot describe "
-                                          "\\('lm_head.bias'"):
+    with pytest.raises(
+        ConfigError, match="bitfit added a bias the architecture's config cannot describe \\('lm_head.bias'"
+    ):
         export_merged(adapted, tiny_tok, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
     assert adapted.methods  # refused before merging anything

@@ -19,7 +19,11 @@ def test_generate_prints_one_answer_per_prompt_and_chat_mode_reads_stdin(tmp_pat
 
 
 def test_generate_with_a_missing_model_folder_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "deltatune", "generate", "--model", str(tmp_path / "nope"),
-                           "--prompt", "x"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltatune", "generate", "--model", str(tmp_path / "nope"), "--prompt", "x"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "no such model folder" in proc.stderr and "Traceback" not in proc.stderr

@@ -15,13 +15,16 @@ from deltatune.errors import ConfigError
 
 SEA = "Write a short poem about the sea at night, with the moon, the stars and a small boat far from the coast."
 RECORDS = [
-    {"instruction": SEA, "output": "Waves."},                                                      # 1 kept
-    {"instruction": "  write a SHORT poem about the sea at night, with the moon, the stars and a small boat "
-                    "far from the coast.", "output": "Other waves."},                               # 2 exact (prompt)
-    {"instruction": SEA.replace("small boat", "little boat"), "output": "Boats."},                  # 3 near
-    {"instruction": "List three prime numbers greater than ten.", "output": "11, 13, 17."},           # 4 kept
-    {"instruction": "Translate 'good morning' into French.", "output": "Bonjour."},                  # 5 kept
-    {"instruction": "List three prime numbers greater than twenty.", "output": "23, 29, 31."},        # 6 rouge-near of 4
+    {"instruction": SEA, "output": "Waves."},  # 1 kept
+    {
+        "instruction": "  write a SHORT poem about the sea at night, with the moon, the stars and a small boat "
+        "far from the coast.",
+        "output": "Other waves.",
+    },  # 2 exact (prompt)
+    {"instruction": SEA.replace("small boat", "little boat"), "output": "Boats."},  # 3 near
+    {"instruction": "List three prime numbers greater than ten.", "output": "11, 13, 17."},  # 4 kept
+    {"instruction": "Translate 'good morning' into French.", "output": "Bonjour."},  # 5 kept
+    {"instruction": "List three prime numbers greater than twenty.", "output": "23, 29, 31."},  # 6 rouge-near of 4
 ]
 
 
@@ -40,8 +43,12 @@ def test_minhash_drops_exact_and_near_duplicates_keeps_the_first(data):
     assert near["source"] == f"{data}:3" and near["duplicate_of"] == f"{data}:1"
     assert near["similarity"] == jaccard(shingles(RECORDS[2]["instruction"]), shingles(SEA))  # the exact Jaccard
     assert near["similarity"] == 17 / 23  # one word changed: 3 of 20 shingles differ
-    assert report.examples[0] == {"source": f"{data}:2", "reason": "exact_duplicate", "duplicate_of": f"{data}:1",
-                                  "similarity": 1.0}
+    assert report.examples[0] == {
+        "source": f"{data}:2",
+        "reason": "exact_duplicate",
+        "duplicate_of": f"{data}:1",
+        "similarity": 1.0,
+    }
     # above the pair's similarity the near duplicate survives
     kept, _ = filter_records(data, FilterOptions(near="minhash", threshold=0.9))
     assert kept == [RECORDS[0], RECORDS[2], RECORDS[3], RECORDS[4], RECORDS[5]]
@@ -52,8 +59,10 @@ def test_rouge_near_duplicates_and_the_whole_record_key(data):
     assert kept == [RECORDS[0], RECORDS[3], RECORDS[4]]
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     sims = {e["source"]: e["similarity"] for e in report.examples if e["reason"] == "near_duplicate"}
-    assert sims == {f"{data}:3": scorer.score(SEA, RECORDS[2]["instruction"])["rougeL"].fmeasure,
-                    f"{data}:6": scorer.score(RECORDS[3]["instruction"], RECORDS[5]["instruction"])["rougeL"].fmeasure}
+    assert sims == {
+        f"{data}:3": scorer.score(SEA, RECORDS[2]["instruction"])["rougeL"].fmeasure,
+        f"{data}:6": scorer.score(RECORDS[3]["instruction"], RECORDS[5]["instruction"])["rougeL"].fmeasure,
+    }
     # on the whole record, record 2 (same prompt, other answer) is no longer an exact duplicate
     kept, report = filter_records(data, FilterOptions(near="none", on="all"))
     assert kept == RECORDS and report.kept == 6
@@ -72,8 +81,24 @@ def test_token_length_limits(data, tiny_tok):
 
 def test_filter_cli_writes_records_and_report_and_refuses_overwrite(capsys, data, tmp_path):
     out, rep = tmp_path / "f.jsonl", tmp_path / "r.json"
-    code = main(["data", "filter", "--data", str(data), "--out", str(out), "--threshold", "0.7", "--report", str(rep),
-                 "--tokenizer", "tiny", "--max-prompt-tokens", "1000"])
+    code = main(
+        [
+            "data",
+            "filter",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--threshold",
+            "0.7",
+            "--report",
+            str(rep),
+            "--tokenizer",
+            "tiny",
+            "--max-prompt-tokens",
+            "1000",
+        ]
+    )
     stdout, _ = capsys.readouterr()
     assert code == 0 and [json.loads(x) for x in out.read_text().splitlines()] == [RECORDS[i] for i in (0, 3, 4, 5)]
     assert json.loads(rep.read_text())["dropped"] == {"exact_duplicate": 1, "near_duplicate": 1}

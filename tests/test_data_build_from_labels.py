@@ -55,7 +55,8 @@ def test_round_robin_gives_exact_records(task, data):
     ]
     assert [r["meta"] for r in records][:2] == [
         {"task": "sentiment", "phrasing": 0, "label": "1", "source": f"{data}:1"},
-        {"task": "sentiment", "phrasing": 1, "label": "0", "source": f"{data}:2"}]
+        {"task": "sentiment", "phrasing": 1, "label": "0", "source": f"{data}:2"},
+    ]
     assert report.per_phrasing == [2, 1, 1] and report.per_label == {"0": 2, "1": 2}
     assert report.examples == 4 and report.records == 4
     text = report.format(load_task(task))
@@ -102,15 +103,24 @@ def test_csv_and_parquet_give_the_same_records(task, data, tmp_path):
     assert got[0]["meta"]["source"] == f"{csv}:2"  # the header is line 1
 
 
-@pytest.mark.parametrize("lines, message", [
-    ([{"text": "ok", "label": 1}, {"text": "bad", "label": 2}], "{f}:2: field 'label': unknown label '2' (the task knows 0, 1)"),
-    ([{"text": "ok", "label": 1}, {"label": 0}], "{f}:2: field 'text': missing column"),
-    ([{"text": "ok", "label": 1}, {"text": "  ", "label": 0}], "{f}:2: field 'text': empty text"),
-    ([{"text": "ok", "label": 1}, {"text": None, "label": 0}], "{f}:2: field 'text': empty (null)"),
-    ([{"text": "ok", "label": 1}, {"text": ["a"], "label": 0}], "{f}:2: field 'text': expected text, got list"),
-    ([{"text": "ok"}], "{f}:1: field 'label': missing label"),
-    ([{"txt": "ok", "label": 1}], "{t}: field 'templates[0]': placeholder {{text}} is not a column of {f} (columns: label, txt)"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            [{"text": "ok", "label": 1}, {"text": "bad", "label": 2}],
+            "{f}:2: field 'label': unknown label '2' (the task knows 0, 1)",
+        ),
+        ([{"text": "ok", "label": 1}, {"label": 0}], "{f}:2: field 'text': missing column"),
+        ([{"text": "ok", "label": 1}, {"text": "  ", "label": 0}], "{f}:2: field 'text': empty text"),
+        ([{"text": "ok", "label": 1}, {"text": None, "label": 0}], "{f}:2: field 'text': empty (null)"),
+        ([{"text": "ok", "label": 1}, {"text": ["a"], "label": 0}], "{f}:2: field 'text': expected text, got list"),
+        ([{"text": "ok"}], "{f}:1: field 'label': missing label"),
+        (
+            [{"txt": "ok", "label": 1}],
+            "{t}: field 'templates[0]': placeholder {{text}} is not a column of {f} (columns: label, txt)",
+        ),
+    ],
+)
 def test_every_data_error_names_file_line_and_field(task, tmp_path, lines, message):
     f = tmp_path / "d.jsonl"
     f.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
@@ -132,18 +142,31 @@ def test_csv_empty_cell_and_parquet_row_errors(task, tmp_path):
     assert str(exc.value) == f"{pqt}: field '[1].label': unknown label '5' (the task knows 0, 1)"
 
 
-@pytest.mark.parametrize("body, message", [
-    ("templates: []\nlabels: {0: a}\n", "{t}: field 'templates': expected a non-empty list of phrasings"),
-    ("templates: ['{text']\nlabels: {0: a}\n",
-     "{t}: field 'templates[0]': not a valid template (expected '}}' before end of string); write a literal brace as {{{{ or }}}}"),
-    ("templates: ['{0}']\nlabels: {0: a}\n", "{t}: field 'templates[0]': placeholder {{0}} must be a column name"),
-    ("templates: [{instruction: x, inptu: '{text}'}]\nlabels: {0: a}\n",
-     "{t}: field 'templates[0].inptu': a phrasing mapping has an 'instruction' and an optional 'input' part"),
-    ("templates: [x]\n", "{t}: field 'labels': expected a mapping from label to label word, e.g. {{0: negative, 1: positive}}"),
-    ("templates: [x]\nlabels: {0: ''}\n", "{t}: field 'labels.0': expected a non-empty label word"),
-    ("templates: [x]\nlabels: {0: a}\nlabel: 3\n", "{t}: field 'label': unknown key (expected name, templates, labels)"),
-    ("templates: [x\n", "{t}:2: not valid YAML (expected ',' or ']', but got '<stream end>')"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("templates: []\nlabels: {0: a}\n", "{t}: field 'templates': expected a non-empty list of phrasings"),
+        (
+            "templates: ['{text']\nlabels: {0: a}\n",
+            "{t}: field 'templates[0]': not a valid template (expected '}}' before end of string); write a literal brace as {{{{ or }}}}",
+        ),
+        ("templates: ['{0}']\nlabels: {0: a}\n", "{t}: field 'templates[0]': placeholder {{0}} must be a column name"),
+        (
+            "templates: [{instruction: x, inptu: '{text}'}]\nlabels: {0: a}\n",
+            "{t}: field 'templates[0].inptu': a phrasing mapping has an 'instruction' and an optional 'input' part",
+        ),
+        (
+            "templates: [x]\n",
+            "{t}: field 'labels': expected a mapping from label to label word, e.g. {{0: negative, 1: positive}}",
+        ),
+        ("templates: [x]\nlabels: {0: ''}\n", "{t}: field 'labels.0': expected a non-empty label word"),
+        (
+            "templates: [x]\nlabels: {0: a}\nlabel: 3\n",
+            "{t}: field 'label': unknown key (expected name, templates, labels)",
+        ),
+        ("templates: [x\n", "{t}:2: not valid YAML (expected ',' or ']', but got '<stream end>')"),
+    ],
+)
 def test_task_file_errors(tmp_path, body, message):
     t = tmp_path / "t.yaml"
     t.write_text(body, encoding="utf-8")
@@ -203,9 +226,32 @@ def test_from_labels_output_trains_with_deltatune_train(capsys, task, data, tmp_
     assert _cli(capsys, "filter", "--data", out, "--on", "all", "--out", clean)[0] == 0
     assert clean.read_text() == out.read_text()  # 12 distinct records: nothing to drop
     run = tmp_path / "run"
-    code = main(["train", "--model", str(tiny_dir), "--data", str(clean), "--output", str(run), "--method", "lora",
-                 "--rank", "4", "--steps", "2", "--batch-size", "4", "--seq-len", "128", "--precision", "fp32",
-                 "--set", "eval_fraction=0", "--quiet"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(clean),
+            "--output",
+            str(run),
+            "--method",
+            "lora",
+            "--rank",
+            "4",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "128",
+            "--precision",
+            "fp32",
+            "--set",
+            "eval_fraction=0",
+            "--quiet",
+        ]
+    )
     assert code == 0
     assert (run / "final" / "adapter_config.json").exists()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -15,17 +15,33 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
-from deltatune.data.instructions.self_instruct import (CHECKPOINT, PROGRESS, SelfInstructConfig, run_self_instruct,
-                                                write_outputs)
-from deltatune.data.instructions.self_instruct_text import (CLASSIFY_HEADER, INSTRUCTION_HEADER, OUTPUT_FIRST_HEADER,
-                                                     INPUT_FIRST_HEADER, parse_instances, read_seed_tasks)
+from deltatune.data.instructions.self_instruct import (
+    CHECKPOINT,
+    PROGRESS,
+    SelfInstructConfig,
+    run_self_instruct,
+    write_outputs,
+)
+from deltatune.data.instructions.self_instruct_text import (
+    CLASSIFY_HEADER,
+    INPUT_FIRST_HEADER,
+    INSTRUCTION_HEADER,
+    OUTPUT_FIRST_HEADER,
+    parse_instances,
+    read_seed_tasks,
+)
 from deltatune.errors import DataError, UserError
 
 REPO = Path(__file__).resolve().parent.parent
 SEEDS = [
     ("Suggest a name for a new bakery in a small mountain town.", False, "", "Summit Crumbs."),
     ("Explain why the sky looks blue during the day.", False, "", "Rayleigh scattering."),
-    ("Summarize the following paragraph in one sentence.", False, "Cats sleep a lot. They nap often.", "Cats sleep much."),
+    (
+        "Summarize the following paragraph in one sentence.",
+        False,
+        "Cats sleep a lot. They nap often.",
+        "Cats sleep much.",
+    ),
     ("Convert the temperature from Celsius to Fahrenheit.", False, "20 C", "68 F"),
     ("Give a synonym for the following word.", False, "happy", "glad"),
     ("Classify the sentiment of the tweet as positive or negative.", True, "I love rain", "positive"),
@@ -34,16 +50,31 @@ SEEDS = [
     ("Tell whether the animal is a mammal, bird or fish.", True, "salmon", "fish"),
     ("Detect the language of the sentence: English, French or German.", True, "Guten Tag", "German"),
 ]
-WORDS = ("ocean forest lantern copper violin harbor meadow canyon glacier orchard pepper saddle "
-         "thunder marble falcon ribbon cactus anchor velvet quartz").split()
+WORDS = (
+    "ocean forest lantern copper violin harbor meadow canyon glacier orchard pepper saddle "
+    "thunder marble falcon ribbon cactus anchor velvet quartz"
+).split()
 
 
 @pytest.fixture
 def seeds_file(tmp_path):
     p = tmp_path / "seeds.jsonl"
-    p.write_text("".join(json.dumps({"id": f"seed_task_{i}", "name": f"t{i}", "instruction": ins,
-                                     "instances": [{"input": inp, "output": out}], "is_classification": clf}) + "\n"
-                         for i, (ins, clf, inp, out) in enumerate(SEEDS)), encoding="utf-8")
+    p.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"seed_task_{i}",
+                    "name": f"t{i}",
+                    "instruction": ins,
+                    "instances": [{"input": inp, "output": out}],
+                    "is_classification": clf,
+                }
+            )
+            + "\n"
+            for i, (ins, clf, inp, out) in enumerate(SEEDS)
+        ),
+        encoding="utf-8",
+    )
     return p
 
 
@@ -68,8 +99,10 @@ class Scripted:
         if prompt.startswith(INSTRUCTION_HEADER):
             if self.instructions is not None:
                 return self.instructions
-            new = [f"Describe the {WORDS[h[i] % 20]} and the {WORDS[h[i + 1] % 20]} near the {WORDS[h[i + 2] % 20]}"
-                   for i in (0, 3)]
+            new = [
+                f"Describe the {WORDS[h[i] % 20]} and the {WORDS[h[i + 1] % 20]} near the {WORDS[h[i + 2] % 20]}"
+                for i in (0, 3)
+            ]
             return f" {new[0]}\n10. {new[1]}\n11. Draw a map of the town\n\nignored after the stop"
         if prompt.startswith(CLASSIFY_HEADER):
             return " Yes\nTask: x" if h[0] % 3 == 0 else " No"
@@ -84,8 +117,12 @@ def test_seed_file_reads_the_real_format_and_names_bad_lines(shared_data, tmp_pa
     real = read_seed_tasks(shared_data / "self-instruct" / "seed_tasks.jsonl")
     assert len(real) == 175 and 0 < sum(t.is_classification for t in real) < 175
     bad = tmp_path / "s.jsonl"
-    bad.write_text(json.dumps({"instruction": "ok", "instances": [{"input": "", "output": "x"}]}) + "\n"
-                   + json.dumps({"instruction": "ok", "instances": [{"input": ""}]}) + "\n")
+    bad.write_text(
+        json.dumps({"instruction": "ok", "instances": [{"input": "", "output": "x"}]})
+        + "\n"
+        + json.dumps({"instruction": "ok", "instances": [{"input": ""}]})
+        + "\n"
+    )
     with pytest.raises(DataError) as exc:
         read_seed_tasks(bad)
     assert str(exc.value) == f"{bad}:2: field 'instances[0]': expected {{input: text, output: text}}"
@@ -106,7 +143,9 @@ def test_prompts_are_built_from_seed_and_generated_tasks(seeds_file, tmp_path):
         assert len(set(shown)) == 8 and set(shown) <= seed_ins  # round 1: seed tasks only
     # the next round's instruction prompts show 2 generated tasks and 6 seed tasks
     second = next(c for c in gen.calls[1:] if c[0][0].startswith(INSTRUCTION_HEADER))[0]
-    kept_before = {t["instruction"] for t in json.loads((tmp_path / "w" / PROGRESS).read_text().splitlines()[0])["kept"]}
+    kept_before = {
+        t["instruction"] for t in json.loads((tmp_path / "w" / PROGRESS).read_text().splitlines()[0])["kept"]
+    }
     for p in second:
         shown = [line.split(". ", 1)[1] for line in p.split("\n")[1:-1]]
         assert sum(s in seed_ins for s in shown) == 6 and sum(s in kept_before for s in shown) == 2
@@ -114,7 +153,9 @@ def test_prompts_are_built_from_seed_and_generated_tasks(seeds_file, tmp_path):
     clf_prompt = gen.calls[1][0][0]
     for t in seeds:
         if f"Task: {t.instruction}\n" in clf_prompt:
-            assert f"Task: {t.instruction}\nIs it classification? {'Yes' if t.is_classification else 'No'}" in clf_prompt
+            assert (
+                f"Task: {t.instruction}\nIs it classification? {'Yes' if t.is_classification else 'No'}" in clf_prompt
+            )
     assert clf_prompt.endswith("\nIs it classification?") and clf_prompt.count("Task: ") == 11
     # instances: output-first (class label, then input) for classification tasks, input-first otherwise
     by_ins = {t.instruction: t for t in result.tasks}
@@ -124,7 +165,10 @@ def test_prompts_are_built_from_seed_and_generated_tasks(seeds_file, tmp_path):
             continue  # dropped (no valid instance)
         if task.is_classification:
             assert prompt.startswith(OUTPUT_FIRST_HEADER) and prompt.endswith("\nClass label:")
-            assert task.instances == [{"input": "a first case", "output": "yes"}, {"input": "a second case", "output": "no"}]
+            assert task.instances == [
+                {"input": "a first case", "output": "yes"},
+                {"input": "a second case", "output": "no"},
+            ]
             assert all(f"Task: {s[0]}" not in prompt for s in SEEDS if not s[1])  # shots of the same kind
         else:
             assert prompt.startswith(INPUT_FIRST_HEADER) and task.instances[0]["input"] == "some input"
@@ -134,8 +178,9 @@ def test_prompts_are_built_from_seed_and_generated_tasks(seeds_file, tmp_path):
 
 def test_kept_instructions_are_rouge_l_diverse(seeds_file, tmp_path):
     seeds = read_seed_tasks(seeds_file)
-    result = run_self_instruct(seeds, Scripted(), SelfInstructConfig(n=12, prompts_per_round=3), tmp_path / "w",
-                               progress=False)
+    result = run_self_instruct(
+        seeds, Scripted(), SelfInstructConfig(n=12, prompts_per_round=3), tmp_path / "w", progress=False
+    )
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     everything = [t.instruction for t in seeds] + [t.instruction for t in result.tasks]
     for i, a in enumerate(everything):
@@ -147,36 +192,56 @@ def test_kept_instructions_are_rouge_l_diverse(seeds_file, tmp_path):
 
 def test_every_drop_reason(seeds_file, tmp_path):
     long = " ".join(["word"] * 151)
-    listing = (" Describe the history of the river Nile in three sentences.\n10. \n11. Hi there\n12. " + long
-               + "\n13. Describe the image below in detail please.\n14. Write a program that sorts a list of numbers."
-               + "\n15. - list the planets of the solar system in order\n16. Écrivez un poème sur la mer et le ciel."
-               + "\n17. Describe the history of the river Nile in four sentences."
-               + "\n18. Give a synonym for the following word, please."
-               + "\n19. Give three tips for staying healthy in winter.")
+    listing = (
+        " Describe the history of the river Nile in three sentences.\n10. \n11. Hi there\n12. "
+        + long
+        + "\n13. Describe the image below in detail please.\n14. Write a program that sorts a list of numbers."
+        + "\n15. - list the planets of the solar system in order\n16. Écrivez un poème sur la mer et le ciel."
+        + "\n17. Describe the history of the river Nile in four sentences."
+        + "\n18. Give a synonym for the following word, please."
+        + "\n19. Give three tips for staying healthy in winter."
+    )
 
     def instance(task):
         return "Input: \nOutput: " if "Nile" in task else "Output: Drink water."
 
     gen = Scripted(instructions=listing, instance=instance)
-    result = run_self_instruct(read_seed_tasks(seeds_file), gen, SelfInstructConfig(n=1, prompts_per_round=1),
-                               tmp_path / "w", progress=False)
-    assert result.dropped == Counter(empty=1, too_short=1, too_long=1, unanswerable=1, write_a_program=1,
-                                     starts_with_punctuation=1, not_english=1, similar=2, no_valid_instance=1)
-    assert result.examples["similar"] == ["Describe the history of the river Nile in four sentences.",
-                                          "Give a synonym for the following word, please."]  # vs this round, vs a seed
+    result = run_self_instruct(
+        read_seed_tasks(seeds_file), gen, SelfInstructConfig(n=1, prompts_per_round=1), tmp_path / "w", progress=False
+    )
+    assert result.dropped == Counter(
+        empty=1,
+        too_short=1,
+        too_long=1,
+        unanswerable=1,
+        write_a_program=1,
+        starts_with_punctuation=1,
+        not_english=1,
+        similar=2,
+        no_valid_instance=1,
+    )
+    assert result.examples["similar"] == [
+        "Describe the history of the river Nile in four sentences.",
+        "Give a synonym for the following word, please.",
+    ]  # vs this round, vs a seed
     assert [t.instruction for t in result.tasks] == ["Give three tips for staying healthy in winter."]
-    assert result.records() == [{"instruction": "Give three tips for staying healthy in winter.", "input": "",
-                                 "output": "Drink water."}]
+    assert result.records() == [
+        {"instruction": "Give three tips for staying healthy in winter.", "input": "", "output": "Drink water."}
+    ]
     report = result.report()
     assert report["kept"] == 1 and report["dropped"]["no_valid_instance"] == 1
 
 
 def test_parse_instances_both_orders():
     assert parse_instances("Input: 2 + 2\nOutput: 4\nInput: 3 + 3\nOutput: 6", False) == [
-        {"input": "2 + 2", "output": "4"}, {"input": "3 + 3", "output": "6"}]
+        {"input": "2 + 2", "output": "4"},
+        {"input": "3 + 3", "output": "6"},
+    ]
     assert parse_instances("Output: just this", False) == [{"input": "", "output": "just this"}]
     assert parse_instances(" odd\nInput: 7\nClass label: even\nInput: 8", True) == [
-        {"input": "7", "output": "odd"}, {"input": "8", "output": "even"}]
+        {"input": "7", "output": "odd"},
+        {"input": "8", "output": "even"},
+    ]
     assert parse_instances("gibberish without markers", False) == []
 
 
@@ -195,8 +260,14 @@ def test_interrupted_then_resumed_equals_uninterrupted(seeds_file, tmp_path):
     with pytest.raises(UserError, match="pass --resume"):
         run_self_instruct(seeds, Scripted(), config, tmp_path / "b", progress=False)
     with pytest.raises(UserError, match=r"other settings \(config\)"):
-        run_self_instruct(seeds, Scripted(), SelfInstructConfig(n=9, prompts_per_round=2, seed=5), tmp_path / "b",
-                          resume=True, progress=False)
+        run_self_instruct(
+            seeds,
+            Scripted(),
+            SelfInstructConfig(n=9, prompts_per_round=2, seed=5),
+            tmp_path / "b",
+            resume=True,
+            progress=False,
+        )
     resumed_gen = Scripted()
     resumed = run_self_instruct(seeds, resumed_gen, config, tmp_path / "b", resume=True, progress=False)
     write_outputs(resumed, tmp_path / "b.jsonl", tmp_path / "b")
@@ -207,8 +278,14 @@ def test_interrupted_then_resumed_equals_uninterrupted(seeds_file, tmp_path):
 
 
 def _launch(args, env):
-    return subprocess.Popen([sys.executable, "-m", "deltatune", "data", "self-instruct", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "deltatune", "data", "self-instruct", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture
@@ -222,15 +299,32 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_cli_on_the_tiny_model_sigkill_then_resume_equals_uninterrupted(seeds_file, tiny_dir, tmp_path, capsys,
-                                                                         one_thread):
+def test_cli_on_the_tiny_model_sigkill_then_resume_equals_uninterrupted(
+    seeds_file, tiny_dir, tmp_path, capsys, one_thread
+):
     from deltatune.cli import main
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
     def args(out):
-        return ["--model", str(tiny_dir), "--seeds", str(seeds_file), "--n", "50", "--max-rounds", "4",
-                "--prompts-per-round", "2", "--max-new-tokens", "12", "--seed", "1", "--out", str(out)]
+        return [
+            "--model",
+            str(tiny_dir),
+            "--seeds",
+            str(seeds_file),
+            "--n",
+            "50",
+            "--max-rounds",
+            "4",
+            "--prompts-per-round",
+            "2",
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+        ]
 
     killed = _launch(args(tmp_path / "b.jsonl"), env)
     checkpoint = tmp_path / "b.jsonl.work" / CHECKPOINT

@@ -11,8 +11,14 @@ from deltatune.data.segments import Role, TokenizedExample
 from deltatune.data.stats import advise, dataset_stats, distribution
 
 ALPACA = {"instruction": "What is 2 + 3?", "input": "ABC", "output": "The answer is 5."}
-CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
-                     {"role": "user", "content": "What?"}, {"role": "assistant", "content": "5"}]}
+CHAT = {
+    "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there."},
+        {"role": "user", "content": "What?"},
+        {"role": "assistant", "content": "5"},
+    ]
+}
 
 
 @pytest.fixture
@@ -31,8 +37,9 @@ def _run(capsys, *argv):
 
 
 def test_preview_json_matches_the_policy_token_by_token(capsys, files, tiny_tok):
-    code, out, _ = _run(capsys, "preview", "--data", str(files[0]), "--template", "chatml", "--policy", "response",
-                        "--format", "json")
+    code, out, _ = _run(
+        capsys, "preview", "--data", str(files[0]), "--template", "chatml", "--policy", "response", "--format", "json"
+    )
     assert code == 0
     got = json.loads(out)
     assert len(got) == 2 and set(got[0][0]) == {"token", "id", "segment", "weight"}
@@ -44,15 +51,18 @@ def test_preview_json_matches_the_policy_token_by_token(capsys, files, tiny_tok)
 
 
 def test_preview_text_plain_when_piped_coloured_on_request(capsys, files):
-    code, out, _ = _run(capsys, "preview", "--data", str(files[1]), "--template", "chatml",
-                        "--policy", "weighted:0.5,turns=last")
+    code, out, _ = _run(
+        capsys, "preview", "--data", str(files[1]), "--template", "chatml", "--policy", "weighted:0.5,turns=last"
+    )
     assert code == 0 and "\x1b[" not in out
     lines = out.splitlines()
     assert any('response    w=0.5   "Hello there.<|im_end|>"' in line for line in lines)  # earlier turn: context
     assert any('response    w=1     "5<|im_end|>"' in line for line in lines)
     code, out, _ = _run(capsys, "preview", "--data", str(files[1]), "--policy", "response", "--color", "always")
     assert code == 0 and "\x1b[1;31m" in out  # bold red: a loss-bearing response token
-    code, out, _ = _run(capsys, "preview", "--data", str(files[0]), "--policy", "instruction->response@10", "--limit", "1")
+    code, out, _ = _run(
+        capsys, "preview", "--data", str(files[0]), "--policy", "instruction->response@10", "--limit", "1"
+    )
     assert code == 0 and "first phase" in out and out.count("== example") == 1
 
 
@@ -73,12 +83,25 @@ def test_stats_json_numbers_agree_with_the_examples(capsys, shared_data, tmp_pat
     lines = (shared_data / "gsm8k" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:50]
     g = tmp_path / "g.jsonl"
     g.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    code, out, _ = _run(capsys, "stats", "--data", str(g), "--map", "question=instruction,answer=output",
-                        "--template", "alpaca", "--max-len", "200", "--format", "json")
+    code, out, _ = _run(
+        capsys,
+        "stats",
+        "--data",
+        str(g),
+        "--map",
+        "question=instruction,answer=output",
+        "--template",
+        "alpaca",
+        "--max-len",
+        "200",
+        "--format",
+        "json",
+    )
     assert code == 0
     s = json.loads(out)
-    exs = prepare_dataset(g, tiny_tok, template="alpaca", column_map={"question": "instruction", "answer": "output"},
-                          max_len=10**6).examples
+    exs = prepare_dataset(
+        g, tiny_tok, template="alpaca", column_map={"question": "instruction", "answer": "output"}, max_len=10**6
+    ).examples
     instr = [sum(r == Role.INSTRUCTION for r in ex.roles) for ex in exs]
     resp = [sum(r == Role.RESPONSE for r in ex.roles) for ex in exs]
     assert s["examples"] == 50
@@ -87,7 +110,8 @@ def test_stats_json_numbers_agree_with_the_examples(capsys, shared_data, tmp_pat
     assert s["would_truncate"] == sum(len(ex) > 200 for ex in exs) > 0
     im = LossPolicy("instruction")
     assert s["policies"]["instruction"]["loss_weight_per_example"] == pytest.approx(
-        sum(sum(policy_weights(ex, im)) for ex in exs) / 50)
+        sum(sum(policy_weights(ex, im)) for ex in exs) / 50
+    )
     assert any("Alpaca 5k" in a or "Dolly" in a for a in s["advice"])
     code, text, _ = _run(capsys, "stats", "--data", str(g), "--map", "question=instruction,answer=output")
     assert code == 0 and "advice:" in text and "padding waste" in text
@@ -96,8 +120,13 @@ def test_stats_json_numbers_agree_with_the_examples(capsys, shared_data, tmp_pat
 def test_distribution_and_padding_numbers():
     d = distribution([5, 1, 3, 2, 4, 6, 7, 8, 9, 10])
     assert (d["min"], d["median"], d["p90"], d["max"]) == (1, 5.5, 9, 10)
-    mk = lambda n_i, n_r: TokenizedExample([3] * (n_i + n_r + 2), [Role.ROLE] * 2 + [Role.INSTRUCTION] * n_i  # noqa: E731
-                                           + [Role.RESPONSE] * n_r, [0] * (n_i + n_r + 2))
+    mk = lambda n_i, n_r: TokenizedExample(
+        [3] * (n_i + n_r + 2),
+        [Role.ROLE] * 2
+        + [Role.INSTRUCTION] * n_i  # noqa: E731
+        + [Role.RESPONSE] * n_r,
+        [0] * (n_i + n_r + 2),
+    )
     s = dataset_stats([mk(10, 2), mk(30, 8)], max_len=30, seq_len=64, batch_size=2)
     assert s["ratio_instruction_to_response"] == pytest.approx(40 / 10)
     assert s["would_truncate"] == 1 and s["would_lose_whole_response"] == 1  # 2+30 > 30, response starts at 32
@@ -106,8 +135,14 @@ def test_distribution_and_padding_numbers():
 
 
 def test_advice_follows_the_paper_in_numbers():
-    base = {"tokens": {"instruction": {"mean": 0.0}, "response": {"mean": 0.0}}, "would_truncate": 0, "max_len": 1,
-            "policies": {"instruction": {"boilerplate_share": 0.0}}, "padding": {}, "batch_size": 8}
+    base = {
+        "tokens": {"instruction": {"mean": 0.0}, "response": {"mean": 0.0}},
+        "would_truncate": 0,
+        "max_len": 1,
+        "policies": {"instruction": {"boilerplate_share": 0.0}},
+        "padding": {},
+        "batch_size": 8,
+    }
     high = advise({**base, "ratio_instruction_to_response": 20.0, "examples": 2000}, "chatml")
     assert "MMLU-Chat" in high[0] and "4.42 -> 9.78" in high[0] and "--policy instruction" in high[1]
     assert "small dataset" in high[2]

@@ -30,14 +30,17 @@ def test_every_file_type_gives_the_same_examples(tmp_path, tiny_tok):
     _jsonl(tmp_path / "d.jsonl", GOOD)
     (tmp_path / "d.json").write_text(json.dumps(GOOD, indent=2), encoding="utf-8")
     pq.write_table(pa.Table.from_pylist(GOOD), tmp_path / "d.parquet")
-    (tmp_path / "d.csv").write_text('instruction,input,output\nWhat is 2 + 3?,,5\n'
-                                    'Add the numbers.,2 and 3,"The answer is 5."\n', encoding="utf-8")
+    (tmp_path / "d.csv").write_text(
+        'instruction,input,output\nWhat is 2 + 3?,,5\nAdd the numbers.,2 and 3,"The answer is 5."\n', encoding="utf-8"
+    )
     for name in ("d.jsonl", "d.json", "d.parquet", "d.csv"):
         got = prepare_dataset(tmp_path / name, tiny_tok, template="alpaca")
         assert _texts(got) == _texts(ref), name
         assert got.report.read == 2 and got.report.kept == 2
     assert prepare_dataset(tmp_path / "d.jsonl", tiny_tok).examples[1].source.endswith("d.jsonl:2")
-    assert prepare_dataset(tmp_path / "d.json", tiny_tok).examples[1].source.endswith("d.json:7")  # line where record 2 opens
+    assert (
+        prepare_dataset(tmp_path / "d.json", tiny_tok).examples[1].source.endswith("d.json:7")
+    )  # line where record 2 opens
 
 
 def test_chat_file_in_parquet_and_csv_numbers_stay_text(tmp_path, tiny_tok):
@@ -54,7 +57,12 @@ def test_prompt_completion_and_column_mapping(tiny_tok):
     a = prepare_records([{"prompt": "Q?", "completion": "A."}], tiny_tok, keep_offsets=True).examples[0]
     b = prepare_records([{"q": "Q?", "a": "A."}], tiny_tok, column_map="q=instruction, a=output").examples[0]
     assert a.input_ids == b.input_ids
-    assert prepare_records([{"q": "Q?", "a": "A."}], tiny_tok, column_map={"q": "prompt", "a": "completion"}).examples[0].input_ids == a.input_ids
+    assert (
+        prepare_records([{"q": "Q?", "a": "A."}], tiny_tok, column_map={"q": "prompt", "a": "completion"})
+        .examples[0]
+        .input_ids
+        == a.input_ids
+    )
     with pytest.raises(DataError, match="source=target"):
         prepare_records(GOOD, tiny_tok, column_map="question")
 
@@ -72,22 +80,37 @@ BAD_JSONL_CASES = [
     ('{"instruction": "x", "output": "   "}', 2, "output", "empty"),
     ('{"instruction": 3, "output": "5"}', 2, "instruction", "expected a string, got int"),
     ('["a", "b"]', 2, None, "expected an object"),
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}', 2, "messages[1].role",
-     "unknown role 'bot'"),
-    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}', 2,
-     "messages[1].content", "empty"),
+    (
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}',
+        2,
+        "messages[1].role",
+        "unknown role 'bot'",
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}',
+        2,
+        "messages[1].content",
+        "empty",
+    ),
     ('{"messages": "hi"}', 2, "messages", "expected a list"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', 2, "messages", "no assistant message"),
-    ('{"messages": [{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "yo"}]}', 2,
-     "messages[0].content", "expected a string, got list"),
+    (
+        '{"messages": [{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "yo"}]}',
+        2,
+        "messages[0].content",
+        "expected a string, got list",
+    ),
 ]
 
 
 @pytest.mark.parametrize("line,lineno,field,message", BAD_JSONL_CASES)
 def test_bad_records_name_file_line_and_field(tmp_path, tiny_tok, line, lineno, field, message):
     path = tmp_path / "bad.jsonl"
-    first = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}' \
-        if "messages" in line else json.dumps(GOOD[0])
+    first = (
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
+        if "messages" in line
+        else json.dumps(GOOD[0])
+    )
     path.write_text(first + "\n" + line + "\n" + first + "\n", encoding="utf-8")
     with pytest.raises(DataError) as info:
         prepare_dataset(path, tiny_tok)
@@ -109,7 +132,7 @@ def test_non_utf8_in_each_file_type(tmp_path, tiny_tok):
     rep = prepare_dataset(tmp_path / "b.jsonl", tiny_tok, skip_bad=True).report
     assert (rep.read, rep.skipped_bad, rep.kept) == (3, 1, 2)
 
-    (tmp_path / "b.json").write_bytes(b'[\n' + ok + b',\n{"instruction": "caf\xe9", "output": "5"}\n]')
+    (tmp_path / "b.json").write_bytes(b"[\n" + ok + b',\n{"instruction": "caf\xe9", "output": "5"}\n]')
     with pytest.raises(DataError, match=r"b.json:3: not valid UTF-8"):
         prepare_dataset(tmp_path / "b.json", tiny_tok)
 
@@ -120,8 +143,10 @@ def test_non_utf8_in_each_file_type(tmp_path, tiny_tok):
     assert (rep.read, rep.skipped_bad, rep.kept) == (3, 1, 2)
 
     rows = {"instruction": [b"hi", b"caf\xe9"], "output": [b"5", b"6"]}
-    pq.write_table(pa.table(rows, schema=pa.schema([("instruction", pa.binary()), ("output", pa.binary())])),
-                   tmp_path / "b.parquet")
+    pq.write_table(
+        pa.table(rows, schema=pa.schema([("instruction", pa.binary()), ("output", pa.binary())])),
+        tmp_path / "b.parquet",
+    )
     with pytest.raises(DataError, match=r"b.parquet: field '\[1\].instruction': not valid UTF-8 \(byte 0xe9\)"):
         prepare_dataset(tmp_path / "b.parquet", tiny_tok)
     rep = prepare_dataset(tmp_path / "b.parquet", tiny_tok, skip_bad=True).report
@@ -165,8 +190,14 @@ def test_over_long_examples_truncate_or_drop_and_are_counted(tiny_tok):
 def test_gsm8k_first_50_lines(shared_data, tmp_path, tiny_tok):
     lines = (shared_data / "gsm8k" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:50]
     (tmp_path / "g.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    data = prepare_dataset(tmp_path / "g.jsonl", tiny_tok, template="alpaca", column_map="question=instruction,answer=output",
-                           max_len=4096, keep_offsets=True)
+    data = prepare_dataset(
+        tmp_path / "g.jsonl",
+        tiny_tok,
+        template="alpaca",
+        column_map="question=instruction,answer=output",
+        max_len=4096,
+        keep_offsets=True,
+    )
     assert data.data_format == "alpaca" and data.report.kept == 50 and data.report.skipped_bad == 0
     first = json.loads(lines[0])
     ex = data.examples[0]

@@ -13,40 +13,69 @@ from deltatune.data.segments import Role
 from deltatune.errors import ConfigError, DataError
 
 ALPACA = {"instruction": "What is 2 + 3?", "input": "ABC", "output": "The answer is 5."}
-CHAT2 = {"messages": [
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "What is 2 + 3?"},
-    {"role": "assistant", "content": "5"},
-    {"role": "user", "content": "What?"},
-    {"role": "assistant", "content": "The answer."},
-]}
+CHAT2 = {
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "What?"},
+        {"role": "assistant", "content": "The answer."},
+    ]
+}
 
 # (role, first token, last token inclusive, text covered)
 RUNS_ALPACA_ALPACA = [
-    ("template", 0, 33, "Below is an instruction that describes a task, paired with an input that provides further "
-                        "context. Write a response that appropriately completes the request.\n\n"),
-    ("role", 34, 37, "### Instruction:\n"), ("instruction", 38, 43, "What is 2 + 3?"), ("template", 44, 45, "\n\n"),
-    ("role", 46, 49, "### Input:\n"), ("input", 50, 51, "ABC"), ("template", 52, 53, "\n\n"),
-    ("role", 54, 57, "### Response:\n"), ("response", 58, 64, "The answer is 5.<|im_end|>"),
+    (
+        "template",
+        0,
+        33,
+        "Below is an instruction that describes a task, paired with an input that provides further "
+        "context. Write a response that appropriately completes the request.\n\n",
+    ),
+    ("role", 34, 37, "### Instruction:\n"),
+    ("instruction", 38, 43, "What is 2 + 3?"),
+    ("template", 44, 45, "\n\n"),
+    ("role", 46, 49, "### Input:\n"),
+    ("input", 50, 51, "ABC"),
+    ("template", 52, 53, "\n\n"),
+    ("role", 54, 57, "### Response:\n"),
+    ("response", 58, 64, "The answer is 5.<|im_end|>"),
 ]
 RUNS_ALPACA_CHATML = [
-    ("role", 0, 2, "<|im_start|>user\n"), ("instruction", 3, 8, "What is 2 + 3?"), ("template", 9, 10, "\n\n"),
-    ("input", 11, 12, "ABC"), ("role", 13, 19, "<|im_end|>\n<|im_start|>assistant\n"),
-    ("response", 20, 26, "The answer is 5.<|im_end|>"), ("role", 27, 27, "\n"),
+    ("role", 0, 2, "<|im_start|>user\n"),
+    ("instruction", 3, 8, "What is 2 + 3?"),
+    ("template", 9, 10, "\n\n"),
+    ("input", 11, 12, "ABC"),
+    ("role", 13, 19, "<|im_end|>\n<|im_start|>assistant\n"),
+    ("response", 20, 26, "The answer is 5.<|im_end|>"),
+    ("role", 27, 27, "\n"),
 ]
 RUNS_CHAT2_CHATML = [
-    ("role", 0, 4, "<|im_start|>system\n"), ("system", 5, 11, "You are a helpful assistant."),
-    ("role", 12, 16, "<|im_end|>\n<|im_start|>user\n"), ("instruction", 17, 22, "What is 2 + 3?"),
-    ("role", 23, 29, "<|im_end|>\n<|im_start|>assistant\n"), ("response", 30, 31, "5<|im_end|>"),
-    ("role", 32, 35, "\n<|im_start|>user\n"), ("instruction", 36, 37, "What?"),
-    ("role", 38, 44, "<|im_end|>\n<|im_start|>assistant\n"), ("response", 45, 49, "The answer.<|im_end|>"),
+    ("role", 0, 4, "<|im_start|>system\n"),
+    ("system", 5, 11, "You are a helpful assistant."),
+    ("role", 12, 16, "<|im_end|>\n<|im_start|>user\n"),
+    ("instruction", 17, 22, "What is 2 + 3?"),
+    ("role", 23, 29, "<|im_end|>\n<|im_start|>assistant\n"),
+    ("response", 30, 31, "5<|im_end|>"),
+    ("role", 32, 35, "\n<|im_start|>user\n"),
+    ("instruction", 36, 37, "What?"),
+    ("role", 38, 44, "<|im_end|>\n<|im_start|>assistant\n"),
+    ("response", 45, 49, "The answer.<|im_end|>"),
     ("role", 50, 50, "\n"),
 ]
 RUNS_CHAT2_ALPACA = [
-    ("system", 0, 6, "You are a helpful assistant."), ("template", 7, 8, "\n\n"), ("role", 9, 12, "### Instruction:\n"),
-    ("instruction", 13, 18, "What is 2 + 3?"), ("template", 19, 20, "\n\n"), ("role", 21, 24, "### Response:\n"),
-    ("response", 25, 26, "5<|im_end|>"), ("template", 27, 28, "\n\n"), ("role", 29, 32, "### Instruction:\n"),
-    ("instruction", 33, 34, "What?"), ("template", 35, 36, "\n\n"), ("role", 37, 40, "### Response:\n"),
+    ("system", 0, 6, "You are a helpful assistant."),
+    ("template", 7, 8, "\n\n"),
+    ("role", 9, 12, "### Instruction:\n"),
+    ("instruction", 13, 18, "What is 2 + 3?"),
+    ("template", 19, 20, "\n\n"),
+    ("role", 21, 24, "### Response:\n"),
+    ("response", 25, 26, "5<|im_end|>"),
+    ("template", 27, 28, "\n\n"),
+    ("role", 29, 32, "### Instruction:\n"),
+    ("instruction", 33, 34, "What?"),
+    ("template", 35, 36, "\n\n"),
+    ("role", 37, 40, "### Response:\n"),
     ("response", 41, 45, "The answer.<|im_end|>"),
 ]
 
@@ -73,17 +102,24 @@ def _expected(n, weights_by_index):
     return [weights_by_index.get(i, 0.0) for i in range(n)]
 
 
-@pytest.mark.parametrize("record,template,runs", [
-    (ALPACA, "alpaca", RUNS_ALPACA_ALPACA), (ALPACA, "chatml", RUNS_ALPACA_CHATML),
-    (CHAT2, "chatml", RUNS_CHAT2_CHATML), (CHAT2, "alpaca", RUNS_CHAT2_ALPACA),
-])
+@pytest.mark.parametrize(
+    "record,template,runs",
+    [
+        (ALPACA, "alpaca", RUNS_ALPACA_ALPACA),
+        (ALPACA, "chatml", RUNS_ALPACA_CHATML),
+        (CHAT2, "chatml", RUNS_CHAT2_CHATML),
+        (CHAT2, "alpaca", RUNS_CHAT2_ALPACA),
+    ],
+)
 def test_every_token_gets_the_role_of_its_characters(tiny_tok, record, template, runs):
     ex = _one(tiny_tok, record, template)
     assert ex.roles == _expand(runs)
     for role, a, b, text in runs:
-        assert ex.text[ex.offsets[a][0]:ex.offsets[b][1]] == text, (role, a, b)
+        assert ex.text[ex.offsets[a][0] : ex.offsets[b][1]] == text, (role, a, b)
     # the response closes with the model's end-of-turn token, tagged response
-    assert ex.input_ids[runs[-1][2] if runs[-1][0] == "response" else runs[-2][2]] == tiny_tok.convert_tokens_to_ids("<|im_end|>")
+    assert ex.input_ids[runs[-1][2] if runs[-1][0] == "response" else runs[-2][2]] == tiny_tok.convert_tokens_to_ids(
+        "<|im_end|>"
+    )
 
 
 def test_alpaca_template_policies_exact_positions(tiny_tok):
@@ -122,8 +158,11 @@ def test_multi_turn_all_or_last_and_system_choice(tiny_tok):
     assert policy_weights(ex, LossPolicy("instruction")) == im
     assert policy_weights(ex, LossPolicy("instruction", turns="last")) == im  # earlier answers are context, still 1
     assert policy_weights(ex, LossPolicy("instruction", train_system=False)) == _expected(
-        n, ones((17, 22), (30, 31), (36, 37), (45, 49)))
-    assert policy_weights(ex, LossPolicy("no-boilerplate")) == _expected(n, ones((17, 22), (30, 31), (36, 37), (45, 49)))
+        n, ones((17, 22), (30, 31), (36, 37), (45, 49))
+    )
+    assert policy_weights(ex, LossPolicy("no-boilerplate")) == _expected(
+        n, ones((17, 22), (30, 31), (36, 37), (45, 49))
+    )
     assert policy_weights(ex, LossPolicy("no-boilerplate", train_system=True)) == im
     # weighted, last turn: the first answer becomes context and weighs lambda
     w = {**{i: 0.5 for i in _idx((17, 22), (30, 31), (36, 37))}, **ones((45, 49))}
@@ -134,7 +173,8 @@ def test_multi_turn_alpaca_template_last_turn(tiny_tok):
     ex = _one(tiny_tok, CHAT2, "alpaca")
     assert policy_weights(ex, LossPolicy("response", turns="last")) == _expected(46, {i: 1.0 for i in range(41, 46)})
     assert policy_weights(ex, LossPolicy("no-boilerplate", turns="last")) == _expected(
-        46, {i: 1.0 for i in _idx((13, 18), (25, 26), (33, 34), (41, 45))})
+        46, {i: 1.0 for i in _idx((13, 18), (25, 26), (33, 34), (41, 45))}
+    )
 
 
 def test_tokenizer_template_tags_like_chatml_for_a_chatml_tokenizer(tiny_tok):
@@ -147,9 +187,11 @@ def test_tokenizer_template_tags_like_chatml_for_a_chatml_tokenizer(tiny_tok):
 
 def test_tokenizer_template_special_bos_and_missing_end_of_turn(tiny_tok):
     # A Llama-2-like template: BOS string once at the start, no end-of-turn after the answer.
-    tiny_tok.chat_template = ("{{ '<|endoftext|>' }}{% for m in messages %}{% if m['role'] == 'user' %}"
-                              "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] }}{% endif %}"
-                              "{% endfor %}")
+    tiny_tok.chat_template = (
+        "{{ '<|endoftext|>' }}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] }}{% endif %}"
+        "{% endfor %}"
+    )
     tiny_tok.bos_token = "<|endoftext|>"
     ex = _one(tiny_tok, {"instruction": "What?", "output": "5"}, "tokenizer")
     assert ex.text == "<|endoftext|>[INST] What? [/INST] 5<|im_end|>"
@@ -163,7 +205,9 @@ def test_tokenizer_template_that_rewrites_or_drops_content_is_refused(tiny_tok):
     tiny_tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | trim }}\n{% endfor %}"
     with pytest.raises(DataError, match="rewrites message content"):
         _one(tiny_tok, {"instruction": "What? ", "output": "5"}, "tokenizer")
-    tiny_tok.chat_template = "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    tiny_tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
     with pytest.raises(ConfigError, match="cannot be segmented"):
         _one(tiny_tok, {"instruction": "What?", "output": "5"}, "tokenizer", system_prompt="Be brief.")
 
@@ -173,7 +217,8 @@ def test_bos_is_prepended_as_special_only_when_the_tokenizer_adds_one(tiny_tok):
 
     plain = _one(tiny_tok, ALPACA, "alpaca")
     tiny_tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]
+    )
     tiny_tok.bos_token = "<|endoftext|>"
     with_bos = _one(tiny_tok, ALPACA, "alpaca")
     assert with_bos.input_ids == [0] + plain.input_ids
@@ -207,19 +252,35 @@ def test_two_phase_schedule():
         policy_weights(None, sched)
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("response", LossPolicy("response")), ("weighted:0.1", LossPolicy("weighted", lam=0.1)),
-    ("no-boilerplate,system=yes", LossPolicy("no-boilerplate", train_system=True)),
-    ("response,turns=last", LossPolicy("response", turns="last")), ("IM", LossPolicy("instruction")),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("response", LossPolicy("response")),
+        ("weighted:0.1", LossPolicy("weighted", lam=0.1)),
+        ("no-boilerplate,system=yes", LossPolicy("no-boilerplate", train_system=True)),
+        ("response,turns=last", LossPolicy("response", turns="last")),
+        ("IM", LossPolicy("instruction")),
+    ],
+)
 def test_parse_policy(spec, expected):
     got = parse_policy(spec.lower())
     assert got == expected
     assert parse_policy(str(got)) == got  # the printed form parses back
 
 
-@pytest.mark.parametrize("spec", ["nope", "weighted:2", "weighted:x", "response:0.1", "response,turns=first",
-                                  "instruction->response", "instruction->response@soon", "response,colour=red"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "nope",
+        "weighted:2",
+        "weighted:x",
+        "response:0.1",
+        "response,turns=first",
+        "instruction->response",
+        "instruction->response@soon",
+        "response,colour=red",
+    ],
+)
 def test_parse_policy_rejects_bad_strings(spec):
     with pytest.raises(ConfigError):
         parse_policy(spec)

@@ -11,9 +11,13 @@ from deltatune.errors import ConfigError, TrainingError
 
 RECORDS = [
     {"instruction": "What is 2 + 3?", "output": "The answer is 5."},
-    {"messages": [{"role": "system", "content": "You are a helpful assistant."},
-                  {"role": "user", "content": "Natalia sold clips to 48 of her friends in April."},
-                  {"role": "assistant", "content": "She sold half as many clips in May."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Natalia sold clips to 48 of her friends in April."},
+            {"role": "assistant", "content": "She sold half as many clips in May."},
+        ]
+    },
     {"instruction": "The quick brown fox?", "input": "jumps over the lazy dog", "output": "#### 72"},
 ]
 
@@ -41,15 +45,16 @@ def test_packed_row_loss_and_logits_equal_solo_runs(tiny_lm, examples, policy):
     batch = collate(rows, policy, seq_len=seq_len, pad_id=2, packed=True, template_name="chatml")
     assert batch["attention_mask"].dtype == torch.bool and batch["attention_mask"].shape == (1, 1, seq_len, seq_len)
     with torch.no_grad():
-        packed = tiny_lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         position_ids=batch["position_ids"]).logits
+        packed = tiny_lm(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+        ).logits
         assert torch.isfinite(packed).all()  # padding rows attend to themselves: no NaN
         off, solo_total = 0, 0.0
         for ex in examples:
             solo = collate([ex], policy, seq_len=seq_len, pad_id=2, packed=False)
             logits = tiny_lm(input_ids=solo["input_ids"]).logits
             n = len(ex)
-            assert torch.allclose(packed[0, off:off + n], logits[0], atol=1e-5)
+            assert torch.allclose(packed[0, off : off + n], logits[0], atol=1e-5)
             solo_total += _nll_sum(logits, solo["input_ids"], solo["loss_weights"])
             off += n
         packed_total = _nll_sum(packed, batch["input_ids"], batch["loss_weights"])
@@ -58,7 +63,7 @@ def test_packed_row_loss_and_logits_equal_solo_runs(tiny_lm, examples, policy):
         # The check can fail: without the block mask, later examples see earlier ones.
         leaky = tiny_lm(input_ids=batch["input_ids"]).logits
         n0 = len(examples[0])
-        assert (leaky[0, n0:n0 + len(examples[1])] - packed[0, n0:n0 + len(examples[1])]).abs().max() > 1e-3
+        assert (leaky[0, n0 : n0 + len(examples[1])] - packed[0, n0 : n0 + len(examples[1])]).abs().max() > 1e-3
 
 
 def test_collate_fields_exact(examples):
@@ -71,14 +76,16 @@ def test_collate_fields_exact(examples):
     assert batch["n_real_tokens"] == na + nb and batch["n_examples"] == 2
     w = batch["loss_weights"][0]
     assert w[na:].tolist()[:nb] == [float(r == Role.RESPONSE) for r in b.roles]
-    assert w[na + nb:].tolist() == [0.0, 0.0, 0.0]
+    assert w[na + nb :].tolist() == [0.0, 0.0, 0.0]
     m = batch["attention_mask"][0, 0]
     assert m[na, na] and not m[na, na - 1]  # b's first token sees only itself
     assert m[na - 1, :na].all() and not m[na - 1, na:].any()
     assert m[na + nb + 1].tolist() == [j == na + nb + 1 for j in range(seq)]  # padding: itself only
     # the first token of an example never carries weight, even under "all"
     batch = collate([[a, b]], LossPolicy("all"), seq_len=seq, pad_id=2, packed=True)
-    assert batch["loss_weights"][0, 0] == 0 and batch["loss_weights"][0, na] == 0 and batch["loss_weights"][0, na + 1] == 1
+    assert (
+        batch["loss_weights"][0, 0] == 0 and batch["loss_weights"][0, na] == 0 and batch["loss_weights"][0, na + 1] == 1
+    )
     padded = collate([a, b], LossPolicy("all"), seq_len=seq, pad_id=2, packed=False)
     T = max(na, nb)
     assert padded["attention_mask"].dtype == torch.long and padded["attention_mask"].shape == (2, T)
@@ -103,7 +110,7 @@ def test_flat_collate_lays_rows_end_to_end_padded_to_a_multiple(examples):
     assert flat["n_real_tokens"] == n and flat["n_examples"] == 3
     # the same weights as the padded rows, padding removed
     real = torch.zeros_like(padded["loss_weights"], dtype=torch.bool)
-    real[0, :na + nc] = True
+    real[0, : na + nc] = True
     real[1, :nb] = True
     assert flat["loss_weights"][0, :n].tolist() == padded["loss_weights"][real].tolist()
     assert flat["loss_weights"][0, n:].sum() == 0

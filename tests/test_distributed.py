@@ -32,13 +32,28 @@ TOL = 1e-5
 # per global micro-batch the 5th micro-batch has ONE row and rank 1's share is empty (runs a zero-weight row).
 
 
-
-
 def _settings(tiny_dir, data_file, out, **kw) -> dict:
     # constant lr: runs of different lengths (3 vs 4 steps) share a schedule, so resumed runs compare
-    base = dict(model=str(tiny_dir), data=str(data_file), output=str(out), method="lora", rank=4, alpha=8,
-                lr=5e-3, batch_size=4, grad_accum=2, seq_len=64, precision="fp32", steps=3, seed=3,
-                eval_fraction=0.1, warmup_steps=0, schedule="constant", eval_every=2, device="cpu")
+    base = dict(
+        model=str(tiny_dir),
+        data=str(data_file),
+        output=str(out),
+        method="lora",
+        rank=4,
+        alpha=8,
+        lr=5e-3,
+        batch_size=4,
+        grad_accum=2,
+        seq_len=64,
+        precision="fp32",
+        steps=3,
+        seed=3,
+        eval_fraction=0.1,
+        warmup_steps=0,
+        schedule="constant",
+        eval_every=2,
+        device="cpu",
+    )
     base.update(kw)
     return base
 
@@ -73,10 +88,16 @@ def _marked_pids(marker: str) -> list[int]:
 def _launch(args: list[str], *, extra_env: dict | None = None, timeout: float = 150) -> tuple[int, str]:
     """Run a command to completion with a unique marker in its environment; fail if anything outlives it."""
     marker = f"dt-{uuid.uuid4().hex}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "DELTATUNE_TEST_MARKER": marker,
-           **(extra_env or {})}
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "DELTATUNE_TEST_MARKER": marker,
+        **(extra_env or {}),
+    }
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -96,8 +117,22 @@ def _launch(args: list[str], *, extra_env: dict | None = None, timeout: float = 
 
 
 def _torchrun(settings: dict, *flags: str, extra_env: dict | None = None) -> tuple[int, str]:
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), "-m", "deltatune", "train", "--quiet", *flags]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "deltatune",
+        "train",
+        "--quiet",
+        *flags,
+    ]
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
     return _launch(args, extra_env=extra_env)
@@ -127,7 +162,9 @@ def test_lora_ddp_matches_single_process_and_resumes_in_one(tiny_dir, data_file,
     rc, out = _torchrun(_settings(tiny_dir, data_file, two, batch_size=2, save_every=3))
     assert rc == 0, out[-3000:]
 
-    _assert_close(load_file(str(_checkpoint(two, 3) / WEIGHTS_FILE)), load_file(str(_checkpoint(one, 3) / WEIGHTS_FILE)))
+    _assert_close(
+        load_file(str(_checkpoint(two, 3) / WEIGHTS_FILE)), load_file(str(_checkpoint(one, 3) / WEIGHTS_FILE))
+    )
     # rank 0 alone writes metrics: one line per step, global losses equal to the single run's
     metrics_one = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()][:3]
     metrics_two = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
@@ -141,7 +178,9 @@ def test_lora_ddp_matches_single_process_and_resumes_in_one(tiny_dir, data_file,
 
     # resume the 2-process run in ONE process (same global batch): step 4 equals the single run's step 4
     _single(_settings(tiny_dir, data_file, two, steps=4, save_every=1, resume=True))
-    _assert_close(load_file(str(_checkpoint(two, 4) / WEIGHTS_FILE)), load_file(str(_checkpoint(one, 4) / WEIGHTS_FILE)))
+    _assert_close(
+        load_file(str(_checkpoint(two, 4) / WEIGHTS_FILE)), load_file(str(_checkpoint(one, 4) / WEIGHTS_FILE))
+    )
 
 
 def test_full_fsdp_resumes_single_process_checkpoint_and_matches(tiny_dir, data_file, tmp_path):
@@ -153,8 +192,9 @@ def test_full_fsdp_resumes_single_process_checkpoint_and_matches(tiny_dir, data_
     shutil.rmtree(_checkpoint(two, 3))
     for sub in ("final", "best"):
         shutil.rmtree(two / sub)
-    rc, out = _torchrun(_settings(tiny_dir, data_file, two, method="full", lr=1e-3, batch_size=2, save_every=1,
-                                  resume=True))
+    rc, out = _torchrun(
+        _settings(tiny_dir, data_file, two, method="full", lr=1e-3, batch_size=2, save_every=1, resume=True)
+    )
     assert rc == 0, out[-3000:]
 
     ref, got = _checkpoint(one, 3), _checkpoint(two, 3)
@@ -164,7 +204,9 @@ def test_full_fsdp_resumes_single_process_checkpoint_and_matches(tiny_dir, data_
     assert sorted(s_got["state"]) == sorted(s_ref["state"])
     for i in s_ref["state"]:
         _assert_close(s_got["state"][i], s_ref["state"][i])
-    _assert_close(load_file(str(two / "final" / "model.safetensors")), load_file(str(one / "final" / "model.safetensors")))
+    _assert_close(
+        load_file(str(two / "final" / "model.safetensors")), load_file(str(one / "final" / "model.safetensors"))
+    )
     assert (two / "final" / "config.json").exists() and (two / "final" / "tokenizer.json").exists()
 
 
@@ -208,8 +250,11 @@ def test_failing_rank_stops_the_whole_run(tiny_dir, data_file, tmp_path):
 def _fake_collate(rows: list) -> dict:
     if not rows or not any(r["w"] for r in rows):
         raise TrainingError("no loss")
-    return {"input_ids": torch.tensor([[r["id"]] * 2 for r in rows]),
-            "loss_weights": torch.tensor([[0.0, r["w"]] for r in rows]), "n_real_tokens": 2 * len(rows)}
+    return {
+        "input_ids": torch.tensor([[r["id"]] * 2 for r in rows]),
+        "loss_weights": torch.tensor([[0.0, r["w"]] for r in rows]),
+        "n_real_tokens": 2 * len(rows),
+    }
 
 
 def _row(i, w=1.0):
@@ -250,7 +295,7 @@ class _Sized:
 
 def _fake_data(rows_per_epoch: int, batch: int):
     rows = list(range(rows_per_epoch))
-    batches = [rows[i:i + batch] for i in range(0, rows_per_epoch, batch)]
+    batches = [rows[i : i + batch] for i in range(0, rows_per_epoch, batch)]
     return SimpleNamespace(cfg=SimpleNamespace(batch_size=batch), epoch_batches=lambda e: batches)
 
 
@@ -269,8 +314,19 @@ def test_remap_position_across_global_batch_sizes():
 
 def test_nproc_builds_a_standalone_torchrun_command():
     cmd = torchrun_command(4, ["train", "cfg.yaml", "--nproc", "4", "--lr", "1e-4", "--nproc=4"])
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m", "deltatune",
-                       "train", "cfg.yaml", "--lr", "1e-4"]
+    assert cmd[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "4",
+        "-m",
+        "deltatune",
+        "train",
+        "cfg.yaml",
+        "--lr",
+        "1e-4",
+    ]
     with pytest.raises(ConfigError):
         torchrun_command(0, ["train"])
 

@@ -19,8 +19,15 @@ from deltatune.testing import tiny_model
 
 H, I, KV, L = 64, 128, 32, 2
 # (d_in, d_out) of every linear in one layer, in all-linear order
-SHAPES = {"q_proj": (H, H), "k_proj": (H, KV), "v_proj": (H, KV), "o_proj": (H, H),
-          "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+SHAPES = {
+    "q_proj": (H, H),
+    "k_proj": (H, KV),
+    "v_proj": (H, KV),
+    "o_proj": (H, H),
+    "gate_proj": (H, I),
+    "up_proj": (H, I),
+    "down_proj": (I, H),
+}
 
 
 def _rhat(d_in: int, d_out: int, r: int, even: bool) -> int:
@@ -29,36 +36,70 @@ def _rhat(d_in: int, d_out: int, r: int, even: bool) -> int:
 
 
 CASES = {
-    "mora-6": (MethodSpec("mora", rank=4, options={"mora_type": 6}),
-               sum(_rhat(a, b, 4, True) ** 2 for a, b in SHAPES.values()) * L),
-    "mora-1": (MethodSpec("mora", rank=4, options={"mora_type": 1}),
-               sum(_rhat(a, b, 4, False) ** 2 for a, b in SHAPES.values()) * L),
-    "mora-2-qv": (MethodSpec("mora", targets="q_proj,v_proj", rank=2, options={"mora_type": 2}),
-                  (_rhat(H, H, 2, False) ** 2 + _rhat(H, KV, 2, False) ** 2) * L),
+    "mora-6": (
+        MethodSpec("mora", rank=4, options={"mora_type": 6}),
+        sum(_rhat(a, b, 4, True) ** 2 for a, b in SHAPES.values()) * L,
+    ),
+    "mora-1": (
+        MethodSpec("mora", rank=4, options={"mora_type": 1}),
+        sum(_rhat(a, b, 4, False) ** 2 for a, b in SHAPES.values()) * L,
+    ),
+    "mora-2-qv": (
+        MethodSpec("mora", targets="q_proj,v_proj", rank=2, options={"mora_type": 2}),
+        (_rhat(H, H, 2, False) ** 2 + _rhat(H, KV, 2, False) ** 2) * L,
+    ),
     # QLoRA = LoRA's count, r (d_in + d_out); fp32 compute so that 1e-5 tolerances apply
-    "qlora": (MethodSpec("qlora", rank=4, alpha=8, options={"compute_dtype": "float32"}),
-              sum(4 * (a + b) for a, b in SHAPES.values()) * L),
-    "mora-nf4": (MethodSpec("mora", targets="q_proj,down_proj", rank=4,
-                            options={"mora_type": 6, "quantize_base": True, "compute_dtype": "float32"}),
-                 (_rhat(H, H, 4, True) ** 2 + _rhat(I, H, 4, True) ** 2) * L),
+    "qlora": (
+        MethodSpec("qlora", rank=4, alpha=8, options={"compute_dtype": "float32"}),
+        sum(4 * (a + b) for a, b in SHAPES.values()) * L,
+    ),
+    "mora-nf4": (
+        MethodSpec(
+            "mora",
+            targets="q_proj,down_proj",
+            rank=4,
+            options={"mora_type": 6, "quantize_base": True, "compute_dtype": "float32"},
+        ),
+        (_rhat(H, H, 4, True) ** 2 + _rhat(I, H, 4, True) ** 2) * L,
+    ),
     # DoRA = LoRA's r (d_in + d_out) + d_out magnitudes per adapted matrix
     "dora": (MethodSpec("dora", rank=4, alpha=8), sum(4 * (a + b) + b for a, b in SHAPES.values()) * L),
-    "dora-exact-qv": (MethodSpec("dora", targets="q_proj,v_proj", rank=2, alpha=4, options={"exact_grad": True}),
-                      (2 * (H + H) + H + 2 * (H + KV) + KV) * L),
-    "dora-nf4": (MethodSpec("dora", targets="o_proj,up_proj", rank=4, alpha=8,
-                            options={"quantize_base": True, "compute_dtype": "float32"}),
-                 (4 * (H + H) + H + 4 * (H + I) + I) * L),
+    "dora-exact-qv": (
+        MethodSpec("dora", targets="q_proj,v_proj", rank=2, alpha=4, options={"exact_grad": True}),
+        (2 * (H + H) + H + 2 * (H + KV) + KV) * L,
+    ),
+    "dora-nf4": (
+        MethodSpec(
+            "dora",
+            targets="o_proj,up_proj",
+            rank=4,
+            alpha=8,
+            options={"quantize_base": True, "compute_dtype": "float32"},
+        ),
+        (4 * (H + H) + H + 4 * (H + I) + I) * L,
+    ),
     # (IA)3: d_k + d_v + d_ff per layer (k/v outputs, down_proj input)
     "ia3": (MethodSpec("ia3"), (KV + KV + I) * L),
-    "ia3-qv-up": (MethodSpec("ia3", targets="q_proj,v_proj,up_proj", options={"feedforward_modules": ["up_proj"]}),
-                  (H + KV + H) * L),
+    "ia3-qv-up": (
+        MethodSpec("ia3", targets="q_proj,v_proj,up_proj", options={"feedforward_modules": ["up_proj"]}),
+        (H + KV + H) * L,
+    ),
     # the NF4 base composes under every weight-delta method: (IA)3 and VeRA too
     "ia3-nf4": (MethodSpec("ia3", options={"quantize_base": True, "compute_dtype": "float32"}), (KV + KV + I) * L),
-    "vera-nf4": (MethodSpec("vera", targets="q_proj,down_proj", rank=4,
-                            options={"quantize_base": True, "compute_dtype": "float32"}), (H + 4 + H + 4) * L),
+    "vera-nf4": (
+        MethodSpec(
+            "vera", targets="q_proj,down_proj", rank=4, options={"quantize_base": True, "compute_dtype": "float32"}
+        ),
+        (H + 4 + H + 4) * L,
+    ),
 }
-QUANTISED = {"qlora": "all-linear", "mora-nf4": "q_proj,down_proj", "dora-nf4": "o_proj,up_proj",
-             "ia3-nf4": "k_proj,v_proj,down_proj", "vera-nf4": "q_proj,down_proj"}
+QUANTISED = {
+    "qlora": "all-linear",
+    "mora-nf4": "q_proj,down_proj",
+    "dora-nf4": "o_proj,up_proj",
+    "ia3-nf4": "k_proj,v_proj,down_proj",
+    "vera-nf4": "q_proj,down_proj",
+}
 
 
 def _reference(case: str):

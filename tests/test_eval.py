@@ -10,55 +10,61 @@ import torch
 
 from deltatune.evaluate import metrics as M
 from deltatune.evaluate.choice import OptionScore, choice_accuracies, predict, score_options, split_encode
-from deltatune.evaluate.extract import (bbh_target, extract_bbh, extract_gsm8k, extract_letter,
-                                        normalize_number)
+from deltatune.evaluate.extract import bbh_target, extract_bbh, extract_gsm8k, extract_letter, normalize_number
 from deltatune.evaluate.generate import GenerationConfig, generate
 from deltatune.evaluate.prompts import pick_shots, render
 from deltatune.evaluate.tasks import Item, load_items, resolve_task
 
-
 # --- extraction -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, strict, flexible", [
-    ("She makes 9 * 2 = $18 every day.\n#### 18", "18", "18"),
-    ("#### 1,000", "1000", "1000"),
-    ("so the total is $1,234.00\n#### $1,234.00", "1234", "1234"),
-    ("#### 18.0", "18", "18"),
-    ("#### -3", "-3", "-3"),
-    ("#### 0.50", "0.5", "0.5"),
-    ("The answer is 42.", None, "42"),
-    ("I think 3 apples, then 5 pears, so 8.", None, "8"),
-    ("No number here", None, None),
-    ("####  7", "7", "7"),
-])
+
+@pytest.mark.parametrize(
+    "text, strict, flexible",
+    [
+        ("She makes 9 * 2 = $18 every day.\n#### 18", "18", "18"),
+        ("#### 1,000", "1000", "1000"),
+        ("so the total is $1,234.00\n#### $1,234.00", "1234", "1234"),
+        ("#### 18.0", "18", "18"),
+        ("#### -3", "-3", "-3"),
+        ("#### 0.50", "0.5", "0.5"),
+        ("The answer is 42.", None, "42"),
+        ("I think 3 apples, then 5 pears, so 8.", None, "8"),
+        ("No number here", None, None),
+        ("####  7", "7", "7"),
+    ],
+)
 def test_gsm8k_extraction_table(text, strict, flexible):
     assert extract_gsm8k(text, strict=True) == strict
     assert extract_gsm8k(text, strict=False) == flexible
 
 
-@pytest.mark.parametrize("raw, norm", [("$1,000", "1000"), ("18.0", "18"), ("7.", "7"), ("-0.50", "-0.5"),
-                                       ("abc", None), ("3.25", "3.25")])
+@pytest.mark.parametrize(
+    "raw, norm", [("$1,000", "1000"), ("18.0", "18"), ("7.", "7"), ("-0.50", "-0.5"), ("abc", None), ("3.25", "3.25")]
+)
 def test_normalize_number(raw, norm):
     assert normalize_number(raw) == norm
 
 
-@pytest.mark.parametrize("output, target, expected_match", [
-    ("(B)", "(B)", True),
-    ("B", "(B)", True),
-    ("B) The specialist had a skin condition", "(B)", True),
-    ("Let's think. So the answer is (C).", "(C)", True),
-    ("the answer is A.", "(B)", False),
-    ("True", "True", True),
-    ("true.", "True", True),
-    ("No\nBecause the steps return.", "No", True),
-    ("Yes", "No", False),
-    ("So the answer is invalid.", "invalid", True),
-    ("24", "24", True),
-    ("24.0", "24", True),
-    ("] ]", "] ]", True),
-    ("syndrome therefrom", "syndrome therefrom", True),
-    ("therefrom syndrome", "syndrome therefrom", False),
-])
+@pytest.mark.parametrize(
+    "output, target, expected_match",
+    [
+        ("(B)", "(B)", True),
+        ("B", "(B)", True),
+        ("B) The specialist had a skin condition", "(B)", True),
+        ("Let's think. So the answer is (C).", "(C)", True),
+        ("the answer is A.", "(B)", False),
+        ("True", "True", True),
+        ("true.", "True", True),
+        ("No\nBecause the steps return.", "No", True),
+        ("Yes", "No", False),
+        ("So the answer is invalid.", "invalid", True),
+        ("24", "24", True),
+        ("24.0", "24", True),
+        ("] ]", "] ]", True),
+        ("syndrome therefrom", "syndrome therefrom", True),
+        ("therefrom syndrome", "syndrome therefrom", False),
+    ],
+)
 def test_bbh_extraction_table(output, target, expected_match):
     assert (extract_bbh(output, bbh_target(target)) == bbh_target(target)) is expected_match
 
@@ -70,6 +76,7 @@ def test_extract_letter():
 
 
 # --- metrics ----------------------------------------------------------------------------------
+
 
 def test_token_f1_hand_example():
     # pred tokens: cat sat on mat (articles dropped); ref: cat is on mat -> common 3, P=3/4, R=3/4
@@ -86,21 +93,23 @@ def test_rouge_l_hand_example():
 
 # --- multiple choice, computed by hand --------------------------------------------------------
 
+
 def test_multiple_choice_matches_float64_hand_computation(tiny_lm, tiny_tok):
     model = tiny_lm.double()
     context, options = "What is 2 + 3? The answer is", [" 5", " 72", " fox jumps"]
-    scores = score_options(model, tiny_tok, [context, context], [options, options[:2]], batch_size=4,
-                           progress=False)
+    scores = score_options(model, tiny_tok, [context, context], [options, options[:2]], batch_size=4, progress=False)
     for o, text in enumerate(options):
         c_ids = tiny_tok(context, add_special_tokens=False)["input_ids"]
         whole = tiny_tok(context + text, add_special_tokens=False)["input_ids"]
-        assert whole[:len(c_ids)] == c_ids
-        o_ids = whole[len(c_ids):]
+        assert whole[: len(c_ids)] == c_ids
+        o_ids = whole[len(c_ids) :]
         with torch.no_grad():
             logits = model(torch.tensor([whole])).logits[0].double()
         # log P(o_ids[j] | prefix) = logits[p] - logsumexp(logits[p]) at position p = len(c)+j-1
-        expected = sum(float(logits[len(c_ids) + j - 1, t] - torch.logsumexp(logits[len(c_ids) + j - 1], 0))
-                       for j, t in enumerate(o_ids))
+        expected = sum(
+            float(logits[len(c_ids) + j - 1, t] - torch.logsumexp(logits[len(c_ids) + j - 1], 0))
+            for j, t in enumerate(o_ids)
+        )
         got = scores[0][o]
         assert got.logprob == pytest.approx(expected, abs=1e-9)
         assert got.n_tokens == len(o_ids) and got.n_chars == len(text.strip())
@@ -112,8 +121,8 @@ def test_normalisations_choose_differently():
     # a long likely-per-char option against a short one: raw sum picks short, per-char picks long
     short, long_ = OptionScore(-3.0, 1, 2), OptionScore(-8.0, 4, 20)
     assert predict([short, long_], "sum") == 0
-    assert predict([short, long_], "char") == 1          # -0.4/char beats -1.5/char
-    assert predict([short, long_], "token") == 1         # -2.0/token beats -3.0/token
+    assert predict([short, long_], "char") == 1  # -0.4/char beats -1.5/char
+    assert predict([short, long_], "token") == 1  # -2.0/token beats -3.0/token
     accs = choice_accuracies([[short, long_], [short, long_]], [1, 0])
     assert accs == {"acc": 0.5, "acc_token": 0.5, "acc_sum": 0.5}
 
@@ -124,6 +133,7 @@ def test_split_encode_concatenation_is_whole(tiny_tok):
 
 
 # --- generation -------------------------------------------------------------------------------
+
 
 def test_batched_left_padded_greedy_equals_one_by_one(tiny_lm, tiny_tok):
     prompts = ["What is 2 + 3?", "The quick brown fox jumps over the lazy dog and", "Natalia"]
@@ -144,12 +154,14 @@ def test_sampling_is_seeded(tiny_lm, tiny_tok):
 def test_generation_stops_at_stop_string(tiny_lm, tiny_tok):
     full = generate(tiny_lm, tiny_tok, ["The quick"], GenerationConfig(max_new_tokens=8), progress=False)[0]
     if len(full) > 2:
-        cut = generate(tiny_lm, tiny_tok, ["The quick"], GenerationConfig(max_new_tokens=8, stop=(full[2:4],)),
-                       progress=False)[0]
-        assert cut == full[:full.find(full[2:4])]
+        cut = generate(
+            tiny_lm, tiny_tok, ["The quick"], GenerationConfig(max_new_tokens=8, stop=(full[2:4],)), progress=False
+        )[0]
+        assert cut == full[: full.find(full[2:4])]
 
 
 # --- held-out loss ----------------------------------------------------------------------------
+
 
 def test_heldout_loss_is_token_weighted(tiny_lm, tiny_tok):
     from deltatune.data.segments import Role, TokenizedExample
@@ -158,8 +170,10 @@ def test_heldout_loss_is_token_weighted(tiny_lm, tiny_tok):
     model = tiny_lm.double()
     a = [5, 9, 17, 33, 2]
     b = [7, 8, 2]
-    exs = [TokenizedExample(a, [Role.INSTRUCTION] * 5, [0] * 5, weights=[0, 0, 1, 1, 1]),
-           TokenizedExample(b, [Role.INSTRUCTION] * 3, [0] * 3, weights=[0, 0, 1])]
+    exs = [
+        TokenizedExample(a, [Role.INSTRUCTION] * 5, [0] * 5, weights=[0, 0, 1, 1, 1]),
+        TokenizedExample(b, [Role.INSTRUCTION] * 3, [0] * 3, weights=[0, 0, 1]),
+    ]
     res = heldout_loss(model, exs, batch_size=2, pad_id=2, progress=False)
     nll = []
     for ids, w in ((a, [0, 0, 1, 1, 1]), (b, [0, 0, 1])):
@@ -167,11 +181,12 @@ def test_heldout_loss_is_token_weighted(tiny_lm, tiny_tok):
             lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
         nll += [-float(lp[t - 1, ids[t]]) for t in range(1, len(ids)) if w[t]]
     assert res.tokens == 4 and res.examples == 2
-    assert res.loss == pytest.approx(sum(nll) / 4, abs=1e-9)     # a mean over tokens, not over examples
+    assert res.loss == pytest.approx(sum(nll) / 4, abs=1e-9)  # a mean over tokens, not over examples
     assert res.perplexity == pytest.approx(math.exp(sum(nll) / 4))
 
 
 # --- prompts and few-shot ---------------------------------------------------------------------
+
 
 def test_pick_shots_seeded_and_never_the_item():
     pool = [Item(f"q{i}", str(i), str(i)) for i in range(10)]
@@ -185,11 +200,14 @@ def test_pick_shots_seeded_and_never_the_item():
 def test_render_plain_and_chat(tiny_tok):
     assert render(tiny_tok, "plain", [("1+1?", "2")], "2+2?") == "Question: 1+1?\nAnswer: 2\n\nQuestion: 2+2?\nAnswer:"
     chat = render(tiny_tok, "chat", [("1+1?", "2")], "2+2?")
-    assert chat == ("<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n2<|im_end|>\n"
-                    "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+    assert chat == (
+        "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n2<|im_end|>\n"
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 # --- real data files through the shared_data fixture ------------------------------------------
+
 
 def test_reads_gsm8k_mmlu_bbh(shared_data):
     g = load_items(resolve_task("gsm8k", shared_data), limit=2)
@@ -215,6 +233,7 @@ def test_missing_data_root_is_one_line_error(tmp_path, monkeypatch):
 
 # --- the CLI, end to end on a tiny saved model ------------------------------------------------
 
+
 @pytest.fixture
 def tiny_model_dir(tmp_path, tiny_lm, tiny_tok):
     folder = tmp_path / "tiny"
@@ -227,12 +246,33 @@ def test_eval_cli_end_to_end(tmp_path, tiny_model_dir, capsys):
     from deltatune.cli import main
 
     data = tmp_path / "qa.jsonl"
-    data.write_text("\n".join(json.dumps({"q": q, "a": a}) for q, a in
-                              [("What is 2 + 3?", "5"), ("Say fox", "fox"), ("Say dog", "dog")]) + "\n")
+    data.write_text(
+        "\n".join(
+            json.dumps({"q": q, "a": a}) for q, a in [("What is 2 + 3?", "5"), ("Say fox", "fox"), ("Say dog", "dog")]
+        )
+        + "\n"
+    )
     out, preds = tmp_path / "res" / "r.json", tmp_path / "p.jsonl"
-    rc = main(["eval", "--model", str(tiny_model_dir), "--task", f"file:{data}", "--map",
-               "instruction=q,output=a", "--max-new-tokens", "4", "--shots", "1", "--out", str(out),
-               "--predictions", str(preds), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--task",
+            f"file:{data}",
+            "--map",
+            "instruction=q,output=a",
+            "--max-new-tokens",
+            "4",
+            "--shots",
+            "1",
+            "--out",
+            str(out),
+            "--predictions",
+            str(preds),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     table = capsys.readouterr().out
     assert f"| file:{data} | 3 | rouge_l |" in table
@@ -266,10 +306,16 @@ def test_loss_on_file_equals_the_training_loss(tmp_path, tiny_lm, tiny_tok):
     from deltatune.train.loss import reference_lm_loss_sum
 
     path = tmp_path / "held.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"instruction": "What is 2 + 3?", "output": "The answer is 5."},
-        {"instruction": "Name an animal", "input": "quick", "output": "fox"},
-        {"instruction": "Natalia sold clips to 48 of her friends in April", "output": "#### 72"}]))
+    path.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"instruction": "What is 2 + 3?", "output": "The answer is 5."},
+                {"instruction": "Name an animal", "input": "quick", "output": "fox"},
+                {"instruction": "Natalia sold clips to 48 of her friends in April", "output": "#### 72"},
+            ]
+        )
+    )
     model = tiny_lm.double()
     for policy in ("response", "all"):
         res = loss_on_file(model, tiny_tok, path, template="chatml", policy=policy, batch_size=2, progress=False)
@@ -289,8 +335,10 @@ def test_eval_cli_loss_task(tmp_path, tiny_model_dir, capsys):
     path = tmp_path / "held.jsonl"
     path.write_text('{"instruction": "What is 2 + 3?", "output": "The answer is 5."}\n')
     out = tmp_path / "r.json"
-    assert main(["eval", "--model", str(tiny_model_dir), "--task", f"loss:{path}", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(["eval", "--model", str(tiny_model_dir), "--task", f"loss:{path}", "--out", str(out), "--no-progress"])
+        == 0
+    )
     res = json.loads(out.read_text())["tasks"][f"loss:{path}"]
     assert res["metric"] == "loss" and res["metrics"]["perplexity"] == pytest.approx(math.exp(res["score"]))
 
@@ -299,8 +347,8 @@ def test_shots_come_from_the_same_subject_and_the_whole_file(shared_data):
     from deltatune.evaluate.runner import EvalOptions, _shots_for
 
     task = resolve_task("mmlu:anatomy+astronomy", shared_data)
-    items = load_items(task, limit=1)   # one question per subject ...
-    pool = load_items(task)             # ... shots still come from the whole subject file
+    items = load_items(task, limit=1)  # one question per subject ...
+    pool = load_items(task)  # ... shots still come from the whole subject file
     for item in items:
         shots = _shots_for(item, pool, EvalOptions(shots=3))
         assert len(shots) == 3 and all(s.group == item.group for s in shots)

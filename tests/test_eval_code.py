@@ -12,16 +12,32 @@ import pytest
 from deltatune.evaluate.code import clean_completion, pass_at_k, pass_at_k_table, read_code_problems
 from deltatune.evaluate.execution import Limits, run_program, run_programs
 
-ADD = {"task_id": "Toy/0", "prompt": 'def add(a, b):\n    """Return a + b."""\n',
-       "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
-       "entry_point": "add"}
-REV = {"task_id": "Toy/1", "prompt": 'def rev(s):\n    """Reverse a string."""\n',
-       "test": "def check(candidate):\n    assert candidate('abc') == 'cba'\n    assert candidate('') == ''\n",
-       "entry_point": "rev"}
-MBPP = [{"task_id": 11, "text": "Write a function to square a number.", "code": "def sq(x):\n    return x * x",
-         "test_list": ["assert sq(3) == 9", "assert sq(-2) == 4"]},
-        {"task_id": 12, "text": "Write a function that returns the maximum of a list.",
-         "code": "def big(xs):\n    return max(xs)", "test_list": ["assert big([1, 5, 2]) == 5"]}]
+ADD = {
+    "task_id": "Toy/0",
+    "prompt": 'def add(a, b):\n    """Return a + b."""\n',
+    "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+    "entry_point": "add",
+}
+REV = {
+    "task_id": "Toy/1",
+    "prompt": 'def rev(s):\n    """Reverse a string."""\n',
+    "test": "def check(candidate):\n    assert candidate('abc') == 'cba'\n    assert candidate('') == ''\n",
+    "entry_point": "rev",
+}
+MBPP = [
+    {
+        "task_id": 11,
+        "text": "Write a function to square a number.",
+        "code": "def sq(x):\n    return x * x",
+        "test_list": ["assert sq(3) == 9", "assert sq(-2) == 4"],
+    },
+    {
+        "task_id": 12,
+        "text": "Write a function that returns the maximum of a list.",
+        "code": "def big(xs):\n    return max(xs)",
+        "test_list": ["assert big([1, 5, 2]) == 5"],
+    },
+]
 FAST = Limits(timeout_s=2.0)
 
 
@@ -72,24 +88,33 @@ def test_reads_both_formats_with_ids(humaneval_file, mbpp_file, tmp_path):
 def test_right_and_wrong_solutions(humaneval_file, mbpp_file):
     add, rev = read_code_problems(humaneval_file)
     sq, big = read_code_problems(mbpp_file)
-    programs = [add.program("    return a + b\n"), add.program("    return a - b\n"),
-                rev.program("    return s[::-1]\n"), rev.program("    return s\n"),
-                sq.program(MBPP[0]["code"]), sq.program("def sq(x):\n    return 2 * x"),
-                big.program(MBPP[1]["code"]), big.program("def big(xs):\n    return xs[0]")]
+    programs = [
+        add.program("    return a + b\n"),
+        add.program("    return a - b\n"),
+        rev.program("    return s[::-1]\n"),
+        rev.program("    return s\n"),
+        sq.program(MBPP[0]["code"]),
+        sq.program("def sq(x):\n    return 2 * x"),
+        big.program(MBPP[1]["code"]),
+        big.program("def big(xs):\n    return xs[0]"),
+    ]
     outcomes = run_programs(programs, FAST, progress=False)
     assert [o.passed for o in outcomes] == [True, False] * 4
     assert outcomes[1].status == "failed: AssertionError"
 
 
-@pytest.mark.parametrize("body,status", [
-    ("    while True:\n        pass\n", "timed out"),                              # infinite loop
-    ("    import time\n    time.sleep(60)\n", "timed out"),                          # a sleeper
-    ("    import os\n    os.abort()\n", "killed by signal 6"),                       # a crash
-    ("    return add(a, b)\n", "failed: RecursionError"),                            # unbounded recursion
-    ("    while True:\n        print('spam' * 1000)\n", "timed out"),                # stdout spam
-    ("    x = bytearray(4 * 1024 ** 3)\n    return a + b\n", "failed: MemoryError"),  # over the memory limit
-    ("    import socket\n    socket.create_connection(('127.0.0.1', 9))\n", "failed: PermissionError"),
-])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ("    while True:\n        pass\n", "timed out"),  # infinite loop
+        ("    import time\n    time.sleep(60)\n", "timed out"),  # a sleeper
+        ("    import os\n    os.abort()\n", "killed by signal 6"),  # a crash
+        ("    return add(a, b)\n", "failed: RecursionError"),  # unbounded recursion
+        ("    while True:\n        print('spam' * 1000)\n", "timed out"),  # stdout spam
+        ("    x = bytearray(4 * 1024 ** 3)\n    return a + b\n", "failed: MemoryError"),  # over the memory limit
+        ("    import socket\n    socket.create_connection(('127.0.0.1', 9))\n", "failed: PermissionError"),
+    ],
+)
 def test_bad_samples_fail_and_never_hang(humaneval_file, body, status):
     add = read_code_problems(humaneval_file)[0]
     start = time.perf_counter()
@@ -101,8 +126,10 @@ def test_bad_samples_fail_and_never_hang(humaneval_file, body, status):
 def test_stderr_spam_is_cut_by_the_file_size_limit(humaneval_file):
     add = read_code_problems(humaneval_file)[0]
     start = time.perf_counter()
-    out = run_program(add.program("    import sys\n    while True:\n        sys.stderr.write('x' * 10000)\n"),
-                      Limits(timeout_s=30.0, file_mb=1))
+    out = run_program(
+        add.program("    import sys\n    while True:\n        sys.stderr.write('x' * 10000)\n"),
+        Limits(timeout_s=30.0, file_mb=1),
+    )
     # Python ignores SIGXFSZ: the write past 1 MB raises OSError (EFBIG) and the sample fails, long before 30 s
     assert not out.passed and out.status.startswith("failed") and time.perf_counter() - start < 20
 
@@ -120,8 +147,10 @@ def test_clean_completion_cuts_humaneval_and_unfences_mbpp(humaneval_file, mbpp_
     add = read_code_problems(humaneval_file)[0]
     assert clean_completion(add, "    return a + b\n\ndef other():\n    pass\n") == "    return a + b\n"
     sq = read_code_problems(mbpp_file)[0]
-    assert clean_completion(sq, "Here:\n```python\ndef sq(x):\n    return x*x\n```\nDone") == \
-        "def sq(x):\n    return x*x\n"
+    assert (
+        clean_completion(sq, "Here:\n```python\ndef sq(x):\n    return x*x\n```\nDone")
+        == "def sq(x):\n    return x*x\n"
+    )
 
 
 def test_generation_path_scores_the_model_text(humaneval_file, tiny_lm, tiny_tok, monkeypatch):
@@ -134,6 +163,7 @@ def test_generation_path_scores_the_model_text(humaneval_file, tiny_lm, tiny_tok
     def fake_generate(model, tokenizer, prompts, config, **kw):  # the model "writes" add right, rev wrong
         seen["prompts"], seen["stop"] = prompts, config.stop
         return ["    return a + b\n\ndef junk():\n    pass\n" if "add" in p else "    return s\n" for p in prompts]
+
     monkeypatch.setattr(runner, "generate", fake_generate)
     opts = EvalOptions(progress=False, allow_code_execution=True, exec_timeout=5.0)
     res = evaluate_task(tiny_lm, tiny_tok, resolve_task(f"code:{humaneval_file}"), opts)
@@ -147,21 +177,56 @@ def test_eval_score_cli_humaneval_samples_and_mbpp_integer_ids(tmp_path, humanev
     from deltatune.cli import main
 
     preds = tmp_path / "samples.jsonl"  # HumanEval's convention: one line per sample, ids repeat
-    preds.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"task_id": "Toy/0", "completion": "    return a + b\n"}, {"task_id": "Toy/0", "completion": "    return 0\n"},
-        {"task_id": "Toy/1", "completions": ["    return s[::-1]\n", "    return s[::-1]\n"]}]))
+    preds.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"task_id": "Toy/0", "completion": "    return a + b\n"},
+                {"task_id": "Toy/0", "completion": "    return 0\n"},
+                {"task_id": "Toy/1", "completions": ["    return s[::-1]\n", "    return s[::-1]\n"]},
+            ]
+        )
+    )
     out = tmp_path / "res.json"
-    rc = main(["eval", "--score", str(preds), "--task", f"code:{humaneval_file}", "--allow-code-execution",
-               "--pass-k", "1,2", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--score",
+            str(preds),
+            "--task",
+            f"code:{humaneval_file}",
+            "--allow-code-execution",
+            "--pass-k",
+            "1,2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())["tasks"][f"code:{humaneval_file}"]
     assert res["metrics"] == {"pass@1": pytest.approx(0.75), "pass@2": pytest.approx(1.0)}
     assert res["samples_per_problem"] == 2 and "rlimits" in res["isolation"]
     mb = tmp_path / "mbpp_preds.jsonl"
-    mb.write_text(json.dumps({"task_id": 11, "completion": MBPP[0]["code"]}) + "\n"
-                  + json.dumps({"task_id": "12", "completion": "def big(xs):\n    return min(xs)"}) + "\n")
-    rc = main(["eval", "--score", str(mb), "--task", f"code:{mbpp_file}", "--allow-code-execution",
-               "--out", str(tmp_path / "mb.json"), "--no-progress"])
+    mb.write_text(
+        json.dumps({"task_id": 11, "completion": MBPP[0]["code"]})
+        + "\n"
+        + json.dumps({"task_id": "12", "completion": "def big(xs):\n    return min(xs)"})
+        + "\n"
+    )
+    rc = main(
+        [
+            "eval",
+            "--score",
+            str(mb),
+            "--task",
+            f"code:{mbpp_file}",
+            "--allow-code-execution",
+            "--out",
+            str(tmp_path / "mb.json"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert json.loads((tmp_path / "mb.json").read_text())["tasks"][f"code:{mbpp_file}"]["score"] == 0.5
 
@@ -170,8 +235,12 @@ def test_eval_score_cli_errors_name_file_and_line(tmp_path, humaneval_file, caps
     from deltatune.cli import main
 
     preds = tmp_path / "p.jsonl"
-    preds.write_text(json.dumps({"task_id": "Toy/0", "completion": "x"}) + "\n"
-                     + json.dumps({"task_id": "Toy/9", "completion": "x"}) + "\n")
+    preds.write_text(
+        json.dumps({"task_id": "Toy/0", "completion": "x"})
+        + "\n"
+        + json.dumps({"task_id": "Toy/9", "completion": "x"})
+        + "\n"
+    )
     args = ["eval", "--score", str(preds), "--task", f"code:{humaneval_file}", "--no-progress"]
     assert main(args) == 2 and "allow-code-execution" in capsys.readouterr().err  # no opt-in: nothing runs
     assert main(args + ["--allow-code-execution"]) == 2
@@ -190,6 +259,20 @@ def test_eval_cli_code_task_fails_before_loading_a_model(tmp_path, humaneval_fil
     missing_model = str(tmp_path / "no-such-model")  # loading it would fail differently: nothing gets that far
     assert main(["eval", "--model", missing_model, "--task", f"code:{humaneval_file}", "--no-progress"]) == 2
     assert "--allow-code-execution" in capsys.readouterr().err
-    assert main(["eval", "--model", missing_model, "--task", f"code:{humaneval_file}", "--allow-code-execution",
-                 "--samples", "4", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                missing_model,
+                "--task",
+                f"code:{humaneval_file}",
+                "--allow-code-execution",
+                "--samples",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "needs sampling: add --sample" in capsys.readouterr().err

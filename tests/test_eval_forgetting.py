@@ -24,16 +24,17 @@ def test_learn_forget_is_a_plain_mean_of_task_differences():
 
 
 def _make_run(root, base_model, name, rank, std, method="lora"):
+    import copy
+
     from deltatune.methods import MethodSpec
     from deltatune.methods.apply import apply_methods
-
-    import copy
 
     run = root / name
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"method": method, "rank": rank, "alpha": 2.0 * rank}))
-    adapted = apply_methods(copy.deepcopy(base_model), MethodSpec(method, targets="all-linear", rank=rank,
-                                                                   alpha=2.0 * rank))
+    adapted = apply_methods(
+        copy.deepcopy(base_model), MethodSpec(method, targets="all-linear", rank=rank, alpha=2.0 * rank)
+    )
     torch.manual_seed(rank)
     for m in adapted.model.modules():
         if hasattr(m, "lora_B"):
@@ -43,27 +44,52 @@ def _make_run(root, base_model, name, rank, std, method="lora"):
 
 
 def test_forgetting_cli_end_to_end(tmp_path, tiny_lm, tiny_tok):
+    import copy
+
     from deltatune.cli import main
     from deltatune.evaluate.runner import EvalOptions, evaluate_task
     from deltatune.evaluate.tasks import resolve_task
     from deltatune.methods.apply import load_adapter
 
-    import copy
-
     base_dir = tmp_path / "base"
     tiny_lm.save_pretrained(base_dir)
     tiny_tok.save_pretrained(base_dir)
-    r1 = _make_run(tmp_path, tiny_lm, "run_a", 2, 0.0)    # B = 0: exactly the base model
+    r1 = _make_run(tmp_path, tiny_lm, "run_a", 2, 0.0)  # B = 0: exactly the base model
     r2 = _make_run(tmp_path, tiny_lm, "run_b", 4, 0.5)
     tgt, src = tmp_path / "target.jsonl", tmp_path / "source.jsonl"
-    tgt.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n"
-                           for q, a in [("What is 2 + 3?", "5"), ("Say fox", "the fox")]))
-    src.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n"
-                           for q, a in [("Say dog", "lazy dog"), ("Natalia sold", "48 clips")]))
+    tgt.write_text(
+        "".join(
+            json.dumps({"instruction": q, "output": a}) + "\n"
+            for q, a in [("What is 2 + 3?", "5"), ("Say fox", "the fox")]
+        )
+    )
+    src.write_text(
+        "".join(
+            json.dumps({"instruction": q, "output": a}) + "\n"
+            for q, a in [("Say dog", "lazy dog"), ("Natalia sold", "48 clips")]
+        )
+    )
     out = tmp_path / "lf"
-    rc = main(["forgetting", "--base", str(base_dir), "--run", str(r1), "--run", str(r2), "--target",
-               f"file:{tgt}", "--source", f"file:{src}", "--max-new-tokens", "5", "--out", str(out),
-               "--no-progress"])
+    rc = main(
+        [
+            "forgetting",
+            "--base",
+            str(base_dir),
+            "--run",
+            str(r1),
+            "--run",
+            str(r2),
+            "--target",
+            f"file:{tgt}",
+            "--source",
+            f"file:{src}",
+            "--max-new-tokens",
+            "5",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "forgetting.json").read_text())
     assert set(res["runs"]) == {"lora r=2", "lora r=4"}
@@ -90,8 +116,19 @@ def test_forgetting_cli_run_without_final_exits_2(tmp_path, capsys):
     (run / "config.yaml").write_text("method: lora\nrank: 8\n")
     src = tmp_path / "s.jsonl"
     src.write_text('{"instruction": "a", "output": "b"}\n')
-    rc = main(["forgetting", "--run", str(run), "--target", f"file:{src}", "--source", f"file:{src}",
-               "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "forgetting",
+            "--run",
+            str(run),
+            "--target",
+            f"file:{src}",
+            "--source",
+            f"file:{src}",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2 and "no final/" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -124,9 +161,26 @@ def test_forgetting_cli_takes_adapter_and_model_folders_and_a_loss_source(tmp_pa
     tgt = tmp_path / "target.jsonl"
     tgt.write_text(json.dumps({"instruction": "Say fox", "output": "the fox"}) + "\n")
     out = tmp_path / "lf"
-    rc = main(["forgetting", "--base", str(base_dir), "--run", str(run / "final"), "--run", str(base_dir),
-               "--target", f"file:{tgt}", "--source", f"file:{tgt},loss:{tgt}", "--max-new-tokens", "3",
-               "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "forgetting",
+            "--base",
+            str(base_dir),
+            "--run",
+            str(run / "final"),
+            "--run",
+            str(base_dir),
+            "--target",
+            f"file:{tgt}",
+            "--source",
+            f"file:{tgt},loss:{tgt}",
+            "--max-new-tokens",
+            "3",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "forgetting.json").read_text())
     assert set(res["runs"]) == {"lora r=4", "full"} and res["loss_tasks"] == [f"loss:{tgt}"]
@@ -139,4 +193,4 @@ def test_forgetting_cli_takes_adapter_and_model_folders_and_a_loss_source(tmp_pa
     change = lora["losses"][f"loss:{tgt}"]["change"]
     assert change == pytest.approx(lora["losses"][f"loss:{tgt}"]["run"] - res["base_scores"][f"loss:{tgt}"])
     md = (out / "forgetting.md").read_text()
-    assert "## Held-out loss (nats per token" in md and f"(rouge_l)" in md
+    assert "## Held-out loss (nats per token" in md and "(rouge_l)" in md

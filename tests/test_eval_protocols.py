@@ -11,6 +11,7 @@ def _fake_generate(replies: dict[int, str], seen: list):
     def fake(model, tokenizer, prompts, config, **kw):
         seen.extend(prompts)
         return [replies[i] for i in range(len(prompts))]
+
     return fake
 
 
@@ -39,8 +40,10 @@ def test_gsm8k_few_shot_chat_turns_show_the_format_instead(shared_data, monkeypa
 
     tok = tiny_tokenizer()
     if not getattr(tok, "chat_template", None):
-        tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+        tok.chat_template = (
+            "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+        )
     task = resolve_task("gsm8k", shared_data)
     items = load_items(task, limit=1)
     seen: list[str] = []
@@ -54,7 +57,11 @@ def test_gsm8k_few_shot_chat_turns_show_the_format_instead(shared_data, monkeypa
 def test_mmlu_modes_and_shot_source_are_recorded(shared_data, tiny_lm, tiny_tok, mode, expected):
     from deltatune.evaluate.runner import EvalOptions, evaluate_task
 
-    res = evaluate_task(tiny_lm, tiny_tok, resolve_task("mmlu:anatomy", shared_data),
-                        EvalOptions(progress=False, style="plain", limit=2, shots=1, choice_mode=mode))
+    res = evaluate_task(
+        tiny_lm,
+        tiny_tok,
+        resolve_task("mmlu:anatomy", shared_data),
+        EvalOptions(progress=False, style="plain", limit=2, shots=1, choice_mode=mode),
+    )
     assert res.info == {"choice": expected, "shots_from": "the same file (test split) minus the item"}
     assert 0.0 <= res.score <= 1.0 and len(res.predictions) == 2

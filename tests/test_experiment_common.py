@@ -15,13 +15,27 @@ def _runs(calls: list, kill_in: str | None = None) -> list[Run]:
             if name == kill_in and step == 3:
                 raise KeyboardInterrupt  # stands in for SIGKILL mid-run: no done marker is written
             return {"param_sum": float(sum(p.detach().float().sum() for p in model.parameters()))}
+
         return measure
 
     records = [{"instruction": f"What is {a} + {b}?", "output": f"{a + b}"} for a in range(4) for b in range(4)]
-    cfg = dict(method="lora", rank=2, alpha=4, lr=1e-2, steps=3, batch_size=4, seq_len=64, precision="fp32",
-               warmup_steps=0, seed=1, eval_fraction=0.0)
-    return [Run(name, dict(cfg), records=records, measure=measure_for(name), measure_steps=(1, 3), meta={"arm": name})
-            for name in ("first", "second")]
+    cfg = dict(
+        method="lora",
+        rank=2,
+        alpha=4,
+        lr=1e-2,
+        steps=3,
+        batch_size=4,
+        seq_len=64,
+        precision="fp32",
+        warmup_steps=0,
+        seed=1,
+        eval_fraction=0.0,
+    )
+    return [
+        Run(name, dict(cfg), records=records, measure=measure_for(name), measure_steps=(1, 3), meta={"arm": name})
+        for name in ("first", "second")
+    ]
 
 
 def test_killed_experiment_resumes_without_redoing_finished_runs(tmp_path):

@@ -12,16 +12,34 @@ def test_learn_forget_quick_end_to_end_and_resume(tmp_path, shared_data):
     from deltatune.cli import main
 
     out = tmp_path / "lf"
-    args = ["experiment", "learn-forget", "--quick", "--seeds", "2", "--lrs", "2", "--methods", "full,lora-r8",
-            "--threads", "1", "--quiet", "--out", str(out)]
+    args = [
+        "experiment",
+        "learn-forget",
+        "--quick",
+        "--seeds",
+        "2",
+        "--lrs",
+        "2",
+        "--methods",
+        "full,lora-r8",
+        "--threads",
+        "1",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     base, runs = res["base"], res["runs"]
-    tgt, mmlu, bbh = "gsm8k", next(k for k in base if k.startswith("mmlu:")), next(k for k in base
-                                                                                 if k.startswith("bbh:"))
+    tgt, mmlu, bbh = (
+        "gsm8k",
+        next(k for k in base if k.startswith("mmlu:")),
+        next(k for k in base if k.startswith("bbh:")),
+    )
     # 2 methods x 2 rates on seed 0, then the picked rate again on seed 1
     assert sorted((r["method"], r["seed"]) for r in runs) == sorted(
-        [("full", 0)] * 2 + [("lora-r8", 0)] * 2 + [("full", 1), ("lora-r8", 1)])
+        [("full", 0)] * 2 + [("lora-r8", 0)] * 2 + [("full", 1), ("lora-r8", 1)]
+    )
     for method in ("full", "lora-r8"):
         sweep = [r for r in runs if r["method"] == method and r["seed"] == 0]
         best = min(sweep, key=lambda r: r["val_loss"])

@@ -38,9 +38,21 @@ def test_first_step_loss_matches_each_reduction(tiny_dir, tmp_path, reduction):
     from deltatune.train.loop import train
 
     records = [{"instruction": f"Say {i}", "output": " ".join(["seven"] * (1 + 3 * i))} for i in range(4)]
-    cfg = load_config(overrides=dict(model=str(tiny_dir), output=str(tmp_path / "run"), method="lora", rank=2,
-                                     steps=1, batch_size=4, seq_len=64, precision="fp32", eval_fraction=0.0,
-                                     loss_reduction=reduction, fused_norms="off"))
+    cfg = load_config(
+        overrides=dict(
+            model=str(tiny_dir),
+            output=str(tmp_path / "run"),
+            method="lora",
+            rank=2,
+            steps=1,
+            batch_size=4,
+            seq_len=64,
+            precision="fp32",
+            eval_fraction=0.0,
+            loss_reduction=reduction,
+            fused_norms="off",
+        )
+    )
     result = train(cfg, quiet=True, records=records)
     model, tok = load_model(str(tiny_dir))
     examples = prepare_records(records, tok, template="chatml").examples

@@ -19,8 +19,27 @@ def _data_root() -> Path:
 
 def test_quick_masking_trains_every_run_and_writes_results(tmp_path):
     out = tmp_path / "mask"
-    assert main(["experiment", "masking", "--quick", "--out", str(out), "--seeds", "1", "--sizes", "2,4",
-                 "--steps", "2", "--data-root", str(_data_root()), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "masking",
+                "--quick",
+                "--out",
+                str(out),
+                "--seeds",
+                "1",
+                "--sizes",
+                "2,4",
+                "--steps",
+                "2",
+                "--data-root",
+                str(_data_root()),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["sizes"] == [2, 4] and res["seeds"] == [0]
     assert res["ratios"]["mmlu"]["ratio"] > 3 * res["ratios"]["gsm8k"]["ratio"]  # short vs long responses
@@ -48,11 +67,22 @@ def test_quick_masking_trains_every_run_and_writes_results(tmp_path):
 
 
 def test_stats_advice_quotes_the_recorded_result_or_says_none():
-    recorded = {"model": "M", "by_dataset": {
-        "gsm8k": {"ratio": 0.5, "sizes": {"50": {"loss_diff": 0.02, "em_diff": 0.0, "seeds": 2, "loss_diff_spread": 0.01}}},
-        "mmlu": {"ratio": 12.0, "sizes": {"50": {"loss_diff": -0.1, "em_diff": 0.05, "seeds": 2, "loss_diff_spread": 0.02},
-                                           "800": {"loss_diff": -0.01, "em_diff": 0.0, "seeds": 2,
-                                                   "loss_diff_spread": 0.03}}}}}
+    recorded = {
+        "model": "M",
+        "by_dataset": {
+            "gsm8k": {
+                "ratio": 0.5,
+                "sizes": {"50": {"loss_diff": 0.02, "em_diff": 0.0, "seeds": 2, "loss_diff_spread": 0.01}},
+            },
+            "mmlu": {
+                "ratio": 12.0,
+                "sizes": {
+                    "50": {"loss_diff": -0.1, "em_diff": 0.05, "seeds": 2, "loss_diff_spread": 0.02},
+                    "800": {"loss_diff": -0.01, "em_diff": 0.0, "seeds": 2, "loss_diff_spread": 0.03},
+                },
+            },
+        },
+    }
     line = masking_advice(20.0, 40, recorded)  # nearest ratio: mmlu; nearest size: 50
     assert "mmlu (ratio 12.00), 50 training examples" in line and "-0.100" in line and "+5.0 points" in line
     assert "800 training examples" in masking_advice(8.0, 5000, recorded)
@@ -63,7 +93,13 @@ def test_stats_advice_quotes_the_recorded_result_or_says_none():
 def test_stats_advice_ends_with_the_project_measurement_line():
     from deltatune.data.stats import advise
 
-    base = {"tokens": {"instruction": {"mean": 0.0}, "response": {"mean": 0.0}}, "would_truncate": 0, "max_len": 1,
-            "policies": {"instruction": {"boilerplate_share": 0.0}}, "padding": {}, "batch_size": 8}
+    base = {
+        "tokens": {"instruction": {"mean": 0.0}, "response": {"mean": 0.0}},
+        "would_truncate": 0,
+        "max_len": 1,
+        "policies": {"instruction": {"boilerplate_share": 0.0}},
+        "padding": {},
+        "batch_size": 8,
+    }
     lines = advise({**base, "ratio_instruction_to_response": 20.0, "examples": 2000}, "chatml")
     assert lines[-1] == masking_advice(20.0, 2000)  # recorded result if committed, else the placeholder

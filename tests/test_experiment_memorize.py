@@ -9,9 +9,9 @@ from deltatune.experiments.memorize import char_accuracy, memorization_scores, u
 def test_char_accuracy_hand_examples():
     assert char_accuracy("abcd", "abcd") == 1.0
     assert char_accuracy("abcf", "abcd") == 0.75
-    assert char_accuracy("ab", "abcd") == 0.5          # missing characters count as wrong
-    assert char_accuracy("abcdXYZ", "abcd") == 1.0     # positions past the reference are not scored
-    assert char_accuracy("xabc", "abcd") == 0.0        # position by position: a shift is all wrong
+    assert char_accuracy("ab", "abcd") == 0.5  # missing characters count as wrong
+    assert char_accuracy("abcdXYZ", "abcd") == 1.0  # positions past the reference are not scored
+    assert char_accuracy("xabc", "abcd") == 0.0  # position by position: a shift is all wrong
     scores = memorization_scores(["abcd", "abzz"], ["abcd", "abcd"])
     assert scores == {"char_acc": 0.75, "exact": 0.5}
 
@@ -28,8 +28,25 @@ def test_uuid_pairs_are_seeded_unique_version4():
 
 def test_quick_memorize_trains_every_run_and_writes_results(tmp_path):
     out = tmp_path / "mem"
-    assert main(["experiment", "memorize", "--quick", "--out", str(out), "--seeds", "1", "--pairs", "8",
-                 "--steps", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "memorize",
+                "--quick",
+                "--out",
+                str(out),
+                "--seeds",
+                "1",
+                "--pairs",
+                "8",
+                "--steps",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "results.json").read_text())
     assert res["experiment"] == "memorize" and res["seeds"] == [0] and res["points"] == [1, 2, 3, 4]
     assert res["machine"]["cpu"] and res["wall_s"] > 0
@@ -48,6 +65,23 @@ def test_quick_memorize_trains_every_run_and_writes_results(tmp_path):
     assert "| lora-r8 |" in md and "step 4" in md and "Paper" in md
     assert (out / "memorize.png").read_bytes()[:4] == b"\x89PNG"
     # the same command again finds every run done and trains nothing
-    assert main(["experiment", "memorize", "--quick", "--out", str(out), "--seeds", "1", "--pairs", "8",
-                 "--steps", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "experiment",
+                "memorize",
+                "--quick",
+                "--out",
+                str(out),
+                "--seeds",
+                "1",
+                "--pairs",
+                "8",
+                "--steps",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "results.json").read_text())["runs"] == res["runs"]

@@ -27,8 +27,9 @@ def _ours_random(seed: int = 1):
 
 
 def _peft_model():
-    cfg = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                         task_type="CAUSAL_LM")
+    cfg = peft.IA3Config(
+        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM"
+    )
     return peft.get_peft_model(tiny_model(0), cfg)
 
 
@@ -97,8 +98,14 @@ def test_layer_merge_scales_rows_or_columns_and_bias(feedforward):
     else:  # output scaled, bias included: diag(l) (W x + b)
         torch.testing.assert_close(y, (x @ w0.T + b0) * l.T)
     eye = torch.eye(6)
-    torch.testing.assert_close(layer.delta_weight(), (layer.adapted_forward(eye, lin(eye)) - lin(eye)).T
-                               if feedforward else (layer(eye) - lin(eye) - (l.T - 1) * b0).T, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        layer.delta_weight(),
+        (layer.adapted_forward(eye, lin(eye)) - lin(eye)).T
+        if feedforward
+        else (layer(eye) - lin(eye) - (l.T - 1) * b0).T,
+        atol=1e-6,
+        rtol=0,
+    )
     layer.merge()
     torch.testing.assert_close(lin.weight, w0 * l)  # l is (1, in) for columns, (out, 1) for rows
     torch.testing.assert_close(lin.bias, b0 if feedforward else b0 * l.reshape(-1))

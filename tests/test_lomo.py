@@ -121,7 +121,7 @@ def test_full_set_of_gradients_never_exists_at_once():
 def test_state_dict_resumes_exactly_and_lr_follows_a_scheduler():
     a_model, b_model = pair()
     a = FusedUpdate(a_model.parameters(), lr=1e-2, algorithm="adamw")
-    sched = torch.optim.lr_scheduler.LambdaLR(a, lambda step: 0.5 ** step)
+    sched = torch.optim.lr_scheduler.LambdaLR(a, lambda step: 0.5**step)
     for _ in range(2):
         with a.step_hooks_enabled():
             loss_of(a_model).backward()
@@ -199,11 +199,11 @@ def test_lomo_on_fp16_weights_scales_the_loss_and_skips_an_overflowing_step():
     model.train()
     ref = copy.deepcopy(model).float()
     lomo = build_fused("lomo", model.parameters(), lr=0.5, max_norm=None)
-    assert lomo.dynamic_scale and lomo.scale == 2.0 ** 16
+    assert lomo.dynamic_scale and lomo.scale == 2.0**16
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     big = torch.tensor(1e6, dtype=torch.float16)  # loss x 2^16 overflows fp16 gradients: the step is skipped
     assert not lomo.backward(loss_of(model) * big)
-    assert lomo.scale == 2.0 ** 15 and lomo.skipped_steps == 1
+    assert lomo.scale == 2.0**15 and lomo.skipped_steps == 1
     assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
     lomo.scale = 8.0  # a scale with finite gradients: the update equals unscaled SGD up to fp16 rounding
     assert lomo.backward(loss_of(model))

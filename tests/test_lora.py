@@ -74,11 +74,16 @@ def test_disable_gives_the_base_model_exactly():
     assert not torch.allclose(logits(adapted.model), base, atol=1e-4)
 
 
-@pytest.mark.parametrize("targets,matrices", [("all-linear", ("q", "k", "v", "o", "gate", "up", "down")),
-                                             ("q_proj,v_proj", ("q", "v"))])
+@pytest.mark.parametrize(
+    "targets,matrices", [("all-linear", ("q", "k", "v", "o", "gate", "up", "down")), ("q_proj,v_proj", ("q", "v"))]
+)
 def test_trainable_count_matches_formula_and_only_adapters_train(targets, matrices):
     cfg = tiny_llama_config()
-    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    h, i, kv = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads),
+    )
     shapes = {"q": (h, h), "k": (h, kv), "v": (h, kv), "o": (h, h), "gate": (h, i), "up": (h, i), "down": (i, h)}
     r = 4
     expected = cfg.num_hidden_layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in matrices)
@@ -169,7 +174,9 @@ def test_bf16_base_with_fp32_or_bf16_adapters(adapter_dtype):
     y = layer(x)
     assert y.dtype == torch.bfloat16
     w = layer.base.weight.double()
-    ref = x.double() @ w.T + layer.scaling * (x.double() @ layer.lora_A.weight.double().T @ layer.lora_B.weight.double().T)
+    ref = x.double() @ w.T + layer.scaling * (
+        x.double() @ layer.lora_A.weight.double().T @ layer.lora_B.weight.double().T
+    )
     torch.testing.assert_close(y.double(), ref, atol=0.05, rtol=0.02)
     out = adapted.model(input_ids=IDS, labels=IDS)
     out.loss.backward()
@@ -187,8 +194,12 @@ def test_unknown_target_lists_existing_module_names():
 
 
 def test_bad_hyperparameters_are_config_errors():
-    for kw, field in (({"rank": 0}, "rank"), ({"alpha": -1.0}, "alpha"), ({"dropout": 1.0}, "dropout"),
-                      ({"options": {"rnak": 4}}, "rnak")):
+    for kw, field in (
+        ({"rank": 0}, "rank"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"options": {"rnak": 4}}, "rnak"),
+    ):
         with pytest.raises(ConfigError, match=field):
             lora(tiny_model(0), **kw)
 

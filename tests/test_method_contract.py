@@ -127,8 +127,12 @@ def test_plan_accepts_plus_and_uses_training_alpha(capsys):
 def test_eval_labels_use_has_rank(tmp_path):
     from deltatune.evaluate.runs import read_run
 
-    for method, label in (("lora+bitfit", "lora+bitfit r=8"), ("bitfit", "bitfit"), ("ia3", "ia3"),
-                          ("mora", "mora r=8")):
+    for method, label in (
+        ("lora+bitfit", "lora+bitfit r=8"),
+        ("bitfit", "bitfit"),
+        ("ia3", "ia3"),
+        ("mora", "mora r=8"),
+    ):
         run = tmp_path / method
         run.mkdir()
         (run / "config.yaml").write_text(f"method: {method}\nrank: 8\n")

@@ -44,13 +44,13 @@ def _reference_forward(x: torch.Tensor, M: torch.Tensor, d_out: int, t: int) -> 
     xp = torch.cat([x, x[:pad]])  # wrap-padding: append the first `pad` entries of x itself
     nb = xp.shape[0] // r
     if t in (1, 4):
-        c = sum(xp[i * r:(i + 1) * r] for i in range(nb))
+        c = sum(xp[i * r : (i + 1) * r] for i in range(nb))
     elif t in (2, 3):
         base, extra = divmod(d_in, r)
         c, start = torch.zeros(r, dtype=x.dtype), 0
         for j in range(r):
             size = base + (1 if j < extra else 0)
-            c[j] = x[start:start + size].sum()
+            c[j] = x[start : start + size].sum()
             start += size
     if t in (1, 2, 3, 4):
         z = M @ c
@@ -63,7 +63,7 @@ def _reference_forward(x: torch.Tensor, M: torch.Tensor, d_out: int, t: int) -> 
         return torch.stack(out)
     outs = []
     for i in range(nb):  # type 6: rotate block i by RoPE at position i, then M
-        blk = xp[i * r:(i + 1) * r]
+        blk = xp[i * r : (i + 1) * r]
         rot = torch.zeros(r, dtype=x.dtype)
         for k in range(r):
             theta = i * 10000 ** (-2 * (k % (r // 2)) / r)
@@ -93,9 +93,9 @@ def test_parameter_count_is_rhat_squared_within_rounding_bound(shape, r):
     for t in (1, 6):
         layer = MoRALinear(nn.Linear(d_in, d_out), r, t)
         r_hat = layer.r_hat
-        assert sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad) == r_hat ** 2
+        assert sum(p.numel() for n, p in layer.named_parameters() if p.requires_grad) == r_hat**2
         slack = 2 * r_hat + 1 + (4 * r_hat + 4 if t == 6 else 0)  # flooring to even costs at most one more
-        assert abs(r_hat ** 2 - r * (d_in + d_out)) <= slack
+        assert abs(r_hat**2 - r * (d_in + d_out)) <= slack
         if t == 6:
             assert r_hat % 2 == 0
 
@@ -162,8 +162,9 @@ def test_remora_merge_and_reset_keeps_logits_sets_m_to_zero_and_cycles_types():
     from deltatune.methods.apply import apply_methods
     from deltatune.train.loop import after_step_hooks
 
-    adapted = apply_methods(tiny_model(0), MethodSpec("mora", rank=4, options={"remora_every": 2, "remora_types": 4,
-                                                                               "remora_warmup": 4}))
+    adapted = apply_methods(
+        tiny_model(0), MethodSpec("mora", rank=4, options={"remora_every": 2, "remora_types": 4, "remora_warmup": 4})
+    )
     method, model = adapted.methods[0], adapted.model
     assert method.writes_full_model and {m.mora_type for m in method.delta_modules(model)} == {1}
     params = [p for _, p in adapted.trainable_parameters()]

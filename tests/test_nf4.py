@@ -9,12 +9,36 @@ from torch import nn
 from deltatune.methods.apply import apply_methods
 from deltatune.methods.base import MethodSpec
 from deltatune.methods.lora import LoRALinear
-from deltatune.methods.nf4 import (NF4_CODE, NF4Linear, dequantize_nf4, dynamic_map_8bit, nf4_code_from_quantiles,
-                                   pack_4bit, quantize_nf4, unpack_4bit)
+from deltatune.methods.nf4 import (
+    NF4_CODE,
+    NF4Linear,
+    dequantize_nf4,
+    dynamic_map_8bit,
+    nf4_code_from_quantiles,
+    pack_4bit,
+    quantize_nf4,
+    unpack_4bit,
+)
 from deltatune.testing import tiny_model
 
-SPEC_VALUES = [-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
-               0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0]
+SPEC_VALUES = [
+    -1.0,
+    -0.6961928,
+    -0.5250731,
+    -0.3949175,
+    -0.2844414,
+    -0.1847734,
+    -0.0910500,
+    0.0,
+    0.0795803,
+    0.1609302,
+    0.2461123,
+    0.3379152,
+    0.4407098,
+    0.5626170,
+    0.7229568,
+    1.0,
+]
 
 
 def _gaussian(shape=(256, 192), seed=0) -> torch.Tensor:

@@ -11,12 +11,16 @@ from deltatune.train import packed_attention
 
 
 def _packed_batch(tok, seq_len=96):
-    records = [{"instruction": f"What is {a} + {b}?" * (1 + a % 3), "output": f"The answer is {a + b}."}
-               for a in range(4) for b in range(3)]
+    records = [
+        {"instruction": f"What is {a} + {b}?" * (1 + a % 3), "output": f"The answer is {a + b}."}
+        for a in range(4)
+        for b in range(3)
+    ]
     examples = prepare_records(records, tok, template="chatml", max_len=seq_len).examples
     rows = pack_examples(examples, seq_len)
-    return collate(rows[:3], LossPolicy("response"), seq_len=seq_len, pad_id=tok.pad_token_id, packed=True,
-                   template_name="chatml")
+    return collate(
+        rows[:3], LossPolicy("response"), seq_len=seq_len, pad_id=tok.pad_token_id, packed=True, template_name="chatml"
+    )
 
 
 def test_spans_follow_position_resets():
@@ -30,16 +34,21 @@ def test_packed_attention_equals_block_diagonal_mask_in_value_and_gradient():
     batch = _packed_batch(tok)
     assert max(len(s) for s in packed_attention.spans_from_position_ids(batch["position_ids"])) > 1
     decoder = model.get_decoder()
-    ref = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=batch["position_ids"]).last_hidden_state
+    ref = decoder(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    ).last_hidden_state
     alone = batch["attention_mask"][:, 0].sum(-1) == 1
     keep = ~(alone & (batch["position_ids"] > 0))
     ref[keep].pow(2).sum().backward()
     ref_grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
     model.zero_grad()
     model.set_attn_implementation(packed_attention.register())
-    ours = decoder(input_ids=batch["input_ids"], attention_mask=None, position_ids=batch["position_ids"],
-                   packed_spans=packed_attention.spans_from_position_ids(batch["position_ids"])).last_hidden_state
+    ours = decoder(
+        input_ids=batch["input_ids"],
+        attention_mask=None,
+        position_ids=batch["position_ids"],
+        packed_spans=packed_attention.spans_from_position_ids(batch["position_ids"]),
+    ).last_hidden_state
     ours[keep].pow(2).sum().backward()
     # row padding attends to itself alone under the mask, causally within the padding here; it carries
     # no loss and no example sees it, so compare every other position
@@ -63,8 +72,10 @@ def _reference(q, k, v, spans):
     """Per-span causal SDPA in float64 (PyTorch's own kernel, GQA by repeating the key/value heads)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    parts = [torch.nn.functional.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
-                                                               is_causal=True) for s, e in spans[0]]
+    parts = [
+        torch.nn.functional.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True)
+        for s, e in spans[0]
+    ]
     return torch.cat(parts, 2).transpose(1, 2)  # [1, T, H, D]
 
 
@@ -72,8 +83,10 @@ def _qkv(lengths, heads=6, kv_heads=2, dim=16, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     total = sum(lengths)
     # transformers hands over [B, H, T, D] views of [B, T, H, D] projections: the same strides here
-    q, k, v = (torch.randn(1, total, h, dim, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
-               for h in (heads, kv_heads, kv_heads))
+    q, k, v = (
+        torch.randn(1, total, h, dim, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
+        for h in (heads, kv_heads, kv_heads)
+    )
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     return q, k, v, [[(s, s + n) for s, n in zip(starts, lengths)]]
 
@@ -89,7 +102,7 @@ def test_span_attention_equals_per_example_sdpa_in_float64():
     lengths = [7, 1, 30, 12, 2]  # a one-token example included
     q, k, v, spans = _qkv(lengths)
     grad_out = torch.randn(1, sum(lengths), 6, 16, dtype=torch.float64)
-    ours = _value_and_grads(lambda *x: packed_attention.span_attention(*x, spans, 16 ** -0.5), q, k, v, grad_out)
+    ours = _value_and_grads(lambda *x: packed_attention.span_attention(*x, spans, 16**-0.5), q, k, v, grad_out)
     ref = _value_and_grads(lambda *x: _reference(*x, spans), q, k, v, grad_out)
     for name, a, b in zip(["out", "dq", "dk", "dv"], ours, ref):
         assert torch.allclose(a, b, atol=1e-12), name
@@ -103,8 +116,9 @@ def test_span_attention_in_bf16_is_as_close_to_float64_as_sdpa():
     q, k, v, spans = _qkv(lengths, heads=9, kv_heads=3, dim=64, dtype=torch.bfloat16, seed=1)
     grad_out = torch.randn(1, sum(lengths), 9, 64, dtype=torch.float64)
     exact = _value_and_grads(lambda *x: _reference(*x, spans), *(x.double() for x in (q, k, v)), grad_out)
-    ours = _value_and_grads(lambda *x: packed_attention.span_attention(*x, spans, 64 ** -0.5), q, k, v,
-                            grad_out.bfloat16())
+    ours = _value_and_grads(
+        lambda *x: packed_attention.span_attention(*x, spans, 64**-0.5), q, k, v, grad_out.bfloat16()
+    )
     sdpa = _value_and_grads(lambda *x: _reference(*x, spans), q, k, v, grad_out.bfloat16())
     for name, a, b, e in zip(["out", "dq", "dk", "dv"], ours, sdpa, exact):
         err_ours, err_sdpa = (a.double() - e).abs().max(), (b.double() - e).abs().max()

@@ -61,8 +61,14 @@ def test_target_modules_are_suffixes_or_full_names(tmp_path):
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_we_load_a_peft_written_adapter(tmp_path, rslora):
-    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], use_rslora=rslora,
-                             lora_dropout=0.1, task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        use_rslora=rslora,
+        lora_dropout=0.1,
+        task_type="CAUSAL_LM",
+    )
     theirs = peft.get_peft_model(tiny_model(0), config)
     randomise([p for n, p in theirs.named_parameters() if "lora_B" in n])
     expected = logits(theirs)

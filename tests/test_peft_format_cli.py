@@ -56,8 +56,22 @@ def test_merge_without_a_named_base_needs_model(tmp_path, base_dir, capsys):
     err = capsys.readouterr().err
     assert "--model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
-    assert main(["merge", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m"), "--model", str(base_dir),
-                 "--save-dtype", "bf16"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--adapter",
+                str(tmp_path / "a"),
+                "--out",
+                str(tmp_path / "m"),
+                "--model",
+                str(base_dir),
+                "--save-dtype",
+                "bf16",
+            ]
+        )
+        == 0
+    )
     merged = load(tmp_path / "m", dtype=None)
     assert merged.dtype == torch.bfloat16
     torch.testing.assert_close(logits(merged).float(), expected, atol=0.05, rtol=0.05)

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from deltatune.analysis.memory import (activation_bytes, parameter_report, parse_bytes, plan_finetune,
-                                       resolve_config)
+from deltatune.analysis.memory import activation_bytes, parameter_report, parse_bytes, plan_finetune, resolve_config
 from deltatune.cli import main
 from deltatune.errors import UserError
 from deltatune.methods.apply import apply_methods
@@ -14,13 +13,23 @@ from deltatune.testing import tiny_llama_config, tiny_model
 CFG = tiny_llama_config()
 H, I, L, V = CFG.hidden_size, CFG.intermediate_size, CFG.num_hidden_layers, CFG.vocab_size
 KV = CFG.num_key_value_heads * H // CFG.num_attention_heads
-SHAPES = {"q_proj": (H, H), "k_proj": (H, KV), "v_proj": (H, KV), "o_proj": (H, H),
-          "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+SHAPES = {
+    "q_proj": (H, H),
+    "k_proj": (H, KV),
+    "v_proj": (H, KV),
+    "o_proj": (H, H),
+    "gate_proj": (H, I),
+    "up_proj": (H, I),
+    "down_proj": (I, H),
+}
 BASE_TOTAL = V * H + L * (sum(a * b for a, b in SHAPES.values()) + 2 * H) + H  # tied head, 2 norms/layer + final
 
 SPECS = {
     "lora": [MethodSpec(name="lora", rank=4)],
-    "lora-qv+norms": [MethodSpec(name="lora", rank=2, targets="q_proj,v_proj"), MethodSpec(name="full", targets=".*norm")],
+    "lora-qv+norms": [
+        MethodSpec(name="lora", rank=2, targets="q_proj,v_proj"),
+        MethodSpec(name="full", targets=".*norm"),
+    ],
     "full": [MethodSpec(name="full")],
     "full-layer1": [MethodSpec(name="full", targets="model.layers.1")],
 }
@@ -55,8 +64,9 @@ def test_bytes_follow_dtypes():
     assert full.trainable == full.total == BASE_TOTAL and full.gradient_bytes == 2 * BASE_TOTAL
 
 
-@pytest.mark.parametrize("name,total", [("llama-7b", 6_738_415_616), ("llama-70b", 68_976_648_192),
-                                        ("smollm2-135m", 134_515_008)])
+@pytest.mark.parametrize(
+    "name,total", [("llama-7b", 6_738_415_616), ("llama-70b", 68_976_648_192), ("smollm2-135m", 134_515_008)]
+)
 def test_builtin_sizes_match_published_parameter_counts(name, total):
     assert plan_finetune(name, SPECS["full"], dtype="bf16").params.total == total
 
@@ -78,8 +88,9 @@ def test_activation_estimate_is_within_30_percent_of_what_autograd_saves():
             model(input_ids=ids, labels=ids)
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         measured = sum(n for ptr, n in storages.items() if ptr not in weights)
-        estimate = plan_finetune(CFG, spec, dtype="fp32", batch_size=2, seq_len=64,
-                                 materialised_attention=attn == "eager").activation_bytes
+        estimate = plan_finetune(
+            CFG, spec, dtype="fp32", batch_size=2, seq_len=64, materialised_attention=attn == "eager"
+        ).activation_bytes
         assert 0.7 * measured <= estimate <= 1.3 * measured, (attn, measured, estimate)
 
 

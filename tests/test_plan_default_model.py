@@ -29,5 +29,7 @@ def test_default_model_plan_matches_the_loaded_model_and_measured_activations():
         model(input_ids=ids, labels=ids)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     measured = sum(n for ptr, n in storages.items() if ptr not in weights)
-    print(f"activations: estimate {plan.activation_bytes / 2**20:.1f} MiB, saved for backward {measured / 2**20:.1f} MiB")
+    print(
+        f"activations: estimate {plan.activation_bytes / 2**20:.1f} MiB, saved for backward {measured / 2**20:.1f} MiB"
+    )
     assert 0.7 * measured <= plan.activation_bytes <= 1.3 * measured

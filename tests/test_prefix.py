@@ -38,8 +38,9 @@ def test_real_token_prefix_equals_base_on_concatenated_input():
     mask, pos = torch.ones_like(X), torch.arange(X.shape[1]).expand_as(X)
     out = model.get_decoder()(input_ids=X, attention_mask=mask, position_ids=pos, use_cache=False)
     assert out.past_key_values is None  # the per-call cache is not handed back when not asked for
-    torch.testing.assert_close(out.last_hidden_state, base.model(with_prefix(X)).last_hidden_state[:, p:],
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        out.last_hidden_state, base.model(with_prefix(X)).last_hidden_state[:, p:], rtol=0, atol=1e-5
+    )
     torch.testing.assert_close(model(X).logits, base(with_prefix(X)).logits[:, p:], rtol=0, atol=1e-5)
 
 
@@ -48,7 +49,7 @@ def _packed_mask(lengths):
     mask = torch.zeros(total, total, dtype=torch.bool)
     pos, start = [], 0
     for n in lengths:
-        mask[start:start + n, start:start + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        mask[start : start + n, start : start + n] = torch.ones(n, n, dtype=torch.bool).tril()
         pos += list(range(n))
         start += n
     return mask[None, None], torch.tensor([pos])
@@ -73,8 +74,12 @@ def test_matches_peft_prefix_tuning(reparameterize):
 
     model = tiny_model(0)
     method = prefix(model, num_virtual_tokens=4, reparameterize=reparameterize, hidden=16)
-    peft_model = get_peft_model(tiny_model(0), PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=reparameterize, encoder_hidden_size=16))
+    peft_model = get_peft_model(
+        tiny_model(0),
+        PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=reparameterize, encoder_hidden_size=16
+        ),
+    )
     enc, ours = peft_model.prompt_encoder["default"], model.deltatune_prefix
     with torch.no_grad():
         if reparameterize:
@@ -90,7 +95,9 @@ def test_matches_peft_prefix_tuning(reparameterize):
     mine = model(X, attention_mask=mask).logits
     for row, n in enumerate((6, 4)):
         torch.testing.assert_close(mine[row, :n], theirs[row, :n], rtol=0, atol=1e-5)
-    assert dict(method.trainable_parameters(model)).keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert dict(method.trainable_parameters(model)).keys() == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def test_parameter_counts():
@@ -143,8 +150,9 @@ def test_fold_keeps_outputs_and_enables_peft_export(tmp_path):
     from deltatune.methods.apply import apply_methods, load_adapter
 
     model = tiny_model(0)
-    adapted = apply_methods(model, MethodSpec(name="prefix", options={"num_virtual_tokens": 4, "reparameterize": True,
-                                                                      "hidden": 16}))
+    adapted = apply_methods(
+        model, MethodSpec(name="prefix", options={"num_virtual_tokens": 4, "reparameterize": True, "hidden": 16})
+    )
     assert not adapted.is_peft_method  # the MLP is deltatune's until folded
     before = model(X).logits
     adapted.methods[0].fold(model)
@@ -162,8 +170,9 @@ def test_unfolded_reparameterisation_round_trips_in_deltatune_format(tmp_path):
     from deltatune.methods.apply import apply_methods, load_adapter
 
     model = tiny_model(0)
-    adapted = apply_methods(model, MethodSpec(name="prefix", options={"num_virtual_tokens": 2, "reparameterize": True,
-                                                                      "hidden": 8}))
+    adapted = apply_methods(
+        model, MethodSpec(name="prefix", options={"num_virtual_tokens": 2, "reparameterize": True, "hidden": 8})
+    )
     adapted.save_adapter(tmp_path / "a")
     loaded = load_adapter(tiny_model(0), tmp_path / "a")
     torch.testing.assert_close(loaded.model(X).logits, model(X).logits, rtol=0, atol=0)

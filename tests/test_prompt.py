@@ -50,7 +50,7 @@ def _packed_mask(lengths):
     mask = torch.zeros(total, total, dtype=torch.bool)
     pos, start = [], 0
     for n in lengths:
-        mask[start:start + n, start:start + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        mask[start : start + n, start : start + n] = torch.ones(n, n, dtype=torch.bool).tril()
         pos += list(range(n))
         start += n
     return mask[None, None], torch.tensor([pos])
@@ -64,8 +64,9 @@ def test_packed_rows_see_the_virtual_tokens_like_solo_runs(additive):
     mask, pos = _packed_mask([4, 3])
     if additive:
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    packed = model.get_decoder()(input_ids=torch.tensor([a + b]), attention_mask=mask, position_ids=pos,
-                                 use_cache=False).last_hidden_state
+    packed = model.get_decoder()(
+        input_ids=torch.tensor([a + b]), attention_mask=mask, position_ids=pos, use_cache=False
+    ).last_hidden_state
     solo_a = model.get_decoder()(input_ids=torch.tensor([a]), use_cache=False).last_hidden_state
     solo_b = model.get_decoder()(input_ids=torch.tensor([b]), use_cache=False).last_hidden_state
     torch.testing.assert_close(packed[:, :4], solo_a, rtol=0, atol=1e-5)
@@ -111,8 +112,9 @@ def test_labels_count_exactly_the_base_targets():
     model = tiny_model(0)
     prompt(model)
     out = model(X, labels=X)
-    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]),
-                                                 X[:, 1:].reshape(-1))
+    expected = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), X[:, 1:].reshape(-1)
+    )
     torch.testing.assert_close(out.loss, expected)
 
 
@@ -141,7 +143,9 @@ def test_cached_decoding_continues_after_the_virtual_tokens():
 def test_text_init_uses_the_tokenised_string_repeated(tiny_tok):
     model = tiny_model(0)
     freeze(model)
-    method = get_method("prompt")(MethodSpec(name="prompt", options={"num_virtual_tokens": 7, "init_text": "fox jumps"}))
+    method = get_method("prompt")(
+        MethodSpec(name="prompt", options={"num_virtual_tokens": 7, "init_text": "fox jumps"})
+    )
     method.tokenizer = tiny_tok
     method.apply(model)
     ids = tiny_tok("fox jumps", add_special_tokens=False)["input_ids"]
@@ -186,8 +190,9 @@ def test_save_load_round_trip_through_peft_format(tmp_path):
 # --- Lester et al.'s initialisations: sampled vocabulary and class-label words -------------------------
 def test_sampled_vocabulary_init_takes_distinct_ids_from_the_first_vocab_top(tiny_tok):
     model = tiny_model(0)
-    method = get_method("prompt")(MethodSpec("prompt", options={"num_virtual_tokens": 6, "init": "vocab",
-                                                                "vocab_top": 40, "tokenizer": tiny_tok}))
+    method = get_method("prompt")(
+        MethodSpec("prompt", options={"num_virtual_tokens": 6, "init": "vocab", "vocab_top": 40, "tokenizer": tiny_tok})
+    )
     method.apply(model)
     table = model.get_input_embeddings().weight
     rows = model.deltatune_prompt.embedding.detach()
@@ -195,16 +200,18 @@ def test_sampled_vocabulary_init_takes_distinct_ids_from_the_first_vocab_top(tin
     assert len(set(ids)) == 6 and all(i < 40 for i in ids)
     assert not set(ids) & set(tiny_tok.all_special_ids)
     again = tiny_model(0)
-    get_method("prompt")(MethodSpec("prompt", options={"num_virtual_tokens": 6, "init": "vocab", "vocab_top": 40,
-                                                       "tokenizer": tiny_tok})).apply(again)
+    get_method("prompt")(
+        MethodSpec("prompt", options={"num_virtual_tokens": 6, "init": "vocab", "vocab_top": 40, "tokenizer": tiny_tok})
+    ).apply(again)
     assert torch.equal(again.deltatune_prompt.embedding, model.deltatune_prompt.embedding)  # seeded
 
 
 def test_class_label_init_averages_multi_token_labels_and_fills_with_vocabulary(tiny_tok):
     model = tiny_model(0)
     labels = ["fox", "The answer is"]
-    method = get_method("prompt")(MethodSpec("prompt", options={"num_virtual_tokens": 4, "class_labels": labels,
-                                                                "tokenizer": tiny_tok}))
+    method = get_method("prompt")(
+        MethodSpec("prompt", options={"num_virtual_tokens": 4, "class_labels": labels, "tokenizer": tiny_tok})
+    )
     assert method.init == "labels"
     method.apply(model)
     table = model.get_input_embeddings().weight
@@ -218,5 +225,6 @@ def test_class_label_init_averages_multi_token_labels_and_fills_with_vocabulary(
     # the recorded label ids re-apply without the tokenizer (what loading a saved adapter does)
     assert method.spec.options["class_label_ids"][1] == tiny_tok("The answer is", add_special_tokens=False)["input_ids"]
     with pytest.raises(ConfigError, match="3 class labels do not fit in 2 virtual tokens"):
-        get_method("prompt")(MethodSpec("prompt", options={"num_virtual_tokens": 2,
-                                                           "class_label_ids": [[5], [6], [7]]})).apply(tiny_model(0))
+        get_method("prompt")(
+            MethodSpec("prompt", options={"num_virtual_tokens": 2, "class_label_ids": [[5], [6], [7]]})
+        ).apply(tiny_model(0))

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from reliability_helpers import cli, snapshot, train_args
+from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +56,9 @@ def test_merge_refuses_a_folder_with_the_users_files(capsys, run_dir, tmp_path):
 def test_merge_never_replaces_the_model_or_the_run_that_holds_the_adapter(capsys, tiny_dir, run_dir):
     before = snapshot(tiny_dir, run_dir)
     for out in (tiny_dir, run_dir, run_dir / "final", run_dir / "final" / "sub"):
-        rc, _, err = cli(capsys, "merge", "--adapter", run_dir / "final", "--model", tiny_dir, "--out", out,
-                         "--overwrite")
+        rc, _, err = cli(
+            capsys, "merge", "--adapter", run_dir / "final", "--model", tiny_dir, "--out", out, "--overwrite"
+        )
         assert rc == 2, out
         _one_error_line(err, "being read")
     assert snapshot(tiny_dir, run_dir) == before
@@ -138,8 +138,13 @@ def test_resume_applies_a_new_step_count_and_records_it(capsys, tiny_dir, data_f
     text = (run_copy / "config.yaml").read_text()
     assert "#   step 3: steps 3 -> 5" in text
     assert yaml.safe_load(text)["steps"] == 5
-    assert [json.loads(line)["step"] for line in (run_copy / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3,
-                                                                                                           4, 5]
+    assert [json.loads(line)["step"] for line in (run_copy / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
     meta = json.loads((run_copy / "checkpoints" / "step-0000005" / "meta.json").read_text())
     assert meta["history"] == [{"step": 3, "changes": {"steps": [3, 5]}}]
 
@@ -194,9 +199,11 @@ def test_every_checkpoint_damaged_is_one_line(capsys, tiny_dir, data_file, run_c
 def test_a_huge_record_is_cut_before_tokenizing_with_the_same_tokens(tiny_tok, monkeypatch):
     from deltatune.data import pipeline
 
-    records = [{"instruction": "Repeat the word.", "output": "word, " * 150_000},  # 900k characters
-               {"instruction": "hi " * 50_000, "output": "ok"},  # the response lies past max_len
-               {"instruction": "Short?", "output": "Yes."}]
+    records = [
+        {"instruction": "Repeat the word.", "output": "word, " * 150_000},  # 900k characters
+        {"instruction": "hi " * 50_000, "output": "ok"},  # the response lies past max_len
+        {"instruction": "Short?", "output": "Yes."},
+    ]
     seen: list[int] = []
     real = pipeline.tokenize_examples
 
@@ -228,13 +235,32 @@ def test_resume_at_several_kill_points_equals_the_straight_run(tiny_dir, data_fi
         def hook(step, total, model):
             if step == kill:
                 os.kill(os.getpid(), signal.SIGINT)
+
         return hook
 
     def cfg(out, **kw):
-        return load_config(overrides=dict(model=str(tiny_dir), data=str(data_file), output=str(out), method="lora",
-                                          rank=4, alpha=8, lr=5e-3, batch_size=2, seq_len=64, precision=precision,
-                                          steps=12, seed=3, eval_fraction=0.1, warmup_steps=2, save_every=3,
-                                          fused_norms="on", num_threads=1, **kw))
+        return load_config(
+            overrides=dict(
+                model=str(tiny_dir),
+                data=str(data_file),
+                output=str(out),
+                method="lora",
+                rank=4,
+                alpha=8,
+                lr=5e-3,
+                batch_size=2,
+                seq_len=64,
+                precision=precision,
+                steps=12,
+                seed=3,
+                eval_fraction=0.1,
+                warmup_steps=2,
+                save_every=3,
+                fused_norms="on",
+                num_threads=1,
+                **kw,
+            )
+        )
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from reliability_helpers import cli, snapshot, train_args
 
 
@@ -55,16 +54,28 @@ CASES = [
     ("rank-zero", _train("--rank", "0"), "rank"),
     ("flag-not-a-number", _train("--rank", "eight"), "rank"),
     ("resume-without-run", _train("--resume"), "nothing to resume"),
-    ("generate-negative-tokens", ["generate", "--model", "{tiny}", "--prompt", "x", "--max-new-tokens", "-1"],
-     "max-new-tokens"),
-    ("generate-negative-temperature", ["generate", "--model", "{tiny}", "--prompt", "x", "--temperature", "-1"],
-     "temperature"),
+    (
+        "generate-negative-tokens",
+        ["generate", "--model", "{tiny}", "--prompt", "x", "--max-new-tokens", "-1"],
+        "max-new-tokens",
+    ),
+    (
+        "generate-negative-temperature",
+        ["generate", "--model", "{tiny}", "--prompt", "x", "--temperature", "-1"],
+        "temperature",
+    ),
     ("preview-limit-zero", ["preview", "--data", "{data}", "--tokenizer", "tiny", "--limit", "0"], "--limit"),
     ("preview-limit-negative", ["preview", "--data", "{data}", "--tokenizer", "tiny", "--limit", "-1"], "--limit"),
-    ("stats-batch-size-zero", ["stats", "--data", "{data}", "--tokenizer", "tiny", "--batch-size", "0"],
-     "--batch-size"),
-    ("eval-out-is-a-folder", ["eval", "--model", "{tiny}", "--task", "file:{data}", "--out", "{root}/users-folder"],
-     "users-folder"),
+    (
+        "stats-batch-size-zero",
+        ["stats", "--data", "{data}", "--tokenizer", "tiny", "--batch-size", "0"],
+        "--batch-size",
+    ),
+    (
+        "eval-out-is-a-folder",
+        ["eval", "--model", "{tiny}", "--task", "file:{data}", "--out", "{root}/users-folder"],
+        "users-folder",
+    ),
     ("merge-dtype-unknown", ["merge", "--adapter", "{run}/final", "--out", "{root}/m", "--dtype", "fp7"], "dtype"),
     ("merge-unreadable-safetensors", ["merge", "--adapter", "{broken}", "--out", "{root}/m"], "safetensors"),
     # configs
@@ -86,11 +97,13 @@ CASES = [
     ("train-into-a-run", train_args("{tiny}", "{data}", "{run}"), "already holds a run"),
     ("train-into-the-model", train_args("{tiny}", "{data}", "{tiny}"), "model being read"),
     ("train-output-under-a-file", train_args("{tiny}", "{data}", "{data}/run"), "train.jsonl"),
-    ("merge-into-users-folder", ["merge", "--adapter", "{run}/final", "--out", "{root}/users-folder"],
-     "--overwrite"),
+    ("merge-into-users-folder", ["merge", "--adapter", "{run}/final", "--out", "{root}/users-folder"], "--overwrite"),
     ("merge-into-the-run", ["merge", "--adapter", "{run}/final", "--out", "{run}", "--overwrite"], "being read"),
-    ("merge-into-the-model", ["merge", "--adapter", "{run}/final", "--model", "{tiny}", "--out", "{tiny}",
-                              "--overwrite"], "being read"),
+    (
+        "merge-into-the-model",
+        ["merge", "--adapter", "{run}/final", "--model", "{tiny}", "--out", "{tiny}", "--overwrite"],
+        "being read",
+    ),
     ("export-onto-the-data", ["export", "--model", "{tiny}", "--out", "{data}"], "--overwrite"),
     ("export-under-a-file", ["export", "--model", "{tiny}", "--out", "{data}/model"], "not a folder"),
 ]

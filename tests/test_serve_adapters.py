@@ -9,8 +9,8 @@ import torch
 from deltatune.errors import UserError
 from deltatune.methods.apply import apply_methods, load_adapter
 from deltatune.methods.base import MethodSpec
-from deltatune.serve.testing import random_adapter
 from deltatune.serve import Engine, GenRequest, MultiAdapterLinear, MultiAdapterModel, SamplingParams
+from deltatune.serve.testing import random_adapter
 from deltatune.testing import tiny_model, tiny_tokenizer
 
 SPECS = {
@@ -73,16 +73,26 @@ def reference(tok, folder, prompt: str) -> list[int]:
         new = []
         with torch.no_grad():
             while len(new) < MAX_NEW:
-                t = int(model(input_ids=torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1)).logits[0, -1].argmax())
+                t = int(
+                    model(input_ids=torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1)).logits[0, -1].argmax()
+                )
                 if t in stops:
                     break
                 new.append(t)
         return new
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
-                             do_sample=False, eos_token_id=stops, pad_token_id=stops[0],
-                             temperature=None, top_p=None, top_k=None)
-    new = out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_NEW,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=stops[0],
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+    new = out[0, ids.shape[1] :].tolist()
     return [t for t in new if t not in stops][:MAX_NEW] if any(t in stops for t in new) else new
 
 
@@ -98,9 +108,10 @@ def test_each_row_equals_its_adapter_run_alone_for_every_method(adapter_dirs):
     names = list(SPECS)
     multi = served(adapter_dirs, names)
     engine = Engine(multi, tok)
-    rows = [(p, n) for i, p in enumerate(PROMPTS) for n in names[i % 2::2] + [None]]
-    reqs = [GenRequest(prompt_ids=engine.encode(p), adapter=n, params=SamplingParams(max_tokens=MAX_NEW))
-            for p, n in rows]
+    rows = [(p, n) for i, p in enumerate(PROMPTS) for n in names[i % 2 :: 2] + [None]]
+    reqs = [
+        GenRequest(prompt_ids=engine.encode(p), adapter=n, params=SamplingParams(max_tokens=MAX_NEW)) for p, n in rows
+    ]
     results = engine.generate(reqs)
     changed = set()
     for (prompt, name), res in zip(rows, results):
@@ -118,8 +129,10 @@ def test_every_method_alone_in_a_batch_of_its_own(adapter_dirs):
         multi = served(adapter_dirs, [name])
         engine = Engine(multi, tok)
         for adapters in ([name, name], [name, None, name]):
-            reqs = [GenRequest(prompt_ids=engine.encode(PROMPTS[k]), adapter=a, params=SamplingParams(max_tokens=MAX_NEW))
-                    for k, a in enumerate(adapters)]
+            reqs = [
+                GenRequest(prompt_ids=engine.encode(PROMPTS[k]), adapter=a, params=SamplingParams(max_tokens=MAX_NEW))
+                for k, a in enumerate(adapters)
+            ]
             got = [r.token_ids for r in engine.generate(reqs)]
             want = [reference(tok, adapter_dirs / a if a else None, PROMPTS[k]) for k, a in enumerate(adapters)]
             assert got == want, (name, adapters)

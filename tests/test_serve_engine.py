@@ -32,19 +32,25 @@ def engine(tmp_path_factory):
 
 
 def alone(engine, prompt, adapter, max_tokens, **kw):
-    req = GenRequest(prompt_ids=engine.encode(prompt), adapter=adapter, params=SamplingParams(max_tokens=max_tokens, **kw))
+    req = GenRequest(
+        prompt_ids=engine.encode(prompt), adapter=adapter, params=SamplingParams(max_tokens=max_tokens, **kw)
+    )
     return engine.generate([req])[0]
 
 
 def test_rows_leave_the_batch_at_different_times_and_the_rest_go_on(engine):
     budgets, adapters = [2, 12, 5, 9], ["a", "b", None, "a"]
     long = {i: alone(engine, PROMPTS[i], adapters[i], 12) for i in range(4)}
-    reqs = [GenRequest(prompt_ids=engine.encode(PROMPTS[i]), adapter=adapters[i],
-                       params=SamplingParams(max_tokens=budgets[i])) for i in range(4)]
+    reqs = [
+        GenRequest(
+            prompt_ids=engine.encode(PROMPTS[i]), adapter=adapters[i], params=SamplingParams(max_tokens=budgets[i])
+        )
+        for i in range(4)
+    ]
     steps_before = engine.stats["steps"]
     got = engine.generate(reqs)
     for i, res in enumerate(got):
-        assert res.token_ids == long[i].token_ids[:budgets[i]] and res.finish_reason == "length"
+        assert res.token_ids == long[i].token_ids[: budgets[i]] and res.finish_reason == "length"
     assert engine.stats["steps"] - steps_before == 12  # prefill + 11 decode steps: the longest row's budget
 
 
@@ -52,19 +58,29 @@ def test_a_stop_string_ends_its_row_only(engine):
     full = alone(engine, PROMPTS[0], "a", 12).text
     stop = full[4:6]
     other = alone(engine, PROMPTS[1], "b", 12)
-    reqs = [GenRequest(prompt_ids=engine.encode(PROMPTS[0]), adapter="a", params=SamplingParams(max_tokens=12, stop=(stop,))),
-            GenRequest(prompt_ids=engine.encode(PROMPTS[1]), adapter="b", params=SamplingParams(max_tokens=12))]
+    reqs = [
+        GenRequest(
+            prompt_ids=engine.encode(PROMPTS[0]), adapter="a", params=SamplingParams(max_tokens=12, stop=(stop,))
+        ),
+        GenRequest(prompt_ids=engine.encode(PROMPTS[1]), adapter="b", params=SamplingParams(max_tokens=12)),
+    ]
     cut, rest = engine.generate(reqs)
-    assert cut.text == full[:full.index(stop)] and cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
     assert rest.token_ids == other.token_ids
 
 
 def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(engine):
     kw = dict(temperature=1.3, top_p=0.9, top_k=50, seed=11)
     solo = alone(engine, PROMPTS[2], "b", 10, **kw)
-    reqs = [GenRequest(prompt_ids=engine.encode(p), adapter=a, params=SamplingParams(max_tokens=10, temperature=1.0, seed=i))
-            for i, (p, a) in enumerate(zip(PROMPTS, ["a", None, "b", "a"]))]
-    reqs.insert(2, GenRequest(prompt_ids=engine.encode(PROMPTS[2]), adapter="b", params=SamplingParams(max_tokens=10, **kw)))
+    reqs = [
+        GenRequest(
+            prompt_ids=engine.encode(p), adapter=a, params=SamplingParams(max_tokens=10, temperature=1.0, seed=i)
+        )
+        for i, (p, a) in enumerate(zip(PROMPTS, ["a", None, "b", "a"]))
+    ]
+    reqs.insert(
+        2, GenRequest(prompt_ids=engine.encode(PROMPTS[2]), adapter="b", params=SamplingParams(max_tokens=10, **kw))
+    )
     assert engine.generate(reqs)[2].token_ids == solo.token_ids
     assert alone(engine, PROMPTS[2], "b", 10, **{**kw, "seed": 12}).token_ids != solo.token_ids
 
@@ -94,15 +110,21 @@ class PieceTokenizer:
 
 def test_streaming_never_releases_the_start_of_a_stop_string():
     out = []
-    row = _Row(GenRequest(prompt_ids=[1], params=SamplingParams(max_tokens=10, stop=("STOP",)), on_text=out.append),
-               PieceTokenizer(), stop_ids=set())
+    row = _Row(
+        GenRequest(prompt_ids=[1], params=SamplingParams(max_tokens=10, stop=("STOP",)), on_text=out.append),
+        PieceTokenizer(),
+        stop_ids=set(),
+    )
     for t in [0, 1, 2]:
         row.push(t)
     assert out == ["Hel", "lo", " "]  # " S" could begin "STOP": only the space is released
     row.push(3)
     assert row.finish == "stop" and row.text == "Hello " and "".join(out) == row.text
-    row2 = _Row(GenRequest(prompt_ids=[1], params=SamplingParams(max_tokens=3, stop=("STOP",)), on_text=out.append),
-                PieceTokenizer(), stop_ids=set())
+    row2 = _Row(
+        GenRequest(prompt_ids=[1], params=SamplingParams(max_tokens=3, stop=("STOP",)), on_text=out.append),
+        PieceTokenizer(),
+        stop_ids=set(),
+    )
     out.clear()
     for t in [0, 1, 2]:
         row2.push(t)

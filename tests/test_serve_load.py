@@ -28,8 +28,9 @@ def one_thread():
 
 def test_32_concurrent_clients_every_request_answered(tmp_path, one_thread):
     multi = MultiAdapterModel(tiny_model(0))
-    for i, spec in enumerate([MethodSpec(name="lora", rank=4), MethodSpec(name="lora", rank=8),
-                              MethodSpec(name="ia3")]):
+    for i, spec in enumerate(
+        [MethodSpec(name="lora", rank=4), MethodSpec(name="lora", rank=8), MethodSpec(name="ia3")]
+    ):
         multi.load(f"a{i}", random_adapter(tmp_path / f"a{i}", spec, tiny_model(0), seed=i))
     state = ServerState(engine=Engine(multi, tiny_tokenizer()), base_name="base", max_batch_size=16, max_queue=24)
     models = ["base", "a0", "a1", "a2"]
@@ -65,6 +66,7 @@ def test_32_concurrent_clients_every_request_answered(tmp_path, one_thread):
                 j += 1
 
     with running_server(create_app(state)) as url:
+
         async def main():
             await asyncio.gather(*(client(k, url) for k in range(CLIENTS)))
 

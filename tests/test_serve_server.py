@@ -77,10 +77,18 @@ def reference(adapter_root, name, prompt_ids: list[int], max_new: int) -> str:
     ids = torch.tensor([prompt_ids])
     stops = stop_token_ids(tok)
     with torch.no_grad():
-        out = _REF[name].generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                  do_sample=False, eos_token_id=stops, pad_token_id=stops[0],
-                                  temperature=None, top_p=None, top_k=None)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = _REF[name].generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=stops[0],
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def ids_of(text):
@@ -103,7 +111,10 @@ def test_completion_per_adapter_equals_that_adapter_alone(client, adapter_root):
 
 
 def test_chat_uses_the_chat_template(client, adapter_root):
-    messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "What is 2 + 3?"}]
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is 2 + 3?"},
+    ]
     out = client.chat.completions.create(model="alpha", messages=messages, max_tokens=8, temperature=0)
     prompt = tiny_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert out.choices[0].message.role == "assistant"
@@ -120,8 +131,14 @@ def test_streaming_pieces_add_up_to_the_whole_answer(client):
     assert "".join(pieces) == whole and len([p for p in pieces if p]) > 1 and finish in ("stop", "length")
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
     whole = client.chat.completions.create(model="beta", messages=messages, max_tokens=12, temperature=0)
-    stream = client.chat.completions.create(model="beta", messages=messages, max_tokens=12, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="beta",
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
@@ -155,8 +172,10 @@ def test_requests_that_arrive_together_run_as_one_batch(adapter_root):
     engine = Engine(multi, tiny_tokenizer())
     batcher = Batcher(engine, threading.Lock(), max_batch_size=8, max_queue=3)
     done = []
-    reqs = [GenRequest(prompt_ids=ids_of(PROMPT), adapter=a, params=SamplingParams(max_tokens=3),
-                       on_finish=done.append) for a in ("alpha", None, "alpha")]
+    reqs = [
+        GenRequest(prompt_ids=ids_of(PROMPT), adapter=a, params=SamplingParams(max_tokens=3), on_finish=done.append)
+        for a in ("alpha", None, "alpha")
+    ]
     batcher.submit(reqs)  # queued before the worker starts: one batch takes them all
     with pytest.raises(QueueFull):
         batcher.submit([GenRequest(prompt_ids=[5])])
@@ -172,7 +191,7 @@ def test_stop_sequences_max_tokens_and_seeded_sampling(client):
     full = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
     stop = full[3:5]
     cut = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
-    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
     short = client.completions.create(model="alpha", prompt=PROMPT, max_tokens=3, temperature=0)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
     kw = dict(model="alpha", prompt=PROMPT, max_tokens=12, temperature=1.5, top_p=0.95, seed=7)
@@ -196,19 +215,22 @@ def error_of(response: httpx.Response) -> dict:
     return body["error"]
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"model": BASE, "prompt": PROMPT, "max_tokens": -1}, "max_tokens"),
-    ({"model": BASE, "prompt": PROMPT, "max_tokens": 10**9}, "max_tokens"),
-    ({"model": BASE, "prompt": PROMPT, "max_tokens": "ten"}, "max_tokens"),
-    ({"model": BASE, "prompt": 5}, "prompt"),
-    ({"model": BASE, "prompt": PROMPT, "temperature": "hot"}, "temperature"),
-    ({"model": BASE, "prompt": PROMPT, "logprobs": True}, "logprobs"),
-    ({"model": BASE, "prompt": PROMPT, "tools": []}, "tools"),
-    ({"model": BASE, "prompt": PROMPT, "n": 2}, "n"),
-    ({"model": BASE, "prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"model": BASE, "prompt": "fox " * 600}, "prompt"),
-    ({"prompt": PROMPT}, "model"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": BASE, "prompt": PROMPT, "max_tokens": -1}, "max_tokens"),
+        ({"model": BASE, "prompt": PROMPT, "max_tokens": 10**9}, "max_tokens"),
+        ({"model": BASE, "prompt": PROMPT, "max_tokens": "ten"}, "max_tokens"),
+        ({"model": BASE, "prompt": 5}, "prompt"),
+        ({"model": BASE, "prompt": PROMPT, "temperature": "hot"}, "temperature"),
+        ({"model": BASE, "prompt": PROMPT, "logprobs": True}, "logprobs"),
+        ({"model": BASE, "prompt": PROMPT, "tools": []}, "tools"),
+        ({"model": BASE, "prompt": PROMPT, "n": 2}, "n"),
+        ({"model": BASE, "prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": BASE, "prompt": "fox " * 600}, "prompt"),
+        ({"prompt": PROMPT}, "model"),
+    ],
+)
 def test_bad_completion_requests_get_an_openai_error(server, body, param):
     r = httpx.post(server[0] + "/completions", json=body, timeout=60)
     assert r.status_code == 400, r.text
@@ -269,6 +291,7 @@ def test_a_full_queue_answers_503_and_the_rest_are_served(adapter_root):
     state = make_state(adapter_root, max_batch_size=1, max_queue=2)
     codes = []
     with running_server(create_app(state)) as url:
+
         def ask():
             r = httpx.post(url + "/completions", json={"model": BASE, "prompt": PROMPT, "max_tokens": 2}, timeout=120)
             codes.append(r.status_code)
@@ -301,9 +324,25 @@ def test_cli_serve_answers_and_rejects_bad_flags(tiny_dir, adapter_root, tmp_pat
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen([sys.executable, "-m", "deltatune", "serve", "--model", str(tiny_dir), "--threads", "1",
-                             "--adapter", f"alpha={adapter_root / 'alpha'}", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deltatune",
+            "serve",
+            "--model",
+            str(tiny_dir),
+            "--threads",
+            "1",
+            "--adapter",
+            f"alpha={adapter_root / 'alpha'}",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -314,8 +353,11 @@ def test_cli_serve_answers_and_rejects_bad_flags(tiny_dir, adapter_root, tmp_pat
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
                 time.sleep(0.2)
         assert [m["id"] for m in models["data"]] == [tiny_dir.name, "alpha"]
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
-                       json={"model": "alpha", "prompt": PROMPT, "max_tokens": 3}, timeout=60)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            json={"model": "alpha", "prompt": PROMPT, "max_tokens": 3},
+            timeout=60,
+        )
         assert r.status_code == 200 and json.loads(r.text)["usage"]["completion_tokens"] <= 3
     finally:
         proc.terminate()

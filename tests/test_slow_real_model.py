@@ -29,8 +29,19 @@ def test_a_few_lora_steps_on_the_real_model_lower_the_loss(tmp_path):
     from deltatune.train.loop import train
 
     records = make_records(64, seed=1)
-    cfg = TrainConfig(method="lora", rank=8, alpha=16, lr=2e-3, steps=8, batch_size=4, seq_len=256,
-                      output=str(tmp_path / "run"), eval_fraction=0.0, warmup_steps=0, schedule="constant")
+    cfg = TrainConfig(
+        method="lora",
+        rank=8,
+        alpha=16,
+        lr=2e-3,
+        steps=8,
+        batch_size=4,
+        seq_len=256,
+        output=str(tmp_path / "run"),
+        eval_fraction=0.0,
+        warmup_steps=0,
+        schedule="constant",
+    )
     result = train(cfg, quiet=True, records=records)
     losses = [h["loss"] for h in result.history]
     assert all(math.isfinite(v) for v in losses)

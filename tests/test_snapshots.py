@@ -15,9 +15,23 @@ from deltatune.train.loop import train
 
 
 def _cfg(tiny_dir, data_file, out, **kw):
-    base = dict(model=str(tiny_dir), data=str(data_file), output=str(out), method="lora", rank=4, alpha=8,
-                targets="q_proj,v_proj", lr=5e-3, batch_size=4, seq_len=64, precision="fp32", steps=8, seed=3,
-                eval_fraction=0.1, warmup_steps=0)
+    base = dict(
+        model=str(tiny_dir),
+        data=str(data_file),
+        output=str(out),
+        method="lora",
+        rank=4,
+        alpha=8,
+        targets="q_proj,v_proj",
+        lr=5e-3,
+        batch_size=4,
+        seq_len=64,
+        precision="fp32",
+        steps=8,
+        seed=3,
+        eval_fraction=0.1,
+        warmup_steps=0,
+    )
     base.update(kw)
     return load_config(overrides=base)
 
@@ -79,8 +93,9 @@ def test_analyze_follows_the_protocol_with_spectrum_over_time(snap_run, tiny_dir
     assert [s["step"] for s in dec["snapshots"]] == [2, 4, 6, None]
     types = {"q_proj", "v_proj"}
     by_type = dec["decomposition"]["by_type"]
-    assert {(r["checkpoint"], r["type"]) for r in by_type} == {(c, t) for c in ("step 2", "step 4", "step 6", "final")
-                                                               for t in types}
+    assert {(r["checkpoint"], r["type"]) for r in by_type} == {
+        (c, t) for c in ("step 2", "step 4", "step 6", "final") for t in types
+    }
     over = json.loads((out / "spectrum.json").read_text())["spectrum"]["over_time"]
     assert len(over) == 4 * len(types) and all(1 <= r["rank90_max"] <= 4 for r in over)  # LoRA r=4: rank <= 4
     assert (out / "spectrum_time.png").read_bytes()[:4] == b"\x89PNG"

@@ -17,7 +17,9 @@ from deltatune.train.workspace import _workspaces
 
 def _serve_this_model(monkeypatch, model):
     """The loop loads the tokenizer (to check the data) before the model: both come from here."""
-    monkeypatch.setattr("deltatune.models.load_model", lambda name, dtype=None, **kw: (model.to(dtype), tiny_tokenizer()))
+    monkeypatch.setattr(
+        "deltatune.models.load_model", lambda name, dtype=None, **kw: (model.to(dtype), tiny_tokenizer())
+    )
     monkeypatch.setattr("deltatune.models.load_tokenizer", lambda name, **kw: tiny_tokenizer())
     monkeypatch.setattr("deltatune.models.model_skeleton", lambda name, **kw: None)
 
@@ -42,17 +44,32 @@ def _failing_loss(kind: str, at_step: int):
     return loss
 
 
-@pytest.mark.parametrize("kind,expected,norms", [("nan", TrainingError, "auto"), ("ctrl-c", KeyboardInterrupt, "off"),
-                                                 ("exception", Stop, "off")])
+@pytest.mark.parametrize(
+    "kind,expected,norms",
+    [("nan", TrainingError, "auto"), ("ctrl-c", KeyboardInterrupt, "off"), ("exception", Stop, "off")],
+)
 def test_stopped_run_gives_the_model_back_unchanged(monkeypatch, tmp_path, data_file, kind, expected, norms):
     model = tiny_model(0)
     attn = model.config._attn_implementation
     _serve_this_model(monkeypatch, model)
     monkeypatch.setattr(loop, "weighted_lm_loss_sum", _failing_loss(kind, at_step=3))
     handler = signal.getsignal(signal.SIGINT)
-    cfg = load_config(overrides=dict(data=str(data_file), output=str(tmp_path / "run"), method="lora", rank=2,
-                                     batch_size=2, seq_len=64, precision="fp32", steps=6, fused_norms=norms,
-                                     attention="packed", eval_fraction=0.1, warmup_steps=0))
+    cfg = load_config(
+        overrides=dict(
+            data=str(data_file),
+            output=str(tmp_path / "run"),
+            method="lora",
+            rank=2,
+            batch_size=2,
+            seq_len=64,
+            precision="fp32",
+            steps=6,
+            fused_norms=norms,
+            attention="packed",
+            eval_fraction=0.1,
+            warmup_steps=0,
+        )
+    )
     with pytest.raises(expected):
         loop.train(cfg, quiet=True)
     assert not any(isinstance(m, FusedRMSNorm) for m in model.modules())
@@ -66,8 +83,21 @@ def test_stopped_run_gives_the_model_back_unchanged(monkeypatch, tmp_path, data_
 def test_a_finished_run_restores_the_same_way(monkeypatch, tmp_path, data_file):
     model = tiny_model(0)
     _serve_this_model(monkeypatch, model)
-    cfg = load_config(overrides=dict(data=str(data_file), output=str(tmp_path / "run"), method="lora", rank=2,
-                                     batch_size=2, seq_len=64, precision="fp32", steps=2, fused_norms="off",
-                                     attention="packed", eval_fraction=0.1, warmup_steps=0))
+    cfg = load_config(
+        overrides=dict(
+            data=str(data_file),
+            output=str(tmp_path / "run"),
+            method="lora",
+            rank=2,
+            batch_size=2,
+            seq_len=64,
+            precision="fp32",
+            steps=2,
+            fused_norms="off",
+            attention="packed",
+            eval_fraction=0.1,
+            warmup_steps=0,
+        )
+    )
     loop.train(cfg, quiet=True)
     assert model.config._attn_implementation == "sdpa" and all(not w.buffers for w in _workspaces)

@@ -19,12 +19,23 @@ from deltatune.train.loop import train
 REPO = Path(__file__).resolve().parent.parent
 
 
-
-
 def _cfg(tiny_dir, data_file, out, **kw):
-    base = dict(model=str(tiny_dir), data=str(data_file), output=str(out), method="lora", rank=4, alpha=8,
-                lr=5e-3, batch_size=4, seq_len=64, precision="fp32", steps=8, seed=3, eval_fraction=0.1,
-                warmup_steps=0)
+    base = dict(
+        model=str(tiny_dir),
+        data=str(data_file),
+        output=str(out),
+        method="lora",
+        rank=4,
+        alpha=8,
+        lr=5e-3,
+        batch_size=4,
+        seq_len=64,
+        precision="fp32",
+        steps=8,
+        seed=3,
+        eval_fraction=0.1,
+        warmup_steps=0,
+    )
     base.update(kw)
     return load_config(overrides=base)
 
@@ -54,8 +65,14 @@ def test_existing_run_needs_resume(tiny_dir, data_file, tmp_path):
 
 def _launch(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "deltatune", "train", *args, "--quiet"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "deltatune", "train", *args, "--quiet"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, min_step: int, timeout: float = 120) -> None:
@@ -70,10 +87,40 @@ def _wait_for_checkpoint(run: Path, proc: subprocess.Popen, min_step: int, timeo
 
 
 def _cli_args(tiny_dir, data_file, out, steps):
-    return ["--model", str(tiny_dir), "--data", str(data_file), "--output", str(out), "--method", "lora",
-            "--rank", "4", "--alpha", "8", "--lr", "5e-3", "--batch-size", "2", "--seq-len", "64",
-            "--precision", "fp32", "--steps", str(steps), "--seed", "3", "--save-every", "1",
-            "--set", "eval_fraction=0.1", "--set", "warmup_steps=0", "--threads", "1"]
+    return [
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(data_file),
+        "--output",
+        str(out),
+        "--method",
+        "lora",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--lr",
+        "5e-3",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "64",
+        "--precision",
+        "fp32",
+        "--steps",
+        str(steps),
+        "--seed",
+        "3",
+        "--save-every",
+        "1",
+        "--set",
+        "eval_fraction=0.1",
+        "--set",
+        "warmup_steps=0",
+        "--threads",
+        "1",
+    ]
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run_bitwise(tiny_dir, data_file, tmp_path):
@@ -84,8 +131,18 @@ def test_sigkill_then_resume_equals_uninterrupted_run_bitwise(tiny_dir, data_fil
     torch._dynamo.reset()
     steps = 60
     straight = tmp_path / "straight"
-    train(load_config(overrides={**_cfg(tiny_dir, data_file, straight).model_dump(), "steps": steps,
-                                 "batch_size": 2, "save_every": 1, "num_threads": 1}), quiet=True)
+    train(
+        load_config(
+            overrides={
+                **_cfg(tiny_dir, data_file, straight).model_dump(),
+                "steps": steps,
+                "batch_size": 2,
+                "save_every": 1,
+                "num_threads": 1,
+            }
+        ),
+        quiet=True,
+    )
     killed = tmp_path / "killed"
     proc = _launch(_cli_args(tiny_dir, data_file, killed, steps))
     _wait_for_checkpoint(killed, proc, min_step=3)
@@ -94,9 +151,19 @@ def test_sigkill_then_resume_equals_uninterrupted_run_bitwise(tiny_dir, data_fil
     from deltatune.train.checkpoint import list_checkpoints
 
     assert int(list_checkpoints(killed)[-1].name.split("-")[1]) < steps  # it really stopped mid-run
-    resumed = train(load_config(overrides={**_cfg(tiny_dir, data_file, killed).model_dump(), "steps": steps,
-                                           "batch_size": 2, "save_every": 1, "num_threads": 1,
-                                           "resume": True}), quiet=True)
+    resumed = train(
+        load_config(
+            overrides={
+                **_cfg(tiny_dir, data_file, killed).model_dump(),
+                "steps": steps,
+                "batch_size": 2,
+                "save_every": 1,
+                "num_threads": 1,
+                "resume": True,
+            }
+        ),
+        quiet=True,
+    )
     assert resumed.steps == steps
     a, b = _final_weights(straight), _final_weights(killed)
     assert a.keys() == b.keys()
@@ -128,8 +195,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dir, data_file, tmp_
 
 
 def test_cli_reports_a_bad_key_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "deltatune", "train", "--set", "lrr=1"], cwd=REPO,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltatune", "train", "--set", "lrr=1"], cwd=REPO, capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "did you mean 'lr'" in proc.stderr
 
@@ -164,8 +232,9 @@ def test_attention_auto_resolves_to_packed_on_cpu_and_mask_where_it_cannot(tiny_
 
 def test_full_finetuning_under_bf16_autocast_trains_with_packed_attention(tiny_dir, data_file, tmp_path):
     # float32 weights under bf16 autocast: rotary embeddings hand the attention float32 q/k and bf16 v
-    result = train(_cfg(tiny_dir, data_file, tmp_path / "run", method="full", precision="bf16", lr=1e-4, steps=2),
-                   quiet=True)
+    result = train(
+        _cfg(tiny_dir, data_file, tmp_path / "run", method="full", precision="bf16", lr=1e-4, steps=2), quiet=True
+    )
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
 
 
@@ -174,8 +243,10 @@ def test_gradient_checkpointing_with_packed_attention_trains_identically(tiny_di
     runs = {}
     for ckpt in (False, True):
         out = tmp_path / f"ckpt{ckpt}"
-        train(_cfg(tiny_dir, data_file, out, steps=3, save_every=3, attention="packed", gradient_checkpointing=ckpt),
-              quiet=True)
+        train(
+            _cfg(tiny_dir, data_file, out, steps=3, save_every=3, attention="packed", gradient_checkpointing=ckpt),
+            quiet=True,
+        )
         runs[ckpt] = _final_weights(out)
     for name, value in runs[False].items():
         assert torch.allclose(runs[True][name], value, atol=1e-6), name

@@ -49,7 +49,7 @@ def test_targets_far_below_the_best_logit_keep_an_exact_finite_loss_in_float32()
     head = torch.nn.Linear(width, vocab, bias=False)
     with torch.no_grad():
         head.weight.zero_()
-        head.weight[0, 0] = 100.0   # token 0: logit +100
+        head.weight[0, 0] = 100.0  # token 0: logit +100
         head.weight[1, 0] = -100.0  # token 1: logit -100
     hidden = torch.zeros(1, 3, width)
     hidden[0, :, 0] = 1.0
@@ -58,7 +58,7 @@ def test_targets_far_below_the_best_logit_keep_an_exact_finite_loss_in_float32()
     weights = torch.tensor([[0.0, 1.0, 0.5]])
     total, weight = weighted_lm_loss_sum(hidden, head, ids, weights, compute_dtype=torch.float32)
     total.backward()
-    logits = (hidden.detach().double() @ head.weight.double().T)
+    logits = hidden.detach().double() @ head.weight.double().T
     ref, ref_weight = reference_lm_loss_sum(logits, ids, weights)
     assert torch.isfinite(total) and abs(total.item() - ref.item()) < 1e-3 * ref.item()
     assert ref.item() > 199 and weight.item() == ref_weight.item() == 1.5

@@ -28,8 +28,7 @@ def test_renormalised_topk_identical_experts_gives_dense_logits():
     ids = _ids()
     with torch.no_grad():
         ref = dense(ids).logits
-    moe = upcycle(dense, UpcycleSpec(experts=4, router="topk", k=2, normalize=True,
-                                     layers=parse_layers("all", 4)))
+    moe = upcycle(dense, UpcycleSpec(experts=4, router="topk", k=2, normalize=True, layers=parse_layers("all", 4)))
     with torch.no_grad():
         out = moe(ids).logits
     assert (out - ref).abs().max() < 1e-10  # weights sum to 1: only float64 rounding differs
@@ -163,12 +162,15 @@ def test_layer_choices_and_bad_input():
         upcycle(tiny_model(), UpcycleSpec(experts=2, k=3))
 
 
-@pytest.mark.parametrize("spec,fmt", [
-    (UpcycleSpec(experts=4, layers=[0, 1, 2, 3], normalize=True), "MixtralForCausalLM"),
-    (UpcycleSpec(experts=4, layers=[0, 1, 2, 3]), "Qwen2MoeForCausalLM"),  # raw softmax: Mixtral can't
-    (UpcycleSpec(experts=4, layers=[1, 3], normalize=True), "Qwen2MoeForCausalLM"),  # dense layers between
-    (UpcycleSpec(experts=4, layers=[1, 3], router="expert-choice"), None),  # deltatune's own format
-])
+@pytest.mark.parametrize(
+    "spec,fmt",
+    [
+        (UpcycleSpec(experts=4, layers=[0, 1, 2, 3], normalize=True), "MixtralForCausalLM"),
+        (UpcycleSpec(experts=4, layers=[0, 1, 2, 3]), "Qwen2MoeForCausalLM"),  # raw softmax: Mixtral can't
+        (UpcycleSpec(experts=4, layers=[1, 3], normalize=True), "Qwen2MoeForCausalLM"),  # dense layers between
+        (UpcycleSpec(experts=4, layers=[1, 3], router="expert-choice"), None),  # deltatune's own format
+    ],
+)
 def test_export_loads_in_transformers_with_the_same_logits_and_back(tmp_path, spec, fmt):
     from transformers import AutoModelForCausalLM
 

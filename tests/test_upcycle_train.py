@@ -24,14 +24,43 @@ def moe_dir(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ec_dir(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("up") / "ec"
-    assert main(["upcycle", "--model", str(tiny_dir), "--experts", "4", "--layers", "all", "--router",
-                 "expert-choice", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "upcycle",
+                "--model",
+                str(tiny_dir),
+                "--experts",
+                "4",
+                "--layers",
+                "all",
+                "--router",
+                "expert-choice",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def _cfg(model, data_file, out, **kw):
-    base = dict(model=str(model), data=str(data_file), output=str(out), method="full", lr=1e-3, batch_size=4,
-                seq_len=64, precision="fp32", steps=4, seed=3, eval_fraction=0.1, warmup_steps=0, log_every=2)
+    base = dict(
+        model=str(model),
+        data=str(data_file),
+        output=str(out),
+        method="full",
+        lr=1e-3,
+        batch_size=4,
+        seq_len=64,
+        precision="fp32",
+        steps=4,
+        seed=3,
+        eval_fraction=0.1,
+        warmup_steps=0,
+        log_every=2,
+    )
     base.update(kw)
     return load_config(overrides=base)
 
@@ -101,8 +130,10 @@ def test_balancing_loss_weight_changes_the_router_update(moe_dir, data_file, tmp
     assert not torch.equal(runs[0.0].lm_head.weight, runs[10.0].lm_head.weight)
 
 
-@pytest.mark.parametrize("targets,expect", [("q_proj,v_proj", "self_attn.q_proj"),
-                                            (r".*mlp\.experts\.\d+\.(gate|up|down)_proj", "mlp.experts.3.down_proj")])
+@pytest.mark.parametrize(
+    "targets,expect",
+    [("q_proj,v_proj", "self_attn.q_proj"), (r".*mlp\.experts\.\d+\.(gate|up|down)_proj", "mlp.experts.3.down_proj")],
+)
 def test_lora_on_attention_or_experts_then_merge_and_generate(moe_dir, data_file, tmp_path, targets, expect):
     run = tmp_path / "lora"
     train(_cfg(moe_dir, data_file, run, method="lora", rank=4, alpha=8, lr=1e-2, targets=targets), quiet=True)

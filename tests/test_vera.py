@@ -17,8 +17,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]  # three shapes: (64->64), (64->32),
 
 
 def ours(seed=0):
-    return apply_methods(tiny_model(0), MethodSpec("vera", targets=TARGETS, rank=4,
-                                                   options={"projection_seed": seed}))
+    return apply_methods(tiny_model(0), MethodSpec("vera", targets=TARGETS, rank=4, options={"projection_seed": seed}))
 
 
 def theirs(seed=0):

@@ -21,8 +21,8 @@ _NEVER = ("lm_head", "embed_out")
 
 @dataclass
 class MatrixPair:
-    name: str            # qualified module name, e.g. model.layers.3.self_attn.q_proj
-    base: torch.Tensor   # W0, float32 (out, in)
+    name: str  # qualified module name, e.g. model.layers.3.self_attn.q_proj
+    base: torch.Tensor  # W0, float32 (out, in)
     weight: torch.Tensor  # the effective (merged) weight, float32 (out, in)
 
 
@@ -85,20 +85,39 @@ def decomposition_rows(pairs: list[MatrixPair], checkpoint: str = "final", step:
     rows = []
     for p in pairs:
         dm, dd = magnitude_direction(p.base, p.weight)
-        rows.append({"checkpoint": checkpoint, "step": step, "name": p.name, "type": layer_type(p.name),
-                     "layer": layer_index(p.name), "dM": dm, "dD": dd})
+        rows.append(
+            {
+                "checkpoint": checkpoint,
+                "step": step,
+                "name": p.name,
+                "type": layer_type(p.name),
+                "layer": layer_index(p.name),
+                "dM": dm,
+                "dD": dd,
+            }
+        )
     return rows
 
 
 def mean_by_type(rows: list[dict]) -> list[dict]:
     """Average dM and dD per (checkpoint, layer type)."""
     out = []
-    keys = sorted({(r["checkpoint"], r["step"] if r["step"] is not None else math.inf, r["type"]) for r in rows},
-                  key=lambda k: (k[1], k[0], k[2]))
+    keys = sorted(
+        {(r["checkpoint"], r["step"] if r["step"] is not None else math.inf, r["type"]) for r in rows},
+        key=lambda k: (k[1], k[0], k[2]),
+    )
     for ck, _, t in keys:
         sel = [r for r in rows if r["checkpoint"] == ck and r["type"] == t]
-        out.append({"checkpoint": ck, "step": sel[0]["step"], "type": t, "matrices": len(sel),
-                    "dM": sum(r["dM"] for r in sel) / len(sel), "dD": sum(r["dD"] for r in sel) / len(sel)})
+        out.append(
+            {
+                "checkpoint": ck,
+                "step": sel[0]["step"],
+                "type": t,
+                "matrices": len(sel),
+                "dM": sum(r["dM"] for r in sel) / len(sel),
+                "dD": sum(r["dD"] for r in sel) / len(sel),
+            }
+        )
     return out
 
 
@@ -113,8 +132,7 @@ def regression(xs: list[float], ys: list[float]) -> dict[str, float]:
     sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
     slope = sxy / sxx if sxx > 0 else float("nan")
     corr = sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
-    return {"slope": slope, "intercept": my - slope * mx if sxx > 0 else float("nan"), "correlation": corr,
-            "points": n}
+    return {"slope": slope, "intercept": my - slope * mx if sxx > 0 else float("nan"), "correlation": corr, "points": n}
 
 
 def dd_dm_fit(rows: list[dict], types: list[str] | None = None) -> dict[str, float]:

@@ -39,28 +39,119 @@ ADAMW_STATE_BYTES = 8  # two fp32 moments per trainable parameter
 # Offline configs for well-known sizes (values from the models' published config.json files).
 _LLAMA = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, max_position_embeddings=4096)
 BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": dict(_LLAMA, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "smollm2-360m": dict(_LLAMA, hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
-                         num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True),
-    "smollm2-1.7b": dict(_LLAMA, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
-                         num_attention_heads=32, num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True),
-    "llama-7b": dict(_LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
-    "llama-13b": dict(_LLAMA, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                      num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False),
-    "llama-70b": dict(_LLAMA, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                      num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
-    "llama3-8b": dict(_LLAMA, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    "llama3-70b": dict(_LLAMA, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                       num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    "mistral-7b": dict(_LLAMA, model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
-    "qwen2.5-0.5b": dict(_LLAMA, model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(_LLAMA, model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "smollm2-135m": dict(
+        _LLAMA,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-360m": dict(
+        _LLAMA,
+        hidden_size=960,
+        intermediate_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=15,
+        num_key_value_heads=5,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-1.7b": dict(
+        _LLAMA,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "llama-7b": dict(
+        _LLAMA,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "llama-13b": dict(
+        _LLAMA,
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "llama-70b": dict(
+        _LLAMA,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "llama3-8b": dict(
+        _LLAMA,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "llama3-70b": dict(
+        _LLAMA,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "mistral-7b": dict(
+        _LLAMA,
+        model_type="mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
+    "qwen2.5-0.5b": dict(
+        _LLAMA,
+        model_type="qwen2",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": dict(
+        _LLAMA,
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
 }
 BUILTIN_CONFIGS["llama2-7b"] = BUILTIN_CONFIGS["llama-7b"]
 BUILTIN_CONFIGS["llama2-13b"] = BUILTIN_CONFIGS["llama-13b"]
@@ -103,10 +194,17 @@ class ParamReport:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "trainable": self.trainable, "percent": self.percent,
-                "by_type": self.by_type, "by_method": self.by_method, "weight_bytes": self.weight_bytes,
-                "gradient_bytes": self.gradient_bytes, "optimizer_bytes": self.optimizer_bytes,
-                "adapter_bytes": self.adapter_bytes}
+        return {
+            "total": self.total,
+            "trainable": self.trainable,
+            "percent": self.percent,
+            "by_type": self.by_type,
+            "by_method": self.by_method,
+            "weight_bytes": self.weight_bytes,
+            "gradient_bytes": self.gradient_bytes,
+            "optimizer_bytes": self.optimizer_bytes,
+            "adapter_bytes": self.adapter_bytes,
+        }
 
 
 def parameter_report(target) -> ParamReport:
@@ -132,9 +230,16 @@ def parameter_report(target) -> ParamReport:
             trainable += n
             kind[1] += n
             trainable_bytes += n * p.element_size()
-    return ParamReport(total=total, trainable=trainable, by_type=by_type, by_method=by_method,
-                       weight_bytes=weight_bytes, gradient_bytes=trainable_bytes,
-                       optimizer_bytes=trainable * ADAMW_STATE_BYTES, adapter_bytes=trainable_bytes)
+    return ParamReport(
+        total=total,
+        trainable=trainable,
+        by_type=by_type,
+        by_method=by_method,
+        weight_bytes=weight_bytes,
+        gradient_bytes=trainable_bytes,
+        optimizer_bytes=trainable * ADAMW_STATE_BYTES,
+        adapter_bytes=trainable_bytes,
+    )
 
 
 def adapter_file_size(adapter_dir: str | os.PathLike) -> int:
@@ -143,8 +248,16 @@ def adapter_file_size(adapter_dir: str | os.PathLike) -> int:
 
 
 # --- activations ---------------------------------------------------------------------------------
-def activation_bytes(config, *, batch_size: int, seq_len: int, dtype: torch.dtype, gradient_checkpointing: bool,
-                     adapter_numel_per_token: int = 0, materialised_attention: bool = False) -> int:
+def activation_bytes(
+    config,
+    *,
+    batch_size: int,
+    seq_len: int,
+    dtype: torch.dtype,
+    gradient_checkpointing: bool,
+    adapter_numel_per_token: int = 0,
+    materialised_attention: bool = False,
+) -> int:
     """The rough formula in this module's docstring. `adapter_numel_per_token`: what the adapted layers keep
     for backward per token, summed over layers (`DeltaLinear.activation_numel_per_token`)."""
     e = torch.empty((), dtype=dtype).element_size()
@@ -188,35 +301,44 @@ class PlanReport:
 
     def table(self, gpu_bytes: int | None = None) -> str:
         p, c = self.params, self.config
-        lines = [f"model: {self.model} ({self.architecture}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
-                 f"vocab {c.vocab_size})",
-                 f"method: {' + '.join(self.methods)}; dtype {str(self.dtype).replace('torch.', '')}; batch "
-                 f"{self.batch_size} x {self.seq_len} tokens; gradient checkpointing "
-                 f"{'on' if self.gradient_checkpointing else 'off'}",
-                 f"parameters: total {p.total:,}  trainable {p.trainable:,} ({p.percent:.3f}%)",
-                 "trainable by layer type:"]
+        lines = [
+            f"model: {self.model} ({self.architecture}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+            f"vocab {c.vocab_size})",
+            f"method: {' + '.join(self.methods)}; dtype {str(self.dtype).replace('torch.', '')}; batch "
+            f"{self.batch_size} x {self.seq_len} tokens; gradient checkpointing "
+            f"{'on' if self.gradient_checkpointing else 'off'}",
+            f"parameters: total {p.total:,}  trainable {p.trainable:,} ({p.percent:.3f}%)",
+            "trainable by layer type:",
+        ]
         for kind, (tot, tr) in sorted(p.by_type.items(), key=lambda kv: -kv[1][1]):
             if tr:
                 lines.append(f"  {kind:<16} {tr:>16,}  of {tot:>16,}")
         if self.moe:
             m, sp = self.moe, self.moe["spec"]
             route = f"top-{sp['k']}" if sp["router"] == "topk" else f"expert choice C={sp['capacity']}"
-            lines.append(f"mixture of experts: {sp['experts']} experts ({route}) in layers {sp['layers']}; "
-                         f"parameters {m['total']:,}, active per token {m['active_per_token']:,}, "
-                         f"routers {m['router']:,}")
+            lines.append(
+                f"mixture of experts: {sp['experts']} experts ({route}) in layers {sp['layers']}; "
+                f"parameters {m['total']:,}, active per token {m['active_per_token']:,}, "
+                f"routers {m['router']:,}"
+            )
         if len(p.by_method) > 1:
             lines.append("trainable by method: " + ", ".join(f"{k} {v:,}" for k, v in p.by_method.items()))
-        rows = [("weights", p.weight_bytes), ("gradients", p.gradient_bytes),
-                ("optimizer (AdamW, 2 x fp32)", p.optimizer_bytes), ("activations (rough)", self.activation_bytes),
-                ("total", self.total_bytes)]
+        rows = [
+            ("weights", p.weight_bytes),
+            ("gradients", p.gradient_bytes),
+            ("optimizer (AdamW, 2 x fp32)", p.optimizer_bytes),
+            ("activations (rough)", self.activation_bytes),
+            ("total", self.total_bytes),
+        ]
         lines.append("memory:")
         lines += [f"  {k:<28} {format_bytes(v):>12}" for k, v in rows]
         lines.append(f"  {'adapter file':<28} {format_bytes(p.adapter_bytes):>12}")
         if gpu_bytes is not None:
             need = self.total_bytes + CUDA_OVERHEAD
             verdict = "fits" if self.fits(gpu_bytes) else "does NOT fit"
-            lines.append(f"{verdict} in {format_bytes(gpu_bytes)} (needs about {format_bytes(need)} incl. 1 GiB "
-                         "CUDA context)")
+            lines.append(
+                f"{verdict} in {format_bytes(gpu_bytes)} (needs about {format_bytes(need)} incl. 1 GiB CUDA context)"
+            )
         return "\n".join(lines)
 
 
@@ -268,13 +390,17 @@ def resolve_config(model: Any):
     except (OSError, ValueError):
         pass
     if not _hub_reachable():
-        raise UserError(f"'{name}' is not a folder, a built-in size, or a cached hub id, and the hub is not "
-                        f"reachable; {offline_hint}", field="model")
+        raise UserError(
+            f"'{name}' is not a folder, a built-in size, or a cached hub id, and the hub is not "
+            f"reachable; {offline_hint}",
+            field="model",
+        )
     try:
         return name, AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read a config for '{name}' ({str(exc).splitlines()[0][:120]}); {offline_hint}",
-                        field="model") from exc
+        raise UserError(
+            f"cannot read a config for '{name}' ({str(exc).splitlines()[0][:120]}); {offline_hint}", field="model"
+        ) from exc
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -297,9 +423,16 @@ def meta_model(config, dtype: torch.dtype) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def plan_finetune(model_name_or_config: Any, method_specs: list, *, dtype: str | torch.dtype = "bf16",
-                  batch_size: int = 4, seq_len: int = 256, gradient_checkpointing: bool = False,
-                  materialised_attention: bool = False) -> PlanReport:
+def plan_finetune(
+    model_name_or_config: Any,
+    method_specs: list,
+    *,
+    dtype: str | torch.dtype = "bf16",
+    batch_size: int = 4,
+    seq_len: int = 256,
+    gradient_checkpointing: bool = False,
+    materialised_attention: bool = False,
+) -> PlanReport:
     """Plan a finetune from the config alone (meta device): parameters, memory, and whether it fits."""
     from deltatune.methods.apply import apply_methods
     from deltatune.methods.base import DeltaLinear
@@ -320,18 +453,42 @@ def plan_finetune(model_name_or_config: Any, method_specs: list, *, dtype: str |
     adapted = apply_methods(model, method_specs)
     params = parameter_report(adapted)
     per_token = sum(m.activation_numel_per_token() for m in model.modules() if isinstance(m, DeltaLinear))
-    act = activation_bytes(config, batch_size=batch_size, seq_len=seq_len, dtype=dtype,
-                           gradient_checkpointing=gradient_checkpointing, adapter_numel_per_token=per_token,
-                           materialised_attention=materialised_attention)
+    act = activation_bytes(
+        config,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype=dtype,
+        gradient_checkpointing=gradient_checkpointing,
+        adapter_numel_per_token=per_token,
+        materialised_attention=materialised_attention,
+    )
     if moe and not gradient_checkpointing:  # rough: each routed copy of a token keeps the MLP's saved inputs
         per_token = moe["spec"]["k"] if moe["spec"]["router"] == "topk" else (moe["spec"]["capacity"] or 1.0)
         mlp_saved = batch_size * seq_len * (3 * config.intermediate_size + config.hidden_size) * dtype.itemsize
         act += int(moe["moe_layers"] * (per_token - 1) * mlp_saved)
-    return PlanReport(model=name, architecture=type(model).__name__, config=config, dtype=dtype,
-                      batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
-                      params=params, activation_bytes=act, methods=[m.name for m in adapted.methods], moe=moe)
+    return PlanReport(
+        model=name,
+        architecture=type(model).__name__,
+        config=config,
+        dtype=dtype,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        gradient_checkpointing=gradient_checkpointing,
+        params=params,
+        activation_bytes=act,
+        methods=[m.name for m in adapted.methods],
+        moe=moe,
+    )
 
 
 def report_json(report: PlanReport) -> str:
-    return json.dumps({"model": report.model, "params": report.params.to_dict(), "moe": report.moe,
-                       "activation_bytes": report.activation_bytes, "total_bytes": report.total_bytes}, indent=2)
+    return json.dumps(
+        {
+            "model": report.model,
+            "params": report.params.to_dict(),
+            "moe": report.moe,
+            "activation_bytes": report.activation_bytes,
+            "total_bytes": report.total_bytes,
+        },
+        indent=2,
+    )

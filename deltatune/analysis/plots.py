@@ -29,8 +29,13 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def learn_forget_plot(rows: list[dict], path: str | os.PathLike, title: str = "Learning vs forgetting",
-                      x_unit: str = "accuracy / exact match", y_unit: str = "accuracy") -> Path:
+def learn_forget_plot(
+    rows: list[dict],
+    path: str | os.PathLike,
+    title: str = "Learning vs forgetting",
+    x_unit: str = "accuracy / exact match",
+    y_unit: str = "accuracy",
+) -> Path:
     """Learning (gain on targets) on x, forgetting (drop on sources) on y; both fractions of items.
 
     Rows with the same "group" key (a method across learning rates, as in the paper's figure) share a
@@ -40,19 +45,30 @@ def learn_forget_plot(rows: list[dict], path: str | os.PathLike, title: str = "L
     groups = list(dict.fromkeys(r.get("group", r["label"]) for r in rows))
     cmap = plt.get_cmap("tab10")
     for i, g in enumerate(groups):
-        sel = [r for r in rows if r.get("group", r["label"]) == g and r["learning"] == r["learning"]
-               and r["forgetting"] == r["forgetting"]]
+        sel = [
+            r
+            for r in rows
+            if r.get("group", r["label"]) == g and r["learning"] == r["learning"] and r["forgetting"] == r["forgetting"]
+        ]
         sel.sort(key=lambda r: r["learning"])
         if not sel:
             continue
         colour = cmap(i % 10)
-        ax.plot([r["learning"] for r in sel], [r["forgetting"] for r in sel], marker="o", ms=5, color=colour,
-                lw=1 if len(sel) > 1 else 0, label=g)
+        ax.plot(
+            [r["learning"] for r in sel],
+            [r["forgetting"] for r in sel],
+            marker="o",
+            ms=5,
+            color=colour,
+            lw=1 if len(sel) > 1 else 0,
+            label=g,
+        )
         for r in sel:
             text = r.get("point_label", r["label"] if "group" not in r else "")
             if text:
-                ax.annotate(text, (r["learning"], r["forgetting"]), textcoords="offset points", xytext=(5, 4),
-                            fontsize=7)
+                ax.annotate(
+                    text, (r["learning"], r["forgetting"]), textcoords="offset points", xytext=(5, 4), fontsize=7
+                )
     ax.axhline(0, color="grey", lw=0.6)
     ax.axvline(0, color="grey", lw=0.6)
     ax.set_xlabel(f"learning: target {x_unit} gain over base (fraction, higher is better)")
@@ -75,8 +91,13 @@ def dd_dm_plot(rows: list[dict], fit: dict, path: str | os.PathLike, title: str 
     xs = [r["dD"] for r in rows]
     if rows and fit.get("slope") == fit.get("slope"):  # not nan
         lo, hi = min(xs), max(xs)
-        ax.plot([lo, hi], [fit["intercept"] + fit["slope"] * lo, fit["intercept"] + fit["slope"] * hi], "k--", lw=1,
-                label=f"slope {fit['slope']:.3g}, r = {fit['correlation']:.2f}")
+        ax.plot(
+            [lo, hi],
+            [fit["intercept"] + fit["slope"] * lo, fit["intercept"] + fit["slope"] * hi],
+            "k--",
+            lw=1,
+            label=f"slope {fit['slope']:.3g}, r = {fit['correlation']:.2f}",
+        )
     ax.set_xlabel("direction change dD = mean(1 - cos)")
     ax.set_ylabel("magnitude change dM = mean |m - m0|")
     ax.set_title(title or "Magnitude vs direction change")
@@ -128,15 +149,22 @@ def spectrum_time_plot(rows: list[dict], path: str | os.PathLike, title: str = "
     return _save(fig, path)
 
 
-def rank_by_type_plot(spectra: dict[str, list[dict]], path: str | os.PathLike,
-                      title: str = "Rank of the weight change dW holding 90% of its energy") -> Path:
+def rank_by_type_plot(
+    spectra: dict[str, list[dict]],
+    path: str | os.PathLike,
+    title: str = "Rank of the weight change dW holding 90% of its energy",
+) -> Path:
     """One line per run (method): mean rank@90% of dW per layer type, log scale, with the full rank dashed."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     types = list(dict.fromkeys(r["type"] for rows in spectra.values() for r in rows))
     for label, rows in spectra.items():
         by = {r["type"]: r for r in rows}
-        ax.plot(range(len(types)), [by[t]["rank90_mean"] if t in by else float("nan") for t in types], marker="o",
-                label=label)
+        ax.plot(
+            range(len(types)),
+            [by[t]["rank90_mean"] if t in by else float("nan") for t in types],
+            marker="o",
+            label=label,
+        )
     full = {r["type"]: r.get("full_rank") for rows in spectra.values() for r in rows}
     if types and all(full.get(t) for t in types):
         ax.plot(range(len(types)), [full[t] for t in types], "k--", lw=1, label="full rank")

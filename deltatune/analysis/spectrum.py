@@ -37,10 +37,19 @@ def spectrum_rows(pairs: list[MatrixPair], energy: float = 0.9, top: int = 8) ->
         s = singular_values(p.weight - p.base)
         k = rank_at_energy(s, energy)
         full = min(p.base.shape)
-        rows.append({"name": p.name, "type": layer_type(p.name), "layer": layer_index(p.name),
-                     "shape": list(p.base.shape), "rank90": k, "full_rank": full, "rank90_frac": k / full,
-                     "top_singular_values": [float(x) for x in s[:top]],
-                     "singular_values": [float(x) for x in s]})
+        rows.append(
+            {
+                "name": p.name,
+                "type": layer_type(p.name),
+                "layer": layer_index(p.name),
+                "shape": list(p.base.shape),
+                "rank90": k,
+                "full_rank": full,
+                "rank90_frac": k / full,
+                "top_singular_values": [float(x) for x in s[:top]],
+                "singular_values": [float(x) for x in s],
+            }
+        )
     return rows
 
 
@@ -49,7 +58,13 @@ def summarise_by_type(rows: list[dict]) -> list[dict]:
     out = []
     for t in sorted({r["type"] for r in rows}):
         sel = [r for r in rows if r["type"] == t]
-        out.append({"type": t, "matrices": len(sel), "rank90_mean": sum(r["rank90"] for r in sel) / len(sel),
-                    "rank90_max": max(r["rank90"] for r in sel),
-                    "rank90_frac_mean": sum(r["rank90_frac"] for r in sel) / len(sel)})
+        out.append(
+            {
+                "type": t,
+                "matrices": len(sel),
+                "rank90_mean": sum(r["rank90"] for r in sel) / len(sel),
+                "rank90_max": max(r["rank90"] for r in sel),
+                "rank90_frac_mean": sum(r["rank90_frac"] for r in sel) / len(sel),
+            }
+        )
     return out

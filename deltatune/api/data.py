@@ -16,10 +16,20 @@ from deltatune.data.masking import LossPolicy
 __all__ = ["prepare"]
 
 
-def prepare(data: str | os.PathLike | Iterable[dict[str, Any]], tokenizer: Any, *, template: str = "chatml",
-            policy: str | LossPolicy = "response", data_format: str = "auto",
-            column_map: dict[str, str] | str | None = None, max_len: int = 1024, overflow: str = "truncate",
-            skip_bad: bool = False, system_prompt: str | None = None, limit: int | None = None):
+def prepare(
+    data: str | os.PathLike | Iterable[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    template: str = "chatml",
+    policy: str | LossPolicy = "response",
+    data_format: str = "auto",
+    column_map: dict[str, str] | str | None = None,
+    max_len: int = 1024,
+    overflow: str = "truncate",
+    skip_bad: bool = False,
+    system_prompt: str | None = None,
+    limit: int | None = None,
+):
     """Tokenize `data` (a JSONL/JSON/Parquet/CSV path, a list of dicts, or a `datasets.Dataset` of
     records: Alpaca, chat `messages`, prompt/completion or text) with `template` ("chatml",
     "alpaca", "tokenizer") and weight every token under the loss `policy` ("response",
@@ -33,8 +43,16 @@ def prepare(data: str | os.PathLike | Iterable[dict[str, Any]], tokenizer: Any, 
     from deltatune.data.pipeline import prepare_dataset, prepare_records
 
     parsed = single_policy(policy)
-    kwargs = dict(template=template, data_format=data_format, column_map=column_map, max_len=max_len,
-                  overflow=overflow, skip_bad=skip_bad, system_prompt=system_prompt, limit=limit)
+    kwargs = dict(
+        template=template,
+        data_format=data_format,
+        column_map=column_map,
+        max_len=max_len,
+        overflow=overflow,
+        skip_bad=skip_bad,
+        system_prompt=system_prompt,
+        limit=limit,
+    )
     if isinstance(data, (str, os.PathLike)):
         prepared = prepare_dataset(Path(data), tokenizer, **kwargs)
     else:

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
+from deltatune.methods import MethodSpec, get_method
 from deltatune.methods.apply import AdaptedModel as _AdaptedModel
 from deltatune.methods.apply import apply_methods
 from deltatune.methods.apply import load_adapter as _load_adapter
-from deltatune.methods import MethodSpec, get_method
 
 __all__ = ["AdaptedModel", "apply", "load_adapter", "load_model"]
 
@@ -57,8 +57,10 @@ class AdaptedModel(_AdaptedModel):
         from deltatune.analysis.memory import parameter_report
 
         r = parameter_report(self)
-        lines = [f"trainable params: {r.trainable:,d} || all params: {r.total:,d} || trainable%: {r.percent:.4f}",
-                 f"  {'layer type':<16} {'trainable':>14}  {'of':>14}"]
+        lines = [
+            f"trainable params: {r.trainable:,d} || all params: {r.total:,d} || trainable%: {r.percent:.4f}",
+            f"  {'layer type':<16} {'trainable':>14}  {'of':>14}",
+        ]
         for kind, (total, trainable) in sorted(r.by_type.items(), key=lambda kv: (-kv[1][1], kv[0])):
             if trainable:
                 lines.append(f"  {kind:<16} {trainable:>14,}  {total:>14,}")
@@ -92,9 +94,17 @@ class AdaptedModel(_AdaptedModel):
         return self.save_adapter(out_dir, **kwargs)
 
 
-def method_specs(method: str | MethodSpec | list[MethodSpec], *, targets: str | list[str] = "all-linear",
-                 rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, rslora: bool = False,
-                 quantize: str | None = None, **options: Any) -> list[MethodSpec]:
+def method_specs(
+    method: str | MethodSpec | list[MethodSpec],
+    *,
+    targets: str | list[str] = "all-linear",
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    quantize: str | None = None,
+    **options: Any,
+) -> list[MethodSpec]:
     """Specs for `method` ("lora", "lora+bitfit", a MethodSpec or a list of them). Keyword
     arguments other than the common ones become every named method's options, as on the command
     line (`--set method_options=...`)."""
@@ -108,16 +118,24 @@ def method_specs(method: str | MethodSpec | list[MethodSpec], *, targets: str | 
         names = [n.strip() for n in method.split("+") if n.strip()]
         if not names:
             raise ConfigError("no method given", field="method")
-        specs = [MethodSpec(name=n, targets=targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora,
-                            options=dict(options)) for n in names]
+        specs = [
+            MethodSpec(
+                name=n, targets=targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, options=dict(options)
+            )
+            for n in names
+        ]
     else:
-        raise ConfigError(f"method must be a name like 'lora' or 'lora+bitfit', got {type(method).__name__}",
-                          field="method")
+        raise ConfigError(
+            f"method must be a name like 'lora' or 'lora+bitfit', got {type(method).__name__}", field="method"
+        )
     if quantize is not None:
         quantized = [_on_nf4_base(s) for s in specs]
         if quantized == specs:
-            raise ConfigError(f"quantize='{quantize}' needs a method that trains on an NF4 base (lora, dora, mora, ia3, vera); "
-                              f"got {'+'.join(s.name for s in specs)}", field="quantize")
+            raise ConfigError(
+                f"quantize='{quantize}' needs a method that trains on an NF4 base (lora, dora, mora, ia3, vera); "
+                f"got {'+'.join(s.name for s in specs)}",
+                field="quantize",
+            )
         specs = quantized
     return specs
 
@@ -128,13 +146,24 @@ def _on_nf4_base(spec: MethodSpec) -> MethodSpec:
         return MethodSpec(**{**spec.to_dict(), "options": {**spec.options, "quantize_base": True}})
     if getattr(cls, "kind", None) == "specification":  # BitFit beside LoRA: trains biases, quantises nothing
         return spec
-    raise ConfigError(f"method '{spec.name}' cannot train on an NF4 base; use a weight-delta method "
-                      "(lora, dora, mora, ia3, vera)", field="quantize")
+    raise ConfigError(
+        f"method '{spec.name}' cannot train on an NF4 base; use a weight-delta method (lora, dora, mora, ia3, vera)",
+        field="quantize",
+    )
 
 
-def apply(model: nn.Module, method: str | MethodSpec | list[MethodSpec] = "lora", *,
-          targets: str | list[str] = "all-linear", rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-          rslora: bool = False, quantize: str | None = None, **options: Any) -> AdaptedModel:
+def apply(
+    model: nn.Module,
+    method: str | MethodSpec | list[MethodSpec] = "lora",
+    *,
+    targets: str | list[str] = "all-linear",
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    quantize: str | None = None,
+    **options: Any,
+) -> AdaptedModel:
     """Freeze `model` and apply `method` in place, like PEFT's `get_peft_model`.
 
     `method`: a name or a `+` combination as on the command line ("lora", "dora", "lora+bitfit").
@@ -147,8 +176,9 @@ def apply(model: nn.Module, method: str | MethodSpec | list[MethodSpec] = "lora"
         quantize = getattr(model, _QUANTIZE_ATTR, None)
     if quantize is not None and quantize not in QUANTIZE:
         raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)} or None, got {quantize!r}", field="quantize")
-    specs = method_specs(method, targets=targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora,
-                         quantize=quantize, **options)
+    specs = method_specs(
+        method, targets=targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, quantize=quantize, **options
+    )
     return AdaptedModel._wrap(apply_methods(model, specs))
 
 
@@ -157,8 +187,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> AdaptedModel:
     return AdaptedModel._wrap(_load_adapter(model, path))
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "fp32",
-               quantize: str | None = None, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype = "fp32",
+    quantize: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a transformers folder, a GGUF file, or None for the default model
     (SmolLM2-135M-Instruct, no download). `dtype`: "fp32", "bf16", "fp16" or a torch dtype.
 

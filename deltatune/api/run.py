@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 __all__ = ["evaluate", "train"]
 
 
-def as_config(config: "TrainConfig | dict[str, Any] | str | os.PathLike | None" = None,
-              **overrides: Any) -> "TrainConfig":
+def as_config(
+    config: "TrainConfig | dict[str, Any] | str | os.PathLike | None" = None, **overrides: Any
+) -> "TrainConfig":
     """A validated TrainConfig from a TrainConfig, a dict of keys, or a YAML file; `overrides` win.
     Keys and values are checked as on the command line (one-line ConfigError naming the key)."""
     from deltatune.config import TrainConfig, load_config
@@ -34,9 +35,14 @@ def as_config(config: "TrainConfig | dict[str, Any] | str | os.PathLike | None" 
     raise ConfigError(f"config must be a TrainConfig, a dict or a YAML path, got {type(config).__name__}")
 
 
-def train(config: "TrainConfig | dict[str, Any] | str | os.PathLike | None" = None, *, quiet: bool = False,
-          records: list[dict] | None = None, eval_records: list[dict] | None = None,
-          **overrides: Any) -> "TrainResult":
+def train(
+    config: "TrainConfig | dict[str, Any] | str | os.PathLike | None" = None,
+    *,
+    quiet: bool = False,
+    records: list[dict] | None = None,
+    eval_records: list[dict] | None = None,
+    **overrides: Any,
+) -> "TrainResult":
     """Run (or, with `resume: true`, resume) a finetune exactly as `deltatune train` does.
 
     `config`: a `deltatune.TrainConfig`, a dict of its keys (`{"data": "train.jsonl", "method":
@@ -49,10 +55,20 @@ def train(config: "TrainConfig | dict[str, Any] | str | os.PathLike | None" = No
     return run_training(as_config(config, **overrides), quiet=quiet, records=records, eval_records=eval_records)
 
 
-def evaluate(model: Any, tokenizer: Any, tasks: "str | Task | Iterable[str | Task]", *, limit: int | None = None,
-             shots: int = 0, seed: int = 0, batch_size: int = 8, data_root: str | os.PathLike | None = None,
-             field_map: dict[str, str] | None = None, progress: bool = False,
-             **options: Any) -> "dict[str, TaskResult]":
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: "str | Task | Iterable[str | Task]",
+    *,
+    limit: int | None = None,
+    shots: int = 0,
+    seed: int = 0,
+    batch_size: int = 8,
+    data_root: str | os.PathLike | None = None,
+    field_map: dict[str, str] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> "dict[str, TaskResult]":
     """Score `model` (a transformers model or a deltatune AdaptedModel) on `tasks`, as `deltatune eval`.
 
     `tasks`: "gsm8k", "mmlu[:subject]", "bbh[:task]", "self-instruct", "file:PATH", "loss:PATH",
@@ -69,8 +85,9 @@ def evaluate(model: Any, tokenizer: Any, tasks: "str | Task | Iterable[str | Tas
     allowed = {f.name for f in fields(EvalOptions)} - {"limit", "shots", "seed", "batch_size", "progress"}
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ConfigError(f"unknown evaluation option '{unknown[0]}'; allowed: {', '.join(sorted(allowed))}",
-                          field=unknown[0])
+        raise ConfigError(
+            f"unknown evaluation option '{unknown[0]}'; allowed: {', '.join(sorted(allowed))}", field=unknown[0]
+        )
     opts = EvalOptions(limit=limit, shots=shots, seed=seed, batch_size=batch_size, progress=progress, **options)
     specs = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
     if not specs:

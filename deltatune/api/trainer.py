@@ -26,8 +26,14 @@ def _target_weights(input_ids: Tensor, loss_weights: Tensor | None, labels: Tens
     return (labels != -100).to(torch.float32)
 
 
-def weighted_loss(logits: Tensor, input_ids: Tensor, loss_weights: Tensor | None = None, *,
-                  labels: Tensor | None = None, num_items_in_batch: float | Tensor | None = None) -> Tensor:
+def weighted_loss(
+    logits: Tensor,
+    input_ids: Tensor,
+    loss_weights: Tensor | None = None,
+    *,
+    labels: Tensor | None = None,
+    num_items_in_batch: float | Tensor | None = None,
+) -> Tensor:
     """Σ_t w_t·nll(token_t | tokens_<t) / normaliser, from full logits [B, T, V].
 
     `loss_weights[b, t]` weighs token t as a target (what `deltatune.DataCollator(...,
@@ -39,8 +45,11 @@ def weighted_loss(logits: Tensor, input_ids: Tensor, loss_weights: Tensor | None
 
     weights = _target_weights(input_ids, loss_weights, labels).to(logits.device)
     total, weight = reference_lm_loss_sum(logits, input_ids, weights)
-    norm = weight if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=total.dtype,
-                                                                     device=total.device)
+    norm = (
+        weight
+        if num_items_in_batch is None
+        else torch.as_tensor(num_items_in_batch, dtype=total.dtype, device=total.device)
+    )
     return total / norm.clamp(min=torch.finfo(total.dtype).tiny)
 
 
@@ -66,8 +75,10 @@ def _trainer_class():
         def _set_signature_columns_if_needed(self):  # Trainer's hook (TRL overrides it too)
             super()._set_signature_columns_if_needed()
             if self._signature_columns is not None:  # keep the columns deltatune's collator reads
-                self._signature_columns = [*self._signature_columns,
-                                           *(c for c in DELTATUNE_COLUMNS if c not in self._signature_columns)]
+                self._signature_columns = [
+                    *self._signature_columns,
+                    *(c for c in DELTATUNE_COLUMNS if c not in self._signature_columns),
+                ]
 
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -83,10 +94,10 @@ def _trainer_class():
             loss_weights = inputs.pop("loss_weights", None)
             labels = inputs.pop("labels", None)
             outputs = model(**inputs)
-            loss = weighted_loss(outputs.logits, inputs["input_ids"], loss_weights, labels=labels,
-                                 num_items_in_batch=num_items_in_batch)
-            if (num_items_in_batch is not None and self.args.average_tokens_across_devices
-                    and self.args.world_size > 1):
+            loss = weighted_loss(
+                outputs.logits, inputs["input_ids"], loss_weights, labels=labels, num_items_in_batch=num_items_in_batch
+            )
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
                 loss = loss * self.accelerator.num_processes  # the gradients are averaged over processes
             return (loss, outputs) if return_outputs else loss
 

@@ -15,10 +15,21 @@ from deltatune.errors import TrainingError, UserError
 
 # Order here is the order in `deltatune --help`.
 COMMANDS = [
-    "demo", "train", "generate", "merge", "export", "plan",
-    "preview", "stats",
-    "eval", "forgetting", "analyze", "experiment",
-    "data", "upcycle", "serve",
+    "demo",
+    "train",
+    "generate",
+    "merge",
+    "export",
+    "plan",
+    "preview",
+    "stats",
+    "eval",
+    "forgetting",
+    "analyze",
+    "experiment",
+    "data",
+    "upcycle",
+    "serve",
 ]
 
 
@@ -30,7 +41,9 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="deltatune", description="Instruction finetuning with delta-tuning methods, and what each choice costs.")
+    parser = _OneLineParser(
+        prog="deltatune", description="Instruction finetuning with delta-tuning methods, and what each choice costs."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:

@@ -16,13 +16,18 @@ from deltatune.errors import UserError
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("analyze", help="weight-change analysis of a run (magnitude/direction, spectrum)",
-                              description=__doc__)
+    p = subparsers.add_parser(
+        "analyze", help="weight-change analysis of a run (magnitude/direction, spectrum)", description=__doc__
+    )
     p.add_argument("--base", default=None, help="base model (default: the run's config.yaml model, else the default)")
     p.add_argument("--run", required=True, help="run folder (or an adapter / model folder)")
-    p.add_argument("--checkpoints", default="protocol", choices=["protocol", "all", "final"],
-                   help="protocol (default): 3 intermediate snapshots/checkpoints, evenly spread, plus final "
-                        "(the DoRA paper's); all: every one plus final; final: the last weights only")
+    p.add_argument(
+        "--checkpoints",
+        default="protocol",
+        choices=["protocol", "all", "final"],
+        help="protocol (default): 3 intermediate snapshots/checkpoints, evenly spread, plus final "
+        "(the DoRA paper's); all: every one plus final; final: the last weights only",
+    )
     p.add_argument("--energy", type=float, default=0.9, help="energy fraction for the spectrum's rank (default 0.9)")
     p.add_argument("--out", required=True, help="output folder for tables and plots")
     p.set_defaults(func=run)
@@ -73,13 +78,24 @@ def analyze_run(base_model, run_info, checkpoints: str = "protocol", energy: flo
         over_time += [{"checkpoint": snap.label, "step": snap.step, **row} for row in summarise_by_type(spectrum)]
         del model, pairs
     types = sorted({r["type"] for r in decomposition})
-    return {"run": str(run_info.path), "label": run_info.label, "energy": energy,
-            "snapshots": [{"label": s.label, "step": s.step, "path": str(s.path)} for s in snaps],
-            "decomposition": {"points": decomposition, "by_type": mean_by_type(decomposition),
-                              "fit": dd_dm_fit(decomposition),
-                              "fit_by_type": {t: dd_dm_fit(decomposition, [t]) for t in types}},
-            "spectrum": {"snapshot": snaps[-1].label, "matrices": spectrum, "by_type": summarise_by_type(spectrum),
-                         "over_time": over_time}}
+    return {
+        "run": str(run_info.path),
+        "label": run_info.label,
+        "energy": energy,
+        "snapshots": [{"label": s.label, "step": s.step, "path": str(s.path)} for s in snaps],
+        "decomposition": {
+            "points": decomposition,
+            "by_type": mean_by_type(decomposition),
+            "fit": dd_dm_fit(decomposition),
+            "fit_by_type": {t: dd_dm_fit(decomposition, [t]) for t in types},
+        },
+        "spectrum": {
+            "snapshot": snaps[-1].label,
+            "matrices": spectrum,
+            "by_type": summarise_by_type(spectrum),
+            "over_time": over_time,
+        },
+    }
 
 
 def decomposition_markdown(result: dict) -> str:
@@ -87,11 +103,14 @@ def decomposition_markdown(result: dict) -> str:
 
     d = result["decomposition"]
     fits = [{"types": "all", **d["fit"]}] + [{"types": t, **f} for t, f in d["fit_by_type"].items()]
-    return (f"# Magnitude and direction change: {result['label']}\n\n"
-            "Per output unit (row of the (out, in) weight): dM = mean |m - m0|, dD = mean (1 - cos).\n\n"
-            + format_table(d["by_type"], ["checkpoint", "step", "type", "matrices", "dM", "dD"])
-            + "\n\n## Regression of dM on dD over (matrix, checkpoint) points\n\n"
-            + format_table(fits, ["types", "points", "slope", "correlation"]) + "\n")
+    return (
+        f"# Magnitude and direction change: {result['label']}\n\n"
+        "Per output unit (row of the (out, in) weight): dM = mean |m - m0|, dD = mean (1 - cos).\n\n"
+        + format_table(d["by_type"], ["checkpoint", "step", "type", "matrices", "dM", "dD"])
+        + "\n\n## Regression of dM on dD over (matrix, checkpoint) points\n\n"
+        + format_table(fits, ["types", "points", "slope", "correlation"])
+        + "\n"
+    )
 
 
 def spectrum_markdown(result: dict) -> str:
@@ -108,13 +127,19 @@ def spectrum_markdown(result: dict) -> str:
             if r["layer"] == layer:
                 row[r["type"]] = f"{r['rank90']}/{r['full_rank']}"
         grid.append(row)
-    return (f"# Spectrum of dW: {result['label']} ({s['snapshot']})\n\n"
-            f"rank@{pct}% = smallest k whose top-k singular values hold {pct}% of ||dW||_F^2.\n\n"
-            + format_table(s["by_type"], ["type", "matrices", "rank90_mean", "rank90_max", "rank90_frac_mean"])
-            + f"\n\n## rank@{pct}% / full rank, per layer\n\n" + format_table(grid, ["layer", *types])
-            + f"\n\n## rank@{pct}% over training, per layer type\n\n"
-            + format_table(s.get("over_time", []), ["checkpoint", "step", "type", "matrices", "rank90_mean",
-                                                    "rank90_max", "rank90_frac_mean"]) + "\n")
+    return (
+        f"# Spectrum of dW: {result['label']} ({s['snapshot']})\n\n"
+        f"rank@{pct}% = smallest k whose top-k singular values hold {pct}% of ||dW||_F^2.\n\n"
+        + format_table(s["by_type"], ["type", "matrices", "rank90_mean", "rank90_max", "rank90_frac_mean"])
+        + f"\n\n## rank@{pct}% / full rank, per layer\n\n"
+        + format_table(grid, ["layer", *types])
+        + f"\n\n## rank@{pct}% over training, per layer type\n\n"
+        + format_table(
+            s.get("over_time", []),
+            ["checkpoint", "step", "type", "matrices", "rank90_mean", "rank90_max", "rank90_frac_mean"],
+        )
+        + "\n"
+    )
 
 
 def run(args) -> int:
@@ -130,16 +155,21 @@ def run(args) -> int:
     result = analyze_run(base, info, args.checkpoints, args.energy)
     out = Path(args.out)
     d = result["decomposition"]
-    write_atomic(out / "decomposition.json", json.dumps({k: v for k, v in result.items() if k != "spectrum"},
-                                                        indent=1) + "\n")
+    write_atomic(
+        out / "decomposition.json", json.dumps({k: v for k, v in result.items() if k != "spectrum"}, indent=1) + "\n"
+    )
     write_atomic(out / "decomposition.md", decomposition_markdown(result))
-    write_atomic(out / "spectrum.json", json.dumps({k: v for k, v in result.items() if k != "decomposition"},
-                                                   indent=1) + "\n")
+    write_atomic(
+        out / "spectrum.json", json.dumps({k: v for k, v in result.items() if k != "decomposition"}, indent=1) + "\n"
+    )
     write_atomic(out / "spectrum.md", spectrum_markdown(result))
     dd_dm_plot(d["points"], d["fit"], out / "dd_dm.png", f"dD vs dM: {info.label}")
     spectrum_plot(result["spectrum"]["matrices"], out / "spectrum.png", f"Spectrum of dW: {info.label}")
-    spectrum_time_plot(result["spectrum"]["over_time"], out / "spectrum_time.png",
-                       f"rank@{int(round(args.energy * 100))}% of dW over training: {info.label}")
+    spectrum_time_plot(
+        result["spectrum"]["over_time"],
+        out / "spectrum_time.png",
+        f"rank@{int(round(args.energy * 100))}% of dW over training: {info.label}",
+    )
     print(decomposition_markdown(result))
     print(spectrum_markdown(result))
     print(f"wrote {out}/decomposition.md, spectrum.md, dd_dm.png, spectrum.png, spectrum_time.png")

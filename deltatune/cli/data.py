@@ -12,13 +12,19 @@ import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="make instruction data: from labelled files, Self-Instruct, filter, mix",
-                       description="Make instruction data that `deltatune train` reads directly.")
+    p = sub.add_parser(
+        "data",
+        help="make instruction data: from labelled files, Self-Instruct, filter, mix",
+        description="Make instruction data that `deltatune train` reads directly.",
+    )
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
 
-    f = dsub.add_parser("from-labels", help="labelled file + task phrasings -> Alpaca records",
-                        description="Turn a labelled JSONL/CSV/Parquet file into Alpaca records, one task phrased "
-                                    "several ways (round-robin, or drawn with --seed).")
+    f = dsub.add_parser(
+        "from-labels",
+        help="labelled file + task phrasings -> Alpaca records",
+        description="Turn a labelled JSONL/CSV/Parquet file into Alpaca records, one task phrased "
+        "several ways (round-robin, or drawn with --seed).",
+    )
     f.add_argument("--data", required=True, help="labelled file: JSONL, JSON, CSV or Parquet")
     f.add_argument("--task", required=True, help="task YAML: name, templates (phrasings), labels (label -> word)")
     f.add_argument("--label", default="label", help="the label column (default: label)")
@@ -28,9 +34,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _out_arguments(f)
     f.set_defaults(func=run_from_labels)
 
-    s = dsub.add_parser("self-instruct", help="bootstrap new tasks from seed tasks with a model (Self-Instruct)",
-                        description="The Self-Instruct bootstrap: generate instructions from seed and generated "
-                                    "tasks, classify them, generate instances, keep diverse ones (ROUGE-L < 0.7).")
+    s = dsub.add_parser(
+        "self-instruct",
+        help="bootstrap new tasks from seed tasks with a model (Self-Instruct)",
+        description="The Self-Instruct bootstrap: generate instructions from seed and generated "
+        "tasks, classify them, generate instances, keep diverse ones (ROUGE-L < 0.7).",
+    )
     s.add_argument("--model", default=None, help="model folder, hub id or .gguf (default: SmolLM2-135M-Instruct)")
     s.add_argument("--seeds", required=True, help="seed tasks, JSONL as self-instruct's seed_tasks.jsonl")
     s.add_argument("--n", type=int, required=True, help="how many new tasks to keep")
@@ -46,17 +55,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _out_arguments(s)
     s.set_defaults(func=run_self_instruct)
 
-    t = dsub.add_parser("filter", help="remove exact and near duplicates, enforce token lengths",
-                        description="Drop exact and near-duplicate records (MinHash or ROUGE-L) and records "
-                                    "outside token length limits; report what was dropped and why.")
+    t = dsub.add_parser(
+        "filter",
+        help="remove exact and near duplicates, enforce token lengths",
+        description="Drop exact and near-duplicate records (MinHash or ROUGE-L) and records "
+        "outside token length limits; report what was dropped and why.",
+    )
     t.add_argument("--data", required=True, help="instruction file: JSONL, JSON, CSV or Parquet")
     t.add_argument("--map", dest="column_map", default=None, metavar="A=B,C=D", help="rename the file's columns")
     t.add_argument("--near", default="minhash", choices=["minhash", "rouge", "none"], help="near-duplicate test")
-    t.add_argument("--threshold", type=float, default=None,
-                   help="near-duplicate threshold: estimated Jaccard of word 3-grams (minhash, default 0.8) "
-                        "or ROUGE-L F (rouge, default 0.7)")
-    t.add_argument("--on", default="prompt", choices=["prompt", "all"],
-                   help="compare the prompt (instruction + input) or the whole record")
+    t.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="near-duplicate threshold: estimated Jaccard of word 3-grams (minhash, default 0.8) "
+        "or ROUGE-L F (rouge, default 0.7)",
+    )
+    t.add_argument(
+        "--on",
+        default="prompt",
+        choices=["prompt", "all"],
+        help="compare the prompt (instruction + input) or the whole record",
+    )
     t.add_argument("--model", default=None, help="tokenizer for the length limits (default: the default model)")
     t.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)  # "tiny": the hermetic test tokenizer
     t.add_argument("--min-response-tokens", type=int, default=None)
@@ -66,8 +86,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _out_arguments(t)
     t.set_defaults(func=run_filter)
 
-    m = dsub.add_parser("mix", help="a seeded mixture: A.jsonl:0.7 B.jsonl:0.3 --n N",
-                        description="Sample N records from several files in the given proportions, with a seed.")
+    m = dsub.add_parser(
+        "mix",
+        help="a seeded mixture: A.jsonl:0.7 B.jsonl:0.3 --n N",
+        description="Sample N records from several files in the given proportions, with a seed.",
+    )
     m.add_argument("sources", nargs="+", metavar="FILE:WEIGHT", help="files and their weights")
     m.add_argument("--n", type=int, required=True, help="records in the mixture")
     m.add_argument("--seed", type=int, default=0)
@@ -93,8 +116,14 @@ def run_from_labels(args: argparse.Namespace) -> int:
 
     out = check_output(args.out, [args.data, args.task], args.overwrite)
     task = load_task(args.task)
-    records, report = build_from_labels(args.data, task, label_column=args.label, column_map=args.column_map,
-                                        per_example=args.per_example, seed=args.seed)
+    records, report = build_from_labels(
+        args.data,
+        task,
+        label_column=args.label,
+        column_map=args.column_map,
+        per_example=args.per_example,
+        seed=args.seed,
+    )
     write_jsonl_atomic(out, records)
     sys.stdout.write(report.format(task))
     print(f"wrote {out}", file=sys.stderr)
@@ -105,21 +134,31 @@ def run_self_instruct(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from deltatune.data.instructions.output import check_output
-    from deltatune.data.instructions.self_instruct import (SelfInstructConfig, model_generator, run_self_instruct,
-                                                    write_outputs)
+    from deltatune.data.instructions.self_instruct import (
+        SelfInstructConfig,
+        model_generator,
+        run_self_instruct,
+        write_outputs,
+    )
     from deltatune.data.instructions.self_instruct_text import read_seed_tasks
     from deltatune.models import load_model
 
     out = check_output(args.out, [args.seeds], args.overwrite)
     work = Path(args.work) if args.work else out.with_name(out.name + ".work")
-    config = SelfInstructConfig(n=args.n, seed=args.seed, prompts_per_round=args.prompts_per_round,
-                                rouge_threshold=args.rouge, max_rounds=args.max_rounds)
+    config = SelfInstructConfig(
+        n=args.n,
+        seed=args.seed,
+        prompts_per_round=args.prompts_per_round,
+        rouge_threshold=args.rouge,
+        max_rounds=args.max_rounds,
+    )
     config.check()
     seeds = read_seed_tasks(args.seeds)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     generate = model_generator(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    result = run_self_instruct(seeds, generate, config, work, model_name=args.model, resume=args.resume,
-                               progress=sys.stderr.isatty())
+    result = run_self_instruct(
+        seeds, generate, config, work, model_name=args.model, resume=args.resume, progress=sys.stderr.isatty()
+    )
     written = write_outputs(result, out, work)
     sys.stdout.write(result.format())
     print(f"wrote {out} ({written} records); tasks and report in {work}", file=sys.stderr)
@@ -133,9 +172,14 @@ def run_filter(args: argparse.Namespace) -> int:
     out = check_output(args.out, [args.data], args.overwrite)
     if args.report:
         check_output(args.report, [args.data, args.out], args.overwrite)
-    options = FilterOptions(near=args.near, threshold=args.threshold, on=args.on,
-                            min_response_tokens=args.min_response_tokens,
-                            max_response_tokens=args.max_response_tokens, max_prompt_tokens=args.max_prompt_tokens)
+    options = FilterOptions(
+        near=args.near,
+        threshold=args.threshold,
+        on=args.on,
+        min_response_tokens=args.min_response_tokens,
+        max_response_tokens=args.max_response_tokens,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )
     tokenizer = None
     if any(v is not None for v in (args.min_response_tokens, args.max_response_tokens, args.max_prompt_tokens)):
         from deltatune.cli.preview import load_tokenizer_from_args

@@ -24,12 +24,23 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
-    p.add_argument("--data-root", default=None, help="folder with gsm8k/ mmlu/ bbh/ self-instruct/ "
-                   "(default: $DELTATUNE_DATA, else ../shared/data)")
-    p.add_argument("--prompt-style", default=None, choices=["chat", "alpaca", "plain"],
-                   help="default: chat when the tokenizer has a chat template, else plain")
-    p.add_argument("--choice", default="option", choices=["option", "letter"],
-                   help="multiple choice by option-text likelihood (default) or by answer letter")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="folder with gsm8k/ mmlu/ bbh/ self-instruct/ (default: $DELTATUNE_DATA, else ../shared/data)",
+    )
+    p.add_argument(
+        "--prompt-style",
+        default=None,
+        choices=["chat", "alpaca", "plain"],
+        help="default: chat when the tokenizer has a chat template, else plain",
+    )
+    p.add_argument(
+        "--choice",
+        default="option",
+        choices=["option", "letter"],
+        help="multiple choice by option-text likelihood (default) or by answer letter",
+    )
     p.add_argument("--max-new-tokens", type=int, default=None, help="override the task's generation length")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -40,8 +51,11 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=1024, help="loss: tasks: truncate examples to this many tokens")
     p.add_argument("--no-progress", action="store_true")
     code = p.add_argument_group("code tasks (code:PATH, HumanEval or MBPP format)")
-    code.add_argument("--allow-code-execution", action="store_true",
-                      help="run model-written programs (each in its own limited process; required for code: tasks)")
+    code.add_argument(
+        "--allow-code-execution",
+        action="store_true",
+        help="run model-written programs (each in its own limited process; required for code: tasks)",
+    )
     code.add_argument("--samples", type=int, default=1, help="completions per problem, n of pass@k (n > 1: --sample)")
     code.add_argument("--pass-k", default="1", help="comma list of k for pass@k (default 1)")
     code.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per program (default 10)")
@@ -50,17 +64,25 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a model on tasks (generation, multiple choice)",
-                              description=__doc__)
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model on tasks (generation, multiple choice)", description=__doc__
+    )
     p.add_argument("--model", default=None, help="model folder, GGUF file or hub id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="adapter folder to load on top of the model")
-    p.add_argument("--task", required=True,
-                   help="comma list: gsm8k, mmlu[:subject], bbh[:task], self-instruct, file:PATH, loss:PATH")
+    p.add_argument(
+        "--task",
+        required=True,
+        help="comma list: gsm8k, mmlu[:subject], bbh[:task], self-instruct, file:PATH, loss:PATH",
+    )
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--predictions", default=None, help="write per-item predictions (JSONL) here")
-    p.add_argument("--score", default=None, metavar="PREDICTIONS.jsonl",
-                   help="score completions made elsewhere (no model is loaded): lines of {task_id, completion} "
-                        "or {task_id, completions: [...]}, for one code: task")
+    p.add_argument(
+        "--score",
+        default=None,
+        metavar="PREDICTIONS.jsonl",
+        help="score completions made elsewhere (no model is loaded): lines of {task_id, completion} "
+        "or {task_id, completions: [...]}, for one code: task",
+    )
     add_eval_options(p)
     p.set_defaults(func=run)
 
@@ -90,13 +112,26 @@ def options_from_args(args) -> EvalOptions:
             raise UserError("must be at least 1", field=name.replace("_", "-"))
     if not pass_k or min(pass_k) < 1 or args.exec_timeout <= 0:
         raise UserError("k must be at least 1 and the timeout positive", field="pass-k/exec-timeout")
-    return EvalOptions(limit=args.limit, shots=args.shots, seed=args.seed, batch_size=args.batch_size,
-                       style=args.prompt_style, choice_mode=args.choice, generation=gen,
-                       max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                       template=args.template, policy=args.policy, max_len=args.max_len,
-                       samples=args.samples, pass_k=pass_k, allow_code_execution=args.allow_code_execution,
-                       exec_timeout=args.exec_timeout, exec_memory_mb=args.exec_memory_mb,
-                       exec_workers=args.exec_workers)
+    return EvalOptions(
+        limit=args.limit,
+        shots=args.shots,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        style=args.prompt_style,
+        choice_mode=args.choice,
+        generation=gen,
+        max_new_tokens=args.max_new_tokens,
+        progress=not args.no_progress,
+        template=args.template,
+        policy=args.policy,
+        max_len=args.max_len,
+        samples=args.samples,
+        pass_k=pass_k,
+        allow_code_execution=args.allow_code_execution,
+        exec_timeout=args.exec_timeout,
+        exec_memory_mb=args.exec_memory_mb,
+        exec_workers=args.exec_workers,
+    )
 
 
 def resolve_tasks(spec: str, data_root: str | None, field_map: str | None):
@@ -131,10 +166,12 @@ def evaluate_model(model_ref: str | None, adapter: str | None, tasks, opts, dtyp
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A markdown table; floats with 4 decimals."""
+
     def cell(v):
         if v is None:
             return "-"
         return f"{v:.4f}" if isinstance(v, float) else str(v)
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
@@ -164,15 +201,34 @@ def run(args) -> int:
         results = score_predictions(args.score, tasks, opts)
     else:
         results = evaluate_model(args.model, args.adapter, tasks, opts, args.dtype)
-    rows = [{"task": r.task, "n": r.n, "metric": r.metric, "score": r.score,
-             **{k: v for k, v in r.metrics.items() if k != r.metric}} for r in results]
+    rows = [
+        {
+            "task": r.task,
+            "n": r.n,
+            "metric": r.metric,
+            "score": r.score,
+            **{k: v for k, v in r.metrics.items() if k != r.metric},
+        }
+        for r in results
+    ]
     extra = sorted({k for row in rows for k in row} - {"task", "n", "metric", "score"})
     print(format_table(rows, ["task", "n", "metric", "score", *extra]))
-    payload = {"model": args.model or "default", "adapter": args.adapter, "scored_file": args.score,
-               "options": {"limit": args.limit, "shots": args.shots, "seed": args.seed, "choice": args.choice,
-                           "prompt_style": args.prompt_style, "sample": args.sample},
-               "tasks": {r.task: {"n": r.n, "metric": r.metric, "score": r.score, "metrics": r.metrics, **r.info}
-                         for r in results}}
+    payload = {
+        "model": args.model or "default",
+        "adapter": args.adapter,
+        "scored_file": args.score,
+        "options": {
+            "limit": args.limit,
+            "shots": args.shots,
+            "seed": args.seed,
+            "choice": args.choice,
+            "prompt_style": args.prompt_style,
+            "sample": args.sample,
+        },
+        "tasks": {
+            r.task: {"n": r.n, "metric": r.metric, "score": r.score, "metrics": r.metrics, **r.info} for r in results
+        },
+    }
     if args.out:
         write_atomic(args.out, json.dumps(payload, indent=2) + "\n")
     if args.predictions:

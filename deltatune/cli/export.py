@@ -9,27 +9,38 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from deltatune.cli.merge import add_model_options
 
-    p = sub.add_parser("export", help="write a model (and optional adapter, merged) as a transformers folder",
-                       description="Export a model, merged with an adapter if given, as transformers safetensors.")
+    p = sub.add_parser(
+        "export",
+        help="write a model (and optional adapter, merged) as a transformers folder",
+        description="Export a model, merged with an adapter if given, as transformers safetensors.",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--adapter", default=None, help="adapter folder to merge in")
-    add_model_options(p, model_help="model folder, GGUF file, hub id, or 'default' (default: the adapter's base, "
-                                    "else the default model)")
+    add_model_options(
+        p,
+        model_help="model folder, GGUF file, hub id, or 'default' (default: the adapter's base, "
+        "else the default model)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from deltatune.cli.merge import merge_and_save
+    from deltatune.cli.merge import merge_and_save, warn_if_other_base
     from deltatune.methods.peft_format import adapter_base_model
-
-    from deltatune.cli.merge import warn_if_other_base
 
     model = args.model
     if args.adapter is not None:
         recorded = adapter_base_model(args.adapter)
         warn_if_other_base(model, recorded, args.adapter)
         model = model or recorded
-    out = merge_and_save(model, args.adapter, args.out, dtype=args.dtype, save_dtype=args.save_dtype,
-                         trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
+    out = merge_and_save(
+        model,
+        args.adapter,
+        args.out,
+        dtype=args.dtype,
+        save_dtype=args.save_dtype,
+        trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite,
+    )
     print(f"exported {model or 'the default model'}{' + ' + args.adapter if args.adapter else ''}: wrote {out}")
     return 0

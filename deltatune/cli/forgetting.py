@@ -18,11 +18,16 @@ from deltatune.errors import UserError
 def add_parser(subparsers) -> None:
     from deltatune.cli.eval import add_eval_options
 
-    p = subparsers.add_parser("forgetting", help="learning on target tasks vs forgetting on source tasks, per run",
-                              description=__doc__)
+    p = subparsers.add_parser(
+        "forgetting", help="learning on target tasks vs forgetting on source tasks, per run", description=__doc__
+    )
     p.add_argument("--base", default=None, help="base model (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--run", action="append", required=True,
-                   help="run folder, adapter folder or model folder (repeat for several runs)")
+    p.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        help="run folder, adapter folder or model folder (repeat for several runs)",
+    )
     p.add_argument("--target", required=True, help="comma list of target tasks (what the runs trained for)")
     p.add_argument("--source", required=True, help="comma list of source tasks (what the base could already do)")
     p.add_argument("--out", required=True, help="output folder")
@@ -36,9 +41,15 @@ def metric_names(results: dict[str, str], tasks: list[str], loss_tasks: set[str]
     return " / ".join(names) if names else "(none)"
 
 
-def forgetting_markdown(base_scores: dict[str, float], rows: list[dict], targets: list[str],
-                        sources: list[str], loss_rows: list[dict] | None = None,
-                        metrics: dict[str, str] | None = None, loss_tasks: set[str] | None = None) -> str:
+def forgetting_markdown(
+    base_scores: dict[str, float],
+    rows: list[dict],
+    targets: list[str],
+    sources: list[str],
+    loss_rows: list[dict] | None = None,
+    metrics: dict[str, str] | None = None,
+    loss_tasks: set[str] | None = None,
+) -> str:
     from deltatune.cli.eval import format_table
 
     loss_tasks = loss_tasks or set()
@@ -49,17 +60,26 @@ def forgetting_markdown(base_scores: dict[str, float], rows: list[dict], targets
     table = [{"label": "base", "learning": 0.0, "forgetting": 0.0, **{t: base_scores[t] for t in frac}}] + rows
     header = [f"{t} ({metrics[t]})" if t in metrics else t for t in frac]
     table = [{**r, **{h: r.get(t) for h, t in zip(header, frac)}} for r in table]
-    text = ("# Learning vs forgetting\n\n"
-            f"learning = mean gain over base on {', '.join(ft) or '(no fraction-valued target)'}; "
-            f"forgetting = mean drop from base on {', '.join(fs) or '(no fraction-valued source)'}. "
-            "Both are fractions of items (0.01 = one point), averaged over tasks' headline metrics.\n\n"
-            + format_table(table, ["label", "learning", "forgetting", *header]) + "\n")
+    text = (
+        "# Learning vs forgetting\n\n"
+        f"learning = mean gain over base on {', '.join(ft) or '(no fraction-valued target)'}; "
+        f"forgetting = mean drop from base on {', '.join(fs) or '(no fraction-valued source)'}. "
+        "Both are fractions of items (0.01 = one point), averaged over tasks' headline metrics.\n\n"
+        + format_table(table, ["label", "learning", "forgetting", *header])
+        + "\n"
+    )
     if loss_rows:
-        base_rows = [{"label": "base", "task": t, "base": base_scores[t], "run": base_scores[t], "change": 0.0}
-                     for t in dict.fromkeys(targets + sources) if t in loss_tasks]
-        text += ("\n## Held-out loss (nats per token; change = run - base, positive is worse)\n\n"
-                 "Never averaged with the fractions above.\n\n"
-                 + format_table(base_rows + loss_rows, ["label", "task", "base", "run", "change"]) + "\n")
+        base_rows = [
+            {"label": "base", "task": t, "base": base_scores[t], "run": base_scores[t], "change": 0.0}
+            for t in dict.fromkeys(targets + sources)
+            if t in loss_tasks
+        ]
+        text += (
+            "\n## Held-out loss (nats per token; change = run - base, positive is worse)\n\n"
+            "Never averaged with the fractions above.\n\n"
+            + format_table(base_rows + loss_rows, ["label", "task", "base", "run", "change"])
+            + "\n"
+        )
     return text
 
 
@@ -110,22 +130,41 @@ def run(args) -> int:
         model = load_snapshot(base_model, info, info.final, parse_dtype(args.dtype))
         run_scores = scores(model)
         del model
-        lf = learn_forget(label, base_scores, run_scores, [t.name for t in targets], [t.name for t in sources],
-                          loss_tasks)
+        lf = learn_forget(
+            label, base_scores, run_scores, [t.name for t in targets], [t.name for t in sources], loss_tasks
+        )
         rows.append(lf.as_row())
         loss_rows += lf.loss_rows()
-        details[label] = {"run": str(info.path), "method": info.method, "rank": info.rank, **lf.as_row(),
-                          "losses": lf.losses}
+        details[label] = {
+            "run": str(info.path),
+            "method": info.method,
+            "rank": info.rank,
+            **lf.as_row(),
+            "losses": lf.losses,
+        }
     out = Path(args.out)
     tnames, snames = [t.name for t in targets], [t.name for t in sources]
     md = forgetting_markdown(base_scores, rows, tnames, snames, loss_rows, metrics, loss_tasks)
-    payload = {"base": args.base or "default", "base_scores": base_scores, "targets": tnames, "sources": snames,
-               "metrics": metrics, "loss_tasks": sorted(loss_tasks), "units": "fraction of items",
-               "limit": args.limit, "shots": args.shots, "runs": details}
+    payload = {
+        "base": args.base or "default",
+        "base_scores": base_scores,
+        "targets": tnames,
+        "sources": snames,
+        "metrics": metrics,
+        "loss_tasks": sorted(loss_tasks),
+        "units": "fraction of items",
+        "limit": args.limit,
+        "shots": args.shots,
+        "runs": details,
+    }
     write_atomic(out / "forgetting.json", json.dumps(payload, indent=2) + "\n")
     write_atomic(out / "forgetting.md", md)
-    learn_forget_plot(rows, out / "forgetting.png", x_unit=metric_names(metrics, tnames, loss_tasks),
-                      y_unit=metric_names(metrics, snames, loss_tasks))
+    learn_forget_plot(
+        rows,
+        out / "forgetting.png",
+        x_unit=metric_names(metrics, tnames, loss_tasks),
+        y_unit=metric_names(metrics, snames, loss_tasks),
+    )
     print(md)
     print(f"wrote {out}/forgetting.md, forgetting.json, forgetting.png")
     return 0

@@ -39,12 +39,19 @@ def run(args: argparse.Namespace) -> int:
     parse_dtype(args.dtype)
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, adapter=args.adapter)
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                           temperature=args.temperature or 1.0, seed=args.seed)
+    gen = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature or 1.0,
+        seed=args.seed,
+    )
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt:
-        prompts = args.prompt if args.raw else [_chat_prompt(tokenizer, system + [{"role": "user", "content": p}])
-                                               for p in args.prompt]
+        prompts = (
+            args.prompt
+            if args.raw
+            else [_chat_prompt(tokenizer, system + [{"role": "user", "content": p}]) for p in args.prompt]
+        )
         for text in generate(model, tokenizer, prompts, gen, progress=False):
             print(text.strip())
         return 0

@@ -12,8 +12,11 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="merge an adapter into its base model and save a transformers folder",
-                       description="Merge an adapter (PEFT or deltatune format) into its base model.")
+    p = sub.add_parser(
+        "merge",
+        help="merge an adapter into its base model and save a transformers folder",
+        description="Merge an adapter (PEFT or deltatune format) into its base model.",
+    )
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--out", required=True, help="output folder (transformers, safetensors)")
     add_model_options(p, model_help="base model (default: the adapter's base_model_name_or_path)")
@@ -25,12 +28,23 @@ def add_model_options(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--dtype", default="fp32", help="dtype to load and merge in (default fp32)")
     p.add_argument("--save-dtype", default=None, help="dtype of the saved weights (default: --dtype)")
     p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --out if it exists (never the model, adapter or data being read)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it exists (never the model, adapter or data being read)",
+    )
 
 
-def merge_and_save(model_ref: str | None, adapter: str | None, out: str, *, dtype: str, save_dtype: str | None,
-                   trust_remote_code: bool = False, overwrite: bool = False) -> Path:
+def merge_and_save(
+    model_ref: str | None,
+    adapter: str | None,
+    out: str,
+    *,
+    dtype: str,
+    save_dtype: str | None,
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Load, apply the adapter (if any), merge and write `out`; shared by merge and export.
 
     `out` is checked before anything loads: never the model or adapter being read (nor a folder
@@ -63,11 +77,19 @@ def run(args: argparse.Namespace) -> int:
     recorded = adapter_base_model(args.adapter)
     base = args.model or recorded
     if not base:
-        raise UserError(f"{args.adapter}: the adapter names no base model (base_model_name_or_path); pass --model",
-                        field="model")
+        raise UserError(
+            f"{args.adapter}: the adapter names no base model (base_model_name_or_path); pass --model", field="model"
+        )
     warn_if_other_base(args.model, recorded, args.adapter)
-    out = merge_and_save(base, args.adapter, args.out, dtype=args.dtype, save_dtype=args.save_dtype,
-                         trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
+    out = merge_and_save(
+        base,
+        args.adapter,
+        args.out,
+        dtype=args.dtype,
+        save_dtype=args.save_dtype,
+        trust_remote_code=args.trust_remote_code,
+        overwrite=args.overwrite,
+    )
     print(f"merged {args.adapter} into {base}: wrote {out}")
     return 0
 
@@ -88,5 +110,8 @@ def warn_if_other_base(model: str | None, recorded: str | None, adapter: str) ->
         return a == b
 
     if model and recorded and not same(model, recorded):
-        print(f"warning: {adapter} was trained on {recorded}, not {model}; the merge fits whenever the shapes "
-              f"do, but the result is only meaningful on the base it was trained on", file=sys.stderr)
+        print(
+            f"warning: {adapter} was trained on {recorded}, not {model}; the merge fits whenever the shapes "
+            f"do, but the result is only meaningful on the base it was trained on",
+            file=sys.stderr,
+        )

@@ -10,12 +10,17 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="estimate parameters and memory of a finetune from the config alone",
-                       description="Estimate trainable parameters and training memory without loading weights. "
-                                   "MODEL is a folder, a built-in size (llama-7b, llama-70b, ...), the default "
-                                   "model, or a hub id where a network exists.")
+    p = sub.add_parser(
+        "plan",
+        help="estimate parameters and memory of a finetune from the config alone",
+        description="Estimate trainable parameters and training memory without loading weights. "
+        "MODEL is a folder, a built-in size (llama-7b, llama-70b, ...), the default "
+        "model, or a hub id where a network exists.",
+    )
     p.add_argument("--model", default=None, help="model folder, built-in name, or hub id (default: the default model)")
-    p.add_argument("--method", default="lora", help="method, or several joined by '+' as in training (e.g. lora+bitfit)")
+    p.add_argument(
+        "--method", default="lora", help="method, or several joined by '+' as in training (e.g. lora+bitfit)"
+    )
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=None, help="default: training's default (16)")
     p.add_argument("--targets", default="all-linear", help="all-linear, suffixes like q_proj,v_proj, or a regex")
@@ -25,8 +30,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--attention-matrix", action="store_true",
-                   help="count the batch x heads x seq x seq attention probabilities (eager attention)")
+    p.add_argument(
+        "--attention-matrix",
+        action="store_true",
+        help="count the batch x heads x seq x seq attention probabilities (eager attention)",
+    )
     p.add_argument("--gpu-memory", default=None, help="say whether it fits, e.g. 24GiB or 80GB")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.set_defaults(func=run)
@@ -37,10 +45,24 @@ def run(args: argparse.Namespace) -> int:
     from deltatune.methods.specs import specs_from_config
 
     gpu = parse_bytes(args.gpu_memory) if args.gpu_memory else None
-    specs = specs_from_config({"method": args.method, "targets": args.targets, "rank": args.rank, "alpha": args.alpha,
-                               "dropout": args.dropout, "rslora": args.rslora})
-    report = plan_finetune(args.model, specs, dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
-                           gradient_checkpointing=args.gradient_checkpointing,
-                           materialised_attention=args.attention_matrix)
+    specs = specs_from_config(
+        {
+            "method": args.method,
+            "targets": args.targets,
+            "rank": args.rank,
+            "alpha": args.alpha,
+            "dropout": args.dropout,
+            "rslora": args.rslora,
+        }
+    )
+    report = plan_finetune(
+        args.model,
+        specs,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        gradient_checkpointing=args.gradient_checkpointing,
+        materialised_attention=args.attention_matrix,
+    )
     print(report_json(report) if args.json else report.table(gpu))
     return 0

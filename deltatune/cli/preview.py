@@ -14,8 +14,13 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="JSONL, JSON, Parquet or CSV file")
     p.add_argument("--template", default="chatml", help="alpaca, chatml, tokenizer (the model's own) or raw")
     p.add_argument("--data-format", default="auto", help="auto, alpaca, chat, prompt or text")
-    p.add_argument("--map", dest="column_map", default=None, metavar="A=B,C=D",
-                   help="rename fields, e.g. question=instruction,answer=output")
+    p.add_argument(
+        "--map",
+        dest="column_map",
+        default=None,
+        metavar="A=B,C=D",
+        help="rename fields, e.g. question=instruction,answer=output",
+    )
     p.add_argument("--model", default=None, help="model whose tokenizer to use (default: the default model)")
     p.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)  # "tiny": the hermetic test tokenizer
     p.add_argument("--max-len", type=int, default=1024, help="examples longer than this are truncated or dropped")
@@ -36,12 +41,18 @@ def load_tokenizer_from_args(args: argparse.Namespace):
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("preview", help="show each token's segment and loss weight under a policy",
-                       description="Show each token with its segment and the loss weight a policy gives it.")
+    p = sub.add_parser(
+        "preview",
+        help="show each token's segment and loss weight under a policy",
+        description="Show each token with its segment and the loss weight a policy gives it.",
+    )
     add_data_arguments(p)
-    p.add_argument("--policy", default="response",
-                   help="response, instruction, no-boilerplate, all, weighted:λ; options ,turns=last ,system=yes; "
-                        "two-phase FIRST->THEN@STEPS (or @Nep)")
+    p.add_argument(
+        "--policy",
+        default="response",
+        help="response, instruction, no-boilerplate, all, weighted:λ; options ,turns=last ,system=yes; "
+        "two-phase FIRST->THEN@STEPS (or @Nep)",
+    )
     p.add_argument("--limit", type=int, default=3, help="how many examples to show")
     p.add_argument("--color", default="auto", choices=["auto", "always", "never"])
     p.set_defaults(func=run)
@@ -61,10 +72,19 @@ def run(args: argparse.Namespace) -> int:
         note = f"(two-phase '{policy}': showing the first phase; preview '{policy.then}' for the second)\n"
         policy = policy.first
     tokenizer = load_tokenizer_from_args(args)
-    data = prepare_dataset(args.data, tokenizer, template=args.template, data_format=args.data_format,
-                           column_map=args.column_map, max_len=args.max_len, overflow=args.overflow,
-                           skip_bad=args.skip_bad, system_prompt=args.system_prompt, limit=args.limit,
-                           keep_offsets=True)
+    data = prepare_dataset(
+        args.data,
+        tokenizer,
+        template=args.template,
+        data_format=args.data_format,
+        column_map=args.column_map,
+        max_len=args.max_len,
+        overflow=args.overflow,
+        skip_bad=args.skip_bad,
+        system_prompt=args.system_prompt,
+        limit=args.limit,
+        keep_offsets=True,
+    )
     if args.output_format == "json":
         sys.stdout.write(to_json(data.examples, tokenizer, policy) + "\n")
         return 0

@@ -13,10 +13,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a base model and many adapters over an OpenAI-compatible HTTP API")
     p.add_argument("--model", default=None, help="model folder, hub id or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--model-name", default=None, help="the `model` name that picks the base (default: the folder name)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="load the adapter folder PATH under NAME at start (repeatable)")
-    p.add_argument("--adapter-dir", default=None, metavar="DIR",
-                   help="allow POST /v1/adapters to load folders under DIR (and only there) at run time")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="load the adapter folder PATH under NAME at start (repeatable)",
+    )
+    p.add_argument(
+        "--adapter-dir",
+        default=None,
+        metavar="DIR",
+        help="allow POST /v1/adapters to load folders under DIR (and only there) at run time",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default="fp32")
@@ -50,8 +59,12 @@ def run(args: argparse.Namespace) -> int:
     from deltatune.serve.adapters import MultiAdapterModel
     from deltatune.serve.engine import Engine
     from deltatune.serve.server import ServerState, create_app
-    for flag, value in (("--max-batch-size", args.max_batch_size), ("--max-queue", args.max_queue),
-                        ("--max-tokens", args.max_tokens)):
+
+    for flag, value in (
+        ("--max-batch-size", args.max_batch_size),
+        ("--max-queue", args.max_queue),
+        ("--max-tokens", args.max_tokens),
+    ):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}", field=flag)
     adapters = parse_adapters(args.adapter)
@@ -65,17 +78,27 @@ def run(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)  # before the model loads: a busy port fails at once
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     multi = MultiAdapterModel(model)
-    base_name = args.model_name or (DEFAULT_MODEL if args.model is None or str(args.model).lower()
-                                    in DEFAULT_MODEL_ALIASES else Path(str(args.model)).name)
+    base_name = args.model_name or (
+        DEFAULT_MODEL
+        if args.model is None or str(args.model).lower() in DEFAULT_MODEL_ALIASES
+        else Path(str(args.model)).name
+    )
     for name, path in adapters:
         if name == base_name:
             raise UserError(f"--adapter {name}: the name is the base model's; choose another", field="adapter")
         multi.load(name, path)
-    state = ServerState(engine=Engine(multi, tokenizer), base_name=base_name, adapter_dir=adapter_dir,
-                        default_max_tokens=args.max_tokens, max_batch_size=args.max_batch_size,
-                        max_queue=args.max_queue)
-    print(f"deltatune serve: {base_name} with adapters [{', '.join(multi.names)}] on http://{args.host}:{args.port}/v1",
-          flush=True)
+    state = ServerState(
+        engine=Engine(multi, tokenizer),
+        base_name=base_name,
+        adapter_dir=adapter_dir,
+        default_max_tokens=args.max_tokens,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+    )
+    print(
+        f"deltatune serve: {base_name} with adapters [{', '.join(multi.names)}] on http://{args.host}:{args.port}/v1",
+        flush=True,
+    )
     uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning")).run(sockets=[sock])
     return 0
 

@@ -12,8 +12,11 @@ from deltatune.cli.preview import add_data_arguments, load_tokenizer_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("stats", help="dataset lengths, truncation, padding waste and loss-policy advice",
-                       description="Statistics of an instruction dataset and advice on the loss policy.")
+    p = sub.add_parser(
+        "stats",
+        help="dataset lengths, truncation, padding waste and loss-policy advice",
+        description="Statistics of an instruction dataset and advice on the loss policy.",
+    )
     add_data_arguments(p)
     p.add_argument("--seq-len", type=int, default=None, help="packed row length (default: --max-len)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size for the padded-batching comparison")
@@ -33,14 +36,27 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"must be at least --max-len ({args.max_len}), got {args.seq_len}", field="--seq-len")
     tokenizer = load_tokenizer_from_args(args)
     # Read without truncation, so that what --max-len would cut can be counted.
-    data = prepare_dataset(args.data, tokenizer, template=args.template, data_format=args.data_format,
-                           column_map=args.column_map, max_len=10**9, skip_bad=args.skip_bad,
-                           system_prompt=args.system_prompt)
-    stats = dataset_stats(data.examples, max_len=args.max_len, seq_len=args.seq_len or args.max_len,
-                          batch_size=args.batch_size)
+    data = prepare_dataset(
+        args.data,
+        tokenizer,
+        template=args.template,
+        data_format=args.data_format,
+        column_map=args.column_map,
+        max_len=10**9,
+        skip_bad=args.skip_bad,
+        system_prompt=args.system_prompt,
+    )
+    stats = dataset_stats(
+        data.examples, max_len=args.max_len, seq_len=args.seq_len or args.max_len, batch_size=args.batch_size
+    )
     if args.output_format == "json":
-        out = {"report": vars(data.report), "template": args.template, "data_format": data.data_format, **stats,
-               "advice": advise(stats, args.template)}
+        out = {
+            "report": vars(data.report),
+            "template": args.template,
+            "data_format": data.data_format,
+            **stats,
+            "advice": advise(stats, args.template),
+        }
         sys.stdout.write(json.dumps(out, indent=2) + "\n")
     else:
         sys.stdout.write(format_stats(stats, data.report.summary(), args.template))

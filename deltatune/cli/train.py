@@ -6,39 +6,85 @@ import argparse
 
 # flag -> config key; each flag's value is parsed by the config's own validation
 FLAGS = {
-    "--model": "model", "--data": "data", "--eval-data": "eval_data", "--template": "template",
-    "--policy": "policy", "--method": "method", "--targets": "targets", "--rank": "rank", "--alpha": "alpha",
-    "--dropout": "dropout", "--lr": "lr", "--epochs": "epochs", "--steps": "steps", "--batch-size": "batch_size",
-    "--grad-accum": "grad_accum", "--seq-len": "seq_len", "--pack-len": "pack_len", "--output": "output", "--save-every": "save_every",
-    "--eval-every": "eval_every", "--seed": "seed", "--precision": "precision", "--format": "data_format",
-    "--system-prompt": "system_prompt", "--device": "device", "--threads": "num_threads",
+    "--model": "model",
+    "--data": "data",
+    "--eval-data": "eval_data",
+    "--template": "template",
+    "--policy": "policy",
+    "--method": "method",
+    "--targets": "targets",
+    "--rank": "rank",
+    "--alpha": "alpha",
+    "--dropout": "dropout",
+    "--lr": "lr",
+    "--epochs": "epochs",
+    "--steps": "steps",
+    "--batch-size": "batch_size",
+    "--grad-accum": "grad_accum",
+    "--seq-len": "seq_len",
+    "--pack-len": "pack_len",
+    "--output": "output",
+    "--save-every": "save_every",
+    "--eval-every": "eval_every",
+    "--seed": "seed",
+    "--precision": "precision",
+    "--format": "data_format",
+    "--system-prompt": "system_prompt",
+    "--device": "device",
+    "--threads": "num_threads",
 }
 FLAGS["--snapshot-every"] = "snapshot_every"  # keep trainable weights every N steps (never pruned)
 # keys whose values are taken verbatim (not parsed as YAML, so "1e-4" stays text where text is meant)
 TEXT_KEYS = {"model", "data", "eval_data", "output", "system_prompt", "policy", "targets", "method", "template"}
-SWITCHES = {"--resume": "resume", "--overwrite": "overwrite", "--rslora": "rslora", "--skip-bad": "skip_bad",
-            "--gradient-checkpointing": "gradient_checkpointing", "--no-packing": ("packing", False),
-            "--trust-remote-code": "trust_remote_code", "--fused-update": "fused_update"}
+SWITCHES = {
+    "--resume": "resume",
+    "--overwrite": "overwrite",
+    "--rslora": "rslora",
+    "--skip-bad": "skip_bad",
+    "--gradient-checkpointing": "gradient_checkpointing",
+    "--no-packing": ("packing", False),
+    "--trust-remote-code": "trust_remote_code",
+    "--fused-update": "fused_update",
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="finetune a model (full, LoRA, DoRA, ...) on instruction data",
-                       description="Finetune a model. Values come from CONFIG, then --set, then flags.")
+    p = sub.add_parser(
+        "train",
+        help="finetune a model (full, LoRA, DoRA, ...) on instruction data",
+        description="Finetune a model. Values come from CONFIG, then --set, then flags.",
+    )
     p.add_argument("config", nargs="?", help="YAML configuration file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any configuration key (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any configuration key (repeatable)",
+    )
     for flag, key in FLAGS.items():
         p.add_argument(flag, dest=f"flag_{key}", default=None, metavar=key.upper())
-    p.add_argument("--map", dest="flag_column_map", default=None, metavar="A=B,C=D",
-                   help="rename file columns, e.g. question=instruction,answer=output")
+    p.add_argument(
+        "--map",
+        dest="flag_column_map",
+        default=None,
+        metavar="A=B,C=D",
+        help="rename file columns, e.g. question=instruction,answer=output",
+    )
     for flag, key in SWITCHES.items():
         name = key[0] if isinstance(key, tuple) else key
-        p.add_argument(flag, dest=f"switch_{flag.lstrip('-').replace('-', '_')}", action="store_true",
-                       help=f"set {name}")
+        p.add_argument(
+            flag, dest=f"switch_{flag.lstrip('-').replace('-', '_')}", action="store_true", help=f"set {name}"
+        )
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--nproc", type=int, default=None, metavar="N",
-                   help="data-parallel processes on this machine: re-launches itself under torchrun "
-                        "(see docs/distributed.md)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="data-parallel processes on this machine: re-launches itself under torchrun (see docs/distributed.md)",
+    )
     p.set_defaults(func=run)
 
 

@@ -12,21 +12,34 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("upcycle", help="turn a dense model's MLPs into a mixture of experts (sparse upcycling)",
-                       description="Replace the MLP of chosen decoder layers by E copies and a router (normal "
-                                   "init, std 0.02, no bias). Top-k models of Llama sources are written as "
-                                   "Mixtral or Qwen2-MoE folders; others in deltatune's format.")
+    p = sub.add_parser(
+        "upcycle",
+        help="turn a dense model's MLPs into a mixture of experts (sparse upcycling)",
+        description="Replace the MLP of chosen decoder layers by E copies and a router (normal "
+        "init, std 0.02, no bias). Top-k models of Llama sources are written as "
+        "Mixtral or Qwen2-MoE folders; others in deltatune's format.",
+    )
     p.add_argument("--model", default=None, help="dense model folder, .gguf, or the default model")
     p.add_argument("--experts", type=int, default=8, help="experts per MoE layer (default 8)")
-    p.add_argument("--layers", default="every-other",
-                   help="every-other (0-based odd layers) | all | last:N | i,j,k (0-based); default every-other")
+    p.add_argument(
+        "--layers",
+        default="every-other",
+        help="every-other (0-based odd layers) | all | last:N | i,j,k (0-based); default every-other",
+    )
     p.add_argument("--router", default="topk", choices=["topk", "expert-choice"])
     p.add_argument("--k", type=int, default=2, help="experts per token for top-k (default 2)")
-    p.add_argument("--capacity", type=float, default=None,
-                   help="capacity factor C: top-k drops assignments beyond ceil(C*k*n/E) per expert while "
-                        "training (default: no limit); expert choice takes C*n/E tokens per expert (default 2)")
-    p.add_argument("--normalize", action="store_true",
-                   help="renormalise each token's top-k weights to sum to 1 (default: raw softmax weights)")
+    p.add_argument(
+        "--capacity",
+        type=float,
+        default=None,
+        help="capacity factor C: top-k drops assignments beyond ceil(C*k*n/E) per expert while "
+        "training (default: no limit); expert choice takes C*n/E tokens per expert (default 2)",
+    )
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="renormalise each token's top-k weights to sum to 1 (default: raw softmax weights)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
     p.add_argument("--dtype", default="fp32", help="dtype of the saved weights (default fp32)")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -51,8 +64,14 @@ def run(args: argparse.Namespace) -> int:
 
     ref, extra = resolve_model(args.model)
     n_layers = AutoConfig.from_pretrained(ref, **extra).num_hidden_layers  # check the choice before loading
-    spec = UpcycleSpec(experts=args.experts, router=args.router, k=args.k, capacity=args.capacity,
-                       normalize=args.normalize, layers=parse_layers(args.layers, n_layers))
+    spec = UpcycleSpec(
+        experts=args.experts,
+        router=args.router,
+        k=args.k,
+        capacity=args.capacity,
+        normalize=args.normalize,
+        layers=parse_layers(args.layers, n_layers),
+    )
     validate(spec)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     if len(decoder_layers(model)) != n_layers:
@@ -62,10 +81,14 @@ def run(args: argparse.Namespace) -> int:
     counts = count_parameters(model)
     fmt, why = export_format(model, spec)
     save_model(model, tokenizer, out)
-    print(f"upcycled {len(spec.layers)} layer(s) {spec.layers} to {spec.experts} experts ({spec.router}"
-          f"{f', k={spec.k}' if spec.router == 'topk' else ''}, capacity {spec.capacity}, "
-          f"{'renormalised' if spec.normalize else 'raw softmax'} weights)")
-    print(f"parameters: {dense_total / 1e6:.1f}M dense -> {counts['total'] / 1e6:.1f}M total, "
-          f"{counts['active_per_token'] / 1e6:.1f}M active per token")
+    print(
+        f"upcycled {len(spec.layers)} layer(s) {spec.layers} to {spec.experts} experts ({spec.router}"
+        f"{f', k={spec.k}' if spec.router == 'topk' else ''}, capacity {spec.capacity}, "
+        f"{'renormalised' if spec.normalize else 'raw softmax'} weights)"
+    )
+    print(
+        f"parameters: {dense_total / 1e6:.1f}M dense -> {counts['total'] / 1e6:.1f}M total, "
+        f"{counts['active_per_token'] / 1e6:.1f}M active per token"
+    )
     print(f"wrote {out} ({fmt} format: {why})")
     return 0

@@ -33,11 +33,15 @@ def single_policy(policy: str | LossPolicy) -> LossPolicy:
     """A policy name ("instruction", "weighted:0.1", ...) or a LossPolicy; not a two-phase schedule."""
     parsed = parse_policy(policy) if isinstance(policy, str) else policy
     if isinstance(parsed, PolicySchedule):
-        raise ConfigError(f"'{policy}' is a two-phase schedule; give one policy here and switch between two "
-                          "collators (or use deltatune.train, which runs schedules)", field="policy")
+        raise ConfigError(
+            f"'{policy}' is a two-phase schedule; give one policy here and switch between two "
+            "collators (or use deltatune.train, which runs schedules)",
+            field="policy",
+        )
     if not isinstance(parsed, LossPolicy):
-        raise ConfigError(f"policy must be a name like 'response' or a LossPolicy, got {type(policy).__name__}",
-                          field="policy")
+        raise ConfigError(
+            f"policy must be a name like 'response' or a LossPolicy, got {type(policy).__name__}", field="policy"
+        )
     return parsed
 
 
@@ -53,8 +57,14 @@ def examples_to_dataset(examples: Sequence[TokenizedExample], policy: LossPolicy
     """A `datasets.Dataset` with one row per example (columns in the module docstring)."""
     from datasets import Dataset, DatasetInfo
 
-    columns: dict[str, list] = {"input_ids": [], "labels": [], "loss_weights": [], "roles": [], "turns": [],
-                                "source": []}
+    columns: dict[str, list] = {
+        "input_ids": [],
+        "labels": [],
+        "loss_weights": [],
+        "roles": [],
+        "turns": [],
+        "source": [],
+    }
     for ex in examples:
         weights = example_weights(ex, policy)
         columns["input_ids"].append(list(ex.input_ids))
@@ -114,8 +124,11 @@ class DataCollator:
             seq_len = max(sum(len(ex) for ex in row) for row in rows)
         else:
             if self.max_length is not None and longest > self.max_length:
-                raise DataError(f"an example has {longest} tokens, more than max_length {self.max_length}; "
-                                "prepare the data with max_len <= max_length", field="max_length")
+                raise DataError(
+                    f"an example has {longest} tokens, more than max_length {self.max_length}; "
+                    "prepare the data with max_len <= max_length",
+                    field="max_length",
+                )
             rows, seq_len = examples, longest
         if self._policy is not None:
             batch = collate(rows, self._policy, seq_len=seq_len, pad_id=self.pad_token_id, packed=self.packing)
@@ -127,41 +140,53 @@ class DataCollator:
             raise DataError("no token in this batch carries loss (check the policy, the template and truncation)")
         fractional = (weights != 0) & (weights != 1)
         if fractional.any() and not self.return_loss_weights:
-            raise ConfigError("this batch has fractional loss weights, which labels cannot express; pass "
-                              "return_loss_weights=True and train with deltatune.WeightedLossTrainer (or "
-                              "deltatune.weighted_loss in your own loop)", field="return_loss_weights")
-        out = {"input_ids": batch["input_ids"],
-               "labels": batch["input_ids"].masked_fill(weights == 0, IGNORE_INDEX),
-               "attention_mask": _additive(batch["attention_mask"]) if self.packing else batch["attention_mask"],
-               "position_ids": batch["position_ids"]}
+            raise ConfigError(
+                "this batch has fractional loss weights, which labels cannot express; pass "
+                "return_loss_weights=True and train with deltatune.WeightedLossTrainer (or "
+                "deltatune.weighted_loss in your own loop)",
+                field="return_loss_weights",
+            )
+        out = {
+            "input_ids": batch["input_ids"],
+            "labels": batch["input_ids"].masked_fill(weights == 0, IGNORE_INDEX),
+            "attention_mask": _additive(batch["attention_mask"]) if self.packing else batch["attention_mask"],
+            "position_ids": batch["position_ids"],
+        }
         if self.return_loss_weights:
             out["loss_weights"] = weights
         return out
 
     def _example(self, feature: dict[str, Any], index: int) -> TokenizedExample:
         if "input_ids" not in feature:
-            raise DataError(f"feature {index} has no 'input_ids'; prepare the data with deltatune.prepare",
-                            field="input_ids")
+            raise DataError(
+                f"feature {index} has no 'input_ids'; prepare the data with deltatune.prepare", field="input_ids"
+            )
         ids = [int(t) for t in _as_list(feature["input_ids"])]
         n = len(ids)
         roles, turns = feature.get("roles"), feature.get("turns")
         if self._policy is not None and roles is None:
-            raise DataError("DataCollator(policy=...) needs the 'roles' column that deltatune.prepare writes; "
-                            "transformers' Trainer drops columns the model does not take, so pass "
-                            "remove_unused_columns=False, or use policy=None to keep the dataset's own weights",
-                            field="roles")
-        ex = TokenizedExample(input_ids=ids,
-                              roles=[Role(r) for r in roles] if roles is not None else [Role.RESPONSE] * n,
-                              turns=[int(t) for t in _as_list(turns)] if turns is not None else [0] * n,
-                              source=str(feature.get("source") or f"feature {index}"))
+            raise DataError(
+                "DataCollator(policy=...) needs the 'roles' column that deltatune.prepare writes; "
+                "transformers' Trainer drops columns the model does not take, so pass "
+                "remove_unused_columns=False, or use policy=None to keep the dataset's own weights",
+                field="roles",
+            )
+        ex = TokenizedExample(
+            input_ids=ids,
+            roles=[Role(r) for r in roles] if roles is not None else [Role.RESPONSE] * n,
+            turns=[int(t) for t in _as_list(turns)] if turns is not None else [0] * n,
+            source=str(feature.get("source") or f"feature {index}"),
+        )
         if len(ex.roles) != n or len(ex.turns) != n:
             raise DataError(f"'roles' or 'turns' of {ex.source} do not match its {n} input_ids", field="roles")
         if self._policy is None:
             if self.return_loss_weights and feature.get("loss_weights") is None:
-                raise DataError("return_loss_weights=True needs the 'loss_weights' column that deltatune.prepare "
-                                "writes, or a policy and 'roles'; transformers' Trainer drops both unless "
-                                "remove_unused_columns=False (deltatune.WeightedLossTrainer keeps them)",
-                                field="loss_weights")
+                raise DataError(
+                    "return_loss_weights=True needs the 'loss_weights' column that deltatune.prepare "
+                    "writes, or a policy and 'roles'; transformers' Trainer drops both unless "
+                    "remove_unused_columns=False (deltatune.WeightedLossTrainer keeps them)",
+                    field="loss_weights",
+                )
             ex.weights = self._feature_weights(feature, ex)
         return ex
 
@@ -172,8 +197,11 @@ class DataCollator:
         elif feature.get("labels") is not None:
             weights = [0.0 if int(t) == IGNORE_INDEX else 1.0 for t in _as_list(feature["labels"])]
         else:
-            raise DataError(f"{ex.source} has neither 'loss_weights' nor 'labels'; pass a policy or prepare the "
-                            "data with deltatune.prepare", field="labels")
+            raise DataError(
+                f"{ex.source} has neither 'loss_weights' nor 'labels'; pass a policy or prepare the "
+                "data with deltatune.prepare",
+                field="labels",
+            )
         if len(weights) != len(ex):
             raise DataError(f"the weights of {ex.source} do not match its {len(ex)} input_ids", field="loss_weights")
         if weights:
@@ -185,8 +213,8 @@ class DataCollator:
         out = torch.zeros(shape, dtype=torch.float32)
         for b, row in enumerate(rows):
             offset = 0
-            for ex in (row if isinstance(row, list) else [row]):
-                out[b, offset:offset + len(ex)] = torch.as_tensor(ex.weights, dtype=torch.float32)
+            for ex in row if isinstance(row, list) else [row]:
+                out[b, offset : offset + len(ex)] = torch.as_tensor(ex.weights, dtype=torch.float32)
                 offset += len(ex)
         return out
 

@@ -127,7 +127,9 @@ def _read_json(p: Path, name: str) -> Iterator[RawRecord | DataError]:
     if isinstance(top, dict):
         lists = [k for k, v in top.items() if isinstance(v, list)]
         if len(lists) != 1:
-            raise DataError("expected a JSON array of records, or an object with exactly one array of records", file=name)
+            raise DataError(
+                "expected a JSON array of records, or an object with exactly one array of records", file=name
+            )
         for i, item in enumerate(top[lists[0]]):
             yield RawRecord(item, name, None, i)
         return
@@ -177,8 +179,12 @@ def _read_csv(p: Path, name: str, delimiter: str) -> Iterator[RawRecord | DataEr
     try:
         with pacsv.open_csv(p, parse_options=parse, convert_options=pacsv.ConvertOptions(check_utf8=False)) as reader:
             names = reader.schema.names
-        convert = pacsv.ConvertOptions(column_types={n: pa.binary() for n in names}, check_utf8=False,
-                                       strings_can_be_null=False, quoted_strings_can_be_null=False)
+        convert = pacsv.ConvertOptions(
+            column_types={n: pa.binary() for n in names},
+            check_utf8=False,
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        )
         table = pacsv.read_csv(p, parse_options=parse, convert_options=convert)
     except pa.ArrowInvalid as exc:
         raise DataError(f"cannot read CSV ({str(exc).splitlines()[0]})", file=name)
@@ -231,8 +237,9 @@ def detect_format(data: dict) -> str | None:
     return None
 
 
-def to_conversation(rec: RawRecord, data_format: str, column_map: dict[str, str] | None = None,
-                    system_prompt: str | None = None) -> Conversation:
+def to_conversation(
+    rec: RawRecord, data_format: str, column_map: dict[str, str] | None = None, system_prompt: str | None = None
+) -> Conversation:
     """Validate one raw record and build its conversation; raises DataError naming the field."""
     data = rec.data
     err = _Errors(rec)
@@ -244,8 +251,10 @@ def to_conversation(rec: RawRecord, data_format: str, column_map: dict[str, str]
     if fmt == "auto":
         fmt = detect_format(data)
         if fmt is None:
-            raise err(f"cannot tell the format from fields {sorted(data)}; expected messages, instruction/output, "
-                      "prompt/completion or text (use --map to rename fields)")
+            raise err(
+                f"cannot tell the format from fields {sorted(data)}; expected messages, instruction/output, "
+                "prompt/completion or text (use --map to rename fields)"
+            )
     if fmt == "alpaca":
         instruction = err.text(data, "instruction")
         inp = err.text(data, "input", required=False)

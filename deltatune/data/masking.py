@@ -26,8 +26,19 @@ from deltatune.data.segments import Role, TokenizedExample
 from deltatune.errors import ConfigError
 
 POLICIES = ("response", "instruction", "no-boilerplate", "all", "weighted")
-_ALIASES = {"no_boilerplate": "no-boilerplate", "noboilerplate": "no-boilerplate", "it": "response", "im": "instruction"}
-_DEFAULT_TRAIN_SYSTEM = {"response": False, "instruction": True, "no-boilerplate": False, "all": True, "weighted": False}
+_ALIASES = {
+    "no_boilerplate": "no-boilerplate",
+    "noboilerplate": "no-boilerplate",
+    "it": "response",
+    "im": "instruction",
+}
+_DEFAULT_TRAIN_SYSTEM = {
+    "response": False,
+    "instruction": True,
+    "no-boilerplate": False,
+    "all": True,
+    "weighted": False,
+}
 DEFAULT_LAMBDA = 0.1
 
 
@@ -44,7 +55,9 @@ class LossPolicy:
         name = _ALIASES.get(self.name, self.name)
         object.__setattr__(self, "name", name)
         if name not in POLICIES:
-            raise ConfigError(f"unknown loss policy '{self.name}' (choose from {', '.join(POLICIES)})", field="--policy")
+            raise ConfigError(
+                f"unknown loss policy '{self.name}' (choose from {', '.join(POLICIES)})", field="--policy"
+            )
         if not 0.0 <= self.lam <= 1.0:
             raise ConfigError(f"λ must lie in [0, 1], got {self.lam}", field="--policy")
         if self.turns not in ("all", "last"):
@@ -93,7 +106,9 @@ class PolicySchedule:
 
     def __post_init__(self) -> None:
         if (self.switch_step is None) == (self.switch_epoch is None):
-            raise ConfigError("a two-phase policy needs exactly one of a switch step or a switch epoch", field="--policy")
+            raise ConfigError(
+                "a two-phase policy needs exactly one of a switch step or a switch epoch", field="--policy"
+            )
         if (self.switch_step or 0) < 0 or (self.switch_epoch or 0) < 0:
             raise ConfigError("the switch point must not be negative", field="--policy")
 
@@ -123,8 +138,10 @@ def policy_weights(example: TokenizedExample, policy: LossPolicy) -> list[float]
         if resp_turns:
             last = max(resp_turns)
             context = table[Role.INSTRUCTION]
-            weights = [context if (r is Role.RESPONSE and t != last) else w
-                       for w, r, t in zip(weights, example.roles, example.turns)]
+            weights = [
+                context if (r is Role.RESPONSE and t != last) else w
+                for w, r, t in zip(weights, example.roles, example.turns)
+            ]
     return weights
 
 
@@ -140,12 +157,14 @@ def parse_policy(spec: str) -> LossPolicy | PolicySchedule:
         first, _, rest = spec.partition("->")
         then, sep, at = rest.rpartition("@")
         if not sep:
-            raise ConfigError(f"two-phase policy '{spec}' needs a switch point: FIRST->THEN@STEPS or @EPOCHSep",
-                              field="--policy")
+            raise ConfigError(
+                f"two-phase policy '{spec}' needs a switch point: FIRST->THEN@STEPS or @EPOCHSep", field="--policy"
+            )
         m = re.fullmatch(r"(\d+)\s*(ep|epochs?|steps?)?", at.strip().lower())
         if m is None:
-            raise ConfigError(f"switch point '{at}' is not a whole number of steps or epochs (like 100 or 2ep)",
-                              field="--policy")
+            raise ConfigError(
+                f"switch point '{at}' is not a whole number of steps or epochs (like 100 or 2ep)", field="--policy"
+            )
         n, unit = int(m.group(1)), m.group(2) or "steps"
         if unit.startswith("ep"):
             return PolicySchedule(_parse_one(first), _parse_one(then), switch_epoch=n)

@@ -22,15 +22,15 @@ from deltatune.data.masking import LossPolicy, policy_weights
 from deltatune.data.segments import TokenizedExample
 from deltatune.errors import ConfigError, TrainingError
 
-
 # A flat row's length is rounded up to a multiple of this. The CPU matmul library (oneDNN) builds
 # and caches a kernel per shape: with every length distinct, a run keeps building kernels and its
 # resident memory grew by ~10 MB a step (measured); 32 leaves a few dozen shapes for ~2% padding.
 FLAT_MULTIPLE = 32
 
 
-def pack_examples(examples: Sequence[TokenizedExample], seq_len: int,
-                  shuffle_seed: int | None = None) -> list[list[TokenizedExample]]:
+def pack_examples(
+    examples: Sequence[TokenizedExample], seq_len: int, shuffle_seed: int | None = None
+) -> list[list[TokenizedExample]]:
     """Greedy best-fit packing: each example goes into the open row with the least room that fits it.
 
     With `shuffle_seed` the examples are shuffled first (so rows mix lengths and sources);
@@ -45,8 +45,11 @@ def pack_examples(examples: Sequence[TokenizedExample], seq_len: int,
         ex = examples[i]
         n = len(ex)
         if n > seq_len:
-            raise ConfigError(f"example {ex.source or i} has {n} tokens, more than the packed row length {seq_len}; "
-                              "prepare the data with max_len <= seq_len", field="--seq-len")
+            raise ConfigError(
+                f"example {ex.source or i} has {n} tokens, more than the packed row length {seq_len}; "
+                "prepare the data with max_len <= seq_len",
+                field="--seq-len",
+            )
         j = bisect_left(room, (n, -1))
         if j < len(room):
             free, r = room.pop(j)
@@ -59,8 +62,16 @@ def pack_examples(examples: Sequence[TokenizedExample], seq_len: int,
     return rows
 
 
-def collate(rows_or_examples: Sequence[Any], policy: LossPolicy, *, seq_len: int, pad_id: int, packed: bool,
-            template_name: str = "", flat: bool = False) -> dict:
+def collate(
+    rows_or_examples: Sequence[Any],
+    policy: LossPolicy,
+    *,
+    seq_len: int,
+    pad_id: int,
+    packed: bool,
+    template_name: str = "",
+    flat: bool = False,
+) -> dict:
     """Tensors for one batch.
 
     packed=True: `rows_or_examples` is a list of rows (lists of examples), each padded to `seq_len`;
@@ -96,19 +107,21 @@ def collate(rows_or_examples: Sequence[Any], policy: LossPolicy, *, seq_len: int
             n = len(ex)
             w = policy_weights(ex, policy)
             w[0] = 0.0  # nothing of this example precedes its first token
-            ids[b, off:off + n] = torch.as_tensor(ex.input_ids, dtype=torch.long)
-            weights[b, off:off + n] = torch.as_tensor(w, dtype=torch.float32)
-            pos[b, off:off + n] = torch.arange(n)
-            seg[b, off:off + n] = k
+            ids[b, off : off + n] = torch.as_tensor(ex.input_ids, dtype=torch.long)
+            weights[b, off : off + n] = torch.as_tensor(w, dtype=torch.float32)
+            pos[b, off : off + n] = torch.arange(n)
+            seg[b, off : off + n] = k
             off += n
             n_examples += 1
         if off < T:
             pos[b, off:] = torch.arange(T - off)
             seg[b, off:] = -1 - torch.arange(off, T)  # every padding token is its own block
     if not float(weights.sum()) > 0.0:
-        raise TrainingError(f"no token in this batch carries loss under policy '{policy}' with template "
-                            f"'{template_name or '?'}' (sources: {', '.join(ex.source for row in rows for ex in row[:2])}); "
-                            "check the template's markers and the policy, or truncation that cut every response")
+        raise TrainingError(
+            f"no token in this batch carries loss under policy '{policy}' with template "
+            f"'{template_name or '?'}' (sources: {', '.join(ex.source for row in rows for ex in row[:2])}); "
+            "check the template's markers and the policy, or truncation that cut every response"
+        )
     if packed and flat:
         attention_mask = None
     elif packed:
@@ -117,8 +130,14 @@ def collate(rows_or_examples: Sequence[Any], policy: LossPolicy, *, seq_len: int
         attention_mask = mask[:, None]
     else:
         attention_mask = (seg >= 0).long()
-    return {"input_ids": ids, "loss_weights": weights, "position_ids": pos, "attention_mask": attention_mask,
-            "n_real_tokens": int(sum(lengths)), "n_examples": n_examples}
+    return {
+        "input_ids": ids,
+        "loss_weights": weights,
+        "position_ids": pos,
+        "attention_mask": attention_mask,
+        "n_real_tokens": int(sum(lengths)),
+        "n_examples": n_examples,
+    }
 
 
 @lru_cache(maxsize=8)
@@ -126,8 +145,9 @@ def _causal(T: int) -> torch.Tensor:
     return torch.ones((T, T), dtype=torch.bool).tril_()
 
 
-def padding_waste(examples: Sequence[TokenizedExample], seq_len: int, batch_size: int,
-                  shuffle_seed: int | None = None) -> dict:
+def padding_waste(
+    examples: Sequence[TokenizedExample], seq_len: int, batch_size: int, shuffle_seed: int | None = None
+) -> dict:
     """Fraction of computed positions that are padding: packed rows vs batches padded to their longest.
 
     Padded batches take the examples in the given order, `batch_size` at a time.
@@ -135,9 +155,16 @@ def padding_waste(examples: Sequence[TokenizedExample], seq_len: int, batch_size
     real = sum(len(ex) for ex in examples)
     rows = pack_examples(examples, seq_len, shuffle_seed=shuffle_seed)
     packed_slots = len(rows) * seq_len
-    padded_slots = sum(len(examples[i:i + batch_size]) * max(len(ex) for ex in examples[i:i + batch_size])
-                       for i in range(0, len(examples), batch_size))
-    return {"real_tokens": real, "packed_rows": len(rows), "packed_slots": packed_slots,
-            "packed_waste": 1 - real / packed_slots if packed_slots else 0.0,
-            "padded_batches": -(-len(examples) // batch_size), "padded_slots": padded_slots,
-            "padded_waste": 1 - real / padded_slots if padded_slots else 0.0}
+    padded_slots = sum(
+        len(examples[i : i + batch_size]) * max(len(ex) for ex in examples[i : i + batch_size])
+        for i in range(0, len(examples), batch_size)
+    )
+    return {
+        "real_tokens": real,
+        "packed_rows": len(rows),
+        "packed_slots": packed_slots,
+        "packed_waste": 1 - real / packed_slots if packed_slots else 0.0,
+        "padded_batches": -(-len(examples) // batch_size),
+        "padded_slots": padded_slots,
+        "padded_waste": 1 - real / padded_slots if padded_slots else 0.0,
+    }

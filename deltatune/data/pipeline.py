@@ -7,13 +7,20 @@ when batches are collated, so one prepared dataset serves every policy and a two
 from __future__ import annotations
 
 import gc
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from deltatune.data.formats import (FORMATS, Conversation, Message, RawRecord, detect_format, parse_column_map,
-                                    read_records, to_conversation)
+from deltatune.data.formats import (
+    FORMATS,
+    Conversation,
+    Message,
+    RawRecord,
+    detect_format,
+    parse_column_map,
+    read_records,
+    to_conversation,
+)
 from deltatune.data.segments import Role, TokenizedExample
 from deltatune.data.templates import get_template
 from deltatune.data.tokenize import tokenize_examples
@@ -36,8 +43,10 @@ class DataReport:
     bad: list[str] = field(default_factory=list)  # the first few skipped records' errors
 
     def summary(self) -> str:
-        s = (f"read {self.read}, kept {self.kept}, skipped bad {self.skipped_bad}, truncated {self.truncated}, "
-             f"dropped too long {self.dropped_too_long}, dropped with no loss-bearing token {self.dropped_no_loss}")
+        s = (
+            f"read {self.read}, kept {self.kept}, skipped bad {self.skipped_bad}, truncated {self.truncated}, "
+            f"dropped too long {self.dropped_too_long}, dropped with no loss-bearing token {self.dropped_no_loss}"
+        )
         if self.bad:
             s += f" (first bad: {self.bad[0]})"
         return s
@@ -51,36 +60,90 @@ class PreparedData:
     data_format: str = ""
 
 
-def prepare_dataset(path: str | Path, tokenizer: Any, *, template: str = "chatml", data_format: str = "auto",
-                    column_map: dict[str, str] | str | None = None, max_len: int = 1024, overflow: str = "truncate",
-                    skip_bad: bool = False, system_prompt: str | None = None, limit: int | None = None,
-                    keep_offsets: bool = False) -> PreparedData:
+def prepare_dataset(
+    path: str | Path,
+    tokenizer: Any,
+    *,
+    template: str = "chatml",
+    data_format: str = "auto",
+    column_map: dict[str, str] | str | None = None,
+    max_len: int = 1024,
+    overflow: str = "truncate",
+    skip_bad: bool = False,
+    system_prompt: str | None = None,
+    limit: int | None = None,
+    keep_offsets: bool = False,
+) -> PreparedData:
     """Read `path` (JSONL/JSON/Parquet/CSV) and return tokenized examples with a report.
 
     A bad record raises DataError (file, line, field) unless `skip_bad`, which counts it instead.
     Examples longer than `max_len` tokens are truncated (keeping the start) or dropped (`overflow`).
     """
-    return _prepare(read_records(path), tokenizer, template=template, data_format=data_format, column_map=column_map,
-                    max_len=max_len, overflow=overflow, skip_bad=skip_bad, system_prompt=system_prompt, limit=limit,
-                    keep_offsets=keep_offsets)
+    return _prepare(
+        read_records(path),
+        tokenizer,
+        template=template,
+        data_format=data_format,
+        column_map=column_map,
+        max_len=max_len,
+        overflow=overflow,
+        skip_bad=skip_bad,
+        system_prompt=system_prompt,
+        limit=limit,
+        keep_offsets=keep_offsets,
+    )
 
 
-def prepare_records(records: list[dict], tokenizer: Any, *, template: str = "chatml", data_format: str = "auto",
-                    column_map: dict[str, str] | str | None = None, max_len: int = 1024, overflow: str = "truncate",
-                    skip_bad: bool = False, system_prompt: str | None = None, limit: int | None = None,
-                    keep_offsets: bool = False, name: str = "<records>") -> PreparedData:
+def prepare_records(
+    records: list[dict],
+    tokenizer: Any,
+    *,
+    template: str = "chatml",
+    data_format: str = "auto",
+    column_map: dict[str, str] | str | None = None,
+    max_len: int = 1024,
+    overflow: str = "truncate",
+    skip_bad: bool = False,
+    system_prompt: str | None = None,
+    limit: int | None = None,
+    keep_offsets: bool = False,
+    name: str = "<records>",
+) -> PreparedData:
     """Like `prepare_dataset`, for in-memory records; errors name `name` and the record number (1-based)."""
     raw = (RawRecord(r, name, i + 1, i) for i, r in enumerate(records))
-    return _prepare(raw, tokenizer, template=template, data_format=data_format, column_map=column_map,
-                    max_len=max_len, overflow=overflow, skip_bad=skip_bad, system_prompt=system_prompt, limit=limit,
-                    keep_offsets=keep_offsets)
+    return _prepare(
+        raw,
+        tokenizer,
+        template=template,
+        data_format=data_format,
+        column_map=column_map,
+        max_len=max_len,
+        overflow=overflow,
+        skip_bad=skip_bad,
+        system_prompt=system_prompt,
+        limit=limit,
+        keep_offsets=keep_offsets,
+    )
 
 
-def _prepare(raw: Iterable[RawRecord | DataError], tokenizer: Any, *, template: str, data_format: str,
-             column_map: dict[str, str] | str | None, max_len: int, overflow: str, skip_bad: bool,
-             system_prompt: str | None, limit: int | None, keep_offsets: bool) -> PreparedData:
+def _prepare(
+    raw: Iterable[RawRecord | DataError],
+    tokenizer: Any,
+    *,
+    template: str,
+    data_format: str,
+    column_map: dict[str, str] | str | None,
+    max_len: int,
+    overflow: str,
+    skip_bad: bool,
+    system_prompt: str | None,
+    limit: int | None,
+    keep_offsets: bool,
+) -> PreparedData:
     if data_format not in FORMATS:
-        raise ConfigError(f"unknown data format '{data_format}' (choose from {', '.join(FORMATS)})", field="--data-format")
+        raise ConfigError(
+            f"unknown data format '{data_format}' (choose from {', '.join(FORMATS)})", field="--data-format"
+        )
     if overflow not in OVERFLOW:
         raise ConfigError(f"overflow must be one of {', '.join(OVERFLOW)}, got '{overflow}'", field="--overflow")
     if max_len < 2:
@@ -89,17 +152,38 @@ def _prepare(raw: Iterable[RawRecord | DataError], tokenizer: Any, *, template: 
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _prepare_inner(raw, tokenizer, template=template, data_format=data_format, column_map=column_map,
-                              max_len=max_len, overflow=overflow, skip_bad=skip_bad, system_prompt=system_prompt,
-                              limit=limit, keep_offsets=keep_offsets)
+        return _prepare_inner(
+            raw,
+            tokenizer,
+            template=template,
+            data_format=data_format,
+            column_map=column_map,
+            max_len=max_len,
+            overflow=overflow,
+            skip_bad=skip_bad,
+            system_prompt=system_prompt,
+            limit=limit,
+            keep_offsets=keep_offsets,
+        )
     finally:
         if was_enabled:
             gc.enable()
 
 
-def _prepare_inner(raw: Iterable[RawRecord | DataError], tokenizer: Any, *, template: str, data_format: str,
-                   column_map: dict[str, str] | str | None, max_len: int, overflow: str, skip_bad: bool,
-                   system_prompt: str | None, limit: int | None, keep_offsets: bool) -> PreparedData:
+def _prepare_inner(
+    raw: Iterable[RawRecord | DataError],
+    tokenizer: Any,
+    *,
+    template: str,
+    data_format: str,
+    column_map: dict[str, str] | str | None,
+    max_len: int,
+    overflow: str,
+    skip_bad: bool,
+    system_prompt: str | None,
+    limit: int | None,
+    keep_offsets: bool,
+) -> PreparedData:
     cmap = parse_column_map(column_map)
     tmpl = get_template(template, tokenizer)
     report = DataReport()

@@ -13,8 +13,15 @@ from deltatune.data.masking import LossPolicy, policy_weights
 from deltatune.data.segments import Role, TokenizedExample
 
 # ANSI foreground colours per segment; loss-bearing tokens are bold, the rest dim.
-COLOURS = {Role.SYSTEM: 35, Role.TEMPLATE: 33, Role.ROLE: 34, Role.INSTRUCTION: 36, Role.INPUT: 32,
-           Role.RESPONSE: 31, Role.SPECIAL: 90}
+COLOURS = {
+    Role.SYSTEM: 35,
+    Role.TEMPLATE: 33,
+    Role.ROLE: 34,
+    Role.INSTRUCTION: 36,
+    Role.INPUT: 32,
+    Role.RESPONSE: 31,
+    Role.SPECIAL: 90,
+}
 
 
 def training_weights(ex: TokenizedExample, policy: LossPolicy) -> list[float]:

@@ -11,13 +11,13 @@ from enum import Enum
 
 
 class Role(str, Enum):
-    SYSTEM = "system"          # system prompt text
-    TEMPLATE = "template"      # constant boilerplate ("Below is an instruction that ...")
-    ROLE = "role"              # role markers and section headers ("### Response:", "<|im_start|>user\n")
+    SYSTEM = "system"  # system prompt text
+    TEMPLATE = "template"  # constant boilerplate ("Below is an instruction that ...")
+    ROLE = "role"  # role markers and section headers ("### Response:", "<|im_start|>user\n")
     INSTRUCTION = "instruction"  # the user's instruction / user turn content
-    INPUT = "input"            # Alpaca's optional input
-    RESPONSE = "response"      # the assistant's answer, including its closing end-of-turn token
-    SPECIAL = "special"        # BOS / EOS / padding that belong to no text
+    INPUT = "input"  # Alpaca's optional input
+    RESPONSE = "response"  # the assistant's answer, including its closing end-of-turn token
+    SPECIAL = "special"  # BOS / EOS / padding that belong to no text
 
 
 @dataclass(frozen=True)

@@ -71,18 +71,26 @@ def dataset_stats(examples: Sequence[TokenizedExample], *, max_len: int, seq_len
         table = LossPolicy(name).role_weights()  # turns="all": a token's weight depends on its role only
         wsum = sum(table[r] * k for r, k in role_totals.items())
         bsum = sum(table[r] * role_totals[r] for r in BOILERPLATE_ROLES)
-        share[name] = {"loss_weight_per_example": wsum / n if n else 0.0,
-                       "boilerplate_share": bsum / wsum if wsum else 0.0}
+        share[name] = {
+            "loss_weight_per_example": wsum / n if n else 0.0,
+            "boilerplate_share": bsum / wsum if wsum else 0.0,
+        }
     return {
         "examples": n,
-        "tokens": {"total": distribution(total), "instruction": distribution(instr), "response": distribution(resp),
-                   "system": distribution(system), "boilerplate": distribution(boiler)},
+        "tokens": {
+            "total": distribution(total),
+            "instruction": distribution(instr),
+            "response": distribution(resp),
+            "system": distribution(system),
+            "boilerplate": distribution(boiler),
+        },
         "ratio_instruction_to_response": mean_i / mean_r if mean_r else float("inf"),
         "median_example_ratio": statistics.median([i / r for i, r in zip(instr, resp) if r]) if n else 0.0,
         "max_len": max_len,
         "would_truncate": len(over),
         "would_lose_whole_response": lose_response,
-        "seq_len": seq_len, "batch_size": batch_size,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
         "padding": waste,
         "policies": share,
     }
@@ -104,42 +112,60 @@ def advise(stats: dict, template: str) -> list[str]:
     n = stats["examples"]
     near = nearest_paper_point(r)
     ae, nlp = near.alpaca_eval, near.nlp_mean
-    lines = [f"Instruction/response length ratio {r:.2f} (mean instruction {stats['tokens']['instruction']['mean']:.1f} "
-             f"tokens / mean response {stats['tokens']['response']['mean']:.1f}); nearest in the paper: {near.name} "
-             f"(ratio {near.ratio}), where loss on instructions moved AlpacaEval 1.0 {ae[0]} -> {ae[1]} "
-             f"({ae[1] - ae[0]:+.2f}) and the 18-task NLP mean {nlp[0]} -> {nlp[1]} ({nlp[1] - nlp[0]:+.2f})."]
+    lines = [
+        f"Instruction/response length ratio {r:.2f} (mean instruction {stats['tokens']['instruction']['mean']:.1f} "
+        f"tokens / mean response {stats['tokens']['response']['mean']:.1f}); nearest in the paper: {near.name} "
+        f"(ratio {near.ratio}), where loss on instructions moved AlpacaEval 1.0 {ae[0]} -> {ae[1]} "
+        f"({ae[1] - ae[0]:+.2f}) and the 18-task NLP mean {nlp[0]} -> {nlp[1]} ({nlp[1] - nlp[0]:+.2f})."
+    ]
     if r >= 1.0:
-        lines.append("Instructions are longer than responses: the regime where instruction modelling gained most "
-                     "(MMLU-Chat 26.3: AlpacaEval 4.42 -> 9.78; BBH 3.27: 36.20 -> 44.15). Recommended: --policy instruction "
-                     "(or weighted:0.1..0.5, which the prompt-loss-weight study found best for short completions).")
+        lines.append(
+            "Instructions are longer than responses: the regime where instruction modelling gained most "
+            "(MMLU-Chat 26.3: AlpacaEval 4.42 -> 9.78; BBH 3.27: 36.20 -> 44.15). Recommended: --policy instruction "
+            "(or weighted:0.1..0.5, which the prompt-loss-weight study found best for short completions)."
+        )
     elif r >= 0.2:
-        lines.append("Instructions are shorter than responses but not negligible: instruction modelling still helped at "
-                     "these ratios (Alpaca 5k 0.57: +3.23 AlpacaEval; Dolly 9k 0.30: +9.23). Recommended: --policy "
-                     "instruction, and compare with response on a held-out set.")
+        lines.append(
+            "Instructions are shorter than responses but not negligible: instruction modelling still helped at "
+            "these ratios (Alpaca 5k 0.57: +3.23 AlpacaEval; Dolly 9k 0.30: +9.23). Recommended: --policy "
+            "instruction, and compare with response on a held-out set."
+        )
     else:
-        lines.append("Responses dominate (as in LIMA, ratio 0.09, where instruction modelling gave no AlpacaEval gain: "
-                     "33.06 -> 32.94): the instruction adds little signal. Recommended: --policy response.")
+        lines.append(
+            "Responses dominate (as in LIMA, ratio 0.09, where instruction modelling gave no AlpacaEval gain: "
+            "33.06 -> 32.94): the instruction adds little signal. Recommended: --policy response."
+        )
     if n <= 10_000:
-        lines.append(f"{n} examples: a small dataset. At a fixed ratio near 10 the paper's gain from instruction "
-                     "modelling grew as Tulu V2 subsets shrank from 35K to 1K examples (less overfitting to responses), "
-                     "so the size favours loss on instructions.")
+        lines.append(
+            f"{n} examples: a small dataset. At a fixed ratio near 10 the paper's gain from instruction "
+            "modelling grew as Tulu V2 subsets shrank from 35K to 1K examples (less overfitting to responses), "
+            "so the size favours loss on instructions."
+        )
     elif n > 35_000:
-        lines.append(f"{n} examples: more than the 35K where the paper's instruction-modelling gain had shrunk; "
-                     "expect a smaller gain than the ratio alone suggests.")
+        lines.append(
+            f"{n} examples: more than the 35K where the paper's instruction-modelling gain had shrunk; "
+            "expect a smaller gain than the ratio alone suggests."
+        )
     else:
         lines.append(f"{n} examples: between the paper's 10K and 35K subsets; a moderate gain is likely.")
     im = stats["policies"]["instruction"]
     if im["boilerplate_share"] >= 0.1:
-        lines.append(f"With template '{template}', {100 * im['boilerplate_share']:.0f}% of the instruction policy's loss "
-                     "falls on constant template text, identical in every example: --policy no-boilerplate trains "
-                     "only on instruction, input and response.")
+        lines.append(
+            f"With template '{template}', {100 * im['boilerplate_share']:.0f}% of the instruction policy's loss "
+            "falls on constant template text, identical in every example: --policy no-boilerplate trains "
+            "only on instruction, input and response."
+        )
     if stats["would_truncate"]:
-        lines.append(f"{stats['would_truncate']} examples exceed --max-len {stats['max_len']} "
-                     f"({stats['would_lose_whole_response']} would lose their whole response and be dropped).")
+        lines.append(
+            f"{stats['would_truncate']} examples exceed --max-len {stats['max_len']} "
+            f"({stats['would_lose_whole_response']} would lose their whole response and be dropped)."
+        )
     pad = stats["padding"]
     if pad:
-        lines.append(f"Packing wastes {100 * pad['packed_waste']:.1f}% of positions on padding vs "
-                     f"{100 * pad['padded_waste']:.1f}% for batches of {stats['batch_size']} padded to their longest.")
+        lines.append(
+            f"Packing wastes {100 * pad['packed_waste']:.1f}% of positions on padding vs "
+            f"{100 * pad['padded_waste']:.1f}% for batches of {stats['batch_size']} padded to their longest."
+        )
     from deltatune.experiments.recorded import masking_advice
 
     lines.append(masking_advice(r, n))  # the project's own measurement beside the paper's
@@ -148,20 +174,29 @@ def advise(stats: dict, template: str) -> list[str]:
 
 def format_stats(stats: dict, report_summary: str, template: str) -> str:
     t = stats["tokens"]
-    lines = [f"records: {report_summary}", f"examples: {stats['examples']}", "",
-             f"{'tokens':<12} {'min':>7} {'median':>8} {'p90':>7} {'max':>7} {'mean':>8}"]
+    lines = [
+        f"records: {report_summary}",
+        f"examples: {stats['examples']}",
+        "",
+        f"{'tokens':<12} {'min':>7} {'median':>8} {'p90':>7} {'max':>7} {'mean':>8}",
+    ]
     for key in ("total", "instruction", "response", "system", "boilerplate"):
         d = t[key]
         lines.append(f"{key:<12} {d['min']:>7} {d['median']:>8g} {d['p90']:>7} {d['max']:>7} {d['mean']:>8.1f}")
-    lines += ["", f"instruction/response ratio (of means): {stats['ratio_instruction_to_response']:.2f}; "
-                  f"median per-example ratio: {stats['median_example_ratio']:.2f}",
-              f"longer than --max-len {stats['max_len']}: {stats['would_truncate']} "
-              f"(of which {stats['would_lose_whole_response']} lose their whole response)"]
+    lines += [
+        "",
+        f"instruction/response ratio (of means): {stats['ratio_instruction_to_response']:.2f}; "
+        f"median per-example ratio: {stats['median_example_ratio']:.2f}",
+        f"longer than --max-len {stats['max_len']}: {stats['would_truncate']} "
+        f"(of which {stats['would_lose_whole_response']} lose their whole response)",
+    ]
     pad = stats["padding"]
     if pad:
-        lines.append(f"padding waste at seq_len {stats['seq_len']}: packed {100 * pad['packed_waste']:.1f}% "
-                     f"({pad['packed_rows']} rows) vs padded {100 * pad['padded_waste']:.1f}% "
-                     f"({pad['padded_batches']} batches of {stats['batch_size']})")
+        lines.append(
+            f"padding waste at seq_len {stats['seq_len']}: packed {100 * pad['packed_waste']:.1f}% "
+            f"({pad['packed_rows']} rows) vs padded {100 * pad['padded_waste']:.1f}% "
+            f"({pad['padded_batches']} batches of {stats['batch_size']})"
+        )
     lines += ["", f"{'policy':<15} {'loss weight/example':>20} {'on boilerplate':>15}"]
     for name, s in stats["policies"].items():
         label = "weighted:0.1" if name == "weighted" else name

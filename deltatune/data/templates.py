@@ -29,9 +29,13 @@ from deltatune.errors import ConfigError, DataError
 
 TEMPLATES = ("alpaca", "chatml", "tokenizer", "raw")
 
-ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                         "context. Write a response that appropriately completes the request.")
-ALPACA_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_PREAMBLE_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request."
+)
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 ALPACA_HEADERS = {"user": "### Instruction:\n", "input": "### Input:\n", "assistant": "### Response:\n"}
 ALPACA_SEP = "\n\n"
 
@@ -161,9 +165,11 @@ class TokenizerTemplate(Template):
             s = self.SENTINEL.format(i)
             at = rendered.find(s, pos)
             if at < 0 or rendered.count(s) != 1:
-                raise ConfigError("the tokenizer's chat template cannot be segmented: message "
-                                  f"{i} does not appear exactly once, in order, in its output; use --template chatml or alpaca",
-                                  field="--template")
+                raise ConfigError(
+                    "the tokenizer's chat template cannot be segmented: message "
+                    f"{i} does not appear exactly once, in order, in its output; use --template chatml or alpaca",
+                    field="--template",
+                )
             pieces.append(rendered[pos:at])
             pos = at + len(s)
         pieces.append(rendered[pos:])
@@ -176,14 +182,17 @@ class TokenizerTemplate(Template):
         real = self._apply([{"role": m.role, "content": m.content} for m in msgs])
         parts = [(m, turn, role, text) for m, turn in zip(msgs, _turns(msgs)) for role, text in m.parts]
         if real != "".join(s + p[3] for s, p in zip(scaffold, parts)) + scaffold[-1]:
-            raise DataError("the tokenizer's chat template rewrites message content (for example strips it), so its "
-                            "tokens cannot be tagged; use --template chatml or alpaca", file=conv.source or None)
+            raise DataError(
+                "the tokenizer's chat template rewrites message content (for example strips it), so its "
+                "tokens cannot be tagged; use --template chatml or alpaca",
+                file=conv.source or None,
+            )
         first = scaffold[0]
         # A leading BOS string is `special`, unless the template also opens every turn with it (ChatML
         # tokenizers whose BOS is "<|im_start|>"): then it is a role marker like the others.
         if self.bos and first.startswith(self.bos) and not any(self.bos in s for s in scaffold[1:]):
             b.add(Role.SPECIAL, self.bos, 0)
-            first = first[len(self.bos):]
+            first = first[len(self.bos) :]
         scaffold = [first] + scaffold[1:]
         for i, (m, turn, role, text) in enumerate(parts):
             b.add(Role.ROLE, scaffold[i], turn)
@@ -196,7 +205,7 @@ class TokenizerTemplate(Template):
                     b.add(Role.RESPONSE, self.eos, turn)
                 else:
                     b.add(Role.RESPONSE, eot, turn)
-                    scaffold[i + 1] = after[len(eot):]
+                    scaffold[i + 1] = after[len(eot) :]
         b.add(Role.ROLE, scaffold[-1], parts[-1][1] if parts else 0)
 
 
@@ -213,11 +222,16 @@ def get_template(name: str, tokenizer: Any) -> Template:
         for tok in ("<|im_start|>", "<|im_end|>"):
             tid = tokenizer.convert_tokens_to_ids(tok)
             if tid is None or tid == tokenizer.unk_token_id:
-                raise ConfigError(f"template 'chatml' needs the token {tok}, which this tokenizer lacks; "
-                                  "use --template alpaca or tokenizer", field="--template")
+                raise ConfigError(
+                    f"template 'chatml' needs the token {tok}, which this tokenizer lacks; "
+                    "use --template alpaca or tokenizer",
+                    field="--template",
+                )
         return ChatMLTemplate(name, "<|im_end|>")
     if name == "tokenizer":
         if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError("this tokenizer has no chat template; use --template chatml or alpaca", field="--template")
+            raise ConfigError(
+                "this tokenizer has no chat template; use --template chatml or alpaca", field="--template"
+            )
         return TokenizerTemplate(name, eos, tokenizer)
     raise ConfigError(f"unknown template '{name}' (choose from {', '.join(TEMPLATES)})", field="--template")

@@ -27,8 +27,9 @@ def adds_bos(tokenizer: Any) -> bool:
     return len(with_special) > len(without) and with_special[0] == bos
 
 
-def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, keep_offsets: bool = False,
-                      batch_size: int = 2048) -> list[TokenizedExample]:
+def tokenize_examples(
+    examples: Sequence[Example], tokenizer: Any, *, keep_offsets: bool = False, batch_size: int = 2048
+) -> list[TokenizedExample]:
     """Token ids, roles and turns for each example (weights are filled later by a loss policy).
 
     BOS, when the tokenizer adds one, is prepended as a `special` token (unless the template
@@ -41,7 +42,7 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, *, keep_offse
     backend = tokenizer.backend_tokenizer  # the Rust tokenizer: batched, parallel, offsets without Python dicts
     out: list[TokenizedExample] = []
     for lo in range(0, len(examples), batch_size):
-        chunk = examples[lo:lo + batch_size]
+        chunk = examples[lo : lo + batch_size]
         texts = [ex.text for ex in chunk]
         for ex, text, enc in zip(chunk, texts, backend.encode_batch(texts, add_special_tokens=False)):
             out.append(_tag(ex, text, enc, bos_id, bos_text, keep_offsets))
@@ -67,8 +68,9 @@ def _segment_bounds(enc: Any, seg_starts: list[int]) -> list[int]:
     return bounds
 
 
-def _tag(ex: Example, text: str, enc: Any, bos_id: int | None, bos_text: str | None,
-         keep_offsets: bool) -> TokenizedExample:
+def _tag(
+    ex: Example, text: str, enc: Any, bos_id: int | None, bos_text: str | None, keep_offsets: bool
+) -> TokenizedExample:
     ids = enc.ids
     n = len(ids)
     seg_starts, pos = [], 0

@@ -37,20 +37,28 @@ class OptionScore:
         raise ValueError(f"unknown normalisation {norm!r}")
 
 
-def split_encode(tokenizer, context: str, continuation: str, add_special_tokens: bool = False
-                 ) -> tuple[list[int], list[int]]:
+def split_encode(
+    tokenizer, context: str, continuation: str, add_special_tokens: bool = False
+) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) such that their concatenation encodes context+continuation."""
     whole = tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"]
-    if whole[:len(ctx)] != ctx:  # boundary merge changed the context's tokens: encode apart
+    if whole[: len(ctx)] != ctx:  # boundary merge changed the context's tokens: encode apart
         return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 @torch.no_grad()
-def score_options(model, tokenizer, contexts: list[str], options: list[list[str]], batch_size: int = 16,
-                  max_length: int | None = None, add_special_tokens: bool = False,
-                  progress: bool = True) -> list[list[OptionScore]]:
+def score_options(
+    model,
+    tokenizer,
+    contexts: list[str],
+    options: list[list[str]],
+    batch_size: int = 16,
+    max_length: int | None = None,
+    add_special_tokens: bool = False,
+    progress: bool = True,
+) -> list[list[OptionScore]]:
     """Log-likelihood of each option of each question; `options[i]` are continuations of `contexts[i]`."""
     pairs: list[tuple[int, int, list[int], list[int], int]] = []
     for q, (ctx, opts) in enumerate(zip(contexts, options)):
@@ -66,7 +74,7 @@ def score_options(model, tokenizer, contexts: list[str], options: list[list[str]
     results: list[list[OptionScore | None]] = [[None] * len(o) for o in options]
     bar = tqdm(total=len(pairs), desc="choices", unit="opt", disable=not progress or len(pairs) < 2)
     for start in range(0, len(order), batch_size):
-        batch = [pairs[i] for i in order[start:start + batch_size]]
+        batch = [pairs[i] for i in order[start : start + batch_size]]
         rows = []
         for _, _, c_ids, o_ids, _ in batch:
             ids = (c_ids + o_ids)[-max_length:]  # drop the context's start if too long
@@ -75,12 +83,12 @@ def score_options(model, tokenizer, contexts: list[str], options: list[list[str]
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         for r, (ids, _) in enumerate(rows):
-            input_ids[r, :len(ids)] = torch.tensor(ids)
-            attention[r, :len(ids)] = 1
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            attention[r, : len(ids)] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
         for r, ((q, o, _, o_ids, n_chars), (ids, ctx_len)) in enumerate(zip(batch, rows)):
             # logits at position t predict token t+1: the option's tokens are ids[ctx_len:]
-            step_logits = logits[r, ctx_len - 1:len(ids) - 1]
+            step_logits = logits[r, ctx_len - 1 : len(ids) - 1]
             if step_logits.dtype in (torch.float16, torch.bfloat16):
                 step_logits = step_logits.float()  # never a log-softmax in half precision
             logp = torch.log_softmax(step_logits, dim=-1)

@@ -31,13 +31,13 @@ _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 
 @dataclass
 class CodeProblem:
-    task_id: str          # as in the file; MBPP's integer ids as their decimal text
-    format: str           # "humaneval" | "mbpp"
-    prompt: str           # HumanEval: the code to continue; MBPP: the task in words
-    test: str             # HumanEval: the check() definition; MBPP: the assert lines
+    task_id: str  # as in the file; MBPP's integer ids as their decimal text
+    format: str  # "humaneval" | "mbpp"
+    prompt: str  # HumanEval: the code to continue; MBPP: the task in words
+    test: str  # HumanEval: the check() definition; MBPP: the assert lines
     entry_point: str = ""
-    setup: str = ""       # MBPP's test_setup_code
-    source: str = ""      # file:line
+    setup: str = ""  # MBPP's test_setup_code
+    source: str = ""  # file:line
 
     def program(self, completion: str) -> str:
         """The program whose exit status says whether `completion` is right."""
@@ -49,8 +49,10 @@ class CodeProblem:
         """What the model sees: HumanEval's code as is; MBPP's prompt of the original paper (task + tests)."""
         if self.format == "humaneval":
             return self.prompt
-        return (f"You are an expert Python programmer, and here is your task: {self.prompt} "
-                f"Your code should pass these tests:\n\n{self.test}\n")
+        return (
+            f"You are an expert Python programmer, and here is your task: {self.prompt} "
+            f"Your code should pass these tests:\n\n{self.test}\n"
+        )
 
 
 def detect_format(record: dict) -> str | None:
@@ -78,15 +80,22 @@ def read_code_problems(path: Path) -> list[CodeProblem]:
                 raise DataError("expected a JSON object per line", file=str(path), line=n)
             this = detect_format(r)
             if this is None:
-                raise DataError(f"neither HumanEval ({', '.join(HUMANEVAL_FIELDS)}) nor MBPP "
-                                f"({', '.join(MBPP_FIELDS)}) fields", file=str(path), line=n)
+                raise DataError(
+                    f"neither HumanEval ({', '.join(HUMANEVAL_FIELDS)}) nor MBPP ({', '.join(MBPP_FIELDS)}) fields",
+                    file=str(path),
+                    line=n,
+                )
             fmt = fmt or this
             if this != fmt:
                 raise DataError(f"a {this} record in a {fmt} file", file=str(path), line=n)
             problems.append(_problem(r, fmt, path, n))
             if problems[-1].task_id in seen:
-                raise DataError(f"task_id {problems[-1].task_id!r} repeats line {seen[problems[-1].task_id]}",
-                                file=str(path), line=n, field="task_id")
+                raise DataError(
+                    f"task_id {problems[-1].task_id!r} repeats line {seen[problems[-1].task_id]}",
+                    file=str(path),
+                    line=n,
+                    field="task_id",
+                )
             seen[problems[-1].task_id] = n
     if not problems:
         raise DataError("no problems in the file", file=str(path))
@@ -98,9 +107,16 @@ def _problem(r: dict, fmt: str, path: Path, n: int) -> CodeProblem:
         if not isinstance(r.get(key), str):
             raise DataError("missing or not a string", file=str(path), line=n, field=key)
         return r[key]
+
     if fmt == "humaneval":
-        return CodeProblem(task_id_text(r["task_id"], path, n), fmt, text("prompt"), text("test"),
-                           text("entry_point"), source=f"{path}:{n}")
+        return CodeProblem(
+            task_id_text(r["task_id"], path, n),
+            fmt,
+            text("prompt"),
+            text("test"),
+            text("entry_point"),
+            source=f"{path}:{n}",
+        )
     tests = r["test_list"]
     if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
         raise DataError("expected a non-empty list of assert strings", file=str(path), line=n, field="test_list")

@@ -31,7 +31,7 @@ from functools import lru_cache
 
 from tqdm.auto import tqdm
 
-GUARD = r'''
+GUARD = r"""
 import builtins as _b, io as _io, os as _os, socket as _socket, shutil as _shutil, subprocess as _subprocess
 def _deny(*args, **kwargs):
     raise PermissionError("disabled by deltatune's code-execution guard")
@@ -54,20 +54,20 @@ for _name in ("system", "kill", "killpg", "fork", "forkpty", "putenv", "remove",
 _shutil.rmtree = _shutil.move = _shutil.chown = _deny
 _subprocess.Popen = _subprocess.run = _subprocess.call = _deny
 del _name
-'''
+"""
 
 
 @dataclass(frozen=True)
 class Limits:
-    timeout_s: float = 10.0       # wall clock per sample
-    memory_mb: int = 1024         # address space
-    file_mb: int = 16             # largest file the sample may write (stderr included)
+    timeout_s: float = 10.0  # wall clock per sample
+    memory_mb: int = 1024  # address space
+    file_mb: int = 16  # largest file the sample may write (stderr included)
 
 
 @dataclass
 class Outcome:
     passed: bool
-    status: str   # "passed" | "failed: <last stderr line>" | "timed out" | "killed by signal N"
+    status: str  # "passed" | "failed: <last stderr line>" | "timed out" | "killed by signal N"
 
 
 @lru_cache(maxsize=1)
@@ -76,8 +76,12 @@ def network_namespace_available() -> bool:
     if not shutil.which("unshare"):
         return False
     try:
-        return subprocess.run(["unshare", "-rn", sys.executable, "-I", "-c", "pass"], capture_output=True,
-                              timeout=20).returncode == 0
+        return (
+            subprocess.run(
+                ["unshare", "-rn", sys.executable, "-I", "-c", "pass"], capture_output=True, timeout=20
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -93,12 +97,14 @@ def _limits_prelude(limits: Limits) -> str:
     model's code runs (no preexec_fn, which is unsafe while the evaluator's threads run)."""
     mem, fsize = limits.memory_mb * 2**20, limits.file_mb * 2**20
     cpu = int(limits.timeout_s) + 1
-    return ("import resource as _r\n"
-            f"_r.setrlimit(_r.RLIMIT_AS, ({mem}, {mem}))\n"
-            f"_r.setrlimit(_r.RLIMIT_CPU, ({cpu}, {cpu}))\n"
-            f"_r.setrlimit(_r.RLIMIT_FSIZE, ({fsize}, {fsize}))\n"
-            "_r.setrlimit(_r.RLIMIT_CORE, (0, 0))\n"
-            "del _r\n")
+    return (
+        "import resource as _r\n"
+        f"_r.setrlimit(_r.RLIMIT_AS, ({mem}, {mem}))\n"
+        f"_r.setrlimit(_r.RLIMIT_CPU, ({cpu}, {cpu}))\n"
+        f"_r.setrlimit(_r.RLIMIT_FSIZE, ({fsize}, {fsize}))\n"
+        "_r.setrlimit(_r.RLIMIT_CORE, (0, 0))\n"
+        "del _r\n"
+    )
 
 
 def run_program(program: str, limits: Limits = Limits()) -> Outcome:
@@ -111,10 +117,20 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
         if network_namespace_available():
             cmd = ["unshare", "-rn", *cmd]
         with open(os.path.join(folder, "stderr.txt"), "wb") as err:
-            proc = subprocess.Popen(cmd, cwd=folder, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err, start_new_session=True,
-                                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONHASHSEED": "0",
-                                         "HOME": folder, "TMPDIR": folder})
+            proc = subprocess.Popen(
+                cmd,
+                cwd=folder,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+                env={
+                    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                    "PYTHONHASHSEED": "0",
+                    "HOME": folder,
+                    "TMPDIR": folder,
+                },
+            )
             try:
                 code = proc.wait(timeout=limits.timeout_s)
             except subprocess.TimeoutExpired:
@@ -146,8 +162,9 @@ def _last_line(path: str) -> str:
     return lines[-1][:200] if lines else "exit status non-zero"
 
 
-def run_programs(programs: list[str], limits: Limits = Limits(), workers: int | None = None,
-                 progress: bool = True) -> list[Outcome]:
+def run_programs(
+    programs: list[str], limits: Limits = Limits(), workers: int | None = None, progress: bool = True
+) -> list[Outcome]:
     """Outcomes in input order; up to `workers` (default: the core count) samples at a time."""
     workers = max(1, workers or os.cpu_count() or 1)
     network_namespace_available()  # probe once, before the threads start

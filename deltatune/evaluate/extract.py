@@ -54,7 +54,7 @@ def gsm8k_target(answer: str) -> str:
 
 def _after_answer_is(text: str) -> str:
     matches = list(_ANSWER_IS.finditer(text))
-    return text[matches[-1].end():] if matches else text
+    return text[matches[-1].end() :] if matches else text
 
 
 def normalize_answer(text: str) -> str:

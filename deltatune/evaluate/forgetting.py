@@ -19,9 +19,9 @@ LOSS_METRICS = frozenset({"loss", "perplexity"})
 @dataclass
 class LearnForget:
     label: str
-    learning: float                     # fraction (nan when no fraction-valued target)
-    forgetting: float                   # fraction (nan when no fraction-valued source)
-    scores: dict[str, float]            # fraction-valued tasks: the run's score
+    learning: float  # fraction (nan when no fraction-valued target)
+    forgetting: float  # fraction (nan when no fraction-valued source)
+    scores: dict[str, float]  # fraction-valued tasks: the run's score
     losses: dict[str, dict[str, float]] = field(default_factory=dict)  # loss tasks: base, run, change
 
     def as_row(self) -> dict:
@@ -35,8 +35,14 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def learn_forget(label: str, base: dict[str, float], run: dict[str, float], targets: list[str],
-                 sources: list[str], loss_tasks: frozenset[str] | set[str] = frozenset()) -> LearnForget:
+def learn_forget(
+    label: str,
+    base: dict[str, float],
+    run: dict[str, float],
+    targets: list[str],
+    sources: list[str],
+    loss_tasks: frozenset[str] | set[str] = frozenset(),
+) -> LearnForget:
     """Aggregate one run's task scores against the base model's.
 
     Tasks in `loss_tasks` (lower is better, not a fraction) go into `losses`, never into the means.
@@ -51,6 +57,9 @@ def learn_forget(label: str, base: dict[str, float], run: dict[str, float], targ
     learning = _mean([run[t] - base[t] for t in targets if t not in loss_tasks])
     forgetting = _mean([base[s] - run[s] for s in sources if s not in loss_tasks])
     scores = {t: run[t] for t in dict.fromkeys(targets + sources) if t not in loss_tasks}
-    losses = {t: {"base": base[t], "run": run[t], "change": run[t] - base[t]}
-              for t in dict.fromkeys(targets + sources) if t in loss_tasks}
+    losses = {
+        t: {"base": base[t], "run": run[t], "change": run[t] - base[t]}
+        for t in dict.fromkeys(targets + sources)
+        if t in loss_tasks
+    }
     return LearnForget(label, learning, forgetting, scores, losses)

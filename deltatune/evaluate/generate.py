@@ -42,8 +42,15 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], config: GenerationConfig | None = None,
-             batch_size: int = 8, add_special_tokens: bool = False, progress: bool = True) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    config: GenerationConfig | None = None,
+    batch_size: int = 8,
+    add_special_tokens: bool = False,
+    progress: bool = True,
+) -> list[str]:
     """Continuations of `prompts` (decoded without special tokens), in input order."""
     config = config or GenerationConfig()
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
@@ -60,16 +67,17 @@ def generate(model, tokenizer, prompts: list[str], config: GenerationConfig | No
         torch.manual_seed(config.seed)
     bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress or len(prompts) < 2)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in idx)
         input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):
             ids = encoded[i]
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention[row, width - len(ids):] = 1
-        kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
-                      pad_token_id=pad_id, eos_token_id=eos)
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        kwargs = dict(
+            max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, pad_token_id=pad_id, eos_token_id=eos
+        )
         if config.do_sample:
             kwargs.update(temperature=config.temperature, top_p=config.top_p)
         else:

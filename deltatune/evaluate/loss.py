@@ -30,15 +30,16 @@ class LossResult:
 
 
 @torch.no_grad()
-def heldout_loss(model, examples: list[TokenizedExample], batch_size: int = 8, pad_id: int = 0,
-                 progress: bool = True) -> LossResult:
+def heldout_loss(
+    model, examples: list[TokenizedExample], batch_size: int = 8, pad_id: int = 0, progress: bool = True
+) -> LossResult:
     """Weighted mean next-token NLL; `weights[t]` weighs token t as a target (t >= 1)."""
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
     total, weight_sum = 0.0, 0.0
     bar = tqdm(total=len(examples), desc="loss", unit="ex", disable=not progress or len(examples) < 2)
     for start in range(0, len(order), batch_size):
-        batch = [examples[i] for i in order[start:start + batch_size]]
+        batch = [examples[i] for i in order[start : start + batch_size]]
         width = max(len(ex) for ex in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attn = torch.zeros((len(batch), width), dtype=torch.long)
@@ -51,8 +52,9 @@ def heldout_loss(model, examples: list[TokenizedExample], batch_size: int = 8, p
             attn[r, :n] = 1
             w[r, :n] = torch.tensor(ex.weights, dtype=torch.float64)
         # final hidden states, then the chunked head: logits exist only for loss-bearing positions
-        hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                     use_cache=False).last_hidden_state
+        hidden = model.get_decoder()(
+            input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False
+        ).last_hidden_state
         s, tw = weighted_lm_loss_sum(hidden, model.get_output_embeddings(), ids.to(device), w.to(device))
         total += float(s)
         weight_sum += float(tw)
@@ -64,9 +66,20 @@ def heldout_loss(model, examples: list[TokenizedExample], batch_size: int = 8, p
     return LossResult(loss, math.exp(min(loss, 700.0)), weight_sum, len(examples))
 
 
-def loss_on_file(model, tokenizer, path, *, template: str = "chatml", policy: str = "response",
-                 data_format: str = "auto", column_map: dict[str, str] | str | None = None, max_len: int = 1024,
-                 limit: int | None = None, batch_size: int = 8, progress: bool = True) -> LossResult:
+def loss_on_file(
+    model,
+    tokenizer,
+    path,
+    *,
+    template: str = "chatml",
+    policy: str = "response",
+    data_format: str = "auto",
+    column_map: dict[str, str] | str | None = None,
+    max_len: int = 1024,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> LossResult:
     """Held-out loss of a data file, read, templated and weighted exactly as training reads it."""
     from deltatune.data.masking import LossPolicy, parse_policy, policy_weights
     from deltatune.data.pipeline import prepare_dataset
@@ -75,8 +88,9 @@ def loss_on_file(model, tokenizer, path, *, template: str = "chatml", policy: st
     parsed = parse_policy(policy)
     if not isinstance(parsed, LossPolicy):
         raise ConfigError("evaluation takes one loss policy, not a two-phase schedule", field="policy")
-    prepared = prepare_dataset(path, tokenizer, template=template, data_format=data_format, column_map=column_map,
-                               max_len=max_len, limit=limit)
+    prepared = prepare_dataset(
+        path, tokenizer, template=template, data_format=data_format, column_map=column_map, max_len=max_len, limit=limit
+    )
     for ex in prepared.examples:
         ex.weights = policy_weights(ex, parsed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

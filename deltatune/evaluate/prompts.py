@@ -17,15 +17,16 @@ from deltatune.errors import UserError
 from deltatune.evaluate.tasks import Item
 
 STYLES = ("chat", "alpaca", "plain")
-ALPACA_HEADER = ("Below is an instruction that describes a task. "
-                 "Write a response that appropriately completes the request.\n\n")
+ALPACA_HEADER = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+)
 
 
 @dataclass(frozen=True)
 class PromptStyle:
     name: str
     continuation_prefix: str  # before an option's text or a letter
-    stop: tuple[str, ...]     # cut generated text here
+    stop: tuple[str, ...]  # cut generated text here
 
 
 def default_style(tokenizer) -> str:
@@ -46,8 +47,10 @@ def render(tokenizer, style: str, shots: list[tuple[str, str]], question: str) -
     """The full prompt: shots as (question, answer) pairs, then the question awaiting an answer."""
     if style == "chat":
         if not getattr(tokenizer, "chat_template", None):
-            raise UserError("prompt style 'chat' needs a tokenizer with a chat template; use --prompt-style plain",
-                            field="prompt-style")
+            raise UserError(
+                "prompt style 'chat' needs a tokenizer with a chat template; use --prompt-style plain",
+                field="prompt-style",
+            )
         messages = []
         for q, a in shots:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
@@ -76,6 +79,7 @@ def pick_shots(pool: list[Item], k: int, seed: int, exclude: Item | None = None)
 
     def same(p: Item) -> bool:  # the same object, or the same record read twice
         return exclude is not None and (p is exclude or (bool(p.source) and p.source == exclude.source))
+
     candidates = [p for p in pool if not same(p)]
     if len(candidates) < k:
         raise UserError(f"asked for {k} shots but only {len(candidates)} examples are available", field="shots")

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from deltatune.errors import UserError
 from deltatune.evaluate import metrics as M
 from deltatune.evaluate.choice import choice_accuracies, predict, score_options
 from deltatune.evaluate.extract import extract_bbh, extract_gsm8k, normalize_answer
 from deltatune.evaluate.generate import GenerationConfig, generate
 from deltatune.evaluate.loss import loss_on_file
 from deltatune.evaluate.prompts import default_style, letter_question, pick_shots, render, style_info
-from deltatune.errors import UserError
 from deltatune.evaluate.tasks import LETTERS, Item, Task, load_items, load_shot_pool
 
 
@@ -21,27 +21,27 @@ class EvalOptions:
     shots: int = 0
     seed: int = 0
     batch_size: int = 8
-    style: str | None = None          # None: chat if the tokenizer has a template, else plain
-    choice_mode: str = "option"       # "option" (likelihood of the answer text) | "letter"
+    style: str | None = None  # None: chat if the tokenizer has a template, else plain
+    choice_mode: str = "option"  # "option" (likelihood of the answer text) | "letter"
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     max_new_tokens: int | None = None  # None: the task's own
     progress: bool = True
-    template: str = "chatml"          # loss tasks: the training template and loss policy
+    template: str = "chatml"  # loss tasks: the training template and loss policy
     policy: str = "response"
     max_len: int = 1024
-    samples: int = 1                  # code tasks: completions per problem (n of pass@k)
-    pass_k: tuple[int, ...] = (1,)    # code tasks: the k of pass@k reported (those <= samples)
+    samples: int = 1  # code tasks: completions per problem (n of pass@k)
+    pass_k: tuple[int, ...] = (1,)  # code tasks: the k of pass@k reported (those <= samples)
     allow_code_execution: bool = False
-    exec_timeout: float = 10.0        # code tasks: wall-clock seconds per sample
+    exec_timeout: float = 10.0  # code tasks: wall-clock seconds per sample
     exec_memory_mb: int = 1024
-    exec_workers: int | None = None   # default: the core count
+    exec_workers: int | None = None  # default: the core count
 
 
 @dataclass
 class TaskResult:
     task: str
     n: int
-    metric: str                     # the headline metric's key
+    metric: str  # the headline metric's key
     metrics: dict[str, float]
     predictions: list[dict[str, Any]]
     higher_is_better: bool = True
@@ -63,24 +63,40 @@ def _shots_for(item: Item, pool: list[Item] | None, opts: EvalOptions) -> list[I
 def _score_generation(task: Task, item: Item, text: str) -> dict[str, float | str | None]:
     if task.extract == "gsm8k":
         strict, flexible = extract_gsm8k(text, strict=True), extract_gsm8k(text, strict=False)
-        return {"extracted": strict, "exact_match": M.exact_match(strict, item.target),
-                "exact_match_flexible": M.exact_match(flexible, item.target)}
+        return {
+            "extracted": strict,
+            "exact_match": M.exact_match(strict, item.target),
+            "exact_match_flexible": M.exact_match(flexible, item.target),
+        }
     if task.extract == "bbh":
         pred = extract_bbh(text, item.target)
         return {"extracted": pred, "exact_match": M.exact_match(pred, item.target)}
-    return {"extracted": text.strip(),
-            "exact_match": M.exact_match(normalize_answer(text), normalize_answer(item.target)),
-            "f1": M.token_f1(text, item.target), "rouge_l": M.rouge_l(text, item.target)}
+    return {
+        "extracted": text.strip(),
+        "exact_match": M.exact_match(normalize_answer(text), normalize_answer(item.target)),
+        "f1": M.token_f1(text, item.target),
+        "rouge_l": M.rouge_l(text, item.target),
+    }
 
 
-def evaluate_task(model, tokenizer, task: Task, opts: EvalOptions | None = None,
-                  items: list[Item] | None = None) -> TaskResult:
+def evaluate_task(
+    model, tokenizer, task: Task, opts: EvalOptions | None = None, items: list[Item] | None = None
+) -> TaskResult:
     """Score `model` on `task` (on `items` if given: read them first to fail before loading a model)."""
     opts = opts or EvalOptions()
     if task.kind == "loss":
-        res = loss_on_file(model, tokenizer, task.files[0], template=opts.template, policy=opts.policy,
-                           column_map=task.field_map or None, max_len=opts.max_len, limit=opts.limit,
-                           batch_size=opts.batch_size, progress=opts.progress)
+        res = loss_on_file(
+            model,
+            tokenizer,
+            task.files[0],
+            template=opts.template,
+            policy=opts.policy,
+            column_map=task.field_map or None,
+            max_len=opts.max_len,
+            limit=opts.limit,
+            batch_size=opts.batch_size,
+            progress=opts.progress,
+        )
         return TaskResult(task.name, res.examples, "loss", res.as_dict(), [], higher_is_better=False)
     items = items if items is not None else load_items(task, opts.limit)
     if task.kind == "code":
@@ -97,14 +113,25 @@ def evaluate_task(model, tokenizer, task: Task, opts: EvalOptions | None = None,
     for item in items:
         shots = [(s.prompt, s.shot_answer) for s in _shots_for(item, pool, opts)]
         prompts.append(render(tokenizer, style.name, shots, item.prompt + suffix))
-    gen = replace(opts.generation, max_new_tokens=opts.max_new_tokens or task.max_new_tokens,
-                  stop=tuple(opts.generation.stop) + style.stop)
-    texts = generate(model, tokenizer, prompts, gen, batch_size=opts.batch_size, add_special_tokens=add_special,
-                     progress=opts.progress)
+    gen = replace(
+        opts.generation,
+        max_new_tokens=opts.max_new_tokens or task.max_new_tokens,
+        stop=tuple(opts.generation.stop) + style.stop,
+    )
+    texts = generate(
+        model,
+        tokenizer,
+        prompts,
+        gen,
+        batch_size=opts.batch_size,
+        add_special_tokens=add_special,
+        progress=opts.progress,
+    )
     rows = []
     for item, text in zip(items, texts):
-        rows.append({"source": item.source, "target": item.target, "output": text,
-                     **_score_generation(task, item, text)})
+        rows.append(
+            {"source": item.source, "target": item.target, "output": text, **_score_generation(task, item, text)}
+        )
     keys = [k for k in rows[0] if k not in {"source", "target", "output", "extracted"}]
     metrics = {k: M.mean([float(r[k]) for r in rows]) for k in keys}
     info = {"protocol": f"{opts.shots}-shot" + (", answer format stated in the prompt" if suffix else "")}
@@ -124,17 +151,34 @@ def _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_speci
             pairs = [(s.prompt, s.options[s.answer]) for s in shots]
             contexts.append(render(tokenizer, style.name, pairs, item.prompt))
             options.append([style.continuation_prefix + o for o in item.options])
-    scores = score_options(model, tokenizer, contexts, options, batch_size=opts.batch_size,
-                           add_special_tokens=add_special, progress=opts.progress)
+    scores = score_options(
+        model,
+        tokenizer,
+        contexts,
+        options,
+        batch_size=opts.batch_size,
+        add_special_tokens=add_special,
+        progress=opts.progress,
+    )
     answers = [item.answer for item in items]
     metrics = choice_accuracies(scores, answers)
     if letter:  # every letter has one character and (usually) one token: the three agree; keep one
         metrics = {"acc": metrics["acc_sum"]}
-    rows = [{"source": it.source, "target": it.target, "predicted": LETTERS[predict(s, "sum" if letter else "char")],
-             "logprobs": [round(o.logprob, 4) for o in s]} for it, s in zip(items, scores)]
-    info = {"choice": "letter" if letter else "option likelihood",
-            "shots_from": "none" if opts.shots == 0 else
-            ("the training split" if task.fewshot_files else "the same file (test split) minus the item")}
+    rows = [
+        {
+            "source": it.source,
+            "target": it.target,
+            "predicted": LETTERS[predict(s, "sum" if letter else "char")],
+            "logprobs": [round(o.logprob, 4) for o in s],
+        }
+        for it, s in zip(items, scores)
+    ]
+    info = {
+        "choice": "letter" if letter else "option likelihood",
+        "shots_from": "none"
+        if opts.shots == 0
+        else ("the training split" if task.fewshot_files else "the same file (test split) minus the item"),
+    }
     return TaskResult(task.name, len(items), "acc", metrics, rows, info=info)
 
 
@@ -142,16 +186,19 @@ def check_code_options(opts: EvalOptions, task: Task | None = None, generating: 
     """Code tasks run generated programs: only with the explicit opt-in; generating n > 1 samples needs sampling.
     Called before any model loads, so a wrong flag costs nothing."""
     if not opts.allow_code_execution:
-        raise UserError(f"task '{task.name if task else 'code'}' runs model-written programs; pass "
-                        "--allow-code-execution to allow it (see docs/evaluation.md, Code execution)",
-                        field="allow-code-execution")
+        raise UserError(
+            f"task '{task.name if task else 'code'}' runs model-written programs; pass "
+            "--allow-code-execution to allow it (see docs/evaluation.md, Code execution)",
+            field="allow-code-execution",
+        )
     if opts.samples < 1:
         raise UserError("must be at least 1", field="samples")
     if any(k < 1 for k in opts.pass_k):
         raise UserError("every k must be at least 1", field="pass-k")
     if generating and opts.samples > 1 and not opts.generation.do_sample:
-        raise UserError("more than one sample per problem needs sampling: add --sample (and --temperature)",
-                        field="samples")
+        raise UserError(
+            "more than one sample per problem needs sampling: add --sample (and --temperature)", field="samples"
+        )
 
 
 def _evaluate_code(model, tokenizer, task: Task, items: list[Item], opts: EvalOptions) -> TaskResult:
@@ -165,12 +212,22 @@ def _evaluate_code(model, tokenizer, task: Task, items: list[Item], opts: EvalOp
     else:
         prompts = [render(tokenizer, style.name, [], p.generation_prompt()) for p in problems]
         stop, add_special = style.stop, style.name != "chat"
-    gen = replace(opts.generation, max_new_tokens=opts.max_new_tokens or task.max_new_tokens,
-                  stop=tuple(opts.generation.stop) + tuple(stop))
+    gen = replace(
+        opts.generation,
+        max_new_tokens=opts.max_new_tokens or task.max_new_tokens,
+        stop=tuple(opts.generation.stop) + tuple(stop),
+    )
     n = opts.samples
-    texts = generate(model, tokenizer, [p for p in prompts for _ in range(n)], gen, batch_size=opts.batch_size,
-                     add_special_tokens=add_special, progress=opts.progress)
-    completions = [[clean_completion(p, t) for t in texts[i * n:(i + 1) * n]] for i, p in enumerate(problems)]
+    texts = generate(
+        model,
+        tokenizer,
+        [p for p in prompts for _ in range(n)],
+        gen,
+        batch_size=opts.batch_size,
+        add_special_tokens=add_special,
+        progress=opts.progress,
+    )
+    completions = [[clean_completion(p, t) for t in texts[i * n : (i + 1) * n]] for i, p in enumerate(problems)]
     return score_code(task.name, problems, completions, opts)
 
 
@@ -181,19 +238,41 @@ def score_code(name: str, problems: list, completions: list[list[str]], opts: Ev
 
     check_code_options(opts)
     programs = [p.program(c) for p, cs in zip(problems, completions) for c in cs]
-    outcomes = run_programs(programs, Limits(timeout_s=opts.exec_timeout, memory_mb=opts.exec_memory_mb),
-                            workers=opts.exec_workers, progress=opts.progress)
+    outcomes = run_programs(
+        programs,
+        Limits(timeout_s=opts.exec_timeout, memory_mb=opts.exec_memory_mb),
+        workers=opts.exec_workers,
+        progress=opts.progress,
+    )
     rows, counts, at = [], [], 0
     for p, cs in zip(problems, completions):
-        mine = outcomes[at:at + len(cs)]
+        mine = outcomes[at : at + len(cs)]
         at += len(cs)
         counts.append((len(cs), sum(o.passed for o in mine)))
-        rows.append({"source": p.source, "task_id": p.task_id, "n": len(cs), "passed": counts[-1][1],
-                     "completions": cs, "status": [o.status for o in mine]})
+        rows.append(
+            {
+                "source": p.source,
+                "task_id": p.task_id,
+                "n": len(cs),
+                "passed": counts[-1][1],
+                "completions": cs,
+                "status": [o.status for o in mine],
+            }
+        )
     metrics = pass_at_k_table(counts, opts.pass_k)
     skipped = [k for k in opts.pass_k if f"pass@{k}" not in metrics]
     if skipped:
         print(f"note: pass@{skipped[0]} needs at least {skipped[0]} samples per problem; not reported")
-    return TaskResult(name, len(problems), "pass@1", metrics, rows,
-                      info={"samples_per_problem": min(n for n, _ in counts), "isolation": isolation(),
-                            "timeout_s": opts.exec_timeout, "memory_mb": opts.exec_memory_mb})
+    return TaskResult(
+        name,
+        len(problems),
+        "pass@1",
+        metrics,
+        rows,
+        info={
+            "samples_per_problem": min(n for n, _ in counts),
+            "isolation": isolation(),
+            "timeout_s": opts.exec_timeout,
+            "memory_mb": opts.exec_memory_mb,
+        },
+    )

@@ -27,8 +27,8 @@ CHECKPOINT_WEIGHTS = "trainable.safetensors"
 @dataclass
 class Snapshot:
     path: Path
-    kind: str          # "adapter" | "model" | "checkpoint"
-    step: int | None   # optimizer step (None for a final folder without one)
+    kind: str  # "adapter" | "model" | "checkpoint"
+    step: int | None  # optimizer step (None for a final folder without one)
     label: str
 
 

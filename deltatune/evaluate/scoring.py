@@ -40,13 +40,13 @@ def read_predictions(path: str | Path, known: dict[str, str]) -> dict[str, list[
             if "completions" in r:
                 texts = r["completions"]
                 if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-                    raise DataError("expected a non-empty list of strings", file=str(path), line=n,
-                                    field="completions")
+                    raise DataError("expected a non-empty list of strings", file=str(path), line=n, field="completions")
             elif isinstance(r.get("completion"), str):
                 texts = [r["completion"]]
             else:
-                raise DataError("needs 'completion' (a string) or 'completions' (a list of strings)",
-                                file=str(path), line=n)
+                raise DataError(
+                    "needs 'completion' (a string) or 'completions' (a list of strings)", file=str(path), line=n
+                )
             out.setdefault(tid, []).extend(texts)
     return out
 
@@ -58,11 +58,14 @@ def score_predictions(path: str | Path, tasks: list[Task], opts: EvalOptions) ->
     task = tasks[0]
     check_code_options(opts, task)
     every = load_items(task)
-    chosen = every[:opts.limit] if opts.limit else every
+    chosen = every[: opts.limit] if opts.limit else every
     predictions = read_predictions(path, {it.problem.task_id: it.source for it in every})
     missing = [it for it in chosen if it.problem.task_id not in predictions]
     if missing:
-        raise DataError(f"no completion for task_id {missing[0].problem.task_id!r} ({missing[0].source}) "
-                        f"and {len(missing) - 1} more", file=str(path))
+        raise DataError(
+            f"no completion for task_id {missing[0].problem.task_id!r} ({missing[0].source}) "
+            f"and {len(missing) - 1} more",
+            file=str(path),
+        )
     problems = [it.problem for it in chosen]
     return [score_code(task.name, problems, [predictions[p.task_id] for p in problems], opts)]

@@ -27,8 +27,7 @@ from deltatune.evaluate.extract import bbh_target, gsm8k_target
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # GSM8K at 0 shots (chat models): no example shows the answer format, so the prompt states it; the
 # headline strict match then reads the number after '####' exactly as with few-shot prompts
-GSM8K_ZERO_SHOT = ("\n\nSolve the problem step by step. On the last line, write the final answer as "
-                   "'#### <number>'.")
+GSM8K_ZERO_SHOT = "\n\nSolve the problem step by step. On the last line, write the final answer as '#### <number>'."
 
 
 @dataclass
@@ -40,22 +39,22 @@ class Item:
     shot_answer: str = ""
     options: list[str] | None = None
     answer: int | None = None  # index of the correct option
-    source: str = ""           # "file:line" for error messages and the predictions file
-    group: str = ""            # file stem (MMLU subject, BBH task): few-shot examples come from the same group
-    problem: Any = None        # code tasks: the CodeProblem (program builder, task_id)
+    source: str = ""  # "file:line" for error messages and the predictions file
+    group: str = ""  # file stem (MMLU subject, BBH task): few-shot examples come from the same group
+    problem: Any = None  # code tasks: the CodeProblem (program builder, task_id)
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str                      # "generate" | "choice" | "loss" | "code"
+    kind: str  # "generate" | "choice" | "loss" | "code"
     files: tuple[Path, ...]
-    format: str                    # reader: "gsm8k" | "mmlu" | "bbh" | "self-instruct" | "instruction"
-    metric: str                    # headline metric key in the results
-    extract: str = "text"          # "gsm8k" | "bbh" | "text"
+    format: str  # reader: "gsm8k" | "mmlu" | "bbh" | "self-instruct" | "instruction"
+    metric: str  # headline metric key in the results
+    extract: str = "text"  # "gsm8k" | "bbh" | "text"
     fewshot_files: tuple[Path, ...] = ()  # empty: shots come from the task's own items, never the item itself
     max_new_tokens: int = 256
-    zero_shot_suffix: str = ""     # appended to the question when no shots show the answer format
+    zero_shot_suffix: str = ""  # appended to the question when no shots show the answer format
     field_map: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
@@ -117,28 +116,62 @@ def resolve_task(spec: str, root: str | os.PathLike | None = None, field_map: di
         return Task(spec, "code", (_need(Path(part).expanduser()),), "code", "pass@1", max_new_tokens=512)
     if name == "file":
         path = _need(Path(part).expanduser())
-        return Task(spec, "generate", (path,), "instruction", "rouge_l", "text", max_new_tokens=256,
-                    field_map=dict(field_map or {}))
+        return Task(
+            spec,
+            "generate",
+            (path,),
+            "instruction",
+            "rouge_l",
+            "text",
+            max_new_tokens=256,
+            field_map=dict(field_map or {}),
+        )
     base = data_root(root)
     if name == "gsm8k":
-        return Task(spec, "generate", (_need(base / "gsm8k" / "test.jsonl"),), "gsm8k", "exact_match", "gsm8k",
-                    fewshot_files=(base / "gsm8k" / "train.jsonl",), max_new_tokens=256,
-                    zero_shot_suffix=GSM8K_ZERO_SHOT)
+        return Task(
+            spec,
+            "generate",
+            (_need(base / "gsm8k" / "test.jsonl"),),
+            "gsm8k",
+            "exact_match",
+            "gsm8k",
+            fewshot_files=(base / "gsm8k" / "train.jsonl",),
+            max_new_tokens=256,
+            zero_shot_suffix=GSM8K_ZERO_SHOT,
+        )
     if name == "mmlu":
         return Task(spec, "choice", tuple(_choose(base / "mmlu", "_test.csv", part, "mmlu")), "mmlu", "acc")
     if name == "bbh":
-        return Task(spec, "generate", tuple(_choose(base / "bbh", ".json", part, "bbh")), "bbh", "exact_match",
-                    "bbh", max_new_tokens=64)
+        return Task(
+            spec,
+            "generate",
+            tuple(_choose(base / "bbh", ".json", part, "bbh")),
+            "bbh",
+            "exact_match",
+            "bbh",
+            max_new_tokens=64,
+        )
     if name == "self-instruct":
         folder = base / "self-instruct"
-        return Task(spec, "generate", (_need(folder / "user_oriented_instructions.jsonl"),), "self-instruct",
-                    "rouge_l", "text", fewshot_files=(folder / "seed_tasks.jsonl",), max_new_tokens=256)
-    raise UserError(f"unknown task '{spec}'; use gsm8k, mmlu[:subject], bbh[:task], self-instruct, file:PATH "
-                    "loss:PATH or code:PATH",
-                    field="task")
+        return Task(
+            spec,
+            "generate",
+            (_need(folder / "user_oriented_instructions.jsonl"),),
+            "self-instruct",
+            "rouge_l",
+            "text",
+            fewshot_files=(folder / "seed_tasks.jsonl",),
+            max_new_tokens=256,
+        )
+    raise UserError(
+        f"unknown task '{spec}'; use gsm8k, mmlu[:subject], bbh[:task], self-instruct, file:PATH "
+        "loss:PATH or code:PATH",
+        field="task",
+    )
 
 
 # --- readers: one per format, each returning Items ---------------------------------------------
+
 
 def _jsonl(path: Path):
     with open(path, encoding="utf-8") as fh:
@@ -180,8 +213,9 @@ def read_mmlu(path: Path) -> list[Item]:
             if len(row) != 6 or row[5].strip() not in "ABCD" or not row[5].strip():
                 raise DataError("expected 6 columns: question, A, B, C, D, answer letter", file=str(path), line=n)
             answer = LETTERS.index(row[5].strip())
-            items.append(Item(row[0], row[5].strip(), row[1 + answer], options=row[1:5], answer=answer,
-                              source=f"{path}:{n}"))
+            items.append(
+                Item(row[0], row[5].strip(), row[1 + answer], options=row[1:5], answer=answer, source=f"{path}:{n}")
+            )
     return items
 
 
@@ -264,6 +298,7 @@ def load_shot_pool(task: Task) -> list[Item] | None:
         return None
     pool: list[Item] = []
     for path in task.fewshot_files:
-        pool.extend(_read(task.format if task.format != "self-instruct" else "self-instruct", _need(path),
-                          task.field_map))
+        pool.extend(
+            _read(task.format if task.format != "self-instruct" else "self-instruct", _need(path), task.field_map)
+        )
     return pool

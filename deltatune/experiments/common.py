@@ -106,13 +106,21 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": model, "flags": flags, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": model,
+        "flags": flags,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     """A GitHub markdown table; floats with 3 significant decimals, None as '-'."""
+
     def cell(v: Any) -> str:
         if v is None:
             return "-"
@@ -128,9 +136,8 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 def quick_model(folder: Path) -> str:
     """The tiny random model of `--quick`, saved once as a transformers folder (so runs can be reopened)."""
     if not (folder / "config.json").exists():
-        from deltatune.testing import tiny_model, tiny_tokenizer
-
         from deltatune.fileio import atomic_dir
+        from deltatune.testing import tiny_model, tiny_tokenizer
 
         with atomic_dir(folder) as tmp:
             tiny_model().save_pretrained(tmp)
@@ -145,8 +152,17 @@ class Context:
     has started, a restart with other settings is refused, so resumed runs never mix with another setup.
     """
 
-    def __init__(self, name: str, out: str | os.PathLike, *, quick: bool, seeds: list[int],
-                 settings: dict[str, Any] | None = None, model: str | None = None, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        out: str | os.PathLike,
+        *,
+        quick: bool,
+        seeds: list[int],
+        settings: dict[str, Any] | None = None,
+        model: str | None = None,
+        quiet: bool = False,
+    ) -> None:
         self.name, self.out, self.quick, self.seeds = name, Path(out), quick, seeds
         self.settings = {"quick": quick, "seeds": seeds, **(settings or {})}
         self.quiet = quiet
@@ -165,17 +181,22 @@ class Context:
                 found = json.loads(manifest.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 raise UserError(f"{manifest} is not an experiment manifest; choose another --out") from None
-            same = found.get("experiment") == self.name and found.get("settings") == json.loads(json.dumps(self.settings))
+            same = found.get("experiment") == self.name and found.get("settings") == json.loads(
+                json.dumps(self.settings)
+            )
             if not same and not (self.out / "runs").exists():  # nothing trained yet (it failed at set-up): retake
                 write_atomic(manifest, json.dumps(wanted, indent=2) + "\n")
                 return
             if not same:
-                raise UserError(f"{self.out} holds experiment '{found.get('experiment')}' with settings "
-                                f"{found.get('settings')}; resume it with the same options or choose another --out")
+                raise UserError(
+                    f"{self.out} holds experiment '{found.get('experiment')}' with settings "
+                    f"{found.get('settings')}; resume it with the same options or choose another --out"
+                )
             return
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
-            raise UserError(f"{self.out} exists and is not an experiment folder of '{self.name}'; "
-                            "choose an empty or new --out")
+            raise UserError(
+                f"{self.out} exists and is not an experiment folder of '{self.name}'; choose an empty or new --out"
+            )
         write_atomic(manifest, json.dumps(wanted, indent=2) + "\n")
 
     def config_defaults(self) -> dict[str, Any]:
@@ -214,8 +235,13 @@ class Context:
         folder = self.run_dir(run.name)
         if folder.exists():  # killed before its done marker: this experiment's own partial run, start it over
             shutil.rmtree(folder)
-        overrides = {"model": self.model, **self.config_defaults(), **run.config, "output": str(folder),
-                     "resume": False}
+        overrides = {
+            "model": self.model,
+            **self.config_defaults(),
+            **run.config,
+            "output": str(folder),
+            "resume": False,
+        }
         cfg = load_config(overrides=overrides)
         measured: dict[int, dict] = {}
         measure_seconds = 0.0
@@ -235,10 +261,15 @@ class Context:
             if now - last_print > 5 or step == total or out:
                 per_step = (self._train_seconds + elapsed) / max(1, self._steps_done + step)
                 eta = per_step * (total - step + later)
-                self.say(f"[{self.name}] run {index}/{count} {run.name} step {step}/{total}"
-                         f" | experiment ETA {format_seconds(eta)}"
-                         + (" | " + ", ".join(f"{k} {v:.3g}" for k, v in out.items() if isinstance(v, (int, float)))
-                            if out else ""))
+                self.say(
+                    f"[{self.name}] run {index}/{count} {run.name} step {step}/{total}"
+                    f" | experiment ETA {format_seconds(eta)}"
+                    + (
+                        " | " + ", ".join(f"{k} {v:.3g}" for k, v in out.items() if isinstance(v, (int, float)))
+                        if out
+                        else ""
+                    )
+                )
                 last_print = now
             return out
 
@@ -247,13 +278,21 @@ class Context:
         self._train_seconds += time.perf_counter() - started
         params = json.loads((folder / "parameters.json").read_text(encoding="utf-8"))
         train_seconds = max(result.seconds - measure_seconds, 1e-9)  # training alone, without the measurements
-        summary = {"name": run.name, **run.meta, "steps": result.steps, "final_loss": result.final_loss,
-                   "eval_loss": result.eval_loss, "tokens_per_s": result.real_tokens / train_seconds,
-                   "real_tokens": result.real_tokens, "train_seconds": train_seconds,
-                   "measure_seconds": measure_seconds,
-                   "trainable_params": params.get("trainable"), "total_params": params.get("total"),
-                   "losses": [h["loss"] for h in result.history],
-                   "measured": {str(k): v for k, v in sorted(measured.items())}}
+        summary = {
+            "name": run.name,
+            **run.meta,
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "eval_loss": result.eval_loss,
+            "tokens_per_s": result.real_tokens / train_seconds,
+            "real_tokens": result.real_tokens,
+            "train_seconds": train_seconds,
+            "measure_seconds": measure_seconds,
+            "trainable_params": params.get("trainable"),
+            "total_params": params.get("total"),
+            "losses": [h["loss"] for h in result.history],
+            "measured": {str(k): v for k, v in sorted(measured.items())},
+        }
         write_atomic(folder / DONE, json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -262,18 +301,30 @@ class Context:
         if not self.quiet:
             print(text, file=sys.stderr, flush=True)
 
-    def finish(self, results: dict[str, Any], tables: list[tuple[str, str]], plots: list[str] = (),
-               notes: list[str] = ()) -> Path:
+    def finish(
+        self, results: dict[str, Any], tables: list[tuple[str, str]], plots: list[str] = (), notes: list[str] = ()
+    ) -> Path:
         """Write results.json and results.md; `tables` are (title, markdown table), `plots` PNG names in OUT."""
         wall = time.perf_counter() - self.started
-        doc = {"experiment": self.name, "command": " ".join(["deltatune", *sys.argv[1:]]) if sys.argv else "",
-               "settings": self.settings, "seeds": self.seeds, "model": self.model or "default",
-               "machine": machine_info(), "wall_s": round(wall, 1),
-               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **results}
+        doc = {
+            "experiment": self.name,
+            "command": " ".join(["deltatune", *sys.argv[1:]]) if sys.argv else "",
+            "settings": self.settings,
+            "seeds": self.seeds,
+            "model": self.model or "default",
+            "machine": machine_info(),
+            "wall_s": round(wall, 1),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **results,
+        }
         write_atomic(self.out / "results.json", json.dumps(doc, indent=2, default=str) + "\n")
-        md = [f"# {self.name} ({'quick' if self.quick else 'full'})", "",
-              f"seeds {self.seeds}; model {doc['model']}; {doc['machine']['cpu']} ({doc['machine']['cores']} cores); "
-              f"wall {format_seconds(wall)} (this invocation)", ""]
+        md = [
+            f"# {self.name} ({'quick' if self.quick else 'full'})",
+            "",
+            f"seeds {self.seeds}; model {doc['model']}; {doc['machine']['cpu']} ({doc['machine']['cores']} cores); "
+            f"wall {format_seconds(wall)} (this invocation)",
+            "",
+        ]
         for title, table in tables:
             md += [f"## {title}", "", table, ""]
         md += [f"![{p}]({p})" for p in plots] + ([""] if plots else [])
@@ -311,6 +362,12 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     """Greedy continuations (stopped at end of turn), stripped."""
     from deltatune.evaluate.generate import GenerationConfig, generate
 
-    texts = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=max_new_tokens),
-                     batch_size=batch_size, progress=False)
+    texts = generate(
+        model,
+        tokenizer,
+        prompts,
+        GenerationConfig(max_new_tokens=max_new_tokens),
+        batch_size=batch_size,
+        progress=False,
+    )
     return [t.strip() for t in texts]

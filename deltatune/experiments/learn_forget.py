@@ -45,10 +45,34 @@ MMLU_SUBJECTS = "high_school_geography+high_school_psychology+marketing+nutritio
 BBH_TASKS = "boolean_expressions+sports_understanding+navigate"
 # full mode: sized for 90 minutes on 2 cores (docs/experiments.md); quick: the tiny model, seconds
 SIZES = {
-    "full": dict(train=160, val=32, epochs=1.0, batch=8, seq_len=512, gsm8k=40, mmlu=20, bbh=12, selfinstruct=60,
-                 max_new_tokens=160, bbh_tokens=48, eval_batch=16),
-    "quick": dict(train=8, val=4, epochs=1.0, batch=4, seq_len=512, gsm8k=2, mmlu=2, bbh=2, selfinstruct=3,
-                  max_new_tokens=8, bbh_tokens=4, eval_batch=4),
+    "full": dict(
+        train=160,
+        val=32,
+        epochs=1.0,
+        batch=8,
+        seq_len=512,
+        gsm8k=40,
+        mmlu=20,
+        bbh=12,
+        selfinstruct=60,
+        max_new_tokens=160,
+        bbh_tokens=48,
+        eval_batch=16,
+    ),
+    "quick": dict(
+        train=8,
+        val=4,
+        epochs=1.0,
+        batch=4,
+        seq_len=512,
+        gsm8k=2,
+        mmlu=2,
+        bbh=2,
+        selfinstruct=3,
+        max_new_tokens=8,
+        bbh_tokens=4,
+        eval_batch=4,
+    ),
 }
 
 
@@ -64,8 +88,13 @@ def add_arguments(p) -> None:
 
 def _sizes(ctx: Context, args) -> dict[str, Any]:
     s = dict(SIZES["quick" if ctx.quick else "full"])
-    for key, arg in (("train", "train_examples"), ("epochs", "epochs"), ("gsm8k", "gsm8k_test"),
-                     ("mmlu", "mmlu_per_subject"), ("bbh", "bbh_per_task")):
+    for key, arg in (
+        ("train", "train_examples"),
+        ("epochs", "epochs"),
+        ("gsm8k", "gsm8k_test"),
+        ("mmlu", "mmlu_per_subject"),
+        ("bbh", "bbh_per_task"),
+    ):
         if getattr(args, arg) is not None:
             if getattr(args, arg) <= 0:
                 raise UserError("must be positive", field=arg.replace("_", "-"))
@@ -77,8 +106,9 @@ def _methods(args) -> list[str]:
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
-        raise UserError(f"unknown method '{unknown[0] if unknown else ''}'; choose from {', '.join(METHODS)}",
-                        field="methods")
+        raise UserError(
+            f"unknown method '{unknown[0] if unknown else ''}'; choose from {', '.join(METHODS)}", field="methods"
+        )
     if not 1 <= args.lrs <= 3:
         raise UserError("must be 1, 2 or 3", field="lrs")
     return names
@@ -93,7 +123,7 @@ def gsm8k_records(sizes: dict, seed: int = 1234) -> tuple[list[dict], list[dict]
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     recs = [{"instruction": items[i].prompt + GSM8K_ZERO_SHOT, "output": items[i].shot_answer} for i in order]
-    return recs[:sizes["train"]], recs[sizes["train"]:sizes["train"] + sizes["val"]]
+    return recs[: sizes["train"]], recs[sizes["train"] : sizes["train"] + sizes["val"]]
 
 
 def _selfinstruct_file(ctx: Context, n: int) -> Path:
@@ -103,8 +133,7 @@ def _selfinstruct_file(ctx: Context, n: int) -> Path:
     items = read_self_instruct(data_root() / "self-instruct" / "user_oriented_instructions.jsonl")[:n]
     path = ctx.out / "data" / "selfinstruct_heldout.jsonl"
     if not path.exists():
-        write_atomic(path, "".join(json.dumps({"instruction": it.prompt, "output": it.target}) + "\n"
-                                   for it in items))
+        write_atomic(path, "".join(json.dumps({"instruction": it.prompt, "output": it.target}) + "\n" for it in items))
     return path
 
 
@@ -119,8 +148,11 @@ class Measures:
         self.target = resolve_task("gsm8k")
         self.sources = [resolve_task(f"mmlu:{MMLU_SUBJECTS}"), resolve_task(f"bbh:{BBH_TASKS}")]
         self.loss = resolve_task(f"loss:{_selfinstruct_file(ctx, sizes['selfinstruct'])}")
-        limits = {self.target.name: sizes["gsm8k"], self.sources[0].name: sizes["mmlu"],
-                  self.sources[1].name: sizes["bbh"]}
+        limits = {
+            self.target.name: sizes["gsm8k"],
+            self.sources[0].name: sizes["mmlu"],
+            self.sources[1].name: sizes["bbh"],
+        }
         self.items = {t.name: load_items(t, limits[t.name]) for t in [self.target, *self.sources]}
         self.tokens = {self.target.name: sizes["max_new_tokens"], self.sources[1].name: sizes["bbh_tokens"]}
         self.opts = EvalOptions(batch_size=sizes["eval_batch"], progress=False, template="tokenizer", max_len=1024)
@@ -158,10 +190,21 @@ class Measures:
 
 
 def _config(method: str, rank: int | None, lr: float, seed: int, steps: int, sizes: dict) -> dict:
-    cfg = {"method": method, "lr": lr, "seed": seed, "steps": steps, "batch_size": sizes["batch"],
-           "seq_len": sizes["seq_len"], "precision": "fp32", "template": "tokenizer", "targets": "all-linear",
-           "warmup_ratio": 0.1, "schedule": "cosine", "log_every": 10,
-           "fused_norms": "off"}  # a torch.compile per run costs more than it saves on runs this short
+    cfg = {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": sizes["batch"],
+        "seq_len": sizes["seq_len"],
+        "precision": "fp32",
+        "template": "tokenizer",
+        "targets": "all-linear",
+        "warmup_ratio": 0.1,
+        "schedule": "cosine",
+        "log_every": 10,
+        "fused_norms": "off",
+    }  # a torch.compile per run costs more than it saves on runs this short
     if rank is not None:
         cfg.update(rank=rank, alpha=2.0 * rank, dropout=0.05)
     return cfg
@@ -192,16 +235,22 @@ def run(ctx: Context, args) -> None:
 
     def make(name: str, lr: float, seed: int) -> Run:
         method, rank, _ = METHODS[name]
-        return Run(_run_name(name, lr, seed), _config(method, rank, lr, seed, steps, sizes), records=train_recs,
-                   eval_records=val_recs, measure=measure, measure_steps=(steps,),
-                   meta={"method": name, "lr": lr, "seed": seed})
+        return Run(
+            _run_name(name, lr, seed),
+            _config(method, rank, lr, seed, steps, sizes),
+            records=train_recs,
+            eval_records=val_recs,
+            measure=measure,
+            measure_steps=(steps,),
+            meta={"method": name, "lr": lr, "seed": seed},
+        )
 
     first, rest = ctx.seeds[0], ctx.seeds[1:]
-    sweep = [make(n, lr, first) for n in names for lr in METHODS[n][2][:args.lrs]]
+    sweep = [make(n, lr, first) for n in names for lr in METHODS[n][2][: args.lrs]]
     results = ctx.run_all(sweep)
     picked = {}
     for n in names:
-        cands = [results[_run_name(n, lr, first)] for lr in METHODS[n][2][:args.lrs]]
+        cands = [results[_run_name(n, lr, first)] for lr in METHODS[n][2][: args.lrs]]
         ok = [c for c in cands if c.get("eval_loss") is not None and math.isfinite(c["eval_loss"])]
         picked[n] = min(ok or cands, key=lambda c: c.get("eval_loss") or math.inf)["lr"]
     if rest:
@@ -212,10 +261,21 @@ def run(ctx: Context, args) -> None:
     for r in results.values():
         sc = r["measured"][str(r["steps"])]["scores"]
         lf = learn_forget(r["name"], base, sc, [tgt], srcs)
-        rows.append({"name": r["name"], "method": r["method"], "lr": r["lr"], "seed": r["seed"],
-                     "val_loss": r["eval_loss"], "learning": lf.learning, "forgetting": lf.forgetting,
-                     "scores": sc, "spectrum": r["measured"][str(r["steps"])]["spectrum"],
-                     "picked": r["lr"] == picked[r["method"]], "train_seconds": r["train_seconds"]})
+        rows.append(
+            {
+                "name": r["name"],
+                "method": r["method"],
+                "lr": r["lr"],
+                "seed": r["seed"],
+                "val_loss": r["eval_loss"],
+                "learning": lf.learning,
+                "forgetting": lf.forgetting,
+                "scores": sc,
+                "spectrum": r["measured"][str(r["steps"])]["spectrum"],
+                "picked": r["lr"] == picked[r["method"]],
+                "train_seconds": r["train_seconds"],
+            }
+        )
     _report(ctx, names, base, rows, picked, sizes, tgt, srcs, steps)
 
 
@@ -230,13 +290,40 @@ def _report(ctx, names, base, rows, picked, sizes, tgt, srcs, steps) -> None:
     sweep_rows, head_rows, loss_rows, spec_rows, plot_rows, spec_plot = [], [], [], [], [], {}
     for r in sorted(rows, key=lambda r: (names.index(r["method"]), r["lr"], r["seed"])):
         sc = r["scores"]
-        sweep_rows.append([r["method"], f"{r['lr']:g}", r["seed"], r["val_loss"], sc[tgt], sc[srcs[0]], sc[srcs[1]],
-                           r["learning"], r["forgetting"], "yes" if r["picked"] else ""])
-        loss_rows.append([r["method"], f"{r['lr']:g}", r["seed"], base["selfinstruct_loss"], sc["selfinstruct_loss"],
-                          sc["selfinstruct_loss"] - base["selfinstruct_loss"]])
+        sweep_rows.append(
+            [
+                r["method"],
+                f"{r['lr']:g}",
+                r["seed"],
+                r["val_loss"],
+                sc[tgt],
+                sc[srcs[0]],
+                sc[srcs[1]],
+                r["learning"],
+                r["forgetting"],
+                "yes" if r["picked"] else "",
+            ]
+        )
+        loss_rows.append(
+            [
+                r["method"],
+                f"{r['lr']:g}",
+                r["seed"],
+                base["selfinstruct_loss"],
+                sc["selfinstruct_loss"],
+                sc["selfinstruct_loss"] - base["selfinstruct_loss"],
+            ]
+        )
         if r["seed"] == ctx.seeds[0]:
-            plot_rows.append({"label": r["name"], "group": r["method"], "point_label": f"{r['lr']:g}",
-                              "learning": r["learning"], "forgetting": r["forgetting"]})
+            plot_rows.append(
+                {
+                    "label": r["name"],
+                    "group": r["method"],
+                    "point_label": f"{r['lr']:g}",
+                    "learning": r["learning"],
+                    "forgetting": r["forgetting"],
+                }
+            )
             if r["picked"]:
                 spec_plot[r["method"]] = r["spectrum"]
                 for s in r["spectrum"]:
@@ -245,31 +332,74 @@ def _report(ctx, names, base, rows, picked, sizes, tgt, srcs, steps) -> None:
         sel = [r for r in rows if r["method"] == n and r["picked"]]
         lm, ls = _mean_sd([r["learning"] for r in sel])
         fm, fs = _mean_sd([r["forgetting"] for r in sel])
-        head_rows.append([n, f"{picked[n]:g}", len(sel), statistics.fmean(r["scores"][tgt] for r in sel), lm, ls,
-                          fm, fs])
-    learn_forget_plot(plot_rows, ctx.out / "learn_forget.png", title="Learning vs forgetting (seed "
-                      f"{ctx.seeds[0]}, points = learning rates)", x_unit="GSM8K exact match",
-                      y_unit="MMLU/BBH accuracy")
+        head_rows.append(
+            [n, f"{picked[n]:g}", len(sel), statistics.fmean(r["scores"][tgt] for r in sel), lm, ls, fm, fs]
+        )
+    learn_forget_plot(
+        plot_rows,
+        ctx.out / "learn_forget.png",
+        title=f"Learning vs forgetting (seed {ctx.seeds[0]}, points = learning rates)",
+        x_unit="GSM8K exact match",
+        y_unit="MMLU/BBH accuracy",
+    )
     rank_by_type_plot(spec_plot, ctx.out / "spectrum.png")
     n = base["n"]
     tables = [
-        ("Base model", markdown_table(["GSM8K EM", "GSM8K flexible", "MMLU acc", "BBH acc", "self-instruct loss"],
-                                      [[base[tgt], base["gsm8k_flexible"], base[srcs[0]], base[srcs[1]],
-                                        base["selfinstruct_loss"]]])),
-        ("Headline: picked learning rate, mean (sd) over seeds",
-         markdown_table(["method", "lr", "seeds", "GSM8K EM", "learning", "sd", "forgetting", "sd"], head_rows)),
-        ("Sweep (learning rate picked on validation loss)",
-         markdown_table(["method", "lr", "seed", "val loss", short[tgt], short[srcs[0]], short[srcs[1]], "learning",
-                         "forgetting", "picked"], sweep_rows)),
-        ("Held-out loss on self-instruct references (nats per token; never averaged with accuracies)",
-         markdown_table(["method", "lr", "seed", "base", "run", "change"], loss_rows)),
-        ("Spectrum of dW at the picked rate: rank for 90% of the energy",
-         markdown_table(["method", "layer type", "rank90 mean", "rank90 max", "full rank"], spec_rows)),
+        (
+            "Base model",
+            markdown_table(
+                ["GSM8K EM", "GSM8K flexible", "MMLU acc", "BBH acc", "self-instruct loss"],
+                [[base[tgt], base["gsm8k_flexible"], base[srcs[0]], base[srcs[1]], base["selfinstruct_loss"]]],
+            ),
+        ),
+        (
+            "Headline: picked learning rate, mean (sd) over seeds",
+            markdown_table(["method", "lr", "seeds", "GSM8K EM", "learning", "sd", "forgetting", "sd"], head_rows),
+        ),
+        (
+            "Sweep (learning rate picked on validation loss)",
+            markdown_table(
+                [
+                    "method",
+                    "lr",
+                    "seed",
+                    "val loss",
+                    short[tgt],
+                    short[srcs[0]],
+                    short[srcs[1]],
+                    "learning",
+                    "forgetting",
+                    "picked",
+                ],
+                sweep_rows,
+            ),
+        ),
+        (
+            "Held-out loss on self-instruct references (nats per token; never averaged with accuracies)",
+            markdown_table(["method", "lr", "seed", "base", "run", "change"], loss_rows),
+        ),
+        (
+            "Spectrum of dW at the picked rate: rank for 90% of the energy",
+            markdown_table(["method", "layer type", "rank90 mean", "rank90 max", "full rank"], spec_rows),
+        ),
     ]
-    notes = [f"Items: GSM8K test {n[tgt]}, MMLU {n[srcs[0]]} ({MMLU_SUBJECTS}), BBH {n[srcs[1]]} ({BBH_TASKS}); "
-             f"{sizes['train']} GSM8K train examples, {steps} steps of batch {sizes['batch']}; validation "
-             f"{sizes['val']} GSM8K train examples. learning = GSM8K EM gain over the base; forgetting = mean "
-             "drop of MMLU and BBH accuracy (fractions: 0.01 = one point). One item of n moves a score by 1/n."]
-    ctx.finish({"base": base, "runs": rows, "picked_lr": picked, "sizes": sizes, "steps": steps,
-                "mmlu_subjects": MMLU_SUBJECTS, "bbh_tasks": BBH_TASKS}, tables,
-               plots=["learn_forget.png", "spectrum.png"], notes=notes)
+    notes = [
+        f"Items: GSM8K test {n[tgt]}, MMLU {n[srcs[0]]} ({MMLU_SUBJECTS}), BBH {n[srcs[1]]} ({BBH_TASKS}); "
+        f"{sizes['train']} GSM8K train examples, {steps} steps of batch {sizes['batch']}; validation "
+        f"{sizes['val']} GSM8K train examples. learning = GSM8K EM gain over the base; forgetting = mean "
+        "drop of MMLU and BBH accuracy (fractions: 0.01 = one point). One item of n moves a score by 1/n."
+    ]
+    ctx.finish(
+        {
+            "base": base,
+            "runs": rows,
+            "picked_lr": picked,
+            "sizes": sizes,
+            "steps": steps,
+            "mmlu_subjects": MMLU_SUBJECTS,
+            "bbh_tasks": BBH_TASKS,
+        },
+        tables,
+        plots=["learn_forget.png", "spectrum.png"],
+        notes=notes,
+    )

@@ -32,10 +32,24 @@ HEADLINE = ("response", "instruction")
 OTHER_POLICIES = ("all", "weighted:0.1", "two-phase")
 ALPACA_POLICIES = ("response", "instruction", "no-boilerplate")
 
-FULL = {"sizes": [50, 200, 800], "steps": {"gsm8k": 24, "mmlu": 32}, "batch_size": 8, "heldout": 48,
-        "generate": {"gsm8k": 16, "mmlu": 48}, "max_new": {"gsm8k": 160, "mmlu": 40}, "train_loss_examples": 48}
-QUICK = {"sizes": [2, 4, 8], "steps": {"gsm8k": 2, "mmlu": 2}, "batch_size": 4, "heldout": 4,
-         "generate": {"gsm8k": 2, "mmlu": 2}, "max_new": {"gsm8k": 8, "mmlu": 8}, "train_loss_examples": 4}
+FULL = {
+    "sizes": [50, 200, 800],
+    "steps": {"gsm8k": 24, "mmlu": 32},
+    "batch_size": 8,
+    "heldout": 48,
+    "generate": {"gsm8k": 16, "mmlu": 48},
+    "max_new": {"gsm8k": 160, "mmlu": 40},
+    "train_loss_examples": 48,
+}
+QUICK = {
+    "sizes": [2, 4, 8],
+    "steps": {"gsm8k": 2, "mmlu": 2},
+    "batch_size": 4,
+    "heldout": 4,
+    "generate": {"gsm8k": 2, "mmlu": 2},
+    "max_new": {"gsm8k": 8, "mmlu": 8},
+    "train_loss_examples": 4,
+}
 
 
 def add_arguments(p: argparse._ArgumentGroup) -> None:
@@ -47,6 +61,7 @@ def add_arguments(p: argparse._ArgumentGroup) -> None:
 # --- data ---------------------------------------------------------------------------------------
 def gsm8k_records(root: Path) -> tuple[list[dict], list[dict]]:
     """(train pool, held-out) from train.jsonl and test.jsonl."""
+
     def read(path: Path) -> list[dict]:
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return [{"instruction": r["question"], "output": r["answer"]} for r in rows]
@@ -59,8 +74,11 @@ def mmlu_records(root: Path, seed: int = 0) -> tuple[list[dict], list[dict]]:
     from deltatune.evaluate.tasks import read_mmlu
 
     items = [it for path in sorted((root / "mmlu").glob("*.csv")) for it in read_mmlu(path)]
-    records = [{"instruction": it.prompt + "\nOptions:\n" + "\n".join(f"- {o}" for o in it.options),
-                "output": it.shot_answer} for it in items if it.shot_answer.strip()]
+    records = [
+        {"instruction": it.prompt + "\nOptions:\n" + "\n".join(f"- {o}" for o in it.options), "output": it.shot_answer}
+        for it in items
+        if it.shot_answer.strip()
+    ]
     random.Random(seed).shuffle(records)
     half = len(records) // 2
     return records[:half], records[half:]
@@ -99,8 +117,16 @@ def response_loss(model, tokenizer, records: list[dict], template: str) -> float
     return heldout_loss(model, examples, batch_size=8, pad_id=pad, progress=False).loss
 
 
-def make_measure(tokenizer, dataset: str, template: str, train_records: list[dict], heldout: list[dict],
-                 gen_records: list[dict], max_new: int, n_train_loss: int):
+def make_measure(
+    tokenizer,
+    dataset: str,
+    template: str,
+    train_records: list[dict],
+    heldout: list[dict],
+    gen_records: list[dict],
+    max_new: int,
+    n_train_loss: int,
+):
     from deltatune.experiments.common import generation_prompts, greedy_answers
 
     prompts = generation_prompts(gen_records, tokenizer, template)
@@ -111,9 +137,13 @@ def make_measure(tokenizer, dataset: str, template: str, train_records: list[dic
         answers = greedy_answers(model, tokenizer, prompts, max_new, batch_size=16)
         held = response_loss(model, tokenizer, heldout, template)
         train = response_loss(model, tokenizer, train_part, template)
-        return {"heldout_response_loss": held, "train_response_loss": train, "gap": held - train,
-                "exact_match": sum(correct(a, r["output"]) for a, r in zip(answers, gen_records)) / len(gen_records),
-                "sample": answers[0][:200]}
+        return {
+            "heldout_response_loss": held,
+            "train_response_loss": train,
+            "gap": held - train,
+            "exact_match": sum(correct(a, r["output"]) for a, r in zip(answers, gen_records)) / len(gen_records),
+            "sample": answers[0][:200],
+        }
 
     return measure
 
@@ -125,8 +155,12 @@ def length_ratio(tokenizer, records: list[dict]) -> dict:
 
     examples = prepare_records(records, tokenizer, template="chatml", max_len=10**9).examples
     s = dataset_stats(examples, max_len=512, seq_len=512, batch_size=8)
-    return {"ratio": s["ratio_instruction_to_response"], "instruction_tokens": s["tokens"]["instruction"]["mean"],
-            "response_tokens": s["tokens"]["response"]["mean"], "examples": len(examples)}
+    return {
+        "ratio": s["ratio_instruction_to_response"],
+        "instruction_tokens": s["tokens"]["instruction"]["mean"],
+        "response_tokens": s["tokens"]["response"]["mean"],
+        "examples": len(examples),
+    }
 
 
 # --- the experiment -----------------------------------------------------------------------------
@@ -146,8 +180,10 @@ def run(ctx, args: argparse.Namespace) -> None:
     pools = {"gsm8k": gsm8k_records(root), "mmlu": mmlu_records(root)}
     ratios = {ds: length_ratio(tokenizer, subset(pool, max(sizes), 0)) for ds, (pool, _) in pools.items()}
     for ds, r in ratios.items():
-        ctx.say(f"[masking] {ds}: instruction/response length ratio {r['ratio']:.2f} "
-                f"({r['instruction_tokens']:.0f} / {r['response_tokens']:.0f} tokens)")
+        ctx.say(
+            f"[masking] {ds}: instruction/response length ratio {r['ratio']:.2f} "
+            f"({r['instruction_tokens']:.0f} / {r['response_tokens']:.0f} tokens)"
+        )
     runs = []
     first_seed, smallest = ctx.seeds[0], min(sizes)
 
@@ -157,15 +193,50 @@ def run(ctx, args: argparse.Namespace) -> None:
         train_records = subset(pool, size, seed)
         spec = f"instruction->response@{steps // 2}" if policy == "two-phase" else policy
         heldout = heldout_pool[: plan["heldout"]]
-        measure = make_measure(tokenizer, ds, template, train_records, heldout, heldout_pool[: plan["generate"][ds]],
-                               plan["max_new"][ds], plan["train_loss_examples"])
+        measure = make_measure(
+            tokenizer,
+            ds,
+            template,
+            train_records,
+            heldout,
+            heldout_pool[: plan["generate"][ds]],
+            plan["max_new"][ds],
+            plan["train_loss_examples"],
+        )
         name = f"{ds}-n{size}-{policy.replace(':', '')}-{template}-{reduction}-s{seed}"
-        config = {"method": "lora", "rank": 16, "alpha": 32, "lr": 1e-3, "targets": "all-linear", "steps": steps,
-                  "batch_size": plan["batch_size"], "seq_len": 512, "template": template, "policy": spec,
-                  "loss_reduction": reduction, "seed": seed, "eval_fraction": 0.0, "warmup_ratio": 0.05}
-        runs.append(Run(name, config, records=train_records, measure=measure, measure_steps=(steps,),
-                        meta={"dataset": ds, "size": size, "policy": policy, "template": template,
-                              "loss_reduction": reduction, "seed": seed}))
+        config = {
+            "method": "lora",
+            "rank": 16,
+            "alpha": 32,
+            "lr": 1e-3,
+            "targets": "all-linear",
+            "steps": steps,
+            "batch_size": plan["batch_size"],
+            "seq_len": 512,
+            "template": template,
+            "policy": spec,
+            "loss_reduction": reduction,
+            "seed": seed,
+            "eval_fraction": 0.0,
+            "warmup_ratio": 0.05,
+        }
+        runs.append(
+            Run(
+                name,
+                config,
+                records=train_records,
+                measure=measure,
+                measure_steps=(steps,),
+                meta={
+                    "dataset": ds,
+                    "size": size,
+                    "policy": policy,
+                    "template": template,
+                    "loss_reduction": reduction,
+                    "seed": seed,
+                },
+            )
+        )
 
     for ds in pools:
         for size in sizes:
@@ -184,16 +255,25 @@ def run(ctx, args: argparse.Namespace) -> None:
     gains = instruction_gains(rows, ratios)
     plot = "masking_gain.png"
     gain_plot(gains, ctx.out / plot)
-    tables = [("Instruction/response length ratio (chatml tokens; the paper's Table 1 measure)", ratio_table(ratios)),
-              ("Headline: instruction minus response, held-out response loss (lower = better for instruction)",
-               gain_table(gains)),
-              ("All runs (means over seeds)", runs_table(rows))]
+    tables = [
+        ("Instruction/response length ratio (chatml tokens; the paper's Table 1 measure)", ratio_table(ratios)),
+        (
+            "Headline: instruction minus response, held-out response loss (lower = better for instruction)",
+            gain_table(gains),
+        ),
+        ("All runs (means over seeds)", runs_table(rows)),
+    ]
     recorded = record_summary(gains, ratios, ctx.model or "SmolLM2-135M-Instruct")
-    ctx.finish({"sizes": sizes, "plan": plan, "ratios": ratios, "gains": gains, "recorded": recorded,
-                "runs": results}, tables, [plot],
-               notes=["Held-out response loss is measured on response tokens for every policy, so rows compare.",
-                      "Gain columns are instruction minus response: a negative loss difference and a positive "
-                      "exact-match difference favour loss on instructions. ± is half the spread over seeds."])
+    ctx.finish(
+        {"sizes": sizes, "plan": plan, "ratios": ratios, "gains": gains, "recorded": recorded, "runs": results},
+        tables,
+        [plot],
+        notes=[
+            "Held-out response loss is measured on response tokens for every policy, so rows compare.",
+            "Gain columns are instruction minus response: a negative loss difference and a positive "
+            "exact-match difference favour loss on instructions. ± is half the spread over seeds.",
+        ],
+    )
     from deltatune.experiments.common import write_atomic
 
     write_atomic(ctx.out / "recorded.json", json.dumps(recorded, indent=2) + "\n")
@@ -206,43 +286,85 @@ def _mean(values: list[float]) -> float:
 def instruction_gains(rows: list[dict], ratios: dict) -> list[dict]:
     """Per dataset and size: instruction minus response (held-out response loss, exact match, gap), per seed."""
     out = []
-    keyed = {(r["dataset"], r["size"], r["policy"], r["seed"]): r for r in rows
-             if r["template"] == "chatml" and r["loss_reduction"] == "token"}
+    keyed = {
+        (r["dataset"], r["size"], r["policy"], r["seed"]): r
+        for r in rows
+        if r["template"] == "chatml" and r["loss_reduction"] == "token"
+    }
     for ds, size in sorted({(k[0], k[1]) for k in keyed}):
-        seeds = sorted(k[3] for k in keyed if k[:3] == (ds, size, "instruction") and (ds, size, "response", k[3]) in keyed)
+        seeds = sorted(
+            k[3] for k in keyed if k[:3] == (ds, size, "instruction") and (ds, size, "response", k[3]) in keyed
+        )
         if not seeds:
             continue
-        d_loss = [keyed[(ds, size, "instruction", s)]["heldout_response_loss"] -
-                  keyed[(ds, size, "response", s)]["heldout_response_loss"] for s in seeds]
-        d_em = [keyed[(ds, size, "instruction", s)]["exact_match"] - keyed[(ds, size, "response", s)]["exact_match"]
-                for s in seeds]
-        out.append({"dataset": ds, "size": size, "ratio": ratios[ds]["ratio"], "seeds": seeds,
-                    "response_loss": _mean([keyed[(ds, size, "response", s)]["heldout_response_loss"] for s in seeds]),
-                    "instruction_loss": _mean([keyed[(ds, size, "instruction", s)]["heldout_response_loss"]
-                                               for s in seeds]),
-                    "loss_diff": _mean(d_loss), "loss_diff_spread": max(d_loss) - min(d_loss),
-                    "em_diff": _mean(d_em), "em_diff_spread": max(d_em) - min(d_em),
-                    "response_gap": _mean([keyed[(ds, size, "response", s)]["gap"] for s in seeds]),
-                    "instruction_gap": _mean([keyed[(ds, size, "instruction", s)]["gap"] for s in seeds])})
+        d_loss = [
+            keyed[(ds, size, "instruction", s)]["heldout_response_loss"]
+            - keyed[(ds, size, "response", s)]["heldout_response_loss"]
+            for s in seeds
+        ]
+        d_em = [
+            keyed[(ds, size, "instruction", s)]["exact_match"] - keyed[(ds, size, "response", s)]["exact_match"]
+            for s in seeds
+        ]
+        out.append(
+            {
+                "dataset": ds,
+                "size": size,
+                "ratio": ratios[ds]["ratio"],
+                "seeds": seeds,
+                "response_loss": _mean([keyed[(ds, size, "response", s)]["heldout_response_loss"] for s in seeds]),
+                "instruction_loss": _mean(
+                    [keyed[(ds, size, "instruction", s)]["heldout_response_loss"] for s in seeds]
+                ),
+                "loss_diff": _mean(d_loss),
+                "loss_diff_spread": max(d_loss) - min(d_loss),
+                "em_diff": _mean(d_em),
+                "em_diff_spread": max(d_em) - min(d_em),
+                "response_gap": _mean([keyed[(ds, size, "response", s)]["gap"] for s in seeds]),
+                "instruction_gap": _mean([keyed[(ds, size, "instruction", s)]["gap"] for s in seeds]),
+            }
+        )
     return out
 
 
 def ratio_table(ratios: dict) -> str:
     from deltatune.experiments.common import markdown_table
 
-    return markdown_table(["dataset", "instruction tokens", "response tokens", "ratio"],
-                          [[ds, r["instruction_tokens"], r["response_tokens"], r["ratio"]] for ds, r in ratios.items()])
+    return markdown_table(
+        ["dataset", "instruction tokens", "response tokens", "ratio"],
+        [[ds, r["instruction_tokens"], r["response_tokens"], r["ratio"]] for ds, r in ratios.items()],
+    )
 
 
 def gain_table(gains: list[dict]) -> str:
     from deltatune.experiments.common import markdown_table
 
-    rows = [[g["dataset"], g["size"], g["response_loss"], g["instruction_loss"],
-             f"{g['loss_diff']:+.3f} ± {g['loss_diff_spread'] / 2:.3f}",
-             f"{100 * g['em_diff']:+.1f} ± {50 * g['em_diff_spread']:.1f}", g["response_gap"], g["instruction_gap"]]
-            for g in gains]
-    return markdown_table(["dataset", "train size", "response: held-out loss", "instruction: held-out loss",
-                           "loss diff", "exact match diff (pts)", "response: gap", "instruction: gap"], rows)
+    rows = [
+        [
+            g["dataset"],
+            g["size"],
+            g["response_loss"],
+            g["instruction_loss"],
+            f"{g['loss_diff']:+.3f} ± {g['loss_diff_spread'] / 2:.3f}",
+            f"{100 * g['em_diff']:+.1f} ± {50 * g['em_diff_spread']:.1f}",
+            g["response_gap"],
+            g["instruction_gap"],
+        ]
+        for g in gains
+    ]
+    return markdown_table(
+        [
+            "dataset",
+            "train size",
+            "response: held-out loss",
+            "instruction: held-out loss",
+            "loss diff",
+            "exact match diff (pts)",
+            "response: gap",
+            "instruction: gap",
+        ],
+        rows,
+    )
 
 
 def runs_table(rows: list[dict]) -> str:
@@ -251,12 +373,34 @@ def runs_table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["size"], r["policy"], r["template"], r["loss_reduction"]), []).append(r)
-    table = [[*key, len(rs), _mean([r["heldout_response_loss"] for r in rs]),
-              _mean([r["train_response_loss"] for r in rs]), _mean([r["gap"] for r in rs]),
-              f"{100 * _mean([r['exact_match'] for r in rs]):.1f}", f"{_mean([r['tokens_per_s'] for r in rs]):.0f}"]
-             for key, rs in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0]))]
-    return markdown_table(["dataset", "size", "policy", "template", "reduction", "seeds", "held-out resp. loss",
-                           "train resp. loss", "gap", "exact match %", "tokens/s"], table)
+    table = [
+        [
+            *key,
+            len(rs),
+            _mean([r["heldout_response_loss"] for r in rs]),
+            _mean([r["train_response_loss"] for r in rs]),
+            _mean([r["gap"] for r in rs]),
+            f"{100 * _mean([r['exact_match'] for r in rs]):.1f}",
+            f"{_mean([r['tokens_per_s'] for r in rs]):.0f}",
+        ]
+        for key, rs in sorted(groups.items(), key=lambda kv: tuple(str(k) for k in kv[0]))
+    ]
+    return markdown_table(
+        [
+            "dataset",
+            "size",
+            "policy",
+            "template",
+            "reduction",
+            "seeds",
+            "held-out resp. loss",
+            "train resp. loss",
+            "gap",
+            "exact match %",
+            "tokens/s",
+        ],
+        table,
+    )
 
 
 def gain_plot(gains: list[dict], path) -> None:
@@ -270,9 +414,14 @@ def gain_plot(gains: list[dict], path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for ds in sorted({g["dataset"] for g in gains}):
         gs = [g for g in gains if g["dataset"] == ds]
-        a.errorbar([g["size"] for g in gs], [-g["loss_diff"] for g in gs],
-                   yerr=[g["loss_diff_spread"] / 2 for g in gs], marker="o", capsize=3,
-                   label=f"{ds} (ratio {gs[0]['ratio']:.2f})")
+        a.errorbar(
+            [g["size"] for g in gs],
+            [-g["loss_diff"] for g in gs],
+            yerr=[g["loss_diff_spread"] / 2 for g in gs],
+            marker="o",
+            capsize=3,
+            label=f"{ds} (ratio {gs[0]['ratio']:.2f})",
+        )
     a.set_xscale("log")
     a.axhline(0, color="gray", lw=0.8)
     a.set_xlabel("training examples")
@@ -293,9 +442,23 @@ def gain_plot(gains: list[dict], path) -> None:
 
 def record_summary(gains: list[dict], ratios: dict, model: str) -> dict:
     """The small summary `deltatune stats` quotes (copy OUT/recorded.json to deltatune/experiments/recorded/)."""
-    return {"experiment": "masking", "model": model, "by_dataset": {
-        ds: {"ratio": ratios[ds]["ratio"],
-             "sizes": {str(g["size"]): {"loss_diff": g["loss_diff"], "em_diff": g["em_diff"],
-                                        "seeds": len(g["seeds"]), "loss_diff_spread": g["loss_diff_spread"]}
-                       for g in gains if g["dataset"] == ds}}
-        for ds in ratios}}
+    return {
+        "experiment": "masking",
+        "model": model,
+        "by_dataset": {
+            ds: {
+                "ratio": ratios[ds]["ratio"],
+                "sizes": {
+                    str(g["size"]): {
+                        "loss_diff": g["loss_diff"],
+                        "em_diff": g["em_diff"],
+                        "seeds": len(g["seeds"]),
+                        "loss_diff_spread": g["loss_diff_spread"],
+                    }
+                    for g in gains
+                    if g["dataset"] == ds
+                },
+            }
+            for ds in ratios
+        },
+    }

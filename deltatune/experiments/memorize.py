@@ -19,8 +19,11 @@ HELP = "MoRA vs LoRA memorizing random UUID pairs (MoRA paper, Table 2)"
 DEFAULT_SEEDS = 2
 PAPER_TABLE2 = {  # character accuracy (%) at steps 300/500/700/900, LLaMA-2 7B, 10k pairs (docs/methods.md §13)
     "steps": [300, 500, 700, 900],
-    "full": [42.5, 100, 100, 100], "lora-r8": [9.9, 10.0, 10.7, 54.2], "mora-r8": [10.1, 15.7, 87.4, 100],
-    "lora-r256": [9.9, 70.6, 100, 100], "mora-r256": [41.6, 100, 100, 100],
+    "full": [42.5, 100, 100, 100],
+    "lora-r8": [9.9, 10.0, 10.7, 54.2],
+    "mora-r8": [10.1, 15.7, 87.4, 100],
+    "lora-r256": [9.9, 70.6, 100, 100],
+    "mora-r256": [41.6, 100, 100, 100],
 }
 UUID_CHARS = 36
 
@@ -56,8 +59,10 @@ def char_accuracy(prediction: str, reference: str) -> float:
 def memorization_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean character accuracy and exact match (both in [0, 1])."""
     n = len(references)
-    return {"char_acc": sum(char_accuracy(p, r) for p, r in zip(predictions, references)) / n,
-            "exact": sum(p == r for p, r in zip(predictions, references)) / n}
+    return {
+        "char_acc": sum(char_accuracy(p, r) for p, r in zip(predictions, references)) / n,
+        "exact": sum(p == r for p, r in zip(predictions, references)) / n,
+    }
 
 
 def arms(high_rank: int, quick: bool) -> list[dict]:
@@ -67,10 +72,20 @@ def arms(high_rank: int, quick: bool) -> list[dict]:
         {"arm": "full", "method": "full", "rank": None, "lr": 1e-4 if not quick else 1e-3},
         {"arm": "lora-r8", "method": "lora", "rank": 8, "alpha": 16, "lr": 2e-3 if not quick else 1e-2},
         {"arm": "mora-r8", "method": "mora", "rank": 8, "mora_type": 6, "lr": 2e-3 if not quick else 1e-2},
-        {"arm": f"lora-r{high_rank}", "method": "lora", "rank": high_rank, "alpha": 2 * high_rank,
-         "lr": 5e-4 if not quick else 5e-3},
-        {"arm": f"mora-r{high_rank}", "method": "mora", "rank": high_rank, "mora_type": 1,
-         "lr": 5e-4 if not quick else 5e-3},
+        {
+            "arm": f"lora-r{high_rank}",
+            "method": "lora",
+            "rank": high_rank,
+            "alpha": 2 * high_rank,
+            "lr": 5e-4 if not quick else 5e-3,
+        },
+        {
+            "arm": f"mora-r{high_rank}",
+            "method": "mora",
+            "rank": high_rank,
+            "mora_type": 1,
+            "lr": 5e-4 if not quick else 5e-3,
+        },
     ]
 
 
@@ -99,29 +114,71 @@ def run(ctx, args: argparse.Namespace) -> None:
         for arm in arms(high, ctx.quick):
             if arm["rank"] not in (None, 8) and seed != ctx.seeds[0]:
                 continue  # the high-rank arms run on the first seed only (docs/experiments.md: the time budget)
-            config = {"method": arm["method"], "lr": arm["lr"], "steps": steps, "batch_size": batch, "seed": seed,
-                      "template": "chatml", "policy": "response", "targets": "all-linear", "seq_len": 96,
-                      "warmup_ratio": 0.03, "schedule": "cosine", "eval_fraction": 0.0, "max_grad_norm": 1.0}
+            config = {
+                "method": arm["method"],
+                "lr": arm["lr"],
+                "steps": steps,
+                "batch_size": batch,
+                "seed": seed,
+                "template": "chatml",
+                "policy": "response",
+                "targets": "all-linear",
+                "seq_len": 96,
+                "warmup_ratio": 0.03,
+                "schedule": "cosine",
+                "eval_fraction": 0.0,
+                "max_grad_norm": 1.0,
+            }
             if arm["rank"] is not None:
                 config["rank"] = arm["rank"]
             if "alpha" in arm:
                 config["alpha"] = arm["alpha"]
             if "mora_type" in arm:
                 config["method_options"] = {"mora_type": arm["mora_type"]}
-            runs.append(Run(f"{arm['arm']}-s{seed}", config, records=records, measure=measure, measure_steps=points,
-                            meta={"arm": arm["arm"], "method": arm["method"], "rank": arm["rank"], "seed": seed,
-                                  "lr": arm["lr"]}))
+            runs.append(
+                Run(
+                    f"{arm['arm']}-s{seed}",
+                    config,
+                    records=records,
+                    measure=measure,
+                    measure_steps=points,
+                    meta={
+                        "arm": arm["arm"],
+                        "method": arm["method"],
+                        "rank": arm["rank"],
+                        "seed": seed,
+                        "lr": arm["lr"],
+                    },
+                )
+            )
     results = ctx.run_all(runs)
     summary = summarize(results, points, [a["arm"] for a in arms(high, ctx.quick)])
-    tables = [("Character accuracy (%) against steps (mean over seeds; ± half the spread)",
-               table2(summary, points)),
-              ("Runs", runs_table(results)),
-              ("Paper (LLaMA-2 7B, 10k pairs, 1,000 pairs per batch; Table 2)", paper_table())]
+    tables = [
+        ("Character accuracy (%) against steps (mean over seeds; ± half the spread)", table2(summary, points)),
+        ("Runs", runs_table(results)),
+        ("Paper (LLaMA-2 7B, 10k pairs, 1,000 pairs per batch; Table 2)", paper_table()),
+    ]
     plot = "memorize.png"
-    accuracy_plot(summary, points, ctx.out / plot, title=f"UUID memorization ({n_pairs} pairs, "
-                                                          f"{'quick' if ctx.quick else ctx.model or 'default model'})")
-    ctx.finish({"pairs": n_pairs, "steps": steps, "batch_size": batch, "high_rank": high, "points": list(points),
-                "summary": summary, "runs": results, "paper_table2": PAPER_TABLE2}, tables, [plot])
+    accuracy_plot(
+        summary,
+        points,
+        ctx.out / plot,
+        title=f"UUID memorization ({n_pairs} pairs, {'quick' if ctx.quick else ctx.model or 'default model'})",
+    )
+    ctx.finish(
+        {
+            "pairs": n_pairs,
+            "steps": steps,
+            "batch_size": batch,
+            "high_rank": high,
+            "points": list(points),
+            "summary": summary,
+            "runs": results,
+            "paper_table2": PAPER_TABLE2,
+        },
+        tables,
+        [plot],
+    )
 
 
 def summarize(results: dict[str, dict], points: tuple[int, ...], arm_order: list[str]) -> dict[str, dict]:
@@ -131,9 +188,12 @@ def summarize(results: dict[str, dict], points: tuple[int, ...], arm_order: list
         rows = [r for r in results.values() if r["arm"] == arm]
         if not rows:
             continue
-        entry = {"seeds": [r["seed"] for r in rows], "trainable_params": rows[0]["trainable_params"],
-                 "tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows),
-                 "final_loss": sum(r["final_loss"] for r in rows) / len(rows)}
+        entry = {
+            "seeds": [r["seed"] for r in rows],
+            "trainable_params": rows[0]["trainable_params"],
+            "tokens_per_s": sum(r["tokens_per_s"] for r in rows) / len(rows),
+            "final_loss": sum(r["final_loss"] for r in rows) / len(rows),
+        }
         for key in ("char_acc", "exact"):
             means, spreads = [], []
             for p in points:
@@ -150,8 +210,10 @@ def table2(summary: dict, points: tuple[int, ...]) -> str:
 
     rows = []
     for arm, s in summary.items():
-        cells = [f"{100 * m:.1f}" + (f" ± {50 * d:.1f}" if len(s["seeds"]) > 1 else "")
-                 for m, d in zip(s["char_acc"], s["char_acc_spread"])]
+        cells = [
+            f"{100 * m:.1f}" + (f" ± {50 * d:.1f}" if len(s["seeds"]) > 1 else "")
+            for m, d in zip(s["char_acc"], s["char_acc_spread"])
+        ]
         rows.append([arm, f"{s['trainable_params']:,}", *cells, f"{100 * s['exact'][-1]:.1f}"])
     return markdown_table(["method", "trainable", *[f"step {p}" for p in points], "exact match % (last)"], rows)
 
@@ -159,18 +221,31 @@ def table2(summary: dict, points: tuple[int, ...]) -> str:
 def runs_table(results: dict[str, dict]) -> str:
     from deltatune.experiments.common import markdown_table
 
-    rows = [[name, r["method"], r["rank"] or "-", f"{r['trainable_params']:,}", r["lr"], f"{r['tokens_per_s']:.0f}",
-             r["final_loss"], f"{100 * r['measured'][max(r['measured'], key=int)]['char_acc']:.1f}"]
-            for name, r in results.items()]
-    return markdown_table(["run", "method", "rank", "trainable", "lr", "tokens/s", "final loss", "char acc % (last)"],
-                          rows)
+    rows = [
+        [
+            name,
+            r["method"],
+            r["rank"] or "-",
+            f"{r['trainable_params']:,}",
+            r["lr"],
+            f"{r['tokens_per_s']:.0f}",
+            r["final_loss"],
+            f"{100 * r['measured'][max(r['measured'], key=int)]['char_acc']:.1f}",
+        ]
+        for name, r in results.items()
+    ]
+    return markdown_table(
+        ["run", "method", "rank", "trainable", "lr", "tokens/s", "final loss", "char acc % (last)"], rows
+    )
 
 
 def paper_table() -> str:
     from deltatune.experiments.common import markdown_table
 
-    return markdown_table(["method", *[f"step {s}" for s in PAPER_TABLE2["steps"]]],
-                          [[k, *v] for k, v in PAPER_TABLE2.items() if k != "steps"])
+    return markdown_table(
+        ["method", *[f"step {s}" for s in PAPER_TABLE2["steps"]]],
+        [[k, *v] for k, v in PAPER_TABLE2.items() if k != "steps"],
+    )
 
 
 def accuracy_plot(summary: dict, points: tuple[int, ...], path, title: str) -> None:
@@ -185,8 +260,9 @@ def accuracy_plot(summary: dict, points: tuple[int, ...], path, title: str) -> N
     for arm, s in summary.items():
         mean = [100 * v for v in s["char_acc"]]
         half = [50 * d for d in s["char_acc_spread"]]
-        ax.errorbar(list(points), mean, yerr=half, marker="o", capsize=3,
-                    label=f"{arm} ({s['trainable_params'] / 1e6:.2f}M)")
+        ax.errorbar(
+            list(points), mean, yerr=half, marker="o", capsize=3, label=f"{arm} ({s['trainable_params'] / 1e6:.2f}M)"
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("character accuracy (%)")
     ax.set_ylim(0, 100)

@@ -27,8 +27,10 @@ def masking_advice(ratio: float, examples: int, recorded: dict | None = None) ->
     """One line: what this project measured nearest to a dataset's length ratio and size."""
     recorded = recorded if recorded is not None else load_recorded("masking")
     if not recorded or not recorded.get("by_dataset"):
-        return ("This project's own measurement on its default model is not recorded yet "
-                "(`deltatune experiment masking`; docs/experiments.md).")
+        return (
+            "This project's own measurement on its default model is not recorded yet "
+            "(`deltatune experiment masking`; docs/experiments.md)."
+        )
     by = recorded["by_dataset"]
     ds = min(by, key=lambda d: abs(math.log(max(by[d]["ratio"], 1e-6)) - math.log(max(ratio, 1e-6))))
     sizes = by[ds]["sizes"]
@@ -37,6 +39,8 @@ def masking_advice(ratio: float, examples: int, recorded: dict | None = None) ->
     size = min(sizes, key=lambda s: abs(math.log(int(s)) - math.log(max(examples, 1))))
     s = sizes[size]
     model = recorded.get("model", "the default model")
-    return (f"Measured by this project on {model} (docs/experiments.md): {ds} (ratio {by[ds]['ratio']:.2f}), "
-            f"{size} training examples: instruction minus response held-out response loss {s['loss_diff']:+.3f} "
-            f"(spread {s['loss_diff_spread']:.3f} over {s['seeds']} seeds), exact match {100 * s['em_diff']:+.1f} points.")
+    return (
+        f"Measured by this project on {model} (docs/experiments.md): {ds} (ratio {by[ds]['ratio']:.2f}), "
+        f"{size} training examples: instruction minus response held-out response loss {s['loss_diff']:+.3f} "
+        f"(spread {s['loss_diff_spread']:.3f} over {s['seeds']} seeds), exact match {100 * s['em_diff']:+.1f} points."
+    )

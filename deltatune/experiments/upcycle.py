@@ -31,15 +31,21 @@ def add_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=2e-5, help="learning rate of every run (default 2e-5)")
     p.add_argument("--eval-examples", type=int, default=64, help="held-out GSM8K test examples (default 64)")
     p.add_argument("--points", type=int, default=6, help="held-out measurements per run (default 6)")
-    p.add_argument("--normalize", action="store_true",
-                   help="renormalised top-2 weights (start equal to the dense model) instead of the raw softmax "
-                        "weights of the paper's decoder (start with every MoE layer's MLP scaled down)")
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="renormalised top-2 weights (start equal to the dense model) instead of the raw softmax "
+        "weights of the paper's decoder (start with every MoE layer's MLP scaled down)",
+    )
 
 
 def _records(quick: bool, n_eval: int) -> tuple[list[dict], list[dict]]:
     if quick:
-        rows = [{"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."}
-                for a in range(8) for b in range(8)]
+        rows = [
+            {"instruction": f"What is {a} + {b}?", "output": f"The answer is {a + b}."}
+            for a in range(8)
+            for b in range(8)
+        ]
         return rows[8:], rows[:4]
 
     def read(name: str, limit: int | None = None) -> list[dict]:
@@ -117,37 +123,71 @@ def run(ctx: Context, args) -> None:
             start[name] = {"params": params, "fwd_flops_per_token": fwd, **measure(0, model)}
             write_atomic(start_file, json.dumps(start, indent=2) + "\n")
         del model
-        config = dict(model=ref, method="full", lr=args.lr, steps=steps, batch_size=2 if quick else args.batch_size,
-                      seq_len=seq_len, seed=seed, eval_fraction=0.0, log_every=max(1, steps // 20),
-                      moe_aux_loss=0.01, warmup_steps=max(1, steps // 20), fused_norms="off" if quick else "auto")
-        runs.append(Run(name, config, records=train_records, measure=measure, measure_steps=points,
-                        meta={"model": name}))
+        config = dict(
+            model=ref,
+            method="full",
+            lr=args.lr,
+            steps=steps,
+            batch_size=2 if quick else args.batch_size,
+            seq_len=seq_len,
+            seed=seed,
+            eval_fraction=0.0,
+            log_every=max(1, steps // 20),
+            moe_aux_loss=0.01,
+            warmup_steps=max(1, steps // 20),
+            fused_norms="off" if quick else "auto",
+        )
+        runs.append(
+            Run(name, config, records=train_records, measure=measure, measure_steps=points, meta={"model": name})
+        )
     results = ctx.run_all(runs)
 
     curves, rows = {}, []
     dense = start["dense"]
     for name in models:
-        metrics = [json.loads(line) for line in
-                   (ctx.run_dir(name) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+        metrics = [
+            json.loads(line) for line in (ctx.run_dir(name) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        ]
         s = start[name]
         tokens, eval_s, curve = 0, 0.0, [(0, 0.0, 0.0, s["heldout_loss"])]
         for m in metrics:
             tokens += m["tokens"]
             eval_s += m.get("eval_seconds", 0.0)
             if "heldout_loss" in m:  # wall time without the held-out evaluations themselves
-                curve.append((m["step"], m["elapsed_s"] - eval_s, 3 * s["fwd_flops_per_token"] * tokens,
-                              m["heldout_loss"]))
+                curve.append(
+                    (m["step"], m["elapsed_s"] - eval_s, 3 * s["fwd_flops_per_token"] * tokens, m["heldout_loss"])
+                )
         curves[name] = curve
         last = [m for m in metrics if "expert_load" in m]
-        rows.append([name, s["params"] / 1e6, (s["params"] - dense["params"]) / 1e6,
-                     s["fwd_flops_per_token"] / 1e6,
-                     100 * (s["fwd_flops_per_token"] / dense["fwd_flops_per_token"] - 1),
-                     s["heldout_loss"], curve[-1][3], curve[-1][1], curve[-1][2] / 1e12,
-                     last[-1]["moe_aux_loss"] if last else None])
-    headers = ["run", "params (M)", "extra params (M)", "fwd MFLOPs/token", "extra FLOPs/token (%)",
-               "held-out loss at start", "held-out loss at end", "train wall (s)", "train TFLOPs", "aux loss (last)"]
-    by_step = markdown_table(["step"] + list(models),
-                             [[c[0]] + [curves[n][i][3] for n in models] for i, c in enumerate(curves["dense"])])
+        rows.append(
+            [
+                name,
+                s["params"] / 1e6,
+                (s["params"] - dense["params"]) / 1e6,
+                s["fwd_flops_per_token"] / 1e6,
+                100 * (s["fwd_flops_per_token"] / dense["fwd_flops_per_token"] - 1),
+                s["heldout_loss"],
+                curve[-1][3],
+                curve[-1][1],
+                curve[-1][2] / 1e12,
+                last[-1]["moe_aux_loss"] if last else None,
+            ]
+        )
+    headers = [
+        "run",
+        "params (M)",
+        "extra params (M)",
+        "fwd MFLOPs/token",
+        "extra FLOPs/token (%)",
+        "held-out loss at start",
+        "held-out loss at end",
+        "train wall (s)",
+        "train TFLOPs",
+        "aux loss (last)",
+    ]
+    by_step = markdown_table(
+        ["step"] + list(models), [[c[0]] + [curves[n][i][3] for n in models] for i, c in enumerate(curves["dense"])]
+    )
     plots = []
     try:
         import matplotlib
@@ -167,10 +207,20 @@ def run(ctx: Context, args) -> None:
         plots.append("heldout_loss.png")
     except ImportError:
         pass
-    ctx.finish({"runs": results, "start": start, "curves": {n: [list(c) for c in cv] for n, cv in curves.items()},
-                "steps": steps},
-               [("Cost and result per run", markdown_table(headers, rows)),
-                ("Held-out loss by step (step 0 = before training)", by_step)],
-               plots,
-               notes=["Wall time excludes the held-out evaluations. FLOPs = 3 x 2 x (parameters a token passes "
-                      "through) x trained tokens; attention's quadratic term omitted (equal for all runs)."])
+    ctx.finish(
+        {
+            "runs": results,
+            "start": start,
+            "curves": {n: [list(c) for c in cv] for n, cv in curves.items()},
+            "steps": steps,
+        },
+        [
+            ("Cost and result per run", markdown_table(headers, rows)),
+            ("Held-out loss by step (step 0 = before training)", by_step),
+        ],
+        plots,
+        notes=[
+            "Wall time excludes the held-out evaluations. FLOPs = 3 x 2 x (parameters a token passes "
+            "through) x trained tokens; attention's quadratic term omitted (equal for all runs)."
+        ],
+    )

@@ -38,8 +38,14 @@ DEFAULT_SITES = {"attn_out": "o_proj", "mlp_out": "down_proj"}
 class BottleneckAdapter(nn.Module):
     """h -> h + up(σ(down(h))), computed in the adapter's dtype (fp32 by default) and cast back."""
 
-    def __init__(self, d: int, m: int, nonlinearity: str = "relu", dtype: torch.dtype = torch.float32,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        d: int,
+        m: int,
+        nonlinearity: str = "relu",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> None:
         super().__init__()
         self.act_name = nonlinearity
         self.down_weight = nn.Parameter(torch.empty(m, d, dtype=dtype, device=device))
@@ -97,18 +103,26 @@ class BottleneckAdapterMethod(Method):
     name = "adapter"
     kind = "addition"
     mergeable = False
-    why_not_mergeable = ("a bottleneck adapter has a nonlinearity between its down- and up-projection, so it "
-                         "cannot be folded into a linear weight; keep the adapter modules at inference")
+    why_not_mergeable = (
+        "a bottleneck adapter has a nonlinearity between its down- and up-projection, so it "
+        "cannot be folded into a linear weight; keep the adapter modules at inference"
+    )
     options_schema = {
-        "variant": Option("houlsby", "where adapters go: houlsby (after attention and MLP) or pfeiffer (MLP only)",
-                          (str,), choices=tuple(VARIANTS)),
+        "variant": Option(
+            "houlsby",
+            "where adapters go: houlsby (after attention and MLP) or pfeiffer (MLP only)",
+            (str,),
+            choices=tuple(VARIANTS),
+        ),
         "bottleneck": Option(64, "bottleneck width m", (int,), check=positive_int),
-        "nonlinearity": Option("relu", "the nonlinearity between the projections", (str,),
-                               choices=tuple(NONLINEARITIES)),
+        "nonlinearity": Option(
+            "relu", "the nonlinearity between the projections", (str,), choices=tuple(NONLINEARITIES)
+        ),
         "attn_out": Option(DEFAULT_SITES["attn_out"], "module-name suffix of the attention output projection", (str,)),
         "mlp_out": Option(DEFAULT_SITES["mlp_out"], "module-name suffix of the MLP output projection", (str,)),
-        "train_norms": Option(None, "also train the layer norms (default: true for houlsby, false for pfeiffer)",
-                              (bool,)),
+        "train_norms": Option(
+            None, "also train the layer norms (default: true for houlsby, false for pfeiffer)", (bool,)
+        ),
     }
 
     def __init__(self, spec) -> None:

@@ -41,8 +41,11 @@ class AdaptedModel:
     @property
     def is_peft_method(self) -> bool:
         """True when the adapter is saved in PEFT's format (one method that PEFT can represent)."""
-        return (len(self.methods) == 1 and self.methods[0].peft_type is not None
-                and self.methods[0].peft_config(self.model) is not None)
+        return (
+            len(self.methods) == 1
+            and self.methods[0].peft_type is not None
+            and self.methods[0].peft_config(self.model) is not None
+        )
 
     @property
     def mergeable(self) -> bool:
@@ -120,15 +123,20 @@ class AdaptedModel:
         own = self.adapter_state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing:
-            raise ConfigError(f"adapter lacks {len(missing)} tensor(s) the model needs, e.g. '{missing[0]}'", file=source)
+            raise ConfigError(
+                f"adapter lacks {len(missing)} tensor(s) the model needs, e.g. '{missing[0]}'", file=source
+            )
         if unexpected:
-            raise ConfigError(f"adapter has {len(unexpected)} tensor(s) the model lacks, e.g. '{unexpected[0]}'",
-                              file=source)
+            raise ConfigError(
+                f"adapter has {len(unexpected)} tensor(s) the model lacks, e.g. '{unexpected[0]}'", file=source
+            )
         for name, target in own.items():
             value = state[name]
             if value.shape != target.shape:
-                raise ConfigError(f"tensor '{name}' has shape {tuple(value.shape)}, the model expects "
-                                  f"{tuple(target.shape)}", file=source)
+                raise ConfigError(
+                    f"tensor '{name}' has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}",
+                    file=source,
+                )
             target.copy_(value.to(device=target.device, dtype=target.dtype))
 
     def save_adapter(self, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
@@ -172,12 +180,16 @@ def _check_claims(model: nn.Module, methods: list[Method]) -> None:
         for name, p in m.trainable_parameters(model):
             if id(p) in owner:
                 other, other_name = owner[id(p)]
-                raise ConfigError(f"methods '{other}' and '{m.name}' both train '{name}'; choose disjoint targets",
-                                  field="method")
+                raise ConfigError(
+                    f"methods '{other}' and '{m.name}' both train '{name}'; choose disjoint targets", field="method"
+                )
             owner[id(p)] = (m.name, name)
             if not p.requires_grad:
-                raise ConfigError(f"method '{m.name}' trains '{name}', but a later method froze it "
-                                  f"(it wraps that layer); choose disjoint targets", field="method")
+                raise ConfigError(
+                    f"method '{m.name}' trains '{name}', but a later method froze it "
+                    f"(it wraps that layer); choose disjoint targets",
+                    field="method",
+                )
     stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
     if stray:
         raise RuntimeError(f"parameters train without a method claiming them, e.g. '{stray[0]}'")
@@ -196,8 +208,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> AdaptedMod
     return adapted
 
 
-def export_merged(adapted: AdaptedModel, tokenizer, out_dir: str | os.PathLike, *,
-                  dtype: torch.dtype | None = None) -> Path:
+def export_merged(
+    adapted: AdaptedModel, tokenizer, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None
+) -> Path:
     """Merge (layer by layer, in place) and write a transformers safetensors folder, atomically.
 
     `dtype`: cast after merging (merge in fp32, save in bf16: one rounding). The merged model must
@@ -226,6 +239,8 @@ def _check_plain(model: nn.Module) -> None:
     extra, lacking = sorted(ours - theirs), sorted(theirs - ours)
     if extra or lacking:
         what = f"extra tensor '{extra[0]}'" if extra else f"missing tensor '{lacking[0]}'"
-        raise ConfigError(f"the merged model does not match its architecture's config ({what}); "
-                          "save the adapter instead of a merged model", field="method")
-
+        raise ConfigError(
+            f"the merged model does not match its architecture's config ({what}); "
+            "save the adapter instead of a merged model",
+            field="method",
+        )

@@ -50,8 +50,9 @@ class MethodSpec:
         allowed = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
-            raise ConfigError(f"unknown method key '{unknown[0]}'; allowed: {', '.join(sorted(allowed))}",
-                              file=file, field=unknown[0])
+            raise ConfigError(
+                f"unknown method key '{unknown[0]}'; allowed: {', '.join(sorted(allowed))}", file=file, field=unknown[0]
+            )
         if "name" not in data:
             raise ConfigError("a method needs a 'name'", file=file, field="name")
         return cls(**data)
@@ -272,12 +273,17 @@ class Method:
     # --- shared helpers -----------------------------------------------------------------------
     def delta_modules(self, model: nn.Module) -> list[DeltaLinear]:
         """The `DeltaLinear`s this method injected (reparameterisation methods)."""
-        return [m for m in model.modules() if isinstance(m, DeltaLinear) and getattr(m, "method_name", None) == self.name]
+        return [
+            m for m in model.modules() if isinstance(m, DeltaLinear) and getattr(m, "method_name", None) == self.name
+        ]
 
     def named_delta_modules(self, model: nn.Module) -> list[tuple[str, DeltaLinear]]:
         """Like `delta_modules`, with qualified module names."""
-        return [(n, m) for n, m in model.named_modules()
-                if isinstance(m, DeltaLinear) and getattr(m, "method_name", None) == self.name]
+        return [
+            (n, m)
+            for n, m in model.named_modules()
+            if isinstance(m, DeltaLinear) and getattr(m, "method_name", None) == self.name
+        ]
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Adapter-only weights: the trainable parameters. A method that must save more (VeRA's shared
@@ -324,7 +330,7 @@ class Method:
         """PEFT's saved key -> our parameter name; the inverse of `to_peft_key`."""
         if not key.startswith(self.PEFT_PREFIX):
             raise ConfigError(f"unexpected PEFT key '{key}' (expected the prefix '{self.PEFT_PREFIX}')")
-        return key[len(self.PEFT_PREFIX):]
+        return key[len(self.PEFT_PREFIX) :]
 
 
 class WeightDeltaMethod(Method):

@@ -57,8 +57,12 @@ class BitFit(Method):
         self._originals = OriginalValues(self.bias_parameters(model))
         added = len(self.added)
         if added:
-            log.warning("bitfit: %d of %d targeted linear layers had no bias; added zero-initialised biases "
-                        "(the model's output is unchanged at init)", added, len(self.slot_names))
+            log.warning(
+                "bitfit: %d of %d targeted linear layers had no bias; added zero-initialised biases "
+                "(the model's output is unchanged at init)",
+                added,
+                len(self.slot_names),
+            )
 
     @property
     def added_biases(self) -> int:
@@ -84,9 +88,11 @@ class BitFit(Method):
         covered = set().union(*chosen.values()) if chosen else set()
         left = sorted(added - covered)
         if left:
-            raise ConfigError(f"bitfit added a bias the architecture's config cannot describe ('{left[0]}'; bias "
-                              f"flags: {', '.join(flags) or 'none'}); save the adapter instead of a merged model",
-                              field="method")
+            raise ConfigError(
+                f"bitfit added a bias the architecture's config cannot describe ('{left[0]}'; bias "
+                f"flags: {', '.join(flags) or 'none'}); save the adapter instead of a merged model",
+                field="method",
+            )
         slots = layer_slots(model)
         for key in sorted(covered - added):
             module = innermost(slots[key.rsplit(".", 1)[0]])

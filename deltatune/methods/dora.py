@@ -33,8 +33,9 @@ class DoRALinear(LoRALinear):
     def __init__(self, base: nn.Module, r: int, alpha: float, *, exact_grad: bool = False, **lora_kwargs: Any) -> None:
         super().__init__(base, r, alpha, **lora_kwargs)
         self.exact_grad = exact_grad
-        self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, dtype=self.lora_A.weight.dtype,
-                                                              device=self.lora_A.weight.device))
+        self.lora_magnitude_vector = nn.Parameter(
+            torch.empty(self.out_features, dtype=self.lora_A.weight.dtype, device=self.lora_A.weight.device)
+        )
         self.reset_magnitude()
         self._merged_norm: torch.Tensor | None = None  # n* cached at merge time
 
@@ -97,8 +98,9 @@ class DoRALinear(LoRALinear):
             # y = (m/n) (W0 x + s B A x) + b in the autocast dtype: one addmm and one scaling pass
             w0x = base_out if self.base.bias is None else base_out - self.base.bias
             h = F.linear(x, a)
-            y = torch.addmm(w0x.reshape(-1, w0x.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.weight.T,
-                            alpha=self.scaling).view(w0x.shape) * scale.to(w0x.dtype)
+            y = torch.addmm(
+                w0x.reshape(-1, w0x.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.weight.T, alpha=self.scaling
+            ).view(w0x.shape) * scale.to(w0x.dtype)
             return y if self.base.bias is None else y + self.base.bias.to(y.dtype)
         scale = scale.to(a.dtype)
         h = x.to(a.dtype) if x.dtype != a.dtype else x
@@ -163,12 +165,15 @@ class DoRA(LoRA):
 
     name = "dora"
     peft_type = "LORA"
-    options_schema = {**LoRA.options_schema,
-                      "exact_grad": Option(False, "backpropagate through the row norm (the paper detaches it)", (bool,))}
+    options_schema = {
+        **LoRA.options_schema,
+        "exact_grad": Option(False, "backpropagate through the row norm (the paper detaches it)", (bool,)),
+    }
 
     def make_layer(self, base: nn.Module) -> DeltaLinear:
-        return DoRALinear(base, self.spec.rank, self.spec.alpha, exact_grad=self.options["exact_grad"],
-                          **self.layer_kwargs())
+        return DoRALinear(
+            base, self.spec.rank, self.spec.alpha, exact_grad=self.options["exact_grad"], **self.layer_kwargs()
+        )
 
     # --- PEFT: LoRA's config with use_dora; the magnitude is saved as `...lora_magnitude_vector` ---
     def peft_config(self, model: nn.Module) -> dict[str, Any] | None:

@@ -101,9 +101,12 @@ class IA3(WeightDeltaMethod):
 
     name = "ia3"
     peft_type = "IA3"
-    options_schema = {"feedforward_modules": Option(DEFAULT_FEEDFORWARD, "targets whose input, not output, is "
-                                                    "scaled (module-name suffixes)", (list, str)),
-                      **NF4_OPTIONS}
+    options_schema = {
+        "feedforward_modules": Option(
+            DEFAULT_FEEDFORWARD, "targets whose input, not output, is scaled (module-name suffixes)", (list, str)
+        ),
+        **NF4_OPTIONS,
+    }
 
     def __init__(self, spec: MethodSpec) -> None:
         super().__init__(spec)
@@ -111,8 +114,10 @@ class IA3(WeightDeltaMethod):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"method 'ia3': option feedforward_modules must be a list of module names, got "
-                              f"{value!r}", field="options.feedforward_modules")
+            raise ConfigError(
+                f"method 'ia3': option feedforward_modules must be a list of module names, got {value!r}",
+                field="options.feedforward_modules",
+            )
         self.feedforward = list(value)
         self._ff: set[int] = set()
 
@@ -129,8 +134,9 @@ class IA3(WeightDeltaMethod):
         names = match_targets(model, self.target_spec(), inside_delta=False)
         self._ff = {id(model.get_submodule(n)) for n in names if self._is_ff(n)}
         if self.feedforward and not self._ff and "feedforward_modules" in self.spec.options:
-            raise ConfigError(f"feedforward_modules {self.feedforward} match none of the targets",
-                              field="options.feedforward_modules")
+            raise ConfigError(
+                f"feedforward_modules {self.feedforward} match none of the targets", field="options.feedforward_modules"
+            )
         super().apply(model)
 
     # --- PEFT ---------------------------------------------------------------------------------
@@ -141,9 +147,14 @@ class IA3(WeightDeltaMethod):
             return None  # PEFT would lose the 4-bit base
         names = [n for n, _ in self.named_delta_modules(model)]
         ff = [n for n, m in self.named_delta_modules(model) if m.is_feedforward]
-        return {"target_modules": peft_target_modules(model, names),
-                "feedforward_modules": peft_target_modules(model, ff) if ff else [],
-                "fan_in_fan_out": False, "modules_to_save": None, "init_ia3_weights": True}
+        return {
+            "target_modules": peft_target_modules(model, names),
+            "feedforward_modules": peft_target_modules(model, ff) if ff else [],
+            "fan_in_fan_out": False,
+            "modules_to_save": None,
+            "init_ia3_weights": True,
+        }
+
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
         if config.get("fan_in_fan_out") or config.get("modules_to_save"):

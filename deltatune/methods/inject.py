@@ -23,8 +23,13 @@ def is_linear_or_delta(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, DeltaLinear))
 
 
-def match_targets(model: nn.Module, targets: str | list[str],
-                  accept: Callable[[nn.Module], bool] = _is_linear, *, inside_delta: bool = True) -> list[str]:
+def match_targets(
+    model: nn.Module,
+    targets: str | list[str],
+    accept: Callable[[nn.Module], bool] = _is_linear,
+    *,
+    inside_delta: bool = True,
+) -> list[str]:
     """Names of modules that `targets` selects, among those `accept` allows.
 
     `targets` is "all-linear", a list or comma list of name suffixes ("q_proj,v_proj"), or a regex
@@ -47,8 +52,11 @@ def match_targets(model: nn.Module, targets: str | list[str],
             unknown = [p for p in parts if not any(n == p or n.endswith("." + p) for n in names)]
             if unknown and chosen:  # every name must match something: a typo in a list is not dropped
                 kinds = sorted({n.split(".")[-1] for n in candidates})
-                raise ConfigError(f"'{unknown[0]}' in targets {targets!r} matches no module; module names that "
-                                  f"exist: {', '.join(kinds)}", field="targets")
+                raise ConfigError(
+                    f"'{unknown[0]}' in targets {targets!r} matches no module; module names that "
+                    f"exist: {', '.join(kinds)}",
+                    field="targets",
+                )
         else:
             try:
                 rx = re.compile(targets if isinstance(targets, str) else "|".join(f"(?:{p})" for p in parts))
@@ -57,8 +65,9 @@ def match_targets(model: nn.Module, targets: str | list[str],
             chosen = [n for n in candidates if rx.fullmatch(n)]
     if not chosen:
         kinds = sorted({n.split(".")[-1] for n in candidates})
-        raise ConfigError(f"no module matches targets {targets!r}; module names that exist: {', '.join(kinds)}",
-                          field="targets")
+        raise ConfigError(
+            f"no module matches targets {targets!r}; module names that exist: {', '.join(kinds)}", field="targets"
+        )
     return chosen
 
 
@@ -106,8 +115,9 @@ def freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def wrap_linears(model: nn.Module, targets: str | list[str], make: Callable[[nn.Module], DeltaLinear],
-                 method_name: str) -> list[str]:
+def wrap_linears(
+    model: nn.Module, targets: str | list[str], make: Callable[[nn.Module], DeltaLinear], method_name: str
+) -> list[str]:
     """Replace every linear that `targets` selects by `make(linear)`, tagged with `method_name`.
 
     A layer that another method already wrapped is a ConfigError naming both methods: two
@@ -117,8 +127,11 @@ def wrap_linears(model: nn.Module, targets: str | list[str], make: Callable[[nn.
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, DeltaLinear):
-            raise ConfigError(f"module '{name}' is already adapted by method '{getattr(module, 'method_name', '?')}'; "
-                              f"method '{method_name}' cannot wrap it too (choose disjoint targets)", field="targets")
+            raise ConfigError(
+                f"module '{name}' is already adapted by method '{getattr(module, 'method_name', '?')}'; "
+                f"method '{method_name}' cannot wrap it too (choose disjoint targets)",
+                field="targets",
+            )
     for name in names:
         new = make(model.get_submodule(name))
         new.method_name = method_name

@@ -24,8 +24,16 @@ from deltatune.methods.nf4 import NF4_OPTIONS
 from deltatune.methods.options import Option
 
 INITS = ("kaiming", "gaussian")
-ADAPTER_DTYPES = {"auto": None, "base": None, "fp32": torch.float32, "float32": torch.float32,
-                  "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+ADAPTER_DTYPES = {
+    "auto": None,
+    "base": None,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
@@ -35,8 +43,17 @@ def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
 class LoRALinear(DeltaLinear):
     """A frozen linear plus s * B A. `dtype` is the adapter's dtype (default: the base weight's)."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, *, rslora: bool = False, dropout: float = 0.0,
-                 init: str = "kaiming", dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        *,
+        rslora: bool = False,
+        dropout: float = 0.0,
+        init: str = "kaiming",
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(base)
         weight = base.weight
         dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
@@ -72,8 +89,9 @@ class LoRALinear(DeltaLinear):
         if autocast or h.dtype == base_out.dtype == b.dtype:
             # base_out + s * h B^T in one GEMM that accumulates into a copy of base_out: no separate
             # output tensor for h B^T and no extra pass to add it (measured ~2% of a CPU training step)
-            flat = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), b.T,
-                               alpha=self.scaling)
+            flat = torch.addmm(
+                base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, h.shape[-1]), b.T, alpha=self.scaling
+            )
             return flat.view(base_out.shape)
         h = F.linear(h, b)
         if h.dtype != base_out.dtype:
@@ -88,8 +106,12 @@ class LoRALinear(DeltaLinear):
 
 
 LORA_OPTIONS = {
-    "init": Option("kaiming", "A's init: kaiming-uniform (PEFT's default) or gaussian N(0, 1/r^2)", (str,), choices=INITS),
-    "adapter_dtype": Option("auto", "dtype of A and B (auto: the base weight's)", (str,), choices=tuple(ADAPTER_DTYPES)),
+    "init": Option(
+        "kaiming", "A's init: kaiming-uniform (PEFT's default) or gaussian N(0, 1/r^2)", (str,), choices=INITS
+    ),
+    "adapter_dtype": Option(
+        "auto", "dtype of A and B (auto: the base weight's)", (str,), choices=tuple(ADAPTER_DTYPES)
+    ),
 }
 
 
@@ -119,8 +141,12 @@ class LoRA(WeightDeltaMethod):
 
     def layer_kwargs(self) -> dict[str, Any]:
         s = self.spec
-        return dict(rslora=self.use_rslora, dropout=s.dropout, init=self.options["init"],
-                    dtype=ADAPTER_DTYPES[self.options["adapter_dtype"]])
+        return dict(
+            rslora=self.use_rslora,
+            dropout=s.dropout,
+            init=self.options["init"],
+            dtype=ADAPTER_DTYPES[self.options["adapter_dtype"]],
+        )
 
     def make_layer(self, base: nn.Module) -> DeltaLinear:
         return LoRALinear(base, self.spec.rank, self.spec.alpha, **self.layer_kwargs())
@@ -133,32 +159,56 @@ class LoRA(WeightDeltaMethod):
             return None  # PEFT would read it back as plain LoRA and lose the 4-bit base
         init = self.options["init"]
         alpha = self.spec.alpha
-        return {"r": self.spec.rank, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": self.spec.dropout,
-                "use_rslora": self.use_rslora, "init_lora_weights": True if init == "kaiming" else "gaussian",
-                "target_modules": peft_target_modules(model, [n for n, _ in self.named_delta_modules(model)]),
-                "use_dora": False, "bias": "none", "fan_in_fan_out": False}
+        return {
+            "r": self.spec.rank,
+            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+            "lora_dropout": self.spec.dropout,
+            "use_rslora": self.use_rslora,
+            "init_lora_weights": True if init == "kaiming" else "gaussian",
+            "target_modules": peft_target_modules(model, [n for n, _ in self.named_delta_modules(model)]),
+            "use_dora": False,
+            "bias": "none",
+            "fan_in_fan_out": False,
+        }
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
         if cls is not LoRA or config.get("use_dora"):
             return None  # rslora is an alias; DoRA claims use_dora
-        for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules", "modules_to_save",
-                    "lora_bias", "fan_in_fan_out", "target_parameters", "layer_replication",
-                    "trainable_token_indices", "use_qalora"):
+        for key in (
+            "rank_pattern",
+            "alpha_pattern",
+            "layers_to_transform",
+            "exclude_modules",
+            "modules_to_save",
+            "lora_bias",
+            "fan_in_fan_out",
+            "target_parameters",
+            "layer_replication",
+            "trainable_token_indices",
+            "use_qalora",
+        ):
             if config.get(key):  # set to something other than PEFT's empty default
                 raise ConfigError(f"PEFT LoRA option {key}={config[key]!r} is not supported by deltatune", field=key)
         if config.get("bias", "none") != "none":
-            raise ConfigError(f"PEFT LoRA option bias={config['bias']!r} is not supported (use method bitfit)",
-                              field="bias")
+            raise ConfigError(
+                f"PEFT LoRA option bias={config['bias']!r} is not supported (use method bitfit)", field="bias"
+            )
         targets = config.get("target_modules")
         if targets is None:
             raise ConfigError("PEFT adapter_config.json has no target_modules", field="target_modules")
         if not isinstance(targets, str):  # a string is "all-linear" or a regex, full-matched like PEFT does
             targets = sorted(targets)
         init = config.get("init_lora_weights", True)
-        return MethodSpec(name="lora", targets=targets, rank=int(config["r"]), alpha=float(config["lora_alpha"]),
-                          dropout=float(config.get("lora_dropout") or 0.0), rslora=bool(config.get("use_rslora")),
-                          options={"init": "gaussian" if init == "gaussian" else "kaiming"})
+        return MethodSpec(
+            name="lora",
+            targets=targets,
+            rank=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            dropout=float(config.get("lora_dropout") or 0.0),
+            rslora=bool(config.get("use_rslora")),
+            options={"init": "gaussian" if init == "gaussian" else "kaiming"},
+        )
 
 
 @register
@@ -179,5 +229,4 @@ class QLoRA(LoRA):
 
     name = "qlora"
     peft_type = None
-    options_schema = {**LoRA.options_schema,
-                      "quantize_base": Option(True, "store the adapted linears in NF4", (bool,))}
+    options_schema = {**LoRA.options_schema, "quantize_base": Option(True, "store the adapted linears in NF4", (bool,))}

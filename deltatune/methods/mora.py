@@ -54,8 +54,9 @@ def mora_rank(d_in: int, d_out: int, rank: int, mora_type: Any) -> int:
     if mora_type in (6, "decouple"):
         r_hat -= r_hat % 2  # RoPE rotates pairs
     if r_hat < 2:
-        raise ConfigError(f"MoRA rank {rank} gives a square size {r_hat} < 2 on a {d_in}->{d_out} layer; "
-                          "raise `rank`", field="rank")
+        raise ConfigError(
+            f"MoRA rank {rank} gives a square size {r_hat} < 2 on a {d_in}->{d_out} layer; raise `rank`", field="rank"
+        )
     return r_hat
 
 
@@ -75,16 +76,23 @@ def parse_mora_type(value: Any) -> Any:
     if isinstance(value, str) and value.isdigit():
         value = int(value)
     if value not in MORA_TYPES:
-        raise ConfigError(f"unknown mora_type {value!r}; choose one of 1, 2, 3, 4, 6, truncate, decouple",
-                          field="options.mora_type")
+        raise ConfigError(
+            f"unknown mora_type {value!r}; choose one of 1, 2, 3, 4, 6, truncate, decouple", field="options.mora_type"
+        )
     return value
 
 
 class MoRALinear(DeltaLinear):
     """A frozen linear plus D . M . C x, with M (r_hat x r_hat) trainable and zero at init."""
 
-    def __init__(self, base: nn.Module, rank: int, mora_type: Any = None, dropout: float = 0.0,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        mora_type: Any = None,
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__(base)
         self.mora_type = parse_mora_type(default_mora_type(rank) if mora_type is None else mora_type)
         d_in, d_out = self.in_features, self.out_features
@@ -217,8 +225,8 @@ class MoRALinear(DeltaLinear):
             rows = blocks.permute(1, 0, 2).reshape(r, self.n_blocks * r)  # [M R_0 | M R_1 | ...] columns
             full = torch.zeros(self.n_blocks * r, d_in, device=M.device)
             for i in range(self.n_blocks):  # block-diagonal, columns folded back by wrap-padding
-                cols = self._wrap_idx[i * r:(i + 1) * r]
-                full[i * r:(i + 1) * r].index_add_(1, cols, rows[:, i * r:(i + 1) * r])
+                cols = self._wrap_idx[i * r : (i + 1) * r]
+                full[i * r : (i + 1) * r].index_add_(1, cols, rows[:, i * r : (i + 1) * r])
             n = full.shape[0]
             return full[torch.arange(d_out, device=M.device) % n]
         # rows: which z entry each output reads
@@ -240,10 +248,10 @@ def _chunk_sums(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Sums of contiguous groups with sizes [s+1]*m + [s]*n, as two reshapes (no Python loop)."""
     big, small = sizes[0], sizes[-1]
     m = sum(1 for s in sizes if s == big) if big != small else len(sizes)
-    head = x[..., :m * big].unflatten(-1, (m, big)).sum(-1)
+    head = x[..., : m * big].unflatten(-1, (m, big)).sum(-1)
     if m == len(sizes):
         return head
-    tail = x[..., m * big:].unflatten(-1, (len(sizes) - m, small)).sum(-1)
+    tail = x[..., m * big :].unflatten(-1, (len(sizes) - m, small)).sum(-1)
     return torch.cat([head, tail], dim=-1)
 
 
@@ -256,14 +264,18 @@ def _base_device(base: nn.Module) -> torch.device:
 REMORA_CYCLES = {2: (1, 2), 4: (1, 2, 3, 4)}  # the official `remora_types` settings
 
 MORA_OPTIONS = {
-    "mora_type": Option(None, "compression type: 1, 2, 3, 4, 6, truncate, decouple (default: 1 for rank >= 128, "
-                              "else 6)", (int, str)),
-    "remora_every": Option(0, "ReMoRA: merge M into W and restart it every N optimizer steps (0: off)", (int,),
-                           check=non_negative),
-    "remora_types": Option(2, "ReMoRA: cycle the types 1->2 (2) or 1->2->3->4 (4) at each merge", (int,),
-                           choices=(2, 4)),
-    "remora_warmup": Option(50, "ReMoRA: steps of linear learning-rate re-warmup after each merge", (int,),
-                            check=non_negative),
+    "mora_type": Option(
+        None, "compression type: 1, 2, 3, 4, 6, truncate, decouple (default: 1 for rank >= 128, else 6)", (int, str)
+    ),
+    "remora_every": Option(
+        0, "ReMoRA: merge M into W and restart it every N optimizer steps (0: off)", (int,), check=non_negative
+    ),
+    "remora_types": Option(
+        2, "ReMoRA: cycle the types 1->2 (2) or 1->2->3->4 (4) at each merge", (int,), choices=(2, 4)
+    ),
+    "remora_warmup": Option(
+        50, "ReMoRA: steps of linear learning-rate re-warmup after each merge", (int,), check=non_negative
+    ),
 }
 
 
@@ -285,15 +297,21 @@ class MoRA(WeightDeltaMethod):
         given = self.options["mora_type"]
         self.remora_every = self.options["remora_every"]
         cycle = REMORA_CYCLES[self.options["remora_types"]]
-        self.mora_type = parse_mora_type(given if given is not None else
-                                         (cycle[0] if self.remora_every else default_mora_type(spec.rank)))
+        self.mora_type = parse_mora_type(
+            given if given is not None else (cycle[0] if self.remora_every else default_mora_type(spec.rank))
+        )
         if self.remora_every:
             if self.mora_type not in cycle:
-                raise ConfigError(f"ReMoRA cycles the types {cycle}; mora_type {self.mora_type!r} is not one of them",
-                                  field="options.mora_type")
+                raise ConfigError(
+                    f"ReMoRA cycles the types {cycle}; mora_type {self.mora_type!r} is not one of them",
+                    field="options.mora_type",
+                )
             if self.options["quantize_base"]:
-                raise ConfigError("ReMoRA merges into the base weights every few steps, which an NF4 base would "
-                                  "requantise each time; use it without quantize_base", field="options.remora_every")
+                raise ConfigError(
+                    "ReMoRA merges into the base weights every few steps, which an NF4 base would "
+                    "requantise each time; use it without quantize_base",
+                    field="options.remora_every",
+                )
         self._cycle = cycle
         self._last_merge = 0
 
@@ -303,8 +321,11 @@ class MoRA(WeightDeltaMethod):
 
     @property
     def why_not_resume(self) -> str:
-        return ("ReMoRA merges into the base weights, which checkpoints (trainable tensors only) do not hold"
-                if self.remora_every else "")
+        return (
+            "ReMoRA merges into the base weights, which checkpoints (trainable tensors only) do not hold"
+            if self.remora_every
+            else ""
+        )
 
     def make_layer(self, base: nn.Module) -> DeltaLinear:
         return MoRALinear(base, self.spec.rank, self.mora_type, self.spec.dropout)

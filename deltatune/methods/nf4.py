@@ -29,12 +29,27 @@ from torch import nn
 from deltatune.errors import ConfigError
 
 # bitsandbytes' NF4 table (create_normal_map(offset=0.9677083)), float32.
-NF4_CODE = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=torch.float32)
+NF4_CODE = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
 
 
 def nf4_code_from_quantiles(offset: float = 0.9677083) -> torch.Tensor:
@@ -59,7 +74,7 @@ def dynamic_map_8bit() -> torch.Tensor:
     """
     data: list[float] = []
     for e in range(7):
-        edges = torch.linspace(0.1, 1, 2 ** e + 1, dtype=torch.float32)
+        edges = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
         mids = ((edges[:-1] + edges[1:]) / 2.0) * (10 ** (e - 6))
         data += mids.tolist() + (-mids).tolist()
     data += [0.0, 1.0]
@@ -120,14 +135,18 @@ class NF4Weight:
         """The per-block absmax, dequantised if it was double-quantised."""
         if self.absmax_scale is None:
             return self.absmax
-        return dequantize_blockwise(self.absmax, self.absmax_scale, _DYNAMIC_MAP, self.dq_block_size) + self.absmax_offset
+        return (
+            dequantize_blockwise(self.absmax, self.absmax_scale, _DYNAMIC_MAP, self.dq_block_size) + self.absmax_offset
+        )
 
     def nbytes(self) -> int:
         parts = [self.packed, self.absmax, self.absmax_scale, self.absmax_offset]
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
-def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = True, dq_block_size: int = 256) -> NF4Weight:
+def quantize_nf4(
+    w: torch.Tensor, block_size: int = 64, double_quant: bool = True, dq_block_size: int = 256
+) -> NF4Weight:
     """Quantise a weight matrix to NF4 with block-wise absmax (and double-quantised absmax)."""
     if block_size < 2 or block_size % 2:
         raise ConfigError(f"NF4 block size must be an even number >= 2, got {block_size}", field="options.block_size")
@@ -155,8 +174,13 @@ class NF4Linear(nn.Module):
     silently. Use `dequantize()` to read it and `to_linear()` for a plain layer (what merge does).
     """
 
-    def __init__(self, q: NF4Weight, bias: torch.Tensor | None, orig_dtype: torch.dtype,
-                 compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self,
+        q: NF4Weight,
+        bias: torch.Tensor | None,
+        orig_dtype: torch.dtype,
+        compute_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.block_size, self.dq_block_size = q.block_size, q.dq_block_size
@@ -168,15 +192,27 @@ class NF4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, block_size: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype = torch.bfloat16) -> "NF4Linear":
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        block_size: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+    ) -> "NF4Linear":
         w = linear.weight.detach()
         q = quantize_nf4(w, block_size, double_quant)
         return cls(q, linear.bias, w.dtype, compute_dtype)
 
     def quantized(self) -> NF4Weight:
-        return NF4Weight(self.packed, self.absmax, (self.out_features, self.in_features), self.block_size,
-                         self.absmax_scale, self.absmax_offset, self.dq_block_size)
+        return NF4Weight(
+            self.packed,
+            self.absmax,
+            (self.out_features, self.in_features),
+            self.block_size,
+            self.absmax_scale,
+            self.absmax_offset,
+            self.dq_block_size,
+        )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_nf4(self.quantized(), dtype or self.compute_dtype)
@@ -193,8 +229,13 @@ class NF4Linear(nn.Module):
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain frozen `nn.Linear` holding the dequantised weight, in the original dtype."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.packed.device, dtype=self.orig_dtype)
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.packed.device,
+            dtype=self.orig_dtype,
+        )
         lin.weight.copy_(self.dequantize(torch.float32))
         if self.bias is not None:
             lin.bias.copy_(self.bias)
@@ -203,8 +244,10 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         dq = self.absmax_scale is not None
-        return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
-                f"double_quant={dq}, compute_dtype={self.compute_dtype}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
+            f"double_quant={dq}, compute_dtype={self.compute_dtype}"
+        )
 
 
 # --- use from a method: `options: {quantize_base: true, block_size: 64, double_quant: true, compute_dtype: bfloat16}`
@@ -220,16 +263,23 @@ class QuantOptions:
     merge_requantize: bool = False
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "float32": torch.float32, "fp32": torch.float32}
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 
 # The options every weight-delta method accepts for an NF4 base (merged into its schema).
 NF4_OPTIONS: dict[str, Option] = {
     "quantize_base": Option(False, "store the adapted linears in NF4 (QLoRA's base)", (bool,)),
     "block_size": Option(64, "weights per absmax block", (int,), check=even_at_least_2),
     "double_quant": Option(True, "quantise the absmax values too (8-bit, blocks of 256)", (bool,)),
-    "compute_dtype": Option("bfloat16", "dtype the weight is dequantised to in forward", (str,),
-                            choices=tuple(_DTYPES)),
+    "compute_dtype": Option(
+        "bfloat16", "dtype the weight is dequantised to in forward", (str,), choices=tuple(_DTYPES)
+    ),
     "merge_requantize": Option(False, "after a merge, quantise the merged weights again (lossy)", (bool,)),
 }
 
@@ -238,8 +288,12 @@ def quant_options(options: dict[str, Any]) -> QuantOptions | None:
     """The NF4 settings from a method's checked options; None unless the base is to be quantised."""
     if not options.get("quantize_base"):
         return None
-    return QuantOptions(int(options["block_size"]), bool(options["double_quant"]), _DTYPES[options["compute_dtype"]],
-                        bool(options["merge_requantize"]))
+    return QuantOptions(
+        int(options["block_size"]),
+        bool(options["double_quant"]),
+        _DTYPES[options["compute_dtype"]],
+        bool(options["merge_requantize"]),
+    )
 
 
 def quantize_bases(modules: Iterable[nn.Module], opts: QuantOptions) -> None:
@@ -255,6 +309,9 @@ def quantize_bases(modules: Iterable[nn.Module], opts: QuantOptions) -> None:
 @torch.no_grad()
 def requantize_bases(modules: Iterable[nn.Module], opts: QuantOptions) -> None:
     """Quantise merged bases back to NF4. Lossy: the merged weights move by up to the NF4 step."""
-    warnings.warn("requantising merged weights to NF4: the merged model differs from the unmerged one by the "
-                  "quantisation error of the new weights", stacklevel=2)
+    warnings.warn(
+        "requantising merged weights to NF4: the merged model differs from the unmerged one by the "
+        "quantisation error of the new weights",
+        stacklevel=2,
+    )
     quantize_bases(modules, opts)

@@ -50,21 +50,27 @@ def read_options(method: str, given: Mapping[str, Any], schema: Mapping[str, Opt
     unknown = sorted(set(given) - set(schema))
     if unknown:
         valid = ", ".join(sorted(schema)) if schema else "none (this method takes no options)"
-        raise ConfigError(f"unknown option '{unknown[0]}' for method '{method}'; valid options: {valid}",
-                          field=f"options.{unknown[0]}")
+        raise ConfigError(
+            f"unknown option '{unknown[0]}' for method '{method}'; valid options: {valid}",
+            field=f"options.{unknown[0]}",
+        )
     out: dict[str, Any] = {}
     for name, opt in schema.items():
         value = given.get(name, opt.default)
         if name in given and value is not None:
             if not _type_ok(value, opt.types):
                 kinds = " or ".join(t.__name__ for t in opt.types)
-                raise ConfigError(f"method '{method}': option {name} must be {kinds}, got {value!r}",
-                                  field=f"options.{name}")
+                raise ConfigError(
+                    f"method '{method}': option {name} must be {kinds}, got {value!r}", field=f"options.{name}"
+                )
             if opt.choices is not None:
                 norm = value.lower() if isinstance(value, str) else value
                 if norm not in opt.choices:
-                    raise ConfigError(f"method '{method}': option {name} must be one of "
-                                      f"{', '.join(map(str, opt.choices))}, got {value!r}", field=f"options.{name}")
+                    raise ConfigError(
+                        f"method '{method}': option {name} must be one of "
+                        f"{', '.join(map(str, opt.choices))}, got {value!r}",
+                        field=f"options.{name}",
+                    )
                 value = norm
             why = opt.check(value) if opt.check is not None else None
             if why:

@@ -24,7 +24,7 @@ from torch import nn
 
 from deltatune.errors import ConfigError, UserError
 from deltatune.fileio import atomic_dir
-from deltatune.methods.base import MethodSpec, _REGISTRY, _load_builtin_methods
+from deltatune.methods.base import _REGISTRY, MethodSpec, _load_builtin_methods
 
 if TYPE_CHECKING:
     from deltatune.methods.apply import AdaptedModel
@@ -47,7 +47,9 @@ def peft_target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
 def _base_name(adapted: "AdaptedModel", given: str | None) -> str | None:
     if given is not None:
         return given
-    name = getattr(getattr(adapted.model, "config", None), "_name_or_path", None) or getattr(adapted.model, "name_or_path", None)
+    name = getattr(getattr(adapted.model, "config", None), "_name_or_path", None) or getattr(
+        adapted.model, "name_or_path", None
+    )
     return str(name) if name else None
 
 
@@ -61,22 +63,35 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
-def save_adapter(adapted: "AdaptedModel", out_dir: str | os.PathLike, *,
-                 base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(
+    adapted: "AdaptedModel", out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None
+) -> Path:
     base = _base_name(adapted, base_model_name_or_path)
     state = adapted.adapter_state_dict()
     with atomic_dir(out_dir) as tmp:
         if adapted.is_peft_method:
             method = adapted.methods[0]
-            config = {"task_type": "CAUSAL_LM", "peft_type": method.peft_type, "auto_mapping": None,
-                      "base_model_name_or_path": base, "revision": None, "inference_mode": True}
+            config = {
+                "task_type": "CAUSAL_LM",
+                "peft_type": method.peft_type,
+                "auto_mapping": None,
+                "base_model_name_or_path": base,
+                "revision": None,
+                "inference_mode": True,
+            }
             config.update(method.peft_config(adapted.model) or {})
             _write_json(tmp / PEFT_CONFIG, config)
             _save_tensors({method.to_peft_key(k): v for k, v in state.items()}, tmp / WEIGHTS)
         else:
-            _write_json(tmp / DELTATUNE_CONFIG, {"format": FORMAT, "version": VERSION,
-                                                 "base_model_name_or_path": base,
-                                                 "methods": [s.to_dict() for s in adapted.specs]})
+            _write_json(
+                tmp / DELTATUNE_CONFIG,
+                {
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "base_model_name_or_path": base,
+                    "methods": [s.to_dict() for s in adapted.specs],
+                },
+            )
             _save_tensors(state, tmp / WEIGHTS)
     return Path(out_dir)
 
@@ -116,8 +131,11 @@ def specs_from_peft_config(config: dict[str, Any], *, source: str | None = None)
         if spec is not None:
             return spec
     known = sorted({c.peft_type for c in _REGISTRY.values() if c.peft_type})
-    raise ConfigError(f"PEFT adapter type {peft_type!r} is not supported; supported: {', '.join(known)}",
-                      file=source, field="peft_type")
+    raise ConfigError(
+        f"PEFT adapter type {peft_type!r} is not supported; supported: {', '.join(known)}",
+        file=source,
+        field="peft_type",
+    )
 
 
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[list[MethodSpec], dict[str, torch.Tensor], bool | None, str]:
@@ -130,8 +148,11 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[list[MethodSpec], dict
         if config.get("format") != FORMAT:
             raise ConfigError(f"'format' must be '{FORMAT}'", file=str(path), field="format")
         if config.get("version") != VERSION:
-            raise ConfigError(f"unsupported version {config.get('version')!r} (this deltatune reads {VERSION})",
-                              file=str(path), field="version")
+            raise ConfigError(
+                f"unsupported version {config.get('version')!r} (this deltatune reads {VERSION})",
+                file=str(path),
+                field="version",
+            )
         raw = config.get("methods")
         if not isinstance(raw, list) or not raw or not all(isinstance(m, dict) for m in raw):
             raise ConfigError("'methods' must be a non-empty list of objects", file=str(path), field="methods")
@@ -144,6 +165,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[list[MethodSpec], dict
     try:
         tensors = load_file(str(weights))
     except Exception as exc:  # safetensors' own error type, or OSError
-        raise UserError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:80]})",
-                        field="adapter") from None
+        raise UserError(
+            f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:80]})", field="adapter"
+        ) from None
     return specs, tensors, peft_keys, str(path)

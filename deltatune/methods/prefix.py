@@ -29,9 +29,19 @@ from torch import nn
 from deltatune.errors import ConfigError
 from deltatune.methods.base import Method, MethodSpec, register
 from deltatune.methods.options import Option, positive_int
-from deltatune.methods.virtual_tokens import (attach, bind_kwargs, cache_length, drop_output_cache,
-                                              output_cache, prepend_key_columns, put_cache, repeat_to,
-                                              shift_positions, take_cache, tokenizer_ids)
+from deltatune.methods.virtual_tokens import (
+    attach,
+    bind_kwargs,
+    cache_length,
+    drop_output_cache,
+    output_cache,
+    prepend_key_columns,
+    put_cache,
+    repeat_to,
+    shift_positions,
+    take_cache,
+    tokenizer_ids,
+)
 
 
 def kv_geometry(config) -> tuple[int, int, int]:
@@ -46,8 +56,17 @@ def kv_geometry(config) -> tuple[int, int, int]:
 class PrefixEncoder(nn.Module):
     """Holds the prefixes (or P' and the MLP that makes them) and the decoder hooks that use them."""
 
-    def __init__(self, p: int, layers: int, kv_heads: int, head_dim: int, *, reparameterize: bool = False,
-                 hidden: int = 512, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        p: int,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        reparameterize: bool = False,
+        hidden: int = 512,
+        device: torch.device | None = None,
+    ) -> None:
         super().__init__()
         self.p, self.layers, self.kv_heads, self.head_dim = p, layers, kv_heads, head_dim
         kv, out = kv_heads * head_dim, layers * 2 * kv_heads * head_dim
@@ -76,8 +95,9 @@ class PrefixEncoder(nn.Module):
     def key_values(self, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (keys, values), each [batch, kv_heads, p, head_dim]."""
         kv = self.flat().to(dtype).view(self.p, self.layers * 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
-        return [(kv[2 * i].expand(batch, -1, -1, -1), kv[2 * i + 1].expand(batch, -1, -1, -1))
-                for i in range(self.layers)]
+        return [
+            (kv[2 * i].expand(batch, -1, -1, -1), kv[2 * i + 1].expand(batch, -1, -1, -1)) for i in range(self.layers)
+        ]
 
     def pre_hook(self, decoder: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         from transformers import DynamicCache
@@ -92,8 +112,11 @@ class PrefixEncoder(nn.Module):
             if past is None:
                 past, created = DynamicCache(config=decoder.config), True
             ref = kw["inputs_embeds"] if kw.get("inputs_embeds") is not None else kw["input_ids"]
-            dtype = kw["inputs_embeds"].dtype if kw.get("inputs_embeds") is not None else \
-                decoder.get_input_embeddings().weight.dtype
+            dtype = (
+                kw["inputs_embeds"].dtype
+                if kw.get("inputs_embeds") is not None
+                else decoder.get_input_embeddings().weight.dtype
+            )
             for layer, (k, v) in enumerate(self.key_values(ref.shape[0], dtype)):
                 past.update(k, v, layer)
             put_cache(decoder, kw, past)
@@ -117,18 +140,26 @@ class PrefixTuning(Method):
     name = "prefix"
     kind = "addition"
     mergeable = False
-    why_not_mergeable = ("prefix tuning adds key/value vectors that every attention layer attends to; they are "
-                         "not a change to any weight; keep the adapter and load it with the base model")
+    why_not_mergeable = (
+        "prefix tuning adds key/value vectors that every attention layer attends to; they are "
+        "not a change to any weight; keep the adapter and load it with the base model"
+    )
     peft_type = "PREFIX_TUNING"
     ATTR = "deltatune_prefix"
     adds_virtual_tokens = True
     options_schema = {
         "num_virtual_tokens": Option(20, "number p of prefix positions", (int,), check=positive_int),
-        "reparameterize": Option(False, "produce the prefixes by an MLP during training (the paper's stabiliser)",
-                                 (bool,)),
+        "reparameterize": Option(
+            False, "produce the prefixes by an MLP during training (the paper's stabiliser)", (bool,)
+        ),
         "hidden": Option(512, "hidden width of the reparameterisation MLP", (int,), check=positive_int),
-        "init": Option(None, "random (N(0, 1), as PEFT) or text (the base model's own keys and values; default "
-                             "when init_text or init_token_ids is given)", (str,), choices=("random", "text")),
+        "init": Option(
+            None,
+            "random (N(0, 1), as PEFT) or text (the base model's own keys and values; default "
+            "when init_text or init_token_ids is given)",
+            (str,),
+            choices=("random", "text"),
+        ),
         "init_text": Option(None, "text whose keys and values start the prefix", (str,)),
         "init_token_ids": Option(None, "token ids whose keys and values start the prefix", (list,)),
         "tokenizer": Option(None, "the tokenizer, for init_text (not saved)"),
@@ -143,15 +174,17 @@ class PrefixTuning(Method):
         has_text = o["init_text"] is not None or o["init_token_ids"] is not None
         self.init = o["init"] or ("text" if has_text else "random")
         if self.init == "text" and (not has_text or self.reparameterize):
-            raise ConfigError("prefix init 'text' needs init_text (or init_token_ids) and reparameterize: false",
-                              field="options.init")
+            raise ConfigError(
+                "prefix init 'text' needs init_text (or init_token_ids) and reparameterize: false", field="options.init"
+            )
         self.tokenizer = self.spec.options.pop("tokenizer", None)
 
     def apply(self, model: nn.Module) -> None:
         layers, kv_heads, head_dim = kv_geometry(model.config)
         device = model.get_input_embeddings().weight.device
-        module = PrefixEncoder(self.p, layers, kv_heads, head_dim, reparameterize=self.reparameterize,
-                               hidden=self.hidden, device=device)
+        module = PrefixEncoder(
+            self.p, layers, kv_heads, head_dim, reparameterize=self.reparameterize, hidden=self.hidden, device=device
+        )
         if self.init == "text":
             ids = self.spec.options.get("init_token_ids")
             ids = tokenizer_ids(self, self.spec.options["init_text"], self.p) if ids is None else repeat_to(ids, self.p)
@@ -192,9 +225,16 @@ class PrefixTuning(Method):
         if self.reparameterize:  # PEFT stores only the produced prefixes: fold first
             return None
         layers, kv_heads, head_dim = kv_geometry(model.config)
-        return {"num_virtual_tokens": self.p, "token_dim": kv_heads * head_dim, "num_transformer_submodules": 1,
-                "num_attention_heads": kv_heads, "num_layers": layers, "encoder_hidden_size": kv_heads * head_dim,
-                "prefix_projection": False, "task_type": "CAUSAL_LM"}
+        return {
+            "num_virtual_tokens": self.p,
+            "token_dim": kv_heads * head_dim,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": kv_heads,
+            "num_layers": layers,
+            "encoder_hidden_size": kv_heads * head_dim,
+            "prefix_projection": False,
+            "task_type": "CAUSAL_LM",
+        }
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:

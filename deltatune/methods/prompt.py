@@ -37,9 +37,19 @@ from torch import nn
 from deltatune.errors import ConfigError
 from deltatune.methods.base import Method, MethodSpec, register
 from deltatune.methods.options import Option, non_negative, positive_int
-from deltatune.methods.virtual_tokens import (attach, bind_kwargs, cache_length, drop_leading_positions,
-                                              prepend_key_columns, prepend_virtual_rows, put_cache, repeat_to,
-                                              shift_positions, take_cache, tokenizer_ids)
+from deltatune.methods.virtual_tokens import (
+    attach,
+    bind_kwargs,
+    cache_length,
+    drop_leading_positions,
+    prepend_key_columns,
+    prepend_virtual_rows,
+    put_cache,
+    repeat_to,
+    shift_positions,
+    take_cache,
+    tokenizer_ids,
+)
 
 PROMPT_INITS = ("random", "text", "vocab", "labels")
 
@@ -91,21 +101,29 @@ class PromptTuning(Method):
     name = "prompt"
     kind = "addition"
     mergeable = False
-    why_not_mergeable = ("prompt tuning adds virtual input tokens, which are not a change to any weight; keep the "
-                         "adapter and load it with the base model (PEFT can load it too)")
+    why_not_mergeable = (
+        "prompt tuning adds virtual input tokens, which are not a change to any weight; keep the "
+        "adapter and load it with the base model (PEFT can load it too)"
+    )
     peft_type = "PROMPT_TUNING"
     ATTR = "deltatune_prompt"
     adds_virtual_tokens = True
     options_schema = {
         "num_virtual_tokens": Option(20, "number p of virtual tokens", (int,), check=positive_int),
-        "init": Option(None, "random | text | vocab | labels (default: text when init_text or init_token_ids is "
-                             "given, labels when class labels are, else random)", (str,), choices=PROMPT_INITS),
+        "init": Option(
+            None,
+            "random | text | vocab | labels (default: text when init_text or init_token_ids is "
+            "given, labels when class labels are, else random)",
+            (str,),
+            choices=PROMPT_INITS,
+        ),
         "init_text": Option(None, "text whose token embeddings start the prompt", (str,)),
         "init_token_ids": Option(None, "token ids whose embeddings start the prompt", (list,)),
         "class_labels": Option(None, "class-label words (init labels)", (list,)),
         "class_label_ids": Option(None, "token ids of each class label (init labels, without a tokenizer)", (list,)),
-        "vocab_top": Option(5000, "sample init tokens from the first N ids (init vocab, labels)", (int,),
-                            check=positive_int),
+        "vocab_top": Option(
+            5000, "sample init tokens from the first N ids (init vocab, labels)", (int,), check=positive_int
+        ),
         "init_seed": Option(0, "seed of the sampled vocabulary", (int,), check=non_negative),
         "tokenizer": Option(None, "the tokenizer, for init_text and class_labels (not saved)"),
     }
@@ -122,8 +140,9 @@ class PromptTuning(Method):
         if self.init == "text" and not has_text:
             raise ConfigError("prompt init 'text' needs init_text (or init_token_ids)", field="options.init_text")
         if self.init == "labels" and not has_labels:
-            raise ConfigError("prompt init 'labels' needs class_labels (or class_label_ids)",
-                              field="options.class_labels")
+            raise ConfigError(
+                "prompt init 'labels' needs class_labels (or class_label_ids)", field="options.class_labels"
+            )
         self.tokenizer = self.spec.options.pop("tokenizer", None)
 
     def _sampled_ids(self, n: int, vocab: int) -> list[int]:
@@ -131,8 +150,9 @@ class PromptTuning(Method):
         special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
         pool = [i for i in range(min(vocab, self.options["vocab_top"])) if i not in special]
         if len(pool) < n:
-            raise ConfigError(f"prompt init: {n} tokens to sample but only {len(pool)} candidates",
-                              field="options.vocab_top")
+            raise ConfigError(
+                f"prompt init: {n} tokens to sample but only {len(pool)} candidates", field="options.vocab_top"
+            )
         g = torch.Generator().manual_seed(self.options["init_seed"])
         return [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:n]]
 
@@ -140,15 +160,20 @@ class PromptTuning(Method):
         ids = self.options["class_label_ids"]
         if ids is None:
             if self.tokenizer is None:
-                raise ConfigError("prompt init 'labels' needs the tokenizer for class_labels (or give "
-                                  "class_label_ids)", field="options.class_labels")
-            ids = [list(self.tokenizer(str(w), add_special_tokens=False)["input_ids"])
-                   for w in self.options["class_labels"]]
+                raise ConfigError(
+                    "prompt init 'labels' needs the tokenizer for class_labels (or give class_label_ids)",
+                    field="options.class_labels",
+                )
+            ids = [
+                list(self.tokenizer(str(w), add_special_tokens=False)["input_ids"])
+                for w in self.options["class_labels"]
+            ]
         if not ids or any(not isinstance(x, list) or not x for x in ids):
             raise ConfigError("every class label must have at least one token", field="options.class_labels")
         if len(ids) > self.p:
-            raise ConfigError(f"{len(ids)} class labels do not fit in {self.p} virtual tokens",
-                              field="options.num_virtual_tokens")
+            raise ConfigError(
+                f"{len(ids)} class labels do not fit in {self.p} virtual tokens", field="options.num_virtual_tokens"
+            )
         self.spec.options["class_label_ids"] = [[int(i) for i in x] for x in ids]  # re-applies without a tokenizer
         return ids
 
@@ -185,9 +210,15 @@ class PromptTuning(Method):
     # --- PEFT interoperability ------------------------------------------------------------------
     def peft_config(self, model: nn.Module) -> dict[str, Any]:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        return {"num_virtual_tokens": self.p, "token_dim": int(model.get_input_embeddings().weight.shape[1]),
-                "num_transformer_submodules": 1, "num_attention_heads": int(cfg.num_attention_heads),
-                "num_layers": int(cfg.num_hidden_layers), "prompt_tuning_init": "RANDOM", "task_type": "CAUSAL_LM"}
+        return {
+            "num_virtual_tokens": self.p,
+            "token_dim": int(model.get_input_embeddings().weight.shape[1]),
+            "num_transformer_submodules": 1,
+            "num_attention_heads": int(cfg.num_attention_heads),
+            "num_layers": int(cfg.num_hidden_layers),
+            "prompt_tuning_init": "RANDOM",
+            "task_type": "CAUSAL_LM",
+        }
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:

@@ -38,8 +38,11 @@ def _per_method_options(names: list[str], options: Mapping[str, Any]) -> dict[st
     for key, value in flat.items():
         takers = [n for n in names if key in get_method(n).options_schema]
         if not takers:
-            raise ConfigError(f"option '{key}' belongs to none of the methods {'+'.join(names)}; give options per "
-                              f"method as method_options: {{name: {{...}}}}", field=f"method_options.{key}")
+            raise ConfigError(
+                f"option '{key}' belongs to none of the methods {'+'.join(names)}; give options per "
+                f"method as method_options: {{name: {{...}}}}",
+                field=f"method_options.{key}",
+            )
         for n in takers:
             out[n].setdefault(key, value)
     return out

@@ -90,8 +90,9 @@ class VeRA(WeightDeltaMethod):
     peft_type = "VERA"
     ATTR = "deltatune_vera"
     options_schema = {
-        "projection_seed": Option(0, "seed of the shared random matrices (PEFT's projection_prng_key)", (int,),
-                                  check=non_negative),
+        "projection_seed": Option(
+            0, "seed of the shared random matrices (PEFT's projection_prng_key)", (int,), check=non_negative
+        ),
         "d_initial": Option(0.1, "initial value of every entry of d", (float,)),
         **NF4_OPTIONS,
     }
@@ -136,11 +137,18 @@ class VeRA(WeightDeltaMethod):
 
         if self.quant is not None:
             return None  # PEFT would lose the 4-bit base
-        return {"r": self.spec.rank, "target_modules": peft_target_modules(model, [n for n, _ in
-                                                                                  self.named_delta_modules(model)]),
-                "projection_prng_key": self.options["projection_seed"], "save_projection": True,
-                "vera_dropout": self.spec.dropout, "d_initial": self.options["d_initial"], "fan_in_fan_out": False,
-                "bias": "none", "modules_to_save": None, "init_weights": True}
+        return {
+            "r": self.spec.rank,
+            "target_modules": peft_target_modules(model, [n for n, _ in self.named_delta_modules(model)]),
+            "projection_prng_key": self.options["projection_seed"],
+            "save_projection": True,
+            "vera_dropout": self.spec.dropout,
+            "d_initial": self.options["d_initial"],
+            "fan_in_fan_out": False,
+            "bias": "none",
+            "modules_to_save": None,
+            "init_weights": True,
+        }
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
@@ -150,21 +158,30 @@ class VeRA(WeightDeltaMethod):
         if config.get("bias", "none") != "none":
             raise ConfigError(f"PEFT VeRA option bias={config['bias']!r} is not supported", field="bias")
         if not config.get("save_projection", True):
-            raise ConfigError("this PEFT VeRA adapter was saved without its projections (save_projection: false); "
-                              "deltatune loads only adapters that carry them", field="save_projection")
+            raise ConfigError(
+                "this PEFT VeRA adapter was saved without its projections (save_projection: false); "
+                "deltatune loads only adapters that carry them",
+                field="save_projection",
+            )
         targets = config.get("target_modules")
         if targets is None:
             raise ConfigError("PEFT adapter_config.json has no target_modules", field="target_modules")
         if not isinstance(targets, str):
             targets = sorted(targets)
-        return MethodSpec(name="vera", targets=targets, rank=int(config["r"]),
-                          dropout=float(config.get("vera_dropout") or 0.0),
-                          options={"projection_seed": int(config.get("projection_prng_key", 0)),
-                                   "d_initial": float(config.get("d_initial", 0.1))})
+        return MethodSpec(
+            name="vera",
+            targets=targets,
+            rank=int(config["r"]),
+            dropout=float(config.get("vera_dropout") or 0.0),
+            options={
+                "projection_seed": int(config.get("projection_prng_key", 0)),
+                "d_initial": float(config.get("d_initial", 0.1)),
+            },
+        )
 
     def to_peft_key(self, name: str) -> str:
         if name.startswith(self.ATTR + "."):
-            return "base_model." + name[len(self.ATTR) + 1:]  # base_model.vera_A / base_model.vera_B
+            return "base_model." + name[len(self.ATTR) + 1 :]  # base_model.vera_A / base_model.vera_B
         return super().to_peft_key(name)
 
     def from_peft_key(self, key: str) -> str:

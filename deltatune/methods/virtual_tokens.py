@@ -133,8 +133,11 @@ def tokenizer_ids(method: Any, text: str, p: int) -> list[int]:
     """The init text's token ids, repeated or truncated to exactly p (as PEFT's TEXT init does)."""
     tokenizer = getattr(method, "tokenizer", None)
     if tokenizer is None:
-        raise ConfigError(f"method '{method.name}': init_text needs the tokenizer (set `method.tokenizer` before "
-                          "apply, or give init_token_ids)", field="options.init_text")
+        raise ConfigError(
+            f"method '{method.name}': init_text needs the tokenizer (set `method.tokenizer` before "
+            "apply, or give init_token_ids)",
+            field="options.init_text",
+        )
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
         raise ConfigError(f"method '{method.name}': init_text {text!r} tokenises to nothing", field="options.init_text")
@@ -147,8 +150,10 @@ def attach(model: nn.Module, attr: str, module: nn.Module) -> None:
         raise ConfigError(f"the model already has '{attr}': a virtual-token method is applied twice", field="method")
     model.add_module(attr, module)
     decoder = model.get_decoder()
-    module._handles = [decoder.register_forward_pre_hook(module.pre_hook, with_kwargs=True),
-                       decoder.register_forward_hook(module.post_hook)]
+    module._handles = [
+        decoder.register_forward_pre_hook(module.pre_hook, with_kwargs=True),
+        decoder.register_forward_hook(module.post_hook),
+    ]
 
 
 def repeat_to(ids: list[int], p: int) -> list[int]:

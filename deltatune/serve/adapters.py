@@ -36,13 +36,13 @@ from deltatune.methods.lora import LoRALinear
 SERVABLE_METHODS = ("lora", "rslora", "dora", "mora", "ia3", "prompt")
 _WHY_NOT = {
     "prefix": "prefix tuning adds key/value prefixes to the attention cache, whose length differs per adapter, "
-              "so rows of different adapters cannot share one cache; serve it alone with `deltatune generate`",
+    "so rows of different adapters cannot share one cache; serve it alone with `deltatune generate`",
     "adapter": "bottleneck adapters insert modules after layers; merge is impossible and per-row routing is "
-               "not implemented for them",
+    "not implemented for them",
     "bitfit": "BitFit changes the base model's biases themselves, which every row shares; export a merged model",
     "full": "full finetuning changes the base weights themselves; serve it as its own model",
     "qlora": "QLoRA quantises the base layers it adapts, which every row shares; serve the LoRA weights on an "
-             "unquantised base (method lora)",
+    "unquantised base (method lora)",
 }
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
@@ -71,8 +71,11 @@ class Routing:
                 self._known.clear()
             self._next += 1
             first = self.rows[0] if self.rows else None
-            uniform = (True, self.default) if self.rows is None else (
-                (True, first) if all(r == first for r in self.rows) else (False, None))
+            uniform = (
+                (True, self.default)
+                if self.rows is None
+                else ((True, first) if all(r == first for r in self.rows) else (False, None))
+            )
             self._known[key] = (self._next, uniform)
         self.version, self._uniform = self._known[key]
         self._groups = None
@@ -140,8 +143,9 @@ class MultiAdapterLinear(nn.Module):
         gathered, others = self._plan(x.device)
         result = out + self._gathered_lora(x).to(out.dtype) if gathered else out.clone() if others else out
         for n, rows in others:
-            result.index_copy_(0, rows, self.adapters[n].adapted_forward(x.index_select(0, rows),
-                                                                           out.index_select(0, rows)))
+            result.index_copy_(
+                0, rows, self.adapters[n].adapted_forward(x.index_select(0, rows), out.index_select(0, rows))
+            )
         return result
 
     def _plan(self, device: torch.device) -> tuple[bool, list[tuple[str, torch.Tensor]]]:
@@ -149,8 +153,11 @@ class MultiAdapterLinear(nn.Module):
         plain LoRA adapters present), and the (adapter, rows) groups computed one adapter at a time."""
         version = self.routing.version
         if self._plan_cache is None or self._plan_cache[0] != version:
-            groups = [(n, rows.to(device)) for n, rows in self.routing.groups().items()
-                      if n is not None and n in self.adapters]
+            groups = [
+                (n, rows.to(device))
+                for n, rows in self.routing.groups().items()
+                if n is not None and n in self.adapters
+            ]
             fast = [n for n, _ in groups if _stackable(self.adapters[n])]
             gathered = len(fast) >= 2
             others = [(n, rows) for n, rows in groups if not (gathered and n in fast)]
@@ -184,8 +191,8 @@ class MultiAdapterLinear(nn.Module):
             sb = torch.zeros(len(mods) + 1, self.out_features, r_max, dtype=dtype, device=device)
             with torch.no_grad():
                 for i, m in enumerate(mods):
-                    a[i, :m.r] = m.lora_A.weight.to(dtype)
-                    sb[i, :, :m.r] = m.lora_B.weight.to(dtype) * m.scaling
+                    a[i, : m.r] = m.lora_A.weight.to(dtype)
+                    sb[i, :, : m.r] = m.lora_B.weight.to(dtype) * m.scaling
             self._stack_cache = (a, sb, {n: i for i, n in enumerate(names)}, len(mods))
         return self._stack_cache
 
@@ -217,9 +224,12 @@ class MultiAdapterModel:
     def __init__(self, model: nn.Module) -> None:
         for name, module in model.named_modules():
             if isinstance(module, DeltaLinear):
-                raise ConfigError(f"module '{name}' already carries an adapter of method "
-                                  f"'{getattr(module, 'method_name', '?')}'; serve the plain base model and "
-                                  "load adapters by name", field="model")
+                raise ConfigError(
+                    f"module '{name}' already carries an adapter of method "
+                    f"'{getattr(module, 'method_name', '?')}'; serve the plain base model and "
+                    "load adapters by name",
+                    field="model",
+                )
         self.model = model
         self.routing = Routing()
         self.adapters: dict[str, LoadedAdapter] = {}
@@ -238,8 +248,15 @@ class MultiAdapterModel:
         return self.add(name, specs, tensors, peft_keys=bool(peft_keys), source=source)
 
     @torch.no_grad()
-    def add(self, name: str, specs: list[MethodSpec], tensors: dict[str, torch.Tensor], *,
-            peft_keys: bool = False, source: str | None = None) -> LoadedAdapter:
+    def add(
+        self,
+        name: str,
+        specs: list[MethodSpec],
+        tensors: dict[str, torch.Tensor],
+        *,
+        peft_keys: bool = False,
+        source: str | None = None,
+    ) -> LoadedAdapter:
         """Build the adapter's modules from its specs and weights and attach them under `name`."""
         from deltatune.methods.apply import apply_methods
 
@@ -274,8 +291,9 @@ class MultiAdapterModel:
     def unload(self, name: str) -> None:
         """Detach adapter `name` from every layer; a layer left with no adapter is its plain linear again."""
         if name not in self.adapters:
-            raise UserError(f"no adapter named '{name}' is loaded; loaded: {', '.join(self.adapters) or 'none'}",
-                            field="adapter")
+            raise UserError(
+                f"no adapter named '{name}' is loaded; loaded: {', '.join(self.adapters) or 'none'}", field="adapter"
+            )
         for qualified in self.adapters.pop(name).layers:
             layer = self.model.get_submodule(qualified)
             layer.remove(name)
@@ -311,8 +329,9 @@ class MultiAdapterModel:
         return None if loaded is None else loaded.prompt
 
     # --- internals ----------------------------------------------------------------------------
-    def _virtual_tokens(self, specs: list[MethodSpec], tensors: dict[str, torch.Tensor], peft_keys: bool,
-                        source: str | None) -> torch.Tensor | None:
+    def _virtual_tokens(
+        self, specs: list[MethodSpec], tensors: dict[str, torch.Tensor], peft_keys: bool, source: str | None
+    ) -> torch.Tensor | None:
         """Take prompt tuning's embeddings out of `tensors` (PEFT's or deltatune's key), checked against the model."""
         spec = next((s for s in specs if s.name == "prompt"), None)
         if spec is None:
@@ -326,14 +345,17 @@ class MultiAdapterModel:
         table = self.model.get_input_embeddings().weight
         p = int(spec.options.get("num_virtual_tokens", 20))
         if value.dim() != 2 or value.shape != (p, table.shape[1]):
-            raise ConfigError(f"tensor '{key}' has shape {tuple(value.shape)}, the model expects ({p}, {table.shape[1]})",
-                              file=source)
+            raise ConfigError(
+                f"tensor '{key}' has shape {tuple(value.shape)}, the model expects ({p}, {table.shape[1]})", file=source
+            )
         return value.to(device=table.device, dtype=table.dtype)
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-            raise UserError(f"adapter name {name!r} must be 1-128 letters, digits or ._:- (starting with a letter "
-                            "or digit)", field="name")
+            raise UserError(
+                f"adapter name {name!r} must be 1-128 letters, digits or ._:- (starting with a letter or digit)",
+                field="name",
+            )
         if name in self.adapters:
             raise UserError(f"an adapter named '{name}' is already loaded; unload it first", field="name")
 
@@ -370,11 +392,18 @@ class MultiAdapterModel:
 def _check_servable(spec: MethodSpec, source: str | None) -> None:
     if spec.name not in SERVABLE_METHODS:
         why = _WHY_NOT.get(spec.name, "it is not a reparameterisation of linear layers")
-        raise ConfigError(f"method '{spec.name}' cannot be served with other adapters in one batch: {why}",
-                          file=source, field="method")
+        raise ConfigError(
+            f"method '{spec.name}' cannot be served with other adapters in one batch: {why}",
+            file=source,
+            field="method",
+        )
     if spec.options.get("quantize_base"):
-        raise ConfigError(f"method '{spec.name}' with quantize_base quantises the shared base layers; serve the "
-                          "adapter on the unquantised base (drop quantize_base)", file=source, field="quantize_base")
+        raise ConfigError(
+            f"method '{spec.name}' with quantize_base quantises the shared base layers; serve the "
+            "adapter on the unquantised base (drop quantize_base)",
+            file=source,
+            field="quantize_base",
+        )
     if spec.dropout:
         spec.dropout = 0.0  # inference: dropout is the identity, and plain LoRA then takes the gathered path
 

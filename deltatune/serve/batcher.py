@@ -25,8 +25,15 @@ class UnknownAdapter(Exception):
 
 
 class Batcher:
-    def __init__(self, engine: Engine, lock: threading.Lock, *, max_batch_size: int = 16, max_queue: int = 64,
-                 wait_s: float = 0.005) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        lock: threading.Lock,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 64,
+        wait_s: float = 0.005,
+    ) -> None:
         self.engine, self.lock = engine, lock
         self.max_batch_size, self.max_queue, self.wait_s = max_batch_size, max_queue, wait_s
         self._queue: queue.Queue[GenRequest] = queue.Queue()

@@ -107,14 +107,18 @@ class _Row:
         if self.finish is None:
             if text.endswith("\ufffd"):  # a multi-byte character not complete yet
                 text = text.rstrip("\ufffd")
-            text = text[:len(text) - _held_back(text, self.req.params.stop)]
+            text = text[: len(text) - _held_back(text, self.req.params.stop)]
         if len(text) > self.sent:
-            self.req.on_text(text[self.sent:])
+            self.req.on_text(text[self.sent :])
             self.sent = len(text)
 
     def result(self) -> GenResult:
-        return GenResult(text=self.text, token_ids=list(self.ids), finish_reason=self.finish or "length",
-                         prompt_tokens=len(self.req.prompt_ids))
+        return GenResult(
+            text=self.text,
+            token_ids=list(self.ids),
+            finish_reason=self.finish or "length",
+            prompt_tokens=len(self.req.prompt_ids),
+        )
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
@@ -184,16 +188,18 @@ class Engine:
             if not r.prompt_ids:
                 raise ValueError("a prompt must have at least one token")
             if self.context and n + r.params.max_tokens > self.context:
-                raise ValueError(f"prompt ({n} tokens) plus max_tokens ({r.params.max_tokens}) "
-                                 f"exceeds the context of {self.context} tokens")
+                raise ValueError(
+                    f"prompt ({n} tokens) plus max_tokens ({r.params.max_tokens}) "
+                    f"exceeds the context of {self.context} tokens"
+                )
         start = time.perf_counter()
         rows = [_Row(r, self.tokenizer, self.stop_ids) for r in requests]
         width = max(lengths)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, (r, n) in enumerate(zip(requests, lengths)):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[i, width - n:] = 1
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, width - n :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)  # virtual tokens at 0..p-1, the prompt after them
         cache = DynamicCache(config=self.model.config)
@@ -204,7 +210,7 @@ class Engine:
             for i, (r, v) in enumerate(zip(requests, virtual)):
                 if v is not None:
                     end = width - len(r.prompt_ids)
-                    embeds[i, end - v.shape[0]:end] = v.to(embeds.dtype)
+                    embeds[i, end - v.shape[0] : end] = v.to(embeds.dtype)
         logits = self._forward(ids, mask, positions, cache, [requests[i].adapter for i in active], embeds=embeds)
         last_pos = positions[:, -1]
         while True:
@@ -227,8 +233,7 @@ class Engine:
                 active = [active[k] for k in keep]
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
             last_pos = last_pos + 1
-            logits = self._forward(nxt[:, None], mask, last_pos[:, None], cache,
-                                   [requests[i].adapter for i in active])
+            logits = self._forward(nxt[:, None], mask, last_pos[:, None], cache, [requests[i].adapter for i in active])
         self.stats["seconds"] += time.perf_counter() - start
         return [row.result() for row in rows]
 
@@ -236,12 +241,20 @@ class Engine:
         self.stats["steps"] += 1
         inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
         with self.adapters.route(adapters):
-            out = self.model(**inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
+            out = self.model(
+                **inputs,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return out.logits[:, -1, :]
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         """Greedy rows from one argmax; sampled rows on the CPU with their own generator (same draw on any device)."""
         greedy = logits.argmax(dim=-1).tolist()
-        return [greedy[k] if row.greedy else sample_next(logits[k].float().cpu(), row.req.params, row.gen)
-                for k, row in enumerate(rows)]
+        return [
+            greedy[k] if row.greedy else sample_next(logits[k].float().cpu(), row.req.params, row.gen)
+            for k, row in enumerate(rows)
+        ]

@@ -16,8 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -123,11 +130,18 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("str", "list[str]", "int", "float",
-                                                                                 "bool", "list[TextPart]"))]
+        loc = [
+            str(p)
+            for p in err["loc"]
+            if not (isinstance(p, str) and p in ("str", "list[str]", "int", "float", "bool", "list[TextPart]"))
+        ]
         param = ".".join(loc) or None
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unsupported field"
-        raise APIError(400, f"{param}: {msg}" if param else msg, param=param,
-                       code="unsupported_parameter" if err["type"] == "extra_forbidden" else None) from None
+        raise APIError(
+            400,
+            f"{param}: {msg}" if param else msg,
+            param=param,
+            code="unsupported_parameter" if err["type"] == "extra_forbidden" else None,
+        ) from None

@@ -27,8 +27,14 @@ from deltatune.errors import UserError
 from deltatune.serve.adapters import NAME_PATTERN, MultiAdapterModel
 from deltatune.serve.batcher import Batcher, QueueFull, UnknownAdapter
 from deltatune.serve.engine import Engine, GenRequest, GenResult, SamplingParams
-from deltatune.serve.protocol import (AdapterLoadRequest, APIError, ChatRequest, CompletionRequest, not_found_model,
-                                      parse)
+from deltatune.serve.protocol import (
+    AdapterLoadRequest,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    not_found_model,
+    parse,
+)
 
 
 @dataclass
@@ -53,8 +59,9 @@ class ServerState:
 def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state.batcher = Batcher(state.engine, state.lock, max_batch_size=state.max_batch_size,
-                                max_queue=state.max_queue)
+        state.batcher = Batcher(
+            state.engine, state.lock, max_batch_size=state.max_batch_size, max_queue=state.max_queue
+        )
         state.batcher.start()
         try:
             yield
@@ -112,8 +119,11 @@ def create_app(state: ServerState) -> FastAPI:
     async def load_adapter(request: Request) -> dict[str, Any]:
         body = parse(AdapterLoadRequest, await _json(request))
         if state.adapter_dir is None:
-            raise APIError(403, "loading adapters at run time is off; start the server with --adapter-dir DIR",
-                           type="permission_error")
+            raise APIError(
+                403,
+                "loading adapters at run time is off; start the server with --adapter-dir DIR",
+                type="permission_error",
+            )
         if body.name == state.base_name or not NAME_PATTERN.fullmatch(body.name):
             raise APIError(400, f"invalid adapter name {body.name!r}", param="name")
         if body.name in state.multi.names:
@@ -160,8 +170,9 @@ def safe_adapter_folder(root: Path, relative: str) -> Path:
     if not folder.is_relative_to(base) or folder == base:
         raise APIError(400, "path must stay inside the server's adapter directory", param="path")
     if not folder.is_dir():
-        raise APIError(404, f"no adapter folder '{relative}' in the adapter directory", param="path",
-                       code="adapter_not_found")
+        raise APIError(
+            404, f"no adapter folder '{relative}' in the adapter directory", param="path", code="adapter_not_found"
+        )
     for item in folder.iterdir():
         if not item.resolve().is_relative_to(base):
             raise APIError(400, f"'{relative}/{item.name}' links outside the adapter directory", param="path")
@@ -197,16 +208,29 @@ def _params(state: ServerState, body, prompt_len: int) -> SamplingParams:
     if context is not None:
         room = context - prompt_len
         if room < 1:
-            raise APIError(400, f"the prompt has {prompt_len} tokens; this model's maximum context length is "
-                                f"{context} tokens", param="messages" if isinstance(body, ChatRequest) else "prompt",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {prompt_len} tokens; this model's maximum context length is {context} tokens",
+                param="messages" if isinstance(body, ChatRequest) else "prompt",
+                code="context_length_exceeded",
+            )
         if budget is not None and budget > room:
-            raise APIError(400, f"max_tokens {budget} plus the prompt's {prompt_len} tokens exceed this model's "
-                                f"maximum context length of {context} tokens", param="max_tokens",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"max_tokens {budget} plus the prompt's {prompt_len} tokens exceed this model's "
+                f"maximum context length of {context} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         budget = budget if budget is not None else min(state.default_max_tokens, room)
-    return SamplingParams(max_tokens=budget or state.default_max_tokens, temperature=body.temperature,
-                          top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stops())
+    return SamplingParams(
+        max_tokens=budget or state.default_max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=body.stops(),
+    )
 
 
 class _Relay:
@@ -222,8 +246,9 @@ class _Relay:
             pass  # the loop is gone (server shutting down)
 
 
-async def _serve(state: ServerState, request: Request, body, adapter: str | None, prompts: list[list[int]], *,
-                 chat: bool):
+async def _serve(
+    state: ServerState, request: Request, body, adapter: str | None, prompts: list[list[int]], *, chat: bool
+):
     for ids in prompts:
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
@@ -232,10 +257,16 @@ async def _serve(state: ServerState, request: Request, body, adapter: str | None
     for i, ids in enumerate(prompts):
         virtual = state.multi.virtual_tokens(adapter)  # prompt tuning's tokens count against the context
         n = len(ids) + (0 if virtual is None else virtual.shape[0])
-        reqs.append(GenRequest(prompt_ids=ids, adapter=adapter, params=_params(state, body, n),
-                               on_text=lambda s, i=i: relay.put(("text", i, s)),
-                               on_finish=lambda r, i=i: relay.put(("finish", i, r)),
-                               on_error=lambda e, i=i: relay.put(("error", i, e))))
+        reqs.append(
+            GenRequest(
+                prompt_ids=ids,
+                adapter=adapter,
+                params=_params(state, body, n),
+                on_text=lambda s, i=i: relay.put(("text", i, s)),
+                on_finish=lambda r, i=i: relay.put(("finish", i, r)),
+                on_error=lambda e, i=i: relay.put(("error", i, e)),
+            )
+        )
     try:
         state.batcher.submit(reqs)
     except QueueFull as exc:
@@ -243,8 +274,11 @@ async def _serve(state: ServerState, request: Request, body, adapter: str | None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.get("include_usage"))
-        return StreamingResponse(_stream(state, relay, reqs, body.model, rid, chat, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            _stream(state, relay, reqs, body.model, rid, chat, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
     try:
         results = await _collect(relay, len(reqs))
     finally:
@@ -284,30 +318,47 @@ def _finish(reason: str) -> str:
 
 def _response(state: ServerState, rid: str, model: str, results: list[GenResult], chat: bool) -> dict[str, Any]:
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
-                    "finish_reason": _finish(r.finish_reason), "logprobs": None} for i, r in enumerate(results)]
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text},
+                "finish_reason": _finish(r.finish_reason),
+                "logprobs": None,
+            }
+            for i, r in enumerate(results)
+        ]
         obj = "chat.completion"
     else:
-        choices = [{"index": i, "text": r.text, "finish_reason": _finish(r.finish_reason), "logprobs": None}
-                   for i, r in enumerate(results)]
+        choices = [
+            {"index": i, "text": r.text, "finish_reason": _finish(r.finish_reason), "logprobs": None}
+            for i, r in enumerate(results)
+        ]
         obj = "text_completion"
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices,
-            "usage": _usage(results)}
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": _usage(results),
+    }
 
 
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _stream(state: ServerState, relay: _Relay, reqs: list[GenRequest], model: str, rid: str, chat: bool,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def _stream(
+    state: ServerState, relay: _Relay, reqs: list[GenRequest], model: str, rid: str, chat: bool, include_usage: bool
+) -> AsyncIterator[str]:
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(i: int, text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
         if chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
-                {"content": text} if text is not None else {})
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+            )
             choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": i, "text": text or "", "finish_reason": finish, "logprobs": None}
@@ -329,8 +380,16 @@ async def _stream(state: ServerState, relay: _Relay, reqs: list[GenRequest], mod
                 yield _sse(_error_of(value).body())
                 break
         if include_usage and len(results) == len(reqs):
-            yield _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-                        "usage": _usage([results[i] for i in range(len(reqs))])})
+            yield _sse(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage([results[i] for i in range(len(reqs))]),
+                }
+            )
         yield _sse("[DONE]")
     finally:
         for r in reqs:

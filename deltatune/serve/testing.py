@@ -26,8 +26,10 @@ def random_adapter(folder: str | Path, spec, base: torch.nn.Module, seed: int, s
     with torch.no_grad():
         for method in adapted.methods:
             for _, p in method.trainable_parameters(adapted.model):
-                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
-                       * (1.0 if method.name == "ia3" else std))
+                p.add_(
+                    torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+                    * (1.0 if method.name == "ia3" else std)
+                )
     adapted.save_adapter(folder)
     return Path(folder)
 

@@ -53,15 +53,24 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, trainable: list[tuple[str, torch.nn.Parameter]], optimizer, scheduler,
-                    position: Position, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    path: Path,
+    trainable: list[tuple[str, torch.nn.Parameter]],
+    optimizer,
+    scheduler,
+    position: Position,
+    extra: dict | None = None,
+) -> Path:
     with atomic_dir(path) as tmp:
         save_file({n: p.detach().contiguous().cpu() for n, p in trainable}, str(tmp / WEIGHTS_FILE))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state()}, tmp / STATE_FILE)
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+            tmp / STATE_FILE,
+        )
         files = {name: _fingerprint(tmp / name) for name in (WEIGHTS_FILE, STATE_FILE)}
-        (tmp / META_FILE).write_text(json.dumps({"position": asdict(position), "files": files, **(extra or {})},
-                                                indent=2))
+        (tmp / META_FILE).write_text(
+            json.dumps({"position": asdict(position), "files": files, **(extra or {})}, indent=2)
+        )
         with open(tmp / META_FILE, "rb") as fh:
             os.fsync(fh.fileno())
     return path
@@ -85,8 +94,9 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def verify_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]] | None = None, *,
-                      hashes: bool = True) -> str | None:
+def verify_checkpoint(
+    path: Path, shapes: dict[str, tuple[int, ...]] | None = None, *, hashes: bool = True
+) -> str | None:
     """None if the checkpoint at `path` is intact (every file present, of the recorded size and hash,
     the weights readable, with exactly the names and shapes in `shapes` when given); else why not.
     `hashes=False` skips re-reading the files (when they were just verified)."""
@@ -114,8 +124,13 @@ def verify_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]] | None = No
     if shapes is not None and found != {k: tuple(v) for k, v in shapes.items()}:
         missing = sorted(set(shapes) - set(found))
         other = sorted(k for k in set(shapes) & set(found) if tuple(shapes[k]) != found[k])
-        what = (f"lacks {missing[0]}" if missing else f"{other[0]} has shape {found[other[0]]}, the model "
-                f"{tuple(shapes[other[0]])}" if other else f"has {sorted(set(found) - set(shapes))[0]}, unknown here")
+        what = (
+            f"lacks {missing[0]}"
+            if missing
+            else f"{other[0]} has shape {found[other[0]]}, the model {tuple(shapes[other[0]])}"
+            if other
+            else f"has {sorted(set(found) - set(shapes))[0]}, unknown here"
+        )
         return f"does not fit this model and method ({what})"
     return None
 
@@ -127,8 +142,9 @@ def load_checkpoint(path: Path, trainable: list[tuple[str, torch.nn.Parameter]],
     params = dict(trainable)
     missing = set(params) - set(weights)
     if missing:
-        raise ConfigError(f"checkpoint {path} lacks {sorted(missing)[:3]} (different method or targets?)",
-                          field="resume")
+        raise ConfigError(
+            f"checkpoint {path} lacks {sorted(missing)[:3]} (different method or targets?)", field="resume"
+        )
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name].to(p.device))
@@ -137,8 +153,9 @@ def load_checkpoint(path: Path, trainable: list[tuple[str, torch.nn.Parameter]],
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except (ValueError, KeyError) as exc:
-        raise ConfigError(f"checkpoint {path}: the optimizer state does not fit this run ({str(exc)[:100]})",
-                          field="resume") from None
+        raise ConfigError(
+            f"checkpoint {path}: the optimizer state does not fit this run ({str(exc)[:100]})", field="resume"
+        ) from None
     _set_rng_state(state["rng"])
     meta = json.loads((path / META_FILE).read_text())
     return Position(**meta["position"])
@@ -149,8 +166,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.exists():
         return []
-    done = [p for p in root.iterdir()
-            if p.name.startswith("step-") and p.name[5:].isdigit() and (p / META_FILE).exists()]
+    done = [
+        p for p in root.iterdir() if p.name.startswith("step-") and p.name[5:].isdigit() and (p / META_FILE).exists()
+    ]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 

@@ -61,14 +61,18 @@ class Distributed:
         row count is also recorded in checkpoints, to map the data position on resume. Refuses the
         settings that cannot run data-parallel."""
         if self.enabled and cfg.fused_update:
-            raise ConfigError("fused_update (LOMO) updates each parameter inside backward, before gradients are "
-                              "summed across processes; it runs in one process only (drop it, or run without "
-                              "torchrun)", field="fused_update")
+            raise ConfigError(
+                "fused_update (LOMO) updates each parameter inside backward, before gradients are "
+                "summed across processes; it runs in one process only (drop it, or run without "
+                "torchrun)",
+                field="fused_update",
+            )
         self._global_rows = cfg.batch_size * self.world
         return cfg if not self.enabled else cfg.model_copy(update={"batch_size": self._global_rows})
 
-    def wrap(self, model: nn.Module, trainable: list[tuple[str, nn.Parameter]], *, full: bool
-             ) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
+    def wrap(
+        self, model: nn.Module, trainable: list[tuple[str, nn.Parameter]], *, full: bool
+    ) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
         """(runner, trainable): `runner.forward_hidden(**batch)` runs the data-parallel forward.
 
         Adapter methods: DDP with summed gradients. Full finetuning: FSDP2, one unit per decoder
@@ -81,16 +85,22 @@ class Distributed:
         if full:
             self.fsdp = True
             return _shard_fsdp(runner, model), _by_name(model, [n for n, _ in trainable])
-        from torch.nn.parallel import DistributedDataParallel
-
         import inspect
 
+        from torch.nn.parallel import DistributedDataParallel
+
         # buffers (rotary tables) are the same everywhere: don't sync them every forward
-        quiet_buffers = ({"forward_sync_buffers": False}
-                         if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                         else {"broadcast_buffers": False})  # torch < 2.13
-        ddp = _DDP(runner, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                   find_unused_parameters=False, **quiet_buffers)
+        quiet_buffers = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else {"broadcast_buffers": False}
+        )  # torch < 2.13
+        ddp = _DDP(
+            runner,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=False,
+            **quiet_buffers,
+        )
         ddp.register_comm_hook(None, _sum_allreduce_hook)
         return ddp, trainable
 
@@ -102,7 +112,7 @@ class Distributed:
         """
         if not self.enabled:
             return make(list(rows))
-        mine = list(rows[self.rank::self.world])
+        mine = list(rows[self.rank :: self.world])
         try:
             batch = make(mine)
         except TrainingError:
@@ -151,8 +161,9 @@ class Distributed:
                 dist.destroy_process_group()
 
     # --- rank-0 output -------------------------------------------------------------------
-    def save_checkpoint(self, path: Path, runner: nn.Module, trainable, optimizer, scheduler, position,
-                        extra: dict | None = None) -> None:
+    def save_checkpoint(
+        self, path: Path, runner: nn.Module, trainable, optimizer, scheduler, position, extra: dict | None = None
+    ) -> None:
         """The single-process checkpoint files, written by rank 0; FSDP gathers full tensors first."""
         from deltatune.train.checkpoint import save_checkpoint
 
@@ -177,8 +188,16 @@ class Distributed:
         old_rows = meta.get("global_batch_rows") or self._global_rows  # older checkpoints: single process
         return remap_position(position, old_rows, data, path)
 
-    def save_outputs(self, save: Callable[..., None], adapted, path: Path, tokenizer, full: bool, base_name: str,
-                     runner: nn.Module | None = None) -> None:
+    def save_outputs(
+        self,
+        save: Callable[..., None],
+        adapted,
+        path: Path,
+        tokenizer,
+        full: bool,
+        base_name: str,
+        runner: nn.Module | None = None,
+    ) -> None:
         """`save` (the loop's save_outputs) on rank 0; FSDP first gathers the model into a plain CPU copy."""
         if self.fsdp:
             from deltatune.models import save_model
@@ -233,10 +252,13 @@ def remap_position(position, old_rows: int, data, path: Path):
     elif done % new_rows == 0:
         position.micro = done // new_rows
     else:
-        raise ConfigError(f"{path} was written with {old_rows} rows per global micro-batch and stopped after "
-                          f"{done} rows of epoch {position.epoch}; {new_rows} rows per micro-batch (processes x "
-                          f"batch_size) does not divide that: resume with a process count and batch size whose "
-                          f"product divides {done}", field="batch_size")
+        raise ConfigError(
+            f"{path} was written with {old_rows} rows per global micro-batch and stopped after "
+            f"{done} rows of epoch {position.epoch}; {new_rows} rows per micro-batch (processes x "
+            f"batch_size) does not divide that: resume with a process count and batch size whose "
+            f"product divides {done}",
+            field="batch_size",
+        )
     return position
 
 
@@ -269,8 +291,9 @@ class HiddenForward(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids):
         from deltatune.train.loop import forward_hidden
 
-        return forward_hidden(self.module, dict(input_ids=input_ids, attention_mask=attention_mask,
-                                                position_ids=position_ids))
+        return forward_hidden(
+            self.module, dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        )
 
     def forward_hidden(self, **kwargs):
         return self(**kwargs)
@@ -400,11 +423,14 @@ def _load_fsdp(path: Path, model: nn.Module, trainable, optimizer, scheduler):
     weights = load_file(str(path / WEIGHTS_FILE))
     missing = {n for n, _ in trainable} - set(weights)
     if missing:
-        raise ConfigError(f"checkpoint {path} lacks {sorted(missing)[:3]} (different method or targets?)", field="resume")
+        raise ConfigError(
+            f"checkpoint {path} lacks {sorted(missing)[:3]} (different method or targets?)", field="resume"
+        )
     set_model_state_dict(model, weights, options=_full_options(strict=False))
     state = torch.load(path / STATE_FILE, weights_only=True)
-    set_optimizer_state_dict(model, optimizer, _index_to_fqn(state["optimizer"], optimizer, model),
-                             options=_full_options())
+    set_optimizer_state_dict(
+        model, optimizer, _index_to_fqn(state["optimizer"], optimizer, model), options=_full_options()
+    )
     for group, saved in zip(optimizer.param_groups, state["optimizer"]["param_groups"]):
         group.update({k: v for k, v in saved.items() if k != "params"})  # keep hyperparameter types (betas tuple)
     scheduler.load_state_dict(state["scheduler"])
@@ -452,8 +478,17 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
             rest.append(arg)
     import sys
 
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "deltatune", *rest]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "deltatune",
+        *rest,
+    ]
 
 
 def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:

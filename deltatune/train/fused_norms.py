@@ -74,8 +74,11 @@ class FusedRMSNorm(nn.Module):
 
 
 def _same_formula(module: nn.Module) -> bool:
-    if not (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
-            and isinstance(getattr(module, "weight", None), nn.Parameter)):
+    if not (
+        type(module).__name__.endswith("RMSNorm")
+        and hasattr(module, "variance_epsilon")
+        and isinstance(getattr(module, "weight", None), nn.Parameter)
+    ):
         return False
     w = module.weight
     x = torch.randn(2, 5, w.shape[-1], device=w.device, generator=torch.Generator().manual_seed(0)).to(w.dtype)

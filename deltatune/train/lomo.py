@@ -44,13 +44,24 @@ FUSED_OPTIMIZERS = ("lomo", "fused-adamw")
 
 
 class FusedUpdate(torch.optim.Optimizer):
-    def __init__(self, params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: float, weight_decay: float = 0.0,
-                 *, algorithm: str = "sgd", betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 clip: str = "none", max_norm: float | None = None, loss_scale: str | float | None = None,
-                 growth_interval: int = 1000) -> None:
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter] | Iterable[dict],
+        lr: float,
+        weight_decay: float = 0.0,
+        *,
+        algorithm: str = "sgd",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        clip: str = "none",
+        max_norm: float | None = None,
+        loss_scale: str | float | None = None,
+        growth_interval: int = 1000,
+    ) -> None:
         if algorithm not in ALGORITHMS:
-            raise ConfigError(f"fused update algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}",
-                              field="optimizer")
+            raise ConfigError(
+                f"fused update algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}", field="optimizer"
+            )
         if clip not in CLIPS:
             raise ConfigError(f"fused update clip must be one of {', '.join(CLIPS)}, got {clip!r}", field="clip")
         if clip != "none" and (max_norm is None or max_norm <= 0):
@@ -62,7 +73,7 @@ class FusedUpdate(torch.optim.Optimizer):
         self.clip_coef = 1.0  # set by grad_norm_pass, used by the next update pass
         self.last_grad_norm: float | None = None
         self.dynamic_scale = loss_scale == "dynamic"
-        self.scale = 2.0 ** 16 if self.dynamic_scale else float(loss_scale or 1.0)
+        self.scale = 2.0**16 if self.dynamic_scale else float(loss_scale or 1.0)
         self.growth_interval, self._good_steps = growth_interval, 0
         self.skipped_steps = 0
         self.overflow = False
@@ -103,8 +114,8 @@ class FusedUpdate(torch.optim.Optimizer):
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step_size = lr / (1 - beta1 ** step)
-        denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(group["eps"])
+        step_size = lr / (1 - beta1**step)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(group["eps"])
         p.addcdiv_(exp_avg, denom, value=-step_size)
 
     def _params(self) -> Iterator[tuple[torch.nn.Parameter, dict]]:
@@ -200,17 +211,37 @@ def retains_graph(name: str | bool, max_norm: float | None) -> bool:
     return name in (True, "lomo") and bool(max_norm)
 
 
-def build_fused(name: str, params, *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                max_norm: float | None = None) -> FusedUpdate:
-    """"lomo" (SGD, no state, global clipping by two passes, dynamic loss scaling for fp16 parameters) or
+def build_fused(
+    name: str,
+    params,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    max_norm: float | None = None,
+) -> FusedUpdate:
+    """ "lomo" (SGD, no state, global clipping by two passes, dynamic loss scaling for fp16 parameters) or
     "fused-adamw" (AdamW state, per-tensor clipping)."""
     params = list(params)
     if name == "lomo":
         half = any(p.dtype == torch.float16 for p in params if isinstance(p, torch.Tensor))
-        return FusedUpdate(params, lr=lr, weight_decay=weight_decay, algorithm="sgd",
-                           clip="global" if max_norm else "none", max_norm=max_norm,
-                           loss_scale="dynamic" if half else None)
+        return FusedUpdate(
+            params,
+            lr=lr,
+            weight_decay=weight_decay,
+            algorithm="sgd",
+            clip="global" if max_norm else "none",
+            max_norm=max_norm,
+            loss_scale="dynamic" if half else None,
+        )
     if name == "fused-adamw":
-        return FusedUpdate(params, lr=lr, weight_decay=weight_decay, algorithm="adamw", betas=betas,
-                           clip="per_param" if max_norm else "none", max_norm=max_norm)
+        return FusedUpdate(
+            params,
+            lr=lr,
+            weight_decay=weight_decay,
+            algorithm="adamw",
+            betas=betas,
+            clip="per_param" if max_norm else "none",
+            max_norm=max_norm,
+        )
     raise ConfigError(f"fused update must be one of {', '.join(FUSED_OPTIMIZERS)}, got {name!r}", field="fused_update")

@@ -23,9 +23,9 @@ import torch
 
 from deltatune.config import TrainConfig
 from deltatune.errors import ConfigError, TrainingError
+from deltatune.train import fused_norms, packed_attention
 from deltatune.train.checkpoint import Position, prune_checkpoints
 from deltatune.train.distributed import NullProgress, init_distributed
-from deltatune.train import fused_norms, packed_attention
 from deltatune.train.loss import per_example_weights, weighted_lm_loss_sum
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import Progress
@@ -58,8 +58,9 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}': CUDA is not available on this machine; use cpu or auto", field="device")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device '{name}': this machine has {torch.cuda.device_count()} CUDA device(s)",
-                          field="device")
+        raise ConfigError(
+            f"device '{name}': this machine has {torch.cuda.device_count()} CUDA device(s)", field="device"
+        )
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N", field="device")
     return device
@@ -73,8 +74,11 @@ def check_switch_point(policy, total_steps: int, steps_per_epoch: int) -> None:
         return
     at = policy.switch_step if policy.switch_step is not None else policy.switch_epoch * steps_per_epoch
     if at >= total_steps:
-        raise ConfigError(f"the two-phase policy switches at step {at}, but the run has {total_steps} steps: its "
-                          f"second phase would never run", field="policy")
+        raise ConfigError(
+            f"the two-phase policy switches at step {at}, but the run has {total_steps} steps: its "
+            f"second phase would never run",
+            field="policy",
+        )
 
 
 def pick_precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -108,8 +112,9 @@ def method_objects(cfg: TrainConfig):
 
 def forward_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Final hidden states [B, T, H] for the batch's tokens (wrappers such as DDP provide their own)."""
-    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  position_ids=batch["position_ids"])
+    kwargs = dict(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    )
     if hasattr(model, "forward_hidden"):
         return model.forward_hidden(**kwargs)
     if batch["attention_mask"] is None:  # a flat row of packed examples: attention span by span
@@ -137,8 +142,9 @@ def use_packed_attention(cfg: TrainConfig, model: torch.nn.Module, device: torch
     return why_not is None and (cfg.attention == "packed" or device.type == "cpu")
 
 
-def use_fused_norms(cfg: TrainConfig, model: torch.nn.Module, device: torch.device, *, distributed: bool,
-                    say: Callable[[str], None]) -> Callable[[], None]:
+def use_fused_norms(
+    cfg: TrainConfig, model: torch.nn.Module, device: torch.device, *, distributed: bool, say: Callable[[str], None]
+) -> Callable[[], None]:
     """Resolve `fused_norms` and swap the norms in; returns the function that swaps them back.
     auto: single-process CPU runs (under FSDP2 the swapped modules' optimizer state did not map)."""
     if not (cfg.fused_norms == "on" or (cfg.fused_norms == "auto" and device.type == "cpu" and not distributed)):
@@ -147,8 +153,11 @@ def use_fused_norms(cfg: TrainConfig, model: torch.nn.Module, device: torch.devi
 
     if retains_graph(cfg.fused_update, cfg.max_grad_norm):  # LOMO's clipping: two backward passes on one graph
         if cfg.fused_norms == "on":
-            raise ConfigError("fused_norms: on cannot run with LOMO's gradient clipping (two backward passes on one "
-                              "graph); use fused_norms: auto or off, or max_grad_norm: null", field="fused_norms")
+            raise ConfigError(
+                "fused_norms: on cannot run with LOMO's gradient clipping (two backward passes on one "
+                "graph); use fused_norms: auto or off, or max_grad_norm: null",
+                field="fused_norms",
+            )
         say("fused RMSNorm off: LOMO's clipping runs backward twice on one graph")
         return lambda: None
     restore, why_not = fused_norms.install(model)  # compiles once (a few seconds)
@@ -210,7 +219,7 @@ class MicroBatches:
                 random.Random(self.cfg.seed + epoch).shuffle(order)
                 rows = [self.examples[i] for i in order]
             bs = self.cfg.batch_size
-            self._batches = [rows[i:i + bs] for i in range(0, len(rows), bs)]
+            self._batches = [rows[i : i + bs] for i in range(0, len(rows), bs)]
             self._epoch = epoch
         return self._batches
 
@@ -235,8 +244,9 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def evaluate_loss(model, head, examples: list, policy, cfg: TrainConfig, pad_id: int, device, autocast,
-                  flat: bool = False) -> float | None:
+def evaluate_loss(
+    model, head, examples: list, policy, cfg: TrainConfig, pad_id: int, device, autocast, flat: bool = False
+) -> float | None:
     """Weighted loss per loss-bearing token on held-out examples (same template and policy)."""
     if not examples:
         return None
@@ -248,8 +258,15 @@ def evaluate_loss(model, head, examples: list, policy, cfg: TrainConfig, pad_id:
     total, weight = 0.0, 0.0
     for i in range(0, len(rows), cfg.batch_size):
         try:
-            batch = collate(rows[i:i + cfg.batch_size], policy, seq_len=cfg.row_len, pad_id=pad_id,
-                            packed=cfg.packing, template_name=cfg.template, flat=flat)
+            batch = collate(
+                rows[i : i + cfg.batch_size],
+                policy,
+                seq_len=cfg.row_len,
+                pad_id=pad_id,
+                packed=cfg.packing,
+                template_name=cfg.template,
+                flat=flat,
+            )
         except TrainingError:
             continue  # an eval batch with no loss-bearing token adds nothing
         batch = _to_device(batch, device)
@@ -282,9 +299,14 @@ def _call_step_hook(hook, step: int, total_steps: int, model, flat: bool, autoca
 # ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, *, quiet: bool = False, records: list[dict] | None = None,
-          eval_records: list[dict] | None = None,
-          on_step: Callable[[int, int, torch.nn.Module], dict | None] | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    *,
+    quiet: bool = False,
+    records: list[dict] | None = None,
+    eval_records: list[dict] | None = None,
+    on_step: Callable[[int, int, torch.nn.Module], dict | None] | None = None,
+) -> TrainResult:
     """Run (or resume) a finetune. `records` lets a caller (the demo, tests) pass data in memory.
     `on_step(step, total_steps, model)` runs after every optimizer step (see `_call_step_hook`); what it
     returns is added to that step's metrics.jsonl record (experiments measure the model mid-run).
@@ -303,21 +325,41 @@ def _close_process_group() -> None:
         tdist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[dict] | None,
-           eval_records: list[dict] | None,
-           on_step: Callable[[int, int, torch.nn.Module], dict | None] | None) -> TrainResult:
+def _train(
+    cfg: TrainConfig,
+    cleanup: ExitStack,
+    *,
+    quiet: bool,
+    records: list[dict] | None,
+    eval_records: list[dict] | None,
+    on_step: Callable[[int, int, torch.nn.Module], dict | None] | None,
+) -> TrainResult:
     from deltatune.analysis.memory import parameter_report
     from deltatune.data.masking import PolicySchedule, parse_policy
     from deltatune.data.packing import collate
     from deltatune.data.pipeline import prepare_dataset, prepare_records
-    from deltatune.methods.apply import apply_methods
     from deltatune.methods import get_method
+    from deltatune.methods.apply import apply_methods
     from deltatune.methods.inject import match_targets
-    from deltatune.models import DEFAULT_MODEL, DEFAULT_MODEL_ALIASES, load_model, load_tokenizer, local_model_path, model_skeleton
+    from deltatune.models import (
+        DEFAULT_MODEL,
+        DEFAULT_MODEL_ALIASES,
+        load_model,
+        load_tokenizer,
+        local_model_path,
+        model_skeleton,
+    )
     from deltatune.train.checkpoint import verify_checkpoint
-    from deltatune.train.run_folder import (check_output_folder, compare_for_resume, data_fingerprint,
-                                            pick_checkpoint, record_config, save_run_config, start_output,
-                                            truncate_metrics)
+    from deltatune.train.run_folder import (
+        check_output_folder,
+        compare_for_resume,
+        data_fingerprint,
+        pick_checkpoint,
+        record_config,
+        save_run_config,
+        start_output,
+        truncate_metrics,
+    )
 
     # --- everything a user can get wrong is checked before weights load and before anything is written
     out = Path(cfg.output).expanduser()
@@ -329,8 +371,10 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
     parsed = parse_policy(cfg.policy)
     if records is None and not cfg.data:
         raise ConfigError("no training data: pass --data FILE", field="data")
-    check_output_folder(cfg, reads={"model": str(local_model_path(cfg.model) or "") or None, "data": cfg.data,
-                                    "eval data": cfg.eval_data})
+    check_output_folder(
+        cfg,
+        reads={"model": str(local_model_path(cfg.model) or "") or None, "data": cfg.data, "eval data": cfg.eval_data},
+    )
     fingerprint = data_fingerprint(cfg, records, eval_records)
     resume_from, resume_changes, config_history = None, {}, []
     if cfg.resume:
@@ -357,9 +401,15 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
     if skeleton is not None and cfg.targets != "all-linear":  # targets name modules: check them on the skeleton
         match_targets(skeleton, cfg.targets, accept=lambda m: True)
     del skeleton
-    data_kwargs = dict(template=cfg.template, data_format=cfg.data_format, column_map=cfg.column_map or None,
-                       max_len=cfg.seq_len, overflow=cfg.overflow, skip_bad=cfg.skip_bad,
-                       system_prompt=cfg.system_prompt)
+    data_kwargs = dict(
+        template=cfg.template,
+        data_format=cfg.data_format,
+        column_map=cfg.column_map or None,
+        max_len=cfg.seq_len,
+        overflow=cfg.overflow,
+        skip_bad=cfg.skip_bad,
+        system_prompt=cfg.system_prompt,
+    )
     if records is not None:
         prepared = prepare_records(records, tokenizer, **data_kwargs)
     else:
@@ -417,7 +467,7 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     head = model.get_output_embeddings()
     runner, trainable = dist.wrap(model, trainable, full=all(m.trains_full_weights for m in methods))  # DDP / FSDP2
-    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     from deltatune.upcycle.losses import for_training as moe_losses_for
 
     router_losses = moe_losses_for(model, cfg)  # upcycled models: aux losses + routing metrics; None if dense
@@ -427,8 +477,14 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
     if cfg.fused_update:  # each parameter is updated inside backward, its gradient freed at once
         from deltatune.train.lomo import build_fused
 
-        optimizer = build_fused("lomo" if cfg.fused_update is True else cfg.fused_update, params, lr=cfg.lr,
-                                weight_decay=cfg.weight_decay, betas=cfg.betas, max_norm=cfg.max_grad_norm)
+        optimizer = build_fused(
+            "lomo" if cfg.fused_update is True else cfg.fused_update,
+            params,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            betas=cfg.betas,
+            max_norm=cfg.max_grad_norm,
+        )
     else:
         optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
@@ -436,8 +492,9 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
     if resume_from is not None:
         for m in methods:
             if m.why_not_resume:
-                raise ConfigError(f"method '{m.name}' cannot resume from a checkpoint: {m.why_not_resume}",
-                                  field="resume")
+                raise ConfigError(
+                    f"method '{m.name}' cannot resume from a checkpoint: {m.why_not_resume}", field="resume"
+                )
         if not dist.active:  # the names and shapes of what trains must be the checkpoint's
             why = verify_checkpoint(resume_from, {n: tuple(p.shape) for n, p in trainable}, hashes=False)
             if why:
@@ -445,8 +502,11 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
         pos = dist.load_checkpoint(resume_from, runner, trainable, optimizer, scheduler, data)
         if resume_changes:
             config_history.append({"step": pos.step, "changes": resume_changes})
-            say("resume applies " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in resume_changes.items())
-                + f" from step {pos.step}")
+            say(
+                "resume applies "
+                + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in resume_changes.items())
+                + f" from step {pos.step}"
+            )
         say(f"resumed from {resume_from} at step {pos.step}")
     if dist.is_main:  # training starts: only now does the output folder appear
         start_output(cfg)
@@ -456,13 +516,21 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
     report = parameter_report(adapted)
     if dist.is_main:
         (out / "parameters.json").write_text(json.dumps(report.to_dict(), indent=2))
-    say(f"model: {report.total / 1e6:.1f}M parameters, training {report.trainable / 1e6:.3f}M "
+    say(
+        f"model: {report.total / 1e6:.1f}M parameters, training {report.trainable / 1e6:.3f}M "
         f"({report.percent:.3f}%) with {cfg.method}; {precision} on {device.type}; {len(examples)} train / "
-        f"{len(eval_examples)} eval examples; {total_steps} steps")
+        f"{len(eval_examples)} eval examples; {total_steps} steps"
+    )
 
     progress_cls = Progress if dist.is_main else NullProgress  # rank 0 alone prints and writes metrics
-    progress = progress_cls(total_steps, pos.step, out / "metrics.jsonl", log_every=cfg.log_every, enabled=not quiet,
-                            tensorboard_dir=out / "tensorboard")
+    progress = progress_cls(
+        total_steps,
+        pos.step,
+        out / "metrics.jsonl",
+        log_every=cfg.log_every,
+        enabled=not quiet,
+        tensorboard_dir=out / "tensorboard",
+    )
     interrupted = {"flag": False}
     previous_handler = signal.getsignal(signal.SIGINT)
 
@@ -472,9 +540,20 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
     signal.signal(signal.SIGINT, on_sigint)
 
     def checkpoint() -> None:
-        dist.save_checkpoint(out / "checkpoints" / f"step-{pos.step:07d}", runner, trainable, optimizer, scheduler, pos,
-                             extra={"method": cfg.method, "config": record_config(cfg), "data_sha256": fingerprint,
-                                    "history": config_history})
+        dist.save_checkpoint(
+            out / "checkpoints" / f"step-{pos.step:07d}",
+            runner,
+            trainable,
+            optimizer,
+            scheduler,
+            pos,
+            extra={
+                "method": cfg.method,
+                "config": record_config(cfg),
+                "data_sha256": fingerprint,
+                "history": config_history,
+            },
+        )
         if dist.is_main:
             prune_checkpoints(out, keep=2)
 
@@ -485,10 +564,21 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
     try:
         while pos.step < total_steps:
             policy = schedule.policy_at(pos.step, pos.epoch)
-            micro = [dist.local_batch(rows, lambda r: collate(r, policy, seq_len=cfg.row_len, pad_id=pad_id,
-                                                              packed=cfg.packing, template_name=cfg.template,
-                                                              flat=flat))
-                     for rows in data.take(pos, cfg.grad_accum)]  # this rank's share of each micro-batch
+            micro = [
+                dist.local_batch(
+                    rows,
+                    lambda r: collate(
+                        r,
+                        policy,
+                        seq_len=cfg.row_len,
+                        pad_id=pad_id,
+                        packed=cfg.packing,
+                        template_name=cfg.template,
+                        flat=flat,
+                    ),
+                )
+                for rows in data.take(pos, cfg.grad_accum)
+            ]  # this rank's share of each micro-batch
             if cfg.loss_reduction == "example":  # each example's weights sum to 1: a mean of per-example means
                 for b in micro:
                     b["loss_weights"] = per_example_weights(b["loss_weights"], b["position_ids"])
@@ -500,8 +590,9 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
                 dist.sync_grads(runner, i == len(micro) - 1)  # gradients are summed over ranks once per step
                 with autocast():
                     hidden = forward_hidden(runner, batch)
-                loss_sum, _ = weighted_lm_loss_sum(hidden, head, batch["input_ids"], batch["loss_weights"],
-                                                   chunk=cfg.loss_chunk)
+                loss_sum, _ = weighted_lm_loss_sum(
+                    hidden, head, batch["input_ids"], batch["loss_weights"], chunk=cfg.loss_chunk
+                )
                 loss = loss_sum / total_weight
                 if router_losses is not None:  # MoE load-balancing and z-loss, averaged over micro-batches
                     loss = loss + router_losses.collect() / len(micro)
@@ -514,8 +605,10 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
             step_loss = dist.sum(step_loss)
             loss_value = step_loss / total_weight
             if not math.isfinite(loss_value):
-                raise TrainingError(f"loss became {loss_value} at step {pos.step + 1}; last good checkpoint kept "
-                                    f"in {out / 'checkpoints'} (lower --lr or check the data)")
+                raise TrainingError(
+                    f"loss became {loss_value} at step {pos.step + 1}; last good checkpoint kept "
+                    f"in {out / 'checkpoints'} (lower --lr or check the data)"
+                )
             if cfg.max_grad_norm and not cfg.fused_update:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -525,8 +618,7 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
             after_step_hooks(adapted, optimizer, pos.step)
             record = {"epoch": pos.epoch}
             if cfg.eval_every and pos.step % cfg.eval_every == 0:
-                eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast,
-                                          flat)
+                eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat)
                 if eval_loss is not None:
                     record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
                     if pos.best_eval is None or eval_loss < pos.best_eval:
@@ -536,8 +628,9 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
                 record.update(router_losses.summary())  # expert load, router entropy, drops, aux losses
             if on_step is not None:
                 record.update(_call_step_hook(on_step, pos.step, total_steps, model, flat, autocast))
-            progress.step(pos.step, loss_value, scheduler.get_last_lr()[0], int(sum(b["n_real_tokens"] for b in micro)),
-                          record)
+            progress.step(
+                pos.step, loss_value, scheduler.get_last_lr()[0], int(sum(b["n_real_tokens"] for b in micro)), record
+            )
             history.append({"step": pos.step, "loss": loss_value, **record})
             interrupted["flag"] = dist.any(interrupted["flag"])  # every rank stops at the same step
             if cfg.snapshot_every and pos.step % cfg.snapshot_every == 0:
@@ -562,6 +655,13 @@ def _train(cfg: TrainConfig, cleanup: ExitStack, *, quiet: bool, records: list[d
     if eval_loss is not None:
         say(f"final eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50)):.2f})")
     say(f"saved {out / 'final'}")
-    return TrainResult(output=out, steps=pos.step, final_loss=loss_value, eval_loss=eval_loss,
-                       tokens_per_s=real_tokens / max(seconds, 1e-9), real_tokens=real_tokens, seconds=seconds,
-                       history=history)
+    return TrainResult(
+        output=out,
+        steps=pos.step,
+        final_loss=loss_value,
+        eval_loss=eval_loss,
+        tokens_per_s=real_tokens / max(seconds, 1e-9),
+        real_tokens=real_tokens,
+        seconds=seconds,
+        history=history,
+    )

@@ -14,7 +14,6 @@ from torch import Tensor
 
 from deltatune.train.workspace import Workspace
 
-
 _workspace = Workspace()
 
 
@@ -29,8 +28,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, token_weights: Tensor,
-                chunk: int, compute_dtype: torch.dtype, need_grad_hidden: bool, need_grad_weight: bool) -> Tensor:
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        token_weights: Tensor,
+        chunk: int,
+        compute_dtype: torch.dtype,
+        need_grad_hidden: bool,
+        need_grad_weight: bool,
+    ) -> Tensor:
         n, device = hidden.shape[0], hidden.device
         acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums in >= fp32
         w_c = weight.to(compute_dtype)
@@ -39,9 +48,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=acc) if need_grad_weight else None
         grad_bias = torch.zeros_like(bias, dtype=acc) if (bias is not None and bias.requires_grad) else None
         for start in range(0, n, chunk):
-            h = hidden[start:start + chunk].to(compute_dtype)
-            t = targets[start:start + chunk]
-            tw = token_weights[start:start + chunk].to(acc)
+            h = hidden[start : start + chunk].to(compute_dtype)
+            t = targets[start : start + chunk]
+            tw = token_weights[start : start + chunk].to(acc)
             rows = torch.arange(t.shape[0], device=device)
             shape = (t.shape[0], weight.shape[0])
             logits = torch.mm(h, w_c.T, out=_workspace.take("logits", shape, compute_dtype, device))
@@ -59,7 +68,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs[rows, t] -= 1.0
             g = probs if acc == compute_dtype else logits.copy_(probs)  # the logits are spent: reuse
             if need_grad_hidden:
-                grad_hidden[start:start + chunk] = (torch.mm(g, w_c) * tw[:, None]).to(hidden.dtype)
+                grad_hidden[start : start + chunk] = (torch.mm(g, w_c) * tw[:, None]).to(hidden.dtype)
             if need_grad_weight:
                 grad_weight += (g.T @ (h * tw[:, None].to(h.dtype))).to(acc)
             if grad_bias is not None:
@@ -85,8 +94,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 ROW_MULTIPLE = 32
 
 
-def weighted_lm_loss_sum(hidden: Tensor, head: torch.nn.Module, input_ids: Tensor, loss_weights: Tensor,
-                         *, chunk: int = 1024, compute_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+def weighted_lm_loss_sum(
+    hidden: Tensor,
+    head: torch.nn.Module,
+    input_ids: Tensor,
+    loss_weights: Tensor,
+    *,
+    chunk: int = 1024,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
     """Σ_t w_t · nll(token_t | tokens_<t) over the batch, and Σ_t w_t.
 
     `hidden` is the final hidden state [B, T, H]; position t-1 predicts token t, whose weight is
@@ -105,8 +121,9 @@ def weighted_lm_loss_sum(hidden: Tensor, head: torch.nn.Module, input_ids: Tenso
     bias = getattr(head, "bias", None)
     if compute_dtype is None:
         compute_dtype = weight.dtype if weight.dtype != torch.float32 else hidden.dtype
-    total = _ChunkedLinearCrossEntropy.apply(h, weight, bias, targets, w, chunk, compute_dtype,
-                                             h.requires_grad, weight.requires_grad)
+    total = _ChunkedLinearCrossEntropy.apply(
+        h, weight, bias, targets, w, chunk, compute_dtype, h.requires_grad, weight.requires_grad
+    )
     return total, w.sum()
 
 

@@ -37,6 +37,8 @@ def warmup_steps(cfg: TrainConfig, total: int) -> int:
     return cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     warm = warmup_steps(cfg, total)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warm, cfg.schedule))

@@ -105,7 +105,7 @@ class _SpanInputs:
 
     def heads_first(self, x: Tensor) -> Tensor:
         """[KV, G*m, D] -> the real rows as [H, n, D]."""
-        return x.view(self.kv_heads, self.groups, self.m, -1)[:, :, :self.n].reshape(-1, self.n, x.shape[-1])
+        return x.view(self.kv_heads, self.groups, self.m, -1)[:, :, : self.n].reshape(-1, self.n, x.shape[-1])
 
 
 class SpanAttention(torch.autograd.Function):
@@ -154,20 +154,31 @@ def span_attention(query: Tensor, key: Tensor, value: Tensor, spans: Spans, scal
     """query [B, H, T, D], key/value [B, KV, T, D] -> [B, T, H, D], attention only within each span."""
     if len(spans) == 1:  # the flat layout: one row (squeeze, unlike indexing, costs nothing in backward)
         return SpanAttention.apply(query.squeeze(0), key.squeeze(0), value.squeeze(0), spans[0], scale).unsqueeze(0)
-    return torch.stack([SpanAttention.apply(query[b], key[b], value[b], row_spans, scale)
-                        for b, row_spans in enumerate(spans)])
+    return torch.stack(
+        [SpanAttention.apply(query[b], key[b], value[b], row_spans, scale) for b, row_spans in enumerate(spans)]
+    )
 
 
-def packed_eager(module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
-                 dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None,
-                 packed_spans: Spans | None = None, **kwargs):
+def packed_eager(
+    module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    packed_spans: Spans | None = None,
+    **kwargs,
+):
     """query/key/value: [batch, heads, tokens, head_dim]. Returns ([batch, tokens, heads, head_dim], None)
     like transformers' attention functions."""
     if packed_spans is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     if dropout and module.training:
         raise ValueError("packed attention does not implement attention dropout; use attention: mask")
     if query.shape[1] % key.shape[1]:
@@ -176,8 +187,11 @@ def packed_eager(module, query: Tensor, key: Tensor, value: Tensor, attention_ma
     # one dtype for all three, as autocast gives SDPA (rotary embeddings in float32 can promote q and k
     # to float32 while v stays bf16, e.g. with float32 weights under bf16 autocast)
     device = query.device.type
-    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-             else torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype))
+    dtype = (
+        torch.get_autocast_dtype(device)
+        if torch.is_autocast_enabled(device)
+        else torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    )
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     return span_attention(query, key, value, packed_spans, scale), None
 

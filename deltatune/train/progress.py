@@ -11,14 +11,23 @@ from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, total_steps: int, start_step: int, metrics_path: Path, *, log_every: int,
-                 enabled: bool = True, tensorboard_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        total_steps: int,
+        start_step: int,
+        metrics_path: Path,
+        *,
+        log_every: int,
+        enabled: bool = True,
+        tensorboard_dir: Path | None = None,
+    ) -> None:
         self.enabled = enabled
         self.log_every = log_every
         self.total = total_steps
         self.tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not (enabled and self.tty))
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not (enabled and self.tty)
+        )
         self.metrics = open(metrics_path, "a", encoding="utf-8")  # written even when quiet
         self.start_time = time.perf_counter()
         self.start_step = start_step
@@ -38,8 +47,15 @@ class Progress:
         tps = self.tokens / max(elapsed, 1e-9)
         done = step - self.start_step
         eta = elapsed / max(done, 1) * (self.total - step)
-        record = {"step": step, "loss": round(loss, 6), "lr": lr, "tokens": tokens, "tokens_per_s": round(tps, 1),
-                  "elapsed_s": round(elapsed, 2), **(extra or {})}
+        record = {
+            "step": step,
+            "loss": round(loss, 6),
+            "lr": lr,
+            "tokens": tokens,
+            "tokens_per_s": round(tps, 1),
+            "elapsed_s": round(elapsed, 2),
+            **(extra or {}),
+        }
         self.log(record)
         if not self.enabled:
             return

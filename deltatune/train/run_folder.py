@@ -26,8 +26,19 @@ from deltatune.train.checkpoint import list_checkpoints, read_meta, verify_check
 # everything `deltatune train` writes into its output folder
 RUN_ENTRIES = ("config.yaml", "final", "best", "checkpoints", "metrics.jsonl", "parameters.json", "tensorboard")
 # keys a resumed run may change: they decide how long and how visibly it runs, not what it learns
-MAY_CHANGE = frozenset({"steps", "epochs", "save_every", "eval_every", "log_every", "num_threads", "device",
-                        "gradient_checkpointing", "fused_norms"})
+MAY_CHANGE = frozenset(
+    {
+        "steps",
+        "epochs",
+        "save_every",
+        "eval_every",
+        "log_every",
+        "num_threads",
+        "device",
+        "gradient_checkpointing",
+        "fused_norms",
+    }
+)
 _NOT_RECORDED = frozenset({"output", "resume", "overwrite"})
 
 
@@ -41,6 +52,7 @@ def sha256_file(path: str | Path) -> str:
 
 def data_fingerprint(cfg: TrainConfig, records: list[dict] | None, eval_records: list[dict] | None) -> dict:
     """SHA-256 of the training (and held-out) data: what resume compares instead of file names."""
+
     def of(path: str | None, recs: list[dict] | None) -> str | None:
         if recs is not None:
             return hashlib.sha256(json.dumps(recs, sort_keys=True, default=str).encode()).hexdigest()
@@ -63,8 +75,10 @@ def check_output_folder(cfg: TrainConfig, reads: dict[str, str | None]) -> None:
         if path and Path(path).expanduser().exists():
             read = Path(path).expanduser().resolve()
             if out.resolve() == read or read in out.resolve().parents:
-                raise ConfigError(f"{cfg.output} is or lies inside the {what} being read ({path}); choose another "
-                                  f"--output", field="output")
+                raise ConfigError(
+                    f"{cfg.output} is or lies inside the {what} being read ({path}); choose another --output",
+                    field="output",
+                )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{cfg.output} exists and is not a folder", field="output")
     if cfg.resume and cfg.overwrite:
@@ -75,14 +89,20 @@ def check_output_folder(cfg: TrainConfig, reads: dict[str, str | None]) -> None:
             what = "no run" if not found else "a run without checkpoints (save them with --save-every)"
             raise ConfigError(f"{cfg.output} holds {what}, nothing to resume from", field="resume")
     elif found and not cfg.overwrite:
-        raise ConfigError(f"{cfg.output} already holds a run ({', '.join(found)}); pass --resume to continue it, "
-                          f"--overwrite to replace it, or choose another --output", field="output")
+        raise ConfigError(
+            f"{cfg.output} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+            f"--overwrite to replace it, or choose another --output",
+            field="output",
+        )
     elif found:
         for name in found:
             for what, path in reads.items():
                 if path and Path(path).expanduser().exists() and overlaps(out / name, path):
-                    raise ConfigError(f"--overwrite would remove {out / name}, which holds the {what} being read "
-                                      f"({path}); choose another --output", field="output")
+                    raise ConfigError(
+                        f"--overwrite would remove {out / name}, which holds the {what} being read "
+                        f"({path}); choose another --output",
+                        field="output",
+                    )
     check_writable(out, field="output")
 
 
@@ -164,8 +184,11 @@ def compare_for_resume(cfg: TrainConfig, meta: dict, fingerprint: dict) -> dict[
         elif old_hash != new_hash:
             refused.append(f"{key} content (sha256 {str(old_hash)[:12]}) -> (sha256 {str(new_hash)[:12]})")
     if refused:
-        raise ConfigError(f"{cfg.output} was trained with other settings; put them back or start a new --output: "
-                          + "; ".join(refused), field="resume")
+        raise ConfigError(
+            f"{cfg.output} was trained with other settings; put them back or start a new --output: "
+            + "; ".join(refused),
+            field="resume",
+        )
     return changed
 
 

@@ -25,8 +25,9 @@ def snapshot_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / SNAPSHOT_DIR / f"step-{step:07d}"
 
 
-def save_snapshot(run_dir: Path, step: int, trainable: list[tuple[str, torch.nn.Parameter]], method: str,
-                  write: bool = True) -> Path:
+def save_snapshot(
+    run_dir: Path, step: int, trainable: list[tuple[str, torch.nn.Parameter]], method: str, write: bool = True
+) -> Path:
     """Save the trainable tensors at `step`. Sharded (FSDP) tensors are gathered, which every rank must
     join; only the rank with `write` writes."""
     tensors = {}
@@ -39,6 +40,7 @@ def save_snapshot(run_dir: Path, step: int, trainable: list[tuple[str, torch.nn.
     if write:
         with atomic_dir(path) as tmp:
             save_file(tensors, str(tmp / WEIGHTS_FILE))
-            (tmp / META_FILE).write_text(json.dumps({"position": {"step": step}, "method": method,
-                                                     "kind": "snapshot"}, indent=2))
+            (tmp / META_FILE).write_text(
+                json.dumps({"position": {"step": step}, "method": method, "kind": "snapshot"}, indent=2)
+            )
     return path

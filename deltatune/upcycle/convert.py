@@ -96,8 +96,9 @@ def upcycle(model: nn.Module, spec: UpcycleSpec, *, seed: int = 0, copy_weights:
     for i in spec.layers:
         dense = layers[i].mlp
         experts = [dense] + [copy.deepcopy(dense) for _ in range(spec.experts - 1)]
-        block = MoEBlock(experts, hidden, router=spec.router, k=spec.k, capacity=spec.capacity,
-                         normalize=spec.normalize)
+        block = MoEBlock(
+            experts, hidden, router=spec.router, k=spec.k, capacity=spec.capacity, normalize=spec.normalize
+        )
         ref = next(dense.parameters())
         with torch.no_grad():
             w = torch.randn(block.router.weight.shape, generator=gen) * ROUTER_STD if copy_weights else None
@@ -115,8 +116,9 @@ def spec_of(model: nn.Module) -> UpcycleSpec | None:
         return None
     layers = [int(re.search(r"layers\.(\d+)\.mlp$", name).group(1)) for name, _ in blocks]
     b = blocks[0][1]
-    return UpcycleSpec(experts=b.num_experts, layers=layers, router=b.router_type, k=b.k, capacity=b.capacity,
-                       normalize=b.normalize)
+    return UpcycleSpec(
+        experts=b.num_experts, layers=layers, router=b.router_type, k=b.k, capacity=b.capacity, normalize=b.normalize
+    )
 
 
 def is_upcycled(model: nn.Module) -> bool:
@@ -138,5 +140,4 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         per_token = b.k if b.router_type == "topk" else min(b.capacity or 1.0, b.num_experts)
         active_experts += per_expert * per_token
     active = total - experts + int(round(active_experts))
-    return {"total": total, "active_per_token": active, "router": router, "experts": experts,
-            "moe_layers": len(blocks)}
+    return {"total": total, "active_per_token": active, "router": router, "experts": experts, "moe_layers": len(blocks)}

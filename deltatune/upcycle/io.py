@@ -58,10 +58,24 @@ def export_format(model: nn.Module, spec: UpcycleSpec) -> tuple[str, str]:
 
 
 def _common_config(cfg) -> dict:
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
-            "tie_word_embeddings", "rope_parameters", "attention_dropout", "pad_token_id", "bos_token_id",
-            "eos_token_id")
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "hidden_act",
+        "max_position_embeddings",
+        "initializer_range",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "rope_parameters",
+        "attention_dropout",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+    )
     return {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
 
 
@@ -72,13 +86,27 @@ def hf_config(model: nn.Module, spec: UpcycleSpec, fmt: str):
     common = _common_config(cfg)
     expert_width = cfg.intermediate_size
     if fmt == "mixtral":
-        return MixtralConfig(**common, head_dim=getattr(cfg, "head_dim", None), num_local_experts=spec.experts,
-                             num_experts_per_tok=spec.k, sliding_window=None, router_jitter_noise=0.0)
+        return MixtralConfig(
+            **common,
+            head_dim=getattr(cfg, "head_dim", None),
+            num_local_experts=spec.experts,
+            num_experts_per_tok=spec.k,
+            sliding_window=None,
+            router_jitter_noise=0.0,
+        )
     dense_layers = [i for i in range(cfg.num_hidden_layers) if i not in spec.layers]
-    return Qwen2MoeConfig(**common, num_experts=spec.experts, num_experts_per_tok=spec.k,
-                          moe_intermediate_size=expert_width, shared_expert_intermediate_size=0,
-                          norm_topk_prob=spec.normalize, mlp_only_layers=dense_layers, decoder_sparse_step=1,
-                          qkv_bias=False, use_sliding_window=False)
+    return Qwen2MoeConfig(
+        **common,
+        num_experts=spec.experts,
+        num_experts_per_tok=spec.k,
+        moe_intermediate_size=expert_width,
+        shared_expert_intermediate_size=0,
+        norm_topk_prob=spec.normalize,
+        mlp_only_layers=dense_layers,
+        decoder_sparse_step=1,
+        qkv_bias=False,
+        use_sliding_window=False,
+    )
 
 
 def to_hf_state(model: nn.Module, spec: UpcycleSpec) -> dict[str, torch.Tensor]:
@@ -91,7 +119,8 @@ def to_hf_state(model: nn.Module, spec: UpcycleSpec) -> dict[str, torch.Tensor]:
         p = f"{prefix}{i}.mlp."
         sd[p + "gate.weight"] = block.router.weight.detach()
         sd[p + "experts.gate_up_proj"] = torch.stack(
-            [torch.cat([e.gate_proj.weight, e.up_proj.weight], dim=0) for e in block.experts]).detach()
+            [torch.cat([e.gate_proj.weight, e.up_proj.weight], dim=0) for e in block.experts]
+        ).detach()
         sd[p + "experts.down_proj"] = torch.stack([e.down_proj.weight for e in block.experts]).detach()
     return sd
 
@@ -141,8 +170,11 @@ def save_upcycled(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Pa
         if fmt == "deltatune":
             model.config.save_pretrained(tmp)
             tied = getattr(model.config, "tie_word_embeddings", False)
-            sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-                  if not (tied and k.endswith("lm_head.weight"))}
+            sd = {
+                k: v.detach().contiguous()
+                for k, v in model.state_dict().items()
+                if not (tied and k.endswith("lm_head.weight"))
+            }
             save_file(sd, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         else:
             with quiet_zero_width():
@@ -191,8 +223,9 @@ def dense_skeleton(meta: dict, dtype: torch.dtype) -> nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def load_upcycled(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                  attn_implementation: str = "sdpa") -> nn.Module:
+def load_upcycled(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+) -> nn.Module:
     """Any upcycled folder (Mixtral, Qwen2-MoE or deltatune format) as deltatune modules, in eval mode."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -215,8 +248,9 @@ def load_upcycled(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
     if missing or unexpected:
-        raise UserError(f"weights do not match upcycle.json: missing {missing[:3]}, unexpected {unexpected[:3]}",
-                        file=str(path))
+        raise UserError(
+            f"weights do not match upcycle.json: missing {missing[:3]}, unexpected {unexpected[:3]}", file=str(path)
+        )
     if tied:
         model.tie_weights()
     model.set_attn_implementation(attn_implementation)

@@ -68,10 +68,14 @@ class RouterLosses:
         dropped assignments (top-k) or untouched tokens (expert choice), and the mean auxiliary losses."""
         if self.n == 0:
             return {}
-        out = {"moe_aux_loss": round(self.aux_sum / self.n, 6), "moe_z_loss": round(self.z_sum / self.n, 6),
-               "router_entropy": round(self.entropy_sum / (self.n * len(self.blocks)), 6),
-               "moe_dropped": self.dropped, "moe_dropped_frac": round(self.dropped / max(self.routed, 1), 6),
-               "expert_load": [[round(float(v), 4) for v in (ld / ld.sum().clamp(min=1))] for ld in self.load]}
+        out = {
+            "moe_aux_loss": round(self.aux_sum / self.n, 6),
+            "moe_z_loss": round(self.z_sum / self.n, 6),
+            "router_entropy": round(self.entropy_sum / (self.n * len(self.blocks)), 6),
+            "moe_dropped": self.dropped,
+            "moe_dropped_frac": round(self.dropped / max(self.routed, 1), 6),
+            "expert_load": [[round(float(v), 4) for v in (ld / ld.sum().clamp(min=1))] for ld in self.load],
+        }
         self._reset()
         return out
 

@@ -37,8 +37,16 @@ class MoEBlock(nn.Module):
     """Router (d_model -> E, no bias) + E expert MLPs; keeps the last forward's routing tensors in
     `last_routing` for the auxiliary losses and metrics (see losses.py)."""
 
-    def __init__(self, experts: list[nn.Module], hidden_size: int, *, router: str = "topk", k: int = 2,
-                 capacity: float | None = None, normalize: bool = False) -> None:
+    def __init__(
+        self,
+        experts: list[nn.Module],
+        hidden_size: int,
+        *,
+        router: str = "topk",
+        k: int = 2,
+        capacity: float | None = None,
+        normalize: bool = False,
+    ) -> None:
         super().__init__()
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
@@ -50,8 +58,10 @@ class MoEBlock(nn.Module):
         self.last_routing: dict[str, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, router={self.router_type}, k={self.k}, capacity={self.capacity}, "
-                f"normalize={self.normalize}")
+        return (
+            f"experts={self.num_experts}, router={self.router_type}, k={self.k}, capacity={self.capacity}, "
+            f"normalize={self.normalize}"
+        )
 
     # --- routing --------------------------------------------------------------------------------
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -67,8 +77,13 @@ class MoEBlock(nn.Module):
             covered = torch.zeros(n, dtype=torch.bool, device=logits.device)
             covered[token.reshape(-1)] = True
             assigned = torch.full((num_e,), t, device=logits.device)
-            return (token.t().reshape(-1), expert.t().reshape(-1), weight.t().reshape(-1), assigned,
-                    int(n - covered.sum()))
+            return (
+                token.t().reshape(-1),
+                expert.t().reshape(-1),
+                weight.t().reshape(-1),
+                assigned,
+                int(n - covered.sum()),
+            )
         top_p, top_e = probs.topk(self.k, dim=-1)  # [n, k]
         if self.normalize:
             top_p = top_p / top_p.sum(dim=-1, keepdim=True)
@@ -101,12 +116,16 @@ class MoEBlock(nn.Module):
         for e, count in enumerate(counts.tolist()):
             if count == 0:
                 continue
-            idx = token[start:start + count]
+            idx = token[start : start + count]
             y = self.experts[e](x.index_select(0, idx))
-            out.index_add_(0, idx, (y * weight[start:start + count, None]).to(out.dtype))
+            out.index_add_(0, idx, (y * weight[start : start + count, None]).to(out.dtype))
             start += count
-        self.last_routing = {"logits": logits, "assigned": assigned, "processed": counts,
-                             "dropped": torch.tensor(dropped)}
+        self.last_routing = {
+            "logits": logits,
+            "assigned": assigned,
+            "processed": counts,
+            "dropped": torch.tensor(dropped),
+        }
         return out.reshape(shape)
 
 

@@ -41,7 +41,9 @@ class FilterReport:
         lines = [f"read {self.read}, kept {self.kept}, dropped {self.read - self.kept}"]
         lines += [f"  {reason}: {n}" for reason, n in sorted(self.dropped.items())]
         for ex in self.examples[:5]:
-            extra = f" (repeats {ex['duplicate_of']}, similarity {ex['similarity']:.2f})" if "duplicate_of" in ex else ""
+            extra = (
+                f" (repeats {ex['duplicate_of']}, similarity {ex['similarity']:.2f})" if "duplicate_of" in ex else ""
+            )
             lines.append(f"  e.g. {ex['source']}: {ex['reason']}{extra}")
         return "\n".join(lines) + "\n"
 
@@ -49,8 +51,9 @@ class FilterReport:
         return {"read": self.read, "kept": self.kept, "dropped": dict(self.dropped), "examples": self.examples}
 
 
-def filter_records(path: str | Path, options: FilterOptions, *, column_map: dict[str, str] | str | None = None,
-                   tokenizer: Any = None) -> tuple[list[dict], FilterReport]:
+def filter_records(
+    path: str | Path, options: FilterOptions, *, column_map: dict[str, str] | str | None = None, tokenizer: Any = None
+) -> tuple[list[dict], FilterReport]:
     """The surviving records (columns renamed, so they train without --map) in file order, and a report."""
     if options.near not in NEAR:
         raise ConfigError(f"unknown near-duplicate test '{options.near}' (choose {', '.join(NEAR)})", field="--near")

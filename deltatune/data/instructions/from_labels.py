@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from deltatune.data.instructions.rows import read_rows, record_error
 from deltatune.data.formats import RawRecord
+from deltatune.data.instructions.rows import read_rows, record_error
 from deltatune.errors import ConfigError, DataError
 
 OPTIONS = "options"  # the placeholder that lists the label words
@@ -76,8 +76,9 @@ def _check_template(text: object, file: str, where: str) -> str:
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
     except ValueError as exc:  # unbalanced braces
-        raise ConfigError(f"not a valid template ({exc}); write a literal brace as {{{{ or }}}}", file=file,
-                          field=where) from None
+        raise ConfigError(
+            f"not a valid template ({exc}); write a literal brace as {{{{ or }}}}", file=file, field=where
+        ) from None
     for name in names:
         if not name.isidentifier():
             raise ConfigError(f"placeholder {{{name}}} must be a column name", file=file, field=where)
@@ -94,8 +95,9 @@ def load_task(path: str | Path) -> LabelTask:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(f"not valid YAML ({getattr(exc, 'problem', exc)})", file=name,
-                          line=mark.line + 1 if mark else None) from None
+        raise ConfigError(
+            f"not valid YAML ({getattr(exc, 'problem', exc)})", file=name, line=mark.line + 1 if mark else None
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError("expected a mapping with templates and labels", file=name)
     unknown = sorted(set(raw) - {"name", "templates", "labels"})
@@ -110,8 +112,11 @@ def load_task(path: str | Path) -> LabelTask:
         if isinstance(t, dict):
             extra = sorted(set(t) - {"instruction", "input"})
             if extra or "instruction" not in t:
-                raise ConfigError("a phrasing mapping has an 'instruction' and an optional 'input' part",
-                                  file=name, field=f"{where}.{extra[0]}" if extra else where)
+                raise ConfigError(
+                    "a phrasing mapping has an 'instruction' and an optional 'input' part",
+                    file=name,
+                    field=f"{where}.{extra[0]}" if extra else where,
+                )
             inp = _check_template(t["input"], name, f"{where}.input") if t.get("input") is not None else None
             phrasings.append(Phrasing(_check_template(t["instruction"], name, f"{where}.instruction"), inp))
         else:
@@ -120,8 +125,9 @@ def load_task(path: str | Path) -> LabelTask:
     if isinstance(labels, list):  # [negative, positive]: the labels are 0, 1, ...
         labels = dict(enumerate(labels))
     if not isinstance(labels, dict) or not labels:
-        raise ConfigError("expected a mapping from label to label word, e.g. {0: negative, 1: positive}",
-                          file=name, field="labels")
+        raise ConfigError(
+            "expected a mapping from label to label word, e.g. {0: negative, 1: positive}", file=name, field="labels"
+        )
     words: dict[str, str] = {}
     for value, word in labels.items():
         if not isinstance(word, (str, int, float)) or not str(word).strip():
@@ -160,9 +166,15 @@ def choose_phrasings(index: int, n_phrasings: int, per_example: int, rng: random
     return rng.sample(range(n_phrasings), per_example)
 
 
-def build_from_labels(data: str | Path, task: LabelTask, *, label_column: str = "label",
-                      column_map: dict[str, str] | str | None = None, per_example: int = 1,
-                      seed: int | None = None) -> tuple[list[dict], FromLabelsReport]:
+def build_from_labels(
+    data: str | Path,
+    task: LabelTask,
+    *,
+    label_column: str = "label",
+    column_map: dict[str, str] | str | None = None,
+    per_example: int = 1,
+    seed: int | None = None,
+) -> tuple[list[dict], FromLabelsReport]:
     """Alpaca records (instruction, [input], output, meta) for every example of `data`, and a count report.
 
     With `seed` None phrasings go round-robin; with a seed each example's phrasings are drawn from
@@ -170,8 +182,9 @@ def build_from_labels(data: str | Path, task: LabelTask, *, label_column: str = 
     """
     n = len(task.phrasings)
     if not 1 <= per_example <= n:
-        raise ConfigError(f"must be between 1 and the number of phrasings ({n}), got {per_example}",
-                          field="--per-example")
+        raise ConfigError(
+            f"must be between 1 and the number of phrasings ({n}), got {per_example}", field="--per-example"
+        )
     rng = random.Random(seed) if seed is not None else None
     report = FromLabelsReport(per_phrasing=[0] * n, per_label={v: 0 for v in task.labels})
     records: list[dict] = []
@@ -212,8 +225,14 @@ def _check_placeholders(task: LabelTask, first: RawRecord, label_column: str) ->
     for i, ph in enumerate(task.phrasings):
         for name in sorted(ph.placeholders - {OPTIONS}):
             if name == label_column:
-                raise ConfigError(f"placeholder {{{name}}} is the label column: it would put the answer in the prompt",
-                                  file=task.file, field=f"templates[{i}]")
+                raise ConfigError(
+                    f"placeholder {{{name}}} is the label column: it would put the answer in the prompt",
+                    file=task.file,
+                    field=f"templates[{i}]",
+                )
             if name not in first.data:
-                raise ConfigError(f"placeholder {{{name}}} is not a column of {first.file} "
-                                  f"(columns: {', '.join(columns)})", file=task.file, field=f"templates[{i}]")
+                raise ConfigError(
+                    f"placeholder {{{name}}} is not a column of {first.file} (columns: {', '.join(columns)})",
+                    file=task.file,
+                    field=f"templates[{i}]",
+                )

@@ -66,8 +66,10 @@ def mix(sources: list[MixSource], n: int, seed: int = 0) -> tuple[list[dict], li
     loaded = [read_instruction_records(s.path) for s in sources]
     formats = {fmt for _, fmt in loaded}
     if "text" in formats and len(formats) > 1:
-        raise DataError("plain-text files cannot be mixed with instruction files",
-                        file=next(s.path for s, (_, f) in zip(sources, loaded) if f == "text"))
+        raise DataError(
+            "plain-text files cannot be mixed with instruction files",
+            file=next(s.path for s, (_, f) in zip(sources, loaded) if f == "text"),
+        )
     convert = len(formats) > 1
     rng = random.Random(seed)
     picked: list[dict] = []

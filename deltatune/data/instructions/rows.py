@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from deltatune.data.formats import Conversation, RawRecord, detect_format, parse_column_map, read_records, to_conversation
+from deltatune.data.formats import (
+    Conversation,
+    RawRecord,
+    detect_format,
+    parse_column_map,
+    read_records,
+    to_conversation,
+)
 from deltatune.errors import DataError
 
 
@@ -29,8 +36,9 @@ def read_rows(path: str | Path, column_map: dict[str, str] | str | None = None) 
         yield rec
 
 
-def read_instruction_records(path: str | Path, column_map: dict[str, str] | str | None = None
-                             ) -> tuple[list[tuple[RawRecord, Conversation]], str]:
+def read_instruction_records(
+    path: str | Path, column_map: dict[str, str] | str | None = None
+) -> tuple[list[tuple[RawRecord, Conversation]], str]:
     """Every record validated as `deltatune train` would read it (the first record fixes the format).
 
     Returns (record with columns renamed, its conversation) pairs and the file's format.

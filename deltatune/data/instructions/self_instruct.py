@@ -26,16 +26,31 @@ from typing import Protocol
 from tqdm.auto import tqdm
 
 from deltatune.data.instructions.output import write_json_atomic, write_jsonl_atomic
-from deltatune.data.instructions.self_instruct_text import (CLASSIFY_STOP, INSTANCE_STOP, INSTRUCTION_STOP, Task,
-                                                     classify_prompt, clean_instances, instance_prompt,
-                                                     instruction_drop_reason, instruction_prompt,
-                                                     parse_instances, parse_instructions, parse_is_classification)
+from deltatune.data.instructions.self_instruct_text import (
+    CLASSIFY_STOP,
+    INSTANCE_STOP,
+    INSTRUCTION_STOP,
+    Task,
+    classify_prompt,
+    clean_instances,
+    instance_prompt,
+    instruction_drop_reason,
+    instruction_prompt,
+    parse_instances,
+    parse_instructions,
+    parse_is_classification,
+)
 from deltatune.data.instructions.similarity import rouge_l, rouge_tokens
-from deltatune.evaluate.generate import cut_at_stop
 from deltatune.errors import ConfigError, UserError
+from deltatune.evaluate.generate import cut_at_stop
 
-PROGRESS, CHECKPOINT, SETTINGS, REPORT, TASKS = ("progress.jsonl", "checkpoint.json", "settings.json",
-                                                 "report.json", "tasks.jsonl")
+PROGRESS, CHECKPOINT, SETTINGS, REPORT, TASKS = (
+    "progress.jsonl",
+    "checkpoint.json",
+    "settings.json",
+    "report.json",
+    "tasks.jsonl",
+)
 _KEEP_EXAMPLES = 5  # dropped instructions kept per reason in the report
 
 
@@ -45,8 +60,9 @@ CLASSIFY_MAX_TOKENS = 4  # "Yes" or "No" (the paper asks for 3 tokens)
 class GenerateFn(Protocol):
     """Continuations of raw prompts; `max_new_tokens` (None: the generator's own limit) caps short answers."""
 
-    def __call__(self, prompts: list[str], *, stop: tuple[str, ...], seed: int,
-                 max_new_tokens: int | None = None) -> list[str]: ...
+    def __call__(
+        self, prompts: list[str], *, stop: tuple[str, ...], seed: int, max_new_tokens: int | None = None
+    ) -> list[str]: ...
 
 
 @dataclass
@@ -80,22 +96,34 @@ class SelfInstructResult:
 
     def records(self) -> list[dict]:
         """Alpaca records, one per instance: what `deltatune train` reads."""
-        return [{"instruction": t.instruction, "input": inst["input"], "output": inst["output"]}
-                for t in self.tasks for inst in t.instances]
+        return [
+            {"instruction": t.instruction, "input": inst["input"], "output": inst["output"]}
+            for t in self.tasks
+            for inst in t.instances
+        ]
 
     def report(self) -> dict:
-        return {"kept": len(self.tasks), "rounds": self.rounds, "complete": self.complete,
-                "classification": sum(t.is_classification for t in self.tasks),
-                "dropped": dict(sorted(self.dropped.items())), "examples": self.examples}
+        return {
+            "kept": len(self.tasks),
+            "rounds": self.rounds,
+            "complete": self.complete,
+            "classification": sum(t.is_classification for t in self.tasks),
+            "dropped": dict(sorted(self.dropped.items())),
+            "examples": self.examples,
+        }
 
     def format(self) -> str:
-        lines = [f"kept {len(self.tasks)} tasks ({sum(t.is_classification for t in self.tasks)} classification), "
-                 f"{len(self.records())} instances, after {self.rounds} rounds"]
+        lines = [
+            f"kept {len(self.tasks)} tasks ({sum(t.is_classification for t in self.tasks)} classification), "
+            f"{len(self.records())} instances, after {self.rounds} rounds"
+        ]
         if not self.complete:
             lines.append("stopped at --max-rounds before reaching --n")
         lines.append(f"dropped {sum(self.dropped.values())} instructions:")
-        lines += [f"  {reason}: {n}" + (f"  e.g. {self.examples[reason][0]!r}" if self.examples.get(reason) else "")
-                  for reason, n in sorted(self.dropped.items())]
+        lines += [
+            f"  {reason}: {n}" + (f"  e.g. {self.examples[reason][0]!r}" if self.examples.get(reason) else "")
+            for reason, n in sorted(self.dropped.items())
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -121,15 +149,18 @@ class _Progress:
         """Returns the rounds already done (empty for a fresh run)."""
         if self.work.exists() and any(self.work.iterdir()):
             if not resume:
-                raise UserError("holds a previous run: pass --resume to continue it, or choose another --work",
-                                file=str(self.work))
+                raise UserError(
+                    "holds a previous run: pass --resume to continue it, or choose another --work", file=str(self.work)
+                )
             if not (self.work / SETTINGS).exists():
                 raise UserError(f"is not a self-instruct progress folder (no {SETTINGS})", file=str(self.work))
             saved = json.loads((self.work / SETTINGS).read_text(encoding="utf-8"))
             if saved != settings:
                 changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-                raise UserError(f"was started with other settings ({', '.join(changed)}); resume with the same ones",
-                                file=str(self.work))
+                raise UserError(
+                    f"was started with other settings ({', '.join(changed)}); resume with the same ones",
+                    file=str(self.work),
+                )
             done = json.loads(self.checkpoint.read_text(encoding="utf-8")) if self.checkpoint.exists() else None
             size = done["bytes"] if done else 0
             with self.log.open("ab") as fh:  # discard anything after the last checkpoint (a torn line)
@@ -150,9 +181,16 @@ class _Progress:
         write_json_atomic(self.checkpoint, {"rounds": round_record["round"] + 1, "bytes": size})
 
 
-def run_self_instruct(seeds: list[Task], generate: GenerateFn, config: SelfInstructConfig, work: str | Path, *,
-                      model_name: str | None = None, resume: bool = False,
-                      progress: bool = True) -> SelfInstructResult:
+def run_self_instruct(
+    seeds: list[Task],
+    generate: GenerateFn,
+    config: SelfInstructConfig,
+    work: str | Path,
+    *,
+    model_name: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> SelfInstructResult:
     """Bootstrap `config.n` new tasks from `seeds`, recording progress in `work` (resumable)."""
     config.check()
     state = _Progress(Path(work))
@@ -162,8 +200,13 @@ def run_self_instruct(seeds: list[Task], generate: GenerateFn, config: SelfInstr
     for record in done:
         _absorb(result, record, pool)
     max_rounds = config.max_rounds if config.max_rounds is not None else 20 * config.n
-    bar = tqdm(total=config.n, initial=min(len(result.tasks), config.n), desc="self-instruct", unit="task",
-               disable=not progress)
+    bar = tqdm(
+        total=config.n,
+        initial=min(len(result.tasks), config.n),
+        desc="self-instruct",
+        unit="task",
+        disable=not progress,
+    )
     while len(result.tasks) < config.n and result.rounds < max_rounds:
         record = _round(result.rounds, seeds, result.tasks, pool, generate, config)
         state.append(record)
@@ -190,8 +233,9 @@ def _absorb(result: SelfInstructResult, record: dict, pool: list) -> None:
     result.rounds = record["round"] + 1
 
 
-def _round(r: int, seeds: list[Task], generated: list[Task], pool: list, generate: GenerateFn,
-           config: SelfInstructConfig) -> dict:
+def _round(
+    r: int, seeds: list[Task], generated: list[Task], pool: list, generate: GenerateFn, config: SelfInstructConfig
+) -> dict:
     """One round: returns {"round", "kept": [task], "dropped": [{"instruction", "reason"}]}."""
     rng = random.Random(_derived_seed(config.seed, r, "sample"))
     dropped: list[dict] = []
@@ -225,8 +269,13 @@ def _round(r: int, seeds: list[Task], generated: list[Task], pool: list, generat
         return {"round": r, "kept": [], "dropped": dropped}
     # 3. classification or not, few-shot from the seed tasks' own labels
     shots = [rng.sample(seeds, min(config.classify_shots, len(seeds))) for _ in candidates]
-    answers = _call(generate, [classify_prompt(s, c) for s, c in zip(shots, candidates)], CLASSIFY_STOP,
-                    _derived_seed(config.seed, r, "classify"), max_new_tokens=CLASSIFY_MAX_TOKENS)
+    answers = _call(
+        generate,
+        [classify_prompt(s, c) for s, c in zip(shots, candidates)],
+        CLASSIFY_STOP,
+        _derived_seed(config.seed, r, "classify"),
+        max_new_tokens=CLASSIFY_MAX_TOKENS,
+    )
     is_clf = [parse_is_classification(a) for a in answers]
     # 4. instances: input-first, or output-first for classification tasks
     prompts = []
@@ -244,16 +293,18 @@ def _round(r: int, seeds: list[Task], generated: list[Task], pool: list, generat
     return {"round": r, "kept": kept, "dropped": dropped}
 
 
-def _call(generate: GenerateFn, prompts: list[str], stop: tuple[str, ...], seed: int,
-          max_new_tokens: int | None = None) -> list[str]:
+def _call(
+    generate: GenerateFn, prompts: list[str], stop: tuple[str, ...], seed: int, max_new_tokens: int | None = None
+) -> list[str]:
     texts = generate(prompts, stop=stop, seed=seed, max_new_tokens=max_new_tokens)
     if len(texts) != len(prompts):
         raise RuntimeError(f"the generator returned {len(texts)} texts for {len(prompts)} prompts")
     return [cut_at_stop(t, stop) for t in texts]
 
 
-def model_generator(model, tokenizer, *, max_new_tokens: int = 128, temperature: float = 0.7,
-                    batch_size: int = 8) -> GenerateFn:
+def model_generator(
+    model, tokenizer, *, max_new_tokens: int = 128, temperature: float = 0.7, batch_size: int = 8
+) -> GenerateFn:
     """A GenerateFn over `deltatune.evaluate.generate` (raw prompts, no chat template, as in the paper)."""
     from deltatune.evaluate.generate import GenerationConfig, generate
 
@@ -261,8 +312,9 @@ def model_generator(model, tokenizer, *, max_new_tokens: int = 128, temperature:
 
     def fn(prompts: list[str], *, stop: tuple[str, ...], seed: int, max_new_tokens: int | None = None) -> list[str]:
         limit = min(max_new_tokens, default_max) if max_new_tokens else default_max
-        cfg = GenerationConfig(max_new_tokens=limit, do_sample=temperature > 0,
-                               temperature=temperature or 1.0, seed=seed, stop=stop)
+        cfg = GenerationConfig(
+            max_new_tokens=limit, do_sample=temperature > 0, temperature=temperature or 1.0, seed=seed, stop=stop
+        )
         return generate(model, tokenizer, prompts, cfg, batch_size=batch_size, progress=False)
 
     return fn
@@ -273,4 +325,3 @@ def write_outputs(result: SelfInstructResult, out: str | Path, work: str | Path)
     write_jsonl_atomic(Path(work) / TASKS, [t.to_json() for t in result.tasks])
     write_json_atomic(Path(work) / REPORT, result.report())
     return write_jsonl_atomic(out, result.records())
-

@@ -24,8 +24,11 @@ class Task:
     is_classification: bool = False
 
     def to_json(self) -> dict:
-        return {"instruction": self.instruction, "instances": self.instances,
-                "is_classification": self.is_classification}
+        return {
+            "instruction": self.instruction,
+            "instances": self.instances,
+            "is_classification": self.is_classification,
+        }
 
 
 def read_seed_tasks(path: str | Path) -> list[Task]:
@@ -41,8 +44,11 @@ def read_seed_tasks(path: str | Path) -> list[Task]:
             raise record_error(rec, "expected a non-empty list of {input, output}", "instances")
         instances = []
         for i, inst in enumerate(raw):
-            if not isinstance(inst, dict) or not isinstance(inst.get("output"), str) \
-                    or not isinstance(inst.get("input", ""), str):
+            if (
+                not isinstance(inst, dict)
+                or not isinstance(inst.get("output"), str)
+                or not isinstance(inst.get("input", ""), str)
+            ):
                 raise record_error(rec, "expected {input: text, output: text}", f"instances[{i}]")
             instances.append({"input": inst.get("input", ""), "output": inst["output"]})
         clf = d.get("is_classification", False)
@@ -58,11 +64,15 @@ def read_seed_tasks(path: str | Path) -> list[Task]:
 
 INSTRUCTION_HEADER = "Come up with a series of tasks:\n"
 CLASSIFY_HEADER = "Can the following task be regarded as a classification task with finite output labels?\n\n"
-INPUT_FIRST_HEADER = ("Come up with examples for the following tasks. Try to generate multiple examples when possible. "
-                      "If the task doesn't require additional input, you can generate the output directly.\n\n")
-OUTPUT_FIRST_HEADER = ("Given the classification task definition and the class labels, generate an input that "
-                       "corresponds to each of the class labels. If the task doesn't require input, just generate "
-                       "the correct class label.\n\n")
+INPUT_FIRST_HEADER = (
+    "Come up with examples for the following tasks. Try to generate multiple examples when possible. "
+    "If the task doesn't require additional input, you can generate the output directly.\n\n"
+)
+OUTPUT_FIRST_HEADER = (
+    "Given the classification task definition and the class labels, generate an input that "
+    "corresponds to each of the class labels. If the task doesn't require input, just generate "
+    "the correct class label.\n\n"
+)
 INSTRUCTION_STOP = ("\n\n",)
 CLASSIFY_STOP = ("\n",)
 INSTANCE_STOP = ("\nTask:", "\n\n\n")
@@ -79,8 +89,10 @@ def instruction_prompt(instructions: list[str]) -> str:
 
 
 def classify_prompt(shots: list[Task], instruction: str) -> str:
-    body = "".join(f"Task: {_one_line(t.instruction)}\nIs it classification? {'Yes' if t.is_classification else 'No'}\n\n"
-                   for t in shots)
+    body = "".join(
+        f"Task: {_one_line(t.instruction)}\nIs it classification? {'Yes' if t.is_classification else 'No'}\n\n"
+        for t in shots
+    )
     return f"{CLASSIFY_HEADER}{body}Task: {_one_line(instruction)}\nIs it classification?"
 
 
@@ -90,9 +102,13 @@ def instance_prompt(shots: list[Task], instruction: str, classification: bool) -
     for t in shots:
         inst = t.instances[0]
         if classification:
-            body = f"Class label: {inst['output'].strip()}\n" + (f"Input: {inst['input'].strip()}\n" if inst["input"].strip() else "")
+            body = f"Class label: {inst['output'].strip()}\n" + (
+                f"Input: {inst['input'].strip()}\n" if inst["input"].strip() else ""
+            )
         else:
-            body = (f"Input: {inst['input'].strip()}\n" if inst["input"].strip() else "") + f"Output: {inst['output'].strip()}\n"
+            body = (
+                f"Input: {inst['input'].strip()}\n" if inst["input"].strip() else ""
+            ) + f"Output: {inst['output'].strip()}\n"
         parts.append(f"Task: {_one_line(t.instruction)}\n{body}\n")
     header = OUTPUT_FIRST_HEADER if classification else INPUT_FIRST_HEADER
     tail = "Class label:" if classification else ""
@@ -128,8 +144,26 @@ def parse_instances(response: str, classification: bool) -> list[dict]:
 # ---------------------------------------------------------------- filters
 
 # Things a text-only model cannot do or see (the paper's list, with Alpaca's additions).
-UNANSWERABLE_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
-                      "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
+UNANSWERABLE_WORDS = (
+    "image",
+    "images",
+    "graph",
+    "graphs",
+    "picture",
+    "pictures",
+    "file",
+    "files",
+    "map",
+    "maps",
+    "draw",
+    "plot",
+    "go to",
+    "video",
+    "audio",
+    "music",
+    "flowchart",
+    "diagram",
+)
 _UNANSWERABLE = re.compile(r"\b(" + "|".join(re.escape(w) for w in UNANSWERABLE_WORDS) + r")\b", re.I)
 MIN_WORDS, MAX_WORDS = 4, 150  # the paper keeps 3 < words <= 150
 

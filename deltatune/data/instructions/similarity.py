@@ -38,7 +38,7 @@ def shingles(text: str) -> set[str]:
     words = _WORD.findall(text.casefold())
     if len(words) < SHINGLE:
         return {" ".join(words)} if words else set()
-    return {" ".join(words[i:i + SHINGLE]) for i in range(len(words) - SHINGLE + 1)}
+    return {" ".join(words[i : i + SHINGLE]) for i in range(len(words) - SHINGLE + 1)}
 
 
 def jaccard(a: set[str], b: set[str]) -> float:

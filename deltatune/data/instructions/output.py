@@ -1,7 +1,7 @@
 """Atomic JSONL outputs that never replace a user's file by accident.
 
 Each command checks its --out before any work (exists without --overwrite, or is one of the inputs),
-writes into a hidden temporary file beside it and renames it into place at the end, so a failure or a
+writes through `deltatune.fileio.write_text_atomic` (a hidden temporary file beside it, renamed into place, with the user's umask), so a failure or a
 kill at any moment leaves either no output or the previous one, never a half-written file.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from deltatune.errors import UserError
+from deltatune.fileio import write_text_atomic
 
 
 def check_output(out: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False) -> Path:
@@ -28,22 +28,6 @@ def check_output(out: str | Path, inputs: Iterable[str | Path] = (), overwrite: 
     if out.exists() and out.is_dir():
         raise UserError("is a folder, expected a file name", file=str(out))
     return out
-
-
-def write_text_atomic(out: str | Path, text: str) -> None:
-    """Write `text` to a temporary file in `out`'s folder, fsync it, then rename it over `out`."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_jsonl_atomic(out: str | Path, records: Iterable[dict]) -> int:

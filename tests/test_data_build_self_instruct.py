@@ -31,6 +31,7 @@ from deltatune.data.instructions.self_instruct_text import (
     read_seed_tasks,
 )
 from deltatune.errors import DataError, UserError
+from deltatune.evaluate.generate import Generation
 
 REPO = Path(__file__).resolve().parent.parent
 SEEDS = [
@@ -230,6 +231,52 @@ def test_every_drop_reason(seeds_file, tmp_path):
     ]
     report = result.report()
     assert report["kept"] == 1 and report["dropped"]["no_valid_instance"] == 1
+
+
+def test_generations_cut_at_the_token_limit_are_dropped(seeds_file, tmp_path):
+    """The paper's finish_reason == "length" filter: a cut instance list drops its task, and a cut instruction
+    list loses its last (possibly half-written) instruction; a cut yes/no answer is normal and kept."""
+    listing = " Give three tips for staying healthy in winter.\n10. Name the largest planet of the solar system and"
+    scripted = Scripted(instructions=listing, instance=lambda task: "Output: Drink water.")
+
+    def generator(cut: tuple[str, ...]):
+        def generate(prompts, *, stop, seed, max_new_tokens=None):
+            replies = scripted(prompts, stop=stop, seed=seed, max_new_tokens=max_new_tokens)
+            return [Generation(r, hit_limit=p.startswith(cut)) for p, r in zip(prompts, replies)]
+
+        return generate
+
+    seeds = read_seed_tasks(seeds_file)
+    config = SelfInstructConfig(n=2, prompts_per_round=1, max_rounds=1)
+    cut_list = run_self_instruct(
+        seeds, generator((INSTRUCTION_HEADER, CLASSIFY_HEADER)), config, tmp_path / "a", progress=False
+    )
+    assert cut_list.dropped == Counter(cut_at_limit=1)
+    assert cut_list.examples["cut_at_limit"] == ["Name the largest planet of the solar system and"]
+    assert [t.instruction for t in cut_list.tasks] == ["Give three tips for staying healthy in winter."]
+
+    cut_instances = run_self_instruct(
+        seeds, generator((INPUT_FIRST_HEADER, OUTPUT_FIRST_HEADER)), config, tmp_path / "b", progress=False
+    )
+    assert cut_instances.tasks == [] and cut_instances.dropped == Counter(cut_at_limit=2)
+
+
+def test_generate_detailed_flags_a_continuation_that_ran_to_the_limit():
+    from deltatune.evaluate.generate import GenerationConfig, generate_detailed, stop_token_ids
+    from deltatune.testing import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model().eval(), tiny_tokenizer()
+    [free] = generate_detailed(model, tok, ["hello there"], GenerationConfig(max_new_tokens=6), progress=False)
+    ids = tok("hello there", return_tensors="pt", add_special_tokens=False).input_ids
+    eos = stop_token_ids(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    new = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=eos, pad_token_id=pad)[0, ids.shape[1] :]
+    assert free.hit_limit == (len(new) == 6 and not set(new.tolist()) & set(eos))  # HF's own decoding as the oracle
+    assert free.text
+    [stopped] = generate_detailed(
+        model, tok, ["hello there"], GenerationConfig(max_new_tokens=6, stop=(free.text[0],)), progress=False
+    )
+    assert stopped.text == "" and not stopped.hit_limit  # its stop string ended it
 
 
 def test_parse_instances_both_orders():

@@ -41,7 +41,15 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     return text[:cut]
 
 
-@torch.no_grad()
+@dataclass
+class Generation:
+    """A continuation, and whether it ran to `max_new_tokens` with no end of sequence or stop string (cut
+    short: OpenAI's `finish_reason == "length"`, which Self-Instruct's filters drop)."""
+
+    text: str
+    hit_limit: bool
+
+
 def generate(
     model,
     tokenizer,
@@ -52,6 +60,22 @@ def generate(
     progress: bool = True,
 ) -> list[str]:
     """Continuations of `prompts` (decoded without special tokens), in input order."""
+    return [
+        g.text for g in generate_detailed(model, tokenizer, prompts, config, batch_size, add_special_tokens, progress)
+    ]
+
+
+@torch.no_grad()
+def generate_detailed(
+    model,
+    tokenizer,
+    prompts: list[str],
+    config: GenerationConfig | None = None,
+    batch_size: int = 8,
+    add_special_tokens: bool = False,
+    progress: bool = True,
+) -> list[Generation]:
+    """`generate`, with each continuation's `hit_limit`."""
     config = config or GenerationConfig()
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -62,7 +86,7 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = stop_token_ids(tokenizer)
     device = next(model.parameters()).device
-    outputs: list[str] = [""] * len(prompts)
+    outputs: list[Generation] = [Generation("", False)] * len(prompts)
     if config.do_sample:
         torch.manual_seed(config.seed)
     bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress or len(prompts) < 2)
@@ -83,9 +107,14 @@ def generate(
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        new_tokens = out[:, width:]
         for row, i in enumerate(idx):
-            text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-            outputs[i] = cut_at_stop(text, config.stop)
+            text = tokenizer.decode(new_tokens[row], skip_special_tokens=True)
+            cut = cut_at_stop(text, config.stop)
+            ran_out = new_tokens.shape[1] >= config.max_new_tokens and not any(
+                t in eos for t in new_tokens[row].tolist()
+            )
+            outputs[i] = Generation(cut, ran_out and cut == text)
         bar.update(len(idx))
     bar.close()
     return outputs

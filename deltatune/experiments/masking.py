@@ -55,6 +55,13 @@ QUICK = {
 def add_arguments(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--sizes", default=None, help="training-set sizes, comma-separated (full 50,200,800)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (full: gsm8k 24, mmlu 32)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step (full 8)")
+    p.add_argument(
+        "--heldout", type=int, default=None, help="examples for the held-out and the training response loss (full 48)"
+    )
+    p.add_argument(
+        "--generate", type=int, default=None, help="held-out questions answered greedily (full: gsm8k 16, mmlu 48)"
+    )
     p.add_argument("--data-root", default=None, help="folder with gsm8k/ and mmlu/ (default: ../shared/data)")
 
 
@@ -170,6 +177,12 @@ def run(ctx, args: argparse.Namespace) -> None:
     from deltatune.models import load_tokenizer
 
     plan = dict(QUICK if ctx.quick else FULL)
+    if args.batch_size:
+        plan["batch_size"] = args.batch_size
+    if args.heldout:
+        plan["heldout"] = plan["train_loss_examples"] = args.heldout
+    if args.generate:
+        plan["generate"] = {ds: args.generate for ds in plan["generate"]}
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else plan["sizes"]
     if not sizes or min(sizes) < 1:
         from deltatune.errors import UserError

@@ -21,7 +21,7 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from tqdm.auto import tqdm
 
@@ -42,6 +42,9 @@ from deltatune.data.instructions.self_instruct_text import (
 )
 from deltatune.data.instructions.similarity import rouge_l, rouge_tokens
 from deltatune.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from deltatune.evaluate.generate import Generation
 from deltatune.evaluate.generate import cut_at_stop
 
 PROGRESS, CHECKPOINT, SETTINGS, REPORT, TASKS = (
@@ -58,11 +61,13 @@ CLASSIFY_MAX_TOKENS = 4  # "Yes" or "No" (the paper asks for 3 tokens)
 
 
 class GenerateFn(Protocol):
-    """Continuations of raw prompts; `max_new_tokens` (None: the generator's own limit) caps short answers."""
+    """Continuations of raw prompts; `max_new_tokens` (None: the generator's own limit) caps short answers.
+    A continuation is text, or a `Generation` that also says whether it ran to the token limit (cut short:
+    the paper drops such instances, and the last instruction of such a list)."""
 
     def __call__(
         self, prompts: list[str], *, stop: tuple[str, ...], seed: int, max_new_tokens: int | None = None
-    ) -> list[str]: ...
+    ) -> list[str | Generation]: ...
 
 
 @dataclass
@@ -251,10 +256,11 @@ def _round(
     # 2. the paper's heuristics, then diversity: ROUGE-L below the threshold against every task so far
     candidates: list[str] = []
     round_pool: list = []
-    for text in texts:
-        for ins in parse_instructions(text):
+    for text, hit_limit in texts:
+        listed = parse_instructions(text)
+        for n, ins in enumerate(listed, 1):
             ins = ins[:1].upper() + ins[1:]
-            reason = instruction_drop_reason(ins)
+            reason = "cut_at_limit" if hit_limit and n == len(listed) else instruction_drop_reason(ins)
             if reason is None:
                 tokens = rouge_tokens(ins)
                 best = max((rouge_l(tokens, t) for _, t in pool + round_pool), default=0.0)
@@ -276,7 +282,7 @@ def _round(
         _derived_seed(config.seed, r, "classify"),
         max_new_tokens=CLASSIFY_MAX_TOKENS,
     )
-    is_clf = [parse_is_classification(a) for a in answers]
+    is_clf = [parse_is_classification(a) for a, _ in answers]  # "Yes"/"No" then more: a limit hit is normal
     # 4. instances: input-first, or output-first for classification tasks
     prompts = []
     for c, clf in zip(candidates, is_clf):
@@ -284,7 +290,10 @@ def _round(
         prompts.append(instance_prompt(rng.sample(same_kind, min(config.instance_shots, len(same_kind))), c, clf))
     texts = _call(generate, prompts, INSTANCE_STOP, _derived_seed(config.seed, r, "instances"))
     kept = []
-    for c, clf, text in zip(candidates, is_clf, texts):
+    for c, clf, (text, hit_limit) in zip(candidates, is_clf, texts):
+        if hit_limit:
+            dropped.append({"instruction": c, "reason": "cut_at_limit"})
+            continue
         instances = clean_instances(parse_instances(text, clf))
         if not instances:
             dropped.append({"instruction": c, "reason": "no_valid_instance"})
@@ -295,27 +304,31 @@ def _round(
 
 def _call(
     generate: GenerateFn, prompts: list[str], stop: tuple[str, ...], seed: int, max_new_tokens: int | None = None
-) -> list[str]:
-    texts = generate(prompts, stop=stop, seed=seed, max_new_tokens=max_new_tokens)
-    if len(texts) != len(prompts):
-        raise RuntimeError(f"the generator returned {len(texts)} texts for {len(prompts)} prompts")
-    return [cut_at_stop(t, stop) for t in texts]
+) -> list[tuple[str, bool]]:
+    """(text cut at the first stop string, whether the generation ran to its token limit) per prompt."""
+    replies = generate(prompts, stop=stop, seed=seed, max_new_tokens=max_new_tokens)
+    if len(replies) != len(prompts):
+        raise RuntimeError(f"the generator returned {len(replies)} texts for {len(prompts)} prompts")
+    plain = [(r, False) if isinstance(r, str) else (r.text, r.hit_limit) for r in replies]
+    return [(cut_at_stop(text, stop), hit_limit) for text, hit_limit in plain]
 
 
 def model_generator(
     model, tokenizer, *, max_new_tokens: int = 128, temperature: float = 0.7, batch_size: int = 8
 ) -> GenerateFn:
     """A GenerateFn over `deltatune.evaluate.generate` (raw prompts, no chat template, as in the paper)."""
-    from deltatune.evaluate.generate import GenerationConfig, generate
+    from deltatune.evaluate.generate import GenerationConfig, generate_detailed
 
     default_max = max_new_tokens
 
-    def fn(prompts: list[str], *, stop: tuple[str, ...], seed: int, max_new_tokens: int | None = None) -> list[str]:
+    def fn(
+        prompts: list[str], *, stop: tuple[str, ...], seed: int, max_new_tokens: int | None = None
+    ) -> list[Generation]:
         limit = min(max_new_tokens, default_max) if max_new_tokens else default_max
         cfg = GenerationConfig(
             max_new_tokens=limit, do_sample=temperature > 0, temperature=temperature or 1.0, seed=seed, stop=stop
         )
-        return generate(model, tokenizer, prompts, cfg, batch_size=batch_size, progress=False)
+        return generate_detailed(model, tokenizer, prompts, cfg, batch_size=batch_size, progress=False)
 
     return fn
 

@@ -59,14 +59,20 @@ def machine_record(measure_peak: bool = True) -> dict:
         record["transformers"] = transformers.__version__
     except ImportError:
         pass
-    if measure_peak:
-        record["matmul_peak_gflops_bf16"] = round(matmul_peak_gflops("bf16"), 1)
+    if measure_peak:  # in the precision training picks here: an emulated bf16 peak would take many minutes
+        record["matmul_peak_precision"] = native_precision(record)
+        record["matmul_peak_gflops"] = round(matmul_peak_gflops(record["matmul_peak_precision"]), 1)
     return record
+
+
+def native_precision(record: dict | None = None) -> str:
+    """bf16 where the CPU multiplies it natively (AVX-512 bf16, AMX), else fp32 (as `precision: auto`)."""
+    return "bf16" if (record or cpu_info())["cpu_kind"] in ("amx", "avx512_bf16") else "fp32"
 
 
 def describe(record: dict) -> str:
     flags = ",".join(record.get("cpu_flags", [])) or "-"
-    peak = record.get("matmul_peak_gflops_bf16")
+    peak, precision = record.get("matmul_peak_gflops"), record.get("matmul_peak_precision")
     return f"{record.get('cpu_model')} [{flags}], {record.get('threads')} threads, torch {record.get('torch')}" + (
-        f", bf16 matmul peak {peak:.0f} GFLOP/s" if peak else ""
+        f", {precision} matmul peak {peak:.0f} GFLOP/s" if peak else ""
     )

@@ -1,7 +1,7 @@
 """Where a training step's time goes: torch's profiler over a few steps of the main benchmark's run.
 
 The deltatune contender of train_speed.py (SmolLM2-135M, GSM8K, chat template, response-only loss,
-LoRA r=8 on all linear layers, bf16, the CPU defaults) trains for `--warmup` steps unprofiled (the
+LoRA r=8 on all linear layers, precision auto, the CPU defaults) trains for `--warmup` steps unprofiled (the
 compiled norms' first-step work, oneDNN's kernel building), then `--steps` steps under the profiler.
 Prints the operators by self CPU time with their call counts, and the share of the matmuls, copies
 and casts, element-wise work and attention; writes the table as JSON. Every profile figure quoted in
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe, machine_record  # noqa: E402
-from train_speed import ALPHA, BATCH, MAX_LEN, RANK, gsm8k_records  # noqa: E402
+from train_speed import ALPHA, BATCH, MAX_LEN, RANK, benchmark_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GROUPS = {  # operator name prefixes -> a coarse part of the step
@@ -61,13 +61,14 @@ def main() -> None:
     parser.add_argument("--method", default="lora")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_step.json"))
     args = parser.parse_args()
 
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from deltatune.config import TrainConfig
-    from deltatune.train import progress as progress_module
+    from deltatune.models import load_tokenizer
     from deltatune.train.loop import train
 
     machine = machine_record()
@@ -77,14 +78,13 @@ def main() -> None:
         record_shapes=False,
         schedule=schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1),
     )
-    original_step = progress_module.Progress.step
 
-    def step_and_profile(self, *a, **k):  # one profiler step per optimizer step
-        original_step(self, *a, **k)
+    def profile_step(step: int, total: int, model) -> None:  # one profiler step per optimizer step
         prof.step()
 
-    progress_module.Progress.step = step_and_profile  # this script's own hook; the product is unchanged
+    records, _, _ = benchmark_data(load_tokenizer(args.model), (args.warmup + args.steps) * BATCH)
     cfg = TrainConfig(
+        model=args.model,
         template="chatml",
         policy="response",
         method=args.method,
@@ -92,6 +92,7 @@ def main() -> None:
         alpha=ALPHA,
         dropout=0.0,
         lr=2e-4,
+        schedule="constant",
         steps=args.warmup + args.steps,
         batch_size=BATCH,
         seq_len=MAX_LEN,
@@ -103,8 +104,7 @@ def main() -> None:
         log_every=1000,
     )
     with prof:
-        result = train(cfg, quiet=True, records=gsm8k_records())
-    progress_module.Progress.step = original_step
+        result = train(cfg, quiet=True, records=records, on_step=profile_step)
     events = prof.key_averages()
     total_us = sum(e.self_cpu_time_total for e in events)
     rows = sorted(

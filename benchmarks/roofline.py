@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, machine_record  # noqa: E402
+from machine import describe, machine_record, native_precision  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "roofline.json"
@@ -45,7 +45,7 @@ MAX_LEN, BATCH = 256, 4
 
 def benchmark_steps(steps: int, warmup: int) -> tuple[list[dict], object]:
     """The flat batches the deltatune contender trains on, step by step (same packing and seed)."""
-    from train_speed import gsm8k_records
+    from train_speed import benchmark_data
     from transformers import AutoConfig
 
     from deltatune.config import TrainConfig
@@ -59,7 +59,8 @@ def benchmark_steps(steps: int, warmup: int) -> tuple[list[dict], object]:
     model_dir = default_model_dir()
     tok = load_tokenizer(model_dir)
     cfg = TrainConfig(template="chatml", policy="response", seq_len=MAX_LEN, batch_size=BATCH, eval_fraction=0.0)
-    examples = list(prepare_records(gsm8k_records(), tok, template="chatml", max_len=MAX_LEN).examples)
+    records, _, _ = benchmark_data(tok, (warmup + steps) * BATCH)  # the examples train_speed.py trains on
+    examples = list(prepare_records(records, tok, template="chatml", max_len=MAX_LEN).examples)
     data, pos, policy = MicroBatches(examples, cfg), Position(), parse_policy("response")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = []
@@ -156,7 +157,7 @@ def main() -> None:
 
     machine = machine_record(measure_peak=False)
     if args.dtype == "auto":
-        args.dtype = "bf16" if machine["cpu_kind"] in ("amx", "avx512_bf16") else "fp32"
+        args.dtype = native_precision(machine)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     print(f"machine: {describe(machine)}; products in {args.dtype}")
     steps, c = benchmark_steps(args.steps, args.warmup)
@@ -178,16 +179,24 @@ def main() -> None:
         seconds, by_kind = roofline_once()
         rooflines.append(seconds)
         if args.measure:
+            from deltatune.models import default_model_dir
+
             proc = subprocess.run(
                 [
                     sys.executable,
                     str(REPO / "benchmarks" / "train_speed.py"),
                     "--child",
                     "deltatune",
-                    "--steps",
-                    str(args.steps),
-                    "--warmup",
-                    str(args.warmup),
+                    "--ctx",
+                    json.dumps(
+                        {
+                            "model": str(default_model_dir()),
+                            "precision": args.dtype,
+                            "steps": args.steps,
+                            "warmup": args.warmup,
+                            "examples": (args.steps + args.warmup) * BATCH,
+                        }
+                    ),
                 ],
                 capture_output=True,
                 text=True,
@@ -196,7 +205,7 @@ def main() -> None:
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"the deltatune contender failed:\n{proc.stderr[-3000:]}")
-            measured.append(json.loads(line[len("RESULT ") :])["tokens_per_s"])
+            measured.append(tokens / json.loads(line[len("RESULT ") :])["seconds"])
     roof_s = statistics.median(rooflines)
     flops = sum(2 * m * k * n * batch * count for (_, m, k, n, batch), count in total.items())
     roof_tps = tokens / roof_s

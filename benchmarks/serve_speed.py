@@ -9,7 +9,7 @@ Measured, all greedy with end-of-sequence ignored (every row makes exactly --new
 - latency of one request (batch 1): the base model, the adapter merged, the adapter unmerged;
 - tokens/s of deltatune's engine against transformers' `generate` on the base model, same batch.
 Targets (issue 11): 16 distinct adapters >= 0.7x the merged adapter's tokens/s; merged within 3% of the
-base latency. Repeats are interleaved and the best of each is kept (the machine may be shared).
+base latency. Repeats are interleaved; each case reports its median and spread (max - min, % of the median).
 Writes benchmarks/results/serve_speed.json and prints a table.
 """
 
@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -163,16 +164,25 @@ def main() -> int:
     print("warm-up", flush=True)
     for fn in cases.values():
         fn()
-    best = {k: float("inf") for k in cases}
+    times: dict[str, list[float]] = {k: [] for k in cases}
     for rep in range(args.repeats):
         print(f"repeat {rep + 1}/{args.repeats}", flush=True)
         for k, fn in cases.items():
-            best[k] = min(best[k], fn())
+            times[k].append(fn())
 
     rows = []
-    for k, sec in best.items():
-        tokens = n * (1 if k.startswith("latency") else b)
-        rows.append({"case": k, "seconds": round(sec, 4), "tokens": tokens, "tokens_per_s": round(tokens / sec, 1)})
+    for k, runs in times.items():
+        tokens, sec = n * (1 if k.startswith("latency") else b), statistics.median(runs)
+        rows.append(
+            {
+                "case": k,
+                "seconds": round(sec, 4),
+                "spread_pct": round(100 * (max(runs) - min(runs)) / sec, 1),
+                "all_seconds": [round(t, 4) for t in runs],
+                "tokens": tokens,
+                "tokens_per_s": round(tokens / sec, 1),
+            }
+        )
     tps = {r["case"]: r["tokens_per_s"] for r in rows}
     sec = {r["case"]: r["seconds"] for r in rows}
     checks = {
@@ -202,9 +212,11 @@ def main() -> int:
         f"\nmodel {model_name}, batch {b}, {n} new tokens, LoRA rank {args.rank}; {m['cpu']} "
         f"[{' '.join(m['flags'])}], {m['threads']} threads, torch {m['torch']}\n"
     )
-    print("| case | seconds | tokens | tokens/s |\n|---|---:|---:|---:|")
+    print("| case | seconds (median) | spread | tokens | tokens/s |\n|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['case']} | {r['seconds']:.3f} | {r['tokens']} | {r['tokens_per_s']:.1f} |")
+        print(
+            f"| {r['case']} | {r['seconds']:.3f} | {r['spread_pct']:.0f}% | {r['tokens']} | {r['tokens_per_s']:.1f} |"
+        )
     print("\n| ratio | value |\n|---|---:|")
     for k, v in checks.items():
         print(f"| {k} | {v:.3f} |")

@@ -1,360 +1,483 @@
-"""Training speed and memory, side by side in one run: deltatune vs TRL+PEFT vs a lean PEFT loop.
+"""Training speed and memory, side by side and fair: deltatune vs TRL's SFTTrainer vs a lean PEFT loop.
 
-Same model (SmolLM2-135M-Instruct), data (GSM8K train, first 512 examples, chat template,
-response-only loss), maximum length 256, effective batch, precision (bf16) and LoRA r=8 on all
-linear layers with dropout 0. Each contender runs in its own process so that its peak RSS is its
-own. Reported: real (non-padding) tokens/s over the timed steps, peak RSS, ratios, and model FLOPs
-utilisation against a bf16 matmul peak measured in this run.
+Every contender trains the same examples in the same order, with the same hyper-parameters:
+- data: GSM8K train under the chat template, response-only loss, examples of 129-256 tokens (so
+  that deltatune's best-fit packing puts exactly one example in each 256-token row), 4 a step, in
+  the order deltatune's loader draws them (`random.Random(seed).shuffle`), handed to the others
+  already tokenized (TRL gets `input_ids` and `completion_mask`, and a sequential sampler);
+- LoRA r=8, alpha 16, dropout 0 on all linear layers (or full finetuning), AdamW, constant lr, no
+  weight decay, gradient clipping at 1.0;
+- precision: `auto` picks bf16 where the CPU multiplies bf16 natively (AVX-512 bf16, AMX) and fp32
+  elsewhere (AVX2-only CPUs emulate bf16 matmuls at a fraction of a GFLOP/s), for every contender.
+Contenders: deltatune (packed rows, attention span by span), deltatune with `attention: mask`, the
+lean PEFT loop (padded batch, SDPA, with deltatune's response-only LM head), TRL with its defaults
+(activation checkpointing on), TRL with `gradient_checkpointing=False` (its fastest setting here),
+TRL padding-free, and full finetuning by deltatune and by the lean loop.
 
-    python benchmarks/train_speed.py [--steps 12] [--warmup 2] [--only deltatune,peft-loop,trl,deltatune-full]
+The loss is checked, not assumed: each contender's per-step losses are compared with deltatune's
+(step 1, where every LoRA starts from the base model, and the mean of the last 3 steps, where
+LoRA's random A matrices differ between libraries). Each contender runs `--repeats` times,
+interleaved (1, 2, ..., 1, 2, ...), each in its own process so that its peak RSS is its own; the
+table gives the median and the spread (max - min, % of the median). The JSON records the machine
+(CPU model and flags, matmul peak in the precision used) and the fast paths deltatune took.
+
+    python benchmarks/train_speed.py [--steps 12] [--warmup 2] [--repeats 3] [--precision auto]
+                                     [--only main|methods|all|NAME,...] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe, machine_record, matmul_peak_gflops  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 RESULTS_DIR = REPO / "benchmarks" / "results"
-N_EXAMPLES, MAX_LEN, BATCH, RANK, ALPHA = 512, 256, 4, 8, 16
+POOL, MAX_LEN, BATCH, RANK, ALPHA, SEED = 2048, 256, 4, 8, 16, 0
+LR = {"lora": 2e-4, "full": 2e-5}
+# the loss check: step 1 (the same weights on the same batch: only numerics differ, more in bf16) and the
+# mean of the last 3 steps (LoRA's random A matrices differ between libraries)
+TOL_FIRST, TOL_LAST = {"fp32": 0.001, "bf16": 0.01}, 0.05
 
 
-def gsm8k_records() -> list[dict]:
-    rows = [json.loads(l) for l in GSM8K.read_text().splitlines()[:N_EXAMPLES]]
-    return [{"instruction": r["question"], "output": r["answer"]} for r in rows]
+# --------------------------------------------------------------------------------------------
+# the shared data: the same examples, in deltatune's order, for every contender
+# --------------------------------------------------------------------------------------------
+def benchmark_data(tokenizer, n_examples: int) -> tuple[list[dict], list, list[list[int]]]:
+    """(records, tokenized examples with response weights, batches of example indices in training order)."""
+    from deltatune.data.masking import LossPolicy, policy_weights
+    from deltatune.data.pipeline import prepare_records
+
+    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:POOL]]
+    records = [{"instruction": r["question"], "output": r["answer"]} for r in rows]
+    prepared = prepare_records(records, tokenizer, template="chatml", max_len=MAX_LEN).examples
+    # whole examples (none cut to MAX_LEN) of more than half a row; `source` is "<records>:LINE" (1-based), since
+    # preparation may drop records (a response cut away entirely) and indices would no longer line up
+    keep = [ex for ex in prepared if MAX_LEN // 2 < len(ex) and not ex.truncated][:n_examples]
+    if len(keep) < n_examples:
+        raise SystemExit(f"only {len(keep)} whole GSM8K examples of {MAX_LEN // 2 + 1}-{MAX_LEN} tokens; fewer steps")
+    records, examples = [records[int(ex.source.rsplit(":", 1)[1]) - 1] for ex in keep], keep
+    for ex in examples:
+        ex.weights = policy_weights(ex, LossPolicy("response"))
+    order = list(range(n_examples))
+    random.Random(SEED).shuffle(order)  # deltatune's first epoch: pack_examples(shuffle_seed=seed + 0)
+    return records, examples, [order[i : i + BATCH] for i in range(0, n_examples, BATCH)]
+
+
+def check_same_order(tokenizer, records: list[dict], examples: list, batches: list[list[int]]) -> None:
+    """deltatune's loader, given `records`, must yield exactly `batches` (one example a row): checked, not assumed."""
+    from deltatune.config import TrainConfig
+    from deltatune.data.pipeline import prepare_records
+    from deltatune.train.checkpoint import Position
+    from deltatune.train.loop import MicroBatches
+
+    cfg = TrainConfig(seq_len=MAX_LEN, batch_size=BATCH, seed=SEED, eval_fraction=0.0)
+    loader = MicroBatches(list(prepare_records(records, tokenizer, template="chatml", max_len=MAX_LEN).examples), cfg)
+    pos = Position()
+    got = [[ex.input_ids for ex in row] for _ in batches for row in loader.take(pos, 1)[0]]
+    want = [[examples[i].input_ids] for batch in batches for i in batch]
+    if got != want:
+        raise SystemExit("deltatune's loader would train other examples, or in another order, than the others")
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak_gflops(dtype_name: str = "bf16", n: int = 2048, reps: int = 10) -> float:
+def torch_dtype(precision: str):
     import torch
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def resolve_precision(choice: str) -> str:
+    from deltatune.train.loop import _cpu_has_bf16
+
+    return choice if choice != "auto" else ("bf16" if _cpu_has_bf16() else "fp32")
 
 
 # --------------------------------------------------------------------------------------------
 # contenders (each runs in a child process: `python train_speed.py --child NAME`)
 # --------------------------------------------------------------------------------------------
-def run_deltatune(
-    steps: int,
-    warmup: int,
-    method: str = "lora",
-    options: dict | None = None,
-    batch_size: int = BATCH,
-    pack_len: int | None = None,
-    attention: str = "auto",
-) -> dict:
-    import tempfile
+def run_deltatune(ctx: dict, method: str = "lora", attention: str = "auto") -> dict:
+    import torch
 
     from deltatune.config import TrainConfig
-    from deltatune.train.loop import train
+    from deltatune.models import load_tokenizer
+    from deltatune.train import fused_norms
+    from deltatune.train.loop import train, use_packed_attention
 
-    records = gsm8k_records()
+    records, _, _ = benchmark_data(load_tokenizer(ctx["model"]), ctx["examples"])
     out = tempfile.mkdtemp(prefix="bench-dt-")
-    lr = 2e-4 if method == "lora" else 2e-5
     cfg = TrainConfig(
+        model=ctx["model"],
         template="chatml",
         policy="response",
         method=method,
         rank=RANK,
         alpha=ALPHA,
         dropout=0.0,
-        lr=lr,
-        steps=warmup + steps,
-        batch_size=batch_size,
+        lr=LR["full" if method == "full" else "lora"],
+        schedule="constant",
+        warmup_steps=0,
+        steps=ctx["warmup"] + ctx["steps"],
+        batch_size=BATCH,
         seq_len=MAX_LEN,
-        pack_len=pack_len,
         attention=attention,
-        precision="bf16",
+        precision=ctx["precision"],
         output=out,
         eval_fraction=0.0,
-        warmup_steps=0,
         log_every=1000,
-        method_options=options or {},
+        seed=SEED,
     )
-    result = train(cfg, quiet=True, records=records)
-    timed = [h for h in result.history if h["step"] > warmup]
-    # per-step elapsed/tokens come from metrics.jsonl
-    metrics = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    t0 = next(m["elapsed_s"] for m in metrics if m["step"] == warmup)
-    t1 = metrics[-1]["elapsed_s"]
-    tokens = sum(m["tokens"] for m in metrics if m["step"] > warmup)
-    trainable = json.loads((Path(out) / "parameters.json").read_text())["trainable"]
-    return {"tokens_per_s": tokens / (t1 - t0), "steps": len(timed), "tokens": tokens, "trainable": trainable}
+    paths: dict = {}
+
+    def note_fast_paths(step: int, total: int, model) -> None:
+        if step == 1:  # the hook sees the training model (its norms swapped in, if fused)
+            paths["packed_attention"] = use_packed_attention(cfg, model, torch.device("cpu"))
+            paths["fused_norms"] = any(isinstance(m, fused_norms.FusedRMSNorm) for m in model.modules())
+
+    train(cfg, quiet=True, records=records, on_step=note_fast_paths)
+    metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    t0 = next(m["elapsed_s"] for m in metrics if m["step"] == ctx["warmup"])
+    timed = [m for m in metrics if m["step"] > ctx["warmup"]]
+    return {
+        "seconds": timed[-1]["elapsed_s"] - t0,
+        "losses": [m["loss"] for m in metrics],
+        "trainable": json.loads((Path(out) / "parameters.json").read_text())["trainable"],
+        "fast_paths": paths,
+    }
 
 
-def _chat_rows(tokenizer) -> list[tuple[list[int], int]]:
-    """(token ids, prompt length) per example, with the tokenizer's chat template, cut to MAX_LEN."""
-    rows = []
-    for r in gsm8k_records():
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": r["instruction"]}], tokenize=False, add_generation_prompt=True
-        )
-        full = prompt + r["output"] + "<|im_end|>\n"
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:MAX_LEN]
-        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        rows.append((ids, n_prompt))
-    return rows
-
-
-def peft_config(method: str):
-    import peft
-
-    if method == "lora":
-        return peft.LoraConfig(
-            r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-        )
-    if method == "dora":
-        return peft.LoraConfig(
-            r=RANK,
-            lora_alpha=ALPHA,
-            lora_dropout=0.0,
-            target_modules="all-linear",
-            use_dora=True,
-            task_type="CAUSAL_LM",
-        )
-    if method == "ia3":
-        return peft.IA3Config(
-            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM"
-        )
-    if method == "prompt":
-        return peft.PromptTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")
-    if method == "prefix":
-        return peft.PrefixTuningConfig(num_virtual_tokens=20, task_type="CAUSAL_LM")
-    raise ValueError(method)
-
-
-def run_peft_loop(steps: int, warmup: int, method: str = "lora") -> dict:
+def run_lean_loop(ctx: dict, method: str = "lora") -> dict:
+    """PEFT (or plain full finetuning) in a plain loop: padded batch, SDPA, the LM head on loss positions only."""
     import torch
-    from peft import get_peft_model
+    import torch.nn.functional as F
 
     from deltatune.models import load_model
 
-    model, tok = load_model(None, dtype=torch.bfloat16)
-    model = get_peft_model(model, peft_config(method), autocast_adapter_dtype=False)  # bf16 adapters: fastest here
+    dtype = torch_dtype(ctx["precision"])
+    model, tok = load_model(ctx["model"], dtype=dtype if method != "full" else torch.float32)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear")
+        model = get_peft_model(model, config, autocast_adapter_dtype=False)
+        for p in model.parameters():  # fp32 master weights for what trains, as deltatune keeps them
+            if p.requires_grad:
+                p.data = p.data.float()
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, foreach=True)
-    rows = _chat_rows(tok)
-    tokens, t0 = 0, None
-    for step in range(warmup + steps):
-        if step == warmup:
+    decoder, head = model.get_base_model().model if method == "lora" else model.model, model.get_output_embeddings()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR[method], weight_decay=0.0, foreach=True)
+    _, examples, batches = benchmark_data(tok, ctx["examples"])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=ctx["precision"] == "bf16")
+    losses, t0 = [], None
+    for step, batch in enumerate(batches[: ctx["warmup"] + ctx["steps"]]):
+        if step == ctx["warmup"]:
             t0 = time.perf_counter()
-        batch = rows[step * BATCH : (step + 1) * BATCH]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((BATCH, width), tok.pad_token_id)
-        att = torch.zeros((BATCH, width), dtype=torch.long)
-        labels = torch.full((BATCH, width), -100)
-        for i, (x, n_prompt) in enumerate(batch):
-            ids[i, : len(x)] = torch.tensor(x)
-            att[i, : len(x)] = 1
-            labels[i, n_prompt : len(x)] = torch.tensor(x[n_prompt:])
-        loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        rows = [examples[i] for i in batch]
+        width = max(len(ex) for ex in rows)
+        ids = torch.full((len(rows), width), pad)
+        att = torch.zeros((len(rows), width), dtype=torch.long)
+        target = torch.zeros((len(rows), width), dtype=torch.bool)
+        for r, ex in enumerate(rows):
+            ids[r, : len(ex)] = torch.tensor(ex.input_ids)
+            att[r, : len(ex)] = 1
+            target[r, : len(ex)] = torch.tensor([w > 0 for w in ex.weights])
+        with autocast:
+            hidden = decoder(input_ids=ids, attention_mask=att).last_hidden_state
+            where = target[:, 1:]  # hidden state t predicts token t + 1
+            logits = head(hidden[:, :-1][where])
+        loss = F.cross_entropy(logits.float(), ids[:, 1:][where])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step >= warmup:
-            tokens += int(att.sum())
-    return {"tokens_per_s": tokens / (time.perf_counter() - t0), "steps": steps, "tokens": tokens}
+        losses.append(loss.item())
+    return {"seconds": time.perf_counter() - t0, "losses": losses, "trainable": sum(p.numel() for p in params)}
 
 
-def run_trl(steps: int, warmup: int) -> dict:
-    import tempfile
-
-    import torch
+def run_trl(ctx: dict, gradient_checkpointing: bool | None = None, padding_free: bool = False) -> dict:
+    """TRL's SFTTrainer with PEFT LoRA; `gradient_checkpointing=None` keeps TRL's default (on)."""
     from datasets import Dataset
     from peft import LoraConfig
+    from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from deltatune.models import load_model
 
-    model, tok = load_model(None, dtype=torch.bfloat16)
+    model, tok = load_model(ctx["model"], dtype=torch_dtype(ctx["precision"]))
+    _, examples, batches = benchmark_data(tok, ctx["examples"])
+    in_order = [examples[i] for batch in batches for i in batch]
     data = Dataset.from_list(
-        [
-            {
-                "prompt": [{"role": "user", "content": r["instruction"]}],
-                "completion": [{"role": "assistant", "content": r["output"]}],
-            }
-            for r in gsm8k_records()
-        ]
+        [{"input_ids": ex.input_ids, "completion_mask": [int(w > 0) for w in ex.weights]} for ex in in_order]
     )
 
+    class InOrder(SFTTrainer):  # the examples in deltatune's order, not the trainer's shuffle
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
     class Clock(TrainerCallback):
-        def __init__(self):
-            self.t0, self.tokens, self.step = None, 0, 0
+        t0 = end = None
+        losses: list = []
 
         def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == warmup:
+            if state.global_step == ctx["warmup"]:
                 self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             self.end = time.perf_counter()
 
-    clock = Clock()
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    options = {} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}
     args = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
-        max_steps=warmup + steps,
+        max_steps=ctx["warmup"] + ctx["steps"],
         per_device_train_batch_size=BATCH,
-        max_length=MAX_LEN,
-        bf16=True,
-        learning_rate=2e-4,
-        logging_steps=1000,
+        max_length=None if padding_free else MAX_LEN,  # padding-free wants no limit; the inputs fit already
+        bf16=ctx["precision"] == "bf16",
+        learning_rate=LR["lora"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
         save_strategy="no",
         report_to=[],
         packing=False,
+        padding_free=padding_free,
         completion_only_loss=True,
         dataloader_num_workers=0,
         use_cpu=True,
+        seed=SEED,
+        **options,
     )
-    trainer = SFTTrainer(
+    clock = Clock()
+    trainer = InOrder(
         model=model,
         args=args,
         train_dataset=data,
         processing_class=tok,
-        peft_config=LoraConfig(
-            r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
-        ),
+        peft_config=LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear"),
         callbacks=[clock],
     )
-    # real tokens of the timed steps: the trainer's (unshuffled-by-us) batches are random; use the mean
-    # real length per example times examples seen, measured on the tokenized dataset.
-    lengths = (
-        [sum(x) for x in trainer.train_dataset["attention_mask"]]
-        if "attention_mask" in trainer.train_dataset.column_names
-        else [len(x) for x in trainer.train_dataset["input_ids"]]
-    )
     trainer.train()
-    mean_len = sum(min(n, MAX_LEN) for n in lengths) / len(lengths)
-    tokens = mean_len * BATCH * steps
-    return {"tokens_per_s": tokens / (clock.end - clock.t0), "steps": steps, "tokens": round(tokens)}
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {
+        "seconds": clock.end - clock.t0,
+        "losses": clock.losses,
+        "trainable": trainable,
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+    }
 
 
 CONTENDERS = {
-    # defaults: 4 rows of up to 256 tokens per step, laid end to end without padding, attention example
-    # by example (attention: auto -> packed on CPU)
-    "deltatune": lambda s, w: run_deltatune(s, w, "lora"),
-    # the same rows padded to 256 tokens each, SDPA with a block-diagonal mask (attention: mask)
-    "deltatune-mask": lambda s, w: run_deltatune(s, w, "lora", attention="mask"),
-    "peft-loop": run_peft_loop,
-    "trl": run_trl,
-    "deltatune-full": lambda s, w: run_deltatune(s, w, "full"),
+    # 4 rows of one example each, end to end without padding, attention span by span (auto on CPU)
+    "deltatune": lambda c: run_deltatune(c, "lora"),
+    # the same rows padded to 256 tokens each, SDPA with a block-diagonal mask
+    "deltatune-mask": lambda c: run_deltatune(c, "lora", attention="mask"),
+    "peft-loop": lambda c: run_lean_loop(c, "lora"),
+    "trl": lambda c: run_trl(c),  # TRL's defaults: activation checkpointing on
+    "trl-nogc": lambda c: run_trl(c, gradient_checkpointing=False),
+    "trl-padfree": lambda c: run_trl(c, gradient_checkpointing=False, padding_free=True),
+    "deltatune-full": lambda c: run_deltatune(c, "full"),
+    "peft-loop-full": lambda c: run_lean_loop(c, "full"),
 }
-# every method (`--only methods`): deltatune's, and PEFT's lean loop where PEFT has the method
-METHOD_OPTIONS = {"prompt": {"num_virtual_tokens": 20}, "prefix": {"num_virtual_tokens": 20}}
-for _m in ["dora", "mora", "ia3", "qlora", "bitfit", "adapter", "prompt", "prefix", "lora+bitfit"]:
-    CONTENDERS[f"deltatune-{_m}"] = (lambda m: lambda s, w: run_deltatune(s, w, m, METHOD_OPTIONS.get(m)))(_m)
-for _m in ["dora", "ia3", "prompt", "prefix"]:
-    CONTENDERS[f"peft-loop-{_m}"] = (lambda m: lambda s, w: run_peft_loop(s, w, m))(_m)
+METHODS = ["dora", "mora", "ia3", "qlora", "bitfit", "adapter", "lora+bitfit"]
+for _m in METHODS:
+    CONTENDERS[f"deltatune-{_m}"] = (lambda m: lambda c: run_deltatune(c, m))(_m)
 GROUPS = {
-    "main": "deltatune,deltatune-mask,peft-loop,trl,deltatune-full",
-    "methods": ",".join(
-        ["deltatune"]
-        + [
-            n
-            for n in CONTENDERS
-            if n.startswith(("deltatune-", "peft-loop-")) and n not in ("deltatune-full", "deltatune-mask")
-        ]
-    ),
+    "main": "deltatune,deltatune-mask,peft-loop,trl,trl-nogc,trl-padfree,deltatune-full,peft-loop-full",
+    "methods": ",".join(["deltatune"] + [f"deltatune-{m}" for m in METHODS]),
 }
+REFERENCE = {"peft-loop-full": "deltatune-full"}  # whose losses each contender is checked against
 
 
-def child(name: str, steps: int, warmup: int) -> None:
-    result = CONTENDERS[name](steps, warmup)
+def child(name: str, ctx: dict) -> None:
+    import torch
+
+    torch.manual_seed(SEED)
+    result = CONTENDERS[name](ctx)
     result["peak_rss_mib"] = peak_rss_mib()
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--only", default="main", help="contenders, or a group: main, methods, all")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(args.child, args.steps, args.warmup)
-    import torch
+# --------------------------------------------------------------------------------------------
+# the parent: interleaved repeats, the loss check, the table
+# --------------------------------------------------------------------------------------------
+def loss_check(losses: list[float], ref: list[float], tol_first: float) -> dict:
+    if not losses or not ref or len(losses) != len(ref):
+        return {"ok": False, "why": f"{len(losses)} losses against {len(ref)}"}
+    first = abs(losses[0] - ref[0]) / abs(ref[0])
+    last = abs(statistics.mean(losses[-3:]) - statistics.mean(ref[-3:])) / abs(statistics.mean(ref[-3:]))
+    return {"first_step_rel": first, "last3_rel": last, "ok": first <= tol_first and last <= TOL_LAST}
 
-    from deltatune.models import default_model_dir
 
-    default_model_dir()  # convert once, outside the timed children
-    peak = matmul_peak_gflops("bf16")
-    results = {}
-    names = ",".join(CONTENDERS) if args.only == "all" else GROUPS.get(args.only, args.only)
-    for name in names.split(","):
-        print(f"running {name} ...", flush=True)
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup", str(args.warmup)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        )
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            print(f"  {name} failed:\n{proc.stderr[-3000:]}")
-            continue
-        results[name] = json.loads(line[len("RESULT ") :])
-    # model FLOPs per real token: LoRA ~ 4N (forward + input gradients; frozen weights get no weight
-    # gradient), full finetuning ~ 6N; N = non-embedding parameters + the LM head matmul (tied).
+def summarise(runs: list[dict]) -> dict:
+    rates = [r["tokens_per_s"] for r in runs]
+    med = statistics.median(rates)
+    return {
+        "tokens_per_s": med,
+        "spread_pct": 100 * (max(rates) - min(rates)) / med,
+        "all_tokens_per_s": rates,
+        "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
+        "losses": runs[0]["losses"],
+        **{k: v for k, v in runs[0].items() if k in ("trainable", "fast_paths", "gradient_checkpointing")},
+    }
+
+
+def matmul_parameters(model: str) -> float:
+    """N = non-embedding matmul parameters + the LM head's (tied): ~2N FLOPs per token forward."""
     from transformers import AutoConfig
 
-    c = AutoConfig.from_pretrained(default_model_dir())
-    per_layer = (
-        4 * c.hidden_size * c.hidden_size * (1 + c.num_key_value_heads / c.num_attention_heads) / 2
-        + 3 * c.hidden_size * c.intermediate_size
-    )
-    n = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size
-    base = results.get("trl", {}).get("tokens_per_s")
-    lean = results.get("peft-loop", {}).get("tokens_per_s")
-    lora = results.get("deltatune", {}).get("tokens_per_s")
-    print(f"\nbf16 matmul peak measured now: {peak:.0f} GFLOP/s; N = {n / 1e6:.1f}M matmul parameters")
+    c = AutoConfig.from_pretrained(model)
+    kv = c.num_key_value_heads / c.num_attention_heads
+    per_layer = 2 * c.hidden_size * c.hidden_size * (1 + kv) + 3 * c.hidden_size * c.intermediate_size
+    return c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12, help="timed steps (default 12)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each contender, interleaved (default 3)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--only", default="main", help="contenders, or a group: main, methods, all")
+    parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--quick", action="store_true", help="a tiny random model, 3 steps, 1 repeat: checks the code")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ctx", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, json.loads(args.ctx))
+    from deltatune.models import default_model_dir
+
+    if args.quick:
+        from deltatune.experiments.common import quick_model
+
+        args.model = quick_model(Path(tempfile.mkdtemp(prefix="bench-quick-")) / "model")
+        args.steps, args.warmup, args.repeats = 3, 1, 1
+    model = args.model or str(default_model_dir())  # convert once, outside the timed children
+    precision = resolve_precision(args.precision)
+    ctx = {
+        "model": model,
+        "precision": precision,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "examples": (args.steps + args.warmup) * BATCH,
+    }
+    from deltatune.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    records, examples, batches = benchmark_data(tokenizer, ctx["examples"])
+    check_same_order(tokenizer, records, examples, batches)
+    tokens = sum(len(examples[i]) for batch in batches[args.warmup :] for i in batch)  # the timed steps'
+    names = ",".join(CONTENDERS) if args.only == "all" else GROUPS.get(args.only, args.only)
+    names = names.split(",")
+    machine = machine_record(measure_peak=False)
+    machine["matmul_peak_gflops"] = peak = matmul_peak_gflops(precision)
+    print(f"machine: {describe(machine)}; {precision} matmul peak {peak:.0f} GFLOP/s")
+    print(f"{len(names)} contenders x {args.repeats} repeats, {args.steps} timed steps ({tokens} tokens) each")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    failed: dict[str, str] = {}
+    for rep in range(args.repeats):
+        for name in names:
+            if name in failed:
+                continue
+            t = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", name, "--ctx", json.dumps(ctx)],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+            )
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                failed[name] = (
+                    proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+                )
+                print(f"  [{rep + 1}/{args.repeats}] {name} failed: {failed[name]}", flush=True)
+                continue
+            r = json.loads(line[len("RESULT ") :])
+            r["tokens_per_s"] = tokens / r["seconds"]
+            runs[name].append(r)
+            print(
+                f"  [{rep + 1}/{args.repeats}] {name}: {r['tokens_per_s']:.0f} tokens/s "
+                f"({time.perf_counter() - t:.0f} s with start-up)",
+                flush=True,
+            )
+    results = {n: summarise(rs) for n, rs in runs.items() if rs}
+    n = matmul_parameters(model)
+    by = lambda key: results.get(key, {}).get("tokens_per_s")  # noqa: E731
+    for name, r in results.items():
+        ref = REFERENCE.get(name, "deltatune-full" if name == "deltatune-full" else "deltatune")
+        r["loss_check"] = (
+            loss_check(r["losses"], results[ref]["losses"], TOL_FIRST[precision]) if ref in results else None
+        )
+        full = name.endswith("full")
+        r["mfu"] = (6 if full else 4) * n * r["tokens_per_s"] / (peak * 1e9)  # adapters' own FLOPs ignored
+        r["x_trl"] = r["tokens_per_s"] / by("trl") if by("trl") else None
+        r["x_trl_nogc"] = r["tokens_per_s"] / by("trl-nogc") if by("trl-nogc") else None
+        lean = by("peft-loop-full" if full else "peft-loop")
+        r["x_lean"] = r["tokens_per_s"] / lean if lean else None
+    fx = lambda v: f"{v:7.2f}" if v else f"{'-':>7s}"  # noqa: E731
+    print(f"\n{describe(machine)}; precision {precision}; {args.steps} timed steps x {args.repeats} repeats")
     print(
-        f"{'contender':22s}{'tokens/s':>10s}{'peak RSS MiB':>14s}{'x TRL':>8s}{'x lean':>8s}{'x LoRA':>8s}{'MFU':>7s}"
+        f"{'contender':16s}{'tokens/s':>9s}{'spread':>8s}{'RSS MiB':>9s}{'x TRL':>7s}{'x nogc':>7s}"
+        f"{'x lean':>7s}{'MFU':>7s}  loss check (step 1, last 3)"
     )
     for name, r in results.items():
-        flops = (6 if name.endswith("full") else 4) * n * r["tokens_per_s"]  # adapters' own FLOPs ignored
-        r["mfu"] = flops / (peak * 1e9)
-        r["x_trl"] = r["tokens_per_s"] / base if base else None
-        r["x_peft_loop"] = r["tokens_per_s"] / lean if lean else None
-        r["x_deltatune_lora"] = r["tokens_per_s"] / lora if lora else None
-        fx = lambda v: f"{v:8.2f}" if v else f"{'-':>8s}"
+        c = r["loss_check"]
+        check = (
+            "-"
+            if not c
+            else c.get("why") or (f"{'ok' if c['ok'] else 'DIFFERS'} ({c['first_step_rel']:.1%}, {c['last3_rel']:.1%})")
+        )
         print(
-            f"{name:22s}{r['tokens_per_s']:10.0f}{r['peak_rss_mib']:14.0f}{fx(r['x_trl'])}{fx(r['x_peft_loop'])}"
-            f"{fx(r['x_deltatune_lora'])}"
-            f"{100 * r['mfu']:6.1f}%"
+            f"{name:16s}{r['tokens_per_s']:9.0f}{r['spread_pct']:7.0f}%{r['peak_rss_mib']:9.0f}{fx(r['x_trl'])}"
+            f"{fx(r['x_trl_nogc'])}{fx(r['x_lean'])}{100 * r['mfu']:6.1f}%  {check}"
         )
-    RESULTS = RESULTS_DIR / f"train_speed_{args.only if args.only in GROUPS or args.only == 'all' else 'custom'}.json"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "matmul_peak_gflops_bf16": peak,
-                "matmul_params": n,
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-                "steps": args.steps,
-                "results": results,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {RESULTS}")
+    for name, why in failed.items():
+        print(f"{name:16s} did not run: {why}")
+    paths = results.get("deltatune", {}).get("fast_paths")
+    if paths:
+        print(f"deltatune's fast paths: {', '.join(k for k, v in paths.items() if v) or 'none'}")
+    tag = args.only if args.only in GROUPS or args.only == "all" else "custom"
+    out = RESULTS_DIR / f"train_speed_{tag}{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "machine": machine,
+        "precision": precision,
+        "matmul_params": n,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "timed_tokens": tokens,
+        "tolerance": {"first_step_rel": TOL_FIRST[precision], "last3_rel": TOL_LAST},
+        "results": results,
+        "failed": failed,
+    }
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -85,3 +85,4 @@ def test_helpers():
     with pytest.raises(UserError):
         seed_list(0)
     assert markdown_table(["a", "b"], [[1, 0.5], ["x", None]]) == "| a | b |\n|---|---|\n| 1 | 0.500 |\n| x | - |"
+    assert markdown_table(["lr"], [[1e-4], [2e-3], [0.0]]) == "| lr |\n|---|\n| 0.0001 |\n| 0.002 |\n| 0.000 |"

@@ -125,6 +125,8 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
+            if 0 < abs(v) < 0.01:  # learning rates and the like: 1e-4, not 0.000
+                return f"{v:.3g}"
             return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
         return str(v)
 

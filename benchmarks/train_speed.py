@@ -232,8 +232,9 @@ def run_trl(ctx: dict, gradient_checkpointing: bool | None = None, padding_free:
             return SequentialSampler(self.train_dataset)
 
     class Clock(TrainerCallback):
-        t0 = end = None
-        losses: list = []
+        def __init__(self) -> None:
+            self.t0 = self.end = None
+            self.losses: list[float] = []
 
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == ctx["warmup"]:

@@ -393,8 +393,9 @@ def main() -> None:
     names = ",".join(CONTENDERS) if args.only == "all" else GROUPS.get(args.only, args.only)
     names = names.split(",")
     machine = machine_record(measure_peak=False)
-    machine["matmul_peak_gflops"] = peak = matmul_peak_gflops(precision)
-    print(f"machine: {describe(machine)}; {precision} matmul peak {peak:.0f} GFLOP/s")
+    machine["matmul_peak_precision"], machine["matmul_peak_gflops"] = precision, matmul_peak_gflops(precision)
+    peak = machine["matmul_peak_gflops"]
+    print(f"machine: {describe(machine)}")
     print(f"{len(names)} contenders x {args.repeats} repeats, {args.steps} timed steps ({tokens} tokens) each")
     runs: dict[str, list[dict]] = {n: [] for n in names}
     failed: dict[str, str] = {}

@@ -195,6 +195,7 @@ def main() -> int:
         ),
     }
     result = {
+        "command": "python benchmarks/serve_speed.py " + " ".join(sys.argv[1:]),
         "model": model_name,
         "batch": b,
         "new_tokens": n,

@@ -465,6 +465,7 @@ def main() -> None:
     out = RESULTS_DIR / f"train_speed_{tag}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
+        "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
         "machine": machine,
         "precision": precision,
         "matmul_params": n,

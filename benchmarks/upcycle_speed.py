@@ -197,6 +197,7 @@ def main() -> int:
         summary.append(row)
     info = cpu_info()
     result = {
+        "command": "python benchmarks/upcycle_speed.py " + " ".join(sys.argv[1:]),
         "machine": info,
         "settings": vars(args) | {"experts": 8, "k": 2, "layers": "every-other"},
         "summary": summary,

@@ -21,7 +21,7 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from tqdm.auto import tqdm
 
@@ -42,10 +42,7 @@ from deltatune.data.instructions.self_instruct_text import (
 )
 from deltatune.data.instructions.similarity import rouge_l, rouge_tokens
 from deltatune.errors import ConfigError, UserError
-
-if TYPE_CHECKING:
-    from deltatune.evaluate.generate import Generation
-from deltatune.evaluate.generate import cut_at_stop
+from deltatune.evaluate.generate import Generation, cut_at_stop
 
 PROGRESS, CHECKPOINT, SETTINGS, REPORT, TASKS = (
     "progress.jsonl",

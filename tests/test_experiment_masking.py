@@ -85,8 +85,11 @@ def test_stats_advice_quotes_the_recorded_result_or_says_none():
     }
     line = masking_advice(20.0, 40, recorded)  # nearest ratio: mmlu; nearest size: 50
     assert "mmlu (ratio 12.00), 50 training examples" in line and "-0.100" in line and "+5.0 points" in line
+    assert "loss on instructions did better there" in line  # -0.100, beyond the 0.02 spread
     assert "800 training examples" in masking_advice(8.0, 5000, recorded)
+    assert "no difference beyond the spread" in masking_advice(8.0, 5000, recorded)  # -0.01 within 0.03
     assert "gsm8k" in masking_advice(0.3, 50, recorded)
+    assert "loss on instructions did worse there" in masking_advice(0.3, 50, recorded)  # +0.02 beyond 0.01
     assert "not recorded yet" in masking_advice(1.0, 10, {})
 
 

@@ -454,7 +454,7 @@ def gain_plot(gains: list[dict], path) -> None:
 
 
 def record_summary(gains: list[dict], ratios: dict, model: str) -> dict:
-    """The small summary `deltatune stats` quotes (copy OUT/recorded.json to deltatune/experiments/recorded/)."""
+    """The small summary `deltatune stats` quotes (copy OUT/recorded.json to deltatune/experiments/results/masking.json)."""
     return {
         "experiment": "masking",
         "model": model,

@@ -42,5 +42,14 @@ def masking_advice(ratio: float, examples: int, recorded: dict | None = None) ->
     return (
         f"Measured by this project on {model} (docs/experiments.md): {ds} (ratio {by[ds]['ratio']:.2f}), "
         f"{size} training examples: instruction minus response held-out response loss {s['loss_diff']:+.3f} "
-        f"(spread {s['loss_diff_spread']:.3f} over {s['seeds']} seeds), exact match {100 * s['em_diff']:+.1f} points."
+        f"(spread {s['loss_diff_spread']:.3f} over {s['seeds']} seeds), exact match {100 * s['em_diff']:+.1f} points: "
+        f"{_verdict(s['loss_diff'], s['loss_diff_spread'])}."
     )
+
+
+def _verdict(loss_diff: float, spread: float) -> str:
+    """The measurement in words: a difference within the seed spread is no difference."""
+    if abs(loss_diff) <= spread:
+        return "no difference beyond the spread between seeds"
+    better = "better" if loss_diff < 0 else "worse"
+    return f"loss on instructions did {better} there (short LoRA runs; the reading in docs/experiments.md says why)"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,6 +31,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.machine import command_line, cpu_info  # noqa: E402
+
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")  # local files only: never wait on the Hub
 
@@ -286,7 +287,8 @@ def main() -> int:
         "gsm8k": args.gsm8k,
         "max_new_tokens": args.max_new_tokens,
         "lm_eval_version": _version("lm_eval"),
-        "machine": platform.machine(),
+        "command": command_line(),
+        "machine": cpu_info(),
         "threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],
         "timings": timings,

@@ -6,10 +6,16 @@ CPU kinds (AMD EPYC with AVX-512 bf16, Intel Xeon with AMX) and the ratios diffe
 from __future__ import annotations
 
 import platform
+import sys
 import time
 from pathlib import Path
 
 FLAGS_OF_INTEREST = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
+
+
+def command_line() -> str:
+    """The command that made a result, as a user would type it (recorded in every result JSON)."""
+    return "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
 def cpu_info() -> dict:

@@ -29,6 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.machine import command_line  # noqa: E402
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
@@ -195,7 +196,7 @@ def main() -> int:
         ),
     }
     result = {
-        "command": "python benchmarks/serve_speed.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "model": model_name,
         "batch": b,
         "new_tokens": n,

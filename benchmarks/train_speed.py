@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, machine_record, matmul_peak_gflops  # noqa: E402
+from machine import command_line, describe, machine_record, matmul_peak_gflops  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -465,7 +465,7 @@ def main() -> None:
     out = RESULTS_DIR / f"train_speed_{tag}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
-        "command": "python benchmarks/train_speed.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "machine": machine,
         "precision": precision,
         "matmul_params": n,

@@ -33,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.machine import command_line  # noqa: E402
+
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 RESULTS = REPO / "benchmarks" / "results" / "upcycle_speed.json"
 
@@ -197,7 +199,7 @@ def main() -> int:
         summary.append(row)
     info = cpu_info()
     result = {
-        "command": "python benchmarks/upcycle_speed.py " + " ".join(sys.argv[1:]),
+        "command": command_line(),
         "machine": info,
         "settings": vars(args) | {"experts": 8, "k": 2, "layers": "every-other"},
         "summary": summary,

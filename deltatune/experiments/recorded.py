@@ -52,4 +52,4 @@ def _verdict(loss_diff: float, spread: float) -> str:
     if abs(loss_diff) <= spread:
         return "no difference beyond the spread between seeds"
     better = "better" if loss_diff < 0 else "worse"
-    return f"loss on instructions did {better} there (short LoRA runs; the reading in docs/experiments.md says why)"
+    return f"loss on instructions did {better} there"

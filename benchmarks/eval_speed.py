@@ -1,7 +1,10 @@
 """Evaluation speed on the default model: examples/s for held-out loss, generation and multiple choice.
 
 Each mode runs batched and one example at a time on the same data in the same process, so the
-ratio shows what batching buys on this machine. Writes benchmarks/results/eval_speed.json.
+ratio shows what batching buys on this machine. The stop-string mode runs few-shot GSM8K in the plain
+style (a base model runs on into another "Question:") twice: stopping each row at its stop string, and
+generating to the limit then cutting (deltatune before round 2, issue 13); the texts must be equal.
+Writes benchmarks/results/eval_speed.json.
 Usage: python benchmarks/eval_speed.py [--model M] [--n 16] [--dtype fp32|bf16]
 """
 
@@ -10,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -20,6 +22,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine import command_line, cpu_info  # noqa: E402
 
 
 def timed(fn) -> tuple[float, object]:
@@ -29,11 +34,11 @@ def timed(fn) -> tuple[float, object]:
 
 
 def main() -> int:
-    from deltatune.evaluate.generate import GenerationConfig, generate
+    from deltatune.evaluate.generate import GenerationConfig, cut_at_stop, generate
     from deltatune.evaluate.loss import loss_on_file
     from deltatune.evaluate.prompts import render
     from deltatune.evaluate.runner import EvalOptions, evaluate_task
-    from deltatune.evaluate.tasks import load_items, resolve_task
+    from deltatune.evaluate.tasks import load_items, load_shot_pool, resolve_task
     from deltatune.models import load_model
 
     ap = argparse.ArgumentParser()
@@ -77,6 +82,28 @@ def main() -> int:
         sec, _ = timed(lambda: generate(model, tok, prompts, cfg, batch_size=b, progress=False))
         rows.append({"mode": "generate", "batch": b, "examples": n, "seconds": sec, "examples_per_s": n / sec})
 
+    # stop strings: plain few-shot prompts, stopped at "\nQuestion:" against generated to the limit and cut
+    shots = [(s.prompt, s.shot_answer) for s in load_shot_pool(resolve_task("gsm8k"))[:3]]
+    plain = [render(tok, "plain", shots, i.prompt) for i in gsm]
+    stop = ("\nQuestion:",)
+    long_cfg = GenerationConfig(max_new_tokens=4 * args.max_new_tokens)
+    stopped_sec, stopped = timed(
+        lambda: generate(
+            model,
+            tok,
+            plain,
+            GenerationConfig(max_new_tokens=4 * args.max_new_tokens, stop=stop),
+            batch_size=bs,
+            progress=False,
+        )
+    )
+    full_sec, full = timed(lambda: generate(model, tok, plain, long_cfg, batch_size=bs, progress=False))
+    same = stopped == [cut_at_stop(t, stop) for t in full]
+    for mode, sec in (("generate-stop", stopped_sec), ("generate-cut", full_sec)):
+        rows.append(
+            {"mode": mode, "batch": bs, "examples": n, "seconds": sec, "examples_per_s": n / sec, "texts_equal": same}
+        )
+
     # multiple choice: MMLU anatomy, 4 options scored by likelihood
     task = resolve_task("mmlu:anatomy")
     items = load_items(task, limit=n)
@@ -92,10 +119,10 @@ def main() -> int:
         f"model {args.model or 'default'} ({args.dtype}), {n} examples per mode, torch threads "
         f"{torch.get_num_threads()}, load average {load}"
     )
-    print("| mode | batch | seconds | examples/s | batched / one-at-a-time |")
+    print("| mode | batch | seconds | examples/s | against one-at-a-time (stop: against generate-cut) |")
     print("|---|---|---|---|---|")
     for r in rows:
-        one = by[(r["mode"], 1)]
+        one = by.get((r["mode"], 1)) or by[("generate-cut", bs)]
         ratio = r["examples_per_s"] / one["examples_per_s"]
         r["speedup_vs_batch1"] = ratio
         print(f"| {r['mode']} | {r['batch']} | {r['seconds']:.2f} | {r['examples_per_s']:.2f} | {ratio:.2f}x |")
@@ -108,7 +135,8 @@ def main() -> int:
                 "dtype": args.dtype,
                 "n": n,
                 "max_new_tokens": args.max_new_tokens,
-                "machine": platform.machine(),
+                "command": command_line(),
+                "machine": cpu_info(),
                 "threads": torch.get_num_threads(),
                 "load_average_1min": load,
                 "rows": rows,

@@ -1,7 +1,9 @@
 """Batched generation for scoring: left padding, stop at end of sequence (or a stop string).
 
 Prompts are sorted by length so that each batch pads little; results come back in input order.
-Greedy by default; sampling is seeded so a scored run can be repeated.
+Greedy by default; sampling is seeded so a scored run can be repeated. A row stops as soon as its text holds a
+stop string (as lm-eval's `until` does), so a base model that runs on into another few-shot example does not
+generate to `max_new_tokens`; the text is cut at the stop string either way.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria
 
 
 @dataclass
@@ -39,6 +42,25 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
         if i >= 0:
             cut = min(cut, i)
     return text[:cut]
+
+
+class StopStringsCriterion(StoppingCriteria):
+    """Stop each row once its generated text contains a stop string.
+
+    Only the last tokens are decoded: a stop string of b UTF-8 bytes spans at most b tokens (every token of a
+    byte-level or byte-fallback vocabulary decodes to at least one byte), plus one on each side.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], prompt_width: int) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.prompt_width = prompt_width
+        self.window = max(len(s.encode("utf-8")) for s in self.stop) + 2
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        tails = input_ids[:, max(self.prompt_width, input_ids.shape[1] - self.window) :].tolist()
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
 
 
 @dataclass
@@ -106,6 +128,8 @@ def generate_detailed(
             kwargs.update(temperature=config.temperature, top_p=config.top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if any(config.stop):
+            kwargs["stopping_criteria"] = [StopStringsCriterion(tokenizer, config.stop, width)]
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
         new_tokens = out[:, width:]
         for row, i in enumerate(idx):

@@ -117,6 +117,37 @@ def test_multiple_choice_matches_float64_hand_computation(tiny_lm, tiny_tok):
             assert scores[1][o].logprob == pytest.approx(expected, abs=1e-9)
 
 
+def _option_logprob_one_at_a_time(model, tok, context: str, option: str) -> float:
+    c_ids, o_ids = split_encode(tok, context, option)
+    with torch.no_grad():
+        logits = model(torch.tensor([c_ids + o_ids])).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    return sum(float(logp[len(c_ids) + j - 1, t]) for j, t in enumerate(o_ids))
+
+
+@pytest.mark.parametrize("method", [None, "prompt"])
+def test_multiple_choice_rows_of_different_lengths_score_as_one_at_a_time(tiny_tok, method):
+    # one batch holds contexts of 3 to 14 tokens: the LM head runs at the union of their option positions
+    # (logits_to_keep), and every row must still read its own positions; prompt tuning adds virtual
+    # positions that the decoder hook removes before the head
+    from deltatune.methods.base import MethodSpec, get_method
+    from deltatune.methods.inject import freeze
+    from deltatune.testing import tiny_model
+
+    model = tiny_model().double()
+    if method:
+        freeze(model)
+        get_method(method)(MethodSpec(name=method, options={"num_virtual_tokens": 3})).apply(model)
+        torch.nn.init.normal_(next(p for p in model.parameters() if p.requires_grad), std=0.5)
+    contexts = ["Q: 2 + 3? A:", "A long question about nothing in particular, to make the row wide? A:", "Hi"]
+    options = [[" 5", " seventy two"], [" yes", " no", " maybe so"], [" there", "!"]]
+    scores = score_options(model, tiny_tok, contexts, options, batch_size=8, progress=False)
+    for q, (context, opts) in enumerate(zip(contexts, options)):
+        for o, text in enumerate(opts):
+            expected = _option_logprob_one_at_a_time(model, tiny_tok, context, text)
+            assert scores[q][o].logprob == pytest.approx(expected, abs=1e-9), (q, o)
+
+
 def test_normalisations_choose_differently():
     # a long likely-per-char option against a short one: raw sum picks short, per-char picks long
     short, long_ = OptionScore(-3.0, 1, 2), OptionScore(-8.0, 4, 20)

@@ -6,13 +6,16 @@ Three predictions come from the same numbers:
 - `token`: argmax of the sum divided by the option's token count;
 - `char`:  argmax of the sum divided by the option's character count (lm-eval's `acc_norm`,
            independent of the tokenizer) -- the headline accuracy of a choice task.
-All pairs of many questions go through one padded forward per batch, longest first.
+All pairs of many questions go through one padded forward per batch, longest first, and the LM head
+runs only at the positions that predict an option token (`logits_to_keep`): at a 49k vocabulary the full
+logits of a batch are the largest tensor of the forward and most of them were thrown away.
 Tokenisation follows lm-eval: encode context+option, and the option's tokens are those past the
 context's own encoding, so a merge across the boundary is handled the way the model saw it.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +51,16 @@ def split_encode(
     return ctx, whole[len(ctx) :]
 
 
+def keeps_logits(model) -> bool:
+    """Whether the causal LM's forward can return logits at chosen positions only."""
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+
+
+def scored_positions(rows: list[tuple[list[int], int]]) -> list[int]:
+    """Sorted positions whose logits predict an option token in any row: t = ctx_len-1 .. len(ids)-2."""
+    return sorted({t for ids, ctx_len in rows for t in range(ctx_len - 1, len(ids) - 1)})
+
+
 @torch.no_grad()
 def score_options(
     model,
@@ -72,6 +85,7 @@ def score_options(
     device = next(model.parameters()).device
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][2]) + len(pairs[i][3])))
     results: list[list[OptionScore | None]] = [[None] * len(o) for o in options]
+    keep_subset = keeps_logits(model)
     bar = tqdm(total=len(pairs), desc="choices", unit="opt", disable=not progress or len(pairs) < 2)
     for start in range(0, len(order), batch_size):
         batch = [pairs[i] for i in order[start : start + batch_size]]
@@ -85,10 +99,18 @@ def score_options(
         for r, (ids, _) in enumerate(rows):
             input_ids[r, : len(ids)] = torch.tensor(ids)
             attention[r, : len(ids)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        kwargs = {}
+        column = list(range(width))  # position -> column of the logits tensor
+        if keep_subset:
+            keep = scored_positions(rows)
+            kwargs["logits_to_keep"] = torch.tensor(keep, device=device)
+            for j, t in enumerate(keep):
+                column[t] = j
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs).logits
         for r, ((q, o, _, o_ids, n_chars), (ids, ctx_len)) in enumerate(zip(batch, rows)):
             # logits at position t predict token t+1: the option's tokens are ids[ctx_len:]
-            step_logits = logits[r, ctx_len - 1 : len(ids) - 1]
+            cols = [column[t] for t in range(ctx_len - 1, len(ids) - 1)]
+            step_logits = logits[r, torch.tensor(cols, device=logits.device)]
             if step_logits.dtype in (torch.float16, torch.bfloat16):
                 step_logits = step_logits.float()  # never a log-softmax in half precision
             logp = torch.log_softmax(step_logits, dim=-1)

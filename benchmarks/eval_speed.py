@@ -4,6 +4,8 @@ Each mode runs batched and one example at a time on the same data in the same pr
 ratio shows what batching buys on this machine. The stop-string mode runs few-shot GSM8K in the plain
 style (a base model runs on into another "Question:") twice: stopping each row at its stop string, and
 generating to the limit then cutting (deltatune before round 2, issue 13); the texts must be equal.
+The choice pair scores the same MMLU options with the LM head at the option positions only and at
+every position (before round 2); the log-probabilities must agree.
 Writes benchmarks/results/eval_speed.json.
 Usage: python benchmarks/eval_speed.py [--model M] [--n 16] [--dtype fp32|bf16]
 """
@@ -34,6 +36,7 @@ def timed(fn) -> tuple[float, object]:
 
 
 def main() -> int:
+    from deltatune.evaluate.choice import score_options
     from deltatune.evaluate.generate import GenerationConfig, cut_at_stop, generate
     from deltatune.evaluate.loss import loss_on_file
     from deltatune.evaluate.prompts import render
@@ -113,16 +116,36 @@ def main() -> int:
             {"mode": "choice", "batch": b, "examples": n, "seconds": sec, "examples_per_s": n / sec, "acc": res.score}
         )
 
+    # the LM head only at option positions (logits_to_keep) against at every position, same batches
+    contexts = [render(tok, "chat", [], i.prompt) for i in items]
+    options = [[" " + o for o in i.options] for i in items]
+    scored = {}
+    for mode, every in (("choice-scored-positions", False), ("choice-all-logits", True)):
+        sec, scored[mode] = timed(
+            lambda: score_options(model, tok, contexts, options, batch_size=bs * 2, progress=False, all_logits=every)
+        )
+        rows.append({"mode": mode, "batch": bs * 2, "examples": n, "seconds": sec, "examples_per_s": n / sec})
+    gap = max(
+        abs(a.logprob - b.logprob)
+        for qa, qb in zip(scored["choice-scored-positions"], scored["choice-all-logits"])
+        for a, b in zip(qa, qb)
+    )
+    rows[-2]["max_logprob_difference"] = rows[-1]["max_logprob_difference"] = gap
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     by = {(r["mode"], r["batch"]): r for r in rows}
     print(
         f"model {args.model or 'default'} ({args.dtype}), {n} examples per mode, torch threads "
         f"{torch.get_num_threads()}, load average {load}"
     )
-    print("| mode | batch | seconds | examples/s | against one-at-a-time (stop: against generate-cut) |")
+    print(
+        "| mode | batch | seconds | examples/s | against one-at-a-time (stop: against generate-cut; choice-*: against all logits) |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
         one = by.get((r["mode"], 1)) or by[("generate-cut", bs)]
+        if r["mode"].startswith("choice-"):
+            one = by[("choice-all-logits", bs * 2)]
         ratio = r["examples_per_s"] / one["examples_per_s"]
         r["speedup_vs_batch1"] = ratio
         print(f"| {r['mode']} | {r['batch']} | {r['seconds']:.2f} | {r['examples_per_s']:.2f} | {ratio:.2f}x |")

@@ -142,10 +142,12 @@ def test_multiple_choice_rows_of_different_lengths_score_as_one_at_a_time(tiny_t
     contexts = ["Q: 2 + 3? A:", "A long question about nothing in particular, to make the row wide? A:", "Hi"]
     options = [[" 5", " seventy two"], [" yes", " no", " maybe so"], [" there", "!"]]
     scores = score_options(model, tiny_tok, contexts, options, batch_size=8, progress=False)
+    every = score_options(model, tiny_tok, contexts, options, batch_size=8, progress=False, all_logits=True)
     for q, (context, opts) in enumerate(zip(contexts, options)):
         for o, text in enumerate(opts):
             expected = _option_logprob_one_at_a_time(model, tiny_tok, context, text)
             assert scores[q][o].logprob == pytest.approx(expected, abs=1e-9), (q, o)
+            assert every[q][o].logprob == pytest.approx(expected, abs=1e-9), (q, o)
 
 
 def test_normalisations_choose_differently():

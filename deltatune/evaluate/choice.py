@@ -71,8 +71,12 @@ def score_options(
     max_length: int | None = None,
     add_special_tokens: bool = False,
     progress: bool = True,
+    all_logits: bool = False,
 ) -> list[list[OptionScore]]:
-    """Log-likelihood of each option of each question; `options[i]` are continuations of `contexts[i]`."""
+    """Log-likelihood of each option of each question; `options[i]` are continuations of `contexts[i]`.
+
+    `all_logits` computes the head at every position (the path for a model whose forward lacks
+    `logits_to_keep`; benchmarks/eval_speed.py times both)."""
     pairs: list[tuple[int, int, list[int], list[int], int]] = []
     for q, (ctx, opts) in enumerate(zip(contexts, options)):
         for o, text in enumerate(opts):
@@ -85,7 +89,7 @@ def score_options(
     device = next(model.parameters()).device
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][2]) + len(pairs[i][3])))
     results: list[list[OptionScore | None]] = [[None] * len(o) for o in options]
-    keep_subset = keeps_logits(model)
+    keep_subset = not all_logits and keeps_logits(model)
     bar = tqdm(total=len(pairs), desc="choices", unit="opt", disable=not progress or len(pairs) < 2)
     for start in range(0, len(order), batch_size):
         batch = [pairs[i] for i in order[start : start + batch_size]]

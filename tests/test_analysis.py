@@ -21,7 +21,7 @@ from deltatune.analysis.decompose import (
     mean_by_type,
     regression,
 )
-from deltatune.analysis.spectrum import rank_at_energy, singular_values, spectrum_rows
+from deltatune.analysis.spectrum import rank_at_energy, singular_values, spectrum_rows, summarise_by_type
 
 
 def _orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -78,6 +78,15 @@ def test_spectrum_rows_of_a_lora_update(tiny_lm):
     for r in rows:
         assert 1 <= r["rank90"] <= 4 and r["full_rank"] == 64
         assert len(r["singular_values"]) == 64 and r["singular_values"][4] < 1e-4 * r["singular_values"][0]
+
+
+def test_relative_update_size_is_the_frobenius_ratio():
+    # W0 = 2 I (||W0||_F = 2 sqrt(3)); dW = diag(3, 4, 0) (||dW||_F = 5)
+    base = 2 * torch.eye(3)
+    pair = MatrixPair("model.layers.0.self_attn.q_proj", base, base + torch.diag(torch.tensor([3.0, 4.0, 0.0])))
+    (row,) = spectrum_rows([pair])
+    assert row["rel_norm"] == pytest.approx(5 / (2 * 3**0.5), rel=1e-12)
+    assert summarise_by_type([row, {**row, "rel_norm": 0.0}])[0]["rel_norm_mean"] == pytest.approx(5 / (4 * 3**0.5))
 
 
 # --- magnitude and direction ------------------------------------------------------------------

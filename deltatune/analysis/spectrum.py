@@ -2,7 +2,8 @@
 
 "LoRA Learns Less and Forgets Less" (Sec. 4.5): rank@90% is the smallest k with
 sum_{i<=k} s_i^2 / sum_i s_i^2 >= 0.90. Computed in float64 so that an exactly low-rank update
-does not gain spurious rank from rounding.
+does not gain spurious rank from rounding. Beside the rank, the update's size relative to the weight,
+||dW||_F / ||W0||_F, says how far a run moved (rank alone cannot tell a large update from a small one).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ def rank_at_energy(s: torch.Tensor, energy: float = 0.9) -> int:
 
 
 def spectrum_rows(pairs: list[MatrixPair], energy: float = 0.9, top: int = 8) -> list[dict]:
-    """One row per matrix: shape, rank@energy, its fraction of the full rank, top singular values."""
+    """One row per matrix: shape, rank@energy, its fraction of the full rank, relative size, top singular values."""
     rows = []
     for p in pairs:
         s = singular_values(p.weight - p.base)
         k = rank_at_energy(s, energy)
         full = min(p.base.shape)
+        base_norm = float(torch.linalg.matrix_norm(p.base.detach().to(torch.float64)))
         rows.append(
             {
                 "name": p.name,
@@ -46,6 +48,7 @@ def spectrum_rows(pairs: list[MatrixPair], energy: float = 0.9, top: int = 8) ->
                 "rank90": k,
                 "full_rank": full,
                 "rank90_frac": k / full,
+                "rel_norm": float(s.pow(2).sum().sqrt()) / base_norm if base_norm > 0 else float("inf"),
                 "top_singular_values": [float(x) for x in s[:top]],
                 "singular_values": [float(x) for x in s],
             }
@@ -54,7 +57,7 @@ def spectrum_rows(pairs: list[MatrixPair], energy: float = 0.9, top: int = 8) ->
 
 
 def summarise_by_type(rows: list[dict]) -> list[dict]:
-    """Mean and max rank@90% per layer type (q_proj, ..., down_proj)."""
+    """Mean and max rank@90% and the mean relative update size per layer type (q_proj, ..., down_proj)."""
     out = []
     for t in sorted({r["type"] for r in rows}):
         sel = [r for r in rows if r["type"] == t]
@@ -65,6 +68,7 @@ def summarise_by_type(rows: list[dict]) -> list[dict]:
                 "rank90_mean": sum(r["rank90"] for r in sel) / len(sel),
                 "rank90_max": max(r["rank90"] for r in sel),
                 "rank90_frac_mean": sum(r["rank90_frac"] for r in sel) / len(sel),
+                "rel_norm_mean": sum(r["rel_norm"] for r in sel) / len(sel),
             }
         )
     return out

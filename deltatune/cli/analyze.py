@@ -129,14 +129,26 @@ def spectrum_markdown(result: dict) -> str:
         grid.append(row)
     return (
         f"# Spectrum of dW: {result['label']} ({s['snapshot']})\n\n"
-        f"rank@{pct}% = smallest k whose top-k singular values hold {pct}% of ||dW||_F^2.\n\n"
-        + format_table(s["by_type"], ["type", "matrices", "rank90_mean", "rank90_max", "rank90_frac_mean"])
+        f"rank@{pct}% = smallest k whose top-k singular values hold {pct}% of ||dW||_F^2; "
+        "rel_norm = ||dW||_F / ||W0||_F, how far the weights moved.\n\n"
+        + format_table(
+            s["by_type"], ["type", "matrices", "rank90_mean", "rank90_max", "rank90_frac_mean", "rel_norm_mean"]
+        )
         + f"\n\n## rank@{pct}% / full rank, per layer\n\n"
         + format_table(grid, ["layer", *types])
         + f"\n\n## rank@{pct}% over training, per layer type\n\n"
         + format_table(
             s.get("over_time", []),
-            ["checkpoint", "step", "type", "matrices", "rank90_mean", "rank90_max", "rank90_frac_mean"],
+            [
+                "checkpoint",
+                "step",
+                "type",
+                "matrices",
+                "rank90_mean",
+                "rank90_max",
+                "rank90_frac_mean",
+                "rel_norm_mean",
+            ],
         )
         + "\n"
     )

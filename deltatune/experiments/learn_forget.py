@@ -327,7 +327,8 @@ def _report(ctx, names, base, rows, picked, sizes, tgt, srcs, steps) -> None:
             if r["picked"]:
                 spec_plot[r["method"]] = r["spectrum"]
                 for s in r["spectrum"]:
-                    spec_rows.append([r["method"], s["type"], s["rank90_mean"], s["rank90_max"], s["full_rank"]])
+                    size = s.get("rel_norm_mean", "-")  # runs measured before it was recorded have none
+                    spec_rows.append([r["method"], s["type"], s["rank90_mean"], s["rank90_max"], s["full_rank"], size])
     for n in names:
         sel = [r for r in rows if r["method"] == n and r["picked"]]
         lm, ls = _mean_sd([r["learning"] for r in sel])
@@ -379,8 +380,10 @@ def _report(ctx, names, base, rows, picked, sizes, tgt, srcs, steps) -> None:
             markdown_table(["method", "lr", "seed", "base", "run", "change"], loss_rows),
         ),
         (
-            "Spectrum of dW at the picked rate: rank for 90% of the energy",
-            markdown_table(["method", "layer type", "rank90 mean", "rank90 max", "full rank"], spec_rows),
+            "Spectrum of dW at the picked rate: rank for 90% of the energy, and ||dW|| / ||W0||",
+            markdown_table(
+                ["method", "layer type", "rank90 mean", "rank90 max", "full rank", "relative size"], spec_rows
+            ),
         ),
     ]
     notes = [

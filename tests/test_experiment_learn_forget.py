@@ -72,3 +72,30 @@ def test_learn_forget_rejects_an_unknown_method(tmp_path, capsys):
 
     rc = main(["experiment", "learn-forget", "--quick", "--methods", "lora-r9", "--out", str(tmp_path / "o")])
     assert rc == 2 and "unknown method 'lora-r9'" in capsys.readouterr().err
+
+
+def test_learn_forget_in_bf16_measures_each_run_against_its_own_start(tmp_path, shared_data):
+    """bf16: adapter runs start from bf16 weights, full finetuning from fp32 weights; each is scored under
+    the same autocast and its learning and forgetting are taken against that start."""
+    from deltatune.cli import main
+
+    out = tmp_path / "lf16"
+    args = ["experiment", "learn-forget", "--quick", "--seeds", "1", "--lrs", "1", "--methods", "full,lora-r8"]
+    assert main([*args, "--precision", "bf16", "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["precision"] == "bf16"
+    assert res["base"] == json.loads((out / "base.json").read_text())
+    assert res["base_full_finetuning"] == json.loads((out / "base-full.json").read_text())
+    mmlu = next(k for k in res["base"] if k.startswith("mmlu:"))
+    bbh = next(k for k in res["base"] if k.startswith("bbh:"))
+    for r in res["runs"]:
+        own = res["base_full_finetuning"] if r["method"] == "full" else res["base"]
+        sc = r["scores"]
+        assert r["learning"] == pytest.approx(sc["gsm8k"] - own["gsm8k"])
+        assert r["forgetting"] == pytest.approx(((own[mmlu] - sc[mmlu]) + (own[bbh] - sc[bbh])) / 2)
+        assert r["base_selfinstruct_loss"] == own["selfinstruct_loss"]
+        config = (out / "runs" / r["name"] / "config.yaml").read_text()
+        assert "precision: bf16" in config
+    # the two starts differ (bf16 rounding of every weight), so the held-out loss tells them apart
+    assert res["base"]["selfinstruct_loss"] != res["base_full_finetuning"]["selfinstruct_loss"]
+    assert "fp32 weights (full finetuning)" in (out / "results.md").read_text()

@@ -137,3 +137,33 @@ def test_eval_labels_use_has_rank(tmp_path):
         run.mkdir()
         (run / "config.yaml").write_text(f"method: {method}\nrank: 8\n")
         assert read_run(run).label == label
+
+
+MERGE_CASES = {
+    "lora": MethodSpec("lora", rank=4),
+    "dora": MethodSpec("dora", rank=4),
+    "ia3": MethodSpec("ia3"),
+    "vera": MethodSpec("vera", rank=4),
+    **{f"mora-{t}": MethodSpec("mora", rank=4, options={"mora_type": t}) for t in (1, 2, 3, 4, 6)},
+}
+
+
+@pytest.mark.parametrize("case", sorted(MERGE_CASES))
+def test_merge_inside_a_bf16_autocast_region_is_the_fp32_merge(case):
+    """A merge or a weight analysis can run inside a bf16 training step's autocast (learn-forget measures its
+    spectrum there): delta W must still be computed in fp32, not rounded to bf16 or refused by an in-place
+    op that mixes dtypes (MoRA's index_add_ did)."""
+    from deltatune.methods.base import DeltaLinear
+
+    def merged_weights(autocast: bool) -> list[torch.Tensor]:
+        model = _randomised([MERGE_CASES[case]]).model
+        layers = [m for m in model.modules() if isinstance(m, DeltaLinear)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for layer in layers:
+                layer.merge()
+        return [layer.base.weight.detach().clone() for layer in layers]
+
+    plain, inside = merged_weights(False), merged_weights(True)
+    assert plain and all(w.dtype == torch.float32 for w in inside)
+    for a, b in zip(plain, inside):
+        assert torch.equal(a, b)

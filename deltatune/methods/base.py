@@ -13,9 +13,11 @@ here and in inject.py so that adding the next method is copying a sibling.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -56,6 +58,22 @@ class MethodSpec:
         if "name" not in data:
             raise ConfigError("a method needs a 'name'", file=file, field="name")
         return cls(**data)
+
+
+def outside_autocast(fn: Callable) -> Callable:
+    """Run a merge or unmerge in fp32 even when called inside an autocast region (a weight analysis during a
+    bf16 training step): autocast would round delta W's products to bf16, and in-place index ops would then mix
+    dtypes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 class DeltaLinear(nn.Module):
@@ -136,6 +154,7 @@ class DeltaLinear(nn.Module):
             self.base = self.base.to_linear()
 
     @torch.no_grad()
+    @outside_autocast
     def merge(self) -> None:
         if self._already(merged=True):
             return
@@ -145,6 +164,7 @@ class DeltaLinear(nn.Module):
         self.merged = True
 
     @torch.no_grad()
+    @outside_autocast
     def unmerge(self) -> None:
         if self._already(merged=False):
             return

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.methods.base import DeltaLinear, MethodSpec, register
+from deltatune.methods.base import DeltaLinear, MethodSpec, outside_autocast, register
 from deltatune.methods.lora import LoRA, LoRALinear
 from deltatune.methods.options import Option
 
@@ -131,6 +131,7 @@ class DoRALinear(LoRALinear):
             return self.merged_weight() - self._unmerged_base_weight()
 
     @torch.no_grad()
+    @outside_autocast
     def merge(self) -> None:
         if self._already(merged=True):
             return
@@ -144,6 +145,7 @@ class DoRALinear(LoRALinear):
         self.merged = True
 
     @torch.no_grad()
+    @outside_autocast
     def unmerge(self) -> None:
         if self._already(merged=False):
             return

@@ -2,7 +2,10 @@
 
 Random-weight SmolLM2-135M-shaped Llama (config only, nothing downloaded), LoRA r=8 alpha=16 on all
 linear layers, dropout 0 (and 0.05), bf16 weights and adapters, batch 4 x 256, forward + backward +
-AdamW step, interleaved repetitions; the minimum is reported (robust to load from other processes on a shared machine). Writes benchmarks/results/lora_layer_speed.json.
+AdamW step, interleaved repetitions; the minimum is reported (robust to load from other processes on a
+shared machine). With dropout, a third contender is deltatune's layer with torch's `nn.Dropout` swapped
+back in, which isolates what deltatune's CPU dropout (deltatune/methods/dropout.py) buys.
+Writes benchmarks/results/lora_layer_speed.json with the machine record.
 
     python benchmarks/lora_layer_speed.py [--steps 4] [--batch 4] [--seq 256] [--device cpu]
 """
@@ -11,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe, machine_record  # noqa: E402
 
 
 def build(kind: str, dropout: float, dtype, device):
@@ -39,6 +46,10 @@ def build(kind: str, dropout: float, dtype, device):
 
         adapted = apply_methods(model, [MethodSpec(name="lora", rank=8, alpha=16, dropout=dropout, targets=targets)])
         params = [p for _, p in adapted.trainable_parameters()]
+        if kind == "deltatune+nn.Dropout":  # the same layer with torch's dropout: isolates the dropout kernel
+            for module in model.modules():
+                if getattr(module, "lora_dropout", None) is not None:
+                    module.lora_dropout = torch.nn.Dropout(dropout)
     model.train()
     return model, torch.optim.AdamW(params, lr=1e-4)
 
@@ -57,12 +68,15 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    machine = machine_record()
+    print(f"machine: {describe(machine)}")
     dtype, device = torch.bfloat16, torch.device(args.device)
     ids = torch.randint(3, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for dropout in (0.0, 0.05):
-        runs = {k: build(k, dropout, dtype, device) for k in ("deltatune", "peft")}
+        kinds = ("deltatune", "peft") + (("deltatune+nn.Dropout",) if dropout else ())
+        runs = {k: build(k, dropout, dtype, device) for k in kinds}
         times: dict[str, list[float]] = {k: [] for k in runs}
         for k, (m, o) in runs.items():  # warm-up
             step(m, o, ids)
@@ -83,22 +97,37 @@ def main() -> None:
                 "deltatune_tok_s": tokens / med["deltatune"],
                 "peft_tok_s": tokens / med["peft"],
                 "speedup": med["peft"] / med["deltatune"],
+                **(
+                    {
+                        "deltatune_nn_dropout_s": med["deltatune+nn.Dropout"],
+                        "dropout_kernel_speedup": med["deltatune+nn.Dropout"] / med["deltatune"],
+                    }
+                    if dropout
+                    else {}
+                ),
             }
         )
         del runs
     print(
-        f"{'dropout':>8} {'deltatune s/step':>17} {'peft s/step':>12} {'deltatune tok/s':>16} {'peft tok/s':>11} {'ratio':>6}"
+        f"{'dropout':>8} {'deltatune s/step':>17} {'peft s/step':>12} {'deltatune tok/s':>16} {'peft tok/s':>11} "
+        f"{'x peft':>7} {'with nn.Dropout s/step':>23} {'x nn.Dropout':>13}"
     )
     for r in rows:
+        extra = (
+            f"{r['deltatune_nn_dropout_s']:>23.3f} {r['dropout_kernel_speedup']:>13.2f}"
+            if "deltatune_nn_dropout_s" in r
+            else f"{'-':>23} {'-':>13}"
+        )
         print(
             f"{r['dropout']:>8} {r['deltatune_s']:>17.3f} {r['peft_s']:>12.3f} {r['deltatune_tok_s']:>16.0f} "
-            f"{r['peft_tok_s']:>11.0f} {r['speedup']:>6.2f}"
+            f"{r['peft_tok_s']:>11.0f} {r['speedup']:>7.2f} {extra}"
         )
     out = Path(__file__).parent / "results" / "lora_layer_speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
             {
+                "machine": machine,
                 "device": str(device),
                 "threads": torch.get_num_threads(),
                 "batch": args.batch,

@@ -5,8 +5,9 @@ zero, so the adapted model equals the base at step 0. Parameters are named `lora
 `lora_B.weight` so that PEFT's saved keys map one to one.
 
 Speed: the forward is `base(x) + s * (x A^T) B^T` and nothing else when dropout is 0 (no dropout
-module call, no copy of x; the casts run only when the adapter dtype differs from x's). On CPU,
-LoRA dropout was measured at about +60% step time, so it costs only when asked for.
+module call, no copy of x; the casts run only when the adapter dtype differs from x's). Dropout costs
+only when asked for: on CPU it is `methods/dropout.py` (16 random bits an element instead of torch's
+serial Bernoulli draws), which took a LoRA step with dropout 0.05 from +45% to +25% over no dropout.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from deltatune.errors import ConfigError
 from deltatune.methods.base import DeltaLinear, MethodSpec, WeightDeltaMethod, register
+from deltatune.methods.dropout import Dropout
 from deltatune.methods.nf4 import NF4_OPTIONS
 from deltatune.methods.options import Option
 
@@ -61,7 +63,7 @@ class LoRALinear(DeltaLinear):
         self.scaling = lora_scaling(r, alpha, rslora)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.lora_dropout = Dropout(dropout) if dropout > 0 else None
         self.reset_lora_parameters(init)
 
     @torch.no_grad()

@@ -37,6 +37,7 @@ from torch import nn
 
 from deltatune.errors import ConfigError
 from deltatune.methods.base import DeltaLinear, MethodSpec, WeightDeltaMethod, register
+from deltatune.methods.dropout import Dropout
 from deltatune.methods.nf4 import NF4_OPTIONS
 from deltatune.methods.options import Option, non_negative
 
@@ -100,7 +101,7 @@ class MoRALinear(DeltaLinear):
         self.n_blocks = -(-d_in // r)  # blocks after wrap-padding to a multiple of r_hat
         device = _base_device(base)
         self.mora_M = nn.Parameter(torch.zeros(r, r, dtype=dtype, device=device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self._build_maps(device)
 
     def _build_maps(self, device: torch.device) -> None:

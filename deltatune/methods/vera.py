@@ -26,6 +26,7 @@ from torch import nn
 
 from deltatune.errors import ConfigError
 from deltatune.methods.base import DeltaLinear, MethodSpec, WeightDeltaMethod, register
+from deltatune.methods.dropout import Dropout
 from deltatune.methods.inject import is_linear_or_delta, match_targets
 from deltatune.methods.nf4 import NF4_OPTIONS
 from deltatune.methods.options import Option, non_negative
@@ -56,7 +57,7 @@ class VeRALinear(DeltaLinear):
         device = base.weight.device
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, device=device))
         self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial), device=device))
-        self.vera_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.vera_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def _projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.shared.vera_A[:, : self.in_features], self.shared.vera_B[: self.out_features, :]

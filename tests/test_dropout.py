@@ -9,7 +9,7 @@ import torch
 
 from deltatune.methods.apply import apply_methods
 from deltatune.methods.base import MethodSpec
-from deltatune.methods.dropout import Dropout, keep_mask
+from deltatune.methods.dropout import Dropout, dropped_lanes, keep_mask, kept
 from deltatune.testing import tiny_model
 
 
@@ -38,21 +38,40 @@ def test_drop_rate_follows_p(p):
     assert scale * (1 - p_used) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kept_values_are_x_times_scale_rounded_once_and_the_gradient_is_the_same_mask(dtype):
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 1e-6, 0.99999])
+def test_exactly_round_p_times_65536_lane_values_drop(p):
+    """Over every value an int16 lane can take, the threshold keeps exactly 65536 - round(p * 65536)."""
+    every_lane = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    assert kept(every_lane, dropped_lanes(p)).sum().item() == 65536 - min(round(p * 65536), 65535)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_kept_values_are_x_times_scale_and_the_gradient_is_the_same_mask(dtype):
     torch.manual_seed(2)
     x = torch.randn(37, 53, dtype=dtype).requires_grad_()  # an odd size: the last word is partly used
-    drop = Dropout(0.2).train()
+    drop = Dropout(0.05).train()
     torch.manual_seed(3)
     out = drop(x)
     torch.manual_seed(3)
-    keep, scale = keep_mask(x.shape, 0.2, x.device)
-    expected = torch.where(keep, (x.detach().double() * scale).to(dtype), torch.zeros((), dtype=dtype))
+    keep, scale = keep_mask(x.shape, 0.05, x.device)
+    zero = torch.zeros((), dtype=dtype)
     assert out.dtype == dtype
-    assert torch.equal(out, expected)
+    assert torch.equal(out, torch.where(keep, x.detach() * scale, zero))
+    assert 0 < (~keep).sum() < keep.numel()
     grad = torch.randn_like(out)
     out.backward(grad)
-    assert torch.equal(x.grad, torch.where(keep, (grad.double() * scale).to(dtype), torch.zeros((), dtype=dtype)))
+    assert torch.equal(x.grad, torch.where(keep, grad * scale, zero))
+
+
+def test_non_contiguous_input_without_grad():
+    torch.manual_seed(5)
+    x = torch.randn(48, 40).t()  # a transposed view
+    torch.manual_seed(6)
+    out = Dropout(0.3).train()(x)
+    torch.manual_seed(6)
+    keep, scale = keep_mask(x.shape, 0.3, x.device)
+    assert not out.requires_grad
+    assert torch.equal(out, torch.where(keep, x * scale, torch.zeros(())))
 
 
 def test_seeded_draws_repeat_and_successive_calls_differ():

@@ -224,10 +224,11 @@ def test_a_huge_record_is_cut_before_tokenizing_with_the_same_tokens(tiny_tok, m
 
 
 # ----------------------------------------------------------------------------- 12. exact resume, any precision
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_resume_at_several_kill_points_equals_the_straight_run(tiny_dir, data_file, tmp_path, precision):
+@pytest.mark.parametrize("precision, dropout", [("bf16", 0.0), ("fp32", 0.0), ("bf16", 0.1)])
+def test_resume_at_several_kill_points_equals_the_straight_run(tiny_dir, data_file, tmp_path, precision, dropout):
     """Stopping right after a checkpoint (as a kill would) and resuming with fresh compile caches (as a
-    new process has) ends bitwise where the uninterrupted run ends, with the compiled norms on."""
+    new process has) ends bitwise where the uninterrupted run ends, with the compiled norms on (and with
+    LoRA dropout: the resumed run draws the same masks)."""
     from deltatune.config import load_config
     from deltatune.train.loop import train
 
@@ -258,6 +259,7 @@ def test_resume_at_several_kill_points_equals_the_straight_run(tiny_dir, data_fi
                 save_every=3,
                 fused_norms="on",
                 num_threads=1,
+                dropout=dropout,
                 **kw,
             )
         )

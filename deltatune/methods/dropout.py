@@ -4,15 +4,16 @@ Bernoulli draw each.
 `nn.Dropout` on CPU draws one Bernoulli sample per element from torch's Mersenne Twister, serially:
 about 14 ms for one [3600, 576] bf16 activation on this project's CPU, and LoRA with dropout on all
 seven linear layers of a 30-layer model runs 210 of them a step (a third of the step time of the
-learn-forget experiment's LoRA runs). Here one 64-bit draw gives four 16-bit lanes, an element is
-dropped when its lane falls below round(p * 65536), and the kept elements are scaled in the same pass
-(about 4.5 ms for the same activation; `benchmarks/dropout_speed.py`).
+learn-forget experiment's LoRA runs). Here one 64-bit draw gives four 16-bit lanes and an element is
+dropped when its lane falls below round(p * 65536): about 4.5 ms for the same activation, mask and
+scaling included (a LoRA step: `benchmarks/lora_layer_speed.py`).
 
 The distribution is dropout's with p rounded to a multiple of 1/65536 (|p - p_used| <= 7.7e-6; 0.05
 becomes 0.0500031), and the scale is 1 / (1 - p_used), so the output stays unbiased: E[out] = x.
-Kept values are x * scale rounded once to x's dtype, as `F.dropout` computes them. The bits come from
-torch's default generator, so a seeded or resumed run draws the same masks. Off the CPU it is
-`F.dropout` (the CUDA kernel is already fused).
+Kept values are x * scale as torch computes a tensor times a Python float (in float32 arithmetic for
+bf16/fp16 inputs), by the kernel of torch's own dropout gradient. The bits come from torch's default
+generator, so a seeded or resumed run draws the same masks. Off the CPU it is `F.dropout` (the CUDA
+kernel is already fused).
 """
 
 from __future__ import annotations
@@ -24,18 +25,28 @@ from torch import Tensor, nn
 LANES = 65536  # values of one 16-bit lane
 
 
+def dropped_lanes(p: float) -> int:
+    """How many of the 65536 values of a lane drop an element: round(p * 65536), at most 65535."""
+    return min(round(p * LANES), LANES - 1)
+
+
+def kept(lanes: Tensor, dropped: int) -> Tensor:
+    """Uniform int16 lanes -> the elements kept: all but the `dropped` lowest lane values."""
+    return lanes >= dropped - LANES // 2
+
+
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
     """(boolean mask of the elements kept, the scale 1 / P(kept)) for dropout probability p."""
-    dropped = min(round(p * LANES), LANES - 1)
+    dropped = dropped_lanes(p)
     n = shape.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(2**63), 2**63 - 1)  # the full 64-bit range: all four lanes uniform (random_() leaves the top bit 0)
+    words.random_(-(2**63), None)  # the full 64-bit range: all four lanes uniform (random_() leaves the top bit 0)
     lanes = words.view(torch.int16)[:n].view(shape)
-    return lanes >= dropped - LANES // 2, LANES / (LANES - dropped)
+    return kept(lanes, dropped), LANES / (LANES - dropped)
 
 
 class _MaskedScale(torch.autograd.Function):
-    """out = x * keep * scale in one pass, and the same for the gradient (keep saved as one byte an element)."""
+    """out = x * keep * scale, and the same for the gradient (keep saved as one byte an element)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:

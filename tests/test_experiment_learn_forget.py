@@ -67,6 +67,36 @@ def test_learn_forget_quick_end_to_end_and_resume(tmp_path, shared_data):
     assert [(r["name"], r["learning"]) for r in again["runs"]] == [(r["name"], r["learning"]) for r in runs]
 
 
+def test_seeds_and_methods_can_be_added_to_a_finished_experiment(tmp_path, shared_data, capsys):
+    """Seeds and methods only choose runs: a restart with more of them trains just the new runs and keeps the
+    old ones; an option that changes how runs are done (the rate grid) is still refused."""
+    from deltatune.cli import main
+
+    out = tmp_path / "lf"
+
+    def args(seeds, methods, lrs="1"):
+        return ["experiment", "learn-forget", "--quick", "--seeds", seeds, "--lrs", lrs, "--methods", methods]
+
+    common = ["--threads", "1", "--quiet", "--out", str(out)]
+    assert main([*args("1", "lora-r8"), *common]) == 0
+    marker = out / "runs" / "lora-r8-lr0.0001-s0" / "done.json"
+    before = marker.stat().st_mtime_ns
+    assert main([*args("2", "lora-r8,dora-r8"), *common]) == 0
+    assert marker.stat().st_mtime_ns == before  # kept, not trained again
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted(r["name"] for r in runs) == [
+        "dora-r8-lr0.0001-s0",
+        "dora-r8-lr0.0001-s1",
+        "lora-r8-lr0.0001-s0",
+        "lora-r8-lr0.0001-s1",
+    ]
+    manifest = json.loads((out / "experiment.json").read_text())["settings"]
+    assert (manifest["seeds"], manifest["methods"]) == ([0, 1], "lora-r8,dora-r8")
+    capsys.readouterr()
+    assert main([*args("2", "lora-r8,dora-r8", lrs="2"), *common]) != 0
+    assert "same options" in capsys.readouterr().err
+
+
 def test_learn_forget_rejects_an_unknown_method(tmp_path, capsys):
     from deltatune.cli import main
 

@@ -84,7 +84,14 @@ def run(args: argparse.Namespace) -> int:
         settings["model"] = args.model
     seeds = seed_list(args.seeds if args.seeds is not None else module.DEFAULT_SEEDS)
     ctx = Context(
-        args.experiment, out, quick=args.quick, seeds=seeds, settings=settings, model=args.model, quiet=args.quiet
+        args.experiment,
+        out,
+        quick=args.quick,
+        seeds=seeds,
+        settings=settings,
+        selectors=getattr(module, "RUN_SELECTORS", ()),
+        model=args.model,
+        quiet=args.quiet,
     )
     module.run(ctx, args)
     return 0

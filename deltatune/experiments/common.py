@@ -152,6 +152,9 @@ class Context:
 
     `settings` are the options that define the experiment's results (mode, seeds, sizes...): once a run
     has started, a restart with other settings is refused, so resumed runs never mix with another setup.
+    `selectors` name the settings that only choose which runs to do (learn-forget's seeds and methods: each
+    run is named by them and computed without the others): a restart may change those, so runs can be
+    added to a finished experiment; the manifest then records the latest invocation's choice.
     """
 
     def __init__(
@@ -162,11 +165,13 @@ class Context:
         quick: bool,
         seeds: list[int],
         settings: dict[str, Any] | None = None,
+        selectors: tuple[str, ...] = (),
         model: str | None = None,
         quiet: bool = False,
     ) -> None:
         self.name, self.out, self.quick, self.seeds = name, Path(out), quick, seeds
         self.settings = {"quick": quick, "seeds": seeds, **(settings or {})}
+        self.selectors = selectors
         self.quiet = quiet
         self.started = time.perf_counter()
         self._claim_folder()
@@ -183,9 +188,16 @@ class Context:
                 found = json.loads(manifest.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 raise UserError(f"{manifest} is not an experiment manifest; choose another --out") from None
-            same = found.get("experiment") == self.name and found.get("settings") == json.loads(
-                json.dumps(self.settings)
+            def defining(settings: dict) -> dict:
+                return {k: v for k, v in settings.items() if k not in self.selectors}
+
+            found_settings = found.get("settings") or {}
+            same = found.get("experiment") == self.name and defining(found_settings) == defining(
+                json.loads(json.dumps(self.settings))
             )
+            if same and found_settings != json.loads(json.dumps(self.settings)):  # other runs chosen: record them
+                write_atomic(manifest, json.dumps(wanted, indent=2) + "\n")
+                return
             if not same and not (self.out / "runs").exists():  # nothing trained yet (it failed at set-up): retake
                 write_atomic(manifest, json.dumps(wanted, indent=2) + "\n")
                 return

@@ -33,6 +33,8 @@ from deltatune.experiments.common import Context, Run, markdown_table, write_ato
 
 HELP = "LoRA learns less and forgets less: GSM8K gain vs MMLU/BBH drop per method and learning rate"
 DEFAULT_SEEDS = 2
+# options that only choose which runs to do: a restart may add seeds or methods to a finished experiment
+RUN_SELECTORS = ("seeds", "methods")
 
 # name -> (method, rank, learning rates); alpha = 2 * rank. LoRA-family grids are 10x full finetuning's.
 METHODS: dict[str, tuple[str, int | None, tuple[float, ...]]] = {

@@ -188,6 +188,7 @@ class Context:
                 found = json.loads(manifest.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 raise UserError(f"{manifest} is not an experiment manifest; choose another --out") from None
+
             def defining(settings: dict) -> dict:
                 return {k: v for k, v in settings.items() if k not in self.selectors}
 

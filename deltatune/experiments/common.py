@@ -192,11 +192,9 @@ class Context:
             def defining(settings: dict) -> dict:
                 return {k: v for k, v in settings.items() if k not in self.selectors}
 
-            found_settings = found.get("settings") or {}
-            same = found.get("experiment") == self.name and defining(found_settings) == defining(
-                json.loads(json.dumps(self.settings))
-            )
-            if same and found_settings != json.loads(json.dumps(self.settings)):  # other runs chosen: record them
+            found_settings, asked = found.get("settings") or {}, json.loads(json.dumps(self.settings))
+            same = found.get("experiment") == self.name and defining(found_settings) == defining(asked)
+            if same and found_settings != asked:  # other runs chosen: record them
                 write_atomic(manifest, json.dumps(wanted, indent=2) + "\n")
                 return
             if not same and not (self.out / "runs").exists():  # nothing trained yet (it failed at set-up): retake

@@ -56,6 +56,16 @@ def test_learn_forget_quick_end_to_end_and_resume(tmp_path, shared_data):
     assert {s["type"] for s in full["spectrum"]} >= {"q_proj", "down_proj"}
     md = (out / "results.md").read_text()
     assert "## Held-out loss on self-instruct references (nats per token" in md and "## Headline" in md
+    # the loss headline: each method's validation loss and self-instruct change, averaged over its two seeds
+    from deltatune.experiments.common import markdown_table
+
+    for method in ("full", "lora-r8"):
+        sel = [r for r in runs if r["method"] == method and r["lr"] == res["picked_lr"][method]]
+        val = sum(r["val_loss"] for r in sel) / 2
+        change = sum(r["scores"]["selfinstruct_loss"] - r["base_selfinstruct_loss"] for r in sel) / 2
+        cells = markdown_table(["v", "c"], [[val, change]]).splitlines()[-1].strip("| ").split(" | ")
+        row = next(line for line in md.split("## Headline losses")[1].splitlines() if line.startswith(f"| {method} |"))
+        assert row.split(" | ")[3] == cells[0] and row.split(" | ")[5] == cells[1]
     for png in ("learn_forget.png", "spectrum.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # the same command again: every run has its done marker, nothing trains, the results are the same runs

@@ -326,7 +326,7 @@ def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
     from deltatune.analysis.plots import learn_forget_plot, rank_by_type_plot
 
     short = {tgt: "GSM8K EM", srcs[0]: "MMLU acc", srcs[1]: "BBH acc"}
-    sweep_rows, head_rows, loss_rows, spec_rows, plot_rows, spec_plot = [], [], [], [], [], {}
+    sweep_rows, head_rows, head_loss_rows, loss_rows, spec_rows, plot_rows, spec_plot = [], [], [], [], [], [], {}
     for r in sorted(rows, key=lambda r: (names.index(r["method"]), r["lr"], r["seed"])):
         sc = r["scores"]
         sweep_rows.append(
@@ -375,6 +375,9 @@ def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
         head_rows.append(
             [n, f"{picked[n]:g}", len(sel), statistics.fmean(r["scores"][tgt] for r in sel), lm, ls, fm, fs]
         )
+        vm, vs = _mean_sd([r["val_loss"] for r in sel])
+        hm, hs = _mean_sd([r["scores"]["selfinstruct_loss"] - r["base_selfinstruct_loss"] for r in sel])
+        head_loss_rows.append([n, f"{picked[n]:g}", len(sel), vm, vs, hm, hs])
     learn_forget_plot(
         plot_rows,
         ctx.out / "learn_forget.png",
@@ -401,6 +404,12 @@ def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
         (
             "Headline: picked learning rate, mean (sd) over seeds",
             markdown_table(["method", "lr", "seeds", "GSM8K EM", "learning", "sd", "forgetting", "sd"], head_rows),
+        ),
+        (
+            "Headline losses: picked learning rate, mean (sd) over seeds (nats per token)",
+            markdown_table(
+                ["method", "lr", "seeds", "GSM8K val loss", "sd", "self-instruct loss change", "sd"], head_loss_rows
+            ),
         ),
         (
             "Sweep (learning rate picked on validation loss)",

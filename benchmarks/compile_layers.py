@@ -5,6 +5,7 @@ LoRA factors, rotary, SiLU times up, residual adds) so inductor fuses the elemen
 The per-example span attention stays eager behind a graph break (`torch.compiler.disable`): its loop over
 examples would otherwise be unrolled and specialised on every batch's example lengths. The spans travel in an
 opaque holder for the same reason (a list of ints would be guarded value by value and recompile every step).
+The compiled contender is the training option `compile_layers: true` (`deltatune/train/compiled_layers.py`).
 
 Both contenders run the main benchmark's LoRA steps (SmolLM2-135M, GSM8K, chat template, response-only loss,
 rows of 256 tokens, 4 rows a step laid end to end, LoRA r=8 on all linear layers, no dropout, AdamW), in the
@@ -36,32 +37,6 @@ from train_speed import BATCH, MAX_LEN, benchmark_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "compile_layers.json"
-OPAQUE = "packed_eager_opaque"
-
-
-class OpaqueSpans:
-    """The spans of a packed row, hidden from dynamo's guards (only the eager attention reads them)."""
-
-    __slots__ = ("spans",)
-
-    def __init__(self, spans) -> None:
-        self.spans = spans
-
-
-def _register_opaque_attention() -> None:
-    import torch
-    from transformers import AttentionInterface, AttentionMaskInterface
-
-    from deltatune.train import packed_attention
-
-    @torch.compiler.disable
-    def attention(module, query, key, value, attention_mask, packed_spans=None, **kwargs):
-        return packed_attention.packed_eager(
-            module, query, key, value, attention_mask, packed_spans=packed_spans.spans, **kwargs
-        )
-
-    AttentionInterface.register(OPAQUE, attention)
-    AttentionMaskInterface.register(OPAQUE, lambda *args, **kwargs: None)
 
 
 def child(variant: str, steps: int, warmup: int, precision: str) -> dict:
@@ -74,7 +49,7 @@ def child(variant: str, steps: int, warmup: int, precision: str) -> dict:
     from deltatune.data.pipeline import prepare_records
     from deltatune.methods.apply import apply_methods
     from deltatune.models import load_model, load_tokenizer
-    from deltatune.train import fused_norms, packed_attention
+    from deltatune.train import compiled_layers, fused_norms, packed_attention
     from deltatune.train.checkpoint import Position
     from deltatune.train.loop import MicroBatches, method_specs
     from deltatune.train.loss import weighted_lm_loss_sum
@@ -103,15 +78,12 @@ def child(variant: str, steps: int, warmup: int, precision: str) -> dict:
     with torch.no_grad():
         for p in trainable:
             p.data = p.data.float()
-    _register_opaque_attention()
-    model.set_attn_implementation(OPAQUE)
+    model.set_attn_implementation(packed_attention.register(compiled_layers=variant == "compiled"))
     if variant == "eager":
         _, why_not = fused_norms.install(model)
         assert why_not is None, why_not
     else:
-        for layer in model.model.layers:
-            layer.compile(dynamic=True)
-        model.model.norm.compile(dynamic=True)
+        compiled_layers.install(model)  # what `compile_layers: true` does in training
     model.train()
     optimizer = torch.optim.AdamW(trainable, lr=2e-4)
     head, decoder = model.get_output_embeddings(), model.get_decoder()
@@ -119,7 +91,7 @@ def child(variant: str, steps: int, warmup: int, precision: str) -> dict:
     times, losses, tokens = [], [], []
     for batch in batches:
         start = time.perf_counter()
-        spans = OpaqueSpans(packed_attention.spans_from_position_ids(batch["position_ids"]))
+        spans = packed_attention.spans_argument(model, batch["position_ids"])
         with autocast:
             hidden = decoder(
                 input_ids=batch["input_ids"], position_ids=batch["position_ids"], packed_spans=spans, use_cache=False

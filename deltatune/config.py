@@ -90,6 +90,12 @@ class TrainConfig(BaseModel):
         description="run Llama-style RMSNorms as one torch.compile'd kernel (5x faster per norm on CPU; "
         "needs a C++ compiler); auto = on CPU, falling back to transformers' norms if compiling fails",
     )
+    compile_layers: bool = Field(
+        False,
+        description="torch.compile every decoder layer (inductor fuses the element-wise work between the "
+        "matmuls; packed attention stays eager): ~1.06x a CPU LoRA step after 20-60 s of compilation, not "
+        "bitwise equal to eager; single process, without LOMO or gradient checkpointing",
+    )
     fused_update: bool | Literal["lomo", "fused-adamw"] = Field(
         False,
         description="update each weight inside backward: lomo (Lv et al.: plain SGD, no optimizer state, "

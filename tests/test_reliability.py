@@ -224,11 +224,22 @@ def test_a_huge_record_is_cut_before_tokenizing_with_the_same_tokens(tiny_tok, m
 
 
 # ----------------------------------------------------------------------------- 12. exact resume, any precision
-@pytest.mark.parametrize("precision, dropout", [("bf16", 0.0), ("fp32", 0.0), ("bf16", 0.1)])
-def test_resume_at_several_kill_points_equals_the_straight_run(tiny_dir, data_file, tmp_path, precision, dropout):
+@pytest.mark.parametrize(
+    "precision, dropout, compiled, kills",
+    [
+        ("bf16", 0.0, False, (3, 6, 9)),
+        ("fp32", 0.0, False, (3, 6, 9)),
+        ("bf16", 0.1, False, (3, 6, 9)),
+        ("bf16", 0.1, True, (6,)),  # compiling takes ~20 s a run here: one kill point
+    ],
+)
+def test_resume_at_several_kill_points_equals_the_straight_run(
+    tiny_dir, data_file, tmp_path, precision, dropout, compiled, kills
+):
     """Stopping right after a checkpoint (as a kill would) and resuming with fresh compile caches (as a
     new process has) ends bitwise where the uninterrupted run ends, with the compiled norms on (and with
-    LoRA dropout: the resumed run draws the same masks)."""
+    LoRA dropout: the resumed run draws the same masks; and with whole decoder layers compiled, dropout
+    inside their graphs)."""
     from deltatune.config import load_config
     from deltatune.train.loop import train
 
@@ -257,7 +268,8 @@ def test_resume_at_several_kill_points_equals_the_straight_run(tiny_dir, data_fi
                 eval_fraction=0.1,
                 warmup_steps=2,
                 save_every=3,
-                fused_norms="on",
+                fused_norms="auto" if compiled else "on",
+                compile_layers=compiled,
                 num_threads=1,
                 dropout=dropout,
                 **kw,
@@ -270,7 +282,7 @@ def test_resume_at_several_kill_points_equals_the_straight_run(tiny_dir, data_fi
         torch._dynamo.reset()
         train(cfg(tmp_path / "straight"), quiet=True)
         want = load_file(str(tmp_path / "straight" / "final" / "adapter_model.safetensors"))
-        for kill in (3, 6, 9):
+        for kill in kills:
             out = tmp_path / f"killed-{kill}"
             torch._dynamo.reset()
             with pytest.raises(KeyboardInterrupt):

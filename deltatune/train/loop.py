@@ -23,7 +23,7 @@ import torch
 
 from deltatune.config import TrainConfig
 from deltatune.errors import ConfigError, TrainingError
-from deltatune.train import fused_norms, packed_attention
+from deltatune.train import compiled_layers, fused_norms, packed_attention
 from deltatune.train.checkpoint import Position, prune_checkpoints
 from deltatune.train.distributed import NullProgress, init_distributed
 from deltatune.train.loss import per_example_weights, weighted_lm_loss_sum
@@ -120,7 +120,7 @@ def forward_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     if batch["attention_mask"] is None:  # a flat row of packed examples: attention span by span
         if not packed_attention.is_active(model):
             raise TrainingError("a flat packed batch needs the model switched to packed attention")
-        kwargs["packed_spans"] = packed_attention.spans_from_position_ids(batch["position_ids"])
+        kwargs["packed_spans"] = packed_attention.spans_argument(model, batch["position_ids"])
     return model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
 
 
@@ -148,6 +148,9 @@ def use_fused_norms(
     """Resolve `fused_norms` and swap the norms in; returns the function that swaps them back.
     auto: single-process CPU runs (under FSDP2 the swapped modules' optimizer state did not map)."""
     if not (cfg.fused_norms == "on" or (cfg.fused_norms == "auto" and device.type == "cpu" and not distributed)):
+        return lambda: None
+    if cfg.compile_layers:  # `fused_norms: on` with compiled layers is refused earlier (compiled_layers.check)
+        say("fused RMSNorm off: the compiled layers fuse the norms")
         return lambda: None
     from deltatune.train.lomo import retains_graph
 
@@ -284,6 +287,7 @@ def _call_step_hook(hook, step: int, total_steps: int, model, flat: bool, autoca
     so it can generate or score; training mode and packed attention come back afterwards. Compiled code
     (the fused norms) runs eagerly inside: generation's many shapes would each trigger a recompile."""
     was_training = model.training
+    attention = packed_attention.attention_name(model)
     model.eval()
     if flat:
         model.set_attn_implementation("sdpa")
@@ -292,7 +296,7 @@ def _call_step_hook(hook, step: int, total_steps: int, model, flat: bool, autoca
             return dict(hook(step, total_steps, model) or {})
     finally:
         if flat:
-            model.set_attn_implementation(packed_attention.register())
+            model.set_attn_implementation(attention)
         model.train(was_training)
 
 
@@ -387,6 +391,7 @@ def _train(
     random.seed(cfg.seed)
     dist = init_distributed(device)  # torchrun: join the process group; device becomes cuda:LOCAL_RANK
     cleanup.callback(_close_process_group)
+    compiled_layers.check(cfg, distributed=dist.active)
     device = dist.device
     precision = pick_precision(cfg, device)
     methods = method_objects(cfg)
@@ -453,13 +458,15 @@ def _train(
     flat = use_packed_attention(cfg, model, device)  # examples end to end, attention span by span
     attn_before = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if flat:
-        model.set_attn_implementation(packed_attention.register())
+        model.set_attn_implementation(packed_attention.register(compiled_layers=cfg.compile_layers))
     restore_norms = use_fused_norms(cfg, model, device, distributed=dist.active, say=say)
+    restore_layers = compiled_layers.install(model) if cfg.compile_layers else (lambda: None)
 
     def restore_model() -> None:  # idempotent: runs before the final save, and again on any exit
         if packed_attention.is_active(model):
             model.set_attn_implementation(attn_before)  # saved models and later use get the standard kernel
         restore_norms()  # the model object leaves with transformers' own modules
+        restore_layers()  # ... and their eager calls
         release_workspaces()  # scratch buffers of the loss and the attention
 
     cleanup.callback(restore_model)
@@ -471,6 +478,8 @@ def _train(
     from deltatune.upcycle.losses import for_training as moe_losses_for
 
     router_losses = moe_losses_for(model, cfg)  # upcycled models: aux losses + routing metrics; None if dense
+    if router_losses is not None and cfg.compile_layers:
+        raise ConfigError("compile_layers: true is not supported for upcycled (MoE) models", field="compile_layers")
 
     # --- optimiser, resume -----------------------------------------------------------------
     params = [p for _, p in trainable]

@@ -26,6 +26,7 @@ from torch import Tensor
 from deltatune.train.workspace import Workspace
 
 NAME = "packed_eager"
+COMPILED_NAME = "packed_eager_outside_graph"  # the same function, for decoder layers under torch.compile
 _registered = False
 
 Spans = list[list[tuple[int, int]]]
@@ -196,9 +197,37 @@ def packed_eager(
     return span_attention(query, key, value, packed_spans, scale), None
 
 
+class HiddenSpans:
+    """A batch's spans, opaque to torch.compile: a list of ints passed into a compiled layer would be guarded
+    value by value (a recompile for every batch); only the attention, outside the graph, reads them."""
+
+    __slots__ = ("spans",)
+
+    def __init__(self, spans: Spans) -> None:
+        self.spans = spans
+
+
+@torch.compiler.disable
+def packed_eager_outside_graph(module, query, key, value, attention_mask, packed_spans=None, **kwargs):
+    """`packed_eager` behind a graph break: compiled decoder layers run everything else in their graphs and
+    call this eagerly (its loop over examples would otherwise be unrolled and specialised on every length)."""
+    spans = packed_spans.spans if isinstance(packed_spans, HiddenSpans) else packed_spans
+    return packed_eager(module, query, key, value, attention_mask, packed_spans=spans, **kwargs)
+
+
+def attention_name(model) -> str | None:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
 def is_active(model) -> bool:
-    """Whether `model` is a transformers model switched to packed attention."""
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
+    """Whether `model` is a transformers model switched to packed attention (either variant)."""
+    return attention_name(model) in (NAME, COMPILED_NAME)
+
+
+def spans_argument(model, position_ids: Tensor) -> Spans | HiddenSpans:
+    """The `packed_spans` keyword for a flat batch, hidden from the compiler when the layers are compiled."""
+    spans = spans_from_position_ids(position_ids)
+    return HiddenSpans(spans) if attention_name(model) == COMPILED_NAME else spans
 
 
 def supported(model) -> bool:
@@ -210,13 +239,15 @@ def _no_mask(*args, **kwargs):
     return None  # the spans replace the mask
 
 
-def register() -> str:
-    """Register the attention function with transformers (once); returns its name."""
+def register(compiled_layers: bool = False) -> str:
+    """Register the attention functions with transformers (once); returns the name to switch the model to."""
     global _registered
     if not _registered:
         from transformers import AttentionInterface, AttentionMaskInterface
 
         AttentionInterface.register(NAME, packed_eager)
+        AttentionInterface.register(COMPILED_NAME, packed_eager_outside_graph)
         AttentionMaskInterface.register(NAME, _no_mask)
+        AttentionMaskInterface.register(COMPILED_NAME, _no_mask)
         _registered = True
-    return NAME
+    return COMPILED_NAME if compiled_layers else NAME

@@ -1,0 +1,118 @@
+"""`compile_layers: true`: decoder layers under torch.compile train like the eager layers, compile once for
+all batch lengths, come back eager afterwards, and refuse the combinations they do not support."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltatune.errors import ConfigError
+
+
+def _cfg(tiny_dir, data_file, out, **kw):
+    from deltatune.config import load_config
+
+    overrides = dict(
+        model=str(tiny_dir),
+        data=str(data_file),
+        output=str(out),
+        method="lora",
+        rank=4,
+        alpha=8,
+        lr=5e-3,
+        batch_size=2,
+        seq_len=64,
+        precision="fp32",
+        steps=6,
+        seed=3,
+        eval_fraction=0.0,
+        warmup_steps=1,
+        num_threads=1,
+    )
+    overrides.update(kw)
+    return load_config(overrides=overrides)
+
+
+@pytest.fixture
+def varied_data(tmp_path):
+    """Answers of 5 to 59 words: with 256-token rows, one a step, the flat rows differ in length (192-256)."""
+    import json
+
+    words = "one two three four five six seven eight nine ten".split()
+    rows = [
+        {"instruction": f"Count to {n}.", "output": " ".join(words[i % 10] for i in range(n))} for n in range(5, 60, 3)
+    ]
+    path = tmp_path / "varied.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_compiled_layers_train_like_eager_compile_once_and_restore(tiny_dir, varied_data, tmp_path):
+    from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
+
+    from deltatune.train.loop import train
+
+    seen, graphs = {}, []
+
+    def inspect(step, total, model):  # inside training: the layers are compiled; graphs compiled so far
+        seen.setdefault("compiled", all(layer._compiled_call_impl is not None for layer in model.model.layers))
+        graphs.append(counters["stats"]["unique_graphs"])
+        return {}
+
+    torch._dynamo.reset()
+    sizes = dict(seq_len=256, batch_size=1)
+    eager = train(_cfg(tiny_dir, varied_data, tmp_path / "eager", fused_norms="off", **sizes), quiet=True)
+    counters.clear()
+    compiled = train(
+        _cfg(tiny_dir, varied_data, tmp_path / "compiled", compile_layers=True, **sizes), quiet=True, on_step=inspect
+    )
+    assert seen["compiled"]
+    # the same losses to float rounding (inductor may order a reduction differently), step by step
+    for a, b in zip(eager.history, compiled.history):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    want = load_file(str(tmp_path / "eager" / "final" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "compiled" / "final" / "adapter_model.safetensors"))
+    assert all(torch.allclose(want[k], got[k], rtol=1e-3, atol=1e-5) for k in want)
+    # one set of graphs for every row length (dynamic shapes, spans hidden from the guards), not one per batch:
+    # after the first steps (layer 0 and the others, each split at the attention; the backward) nothing new
+    assert len({len(ids) for ids in _step_rows(tiny_dir, varied_data, tmp_path, **sizes)}) > 1  # the lengths do vary
+    assert graphs[1] >= 1 and graphs[1] == graphs[-1], graphs
+
+
+def _step_rows(tiny_dir, data_file, tmp_path, **sizes) -> list[list[int]]:
+    """The flat rows the 6 training steps see (the loop's own data order)."""
+    from deltatune.data.masking import parse_policy
+    from deltatune.data.packing import collate
+    from deltatune.data.pipeline import prepare_dataset
+    from deltatune.models import load_tokenizer
+    from deltatune.train.checkpoint import Position
+    from deltatune.train.loop import MicroBatches
+
+    cfg = _cfg(tiny_dir, data_file, tmp_path / "unused", **sizes)
+    tok = load_tokenizer(str(tiny_dir))
+    examples = list(prepare_dataset(cfg.data, tok, template=cfg.template, max_len=cfg.seq_len).examples)
+    data, pos, policy = MicroBatches(examples, cfg), Position(), parse_policy(cfg.policy)
+    rows = []
+    for _ in range(cfg.steps):
+        batch = collate(data.take(pos, 1)[0], policy, seq_len=cfg.row_len, pad_id=0, packed=True, flat=True)
+        rows.append(batch["input_ids"][0].tolist())
+    return rows
+
+
+@pytest.mark.parametrize(
+    "clash, message",
+    [
+        (dict(gradient_checkpointing=True), "gradient_checkpointing"),
+        (dict(fused_norms="on"), "fused_norms: on"),
+        (dict(fused_update="lomo"), "fused_update"),
+    ],
+)
+def test_compile_layers_refuses_what_it_does_not_support(tiny_dir, data_file, tmp_path, clash, message):
+    from deltatune.train.loop import train
+
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=message) as err:
+        train(_cfg(tiny_dir, data_file, out, compile_layers=True, **clash), quiet=True)
+    assert err.value.field == "compile_layers"
+    assert not out.exists()  # refused before anything was written

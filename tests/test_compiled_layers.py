@@ -116,3 +116,26 @@ def test_compile_layers_refuses_what_it_does_not_support(tiny_dir, data_file, tm
         train(_cfg(tiny_dir, data_file, out, compile_layers=True, **clash), quiet=True)
     assert err.value.field == "compile_layers"
     assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "full",
+        "prefix",
+        # compiling their own forwards takes 35-70 s each on 2 cores: `make test-slow` runs them
+        pytest.param("dora", marks=pytest.mark.slow),
+        pytest.param("mora", marks=pytest.mark.slow),
+        pytest.param("qlora", marks=pytest.mark.slow),
+    ],
+)
+def test_other_methods_train_under_compiled_layers_like_eager(tiny_dir, data_file, tmp_path, method):
+    """Methods with their own forward (DoRA's magnitude, MoRA's compress/decompress, the NF4 base), full
+    finetuning and a method on the mask path (prefix tuning's virtual tokens) compile and match eager."""
+    from deltatune.train.loop import train
+
+    torch._dynamo.reset()
+    kw = dict(method=method, steps=3)
+    eager = train(_cfg(tiny_dir, data_file, tmp_path / "eager", fused_norms="off", **kw), quiet=True)
+    compiled = train(_cfg(tiny_dir, data_file, tmp_path / "compiled", compile_layers=True, **kw), quiet=True)
+    assert [h["loss"] for h in compiled.history] == pytest.approx([h["loss"] for h in eager.history], rel=1e-4)

@@ -144,6 +144,10 @@ def test_loss_tasks_are_reported_apart_never_averaged():
     assert "loss_src" not in lf.as_row()
     only_loss = learn_forget("r", base, run, ["t"], ["loss_src"], loss_tasks={"loss_src"})
     assert only_loss.forgetting != only_loss.forgetting  # nan: nothing fraction-valued to average
+    from deltatune.cli.forgetting import forgetting_markdown
+
+    text = forgetting_markdown(base, [only_loss.as_row()], ["t"], ["loss_src"], loss_tasks={"loss_src"})
+    assert "nan" not in text and "| r | 0.2000 | - |" in text  # shown as nothing to average, not as nan
 
 
 def test_a_loss_passed_as_a_fraction_is_refused():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,10 +166,10 @@ def evaluate_model(model_ref: str | None, adapter: str | None, tasks, opts, dtyp
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A markdown table; floats with 4 decimals."""
+    """A markdown table; floats with 4 decimals, None and NaN (nothing to average) as '-'."""
 
     def cell(v):
-        if v is None:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 

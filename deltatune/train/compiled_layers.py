@@ -2,7 +2,7 @@
 
 A CPU LoRA step of the default model is about two thirds matmuls; the rest is many small element-wise passes
 (norms, rotary, SiLU times up, residual adds, LoRA's scale-and-add, casts), each a trip over memory. Compiling
-each decoder layer lets inductor fuse them: measured 1.06-1.08x a step on an AVX-512 bf16 EPYC
+each decoder layer lets inductor fuse them: measured 1.06-1.14x a step on an AVX-512 bf16 EPYC
 (`benchmarks/compile_layers.py`, docs/benchmarks.md), for 20-60 s of compilation in the first step.
 
 What this module arranges, and why:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe, machine_record, native_precision  # noqa: E402
-from train_speed import BATCH, MAX_LEN, benchmark_data  # noqa: E402
+from roofline import benchmark_batches  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "compile_layers.json"
@@ -44,32 +44,15 @@ def child(variant: str, steps: int, warmup: int, precision: str) -> dict:
     import torch
 
     from deltatune.config import TrainConfig
-    from deltatune.data.masking import parse_policy
-    from deltatune.data.packing import collate
-    from deltatune.data.pipeline import prepare_records
     from deltatune.methods.apply import apply_methods
     from deltatune.models import load_model, load_tokenizer
     from deltatune.train import compiled_layers, fused_norms, packed_attention
-    from deltatune.train.checkpoint import Position
-    from deltatune.train.loop import MicroBatches, method_specs
+    from deltatune.train.loop import method_specs
     from deltatune.train.loss import weighted_lm_loss_sum
 
     torch.manual_seed(0)
-    tok = load_tokenizer(None)
-    records, _, _ = benchmark_data(tok, (steps + warmup) * BATCH)
-    cfg = TrainConfig(
-        template="chatml", policy="response", method="lora", rank=8, alpha=16, dropout=0.0, seq_len=MAX_LEN,
-        batch_size=BATCH, eval_fraction=0.0,
-    )  # fmt: skip
-    examples = list(prepare_records(records, tok, template="chatml", max_len=MAX_LEN).examples)
-    data, pos, policy = MicroBatches(examples, cfg), Position(), parse_policy("response")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    batches = [
-        collate(
-            data.take(pos, 1)[0], policy, seq_len=MAX_LEN, pad_id=pad, packed=True, flat=True, template_name="chatml"
-        )
-        for _ in range(steps + warmup)
-    ]
+    batches = [batch for _, batch in benchmark_batches(load_tokenizer(None), steps + warmup)]
+    cfg = TrainConfig(method="lora", rank=8, alpha=16, dropout=0.0)
     bf16 = precision == "bf16"
     model, _ = load_model(None, dtype=torch.bfloat16 if bf16 else torch.float32)
     adapted = apply_methods(model, method_specs(cfg))

@@ -2,8 +2,9 @@
 
 Random-weight SmolLM2-135M-shaped Llama (config only, nothing downloaded), LoRA r=8 alpha=16 on all
 linear layers, dropout 0 (and 0.05), bf16 weights and adapters, batch 4 x 256, forward + backward +
-AdamW step, interleaved repetitions; the median is reported (the minimum too, in the JSON). With dropout, a third contender is deltatune's layer with torch's `nn.Dropout` swapped
-back in, which isolates what deltatune's CPU dropout (deltatune/methods/dropout.py) buys.
+AdamW step, interleaved repetitions; the median is reported (the minimum too, in the JSON). With dropout, a
+third contender is deltatune's layer with torch's `nn.Dropout` swapped back in, which isolates what deltatune's
+CPU dropout (deltatune/methods/dropout.py) buys.
 Writes benchmarks/results/lora_layer_speed.json with the machine record.
 
     python benchmarks/lora_layer_speed.py [--steps 4] [--batch 4] [--seq 256] [--device cpu]

@@ -43,40 +43,48 @@ RESULTS = REPO / "benchmarks" / "results" / "roofline.json"
 MAX_LEN, BATCH = 256, 4
 
 
-def benchmark_steps(steps: int, warmup: int) -> tuple[list[dict], object]:
-    """The flat batches the deltatune contender trains on, step by step (same packing and seed)."""
+def benchmark_batches(tokenizer, steps: int) -> list[tuple[list, dict]]:
+    """(packed rows, flat batch) of each step the deltatune contender trains on (same examples, packing, seed)."""
     from train_speed import benchmark_data
-    from transformers import AutoConfig
 
     from deltatune.config import TrainConfig
     from deltatune.data.masking import parse_policy
     from deltatune.data.packing import collate
     from deltatune.data.pipeline import prepare_records
-    from deltatune.models import default_model_dir, load_tokenizer
     from deltatune.train.checkpoint import Position
     from deltatune.train.loop import MicroBatches
 
-    model_dir = default_model_dir()
-    tok = load_tokenizer(model_dir)
     cfg = TrainConfig(template="chatml", policy="response", seq_len=MAX_LEN, batch_size=BATCH, eval_fraction=0.0)
-    records, _, _ = benchmark_data(tok, (warmup + steps) * BATCH)  # the examples train_speed.py trains on
-    examples = list(prepare_records(records, tok, template="chatml", max_len=MAX_LEN).examples)
+    records, _, _ = benchmark_data(tokenizer, steps * BATCH)  # the examples train_speed.py trains on
+    examples = list(prepare_records(records, tokenizer, template="chatml", max_len=MAX_LEN).examples)
     data, pos, policy = MicroBatches(examples, cfg), Position(), parse_policy("response")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
-    for step in range(warmup + steps):
+    for _ in range(steps):
         rows = data.take(pos, 1)[0]
         batch = collate(rows, policy, seq_len=MAX_LEN, pad_id=pad, packed=True, flat=True, template_name="chatml")
+        out.append((rows, batch))
+    return out
+
+
+def benchmark_steps(steps: int, warmup: int) -> tuple[list[dict], object]:
+    """The shapes of the timed steps (those after `warmup`) of `benchmark_batches`, and the model's config."""
+    from transformers import AutoConfig
+
+    from deltatune.models import default_model_dir, load_tokenizer
+
+    model_dir = default_model_dir()
+    out = []
+    for rows, batch in benchmark_batches(load_tokenizer(model_dir), warmup + steps)[warmup:]:
         n_loss = int((batch["loss_weights"][:, 1:] > 0).sum())
-        if step >= warmup:
-            out.append(
-                {
-                    "T": batch["input_ids"].shape[1],
-                    "spans": [len(ex) for row in rows for ex in row],
-                    "n_loss": -(-n_loss // 32) * 32,
-                    "real_tokens": batch["n_real_tokens"],
-                }
-            )
+        out.append(
+            {
+                "T": batch["input_ids"].shape[1],
+                "spans": [len(ex) for row in rows for ex in row],
+                "n_loss": -(-n_loss // 32) * 32,
+                "real_tokens": batch["n_real_tokens"],
+            }
+        )
     return out, AutoConfig.from_pretrained(model_dir)
 
 

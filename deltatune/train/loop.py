@@ -285,7 +285,7 @@ def evaluate_loss(
 def _call_step_hook(hook, step: int, total_steps: int, model, flat: bool, autocast) -> dict:
     """Call a caller's per-step hook with the model in eval mode, standard attention and the run's autocast,
     so it can generate or score; training mode and packed attention come back afterwards. Compiled code
-    (the fused norms) runs eagerly inside: generation's many shapes would each trigger a recompile."""
+    (the fused norms, compiled layers) runs eagerly inside: generation's many shapes would each recompile."""
     was_training = model.training
     attention = packed_attention.attention_name(model)
     model.eval()

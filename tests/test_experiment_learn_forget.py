@@ -50,23 +50,29 @@ def test_learn_forget_quick_end_to_end_and_resume(tmp_path, shared_data):
         assert r["learning"] == pytest.approx(sc[tgt] - base[tgt])
         assert r["forgetting"] == pytest.approx(((base[mmlu] - sc[mmlu]) + (base[bbh] - sc[bbh])) / 2)
         assert "selfinstruct_loss" in sc and sc["n"][tgt] == 2
+        # learning in nats: the fall of the loss on the scored GSM8K test problems' reference solutions
+        assert r["learning_loss"] == pytest.approx(base["gsm8k_test_loss"] - sc["gsm8k_test_loss"])
+    lines = (out / "data" / "gsm8k_test_answers.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["output"].rstrip().split("\n")[-1].startswith("#### ")
     lora = next(r for r in runs if r["method"] == "lora-r8")
     assert all(1 <= s["rank90_max"] <= 8 for s in lora["spectrum"])  # a rank-8 update needs at most rank 8
     full = next(r for r in runs if r["method"] == "full")
     assert {s["type"] for s in full["spectrum"]} >= {"q_proj", "down_proj"}
     md = (out / "results.md").read_text()
-    assert "## Held-out loss on self-instruct references (nats per token" in md and "## Headline" in md
+    assert "## Held-out losses: GSM8K test solutions and self-instruct references (nats per token" in md
+    assert "## Headline" in md
     # the loss headline: each method's validation loss and self-instruct change, averaged over its two seeds
     from deltatune.experiments.common import markdown_table
 
     for method in ("full", "lora-r8"):
         sel = [r for r in runs if r["method"] == method and r["lr"] == res["picked_lr"][method]]
         val = sum(r["val_loss"] for r in sel) / 2
+        test = sum(-r["learning_loss"] for r in sel) / 2
         change = sum(r["scores"]["selfinstruct_loss"] - r["base_selfinstruct_loss"] for r in sel) / 2
-        cells = markdown_table(["v", "c"], [[val, change]]).splitlines()[-1].strip("| ").split(" | ")
+        cells = markdown_table(["v", "t", "c"], [[val, test, change]]).splitlines()[-1].strip("| ").split(" | ")
         row = next(line for line in md.split("## Headline losses")[1].splitlines() if line.startswith(f"| {method} |"))
-        assert row.split(" | ")[3] == cells[0] and row.split(" | ")[5] == cells[1]
-    for png in ("learn_forget.png", "spectrum.png"):
+        assert [row.split(" | ")[i] for i in (3, 5, 7)] == cells
+    for png in ("learn_forget.png", "learn_forget_loss.png", "spectrum.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # the same command again: every run has its done marker, nothing trains, the results are the same runs
     marker = out / "runs" / lora["name"] / "done.json"
@@ -139,3 +145,45 @@ def test_learn_forget_in_bf16_measures_each_run_against_its_own_start(tmp_path, 
     # the two starts differ (bf16 rounding of every weight), so the held-out loss tells them apart
     assert res["base"]["selfinstruct_loss"] != res["base_full_finetuning"]["selfinstruct_loss"]
     assert "fp32 weights (full finetuning)" in (out / "results.md").read_text()
+
+
+def _drop_measure(path, key: str) -> float:
+    """Remove one score from a done.json or base.json (as written before the measure existed)."""
+    doc = json.loads(path.read_text())
+    scores = doc if "measured" not in doc else doc["measured"][str(doc["steps"])]["scores"]
+    value = scores.pop(key)
+    path.write_text(json.dumps(doc))
+    return value
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_measure_added_later_is_taken_from_the_saved_weights(tmp_path, shared_data, precision):
+    """Runs and bases measured before the GSM8K test loss existed get it on resume, from their final
+    weights, equal to what the run measured in-process: nothing is trained again. In bf16 the adapter is
+    loaded as trained (fp32 tensors over the bf16 base) and full finetuning from its fp32 weights."""
+    from deltatune.cli import main
+
+    out = tmp_path / "lf"
+    args = ["experiment", "learn-forget", "--quick", "--seeds", "1", "--lrs", "1", "--methods", "full,lora-r8"]
+    args += ["--precision", precision, "--threads", "1", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    first = json.loads((out / "results.json").read_text())
+    dropped = {
+        name: _drop_measure(out / "runs" / name / "done.json", "gsm8k_test_loss")
+        for name in ("full-lr1e-05-s0", "lora-r8-lr0.0001-s0")
+    }
+    dropped["base"] = _drop_measure(out / "base.json", "gsm8k_test_loss")
+    markers = {n: (out / "runs" / n / "metrics.jsonl").stat().st_mtime_ns for n in dropped if n != "base"}
+    assert main(args) == 0
+    again = json.loads((out / "results.json").read_text())
+    for r in again["runs"]:
+        assert r["scores"]["gsm8k_test_loss"] == pytest.approx(dropped[r["name"]], rel=1e-9)
+        assert (out / "runs" / r["name"] / "metrics.jsonl").stat().st_mtime_ns == markers[r["name"]]
+        assert (
+            json.loads((out / "runs" / r["name"] / "done.json").read_text())["measured"]["2"]["scores"][
+                "gsm8k_test_loss"
+            ]
+            == r["scores"]["gsm8k_test_loss"]
+        )
+    assert again["base"]["gsm8k_test_loss"] == pytest.approx(dropped["base"], rel=1e-9)
+    assert [r["learning"] for r in again["runs"]] == [r["learning"] for r in first["runs"]]

@@ -120,3 +120,19 @@ def test_export_refuses_a_model_with_tensors_its_config_lacks(tmp_path):
     with pytest.raises(ConfigError, match="extra tensor"):
         export_merged(adapted, None, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_an_adapter_loads_onto_a_bf16_base_as_trained(tmp_path, method):
+    """Training holds fp32 adapter tensors over a bf16 base: `trainable_dtype` loads them so, bit for bit;
+    by default they take the base's dtype."""
+    trained = apply_methods(tiny_model(seed=3), MethodSpec(name=method, rank=4, alpha=8))
+    randomise([p for _, p in trained.trainable_parameters()])
+    trained.save_adapter(tmp_path / "a")
+    saved = {k: v.clone() for k, v in trained.adapter_state_dict().items()}
+    as_trained = load_adapter(tiny_model(seed=3).to(torch.bfloat16), tmp_path / "a", trainable_dtype=torch.float32)
+    for name, value in as_trained.adapter_state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, saved[name])
+    assert all(p.dtype == torch.bfloat16 for n, p in as_trained.model.named_parameters() if not p.requires_grad)
+    default = load_adapter(tiny_model(seed=3).to(torch.bfloat16), tmp_path / "a")
+    assert {v.dtype for v in default.adapter_state_dict().values()} == {torch.bfloat16}

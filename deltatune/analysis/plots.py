@@ -35,8 +35,10 @@ def learn_forget_plot(
     title: str = "Learning vs forgetting",
     x_unit: str = "accuracy / exact match",
     y_unit: str = "accuracy",
+    x_label: str | None = None,
 ) -> Path:
-    """Learning (gain on targets) on x, forgetting (drop on sources) on y; both fractions of items.
+    """Learning (gain on targets) on x, forgetting (drop on sources) on y; fractions of items unless
+    `x_label` names another unit for learning (a loss decrease in nats).
 
     Rows with the same "group" key (a method across learning rates, as in the paper's figure) share a
     colour and are joined in order of learning; a row without one is a single labelled point.
@@ -71,7 +73,7 @@ def learn_forget_plot(
                 )
     ax.axhline(0, color="grey", lw=0.6)
     ax.axvline(0, color="grey", lw=0.6)
-    ax.set_xlabel(f"learning: target {x_unit} gain over base (fraction, higher is better)")
+    ax.set_xlabel(x_label or f"learning: target {x_unit} gain over base (fraction, higher is better)")
     ax.set_ylabel(f"forgetting: source {y_unit} drop from base (fraction, lower is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

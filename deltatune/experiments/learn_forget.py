@@ -11,9 +11,14 @@ model and every run:
 - sources: MMLU (fixed subjects, option likelihood) and BIG-Bench Hard (fixed tasks) accuracies,
   forgetting = mean drop from the base, a fraction;
 - held-out loss on the self-instruct reference answers (nats per token), in its own table;
+- the loss on the reference solutions of the same GSM8K test problems (nats per token): a learning
+  measure that moves where exact match cannot (a 135M model solves ~0 of them before and after),
+  in the loss tables and its own plot, never averaged with accuracies;
 - the spectrum of each run's weight change dW: rank needed for 90% of ||dW||^2, per layer type.
-Outputs: results.json/md, learn_forget.png (each method's rates joined, as the paper's figure) and
-spectrum.png (rank@90% per layer type, full finetuning against the adapters).
+Runs measured before a measure was added get it from their saved final weights when the experiment is
+resumed (`_backfill`), so adding a measure never retrains.
+Outputs: results.json/md, learn_forget.png (each method's rates joined, as the paper's figure),
+learn_forget_loss.png (the same with the GSM8K test-loss decrease as learning) and spectrum.png (rank@90% per layer type, full finetuning against the adapters).
 fp32 by default; --precision bf16 trains and measures under bf16 autocast (several times faster where the
 CPU has AVX-512 bf16 or AMX).
 """
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.errors import UserError
-from deltatune.experiments.common import Context, Run, markdown_table, write_atomic
+from deltatune.experiments.common import DONE, Context, Run, markdown_table, write_atomic
 
 HELP = "LoRA learns less and forgets less: GSM8K gain vs MMLU/BBH drop per method and learning rate"
 DEFAULT_SEEDS = 2
@@ -148,6 +153,17 @@ def _selfinstruct_file(ctx: Context, n: int) -> Path:
     return path
 
 
+def _gsm8k_test_file(ctx: Context, items: list) -> Path:
+    """The scored GSM8K test problems with their reference solutions, in training format (prompt as trained)."""
+    from deltatune.evaluate.tasks import GSM8K_ZERO_SHOT
+
+    path = ctx.out / "data" / "gsm8k_test_answers.jsonl"
+    if not path.exists():
+        rows = [{"instruction": it.prompt + GSM8K_ZERO_SHOT, "output": it.shot_answer} for it in items]
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 class Measures:
     """The tasks, their items (read once) and the base model, to score any model the same way."""
 
@@ -165,43 +181,60 @@ class Measures:
             self.sources[1].name: sizes["bbh"],
         }
         self.items = {t.name: load_items(t, limits[t.name]) for t in [self.target, *self.sources]}
+        self.target_loss = resolve_task(f"loss:{_gsm8k_test_file(ctx, self.items[self.target.name])}")
+        self.loss_keys = {self.loss.name: "selfinstruct_loss", self.target_loss.name: "gsm8k_test_loss"}
         self.tokens = {self.target.name: sizes["max_new_tokens"], self.sources[1].name: sizes["bbh_tokens"]}
         self.opts = EvalOptions(batch_size=sizes["eval_batch"], progress=False, template="tokenizer", max_len=1024)
         self.model_name, self.precision = ctx.model, precision
         self.base, self.tokenizer = load_model(ctx.model, dtype="fp32")
         self.base.eval()
 
-    def base_scores(self, frozen: bool) -> dict[str, Any]:
-        """The base model scored as the runs are. In bf16 the two kinds of run start from different bases:
-        adapter methods from bf16 weights (frozen = True), full finetuning from fp32 master weights, both under
-        bf16 autocast; each run's learning and forgetting are measured against its own start."""
+    @property
+    def tasks(self) -> list:
+        return [self.target, *self.sources, self.loss, self.target_loss]
+
+    def missing(self, scores: dict[str, Any]) -> list:
+        """The tasks whose score `scores` lacks (measured before the task was added)."""
+        return [t for t in self.tasks if self.loss_keys.get(t.name, t.name) not in scores]
+
+    def start_model(self, frozen: bool):
+        """The model a run starts from, as it is scored. In bf16 the two kinds of run start from different
+        bases: adapter methods from bf16 weights (frozen = True), full finetuning from fp32 master weights."""
         import torch
 
         from deltatune.models import load_model
 
-        if self.precision == "fp32":
-            return self.scores(self.base)
-        model = self.base
-        if frozen:
-            model, _ = load_model(self.model_name, dtype=torch.bfloat16)
-            model.eval()
-        with torch.autocast(self.base.device.type, dtype=torch.bfloat16):
-            return self.scores(model)
+        if self.precision == "fp32" or not frozen:
+            return self.base
+        model, _ = load_model(self.model_name, dtype=torch.bfloat16)
+        return model.eval()
 
-    def scores(self, model) -> dict[str, Any]:
-        """Headline score of every task (fractions), the held-out loss (nats) and the item counts."""
+    def base_scores(self, frozen: bool, tasks: list | None = None) -> dict[str, Any]:
+        """The base model scored as the runs are (under bf16 autocast in bf16); each run's learning and
+        forgetting are measured against its own start."""
+        return self.scores(self.start_model(frozen), tasks)
+
+    def scores(self, model, tasks: list | None = None) -> dict[str, Any]:
+        """Headline score of every task (fractions), the held-out losses (nats) and the item counts."""
+        from contextlib import nullcontext
         from dataclasses import replace
+
+        import torch
 
         from deltatune.evaluate.runner import evaluate_task
 
+        autocast = (
+            torch.autocast(model.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        )
         out: dict[str, Any] = {"n": {}, "eval_seconds": {}}
-        for task in [self.target, *self.sources, self.loss]:
+        for task in self.tasks if tasks is None else tasks:
             opts = replace(self.opts, max_new_tokens=self.tokens.get(task.name))
             start = time.perf_counter()
-            res = evaluate_task(model, self.tokenizer, task, opts, self.items.get(task.name))
+            with autocast:
+                res = evaluate_task(model, self.tokenizer, task, opts, self.items.get(task.name))
             out["eval_seconds"][task.name] = round(time.perf_counter() - start, 2)
             out["n"][task.name] = res.n
-            out["selfinstruct_loss" if task is self.loss else task.name] = res.score
+            out[self.loss_keys.get(task.name, task.name)] = res.score
             if task is self.target:
                 out["gsm8k_flexible"] = res.metrics["exact_match_flexible"]
         return out
@@ -281,6 +314,7 @@ def run(ctx: Context, args) -> None:
         picked[n] = min(ok or cands, key=lambda c: c.get("eval_loss") or math.inf)["lr"]
     if rest:
         results.update(ctx.run_all([make(n, picked[n], s) for n in names for s in rest]))
+    _backfill(ctx, m, results)
 
     tgt, srcs = m.target.name, [t.name for t in m.sources]
     rows = []
@@ -302,20 +336,71 @@ def run(ctx: Context, args) -> None:
                 "picked": r["lr"] == picked[r["method"]],
                 "train_seconds": r["train_seconds"],
                 "base_selfinstruct_loss": own["selfinstruct_loss"],
+                "base_gsm8k_test_loss": own["gsm8k_test_loss"],
+                # learning in nats: how much the reference solutions' loss fell (positive = learned)
+                "learning_loss": own["gsm8k_test_loss"] - sc["gsm8k_test_loss"],
             }
         )
     _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
 
 
 def _base(ctx: Context, m: Measures, file: str, frozen: bool) -> dict[str, Any]:
-    """The base model's scores, measured once per experiment folder (a resumed run reads them back)."""
+    """The base model's scores, measured once per experiment folder (a resumed run reads them back and
+    measures only what a later version added)."""
     path = ctx.out / file
     if path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))
-    ctx.say(f"[learn-forget] scoring the base model{' (fp32 weights, for full finetuning)' if not frozen else ''}")
-    scores = m.base_scores(frozen)
+        scores = json.loads(path.read_text(encoding="utf-8"))
+        missing = m.missing(scores)
+        if not missing:
+            return scores
+        ctx.say(f"[learn-forget] base model: measuring {', '.join(t.name for t in missing)} (added since)")
+        scores = _merge_scores(scores, m.base_scores(frozen, missing))
+    else:
+        ctx.say(f"[learn-forget] scoring the base model{' (fp32 weights, for full finetuning)' if not frozen else ''}")
+        scores = m.base_scores(frozen)
     write_atomic(path, json.dumps(scores, indent=2) + "\n")
     return scores
+
+
+def _merge_scores(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    merged = {**old, **{k: v for k, v in new.items() if k not in ("n", "eval_seconds")}}
+    for key in ("n", "eval_seconds"):
+        merged[key] = {**old.get(key, {}), **new[key]}
+    return merged
+
+
+def _backfill(ctx: Context, m: Measures, results: dict[str, dict]) -> None:
+    """Measure what a finished run lacks (a measure added after it ran) on its saved final weights, and
+    add it to its done.json (atomically). The run is loaded as it was measured: adapters on the bf16 base
+    in bf16, full finetuning from its fp32 weights, both under the same autocast as the in-run measures."""
+    import copy
+
+    import torch
+
+    from deltatune.evaluate.runs import read_run
+    from deltatune.methods.apply import load_adapter
+    from deltatune.models import load_model
+
+    todo = [r for r in results.values() if m.missing(r["measured"][str(r["steps"])]["scores"])]
+    if not todo:
+        return
+    adapter_base = None
+    for i, r in enumerate(todo, 1):
+        scores = r["measured"][str(r["steps"])]["scores"]
+        missing = m.missing(scores)
+        ctx.say(f"[learn-forget] {i}/{len(todo)} {r['name']}: measuring {', '.join(t.name for t in missing)}")
+        info = read_run(ctx.run_dir(r["name"]))
+        if info.final is None:
+            raise UserError(f"{info.path} has no final weights to measure; delete the run folder to train it again")
+        if info.final.kind == "adapter":  # the bf16 (or fp32) base and fp32 adapter tensors, as trained
+            adapter_base = adapter_base or m.start_model(frozen=True)
+            model = load_adapter(copy.deepcopy(adapter_base), info.final.path, trainable_dtype=torch.float32).model
+        else:
+            model = load_model(str(info.final.path), dtype=torch.float32)[0]
+        model.eval()
+        r["measured"][str(r["steps"])]["scores"] = _merge_scores(scores, m.scores(model, missing))
+        write_atomic(ctx.run_dir(r["name"]) / DONE, json.dumps(r, indent=2) + "\n")
+        del model
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float | None]:
@@ -326,7 +411,8 @@ def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
     from deltatune.analysis.plots import learn_forget_plot, rank_by_type_plot
 
     short = {tgt: "GSM8K EM", srcs[0]: "MMLU acc", srcs[1]: "BBH acc"}
-    sweep_rows, head_rows, head_loss_rows, loss_rows, spec_rows, plot_rows, spec_plot = [], [], [], [], [], [], {}
+    sweep_rows, head_rows, head_loss_rows, loss_rows, spec_rows, spec_plot = [], [], [], [], [], {}
+    plot_rows, loss_plot_rows = [], []
     for r in sorted(rows, key=lambda r: (names.index(r["method"]), r["lr"], r["seed"])):
         sc = r["scores"]
         sweep_rows.append(
@@ -348,6 +434,9 @@ def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
                 r["method"],
                 f"{r['lr']:g}",
                 r["seed"],
+                r["base_gsm8k_test_loss"],
+                sc["gsm8k_test_loss"],
+                -r["learning_loss"],
                 r["base_selfinstruct_loss"],
                 sc["selfinstruct_loss"],
                 sc["selfinstruct_loss"] - r["base_selfinstruct_loss"],
@@ -363,6 +452,7 @@ def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
                     "forgetting": r["forgetting"],
                 }
             )
+            loss_plot_rows.append({**plot_rows[-1], "learning": r["learning_loss"]})
             if r["picked"]:
                 spec_plot[r["method"]] = r["spectrum"]
                 for s in r["spectrum"]:
@@ -376,13 +466,21 @@ def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
             [n, f"{picked[n]:g}", len(sel), statistics.fmean(r["scores"][tgt] for r in sel), lm, ls, fm, fs]
         )
         vm, vs = _mean_sd([r["val_loss"] for r in sel])
+        tm, ts = _mean_sd([-r["learning_loss"] for r in sel])
         hm, hs = _mean_sd([r["scores"]["selfinstruct_loss"] - r["base_selfinstruct_loss"] for r in sel])
-        head_loss_rows.append([n, f"{picked[n]:g}", len(sel), vm, vs, hm, hs])
+        head_loss_rows.append([n, f"{picked[n]:g}", len(sel), vm, vs, tm, ts, hm, hs])
     learn_forget_plot(
         plot_rows,
         ctx.out / "learn_forget.png",
         title=f"Learning vs forgetting (seed {ctx.seeds[0]}, points = learning rates)",
         x_unit="GSM8K exact match",
+        y_unit="MMLU/BBH accuracy",
+    )
+    learn_forget_plot(
+        loss_plot_rows,
+        ctx.out / "learn_forget_loss.png",
+        title=f"Learning as GSM8K test loss vs forgetting (seed {ctx.seeds[0]}, points = learning rates)",
+        x_label="learning: decrease of GSM8K test solution loss (nats per token)",
         y_unit="MMLU/BBH accuracy",
     )
     rank_by_type_plot(spec_plot, ctx.out / "spectrum.png")
@@ -393,10 +491,10 @@ def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
         (
             f"Base model ({precision})",
             markdown_table(
-                ["start", "GSM8K EM", "GSM8K flexible", "MMLU acc", "BBH acc", "self-instruct loss"],
+                ["start", "GSM8K EM", "GSM8K flexible", "MMLU acc", "BBH acc", "GSM8K test loss", "self-instruct loss"],
                 [
                     [start[k] if len(bases) > 1 else "all runs", b[tgt], b["gsm8k_flexible"], b[srcs[0]], b[srcs[1]]]
-                    + [b["selfinstruct_loss"]]
+                    + [b["gsm8k_test_loss"], b["selfinstruct_loss"]]
                     for k, b in bases.items()
                 ],
             ),
@@ -408,7 +506,9 @@ def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
         (
             "Headline losses: picked learning rate, mean (sd) over seeds (nats per token)",
             markdown_table(
-                ["method", "lr", "seeds", "GSM8K val loss", "sd", "self-instruct loss change", "sd"], head_loss_rows
+                ["method", "lr", "seeds", "GSM8K val loss", "sd", "GSM8K test loss change", "sd"]
+                + ["self-instruct loss change", "sd"],
+                head_loss_rows,
             ),
         ),
         (
@@ -430,8 +530,12 @@ def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
             ),
         ),
         (
-            "Held-out loss on self-instruct references (nats per token; never averaged with accuracies)",
-            markdown_table(["method", "lr", "seed", "base", "run", "change"], loss_rows),
+            "Held-out losses: GSM8K test solutions and self-instruct references (nats per token; never "
+            "averaged with accuracies)",
+            markdown_table(
+                ["method", "lr", "seed", "GSM8K test: base", "run", "change", "self-instruct: base", "run", "change"],
+                loss_rows,
+            ),
         ),
         (
             "Spectrum of dW at the picked rate: rank for 90% of the energy, and ||dW|| / ||W0||",
@@ -464,6 +568,6 @@ def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
             "bbh_tasks": BBH_TASKS,
         },
         tables,
-        plots=["learn_forget.png", "spectrum.png"],
+        plots=["learn_forget.png", "learn_forget_loss.png", "spectrum.png"],
         notes=notes,
     )

@@ -195,12 +195,22 @@ def _check_claims(model: nn.Module, methods: list[Method]) -> None:
         raise RuntimeError(f"parameters train without a method claiming them, e.g. '{stray[0]}'")
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> AdaptedModel:
-    """Apply the methods an adapter folder describes (PEFT's or deltatune's format) and load its weights."""
+def load_adapter(
+    model: nn.Module, adapter_dir: str | os.PathLike, *, trainable_dtype: torch.dtype | None = None
+) -> AdaptedModel:
+    """Apply the methods an adapter folder describes (PEFT's or deltatune's format) and load its weights.
+
+    The adapter's tensors take the base weights' dtype, unless `trainable_dtype` is given: fp32 over a bf16
+    base holds them as training did (fp32 master weights), so nothing saved in fp32 is rounded on the way in.
+    """
     from deltatune.methods.peft_format import read_adapter
 
     specs, state, key_map, source = read_adapter(adapter_dir)
     adapted = apply_methods(model, specs)
+    if trainable_dtype is not None:
+        with torch.no_grad():
+            for _, p in adapted.trainable_parameters():
+                p.data = p.data.to(trainable_dtype)
     if key_map is not None:  # PEFT keys -> our names, through the method's hook
         method = adapted.methods[0]
         state = {method.from_peft_key(k): v for k, v in state.items()}

@@ -187,3 +187,23 @@ def test_a_measure_added_later_is_taken_from_the_saved_weights(tmp_path, shared_
         )
     assert again["base"]["gsm8k_test_loss"] == pytest.approx(dropped["base"], rel=1e-9)
     assert [r["learning"] for r in again["runs"]] == [r["learning"] for r in first["runs"]]
+
+
+def test_the_recorded_loss_tables_in_the_docs_match_the_raw_results():
+    """docs/experiments.md quotes the recorded run's held-out losses; every row must be the raw JSON's."""
+    from pathlib import Path
+
+    from deltatune.experiments.common import markdown_table
+
+    root = Path(__file__).resolve().parents[1] / "docs"
+    res = json.loads((root / "results" / "learn_forget.json").read_text())
+    doc = (root / "experiments.md").read_text().split("#### Held-out losses: GSM8K test solutions")[1]
+    rows = [line for line in doc.split("\n\n")[1].splitlines()[2:]]
+    expected = []
+    for r in sorted(res["runs"], key=lambda r: (list(res["picked_lr"]).index(r["method"]), r["lr"], r["seed"])):
+        sc = r["scores"]
+        cells = [r["method"], f"{r['lr']:g}", r["seed"], r["base_gsm8k_test_loss"], sc["gsm8k_test_loss"]]
+        cells += [-r["learning_loss"], r["base_selfinstruct_loss"], sc["selfinstruct_loss"]]
+        cells += [sc["selfinstruct_loss"] - r["base_selfinstruct_loss"]]
+        expected.append(markdown_table([""] * len(cells), [cells]).splitlines()[-1])
+    assert rows == expected and len(rows) == 24

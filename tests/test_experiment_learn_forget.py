@@ -207,3 +207,23 @@ def test_the_recorded_loss_tables_in_the_docs_match_the_raw_results():
         cells += [sc["selfinstruct_loss"] - r["base_selfinstruct_loss"]]
         expected.append(markdown_table([""] * len(cells), [cells]).splitlines()[-1])
     assert rows == expected and len(rows) == 24
+
+
+def test_epochs_are_passes_over_the_packed_examples(tmp_path, shared_data, monkeypatch):
+    """--epochs 2 trains exactly two passes over the examples as packed into rows (the step count follows the
+    packing, not examples / batch), and every run is measured at its own last step."""
+    from deltatune.cli import main
+    from deltatune.experiments import learn_forget
+
+    monkeypatch.setitem(learn_forget.SIZES["quick"], "seq_len", 4096)  # rows long enough to hold several examples
+
+    out = tmp_path / "lf"
+    args = ["experiment", "learn-forget", "--quick", "--seeds", "1", "--lrs", "1", "--methods", "lora-r8"]
+    assert main([*args, "--epochs", "2", "--train-examples", "24", "--threads", "1", "--quiet", "--out", str(out)]) == 0
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    log = [json.loads(line) for line in (out / "runs" / run["name"] / "metrics.jsonl").read_text().splitlines()]
+    epochs = [rec["epoch"] for rec in log if "loss" in rec]
+    assert epochs.count(0) == epochs.count(1) >= 1 and set(epochs) == {0, 1}
+    done = json.loads((out / "runs" / run["name"] / "done.json").read_text())
+    assert done["steps"] == len(epochs) and list(done["measured"]) == [str(len(epochs))]
+    assert len(epochs) != 24 * 2 // 4  # what examples / batch would have given: packing fits several in a row

@@ -38,7 +38,8 @@ class Run:
 
     `config` holds TrainConfig keys (the framework sets `output`, and `model` unless given);
     `records`/`eval_records` pass data in memory (or set `data` in `config`); `measure(step, model)`
-    is called at each step in `measure_steps` with the model in eval mode and returns numbers to
+    is called at each step in `measure_steps` (and at the last one with `measure_last`, for runs whose
+    length is known only once the data is packed) with the model in eval mode and returns numbers to
     keep; `meta` is copied into the result (method, seed, dataset, ... for the tables).
     """
 
@@ -49,6 +50,7 @@ class Run:
     measure: Callable[[int, Any], dict] | None = None
     measure_steps: tuple[int, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    measure_last: bool = False
 
 
 def measure_points(total_steps: int, n: int) -> tuple[int, ...]:
@@ -264,7 +266,7 @@ class Context:
         def on_step(step: int, total: int, model) -> dict | None:
             nonlocal last_print, measure_seconds
             out = None
-            if run.measure is not None and step in run.measure_steps:
+            if run.measure is not None and (step in run.measure_steps or (run.measure_last and step == total)):
                 t0 = time.perf_counter()
                 out = run.measure(step, model)
                 measured[step] = out

@@ -57,7 +57,7 @@ SIZES = {
     "full": dict(
         train=160,
         val=32,
-        epochs=1.0,
+        steps=20,  # about 1.8 passes over the 160 examples: packing fits ~14.5 of them in a step of 8 rows
         batch=8,
         seq_len=512,
         gsm8k=40,
@@ -71,7 +71,7 @@ SIZES = {
     "quick": dict(
         train=8,
         val=4,
-        epochs=1.0,
+        steps=2,
         batch=4,
         seq_len=512,
         gsm8k=2,
@@ -89,7 +89,13 @@ def add_arguments(p) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma subset of {', '.join(METHODS)}")
     p.add_argument("--lrs", type=int, default=3, help="learning rates per method, from the grid (default 3)")
     p.add_argument("--train-examples", type=int, default=None, help="GSM8K train examples (full: 160)")
-    p.add_argument("--epochs", type=float, default=None, help="epochs over them (full: 1)")
+    p.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="passes over the train examples, as packed into rows (default: a fixed 20 steps in full mode, "
+        "about 1.8 passes over 160 examples)",
+    )
     p.add_argument("--gsm8k-test", type=int, default=None, help="GSM8K test problems scored (full: 40)")
     p.add_argument("--mmlu-per-subject", type=int, default=None, help=f"questions per subject of {MMLU_SUBJECTS}")
     p.add_argument("--bbh-per-task", type=int, default=None, help=f"items per task of {BBH_TASKS}")
@@ -251,12 +257,13 @@ class Measures:
         return [{**s, "full_rank": full[s["type"]]} for s in summarise_by_type(rows)]
 
 
-def _config(method: str, rank: int | None, lr: float, seed: int, steps: int, sizes: dict, precision: str) -> dict:
+def _config(method: str, rank: int | None, lr: float, seed: int, length: dict, sizes: dict, precision: str) -> dict:
+    """A run's TrainConfig; `length` is {"steps": n} or {"epochs": e} (passes over the packed examples)."""
     cfg = {
+        **length,
         "method": method,
         "lr": lr,
         "seed": seed,
-        "steps": steps,
         "batch_size": sizes["batch"],
         "seq_len": sizes["seq_len"],
         "precision": precision,
@@ -281,7 +288,7 @@ def run(ctx: Context, args) -> None:
     names = _methods(args)
     sizes = _sizes(ctx, args)
     train_recs, val_recs = gsm8k_records(sizes)
-    steps = max(1, math.ceil(len(train_recs) * sizes["epochs"] / sizes["batch"]))
+    length = {"epochs": sizes["epochs"]} if sizes.get("epochs") else {"steps": sizes["steps"]}
     precision = getattr(args, "precision", "fp32")
     m = Measures(ctx, sizes, precision)
     bases = {"adapters": _base(ctx, m, "base.json", frozen=True)}
@@ -296,11 +303,11 @@ def run(ctx: Context, args) -> None:
         method, rank, _ = METHODS[name]
         return Run(
             _run_name(name, lr, seed),
-            _config(method, rank, lr, seed, steps, sizes, precision),
+            _config(method, rank, lr, seed, length, sizes, precision),
             records=train_recs,
             eval_records=val_recs,
             measure=measure,
-            measure_steps=(steps,),
+            measure_last=True,
             meta={"method": name, "lr": lr, "seed": seed},
         )
 
@@ -341,7 +348,8 @@ def run(ctx: Context, args) -> None:
                 "learning_loss": own["gsm8k_test_loss"] - sc["gsm8k_test_loss"],
             }
         )
-    _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
+    steps = sorted({r["steps"] for r in results.values()})
+    _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps[0] if len(steps) == 1 else steps, precision)
 
 
 def _base(ctx: Context, m: Measures, file: str, frozen: bool) -> dict[str, Any]:

@@ -18,7 +18,8 @@ model and every run:
 Runs measured before a measure was added get it from their saved final weights when the experiment is
 resumed (`_backfill`), so adding a measure never retrains.
 Outputs: results.json/md, learn_forget.png (each method's rates joined, as the paper's figure),
-learn_forget_loss.png (the same with the GSM8K test-loss decrease as learning) and spectrum.png (rank@90% per layer type, full finetuning against the adapters).
+learn_forget_loss.png (the same with the GSM8K test-loss decrease as learning) and spectrum.png
+(rank@90% per layer type, full finetuning against the adapters).
 fp32 by default; --precision bf16 trains and measures under bf16 autocast (several times faster where the
 CPU has AVX-512 bf16 or AMX).
 """

@@ -51,7 +51,7 @@ def test_learn_forget_quick_end_to_end_and_resume(tmp_path, shared_data):
         assert r["forgetting"] == pytest.approx(((base[mmlu] - sc[mmlu]) + (base[bbh] - sc[bbh])) / 2)
         assert "selfinstruct_loss" in sc and sc["n"][tgt] == 2
         # learning in nats: the fall of the loss on the scored GSM8K test problems' reference solutions
-        assert r["learning_loss"] == pytest.approx(base["gsm8k_test_loss"] - sc["gsm8k_test_loss"])
+        assert r["learning_nats"] == pytest.approx(base["gsm8k_test_loss"] - sc["gsm8k_test_loss"])
     lines = (out / "data" / "gsm8k_test_answers.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[0])["output"].rstrip().split("\n")[-1].startswith("#### ")
     lora = next(r for r in runs if r["method"] == "lora-r8")
@@ -67,7 +67,7 @@ def test_learn_forget_quick_end_to_end_and_resume(tmp_path, shared_data):
     for method in ("full", "lora-r8"):
         sel = [r for r in runs if r["method"] == method and r["lr"] == res["picked_lr"][method]]
         val = sum(r["val_loss"] for r in sel) / 2
-        test = sum(-r["learning_loss"] for r in sel) / 2
+        test = sum(-r["learning_nats"] for r in sel) / 2
         change = sum(r["scores"]["selfinstruct_loss"] - r["base_selfinstruct_loss"] for r in sel) / 2
         cells = markdown_table(["v", "t", "c"], [[val, test, change]]).splitlines()[-1].strip("| ").split(" | ")
         row = next(line for line in md.split("## Headline losses")[1].splitlines() if line.startswith(f"| {method} |"))
@@ -173,7 +173,9 @@ def test_a_measure_added_later_is_taken_from_the_saved_weights(tmp_path, shared_
         for name in ("full-lr1e-05-s0", "lora-r8-lr0.0001-s0")
     }
     dropped["base"] = _drop_measure(out / "base.json", "gsm8k_test_loss")
-    markers = {n: (out / "runs" / n / "metrics.jsonl").stat().st_mtime_ns for n in dropped if n != "base"}
+    if precision == "bf16":  # full finetuning's own start (fp32 weights) is a second base file
+        dropped["base-full"] = _drop_measure(out / "base-full.json", "gsm8k_test_loss")
+    markers = {n: (out / "runs" / n / "metrics.jsonl").stat().st_mtime_ns for n in dropped if "base" not in n}
     assert main(args) == 0
     again = json.loads((out / "results.json").read_text())
     for r in again["runs"]:
@@ -186,6 +188,8 @@ def test_a_measure_added_later_is_taken_from_the_saved_weights(tmp_path, shared_
             == r["scores"]["gsm8k_test_loss"]
         )
     assert again["base"]["gsm8k_test_loss"] == pytest.approx(dropped["base"], rel=1e-9)
+    if precision == "bf16":
+        assert again["base_full_finetuning"]["gsm8k_test_loss"] == pytest.approx(dropped["base-full"], rel=1e-9)
     assert [r["learning"] for r in again["runs"]] == [r["learning"] for r in first["runs"]]
 
 
@@ -203,7 +207,7 @@ def test_the_recorded_loss_tables_in_the_docs_match_the_raw_results():
     for r in sorted(res["runs"], key=lambda r: (list(res["picked_lr"]).index(r["method"]), r["lr"], r["seed"])):
         sc = r["scores"]
         cells = [r["method"], f"{r['lr']:g}", r["seed"], r["base_gsm8k_test_loss"], sc["gsm8k_test_loss"]]
-        cells += [-r["learning_loss"], r["base_selfinstruct_loss"], sc["selfinstruct_loss"]]
+        cells += [-r["learning_nats"], r["base_selfinstruct_loss"], sc["selfinstruct_loss"]]
         cells += [sc["selfinstruct_loss"] - r["base_selfinstruct_loss"]]
         expected.append(markdown_table([""] * len(cells), [cells]).splitlines()[-1])
     assert rows == expected and len(rows) == 24
@@ -227,3 +231,26 @@ def test_epochs_are_passes_over_the_packed_examples(tmp_path, shared_data, monke
     done = json.loads((out / "runs" / run["name"] / "done.json").read_text())
     assert done["steps"] == len(epochs) and list(done["measured"]) == [str(len(epochs))]
     assert len(epochs) != 24 * 2 // 4  # what examples / batch would have given: packing fits several in a row
+
+
+def test_a_finished_run_trained_with_other_settings_is_not_reused(tmp_path, shared_data, capsys):
+    """A folder made when --epochs meant a step count (examples x epochs / batch) holds runs of another length
+    under the same options: resuming it refuses, naming the run and the setting, instead of mixing lengths."""
+    import yaml
+
+    from deltatune.cli import main
+
+    out = tmp_path / "lf"
+    args = ["experiment", "learn-forget", "--quick", "--seeds", "1", "--lrs", "1", "--methods", "lora-r8"]
+    args += ["--epochs", "2", "--threads", "1", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    config_file = out / "runs" / "lora-r8-lr0.0001-s0" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config.update(steps=4, epochs=1.0)  # what the earlier version trained for --epochs 2 on 8 examples
+    config_file.write_text(yaml.safe_dump(config))
+    before = (out / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "lora-r8-lr0.0001-s0 was trained with steps 4, not the None asked for now" in err
+    assert (out / "results.json").read_bytes() == before

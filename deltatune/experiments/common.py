@@ -29,6 +29,8 @@ from deltatune.errors import UserError
 
 DONE = "done.json"
 MANIFEST = "experiment.json"
+# run settings not compared when a finished run is reused: where the run reads from and writes to
+NOT_COMPARED = frozenset({"model", "output", "data", "eval_data", "resume", "overwrite"})
 StepHook = Callable[[int, int, Any], "dict | None"]  # (step, total_steps, model) -> metrics for that step
 
 
@@ -233,12 +235,35 @@ class Context:
         for i, run in enumerate(runs, 1):
             done = self.run_dir(run.name) / DONE
             if done.exists():
+                stale = self._stale_setting(run)
+                if stale:
+                    raise UserError(
+                        f"{self.run_dir(run.name)} was trained with {stale}; a finished run is reused only "
+                        "with the settings it was trained with (an option's meaning may have changed since): "
+                        "resume with its options or choose another --out"
+                    )
                 results[run.name] = json.loads(done.read_text(encoding="utf-8"))
                 self.say(f"[{self.name}] run {i}/{len(runs)} {run.name}: done earlier, kept")
                 continue
             results[run.name] = self._train_one(run, i, len(runs), todo_steps)
             todo_steps.pop(run.name, None)
         return results
+
+    def _stale_setting(self, run: Run) -> str | None:
+        """The first setting a finished run's config.yaml disagrees on with what this invocation asks (its
+        step count always: a run asked for by epochs must not have trained a fixed count), or None."""
+        import yaml
+
+        path = self.run_dir(run.name) / "config.yaml"
+        if not path.exists():
+            return None
+        stored = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for key, value in {"steps": None, **run.config}.items():
+            if key in NOT_COMPARED or key not in stored or not isinstance(value, (int, float, str, bool, type(None))):
+                continue
+            if stored[key] != value:
+                return f"{key} {stored[key]!r}, not the {value!r} asked for now"
+        return None
 
     def _total_steps(self, run: Run) -> int | None:
         return run.config.get("steps")

@@ -94,8 +94,9 @@ def add_arguments(p) -> None:
         "--epochs",
         type=float,
         default=None,
-        help="passes over the train examples, as packed into rows (default: a fixed 20 steps in full mode, "
-        "about 1.8 passes over 160 examples)",
+        help="passes over the train examples, as packed into rows: the first pass's step count times E "
+        "(default: a fixed 20 steps in full mode, about 1.8 passes over its 160 examples, whatever "
+        "--train-examples is)",
     )
     p.add_argument("--gsm8k-test", type=int, default=None, help="GSM8K test problems scored (full: 40)")
     p.add_argument("--mmlu-per-subject", type=int, default=None, help=f"questions per subject of {MMLU_SUBJECTS}")
@@ -289,7 +290,17 @@ def run(ctx: Context, args) -> None:
     names = _methods(args)
     sizes = _sizes(ctx, args)
     train_recs, val_recs = gsm8k_records(sizes)
-    length = {"epochs": sizes["epochs"]} if sizes.get("epochs") else {"steps": sizes["steps"]}
+    if sizes.get("epochs"):
+        length = {"epochs": sizes.pop("epochs")}
+        sizes.pop("steps")
+    else:
+        length = {"steps": sizes["steps"]}
+        if getattr(args, "train_examples", None) is not None:
+            ctx.say(
+                f"[learn-forget] --train-examples without --epochs: every run trains the mode's fixed {length['steps']} "
+                "steps whatever the number of examples; give --epochs to train passes over them"
+            )
+    sizes.update(length)
     precision = getattr(args, "precision", "fp32")
     m = Measures(ctx, sizes, precision)
     bases = {"adapters": _base(ctx, m, "base.json", frozen=True)}
@@ -346,7 +357,7 @@ def run(ctx: Context, args) -> None:
                 "base_selfinstruct_loss": own["selfinstruct_loss"],
                 "base_gsm8k_test_loss": own["gsm8k_test_loss"],
                 # learning in nats: how much the reference solutions' loss fell (positive = learned)
-                "learning_loss": own["gsm8k_test_loss"] - sc["gsm8k_test_loss"],
+                "learning_nats": own["gsm8k_test_loss"] - sc["gsm8k_test_loss"],
             }
         )
     steps = sorted({r["steps"] for r in results.values()})
@@ -402,7 +413,8 @@ def _backfill(ctx: Context, m: Measures, results: dict[str, dict]) -> None:
         if info.final is None:
             raise UserError(f"{info.path} has no final weights to measure; delete the run folder to train it again")
         if info.final.kind == "adapter":  # the bf16 (or fp32) base and fp32 adapter tensors, as trained
-            adapter_base = adapter_base or m.start_model(frozen=True)
+            if adapter_base is None:
+                adapter_base = m.start_model(frozen=True)
             model = load_adapter(copy.deepcopy(adapter_base), info.final.path, trainable_dtype=torch.float32).model
         else:
             model = load_model(str(info.final.path), dtype=torch.float32)[0]
@@ -445,7 +457,7 @@ def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
                 r["seed"],
                 r["base_gsm8k_test_loss"],
                 sc["gsm8k_test_loss"],
-                -r["learning_loss"],
+                -r["learning_nats"],
                 r["base_selfinstruct_loss"],
                 sc["selfinstruct_loss"],
                 sc["selfinstruct_loss"] - r["base_selfinstruct_loss"],
@@ -461,7 +473,7 @@ def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
                     "forgetting": r["forgetting"],
                 }
             )
-            loss_plot_rows.append({**plot_rows[-1], "learning": r["learning_loss"]})
+            loss_plot_rows.append({**plot_rows[-1], "learning": r["learning_nats"]})
             if r["picked"]:
                 spec_plot[r["method"]] = r["spectrum"]
                 for s in r["spectrum"]:
@@ -475,7 +487,7 @@ def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision)
             [n, f"{picked[n]:g}", len(sel), statistics.fmean(r["scores"][tgt] for r in sel), lm, ls, fm, fs]
         )
         vm, vs = _mean_sd([r["val_loss"] for r in sel])
-        tm, ts = _mean_sd([-r["learning_loss"] for r in sel])
+        tm, ts = _mean_sd([-r["learning_nats"] for r in sel])
         hm, hs = _mean_sd([r["scores"]["selfinstruct_loss"] - r["base_selfinstruct_loss"] for r in sel])
         head_loss_rows.append([n, f"{picked[n]:g}", len(sel), vm, vs, tm, ts, hm, hs])
     learn_forget_plot(

@@ -247,6 +247,9 @@ class Context:
                 continue
             results[run.name] = self._train_one(run, i, len(runs), todo_steps)
             todo_steps.pop(run.name, None)
+            for name, steps in todo_steps.items():  # runs asked for by epochs: estimate by the last run's length
+                if steps is None:
+                    todo_steps[name] = results[run.name]["steps"]
         return results
 
     def _stale_setting(self, run: Run) -> str | None:

@@ -392,3 +392,19 @@ def test_shots_come_from_the_same_subject_and_the_whole_file(shared_data):
     train = load_shot_pool(g)
     shots = _shots_for(load_items(g, limit=1)[0], train, EvalOptions(shots=2, seed=5))
     assert all("gsm8k/train.jsonl" in s.source for s in shots) and len(shots) == 2
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_eval_records_dtype_and_batch_and_warns_of_bf16_generation(tmp_path, tiny_model_dir, capsys, dtype):
+    """Greedy texts in bf16 change with the batch size (docs/evaluation.md): the results record both, and a
+    bf16 generation run says so; fp32 does not."""
+    from deltatune.cli import main
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"instruction": "Say fox", "output": "fox"}) + "\n")
+    out = tmp_path / "r.json"
+    args = ["eval", "--model", str(tiny_model_dir), "--task", f"file:{data}", "--max-new-tokens", "2"]
+    assert main([*args, "--dtype", dtype, "--batch-size", "3", "--out", str(out), "--no-progress"]) == 0
+    options = json.loads(out.read_text())["options"]
+    assert (options["dtype"], options["batch_size"]) == (dtype, 3)
+    assert ("greedy texts change with --batch-size" in capsys.readouterr().err) == (dtype == "bf16")

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -214,6 +215,13 @@ def run(args) -> int:
     ]
     extra = sorted({k for row in rows for k in row} - {"task", "n", "metric", "score"})
     print(format_table(rows, ["task", "n", "metric", "score", *extra]))
+    generated = [t.name for t in tasks if t.kind in ("generate", "code")]
+    if generated and not args.score and str(args.dtype).lower() not in ("fp32", "float32"):
+        print(
+            f"note: {args.dtype} generation: greedy texts change with --batch-size (measured in docs/evaluation.md); "
+            "compare these scores only with ones made at the same batch size, or use --dtype fp32",
+            file=sys.stderr,
+        )
     payload = {
         "model": args.model or "default",
         "adapter": args.adapter,
@@ -225,6 +233,8 @@ def run(args) -> int:
             "choice": args.choice,
             "prompt_style": args.prompt_style,
             "sample": args.sample,
+            "dtype": None if args.score else args.dtype,
+            "batch_size": None if args.score else args.batch_size,
         },
         "tasks": {
             r.task: {"n": r.n, "metric": r.metric, "score": r.score, "metrics": r.metrics, **r.info} for r in results

@@ -93,6 +93,7 @@ def test_forgetting_cli_end_to_end(tmp_path, tiny_lm, tiny_tok):
     assert rc == 0
     res = json.loads((out / "forgetting.json").read_text())
     assert set(res["runs"]) == {"lora r=2", "lora r=4"}
+    assert (res["dtype"], res["batch_size"]) == ("fp32", 8)  # what the scores depend on, recorded
     a = res["runs"]["lora r=2"]
     assert a["learning"] == 0.0 and a["forgetting"] == 0.0 and a["rank"] == 2  # a zero update changes nothing
     # run_b's numbers equal a direct evaluation of base + adapter

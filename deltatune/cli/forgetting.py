@@ -155,6 +155,8 @@ def run(args) -> int:
         "units": "fraction of items",
         "limit": args.limit,
         "shots": args.shots,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,  # bf16 greedy texts change with it (docs/evaluation.md)
         "runs": details,
     }
     write_atomic(out / "forgetting.json", json.dumps(payload, indent=2) + "\n")

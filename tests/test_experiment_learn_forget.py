@@ -254,3 +254,25 @@ def test_a_finished_run_trained_with_other_settings_is_not_reused(tmp_path, shar
     err = capsys.readouterr().err
     assert "lora-r8-lr0.0001-s0 was trained with steps 4, not the None asked for now" in err
     assert (out / "results.json").read_bytes() == before
+
+
+def test_a_run_without_final_weights_cannot_be_backfilled(tmp_path, shared_data, capsys):
+    """A finished run that lacks a measure and whose final weights were deleted: a one-line error naming the
+    run folder, and the results already written stay as they were."""
+    import shutil
+
+    from deltatune.cli import main
+
+    out = tmp_path / "lf"
+    args = ["experiment", "learn-forget", "--quick", "--seeds", "1", "--lrs", "1", "--methods", "lora-r8"]
+    args += ["--threads", "1", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    run = out / "runs" / "lora-r8-lr0.0001-s0"
+    _drop_measure(run / "done.json", "gsm8k_test_loss")
+    shutil.rmtree(run / "final")
+    before = (out / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert f"{run} has no final weights to measure" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert (out / "results.json").read_bytes() == before

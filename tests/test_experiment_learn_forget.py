@@ -211,6 +211,22 @@ def test_the_recorded_loss_tables_in_the_docs_match_the_raw_results():
         cells += [sc["selfinstruct_loss"] - r["base_selfinstruct_loss"]]
         expected.append(markdown_table([""] * len(cells), [cells]).splitlines()[-1])
     assert rows == expected and len(rows) == 24
+    # the headline losses: each method's picked rate, mean and sd over its seeds
+    import statistics
+
+    head = (root / "experiments.md").read_text().split("#### Headline losses:")[1].split("\n\n")[1].splitlines()[2:]
+    expected = []
+    for method, lr in res["picked_lr"].items():
+        sel = [r for r in res["runs"] if r["method"] == method and r["picked"]]
+        cells = [method, f"{lr:g}", len(sel)]
+        for values in (
+            [r["val_loss"] for r in sel],
+            [-r["learning_nats"] for r in sel],
+            [r["scores"]["selfinstruct_loss"] - r["base_selfinstruct_loss"] for r in sel],
+        ):
+            cells += [statistics.fmean(values), statistics.stdev(values)]
+        expected.append(markdown_table([""] * len(cells), [cells]).splitlines()[-1])
+    assert head == expected
 
 
 def test_epochs_are_passes_over_the_packed_examples(tmp_path, shared_data, monkeypatch):

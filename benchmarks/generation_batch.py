@@ -8,14 +8,18 @@ measures adapter runs) and in fp32, and reports each batch size's time, its spee
 how many texts are identical to the one-at-a-time texts, and the strict exact match it scores.
 Writes benchmarks/results/generation_batch.json.
 
+Each repeat visits every batch size (rotated order, interleaved); times are medians, with the spread
+(max - min) / median; texts must be identical between repeats (greedy decoding is deterministic).
+
 Usage: python benchmarks/generation_batch.py [--n 40] [--max-new-tokens 160] [--batch-sizes 1,8,16,40]
-                                              [--dtypes bf16,fp32]
+                                              [--dtypes bf16,fp32] [--repeats 1] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -41,6 +45,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--batch-sizes", default="1,8,16,40", help="comma list; the first is the reference")
     ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the table reports the median")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generation_batch.json"))
     args = ap.parse_args()
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -57,25 +62,35 @@ def main() -> int:
             return 0
         model.eval()
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
-        reference = None
+        seconds: dict[int, list[float]] = {b: [] for b in sizes}
+        texts: dict[int, list[str]] = {}
+        score: dict[int, float] = {}
+        for rep in range(args.repeats):  # interleaved: each repeat visits every size, in a rotated order
+            for b in sizes[rep % len(sizes) :] + sizes[: rep % len(sizes)]:
+                opts = EvalOptions(batch_size=b, progress=False, max_new_tokens=args.max_new_tokens)
+                start = time.perf_counter()
+                with autocast:  # the scoring of `deltatune eval --task gsm8k` (0-shot, chat template)
+                    res = evaluate_task(model, tok, task, opts, items)
+                seconds[b].append(time.perf_counter() - start)
+                out = [p["output"] for p in res.predictions]
+                if texts.setdefault(b, out) != out:
+                    raise RuntimeError(f"{dtype} batch {b}: greedy texts differ between repeats")
+                score[b] = res.score
+        ref = sizes[0]
         for b in sizes:
-            start = time.perf_counter()
-            opts = EvalOptions(batch_size=b, progress=False, max_new_tokens=args.max_new_tokens)
-            with autocast:  # the scoring of `deltatune eval --task gsm8k` (0-shot, chat template)
-                res = evaluate_task(model, tok, task, opts, items)
-            seconds = time.perf_counter() - start
-            texts = [p["output"] for p in res.predictions]
-            reference = reference or (texts, seconds)
-            new_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+            median = statistics.median(seconds[b])
+            new_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts[b])
             rows.append(
                 {
                     "dtype": dtype,
                     "batch": b,
-                    "seconds": round(seconds, 2),
-                    "new_tokens_per_s": round(new_tokens / seconds, 1),
-                    "speedup_vs_first": round(reference[1] / seconds, 2),
-                    "texts_equal_to_first": sum(x == y for x, y in zip(texts, reference[0])),
-                    "exact_match_strict": round(res.score * len(items)),
+                    "seconds": round(median, 2),
+                    "spread": round((max(seconds[b]) - min(seconds[b])) / median, 3),
+                    "repeats": len(seconds[b]),
+                    "new_tokens_per_s": round(new_tokens / median, 1),
+                    "speedup_vs_first": round(statistics.median(seconds[ref]) / median, 2),
+                    "texts_equal_to_first": sum(x == y for x, y in zip(texts[b], texts[ref])),
+                    "exact_match_strict": round(score[b] * len(items)),
                     "n": len(items),
                 }
             )
@@ -83,11 +98,15 @@ def main() -> int:
         del model
 
     print(f"\n{args.n} GSM8K test prompts, {args.max_new_tokens} new tokens at most, greedy")
-    print("| dtype | batch | seconds | new tokens/s | speed-up vs batch 1 | texts equal to batch 1 | strict EM |")
-    print("|---|---|---|---|---|---|---|")
+    first = sizes[0]
+    print(
+        f"| dtype | batch | seconds (median of {args.repeats}) | spread | new tokens/s | speed-up vs batch {first} "
+        f"| texts equal to batch {first} | strict EM |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['dtype']} | {r['batch']} | {r['seconds']:.1f} | {r['new_tokens_per_s']:.1f} | "
+            f"| {r['dtype']} | {r['batch']} | {r['seconds']:.1f} | {r['spread']:.0%} | {r['new_tokens_per_s']:.1f} | "
             f"{r['speedup_vs_first']:.2f}x | {r['texts_equal_to_first']}/{r['n']} | {r['exact_match_strict']}/{r['n']} |"
         )
     doc = {

@@ -90,3 +90,27 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **config_overr
     model = LlamaForCausalLM(tiny_llama_config(**config_overrides)).to(dtype)
     model.eval()
     return model
+
+
+def tiny_train_config(model_dir, data_file, out, **overrides):
+    """A TrainConfig for a tiny-model test run: LoRA r=4 (alpha 8) at lr 5e-3, 64-token rows, fp32, seed 3,
+    batch 4, 8 steps, 10% held out, no warm-up; `overrides` on top (any TrainConfig key)."""
+    from deltatune.config import load_config
+
+    settings = dict(
+        model=str(model_dir),
+        data=str(data_file),
+        output=str(out),
+        method="lora",
+        rank=4,
+        alpha=8,
+        lr=5e-3,
+        batch_size=4,
+        seq_len=64,
+        precision="fp32",
+        steps=8,
+        seed=3,
+        eval_fraction=0.1,
+        warmup_steps=0,
+    )
+    return load_config(overrides={**settings, **overrides})

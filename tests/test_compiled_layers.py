@@ -10,27 +10,10 @@ from deltatune.errors import ConfigError
 
 
 def _cfg(tiny_dir, data_file, out, **kw):
-    from deltatune.config import load_config
+    from deltatune.testing import tiny_train_config
 
-    overrides = dict(
-        model=str(tiny_dir),
-        data=str(data_file),
-        output=str(out),
-        method="lora",
-        rank=4,
-        alpha=8,
-        lr=5e-3,
-        batch_size=2,
-        seq_len=64,
-        precision="fp32",
-        steps=6,
-        seed=3,
-        eval_fraction=0.0,
-        warmup_steps=1,
-        num_threads=1,
-    )
-    overrides.update(kw)
-    return load_config(overrides=overrides)
+    settings = dict(batch_size=2, steps=6, eval_fraction=0.0, warmup_steps=1, num_threads=1)
+    return tiny_train_config(tiny_dir, data_file, out, **{**settings, **kw})
 
 
 @pytest.fixture

@@ -10,30 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deltatune.config import load_config
+from deltatune.testing import tiny_train_config
 from deltatune.train.loop import train
 
 
 def _cfg(tiny_dir, data_file, out, **kw):
-    base = dict(
-        model=str(tiny_dir),
-        data=str(data_file),
-        output=str(out),
-        method="lora",
-        rank=4,
-        alpha=8,
-        targets="q_proj,v_proj",
-        lr=5e-3,
-        batch_size=4,
-        seq_len=64,
-        precision="fp32",
-        steps=8,
-        seed=3,
-        eval_fraction=0.1,
-        warmup_steps=0,
-    )
-    base.update(kw)
-    return load_config(overrides=base)
+    return tiny_train_config(tiny_dir, data_file, out, **{"targets": "q_proj,v_proj", **kw})
 
 
 @pytest.fixture(scope="module")

@@ -14,30 +14,13 @@ from safetensors.torch import load_file
 
 from deltatune.config import load_config
 from deltatune.errors import ConfigError, TrainingError
+from deltatune.testing import tiny_train_config
 from deltatune.train.loop import train
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cfg(tiny_dir, data_file, out, **kw):
-    base = dict(
-        model=str(tiny_dir),
-        data=str(data_file),
-        output=str(out),
-        method="lora",
-        rank=4,
-        alpha=8,
-        lr=5e-3,
-        batch_size=4,
-        seq_len=64,
-        precision="fp32",
-        steps=8,
-        seed=3,
-        eval_fraction=0.1,
-        warmup_steps=0,
-    )
-    base.update(kw)
-    return load_config(overrides=base)
+_cfg = tiny_train_config  # (tiny_dir, data_file, out, **overrides)
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:

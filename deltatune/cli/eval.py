@@ -186,6 +186,14 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     write_text_atomic(path, text)  # with the user's umask (mkstemp alone makes 0600 files)
 
 
+def _half_precision(dtype: str) -> bool:
+    import torch
+
+    from deltatune.models import parse_dtype
+
+    return parse_dtype(dtype) in (torch.bfloat16, torch.float16)
+
+
 def run(args) -> int:
     for flag in ("out", "predictions"):  # checked before the evaluation runs, so its results are never lost
         path = getattr(args, flag, None)
@@ -216,7 +224,7 @@ def run(args) -> int:
     extra = sorted({k for row in rows for k in row} - {"task", "n", "metric", "score"})
     print(format_table(rows, ["task", "n", "metric", "score", *extra]))
     generated = [t.name for t in tasks if t.kind in ("generate", "code")]
-    if generated and not args.score and str(args.dtype).lower() not in ("fp32", "float32"):
+    if generated and not args.score and _half_precision(args.dtype):
         print(
             f"note: {args.dtype} generation: greedy texts change with --batch-size (measured in docs/evaluation.md); "
             "compare these scores only with ones made at the same batch size, or use --dtype fp32",

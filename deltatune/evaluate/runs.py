@@ -157,8 +157,16 @@ def specs_from_config(config: dict[str, Any]) -> list:
     return build(config)
 
 
-def load_snapshot(base: torch.nn.Module, run: RunInfo, snap: Snapshot, dtype: torch.dtype = torch.float32):
-    """A fresh model for this snapshot: a copy of `base` with the adapter or checkpoint weights in."""
+def load_snapshot(
+    base: torch.nn.Module,
+    run: RunInfo,
+    snap: Snapshot,
+    dtype: torch.dtype = torch.float32,
+    trainable_dtype: torch.dtype | None = None,
+):
+    """A fresh model for this snapshot: a copy of `base` with the adapter or checkpoint weights in.
+
+    `trainable_dtype` (adapters): hold the adapter's tensors in it, as training did (fp32 over a bf16 base)."""
     if snap.kind == "model":
         from deltatune.models import load_model
 
@@ -167,7 +175,7 @@ def load_snapshot(base: torch.nn.Module, run: RunInfo, snap: Snapshot, dtype: to
     if snap.kind == "adapter":
         from deltatune.methods.apply import load_adapter
 
-        return load_adapter(model, snap.path).model
+        return load_adapter(model, snap.path, trainable_dtype=trainable_dtype).model
     from safetensors.torch import load_file
 
     from deltatune.methods.apply import apply_methods

@@ -196,6 +196,7 @@ class Measures:
         self.model_name, self.precision = ctx.model, precision
         self.base, self.tokenizer = load_model(ctx.model, dtype="fp32")
         self.base.eval()
+        self._bf16_base = None
 
     @property
     def tasks(self) -> list:
@@ -214,8 +215,9 @@ class Measures:
 
         if self.precision == "fp32" or not frozen:
             return self.base
-        model, _ = load_model(self.model_name, dtype=torch.bfloat16)
-        return model.eval()
+        if self._bf16_base is None:  # loaded once: the base scores and the backfill share it
+            self._bf16_base = load_model(self.model_name, dtype=torch.bfloat16)[0].eval()
+        return self._bf16_base
 
     def base_scores(self, frozen: bool, tasks: list | None = None) -> dict[str, Any]:
         """The base model scored as the runs are (under bf16 autocast in bf16); each run's learning and
@@ -393,13 +395,9 @@ def _backfill(ctx: Context, m: Measures, results: dict[str, dict]) -> None:
     """Measure what a finished run lacks (a measure added after it ran) on its saved final weights, and
     add it to its done.json (atomically). The run is loaded as it was measured: adapters on the bf16 base
     in bf16, full finetuning from its fp32 weights, both under the same autocast as the in-run measures."""
-    import copy
-
     import torch
 
-    from deltatune.evaluate.runs import read_run
-    from deltatune.methods.apply import load_adapter
-    from deltatune.models import load_model
+    from deltatune.evaluate.runs import load_snapshot, read_run
 
     todo = [r for r in results.values() if m.missing(r["measured"][str(r["steps"])]["scores"])]
     if not todo:
@@ -412,13 +410,10 @@ def _backfill(ctx: Context, m: Measures, results: dict[str, dict]) -> None:
         info = read_run(ctx.run_dir(r["name"]))
         if info.final is None:
             raise UserError(f"{info.path} has no final weights to measure; delete the run folder to train it again")
-        if info.final.kind == "adapter":  # the bf16 (or fp32) base and fp32 adapter tensors, as trained
-            if adapter_base is None:
-                adapter_base = m.start_model(frozen=True)
-            model = load_adapter(copy.deepcopy(adapter_base), info.final.path, trainable_dtype=torch.float32).model
-        else:
-            model = load_model(str(info.final.path), dtype=torch.float32)[0]
-        model.eval()
+        if info.final.kind == "adapter" and adapter_base is None:
+            adapter_base = m.start_model(frozen=True)
+        # as trained: fp32 adapter tensors over the bf16 (or fp32) base; full finetuning's fp32 weights
+        model = load_snapshot(adapter_base, info, info.final, torch.float32, trainable_dtype=torch.float32).eval()
         r["measured"][str(r["steps"])]["scores"] = _merge_scores(scores, m.scores(model, missing))
         write_atomic(ctx.run_dir(r["name"]) / DONE, json.dumps(r, indent=2) + "\n")
         del model

@@ -86,3 +86,77 @@ def test_helpers():
         seed_list(0)
     assert markdown_table(["a", "b"], [[1, 0.5], ["x", None]]) == "| a | b |\n|---|---|\n| 1 | 0.500 |\n| x | - |"
     assert markdown_table(["lr"], [[1e-4], [2e-3], [0.0]]) == "| lr |\n|---|\n| 0.0001 |\n| 0.002 |\n| 0.000 |"
+
+
+def test_a_claim_is_exclusive_until_released(tmp_path):
+    from deltatune.experiments.common import Claim
+
+    first = Claim.take(tmp_path, "run-a")
+    assert first is not None
+    assert Claim.take(tmp_path, "run-a") is None  # held (a lock per open file: another process sees the same)
+    assert Claim.take(tmp_path, "run-b") is not None
+    first.release()
+    assert Claim.take(tmp_path, "run-a") is not None
+
+
+def test_a_run_claimed_elsewhere_is_waited_for_then_taken_over_when_its_holder_dies(tmp_path, monkeypatch, capsys):
+    """Another process holds run 'first': this one trains 'second' meanwhile, then waits; the holder dies
+    (its lock drops) without finishing, so this process trains 'first' itself, from the start."""
+    import threading
+
+    from deltatune.experiments import common
+
+    monkeypatch.setattr(common, "POLL_SECONDS", 0.05)
+    out = tmp_path / "exp"
+    ctx = Context("toy", out, quick=True, seeds=[0])
+    other = ctx.claim("first")
+    (out / "runs" / "first").mkdir(parents=True)
+    (out / "runs" / "first" / "metrics.jsonl").write_text('{"step": 1}\n')  # the holder's partial run
+    calls: list = []
+    runs = _runs(calls)
+    measure = runs[1].measure
+
+    def second_then_die(step, model):  # the holder dies while this process trains 'second'
+        if step == 3:
+            other.release()
+        return measure(step, model)
+
+    runs[1].measure = second_then_die
+    timer = threading.Timer(30, other.release)  # never needed unless the test is broken: no hang
+    timer.start()
+    try:
+        results = ctx.run_all(runs)
+    finally:
+        timer.cancel()
+    assert calls == [("second", 1), ("second", 3), ("first", 1), ("first", 3)]
+    assert list(results) == ["first", "second"] and results["first"]["steps"] == 3
+    metrics = (out / "runs" / "first" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["step"] for m in metrics] == [1, 2, 3]  # started over, not appended to
+    assert "first: being trained by another process" in capsys.readouterr().err
+
+
+def test_a_run_finished_by_another_process_is_read_back_not_trained(tmp_path, monkeypatch):
+    import threading
+
+    from deltatune.experiments import common
+
+    monkeypatch.setattr(common, "POLL_SECONDS", 0.05)
+    out = tmp_path / "exp"
+    calls: list = []
+    Context("toy", out, quick=True, seeds=[0], quiet=True).run_all(_runs(calls)[:1])  # 'first', as the other did
+    done = (out / "runs" / "first" / DONE).read_bytes()
+    (out / "runs" / "first" / DONE).rename(out / "done.tmp")
+    ctx = Context("toy", out, quick=True, seeds=[0], quiet=True)
+    other = ctx.claim("first")
+
+    def finish_elsewhere():
+        (out / "done.tmp").rename(out / "runs" / "first" / DONE)
+        other.release()
+
+    timer = threading.Timer(0.5, finish_elsewhere)
+    timer.start()
+    calls.clear()
+    results = ctx.run_all(_runs(calls))
+    timer.join()
+    assert calls == [("second", 1), ("second", 3)]  # 'first' was finished by its holder, not trained here
+    assert results["first"] == json.loads(done)

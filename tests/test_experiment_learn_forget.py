@@ -292,3 +292,54 @@ def test_a_run_without_final_weights_cannot_be_backfilled(tmp_path, shared_data,
     err = capsys.readouterr().err
     assert f"{run} has no final weights to measure" in err.strip().splitlines()[-1] and "Traceback" not in err
     assert (out / "results.json").read_bytes() == before
+
+
+def test_jobs_share_the_runs_and_give_the_results_of_one_process(tmp_path, shared_data, capfd, monkeypatch):
+    """--jobs 2: a worker process trains some of the runs, each run is trained once, and with one thread per
+    process the results equal those of one process with one thread (every run, every score)."""
+    import time
+
+    from deltatune.cli import main
+    from deltatune.experiments.learn_forget import Measures
+
+    def invocation(out, *extra):
+        common = ["experiment", "learn-forget", "--quick", "--seeds", "2", "--lrs", "2"]
+        return [*common, "--methods", "lora-r8,dora-r8", "--out", str(out), *extra]
+
+    assert main(invocation(tmp_path / "one", "--threads", "1", "--quiet")) == 0
+    capfd.readouterr()
+    scores = Measures.scores
+
+    def slow_scores(self, *args, **kwargs):  # this process only: the tiny runs outlast the worker's start-up
+        time.sleep(4)
+        return scores(self, *args, **kwargs)
+
+    monkeypatch.setattr(Measures, "scores", slow_scores)
+    assert main(invocation(tmp_path / "two", "--threads", "2", "--jobs", "2")) == 0
+    err = capfd.readouterr().err
+    trained_by_worker = {
+        line.split()[5] for line in err.splitlines() if line.startswith("(worker 1)") and " step " in line
+    }
+    assert trained_by_worker, err  # the worker took runs
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert two["machine"]["torch_threads"] == 1
+    assert len(two["runs"]) == 6
+
+    def numbers(scores):  # without timings and item counts (named by the folder's data files)
+        return {k: v for k, v in scores.items() if k not in ("n", "eval_seconds")}
+
+    def table(res):
+        return [(r["name"], r["val_loss"], r["learning_nats"], numbers(r["scores"])) for r in res["runs"]]
+
+    assert table(two) == table(one)
+    assert numbers(two["base"]) == numbers(one["base"])
+    for r in two["runs"]:  # trained once: one line per step in its metrics
+        steps = [json.loads(x)["step"] for x in (tmp_path / "two" / "runs" / r["name"] / "metrics.jsonl").open()]
+        assert steps == sorted(set(steps))
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    from deltatune.cli import main
+
+    rc = main(["experiment", "learn-forget", "--quick", "--jobs", "0", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--jobs must be at least 1" in capsys.readouterr().err

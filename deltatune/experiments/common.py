@@ -8,6 +8,12 @@ a restarted experiment reads that marker instead of training again, and an unfin
 and its settings: an OUT that holds anything else, or the same experiment with other settings, is
 refused, never overwritten.
 
+Several processes may share one OUT (`--jobs N` starts N-1 workers; two invocations on the same OUT
+cooperate the same way): a run is trained by the process that holds its claim, an exclusive lock on
+OUT/claims/NAME.lock that the OS releases when the holder exits or dies, so a run is never trained
+twice at once and a dead process's run is taken over. The others go on to the next run and wait for
+the claimed ones (their done.json) at the end.
+
 Results: `Context.finish` writes results.json (every run's numbers, seeds, the machine, wall
 time), results.md (the tables) and the PNG plots (`save_figure`), each atomically.
 """
@@ -29,6 +35,9 @@ from deltatune.errors import UserError
 
 DONE = "done.json"
 MANIFEST = "experiment.json"
+CLAIMS = "claims"
+WORKER_ENV = "DELTATUNE_EXPERIMENT_WORKER"  # "k/N": this process is worker k of an invocation with --jobs N
+POLL_SECONDS = 2.0
 # run settings not compared when a finished run is reused: where the run reads from and writes to
 NOT_COMPARED = frozenset({"model", "output", "data", "eval_data", "resume", "overwrite"})
 StepHook = Callable[[int, int, Any], "dict | None"]  # (step, total_steps, model) -> metrics for that step
@@ -66,6 +75,51 @@ def seed_list(n: int, base: int = 0) -> list[int]:
     if n < 1:
         raise UserError("--seeds must be at least 1")
     return [base + i for i in range(n)]
+
+
+class Claim:
+    """An exclusive, non-blocking lock on OUT/claims/KEY.lock, held until `release` (or the process ends:
+    the OS drops a dead process's lock, so nothing is ever left claimed by a killed run)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    @classmethod
+    def take(cls, folder: Path, key: str) -> "Claim | None":
+        """The claim, or None while another live process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks (Windows): one process per folder, every claim succeeds
+            return cls(None)
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return cls(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+    def __enter__(self) -> "Claim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def worker_index() -> tuple[int, int]:
+    """(k, N) when this process is worker k of `--jobs N` (from WORKER_ENV), else (0, 1)."""
+    value = os.environ.get(WORKER_ENV, "")
+    try:
+        k, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        return 0, 1
+    return k, n
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
@@ -159,6 +213,8 @@ class Context:
     `selectors` name the settings that only choose which runs to do (learn-forget's seeds and methods: each
     run is named by them and computed without the others): a restart may change those, so runs can be
     added to a finished experiment; the manifest then records the latest invocation's choice.
+    `worker` is k > 0 in the worker processes of `--jobs` (they train runs and write no results), `jobs`
+    the number of processes sharing the folder (for the ETA).
     """
 
     def __init__(
@@ -172,8 +228,11 @@ class Context:
         selectors: tuple[str, ...] = (),
         model: str | None = None,
         quiet: bool = False,
+        worker: int = 0,
+        jobs: int = 1,
     ) -> None:
         self.name, self.out, self.quick, self.seeds = name, Path(out), quick, seeds
+        self.worker, self.jobs = worker, max(1, jobs)
         self.settings = {"quick": quick, "seeds": seeds, **(settings or {})}
         self.selectors = selectors
         self.quiet = quiet
@@ -225,32 +284,60 @@ class Context:
         return self.out / "runs" / name
 
     # --- running ---------------------------------------------------------------------------
+    def claim(self, key: str) -> Claim | None:
+        """This process's exclusive claim on `key` (a run's name, or a shared measurement's file name), or
+        None while another live process holds it."""
+        return Claim.take(self.out / CLAIMS, key)
+
     def run_all(self, runs: list[Run]) -> dict[str, dict]:
-        """Train every run not yet done (in order) and return each run's result, by name."""
+        """Train every run not yet done (in order) and return each run's result, by name.
+
+        A run another process is training is passed over, then waited for once this process has no
+        run left to train; if that process dies, this one takes the run over and trains it."""
         names = [r.name for r in runs]
         if len(set(names)) != len(names):
             raise ValueError(f"run names must be unique: {names}")
         todo_steps = {r.name: self._total_steps(r) for r in runs if not (self.run_dir(r.name) / DONE).exists()}
-        results = {}
+        results: dict[str, dict] = {}
+        elsewhere: list[tuple[int, Run]] = []
         for i, run in enumerate(runs, 1):
-            done = self.run_dir(run.name) / DONE
-            if done.exists():
-                stale = self._stale_setting(run)
-                if stale:
-                    raise UserError(
-                        f"{self.run_dir(run.name)} was trained with {stale}; a finished run is reused only "
-                        "with the settings it was trained with (an option's meaning may have changed since): "
-                        "resume with its options or choose another --out"
-                    )
-                results[run.name] = json.loads(done.read_text(encoding="utf-8"))
-                self.say(f"[{self.name}] run {i}/{len(runs)} {run.name}: done earlier, kept")
-                continue
-            results[run.name] = self._train_one(run, i, len(runs), todo_steps)
-            todo_steps.pop(run.name, None)
-            for name, steps in todo_steps.items():  # runs asked for by epochs: estimate by the last run's length
-                if steps is None:
-                    todo_steps[name] = results[run.name]["steps"]
-        return results
+            result = self._finish_run(run, i, len(runs), todo_steps)
+            if result is None:
+                self.say(f"[{self.name}] run {i}/{len(runs)} {run.name}: being trained by another process")
+                elsewhere.append((i, run))
+                todo_steps.pop(run.name, None)
+            else:
+                results[run.name] = result
+        for i, run in elsewhere:
+            while (result := self._finish_run(run, i, len(runs), todo_steps)) is None:
+                time.sleep(POLL_SECONDS)
+            results[run.name] = result
+        return {name: results[name] for name in names}
+
+    def _finish_run(self, run: Run, index: int, count: int, todo_steps: dict[str, int | None]) -> dict | None:
+        """The run's result: read back if done, else trained here; None while another process holds it."""
+        done = self.run_dir(run.name) / DONE
+        if not done.exists():
+            claim = self.claim(run.name)
+            if claim is None:
+                return None
+            with claim:
+                if not done.exists():  # (re-checked under the claim: another process may just have finished it)
+                    result = self._train_one(run, index, count, todo_steps)
+                    todo_steps.pop(run.name, None)
+                    for name, steps in todo_steps.items():  # runs asked for by epochs: estimate by this one
+                        if steps is None:
+                            todo_steps[name] = result["steps"]
+                    return result
+        stale = self._stale_setting(run)
+        if stale:
+            raise UserError(
+                f"{self.run_dir(run.name)} was trained with {stale}; a finished run is reused only "
+                "with the settings it was trained with (an option's meaning may have changed since): "
+                "resume with its options or choose another --out"
+            )
+        self.say(f"[{self.name}] run {index}/{count} {run.name}: done, kept")
+        return json.loads(done.read_text(encoding="utf-8"))
 
     def _stale_setting(self, run: Run) -> str | None:
         """The first setting a finished run's config.yaml disagrees on with what this invocation asks (its
@@ -288,7 +375,7 @@ class Context:
         cfg = load_config(overrides=overrides)
         measured: dict[int, dict] = {}
         measure_seconds = 0.0
-        later = sum(s or 0 for n, s in todo_steps.items() if n != run.name)
+        later = sum(s or 0 for n, s in todo_steps.items() if n != run.name) / self.jobs  # shared by the processes
         started, last_print = time.perf_counter(), 0.0
 
         def on_step(step: int, total: int, model) -> dict | None:
@@ -342,12 +429,15 @@ class Context:
     # --- output ----------------------------------------------------------------------------
     def say(self, text: str) -> None:
         if not self.quiet:
-            print(text, file=sys.stderr, flush=True)
+            print(f"(worker {self.worker}) {text}" if self.worker else text, file=sys.stderr, flush=True)
 
     def finish(
         self, results: dict[str, Any], tables: list[tuple[str, str]], plots: list[str] = (), notes: list[str] = ()
-    ) -> Path:
-        """Write results.json and results.md; `tables` are (title, markdown table), `plots` PNG names in OUT."""
+    ) -> Path | None:
+        """Write results.json and results.md; `tables` are (title, markdown table), `plots` PNG names in OUT.
+        Only the invoked process writes them: a `--jobs` worker returns None."""
+        if self.worker:
+            return None
         wall = time.perf_counter() - self.started
         doc = {
             "experiment": self.name,

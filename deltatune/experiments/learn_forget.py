@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from deltatune.errors import UserError
-from deltatune.experiments.common import DONE, Context, Run, markdown_table, write_atomic
+from deltatune.experiments.common import DONE, POLL_SECONDS, Context, Run, markdown_table, write_atomic
 
 HELP = "LoRA learns less and forgets less: GSM8K gain vs MMLU/BBH drop per method and learning rate"
 DEFAULT_SEEDS = 2
 # options that only choose which runs to do: a restart may add seeds or methods to a finished experiment
 RUN_SELECTORS = ("seeds", "methods")
+PARALLEL_RUNS = True  # --jobs: worker processes train runs and score a base; only the invoked process reports
 
 # name -> (method, rank, learning rates); alpha = 2 * rank. LoRA-family grids are 10x full finetuning's.
 METHODS: dict[str, tuple[str, int | None, tuple[float, ...]]] = {
@@ -53,12 +54,12 @@ METHODS: dict[str, tuple[str, int | None, tuple[float, ...]]] = {
 }
 MMLU_SUBJECTS = "high_school_geography+high_school_psychology+marketing+nutrition"
 BBH_TASKS = "boolean_expressions+sports_understanding+navigate"
-# full mode: sized for 90 minutes on 2 cores (docs/experiments.md); quick: the tiny model, seconds
+# full mode: sized for 90 minutes on 2 cores with --jobs 2 (docs/experiments.md); quick: the tiny model, seconds
 SIZES = {
     "full": dict(
         train=160,
         val=32,
-        steps=20,  # about 1.8 passes over the 160 examples: packing fits ~14.5 of them in a step of 8 rows
+        epochs=1.0,  # one pass: packing fits ~14.5 of the 160 examples in a step of 8 rows, so 11 steps
         batch=8,
         seq_len=512,
         gsm8k=40,
@@ -67,7 +68,7 @@ SIZES = {
         selfinstruct=60,
         max_new_tokens=160,
         bbh_tokens=48,
-        eval_batch=16,
+        eval_batch=40,  # every GSM8K problem in one generation batch: 1.8x batch 8 (docs/benchmarks.md)
     ),
     "quick": dict(
         train=8,
@@ -94,9 +95,8 @@ def add_arguments(p) -> None:
         "--epochs",
         type=float,
         default=None,
-        help="passes over the train examples, as packed into rows: the first pass's step count times E "
-        "(default: a fixed 20 steps in full mode, about 1.8 passes over its 160 examples, whatever "
-        "--train-examples is)",
+        help="passes over the train examples, as packed into rows: the first pass's step count times E, "
+        "rounded up (default 1; --epochs 1.8 trains the 20 steps of the run recorded before 2026-12-03)",
     )
     p.add_argument("--gsm8k-test", type=int, default=None, help="GSM8K test problems scored (full: 40)")
     p.add_argument("--mmlu-per-subject", type=int, default=None, help=f"questions per subject of {MMLU_SUBJECTS}")
@@ -294,7 +294,7 @@ def run(ctx: Context, args) -> None:
     train_recs, val_recs = gsm8k_records(sizes)
     if sizes.get("epochs"):
         length = {"epochs": sizes.pop("epochs")}
-        sizes.pop("steps")
+        sizes.pop("steps", None)
     else:
         length = {"steps": sizes["steps"]}
         if getattr(args, "train_examples", None) is not None:
@@ -305,10 +305,11 @@ def run(ctx: Context, args) -> None:
     sizes.update(length)
     precision = getattr(args, "precision", "fp32")
     m = Measures(ctx, sizes, precision)
-    bases = {"adapters": _base(ctx, m, "base.json", frozen=True)}
+    base_files = {"adapters": ("base.json", True)}
     if precision == "bf16" and "full" in names:
-        bases["full"] = _base(ctx, m, "base-full.json", frozen=False)
-    base = bases["adapters"]
+        base_files["full"] = ("base-full.json", False)
+    # with --jobs each process scores a base no other process is scoring, then trains; the report waits
+    bases = {kind: _base(ctx, m, file, frozen, wait=False) for kind, (file, frozen) in base_files.items()}
 
     def measure(step: int, model) -> dict:
         return {"scores": m.scores(model), "spectrum": m.spectrum(model)}
@@ -335,6 +336,10 @@ def run(ctx: Context, args) -> None:
         picked[n] = min(ok or cands, key=lambda c: c.get("eval_loss") or math.inf)["lr"]
     if rest:
         results.update(ctx.run_all([make(n, picked[n], s) for n in names for s in rest]))
+    if ctx.worker:
+        return
+    bases = {kind: bases[kind] or _base(ctx, m, file, frozen) for kind, (file, frozen) in base_files.items()}
+    base = bases["adapters"]
     _backfill(ctx, m, results)
 
     tgt, srcs = m.target.name, [t.name for t in m.sources]
@@ -366,22 +371,29 @@ def run(ctx: Context, args) -> None:
     _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps[0] if len(steps) == 1 else steps, precision)
 
 
-def _base(ctx: Context, m: Measures, file: str, frozen: bool) -> dict[str, Any]:
+def _base(ctx: Context, m: Measures, file: str, frozen: bool, wait: bool = True) -> dict[str, Any] | None:
     """The base model's scores, measured once per experiment folder (a resumed run reads them back and
-    measures only what a later version added)."""
-    path = ctx.out / file
-    if path.exists():
-        scores = json.loads(path.read_text(encoding="utf-8"))
-        missing = m.missing(scores)
-        if not missing:
-            return scores
-        ctx.say(f"[learn-forget] base model: measuring {', '.join(t.name for t in missing)} (added since)")
-        scores = _merge_scores(scores, m.base_scores(frozen, missing))
-    else:
-        ctx.say(f"[learn-forget] scoring the base model{' (fp32 weights, for full finetuning)' if not frozen else ''}")
-        scores = m.base_scores(frozen)
-    write_atomic(path, json.dumps(scores, indent=2) + "\n")
-    return scores
+    measures only what a later version added). While another process measures them: None without `wait`."""
+    while (claim := ctx.claim(file)) is None:
+        if not wait:
+            return None
+        time.sleep(POLL_SECONDS)
+    with claim:
+        path = ctx.out / file
+        if path.exists():
+            scores = json.loads(path.read_text(encoding="utf-8"))
+            missing = m.missing(scores)
+            if not missing:
+                return scores
+            ctx.say(f"[learn-forget] base model: measuring {', '.join(t.name for t in missing)} (added since)")
+            scores = _merge_scores(scores, m.base_scores(frozen, missing))
+        else:
+            ctx.say(
+                f"[learn-forget] scoring the base model{' (fp32 weights, for full finetuning)' if not frozen else ''}"
+            )
+            scores = m.base_scores(frozen)
+        write_atomic(path, json.dumps(scores, indent=2) + "\n")
+        return scores
 
 
 def _merge_scores(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

@@ -68,7 +68,8 @@ SIZES = {
         selfinstruct=60,
         max_new_tokens=160,
         bbh_tokens=48,
-        eval_batch=40,  # every GSM8K problem in one generation batch: 1.8x batch 8 (docs/benchmarks.md)
+        eval_batch=16,  # loss and option likelihood: longer batches pad more (batch 40 took 2x as long)
+        generate_batch=40,  # every GSM8K problem in one generation batch: 1.8x batch 8 (docs/benchmarks.md)
     ),
     "quick": dict(
         train=8,
@@ -83,6 +84,7 @@ SIZES = {
         max_new_tokens=8,
         bbh_tokens=4,
         eval_batch=4,
+        generate_batch=4,
     ),
 }
 
@@ -192,6 +194,7 @@ class Measures:
         self.target_loss = resolve_task(f"loss:{_gsm8k_test_file(ctx, self.items[self.target.name])}")
         self.loss_keys = {self.loss.name: "selfinstruct_loss", self.target_loss.name: "gsm8k_test_loss"}
         self.tokens = {self.target.name: sizes["max_new_tokens"], self.sources[1].name: sizes["bbh_tokens"]}
+        self.generate_batch = sizes["generate_batch"]
         self.opts = EvalOptions(batch_size=sizes["eval_batch"], progress=False, template="tokenizer", max_len=1024)
         self.model_name, self.precision = ctx.model, precision
         self.base, self.tokenizer = load_model(ctx.model, dtype="fp32")
@@ -239,6 +242,8 @@ class Measures:
         out: dict[str, Any] = {"n": {}, "eval_seconds": {}}
         for task in self.tasks if tasks is None else tasks:
             opts = replace(self.opts, max_new_tokens=self.tokens.get(task.name))
+            if task.name in self.tokens:  # a generation task
+                opts = replace(opts, batch_size=self.generate_batch)
             start = time.perf_counter()
             with autocast:
                 res = evaluate_task(model, self.tokenizer, task, opts, self.items.get(task.name))

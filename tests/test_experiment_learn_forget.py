@@ -193,15 +193,20 @@ def test_a_measure_added_later_is_taken_from_the_saved_weights(tmp_path, shared_
     assert [r["learning"] for r in again["runs"]] == [r["learning"] for r in first["runs"]]
 
 
-def test_the_recorded_loss_tables_in_the_docs_match_the_raw_results():
-    """docs/experiments.md quotes the recorded run's held-out losses; every row must be the raw JSON's."""
+@pytest.mark.parametrize("section, raw", [("### Recorded run: 1.8 passes", "learn_forget.json")])
+def test_the_recorded_loss_tables_in_the_docs_match_the_raw_results(section, raw):
+    """docs/experiments.md quotes each recorded run's held-out losses; every row must be its raw JSON's."""
+    import statistics
     from pathlib import Path
 
     from deltatune.experiments.common import markdown_table
 
     root = Path(__file__).resolve().parents[1] / "docs"
-    res = json.loads((root / "results" / "learn_forget.json").read_text())
-    doc = (root / "experiments.md").read_text().split("#### Held-out losses: GSM8K test solutions")[1]
+    res = json.loads((root / "results" / raw).read_text())
+    text = (root / "experiments.md").read_text()
+    assert text.count(section) == 1
+    text = text.split(section)[1].split("\n### ")[0]
+    doc = text.split("#### Held-out losses: GSM8K test solutions")[1]
     rows = [line for line in doc.split("\n\n")[1].splitlines()[2:]]
     expected = []
     for r in sorted(res["runs"], key=lambda r: (list(res["picked_lr"]).index(r["method"]), r["lr"], r["seed"])):
@@ -212,9 +217,7 @@ def test_the_recorded_loss_tables_in_the_docs_match_the_raw_results():
         expected.append(markdown_table([""] * len(cells), [cells]).splitlines()[-1])
     assert rows == expected and len(rows) == 24
     # the headline losses: each method's picked rate, mean and sd over its seeds
-    import statistics
-
-    head = (root / "experiments.md").read_text().split("#### Headline losses:")[1].split("\n\n")[1].splitlines()[2:]
+    head = text.split("#### Headline losses:")[1].split("\n\n")[1].splitlines()[2:]
     expected = []
     for method, lr in res["picked_lr"].items():
         sel = [r for r in res["runs"] if r["method"] == method and r["picked"]]
@@ -310,11 +313,16 @@ def test_jobs_share_the_runs_and_give_the_results_of_one_process(tmp_path, share
     capfd.readouterr()
     scores = Measures.scores
 
-    def slow_scores(self, *args, **kwargs):  # this process only: the tiny runs outlast the worker's start-up
-        time.sleep(4)
+    def scores_once_the_worker_trains(self, *args, **kwargs):
+        """This process scores the base first: it waits there until the worker (a new process, whose start-up
+        outlasts the tiny runs) has claimed a run and made its folder, so the worker surely trains."""
+        runs = tmp_path / "two" / "runs"
+        deadline = time.monotonic() + 300
+        while not (runs.is_dir() and any(runs.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.2)
         return scores(self, *args, **kwargs)
 
-    monkeypatch.setattr(Measures, "scores", slow_scores)
+    monkeypatch.setattr(Measures, "scores", scores_once_the_worker_trains)
     assert main(invocation(tmp_path / "two", "--threads", "2", "--jobs", "2")) == 0
     err = capfd.readouterr().err
     trained_by_worker = {
@@ -322,7 +330,7 @@ def test_jobs_share_the_runs_and_give_the_results_of_one_process(tmp_path, share
     }
     assert trained_by_worker, err  # the worker took runs
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
-    assert two["machine"]["torch_threads"] == 1
+    assert two["machine"]["torch_threads"] == 1 and two["jobs"] == 2
     assert len(two["runs"]) == 6
 
     def numbers(scores):  # without timings and item counts (named by the folder's data files)
@@ -338,8 +346,40 @@ def test_jobs_share_the_runs_and_give_the_results_of_one_process(tmp_path, share
         assert steps == sorted(set(steps))
 
 
-def test_jobs_must_be_positive(tmp_path, capsys):
+def test_jobs_must_be_positive_and_at_most_the_cores(tmp_path, capsys):
+    import os
+
     from deltatune.cli import main
 
     rc = main(["experiment", "learn-forget", "--quick", "--jobs", "0", "--out", str(tmp_path / "o")])
     assert rc == 2 and "--jobs must be at least 1" in capsys.readouterr().err
+    rc = main(
+        ["experiment", "learn-forget", "--quick", "--jobs", str(os.cpu_count() + 1), "--out", str(tmp_path / "o")]
+    )
+    assert rc == 2 and "cores here" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_worker_gets_its_share_of_threads_and_no_jobs():
+    from deltatune.cli.experiment import _worker_argv
+
+    argv = ["experiment", "learn-forget", "--jobs", "2", "--threads=4", "--out", "x", "--jobs=3", "--threads", "2"]
+    assert _worker_argv(argv, 1) == ["experiment", "learn-forget", "--out", "x", "--threads", "1"]
+
+
+def test_a_folder_made_under_other_default_sizes_is_refused(tmp_path, shared_data, capsys):
+    """The manifest records the sizes the defaults resolved to: a folder from a version with other defaults
+    (no sizes recorded, or other ones) is refused with one line, not resumed with runs of two setups."""
+    from deltatune.cli import main
+
+    out = tmp_path / "lf"
+    args = ["experiment", "learn-forget", "--quick", "--seeds", "1", "--lrs", "1", "--methods", "lora-r8"]
+    args += ["--threads", "1", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    manifest = json.loads((out / "experiment.json").read_text())
+    assert manifest["settings"]["sizes"]["generate_batch"] == 4
+    manifest["settings"]["sizes"]["generate_batch"] = 16
+    (out / "experiment.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(args) != 0
+    assert "resume it with the same options or choose another --out" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from deltatune.errors import TrainingError, UserError
@@ -66,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"deltatune {args.command}: error: {exc}", file=sys.stderr)
+        from deltatune.experiments.common import WORKER_ENV
+
+        worker = os.environ.get(WORKER_ENV, "").split("/")[0]  # an experiment's --jobs worker
+        print(f"{f'(worker {worker}) ' if worker else ''}deltatune {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except TrainingError as exc:
         print(f"deltatune {args.command}: stopped: {exc}", file=sys.stderr)

@@ -72,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 type=int,
                 default=1,
                 help="train this many runs at once, in separate processes sharing the threads (default 1); "
-                "on 2 cores, --jobs 2 finished the same runs 1.36x sooner than one process with 2 threads",
+                "on 2 cores two one-thread processes did 1.36x the work of one two-thread process",
             )
         own = e.add_argument_group(f"{name} options")
         before = {a.dest for a in e._actions}
@@ -96,18 +96,31 @@ def _worker_argv(argv: list[str], threads: int) -> list[str]:
     return [*out, "--threads", str(threads)]
 
 
-def _start_workers(args: argparse.Namespace, jobs: int, threads: int) -> list[subprocess.Popen]:
+def _end_with_parent() -> None:
+    """In a worker (Linux): the kernel sends it SIGTERM when the invoking process dies, however it dies.
+    Elsewhere, and if the parent died before this call, the worker stops at its next claim
+    (`worker_orphaned`)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass
+
+
+def _start_workers(args: argparse.Namespace, jobs: int, threads: int, into: list) -> None:
     from deltatune.experiments.common import WORKER_ENV
 
     argv = _worker_argv(args.argv, threads)
-    return [
-        subprocess.Popen(
-            [sys.executable, "-m", "deltatune", *argv],
-            env={**os.environ, WORKER_ENV: f"{k}/{jobs}"},
-            stdin=subprocess.DEVNULL,
+    for k in range(1, jobs):
+        into.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "deltatune", *argv],
+                env={**os.environ, WORKER_ENV: f"{k}/{jobs}/{os.getpid()}"},
+                stdin=subprocess.DEVNULL,
+            )
         )
-        for k in range(1, jobs)
-    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,19 +131,25 @@ def run(args: argparse.Namespace) -> int:
 
     module = args.experiment_module
     worker, jobs = worker_index()
+    if worker and sys.platform.startswith("linux"):
+        _end_with_parent()
     if not worker:
         jobs = getattr(args, "jobs", 1)
         if jobs < 1:
             raise UserError("--jobs must be at least 1")
         if jobs > 1 and sys.platform == "win32":  # the run claims are POSIX file locks
             raise UserError("--jobs needs POSIX file locks (Linux, macOS); run with --jobs 1")
+        if jobs > (os.cpu_count() or 1):  # each process holds its own copy of the model
+            raise UserError(f"--jobs {jobs} is more than the {os.cpu_count()} cores here")
     threads = args.threads or torch.get_num_threads()
     if jobs > 1 and not worker:
         threads = max(1, threads // jobs)  # the cores are shared: each process gets its part
     if args.threads or jobs > 1:
         torch.set_num_threads(threads)
     out = args.out or f"experiments/{args.experiment}{'-quick' if args.quick else ''}"
-    settings = {k: getattr(args, k) for k in args.experiment_settings if k != "jobs"}
+    settings = {k: getattr(args, k) for k in args.experiment_settings}
+    if hasattr(module, "defining_settings"):  # defaults that decide the results (sizes), so a changed default
+        settings.update(module.defining_settings(args))  # refuses an old folder instead of mixing its runs
     if args.model:
         settings["model"] = args.model
     seeds = seed_list(args.seeds if args.seeds is not None else module.DEFAULT_SEEDS)
@@ -146,7 +165,9 @@ def run(args: argparse.Namespace) -> int:
         worker=worker,
         jobs=jobs,
     )
-    workers = _start_workers(args, jobs, threads) if jobs > 1 and not worker else []
+    workers: list[subprocess.Popen] = []
+    if jobs > 1 and not worker:  # started at the experiment's first claim, once its options have been checked
+        ctx.before_first_claim = lambda: _start_workers(args, jobs, threads, workers)
     try:
         module.run(ctx, args)
     except BaseException:

@@ -12,7 +12,8 @@ Several processes may share one OUT (`--jobs N` starts N-1 workers; two invocati
 cooperate the same way): a run is trained by the process that holds its claim, an exclusive lock on
 OUT/claims/NAME.lock that the OS releases when the holder exits or dies, so a run is never trained
 twice at once and a dead process's run is taken over. The others go on to the next run and wait for
-the claimed ones (their done.json) at the end.
+the claimed ones (their done.json) at the end. Runs train under a shared claim on "training"; a run
+marked `alone` (its memory peak leaves no room for another) takes it exclusively.
 
 Results: `Context.finish` writes results.json (every run's numbers, seeds, the machine, wall
 time), results.md (the tables) and the PNG plots (`save_figure`), each atomically.
@@ -51,7 +52,8 @@ class Run:
     `records`/`eval_records` pass data in memory (or set `data` in `config`); `measure(step, model)`
     is called at each step in `measure_steps` (and at the last one with `measure_last`, for runs whose
     length is known only once the data is packed) with the model in eval mode and returns numbers to
-    keep; `meta` is copied into the result (method, seed, dataset, ... for the tables).
+    keep; `meta` is copied into the result (method, seed, dataset, ... for the tables); an `alone` run
+    trains only while no other process sharing the folder trains one.
     """
 
     name: str
@@ -62,6 +64,9 @@ class Run:
     measure_steps: tuple[int, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
     measure_last: bool = False
+    # trains while no other process sharing the folder trains (with --jobs: a run whose memory peak leaves no
+    # room for a second run, such as learn-forget's DoRA runs)
+    alone: bool = False
 
 
 def measure_points(total_steps: int, n: int) -> tuple[int, ...]:
@@ -85,8 +90,9 @@ class Claim:
         self._fd = fd
 
     @classmethod
-    def take(cls, folder: Path, key: str) -> "Claim | None":
-        """The claim, or None while another live process holds it."""
+    def take(cls, folder: Path, key: str, shared: bool = False) -> "Claim | None":
+        """The claim, or None while another live process holds it (`shared`: claims that other shared
+        claims of the key do not exclude, only an exclusive one)."""
         try:
             import fcntl
         except ImportError:  # no POSIX locks (Windows): one process per folder, every claim succeeds
@@ -94,15 +100,21 @@ class Claim:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
+        except OSError as exc:  # e.g. a network filesystem without locks
+            os.close(fd)
+            raise UserError(f"cannot lock {folder / key}.lock ({exc.strerror}); use a local --out") from None
         return cls(fd)
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the lock
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)  # explicitly: a forked child sharing the descriptor keeps no lock
+            os.close(self._fd)
             self._fd = None
 
     def __enter__(self) -> "Claim":
@@ -113,13 +125,34 @@ class Claim:
 
 
 def worker_index() -> tuple[int, int]:
-    """(k, N) when this process is worker k of `--jobs N` (from WORKER_ENV), else (0, 1)."""
+    """(k, N) when this process is worker k of `--jobs N` (WORKER_ENV is "k/N/parent pid"), else (0, 1)."""
     value = os.environ.get(WORKER_ENV, "")
     try:
-        k, n = (int(x) for x in value.split("/"))
+        k, n, _ = (int(x) for x in value.split("/"))
     except ValueError:
         return 0, 1
     return k, n
+
+
+def worker_orphaned() -> bool:
+    """Whether this process is a `--jobs` worker whose invoking process has gone (killed, say): it then
+    stops instead of training the rest alone."""
+    value = os.environ.get(WORKER_ENV, "")
+    return value.count("/") == 2 and value.rsplit("/", 1)[1] != str(os.getppid())
+
+
+def release_memory() -> None:
+    """Hand the memory a finished run freed back to the OS. glibc keeps freed memory in its heap: after a
+    learn-forget DoRA run a process held 9.8 GB it no longer used (malloc_trim took it to 1.2 GB), so a long
+    experiment, or two `--jobs` processes, kept every run's peak and a second process ran out of memory."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        pass
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
@@ -241,6 +274,7 @@ class Context:
         self.model = model if model is not None else (quick_model(self.out / "quick-model") if quick else None)
         self._steps_done = 0  # steps trained in this process (for the ETA)
         self._train_seconds = 0.0
+        self.before_first_claim: Callable[[], None] | None = None  # starts --jobs workers once options are checked
 
     # --- the output folder ----------------------------------------------------------------
     def _claim_folder(self) -> None:
@@ -284,10 +318,15 @@ class Context:
         return self.out / "runs" / name
 
     # --- running ---------------------------------------------------------------------------
-    def claim(self, key: str) -> Claim | None:
+    def claim(self, key: str, shared: bool = False) -> Claim | None:
         """This process's exclusive claim on `key` (a run's name, or a shared measurement's file name), or
-        None while another live process holds it."""
-        return Claim.take(self.out / CLAIMS, key)
+        None while another live process holds it; `shared` claims exclude only an exclusive one."""
+        if self.before_first_claim is not None:  # the experiment has checked its options: workers may start
+            start, self.before_first_claim = self.before_first_claim, None
+            start()
+        if worker_orphaned():
+            raise SystemExit(f"(worker {self.worker}) the invoking process has ended; stopping")
+        return Claim.take(self.out / CLAIMS, key, shared)
 
     def run_all(self, runs: list[Run]) -> dict[str, dict]:
         """Train every run not yet done (in order) and return each run's result, by name.
@@ -302,28 +341,34 @@ class Context:
         elsewhere: list[tuple[int, Run]] = []
         for i, run in enumerate(runs, 1):
             result = self._finish_run(run, i, len(runs), todo_steps)
-            if result is None:
-                self.say(f"[{self.name}] run {i}/{len(runs)} {run.name}: being trained by another process")
+            todo_steps.pop(run.name, None)  # trained, read back or another process's: not this one's ETA
+            if isinstance(result, str):
+                self.say(f"[{self.name}] run {i}/{len(runs)} {run.name}: {result}")
                 elsewhere.append((i, run))
-                todo_steps.pop(run.name, None)
             else:
                 results[run.name] = result
         for i, run in elsewhere:
-            while (result := self._finish_run(run, i, len(runs), todo_steps)) is None:
+            while isinstance(result := self._finish_run(run, i, len(runs), todo_steps), str):
                 time.sleep(POLL_SECONDS)
             results[run.name] = result
         return {name: results[name] for name in names}
 
-    def _finish_run(self, run: Run, index: int, count: int, todo_steps: dict[str, int | None]) -> dict | None:
-        """The run's result: read back if done, else trained here; None while another process holds it."""
+    def _finish_run(self, run: Run, index: int, count: int, todo_steps: dict[str, int | None]) -> dict | str:
+        """The run's result: read back if done, else trained here; while another process holds the run (or
+        a run of its exclusive group), why it waits."""
         done = self.run_dir(run.name) / DONE
         if not done.exists():
             claim = self.claim(run.name)
             if claim is None:
-                return None
+                return "being trained by another process"
             with claim:
                 if not done.exists():  # (re-checked under the claim: another process may just have finished it)
-                    result = self._train_one(run, index, count, todo_steps)
+                    # every run trains under a shared claim on "training"; an `alone` run needs it exclusive
+                    room = self.claim("training", shared=not run.alone)
+                    if room is None:
+                        return "later: it trains alone" if run.alone else "later: a run that trains alone is on"
+                    with room:
+                        result = self._train_one(run, index, count, todo_steps)
                     todo_steps.pop(run.name, None)
                     for name, steps in todo_steps.items():  # runs asked for by epochs: estimate by this one
                         if steps is None:
@@ -424,6 +469,8 @@ class Context:
             "measured": {str(k): v for k, v in sorted(measured.items())},
         }
         write_atomic(folder / DONE, json.dumps(summary, indent=2) + "\n")
+        del result
+        release_memory()
         return summary
 
     # --- output ----------------------------------------------------------------------------
@@ -446,6 +493,7 @@ class Context:
             "seeds": self.seeds,
             "model": self.model or "default",
             "machine": machine_info(),
+            "jobs": self.jobs,  # processes that trained the runs (per-run seconds depend on it)
             "wall_s": round(wall, 1),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **results,

@@ -206,3 +206,23 @@ def test_a_run_that_trains_alone_waits_for_the_others(tmp_path, monkeypatch, cap
     assert beside_alone == [None, None]
     assert "first: later: it trains alone" in capsys.readouterr().err
     assert ctx.claim("training") is not None  # released after training
+
+
+def test_a_run_that_trains_alone_uses_every_process_threads(tmp_path):
+    """With --jobs 2 and one thread a process, the other process waits while an `alone` run trains, so that
+    run trains on both threads; the next run is back on one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seen: list = []
+        runs = _runs([])
+        for run in runs:
+            measure = run.measure
+            run.measure = lambda step, model, m=measure: (seen.append(torch.get_num_threads()), m(step, model))[1]
+        runs[0].alone = True
+        Context("toy", tmp_path / "exp", quick=True, seeds=[0], quiet=True, jobs=2).run_all(runs)
+        assert seen == [2, 2, 1, 1] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

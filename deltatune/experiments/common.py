@@ -28,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -367,7 +368,7 @@ class Context:
                     room = self.claim("training", shared=not run.alone)
                     if room is None:
                         return "later: it trains alone" if run.alone else "later: a run that trains alone is on"
-                    with room:
+                    with room, self._all_threads(run.alone):
                         result = self._train_one(run, index, count, todo_steps)
                     todo_steps.pop(run.name, None)
                     for name, steps in todo_steps.items():  # runs asked for by epochs: estimate by this one
@@ -383,6 +384,19 @@ class Context:
             )
         self.say(f"[{self.name}] run {index}/{count} {run.name}: done, kept")
         return json.loads(done.read_text(encoding="utf-8"))
+
+    @contextmanager
+    def _all_threads(self, alone: bool):
+        """A run that trains alone uses the threads of every process sharing the folder (they wait meanwhile)."""
+        import torch
+
+        threads = torch.get_num_threads()
+        if alone and self.jobs > 1:
+            torch.set_num_threads(threads * self.jobs)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     def _stale_setting(self, run: Run) -> str | None:
         """The first setting a finished run's config.yaml disagrees on with what this invocation asks (its

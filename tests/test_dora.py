@@ -10,6 +10,7 @@ from torch import nn
 from deltatune.methods.apply import apply_methods, load_adapter
 from deltatune.methods.base import MethodSpec
 from deltatune.methods.dora import DoRALinear
+from deltatune.methods.dropout import Dropout
 from deltatune.testing import tiny_model
 
 peft = pytest.importorskip("peft")
@@ -195,3 +196,69 @@ def test_bf16_autocast_forward_matches_the_float64_formula():
     assert out.dtype == torch.bfloat16
     # bf16 rounding of the weights, inputs and outputs only
     assert (out.double() - ref).abs().max() < 0.03 * ref.abs().max()
+
+
+def _saved_token_bytes(layer: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward in tensors with one row per token (activations, not weights)."""
+    tokens, seen, total = x.shape[0] * x.shape[1], set(), 0
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
+        if t.dim() >= 2 and t.shape[:-1].numel() == tokens and key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).sum().backward()
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dora_keeps_one_output_sized_tensor_more_than_lora_for_backward(dtype):
+    """The magnitude's gradient needs W0 x + s B A x, once, in the working dtype (bf16 under autocast), with
+    dropout on: the earlier form kept (m/n - 1) W0 x and s B A x apart, in fp32 (13.6 GB on the 135M model)."""
+    from deltatune.methods.lora import LoRALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(64, 96, bias=False).to(dtype)
+    x = torch.randn(4, 32, 64, dtype=dtype)
+    saved = {}
+    for name, cls in (("lora", LoRALinear), ("dora", DoRALinear)):
+        layer = cls(base, 8, 16, dropout=0.1, dtype=torch.float32)  # fp32 adapters, as deltatune trains them
+        nn.init.normal_(layer.lora_B.weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            saved[name] = _saved_token_bytes(layer, x)
+        assert layer.lora_B.weight.grad is not None
+    extra = saved["dora"] - saved["lora"]
+    assert extra == 4 * 32 * 96 * dtype.itemsize, saved
+    assert layer.activation_numel_per_token() - LoRALinear(base, 8, 16, dropout=0.1).activation_numel_per_token() == 96
+
+
+def test_bf16_autocast_with_dropout_matches_the_float64_formula_and_its_gradients():
+    """Training's path (autocast, dropout on): output and the gradients of m, A and B against float64 with
+    the same dropout mask (the mask depends on the seed and the shape only)."""
+    layer64, g = _random_dora_layer(bias=False)
+    layer64.lora_dropout = Dropout(0.25)
+    x = torch.randn(2, 7, 24, generator=g, dtype=torch.float64)
+    base16 = nn.Linear(24, 20, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        base16.weight.copy_(layer64.base.weight)
+    layer16 = DoRALinear(base16, r=4, alpha=8, dropout=0.25, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in layer16.named_parameters():
+            if p.requires_grad:
+                p.copy_(layer64.get_parameter(name))
+    torch.manual_seed(5)
+    ref = layer64(x)
+    ref.square().sum().backward()
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer16(x.to(torch.bfloat16))
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - ref).abs().max() < 0.03 * ref.abs().max()
+    for name in ("lora_magnitude_vector", "lora_A.weight", "lora_B.weight"):
+        want, got = layer64.get_parameter(name).grad, layer16.get_parameter(name).grad.double()
+        assert (got - want).norm() < 0.05 * want.norm(), name

@@ -213,12 +213,20 @@ def test_attention_auto_resolves_to_packed_on_cpu_and_mask_where_it_cannot(tiny_
     assert not use_packed_attention(cfg(), model, cpu)
 
 
-def test_full_finetuning_under_bf16_autocast_trains_with_packed_attention(tiny_dir, data_file, tmp_path):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_full_finetuning_under_bf16_autocast_trains_with_packed_attention(
+    tiny_dir, data_file, tmp_path, monkeypatch, capsys, native_bf16
+):
     # float32 weights under bf16 autocast: rotary embeddings hand the attention float32 q/k and bf16 v
+    from deltatune.train import loop
+
+    monkeypatch.setattr(loop, "_cpu_has_bf16", lambda: native_bf16)
     result = train(
         _cfg(tiny_dir, data_file, tmp_path / "run", method="full", precision="bf16", lr=1e-4, steps=2), quiet=True
     )
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    # asked for bf16 where the CPU emulates it: trained as asked, with one warning line saying why it is slow
+    assert capsys.readouterr().err.count(loop.EMULATED_BF16_WARNING) == (0 if native_bf16 else 1)
 
 
 def test_gradient_checkpointing_with_packed_attention_trains_identically(tiny_dir, data_file, tmp_path):

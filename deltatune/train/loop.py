@@ -89,6 +89,12 @@ def pick_precision(cfg: TrainConfig, device: torch.device) -> str:
     return "bf16" if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else "fp32"
 
 
+EMULATED_BF16_WARNING = (
+    "warning: precision bf16 on a CPU without AVX-512 bf16 or AMX: its bf16 matmuls are emulated, many times "
+    "slower than fp32 (1.9 against 63 GFLOP/s measured on an AVX2-only EPYC); precision auto picks fp32 here"
+)
+
+
 def _cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -394,6 +400,8 @@ def _train(
     compiled_layers.check(cfg, distributed=dist.active)
     device = dist.device
     precision = pick_precision(cfg, device)
+    if precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16():
+        warn(EMULATED_BF16_WARNING)
     methods = method_objects(cfg)
     full = any(m.writes_full_model for m in methods)  # the output is a whole model (full finetuning, ReMoRA)
     local_base = local_model_path(cfg.model) if str(cfg.model or "").lower() not in DEFAULT_MODEL_ALIASES else None

@@ -193,7 +193,13 @@ def test_a_measure_added_later_is_taken_from_the_saved_weights(tmp_path, shared_
     assert [r["learning"] for r in again["runs"]] == [r["learning"] for r in first["runs"]]
 
 
-@pytest.mark.parametrize("section, raw", [("### Recorded run: 1.8 passes", "learn_forget.json")])
+@pytest.mark.parametrize(
+    "section, raw",
+    [
+        ("### Recorded run: the default, one pass", "learn_forget_1pass.json"),
+        ("### Recorded run: 1.8 passes", "learn_forget.json"),
+    ],
+)
 def test_the_recorded_loss_tables_in_the_docs_match_the_raw_results(section, raw):
     """docs/experiments.md quotes each recorded run's held-out losses; every row must be its raw JSON's."""
     import statistics

@@ -196,7 +196,10 @@ def test_generation_stops_at_stop_string(tiny_lm, tiny_tok):
 # --- held-out loss ----------------------------------------------------------------------------
 
 
-def test_heldout_loss_is_token_weighted(tiny_lm, tiny_tok):
+@pytest.mark.parametrize("flat", [False, True])
+def test_heldout_loss_is_token_weighted(tiny_lm, tiny_tok, flat):
+    """Padded rows or one unpadded row: the same hand-computed mean over tokens. The first token's weight
+    counts for nothing either way (nothing precedes it; in a flat row the previous example would)."""
     from deltatune.data.segments import Role, TokenizedExample
     from deltatune.evaluate.loss import heldout_loss
 
@@ -205,9 +208,9 @@ def test_heldout_loss_is_token_weighted(tiny_lm, tiny_tok):
     b = [7, 8, 2]
     exs = [
         TokenizedExample(a, [Role.INSTRUCTION] * 5, [0] * 5, weights=[0, 0, 1, 1, 1]),
-        TokenizedExample(b, [Role.INSTRUCTION] * 3, [0] * 3, weights=[0, 0, 1]),
+        TokenizedExample(b, [Role.INSTRUCTION] * 3, [0] * 3, weights=[1, 0, 1]),
     ]
-    res = heldout_loss(model, exs, batch_size=2, pad_id=2, progress=False)
+    res = heldout_loss(model, exs, batch_size=2, pad_id=2, progress=False, flat=flat)
     nll = []
     for ids, w in ((a, [0, 0, 1, 1, 1]), (b, [0, 0, 1])):
         with torch.no_grad():
@@ -216,6 +219,50 @@ def test_heldout_loss_is_token_weighted(tiny_lm, tiny_tok):
     assert res.tokens == 4 and res.examples == 2
     assert res.loss == pytest.approx(sum(nll) / 4, abs=1e-9)  # a mean over tokens, not over examples
     assert res.perplexity == pytest.approx(math.exp(sum(nll) / 4))
+
+
+def _examples_of_many_lengths(n: int = 11):
+    from deltatune.data.segments import Role, TokenizedExample
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        k = 3 + 7 * i % 41
+        ids = torch.randint(3, 200, (k,), generator=g).tolist()
+        weights = [0.0] * (k // 2) + [1.0] * (k - k // 2)
+        out.append(TokenizedExample(ids, [Role.INSTRUCTION] * k, [0] * k, weights=weights))
+    return out
+
+
+def test_flat_rows_are_the_cpu_default_and_equal_padded_batches(tiny_lm):
+    """On CPU a transformers model scores batches as unpadded rows (auto), equal to padded batches to
+    float32 rounding, and leaves with the attention implementation it came with."""
+    from deltatune.evaluate.loss import heldout_loss
+
+    exs = _examples_of_many_lengths()
+    before = tiny_lm.config._attn_implementation
+    padded = heldout_loss(tiny_lm, exs, batch_size=4, progress=False, flat=False)
+    calls = []
+    hook = tiny_lm.get_decoder().register_forward_pre_hook(lambda m, a, kw: calls.append(kw), with_kwargs=True)
+    auto = heldout_loss(tiny_lm, exs, batch_size=4, progress=False)
+    hook.remove()
+    assert [kw["input_ids"].shape[0] for kw in calls] == [1, 1, 1] and all("packed_spans" in kw for kw in calls)
+    assert auto.tokens == padded.tokens and auto.loss == pytest.approx(padded.loss, rel=1e-5)
+    assert tiny_lm.config._attn_implementation == before
+
+
+def test_virtual_tokens_keep_padded_batches(tiny_lm):
+    """Prompt tuning gives every sequence its own virtual positions: auto stays on padded batches (the same
+    number as forced padding) and asking for flat rows is refused."""
+    from deltatune.evaluate.loss import heldout_loss
+    from deltatune.methods.base import MethodSpec, get_method
+
+    get_method("prompt")(MethodSpec(name="prompt", options={"num_virtual_tokens": 3})).apply(tiny_lm)
+    exs = _examples_of_many_lengths(5)
+    auto = heldout_loss(tiny_lm, exs, batch_size=4, progress=False)
+    assert auto.loss == heldout_loss(tiny_lm, exs, batch_size=4, progress=False, flat=False).loss
+    with pytest.raises(ValueError, match="virtual tokens"):
+        heldout_loss(tiny_lm, exs, batch_size=4, progress=False, flat=True)
 
 
 # --- prompts and few-shot ---------------------------------------------------------------------

@@ -3,18 +3,27 @@
 Token-weighted: loss = sum_t w_t * nll_t / sum_t w_t over the whole file (not a mean of per-batch
 means), where w_t is the loss policy's weight of target token t (response-only by default), so the
 number is the one training minimises and perplexity = exp(loss).
+
+On CPU the examples of a batch are laid end to end in one row, without padding, and attention runs example by
+example (train/packed_attention.py, as training computes it): padding a batch of self-instruct answers to its
+longest made 40% of its tokens padding, and masked SDPA is slow on CPU (docs/evaluation.md, "Losses and options
+in one unpadded row": 1.96x faster in bf16 on those answers).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from deltatune.data.packing import FLAT_MULTIPLE
 from deltatune.data.segments import TokenizedExample
 from deltatune.errors import DataError
+from deltatune.methods.virtual_tokens import has_virtual_tokens
+from deltatune.train import packed_attention
 from deltatune.train.loss import weighted_lm_loss_sum
 
 
@@ -29,36 +38,84 @@ class LossResult:
         return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "examples": self.examples}
 
 
+def flat_rows_available(model) -> bool:
+    """Whether examples can share a row: attention through transformers' AttentionInterface, no virtual tokens
+    (prompt and prefix tuning give every sequence its own extra positions)."""
+    return packed_attention.supported(model) and not has_virtual_tokens(model)
+
+
+def _padded_batch(batch: list[TokenizedExample], pad_id: int) -> dict:
+    """Right-padded [B, longest] rows with a 0/1 attention mask."""
+    width = max(len(ex) for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(batch), width), dtype=torch.long)
+    w = torch.zeros((len(batch), width), dtype=torch.float64)
+    for r, ex in enumerate(batch):
+        ids[r, : len(ex)] = torch.tensor(ex.input_ids)
+        attn[r, : len(ex)] = 1
+        w[r, : len(ex)] = torch.tensor(ex.weights, dtype=torch.float64)
+    return {"input_ids": ids, "attention_mask": attn, "loss_weights": w}
+
+
+def _flat_batch(batch: list[TokenizedExample], pad_id: int) -> dict:
+    """The examples end to end in one [1, T] row (T rounded up to FLAT_MULTIPLE), positions restarting at 0 per
+    example. An example's first token weighs 0: in the row it would be "predicted" from the previous example."""
+    n = sum(len(ex) for ex in batch)
+    width = -(-n // FLAT_MULTIPLE) * FLAT_MULTIPLE
+    ids = torch.full((1, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((1, width), dtype=torch.long)
+    w = torch.zeros((1, width), dtype=torch.float64)
+    off = 0
+    for ex in batch:
+        k = len(ex)
+        ids[0, off : off + k] = torch.tensor(ex.input_ids)
+        pos[0, off : off + k] = torch.arange(k)
+        w[0, off + 1 : off + k] = torch.tensor(ex.weights[1:], dtype=torch.float64)
+        off += k
+    pos[0, off:] = torch.arange(width - off)  # the padding is one more span, weighing nothing
+    return {"input_ids": ids, "position_ids": pos, "loss_weights": w}
+
+
 @torch.no_grad()
 def heldout_loss(
-    model, examples: list[TokenizedExample], batch_size: int = 8, pad_id: int = 0, progress: bool = True
+    model,
+    examples: list[TokenizedExample],
+    batch_size: int = 8,
+    pad_id: int = 0,
+    progress: bool = True,
+    flat: bool | None = None,
 ) -> LossResult:
-    """Weighted mean next-token NLL; `weights[t]` weighs token t as a target (t >= 1)."""
+    """Weighted mean next-token NLL; `weights[t]` weighs token t as a target (t >= 1).
+
+    `flat`: each batch's examples in one unpadded row with attention span by span; None (auto) does so on CPU
+    where the model allows it (on CUDA, SDPA's fused kernels with a padding mask are the fast path)."""
     device = next(model.parameters()).device
+    for ex in examples:
+        if ex.weights is None:
+            raise DataError("example has no loss weights (apply a loss policy first)", file=ex.source or None)
+    if flat is None:
+        flat = device.type == "cpu" and flat_rows_available(model)
+    elif flat and not flat_rows_available(model):
+        raise ValueError(
+            "this model cannot take examples end to end in one row (virtual tokens or no AttentionInterface)"
+        )
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
     total, weight_sum = 0.0, 0.0
     bar = tqdm(total=len(examples), desc="loss", unit="ex", disable=not progress or len(examples) < 2)
-    for start in range(0, len(order), batch_size):
-        batch = [examples[i] for i in order[start : start + batch_size]]
-        width = max(len(ex) for ex in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(batch), width), dtype=torch.long)
-        w = torch.zeros((len(batch), width), dtype=torch.float64)
-        for r, ex in enumerate(batch):
-            if ex.weights is None:
-                raise DataError("example has no loss weights (apply a loss policy first)", file=ex.source or None)
-            n = len(ex)
-            ids[r, :n] = torch.tensor(ex.input_ids)
-            attn[r, :n] = 1
-            w[r, :n] = torch.tensor(ex.weights, dtype=torch.float64)
-        # final hidden states, then the chunked head: logits exist only for loss-bearing positions
-        hidden = model.get_decoder()(
-            input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False
-        ).last_hidden_state
-        s, tw = weighted_lm_loss_sum(hidden, model.get_output_embeddings(), ids.to(device), w.to(device))
-        total += float(s)
-        weight_sum += float(tw)
-        bar.update(len(batch))
+    with packed_attention.switched(model) if flat else nullcontext():
+        for start in range(0, len(order), batch_size):
+            batch = [examples[i] for i in order[start : start + batch_size]]
+            tensors = _flat_batch(batch, pad_id) if flat else _padded_batch(batch, pad_id)
+            tensors = {k: v.to(device) for k, v in tensors.items()}
+            weights = tensors.pop("loss_weights")
+            if flat:
+                tensors["packed_spans"] = packed_attention.spans_from_position_ids(tensors["position_ids"])
+            # final hidden states, then the chunked head: logits exist only for loss-bearing positions
+            hidden = model.get_decoder()(**tensors, use_cache=False).last_hidden_state
+            s, tw = weighted_lm_loss_sum(hidden, model.get_output_embeddings(), tensors["input_ids"], weights)
+            total += float(s)
+            weight_sum += float(tw)
+            bar.update(len(batch))
     bar.close()
     if weight_sum <= 0:
         raise DataError("no loss-bearing tokens in the evaluation data (check the loss policy and template)")
@@ -79,6 +136,7 @@ def loss_on_file(
     limit: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    flat: bool | None = None,
 ) -> LossResult:
     """Held-out loss of a data file, read, templated and weighted exactly as training reads it."""
     from deltatune.data.masking import LossPolicy, parse_policy, policy_weights
@@ -94,4 +152,4 @@ def loss_on_file(
     for ex in prepared.examples:
         ex.weights = policy_weights(ex, parsed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return heldout_loss(model, prepared.examples, batch_size=batch_size, pad_id=pad, progress=progress)
+    return heldout_loss(model, prepared.examples, batch_size=batch_size, pad_id=pad, progress=progress, flat=flat)

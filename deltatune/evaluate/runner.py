@@ -29,6 +29,7 @@ class EvalOptions:
     template: str = "chatml"  # loss tasks: the training template and loss policy
     policy: str = "response"
     max_len: int = 1024
+    flat_rows: bool | None = None  # loss tasks: each batch end to end in one unpadded row (None: on CPU)
     samples: int = 1  # code tasks: completions per problem (n of pass@k)
     pass_k: tuple[int, ...] = (1,)  # code tasks: the k of pass@k reported (those <= samples)
     allow_code_execution: bool = False
@@ -96,6 +97,7 @@ def evaluate_task(
             limit=opts.limit,
             batch_size=opts.batch_size,
             progress=opts.progress,
+            flat=opts.flat_rows,
         )
         return TaskResult(task.name, res.examples, "loss", res.as_dict(), [], higher_is_better=False)
     items = items if items is not None else load_items(task, opts.limit)

@@ -144,16 +144,26 @@ def tokenizer_ids(method: Any, text: str, p: int) -> list[int]:
     return (ids * (p // len(ids) + 1))[:p]
 
 
+_ATTRS: set[str] = set()  # the attribute names virtual-token methods attach under
+
+
 def attach(model: nn.Module, attr: str, module: nn.Module) -> None:
     """Put `module` on the causal LM under `attr` and hook it into the decoder body."""
     if hasattr(model, attr):
         raise ConfigError(f"the model already has '{attr}': a virtual-token method is applied twice", field="method")
+    _ATTRS.add(attr)
     model.add_module(attr, module)
     decoder = model.get_decoder()
     module._handles = [
         decoder.register_forward_pre_hook(module.pre_hook, with_kwargs=True),
         decoder.register_forward_hook(module.post_hook),
     ]
+
+
+def has_virtual_tokens(model: nn.Module) -> bool:
+    """Whether a virtual-token method is attached: every sequence then attends to extra positions, so examples
+    cannot be laid end to end in one row."""
+    return any(hasattr(model, attr) for attr in _ATTRS)
 
 
 def repeat_to(ids: list[int], p: int) -> list[int]:

@@ -20,6 +20,9 @@ Without spans (generation, evaluation of padded batches) it is transformers' own
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import Tensor
 
@@ -251,3 +254,17 @@ def register(compiled_layers: bool = False) -> str:
         AttentionMaskInterface.register(COMPILED_NAME, _no_mask)
         _registered = True
     return COMPILED_NAME if compiled_layers else NAME
+
+
+@contextmanager
+def switched(model) -> Iterator[None]:
+    """`model` on packed attention within the block (unchanged if it already is), its own attention after."""
+    before = attention_name(model)
+    if is_active(model):
+        yield
+        return
+    model.set_attn_implementation(register())
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before or "sdpa")

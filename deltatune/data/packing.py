@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from bisect import bisect_left, insort
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -71,6 +71,7 @@ def collate(
     packed: bool,
     template_name: str = "",
     flat: bool = False,
+    weights_of: Callable[[TokenizedExample], Sequence[float]] | None = None,
 ) -> dict:
     """Tensors for one batch.
 
@@ -83,6 +84,7 @@ def collate(
     span by span (train/packed_attention.py).
     packed=False: a list of examples, right-padded to the longest (at most `seq_len`); attention_mask
     is the usual long [B, T] 0/1 mask.
+    `weights_of(example)` gives the weights instead of `policy` (evaluation of examples already weighted).
     Raises TrainingError if no token in the batch carries loss under `policy`.
     """
     rows = [list(r) for r in rows_or_examples] if packed else [[ex] for ex in rows_or_examples]
@@ -105,7 +107,7 @@ def collate(
         off = 0
         for k, ex in enumerate(row):
             n = len(ex)
-            w = policy_weights(ex, policy)
+            w = list(weights_of(ex)) if weights_of else policy_weights(ex, policy)
             w[0] = 0.0  # nothing of this example precedes its first token
             ids[b, off : off + n] = torch.as_tensor(ex.input_ids, dtype=torch.long)
             weights[b, off : off + n] = torch.as_tensor(w, dtype=torch.float32)

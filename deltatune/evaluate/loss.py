@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from deltatune.data.packing import FLAT_MULTIPLE
+from deltatune.data.packing import collate
 from deltatune.data.segments import TokenizedExample
-from deltatune.errors import DataError
+from deltatune.errors import DataError, TrainingError
 from deltatune.methods.virtual_tokens import has_virtual_tokens
 from deltatune.train import packed_attention
 from deltatune.train.loss import weighted_lm_loss_sum
@@ -42,38 +42,6 @@ def flat_rows_available(model) -> bool:
     """Whether examples can share a row: attention through transformers' AttentionInterface, no virtual tokens
     (prompt and prefix tuning give every sequence its own extra positions)."""
     return packed_attention.supported(model) and not has_virtual_tokens(model)
-
-
-def _padded_batch(batch: list[TokenizedExample], pad_id: int) -> dict:
-    """Right-padded [B, longest] rows with a 0/1 attention mask."""
-    width = max(len(ex) for ex in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(batch), width), dtype=torch.long)
-    w = torch.zeros((len(batch), width), dtype=torch.float64)
-    for r, ex in enumerate(batch):
-        ids[r, : len(ex)] = torch.tensor(ex.input_ids)
-        attn[r, : len(ex)] = 1
-        w[r, : len(ex)] = torch.tensor(ex.weights, dtype=torch.float64)
-    return {"input_ids": ids, "attention_mask": attn, "loss_weights": w}
-
-
-def _flat_batch(batch: list[TokenizedExample], pad_id: int) -> dict:
-    """The examples end to end in one [1, T] row (T rounded up to FLAT_MULTIPLE), positions restarting at 0 per
-    example. An example's first token weighs 0: in the row it would be "predicted" from the previous example."""
-    n = sum(len(ex) for ex in batch)
-    width = -(-n // FLAT_MULTIPLE) * FLAT_MULTIPLE
-    ids = torch.full((1, width), pad_id, dtype=torch.long)
-    pos = torch.zeros((1, width), dtype=torch.long)
-    w = torch.zeros((1, width), dtype=torch.float64)
-    off = 0
-    for ex in batch:
-        k = len(ex)
-        ids[0, off : off + k] = torch.tensor(ex.input_ids)
-        pos[0, off : off + k] = torch.arange(k)
-        w[0, off + 1 : off + k] = torch.tensor(ex.weights[1:], dtype=torch.float64)
-        off += k
-    pos[0, off:] = torch.arange(width - off)  # the padding is one more span, weighing nothing
-    return {"input_ids": ids, "position_ids": pos, "loss_weights": w}
 
 
 @torch.no_grad()
@@ -105,17 +73,31 @@ def heldout_loss(
     with packed_attention.switched(model) if flat else nullcontext():
         for start in range(0, len(order), batch_size):
             batch = [examples[i] for i in order[start : start + batch_size]]
-            tensors = _flat_batch(batch, pad_id) if flat else _padded_batch(batch, pad_id)
-            tensors = {k: v.to(device) for k, v in tensors.items()}
-            weights = tensors.pop("loss_weights")
+            bar.update(len(batch))
+            try:  # one flat row of all the batch's examples, or right-padded rows with a 0/1 mask
+                tensors = collate(
+                    [batch] if flat else batch,
+                    None,
+                    seq_len=sum(len(ex) for ex in batch),
+                    pad_id=pad_id,
+                    packed=flat,
+                    flat=flat,
+                    weights_of=lambda ex: ex.weights,
+                )
+            except TrainingError:
+                continue  # no loss-bearing token in this batch: it adds nothing
+            kwargs = {"input_ids": tensors["input_ids"].to(device)}
             if flat:
-                tensors["packed_spans"] = packed_attention.spans_from_position_ids(tensors["position_ids"])
+                kwargs["position_ids"] = tensors["position_ids"].to(device)
+                kwargs["packed_spans"] = packed_attention.spans_from_position_ids(kwargs["position_ids"])
+            else:
+                kwargs["attention_mask"] = tensors["attention_mask"].to(device)
             # final hidden states, then the chunked head: logits exist only for loss-bearing positions
-            hidden = model.get_decoder()(**tensors, use_cache=False).last_hidden_state
-            s, tw = weighted_lm_loss_sum(hidden, model.get_output_embeddings(), tensors["input_ids"], weights)
+            hidden = model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
+            weights = tensors["loss_weights"].to(device)
+            s, tw = weighted_lm_loss_sum(hidden, model.get_output_embeddings(), kwargs["input_ids"], weights)
             total += float(s)
             weight_sum += float(tw)
-            bar.update(len(batch))
     bar.close()
     if weight_sum <= 0:
         raise DataError("no loss-bearing tokens in the evaluation data (check the loss policy and template)")

@@ -176,10 +176,13 @@ def test_each_run_hands_its_memory_back(tmp_path, monkeypatch):
     assert len(trims) == 2
 
 
-def test_a_run_that_trains_alone_waits_for_the_others(tmp_path, monkeypatch, capsys):
+def test_a_run_that_trains_alone_waits_for_the_others_and_holds_back_the_rest(tmp_path, monkeypatch, capsys):
     """Another process is training (a shared claim on "training"): this one's `alone` run waits, though nobody
-    holds the run itself; the ordinary run trains meanwhile (beside the other one); the alone run trains once
-    nothing else does, and holds the claim exclusively while it does."""
+    holds the run itself, and no ordinary run starts here meanwhile (it would keep the alone run waiting for
+    this process in turn); the alone run trains as soon as the other process is done, holding the claim
+    exclusively, and the ordinary run trains after it. The alone run goes first though listed second."""
+    import threading
+
     from deltatune.experiments import common
 
     monkeypatch.setattr(common, "POLL_SECONDS", 0.05)
@@ -187,25 +190,47 @@ def test_a_run_that_trains_alone_waits_for_the_others(tmp_path, monkeypatch, cap
     other = ctx.claim("training", shared=True)
     calls: list = []
     runs = _runs(calls)
-    runs[0].alone = True
-    measure_first, measure_second = runs[0].measure, runs[1].measure
+    runs[1].alone = True
+    measure_alone = runs[1].measure
     beside_alone = []
 
-    def second_then_other_ends(step, model):
-        if step == 3:
-            other.release()
-        return measure_second(step, model)
-
-    def first_checks_it_is_alone(step, model):
+    def alone_checks_it_is_alone(step, model):
         beside_alone.append(ctx.claim("training", shared=True))  # what another process would get now
-        return measure_first(step, model)
+        return measure_alone(step, model)
 
-    runs[0].measure, runs[1].measure = first_checks_it_is_alone, second_then_other_ends
-    ctx.run_all(runs)
+    runs[1].measure = alone_checks_it_is_alone
+    timer = threading.Timer(1.0, other.release)  # the other process finishes its run
+    timer.start()
+    try:
+        results = ctx.run_all(runs)
+    finally:
+        timer.cancel()
     assert calls == [("second", 1), ("second", 3), ("first", 1), ("first", 3)]
     assert beside_alone == [None, None]
-    assert "first: later: it trains alone" in capsys.readouterr().err
+    assert list(results) == ["first", "second"]  # in the order asked, whatever the order trained
+    err = capsys.readouterr().err
+    assert "second: later: it trains alone" in err and "first: later" not in err
     assert ctx.claim("training") is not None  # released after training
+
+
+def test_follow_up_runs_join_as_soon_as_what_they_need_is_done(tmp_path):
+    """`follow` is asked after each finished run: a run that the first result makes ready trains before the
+    runs still listed (an alone follow-up goes first), and the results come back in the order they were known."""
+    calls: list = []
+    runs = _runs(calls)
+    extra = _runs(calls)[0]
+    extra.name, extra.alone = "first-again", True
+    extra.measure = lambda step, model: calls.append(("first-again", step)) or {}
+    asked: list = []
+
+    def follow(done):
+        asked.append(sorted(done))
+        return [extra] if "first" in done else []
+
+    results = Context("toy", tmp_path / "exp", quick=True, seeds=[0], quiet=True).run_all(runs, follow=follow)
+    assert [c[0] for c in calls] == ["first", "first", "first-again", "first-again", "second", "second"]
+    assert list(results) == ["first", "second", "first-again"]
+    assert asked == [[], ["first"], ["first", "first-again"], ["first", "first-again", "second"]]
 
 
 def test_a_run_that_trains_alone_uses_every_process_threads(tmp_path):

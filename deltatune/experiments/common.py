@@ -13,7 +13,10 @@ cooperate the same way): a run is trained by the process that holds its claim, a
 OUT/claims/NAME.lock that the OS releases when the holder exits or dies, so a run is never trained
 twice at once and a dead process's run is taken over. The others go on to the next run and wait for
 the claimed ones (their done.json) at the end. Runs train under a shared claim on "training"; a run
-marked `alone` (its memory peak leaves no room for another) takes it exclusively.
+marked `alone` (its memory peak leaves no room for another) takes it exclusively, and goes first: the
+processes finish what they train and then do the exclusive runs one after another, rather than each of
+them waiting for a busy process mid-experiment. Runs whose settings depend on finished ones (a learning
+rate picked from a sweep) join as soon as those are done (`run_all(follow=...)`), not after a barrier.
 
 Results: `Context.finish` writes results.json (every run's numbers, seeds, the machine, wall
 time), results.md (the tables) and the PNG plots (`save_figure`), each atomically.
@@ -43,6 +46,10 @@ POLL_SECONDS = 2.0
 # run settings not compared when a finished run is reused: where the run reads from and writes to
 NOT_COMPARED = frozenset({"model", "output", "data", "eval_data", "resume", "overwrite"})
 StepHook = Callable[[int, int, Any], "dict | None"]  # (step, total_steps, model) -> metrics for that step
+FollowUps = Callable[[dict[str, dict]], "list[Run]"]  # finished runs' results, by name -> the runs they make ready
+WAITS_ALONE = "later: it trains alone"  # an alone run while another process trains
+WAITS_FOR_ALONE = "later: a run that trains alone is on"
+HELD_ELSEWHERE = "being trained by another process"
 
 
 @dataclass
@@ -329,30 +336,58 @@ class Context:
             raise SystemExit(f"(worker {self.worker}) the invoking process has ended; stopping")
         return Claim.take(self.out / CLAIMS, key, shared)
 
-    def run_all(self, runs: list[Run]) -> dict[str, dict]:
-        """Train every run not yet done (in order) and return each run's result, by name.
+    def run_all(self, runs: list[Run], follow: FollowUps | None = None) -> dict[str, dict]:
+        """Train every run not yet done and return each run's result, by name (the given runs, then the
+        follow-ups in the order they became known).
 
-        A run another process is training is passed over, then waited for once this process has no
-        run left to train; if that process dies, this one takes the run over and trains it."""
-        names = [r.name for r in runs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"run names must be unique: {names}")
+        Runs are taken in order, `alone` runs first. A run another process holds is passed over and taken up
+        again once this process has nothing else to train (or taken over if that process dies). An `alone`
+        run that waits for the other processes to finish their runs holds back the runs after it, so that
+        the exclusive runs go one after another instead of each waiting for a busy process to come free.
+        `follow(results)` is asked after every finished run for the runs that the results so far make
+        ready (a rate picked from a sweep, run again with another seed): every process sharing the folder
+        asks it of the same finished runs, so all of them add the same runs, as soon as they are ready."""
+        pending, order = list(runs), [r.name for r in runs]
+        if len(set(order)) != len(order):
+            raise ValueError(f"run names must be unique: {order}")
+        index = {name: i for i, name in enumerate(order, 1)}
         todo_steps = {r.name: self._total_steps(r) for r in runs if not (self.run_dir(r.name) / DONE).exists()}
         results: dict[str, dict] = {}
-        elsewhere: list[tuple[int, Run]] = []
-        for i, run in enumerate(runs, 1):
-            result = self._finish_run(run, i, len(runs), todo_steps)
-            todo_steps.pop(run.name, None)  # trained, read back or another process's: not this one's ETA
-            if isinstance(result, str):
-                self.say(f"[{self.name}] run {i}/{len(runs)} {run.name}: {result}")
-                elsewhere.append((i, run))
-            else:
-                results[run.name] = result
-        for i, run in elsewhere:
-            while isinstance(result := self._finish_run(run, i, len(runs), todo_steps), str):
+        told: set[tuple[str, str]] = set()
+
+        def add_follow_ups() -> None:
+            for run in follow(results) if follow is not None else []:
+                if run.name not in index:
+                    order.append(run.name)
+                    index[run.name] = len(order)
+                    pending.append(run)
+                    if not (self.run_dir(run.name) / DONE).exists():
+                        todo_steps[run.name] = self._total_steps(run)
+
+        add_follow_ups()  # a resumed experiment may have them ready already
+        while pending:
+            pending.sort(key=lambda r: not r.alone)  # stable: alone runs first, each group in its order
+            finished = None
+            for run in pending:
+                result = self._finish_run(run, index[run.name], len(order), todo_steps)
+                if not isinstance(result, str):
+                    finished = run
+                    results[run.name] = result
+                    break
+                if (run.name, result) not in told:
+                    told.add((run.name, result))
+                    self.say(f"[{self.name}] run {index[run.name]}/{len(order)} {run.name}: {result}")
+                if result == HELD_ELSEWHERE:
+                    todo_steps.pop(run.name, None)  # another process's: not in this one's ETA
+                if result == WAITS_ALONE:
+                    break
+            if finished is None:
                 time.sleep(POLL_SECONDS)
-            results[run.name] = result
-        return {name: results[name] for name in names}
+                continue
+            pending.remove(finished)
+            todo_steps.pop(finished.name, None)
+            add_follow_ups()
+        return {name: results[name] for name in order}
 
     def _finish_run(self, run: Run, index: int, count: int, todo_steps: dict[str, int | None]) -> dict | str:
         """The run's result: read back if done, else trained here; while another process holds the run (or
@@ -361,13 +396,13 @@ class Context:
         if not done.exists():
             claim = self.claim(run.name)
             if claim is None:
-                return "being trained by another process"
+                return HELD_ELSEWHERE
             with claim:
                 if not done.exists():  # (re-checked under the claim: another process may just have finished it)
                     # every run trains under a shared claim on "training"; an `alone` run needs it exclusive
                     room = self.claim("training", shared=not run.alone)
                     if room is None:
-                        return "later: it trains alone" if run.alone else "later: a run that trains alone is on"
+                        return WAITS_ALONE if run.alone else WAITS_FOR_ALONE
                     with room, self._all_threads(run.alone):
                         result = self._train_one(run, index, count, todo_steps)
                     todo_steps.pop(run.name, None)

@@ -52,6 +52,8 @@ METHODS: dict[str, tuple[str, int | None, tuple[float, ...]]] = {
     "dora-r8": ("dora", 8, (1e-4, 3e-4, 1e-3)),
     "mora-r8": ("mora", 8, (1e-4, 3e-4, 1e-3)),
 }
+# the order runs are trained in: slowest first (measured per run in the recorded run, docs/experiments.md)
+TRAIN_ORDER = ("dora-r8", "lora-r256", "mora-r8", "lora-r64", "full", "lora-r8")
 MMLU_SUBJECTS = "high_school_geography+high_school_psychology+marketing+nutrition"
 BBH_TASKS = "boolean_expressions+sports_understanding+navigate"
 # full mode: sized for 90 minutes on 2 cores with --jobs 2 (docs/experiments.md); quick: the tiny model, seconds
@@ -297,6 +299,12 @@ def _run_name(name: str, lr: float, seed: int) -> str:
     return f"{name}-lr{lr:g}-s{seed}"
 
 
+def _pick(sweep_runs: list[dict]) -> float:
+    """The rate with the lowest validation loss (a diverged run's NaN never wins)."""
+    ok = [r for r in sweep_runs if r.get("eval_loss") is not None and math.isfinite(r["eval_loss"])]
+    return min(ok or sweep_runs, key=lambda r: r.get("eval_loss") or math.inf)["lr"]
+
+
 def run(ctx: Context, args) -> None:
     from deltatune.evaluate.forgetting import learn_forget
 
@@ -335,21 +343,31 @@ def run(ctx: Context, args) -> None:
             measure=measure,
             measure_last=True,
             meta={"method": name, "lr": lr, "seed": seed},
-            # with --jobs, DoRA trains with no run beside it: a process training it peaked at 13.6 GB, one training
-            # full finetuning at 9.4 GB, MoRA 8.6 GB; with any of them beside it, 23 GB would not do
+            # with --jobs, DoRA trains with no run beside it, on both processes' threads: a process training it
+            # peaked at 13.6-14.3 GB (mostly glibc heap it no longer used: a fresh process trains it in 5.6 GB
+            # of live tensors, docs/experiments.md), one training full finetuning at 9.4 GB, MoRA 8.6 GB
             alone=method == "dora",
         )
 
     first, rest = ctx.seeds[0], ctx.seeds[1:]
-    sweep = [make(n, lr, first) for n in names for lr in METHODS[n][2][: args.lrs]]
-    results = ctx.run_all(sweep)
-    picked = {}
-    for n in names:
-        cands = [results[_run_name(n, lr, first)] for lr in METHODS[n][2][: args.lrs]]
-        ok = [c for c in cands if c.get("eval_loss") is not None and math.isfinite(c["eval_loss"])]
-        picked[n] = min(ok or cands, key=lambda c: c.get("eval_loss") or math.inf)["lr"]
-    if rest:
-        results.update(ctx.run_all([make(n, picked[n], s) for n in names for s in rest]))
+    grid = {n: METHODS[n][2][: args.lrs] for n in names}
+    picked: dict[str, float] = {}
+
+    def repeats(done: dict[str, dict]) -> list[Run]:
+        """Each method's picked rate with the further seeds, as soon as the method's sweep is done (the
+        other methods' sweeps may still be training)."""
+        more = []
+        for n in names:
+            sweep_runs = [done.get(_run_name(n, lr, first)) for lr in grid[n]]
+            if n not in picked and all(sweep_runs):
+                picked[n] = _pick(sweep_runs)
+                more += [make(n, picked[n], s) for s in rest]
+        return more
+
+    # DoRA's runs train alone and go first (Context.run_all); then the slowest first, so that the two
+    # processes of --jobs 2 finish close together
+    sweep = [make(n, lr, first) for n in sorted(names, key=TRAIN_ORDER.index) for lr in grid[n]]
+    results = ctx.run_all(sweep, follow=repeats)
     if ctx.worker:
         return
     bases = {kind: bases[kind] or _base(ctx, m, file, frozen) for kind, (file, frozen) in base_files.items()}

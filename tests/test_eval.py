@@ -150,6 +150,48 @@ def test_multiple_choice_rows_of_different_lengths_score_as_one_at_a_time(tiny_t
             assert every[q][o].logprob == pytest.approx(expected, abs=1e-9), (q, o)
 
 
+def test_options_over_a_shared_context_score_as_whole_rows_in_float64(tiny_tok):
+    """The shared-context path (each context once, its options over its cache) against whole (context, option)
+    rows, on a model with a trained-looking LoRA: one-token and many-token options, questions of 2 to 4
+    options, more questions than a batch (several batches, several option groups), float64 to 1e-9."""
+    from deltatune.evaluate.choice import can_share_context
+    from deltatune.methods.base import MethodSpec, get_method
+    from deltatune.methods.inject import freeze
+    from deltatune.testing import tiny_model
+
+    model = tiny_model().double()
+    freeze(model)
+    get_method("lora")(MethodSpec(name="lora", rank=2, alpha=4, targets="all-linear")).apply(model)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.3)
+    assert can_share_context(model)
+    contexts = ["Q: 2 + 3? A:", "A long question about nothing in particular, to make the row wide? A:", "Hi", "x"]
+    options = [[" 5", " seventy two", "!"], [" yes", " no", " maybe so, or maybe not at all"], ["?", "!"]]
+    options.append([" a", " b c", " d e f", "."])
+    shared = score_options(model, tiny_tok, contexts, options, batch_size=3, progress=False)
+    rows = score_options(model, tiny_tok, contexts, options, batch_size=3, progress=False, shared_context=False)
+    for q, (context, opts) in enumerate(zip(contexts, options)):
+        for o, text in enumerate(opts):
+            expected = _option_logprob_one_at_a_time(model, tiny_tok, context, text)
+            assert shared[q][o].logprob == pytest.approx(expected, abs=1e-9), (q, o)
+            assert rows[q][o].logprob == pytest.approx(expected, abs=1e-9), (q, o)
+            assert shared[q][o].n_tokens == rows[q][o].n_tokens and shared[q][o].n_chars == rows[q][o].n_chars
+
+
+def test_virtual_token_models_score_options_as_whole_rows(tiny_tok):
+    from deltatune.evaluate.choice import can_share_context
+    from deltatune.methods.base import MethodSpec, get_method
+    from deltatune.methods.inject import freeze
+    from deltatune.testing import tiny_model
+
+    model = tiny_model()
+    assert can_share_context(model)
+    freeze(model)
+    get_method("prompt")(MethodSpec(name="prompt", options={"num_virtual_tokens": 3})).apply(model)
+    assert not can_share_context(model)  # the virtual positions stand before every row, cache or not
+
+
 def test_normalisations_choose_differently():
     # a long likely-per-char option against a short one: raw sum picks short, per-char picks long
     short, long_ = OptionScore(-3.0, 1, 2), OptionScore(-8.0, 4, 20)
@@ -175,6 +217,17 @@ def test_batched_left_padded_greedy_equals_one_by_one(tiny_lm, tiny_tok):
     single = [generate(tiny_lm, tiny_tok, [p], cfg, batch_size=1, progress=False)[0] for p in prompts]
     assert batched == single
     assert all(isinstance(t, str) for t in batched)
+
+
+def test_greedy_generation_equals_transformers_own_generate(tiny_lm, tiny_tok):
+    """The LM head at the last position chosen by index (not generate's own slice `1`) gives the same tokens as
+    transformers' generate left to itself, on a left-padded batch."""
+    prompts = ["What is 2 + 3?", "The quick brown fox jumps over the lazy dog and", "Natalia"]
+    ours = generate(tiny_lm, tiny_tok, prompts, GenerationConfig(max_new_tokens=7), batch_size=3, progress=False)
+    for prompt, text in zip(prompts, ours):
+        ids = torch.tensor([tiny_tok(prompt, add_special_tokens=False)["input_ids"]])
+        out = tiny_lm.generate(input_ids=ids, max_new_tokens=7, do_sample=False, pad_token_id=0)
+        assert text == tiny_tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_sampling_is_seeded(tiny_lm, tiny_tok):

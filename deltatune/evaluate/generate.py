@@ -14,6 +14,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria
 
+from deltatune.evaluate.choice import keeps_logits
+
 
 @dataclass
 class GenerationConfig:
@@ -124,6 +126,10 @@ def generate_detailed(
         kwargs = dict(
             max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, pad_token_id=pad_id, eos_token_id=eos
         )
+        if keeps_logits(model):  # the LM head at the last position only, as generate's own `1` would, but
+            # as an index: the slice `1` of a prompt batch is not contiguous, and torch's matmul then expands
+            # the head's weight once per row (GSM8K, 40 prompts: 59 s -> 50 s, the same tokens)
+            kwargs["logits_to_keep"] = torch.tensor([-1], device=device)
         if config.do_sample:
             kwargs.update(temperature=config.temperature, top_p=config.top_p)
         else:

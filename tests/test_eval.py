@@ -150,10 +150,11 @@ def test_multiple_choice_rows_of_different_lengths_score_as_one_at_a_time(tiny_t
             assert every[q][o].logprob == pytest.approx(expected, abs=1e-9), (q, o)
 
 
-def test_options_over_a_shared_context_score_as_whole_rows_in_float64(tiny_tok):
+def test_options_over_a_shared_context_score_as_whole_rows_in_float64(tiny_tok, monkeypatch):
     """The shared-context path (each context once, its options over its cache) against whole (context, option)
     rows, on a model with a trained-looking LoRA: one-token and many-token options, questions of 2 to 4
     options, more questions than a batch (several batches, several option groups), float64 to 1e-9."""
+    from deltatune.evaluate import choice
     from deltatune.evaluate.choice import can_share_context
     from deltatune.methods.base import MethodSpec, get_method
     from deltatune.methods.inject import freeze
@@ -169,14 +170,39 @@ def test_options_over_a_shared_context_score_as_whole_rows_in_float64(tiny_tok):
     contexts = ["Q: 2 + 3? A:", "A long question about nothing in particular, to make the row wide? A:", "Hi", "x"]
     options = [[" 5", " seventy two", "!"], [" yes", " no", " maybe so, or maybe not at all"], ["?", "!"]]
     options.append([" a", " b c", " d e f", "."])
+    took = []
+    real = choice._score_over_shared_contexts
+    monkeypatch.setattr(choice, "_score_over_shared_contexts", lambda *a: took.append(1) or real(*a))
     shared = score_options(model, tiny_tok, contexts, options, batch_size=3, progress=False)
+    assert took == [1]  # the default took the shared-context path
     rows = score_options(model, tiny_tok, contexts, options, batch_size=3, progress=False, shared_context=False)
+    assert took == [1]
     for q, (context, opts) in enumerate(zip(contexts, options)):
         for o, text in enumerate(opts):
             expected = _option_logprob_one_at_a_time(model, tiny_tok, context, text)
             assert shared[q][o].logprob == pytest.approx(expected, abs=1e-9), (q, o)
             assert rows[q][o].logprob == pytest.approx(expected, abs=1e-9), (q, o)
             assert shared[q][o].n_tokens == rows[q][o].n_tokens and shared[q][o].n_chars == rows[q][o].n_chars
+
+
+def test_a_model_that_returns_no_cache_scores_options_as_whole_rows(tiny_tok):
+    """Gradient checkpointing in train mode turns transformers' cache off: scoring falls back to whole rows."""
+    from deltatune.testing import tiny_model
+
+    model = tiny_model().double()
+    contexts, options = ["Q: 2 + 3? A:", "Hi"], [[" 5", " seventy two"], [" there", "!"]]
+    expected = score_options(model, tiny_tok, contexts, options, progress=False, shared_context=False)
+    model.gradient_checkpointing_enable()
+    model.train()
+    got = score_options(model, tiny_tok, contexts, options, progress=False)
+    for q in range(2):
+        for o in range(2):
+            assert got[q][o].logprob == pytest.approx(expected[q][o].logprob, abs=1e-9)
+
+
+def test_an_empty_context_is_refused(tiny_lm, tiny_tok):
+    with pytest.raises(ValueError, match="context of question 0"):
+        score_options(tiny_lm, tiny_tok, [""], [[" a", " b"]], progress=False)
 
 
 def test_virtual_token_models_score_options_as_whole_rows(tiny_tok):

@@ -40,6 +40,12 @@ def test_learn_forget_quick_end_to_end_and_resume(tmp_path, shared_data):
     assert sorted((r["method"], r["seed"]) for r in runs) == sorted(
         [("full", 0)] * 2 + [("lora-r8", 0)] * 2 + [("full", 1), ("lora-r8", 1)]
     )
+    # reported in the order asked for (methods, then rate, then seed), whatever order they trained in
+    # (TRAIN_ORDER, each seed-1 repeat as soon as its method's sweep was done)
+    assert [(r["method"], r["lr"], r["seed"]) for r in runs] == sorted(
+        [(r["method"], r["lr"], r["seed"]) for r in runs], key=lambda k: (["full", "lora-r8"].index(k[0]), k[1], k[2])
+    )
+    assert list(res["picked_lr"]) == ["full", "lora-r8"]
     for method in ("full", "lora-r8"):
         sweep = [r for r in runs if r["method"] == method and r["seed"] == 0]
         best = min(sweep, key=lambda r: r["val_loss"])
@@ -111,6 +117,12 @@ def test_seeds_and_methods_can_be_added_to_a_finished_experiment(tmp_path, share
     capsys.readouterr()
     assert main([*args("2", "lora-r8,dora-r8", lrs="2"), *common]) != 0
     assert "same options" in capsys.readouterr().err
+
+
+def test_every_method_has_its_place_in_the_training_order():
+    from deltatune.experiments.learn_forget import METHODS, TRAIN_ORDER
+
+    assert sorted(TRAIN_ORDER) == sorted(METHODS)
 
 
 def test_learn_forget_rejects_an_unknown_method(tmp_path, capsys):

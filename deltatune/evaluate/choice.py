@@ -9,7 +9,7 @@ Three predictions come from the same numbers:
 Each question's context goes through the model once (`shared_context`, the default where the model
 allows it): a batch of contexts, left-padded, fills a key/value cache; each option then runs over its
 question's cache, so a 4-option question costs one context forward and four option-sized ones instead of
-four full ones (MMLU 0-shot on the 135M model: 2.9x fewer seconds, docs/evaluation.md). Models with
+four full ones (learn-forget's MMLU on the 135M model in bf16: 1.93x, docs/evaluation.md). Models with
 virtual tokens (prompt, prefix tuning), or without a cache or `logits_to_keep`, score the pairs as whole
 rows: all pairs of many questions go through one padded forward per batch, longest first. Either way the
 LM head runs only at the positions that predict an option token (`logits_to_keep`): at a 49k vocabulary
@@ -85,22 +85,28 @@ def score_options(
 
     `all_logits` computes the head at every position (the path for a model whose forward lacks
     `logits_to_keep`; benchmarks/eval_speed.py times both). `shared_context` runs each context once and
-    its options over its cache (None: wherever the model allows it; `batch_size` then counts questions)."""
+    its options over its cache (None: unless `all_logits`; `batch_size` then counts questions) where the model
+    allows it (`can_share_context`) and every row fits in its context; whole rows otherwise."""
     pairs: list[tuple[int, int, list[int], list[int], int]] = []
     for q, (ctx, opts) in enumerate(zip(contexts, options)):
         for o, text in enumerate(opts):
             c_ids, o_ids = split_encode(tokenizer, ctx, text, add_special_tokens)
             if not o_ids:
                 raise ValueError(f"option {o} of question {q} encodes to no tokens: {text!r}")
+            if not c_ids:
+                raise ValueError(f"the context of question {q} encodes to no tokens: nothing predicts the option")
             pairs.append((q, o, c_ids, o_ids, len(text.strip()) or len(text)))
     max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 10**9
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     fits = all(len(c_ids) + len(o_ids) <= max_length for _, _, c_ids, o_ids, _ in pairs)
     if shared_context is None:
-        shared_context = fits and not all_logits and can_share_context(model)
-    if shared_context:
-        return _score_over_shared_contexts(model, pairs, options, batch_size, pad_id, device, progress)
+        shared_context = not all_logits
+    # a row past the context length keeps its end, which whole rows do; virtual tokens need whole rows
+    if shared_context and fits and can_share_context(model):
+        shared = _score_over_shared_contexts(model, pairs, options, batch_size, pad_id, device, progress)
+        if shared is not None:
+            return shared
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][2]) + len(pairs[i][3])))
     results: list[list[OptionScore | None]] = [[None] * len(o) for o in options]
     keep_subset = not all_logits and keeps_logits(model)
@@ -151,12 +157,16 @@ def can_share_context(model) -> bool:
     return keeps_logits(model) and takes_cache and not has_virtual_tokens(model)
 
 
-def _score_over_shared_contexts(model, pairs, options, batch_size, pad_id, device, progress) -> list[list[OptionScore]]:
+def _score_over_shared_contexts(
+    model, pairs, options, batch_size, pad_id, device, progress
+) -> list[list[OptionScore]] | None:
     """`score_options` with each question's context run once, longest first, `batch_size` questions at a time.
 
     The contexts are left-padded with explicit positions, so every context ends at the last column: that
     column's logits predict each option's first token, and the options (right-padded) continue from there.
     Option tokens past the first are scored from forwards over the questions' cache, one row per option.
+    None if the model returned no cache it can select rows of (gradient checkpointing in train mode turns
+    the cache off): the caller scores whole rows instead.
     """
     by_question: dict[int, list[tuple[int, list[int], int]]] = {}
     context_ids: dict[int, list[int]] = {}
@@ -181,10 +191,14 @@ def _score_over_shared_contexts(model, pairs, options, batch_size, pad_id, devic
             attention_mask=attention.to(device),
             position_ids=positions.to(device),
             use_cache=True,
-            # the last column as a tensor, not `1`: a slice of the last position is not contiguous, and
-            # torch's matmul then expands the LM head's weight once per row (1.4 s a batch of 16 here)
-            logits_to_keep=torch.tensor([width - 1], device=device),
+            # the last column as an index, not `1`: a slice of the last position is not contiguous, and
+            # torch's matmul then expands the LM head's weight once per row (1.4 s a batch of 16 here); a
+            # CPU index selects on any device
+            logits_to_keep=torch.tensor([width - 1]),
         )
+        if not hasattr(out.past_key_values, "batch_select_indices"):
+            bar.close()
+            return None
         first = torch.log_softmax(_at_least_fp32(out.logits[:, -1]), dim=-1)  # predicts every option's first token
         rows = [(r, q, o, o_ids, n_chars) for r, q in enumerate(questions) for o, o_ids, n_chars in by_question[q]]
         for r, q, o, o_ids, n_chars in rows:
@@ -197,7 +211,7 @@ def _score_over_shared_contexts(model, pairs, options, batch_size, pad_id, devic
             span = len(group[0][3]) - 1  # the last option token predicts nothing
             cache = copy.deepcopy(out.past_key_values)
             row_of = torch.tensor([r for r, *_ in group])
-            cache.batch_select_indices(row_of.to(device))
+            cache.batch_select_indices(row_of)  # CPU indices select on any device
             opt_ids = torch.full((len(group), span), pad_id, dtype=torch.long)
             opt_mask = torch.zeros((len(group), span), dtype=torch.long)
             for i, (*_, o_ids, _) in enumerate(group):

@@ -129,7 +129,7 @@ def generate_detailed(
         if keeps_logits(model):  # the LM head at the last position only, as generate's own `1` would, but
             # as an index: the slice `1` of a prompt batch is not contiguous, and torch's matmul then expands
             # the head's weight once per row (GSM8K, 40 prompts: 59 s -> 50 s, the same tokens)
-            kwargs["logits_to_keep"] = torch.tensor([-1], device=device)
+            kwargs["logits_to_keep"] = torch.tensor([-1])  # a CPU index selects on any device
         if config.do_sample:
             kwargs.update(temperature=config.temperature, top_p=config.top_p)
         else:

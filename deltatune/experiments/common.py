@@ -362,7 +362,8 @@ class Context:
                     index[run.name] = len(order)
                     pending.append(run)
                     if not (self.run_dir(run.name) / DONE).exists():
-                        todo_steps[run.name] = self._total_steps(run)
+                        known = next((r["steps"] for r in results.values()), None)  # by epochs: as a finished one
+                        todo_steps[run.name] = self._total_steps(run) or known
 
         add_follow_ups()  # a resumed experiment may have them ready already
         while pending:
@@ -379,13 +380,16 @@ class Context:
                     self.say(f"[{self.name}] run {index[run.name]}/{len(order)} {run.name}: {result}")
                 if result == HELD_ELSEWHERE:
                     todo_steps.pop(run.name, None)  # another process's: not in this one's ETA
-                if result == WAITS_ALONE:
-                    break
+                if result in (WAITS_ALONE, WAITS_FOR_ALONE):
+                    break  # nothing after it can start now (a run that trains alone goes first, or is on)
             if finished is None:
                 time.sleep(POLL_SECONDS)
                 continue
             pending.remove(finished)
             todo_steps.pop(finished.name, None)
+            for name, steps in todo_steps.items():  # runs asked for by epochs: estimate by any finished one
+                if steps is None:
+                    todo_steps[name] = results[finished.name]["steps"]
             add_follow_ups()
         return {name: results[name] for name in order}
 
@@ -405,10 +409,6 @@ class Context:
                         return WAITS_ALONE if run.alone else WAITS_FOR_ALONE
                     with room, self._all_threads(run.alone):
                         result = self._train_one(run, index, count, todo_steps)
-                    todo_steps.pop(run.name, None)
-                    for name, steps in todo_steps.items():  # runs asked for by epochs: estimate by this one
-                        if steps is None:
-                            todo_steps[name] = result["steps"]
                     return result
         stale = self._stale_setting(run)
         if stale:

@@ -376,7 +376,8 @@ def run(ctx: Context, args) -> None:
 
     tgt, srcs = m.target.name, [t.name for t in m.sources]
     rows = []
-    for r in results.values():
+    # the report in the methods' order, whatever order the runs trained and finished in
+    for r in sorted(results.values(), key=lambda r: (names.index(r["method"]), r["lr"], r["seed"])):
         sc = r["measured"][str(r["steps"])]["scores"]
         own = bases.get("full" if r["method"] == "full" else "adapters", base)
         lf = learn_forget(r["name"], own, sc, [tgt], srcs)
@@ -400,6 +401,7 @@ def run(ctx: Context, args) -> None:
             }
         )
     steps = sorted({r["steps"] for r in results.values()})
+    picked = {n: picked[n] for n in names}
     _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps[0] if len(steps) == 1 else steps, precision)
 
 

@@ -143,6 +143,17 @@ def score_options(
     return results  # type: ignore[return-value]
 
 
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with every row ending at the last column, as generation needs."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, width - len(ids) :] = torch.tensor(ids)
+        attention[r, width - len(ids) :] = 1
+    return input_ids, attention
+
+
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
     """Never a log-softmax in half precision (float64 stays float64)."""
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
@@ -178,13 +189,8 @@ def _score_over_shared_contexts(
     bar = tqdm(total=len(pairs), desc="choices", unit="opt", disable=not progress or len(pairs) < 2)
     for start in range(0, len(order), batch_size):
         questions = order[start : start + batch_size]
-        width = max(len(context_ids[q]) for q in questions)
-        input_ids = torch.full((len(questions), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(questions), width), dtype=torch.long)
-        for r, q in enumerate(questions):
-            ids = context_ids[q]
-            input_ids[r, width - len(ids) :] = torch.tensor(ids)
-            attention[r, width - len(ids) :] = 1
+        input_ids, attention = left_padded([context_ids[q] for q in questions], pad_id)
+        width = input_ids.shape[1]
         positions = (attention.cumsum(-1) - 1).clamp_min(0)
         out = model(
             input_ids=input_ids.to(device),

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria
 
-from deltatune.evaluate.choice import keeps_logits
+from deltatune.evaluate.choice import keeps_logits, left_padded
 
 
 @dataclass
@@ -116,13 +116,8 @@ def generate_detailed(
     bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress or len(prompts) < 2)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids = encoded[i]
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention[row, width - len(ids) :] = 1
+        input_ids, attention = left_padded([encoded[i] for i in idx], pad_id)
+        width = input_ids.shape[1]
         kwargs = dict(
             max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, pad_token_id=pad_id, eos_token_id=eos
         )

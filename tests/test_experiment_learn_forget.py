@@ -208,6 +208,7 @@ def test_a_measure_added_later_is_taken_from_the_saved_weights(tmp_path, shared_
 @pytest.mark.parametrize(
     "section, raw",
     [
+        ("### Recorded run: faster measuring and scheduling, one pass", "learn_forget_fast.json"),
         ("### Recorded run: the default, one pass", "learn_forget_1pass.json"),
         ("### Recorded run: 1.8 passes", "learn_forget.json"),
     ],

@@ -1,6 +1,7 @@
 """Packed attention computed example by example equals the 4D block-diagonal mask path, and
 therefore each example's solo run (the data tests pin the mask path to solo runs)."""
 
+import pytest
 import torch
 
 from deltatune.data.masking import LossPolicy
@@ -98,8 +99,27 @@ def _value_and_grads(fn, q, k, v, grad_out):
     return [out.detach(), q.grad, k.grad, v.grad]
 
 
-def test_span_attention_equals_per_example_sdpa_in_float64():
-    lengths = [7, 1, 30, 12, 2]  # a one-token example included
+# (WHOLE_SPAN, QUERY_BLOCK): every span whole; long spans in 32-row query blocks (the 70-token one in three,
+# its last block part padding); every span of more than one tile in blocks
+BLOCKS = [(10**9, 32), (32, 32), (0, 64)]
+
+
+@pytest.fixture(params=BLOCKS, ids=lambda b: f"whole{min(b[0], 999)}-block{b[1]}")
+def query_blocks(request, monkeypatch):
+    whole, block = request.param
+    monkeypatch.setattr(packed_attention, "WHOLE_SPAN", whole)
+    monkeypatch.setattr(packed_attention, "QUERY_BLOCK", block)
+
+
+def test_query_blocks_cover_the_tiled_span(monkeypatch):
+    monkeypatch.setattr(packed_attention, "WHOLE_SPAN", 256)
+    monkeypatch.setattr(packed_attention, "QUERY_BLOCK", 128)
+    assert packed_attention._query_blocks(256) == [(0, 256)]
+    assert packed_attention._query_blocks(288) == [(0, 128), (128, 256), (256, 288)]
+
+
+def test_span_attention_equals_per_example_sdpa_in_float64(query_blocks):
+    lengths = [7, 1, 30, 12, 2, 70, 33]  # a one-token example included
     q, k, v, spans = _qkv(lengths)
     grad_out = torch.randn(1, sum(lengths), 6, 16, dtype=torch.float64)
     ours = _value_and_grads(lambda *x: packed_attention.span_attention(*x, spans, 16**-0.5), q, k, v, grad_out)
@@ -111,8 +131,8 @@ def test_span_attention_equals_per_example_sdpa_in_float64():
     assert (whole - ref[0]).abs().max() > 1e-2
 
 
-def test_span_attention_in_bf16_is_as_close_to_float64_as_sdpa():
-    lengths = [37, 120, 64, 90]
+def test_span_attention_in_bf16_is_as_close_to_float64_as_sdpa(query_blocks):
+    lengths = [37, 120, 64, 90, 300]
     q, k, v, spans = _qkv(lengths, heads=9, kv_heads=3, dim=64, dtype=torch.bfloat16, seed=1)
     grad_out = torch.randn(1, sum(lengths), 9, 64, dtype=torch.float64)
     exact = _value_and_grads(lambda *x: _reference(*x, spans), *(x.double() for x in (q, k, v)), grad_out)

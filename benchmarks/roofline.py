@@ -11,7 +11,9 @@ in the training precision (bf16 where the CPU has it), on this machine, every ma
   base gets no weight gradient);
 - LoRA's four products per projection forward and backward (x A^T, (xA^T) B^T, the two weight
   gradients, the two input gradients);
-- attention per example: QK^T and PV forward, and backward's recomputed QK^T, dP, dV, dQ, dK;
+- attention per example: QK^T and PV forward, and backward's recomputed QK^T, dP, dV, dQ, dK (a span longer
+  than packed attention's WHOLE_SPAN by blocks of query rows, each against the keys it sees, as the kernel
+  runs it);
 - the LM head on loss-bearing positions only (forward and the hidden-state gradient; the tied head is
   frozen under LoRA).
 
@@ -19,7 +21,10 @@ The sum over the timed steps is the roofline: a step cannot be faster than its m
 With `--measure` the deltatune contender of train_speed.py runs on the same steps (its own process)
 and the step time is reported as a fraction of the roofline.
 
-    python benchmarks/roofline.py [--steps 12] [--warmup 2] [--rank 8] [--measure] [--repeats 3]
+With `--method full` the same for full finetuning (every weight gradient, no LoRA factors; deltatune's
+full-finetuning contender measured; written to roofline_full.json).
+
+    python benchmarks/roofline.py [--steps 12] [--warmup 2] [--rank 8] [--method lora|full] [--measure] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -88,8 +93,12 @@ def benchmark_steps(steps: int, warmup: int) -> tuple[list[dict], object]:
     return out, AutoConfig.from_pretrained(model_dir)
 
 
-def step_products(step: dict, c, rank: int) -> Counter:
-    """(kind, m, k, n, batch) -> count: one product of `batch` (m x k) and (k x n) matrices, per step."""
+def step_products(step: dict, c, rank: int, full: bool = False) -> Counter:
+    """(kind, m, k, n, batch) -> count: one product of `batch` (m x k) and (k x n) matrices, per step.
+
+    `full`: full finetuning instead of LoRA: no LoRA factors, but every projection's weight gradient
+    (dY^T X), and the tied LM head's weight gradient from the loss positions (the embedding's own gradient
+    is a scatter-add, no product)."""
     h, heads, kv_heads = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
     d_head = h // heads
     projections = [
@@ -106,27 +115,40 @@ def step_products(step: dict, c, rank: int) -> Counter:
     for d_in, d_out in projections:
         products[("base fwd", T, d_in, d_out, 1)] += L
         products[("base dX", T, d_out, d_in, 1)] += L
-        if rank:
+        if full:
+            products[("base dW", d_out, T, d_in, 1)] += L
+        elif rank:
             products[("lora fwd A", T, d_in, rank, 1)] += L
             products[("lora fwd B", T, rank, d_out, 1)] += L
             products[("lora dB", d_out, T, rank, 1)] += L
             products[("lora d(xA)", T, d_out, rank, 1)] += L
             products[("lora dA", rank, T, d_in, 1)] += L
             products[("lora dX", T, rank, d_in, 1)] += L
-    for n in step["spans"]:  # one batched product over the heads (as SpanAttention runs them), per layer
-        for kind, (m, k, nn) in {
-            "attn QK fwd": (n, d_head, n),
-            "attn PV fwd": (n, n, d_head),
-            "attn QK recompute": (n, d_head, n),
-            "attn dP": (n, d_head, n),
-            "attn dV": (n, n, d_head),
-            "attn dQ": (n, n, d_head),
-            "attn dK": (n, n, d_head),
-        }.items():
-            products[(kind, m, k, nn, heads)] += L
+    for n in step["spans"]:  # batched products over the heads, per block of query rows as SpanAttention runs them
+        for first, end in _query_blocks(n):
+            rows, keys = min(end, n) - first, min(end, n)  # the block's real query rows, and the keys they see
+            for kind, (m, k, nn) in {
+                "attn QK fwd": (rows, d_head, keys),
+                "attn PV fwd": (rows, keys, d_head),
+                "attn QK recompute": (rows, d_head, keys),
+                "attn dP": (rows, d_head, keys),
+                "attn dV": (keys, rows, d_head),
+                "attn dQ": (rows, keys, d_head),
+                "attn dK": (keys, rows, d_head),
+            }.items():
+                products[(kind, m, k, nn, heads)] += L
     products[("head fwd", step["n_loss"], h, c.vocab_size, 1)] += 1
     products[("head dH", step["n_loss"], c.vocab_size, h, 1)] += 1
+    if full:
+        products[("head dW", c.vocab_size, step["n_loss"], h, 1)] += 1
     return products
+
+
+def _query_blocks(n: int) -> list[tuple[int, int]]:
+    """SpanAttention's blocks of query rows for a span of n tokens (whole up to WHOLE_SPAN), on real rows."""
+    from deltatune.train import packed_attention
+
+    return packed_attention._query_blocks(-(-n // packed_attention.TILE) * packed_attention.TILE)
 
 
 def time_product(m: int, k: int, n: int, batch: int, reps: int, dtype: torch.dtype) -> float:
@@ -152,6 +174,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--method", default="lora", choices=["lora", "full"], help="full: full finetuning's products")
     parser.add_argument("--reps", type=int, default=5, help="timings per shape (median)")
     parser.add_argument(
         "--dtype",
@@ -171,7 +194,7 @@ def main() -> None:
     steps, c = benchmark_steps(args.steps, args.warmup)
     total: Counter = Counter()
     for step in steps:
-        total.update(step_products(step, c, args.rank))
+        total.update(step_products(step, c, args.rank, full=args.method == "full"))
     tokens = sum(s["real_tokens"] for s in steps)
 
     def roofline_once() -> tuple[float, dict]:
@@ -194,7 +217,7 @@ def main() -> None:
                     sys.executable,
                     str(REPO / "benchmarks" / "train_speed.py"),
                     "--child",
-                    "deltatune",
+                    "deltatune-full" if args.method == "full" else "deltatune",
                     "--ctx",
                     json.dumps(
                         {
@@ -230,7 +253,8 @@ def main() -> None:
         "dtype": args.dtype,
         "steps": args.steps,
         "warmup": args.warmup,
-        "rank": args.rank,
+        "method": args.method,
+        "rank": args.rank if args.method == "lora" else None,
         "tokens": tokens,
         "matmul_tflop": flops / 1e12,
         "roofline_s": rooflines,
@@ -244,9 +268,10 @@ def main() -> None:
             f"deltatune: {med:.0f} tokens/s (runs {', '.join(f'{x:.0f}' for x in measured)}) = "
             f"{100 * med / roof_tps:.0f}% of the roofline"
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(f"wrote {RESULTS}")
+    out = RESULTS if args.method == "lora" else RESULTS.with_name("roofline_full.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -82,3 +82,22 @@ def describe(record: dict) -> str:
     return f"{record.get('cpu_model')} [{flags}], {record.get('threads')} threads, torch {record.get('torch')}" + (
         f", {precision} matmul peak {peak:.0f} GFLOP/s" if peak else ""
     )
+
+
+def run_child(script: str, name: str, ctx: dict) -> dict:
+    """Run `script --child name --ctx JSON` in its own process (a fresh interpreter: no warm caches or
+    allocator state carried between contenders) and return the JSON of its `RESULT ` line; exit with the
+    child's error if it printed none."""
+    import json
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, script, "--child", name, "--ctx", json.dumps(ctx)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"the {name} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT ") :])

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -41,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, machine_record, native_precision  # noqa: E402
+from machine import describe, machine_record, native_precision, run_child  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "roofline.json"
@@ -212,31 +211,15 @@ def main() -> None:
         if args.measure:
             from deltatune.models import default_model_dir
 
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    str(REPO / "benchmarks" / "train_speed.py"),
-                    "--child",
-                    "deltatune-full" if args.method == "full" else "deltatune",
-                    "--ctx",
-                    json.dumps(
-                        {
-                            "model": str(default_model_dir()),
-                            "precision": args.dtype,
-                            "steps": args.steps,
-                            "warmup": args.warmup,
-                            "examples": (args.steps + args.warmup) * BATCH,
-                        }
-                    ),
-                ],
-                capture_output=True,
-                text=True,
-                cwd=REPO,
-            )
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"the deltatune contender failed:\n{proc.stderr[-3000:]}")
-            measured.append(tokens / json.loads(line[len("RESULT ") :])["seconds"])
+            ctx = {
+                "model": str(default_model_dir()),
+                "precision": args.dtype,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "examples": (args.steps + args.warmup) * BATCH,
+            }
+            contender = "deltatune-full" if args.method == "full" else "deltatune"
+            measured.append(tokens / run_child(str(REPO / "benchmarks" / "train_speed.py"), contender, ctx)["seconds"])
     roof_s = statistics.median(rooflines)
     flops = sum(2 * m * k * n * batch * count for (_, m, k, n, batch), count in total.items())
     roof_tps = tokens / roof_s

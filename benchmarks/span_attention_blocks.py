@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import command_line, describe, machine_record, native_precision  # noqa: E402
+from machine import command_line, describe, machine_record, native_precision, run_child  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "span_attention_blocks.json"
@@ -157,16 +156,7 @@ def training(repeats: int, ctx: dict) -> dict:
     runs: dict[str, list[dict]] = {"whole": [], "blocks": []}
     for _ in range(repeats):
         for variant in runs:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", variant, "--ctx", json.dumps(ctx)],
-                capture_output=True,
-                text=True,
-                cwd=REPO,
-            )
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"the {variant} run failed:\n{proc.stderr[-3000:]}")
-            runs[variant].append(json.loads(line[len("RESULT ") :]))
+            runs[variant].append(run_child(__file__, variant, ctx))
     median = {v: statistics.median(statistics.median(r["step_s"]) for r in rs) for v, rs in runs.items()}
     rss = {v: statistics.median(r["peak_rss_mib"] for r in rs) for v, rs in runs.items()}
     tokens_per_step = runs["whole"][0]["tokens"] / runs["whole"][0]["steps"]

@@ -55,7 +55,7 @@ GROUPS = {  # operator name prefixes -> a coarse part of the step
         "aten::zero_",
     ),
     "attention": ("SpanAttention", "aten::_scaled_dot_product", "aten::softmax", "aten::_softmax"),
-    "optimizer": ("Optimizer.step", "aten::_foreach"),
+    "optimizer": ("Optimizer.step", "aten::_foreach", "aten::_fused_adam"),
 }
 
 

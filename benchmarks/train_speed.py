@@ -180,7 +180,9 @@ def run_lean_loop(ctx: dict, method: str = "lora") -> dict:
     model.train()
     decoder, head = model.get_base_model().model if method == "lora" else model.model, model.get_output_embeddings()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR[method], weight_decay=0.0, foreach=True)
+    # fused, as TRL's (Trainer's default `adamw_torch_fused` since torch 2.8) and deltatune's: the anchor's optimizer
+    # is not what the comparison is about (benchmarks/optimizer_step.py: foreach is ~7x slower on CPU)
+    opt = torch.optim.AdamW(params, lr=LR[method], weight_decay=0.0, fused=True)
     _, examples, batches = benchmark_data(tok, ctx["examples"])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=ctx["precision"] == "bf16")

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deltatune.fileio import atomic_dir
+from deltatune.train.optim import load_optimizer_state
 
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -150,7 +151,7 @@ def load_checkpoint(path: Path, trainable: list[tuple[str, torch.nn.Parameter]],
             p.copy_(weights[name].to(p.device))
     state = torch.load(path / STATE_FILE, weights_only=True)
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except (ValueError, KeyError) as exc:
         raise ConfigError(

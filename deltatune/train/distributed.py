@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError, TrainingError
+from deltatune.train.optim import KERNEL_KEYS
 
 
 @dataclass
@@ -432,7 +433,8 @@ def _load_fsdp(path: Path, model: nn.Module, trainable, optimizer, scheduler):
         model, optimizer, _index_to_fqn(state["optimizer"], optimizer, model), options=_full_options()
     )
     for group, saved in zip(optimizer.param_groups, state["optimizer"]["param_groups"]):
-        group.update({k: v for k, v in saved.items() if k != "params"})  # keep hyperparameter types (betas tuple)
+        kept = ("params", *KERNEL_KEYS)  # this run's fused/foreach choice, not the checkpoint's
+        group.update({k: v for k, v in saved.items() if k not in kept})  # keep hyperparameter types (betas tuple)
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return Position(**json.loads((path / META_FILE).read_text())["position"])

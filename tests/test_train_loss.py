@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from deltatune.testing import tiny_model
@@ -12,7 +13,8 @@ def _batch(seed=0, b=2, t=12, vocab=512):
     return ids, w
 
 
-def test_chunked_loss_and_grads_match_full_logits_float64():
+@pytest.mark.parametrize("chunk", [5, 1024])  # several chunks (the head's gradient summed), and one (assigned)
+def test_chunked_loss_and_grads_match_full_logits_float64(chunk):
     model = tiny_model().double()
     model.train()
     ids, w = _batch()
@@ -22,7 +24,7 @@ def test_chunked_loss_and_grads_match_full_logits_float64():
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     hidden = model.model(input_ids=ids).last_hidden_state
-    ours, ours_w = weighted_lm_loss_sum(hidden, model.lm_head, ids, w, chunk=5)
+    ours, ours_w = weighted_lm_loss_sum(hidden, model.lm_head, ids, w, chunk=chunk)
     ours.backward()
     assert torch.allclose(ours, ref_sum, atol=1e-10)
     assert torch.allclose(ours_w, ref_w)

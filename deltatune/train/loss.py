@@ -45,7 +45,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         w_c = weight.to(compute_dtype)
         total = torch.zeros((), dtype=acc, device=device)
         grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=acc) if need_grad_weight else None
+        grad_weight = None  # the first chunk's product, then the others added in place (no vocabulary-sized fill)
         grad_bias = torch.zeros_like(bias, dtype=acc) if (bias is not None and bias.requires_grad) else None
         for start in range(0, n, chunk):
             h = hidden[start : start + chunk].to(compute_dtype)
@@ -70,9 +70,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if need_grad_hidden:
                 grad_hidden[start : start + chunk] = (torch.mm(g, w_c) * tw[:, None]).to(hidden.dtype)
             if need_grad_weight:
-                grad_weight += (g.T @ (h * tw[:, None].to(h.dtype))).to(acc)
+                part = g.T @ (h * tw[:, None].to(h.dtype))
+                grad_weight = part.to(acc) if grad_weight is None else grad_weight.add_(part)
             if grad_bias is not None:
                 grad_bias += torch.mv(probs.T, tw)
+        if need_grad_weight and grad_weight is None:  # no loss-bearing rows at all
+            grad_weight = torch.zeros_like(weight, dtype=acc)
         ctx.save_for_backward(*(x for x in (grad_hidden, grad_weight, grad_bias) if x is not None))
         ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)

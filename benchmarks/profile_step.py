@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, machine_record, native_precision  # noqa: E402
+from machine import command_line, describe, machine_record, native_precision  # noqa: E402
 from train_speed import ALPHA, BATCH, MAX_LEN, RANK, benchmark_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,6 +138,7 @@ def main() -> None:
     Path(args.out).write_text(
         json.dumps(
             {
+                "command": command_line(),
                 "machine": machine,
                 "config": {k: getattr(args, k) for k in ("steps", "warmup", "method", "attention")},
                 "total_self_s": total_us / 1e6,

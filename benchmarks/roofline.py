@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, machine_record, native_precision, run_child  # noqa: E402
+from machine import command_line, describe, machine_record, native_precision, run_child  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "roofline.json"
@@ -232,6 +232,7 @@ def main() -> None:
         f"shapes; spread {min(rooflines):.2f}-{max(rooflines):.2f} s)"
     )
     result = {
+        "command": command_line(),
         "machine": machine,
         "dtype": args.dtype,
         "steps": args.steps,

@@ -84,11 +84,12 @@ def describe(record: dict) -> str:
     )
 
 
-def run_child(script: str, name: str, ctx: dict) -> dict:
+def run_child(script: str, name: str, ctx: dict, env: dict[str, str] | None = None) -> dict:
     """Run `script --child name --ctx JSON` in its own process (a fresh interpreter: no warm caches or
-    allocator state carried between contenders) and return the JSON of its `RESULT ` line; exit with the
-    child's error if it printed none."""
+    allocator state carried between contenders; `env` added to its environment) and return the JSON of its
+    `RESULT ` line; exit with the child's error if it printed none."""
     import json
+    import os
     import subprocess
 
     proc = subprocess.run(
@@ -96,6 +97,7 @@ def run_child(script: str, name: str, ctx: dict) -> dict:
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, **(env or {})},
     )
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:

@@ -432,8 +432,8 @@ def _load_fsdp(path: Path, model: nn.Module, trainable, optimizer, scheduler):
     set_optimizer_state_dict(
         model, optimizer, _index_to_fqn(state["optimizer"], optimizer, model), options=_full_options()
     )
+    kept = ("params", *KERNEL_KEYS)  # this run's fused/foreach choice, not the checkpoint's
     for group, saved in zip(optimizer.param_groups, state["optimizer"]["param_groups"]):
-        kept = ("params", *KERNEL_KEYS)  # this run's fused/foreach choice, not the checkpoint's
         group.update({k: v for k, v in saved.items() if k not in kept})  # keep hyperparameter types (betas tuple)
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])

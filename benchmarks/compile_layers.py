@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe, machine_record, native_precision  # noqa: E402
+from machine import command_line, describe, machine_record, native_precision  # noqa: E402
 from roofline import benchmark_batches  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", choices=["eager", "compiled"], help=argparse.SUPPRESS)
     parser.add_argument("--precision", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -137,9 +138,10 @@ def main() -> None:
         f"compiled / eager speed: {rows['speedup']:.3f}x; step losses agree within "
         f"{100 * rows['max_rel_loss_difference']:.2f}% (relative)"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": machine, "args": vars(args), "results": rows, "runs": runs}, indent=2))
-    print(f"wrote {RESULTS}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"command": command_line(), "machine": machine, "args": vars(args), "results": rows, "runs": runs}
+    args.out.write_text(json.dumps(record, indent=2, default=str))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -183,6 +183,7 @@ def main() -> None:
     )
     parser.add_argument("--measure", action="store_true", help="also run the deltatune contender on the same steps")
     parser.add_argument("--repeats", type=int, default=3, help="with --measure: roofline and run, interleaved")
+    parser.add_argument("--out", type=Path, help="results file (default: results/roofline.json, roofline_full.json)")
     args = parser.parse_args()
 
     machine = machine_record(measure_peak=False)
@@ -252,7 +253,7 @@ def main() -> None:
             f"deltatune: {med:.0f} tokens/s (runs {', '.join(f'{x:.0f}' for x in measured)}) = "
             f"{100 * med / roof_tps:.0f}% of the roofline"
         )
-    out = RESULTS if args.method == "lora" else RESULTS.with_name("roofline_full.json")
+    out = args.out or (RESULTS if args.method == "lora" else RESULTS.with_name("roofline_full.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")

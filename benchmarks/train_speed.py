@@ -136,6 +136,7 @@ def run_deltatune(ctx: dict, method: str = "lora", attention: str = "auto") -> d
         seq_len=MAX_LEN,
         attention=attention,
         precision=ctx["precision"],
+        keep_freed_memory=ctx.get("keep_freed_memory", "auto"),
         output=out,
         eval_fraction=0.0,
         log_every=1000,
@@ -364,6 +365,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--only", default="main", help="contenders, or a group: main, methods, all")
     parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--out", type=Path, help="results file (default: results/train_speed_<group>.json)")
     parser.add_argument("--quick", action="store_true", help="a tiny random model, 3 steps, 1 repeat: checks the code")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ctx", default=None, help=argparse.SUPPRESS)
@@ -464,7 +466,7 @@ def main() -> None:
     if paths:
         print(f"deltatune's fast paths: {', '.join(k for k, v in paths.items() if v) or 'none'}")
     tag = args.only if args.only in GROUPS or args.only == "all" else "custom"
-    out = RESULTS_DIR / f"train_speed_{tag}{'_quick' if args.quick else ''}.json"
+    out = args.out or RESULTS_DIR / f"train_speed_{tag}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "command": command_line(),

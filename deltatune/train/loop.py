@@ -23,7 +23,7 @@ import torch
 
 from deltatune.config import TrainConfig
 from deltatune.errors import ConfigError, TrainingError
-from deltatune.train import compiled_layers, fused_norms, packed_attention
+from deltatune.train import compiled_layers, fused_norms, host_memory, packed_attention
 from deltatune.train.checkpoint import Position, prune_checkpoints
 from deltatune.train.distributed import NullProgress, init_distributed
 from deltatune.train.loss import per_example_weights, weighted_lm_loss_sum
@@ -574,6 +574,8 @@ def _train(
         if dist.is_main:
             prune_checkpoints(out, keep=2)
 
+    keep = cfg.keep_freed_memory == "on" or (cfg.keep_freed_memory == "auto" and device.type == "cpu")
+    cleanup.enter_context(host_memory.kept(keep))  # steps reuse the pages earlier steps freed
     model.train()
     real_tokens, loss_value, eval_loss = 0, float("nan"), None
     history: list[dict] = []

@@ -12,12 +12,14 @@ TORCH_SPEC ?= torch==2.13.0
 # everything else pinned as in constraints.txt. `make test-newest` runs the tests that touch the
 # transformers API the methods hook into (decoder hooks, cache, attention interface, PEFT files).
 NEWEST_VENV := .venv-newest
-NEWEST_TRANSFORMERS ?= transformers==5.24.*
+NEWEST_TRANSFORMERS ?= transformers==5.25.*
 NEWEST_TESTS ?= tests/test_prefix.py tests/test_prompt.py tests/test_method_contract.py \
-	tests/test_packed_attention.py tests/test_vera.py
+	tests/test_packed_attention.py tests/test_vera.py tests/test_kv_cache.py tests/test_eval.py \
+	tests/test_serve_engine.py tests/test_train_loop.py
 
 # constraints.txt pins every dependency to the versions the suite was last run with (transformers
-# 5.24 renamed the decoder's cache argument; `make test-newest` runs the method tests against it);
+# 5.24 renamed the decoder's cache argument, 5.25 the causal LM's and gradient checkpointing; `make
+# test-newest` runs the tests that touch them against the newest release);
 # pyproject.toml keeps ranges to the versions tested.
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)

@@ -192,7 +192,9 @@ def test_a_model_that_returns_no_cache_scores_options_as_whole_rows(tiny_tok):
     model = tiny_model().double()
     contexts, options = ["Q: 2 + 3? A:", "Hi"], [[" 5", " seventy two"], [" there", "!"]]
     expected = score_options(model, tiny_tok, contexts, options, progress=False, shared_context=False)
-    model.gradient_checkpointing_enable()
+    from deltatune.train.loop import enable_activation_checkpointing
+
+    enable_activation_checkpointing(model)
     model.train()
     got = score_options(model, tiny_tok, contexts, options, progress=False)
     for q in range(2):

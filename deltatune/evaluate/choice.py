@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from deltatune.kv_cache import cache_kwargs, output_cache, takes_cache
+
 NORMALISATIONS = ("char", "token", "sum")
 
 
@@ -164,8 +166,7 @@ def can_share_context(model) -> bool:
     and no virtual tokens stand before each sequence (prompt and prefix tuning bring their own)."""
     from deltatune.methods.virtual_tokens import has_virtual_tokens
 
-    takes_cache = "past_key_values" in inspect.signature(type(model).forward).parameters
-    return keeps_logits(model) and takes_cache and not has_virtual_tokens(model)
+    return keeps_logits(model) and takes_cache(model) and not has_virtual_tokens(model)
 
 
 def _score_over_shared_contexts(
@@ -202,7 +203,8 @@ def _score_over_shared_contexts(
             # CPU index selects on any device
             logits_to_keep=torch.tensor([width - 1]),
         )
-        if not hasattr(out.past_key_values, "batch_select_indices"):
+        context_cache = output_cache(model, out)
+        if not hasattr(context_cache, "batch_select_indices"):
             bar.close()
             return None
         first = torch.log_softmax(_at_least_fp32(out.logits[:, -1]), dim=-1)  # predicts every option's first token
@@ -215,7 +217,7 @@ def _score_over_shared_contexts(
         for g in range(0, len(later), len(questions)):
             group = later[g : g + len(questions)]
             span = len(group[0][3]) - 1  # the last option token predicts nothing
-            cache = copy.deepcopy(out.past_key_values)
+            cache = copy.deepcopy(context_cache)
             row_of = torch.tensor([r for r, *_ in group])
             cache.batch_select_indices(row_of)  # CPU indices select on any device
             opt_ids = torch.full((len(group), span), pad_id, dtype=torch.long)
@@ -227,8 +229,8 @@ def _score_over_shared_contexts(
                 input_ids=opt_ids.to(device),
                 attention_mask=torch.cat([attention[row_of], opt_mask], dim=1).to(device),
                 position_ids=(attention.sum(-1)[row_of][:, None] + torch.arange(span)).to(device),
-                past_key_values=cache,
                 use_cache=True,
+                **cache_kwargs(model, cache),
             ).logits
             logp = torch.log_softmax(_at_least_fp32(logits), dim=-1)
             for i, (r, q, o, o_ids, n_chars) in enumerate(group):

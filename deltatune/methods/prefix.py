@@ -27,19 +27,15 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
+from deltatune.kv_cache import cache_length, drop_output_cache, output_cache, put_cache, take_cache
 from deltatune.methods.base import Method, MethodSpec, register
 from deltatune.methods.options import Option, positive_int
 from deltatune.methods.virtual_tokens import (
     attach,
     bind_kwargs,
-    cache_length,
-    drop_output_cache,
-    output_cache,
     prepend_key_columns,
-    put_cache,
     repeat_to,
     shift_positions,
-    take_cache,
     tokenizer_ids,
 )
 

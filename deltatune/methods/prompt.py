@@ -35,19 +35,17 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
+from deltatune.kv_cache import cache_length, put_cache, take_cache
 from deltatune.methods.base import Method, MethodSpec, register
 from deltatune.methods.options import Option, non_negative, positive_int
 from deltatune.methods.virtual_tokens import (
     attach,
     bind_kwargs,
-    cache_length,
     drop_leading_positions,
     prepend_key_columns,
     prepend_virtual_rows,
-    put_cache,
     repeat_to,
     shift_positions,
-    take_cache,
     tokenizer_ids,
 )
 

@@ -2,33 +2,19 @@
 
 Both reach the model through forward hooks on the decoder body (`model.get_decoder()`), torch's public
 hook API: the pre-hook sees the decoder's keyword arguments, extends the attention mask, shifts
-positions and (prefix tuning) hands in a cache. transformers renamed the decoder's cache argument
-from `past_key_values` to `cache` in 5.24 (and the causal LM passes `cache=None` explicitly, so a
-`past_key_values` put next to it is ignored): `cache_key(decoder)` gives the name this version uses,
-and `take_cache`/`put_cache` read and write it under that name.
+positions and (prefix tuning) hands in a cache, under the name this transformers version gives it
+(`deltatune/kv_cache.py`).
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
-
-_CACHE_NAMES = ("cache", "past_key_values")
-_cache_key_by_class: dict[type, str] = {}
-
-
-def cache_key(decoder: nn.Module) -> str:
-    """The name of the decoder's cache argument and output field in this transformers version."""
-    cls = type(decoder)
-    if cls not in _cache_key_by_class:
-        params = inspect.signature(cls.forward).parameters
-        _cache_key_by_class[cls] = "cache" if "cache" in params else "past_key_values"
-    return _cache_key_by_class[cls]
+from deltatune.kv_cache import cache_key
 
 
 def decoder_args(decoder: nn.Module) -> tuple[str, ...]:
@@ -42,33 +28,6 @@ def bind_kwargs(decoder: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict
     for name, value in zip(decoder_args(decoder), args):
         out[name] = value
     return out
-
-
-def take_cache(decoder: nn.Module, kw: dict[str, Any]) -> Any:
-    """The cache the caller passed (under either name); both names are removed from `kw`."""
-    key = cache_key(decoder)
-    found = None
-    for name in (key,) + tuple(n for n in _CACHE_NAMES if n != key):
-        value = kw.pop(name, None)
-        if found is None and value is not None:
-            found = value
-    return found
-
-
-def put_cache(decoder: nn.Module, kw: dict[str, Any], cache: Any) -> None:
-    kw[cache_key(decoder)] = cache
-
-
-def output_cache(decoder: nn.Module, output: Any) -> Any:
-    return getattr(output, cache_key(decoder), None)
-
-
-def drop_output_cache(decoder: nn.Module, output: Any) -> None:
-    setattr(output, cache_key(decoder), None)
-
-
-def cache_length(past: Any) -> int:
-    return 0 if past is None else int(past.get_seq_length())
 
 
 def _allowed(mask: torch.Tensor, shape: tuple[int, ...], allowed: bool) -> torch.Tensor:

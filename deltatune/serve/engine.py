@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from deltatune.kv_cache import cache_kwargs
 from deltatune.serve.adapters import MultiAdapterModel
 
 FinishReason = str  # "stop" | "length" | "cancelled"
@@ -245,9 +246,9 @@ class Engine:
                 **inputs,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **cache_kwargs(self.model, cache),
             )
         return out.logits[:, -1, :]
 

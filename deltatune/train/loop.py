@@ -177,6 +177,16 @@ def use_fused_norms(
     return restore
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing through transformers, which renamed it in 5.25 (the old
+    `gradient_checkpointing_enable` warns there and goes in v6)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def save_outputs(adapted, path: Path, tokenizer, full: bool, base_name: str) -> None:
     """Full finetuning: a transformers folder. Adapter methods: the adapter (PEFT format where PEFT
     has the method) plus the tokenizer, so `deltatune generate --adapter` needs nothing else."""
@@ -479,7 +489,7 @@ def _train(
 
     cleanup.callback(restore_model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     head = model.get_output_embeddings()
     runner, trainable = dist.wrap(model, trainable, full=all(m.trains_full_weights for m in methods))  # DDP / FSDP2
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext

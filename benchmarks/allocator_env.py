@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import command_line, describe, machine_record, run_child  # noqa: E402
+from machine import command_line, describe, machine_record  # noqa: E402
+from pairs import benchmark_context, print_pairs, run_pairs  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TUNABLES = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"}
@@ -36,54 +36,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "allocator_env.json")
     args = parser.parse_args()
 
-    from train_speed import BATCH, benchmark_data, resolve_precision
-
-    from deltatune.models import default_model_dir, load_tokenizer
-
     machine = machine_record()
     print(describe(machine))
-    model = str(default_model_dir())
-    ctx = {
-        "model": model,
-        "precision": resolve_precision("auto"),
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "examples": (args.steps + args.warmup) * BATCH,
-    }
-    _, examples, batches = benchmark_data(load_tokenizer(model), ctx["examples"])
-    tokens = sum(len(examples[i]) for batch in batches[args.warmup :] for i in batch)
+    ctx, tokens = benchmark_context(args.steps, args.warmup)
     off = ({**ctx, "keep_freed_memory": "off"}, None)
     on = (off[0], TUNABLES) if args.env else ({**ctx, "keep_freed_memory": "on"}, None)
-    rows = []
-    for name in args.contenders.split(","):
-        runs: dict[str, list[dict]] = {"off": [], "on": []}
-        for rep in range(args.repeats):
-            for variant, (run_ctx, env) in (("off", off), ("on", on)):
-                r = run_child(str(HERE / "train_speed.py"), name, run_ctx, env=env)
-                runs[variant].append({"tokens_per_s": tokens / r["seconds"], "peak_rss_mib": r["peak_rss_mib"]})
-                print(
-                    f"  [{rep + 1}/{args.repeats}] {name} {variant}: {tokens / r['seconds']:.0f} tokens/s", flush=True
-                )
-        tps = {v: [r["tokens_per_s"] for r in rs] for v, rs in runs.items()}
-        rss = {v: statistics.median(r["peak_rss_mib"] for r in rs) for v, rs in runs.items()}
-        pairs = [t / d for d, t in zip(tps["off"], tps["on"])]
-        rows.append(
-            {
-                "contender": name,
-                "tokens_per_s": {v: statistics.median(x) for v, x in tps.items()},
-                "runs_tokens_per_s": tps,
-                "pair_speedups": pairs,
-                "peak_rss_mib": rss,
-            }
-        )
-    print("\n| contender | off tokens/s | on tokens/s | pairs | peak RSS MiB (off, on) |")
-    print("|---|---:|---:|---|---:|")
-    for r in rows:
-        pairs = ", ".join(f"{x:.2f}" for x in r["pair_speedups"])
-        print(
-            f"| {r['contender']} | {r['tokens_per_s']['off']:.0f} | {r['tokens_per_s']['on']:.0f} | {pairs} "
-            f"| {r['peak_rss_mib']['off']:,.0f}, {r['peak_rss_mib']['on']:,.0f} |"
-        )
+    rows = run_pairs(args.contenders.split(","), {"off": off, "on": on}, args.repeats, tokens)
+    print_pairs(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     how = f"environment {TUNABLES}" if args.env else "keep_freed_memory: on (mallopt)"
     record = {"command": command_line(), "machine": machine, "on": how, "tokens": tokens, "rows": rows}

@@ -8,7 +8,9 @@ CPU kind, so this measures both at SmolLM2-135M's attention shapes (9 query head
 size 64) in the training precision: forward and backward of one packed row, interleaved, medians, and the
 three outputs against each other in float64.
 
-- `span`: SpanAttention, the packed path's kernel;
+- `span`: SpanAttention, the packed path's kernel, recomputing the probabilities in backward;
+- `span_keep`: the same with `KEEP_PROBABILITIES = 256` (spans of up to 256 tokens keep their probabilities
+  from forward to backward);
 - `sdpa_gqa`: SDPA per span with `enable_gqa=True` (keys and values shared by 3 query heads each);
 - `sdpa_repeat`: SDPA per span with the keys and values repeated to 9 heads first.
 
@@ -43,10 +45,11 @@ def spans_of(lengths: list[int]) -> list[tuple[int, int]]:
 
 def attention(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans) -> torch.Tensor:
     """q [H, T, D], k/v [KV, T, D] -> [T, H, D], causal within each span."""
-    from deltatune.train.packed_attention import SpanAttention
+    from deltatune.train import packed_attention
 
-    if name == "span":
-        return SpanAttention.apply(q, k, v, spans, HEAD_DIM**-0.5)
+    if name in ("span", "span_keep"):
+        packed_attention.KEEP_PROBABILITIES = 256 if name == "span_keep" else 0
+        return packed_attention.SpanAttention.apply(q, k, v, spans, HEAD_DIM**-0.5)
     if name == "sdpa_repeat":
         k, v = k.repeat_interleave(HEADS // KV_HEADS, 0), v.repeat_interleave(HEADS // KV_HEADS, 0)
     gqa = name == "sdpa_gqa"
@@ -84,7 +87,7 @@ def main() -> None:
     shapes = ((HEADS, total, HEAD_DIM), (KV_HEADS, total, HEAD_DIM), (KV_HEADS, total, HEAD_DIM))
     inputs = tuple(torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes)
     grad = torch.randn(total, HEADS, HEAD_DIM, generator=gen, dtype=torch.float64)
-    names = ("span", "sdpa_gqa", "sdpa_repeat")
+    names = ("span", "span_keep", "sdpa_gqa", "sdpa_repeat")
 
     with torch.no_grad():  # the three agree in float64 before anything is timed
         reference = attention("span", *inputs, spans)

@@ -115,9 +115,11 @@ def run_deltatune(ctx: dict, method: str = "lora", attention: str = "auto") -> d
 
     from deltatune.config import TrainConfig
     from deltatune.models import load_tokenizer
-    from deltatune.train import fused_norms
+    from deltatune.train import fused_norms, packed_attention
     from deltatune.train.loop import train, use_packed_attention
 
+    if "keep_probabilities" in ctx:  # benchmarks/kept_probabilities.py's two variants
+        packed_attention.KEEP_PROBABILITIES = ctx["keep_probabilities"]
     records, _, _ = benchmark_data(load_tokenizer(ctx["model"]), ctx["examples"])
     out = tempfile.mkdtemp(prefix="bench-dt-")
     cfg = TrainConfig(

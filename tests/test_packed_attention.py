@@ -104,11 +104,44 @@ def _value_and_grads(fn, q, k, v, grad_out):
 BLOCKS = [(10**9, 32), (32, 32), (0, 64)]
 
 
-@pytest.fixture(params=BLOCKS, ids=lambda b: f"whole{min(b[0], 999)}-block{b[1]}")
+@pytest.fixture(
+    params=[(*b, keep) for b in BLOCKS for keep in (0, 256)],
+    ids=lambda b: f"whole{min(b[0], 999)}-block{b[1]}-keep{b[2]}",
+)
 def query_blocks(request, monkeypatch):
-    whole, block = request.param
+    whole, block, keep = request.param
     monkeypatch.setattr(packed_attention, "WHOLE_SPAN", whole)
     monkeypatch.setattr(packed_attention, "QUERY_BLOCK", block)
+    monkeypatch.setattr(packed_attention, "KEEP_PROBABILITIES", keep)
+
+
+def test_kept_probabilities_give_bitwise_the_same_gradients_and_are_saved(monkeypatch):
+    """Spans up to KEEP_PROBABILITIES rows save their probabilities instead of recomputing them in backward:
+    the same bits in bf16 (the same kernels on the same inputs), [H, m, m] more numbers saved for each kept
+    span (m: its length tiled to 32), nothing more for the span longer than the limit."""
+    lengths = [37, 120, 64, 90, 300]
+    q, k, v, spans = _qkv(lengths, heads=9, kv_heads=3, dim=64, dtype=torch.bfloat16, seed=3)
+    grad_out = torch.randn(1, sum(lengths), 9, 64, dtype=torch.bfloat16)
+
+    def run(keep: int):
+        monkeypatch.setattr(packed_attention, "KEEP_PROBABILITIES", keep)
+        saved: list[int] = []
+
+        def pack(t):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            result = _value_and_grads(
+                lambda *x: packed_attention.span_attention(*x, spans, 64**-0.5), q, k, v, grad_out
+            )
+        return result, sum(saved)
+
+    (recomputed, saved_without), (kept, saved_with) = run(0), run(256)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], recomputed, kept):
+        assert torch.equal(a, b), name
+    tiled = [-(-n // 32) * 32 for n in lengths if n <= 256]
+    assert saved_with - saved_without == sum(9 * m * m for m in tiled)
 
 
 def test_query_blocks_cover_the_tiled_span(monkeypatch):

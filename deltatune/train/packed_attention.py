@@ -80,6 +80,13 @@ TILE = 32
 WHOLE_SPAN = 256
 QUERY_BLOCK = 128
 
+# Spans of up to KEEP_PROBABILITIES rows (tiled; whole spans only) keep their attention probabilities from
+# forward to backward instead of recomputing them there: a product, the mask and the softmax less a span in
+# backward, bitwise the same gradients, for heads * m * m more numbers saved a span (at most heads * 256 a
+# token a layer, whatever the example's length). Measured on an AMX Xeon (docs/benchmarks.md): the kernel
+# 1.25x, a LoRA step of the default model 1.05x for 90 MiB more peak RSS. 0 recomputes every span.
+KEEP_PROBABILITIES = 256
+
 
 def _tiled(name: str, x: Tensor, n: int, m: int) -> Tensor:
     """x [A, B, n, D] copied into a contiguous workspace buffer [A, B, m, D] whose last m - n rows are zero."""
@@ -96,17 +103,18 @@ def _query_blocks(m: int) -> list[tuple[int, int]]:
     return [(r, min(r + step, m)) for r in range(0, m, step)]
 
 
-def _probabilities(q_scaled: Tensor, k_keys: Tensor, groups: int, first_row: int) -> Tensor:
+def _probabilities(q_scaled: Tensor, k_keys: Tensor, groups: int, first_row: int, keep: bool = False) -> Tensor:
     """softmax(q k^T + causal mask) for one block of query rows, q_scaled [KV, G*c, D] (already scaled; rows
     first_row .. first_row + c of the span for each of the G query heads), k_keys [KV, e, D] the keys up to
     the block's last row (e = first_row + c): [KV, G*c, e]. The query heads that share a key/value head
-    are stacked along rows, so grouped-query attention needs no copy of the keys and values."""
+    are stacked along rows, so grouped-query attention needs no copy of the keys and values. `keep`: in a
+    tensor of their own (kept for backward) instead of the workspace buffer that the next span reuses."""
     kv_heads, e = k_keys.shape[0], k_keys.shape[1]
     c = e - first_row
     scores = _take("scores", (kv_heads, groups * c, e), q_scaled)
     torch.bmm(q_scaled, k_keys.transpose(1, 2), out=scores)
     scores.view(kv_heads, groups, c, e).add_(future_mask(e, scores.dtype, scores.device)[first_row:])
-    probs = _take("probs", scores.shape, q_scaled)
+    probs = torch.empty_like(scores) if keep else _take("probs", scores.shape, q_scaled)
     torch._softmax(scores, -1, False, out=probs)  # float32 accumulation inside, even for bf16
     return probs
 
@@ -123,6 +131,10 @@ class _Span:
         self.q_rows = q[:, s:e].view(self.kv_heads, self.groups, self.n, self.dim)
         self.k = _tiled("k", k[:, s:e].unsqueeze(1), self.n, self.m).squeeze(1)
         self.v = _tiled("v", v[:, s:e].unsqueeze(1), self.n, self.m).squeeze(1)
+
+    @property
+    def keeps_probabilities(self) -> bool:
+        return self.m <= min(KEEP_PROBABILITIES, WHOLE_SPAN)
 
     def real_rows(self, r0: int, r1: int) -> int:
         return max(0, min(r1, self.n) - r0)
@@ -145,37 +157,44 @@ class SpanAttention(torch.autograd.Function):
     """Causal attention within each span of one packed row.
 
     q: [H, T, D], k/v: [KV, T, D]; returns [T, H, D] (the layout the output projection reads).
-    Saves only q, k and v; backward recomputes each block's probabilities (one more matmul), so the
-    memory per layer is that of its inputs. Backward is the textbook softmax-attention gradient; the key
-    and value gradients sum over the query blocks (the last block, which sees every key, first).
+    Saves q, k and v, and the probabilities of spans up to KEEP_PROBABILITIES rows; backward recomputes
+    the other blocks' probabilities (one more matmul), so without kept spans the memory per layer is that of
+    its inputs. Backward is the textbook softmax-attention gradient; the key and value gradients sum over
+    the query blocks (the last block, which sees every key, first).
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, spans: list[tuple[int, int]], scale: float) -> Tensor:
         heads, total, dim = q.shape
         out = q.new_empty(total, heads, dim)
+        kept: list[Tensor] = []  # the kept spans' probabilities, in span order
+        ctx.keeps = []
         for s, e in spans:
             span = _Span(q, k, v, s, e, scale)
+            ctx.keeps.append(span.keeps_probabilities)
             for r0, r1 in _query_blocks(span.m):
                 block_q = span.query_block(r0, r1)
-                probs = _probabilities(block_q, span.k[:, :r1], span.groups, r0)
+                probs = _probabilities(block_q, span.k[:, :r1], span.groups, r0, keep=span.keeps_probabilities)
+                if span.keeps_probabilities:
+                    kept.append(probs)
                 o = torch.bmm(probs, span.v[:, :r1], out=_take("o", block_q.shape, q))
                 out[s + r0 : s + r0 + span.real_rows(r0, r1)] = span.heads_first(o, r0, r1).transpose(0, 1)
-        ctx.save_for_backward(q, k, v)
+        ctx.save_for_backward(q, k, v, *kept)
         ctx.spans, ctx.scale = spans, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, k, v = ctx.saved_tensors
+        q, k, v, *kept_probs = ctx.saved_tensors
+        kept = iter(kept_probs)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for s, e in ctx.spans:
+        for (s, e), keeps in zip(ctx.spans, ctx.keeps):
             span = _Span(q, k, v, s, e, ctx.scale)
             g_rows = grad_out[s:e].transpose(0, 1).view(span.kv_heads, span.groups, span.n, -1)
             span_grad_k, span_grad_v = _take("grad_k", span.k.shape, q), _take("grad_v", span.k.shape, q)
             for r0, r1 in reversed(_query_blocks(span.m)):
                 block_q = span.query_block(r0, r1)
-                probs = _probabilities(block_q, span.k[:, :r1], span.groups, r0)
+                probs = next(kept) if keeps else _probabilities(block_q, span.k[:, :r1], span.groups, r0)
                 g = span.rows("g", g_rows, r0, r1)
                 if r1 == span.m:  # the first block done sees every key: it writes, the others add
                     torch.bmm(probs.transpose(1, 2), g, out=span_grad_v)

@@ -84,7 +84,7 @@ QUERY_BLOCK = 128
 # forward to backward instead of recomputing them there: a product, the mask and the softmax less a span in
 # backward, bitwise the same gradients, for heads * m * m more numbers saved a span (at most heads * 256 a
 # token a layer, whatever the example's length). Measured on an AMX Xeon (docs/benchmarks.md): the kernel
-# 1.25x, a LoRA step of the default model 1.05x for 90 MiB more peak RSS. 0 recomputes every span.
+# 1.25x, a LoRA step of the default model 1.01-1.05x for 70-90 MiB more peak RSS. 0 recomputes every span.
 KEEP_PROBABILITIES = 256
 
 

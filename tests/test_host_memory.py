@@ -45,6 +45,39 @@ def test_freed_memory_stays_within_the_block_and_leaves_after_it():
     assert resident_bytes() - before < 64 * MIB  # and the defaults are back
 
 
+class RecordingLibc:
+    """glibc's two calls, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_on_exit_glibc_is_left_as_a_warmed_up_process_not_at_its_initial_thresholds(monkeypatch):
+    """Setting any threshold turns glibc's own mmap-threshold adjustment off for good; leaving it at the initial
+    128 KiB would map every later block above 128 KiB fresh (a page fault per 4 KiB of each evaluation tensor).
+    On exit it is set where the adjustment ends up: 32 MiB (64-bit), trimming above twice that."""
+    libc = RecordingLibc()
+    monkeypatch.setattr(host_memory, "_glibc", lambda: libc)
+    monkeypatch.setattr(host_memory, "user_tuned_malloc", lambda: False)
+    with host_memory.kept() as applied:
+        assert applied
+        assert libc.calls == [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]  # no mmap, no trim
+    assert libc.calls[2:] == [
+        ("mallopt", -4, 65536),
+        ("mallopt", -3, 32 * MIB),
+        ("mallopt", -1, 64 * MIB),
+        ("malloc_trim", 0),
+    ]
+
+
 @needs_glibc
 def test_a_user_setting_in_the_environment_is_left_alone(monkeypatch):
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")

@@ -12,7 +12,10 @@ three outputs against each other in float64.
 - `span_keep`: the same with `KEEP_PROBABILITIES = 256` (spans of up to 256 tokens keep their probabilities
   from forward to backward);
 - `sdpa_gqa`: SDPA per span with `enable_gqa=True` (keys and values shared by 3 query heads each);
-- `sdpa_repeat`: SDPA per span with the keys and values repeated to 9 heads first.
+- `sdpa_repeat`: SDPA per span with the keys and values repeated to 9 heads first;
+- `padded`: every span of the row padded to the longest (tiled) and all of them done at once by the same
+  few products (`PaddedSpanAttention` below, probabilities kept): a handful of operators a layer instead of a
+  handful a span, for more softmax work on the padding and batches too big for the cache (spans up to 256).
 
 The default spans are four GSM8K-sized examples (the main benchmark's rows hold 129-256 tokens each).
 
@@ -43,6 +46,63 @@ def spans_of(lengths: list[int]) -> list[tuple[int, int]]:
     return [(s, s + n) for s, n in zip(starts, lengths)]
 
 
+class PaddedSpanAttention(torch.autograd.Function):
+    """All spans in one batch [S * KV, G * M, D], each padded to M rows (the longest, tiled): padded keys sit
+    after every real query (the causal mask hides them), padded query rows get no gradient (zeroed)."""
+
+    @staticmethod
+    def layout(spans, device):
+        from deltatune.train.packed_attention import TILE
+
+        m = -(-max(e - s for s, e in spans) // TILE) * TILE
+        rows = [list(range(s, e)) + [s] * (m - (e - s)) for s, e in spans]  # padding repeats the first token
+        real = [i * m + j for i, (s, e) in enumerate(spans) for j in range(e - s)]  # padded row of each token
+        return m, torch.tensor(rows, device=device).flatten(), torch.tensor(real, device=device)
+
+    @staticmethod
+    def gather(x, index, spans_n, m, kv_heads):
+        """x [heads, T, D] -> [S * KV, G * m, D], contiguous."""
+        heads, _, d = x.shape
+        rows = x.transpose(0, 1).index_select(0, index).view(spans_n, m, kv_heads, heads // kv_heads, d)
+        return rows.permute(0, 2, 3, 1, 4).reshape(spans_n * kv_heads, -1, d)
+
+    @staticmethod
+    def scatter(x, real, spans_n, m, kv_heads):
+        """[S * KV, G * m, D] -> the real rows [T, heads, D]."""
+        d = x.shape[-1]
+        rows = x.view(spans_n, kv_heads, -1, m, d).permute(0, 3, 1, 2, 4).reshape(spans_n * m, -1, d)
+        return rows.index_select(0, real)
+
+    @staticmethod
+    def forward(ctx, q, k, v, spans, scale):
+        from deltatune.train.packed_attention import future_mask
+
+        kv, n = k.shape[0], len(spans)
+        m, index, real = PaddedSpanAttention.layout(spans, q.device)
+        qg = PaddedSpanAttention.gather(q, index, n, m, kv).mul_(scale)
+        kg, vg = PaddedSpanAttention.gather(k, index, n, m, kv), PaddedSpanAttention.gather(v, index, n, m, kv)
+        scores = torch.bmm(qg, kg.transpose(1, 2))
+        scores.view(n * kv, -1, m, m).add_(future_mask(m, scores.dtype, scores.device))
+        probs = torch.softmax(scores, -1)
+        ctx.save_for_backward(qg, kg, vg, probs, real)
+        ctx.shape, ctx.scale = (n, m, kv), scale
+        return PaddedSpanAttention.scatter(torch.bmm(probs, vg), real, n, m, kv)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qg, kg, vg, probs, real = ctx.saved_tensors
+        (n, m, kv), d = ctx.shape, grad_out.shape[-1]
+        rows = grad_out.new_zeros(n * m, grad_out.shape[1], d)  # padded query rows: no gradient
+        rows[real] = grad_out
+        g = rows.view(n, m, kv, -1, d).permute(0, 2, 3, 1, 4).reshape(n * kv, -1, d)
+        grad_v = torch.bmm(probs.transpose(1, 2), g)
+        grad_scores = torch._softmax_backward_data(torch.bmm(g, vg.transpose(1, 2)), probs, -1, probs.dtype)
+        grad_q = torch.bmm(grad_scores, kg).mul_(ctx.scale)
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), qg)
+        out = (PaddedSpanAttention.scatter(x, real, n, m, kv).transpose(0, 1) for x in (grad_q, grad_k, grad_v))
+        return (*out, None, None)
+
+
 def attention(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans) -> torch.Tensor:
     """q [H, T, D], k/v [KV, T, D] -> [T, H, D], causal within each span."""
     from deltatune.train import packed_attention
@@ -50,6 +110,8 @@ def attention(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span
     if name in ("span", "span_keep"):
         packed_attention.KEEP_PROBABILITIES = 256 if name == "span_keep" else 0
         return packed_attention.SpanAttention.apply(q, k, v, spans, HEAD_DIM**-0.5)
+    if name == "padded":
+        return PaddedSpanAttention.apply(q, k, v, spans, HEAD_DIM**-0.5)
     if name == "sdpa_repeat":
         k, v = k.repeat_interleave(HEADS // KV_HEADS, 0), v.repeat_interleave(HEADS // KV_HEADS, 0)
     gqa = name == "sdpa_gqa"
@@ -88,6 +150,8 @@ def main() -> None:
     inputs = tuple(torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes)
     grad = torch.randn(total, HEADS, HEAD_DIM, generator=gen, dtype=torch.float64)
     names = ("span", "span_keep", "sdpa_gqa", "sdpa_repeat")
+    if max(lengths) <= 256:
+        names += ("padded",)
 
     with torch.no_grad():  # the three agree in float64 before anything is timed
         reference = attention("span", *inputs, spans)

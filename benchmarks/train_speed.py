@@ -115,7 +115,7 @@ def run_deltatune(ctx: dict, method: str = "lora", attention: str = "auto") -> d
 
     from deltatune.config import TrainConfig
     from deltatune.models import load_tokenizer
-    from deltatune.train import fused_norms, packed_attention
+    from deltatune.train import compiled_layers, fused_norms, packed_attention
     from deltatune.train.loop import train, use_packed_attention
 
     if "keep_probabilities" in ctx:  # benchmarks/kept_probabilities.py's two variants
@@ -150,6 +150,10 @@ def run_deltatune(ctx: dict, method: str = "lora", attention: str = "auto") -> d
         if step == 1:  # the hook sees the training model (its norms swapped in, if fused)
             paths["packed_attention"] = use_packed_attention(cfg, model, torch.device("cpu"))
             paths["fused_norms"] = any(isinstance(m, fused_norms.FusedRMSNorm) for m in model.modules())
+            # compile_layers: auto compiles runs of 500k tokens or more; these timed runs are far shorter
+            paths["compiled_layers"] = all(
+                getattr(m, "_compiled_call_impl", None) is not None for m in compiled_layers.compile_targets(model)
+            )
 
     train(cfg, quiet=True, records=records, on_step=note_fast_paths)
     metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]

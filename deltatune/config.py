@@ -90,11 +90,13 @@ class TrainConfig(BaseModel):
         description="run Llama-style RMSNorms as one torch.compile'd kernel (5x faster per norm on CPU; "
         "needs a C++ compiler); auto = on CPU, falling back to transformers' norms if compiling fails",
     )
-    compile_layers: bool = Field(
-        False,
+    compile_layers: bool | Literal["auto"] = Field(
+        "auto",
         description="torch.compile every decoder layer (inductor fuses the element-wise work between the "
-        "matmuls; packed attention stays eager): 1.06-1.14x a CPU LoRA step after 20-60 s of compilation, not "
-        "bitwise equal to eager; single process, without LOMO or gradient checkpointing",
+        "matmuls; packed attention stays eager): 1.06-1.14x a CPU LoRA step after 11-51 s of compilation, not "
+        "bitwise equal to eager; single process, without LOMO or gradient checkpointing; auto = on for "
+        "single-process CPU runs of at least 500k planned tokens (where compiling pays back) with a method "
+        "tested under it (lora, rslora, dora, mora, qlora, full, prefix)",
     )
     keep_freed_memory: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -122,3 +122,104 @@ def test_other_methods_train_under_compiled_layers_like_eager(tiny_dir, data_fil
     eager = train(_cfg(tiny_dir, data_file, tmp_path / "eager", fused_norms="off", **kw), quiet=True)
     compiled = train(_cfg(tiny_dir, data_file, tmp_path / "compiled", compile_layers=True, **kw), quiet=True)
     assert [h["loss"] for h in compiled.history] == pytest.approx([h["loss"] for h in eager.history], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- compile_layers: auto (the default)
+def _declines(**kw):
+    """compiled_layers.auto_declines for a 1M-token single-process CPU LoRA run, with `kw` changed."""
+    from types import SimpleNamespace
+
+    from deltatune.train import compiled_layers
+
+    cfg = dict(fused_update=False, gradient_checkpointing=False, fused_norms="auto")
+    args = dict(device=torch.device("cpu"), distributed=False, methods=["lora"], planned_tokens=10**6, moe=False)
+    for key, value in kw.items():
+        (cfg if key in cfg else args)[key] = value
+    return compiled_layers.auto_declines(SimpleNamespace(**cfg), **args)
+
+
+def test_auto_compiles_long_single_process_cpu_runs_of_tested_methods_only(monkeypatch):
+    from deltatune.train import compiled_layers
+
+    monkeypatch.setattr(compiled_layers, "compiler_problem", lambda: None)
+    assert compiled_layers.AUTO_MIN_TOKENS == 500_000
+    assert _declines() is None  # 1M tokens of LoRA on one CPU process: compiled
+    assert _declines(methods=["full"]) is None and _declines(methods=["dora", "prefix"]) is None
+    assert "tokens planned" in _declines(planned_tokens=499_999)  # the demo, the tests: eager
+    assert "CPU only" in _declines(device=torch.device("meta"))
+    assert "several processes" in _declines(distributed=True)
+    assert "MoE" in _declines(moe=True)
+    assert "bitfit not tested" in _declines(methods=["lora", "bitfit"])
+    for clash in (dict(gradient_checkpointing=True), dict(fused_update="lomo"), dict(fused_norms="on")):
+        assert _declines(**clash) is not None  # what `true` refuses, auto leaves eager
+    monkeypatch.setattr(compiled_layers, "compiler_problem", lambda: "torch.compile failed (no C++ compiler)")
+    assert _declines() == "torch.compile failed (no C++ compiler)"
+
+
+def test_auto_resumes_as_the_checkpoint_ran(tmp_path):
+    from deltatune.train.run_folder import compiled_layers_at
+
+    assert compiled_layers_at(tmp_path, {"compiled_layers": True}) is True
+    assert compiled_layers_at(tmp_path, {"compiled_layers": False, "config": {"compile_layers": True}}) is False
+    # checkpoints written before auto existed ran as their config said
+    assert compiled_layers_at(tmp_path, {"config": {"compile_layers": True}}) is True
+    assert compiled_layers_at(tmp_path, {"config": {"compile_layers": False}}) is False
+    assert compiled_layers_at(tmp_path, {"config": {}}) is False
+
+
+def test_a_short_run_stays_eager_records_it_and_its_resume_stays_eager(tiny_dir, data_file, tmp_path, monkeypatch):
+    """The default on a short run is the eager step; resumed with auto after the threshold fell to nothing (as
+    if the run had been lengthened past it), the run goes on eager, as its checkpoint ran."""
+    from deltatune.train import compiled_layers
+    from deltatune.train.checkpoint import list_checkpoints, read_meta
+    from deltatune.train.loop import train
+
+    seen = []
+
+    def inspect(step, total, model):
+        seen.append(any(layer._compiled_call_impl is not None for layer in model.model.layers))
+        return {}
+
+    out = tmp_path / "run"
+    first = _cfg(tiny_dir, data_file, out, steps=2, save_every=1)
+    assert first.compile_layers == "auto"
+    train(first, quiet=True, on_step=inspect)
+    assert seen == [False, False]
+    assert read_meta(list_checkpoints(out)[-1])["compiled_layers"] is False
+    monkeypatch.setattr(compiled_layers, "AUTO_MIN_TOKENS", 0)
+    monkeypatch.setattr(compiled_layers, "compiler_problem", lambda: None)
+    train(_cfg(tiny_dir, data_file, out, steps=4, save_every=1, resume=True), quiet=True, on_step=inspect)
+    assert seen == [False] * 4
+    assert read_meta(list_checkpoints(out)[-1])["compiled_layers"] is False
+
+
+def test_auto_compiles_a_long_run(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
+    """Past the threshold (lowered here to the tiny run's size) auto compiles, says so, and records it."""
+    from deltatune.train import compiled_layers
+    from deltatune.train.checkpoint import list_checkpoints, read_meta
+    from deltatune.train.loop import train
+
+    seen = []
+
+    def inspect(step, total, model):
+        seen.append(all(layer._compiled_call_impl is not None for layer in model.model.layers))
+        return {}
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled_layers, "AUTO_MIN_TOKENS", 100)
+    out = tmp_path / "run"
+    train(_cfg(tiny_dir, data_file, out, steps=2, save_every=2), on_step=inspect)
+    assert seen == [True, True]
+    assert "compiled decoder layers: on" in capsys.readouterr().out
+    assert read_meta(list_checkpoints(out)[-1])["compiled_layers"] is True
+
+
+def test_compile_layers_accepts_auto_true_and_false_and_resume_accepts_auto_over_a_recorded_value():
+    from deltatune.config import load_config, parse_overrides
+
+    assert load_config(overrides={}).compile_layers == "auto"
+    assert load_config(overrides=parse_overrides(["compile_layers=true"])).compile_layers is True
+    assert load_config(overrides=parse_overrides(["compile_layers=false"])).compile_layers is False
+    assert load_config(overrides=parse_overrides(["compile_layers=auto"])).compile_layers == "auto"
+    with pytest.raises(ConfigError, match="compile_layers"):
+        load_config(overrides=parse_overrides(["compile_layers=sometimes"]))

@@ -1,4 +1,4 @@
-"""Decoder layers under torch.compile (`compile_layers: true`), for the element-wise work between matmuls.
+"""Decoder layers under torch.compile (`compile_layers`), for the element-wise work between matmuls.
 
 A CPU LoRA step of the default model is about two thirds matmuls; the rest is many small element-wise passes
 (norms, rotary, SiLU times up, residual adds, LoRA's scale-and-add, casts), each a trip over memory. Compiling
@@ -14,17 +14,29 @@ What this module arranges, and why:
   eager mode, so they follow the seed and a checkpoint's RNG state exactly.
 - Packed attention stays eager behind a graph break, with the spans hidden from dynamo's guards
   (`packed_attention.COMPILED_NAME`); the fused RMSNorm is not installed (inductor fuses the norms itself).
+
+`compile_layers: auto` (the default) compiles where it was measured to pay: single-process CPU runs of the
+methods tested under compilation that plan at least AUTO_MIN_TOKENS tokens. On the three CPU kinds measured
+(docs/benchmarks.md) a LoRA step of the default model was 1.06-1.14x faster and the first step 11-51 s slower,
+so the compilation is paid back after 35-350 steps of ~800 tokens: 60k-290k tokens. Shorter runs, the demo and
+the tests stay eager (and bitwise reproducible against eager runs); `true` and `false` decide outright.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
+import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
 
 OPTIONS = {"fallback_random": True}
+
+AUTO_MIN_TOKENS = 500_000  # above the 60k-290k tokens after which compiling paid back on each CPU kind measured
+# the methods whose training under compiled layers is tested against eager (tests/test_compiled_layers.py)
+AUTO_METHODS = frozenset({"lora", "rslora", "dora", "mora", "qlora", "full", "prefix"})
 
 
 def compile_targets(model: nn.Module) -> list[nn.Module]:
@@ -53,9 +65,41 @@ def install(model: nn.Module) -> Callable[[], None]:
     return restore
 
 
+@functools.cache
+def compiler_problem() -> str | None:
+    """Why torch.compile cannot run here (no C++ compiler, an unsupported platform), or None if it can: a tiny
+    function compiled forward and backward once a process, before auto counts on it."""
+    try:
+        x = torch.randn(4, 8, requires_grad=True)
+        torch.compile(lambda t: torch.nn.functional.silu(t) * t)(x).sum().backward()
+    except Exception as exc:  # inductor raises many kinds
+        return f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    return None
+
+
+def auto_declines(
+    cfg, *, device: torch.device, distributed: bool, methods: list[str], planned_tokens: int, moe: bool
+) -> str | None:
+    """For `compile_layers: auto`: why this run stays eager, or None when it compiles. The combinations that
+    `true` refuses (see `check`) simply stay eager."""
+    if device.type != "cpu":
+        return "measured on CPU only"
+    if distributed:
+        return "several processes"
+    if cfg.fused_update or cfg.gradient_checkpointing or cfg.fused_norms == "on":
+        return "fused_update, gradient_checkpointing or fused_norms: on"
+    if moe:
+        return "an upcycled (MoE) model"
+    if untested := sorted(set(methods) - AUTO_METHODS):
+        return f"method(s) {', '.join(untested)} not tested under compiled layers"
+    if planned_tokens < AUTO_MIN_TOKENS:
+        return f"{planned_tokens:,} tokens planned, fewer than the {AUTO_MIN_TOKENS:,} that repay compiling"
+    return compiler_problem()
+
+
 def check(cfg, *, distributed: bool) -> None:
-    """Combinations not supported with compiled layers, refused before any weights load."""
-    if not cfg.compile_layers:
+    """Combinations not supported with `compile_layers: true`, refused before any weights load."""
+    if cfg.compile_layers is not True:
         return
     clash = None
     if distributed:

@@ -148,14 +148,57 @@ def use_packed_attention(cfg: TrainConfig, model: torch.nn.Module, device: torch
     return why_not is None and (cfg.attention == "packed" or device.type == "cpu")
 
 
+def use_compiled_layers(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    methods: list,
+    device: torch.device,
+    *,
+    distributed: bool,
+    planned_tokens: int,
+    resumed: bool | None,
+    say: Callable[[str], None],
+) -> bool:
+    """Resolve `compile_layers`: true and false as given; auto as the resumed checkpoint ran (`resumed`), else
+    by compiled_layers.auto_declines."""
+    if cfg.compile_layers != "auto":
+        return bool(cfg.compile_layers)
+    if resumed is not None:
+        if resumed:
+            say("compiled decoder layers: on, as in the checkpoint (compile_layers: auto)")
+        return resumed
+    from deltatune.upcycle.moe import moe_blocks
+
+    why_not = compiled_layers.auto_declines(
+        cfg,
+        device=device,
+        distributed=distributed,
+        methods=[m.name for m in methods],
+        planned_tokens=planned_tokens,
+        moe=bool(moe_blocks(model)),
+    )
+    if why_not is None:
+        say(
+            f"compiled decoder layers: on ({planned_tokens:,} tokens planned; the first step compiles, 10-60 s; "
+            "compile_layers: false keeps the eager step)"
+        )
+    return why_not is None
+
+
 def use_fused_norms(
-    cfg: TrainConfig, model: torch.nn.Module, device: torch.device, *, distributed: bool, say: Callable[[str], None]
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    device: torch.device,
+    *,
+    distributed: bool,
+    compiled: bool,
+    say: Callable[[str], None],
 ) -> Callable[[], None]:
     """Resolve `fused_norms` and swap the norms in; returns the function that swaps them back.
     auto: single-process CPU runs (under FSDP2 the swapped modules' optimizer state did not map)."""
     if not (cfg.fused_norms == "on" or (cfg.fused_norms == "auto" and device.type == "cpu" and not distributed)):
         return lambda: None
-    if cfg.compile_layers:  # `fused_norms: on` with compiled layers is refused earlier (compiled_layers.check)
+    if compiled:  # `fused_norms: on` with compiled layers is refused (compiled_layers.check) or declined (auto)
         say("fused RMSNorm off: the compiled layers fuse the norms")
         return lambda: None
     from deltatune.train.lomo import retains_graph
@@ -373,6 +416,7 @@ def _train(
     from deltatune.train.run_folder import (
         check_output_folder,
         compare_for_resume,
+        compiled_layers_at,
         data_fingerprint,
         pick_checkpoint,
         record_config,
@@ -474,11 +518,23 @@ def _train(
             p.data = p.data.float()  # fp32 master weights for whatever trains
     model.to(device)
     flat = use_packed_attention(cfg, model, device)  # examples end to end, attention span by span
+    planned_tokens = sum(len(e) for e in examples) * total_steps * cfg.grad_accum // max(1, data.per_epoch())
+    resumed_compiled = None if resume_from is None else compiled_layers_at(out, meta)
+    compiled = use_compiled_layers(
+        cfg,
+        model,
+        methods,
+        device,
+        distributed=dist.active,
+        planned_tokens=planned_tokens,
+        resumed=resumed_compiled,
+        say=say,
+    )
     attn_before = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if flat:
-        model.set_attn_implementation(packed_attention.register(compiled_layers=cfg.compile_layers))
-    restore_norms = use_fused_norms(cfg, model, device, distributed=dist.active, say=say)
-    restore_layers = compiled_layers.install(model) if cfg.compile_layers else (lambda: None)
+        model.set_attn_implementation(packed_attention.register(compiled_layers=compiled))
+    restore_norms = use_fused_norms(cfg, model, device, distributed=dist.active, compiled=compiled, say=say)
+    restore_layers = compiled_layers.install(model) if compiled else (lambda: None)
 
     def restore_model() -> None:  # idempotent: runs before the final save, and again on any exit
         if packed_attention.is_active(model):
@@ -496,7 +552,7 @@ def _train(
     from deltatune.upcycle.losses import for_training as moe_losses_for
 
     router_losses = moe_losses_for(model, cfg)  # upcycled models: aux losses + routing metrics; None if dense
-    if router_losses is not None and cfg.compile_layers:
+    if router_losses is not None and compiled:  # only `true` gets here (auto declines MoE models)
         raise ConfigError("compile_layers: true is not supported for upcycled (MoE) models", field="compile_layers")
 
     # --- optimiser, resume -----------------------------------------------------------------
@@ -579,6 +635,7 @@ def _train(
                 "config": record_config(cfg),
                 "data_sha256": fingerprint,
                 "history": config_history,
+                "compiled_layers": compiled,  # what auto decided, for the resume (run_folder.compiled_layers_at)
             },
         )
         if dist.is_main:

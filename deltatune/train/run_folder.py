@@ -138,6 +138,16 @@ def _saved_config(out: Path, meta: dict) -> dict | None:
         return None
 
 
+def compiled_layers_at(out: Path, meta: dict) -> bool:
+    """Whether the run that wrote a checkpoint had its layers compiled: `compile_layers: auto` resumes that
+    way whatever it would decide now (compiled and eager steps differ in rounding, so switching mid-run would
+    break the bitwise-equal resume). Checkpoints from before auto ran as their config said (false unless set)."""
+    if isinstance(meta.get("compiled_layers"), bool):
+        return meta["compiled_layers"]
+    saved = _saved_config(out, meta) or {}
+    return saved.get("compile_layers") is True
+
+
 def _same_model(a: Any, b: Any) -> bool:
     if a == b:
         return True
@@ -169,6 +179,8 @@ def compare_for_resume(cfg: TrainConfig, meta: dict, fingerprint: dict) -> dict[
             continue
         old = saved.get(key, fields[key].default if key in fields else None)
         if old == value or (key == "model" and _same_model(old, value)):
+            continue
+        if key == "compile_layers" and value == "auto":  # auto resumes as the checkpoint ran (compiled_layers_at)
             continue
         if key in MAY_CHANGE:
             changed[key] = [old, value]

@@ -12,7 +12,8 @@ Every contender trains the same examples in the same order, with the same hyper-
 Contenders: deltatune (packed rows, attention span by span), deltatune with `attention: mask`, the
 lean PEFT loop (padded batch, SDPA, with deltatune's response-only LM head), TRL with its defaults
 (activation checkpointing on), TRL with `gradient_checkpointing=False` (its fastest setting here),
-TRL padding-free, and full finetuning by deltatune and by the lean loop.
+TRL padding-free, full finetuning by deltatune and by the lean loop, and deltatune's LoRA and full finetuning
+with compiled decoder layers (what `compile_layers: auto` gives runs of 500k tokens or more).
 
 The loss is checked, not assumed: each contender's per-step losses are compared with deltatune's
 (step 1, where every LoRA starts from the base model, and the mean of the last 3 steps, where
@@ -110,7 +111,11 @@ def resolve_precision(choice: str) -> str:
 # --------------------------------------------------------------------------------------------
 # contenders (each runs in a child process: `python train_speed.py --child NAME`)
 # --------------------------------------------------------------------------------------------
-def run_deltatune(ctx: dict, method: str = "lora", attention: str = "auto") -> dict:
+def run_deltatune(
+    ctx: dict, method: str = "lora", attention: str = "auto", compile_layers: bool | str = "auto"
+) -> dict:
+    """deltatune's own training loop; compile_layers auto leaves these short runs eager (`true`: what runs of
+    500k tokens or more get by default; its compilation falls in the untimed warm-up steps)."""
     import torch
 
     from deltatune.config import TrainConfig
@@ -137,6 +142,7 @@ def run_deltatune(ctx: dict, method: str = "lora", attention: str = "auto") -> d
         batch_size=BATCH,
         seq_len=MAX_LEN,
         attention=attention,
+        compile_layers=compile_layers,
         precision=ctx["precision"],
         keep_freed_memory=ctx.get("keep_freed_memory", "auto"),
         output=out,
@@ -309,15 +315,20 @@ CONTENDERS = {
     "trl-padfree": lambda c: run_trl(c, gradient_checkpointing=False, padding_free=True),
     "deltatune-full": lambda c: run_deltatune(c, "full"),
     "peft-loop-full": lambda c: run_lean_loop(c, "full"),
+    # the decoder layers compiled, as `compile_layers: auto` does for runs of 500k tokens or more
+    "deltatune-compiled": lambda c: run_deltatune(c, "lora", compile_layers=True),
+    "deltatune-compiled-full": lambda c: run_deltatune(c, "full", compile_layers=True),
 }
 METHODS = ["dora", "mora", "ia3", "qlora", "bitfit", "adapter", "lora+bitfit"]
 for _m in METHODS:
     CONTENDERS[f"deltatune-{_m}"] = (lambda m: lambda c: run_deltatune(c, m))(_m)
 GROUPS = {
-    "main": "deltatune,deltatune-mask,peft-loop,trl,trl-nogc,trl-padfree,deltatune-full,peft-loop-full",
+    "main": "deltatune,deltatune-mask,peft-loop,trl,trl-nogc,trl-padfree,deltatune-full,peft-loop-full,"
+    "deltatune-compiled,deltatune-compiled-full",
     "methods": ",".join(["deltatune"] + [f"deltatune-{m}" for m in METHODS]),
 }
-REFERENCE = {"peft-loop-full": "deltatune-full"}  # whose losses each contender is checked against
+# whose losses each contender is checked against (the others: deltatune's)
+REFERENCE = {"peft-loop-full": "deltatune-full", "deltatune-compiled-full": "deltatune-full"}
 
 
 def child(name: str, ctx: dict) -> None:

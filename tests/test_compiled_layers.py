@@ -223,3 +223,31 @@ def test_compile_layers_accepts_auto_true_and_false_and_resume_accepts_auto_over
     assert load_config(overrides=parse_overrides(["compile_layers=auto"])).compile_layers == "auto"
     with pytest.raises(ConfigError, match="compile_layers"):
         load_config(overrides=parse_overrides(["compile_layers=sometimes"]))
+
+
+@pytest.mark.parametrize("setting", [True, "auto"])
+def test_a_compilation_that_fails_inside_training_is_one_line_naming_the_way_out(
+    tiny_dir, data_file, tmp_path, monkeypatch, setting
+):
+    from deltatune.errors import TrainingError
+    from deltatune.train import compiled_layers
+    from deltatune.train.loop import train
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    def install(model):  # as compiled_layers.install, with a backend that fails as a missing compiler would
+        targets = compiled_layers.compile_targets(model)
+        for module in targets:
+            module.compile(backend=broken_backend)
+        return lambda: [setattr(module, "_compiled_call_impl", None) for module in targets]
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled_layers, "install", install)
+    monkeypatch.setattr(compiled_layers, "AUTO_MIN_TOKENS", 0)
+    monkeypatch.setattr(compiled_layers, "compiler_problem", lambda: None)  # the probe passed, the layers fail
+    with pytest.raises(TrainingError, match="compiling the decoder layers failed") as err:
+        train(_cfg(tiny_dir, data_file, tmp_path / "out", compile_layers=setting, steps=2), quiet=True)
+    assert "no C++ compiler found" in str(err.value) and str(err.value).endswith("set compile_layers: false")
+    assert "\n" not in str(err.value)
+    torch._dynamo.reset()

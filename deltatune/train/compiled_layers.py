@@ -97,6 +97,14 @@ def auto_declines(
     return compiler_problem()
 
 
+def failure_message(exc: Exception, setting: bool | str) -> str:
+    """One line for a compilation that failed inside training, naming the way out."""
+    cause = getattr(exc, "inner_exception", None) or exc  # the backend's own error (a compiler missing, say)
+    first = (str(cause).strip().splitlines() or [""])[0][:200]
+    how = "compile_layers: auto chose to compile this run" if setting == "auto" else "compile_layers: true"
+    return f"compiling the decoder layers failed ({type(cause).__name__}: {first}); {how}: set compile_layers: false"
+
+
 def check(cfg, *, distributed: bool) -> None:
     """Combinations not supported with `compile_layers: true`, refused before any weights load."""
     if cfg.compile_layers is not True:

@@ -728,6 +728,10 @@ def _train(
             if interrupted["flag"]:
                 progress.message(f"interrupted at step {pos.step}; checkpoint saved; continue with --resume")
                 raise KeyboardInterrupt
+    except torch._dynamo.exc.TorchDynamoException as exc:  # compilation failed (only compiled layers compile here)
+        if not compiled:
+            raise
+        raise TrainingError(compiled_layers.failure_message(exc, cfg.compile_layers)) from exc
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         progress.close()

@@ -463,7 +463,7 @@ def main() -> None:
     fx = lambda v: f"{v:7.2f}" if v else f"{'-':>7s}"  # noqa: E731
     print(f"\n{describe(machine)}; precision {precision}; {args.steps} timed steps x {args.repeats} repeats")
     print(
-        f"{'contender':16s}{'tokens/s':>9s}{'spread':>8s}{'RSS MiB':>9s}{'x TRL':>7s}{'x nogc':>7s}"
+        f"{'contender':24s}{'tokens/s':>9s}{'spread':>8s}{'RSS MiB':>9s}{'x TRL':>7s}{'x nogc':>7s}"
         f"{'x lean':>7s}{'MFU':>7s}  loss check (step 1, last 3)"
     )
     for name, r in results.items():
@@ -474,11 +474,11 @@ def main() -> None:
             else c.get("why") or (f"{'ok' if c['ok'] else 'DIFFERS'} ({c['first_step_rel']:.1%}, {c['last3_rel']:.1%})")
         )
         print(
-            f"{name:16s}{r['tokens_per_s']:9.0f}{r['spread_pct']:7.0f}%{r['peak_rss_mib']:9.0f}{fx(r['x_trl'])}"
+            f"{name:24s}{r['tokens_per_s']:9.0f}{r['spread_pct']:7.0f}%{r['peak_rss_mib']:9.0f}{fx(r['x_trl'])}"
             f"{fx(r['x_trl_nogc'])}{fx(r['x_lean'])}{100 * r['mfu']:6.1f}%  {check}"
         )
     for name, why in failed.items():
-        print(f"{name:16s} did not run: {why}")
+        print(f"{name:24s} did not run: {why}")
     paths = results.get("deltatune", {}).get("fast_paths")
     if paths:
         print(f"deltatune's fast paths: {', '.join(k for k, v in paths.items() if v) or 'none'}")

@@ -6,7 +6,7 @@ probabilities in backward; PyTorch's `scaled_dot_product_attention(..., is_causa
 its CPU flash kernel (tiled, online softmax, brgemm where the CPU has AMX). Which is faster depends on the
 CPU kind, so this measures both at SmolLM2-135M's attention shapes (9 query heads, 3 key/value heads, head
 size 64) in the training precision: forward and backward of one packed row, interleaved, medians, and the
-three outputs against each other in float64.
+kernels' outputs and gradients against each other in float64.
 
 - `span`: SpanAttention, the packed path's kernel, recomputing the probabilities in backward;
 - `span_keep`: the same with `KEEP_PROBABILITIES = 256` (spans of up to 256 tokens keep their probabilities
@@ -153,9 +153,14 @@ def main() -> None:
     if max(lengths) <= 256:
         names += ("padded",)
 
-    with torch.no_grad():  # the three agree in float64 before anything is timed
-        reference = attention("span", *inputs, spans)
-        max_diff = {n: float((attention(n, *inputs, spans) - reference).abs().max()) for n in names}
+    def outputs_and_grads(name: str) -> list[torch.Tensor]:
+        q, k, v = (x.detach().requires_grad_() for x in inputs)
+        out = attention(name, q, k, v, spans)
+        return [out.detach(), *torch.autograd.grad(out, (q, k, v), grad)]
+
+    # the kernels agree in float64, outputs and gradients, before anything is timed
+    reference = outputs_and_grads("span")
+    max_diff = {n: max(float((a - b).abs().max()) for a, b in zip(outputs_and_grads(n), reference)) for n in names}
     assert all(d < 1e-10 for d in max_diff.values()), max_diff
 
     steps = {n: make_step(n, tuple(x.to(dtype) for x in inputs), grad.to(dtype), spans) for n in names}

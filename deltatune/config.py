@@ -93,7 +93,7 @@ class TrainConfig(BaseModel):
     compile_layers: bool | Literal["auto"] = Field(
         "auto",
         description="torch.compile every decoder layer (inductor fuses the element-wise work between the "
-        "matmuls; packed attention stays eager): 1.06-1.14x a CPU LoRA step after 11-51 s of compilation, not "
+        "matmuls; packed attention stays eager): 1.06-1.24x a CPU LoRA step after 11-51 s of compilation, not "
         "bitwise equal to eager; single process, without LOMO or gradient checkpointing; auto = on for "
         "single-process CPU runs of at least 500k planned tokens (where compiling pays back) with a method "
         "tested under it (lora, rslora, dora, mora, qlora, full, prefix)",

@@ -17,7 +17,7 @@ What this module arranges, and why:
 
 `compile_layers: auto` (the default) compiles where it was measured to pay: single-process CPU runs of the
 methods tested under compilation that plan at least AUTO_MIN_TOKENS tokens. On the three CPU kinds measured
-(docs/benchmarks.md) a LoRA step of the default model was 1.06-1.14x faster and the first step 11-51 s slower,
+(docs/benchmarks.md) a LoRA step of the default model was 1.06-1.24x faster and the first step 11-51 s slower,
 so the compilation is paid back after 35-350 steps of ~800 tokens: 60k-290k tokens. Shorter runs, the demo and
 the tests stay eager (and bitwise reproducible against eager runs); `true` and `false` decide outright.
 """

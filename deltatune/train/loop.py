@@ -728,7 +728,8 @@ def _train(
             if interrupted["flag"]:
                 progress.message(f"interrupted at step {pos.step}; checkpoint saved; continue with --resume")
                 raise KeyboardInterrupt
-    except torch._dynamo.exc.TorchDynamoException as exc:  # compilation failed (only compiled layers compile here)
+    # a compilation failed: with compiled layers on they are the only compiled code (the fused norms are off)
+    except torch._dynamo.exc.TorchDynamoException as exc:
         if not compiled:
             raise
         raise TrainingError(compiled_layers.failure_message(exc, cfg.compile_layers)) from exc

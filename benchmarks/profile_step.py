@@ -12,7 +12,11 @@ timed alone (contiguous operands, warm cache: `roofline.py`'s timing), so a prod
 isolated speed inside the step (a transposed operand, a cold cache, a layout oneDNN reorders) shows by name.
 
     python benchmarks/profile_step.py [--steps 8] [--warmup 2] [--method lora] [--attention auto] [--top 25]
-                                      [--shapes]
+                                      [--shapes] [--compile-layers]
+
+With `--compile-layers` the decoder layers run compiled (give it `--warmup 3`: the compilation falls in the first
+step); inductor's fused kernels then appear under their generated names (`cpp_fused_...`) where the profiler sees
+them, and in the "compiled graphs" part.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ def main() -> None:
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--shapes", action="store_true", help="matmuls by shape, in the step against alone")
+    parser.add_argument(
+        "--compile-layers", action="store_true", help="compiled decoder layers (what runs of 500k+ tokens get)"
+    )
     parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "profile_step.json"))
     args = parser.parse_args()
@@ -104,6 +111,7 @@ def main() -> None:
         seq_len=MAX_LEN,
         precision="auto",
         attention=args.attention,
+        compile_layers=args.compile_layers,
         output=tempfile.mkdtemp(prefix="profile-"),
         eval_fraction=0.0,
         warmup_steps=0,
@@ -140,7 +148,7 @@ def main() -> None:
             {
                 "command": command_line(),
                 "machine": machine,
-                "config": {k: getattr(args, k) for k in ("steps", "warmup", "method", "attention")},
+                "config": {k: getattr(args, k) for k in ("steps", "warmup", "method", "attention", "compile_layers")},
                 "total_self_s": total_us / 1e6,
                 "parts_s": parts,
                 "ops": rows[:100],

@@ -22,9 +22,12 @@ With `--measure` the deltatune contender of train_speed.py runs on the same step
 and the step time is reported as a fraction of the roofline.
 
 With `--method full` the same for full finetuning (every weight gradient, no LoRA factors; deltatune's
-full-finetuning contender measured; written to roofline_full.json).
+full-finetuning contender measured; written to roofline_full.json). With `--compiled` the contender with
+compiled decoder layers (`deltatune-compiled`, `deltatune-compiled-full`: what `compile_layers: auto` gives a run
+of 500k tokens or more; the compilation falls in the untimed warm-up steps) runs as well, interleaved.
 
     python benchmarks/roofline.py [--steps 12] [--warmup 2] [--rank 8] [--method lora|full] [--measure] [--repeats 3]
+                                   [--compiled]
 """
 
 from __future__ import annotations
@@ -183,6 +186,11 @@ def main() -> None:
     )
     parser.add_argument("--measure", action="store_true", help="also run the deltatune contender on the same steps")
     parser.add_argument("--repeats", type=int, default=3, help="with --measure: roofline and run, interleaved")
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="with --measure: also the contender with compiled decoder layers (what runs of 500k+ tokens get)",
+    )
     parser.add_argument("--out", type=Path, help="results file (default: results/roofline.json, roofline_full.json)")
     args = parser.parse_args()
 
@@ -205,7 +213,10 @@ def main() -> None:
             by_kind[kind.split(" ")[0]] += t
         return seconds, dict(by_kind)
 
-    rooflines, measured = [], []
+    contenders = ["deltatune-full" if args.method == "full" else "deltatune"]
+    if args.compiled:
+        contenders.append(contenders[0].replace("deltatune", "deltatune-compiled"))
+    rooflines, measured = [], {name: [] for name in contenders}
     for i in range(args.repeats if args.measure else 1):
         seconds, by_kind = roofline_once()
         rooflines.append(seconds)
@@ -219,8 +230,9 @@ def main() -> None:
                 "warmup": args.warmup,
                 "examples": (args.steps + args.warmup) * BATCH,
             }
-            contender = "deltatune-full" if args.method == "full" else "deltatune"
-            measured.append(tokens / run_child(str(REPO / "benchmarks" / "train_speed.py"), contender, ctx)["seconds"])
+            for name in contenders:
+                run = run_child(str(REPO / "benchmarks" / "train_speed.py"), name, ctx)
+                measured[name].append(tokens / run["seconds"])
     roof_s = statistics.median(rooflines)
     flops = sum(2 * m * k * n * batch * count for (_, m, k, n, batch), count in total.items())
     roof_tps = tokens / roof_s
@@ -240,19 +252,23 @@ def main() -> None:
         "warmup": args.warmup,
         "method": args.method,
         "rank": args.rank if args.method == "lora" else None,
+        "compiled_layers": args.compiled,
         "tokens": tokens,
         "matmul_tflop": flops / 1e12,
         "roofline_s": rooflines,
         "roofline_tokens_per_s": roof_tps,
         "by_part_s": by_kind,
     }
-    if measured:
-        med = statistics.median(measured)
-        result.update(deltatune_tokens_per_s=measured, fraction_of_roofline=med / roof_tps)
-        print(
-            f"deltatune: {med:.0f} tokens/s (runs {', '.join(f'{x:.0f}' for x in measured)}) = "
-            f"{100 * med / roof_tps:.0f}% of the roofline"
-        )
+    if args.measure:
+        result["measured_tokens_per_s"] = measured
+        result["fraction_of_roofline"] = {}
+        for name, runs in measured.items():
+            med = statistics.median(runs)
+            result["fraction_of_roofline"][name] = med / roof_tps
+            print(
+                f"{name}: {med:.0f} tokens/s (runs {', '.join(f'{x:.0f}' for x in runs)}) = "
+                f"{100 * med / roof_tps:.0f}% of the roofline"
+            )
     out = args.out or (RESULTS if args.method == "lora" else RESULTS.with_name("roofline_full.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

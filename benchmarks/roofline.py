@@ -11,9 +11,9 @@ in the training precision (bf16 where the CPU has it), on this machine, every ma
   base gets no weight gradient);
 - LoRA's four products per projection forward and backward (x A^T, (xA^T) B^T, the two weight
   gradients, the two input gradients);
-- attention per example: QK^T and PV forward, and backward's recomputed QK^T, dP, dV, dQ, dK (a span longer
-  than packed attention's WHOLE_SPAN by blocks of query rows, each against the keys it sees, as the kernel
-  runs it);
+- attention per example: QK^T and PV forward, and backward's dP, dV, dQ, dK, with QK^T recomputed for the
+  spans whose probabilities are not kept (longer than KEEP_PROBABILITIES); a span longer than packed
+  attention's WHOLE_SPAN by blocks of query rows, each against the keys it sees, as the kernel runs it;
 - the LM head on loss-bearing positions only (forward and the hidden-state gradient; the tied head is
   frozen under LoRA).
 
@@ -27,7 +27,12 @@ compiled decoder layers (`deltatune-compiled`, `deltatune-compiled-full`: what `
 of 500k tokens or more; the compilation falls in the untimed warm-up steps) runs as well, interleaved.
 
     python benchmarks/roofline.py [--steps 12] [--warmup 2] [--rank 8] [--method lora|full] [--measure] [--repeats 3]
-                                   [--compiled]
+                                   [--compiled] [--cold]
+
+With `--cold` a second roofline times each product with its operands out of the core's cache (a pool of distinct
+operands used in turn): inside a step every weight and activation is used once and then not again until the
+next pass, so the warm roofline (the same operands every time) is the most favourable bound and the cold one
+what a product inside a step can expect. On the AMX Xeon the step's shapes ran 1.14-1.40x slower cold.
 """
 
 from __future__ import annotations
@@ -138,6 +143,8 @@ def step_products(step: dict, c, rank: int, full: bool = False) -> Counter:
                 "attn dQ": (rows, keys, d_head),
                 "attn dK": (keys, rows, d_head),
             }.items():
+                if kind == "attn QK recompute" and _keeps_probabilities(n):
+                    continue  # the span's probabilities are kept from forward: no product in backward
                 products[(kind, m, k, nn, heads)] += L
     products[("head fwd", step["n_loss"], h, c.vocab_size, 1)] += 1
     products[("head dH", step["n_loss"], c.vocab_size, h, 1)] += 1
@@ -153,20 +160,48 @@ def _query_blocks(n: int) -> list[tuple[int, int]]:
     return packed_attention._query_blocks(-(-n // packed_attention.TILE) * packed_attention.TILE)
 
 
-def time_product(m: int, k: int, n: int, batch: int, reps: int, dtype: torch.dtype) -> float:
-    """Seconds per (batch x m x k) @ (batch x k x n) with contiguous operands (median of `reps` timings)."""
-    a = torch.randn(batch, m, k, dtype=dtype)
-    b = torch.randn(batch, k, n, dtype=dtype)
-    out = torch.empty(batch, m, n, dtype=dtype)
-    product = (lambda: torch.mm(a[0], b[0], out=out[0])) if batch == 1 else (lambda: torch.bmm(a, b, out=out))
+def _keeps_probabilities(n: int) -> bool:
+    """Whether SpanAttention keeps a span of n tokens' probabilities for backward instead of recomputing them."""
+    from deltatune.train import packed_attention
+
+    return -(-n // packed_attention.TILE) * packed_attention.TILE <= min(
+        packed_attention.KEEP_PROBABILITIES, packed_attention.WHOLE_SPAN
+    )
+
+
+COLD_BYTES = 64 << 20  # operands cycled through with --cold: well above the L2 caches, as a step's 30 layers are
+
+
+def time_product(m: int, k: int, n: int, batch: int, reps: int, dtype: torch.dtype, cold: bool = False) -> float:
+    """Seconds per (batch x m x k) @ (batch x k x n) with contiguous operands (median of `reps` timings).
+
+    Warm (the default): the same operands every time, so they stay in the core's cache, the most favourable
+    case. `cold`: a pool of distinct operands (COLD_BYTES in all) used in turn, as the step uses each layer's
+    weights and activations once before moving on: each product reads its operands from the shared cache or
+    memory, which is what a product inside a training step does."""
+    size = 2 * batch * (m * k + k * n + m * n)  # bytes, 16-bit
+    pool = max(2, min(64, COLD_BYTES // max(size, 1))) if cold else 1
+    operands = [
+        (
+            torch.randn(batch, m, k, dtype=dtype),
+            torch.randn(batch, k, n, dtype=dtype),
+            torch.empty(batch, m, n, dtype=dtype),
+        )
+        for _ in range(pool)
+    ]
+    if batch == 1:
+        products = [lambda a=a, b=b, out=out: torch.mm(a[0], b[0], out=out[0]) for a, b, out in operands]
+    else:
+        products = [lambda a=a, b=b, out=out: torch.bmm(a, b, out=out) for a, b, out in operands]
     inner = max(1, int(2e8 // max(2 * m * k * n * batch, 1)))  # ~0.2 GFLOP per timing, at least one product
-    for _ in range(2):
+    inner = -(-inner // pool) * pool  # whole rounds of the pool
+    for product in products * 2:
         product()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        for _ in range(inner):
-            product()
+        for i in range(inner):
+            products[i % pool]()
         times.append((time.perf_counter() - t) / inner)
     return statistics.median(times)
 
@@ -187,6 +222,11 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help="also run the deltatune contender on the same steps")
     parser.add_argument("--repeats", type=int, default=3, help="with --measure: roofline and run, interleaved")
     parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="also the roofline with each product's operands out of the core's cache, as inside a step",
+    )
+    parser.add_argument(
         "--compiled",
         action="store_true",
         help="with --measure: also the contender with compiled decoder layers (what runs of 500k+ tokens get)",
@@ -205,21 +245,25 @@ def main() -> None:
         total.update(step_products(step, c, args.rank, full=args.method == "full"))
     tokens = sum(s["real_tokens"] for s in steps)
 
-    def roofline_once() -> tuple[float, dict]:
+    def roofline_once(cold: bool) -> tuple[float, dict]:
         seconds, by_kind = 0.0, Counter()
         for (kind, m, k, n, batch), count in total.items():
-            t = time_product(m, k, n, batch, args.reps, dtype) * count
+            t = time_product(m, k, n, batch, args.reps, dtype, cold=cold) * count
             seconds += t
             by_kind[kind.split(" ")[0]] += t
         return seconds, dict(by_kind)
 
+    caches = ["warm", "cold"] if args.cold else ["warm"]
     contenders = ["deltatune-full" if args.method == "full" else "deltatune"]
     if args.compiled:
         contenders.append(contenders[0].replace("deltatune", "deltatune-compiled"))
-    rooflines, measured = [], {name: [] for name in contenders}
+    rooflines = {cache: [] for cache in caches}
+    by_part = {}
+    measured = {name: [] for name in contenders}
     for i in range(args.repeats if args.measure else 1):
-        seconds, by_kind = roofline_once()
-        rooflines.append(seconds)
+        for cache in caches:
+            seconds, by_part[cache] = roofline_once(cache == "cold")
+            rooflines[cache].append(seconds)
         if args.measure:
             from deltatune.models import default_model_dir
 
@@ -233,17 +277,8 @@ def main() -> None:
             for name in contenders:
                 run = run_child(str(REPO / "benchmarks" / "train_speed.py"), name, ctx)
                 measured[name].append(tokens / run["seconds"])
-    roof_s = statistics.median(rooflines)
     flops = sum(2 * m * k * n * batch * count for (_, m, k, n, batch), count in total.items())
-    roof_tps = tokens / roof_s
     print(f"\n{len(steps)} steps, {tokens} real tokens; {flops / 1e12:.2f} TFLOP of matmuls")
-    print(f"{'part':10s}{'seconds':>10s}{'share':>8s}")
-    for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-        print(f"{kind:10s}{t:10.2f}{100 * t / seconds:7.1f}%")
-    print(
-        f"roofline: {roof_s:.2f} s = {roof_tps:.0f} tokens/s ({flops / roof_s / 1e9:.0f} GFLOP/s on the step's "
-        f"shapes; spread {min(rooflines):.2f}-{max(rooflines):.2f} s)"
-    )
     result = {
         "command": command_line(),
         "machine": machine,
@@ -255,20 +290,38 @@ def main() -> None:
         "compiled_layers": args.compiled,
         "tokens": tokens,
         "matmul_tflop": flops / 1e12,
-        "roofline_s": rooflines,
-        "roofline_tokens_per_s": roof_tps,
-        "by_part_s": by_kind,
     }
+    for cache in caches:
+        runs = rooflines[cache]
+        roof_s = statistics.median(runs)
+        roof_tps = tokens / roof_s
+        prefix = "" if cache == "warm" else "cold_"
+        print(f"\n{cache} operands ({'the same every time' if cache == 'warm' else 'out of the core cache'})")
+        print(f"{'part':10s}{'seconds':>10s}{'share':>8s}")
+        for kind, t in sorted(by_part[cache].items(), key=lambda kv: -kv[1]):
+            print(f"{kind:10s}{t:10.2f}{100 * t / sum(by_part[cache].values()):7.1f}%")
+        print(
+            f"roofline: {roof_s:.2f} s = {roof_tps:.0f} tokens/s ({flops / roof_s / 1e9:.0f} GFLOP/s on the step's "
+            f"shapes; spread {min(runs):.2f}-{max(runs):.2f} s)"
+        )
+        result.update(
+            {
+                f"{prefix}roofline_s": runs,
+                f"{prefix}roofline_tokens_per_s": roof_tps,
+                f"{prefix}by_part_s": by_part[cache],
+            }
+        )
+        if args.measure:
+            result[f"{prefix}fraction_of_roofline"] = {}
+            for name, tps in measured.items():
+                med = statistics.median(tps)
+                result[f"{prefix}fraction_of_roofline"][name] = med / roof_tps
+                print(
+                    f"{name}: {med:.0f} tokens/s (runs {', '.join(f'{x:.0f}' for x in tps)}) = "
+                    f"{100 * med / roof_tps:.0f}% of the {cache} roofline"
+                )
     if args.measure:
         result["measured_tokens_per_s"] = measured
-        result["fraction_of_roofline"] = {}
-        for name, runs in measured.items():
-            med = statistics.median(runs)
-            result["fraction_of_roofline"][name] = med / roof_tps
-            print(
-                f"{name}: {med:.0f} tokens/s (runs {', '.join(f'{x:.0f}' for x in runs)}) = "
-                f"{100 * med / roof_tps:.0f}% of the roofline"
-            )
     out = args.out or (RESULTS if args.method == "lora" else RESULTS.with_name("roofline_full.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

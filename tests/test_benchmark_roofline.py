@@ -53,8 +53,10 @@ def test_step_products_match_a_hand_count(roofline, full):
     assert flops(products, "lora") == (0 if full else L * sum(6 * T * r * (i + o) for i, o in projections(c)))
     head = 2 * STEP["n_loss"] * c.hidden_size * c.vocab_size
     assert flops(products, "head") == head * (3 if full else 2)
-    # attention per example span, all heads: QK^T and PV forward, then QK^T again, dP, dV, dQ, dK; spans of
-    # up to 256 tokens whole, the 300-token one by blocks of 128 query rows against the keys each sees
+    # attention per example span, all heads: QK^T and PV forward, then dP, dV, dQ, dK; spans of up to 256
+    # tokens whole, with their probabilities kept from forward (6 products), the 300-token one by blocks of
+    # 128 query rows against the keys each sees, recomputing each block's QK^T in backward (7 products)
     d = c.hidden_size // c.num_attention_heads
-    squares = 40 * 40 + 60 * 60 + (128 * 128 + 128 * 256 + 44 * 300)
-    assert flops(products, "attn") == L * 7 * 2 * squares * d * c.num_attention_heads
+    kept, recomputed = 40 * 40 + 60 * 60, 128 * 128 + 128 * 256 + 44 * 300
+    assert flops(products, "attn") == L * 2 * (6 * kept + 7 * recomputed) * d * c.num_attention_heads
+    assert flops(products, "attn QK recompute") == L * 2 * recomputed * d * c.num_attention_heads

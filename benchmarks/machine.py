@@ -36,18 +36,37 @@ def cpu_info() -> dict:
     }
 
 
-def matmul_peak_gflops(dtype_name: str = "bf16", n: int = 2048, reps: int = 10) -> float:
-    """Square-matmul throughput: an upper bound, not the step's attainable limit (see roofline.py)."""
+def matmul_peak_gflops(dtype_name: str = "bf16", n: int = 2048, reps: int = 10, device: str = "cpu") -> float:
+    """Square-matmul throughput: an upper bound, not the step's attainable limit (see roofline.py). On CUDA
+    8192^3 products (2048^3 is launch-bound there), timed after a synchronize."""
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    cuda = device.startswith("cuda")
+    n = 8192 if cuda and n == 2048 else n
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(3):
         a @ b
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync()
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def gpu_info() -> dict:
+    """The CUDA device a GPU benchmark ran on (name, compute capability, memory), for its results file."""
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": props.name,
+        "gpu_capability": f"{props.major}.{props.minor}",
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda,
+    }
 
 
 def machine_record(measure_peak: bool = True) -> dict:
@@ -79,8 +98,11 @@ def native_precision(record: dict | None = None) -> str:
 def describe(record: dict) -> str:
     flags = ",".join(record.get("cpu_flags", [])) or "-"
     peak, precision = record.get("matmul_peak_gflops"), record.get("matmul_peak_precision")
-    return f"{record.get('cpu_model')} [{flags}], {record.get('threads')} threads, torch {record.get('torch')}" + (
-        f", {precision} matmul peak {peak:.0f} GFLOP/s" if peak else ""
+    gpu = f"{record['gpu']} (CUDA {record.get('cuda')}) on " if record.get("gpu") else ""
+    return (
+        gpu
+        + f"{record.get('cpu_model')} [{flags}], {record.get('threads')} threads, torch {record.get('torch')}"
+        + (f", {precision} matmul peak {peak:.0f} GFLOP/s" if peak else "")
     )
 
 

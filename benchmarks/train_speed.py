@@ -23,7 +23,14 @@ table gives the median and the spread (max - min, % of the median). The JSON rec
 (CPU model and flags, matmul peak in the precision used) and the fast paths deltatune took.
 
     python benchmarks/train_speed.py [--steps 12] [--warmup 2] [--repeats 3] [--precision auto]
-                                     [--only main|methods|all|NAME,...] [--quick]
+                                     [--only main|methods|gpu|all|NAME,...] [--quick]
+                                     [--device cpu|cuda] [--batch 4] [--data GSM8K_TRAIN_JSONL]
+
+On a GPU (`--device cuda`, bf16) every contender runs there (TRL without `use_cpu`, the lean loop's tensors moved),
+the peak is an 8192^3 bf16 product on the GPU, the memory column is torch's peak allocated GPU memory, and the
+`gpu` group adds `deltatune-packed`: deltatune's packed rows with PyTorch's variable-length flash attention
+(`attention: auto` keeps SDPA with the block-diagonal mask on CUDA). Use a batch that fills the GPU (`--batch 32`);
+`benchmarks/gpu_speed.sh` runs it on a lent machine with random weights in SmolLM2-135M's shapes.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import command_line, describe, machine_record, matmul_peak_gflops  # noqa: E402
+from machine import command_line, describe, gpu_info, machine_record, matmul_peak_gflops  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -55,12 +62,14 @@ TOL_FIRST, TOL_LAST = {"fp32": 0.001, "bf16": 0.01}, 0.05
 # --------------------------------------------------------------------------------------------
 # the shared data: the same examples, in deltatune's order, for every contender
 # --------------------------------------------------------------------------------------------
-def benchmark_data(tokenizer, n_examples: int) -> tuple[list[dict], list, list[list[int]]]:
+def benchmark_data(
+    tokenizer, n_examples: int, batch: int = BATCH, data: Path | str | None = None
+) -> tuple[list[dict], list, list[list[int]]]:
     """(records, tokenized examples with response weights, batches of example indices in training order)."""
     from deltatune.data.masking import LossPolicy, policy_weights
     from deltatune.data.pipeline import prepare_records
 
-    rows = [json.loads(line) for line in GSM8K.read_text().splitlines()[:POOL]]
+    rows = [json.loads(line) for line in Path(data or GSM8K).read_text().splitlines()[:POOL]]
     records = [{"instruction": r["question"], "output": r["answer"]} for r in rows]
     prepared = prepare_records(records, tokenizer, template="chatml", max_len=MAX_LEN).examples
     # whole examples (none cut to MAX_LEN) of more than half a row; `source` is "<records>:LINE" (1-based), since
@@ -73,23 +82,34 @@ def benchmark_data(tokenizer, n_examples: int) -> tuple[list[dict], list, list[l
         ex.weights = policy_weights(ex, LossPolicy("response"))
     order = list(range(n_examples))
     random.Random(SEED).shuffle(order)  # deltatune's first epoch: pack_examples(shuffle_seed=seed + 0)
-    return records, examples, [order[i : i + BATCH] for i in range(0, n_examples, BATCH)]
+    return records, examples, [order[i : i + batch] for i in range(0, n_examples, batch)]
 
 
-def check_same_order(tokenizer, records: list[dict], examples: list, batches: list[list[int]]) -> None:
+def check_same_order(
+    tokenizer, records: list[dict], examples: list, batches: list[list[int]], batch: int = BATCH
+) -> None:
     """deltatune's loader, given `records`, must yield exactly `batches` (one example a row): checked, not assumed."""
     from deltatune.config import TrainConfig
     from deltatune.data.pipeline import prepare_records
     from deltatune.train.checkpoint import Position
     from deltatune.train.loop import MicroBatches
 
-    cfg = TrainConfig(seq_len=MAX_LEN, batch_size=BATCH, seed=SEED, eval_fraction=0.0)
+    cfg = TrainConfig(seq_len=MAX_LEN, batch_size=batch, seed=SEED, eval_fraction=0.0)
     loader = MicroBatches(list(prepare_records(records, tokenizer, template="chatml", max_len=MAX_LEN).examples), cfg)
     pos = Position()
     got = [[ex.input_ids for ex in row] for _ in batches for row in loader.take(pos, 1)[0]]
     want = [[examples[i].input_ids] for batch in batches for i in batch]
     if got != want:
         raise SystemExit("deltatune's loader would train other examples, or in another order, than the others")
+
+
+def examples_of(ctx: dict, tokenizer) -> tuple[list[dict], list, list[list[int]]]:
+    """benchmark_data for a child: the run's examples, batch size and data file."""
+    return benchmark_data(tokenizer, ctx["examples"], ctx.get("batch", BATCH), ctx.get("data"))
+
+
+def on_cuda(ctx: dict) -> bool:
+    return ctx.get("device", "cpu").startswith("cuda")
 
 
 def peak_rss_mib() -> float:
@@ -125,7 +145,7 @@ def run_deltatune(
 
     if "keep_probabilities" in ctx:  # benchmarks/kept_probabilities.py's two variants
         packed_attention.KEEP_PROBABILITIES = ctx["keep_probabilities"]
-    records, _, _ = benchmark_data(load_tokenizer(ctx["model"]), ctx["examples"])
+    records, _, _ = examples_of(ctx, load_tokenizer(ctx["model"]))
     out = tempfile.mkdtemp(prefix="bench-dt-")
     cfg = TrainConfig(
         model=ctx["model"],
@@ -139,9 +159,10 @@ def run_deltatune(
         schedule="constant",
         warmup_steps=0,
         steps=ctx["warmup"] + ctx["steps"],
-        batch_size=BATCH,
+        batch_size=ctx.get("batch", BATCH),
         seq_len=MAX_LEN,
         attention=attention,
+        device=ctx.get("device", "cpu"),
         compile_layers=compile_layers,
         precision=ctx["precision"],
         keep_freed_memory=ctx.get("keep_freed_memory", "auto"),
@@ -154,7 +175,12 @@ def run_deltatune(
 
     def note_fast_paths(step: int, total: int, model) -> None:
         if step == 1:  # the hook sees the training model (its norms swapped in, if fused)
-            paths["packed_attention"] = use_packed_attention(cfg, model, torch.device("cpu"))
+            device = torch.device(ctx.get("device", "cpu"))
+            paths["packed_attention"] = use_packed_attention(cfg, model, device)
+            if device.type == "cuda":  # the spans to PyTorch's variable-length flash attention, one kernel a layer
+                head_dim = model.config.hidden_size // model.config.num_attention_heads
+                probe = torch.empty(1, head_dim, device=device, dtype=torch_dtype(ctx["precision"]))
+                paths["varlen_attention"] = paths["packed_attention"] and packed_attention.varlen_usable(probe)
             paths["fused_norms"] = any(isinstance(m, fused_norms.FusedRMSNorm) for m in model.modules())
             # compile_layers: auto compiles runs of 500k tokens or more; these timed runs are far shorter
             paths["compiled_layers"] = all(
@@ -180,7 +206,7 @@ def run_lean_loop(ctx: dict, method: str = "lora") -> dict:
 
     from deltatune.models import load_model
 
-    dtype = torch_dtype(ctx["precision"])
+    dtype, device = torch_dtype(ctx["precision"]), torch.device(ctx.get("device", "cpu"))
     model, tok = load_model(ctx["model"], dtype=dtype if method != "full" else torch.float32)
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -190,19 +216,19 @@ def run_lean_loop(ctx: dict, method: str = "lora") -> dict:
         for p in model.parameters():  # fp32 master weights for what trains, as deltatune keeps them
             if p.requires_grad:
                 p.data = p.data.float()
-    model.train()
+    model.to(device).train()
     decoder, head = model.get_base_model().model if method == "lora" else model.model, model.get_output_embeddings()
     params = [p for p in model.parameters() if p.requires_grad]
     # fused, as TRL's (Trainer's default `adamw_torch_fused` since torch 2.8) and deltatune's: the anchor's optimizer
     # is not what the comparison is about (benchmarks/optimizer_step.py: foreach is ~7x slower on CPU)
     opt = torch.optim.AdamW(params, lr=LR[method], weight_decay=0.0, fused=True)
-    _, examples, batches = benchmark_data(tok, ctx["examples"])
+    _, examples, batches = examples_of(ctx, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=ctx["precision"] == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx["precision"] == "bf16")
     losses, t0 = [], None
     for step, batch in enumerate(batches[: ctx["warmup"] + ctx["steps"]]):
         if step == ctx["warmup"]:
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()  # the previous step's loss.item() waited for the device
         rows = [examples[i] for i in batch]
         width = max(len(ex) for ex in rows)
         ids = torch.full((len(rows), width), pad)
@@ -212,6 +238,7 @@ def run_lean_loop(ctx: dict, method: str = "lora") -> dict:
             ids[r, : len(ex)] = torch.tensor(ex.input_ids)
             att[r, : len(ex)] = 1
             target[r, : len(ex)] = torch.tensor([w > 0 for w in ex.weights])
+        ids, att, target = ids.to(device), att.to(device), target.to(device)
         with autocast:
             hidden = decoder(input_ids=ids, attention_mask=att).last_hidden_state
             where = target[:, 1:]  # hidden state t predicts token t + 1
@@ -236,7 +263,7 @@ def run_trl(ctx: dict, gradient_checkpointing: bool | None = None, padding_free:
     from deltatune.models import load_model
 
     model, tok = load_model(ctx["model"], dtype=torch_dtype(ctx["precision"]))
-    _, examples, batches = benchmark_data(tok, ctx["examples"])
+    _, examples, batches = examples_of(ctx, tok)
     in_order = [examples[i] for batch in batches for i in batch]
     data = Dataset.from_list(
         [{"input_ids": ex.input_ids, "completion_mask": [int(w > 0) for w in ex.weights]} for ex in in_order]
@@ -253,9 +280,17 @@ def run_trl(ctx: dict, gradient_checkpointing: bool | None = None, padding_free:
 
         def on_step_begin(self, args, state, control, **kw):
             if state.global_step == ctx["warmup"]:
+                if on_cuda(ctx):
+                    import torch
+
+                    torch.cuda.synchronize()
                 self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            if on_cuda(ctx):
+                import torch
+
+                torch.cuda.synchronize()
             self.end = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -266,7 +301,7 @@ def run_trl(ctx: dict, gradient_checkpointing: bool | None = None, padding_free:
     args = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
         max_steps=ctx["warmup"] + ctx["steps"],
-        per_device_train_batch_size=BATCH,
+        per_device_train_batch_size=ctx.get("batch", BATCH),
         max_length=None if padding_free else MAX_LEN,  # padding-free wants no limit; the inputs fit already
         bf16=ctx["precision"] == "bf16",
         learning_rate=LR["lora"],
@@ -281,7 +316,7 @@ def run_trl(ctx: dict, gradient_checkpointing: bool | None = None, padding_free:
         padding_free=padding_free,
         completion_only_loss=True,
         dataloader_num_workers=0,
-        use_cpu=True,
+        use_cpu=not on_cuda(ctx),
         seed=SEED,
         **options,
     )
@@ -309,6 +344,8 @@ CONTENDERS = {
     "deltatune": lambda c: run_deltatune(c, "lora"),
     # the same rows padded to 256 tokens each, SDPA with a block-diagonal mask
     "deltatune-mask": lambda c: run_deltatune(c, "lora", attention="mask"),
+    # attention span by span whatever the device: on CUDA (where auto keeps the mask) varlen flash attention
+    "deltatune-packed": lambda c: run_deltatune(c, "lora", attention="packed"),
     "peft-loop": lambda c: run_lean_loop(c, "lora"),
     "trl": lambda c: run_trl(c),  # TRL's defaults: activation checkpointing on
     "trl-nogc": lambda c: run_trl(c, gradient_checkpointing=False),
@@ -326,6 +363,8 @@ GROUPS = {
     "main": "deltatune,deltatune-mask,peft-loop,trl,trl-nogc,trl-padfree,deltatune-full,peft-loop-full,"
     "deltatune-compiled,deltatune-compiled-full",
     "methods": ",".join(["deltatune"] + [f"deltatune-{m}" for m in METHODS]),
+    # on a GPU (`--device cuda`): deltatune's auto (the mask path there) against its packed path (varlen flash)
+    "gpu": "deltatune,deltatune-packed,peft-loop,trl,trl-nogc,trl-padfree,deltatune-full,peft-loop-full",
 }
 # whose losses each contender is checked against (the others: deltatune's)
 REFERENCE = {"peft-loop-full": "deltatune-full", "deltatune-compiled-full": "deltatune-full"}
@@ -337,6 +376,8 @@ def child(name: str, ctx: dict) -> None:
     torch.manual_seed(SEED)
     result = CONTENDERS[name](ctx)
     result["peak_rss_mib"] = peak_rss_mib()
+    if on_cuda(ctx):
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -359,6 +400,7 @@ def summarise(runs: list[dict]) -> dict:
         "spread_pct": 100 * (max(rates) - min(rates)) / med,
         "all_tokens_per_s": rates,
         "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
+        **({"peak_gpu_mib": statistics.median(r["peak_gpu_mib"] for r in runs)} if "peak_gpu_mib" in runs[0] else {}),
         "losses": runs[0]["losses"],
         **{k: v for k, v in runs[0].items() if k in ("trainable", "fast_paths", "gradient_checkpointing")},
     }
@@ -382,6 +424,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--only", default="main", help="contenders, or a group: main, methods, all")
     parser.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: every contender on that device")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"examples a step (default {BATCH})")
+    parser.add_argument("--data", type=Path, default=None, help="GSM8K's train.jsonl (default: ../shared/data)")
     parser.add_argument("--out", type=Path, help="results file (default: results/train_speed_<group>.json)")
     parser.add_argument("--quick", action="store_true", help="a tiny random model, 3 steps, 1 repeat: checks the code")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -397,24 +442,33 @@ def main() -> None:
         args.model = quick_model(Path(tempfile.mkdtemp(prefix="bench-quick-")) / "model")
         args.steps, args.warmup, args.repeats = 3, 1, 1
     model = args.model or str(default_model_dir())  # convert once, outside the timed children
-    precision = resolve_precision(args.precision)
+    cuda = args.device.startswith("cuda")
+    precision = (
+        resolve_precision(args.precision) if not cuda else ("bf16" if args.precision == "auto" else args.precision)
+    )
     ctx = {
         "model": model,
         "precision": precision,
         "steps": args.steps,
         "warmup": args.warmup,
-        "examples": (args.steps + args.warmup) * BATCH,
+        "examples": (args.steps + args.warmup) * args.batch,
+        "batch": args.batch,
+        "data": str(args.data or GSM8K),
+        "device": args.device,
     }
     from deltatune.models import load_tokenizer
 
     tokenizer = load_tokenizer(model)
-    records, examples, batches = benchmark_data(tokenizer, ctx["examples"])
-    check_same_order(tokenizer, records, examples, batches)
+    records, examples, batches = benchmark_data(tokenizer, ctx["examples"], args.batch, args.data)
+    check_same_order(tokenizer, records, examples, batches, args.batch)
     tokens = sum(len(examples[i]) for batch in batches[args.warmup :] for i in batch)  # the timed steps'
     names = ",".join(CONTENDERS) if args.only == "all" else GROUPS.get(args.only, args.only)
     names = names.split(",")
     machine = machine_record(measure_peak=False)
-    machine["matmul_peak_precision"], machine["matmul_peak_gflops"] = precision, matmul_peak_gflops(precision)
+    if cuda:
+        machine.update(gpu_info())
+    machine["matmul_peak_precision"] = precision
+    machine["matmul_peak_gflops"] = matmul_peak_gflops(precision, device=args.device)
     peak = machine["matmul_peak_gflops"]
     print(f"machine: {describe(machine)}")
     print(f"{len(names)} contenders x {args.repeats} repeats, {args.steps} timed steps ({tokens} tokens) each")
@@ -462,9 +516,10 @@ def main() -> None:
         r["x_lean"] = r["tokens_per_s"] / lean if lean else None
     fx = lambda v: f"{v:7.2f}" if v else f"{'-':>7s}"  # noqa: E731
     print(f"\n{describe(machine)}; precision {precision}; {args.steps} timed steps x {args.repeats} repeats")
+    memory = "peak_gpu_mib" if cuda else "peak_rss_mib"  # on a GPU, its memory (torch's peak allocated)
     print(
-        f"{'contender':24s}{'tokens/s':>9s}{'spread':>8s}{'RSS MiB':>9s}{'x TRL':>7s}{'x nogc':>7s}"
-        f"{'x lean':>7s}{'MFU':>7s}  loss check (step 1, last 3)"
+        f"{'contender':24s}{'tokens/s':>9s}{'spread':>8s}{'GPU MiB' if cuda else 'RSS MiB':>9s}{'x TRL':>7s}"
+        f"{'x nogc':>7s}{'x lean':>7s}{'MFU':>7s}  loss check (step 1, last 3)"
     )
     for name, r in results.items():
         c = r["loss_check"]
@@ -474,7 +529,7 @@ def main() -> None:
             else c.get("why") or (f"{'ok' if c['ok'] else 'DIFFERS'} ({c['first_step_rel']:.1%}, {c['last3_rel']:.1%})")
         )
         print(
-            f"{name:24s}{r['tokens_per_s']:9.0f}{r['spread_pct']:7.0f}%{r['peak_rss_mib']:9.0f}{fx(r['x_trl'])}"
+            f"{name:24s}{r['tokens_per_s']:9.0f}{r['spread_pct']:7.0f}%{r[memory]:9.0f}{fx(r['x_trl'])}"
             f"{fx(r['x_trl_nogc'])}{fx(r['x_lean'])}{100 * r['mfu']:6.1f}%  {check}"
         )
     for name, why in failed.items():
@@ -489,6 +544,8 @@ def main() -> None:
         "command": command_line(),
         "machine": machine,
         "precision": precision,
+        "device": args.device,
+        "batch": args.batch,
         "matmul_params": n,
         "steps": args.steps,
         "warmup": args.warmup,

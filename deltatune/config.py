@@ -56,9 +56,10 @@ class TrainConfig(BaseModel):
     attention: Literal["auto", "mask", "packed"] = Field(
         "auto",
         description="how packed examples are kept apart: packed = the micro-batch's examples end to end "
-        "without padding, attention example by example (fastest on CPU); mask = rows padded to "
-        "the row length, SDPA with a block-diagonal mask; auto = packed on CPU where the model "
-        "and methods allow it, mask otherwise (docs/benchmarks.md)",
+        "without padding, attention example by example (fastest on CPU; on CUDA in bf16/fp16, PyTorch's "
+        "variable-length flash attention); mask = rows padded to the row length, SDPA with a block-diagonal "
+        "mask; auto = packed on CPU where the model and methods allow it, mask otherwise (on CUDA until the "
+        "GPU comparison in docs/benchmarks.md is measured)",
     )
     eval_data: str | None = None
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)

@@ -37,6 +37,21 @@ def test_deltatune_draws_the_benchmark_batches_in_order(train_speed):
         train_speed.check_same_order(tok, records, examples, swapped)
 
 
+def test_a_larger_batch_keeps_the_order_and_the_examples(train_speed):
+    """`--batch` (a GPU's batch): the same first examples in the same shuffled order, cut into larger steps, and
+    deltatune's loader draws those steps too."""
+    from deltatune.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    records, examples, batches = train_speed.benchmark_data(tok, 24, batch=8)
+    assert [len(b) for b in batches] == [8] * 3
+    _, _, by_four = train_speed.benchmark_data(tok, 24)
+    assert [i for b in batches for i in b] == [i for b in by_four for i in b]
+    train_speed.check_same_order(tok, records, examples, batches, 8)
+    with pytest.raises(SystemExit, match="other examples, or in another order"):
+        train_speed.check_same_order(tok, records, examples, batches, 4)
+
+
 def test_loss_check_tolerances(train_speed):
     ref = [2.0, 1.9, 1.8, 1.7, 1.6]
     assert train_speed.loss_check([2.001, 1.9, 1.8, 1.7, 1.6], ref, 0.001)["ok"]

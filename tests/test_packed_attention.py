@@ -187,3 +187,100 @@ def test_workspace_is_reused_and_released():
     assert {key: buf.data_ptr() for key, buf in packed_attention.workspace.buffers.items()} == buffers
     packed_attention.workspace.release()
     assert not packed_attention.workspace.buffers
+
+
+def _varlen_contract(calls):
+    """A float64 stand-in for PyTorch's `varlen_attn` (CUDA-only), written from its documented contract:
+    query [Tq, Hq, D], key/value [Tk, Hkv, D], int32 cumulative offsets, the longest sequence, window (-1, 0)
+    for causal attention, grouped-query heads with enable_gqa. It records each call's arguments."""
+
+    def varlen_attn(
+        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False
+    ):
+        calls.append(
+            {
+                "offsets": cu_seq_q.tolist(),
+                "max": (max_q, max_k),
+                "window": window_size,
+                "gqa": enable_gqa,
+                "dtype": cu_seq_q.dtype,
+                "same_offsets": cu_seq_k is cu_seq_q,
+            }
+        )
+        assert window_size == (-1, 0) and query.shape[1] % key.shape[1] == 0
+        bounds = cu_seq_q.tolist()
+        assert (
+            bounds[0] == 0 and bounds[-1] == query.shape[0] and max(b - a for a, b in zip(bounds, bounds[1:])) == max_q
+        )
+        parts = [
+            torch.nn.functional.scaled_dot_product_attention(
+                query[a:b].transpose(0, 1),
+                key[a:b].transpose(0, 1),
+                value[a:b].transpose(0, 1),
+                is_causal=True,
+                scale=scale,
+                enable_gqa=enable_gqa,
+            ).transpose(0, 1)
+            for a, b in zip(bounds, bounds[1:])
+        ]
+        return torch.cat(parts)
+
+    return varlen_attn
+
+
+def test_varlen_path_equals_span_attention_in_float64(monkeypatch):
+    """The CUDA path's glue (rows laid end to end, offsets, layouts, grouped heads, scale), checked on the CPU
+    against the span kernel through a stand-in that keeps varlen_attn's contract: two rows of different spans."""
+    calls = []
+    monkeypatch.setattr(packed_attention, "_varlen_attn", _varlen_contract(calls))
+    rows = [[3, 4, 3], [6, 4]]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 10, h, 16, generator=g, dtype=torch.float64).transpose(1, 2) for h in (6, 2, 2))
+    spans = [[(sum(r[:i]), sum(r[: i + 1])) for i in range(len(r))] for r in rows]
+    grad_out = torch.randn(2, 10, 6, 16, generator=g, dtype=torch.float64)
+    scale = 0.3  # not the default 16**-0.5: the scale must be passed on
+    ours = _value_and_grads(lambda *x: packed_attention.varlen_attention(*x, spans, scale), q, k, v, grad_out)
+    ref = _value_and_grads(lambda *x: packed_attention.span_attention(*x, spans, scale), q, k, v, grad_out)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], ours, ref):
+        assert torch.allclose(a, b, atol=1e-12), name
+    assert calls == [
+        {
+            "offsets": [0, 3, 7, 10, 16, 20],
+            "max": (6, 6),
+            "window": (-1, 0),
+            "gqa": True,
+            "dtype": torch.int32,
+            "same_offsets": True,
+        }
+    ]
+
+
+def test_varlen_path_on_the_older_api(monkeypatch):
+    """torch 2.10's varlen_attn takes is_causal and no enable_gqa: the key/value heads are repeated instead."""
+    calls = []
+    current = _varlen_contract(calls)
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, scale=None):
+        assert is_causal and key.shape[1] == query.shape[1]
+        return current(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=(-1, 0))
+
+    monkeypatch.setattr(packed_attention, "_varlen_attn", varlen_attn)
+    q, k, v, spans = _qkv([7, 30, 12])
+    grad_out = torch.randn(1, 49, 6, 16, dtype=torch.float64)
+    ours = _value_and_grads(lambda *x: packed_attention.varlen_attention(*x, spans, 0.25), q, k, v, grad_out)
+    ref = _value_and_grads(lambda *x: packed_attention.span_attention(*x, spans, 0.25), q, k, v, grad_out)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], ours, ref):
+        assert torch.allclose(a, b, atol=1e-12), name
+    assert [c["gqa"] for c in calls] == [False]
+
+
+def test_span_attention_takes_varlen_only_where_it_runs(monkeypatch):
+    calls = []
+    monkeypatch.setattr(packed_attention, "_varlen_attn", _varlen_contract(calls))
+    q, k, v, spans = _qkv([5, 9], dtype=torch.bfloat16)
+    assert not packed_attention.varlen_usable(q)  # a CPU tensor: the span kernel
+    packed_attention.span_attention(q, k, v, spans, 0.25)
+    assert not calls
+    monkeypatch.setattr(packed_attention, "varlen_usable", lambda query: True)  # as on a CUDA device
+    packed_attention.span_attention(q.double(), k.double(), v.double(), spans, 0.25)
+    assert [c["offsets"] for c in calls] == [[0, 5, 14]]

@@ -13,6 +13,10 @@ Numerics are those of transformers' eager attention under bf16 autocast: scores 
 are rounded to the compute dtype, the softmax itself accumulates in float32. In float32 or float64
 it equals the mask path to rounding (tests/test_packed_attention.py).
 
+On CUDA in 16-bit precision the spans go to PyTorch's variable-length flash attention instead (`varlen_attn`,
+one kernel for the whole batch, given the spans as cumulative offsets): the loop of small matmuls suits a CPU,
+where each costs microseconds, not a GPU, where each is a kernel launch.
+
 It plugs in through transformers' public `AttentionInterface` / `AttentionMaskInterface`
 registries (no patching): a model switched to `packed_eager` receives the spans as the
 `packed_spans` keyword, which transformers forwards from the model call to every attention layer.
@@ -21,6 +25,7 @@ Without spans (generation, evaluation of padded batches) it is transformers' own
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -28,6 +33,11 @@ import torch
 from torch import Tensor
 
 from deltatune.train.workspace import Workspace
+
+try:  # PyTorch's variable-length flash attention (2.9+; CUDA): every span of the batch in one kernel
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:
+    _varlen_attn = None
 
 NAME = "packed_eager"
 COMPILED_NAME = "packed_eager_outside_graph"  # the same function, for decoder layers under torch.compile
@@ -215,8 +225,50 @@ class SpanAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None
 
 
+def varlen_usable(query: Tensor) -> bool:
+    """Whether PyTorch's variable-length flash attention takes these tensors: CUDA, 16-bit, a head size its
+    flash kernels support (a multiple of 8 up to 256), compute capability 8.0 or newer."""
+    return (
+        _varlen_attn is not None
+        and query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and query.shape[-1] % 8 == 0
+        and query.shape[-1] <= 256
+        and torch.cuda.get_device_capability(query.device)[0] >= 8
+    )
+
+
+def varlen_attention(query: Tensor, key: Tensor, value: Tensor, spans: Spans, scale: float) -> Tensor:
+    """query [B, H, T, D], key/value [B, KV, T, D] -> [B, T, H, D] through `varlen_attn`: the rows laid end to
+    end, each span one sequence of it (cumulative offsets), causal, grouped-query heads shared in the kernel.
+    On a GPU the span loop would launch a dozen small kernels an example a layer; this is one."""
+    batch, heads, total, dim = query.shape
+    starts = [b * total + s for b, row in enumerate(spans) for s, _ in row]
+    offsets = torch.tensor([*starts, batch * total], dtype=torch.int32, device=query.device)
+    longest = max(e - s for row in spans for s, e in row)
+
+    def tokens_first(x: Tensor) -> Tensor:  # [B, heads, T, D] -> [B * T, heads, D]; free for transformers'
+        return x.transpose(1, 2).reshape(batch * total, x.shape[1], dim)  # [B, T, heads, D] projections
+
+    # the API moved between releases: torch 2.10 takes is_causal, later ones a window ((-1, 0) is causal) and
+    # enable_gqa; without enable_gqa the key/value heads are repeated for the query heads that share them
+    accepts = inspect.signature(_varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in accepts else {"is_causal": True}
+    grouped = key.shape[1] != heads
+    if grouped and "enable_gqa" not in accepts:
+        key, value = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (key, value))
+    elif grouped:
+        causal["enable_gqa"] = True
+    q, k, v = (tokens_first(x) for x in (query, key, value))
+    out = _varlen_attn(q, k, v, offsets, offsets, longest, longest, scale=scale, **causal)
+    return out.view(batch, total, heads, dim)
+
+
 def span_attention(query: Tensor, key: Tensor, value: Tensor, spans: Spans, scale: float) -> Tensor:
-    """query [B, H, T, D], key/value [B, KV, T, D] -> [B, T, H, D], attention only within each span."""
+    """query [B, H, T, D], key/value [B, KV, T, D] -> [B, T, H, D], attention only within each span: PyTorch's
+    variable-length flash attention where it runs (CUDA, 16-bit), SpanAttention's batched matmuls elsewhere."""
+    if varlen_usable(query):
+        return varlen_attention(query, key, value, spans, scale)
     if len(spans) == 1:  # the flat layout: one row (squeeze, unlike indexing, costs nothing in backward)
         return SpanAttention.apply(query.squeeze(0), key.squeeze(0), value.squeeze(0), spans[0], scale).unsqueeze(0)
     return torch.stack(

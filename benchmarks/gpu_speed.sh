@@ -8,13 +8,15 @@
 #   wheels for what the image lacks or has too old (transformers >= 5.23, trl, datasets and their needs, gguf,
 #   pydantic, datasketch, rouge-score): `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 ...`
 # Then: run(command="bash benchmarks/gpu_speed.sh", carry=[".gpu", ".whl"], timeout_s=540).
-# Writes $OUT/gpu_speed.json (train_speed.py's record) and $OUT/varlen_check.txt.
+# Writes $OUT/gpu_speed.json (train_speed.py's record) and $OUT/varlen_check.txt. A dry run of everything but the
+# kernel check on a CPU machine: DEVICE=cpu BATCH=4 STEPS=2 OUT=/tmp/out bash benchmarks/gpu_speed.sh
 set -x
+DEVICE=${DEVICE:-cuda}
 [ -d .whl ] && { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
-python3 - <<'PY' 2>&1 | tee "$OUT/varlen_check.txt"
+python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
+[ "$DEVICE" = cuda ] && python3 - <<'PY' 2>&1 | tee "$OUT/varlen_check.txt"
 # varlen attention against the span kernel and float64 per-example SDPA, on CUDA, bf16, GSM8K-sized spans
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,7 @@ AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(".gpu/model")).save_
 AutoTokenizer.from_pretrained(".gpu/model").save_pretrained("/tmp/gpu-model")
 PY
 # one repeat of each by default (~25 s a contender with start-up): REPEATS=2 where the device time allows
-timeout 420 python3 benchmarks/train_speed.py --device cuda --batch 32 --only gpu --steps 10 --warmup 3 --repeats ${REPEATS:-1} \
+timeout 420 python3 benchmarks/train_speed.py --device "$DEVICE" --batch "${BATCH:-32}" --only gpu --steps "${STEPS:-10}" \
+  --warmup 3 --repeats "${REPEATS:-1}" \
   --model /tmp/gpu-model --data .gpu/gsm8k_train.jsonl --out "$OUT/gpu_speed.json" 2>&1 \
   || echo "train_speed rc=$?"

@@ -53,14 +53,18 @@ def matmul_peak_gflops(dtype_name: str = "bf16", n: int = 2048, reps: int = 10, 
     for _ in range(reps):
         a @ b
     sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+    flops = 2 * n**3 * reps / (time.perf_counter() - t)
+    if cuda:
+        del a, b
+        torch.cuda.empty_cache()  # the parent holds no GPU memory while the contenders run
+    return flops / 1e9
 
 
-def gpu_info() -> dict:
+def gpu_info(device: str = "cuda") -> dict:
     """The CUDA device a GPU benchmark ran on (name, compute capability, memory), for its results file."""
     import torch
 
-    props = torch.cuda.get_device_properties(0)
+    props = torch.cuda.get_device_properties(torch.device(device))
     return {
         "gpu": props.name,
         "gpu_capability": f"{props.major}.{props.minor}",

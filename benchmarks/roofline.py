@@ -179,7 +179,7 @@ def time_product(m: int, k: int, n: int, batch: int, reps: int, dtype: torch.dty
     case. `cold`: a pool of distinct operands (COLD_BYTES in all) used in turn, as the step uses each layer's
     weights and activations once before moving on: each product reads its operands from the shared cache or
     memory, which is what a product inside a training step does."""
-    size = 2 * batch * (m * k + k * n + m * n)  # bytes, 16-bit
+    size = dtype.itemsize * batch * (m * k + k * n + m * n)  # bytes
     pool = max(2, min(64, COLD_BYTES // max(size, 1))) if cold else 1
     operands = [
         (

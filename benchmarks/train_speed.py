@@ -172,8 +172,13 @@ def run_deltatune(
         seed=SEED,
     )
     paths: dict = {}
+    clock: dict[int, float] = {}  # the end of the last warm-up step and of the last step, unrounded
 
     def note_fast_paths(step: int, total: int, model) -> None:
+        if step in (ctx["warmup"], total):  # after the optimizer step; on a GPU once its queue has drained
+            if on_cuda(ctx):
+                torch.cuda.synchronize()
+            clock[step] = time.perf_counter()
         if step == 1:  # the hook sees the training model (its norms swapped in, if fused)
             device = torch.device(ctx.get("device", "cpu"))
             paths["packed_attention"] = use_packed_attention(cfg, model, device)
@@ -189,10 +194,8 @@ def run_deltatune(
 
     train(cfg, quiet=True, records=records, on_step=note_fast_paths)
     metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    t0 = next(m["elapsed_s"] for m in metrics if m["step"] == ctx["warmup"])
-    timed = [m for m in metrics if m["step"] > ctx["warmup"]]
     return {
-        "seconds": timed[-1]["elapsed_s"] - t0,
+        "seconds": clock[max(clock)] - clock[ctx["warmup"]],
         "losses": [m["loss"] for m in metrics],
         "trainable": json.loads((Path(out) / "parameters.json").read_text())["trainable"],
         "fast_paths": paths,
@@ -228,7 +231,9 @@ def run_lean_loop(ctx: dict, method: str = "lora") -> dict:
     losses, t0 = [], None
     for step, batch in enumerate(batches[: ctx["warmup"] + ctx["steps"]]):
         if step == ctx["warmup"]:
-            t0 = time.perf_counter()  # the previous step's loss.item() waited for the device
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the last warm-up step's optimizer update done
+            t0 = time.perf_counter()
         rows = [examples[i] for i in batch]
         width = max(len(ex) for ex in rows)
         ids = torch.full((len(rows), width), pad)
@@ -249,6 +254,8 @@ def run_lean_loop(ctx: dict, method: str = "lora") -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return {"seconds": time.perf_counter() - t0, "losses": losses, "trainable": sum(p.numel() for p in params)}
 
 
@@ -434,6 +441,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.child, json.loads(args.ctx))
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1 (the clock starts at the end of the warm-up)")
     from deltatune.models import default_model_dir
 
     if args.quick:
@@ -453,7 +462,7 @@ def main() -> None:
         "warmup": args.warmup,
         "examples": (args.steps + args.warmup) * args.batch,
         "batch": args.batch,
-        "data": str(args.data or GSM8K),
+        "data": str((args.data or GSM8K).resolve()),  # the children run in the repository's root
         "device": args.device,
     }
     from deltatune.models import load_tokenizer
@@ -466,7 +475,7 @@ def main() -> None:
     names = names.split(",")
     machine = machine_record(measure_peak=False)
     if cuda:
-        machine.update(gpu_info())
+        machine.update(gpu_info(args.device))
     machine["matmul_peak_precision"] = precision
     machine["matmul_peak_gflops"] = matmul_peak_gflops(precision, device=args.device)
     peak = machine["matmul_peak_gflops"]

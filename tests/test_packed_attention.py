@@ -255,23 +255,41 @@ def test_varlen_path_equals_span_attention_in_float64(monkeypatch):
     ]
 
 
-def test_varlen_path_on_the_older_api(monkeypatch):
-    """torch 2.10's varlen_attn takes is_causal and no enable_gqa: the key/value heads are repeated instead."""
+def test_varlen_path_on_torch_2_9s_api(monkeypatch):
+    """torch 2.9's varlen_attn takes is_causal, no scale (its own is head_dim**-0.5) and no enable_gqa: the
+    scale goes into the queries and the key/value heads are repeated."""
     calls = []
     current = _varlen_contract(calls)
 
-    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, scale=None):
-        assert is_causal and key.shape[1] == query.shape[1]
-        return current(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=(-1, 0))
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        assert is_causal and key.shape[1] == query.shape[1] and return_aux is None
+        return current(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size=(-1, 0))
 
     monkeypatch.setattr(packed_attention, "_varlen_attn", varlen_attn)
     q, k, v, spans = _qkv([7, 30, 12])
     grad_out = torch.randn(1, 49, 6, 16, dtype=torch.float64)
-    ours = _value_and_grads(lambda *x: packed_attention.varlen_attention(*x, spans, 0.25), q, k, v, grad_out)
-    ref = _value_and_grads(lambda *x: packed_attention.span_attention(*x, spans, 0.25), q, k, v, grad_out)
-    for name, a, b in zip(["out", "dq", "dk", "dv"], ours, ref):
-        assert torch.allclose(a, b, atol=1e-12), name
-    assert [c["gqa"] for c in calls] == [False]
+    for scale in (0.3, 16**-0.5):
+        ours = _value_and_grads(lambda *x: packed_attention.varlen_attention(*x, spans, scale), q, k, v, grad_out)
+        ref = _value_and_grads(lambda *x: packed_attention.span_attention(*x, spans, scale), q, k, v, grad_out)
+        for name, a, b in zip(["out", "dq", "dk", "dv"], ours, ref):
+            assert torch.allclose(a, b, atol=1e-12), (scale, name)
+    assert [c["gqa"] for c in calls] == [False, False]
+
+
+def test_offsets_go_to_the_device_once_a_batch(monkeypatch):
+    """Every layer of a forward gets the same spans: one offsets tensor for all of them, a new one for a new
+    batch."""
+    calls = []
+    monkeypatch.setattr(packed_attention, "_varlen_attn", _varlen_contract(calls))
+    made = []
+    tensor = torch.tensor
+    monkeypatch.setattr(packed_attention.torch, "tensor", lambda *a, **k: made.append(a) or tensor(*a, **k))
+    q, k, v, spans = _qkv([5, 9])
+    for _ in range(3):  # three layers
+        packed_attention.varlen_attention(q, k, v, spans, 0.25)
+    _, _, _, other = _qkv([5, 9])  # the next batch: equal spans, another object
+    packed_attention.varlen_attention(q, k, v, other, 0.25)
+    assert made == [([0, 5, 14],), ([0, 5, 14],)] and len(calls) == 4
 
 
 def test_span_attention_takes_varlen_only_where_it_runs(monkeypatch):

@@ -25,6 +25,7 @@ Without spans (generation, evaluation of padded batches) it is transformers' own
 
 from __future__ import annotations
 
+import functools
 import inspect
 from contextlib import contextmanager
 from typing import Iterator
@@ -226,11 +227,12 @@ class SpanAttention(torch.autograd.Function):
 
 
 def varlen_usable(query: Tensor) -> bool:
-    """Whether PyTorch's variable-length flash attention takes these tensors: CUDA, 16-bit, a head size its
-    flash kernels support (a multiple of 8 up to 256), compute capability 8.0 or newer."""
+    """Whether PyTorch's variable-length flash attention takes these tensors: NVIDIA CUDA, 16-bit, a head size
+    its flash kernels support (a multiple of 8 up to 256), compute capability 8.0 or newer."""
     return (
         _varlen_attn is not None
         and query.is_cuda
+        and torch.version.hip is None  # ROCm reports its devices as CUDA: not measured there
         and query.dtype in (torch.float16, torch.bfloat16)
         and query.shape[-1] % 8 == 0
         and query.shape[-1] <= 256
@@ -238,29 +240,52 @@ def varlen_usable(query: Tensor) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _accepted(kernel) -> frozenset[str]:
+    """The keyword arguments `varlen_attn` takes: its API moved between releases (2.9 has neither a scale nor
+    grouped heads, 2.10 takes is_causal, later ones a window, where (-1, 0) is causal, and enable_gqa)."""
+    return frozenset(inspect.signature(kernel).parameters)
+
+
+_offsets: dict = {}  # the last batch's cumulative offsets on its device (one host-to-device copy a batch)
+
+
+def _cumulative_offsets(spans: Spans, total: int, device: torch.device) -> tuple[Tensor, int]:
+    """The spans of every row, rows end to end, as int32 cumulative offsets on `device`, and the longest span.
+    Every layer of a forward gets the same spans object: the copy to the device (which waits for the GPU's
+    queue to drain) is made once for it, not once a layer."""
+    if _offsets.get("spans") is spans and _offsets.get("key") == (total, device):
+        return _offsets["value"]
+    starts = [b * total + s for b, row in enumerate(spans) for s, _ in row]
+    offsets = torch.tensor([*starts, len(spans) * total], dtype=torch.int32, device=device)
+    value = offsets, max(e - s for row in spans for s, e in row)
+    _offsets.update(spans=spans, key=(total, device), value=value)  # holds the spans: their id stays theirs
+    return value
+
+
 def varlen_attention(query: Tensor, key: Tensor, value: Tensor, spans: Spans, scale: float) -> Tensor:
     """query [B, H, T, D], key/value [B, KV, T, D] -> [B, T, H, D] through `varlen_attn`: the rows laid end to
     end, each span one sequence of it (cumulative offsets), causal, grouped-query heads shared in the kernel.
     On a GPU the span loop would launch a dozen small kernels an example a layer; this is one."""
     batch, heads, total, dim = query.shape
-    starts = [b * total + s for b, row in enumerate(spans) for s, _ in row]
-    offsets = torch.tensor([*starts, batch * total], dtype=torch.int32, device=query.device)
-    longest = max(e - s for row in spans for s, e in row)
+    offsets, longest = _cumulative_offsets(spans, total, query.device)
+    accepts = _accepted(_varlen_attn)
+    options = {"window_size": (-1, 0)} if "window_size" in accepts else {"is_causal": True}
+    if "scale" in accepts:
+        options["scale"] = scale
+    elif scale != dim**-0.5:  # the kernel's own scale is dim**-0.5: fold the difference into the queries
+        query = query * (scale * dim**0.5)
+    if key.shape[1] != heads and "enable_gqa" in accepts:
+        options["enable_gqa"] = True
+    elif key.shape[1] != heads:  # the key/value heads repeated for the query heads that share them
+        key, value = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (key, value))
 
     def tokens_first(x: Tensor) -> Tensor:  # [B, heads, T, D] -> [B * T, heads, D]; free for transformers'
         return x.transpose(1, 2).reshape(batch * total, x.shape[1], dim)  # [B, T, heads, D] projections
 
-    # the API moved between releases: torch 2.10 takes is_causal, later ones a window ((-1, 0) is causal) and
-    # enable_gqa; without enable_gqa the key/value heads are repeated for the query heads that share them
-    accepts = inspect.signature(_varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in accepts else {"is_causal": True}
-    grouped = key.shape[1] != heads
-    if grouped and "enable_gqa" not in accepts:
-        key, value = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (key, value))
-    elif grouped:
-        causal["enable_gqa"] = True
-    q, k, v = (tokens_first(x) for x in (query, key, value))
-    out = _varlen_attn(q, k, v, offsets, offsets, longest, longest, scale=scale, **causal)
+    out = _varlen_attn(
+        tokens_first(query), tokens_first(key), tokens_first(value), offsets, offsets, longest, longest, **options
+    )
     return out.view(batch, total, heads, dim)
 
 

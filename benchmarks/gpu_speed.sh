@@ -5,8 +5,8 @@
 #   echo /.gpu/ >> .git/info/exclude; echo /.whl/ >> .git/info/exclude; mkdir -p .gpu/model
 #   cp ~/.cache/deltatune/models/SmolLM2-135M-Instruct/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json,chat_template.jinja} .gpu/model/
 #   head -n 2048 ../shared/data/gsm8k/train.jsonl > .gpu/gsm8k_train.jsonl
-#   wheels for what the image lacks or has too old (transformers >= 5.23, trl, datasets and their needs, gguf,
-#   pydantic, datasketch, rouge-score): `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 ...`
+#   bash benchmarks/gpu_wheels.sh   # the wheels the image lacks or has too old (22 MB: transformers 5.23, trl,
+#                                   # datasets, pydantic, huggingface_hub and their needs), into .whl
 # Then: run(command="bash benchmarks/gpu_speed.sh", carry=[".gpu", ".whl"], timeout_s=540).
 # Writes $OUT/gpu_speed.json (train_speed.py's record) and $OUT/varlen_check.txt. A dry run of everything but the
 # kernel check on a CPU machine: DEVICE=cpu BATCH=4 STEPS=2 OUT=/tmp/out bash benchmarks/gpu_speed.sh

@@ -414,27 +414,25 @@ def test_eval_cli_end_to_end(tmp_path, tiny_model_dir, capsys):
         + "\n"
     )
     out, preds = tmp_path / "res" / "r.json", tmp_path / "p.jsonl"
-    rc = main(
-        [
-            "eval",
-            "--model",
-            str(tiny_model_dir),
-            "--task",
-            f"file:{data}",
-            "--map",
-            "instruction=q,output=a",
-            "--max-new-tokens",
-            "4",
-            "--shots",
-            "1",
-            "--out",
-            str(out),
-            "--predictions",
-            str(preds),
-            "--no-progress",
-        ]
-    )
-    assert rc == 0
+    args = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        f"file:{data}",
+        "--map",
+        "instruction=q,output=a",
+        "--max-new-tokens",
+        "4",
+        "--shots",
+        "1",
+        "--out",
+        str(out),
+        "--predictions",
+        str(preds),
+        "--no-progress",
+    ]
+    assert main(args) == 0
     table = capsys.readouterr().out
     assert f"| file:{data} | 3 | rouge_l |" in table
     res = json.loads(out.read_text())["tasks"][f"file:{data}"]
@@ -443,6 +441,14 @@ def test_eval_cli_end_to_end(tmp_path, tiny_model_dir, capsys):
     # the reported metrics are the means of the per-item numbers
     for key in ("exact_match", "f1", "rouge_l"):
         assert res["metrics"][key] == pytest.approx(sum(r[key] for r in rows) / 3)
+
+    # a second run refuses to replace the results unless told to, and then replaces them whole
+    again = [a for a in args if a != "--shots" and a != "1"]
+    out.write_text("older results\n")
+    assert main(again) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_text() == "older results\n"
+    assert main([*again, "--overwrite"]) == 0
+    assert json.loads(out.read_text())["tasks"][f"file:{data}"]["n"] == 3
 
 
 def test_eval_cli_bad_input_exits_2(tmp_path, tiny_model_dir, capsys):

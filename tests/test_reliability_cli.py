@@ -75,6 +75,32 @@ CASES = [
         ["eval", "--model", "{tiny}", "--task", "file:{data}", "--out", "{root}/users-folder"],
         "users-folder",
     ),
+    ("eval-out-onto-its-data", ["eval", "--model", "{tiny}", "--task", "file:{data}", "--out", "{data}"], "being read"),
+    (
+        "eval-predictions-onto-the-model-config",
+        ["eval", "--model", "{tiny}", "--task", "file:{data}", "--predictions", "{tiny}/config.json", "--overwrite"],
+        "model being read",
+    ),
+    (
+        "eval-out-onto-users-file",
+        ["eval", "--model", "{tiny}", "--task", "file:{data}", "--out", "{root}/users-folder/notes.txt"],
+        "--overwrite",
+    ),
+    (
+        "eval-out-and-predictions-the-same",
+        [
+            "eval",
+            "--model",
+            "{tiny}",
+            "--task",
+            "file:{data}",
+            "--out",
+            "{root}/r.json",
+            "--predictions",
+            "{root}/r.json",
+        ],
+        "predictions",
+    ),
     ("merge-dtype-unknown", ["merge", "--adapter", "{run}/final", "--out", "{root}/m", "--dtype", "fp7"], "dtype"),
     ("merge-unreadable-safetensors", ["merge", "--adapter", "{broken}", "--out", "{root}/m"], "safetensors"),
     # configs

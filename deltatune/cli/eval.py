@@ -78,6 +78,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--predictions", default=None, help="write per-item predictions (JSONL) here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --predictions file")
     p.add_argument(
         "--score",
         default=None,
@@ -194,17 +195,32 @@ def _half_precision(dtype: str) -> bool:
     return parse_dtype(dtype) in (torch.bfloat16, torch.float16)
 
 
-def run(args) -> int:
-    for flag in ("out", "predictions"):  # checked before the evaluation runs, so its results are never lost
-        path = getattr(args, flag, None)
-        if path and Path(path).is_dir():
-            raise UserError(f"{path} is a folder; give a file name", field=flag)
-        if path:
-            from deltatune.fileio import check_writable
+def check_result_files(args, tasks) -> None:
+    """--out and --predictions, before anything runs (so results are never lost): a file name, not an
+    existing file unless --overwrite, and never a file the evaluation reads (data, model, adapter)."""
+    from deltatune.fileio import check_output, overlaps
+    from deltatune.models import local_model_path
 
-            check_writable(path, field=flag)
+    reads: dict[str, Any] = {f"task data of {t.name}": f for t in tasks for f in (*t.files, *t.fewshot_files)}
+    reads["--score file"] = args.score
+    if not args.score:
+        reads["model"] = local_model_path(args.model)
+        reads["adapter"] = args.adapter
+    if args.out and args.predictions and overlaps(args.out, args.predictions):
+        raise UserError(f"{args.predictions} is also --out; give two files", field="predictions")
+    for flag in ("out", "predictions"):
+        path = getattr(args, flag, None)
+        if not path:
+            continue
+        if Path(path).is_dir():
+            raise UserError(f"{path} is a folder; give a file name", field=flag)
+        check_output(path, overwrite=args.overwrite, reads=reads, field=flag, want_dir=False)
+
+
+def run(args) -> int:
     opts = options_from_args(args)
     tasks = resolve_tasks(args.task, args.data_root, args.map)
+    check_result_files(args, tasks)
     if args.score:
         from deltatune.evaluate.scoring import score_predictions
 

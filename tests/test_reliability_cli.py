@@ -43,6 +43,7 @@ CASES = [
     ("device-cuda-without-cuda", _train("--device", "cuda:99"), "CUDA"),  # no CUDA, or no 100th device
     ("set-invalid-yaml", _train("--set", "lr=[1"), "lr"),
     ("set-not-key-value", _train("--set", "lr"), "key=value"),
+    ("map-not-a-pair", _train("--map", "question=instruction,answer"), "'answer' is not of the form"),
     ("set-text-value-not-allowed", _train("--set", "fused_norms=maybe"), "fused_norms"),
     ("unknown-key", _train("--set", "rnak=8"), "did you mean 'rank'"),
     ("unknown-method", _train("--method", "lroa"), "lroa"),
@@ -101,6 +102,18 @@ CASES = [
         ],
         "predictions",
     ),
+    ("experiment-steps-zero", ["experiment", "memorize", "--quick", "--out", "{root}/e", "--steps", "0"], "--steps"),
+    ("experiment-rank-zero", ["experiment", "memorize", "--quick", "--out", "{root}/e", "--high-rank", "0"], "rank"),
+    (
+        "experiment-sizes-not-numbers",
+        ["experiment", "masking", "--quick", "--out", "{root}/e", "--sizes", "50,x"],
+        "--sizes",
+    ),
+    (  # refused inside the experiment, once its folder was claimed: the new folder goes again
+        "experiment-data-root-missing",
+        ["experiment", "masking", "--quick", "--out", "{root}/e", "--data-root", "{root}/no-data"],
+        "no-data",
+    ),
     ("merge-dtype-unknown", ["merge", "--adapter", "{run}/final", "--out", "{root}/m", "--dtype", "fp7"], "dtype"),
     ("merge-unreadable-safetensors", ["merge", "--adapter", "{broken}", "--out", "{root}/m"], "safetensors"),
     # configs
@@ -151,6 +164,7 @@ def test_bad_input_is_one_line_and_changes_nothing(capsys, world, argv, needle):
 def test_the_table_covers_every_kind_of_input():
     kinds = {c[0].split("-")[0] for c in CASES}
     assert {"config", "data", "resume", "merge", "export", "train", "generate", "preview", "stats", "eval"} <= kinds
+    assert "experiment" in kinds
     assert len({c[0] for c in CASES}) == len(CASES)
 
 

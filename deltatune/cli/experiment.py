@@ -7,6 +7,7 @@ Adding an experiment is one module plus one line in EXPERIMENTS below. The modul
     DEFAULT_SEEDS = 2                      # how many seeds without --seeds
     def add_arguments(parser) -> None      # its own options (their values become the run's settings)
     def run(ctx: Context, args) -> None    # build Runs, ctx.run_all(runs), then ctx.finish(...)
+    def check_arguments(args) -> None      # optional: refuse bad options before the folder is claimed
     PARALLEL_RUNS = True                   # optional: offer --jobs (run() must let a worker, ctx.worker > 0,
                                            # return after its run_all calls; ctx.finish is a no-op there)
 
@@ -19,8 +20,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 # name -> module; the order is the order in --help
 EXPERIMENTS = {
@@ -148,11 +151,19 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     out = args.out or f"experiments/{args.experiment}{'-quick' if args.quick else ''}"
     settings = {k: getattr(args, k) for k in args.experiment_settings}
+    for key, value in settings.items():  # every count an experiment takes (steps, ranks, sizes) is positive;
+        if type(value) is int and value < 1:  # 0 must not fall back to the default as a falsy value would
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if hasattr(module, "check_arguments"):
+        module.check_arguments(args)
     if hasattr(module, "defining_settings"):  # defaults that decide the results (sizes), so a changed default
         settings.update(module.defining_settings(args))  # refuses an old folder instead of mixing its runs
     if args.model:
         settings["model"] = args.model
     seeds = seed_list(args.seeds if args.seeds is not None else module.DEFAULT_SEEDS)
+    new_folder = not Path(out).exists()
     ctx = Context(
         args.experiment,
         out,
@@ -170,6 +181,12 @@ def run(args: argparse.Namespace) -> int:
         ctx.before_first_claim = lambda: _start_workers(args, jobs, threads, workers)
     try:
         module.run(ctx, args)
+    except UserError:
+        if new_folder and not worker and not (Path(out) / "runs").exists():
+            shutil.rmtree(out, ignore_errors=True)  # refused before any run: leave no folder behind
+        for proc in workers:
+            proc.terminate()
+        raise
     except BaseException:
         for proc in workers:  # this process failed or was interrupted: its workers stop too
             proc.terminate()

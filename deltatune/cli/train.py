@@ -97,7 +97,9 @@ def collect_overrides(args: argparse.Namespace) -> dict:
         if raw is not None:
             values[key] = raw if key in TEXT_KEYS else parse_overrides([f"{key}={raw}"])[key]
     if args.flag_column_map:
-        values["column_map"] = dict(pair.split("=", 1) for pair in args.flag_column_map.split(",") if "=" in pair)
+        from deltatune.data.formats import parse_column_map
+
+        values["column_map"] = parse_column_map(args.flag_column_map)
     for flag, key in SWITCHES.items():
         if getattr(args, f"switch_{flag.lstrip('-').replace('-', '_')}"):
             name, value = key if isinstance(key, tuple) else (key, True)

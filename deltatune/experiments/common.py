@@ -240,9 +240,17 @@ def quick_model(folder: Path) -> str:
         from deltatune.fileio import atomic_dir
         from deltatune.testing import tiny_model, tiny_tokenizer
 
-        with atomic_dir(folder) as tmp:
-            tiny_model().save_pretrained(tmp)
-            tiny_tokenizer().save_pretrained(tmp)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a one-shard bar for a model saved in milliseconds is noise
+        try:
+            with atomic_dir(folder) as tmp:
+                tiny_model().save_pretrained(tmp)
+                tiny_tokenizer().save_pretrained(tmp)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
     return str(folder)
 
 

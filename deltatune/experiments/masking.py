@@ -171,6 +171,23 @@ def length_ratio(tokenizer, records: list[dict]) -> dict:
 
 
 # --- the experiment -----------------------------------------------------------------------------
+def parse_sizes(text: str | None) -> list[int]:
+    """--sizes '50,200' -> [50, 200] ([] when not given)."""
+    from deltatune.errors import UserError
+
+    try:
+        sizes = [int(s) for s in text.split(",")] if text else []
+    except ValueError:
+        sizes = [0]
+    if sizes and min(sizes) < 1:
+        raise UserError(f"--sizes needs positive whole numbers, e.g. 50,200,800; got '{text}'")
+    return sizes
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    parse_sizes(args.sizes)
+
+
 def run(ctx, args: argparse.Namespace) -> None:
     from deltatune.evaluate.tasks import data_root
     from deltatune.experiments.common import Run
@@ -183,11 +200,7 @@ def run(ctx, args: argparse.Namespace) -> None:
         plan["heldout"] = plan["train_loss_examples"] = args.heldout
     if args.generate:
         plan["generate"] = {ds: args.generate for ds in plan["generate"]}
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else plan["sizes"]
-    if not sizes or min(sizes) < 1:
-        from deltatune.errors import UserError
-
-        raise UserError("--sizes needs positive whole numbers, e.g. 50,200,800")
+    sizes = parse_sizes(args.sizes) or plan["sizes"]
     root = data_root(args.data_root)
     tokenizer = load_tokenizer(ctx.model)
     pools = {"gsm8k": gsm8k_records(root), "mmlu": mmlu_records(root)}

@@ -189,6 +189,7 @@ def _trained_bitfit(targets):
     return adapted
 
 
+@pytest.mark.parametrize("route", ["export_merged", "merge_and_unload"])
 @pytest.mark.parametrize(
     "targets,flags",
     [
@@ -196,14 +197,17 @@ def _trained_bitfit(targets):
         ("q_proj", {"attention_bias": True, "mlp_bias": False}),
     ],
 )
-def test_merged_export_turns_on_the_config_bias_flags_and_loads(tmp_path, tiny_tok, targets, flags):
+def test_merged_export_turns_on_the_config_bias_flags_and_loads(tmp_path, tiny_tok, targets, flags, route):
     from transformers import AutoModelForCausalLM
 
     from deltatune.methods.apply import export_merged
 
     adapted = _trained_bitfit(targets)
     expected = adapted.model(IDS).logits.detach()
-    export_merged(adapted, tiny_tok, tmp_path / "merged")
+    if route == "export_merged":
+        export_merged(adapted, tiny_tok, tmp_path / "merged")
+    else:  # the Python API's merge, saved by transformers itself
+        adapted.merge_and_unload().save_pretrained(tmp_path / "merged")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert {k: getattr(loaded.config, k) for k in flags} == flags
     torch.testing.assert_close(loaded(IDS).logits, expected, rtol=0, atol=1e-6)

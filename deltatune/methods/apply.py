@@ -70,8 +70,13 @@ class AdaptedModel:
 
     def merge_and_unload(self) -> nn.Module:
         """Merge layer by layer and swap each wrapper back for its base linear: the result is a plain
-        transformers model (no extra copy of the weights is made). This AdaptedModel is spent after."""
+        transformers model (no extra copy of the weights is made). This AdaptedModel is spent after.
+
+        Its config describes it (BitFit's added biases turn on the bias flags), so `save_pretrained`
+        and `from_pretrained` give the same model back; what no config can describe is refused here."""
         self._require_mergeable()
+        for m in self.methods:
+            m.prepare_export(self.model)
         for m in self.methods:
             m.merge(self.model)
             m.unload(self.model)
@@ -229,10 +234,7 @@ def export_merged(
     """
     from deltatune.models import save_model
 
-    adapted._require_mergeable()
-    for m in adapted.methods:
-        m.prepare_export(adapted.model)  # e.g. BitFit turns on the config's bias flags, or refuses at once
-    model = adapted.merge_and_unload()
+    model = adapted.merge_and_unload()  # BitFit turns on the config's bias flags there, or refuses at once
     if not any(type(m).__name__ == "MoEBlock" for m in model.modules()):  # upcycled: checked by its own saver
         _check_plain(model)
     if dtype is not None:

@@ -228,3 +228,20 @@ def test_class_label_init_averages_multi_token_labels_and_fills_with_vocabulary(
         get_method("prompt")(
             MethodSpec("prompt", options={"num_virtual_tokens": 2, "class_label_ids": [[5], [6], [7]]})
         ).apply(tiny_model(0))
+
+
+def test_training_from_a_config_gives_the_method_the_models_tokenizer(tmp_path, tiny_dir, data_file, tiny_tok):
+    """A config can name init_text but not hold a tokenizer: the trainer passes the model's own."""
+    from reliability_helpers import train_args
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.cli import main
+
+    options = "method_options={init_text: 'fox jumps', num_virtual_tokens: 5}"
+    args = train_args(tiny_dir, data_file, tmp_path / "run", "--method", "prompt", "--lr", "1e-9", steps=1)
+    assert main([str(a) for a in [*args, "--set", options]]) == 0
+    trained = load_file(str(tmp_path / "run" / "final" / "adapter_model.safetensors"))["prompt_embeddings"]
+    ids = tiny_tok("fox jumps", add_special_tokens=False)["input_ids"]
+    table = AutoModelForCausalLM.from_pretrained(tiny_dir).get_input_embeddings().weight.detach()
+    torch.testing.assert_close(trained, table[(ids * 5)[:5]], rtol=0, atol=1e-6)  # one step at lr 1e-9 from there

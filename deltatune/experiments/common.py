@@ -237,10 +237,10 @@ def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
 def quick_model(folder: Path) -> str:
     """The tiny random model of `--quick`, saved once as a transformers folder (so runs can be reopened)."""
     if not (folder / "config.json").exists():
+        from transformers.utils import logging as hf_logging
+
         from deltatune.fileio import atomic_dir
         from deltatune.testing import tiny_model, tiny_tokenizer
-
-        from transformers.utils import logging as hf_logging
 
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a one-shard bar for a model saved in milliseconds is noise

@@ -67,3 +67,16 @@ def specs_from_config(config: Any) -> list[MethodSpec]:
 def build_methods(specs: list[MethodSpec]) -> list[Method]:
     """Method objects for `specs` (options checked), e.g. to read capabilities before a model exists."""
     return [get_method(s.name)(s) for s in specs]
+
+
+def with_tokenizer(specs: list[MethodSpec], tokenizer: Any) -> list[MethodSpec]:
+    """`specs` with the model's tokenizer given to each method that takes one (prompt and prefix tuning
+    initialised from a text or class labels): a config can name the text but cannot hold the tokenizer."""
+    from dataclasses import replace
+
+    return [
+        replace(s, options={**s.options, "tokenizer": tokenizer})
+        if "tokenizer" in get_method(s.name).options_schema and s.options.get("tokenizer") is None
+        else s
+        for s in specs
+    ]

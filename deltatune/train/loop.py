@@ -404,6 +404,7 @@ def _train(
     from deltatune.methods import get_method
     from deltatune.methods.apply import apply_methods
     from deltatune.methods.inject import match_targets
+    from deltatune.methods.specs import with_tokenizer
     from deltatune.models import (
         DEFAULT_MODEL,
         DEFAULT_MODEL_ALIASES,
@@ -508,7 +509,7 @@ def _train(
     # adapter methods keep frozen weights in bf16 (loaded so: no transient fp32 copy); trainable ones in fp32 below
     frozen_dtype = torch.bfloat16 if precision == "bf16" and not full else torch.float32
     model, tokenizer = load_model(cfg.model, dtype=frozen_dtype, trust_remote_code=cfg.trust_remote_code)
-    adapted = apply_methods(model, method_specs(cfg))
+    adapted = apply_methods(model, with_tokenizer(method_specs(cfg), tokenizer))  # text inits need it
     model = adapted.model
     trainable = adapted.trainable_parameters()
     if not trainable:

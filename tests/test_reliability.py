@@ -101,6 +101,19 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(capsys, tiny_dir,
     assert steps == [1, 2, 3]
 
 
+def test_overwrite_replaces_only_a_run(capsys, tiny_dir, data_file, tmp_path):
+    """A user's folder that happens to hold a `final/` (or a config.yaml of their own) is not a run."""
+    out = tmp_path / "thesis"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "thesis.txt").write_text("years of work")
+    (out / "config.yaml").write_text("lr: 1\n")
+    before = snapshot(out)
+    rc, _, err = cli(capsys, *train_args(tiny_dir, data_file, out, "--overwrite"))
+    assert rc == 2
+    _one_error_line(err, "not a deltatune run")
+    assert snapshot(out) == before
+
+
 def test_overwrite_never_removes_the_data_being_read(capsys, tiny_dir, data_file, run_copy):
     data = run_copy / "checkpoints" / "train.jsonl"
     shutil.copy(data_file, data)

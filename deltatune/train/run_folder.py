@@ -24,6 +24,7 @@ from deltatune.fileio import check_writable, overlaps, write_text_atomic
 from deltatune.train.checkpoint import list_checkpoints, read_meta, verify_checkpoint
 
 # everything `deltatune train` writes into its output folder
+RUN_CONFIG_HEADER = "# deltatune run:"  # config.yaml's first line: --overwrite replaces only folders with it
 RUN_ENTRIES = ("config.yaml", "final", "best", "checkpoints", "metrics.jsonl", "parameters.json", "tensorboard")
 # keys a resumed run may change: they decide how long and how visibly it runs, not what it learns
 MAY_CHANGE = frozenset(
@@ -68,6 +69,15 @@ def holds_run(out: Path) -> list[str]:
     return [name for name in RUN_ENTRIES if (out / name).exists()] if out.is_dir() else []
 
 
+def is_deltatune_run(out: Path) -> bool:
+    """`out` holds a run's config.yaml (written as training starts, before anything else of the run)."""
+    try:
+        with open(out / "config.yaml", encoding="utf-8") as fh:
+            return fh.readline().startswith(RUN_CONFIG_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def check_output_folder(cfg: TrainConfig, reads: dict[str, str | None]) -> None:
     """Refuse, before anything loads, an output that would destroy a run or what is read."""
     out = Path(cfg.output).expanduser()
@@ -95,6 +105,12 @@ def check_output_folder(cfg: TrainConfig, reads: dict[str, str | None]) -> None:
             field="output",
         )
     elif found:
+        if not is_deltatune_run(out):
+            raise ConfigError(
+                f"{cfg.output} holds {', '.join(found)} but is not a deltatune run (no config.yaml of one); "
+                f"--overwrite replaces only runs: choose another --output",
+                field="output",
+            )
         for name in found:
             for what, path in reads.items():
                 if path and Path(path).expanduser().exists() and overlaps(out / name, path):
@@ -213,7 +229,7 @@ def save_run_config(cfg: TrainConfig, out: Path, history: list[dict]) -> None:
     """config.yaml: the configuration that was trained, with the changes made on resume as comments."""
     import yaml
 
-    lines = ["# deltatune run: the configuration this run was trained with."]
+    lines = [f"{RUN_CONFIG_HEADER} the configuration this run was trained with."]
     if history:
         lines.append("# changed when the run was resumed (applied from that step on):")
         for entry in history:

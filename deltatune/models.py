@@ -7,8 +7,11 @@ loaded from there afterwards in well under a second.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +115,44 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> tuple[str, dict[str
         and str(name_or_path).count("/") > 1
     ):
         raise UserError(f"{name_or_path}: no such model folder", field="model")
-    return str(name_or_path), {}  # a hub id: works only where a network exists
+    return _hub_reference(str(name_or_path))
+
+
+def _hub_reference(repo_id: str) -> tuple[str, dict[str, Any]]:
+    """A hub id, checked before transformers tries it: where the hub cannot be reached, huggingface_hub
+    retries every request for about a minute and prints each retry. Read from the local hub cache when the
+    model is there; otherwise one line that says what was looked for."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id (huggingface_hub's validation error is a ValueError)
+        raise UserError(f"'{repo_id}': no such model folder, and not a valid hub id", field="model") from None
+    if constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT):
+        if cached:
+            return repo_id, {"local_files_only": True}
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
+        raise UserError(
+            f"'{repo_id}' is not a model folder here nor in the Hugging Face cache, and {why}: check the name, "
+            f"or give a local folder, a .gguf file or 'default' ({DEFAULT_MODEL})",
+            field="model",
+        )
+    return repo_id, {}
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub opens (once per process). Behind a proxy, assume it does: the
+    proxy, not this machine, reaches the hub."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
 
 
 def local_model_path(name_or_path: str | os.PathLike | None) -> Path | None:
@@ -183,6 +223,8 @@ def load_model(
 
             model = load_adapter(model, adapter).model
         return model, tokenizer
+    if extra.get("local_files_only"):  # transformers' look-up of an adapter_config.json does not inherit it
+        extra = {**extra, "adapter_kwargs": {"local_files_only": True}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             ref, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, **extra

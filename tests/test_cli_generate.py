@@ -1,5 +1,7 @@
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from deltatune.testing import tiny_model, tiny_tokenizer
@@ -27,3 +29,33 @@ def test_generate_with_a_missing_model_folder_is_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert "no such model folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _hub_cache_with(tmp_path: Path, repo_id: str) -> Path:
+    """A Hugging Face hub cache (huggingface_hub's layout) holding the tiny model as `repo_id`."""
+    cache = tmp_path / "hub"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    tiny_model().save_pretrained(snapshot)
+    tiny_tokenizer().save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    return cache
+
+
+def test_a_hub_id_without_the_hub_reads_the_cache_or_is_one_line_at_once(tmp_path):
+    """Where the hub is out of reach, huggingface_hub would retry each file for about a minute, printing every
+    retry; a cached model loads from the cache, and a mistyped name is one line, without the retries."""
+    cache = _hub_cache_with(tmp_path, "someone/tiny-model")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": "http://127.0.0.1:9"}  # port 9: refused
+    env.pop("HF_HUB_OFFLINE", None)
+    base = [sys.executable, "-m", "deltatune", "generate", "--prompt", "x", "--max-new-tokens", "2", "--model"]
+    found = subprocess.run(base + ["someone/tiny-model"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    assert "Retry" not in found.stderr
+    start = time.monotonic()
+    typo = subprocess.run(base + ["someone/tiny-modle"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert typo.returncode == 2
+    assert typo.stderr.count("\n") == 1 and "not a model folder here nor in the Hugging Face cache" in typo.stderr
+    assert "127.0.0.1:9 cannot be reached" in typo.stderr
+    assert time.monotonic() - start < 30  # the retries alone took 50 s

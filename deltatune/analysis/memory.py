@@ -389,7 +389,11 @@ def resolve_config(model: Any):
         return name, AutoConfig.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError):
         pass
-    if not _hub_reachable():
+    from huggingface_hub import constants
+
+    from deltatune.models import hub_reachable
+
+    if constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT):
         raise UserError(
             f"'{name}' is not a folder, a built-in size, or a cached hub id, and the hub is not "
             f"reachable; {offline_hint}",
@@ -401,18 +405,6 @@ def resolve_config(model: Any):
         raise UserError(
             f"cannot read a config for '{name}' ({str(exc).splitlines()[0][:120]}); {offline_hint}", field="model"
         ) from exc
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def meta_model(config, dtype: torch.dtype) -> nn.Module:

@@ -167,3 +167,23 @@ def test_mix_cli_and_bad_specs(capsys, sources, tmp_path):
             parse_sources([spec])
     assert main(["data", "mix", f"{a}:1", "--n", "3", "--out", str(a), "--overwrite"]) == 2
     assert "would replace an input" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "limits, message",
+    [
+        (["--max-response-tokens", "0"], "field '--max-response-tokens': must be 1 or more, got 0"),
+        (["--min-response-tokens", "-1"], "field '--min-response-tokens': must be 0 or more, got -1"),
+        (["--max-prompt-tokens", "-5"], "field '--max-prompt-tokens': must be 1 or more, got -5"),
+        (["--min-response-tokens", "9", "--max-response-tokens", "3"], "9 is above --max-response-tokens 3"),
+    ],
+)
+def test_filter_length_limits_that_keep_nothing_are_one_line(capsys, tmp_path, limits, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    code = main(
+        ["data", "filter", "--data", str(data), "--tokenizer", "tiny", "--out", str(tmp_path / "o.jsonl"), *limits]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]

@@ -20,6 +20,7 @@ def world(tiny_dir, data_file, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("world")
     (root / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 3}\n')
     (root / "dir.jsonl").mkdir()
+    (root / "empty.jsonl").write_text("")
     (root / "bad.yaml").write_text("lr: 1e-4\nrank: [1\n")
     (root / "unknown.yaml").write_text("rnak: 8\n")
     (root / "users-folder").mkdir()
@@ -123,6 +124,7 @@ CASES = [
     ("config-is-a-folder", ["train", "{root}/dir.jsonl", "--output", "{root}/out"], "dir.jsonl"),
     # data
     ("data-bad-record", train_args("{tiny}", "{root}/bad.jsonl", "{root}/out"), "bad.jsonl:2"),
+    ("data-empty", train_args("{tiny}", "{root}/empty.jsonl", "{root}/out"), "empty.jsonl: no records"),
     ("data-missing", train_args("{tiny}", "{root}/nope.jsonl", "{root}/out"), "nope.jsonl"),
     ("data-is-a-folder", train_args("{tiny}", "{root}/dir.jsonl", "{root}/out"), "dir.jsonl"),
     ("preview-bad-record", ["preview", "--data", "{root}/bad.jsonl", "--tokenizer", "tiny"], "bad.jsonl:2"),

@@ -180,6 +180,7 @@ def run_filter(args: argparse.Namespace) -> int:
         max_response_tokens=args.max_response_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
     )
+    options.check()  # before a tokenizer loads
     tokenizer = None
     if any(v is not None for v in (args.min_response_tokens, args.max_response_tokens, args.max_prompt_tokens)):
         from deltatune.cli.preview import load_tokenizer_from_args

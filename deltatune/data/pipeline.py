@@ -52,6 +52,16 @@ class DataReport:
         return s
 
 
+def no_examples_message(source: str | None, report: DataReport) -> str:
+    """Why a data source gave nothing to train on, naming the file (None: records passed in Python)."""
+    where = f"{source}: " if source else "the records given: "
+    if report.read == 0:
+        return f"{where}no records (an empty file?)"
+    if report.kept == 0:
+        return f"{where}none of its {report.read} records is left for training ({report.summary()})"
+    return f"{where}all {report.kept} examples went to the held-out set; lower eval_fraction or give eval_data"
+
+
 @dataclass
 class PreparedData:
     examples: list[TokenizedExample]

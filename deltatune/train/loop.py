@@ -400,7 +400,7 @@ def _train(
     from deltatune.analysis.memory import parameter_report
     from deltatune.data.masking import PolicySchedule, parse_policy
     from deltatune.data.packing import collate
-    from deltatune.data.pipeline import prepare_dataset, prepare_records
+    from deltatune.data.pipeline import no_examples_message, prepare_dataset, prepare_records
     from deltatune.methods import get_method
     from deltatune.methods.apply import apply_methods
     from deltatune.methods.inject import match_targets
@@ -496,7 +496,7 @@ def _train(
         held = set(order[:n_eval])
         examples = [e for i, e in enumerate(examples) if i not in held]
     if not examples:
-        raise ConfigError("no training examples left after preparation", field="data")
+        raise ConfigError(no_examples_message(cfg.data if records is None else None, prepared.report), field="data")
     schedule = parsed if isinstance(parsed, PolicySchedule) else PolicySchedule(parsed, parsed, switch_step=0)
     eval_policy = schedule.policy_at(10**12, 10**12)  # held-out loss uses the policy training ends with
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

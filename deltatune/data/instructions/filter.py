@@ -29,6 +29,28 @@ class FilterOptions:
     max_response_tokens: int | None = None
     max_prompt_tokens: int | None = None
 
+    def check(self) -> float:
+        """One line for an option that cannot work (before any tokenizer loads); the near-duplicate threshold."""
+        if self.near not in NEAR:
+            raise ConfigError(f"unknown near-duplicate test '{self.near}' (choose {', '.join(NEAR)})", field="--near")
+        if self.on not in ("prompt", "all"):
+            raise ConfigError(f"must be prompt or all, got '{self.on}'", field="--on")
+        threshold = self.threshold if self.threshold is not None else DEFAULT_THRESHOLD.get(self.near, 1.0)
+        if not 0.0 < threshold <= 1.0:
+            raise ConfigError(f"must be in (0, 1], got {threshold}", field="--threshold")
+        limits = {"--min-response-tokens": 0, "--max-response-tokens": 1, "--max-prompt-tokens": 1}  # the least
+        for (name, least), value in zip(
+            limits.items(), (self.min_response_tokens, self.max_response_tokens, self.max_prompt_tokens)
+        ):
+            if value is not None and value < least:
+                raise ConfigError(f"must be {least} or more, got {value}", field=name)
+        low, high = self.min_response_tokens, self.max_response_tokens
+        if low is not None and high is not None and low > high:
+            raise ConfigError(
+                f"{low} is above --max-response-tokens {high}: no record could pass", field="--min-response-tokens"
+            )
+        return threshold
+
 
 @dataclass
 class FilterReport:
@@ -55,13 +77,7 @@ def filter_records(
     path: str | Path, options: FilterOptions, *, column_map: dict[str, str] | str | None = None, tokenizer: Any = None
 ) -> tuple[list[dict], FilterReport]:
     """The surviving records (columns renamed, so they train without --map) in file order, and a report."""
-    if options.near not in NEAR:
-        raise ConfigError(f"unknown near-duplicate test '{options.near}' (choose {', '.join(NEAR)})", field="--near")
-    if options.on not in ("prompt", "all"):
-        raise ConfigError(f"must be prompt or all, got '{options.on}'", field="--on")
-    threshold = options.threshold if options.threshold is not None else DEFAULT_THRESHOLD.get(options.near, 1.0)
-    if not 0.0 < threshold <= 1.0:
-        raise ConfigError(f"must be in (0, 1], got {threshold}", field="--threshold")
+    threshold = options.check()
     limits = (options.min_response_tokens, options.max_response_tokens, options.max_prompt_tokens)
     if any(v is not None for v in limits) and tokenizer is None:
         raise ConfigError("token length limits need a tokenizer", field="--model")

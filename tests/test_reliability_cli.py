@@ -37,6 +37,10 @@ def _train(*extra: str, steps: int = 3) -> list[str]:
     return train_args("{tiny}", "{data}", "{root}/out", *extra, steps=steps)
 
 
+def _eval(*extra: str) -> list[str]:
+    return ["eval", "--model", "{tiny}", "--task", "file:{data}", *extra]
+
+
 # (id, argv with {placeholders}, text the one line must contain)
 CASES = [
     # flags
@@ -72,35 +76,17 @@ CASES = [
         ["stats", "--data", "{data}", "--tokenizer", "tiny", "--batch-size", "0"],
         "--batch-size",
     ),
-    (
-        "eval-out-is-a-folder",
-        ["eval", "--model", "{tiny}", "--task", "file:{data}", "--out", "{root}/users-folder"],
-        "users-folder",
-    ),
-    ("eval-out-onto-its-data", ["eval", "--model", "{tiny}", "--task", "file:{data}", "--out", "{data}"], "being read"),
+    ("eval-out-is-a-folder", _eval("--out", "{root}/users-folder"), "users-folder"),
+    ("eval-out-onto-its-data", _eval("--out", "{data}"), "being read"),
     (
         "eval-predictions-onto-the-model-config",
-        ["eval", "--model", "{tiny}", "--task", "file:{data}", "--predictions", "{tiny}/config.json", "--overwrite"],
+        _eval("--predictions", "{tiny}/config.json", "--overwrite"),
         "model being read",
     ),
-    (
-        "eval-out-onto-users-file",
-        ["eval", "--model", "{tiny}", "--task", "file:{data}", "--out", "{root}/users-folder/notes.txt"],
-        "--overwrite",
-    ),
+    ("eval-out-onto-users-file", _eval("--out", "{root}/users-folder/notes.txt"), "--overwrite"),
     (
         "eval-out-and-predictions-the-same",
-        [
-            "eval",
-            "--model",
-            "{tiny}",
-            "--task",
-            "file:{data}",
-            "--out",
-            "{root}/r.json",
-            "--predictions",
-            "{root}/r.json",
-        ],
+        _eval("--out", "{root}/r.json", "--predictions", "{root}/r.json"),
         "predictions",
     ),
     ("experiment-steps-zero", ["experiment", "memorize", "--quick", "--out", "{root}/e", "--steps", "0"], "--steps"),

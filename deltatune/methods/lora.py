@@ -13,6 +13,7 @@ serial Bernoulli draws), which took a LoRA step with dropout 0.05 from +45% to +
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -117,6 +118,22 @@ LORA_OPTIONS = {
 }
 
 
+def rank_warning(rank: int, layers: list[tuple[str, DeltaLinear]]) -> str | None:
+    """Why a rank is too large for some layers, or None: B A has rank at most min(in, out), so a larger r adds
+    numbers to train and store without adding anything the update can express."""
+    over = [(name, m.in_features, m.out_features) for name, m in layers if rank > min(m.in_features, m.out_features)]
+    if not over:
+        return None
+    name, d_in, d_out = over[0]
+    return (
+        f"rank {rank} is above min(in, out) in {len(over)} of the {len(layers)} adapted layers (e.g. {name}, "
+        f"{d_in} -> {d_out}): their update B A cannot have a rank above {min(d_in, d_out)}, so the extra rank adds "
+        f"numbers to train ({rank * (d_in + d_out):,} in that layer, against {d_in * d_out:,} in its weight) "
+        f"without letting the update express more; a rank of {min(d_in, d_out)} or less, or full finetuning of "
+        f"those layers, can express the same updates"
+    )
+
+
 @register
 class LoRA(WeightDeltaMethod):
     """LoRA on the linears that `spec.targets` selects. Options: init ("kaiming" | "gaussian"),
@@ -152,6 +169,12 @@ class LoRA(WeightDeltaMethod):
 
     def make_layer(self, base: nn.Module) -> DeltaLinear:
         return LoRALinear(base, self.spec.rank, self.spec.alpha, **self.layer_kwargs())
+
+    def apply(self, model: nn.Module) -> None:
+        super().apply(model)
+        warning = rank_warning(self.spec.rank, self.named_delta_modules(model))
+        if warning:
+            warnings.warn(warning, UserWarning, stacklevel=2)
 
     # --- PEFT ---------------------------------------------------------------------------------
     def peft_config(self, model: nn.Module) -> dict[str, Any] | None:

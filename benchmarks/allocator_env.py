@@ -7,12 +7,14 @@ about 110k faults a step. Training now tells glibc to keep it (`deltatune/train/
 `mallopt`, on by default on CPU); `--env` measures the older way instead, the same two settings through
 `GLIBC_TUNABLES` in the environment with the option off. `--thp` measures PyTorch's transparent huge pages
 for its CPU tensors instead (`THP_MEM_ALLOC_ENABLE=1`: allocations of 2 MB and more aligned and madvised as huge
-pages, 512 times fewer page faults for the same memory), with the option at its default. Each run is
+pages, 512 times fewer page faults for the same memory), with the option at its default. `--vars K=V,...` measures
+any other environment (OpenMP's wait policy or thread binding, say) against none, the option at its default. Each
+run is
 `train_speed.py`'s contender in its own process, off and on interleaved; the table gives tokens/s, the ratio of
 each pair and peak RSS.
 
     python benchmarks/allocator_env.py [--contenders deltatune-full,deltatune] [--repeats 3] [--steps 12]
-                                       [--env | --thp]
+                                       [--env | --thp | --vars K=V,...]
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ TUNABLES = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_thresho
 HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 
+def parse_vars(parser: argparse.ArgumentParser, text: str) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in text.split(",")]
+    if any(len(p) != 2 or not p[0] for p in pairs):
+        parser.error(f"--vars: expected K=V,K=V, got '{text}'")
+    return dict(pairs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contenders", default="deltatune-full,deltatune", help="train_speed.py contender names")
@@ -40,14 +49,16 @@ def main() -> None:
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--env", action="store_true", help="'on' through GLIBC_TUNABLES instead of the option")
     how.add_argument("--thp", action="store_true", help="'on': PyTorch's huge pages (THP_MEM_ALLOC_ENABLE=1)")
+    how.add_argument("--vars", default=None, metavar="K=V,...", help="'on': these environment variables")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "allocator_env.json")
     args = parser.parse_args()
+    variables = parse_vars(parser, args.vars) if args.vars else None
 
     machine = machine_record()
     print(describe(machine))
     ctx, tokens = benchmark_context(args.steps, args.warmup)
-    if args.thp:
-        off, on = (ctx, None), (ctx, HUGE_PAGES)
+    if args.thp or variables:
+        off, on = (ctx, None), (ctx, variables or HUGE_PAGES)
     else:
         off = ({**ctx, "keep_freed_memory": "off"}, None)
         on = (off[0], TUNABLES) if args.env else ({**ctx, "keep_freed_memory": "on"}, None)
@@ -55,8 +66,8 @@ def main() -> None:
     print_pairs(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     how = f"environment {TUNABLES}" if args.env else "keep_freed_memory: on (mallopt)"
-    if args.thp:
-        how = f"environment {HUGE_PAGES}, keep_freed_memory at its default"
+    if args.thp or variables:
+        how = f"environment {variables or HUGE_PAGES}, keep_freed_memory at its default"
     record = {"command": command_line(), "machine": machine, "on": how, "tokens": tokens, "rows": rows}
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -52,7 +52,7 @@ def main() -> None:
     how.add_argument("--vars", default=None, metavar="K=V,...", help="'on': these environment variables")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "allocator_env.json")
     args = parser.parse_args()
-    variables = parse_vars(parser, args.vars) if args.vars else None
+    variables = parse_vars(parser, args.vars) if args.vars is not None else None
 
     machine = machine_record()
     print(describe(machine))

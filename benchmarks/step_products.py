@@ -103,6 +103,7 @@ def main() -> None:
     print(f"machine: {describe(machine)}")
     model = args.model or str(default_model_dir())
     records, _, _ = benchmark_data(load_tokenizer(model), (args.warmup + args.steps) * BATCH)
+    scratch = tempfile.TemporaryDirectory(prefix="step-products-")  # the run's folder, removed at exit
     cfg = TrainConfig(
         model=model,
         template="chatml",
@@ -118,7 +119,7 @@ def main() -> None:
         seq_len=MAX_LEN,
         precision="auto",
         compile_layers=args.compile_layers,
-        output=tempfile.mkdtemp(prefix="step-products-"),
+        output=str(Path(scratch.name) / "run"),
         eval_fraction=0.0,
         warmup_steps=0,
         log_every=1000,

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import socket
 import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -124,14 +125,20 @@ def _hub_reference(repo_id: str) -> tuple[str, dict[str, Any]]:
     model is there; otherwise one line that says what was looked for."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    try:
-        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    try:  # a model, or an adapter whose base transformers then looks up
+        cached = any(
+            isinstance(try_to_load_from_cache(repo_id, f), str) for f in ("config.json", "adapter_config.json")
+        )
     except ValueError:  # not a valid repo id (huggingface_hub's validation error is a ValueError)
         raise UserError(f"'{repo_id}': no such model folder, and not a valid hub id", field="model") from None
     if constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT):
         if cached:
             return repo_id, {"local_files_only": True}
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
+        why = (
+            "the hub is switched off (HF_HUB_OFFLINE)"
+            if constants.HF_HUB_OFFLINE
+            else f"{constants.ENDPOINT} cannot be reached"
+        )
         raise UserError(
             f"'{repo_id}' is not a model folder here nor in the Hugging Face cache, and {why}: check the name, "
             f"or give a local folder, a .gguf file or 'default' ({DEFAULT_MODEL})",
@@ -142,11 +149,12 @@ def _hub_reference(repo_id: str) -> tuple[str, dict[str, Any]]:
 
 @functools.lru_cache(maxsize=None)
 def hub_reachable(endpoint: str, timeout_s: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub opens (once per process). Behind a proxy, assume it does: the
-    proxy, not this machine, reaches the hub."""
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
+    """Whether a TCP connection to the hub opens (once per process). Behind a proxy (the environment's or the
+    system's, as huggingface_hub's client finds it), assume it does: the proxy, not this machine, reaches the hub."""
     url = urllib.parse.urlsplit(endpoint)
+    proxies = urllib.request.getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(url.hostname or ""):
+        return True
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         socket.create_connection((url.hostname or "", port), timeout=timeout_s).close()

@@ -48,7 +48,9 @@ def test_a_hub_id_without_the_hub_reads_the_cache_or_is_one_line_at_once(tmp_pat
     retry; a cached model loads from the cache, and a mistyped name is one line, without the retries."""
     cache = _hub_cache_with(tmp_path, "someone/tiny-model")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": "http://127.0.0.1:9"}  # port 9: refused
-    env.pop("HF_HUB_OFFLINE", None)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
+        env.pop(name, None)  # online, no proxy, and the hub out of reach
+        env.pop(name.lower(), None)
     base = [sys.executable, "-m", "deltatune", "generate", "--prompt", "x", "--max-new-tokens", "2", "--model"]
     found = subprocess.run(base + ["someone/tiny-model"], cwd=REPO, env=env, capture_output=True, text=True)
     assert found.returncode == 0, found.stderr

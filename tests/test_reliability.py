@@ -370,3 +370,17 @@ def test_off_and_no_stay_text_for_text_keys(tmp_path):
     path.write_text("fused_norms: off\npacking: no\nrslora: on\nlr: 1e-4\n")
     cfg = load_config(path)
     assert (cfg.fused_norms, cfg.packing, cfg.rslora, cfg.lr) == ("off", False, True, 1e-4)
+
+
+def test_overwrite_replaces_a_run_written_before_the_config_header(capsys, tiny_dir, data_file, tmp_path):
+    """Runs from before config.yaml had its header: a mapping of training keys only, still a run."""
+    import yaml
+
+    out = tmp_path / "old-run"
+    rc, _, _ = cli(capsys, *train_args(tiny_dir, data_file, out))
+    assert rc == 0
+    settings = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump(settings))  # the header is a comment: gone
+    rc, _, err = cli(capsys, *train_args(tiny_dir, data_file, out, "--overwrite"))
+    assert rc == 0, err
+    assert (out / "config.yaml").read_text().startswith("# deltatune run:")

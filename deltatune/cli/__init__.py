@@ -11,8 +11,6 @@ import argparse
 import importlib
 import os
 import sys
-import warnings
-from pathlib import Path
 
 from deltatune.errors import TrainingError, UserError
 
@@ -43,17 +41,6 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-_PACKAGE = Path(__file__).resolve().parent.parent
-_python_format = warnings.formatwarning
-
-
-def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """deltatune's own warnings as one line for a user (no source path and line); others as Python prints them."""
-    if Path(filename).resolve().is_relative_to(_PACKAGE):
-        return f"warning: {message}\n"
-    return _python_format(message, category, filename, lineno, line)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="deltatune", description="Instruction finetuning with delta-tuning methods, and what each choice costs."
@@ -77,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    warnings.formatwarning = _format_warning  # Python's documented hook for how warnings print
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -57,9 +57,7 @@ def no_examples_message(source: str | None, report: DataReport) -> str:
     where = f"{source}: " if source else "the records given: "
     if report.read == 0:
         return f"{where}no records (an empty file?)"
-    if report.kept == 0:
-        return f"{where}none of its {report.read} records is left for training ({report.summary()})"
-    return f"{where}all {report.kept} examples went to the held-out set; lower eval_fraction or give eval_data"
+    return f"{where}none of its {report.read} records is left for training ({report.summary()})"
 
 
 @dataclass

@@ -237,6 +237,11 @@ class Method:
         """Why a run of this method cannot continue from a checkpoint ("" when it can)."""
         return ""
 
+    def training_warnings(self, model: nn.Module) -> list[str]:
+        """Lines `deltatune train` prints once the method is applied: a setting that trains but wastes something
+        (only at training, where the user can still change it; not when an adapter is loaded)."""
+        return []
+
     # --- the protocol -------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> None:
         """Inject modules / mark parameters trainable. Must not touch the base weights' values."""

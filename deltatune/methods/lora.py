@@ -13,7 +13,6 @@ serial Bernoulli draws), which took a LoRA step with dropout 0.05 from +45% to +
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -170,11 +169,9 @@ class LoRA(WeightDeltaMethod):
     def make_layer(self, base: nn.Module) -> DeltaLinear:
         return LoRALinear(base, self.spec.rank, self.spec.alpha, **self.layer_kwargs())
 
-    def apply(self, model: nn.Module) -> None:
-        super().apply(model)
+    def training_warnings(self, model: nn.Module) -> list[str]:
         warning = rank_warning(self.spec.rank, self.named_delta_modules(model))
-        if warning:
-            warnings.warn(warning, UserWarning, stacklevel=2)
+        return [warning] if warning else []
 
     # --- PEFT ---------------------------------------------------------------------------------
     def peft_config(self, model: nn.Module) -> dict[str, Any] | None:

@@ -511,6 +511,10 @@ def _train(
     model, tokenizer = load_model(cfg.model, dtype=frozen_dtype, trust_remote_code=cfg.trust_remote_code)
     adapted = apply_methods(model, with_tokenizer(method_specs(cfg), tokenizer))  # text inits need it
     model = adapted.model
+    if dist.is_main:
+        for method in adapted.methods:
+            for line in method.training_warnings(model):
+                warn(f"warning: {line}")
     trainable = adapted.trainable_parameters()
     if not trainable:
         raise ConfigError(f"method '{cfg.method}' left nothing to train with targets '{cfg.targets}'", field="method")

@@ -70,12 +70,18 @@ def holds_run(out: Path) -> list[str]:
 
 
 def is_deltatune_run(out: Path) -> bool:
-    """`out` holds a run's config.yaml (written as training starts, before anything else of the run)."""
+    """`out` holds a run's config.yaml (written as training starts, before anything else of the run): its header,
+    or, from runs written before the header, a mapping of training keys only."""
+    import yaml
+
     try:
-        with open(out / "config.yaml", encoding="utf-8") as fh:
-            return fh.readline().startswith(RUN_CONFIG_HEADER)
-    except (OSError, UnicodeDecodeError):
+        text = (out / "config.yaml").read_text(encoding="utf-8")
+        if text.startswith(RUN_CONFIG_HEADER):
+            return True
+        settings = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
+    return isinstance(settings, dict) and {"model", "method"} <= settings.keys() <= TrainConfig.model_fields.keys()
 
 
 def check_output_folder(cfg: TrainConfig, reads: dict[str, str | None]) -> None:
@@ -125,8 +131,8 @@ def check_output_folder(cfg: TrainConfig, reads: dict[str, str | None]) -> None:
 def start_output(cfg: TrainConfig) -> Path:
     """Create the output folder as training starts; with --overwrite, first remove the old run's entries."""
     out = Path(cfg.output).expanduser()
-    if cfg.overwrite:
-        for name in holds_run(out):
+    if cfg.overwrite:  # config.yaml last: a folder left half-removed by an interrupt still reads as a run
+        for name in sorted(holds_run(out), key=lambda name: name == "config.yaml"):
             target = out / name
             shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
     out.mkdir(parents=True, exist_ok=True)

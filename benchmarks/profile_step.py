@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import command_line, describe, machine_record, native_precision  # noqa: E402
-from train_speed import ALPHA, BATCH, MAX_LEN, RANK, benchmark_data  # noqa: E402
+from train_speed import BATCH, benchmark_data, deltatune_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GROUPS = {  # operator name prefixes -> a coarse part of the step
@@ -80,7 +80,6 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from deltatune.config import TrainConfig
     from deltatune.models import load_tokenizer
     from deltatune.train.loop import train
 
@@ -96,26 +95,13 @@ def main() -> None:
         prof.step()
 
     records, _, _ = benchmark_data(load_tokenizer(args.model), (args.warmup + args.steps) * BATCH)
-    cfg = TrainConfig(
-        model=args.model,
-        template="chatml",
-        policy="response",
-        method=args.method,
-        rank=RANK,
-        alpha=ALPHA,
-        dropout=0.0,
-        lr=2e-4,
-        schedule="constant",
-        steps=args.warmup + args.steps,
-        batch_size=BATCH,
-        seq_len=MAX_LEN,
-        precision="auto",
+    cfg = deltatune_config(
+        args.model,
+        args.method,
+        args.warmup + args.steps,
+        tempfile.mkdtemp(prefix="profile-"),
         attention=args.attention,
         compile_layers=args.compile_layers,
-        output=tempfile.mkdtemp(prefix="profile-"),
-        eval_fraction=0.0,
-        warmup_steps=0,
-        log_every=1000,
     )
     with prof:
         result = train(cfg, quiet=True, records=records, on_step=profile_step)

@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import command_line, describe, machine_record  # noqa: E402
-from train_speed import ALPHA, BATCH, MAX_LEN, RANK, benchmark_data  # noqa: E402
+from train_speed import BATCH, benchmark_data, deltatune_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_products.json"
 PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
@@ -95,7 +95,6 @@ def main() -> None:
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be at least 1")
 
-    from deltatune.config import TrainConfig
     from deltatune.models import default_model_dir, load_tokenizer
     from deltatune.train.loop import train
 
@@ -104,25 +103,8 @@ def main() -> None:
     model = args.model or str(default_model_dir())
     records, _, _ = benchmark_data(load_tokenizer(model), (args.warmup + args.steps) * BATCH)
     scratch = tempfile.TemporaryDirectory(prefix="step-products-")  # the run's folder, removed at exit
-    cfg = TrainConfig(
-        model=model,
-        template="chatml",
-        policy="response",
-        method="lora",
-        rank=RANK,
-        alpha=ALPHA,
-        dropout=0.0,
-        lr=2e-4,
-        schedule="constant",
-        steps=args.warmup + args.steps,
-        batch_size=BATCH,
-        seq_len=MAX_LEN,
-        precision="auto",
-        compile_layers=args.compile_layers,
-        output=str(Path(scratch.name) / "run"),
-        eval_fraction=0.0,
-        warmup_steps=0,
-        log_every=1000,
+    cfg = deltatune_config(
+        model, "lora", args.warmup + args.steps, str(Path(scratch.name) / "run"), compile_layers=args.compile_layers
     )
     clock = ProductClock()
     step_ends: list[float] = []

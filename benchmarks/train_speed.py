@@ -131,24 +131,14 @@ def resolve_precision(choice: str) -> str:
 # --------------------------------------------------------------------------------------------
 # contenders (each runs in a child process: `python train_speed.py --child NAME`)
 # --------------------------------------------------------------------------------------------
-def run_deltatune(
-    ctx: dict, method: str = "lora", attention: str = "auto", compile_layers: bool | str = "auto"
-) -> dict:
-    """deltatune's own training loop; compile_layers auto leaves these short runs eager (`true`: what runs of
-    500k tokens or more get by default; its compilation falls in the untimed warm-up steps)."""
-    import torch
-
+def deltatune_config(model: str, method: str, steps: int, output: str, **overrides):
+    """The main benchmark's deltatune run: chat template, response-only loss, LoRA r=8 alpha 16 without dropout
+    (or full finetuning) at a constant learning rate, 4 rows of 256 tokens a step, nothing held out, the
+    benchmark's seed; `overrides` (any TrainConfig key) on top. profile_step.py and step_products.py run it too."""
     from deltatune.config import TrainConfig
-    from deltatune.models import load_tokenizer
-    from deltatune.train import compiled_layers, fused_norms, packed_attention
-    from deltatune.train.loop import train, use_packed_attention
 
-    if "keep_probabilities" in ctx:  # benchmarks/kept_probabilities.py's two variants
-        packed_attention.KEEP_PROBABILITIES = ctx["keep_probabilities"]
-    records, _, _ = examples_of(ctx, load_tokenizer(ctx["model"]))
-    out = tempfile.mkdtemp(prefix="bench-dt-")
-    cfg = TrainConfig(
-        model=ctx["model"],
+    settings = dict(
+        model=model,
         template="chatml",
         policy="response",
         method=method,
@@ -158,18 +148,44 @@ def run_deltatune(
         lr=LR["full" if method == "full" else "lora"],
         schedule="constant",
         warmup_steps=0,
-        steps=ctx["warmup"] + ctx["steps"],
-        batch_size=ctx.get("batch", BATCH),
+        steps=steps,
+        batch_size=BATCH,
         seq_len=MAX_LEN,
+        precision="auto",
+        output=output,
+        eval_fraction=0.0,
+        log_every=1000,
+        seed=SEED,
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def run_deltatune(
+    ctx: dict, method: str = "lora", attention: str = "auto", compile_layers: bool | str = "auto"
+) -> dict:
+    """deltatune's own training loop; compile_layers auto leaves these short runs eager (`true`: what runs of
+    500k tokens or more get by default; its compilation falls in the untimed warm-up steps)."""
+    import torch
+
+    from deltatune.models import load_tokenizer
+    from deltatune.train import compiled_layers, fused_norms, packed_attention
+    from deltatune.train.loop import train, use_packed_attention
+
+    if "keep_probabilities" in ctx:  # benchmarks/kept_probabilities.py's two variants
+        packed_attention.KEEP_PROBABILITIES = ctx["keep_probabilities"]
+    records, _, _ = examples_of(ctx, load_tokenizer(ctx["model"]))
+    out = tempfile.mkdtemp(prefix="bench-dt-")
+    cfg = deltatune_config(
+        ctx["model"],
+        method,
+        ctx["warmup"] + ctx["steps"],
+        out,
+        batch_size=ctx.get("batch", BATCH),
         attention=attention,
         device=ctx.get("device", "cpu"),
         compile_layers=compile_layers,
         precision=ctx["precision"],
         keep_freed_memory=ctx.get("keep_freed_memory", "auto"),
-        output=out,
-        eval_fraction=0.0,
-        log_every=1000,
-        seed=SEED,
     )
     paths: dict = {}
     clock: dict[int, float] = {}  # the end of the last warm-up step and of the last step, unrounded

@@ -12,6 +12,15 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture
+def benchmark_module(monkeypatch):
+    """Import a script of benchmarks/ by name (they import each other as top-level modules)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    return importlib.import_module
+
+
+@pytest.fixture
 def tiny_tok():
     from deltatune.testing import tiny_tokenizer
 

@@ -1,19 +1,12 @@
 """benchmarks/matmul_threads.py: the row halves compute the same product, and idle zones are runs of rows."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture
-def matmul_threads(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import matmul_threads
-
-    return matmul_threads
+def matmul_threads(benchmark_module):
+    return benchmark_module("matmul_threads")
 
 
 def test_halves_is_the_product_in_place(matmul_threads):

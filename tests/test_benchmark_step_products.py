@@ -1,19 +1,12 @@
 """benchmarks/step_products.py: each product call is recorded with its strides, and replayed with them."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture
-def step_products(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import step_products
-
-    return step_products
+def step_products(benchmark_module):
+    return benchmark_module("step_products")
 
 
 def test_the_clock_records_products_only_while_on_with_their_layout(step_products):
@@ -32,11 +25,10 @@ def test_the_clock_records_products_only_while_on_with_their_layout(step_product
     assert step_products.replay(func, dtype, tensors, repeats=1, iters=1) > 0
 
 
-def test_allocator_env_reads_variables_and_refuses_a_bare_name(monkeypatch):
+def test_allocator_env_reads_variables_and_refuses_a_bare_name(benchmark_module):
     import argparse
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import allocator_env
+    allocator_env = benchmark_module("allocator_env")
 
     parser = argparse.ArgumentParser()
     assert allocator_env.parse_vars(parser, "OMP_PROC_BIND=close,OMP_PLACES=cores") == {

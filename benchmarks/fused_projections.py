@@ -23,13 +23,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import command_line, describe, machine_record, native_precision  # noqa: E402
+from machine import command_line, describe, machine_record, native_precision, seconds_per_call  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "fused_projections.json"
 HIDDEN, HEAD_DIM = 576, 64
@@ -71,13 +70,6 @@ def make_step(name: str, fused: bool, tokens: int, weight_grad: bool, dtype: tor
     return step
 
 
-def time_step(step, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    return (time.perf_counter() - start) / iters
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1024)
@@ -94,11 +86,11 @@ def main() -> None:
         for mode, weight_grad in (("lora", False), ("full", True)):
             steps = {fused: make_step(name, fused, args.tokens, weight_grad, dtype) for fused in (False, True)}
             for step in steps.values():  # warm-up: oneDNN primitive creation, allocator
-                time_step(step, 3)
+                seconds_per_call(step, 3)
             times: dict[bool, list[float]] = {False: [], True: []}
             for _ in range(args.repeats):
                 for fused, step in steps.items():
-                    times[fused].append(time_step(step, args.iters))
+                    times[fused].append(seconds_per_call(step, args.iters))
             separate, fused = statistics.median(times[False]), statistics.median(times[True])
             pair_ratios = sorted(s / f for s, f in zip(times[False], times[True]))
             rows.append(

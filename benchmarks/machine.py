@@ -13,6 +13,14 @@ from pathlib import Path
 FLAGS_OF_INTEREST = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
 
 
+def seconds_per_call(fn, iters: int) -> float:
+    """Mean wall-clock seconds of `fn()` over `iters` back-to-back calls (CPU work: no device sync)."""
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) / iters
+
+
 def command_line() -> str:
     """The command that made a result, as a user would type it (recorded in every result JSON)."""
     return "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])

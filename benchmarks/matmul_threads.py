@@ -22,13 +22,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import command_line, describe, machine_record, native_precision  # noqa: E402
+from machine import command_line, describe, machine_record, native_precision, seconds_per_call  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "matmul_threads.json"
 STEP_PAIRS = "576x576,576x192,192x576,576x1536,1536x576"  # SmolLM2-135M's (K, N), forward and input gradients
@@ -43,13 +42,6 @@ def halves(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def time_calls(fn, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - start) / iters
-
-
 def measure(m: int, k: int, n: int, dtype: torch.dtype, threads: int, repeats: int, iters: int) -> dict:
     a = torch.randn(m, k, dtype=dtype)
     b = torch.randn(n, k, dtype=dtype).t()  # nn.Linear's weight, as F.linear reads it
@@ -62,11 +54,11 @@ def measure(m: int, k: int, n: int, dtype: torch.dtype, threads: int, repeats: i
     times: dict[str, list[float]] = {name: [] for name in variants}
     for name, (t, fn) in variants.items():  # first calls build oneDNN's kernels for the shape
         torch.set_num_threads(t)
-        time_calls(fn, 3)
+        seconds_per_call(fn, 3)
     for _ in range(repeats):
         for name, (t, fn) in variants.items():
             torch.set_num_threads(t)
-            times[name].append(time_calls(fn, iters))
+            times[name].append(seconds_per_call(fn, iters))
     torch.set_num_threads(threads)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     return {

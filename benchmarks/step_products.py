@@ -29,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import command_line, describe, machine_record  # noqa: E402
+from machine import command_line, describe, machine_record, seconds_per_call  # noqa: E402
 from train_speed import BATCH, benchmark_data, deltatune_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_products.json"
@@ -64,13 +64,7 @@ def replay(func, dtype: torch.dtype, tensors: tuple, repeats: int = 5, iters: in
         operands.append(torch.randn(extent, dtype=dtype).as_strided(shape, stride))
     for _ in range(3):
         func(*operands)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            func(*operands)
-        times.append((time.perf_counter() - start) / iters)
-    return statistics.median(times)
+    return statistics.median(seconds_per_call(lambda: func(*operands), iters) for _ in range(repeats))
 
 
 def signature(func, tensors: tuple) -> str:

@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}", field=flag)
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0-65535 (0: any free port), got {args.port}", field="port")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}", field="threads")
     adapters = parse_adapters(args.adapter)
     adapter_dir = None
     if args.adapter_dir is not None:
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     base_name = args.model_name or (
         DEFAULT_MODEL
         if args.model is None or str(args.model).lower() in DEFAULT_MODEL_ALIASES
-        else Path(str(args.model)).name
+        else _folder_name(str(args.model))
     )
     for name, path in adapters:
         if name == base_name:
@@ -95,12 +99,21 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
     )
+    port = sock.getsockname()[1]  # the port really bound (--port 0 picks a free one)
+    host = f"[{args.host}]" if ":" in args.host else args.host
     print(
-        f"deltatune serve: {base_name} with adapters [{', '.join(multi.names)}] on http://{args.host}:{args.port}/v1",
+        f"deltatune serve: {base_name} with adapters [{', '.join(multi.names)}] on http://{host}:{port}/v1",
         flush=True,
     )
     uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning")).run(sockets=[sock])
     return 0
+
+
+def _folder_name(model: str) -> str:
+    """The base model's default `model` name: the folder's own name, also for `.` or `..` (whose
+    `Path.name` is empty), else the last part of a hub id or file name."""
+    path = Path(model)
+    return (path.resolve().name if path.exists() else path.name) or model
 
 
 def _bind(host: str, port: int):

@@ -85,7 +85,12 @@ class Batcher:
                     elif r.adapter is not None and r.adapter not in self.engine.adapters.adapters:
                         _fail(r, UnknownAdapter(r.adapter))
                     else:
-                        runnable.append(r)
+                        try:
+                            self.engine.check(r)  # a request that cannot run fails alone, not its whole batch
+                        except ValueError as exc:
+                            _fail(r, exc)
+                        else:
+                            runnable.append(r)
                 if runnable:
                     self._run(runnable)
             self.batches += 1

@@ -41,6 +41,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError("seed must be in [-2**63, 2**64)")
 
 
 @dataclass
@@ -176,6 +178,18 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def check(self, request: GenRequest) -> None:
+        """Raise ValueError if `request` cannot run (so a caller can refuse it alone, not its whole batch)."""
+        if not request.prompt_ids:
+            raise ValueError("a prompt must have at least one token")
+        virtual = self.adapters.virtual_tokens(request.adapter)
+        n = len(request.prompt_ids) + (0 if virtual is None else virtual.shape[0])
+        if self.context and n + request.params.max_tokens > self.context:
+            raise ValueError(
+                f"prompt ({n} tokens) plus max_tokens ({request.params.max_tokens}) "
+                f"exceeds the context of {self.context} tokens"
+            )
+
     @torch.inference_mode()
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         """Run every request to completion (rows leave as they finish); results in request order."""
@@ -185,14 +199,8 @@ class Engine:
             return []
         virtual = [self.adapters.virtual_tokens(r.adapter) for r in requests]
         lengths = [len(r.prompt_ids) + (0 if v is None else v.shape[0]) for r, v in zip(requests, virtual)]
-        for r, n in zip(requests, lengths):
-            if not r.prompt_ids:
-                raise ValueError("a prompt must have at least one token")
-            if self.context and n + r.params.max_tokens > self.context:
-                raise ValueError(
-                    f"prompt ({n} tokens) plus max_tokens ({r.params.max_tokens}) "
-                    f"exceeds the context of {self.context} tokens"
-                )
+        for r in requests:
+            self.check(r)
         start = time.perf_counter()
         rows = [_Row(r, self.tokenizer, self.stop_ids) for r in requests]
         width = max(lengths)

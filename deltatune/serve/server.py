@@ -95,6 +95,14 @@ def create_app(state: ServerState) -> FastAPI:
         data += [_model_card(state, name, state.base_name) for name in state.multi.names]
         return {"object": "list", "data": data}
 
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        if model == state.base_name:
+            return _model_card(state, model, None)
+        if model in state.multi.names:
+            return _model_card(state, model, state.base_name)
+        raise not_found_model(model)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = parse(CompletionRequest, await _json(request))
@@ -215,11 +223,16 @@ def _params(state: ServerState, body, prompt_len: int) -> SamplingParams:
                 code="context_length_exceeded",
             )
         if budget is not None and budget > room:
+            field = (
+                "max_completion_tokens"
+                if isinstance(body, ChatRequest) and body.max_completion_tokens is not None
+                else "max_tokens"
+            )
             raise APIError(
                 400,
-                f"max_tokens {budget} plus the prompt's {prompt_len} tokens exceed this model's "
+                f"{field} {budget} plus the prompt's {prompt_len} tokens exceed this model's "
                 f"maximum context length of {context} tokens",
-                param="max_tokens",
+                param=field,
                 code="context_length_exceeded",
             )
         budget = budget if budget is not None else min(state.default_max_tokens, room)
@@ -252,6 +265,10 @@ async def _serve(
     for ids in prompts:
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
+    if len(prompts) > state.max_queue:  # could never be admitted: a 503 would have the client retry forever
+        raise APIError(
+            400, f"{len(prompts)} prompts in one request; this server takes at most {state.max_queue}", param="prompt"
+        )
     relay = _Relay(asyncio.get_running_loop())
     reqs = []
     for i, ids in enumerate(prompts):
@@ -279,9 +296,11 @@ async def _serve(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, reqs))
     try:
         results = await _collect(relay, len(reqs))
     finally:
+        watcher.cancel()
         for r in reqs:
             r.cancelled = True  # no-op for finished rows; drops the rest if the client went away
     return _response(state, rid, body.model, results, chat)
@@ -293,6 +312,15 @@ def _error_of(exc: Exception) -> APIError:
     if isinstance(exc, ValueError):
         return APIError(400, str(exc))
     return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
+
+
+async def _cancel_on_disconnect(request: Request, reqs: list[GenRequest], every_s: float = 0.2) -> None:
+    """A non-streaming client that goes away (a timeout, a closed connection) stops its rows at the next step
+    instead of holding batch places until max_tokens."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    for r in reqs:
+        r.cancelled = True
 
 
 async def _collect(relay: _Relay, n: int) -> list[GenResult]:

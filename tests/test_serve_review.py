@@ -1,0 +1,169 @@
+"""Serving defects found in review, each pinned by a test: a bad seed failing other users' requests, a
+non-streaming client that goes away still holding its rows, GET /v1/models/{id}, error fields, and CLI
+flags that ended in a traceback."""
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+from deltatune.methods.base import MethodSpec
+from deltatune.serve import Engine, MultiAdapterModel
+from deltatune.serve.batcher import Batcher
+from deltatune.serve.engine import GenRequest, SamplingParams
+from deltatune.serve.server import ServerState, create_app
+from deltatune.serve.testing import random_adapter, running_server
+from deltatune.testing import tiny_model, tiny_tokenizer
+
+BASE = "tiny-base"
+PROMPT = "The quick brown fox"
+
+
+def base_model():
+    return tiny_model(0, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("review")
+    random_adapter(root / "alpha", MethodSpec(name="lora", rank=4, alpha=8), base_model(), seed=1)
+    return root
+
+
+def make_state(adapter_root, **kw) -> ServerState:
+    multi = MultiAdapterModel(base_model())
+    multi.load("alpha", adapter_root / "alpha")
+    return ServerState(engine=Engine(multi, tiny_tokenizer()), base_name=BASE, adapter_dir=adapter_root, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(adapter_root):
+    state = make_state(adapter_root, default_max_tokens=8, max_queue=4)
+    with running_server(create_app(state)) as url:
+        yield url, state
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    return body["error"]
+
+
+def test_a_seed_out_of_range_is_refused_alone_and_does_not_fail_its_batch(server):
+    url, state = server
+    codes = {}
+
+    def ask(key, seed):
+        body = {"model": BASE, "prompt": PROMPT, "max_tokens": 3, "temperature": 1.0, "seed": seed}
+        codes[key] = httpx.post(url + "/completions", json=body, timeout=60)
+
+    with state.lock:  # both requests wait for the worker and would run as one batch
+        threads = [threading.Thread(target=ask, args=a) for a in (("good", 7), ("bad", 2**64))]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+    for t in threads:
+        t.join()
+    assert codes["good"].status_code == 200, codes["good"].text
+    assert codes["bad"].status_code == 400 and error_of(codes["bad"])["param"] == "seed"
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64)
+
+
+def test_a_request_the_engine_cannot_run_fails_alone_in_the_batcher(adapter_root):
+    engine = make_state(adapter_root).engine
+    done, failed = [], []
+    good = GenRequest(prompt_ids=[5, 6], params=SamplingParams(max_tokens=2), on_finish=done.append)
+    bad = GenRequest(prompt_ids=[5] * 600, params=SamplingParams(max_tokens=2), on_error=failed.append)
+    batcher = Batcher(engine, threading.Lock(), max_batch_size=8)
+    batcher.submit([good, bad])  # queued before the worker starts: one batch takes both
+    batcher.start()
+    deadline = time.monotonic() + 60
+    while not (done and failed) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    batcher.stop()
+    assert len(done) == 1 and len(failed) == 1 and "context" in str(failed[0])
+
+
+def test_a_non_streaming_client_that_goes_away_stops_its_row(adapter_root):
+    state = make_state(adapter_root)
+    state.engine.stop_ids = set()  # only max_tokens could end this row
+    forward = state.engine._forward
+
+    def slow(*a, **kw):
+        time.sleep(0.01)  # 400 steps take at least 4 s: far longer than the client waits
+        return forward(*a, **kw)
+
+    state.engine._forward = slow
+    with running_server(create_app(state)) as url:
+        body = {"model": "alpha", "prompt": PROMPT, "max_tokens": 400}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/completions", json=body, timeout=0.5)
+        deadline = time.monotonic() + 60
+        while state.engine.stats["seconds"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the batch has ended (stats are written when generate returns)
+        assert 0 < state.engine.stats["tokens"] < 400
+
+
+def test_models_retrieve_answers_each_model_and_404_for_others(server):
+    client = openai.OpenAI(base_url=server[0], api_key="unused", max_retries=0, timeout=60)
+    assert client.models.retrieve(BASE).id == BASE
+    card = client.models.retrieve("alpha")
+    assert card.id == "alpha" and card.object == "model" and card.owned_by == "deltatune"
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.models.retrieve("no-such-model")
+    assert exc.value.body["code"] == "model_not_found"
+
+
+def test_max_completion_tokens_over_the_context_names_that_field(server):
+    body = {"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**6}
+    r = httpx.post(server[0] + "/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and error_of(r)["param"] == "max_completion_tokens"
+    assert error_of(r)["message"].startswith("max_completion_tokens ")
+
+
+def test_more_prompts_than_the_queue_holds_is_a_400_not_a_busy_503(server):
+    url, state = server
+    body = {"model": BASE, "prompt": [PROMPT] * (state.max_queue + 1), "max_tokens": 2}
+    r = httpx.post(url + "/completions", json=body, timeout=60)
+    assert r.status_code == 400 and error_of(r)["param"] == "prompt"
+    body["prompt"] = [PROMPT] * state.max_queue
+    assert httpx.post(url + "/completions", json=body, timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--port", "70000"], "--port must be in 0-65535"), (["--threads", "-1"], "--threads must be at least 1")],
+)
+def test_cli_serve_bad_port_or_threads_is_one_line(flags, message, capsys):
+    from deltatune.cli import main
+
+    assert main(["serve", "--model", "unused", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_serve_names_the_base_after_the_folder_and_prints_the_bound_port(tiny_dir, monkeypatch, capsys, one_thread):
+    import uvicorn
+
+    from deltatune.cli import main
+
+    served = {}
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.update(app=self.config.app))
+    monkeypatch.chdir(tiny_dir)
+    assert main(["serve", "--model", ".", "--port", "0", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    state = served["app"].state.serve
+    assert state.base_name == tiny_dir.name
+    assert f"deltatune serve: {tiny_dir.name} " in out and ":0/v1" not in out

@@ -141,6 +141,7 @@ def run_self_instruct(args: argparse.Namespace) -> int:
         write_outputs,
     )
     from deltatune.data.instructions.self_instruct_text import read_seed_tasks
+    from deltatune.errors import ConfigError
     from deltatune.models import load_model
 
     out = check_output(args.out, [args.seeds], args.overwrite)
@@ -153,6 +154,8 @@ def run_self_instruct(args: argparse.Namespace) -> int:
         max_rounds=args.max_rounds,
     )
     config.check()
+    if args.max_new_tokens < 1:  # before the model loads
+        raise ConfigError(f"must be at least 1, got {args.max_new_tokens}", field="--max-new-tokens")
     seeds = read_seed_tasks(args.seeds)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     generate = model_generator(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature)

@@ -7,6 +7,7 @@ bias-free linear d_model -> E with weights ~ N(0, 0.02^2), the released configs'
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -49,7 +50,9 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
     """every-other (0-based odd layers: 1, 3, ...), all, last:N, or a comma list i,j,k (0-based)."""
     text = text.strip()
     if text == "every-other":
-        return list(range(1, num_layers, 2))
+        chosen = list(range(1, num_layers, 2))
+        check_layers(chosen, num_layers)  # a 1-layer model has no odd layer
+        return chosen
     if text == "all":
         return list(range(num_layers))
     if m := re.fullmatch(r"last:(\d+)", text):
@@ -66,6 +69,17 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
     raise UserError(f"'{text}' is not a layer choice; use every-other, all, last:N or i,j,k", field="layers")
 
 
+def check_layers(chosen: list[int], num_layers: int) -> None:
+    """The chosen layers exist (0-based, no negatives), none is chosen twice, and there is at least one."""
+    if not chosen:
+        raise UserError(f"no layers to upcycle (the model has {num_layers}); choose some with --layers", field="layers")
+    for i in chosen:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers:
+            raise UserError(f"layer {i} does not exist; the model has layers 0..{num_layers - 1}", field="layers")
+    if len(set(chosen)) != len(chosen):
+        raise UserError(f"a layer is chosen twice in {chosen}", field="layers")
+
+
 def validate(spec: UpcycleSpec) -> None:
     if spec.router not in ROUTERS:
         raise UserError(f"router '{spec.router}' unknown; choose {' or '.join(ROUTERS)}", field="router")
@@ -73,8 +87,8 @@ def validate(spec: UpcycleSpec) -> None:
         raise UserError(f"experts must be at least 2, got {spec.experts}", field="experts")
     if spec.router == "topk" and not 1 <= spec.k <= spec.experts:
         raise UserError(f"k must be between 1 and experts ({spec.experts}), got {spec.k}", field="k")
-    if spec.capacity is not None and spec.capacity <= 0:
-        raise UserError(f"capacity must be positive, got {spec.capacity}", field="capacity")
+    if spec.capacity is not None and not (math.isfinite(spec.capacity) and spec.capacity > 0):
+        raise UserError(f"capacity must be a positive number, got {spec.capacity}", field="capacity")
     if spec.router == "expert-choice" and spec.normalize:
         raise UserError("renormalised weights are a top-k option", field="normalize")
 
@@ -87,6 +101,7 @@ def upcycle(model: nn.Module, spec: UpcycleSpec, *, seed: int = 0, copy_weights:
     layers = decoder_layers(model)
     if spec.layers is None:
         spec.layers = parse_layers("every-other", len(layers))
+    check_layers(spec.layers, len(layers))
     if spec.router == "expert-choice" and spec.capacity is None:
         spec.capacity = 2.0
     if moe_blocks(model):
@@ -105,6 +120,7 @@ def upcycle(model: nn.Module, spec: UpcycleSpec, *, seed: int = 0, copy_weights:
             block.router.to(device=ref.device, dtype=ref.dtype)
             if w is not None:
                 block.router.weight.copy_(w)
+        block.train(dense.training)  # a new module trains; it must follow the model (no drops in eval)
         layers[i].mlp = block
     return model
 

@@ -100,7 +100,10 @@ def filter_records(
             if reason:
                 drop(rec.source, reason)
                 continue
-        text = prompt if options.on == "prompt" else prompt + "\n" + response
+        if conv.kind == "text":  # a plain-text document has no prompt side: compare the document
+            text = response
+        else:
+            text = prompt if options.on == "prompt" else prompt + "\n" + response
         key = normalise(text)
         if key in exact:
             drop(rec.source, "exact_duplicate", duplicate_of=exact[key], similarity=1.0)

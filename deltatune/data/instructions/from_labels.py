@@ -91,8 +91,20 @@ def load_task(path: str | Path) -> LabelTask:
     p = Path(path)
     if not p.exists():
         raise ConfigError("no such file", file=name)
+    if p.is_dir():
+        raise ConfigError("is a folder, expected a task file (YAML)", file=name)
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        before = exc.object[: exc.start]
+        column = exc.start - before.rfind(b"\n")
+        raise ConfigError(
+            f"not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at column {column})",
+            file=name,
+            line=before.count(b"\n") + 1,
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read it ({exc.strerror or exc})", file=name) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise ConfigError(

@@ -86,6 +86,8 @@ class SelfInstructConfig:
             raise ConfigError(f"must be at least 1, got {self.prompts_per_round}", field="--prompts-per-round")
         if not 0.0 < self.rouge_threshold <= 1.0:
             raise ConfigError(f"must be in (0, 1], got {self.rouge_threshold}", field="--rouge")
+        if self.max_rounds is not None and self.max_rounds < 1:
+            raise ConfigError(f"must be at least 1, got {self.max_rounds}", field="--max-rounds")
 
 
 @dataclass
@@ -149,6 +151,8 @@ class _Progress:
 
     def start(self, settings: dict, resume: bool) -> list[dict]:
         """Returns the rounds already done (empty for a fresh run)."""
+        if self.work.exists() and not self.work.is_dir():
+            raise UserError("is a file; --work must be a folder for the run's progress", file=str(self.work))
         if self.work.exists() and any(self.work.iterdir()):
             if not resume:
                 raise UserError(
@@ -316,6 +320,8 @@ def model_generator(
     """A GenerateFn over `deltatune.evaluate.generate` (raw prompts, no chat template, as in the paper)."""
     from deltatune.evaluate.generate import GenerationConfig, generate_detailed
 
+    if max_new_tokens < 1:
+        raise ConfigError(f"must be at least 1, got {max_new_tokens}", field="--max-new-tokens")
     default_max = max_new_tokens
 
     def fn(

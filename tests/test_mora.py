@@ -195,3 +195,21 @@ def test_remora_refuses_types_outside_its_cycle_and_an_nf4_base():
         get_method("mora")(MethodSpec("mora", options={"remora_every": 5, "mora_type": 6}))
     with pytest.raises(ConfigError, match="quantize_base"):
         get_method("mora")(MethodSpec("mora", options={"remora_every": 5, "quantize_base": True}))
+
+
+def test_remora_merge_into_a_tied_lm_head_leaves_the_embeddings_alone():
+    """lm_head shares the input embeddings' weight in the tiny model: ReMoRA's merge unties it first."""
+    from deltatune.methods.apply import apply_methods
+
+    model = tiny_model(0)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    adapted = apply_methods(model, MethodSpec("mora", rank=4, targets="lm_head", options={"remora_every": 1}))
+    with torch.no_grad():
+        adapted.methods[0].delta_modules(model)[0].mora_M.normal_(0, 0.05)
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    before = model(ids).logits.detach()
+    adapted.methods[0].after_step(model, 1)
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    assert not model.config.tie_word_embeddings
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=1e-5)

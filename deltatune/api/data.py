@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 from deltatune.data.collator import examples_to_dataset, single_policy
 from deltatune.data.masking import LossPolicy
+from deltatune.errors import DataError
 
 __all__ = ["prepare"]
 
@@ -56,5 +57,21 @@ def prepare(
     if isinstance(data, (str, os.PathLike)):
         prepared = prepare_dataset(Path(data), tokenizer, **kwargs)
     else:
-        prepared = prepare_records([dict(r) for r in data], tokenizer, **kwargs)
+        prepared = prepare_records(_records(data), tokenizer, **kwargs)
     return examples_to_dataset(prepared.examples, parsed, description=prepared.report.summary())
+
+
+def _records(data: Any) -> list[dict[str, Any]]:
+    """`data` as a list of dicts, or a one-line DataError for what is not records (one record alone,
+    a list of strings, a DataFrame)."""
+    from collections.abc import Mapping
+
+    if isinstance(data, Mapping):
+        raise DataError("data is one record (a dict); pass a list of records, e.g. [record]", field="data")
+    if not isinstance(data, Iterable):
+        raise DataError(f"data must be a file path or records (dicts), got {type(data).__name__}", field="data")
+    records = list(data)
+    for i, r in enumerate(records):
+        if not isinstance(r, Mapping):
+            raise DataError(f"record {i} is a {type(r).__name__}, not a dict of fields", field="data")
+    return [dict(r) for r in records]

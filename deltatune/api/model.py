@@ -7,14 +7,16 @@ turns keyword arguments into method specs and adds the PEFT-style conveniences.
 
 from __future__ import annotations
 
+import inspect
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, UserError
 from deltatune.methods import MethodSpec, get_method
 from deltatune.methods.apply import AdaptedModel as _AdaptedModel
 from deltatune.methods.apply import apply_methods
@@ -24,6 +26,8 @@ __all__ = ["AdaptedModel", "apply", "load_adapter", "load_model"]
 
 QUANTIZE = ("nf4",)
 _QUANTIZE_ATTR = "_deltatune_quantize"  # set by load_model(quantize=...), read by apply()
+# what `save_adapter` writes (and PEFT's README): a folder holding only these is an adapter to replace
+_ADAPTER_FILES = {"adapter_config.json", "deltatune_adapter.json", "adapter_model.safetensors", "README.md"}
 
 
 class AdaptedModel(_AdaptedModel):
@@ -78,7 +82,8 @@ class AdaptedModel(_AdaptedModel):
         """Within the block the model computes the base model (PEFT's `disable_adapter()`).
 
         Uses the engine's `disable_adapters` (a context manager) or, where the engine offers
-        `disable_adapters()`/`enable_adapters()` as plain calls, those."""
+        `disable_adapters()`/`enable_adapters()` as plain calls, those. Refused while merged (the
+        merged weights hold the adapter)."""
         handle = self.disable_adapters()
         if hasattr(handle, "__enter__"):
             with handle:
@@ -89,9 +94,54 @@ class AdaptedModel(_AdaptedModel):
         finally:
             self.enable_adapters()
 
+    def save_adapter(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        base_model_name_or_path: str | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """PEFT's format for a single PEFT-representable method, else deltatune's; written atomically.
+
+        The folder is replaced as a whole, so an existing folder that holds anything but an adapter
+        (e.g. a trainer's output folder) is refused unless `overwrite=True`."""
+        if not self.methods:
+            raise ConfigError(
+                "this AdaptedModel holds no adapter (merge_and_unload() spent it); save the merged model "
+                "with save_pretrained instead",
+                field="method",
+            )
+        path = Path(out_dir).expanduser()
+        if not overwrite and (path.exists() or path.is_symlink()):
+            if not path.is_dir():
+                raise UserError(
+                    f"{out_dir}: exists and is not a folder; pass overwrite=True to replace it", field="out_dir"
+                )
+            others = sorted(p.name for p in path.iterdir() if p.name not in _ADAPTER_FILES)
+            if others:
+                raise UserError(
+                    f"{out_dir}: holds files that are not an adapter's (e.g. '{others[0]}'), and saving replaces "
+                    f"the whole folder; choose another folder or pass overwrite=True",
+                    field="out_dir",
+                )
+        return super().save_adapter(path, base_model_name_or_path=base_model_name_or_path)
+
     def save_pretrained(self, out_dir: str | os.PathLike, **kwargs: Any):
         """PEFT's name for `save_adapter`."""
         return self.save_adapter(out_dir, **kwargs)
+
+
+def _check_model(model: Any, what: str) -> None:
+    """A one-line error for the usual mistakes: an AdaptedModel, a path or a name instead of the model."""
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, _AdaptedModel):
+        why = "an AdaptedModel already has its methods; pass a fresh model (its `.model` is adapted already)"
+    elif isinstance(model, (str, os.PathLike)):
+        why = "load it first: model, tokenizer = deltatune.load_model(path)"
+    else:
+        why = f"got {type(model).__name__}"
+    raise ConfigError(f"{what} needs a torch model (nn.Module); {why}", field="model")
 
 
 def method_specs(
@@ -108,12 +158,19 @@ def method_specs(
     """Specs for `method` ("lora", "lora+bitfit", a MethodSpec or a list of them). Keyword
     arguments other than the common ones become every named method's options, as on the command
     line (`--set method_options=...`)."""
-    if isinstance(method, MethodSpec):
-        specs = [method]
-    elif isinstance(method, (list, tuple)):
-        specs = list(method)
+    if isinstance(method, (MethodSpec, list, tuple)):
+        specs = [method] if isinstance(method, MethodSpec) else list(method)
         if not all(isinstance(s, MethodSpec) for s in specs):
             raise ConfigError("a list of methods must hold MethodSpec objects; join names with '+'", field="method")
+        given = dict(targets=targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, **options)
+        defaults = {k: p.default for k, p in inspect.signature(method_specs).parameters.items()}
+        ignored = [k for k, v in given.items() if k not in defaults or v != defaults[k]]
+        if ignored:  # a MethodSpec carries its own settings: a keyword beside it would be ignored
+            raise ConfigError(
+                f"'{ignored[0]}' is given beside a MethodSpec, which carries its own settings; set it on the "
+                f"MethodSpec, or pass the method by name",
+                field=ignored[0],
+            )
     elif isinstance(method, str):
         names = [n.strip() for n in method.split("+") if n.strip()]
         if not names:
@@ -172,6 +229,7 @@ def apply(
     Other keyword arguments are the methods' options (e.g. `init="gaussian"`). Errors in names or
     values raise `deltatune.ConfigError` naming the field.
     """
+    _check_model(model, "apply")
     if quantize is None:
         quantize = getattr(model, _QUANTIZE_ATTR, None)
     if quantize is not None and quantize not in QUANTIZE:
@@ -183,7 +241,9 @@ def apply(
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> AdaptedModel:
-    """Apply the methods an adapter folder describes (PEFT's format or deltatune's) and load its weights."""
+    """Apply the methods an adapter folder describes (PEFT's format or deltatune's) and load its weights.
+    The added modules take the model's mode (a model in eval mode runs no adapter dropout)."""
+    _check_model(model, "load_adapter")
     return AdaptedModel._wrap(_load_adapter(model, path))
 
 

@@ -89,7 +89,17 @@ def evaluate(
             f"unknown evaluation option '{unknown[0]}'; allowed: {', '.join(sorted(allowed))}", field=unknown[0]
         )
     opts = EvalOptions(limit=limit, shots=shots, seed=seed, batch_size=batch_size, progress=progress, **options)
-    specs = [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks)
+    if isinstance(tasks, str):
+        specs = [t.strip() for t in tasks.split(",") if t.strip()]
+    elif isinstance(tasks, Task):
+        specs = [tasks]
+    elif isinstance(tasks, Iterable):
+        specs = list(tasks)
+    else:
+        raise ConfigError(f"tasks must be a name, a Task or a list of them, got {type(tasks).__name__}", field="tasks")
+    bad = [t for t in specs if not isinstance(t, (str, Task))]
+    if bad:
+        raise ConfigError(f"tasks must be names or Tasks, got {type(bad[0]).__name__}", field="tasks")
     if not specs:
         raise ConfigError("no task given", field="tasks")
     resolved = [t if isinstance(t, Task) else resolve_task(t, data_root, field_map) for t in specs]

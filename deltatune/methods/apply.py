@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
-from deltatune.methods.base import Method, MethodSpec, get_method
+from deltatune.methods.base import DeltaLinear, Method, MethodSpec, get_method
 from deltatune.methods.inject import freeze
 
 
@@ -58,8 +58,11 @@ class AdaptedModel:
 
     # --- merge --------------------------------------------------------------------------------
     def merge(self) -> None:
-        """Fold every method's change into the base weights (in place; `unmerge` undoes it)."""
+        """Fold every method's change into the base weights (in place; `unmerge` undoes it). A weight
+        tied to another (an adapted `lm_head` tied to the input embeddings) is untied first, so the
+        merge changes the adapted layer only."""
         self._require_mergeable()
+        untie_adapted_weights(self.model)
         for m in self.methods:
             m.merge(self.model)
 
@@ -75,6 +78,7 @@ class AdaptedModel:
         Its config describes it (BitFit's added biases turn on the bias flags), so `save_pretrained`
         and `from_pretrained` give the same model back; what no config can describe is refused here."""
         self._require_mergeable()
+        untie_adapted_weights(self.model)
         for m in self.methods:
             m.prepare_export(self.model)
         for m in self.methods:
@@ -86,7 +90,12 @@ class AdaptedModel:
     @contextmanager
     def disable_adapters(self) -> Iterator[None]:
         """Within the block the model computes exactly the base model, whatever the methods' kind
-        (each method's `set_disabled` hook); on leaving, the adapted model again."""
+        (each method's `set_disabled` hook); on leaving, the adapted model again. Refused while merged:
+        the merged weights hold the change, so switching the adapter off would change nothing."""
+        if any(getattr(module, "merged", False) for module in self.model.modules()):
+            raise ConfigError(
+                "the adapter is merged into the weights; unmerge() it before disabling it", field="method"
+            )
         for m in self.methods:
             if not m.can_disable:
                 raise ConfigError(f"method '{m.name}' cannot be disabled: {m.why_not_disable}", field="method")
@@ -154,6 +163,34 @@ class AdaptedModel:
         return f"AdaptedModel(methods={[m.name for m in self.methods]}, model={type(self.model).__name__})"
 
 
+def untie_adapted_weights(model: nn.Module) -> bool:
+    """Give each adapted linear whose weight is shared with another module (transformers ties `lm_head`
+    to the input embeddings) its own copy, and turn the config's tie off, so that merging into it does
+    not change the embeddings too, and a saved merged model keeps the two apart. True if anything was
+    untied."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    untied = False
+    for module in model.modules():
+        if not isinstance(module, DeltaLinear) or module.merged:
+            continue
+        weight = getattr(module.base, "weight", None)
+        if isinstance(weight, nn.Parameter) and uses.get(id(weight), 0) > 1:
+            module.base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            untied = True
+    config = getattr(model, "config", None)
+    if untied and config is not None:
+        for cfg in {id(c): c for c in (config, _text_config(config))}.values():
+            if hasattr(cfg, "tie_word_embeddings"):
+                cfg.tie_word_embeddings = False
+    return untied
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _as_spec(spec: MethodSpec | str) -> MethodSpec:
     return MethodSpec(name=spec) if isinstance(spec, str) else spec
 
@@ -170,12 +207,16 @@ def apply_methods(model: nn.Module, specs: list[MethodSpec | str] | MethodSpec |
         if names.count(n) > 1:
             raise ConfigError(f"method '{n}' is given twice; give it once with all its targets", field="method")
     freeze(model)
+    before = {id(m) for m in model.modules()}
     methods: list[Method] = []
     for spec in specs:
         method = get_method(spec.name)(spec)
         method.apply(model)
         methods.append(method)
     _check_claims(model, methods)
+    for module in model.modules():  # new modules start in training mode: an eval model runs no adapter dropout
+        if id(module) not in before:
+            module.training = model.training
     return AdaptedModel(model, methods)
 
 

@@ -145,8 +145,10 @@ class DoRALinear(LoRALinear):
         norm = v.norm(dim=1)
         m = self.lora_magnitude_vector.to(self._fdtype)
         w = self.base.weight
-        w.copy_(((m / norm)[:, None] * v).to(w.dtype))
+        merged = ((m / norm)[:, None] * v).to(w.dtype)
         self._merged_norm = norm
+        self._keep_original("weight", w, unmerged=self._unmerged_from(merged))
+        w.copy_(merged)
         self.merged = True
 
     @torch.no_grad()
@@ -156,10 +158,15 @@ class DoRALinear(LoRALinear):
             return
         self.dequantize_base()
         w = self.base.weight
-        m = self.lora_magnitude_vector.to(self._fdtype)
-        w.copy_((w.to(self._fdtype) * (self._merged_norm / m)[:, None] - self._lora_weight()).to(w.dtype))
+        w.copy_(self._unmerged_from(w))
+        self._put_back_original("weight", w)
         self._merged_norm = None
         self.merged = False
+
+    def _unmerged_from(self, merged: torch.Tensor) -> torch.Tensor:
+        """W0 = W' n* / m - s B A, in W's dtype (merge predicts with it what unmerge will compute)."""
+        m = self.lora_magnitude_vector.to(self._fdtype)
+        return (merged.to(self._fdtype) * (self._merged_norm / m)[:, None] - self._lora_weight()).to(merged.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", dora=True, exact_grad={self.exact_grad}"

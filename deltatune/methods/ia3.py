@@ -67,7 +67,7 @@ class IA3Linear(DeltaLinear):
         if self._already(merged=True):
             return
         self.dequantize_base()
-        self._rescale(self._scale())
+        self._rescale(self._scale(), keep_originals=True)
         self.merged = True
 
     @torch.no_grad()
@@ -79,14 +79,26 @@ class IA3Linear(DeltaLinear):
             raise ConfigError("cannot unmerge (IA)3: a scaling entry is exactly 0, so the original weight is lost")
         self.dequantize_base()
         self._rescale(1.0 / l)
+        self._put_back_original("weight", self.base.weight)
+        if self.base.bias is not None:
+            self._put_back_original("bias", self.base.bias)
         self.merged = False
 
-    def _rescale(self, factor: torch.Tensor) -> None:
+    def _rescale(self, factor: torch.Tensor, keep_originals: bool = False) -> None:
+        """Weight (and, for output scaling, bias) times `factor`; on merge, keep what dividing again would
+        not give back exactly (see DeltaLinear._keep_original)."""
         w = self.base.weight
-        w.copy_((w.float() * factor).to(w.dtype))
+        scaled = (w.float() * factor).to(w.dtype)
+        if keep_originals:
+            self._keep_original("weight", w, unmerged=(scaled.float() * (1.0 / factor)).to(w.dtype))
+        w.copy_(scaled)
         b = self.base.bias
         if b is not None and not self.is_feedforward:
-            b.copy_((b.float() * factor.reshape(-1)).to(b.dtype))
+            f = factor.reshape(-1)
+            scaled = (b.float() * f).to(b.dtype)
+            if keep_originals:
+                self._keep_original("bias", b, unmerged=(scaled.float() * (1.0 / f)).to(b.dtype))
+            b.copy_(scaled)
 
     def extra_repr(self) -> str:
         return f"feedforward={self.is_feedforward}"

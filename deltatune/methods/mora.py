@@ -133,6 +133,7 @@ class MoRALinear(DeltaLinear):
         layer's output is unchanged (same r_hat for the sharing types 1-4, so M keeps its shape)."""
         self.merge()
         self.merged = False  # the base now holds the change; M restarts from zero
+        self._originals.clear()  # nothing to unmerge: the change is the base's own now
         self.mora_M.zero_()
         self.mora_type = parse_mora_type(next_type)
         self._build_maps(self.mora_M.device)
@@ -335,6 +336,9 @@ class MoRA(WeightDeltaMethod):
         if not self.remora_every or step % self.remora_every:
             return []
         self._last_merge = step
+        from deltatune.methods.apply import untie_adapted_weights
+
+        untie_adapted_weights(model)  # an adapted lm_head tied to the embeddings merges into its own copy
         modules = self.delta_modules(model)
         for module in modules:
             cycle = self._cycle

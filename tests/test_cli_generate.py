@@ -74,3 +74,30 @@ def test_the_default_models_hub_id_without_the_hub_points_to_default(monkeypatch
         models.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     with pytest.raises(UserError, match="check the name"):
         models.resolve_model("someone/another-model")
+
+
+def test_generate_raw_gives_the_prompt_the_tokenizers_bos(tmp_path, capsys):
+    """`--raw` encodes the prompt as eval encodes plain prompts and training puts BOS in front: with the BOS
+    a Llama-style tokenizer adds. The printed text is the greedy continuation of [BOS] + prompt."""
+    import torch
+    from tokenizers import processors
+
+    from deltatune.cli import main
+
+    model, tok = tiny_model(0, initializer_range=0.2), tiny_tokenizer()
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    tok.bos_token = "<|endoftext|>"
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    ids = tok("The quick brown fox", add_special_tokens=False)["input_ids"]
+    answers = {}
+    for name, prompt in (("with", [bos] + ids), ("without", ids)):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        answers[name] = tok.decode(out[0, len(prompt) :], skip_special_tokens=True).strip()
+    assert answers["with"] != answers["without"]  # else the test could not tell them apart
+    args = ["generate", "--model", str(tmp_path), "--raw", "--prompt", "The quick brown fox", "--max-new-tokens", "6"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == answers["with"]

@@ -167,3 +167,23 @@ def test_cli_serve_names_the_base_after_the_folder_and_prints_the_bound_port(tin
     state = served["app"].state.serve
     assert state.base_name == tiny_dir.name
     assert f"deltatune serve: {tiny_dir.name} " in out and ":0/v1" not in out
+
+
+def test_completions_prompts_get_the_tokenizers_bos_and_chat_prompts_do_not_get_a_second():
+    """Raw prompts are encoded as `deltatune eval` and vLLM encode them: with the BOS a Llama-style tokenizer
+    adds (a model trained with BOS in front sees it at inference too); a chat template that writes BOS itself
+    is not given a second one."""
+    from tokenizers import processors
+
+    tok = tiny_tokenizer()
+    plain = Engine(MultiAdapterModel(base_model()), tok).encode(PROMPT)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.convert_tokens_to_ids("<|endoftext|>"))]
+    )
+    tok.bos_token = "<|endoftext|>"
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    engine = Engine(MultiAdapterModel(base_model()), tok)
+    bos = tok.bos_token_id
+    assert engine.encode(PROMPT) == [bos] + plain
+    chat = engine.encode_chat([{"role": "user", "content": PROMPT}])
+    assert chat[0] == bos and chat[1] != bos

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
             if args.raw
             else [_chat_prompt(tokenizer, system + [{"role": "user", "content": p}]) for p in args.prompt]
         )
-        for text in generate(model, tokenizer, prompts, gen, progress=False):
+        # raw prompts get the tokenizer's own BOS (as eval's plain prompts); a chat template writes its own
+        for text in generate(model, tokenizer, prompts, gen, add_special_tokens=args.raw, progress=False):
             print(text.strip())
         return 0
     history = list(system)

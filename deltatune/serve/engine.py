@@ -172,11 +172,14 @@ class Engine:
         self.stats = {"steps": 0, "tokens": 0, "seconds": 0.0}
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
+        """The chat template's text as it stands: the template writes BOS itself where the model wants one."""
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.encode(text)
+        return self.encode(text, add_special_tokens=False)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A completions prompt with the tokenizer's own special tokens (BOS for Llama-style models), as
+        `deltatune eval` and vLLM encode raw prompts."""
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def check(self, request: GenRequest) -> None:
         """Raise ValueError if `request` cannot run (so a caller can refuse it alone, not its whole batch)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 
@@ -276,3 +277,46 @@ def test_eval_cli_code_task_fails_before_loading_a_model(tmp_path, humaneval_fil
         == 2
     )
     assert "needs sampling: add --sample" in capsys.readouterr().err
+
+
+def test_a_process_the_sample_leaves_running_is_killed_when_it_ends(monkeypatch):
+    """A multiprocessing child the sample does not wait for (its final os._exit skips the join) must not
+    outlive the sample: no process is left in the sample's process group."""
+    import subprocess
+
+    from deltatune.evaluate import execution
+
+    started = []
+
+    class Recording(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self.pid)
+
+    monkeypatch.setattr(execution.subprocess, "Popen", Recording)
+    program = (
+        "import multiprocessing, time\n"
+        "if __name__ == '__main__':\n"
+        "    child = multiprocessing.get_context('spawn').Process(target=time.sleep, args=(60,))\n"
+        "    child.start()\n"
+        "    time.sleep(0.5)\n"
+    )
+    out = run_program(program, Limits(timeout_s=20.0))
+    assert out.passed, out.status
+    group = started[-1]  # the sample (an earlier one may be the namespace check)
+
+    def members() -> list[int]:
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == group:  # pgrp
+                pids.append(int(stat.parent.name))
+        return pids
+
+    deadline = time.perf_counter() + 5
+    while members() and time.perf_counter() < deadline:
+        time.sleep(0.1)
+    assert members() == []

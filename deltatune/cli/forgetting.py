@@ -31,8 +31,29 @@ def add_parser(subparsers) -> None:
     p.add_argument("--target", required=True, help="comma list of target tasks (what the runs trained for)")
     p.add_argument("--source", required=True, help="comma list of source tasks (what the base could already do)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace forgetting.* files already in --out")
     add_eval_options(p)
     p.set_defaults(func=run)
+
+
+OUTPUTS = ("forgetting.json", "forgetting.md", "forgetting.png")
+
+
+def check_out_folder(out: str, overwrite: bool) -> None:
+    """Before any model loads (the evaluation can take hours): --out can be a folder we write, and holds no
+    earlier results unless --overwrite."""
+    from deltatune.fileio import check_writable
+
+    folder = Path(out).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{out} exists and is not a folder", field="out")
+    check_writable(folder, field="out")
+    earlier = [name for name in OUTPUTS if (folder / name).exists()]
+    if earlier and not overwrite:
+        raise UserError(
+            f"{folder / earlier[0]} exists (earlier results); choose another folder or pass --overwrite to replace it",
+            field="out",
+        )
 
 
 def metric_names(results: dict[str, str], tasks: list[str], loss_tasks: set[str]) -> str:
@@ -95,6 +116,7 @@ def run(args) -> int:
     opts = options_from_args(args)
     targets = resolve_tasks(args.target, args.data_root, args.map)
     sources = resolve_tasks(args.source, args.data_root, args.map)
+    check_out_folder(args.out, getattr(args, "overwrite", False))
     tasks = list({t.name: t for t in targets + sources}.values())
     for t in tasks:
         if t.kind == "code":

@@ -82,13 +82,16 @@ def score_options(
     progress: bool = True,
     all_logits: bool = False,
     shared_context: bool | None = None,
+    char_counts: list[list[int]] | None = None,
 ) -> list[list[OptionScore]]:
     """Log-likelihood of each option of each question; `options[i]` are continuations of `contexts[i]`.
 
     `all_logits` computes the head at every position (the path for a model whose forward lacks
     `logits_to_keep`; benchmarks/eval_speed.py times both). `shared_context` runs each context once and
     its options over its cache (None: unless `all_logits`; `batch_size` then counts questions) where the model
-    allows it (`can_share_context`) and every row fits in its context; whole rows otherwise."""
+    allows it (`can_share_context`) and every row fits in its context; whole rows otherwise. `char_counts[i][j]`:
+    the character count that `char` normalisation divides by, lm-eval's len(choice) of the option as written
+    (without the delimiter before it); default: the continuation's length without surrounding spaces."""
     pairs: list[tuple[int, int, list[int], list[int], int]] = []
     for q, (ctx, opts) in enumerate(zip(contexts, options)):
         for o, text in enumerate(opts):
@@ -97,7 +100,8 @@ def score_options(
                 raise ValueError(f"option {o} of question {q} encodes to no tokens: {text!r}")
             if not c_ids:
                 raise ValueError(f"the context of question {q} encodes to no tokens: nothing predicts the option")
-            pairs.append((q, o, c_ids, o_ids, len(text.strip()) or len(text)))
+            n_chars = char_counts[q][o] if char_counts is not None else (len(text.strip()) or len(text))
+            pairs.append((q, o, c_ids, o_ids, n_chars))
     max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 10**9
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device

@@ -13,6 +13,7 @@ on Code", eq. 1): with n samples of which c pass, 1 - C(n-c, k) / C(n, k), avera
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -68,7 +69,9 @@ def read_code_problems(path: Path) -> list[CodeProblem]:
     problems: list[CodeProblem] = []
     fmt = None
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as fh:
+    from deltatune.evaluate.tasks import read_utf8
+
+    with io.StringIO(read_utf8(path), newline=None) as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue

@@ -14,6 +14,9 @@ What is enforced on each sample (see docs/evaluation.md, "Code execution"):
   `reliability_guard` does. This guards against accidents of a model's code, not against code
   written to escape: it is not a security sandbox (run untrusted code in a container or VM).
 - stdout is discarded; stderr is kept up to the file-size limit, its last line names the error.
+- a sample passes only when the program ran to its end: its last statement exits with a status of its own
+  (`PASS_STATUS`), so a completion that calls `exit()`, `sys.exit(0)` or `os._exit(0)` before the tests
+  run fails (HumanEval's harness counts SystemExit as a failure too).
 Samples run in parallel, up to the core count.
 """
 
@@ -48,13 +51,18 @@ def _open(file, mode="r", *args, **kwargs):
 _b.open = _io.open = _open
 for _name in ("system", "kill", "killpg", "fork", "forkpty", "putenv", "remove", "removedirs", "rmdir", "unlink",
               "rename", "renames", "replace", "truncate", "chmod", "chown", "lchown", "chdir", "fchdir",
-              "setuid", "execv", "execve", "execvp", "spawnv", "popen"):
+              "setuid", "execv", "execve", "execvp", "spawnv", "popen", "posix_spawn", "posix_spawnp"):
     if hasattr(_os, _name):
         setattr(_os, _name, _deny)
 _shutil.rmtree = _shutil.move = _shutil.chown = _deny
 _subprocess.Popen = _subprocess.run = _subprocess.call = _deny
 del _name
 """
+
+
+PASS_STATUS = 97  # the exit status of a program that reached its end (0 means it left early)
+# only in the program itself: a multiprocessing child re-imports the file as __mp_main__ and must run its target
+_END = f"\nif __name__ == '__main__':\n    __deltatune_end__({PASS_STATUS})\n"
 
 
 @dataclass(frozen=True)
@@ -104,15 +112,17 @@ def _limits_prelude(limits: Limits) -> str:
         f"_r.setrlimit(_r.RLIMIT_FSIZE, ({fsize}, {fsize}))\n"
         "_r.setrlimit(_r.RLIMIT_CORE, (0, 0))\n"
         "del _r\n"
+        # the real exit, kept before the guard and the program can replace os._exit: the program's last line
+        "from os import _exit as __deltatune_end__\n"
     )
 
 
 def run_program(program: str, limits: Limits = Limits()) -> Outcome:
-    """Run one program (guard prelude + the program) and say whether it exited 0 in time."""
+    """Run one program (guard prelude + the program) and say whether it ran to its end in time."""
     folder = tempfile.mkdtemp(prefix="deltatune-exec-")
     try:
         with open(os.path.join(folder, "sample.py"), "w", encoding="utf-8") as fh:
-            fh.write(_limits_prelude(limits) + GUARD + "\n" + program + "\n")
+            fh.write(_limits_prelude(limits) + GUARD + "\n" + program + "\n" + _END)
         cmd = [sys.executable, "-I", "sample.py"]
         if network_namespace_available():
             cmd = ["unshare", "-rn", *cmd]
@@ -136,8 +146,11 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
             except subprocess.TimeoutExpired:
                 _kill_group(proc)  # the sample and anything it started in its session
                 return Outcome(False, "timed out")
-        if code == 0:
+            _kill_leftovers(proc.pid)  # a process the sample started and left running (its group outlives it)
+        if code == PASS_STATUS:
             return Outcome(True, "passed")
+        if code == 0:  # exit(), sys.exit(0), os._exit(0): the tests did not all run
+            return Outcome(False, "failed: exited before the end of the tests (status 0)")
         if code < 0:
             return Outcome(False, f"killed by signal {-code}")
         return Outcome(False, "failed: " + _last_line(os.path.join(folder, "stderr.txt")))
@@ -152,6 +165,16 @@ def _kill_group(proc: subprocess.Popen) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+
+
+def _kill_leftovers(group: int) -> None:
+    """SIGKILL what is left of a finished sample's process group: children it started and did not wait for
+    (the sample ends with os._exit, which does not join multiprocessing's children). The group id cannot be
+    given to a new process while members of the group live, so this reaches only the sample's own."""
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _last_line(path: str) -> str:

@@ -72,7 +72,8 @@ def extract_bbh(text: str, target: str) -> str:
         m = re.search(r"\(([A-Z])\)", body)
         if m:
             return f"({m.group(1)})"
-        m = re.match(r"([A-Z])(?:[).:\s]|$)", body)
+        # a bare letter, also in markdown bold or quotes as chat models write it: "**B**", "'B'."
+        m = re.match(r"[*_\"'`]*([A-Z])(?:[).:\s*_\"'`]|$)", body)
         return f"({m.group(1)})" if m else normalize_answer(body.split("\n")[0])
     first_line = body.split("\n")[0] if body else ""
     return normalize_answer(first_line)

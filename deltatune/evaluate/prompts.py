@@ -77,13 +77,22 @@ def pick_shots(pool: list[Item], k: int, seed: int, exclude: Item | None = None)
     if k <= 0:
         return []
 
-    def same(p: Item) -> bool:  # the same object, or the same record read twice
-        return exclude is not None and (p is exclude or (bool(p.source) and p.source == exclude.source))
+    def same(p: Item) -> bool:  # the same object, the same record read twice, or the same question elsewhere
+        if exclude is None:
+            return False
+        if p is exclude or (bool(p.source) and p.source == exclude.source):
+            return True
+        # a test file can repeat a question word for word (MMLU does): its twin would show the answer
+        return p.prompt == exclude.prompt and p.options == exclude.options
 
     candidates = [p for p in pool if not same(p)]
     if len(candidates) < k:
         raise UserError(f"asked for {k} shots but only {len(candidates)} examples are available", field="shots")
-    rng = random.Random(seed)
-    order = rng.sample(range(len(pool)), min(len(pool), k + 1))
-    chosen = [pool[i] for i in order if not same(pool[i])][:k]
-    return chosen
+    # k + 1 draws (the seeded shots of earlier versions), more only when duplicates of the item took their place
+    size = min(len(pool), k + 1)
+    while True:
+        order = random.Random(seed).sample(range(len(pool)), size)
+        chosen = [pool[i] for i in order if not same(pool[i])][:k]
+        if len(chosen) == k or size == len(pool):
+            return chosen
+        size = min(len(pool), 2 * size)

@@ -161,6 +161,8 @@ def _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_speci
         batch_size=opts.batch_size,
         add_special_tokens=add_special,
         progress=opts.progress,
+        # acc divides by len(choice) of the option as written, as lm-eval's acc_norm (spaces around it included)
+        char_counts=[[len(o) - len(style.continuation_prefix) for o in row] for row in options],
     )
     answers = [item.answer for item in items]
     metrics = choice_accuracies(scores, answers)

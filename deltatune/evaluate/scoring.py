@@ -9,13 +9,14 @@ for HumanEval they continue the prompt, for MBPP they are the whole program.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from deltatune.errors import DataError, UserError
 from deltatune.evaluate.code import task_id_text
 from deltatune.evaluate.runner import EvalOptions, TaskResult, check_code_options, score_code
-from deltatune.evaluate.tasks import Task, load_items
+from deltatune.evaluate.tasks import Task, load_items, read_utf8
 
 
 def read_predictions(path: str | Path, known: dict[str, str]) -> dict[str, list[str]]:
@@ -24,7 +25,7 @@ def read_predictions(path: str | Path, known: dict[str, str]) -> dict[str, list[
     if not path.is_file():
         raise UserError(f"{path}: predictions file not found", field="score")
     out: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as fh:
+    with io.StringIO(read_utf8(path), newline=None) as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue

@@ -15,6 +15,7 @@ The data root is ../shared/data beside the repository, else $DELTATUNE_DATA, els
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -173,18 +174,29 @@ def resolve_task(spec: str, root: str | os.PathLike | None = None, field_map: di
 # --- readers: one per format, each returning Items ---------------------------------------------
 
 
+def read_utf8(path: Path) -> str:
+    """The file's text; a byte that is not UTF-8 is a DataError naming its line, not a traceback."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8", file=str(path), line=line
+        ) from None
+
+
 def _jsonl(path: Path):
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"not valid JSON ({exc.msg})", file=str(path), line=n) from exc
-            if not isinstance(record, dict):
-                raise DataError("expected a JSON object per line", file=str(path), line=n)
-            yield n, record
+    for n, line in enumerate(io.StringIO(read_utf8(path), newline=None), 1):  # lines as open() splits them
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"not valid JSON ({exc.msg})", file=str(path), line=n) from exc
+        if not isinstance(record, dict):
+            raise DataError("expected a JSON object per line", file=str(path), line=n)
+        yield n, record
 
 
 def _field(record: dict, key: str, path: Path, line: int) -> str:
@@ -208,9 +220,9 @@ def read_gsm8k(path: Path) -> list[Item]:
 
 def read_mmlu(path: Path) -> list[Item]:
     items = []
-    with open(path, encoding="utf-8", newline="") as fh:
+    with io.StringIO(read_utf8(path), newline="") as fh:
         for n, row in enumerate(csv.reader(fh), 1):
-            if len(row) != 6 or row[5].strip() not in "ABCD" or not row[5].strip():
+            if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
                 raise DataError("expected 6 columns: question, A, B, C, D, answer letter", file=str(path), line=n)
             answer = LETTERS.index(row[5].strip())
             items.append(
@@ -221,12 +233,14 @@ def read_mmlu(path: Path) -> list[Item]:
 
 def read_bbh(path: Path) -> list[Item]:
     try:
-        examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
+        examples = json.loads(read_utf8(path))["examples"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise DataError('expected {"examples": [{"input", "target"}]}', file=str(path)) from exc
+    if not isinstance(examples, list):
+        raise DataError('expected {"examples": [{"input", "target"}]}', file=str(path), field="examples")
     items = []
     for i, ex in enumerate(examples):
-        if not isinstance(ex.get("input"), str) or not isinstance(ex.get("target"), str):
+        if not isinstance(ex, dict) or not isinstance(ex.get("input"), str) or not isinstance(ex.get("target"), str):
             raise DataError("example needs string 'input' and 'target'", file=str(path), field=f"examples[{i}]")
         items.append(Item(ex["input"], bbh_target(ex["target"]), ex["target"], source=f"{path}#{i}"))
     return items
@@ -236,9 +250,13 @@ def read_self_instruct(path: Path) -> list[Item]:
     items = []
     for n, r in _jsonl(path):
         instances = r.get("instances") or [{}]
+        if not isinstance(instances, list) or not isinstance(instances[0], dict):
+            raise DataError("expected a list of objects", file=str(path), line=n, field="instances")
         inst = instances[0]
         prompt = _field(r, "instruction", path, n)
         if inst.get("input"):
+            if not isinstance(inst["input"], str):
+                raise DataError("not a string", file=str(path), line=n, field="instances[0].input")
             prompt += "\n\n" + inst["input"]
         output = inst.get("output")
         if not isinstance(output, str):

@@ -296,3 +296,32 @@ def test_segment_bounds_fall_back_to_token_ends_when_a_character_is_uncovered():
             return next((i for i, (a, b) in enumerate(self.offsets) if a <= c < b), None)
 
     assert _segment_bounds(Enc(), [1, 2, 3]) == [0, 1, 1]
+
+
+def test_weighted_template_weight_is_the_specs_lambda_template(tiny_tok):
+    """methods.md section 7: w = λ_prompt on instruction tokens, λ_template on template tokens, 1 on the output.
+    Token by token on an Alpaca example: the preamble and headers' text (`template`) weigh λ_t, role markers and
+    special tokens 0."""
+    ex = _one(tiny_tok, ALPACA, "alpaca")
+    policy = parse_policy("weighted:0.1,template=0.05")
+    assert policy == LossPolicy("weighted", lam=0.1, lam_template=0.05)
+    expected = {Role.TEMPLATE: 0.05, Role.INSTRUCTION: 0.1, Role.INPUT: 0.1, Role.RESPONSE: 1.0}
+    weights = policy_weights(ex, policy)
+    assert Role.TEMPLATE in ex.roles and Role.RESPONSE in ex.roles
+    assert weights == [expected.get(r, 0.0) for r in ex.roles]
+    assert parse_policy(str(policy)) == policy  # config.yaml and checkpoints store the string
+    assert str(parse_policy("weighted:0.1")) == "weighted:0.1"  # the default λ_t = 0 is not written
+    assert parse_policy("IM") == LossPolicy("instruction") and parse_policy("Weighted:0.2").lam == 0.2
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("response,template=0.1", "only 'weighted' takes a template weight"),
+        ("weighted:0.1,template=2", r"template weight must lie in \[0, 1\]"),
+        ("weighted:0.1,template=x", "template weight 'x' .* is not a number"),
+    ],
+)
+def test_bad_template_weights_are_one_line(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_policy(spec)

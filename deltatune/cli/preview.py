@@ -60,9 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deltatune.data.masking import PolicySchedule, parse_policy
-    from deltatune.data.pipeline import prepare_dataset
+    from deltatune.data.pipeline import no_examples_message, prepare_dataset
     from deltatune.data.preview import to_json, to_text
-    from deltatune.errors import ConfigError
+    from deltatune.errors import ConfigError, DataError
 
     if args.limit < 1:
         raise ConfigError(f"must be at least 1, got {args.limit}", field="--limit")
@@ -85,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         keep_offsets=True,
     )
+    if not data.examples:
+        raise DataError(no_examples_message(args.data, data.report))
     if args.output_format == "json":
         sys.stdout.write(to_json(data.examples, tokenizer, policy) + "\n")
         return 0

@@ -24,9 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deltatune.data.pipeline import prepare_dataset
+    from deltatune.data.pipeline import no_examples_message, prepare_dataset
     from deltatune.data.stats import advise, dataset_stats, format_stats
-    from deltatune.errors import ConfigError
+    from deltatune.errors import ConfigError, DataError
 
     if args.max_len < 2:
         raise ConfigError(f"must be at least 2, got {args.max_len}", field="--max-len")
@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         system_prompt=args.system_prompt,
     )
+    if not data.examples:  # no lengths, no ratio: advice would be made up
+        raise DataError(no_examples_message(args.data, data.report))
     stats = dataset_stats(
         data.examples, max_len=args.max_len, seq_len=args.seq_len or args.max_len, batch_size=args.batch_size
     )

@@ -188,13 +188,44 @@ def _read_csv(p: Path, name: str, delimiter: str) -> Iterator[RawRecord | DataEr
         table = pacsv.read_csv(p, parse_options=parse, convert_options=convert)
     except pa.ArrowInvalid as exc:
         raise DataError(f"cannot read CSV ({str(exc).splitlines()[0]})", file=name)
+    lines = _csv_row_lines(p, delimiter, table.num_rows)
     for i, row in enumerate(table.to_pylist()):
-        line = i + 2  # line 1 is the header; exact unless a quoted cell spans lines
+        line = lines[i] if lines else i + 2  # line 1 is the header
         try:
             yield RawRecord(_decode_bytes(row), name, line, i)
         except UnicodeDecodeError as exc:
             bad = next(k for k, v in row.items() if isinstance(v, bytes) and _bad_utf8(v))
             yield DataError(f"not valid UTF-8 (byte 0x{exc.object[exc.start]:02x})", file=name, line=line, field=bad)
+
+
+def _csv_row_lines(p: Path, delimiter: str, n_rows: int) -> list[int] | None:
+    """The line on which each data row starts, or None when every row is one line (row i on line i + 2).
+
+    A quoted cell may span lines, and empty lines are skipped: then rows and lines part ways, and
+    Python's csv module (quotes only at the start of a cell, as pyarrow reads them) finds the lines.
+    """
+    raw = p.read_bytes()
+    n_lines = raw.count(b"\n") + (0 if raw.endswith(b"\n") else 1)
+    if n_lines == n_rows + 1 and b'"' not in raw:
+        return None
+    import csv
+    import io
+
+    # latin-1 maps every byte to one character, so quotes and newlines are found whatever the encoding
+    reader = csv.reader(io.StringIO(raw.decode("latin-1"), newline=""), delimiter=delimiter)
+    starts, prev = [], 0
+    limit = csv.field_size_limit(max(len(raw), 131072))  # a long cell is no error here
+    try:
+        for row in reader:
+            if row:  # an empty line is no row
+                starts.append(prev + 1)
+            prev = reader.line_num
+    except csv.Error:
+        return None
+    finally:
+        csv.field_size_limit(limit)
+    starts = starts[1:]  # the header
+    return starts if len(starts) == n_rows else None
 
 
 def _bad_utf8(b: bytes) -> bool:

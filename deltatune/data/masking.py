@@ -6,8 +6,9 @@
 | instruction     | 1*     | 1        | 0    | 1           | 1     | 1        | 0       |
 | no-boilerplate  | 0*     | 0        | 0    | 1           | 1     | 1        | 0       |
 | all             | 1*     | 1        | 1    | 1           | 1     | 1        | 1       |
-| weighted:λ      | 0*     | 0        | 0    | λ           | λ     | 1        | 0       |
+| weighted:λ      | 0*     | λ_t      | 0    | λ           | λ     | 1        | 0       |
 (*) `train_system` overrides the default: the system prompt then weighs what an instruction weighs.
+λ_t (`template=`, default 0) is the spec's λ_template for the constant template text: `weighted:0.1,template=0.05`.
 
 `instruction` is the paper's Instruction Modelling (arXiv 2405.14394): loss on every token except
 role markers and special tokens. `no-boilerplate` also drops the constant template text.
@@ -44,15 +45,17 @@ DEFAULT_LAMBDA = 0.1
 
 @dataclass(frozen=True)
 class LossPolicy:
-    """Which tokens carry loss. `lam` is λ for `weighted`; `turns` is "all" or "last"."""
+    """Which tokens carry loss. `lam` is λ for `weighted` and `lam_template` its λ_template (the constant
+    template text, e.g. Alpaca's preamble); `turns` is "all" or "last"."""
 
     name: str
     lam: float = DEFAULT_LAMBDA
     train_system: bool | None = None  # None: the policy's default (see the table above)
     turns: str = "all"
+    lam_template: float = 0.0
 
     def __post_init__(self) -> None:
-        name = _ALIASES.get(self.name, self.name)
+        name = _ALIASES.get(self.name.lower(), self.name.lower())
         object.__setattr__(self, "name", name)
         if name not in POLICIES:
             raise ConfigError(
@@ -60,6 +63,10 @@ class LossPolicy:
             )
         if not 0.0 <= self.lam <= 1.0:
             raise ConfigError(f"λ must lie in [0, 1], got {self.lam}", field="--policy")
+        if not 0.0 <= self.lam_template <= 1.0:
+            raise ConfigError(f"template weight must lie in [0, 1], got {self.lam_template}", field="--policy")
+        if self.lam_template and name != "weighted":
+            raise ConfigError(f"only 'weighted' takes a template weight (got '{name}')", field="--policy")
         if self.turns not in ("all", "last"):
             raise ConfigError(f"turns must be 'all' or 'last', got '{self.turns}'", field="--policy")
 
@@ -82,12 +89,15 @@ class LossPolicy:
             w = {role: 1.0 for role in Role}
         elif self.name == "weighted":
             w[Role.INSTRUCTION] = w[Role.INPUT] = float(self.lam)
+            w[Role.TEMPLATE] = float(self.lam_template)
             w[Role.RESPONSE] = 1.0
         w[Role.SYSTEM] = w[Role.INSTRUCTION] if self.system_trained else 0.0
         return w
 
     def __str__(self) -> str:
         s = f"weighted:{self.lam:g}" if self.name == "weighted" else self.name
+        if self.lam_template:
+            s += f",template={self.lam_template:g}"
         if self.turns != "all":
             s += f",turns={self.turns}"
         if self.train_system is not None:
@@ -148,7 +158,7 @@ def policy_weights(example: TokenizedExample, policy: LossPolicy) -> list[float]
 def parse_policy(spec: str) -> LossPolicy | PolicySchedule:
     """Parse a CLI policy string.
 
-    Grammar: `POLICY[:λ][,turns=last|all][,system=yes|no]`, or a two-phase schedule
+    Grammar: `POLICY[:λ][,template=λ_t][,turns=last|all][,system=yes|no]`, or a two-phase schedule
     `POLICY->POLICY@N` (switch after N optimizer steps) or `POLICY->POLICY@Nep` (after N epochs).
     Examples: "response", "weighted:0.1", "no-boilerplate,system=yes", "instruction->response@100".
     """
@@ -181,7 +191,7 @@ def _parse_one(spec: str) -> LossPolicy:
             kwargs["lam"] = float(lam_s)
         except ValueError:
             raise ConfigError(f"λ '{lam_s}' in policy '{spec}' is not a number", field="--policy") from None
-        if name.strip() != "weighted":
+        if name.strip().lower() != "weighted":
             raise ConfigError(f"only 'weighted' takes a λ (got '{head}')", field="--policy")
     for opt in opts:
         key, _, value = opt.partition("=")
@@ -190,6 +200,15 @@ def _parse_one(spec: str) -> LossPolicy:
             kwargs["turns"] = value
         elif key == "system" and value in ("yes", "no", "true", "false", "1", "0"):
             kwargs["train_system"] = value in ("yes", "true", "1")
+        elif key == "template":
+            try:
+                kwargs["lam_template"] = float(value)
+            except ValueError:
+                raise ConfigError(
+                    f"template weight '{value}' in policy '{spec}' is not a number", field="--policy"
+                ) from None
         else:
-            raise ConfigError(f"unknown policy option '{opt}' (use turns=all|last or system=yes|no)", field="--policy")
+            raise ConfigError(
+                f"unknown policy option '{opt}' (use template=λ_t, turns=all|last or system=yes|no)", field="--policy"
+            )
     return LossPolicy(name.strip(), **kwargs)

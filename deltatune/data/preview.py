@@ -32,13 +32,19 @@ def training_weights(ex: TokenizedExample, policy: LossPolicy) -> list[float]:
 
 
 def token_rows(ex: TokenizedExample, tokenizer: Any, policy: LossPolicy) -> list[dict]:
-    """One dict per token: {"token", "id", "segment", "weight"}; token is its exact text in the example."""
+    """One dict per token: {"token", "id", "segment", "weight"}; token is its exact text in the example.
+
+    A character split over several byte-level tokens (an emoji, most CJK) is shown once, on the
+    first of them; the others show "" (their offsets all cover the same character).
+    """
     weights = training_weights(ex, policy)
     rows = []
+    shown = 0  # characters of ex.text already shown
     for i, (tid, role, w) in enumerate(zip(ex.input_ids, ex.roles, weights)):
         if ex.offsets is not None and ex.offsets[i][1] > ex.offsets[i][0]:
             a, b = ex.offsets[i]
-            text = ex.text[a:b]
+            text = ex.text[max(a, shown) : b]
+            shown = max(shown, b)
         else:
             text = tokenizer.decode([tid])
         rows.append({"token": text, "id": int(tid), "segment": role.value, "weight": float(w)})

@@ -9,13 +9,14 @@ Three templates plus a raw one:
   learn to stop) and the "\\n" after it is `role` (turn separator, never generated).
 - "tokenizer": the tokenizer's own chat template (`apply_chat_template`). Each message part is
   rendered as a unique sentinel; locating the sentinels gives the scaffold between them, which is
-  `role`, except the end-of-turn token right after an assistant message (`response`) and a leading
+  `role`, except the end-of-turn token right after an assistant message (`response`, with any
+  whitespace before it, as Llama-2's ' ' + eos_token) and a leading
   BOS string (`special`, unless every turn opens with that same string, as in ChatML tokenizers
   whose BOS is "<|im_start|>"). A default system prompt that the template injects is scaffold, so `role`.
   Every example is re-rendered with its real text and compared, so a template that rewrites
   content (for example stripping it) is refused instead of being tagged wrongly.
 - "raw": no scaffold at all: the parts back to back, EOS after each assistant message.
-Plain-text records ignore the template: the text is `response` followed by EOS.
+Plain-text records ignore the template: the text is `response` followed by the tokenizer's EOS.
 """
 
 from __future__ import annotations
@@ -70,12 +71,13 @@ class Template:
 
     name: str
     eos: str  # the end-of-turn string that closes a response and carries loss
+    text_eos: str = ""  # the tokenizer's EOS, closing a plain-text document ("": same as `eos`)
 
     def render(self, conv: Conversation) -> Example:
         b = _Builder()
         if conv.kind == "text":
             b.add(Role.RESPONSE, conv.messages[0].content, 0)
-            b.add(Role.RESPONSE, self.eos, 0)
+            b.add(Role.RESPONSE, self.text_eos or self.eos, 0)
         else:
             self._render(conv, b)
         return Example(b.segments, source=conv.source, meta=conv.meta)
@@ -200,12 +202,15 @@ class TokenizerTemplate(Template):
             last_of_message = i + 1 == len(parts) or parts[i + 1][0] is not m
             if m.role == "assistant" and last_of_message:
                 after = scaffold[i + 1]
-                eot = next((e for e in (self.eos, *END_OF_TURN_STRINGS) if e and after.startswith(e)), None)
+                # Whitespace before the end-of-turn string (Llama-2: ' ' + eos_token) is generated too.
+                lead = after[: len(after) - len(after.lstrip())]
+                rest = after[len(lead) :]
+                eot = next((e for e in (self.eos, *END_OF_TURN_STRINGS) if e and rest.startswith(e)), None)
                 if eot is None:  # the template does not close the turn: add EOS so the model learns to stop
                     b.add(Role.RESPONSE, self.eos, turn)
                 else:
-                    b.add(Role.RESPONSE, eot, turn)
-                    scaffold[i + 1] = after[len(eot) :]
+                    b.add(Role.RESPONSE, lead + eot, turn)
+                    scaffold[i + 1] = rest[len(eot) :]
         b.add(Role.ROLE, scaffold[-1], parts[-1][1] if parts else 0)
 
 
@@ -227,7 +232,7 @@ def get_template(name: str, tokenizer: Any) -> Template:
                     "use --template alpaca or tokenizer",
                     field="--template",
                 )
-        return ChatMLTemplate(name, "<|im_end|>")
+        return ChatMLTemplate(name, "<|im_end|>", eos)
     if name == "tokenizer":
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(

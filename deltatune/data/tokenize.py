@@ -40,6 +40,14 @@ def tokenize_examples(
     bos_id = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     bos_text = tokenizer.bos_token
     backend = tokenizer.backend_tokenizer  # the Rust tokenizer: batched, parallel, offsets without Python dicts
+    if backend.truncation is not None or backend.padding is not None:
+        # A tokenizer.json may carry truncation or padding, which the transformers wrapper turns off
+        # per call but the Rust tokenizer applies: text would be cut silently or pads appended.
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
     out: list[TokenizedExample] = []
     for lo in range(0, len(examples), batch_size):
         chunk = examples[lo : lo + batch_size]

@@ -74,8 +74,9 @@ def matrix_pairs(model: nn.Module, base_model: nn.Module | None = None) -> list[
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or name.split(".")[-1] in _NEVER or name not in base_modules:
             continue
-        w0 = base_modules[name].weight.detach().float()
-        w = mod.weight.detach().float()
+        # on the CPU: a model trained on a GPU is compared with a base loaded on the CPU
+        w0 = base_modules[name].weight.detach().float().cpu()
+        w = mod.weight.detach().float().cpu()
         if w.shape == w0.shape and not torch.equal(w, w0):
             pairs.append(MatrixPair(name, w0.clone(), w.clone()))
     return pairs

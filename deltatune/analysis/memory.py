@@ -3,8 +3,11 @@
 from a config alone on the meta device, so a 70B plan needs no download and no RAM.
 
 Memory model (bytes), stated so it can be checked:
-- weights: every parameter at its own dtype (adapters may be fp32 on a bf16 base);
-- gradients: every trainable parameter at its dtype;
+- weights: every parameter at its own dtype (adapters may be fp32 on a bf16 base); an NF4 (QLoRA) base
+  weight at its stored size, half a byte per weight plus its scales;
+- gradients: every trainable parameter at its dtype. A plan holds them as `deltatune train` does: what
+  trains in fp32 (master weights), and the whole model in fp32 when the run writes one (full finetuning),
+  whatever the frozen weights' dtype;
 - optimizer: AdamW keeps two states per trainable parameter, counted as fp32 (8 bytes/parameter);
 - adapter file: the trained tensors at their dtype (what `save_adapter` writes, headers aside);
 - activations: ROUGH. Per decoder layer, the tensors autograd keeps for backward in a Llama-style
@@ -21,6 +24,7 @@ Memory model (bytes), stated so it can be checked:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -210,6 +214,7 @@ class ParamReport:
 def parameter_report(target) -> ParamReport:
     """Count an `AdaptedModel` (per method too) or a plain model (trainable = requires_grad)."""
     from deltatune.methods.apply import AdaptedModel
+    from deltatune.methods.nf4 import NF4Linear
 
     if isinstance(target, AdaptedModel):
         model = target.model
@@ -230,6 +235,13 @@ def parameter_report(target) -> ParamReport:
             trainable += n
             kind[1] += n
             trainable_bytes += n * p.element_size()
+    for name, module in model.named_modules():  # a QLoRA base keeps its weight in buffers, not parameters
+        if isinstance(module, NF4Linear):
+            n = module.out_features * module.in_features
+            kind = by_type.setdefault(layer_type(model, f"{name}.weight"), [0, 0])
+            total += n
+            kind[0] += n
+            weight_bytes += module.weight_nbytes()  # 4-bit codes and their scales
     return ParamReport(
         total=total,
         trainable=trainable,
@@ -352,9 +364,13 @@ def format_bytes(n: int) -> str:
 def parse_bytes(text: str) -> int:
     """'24GiB', '24 GB', '80G', '512MiB', '1e9' -> bytes (GB and G are read as GiB, as GPU sizes are)."""
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?B)?\s*", str(text), flags=re.IGNORECASE)
-    if not m:
+    try:
+        value = float(m.group(1)) if m else math.nan  # '1.2.3', '.', 'e' match the pattern but are no number
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
         raise UserError(f"cannot read memory size '{text}'; write e.g. 24GiB or 80GB", field="gpu-memory")
-    value, unit = float(m.group(1)), m.group(2).upper()
+    unit = m.group(2).upper()
     return int(value * {"": 1, "K": 1024, "M": 1024**2, "G": GiB, "T": 1024**4}[unit])
 
 
@@ -381,9 +397,9 @@ def resolve_config(model: Any):
     if path.is_dir():
         if not (path / "config.json").exists():
             raise UserError(f"{path}: folder has no config.json", field="model")
-        return name, AutoConfig.from_pretrained(str(path))
+        return name, _folder_config(path)
     if path.is_file() and path.name == "config.json":
-        return name, AutoConfig.from_pretrained(str(path.parent))
+        return name, _folder_config(path.parent)
     offline_hint = f"use a model folder or one of: {', '.join(sorted(BUILTIN_CONFIGS))}"
     try:  # a hub id: the local cache first, the network only where one answers (no slow retries)
         return name, AutoConfig.from_pretrained(name, local_files_only=True)
@@ -405,6 +421,17 @@ def resolve_config(model: Any):
         raise UserError(
             f"cannot read a config for '{name}' ({str(exc).splitlines()[0][:120]}); {offline_hint}", field="model"
         ) from exc
+
+
+def _folder_config(folder: Path):
+    """The transformers config of a model folder; a config.json it cannot read is one line naming the file."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except Exception as exc:  # bad JSON (OSError), an unknown model_type (ValueError), a wrong field's type, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"cannot read it as a model config ({first})", file=str(folder / "config.json")) from None
 
 
 def meta_model(config, dtype: torch.dtype) -> nn.Module:
@@ -443,6 +470,13 @@ def plan_finetune(
     else:
         model = meta_model(config, dtype)
     adapted = apply_methods(model, method_specs)
+    # as `deltatune train` holds them (train/loop.py): whatever trains as fp32 master weights, and a run whose
+    # output is a whole model (full finetuning) from fp32 weights throughout; `dtype` is the frozen weights'
+    with torch.no_grad():
+        if any(m.writes_full_model for m in adapted.methods):
+            model.float()
+        for _, p in adapted.trainable_parameters():
+            p.data = p.data.float()
     params = parameter_report(adapted)
     per_token = sum(m.activation_numel_per_token() for m in model.modules() if isinstance(m, DeltaLinear))
     act = activation_bytes(

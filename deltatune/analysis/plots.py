@@ -29,6 +29,11 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+def _percent(energy: float) -> str:
+    """0.9 -> '90%', 0.95 -> '95%', 0.999 -> '99.9%'."""
+    return f"{100 * energy:.4g}%"
+
+
 def learn_forget_plot(
     rows: list[dict],
     path: str | os.PathLike,
@@ -108,8 +113,9 @@ def dd_dm_plot(rows: list[dict], fit: dict, path: str | os.PathLike, title: str 
     return _save(fig, path)
 
 
-def spectrum_plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
-    """Left: rank@90% per layer, one line per layer type. Right: normalised singular values."""
+def spectrum_plot(rows: list[dict], path: str | os.PathLike, title: str = "", energy: float = 0.9) -> Path:
+    """Left: rank@energy (the rows' "rank90") per layer, one line per layer type. Right: normalised singular
+    values."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for t in sorted({r["type"] for r in rows}):
         sel = sorted((r for r in rows if r["type"] == t), key=lambda r: (r["layer"] is None, r["layer"] or 0))
@@ -122,7 +128,7 @@ def spectrum_plot(rows: list[dict], path: str | os.PathLike, title: str = "") ->
     ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.set_xlabel("layer")
-    ax1.set_ylabel("rank holding 90% of ||dW||^2")
+    ax1.set_ylabel(f"rank holding {_percent(energy)} of ||dW||^2")
     ax1.legend(fontsize=7)
     ax1.grid(alpha=0.3)
     ax2.set_xlabel("index i")
@@ -133,8 +139,8 @@ def spectrum_plot(rows: list[dict], path: str | os.PathLike, title: str = "") ->
     return _save(fig, path)
 
 
-def spectrum_time_plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
-    """Mean rank@90% of dW per layer type against the training step of each analysed snapshot."""
+def spectrum_time_plot(rows: list[dict], path: str | os.PathLike, title: str = "", energy: float = 0.9) -> Path:
+    """Mean rank@energy of dW per layer type against the training step of each analysed snapshot."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     steps = [r["step"] for r in rows if r["step"] is not None]
     last = (max(steps) if steps else 0) + 1
@@ -144,7 +150,7 @@ def spectrum_time_plot(rows: list[dict], path: str | os.PathLike, title: str = "
         ax.plot(xs, [r["rank90_mean"] for r in sel], marker="o", ms=4, label=t)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step (final weights last)")
-    ax.set_ylabel("mean rank holding 90% of ||dW||^2 (singular vectors)")
+    ax.set_ylabel(f"mean rank holding {_percent(energy)} of ||dW||^2 (singular vectors)")
     ax.set_title(title or "Spectrum of the update over training")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)

@@ -113,11 +113,23 @@ def decomposition_markdown(result: dict) -> str:
     )
 
 
+def _rank_label(pct: str) -> str:
+    """The column name of rank@energy: the JSON's "rank90" at 90%, else the energy asked for."""
+    return "rank90" if pct == "90%" else f"rank@{pct}"
+
+
+def _relabel(rows: list[dict], pct: str) -> list[dict]:
+    """Rows whose "rank90..." keys (the JSON's names, whatever the energy) say the energy asked for."""
+    return [{k.replace("rank90", _rank_label(pct)): v for k, v in r.items()} for r in rows]
+
+
 def spectrum_markdown(result: dict) -> str:
+    from deltatune.analysis.plots import _percent
     from deltatune.cli.eval import format_table
 
     s = result["spectrum"]
-    pct = int(round(result["energy"] * 100))
+    pct = _percent(result["energy"])
+    rank = _rank_label(pct)
     types = sorted({r["type"] for r in s["matrices"]})
     layers = sorted({r["layer"] for r in s["matrices"]}, key=lambda x: (x is None, x or 0))
     grid = []
@@ -129,24 +141,25 @@ def spectrum_markdown(result: dict) -> str:
         grid.append(row)
     return (
         f"# Spectrum of dW: {result['label']} ({s['snapshot']})\n\n"
-        f"rank@{pct}% = smallest k whose top-k singular values hold {pct}% of ||dW||_F^2; "
+        f"rank@{pct} = smallest k whose top-k singular values hold {pct} of ||dW||_F^2; "
         "rel_norm = ||dW||_F / ||W0||_F, how far the weights moved.\n\n"
         + format_table(
-            s["by_type"], ["type", "matrices", "rank90_mean", "rank90_max", "rank90_frac_mean", "rel_norm_mean"]
+            _relabel(s["by_type"], pct),
+            ["type", "matrices", f"{rank}_mean", f"{rank}_max", f"{rank}_frac_mean", "rel_norm_mean"],
         )
-        + f"\n\n## rank@{pct}% / full rank, per layer\n\n"
+        + f"\n\n## rank@{pct} / full rank, per layer\n\n"
         + format_table(grid, ["layer", *types])
-        + f"\n\n## rank@{pct}% over training, per layer type\n\n"
+        + f"\n\n## rank@{pct} over training, per layer type\n\n"
         + format_table(
-            s.get("over_time", []),
+            _relabel(s.get("over_time", []), pct),
             [
                 "checkpoint",
                 "step",
                 "type",
                 "matrices",
-                "rank90_mean",
-                "rank90_max",
-                "rank90_frac_mean",
+                f"{rank}_mean",
+                f"{rank}_max",
+                f"{rank}_frac_mean",
                 "rel_norm_mean",
             ],
         )
@@ -155,17 +168,19 @@ def spectrum_markdown(result: dict) -> str:
 
 
 def run(args) -> int:
-    from deltatune.analysis.plots import dd_dm_plot, spectrum_plot, spectrum_time_plot
+    from deltatune.analysis.plots import _percent, dd_dm_plot, spectrum_plot, spectrum_time_plot
     from deltatune.cli.eval import write_atomic
     from deltatune.evaluate.runs import read_run
     from deltatune.models import load_model
 
     if not 0 < args.energy <= 1:
         raise UserError("must be in (0, 1]", field="energy")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # refused now, not after the analysis
+        raise UserError(f"{out} is a file, not a folder for the tables and plots", field="out")
     info = read_run(args.run)
     base, _ = load_model(args.base or info.base_model, dtype="fp32")
     result = analyze_run(base, info, args.checkpoints, args.energy)
-    out = Path(args.out)
     d = result["decomposition"]
     write_atomic(
         out / "decomposition.json", json.dumps({k: v for k, v in result.items() if k != "spectrum"}, indent=1) + "\n"
@@ -176,11 +191,14 @@ def run(args) -> int:
     )
     write_atomic(out / "spectrum.md", spectrum_markdown(result))
     dd_dm_plot(d["points"], d["fit"], out / "dd_dm.png", f"dD vs dM: {info.label}")
-    spectrum_plot(result["spectrum"]["matrices"], out / "spectrum.png", f"Spectrum of dW: {info.label}")
+    spectrum_plot(
+        result["spectrum"]["matrices"], out / "spectrum.png", f"Spectrum of dW: {info.label}", energy=args.energy
+    )
     spectrum_time_plot(
         result["spectrum"]["over_time"],
         out / "spectrum_time.png",
-        f"rank@{int(round(args.energy * 100))}% of dW over training: {info.label}",
+        f"rank@{_percent(args.energy)} of dW over training: {info.label}",
+        energy=args.energy,
     )
     print(decomposition_markdown(result))
     print(spectrum_markdown(result))

@@ -26,7 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--targets", default="all-linear", help="all-linear, suffixes like q_proj,v_proj, or a regex")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--rslora", action="store_true")
-    p.add_argument("--dtype", default="bf16", help="weight and compute dtype: bf16, fp16, fp32")
+    p.add_argument(
+        "--dtype",
+        default="bf16",
+        help="frozen weights' and compute dtype: bf16, fp16, fp32 (trainable weights are counted in fp32, and "
+        "full finetuning's whole model, as deltatune train keeps them)",
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--gradient-checkpointing", action="store_true")

@@ -200,3 +200,29 @@ def test_matches_bitsandbytes_when_installed():
     err_ours = (dequantize_nf4(ours) - w).abs().mean()
     err_bnb = (bnb_f.dequantize_4bit(packed, state) - w).abs().mean()
     assert err_ours <= err_bnb + 1e-7
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_the_dequantised_weight_is_not_kept_for_backward_and_gradients_are_unchanged(x_dtype):
+    """QLoRA's saving: between forward and backward only the 4-bit codes stay; F.linear on the dequantised
+    weight kept that whole (out x in) weight per layer. The input's gradient is what F.linear gives, bitwise."""
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(nn.Linear(96, 160), compute_dtype=torch.bfloat16)
+    x = torch.randn(3, 5, 96, dtype=x_dtype, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((t.numel(), t.numel() * t.element_size()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    assert all(n != 96 * 160 for n, _ in saved)
+    assert sum(b for _, b in saved) <= 0.3 * 96 * 160 * 2  # codes (half a byte each) and scales: < 0.3x bf16
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    x_ref = x.detach().clone().requires_grad_(True)
+    bias = layer.bias.to(torch.bfloat16)
+    ref = torch.nn.functional.linear(x_ref.to(torch.bfloat16), layer.dequantize(torch.bfloat16), bias).to(x_dtype)
+    (gx_ref,) = torch.autograd.grad(ref, x_ref, g)
+    assert torch.equal(out, ref) and torch.equal(gx, gx_ref)

@@ -167,6 +167,36 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Te
     return dequantize_blockwise(idx, q.scales(), NF4_CODE, q.block_size).view(q.shape).to(dtype)
 
 
+class _NF4Product(torch.autograd.Function):
+    """x W^T + b with W dequantised from NF4 in the forward and again in the backward.
+
+    `F.linear` on the dequantised W would keep that full-size W for x's gradient until the backward, one per
+    layer: the whole base model in the compute dtype (~13 GB for a 7B model), which is what QLoRA exists to
+    avoid. Only the 4-bit codes and their scales are kept between the two passes (as bitsandbytes does)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, absmax, absmax_scale, absmax_offset, shape):
+        (size, block, dq_block, compute) = shape
+        w = dequantize_nf4(NF4Weight(packed, absmax, size, block, absmax_scale, absmax_offset, dq_block), compute)
+        out = F.linear(x.to(compute), w, None if bias is None else bias.to(compute)).to(x.dtype)
+        ctx.save_for_backward(packed, absmax, absmax_scale, absmax_offset)
+        ctx.shape, ctx.x_dtype = shape, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (size, block, dq_block, compute) = ctx.shape
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            packed, absmax, absmax_scale, absmax_offset = ctx.saved_tensors
+            q = NF4Weight(packed, absmax, size, block, absmax_scale, absmax_offset, dq_block)
+            grad_x = (grad_out.to(compute) @ dequantize_nf4(q, compute)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_out.to(compute).reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None, None, None, None, None
+
+
 class NF4Linear(nn.Module):
     """A frozen linear whose weight is stored as NF4 and dequantised to `compute_dtype` per forward.
 
@@ -222,9 +252,9 @@ class NF4Linear(nn.Module):
         return self.quantized().nbytes()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize(self.compute_dtype)
-        b = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), w, b).to(x.dtype)
+        q = self.quantized()
+        shape = (q.shape, q.block_size, q.dq_block_size, self.compute_dtype)
+        return _NF4Product.apply(x, self.bias, q.packed, q.absmax, q.absmax_scale, q.absmax_offset, shape)
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:

@@ -158,3 +158,85 @@ def test_plan_unreadable_model_config_is_one_line_naming_the_file(text, tmp_path
     assert main(["plan", "--model", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "m" / "config.json") in err and len(err.strip().splitlines()) == 1
+
+
+def test_learn_forget_never_reuses_base_scores_or_data_files_of_other_sizes(tmp_path):
+    """A folder retaken after a failed set-up under other sizes held the earlier attempt's base.json and data
+    files: the base was then scored on other items than the runs. They are measured and written again; with the
+    same sizes (a resume) they are read back."""
+    from types import SimpleNamespace
+
+    from deltatune.experiments import learn_forget as lf
+    from deltatune.experiments.common import Context
+
+    ctx = Context("learn-forget", tmp_path / "exp", quick=False, seeds=[0], model="unused", quiet=True)
+    measured = []
+
+    class FakeMeasures:
+        def __init__(self, sizes):
+            self.sizes = sizes
+
+        def missing(self, scores):
+            return []
+
+        def base_scores(self, frozen, tasks=None):
+            measured.append(dict(self.sizes))
+            return {"n": {"gsm8k": self.sizes["gsm8k"]}, "eval_seconds": {}, "gsm8k": 0.5}
+
+    first, second = FakeMeasures({"gsm8k": 40}), FakeMeasures({"gsm8k": 10})
+    lf._base(ctx, first, "base.json", True)
+    lf._base(ctx, second, "base.json", True)
+    assert lf._base(ctx, second, "base.json", True)["n"] == {"gsm8k": 10}
+    assert measured == [{"gsm8k": 40}, {"gsm8k": 10}]  # re-measured once for the new sizes, then read back
+
+    items = [SimpleNamespace(prompt=f"q{i}", shot_answer=f"a{i}") for i in range(3)]
+    path = lf._gsm8k_test_file(ctx, items)
+    assert path.read_text().count("\n") == 3
+    lf._gsm8k_test_file(ctx, items[:1])
+    assert path.read_text().count("\n") == 1
+
+
+def test_masking_records_its_resolved_plan_so_a_folder_of_other_defaults_is_refused(tmp_path, monkeypatch):
+    """Like learn-forget's sizes: the masking experiment's manifest holds the plan its defaults and options
+    resolve to, so a folder whose runs were made under other defaults is refused instead of mixed."""
+    import argparse
+
+    from deltatune.errors import UserError
+    from deltatune.experiments import masking
+    from deltatune.experiments.common import Context
+
+    args = argparse.Namespace(quick=False, sizes=None, steps=None, batch_size=None, heldout=None, generate=None)
+    plan = masking.defining_settings(args)["plan"]
+    assert plan["sizes"] == [50, 200, 800] and plan["steps"] == {"gsm8k": 24, "mmlu": 32}
+    args.steps, args.sizes = 5, "10,20"
+    assert masking.resolved_plan(False, args)["steps"] == {"gsm8k": 5, "mmlu": 5}
+    assert masking.resolved_plan(False, args)["sizes"] == [10, 20] and masking.FULL["sizes"] == [50, 200, 800]
+    args.steps, args.sizes = None, None
+
+    def claim():
+        return Context(
+            "masking",
+            tmp_path / "exp",
+            quick=False,
+            seeds=[0],
+            model="m",
+            quiet=True,
+            settings=masking.defining_settings(args),
+        )
+
+    claim()
+    (tmp_path / "exp" / "runs").mkdir()  # a run has started
+    monkeypatch.setitem(masking.FULL, "heldout", 24)  # a later version's default
+    with pytest.raises(UserError, match="holds experiment 'masking'"):
+        claim()
+
+
+def test_a_weight_with_nan_is_one_line_naming_the_matrix_not_an_svd_traceback():
+    from deltatune.analysis.decompose import matrix_pairs
+    from deltatune.errors import UserError
+
+    adapted = apply_methods(tiny_model(), [MethodSpec(name="lora", rank=2, targets="q_proj")])
+    with torch.no_grad():
+        adapted.model.model.layers[1].self_attn.q_proj.lora_B.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match=r"'model.layers.1.self_attn.q_proj' holds NaN or inf"):
+        matrix_pairs(adapted.model)

@@ -66,7 +66,9 @@ def matrix_pairs(model: nn.Module, base_model: nn.Module | None = None) -> list[
 
     deltas = [(n, m) for n, m in model.named_modules() if isinstance(m, DeltaLinear)]
     if deltas:
-        return [MatrixPair(n, m.base_weight(torch.float32).detach().clone(), merged_weight(m)) for n, m in deltas]
+        return _finite(
+            [MatrixPair(n, m.base_weight(torch.float32).detach().clone(), merged_weight(m)) for n, m in deltas]
+        )
     if base_model is None:
         raise ValueError("a model without DeltaLinear layers needs base_model to compare against")
     base_modules = dict(base_model.named_modules())
@@ -79,6 +81,18 @@ def matrix_pairs(model: nn.Module, base_model: nn.Module | None = None) -> list[
         w = mod.weight.detach().float().cpu()
         if w.shape == w0.shape and not torch.equal(w, w0):
             pairs.append(MatrixPair(name, w0.clone(), w.clone()))
+    return _finite(pairs)
+
+
+def _finite(pairs: list[MatrixPair]) -> list[MatrixPair]:
+    """The pairs, or a one-line error for a weight that is NaN or infinite (a diverged last step): the
+    decomposition and the spectrum (SVD) of such a matrix mean nothing."""
+    from deltatune.errors import UserError
+
+    for pair in pairs:
+        for which, w in (("trained", pair.weight), ("base", pair.base)):
+            if not torch.isfinite(w).all():
+                raise UserError(f"the {which} weight of '{pair.name}' holds NaN or inf values (did training diverge?)")
     return pairs
 
 

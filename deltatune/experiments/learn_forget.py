@@ -165,20 +165,23 @@ def _selfinstruct_file(ctx: Context, n: int) -> Path:
     from deltatune.evaluate.tasks import data_root, read_self_instruct
 
     items = read_self_instruct(data_root() / "self-instruct" / "user_oriented_instructions.jsonl")[:n]
-    path = ctx.out / "data" / "selfinstruct_heldout.jsonl"
-    if not path.exists():
-        write_atomic(path, "".join(json.dumps({"instruction": it.prompt, "output": it.target}) + "\n" for it in items))
-    return path
+    text = "".join(json.dumps({"instruction": it.prompt, "output": it.target}) + "\n" for it in items)
+    return _data_file(ctx.out / "data" / "selfinstruct_heldout.jsonl", text)
 
 
 def _gsm8k_test_file(ctx: Context, items: list) -> Path:
     """The scored GSM8K test problems with their reference solutions, in training format (prompt as trained)."""
     from deltatune.evaluate.tasks import GSM8K_ZERO_SHOT
 
-    path = ctx.out / "data" / "gsm8k_test_answers.jsonl"
-    if not path.exists():
-        rows = [{"instruction": it.prompt + GSM8K_ZERO_SHOT, "output": it.shot_answer} for it in items]
-        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    rows = [{"instruction": it.prompt + GSM8K_ZERO_SHOT, "output": it.shot_answer} for it in items]
+    return _data_file(ctx.out / "data" / "gsm8k_test_answers.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _data_file(path: Path, text: str) -> Path:
+    """`path` holding `text`: written when absent or different (a folder retaken after a failed set-up under
+    other sizes must not score the earlier attempt's items), left alone when the same (resumed runs)."""
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        write_atomic(path, text)
     return path
 
 
@@ -190,6 +193,7 @@ class Measures:
         from deltatune.evaluate.tasks import load_items, resolve_task
         from deltatune.models import load_model
 
+        self.sizes = sizes
         self.target = resolve_task("gsm8k")
         self.sources = [resolve_task(f"mmlu:{MMLU_SUBJECTS}"), resolve_task(f"bbh:{BBH_TASKS}")]
         self.loss = resolve_task(f"loss:{_selfinstruct_file(ctx, sizes['selfinstruct'])}")
@@ -414,8 +418,11 @@ def _base(ctx: Context, m: Measures, file: str, frozen: bool, wait: bool = True)
         time.sleep(POLL_SECONDS)
     with claim:
         path = ctx.out / file
-        if path.exists():
-            scores = json.loads(path.read_text(encoding="utf-8"))
+        scores = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+        if scores is not None and scores.get("sizes", m.sizes) != m.sizes:  # an earlier attempt's, other sizes
+            ctx.say("[learn-forget] base model: scores on file were measured with other sizes; measuring again")
+            scores = None
+        if scores is not None:
             missing = m.missing(scores)
             if not missing:
                 return scores
@@ -426,6 +433,7 @@ def _base(ctx: Context, m: Measures, file: str, frozen: bool, wait: bool = True)
                 f"[learn-forget] scoring the base model{' (fp32 weights, for full finetuning)' if not frozen else ''}"
             )
             scores = m.base_scores(frozen)
+        scores["sizes"] = m.sizes
         write_atomic(path, json.dumps(scores, indent=2) + "\n")
         return scores
 

@@ -188,19 +188,34 @@ def check_arguments(args: argparse.Namespace) -> None:
     parse_sizes(args.sizes)
 
 
-def run(ctx, args: argparse.Namespace) -> None:
-    from deltatune.evaluate.tasks import data_root
-    from deltatune.experiments.common import Run
-    from deltatune.models import load_tokenizer
+def defining_settings(args: argparse.Namespace) -> dict:
+    """The plan this invocation resolves to, defaults included, for the folder's manifest: a folder made under
+    other defaults (sizes, steps, held-out counts, generation lengths) is refused, not mixed with it."""
+    return {"plan": resolved_plan(args.quick, args)}
 
-    plan = dict(QUICK if ctx.quick else FULL)
+
+def resolved_plan(quick: bool, args: argparse.Namespace) -> dict:
+    """QUICK or FULL with the command line's overrides applied."""
+    plan = json.loads(json.dumps(QUICK if quick else FULL))  # a deep copy: the overrides must not touch the defaults
     if args.batch_size:
         plan["batch_size"] = args.batch_size
     if args.heldout:
         plan["heldout"] = plan["train_loss_examples"] = args.heldout
     if args.generate:
         plan["generate"] = {ds: args.generate for ds in plan["generate"]}
-    sizes = parse_sizes(args.sizes) or plan["sizes"]
+    if args.steps:
+        plan["steps"] = {ds: args.steps for ds in plan["steps"]}
+    plan["sizes"] = parse_sizes(args.sizes) or plan["sizes"]
+    return plan
+
+
+def run(ctx, args: argparse.Namespace) -> None:
+    from deltatune.evaluate.tasks import data_root
+    from deltatune.experiments.common import Run
+    from deltatune.models import load_tokenizer
+
+    plan = resolved_plan(ctx.quick, args)
+    sizes = plan["sizes"]
     root = data_root(args.data_root)
     tokenizer = load_tokenizer(ctx.model)
     pools = {"gsm8k": gsm8k_records(root), "mmlu": mmlu_records(root)}
@@ -215,7 +230,7 @@ def run(ctx, args: argparse.Namespace) -> None:
 
     def add(ds: str, size: int, seed: int, policy: str, template: str = "chatml", reduction: str = "token") -> None:
         pool, heldout_pool = pools[ds]
-        steps = args.steps or plan["steps"][ds]
+        steps = plan["steps"][ds]
         train_records = subset(pool, size, seed)
         spec = f"instruction->response@{steps // 2}" if policy == "two-phase" else policy
         heldout = heldout_pool[: plan["heldout"]]

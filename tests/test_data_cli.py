@@ -127,11 +127,18 @@ def test_distribution_and_padding_numbers():
         + [Role.RESPONSE] * n_r,
         [0] * (n_i + n_r + 2),
     )
-    s = dataset_stats([mk(10, 2), mk(30, 8)], max_len=30, seq_len=64, batch_size=2)
-    assert s["ratio_instruction_to_response"] == pytest.approx(40 / 10)
-    assert s["would_truncate"] == 1 and s["would_lose_whole_response"] == 1  # 2+30 > 30, response starts at 32
+    examples = [mk(10, 2), mk(30, 8), mk(20, 15)]
+    s = dataset_stats(examples, max_len=30, seq_len=64, batch_size=2)
+    assert s["ratio_instruction_to_response"] == pytest.approx(60 / 25)
+    # 2+30 > 30 with the response starting at 32: lost whole; 2+20+15 = 37 is cut to 30 and keeps 8 response tokens
+    assert s["would_truncate"] == 2 and s["would_lose_whole_response"] == 1
+    # padding counts what training keeps: the first (14 tokens) and the third cut to 30, not the dropped second
+    assert s["examples_trained"] == 2
     assert s["padding"]["packed_waste"] == pytest.approx(1 - (14 + 30) / 64)
     assert s["padding"]["padded_waste"] == pytest.approx(1 - (14 + 30) / 60)
+    drop = dataset_stats(examples, max_len=30, seq_len=64, batch_size=2, overflow="drop")
+    assert drop["examples_trained"] == 1  # --overflow drop keeps only the example that fits
+    assert drop["padding"]["packed_waste"] == pytest.approx(1 - 14 / 64) and drop["padding"]["padded_waste"] == 0
 
 
 def test_advice_follows_the_paper_in_numbers():

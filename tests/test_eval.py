@@ -542,3 +542,14 @@ def test_eval_records_dtype_and_batch_and_warns_of_bf16_generation(tmp_path, tin
     options = json.loads(out.read_text())["options"]
     assert (options["dtype"], options["batch_size"]) == (dtype, 3)
     assert ("greedy texts change with --batch-size" in capsys.readouterr().err) == (dtype == "bf16")
+
+
+def test_an_option_longer_than_the_context_is_refused_not_scored_at_wrong_positions(tiny_lm, tiny_tok):
+    """lm-eval asserts the continuation fits; here the truncated row would have scored the option's own tokens
+    from positions before it (a negative context length). A clear error instead; options that fit still score."""
+    words = " ".join(["seven"] * 40)
+    n = len(tiny_tok(" " + words, add_special_tokens=False)["input_ids"])
+    with pytest.raises(ValueError, match=f"has {n} tokens: it does not fit the model's context of {n}"):
+        score_options(tiny_lm, tiny_tok, ["Q:"], [[" " + words, " no"]], max_length=n, progress=False)
+    (scores,) = score_options(tiny_lm, tiny_tok, ["Q:"], [[" " + words, " no"]], max_length=n + 1, progress=False)
+    assert len(scores) == 2

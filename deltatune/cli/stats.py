@@ -49,7 +49,11 @@ def run(args: argparse.Namespace) -> int:
     if not data.examples:  # no lengths, no ratio: advice would be made up
         raise DataError(no_examples_message(args.data, data.report))
     stats = dataset_stats(
-        data.examples, max_len=args.max_len, seq_len=args.seq_len or args.max_len, batch_size=args.batch_size
+        data.examples,
+        max_len=args.max_len,
+        seq_len=args.seq_len or args.max_len,
+        batch_size=args.batch_size,
+        overflow=args.overflow,
     )
     if args.output_format == "json":
         out = {

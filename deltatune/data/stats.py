@@ -49,8 +49,12 @@ def distribution(values: Sequence[float]) -> dict:
     return {"min": s[0], "median": statistics.median(s), "p90": p90, "max": s[-1], "mean": sum(s) / len(s)}
 
 
-def dataset_stats(examples: Sequence[TokenizedExample], *, max_len: int, seq_len: int, batch_size: int) -> dict:
-    """Statistics of untruncated examples; truncation and padding are computed as if at `max_len`."""
+def dataset_stats(
+    examples: Sequence[TokenizedExample], *, max_len: int, seq_len: int, batch_size: int, overflow: str = "truncate"
+) -> dict:
+    """Statistics of untruncated examples; truncation and padding are computed as if at `max_len`. Padding waste
+    counts the examples training would keep: cut to `max_len` (`overflow: truncate`, those that keep a response
+    token) or the ones that fit (`overflow: drop`)."""
     counts = [Counter(ex.roles) for ex in examples]
     total = [len(ex) for ex in examples]
     instr = [sum(c[r] for r in INSTRUCTION_ROLES) for c in counts]
@@ -64,8 +68,11 @@ def dataset_stats(examples: Sequence[TokenizedExample], *, max_len: int, seq_len
     over = [ex for ex in examples if len(ex) > max_len]
     # a truncated example loses all its loss-bearing response when nothing of it fits
     lose_response = sum(1 for ex in over if Role.RESPONSE not in ex.roles[:max_len])
-    clipped = [_clip(ex, max_len) for ex in examples]
-    waste = padding_waste(clipped, seq_len, batch_size) if examples else {}
+    if overflow == "drop":
+        trained = [ex for ex in examples if len(ex) <= max_len]
+    else:
+        trained = [c for c in (_clip(ex, max_len) for ex in examples) if Role.RESPONSE in c.roles]
+    waste = padding_waste(trained, seq_len, batch_size) if trained else {}
     share = {}
     for name in ("response", "instruction", "no-boilerplate", "all", "weighted"):
         table = LossPolicy(name).role_weights()  # turns="all": a token's weight depends on its role only
@@ -89,6 +96,8 @@ def dataset_stats(examples: Sequence[TokenizedExample], *, max_len: int, seq_len
         "max_len": max_len,
         "would_truncate": len(over),
         "would_lose_whole_response": lose_response,
+        "overflow": overflow,
+        "examples_trained": len(trained),
         "seq_len": seq_len,
         "batch_size": batch_size,
         "padding": waste,
@@ -158,7 +167,11 @@ def advise(stats: dict, template: str) -> list[str]:
     if stats["would_truncate"]:
         lines.append(
             f"{stats['would_truncate']} examples exceed --max-len {stats['max_len']} "
-            f"({stats['would_lose_whole_response']} would lose their whole response and be dropped)."
+            + (
+                "(--overflow drop drops them all)."
+                if stats.get("overflow") == "drop"
+                else f"({stats['would_lose_whole_response']} would lose their whole response and be dropped)."
+            )
         )
     pad = stats["padding"]
     if pad:
@@ -193,7 +206,8 @@ def format_stats(stats: dict, report_summary: str, template: str) -> str:
     pad = stats["padding"]
     if pad:
         lines.append(
-            f"padding waste at seq_len {stats['seq_len']}: packed {100 * pad['packed_waste']:.1f}% "
+            f"padding waste at seq_len {stats['seq_len']} over the {stats['examples_trained']} examples "
+            f"training keeps: packed {100 * pad['packed_waste']:.1f}% "
             f"({pad['packed_rows']} rows) vs padded {100 * pad['padded_waste']:.1f}% "
             f"({pad['padded_batches']} batches of {stats['batch_size']})"
         )

@@ -103,6 +103,12 @@ def score_options(
             n_chars = char_counts[q][o] if char_counts is not None else (len(text.strip()) or len(text))
             pairs.append((q, o, c_ids, o_ids, n_chars))
     max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 10**9
+    for q, o, _, o_ids, _ in pairs:  # at least one context token must stay to predict the option's first token
+        if len(o_ids) >= max_length:
+            raise ValueError(
+                f"option {o} of question {q} has {len(o_ids)} tokens: it does not fit the model's context of "
+                f"{max_length} with a token of its question before it"
+            )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     fits = all(len(c_ids) + len(o_ids) <= max_length for _, _, c_ids, o_ids, _ in pairs)

@@ -101,3 +101,16 @@ def test_truncation_or_padding_saved_in_the_tokenizer_file_does_not_cut_or_pad_e
     got = prepare_records([rec], tiny_tok, template=template, keep_offsets=True).examples
     assert len(got) == 1 and got[0].input_ids == ref.input_ids and got[0].roles == ref.roles
     assert tiny_tok.backend_tokenizer.truncation is not None  # the caller's tokenizer is left as it was
+
+
+def test_a_csv_row_with_too_many_cells_names_its_line(tmp_path):
+    """pyarrow's parse error names no line; the message now carries the line where the bad row starts (after a
+    quoted cell that spans lines, so not simply the row number)."""
+    from deltatune.data.formats import read_records
+    from deltatune.errors import DataError
+
+    path = tmp_path / "d.csv"
+    path.write_text('instruction,output\n"two\nlines",a\nok,b\nbad,c,extra\n', encoding="utf-8")
+    with pytest.raises(DataError) as exc:
+        list(read_records(path))
+    assert exc.value.line == 5 and "d.csv" in str(exc.value) and "Expected 2 columns" in str(exc.value)

@@ -187,7 +187,7 @@ def _read_csv(p: Path, name: str, delimiter: str) -> Iterator[RawRecord | DataEr
         )
         table = pacsv.read_csv(p, parse_options=parse, convert_options=convert)
     except pa.ArrowInvalid as exc:
-        raise DataError(f"cannot read CSV ({str(exc).splitlines()[0]})", file=name)
+        raise DataError(f"cannot read CSV ({str(exc).splitlines()[0]})", file=name, line=_bad_row_line(p, delimiter))
     lines = _csv_row_lines(p, delimiter, table.num_rows)
     for i, row in enumerate(table.to_pylist()):
         line = lines[i] if lines else i + 2  # line 1 is the header
@@ -226,6 +226,30 @@ def _csv_row_lines(p: Path, delimiter: str, n_rows: int) -> list[int] | None:
         csv.field_size_limit(limit)
     starts = starts[1:]  # the header
     return starts if len(starts) == n_rows else None
+
+
+def _bad_row_line(p: Path, delimiter: str) -> int | None:
+    """The line where the first row with another number of cells than the header starts (pyarrow's parse error
+    names no line), or None when Python's csv module finds none."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(p.read_bytes().decode("latin-1"), newline=""), delimiter=delimiter)
+    limit = csv.field_size_limit(max(p.stat().st_size, 131072))
+    try:
+        width, start = None, 1
+        for row in reader:
+            if row:
+                if width is None:
+                    width = len(row)
+                elif len(row) != width:
+                    return start
+            start = reader.line_num + 1
+    except csv.Error:
+        return start
+    finally:
+        csv.field_size_limit(limit)
+    return None
 
 
 def _bad_utf8(b: bytes) -> bool:

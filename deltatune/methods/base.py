@@ -76,6 +76,20 @@ def outside_autocast(fn: Callable) -> Callable:
     return wrapper
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's `Conv1D`: a linear that stores its weight as (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an `nn.Linear`, a `Conv1D`, a quantised linear or a `DeltaLinear`."""
+    if is_conv1d(module):
+        return module.nx, module.nf
+    return module.in_features, module.out_features
+
+
 class DeltaLinear(nn.Module):
     """A frozen base linear plus a trainable change. Subclasses implement the math.
 
@@ -91,6 +105,9 @@ class DeltaLinear(nn.Module):
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
+        # GPT-2's Conv1D stores W transposed, (in, out) ("fan_in_fan_out"): W0 and dW are (out, in) here,
+        # and only reads and writes of the stored tensor transpose (`base_weight`, `_stored`)
+        self.fan_in_fan_out = is_conv1d(base)
         self.merged = False
         self.disabled = False
         self._originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # while merged: see _keep_original
@@ -99,11 +116,15 @@ class DeltaLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return linear_features(self.base)[0]
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return linear_features(self.base)[1]
+
+    def _stored(self, w: torch.Tensor) -> torch.Tensor:
+        """An (out, in) matrix in the base's storage layout, or back (a transposed view for Conv1D)."""
+        return w.T if self.fan_in_fan_out else w
 
     @property
     def weight(self) -> torch.Tensor:  # so code that reads `.weight` of a linear keeps working
@@ -121,7 +142,7 @@ class DeltaLinear(nn.Module):
         """W0 (the frozen base weight, dequantised when quantised) in `dtype`."""
         if self.base_is_quantized:
             return self.base.dequantize(dtype)
-        return self.base.weight.to(dtype)
+        return self._stored(self.base.weight).to(dtype)
 
     def base_changed(self) -> None:
         """Called after the base was swapped (e.g. quantised); methods whose state derives from W0
@@ -180,7 +201,7 @@ class DeltaLinear(nn.Module):
             return
         self.dequantize_base()
         w = self.base.weight
-        delta = self.delta_weight()
+        delta = self._stored(self.delta_weight())
         merged = (w.float() + delta).to(w.dtype)
         self._keep_original("weight", w, unmerged=(merged.float() - delta).to(w.dtype))
         w.copy_(merged)
@@ -193,7 +214,7 @@ class DeltaLinear(nn.Module):
             return
         self.dequantize_base()
         w = self.base.weight
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        w.copy_((w.float() - self._stored(self.delta_weight())).to(w.dtype))
         self._put_back_original("weight", w)
         self.merged = False
 
@@ -412,6 +433,13 @@ class WeightDeltaMethod(Method):
         self.check_spec()
         wrap_linears(model, self.target_spec(), self.make_layer, self.name)
         if self.quant is not None:
+            transposed = [n for n, m in self.named_delta_modules(model) if m.fan_in_fan_out]
+            if transposed:
+                raise ConfigError(
+                    f"quantize_base stores nn.Linear weights in NF4; '{transposed[0]}' is a Conv1D "
+                    "(GPT-2's transposed linear), which the NF4 base does not take",
+                    field="options.quantize_base",
+                )
             quantize_bases(self.delta_modules(model), self.quant)
             for module in self.delta_modules(model):
                 module.base_changed()

@@ -78,7 +78,7 @@ class DoRALinear(LoRALinear):
         (out x in) @ (in x r) product in W0's dtype, ||BA||^2_row = <B_row, (B A A^T)_row> is r-sized.
         Measured on the 135M model: this and the bf16 forward below took DoRA from 1.46x to 1.18x slower
         per token than LoRA (docs/benchmarks.md)."""
-        w0 = self.base.weight
+        w0 = self._stored(self.base.weight)  # (out, in): a transposed view for a Conv1D base
         key = (w0.data_ptr(), w0._version, w0.dtype)
         if getattr(self, "_w0_sq_key", None) != key:
             self._w0_sq = w0.to(self._fdtype).pow(2).sum(dim=1)
@@ -145,9 +145,9 @@ class DoRALinear(LoRALinear):
         norm = v.norm(dim=1)
         m = self.lora_magnitude_vector.to(self._fdtype)
         w = self.base.weight
-        merged = ((m / norm)[:, None] * v).to(w.dtype)
+        merged = self._stored(((m / norm)[:, None] * v).to(w.dtype))
         self._merged_norm = norm
-        self._keep_original("weight", w, unmerged=self._unmerged_from(merged))
+        self._keep_original("weight", w, unmerged=self._stored(self._unmerged_from(self._stored(merged))))
         w.copy_(merged)
         self.merged = True
 
@@ -158,7 +158,7 @@ class DoRALinear(LoRALinear):
             return
         self.dequantize_base()
         w = self.base.weight
-        w.copy_(self._unmerged_from(w))
+        w.copy_(self._stored(self._unmerged_from(self._stored(w))))
         self._put_back_original("weight", w)
         self._merged_norm = None
         self.merged = False

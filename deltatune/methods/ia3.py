@@ -11,6 +11,7 @@ map one to one. Merge multiplies the weight (and, for output scaling, the bias) 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -88,9 +89,10 @@ class IA3Linear(DeltaLinear):
         """Weight (and, for output scaling, bias) times `factor`; on merge, keep what dividing again would
         not give back exactly (see DeltaLinear._keep_original)."""
         w = self.base.weight
-        scaled = (w.float() * factor).to(w.dtype)
+        wf = self._stored(factor)  # a Conv1D base stores W as (in, out)
+        scaled = (w.float() * wf).to(w.dtype)
         if keep_originals:
-            self._keep_original("weight", w, unmerged=(scaled.float() * (1.0 / factor)).to(w.dtype))
+            self._keep_original("weight", w, unmerged=(scaled.float() * (1.0 / wf)).to(w.dtype))
         w.copy_(scaled)
         b = self.base.bias
         if b is not None and not self.is_feedforward:
@@ -123,7 +125,18 @@ class IA3(WeightDeltaMethod):
     def __init__(self, spec: MethodSpec) -> None:
         super().__init__(spec)
         value = self.options["feedforward_modules"]
-        if isinstance(value, str):
+        self._ff_regex: re.Pattern | None = None
+        if isinstance(value, str) and not re.fullmatch(r"[\w.,\s]*", value):
+            # a regex, full-matched against the module name (PEFT writes one when it was given one)
+            try:
+                self._ff_regex = re.compile(value)
+            except re.error as exc:
+                raise ConfigError(
+                    f"method 'ia3': option feedforward_modules {value!r} is not a valid pattern ({exc})",
+                    field="options.feedforward_modules",
+                ) from None
+            value = [value]
+        elif isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not all(isinstance(v, str) for v in value):
             raise ConfigError(
@@ -137,6 +150,8 @@ class IA3(WeightDeltaMethod):
         return DEFAULT_TARGETS if self.spec.targets == "all-linear" else self.spec.targets
 
     def _is_ff(self, name: str) -> bool:
+        if self._ff_regex is not None:
+            return self._ff_regex.fullmatch(name) is not None
         return any(name == f or name.endswith("." + f) for f in self.feedforward)
 
     def make_layer(self, base: nn.Module) -> DeltaLinear:
@@ -159,18 +174,22 @@ class IA3(WeightDeltaMethod):
             return None  # PEFT would lose the 4-bit base
         names = [n for n, _ in self.named_delta_modules(model)]
         ff = [n for n, m in self.named_delta_modules(model) if m.is_feedforward]
+        targets = peft_target_modules(model, names)
+        ff_modules = peft_target_modules(model, ff) if ff else []
+        if not set(ff_modules) <= set(targets):  # PEFT refuses feedforward_modules outside target_modules
+            ff_modules = sorted(ff)  # targets are full names here, so these are among them
         return {
-            "target_modules": peft_target_modules(model, names),
-            "feedforward_modules": peft_target_modules(model, ff) if ff else [],
-            "fan_in_fan_out": False,
+            "target_modules": targets,
+            "feedforward_modules": ff_modules,
+            "fan_in_fan_out": any(m.fan_in_fan_out for m in self.delta_modules(model)),
             "modules_to_save": None,
             "init_ia3_weights": True,
         }
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
-        if config.get("fan_in_fan_out") or config.get("modules_to_save"):
-            key = "fan_in_fan_out" if config.get("fan_in_fan_out") else "modules_to_save"
+        if config.get("modules_to_save"):  # fan_in_fan_out: each layer's type decides it, as in PEFT
+            key = "modules_to_save"
             raise ConfigError(f"PEFT IA3 option {key}={config[key]!r} is not supported by deltatune", field=key)
         targets = config.get("target_modules")
         if targets is None:
@@ -178,4 +197,6 @@ class IA3(WeightDeltaMethod):
         if not isinstance(targets, str):
             targets = sorted(targets)
         ff = config.get("feedforward_modules") or []
-        return MethodSpec(name="ia3", targets=targets, options={"feedforward_modules": sorted(ff)})
+        if not isinstance(ff, str):  # a string is a regex, full-matched like PEFT does
+            ff = sorted(ff)
+        return MethodSpec(name="ia3", targets=targets, options={"feedforward_modules": ff})

@@ -8,19 +8,20 @@ from typing import Callable
 from torch import nn
 
 from deltatune.errors import ConfigError
-from deltatune.methods.base import DeltaLinear
+from deltatune.methods.base import DeltaLinear, is_conv1d
 
 # The output head is never an "all-linear" target: adapting it is a separate, explicit choice.
 _NEVER_ALL_LINEAR = ("lm_head", "embed_out", "output")
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear)
+    """An `nn.Linear` or GPT-2's `Conv1D` (a linear storing its weight transposed; PEFT's fan_in_fan_out)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def is_linear_or_delta(module: nn.Module) -> bool:
     """A linear layer, or one another method already wrapped (so a second wrap is caught as a conflict)."""
-    return isinstance(module, (nn.Linear, DeltaLinear))
+    return _is_linear(module) or isinstance(module, DeltaLinear)
 
 
 def match_targets(
@@ -55,6 +56,19 @@ def match_targets(
                 raise ConfigError(
                     f"'{unknown[0]}' in targets {targets!r} matches no module; module names that "
                     f"exist: {', '.join(kinds)}",
+                    field="targets",
+                )
+            # a name that exists but selects nothing this method can adapt ("mlp", "embed_tokens" for LoRA)
+            # is not dropped either: "q_proj,mlp" must not quietly train q_proj alone
+            unusable = [p for p in parts if p not in unknown and not any(n == p or n.endswith("." + p) for n in chosen)]
+            if unusable and chosen:
+                kinds = sorted({n.split(".")[-1] for n in candidates})
+                found = next(
+                    m for n, m in model.named_modules() if n and (n == unusable[0] or n.endswith("." + unusable[0]))
+                )
+                raise ConfigError(
+                    f"'{unusable[0]}' in targets {targets!r} names a {type(found).__name__}, which this method "
+                    f"cannot adapt; names it can: {', '.join(kinds)}",
                     field="targets",
                 )
         else:

@@ -133,6 +133,14 @@ def rank_warning(rank: int, layers: list[tuple[str, DeltaLinear]]) -> str | None
     )
 
 
+def check_rank_and_dropout(s: MethodSpec) -> None:
+    """One-line errors for a rank that is not a positive integer or a dropout outside [0, 1)."""
+    if isinstance(s.rank, bool) or not isinstance(s.rank, int) or s.rank < 1:
+        raise ConfigError(f"rank must be a positive integer, got {s.rank!r}", field="rank")
+    if isinstance(s.dropout, bool) or not isinstance(s.dropout, (int, float)) or not 0 <= s.dropout < 1:
+        raise ConfigError(f"dropout must be in [0, 1), got {s.dropout!r}", field="dropout")
+
+
 @register
 class LoRA(WeightDeltaMethod):
     """LoRA on the linears that `spec.targets` selects. Options: init ("kaiming" | "gaussian"),
@@ -150,12 +158,9 @@ class LoRA(WeightDeltaMethod):
     def check_spec(self) -> None:
         """One-line errors for a bad rank, alpha or dropout."""
         s = self.spec
-        if not isinstance(s.rank, int) or s.rank < 1:
-            raise ConfigError(f"rank must be a positive integer, got {s.rank!r}", field="rank")
-        if not s.alpha > 0:
-            raise ConfigError(f"alpha must be positive, got {s.alpha!r}", field="alpha")
-        if not 0 <= s.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {s.dropout!r}", field="dropout")
+        check_rank_and_dropout(s)
+        if isinstance(s.alpha, bool) or not isinstance(s.alpha, (int, float)) or not s.alpha > 0:
+            raise ConfigError(f"alpha must be a positive number, got {s.alpha!r}", field="alpha")
 
     def layer_kwargs(self) -> dict[str, Any]:
         s = self.spec
@@ -190,7 +195,7 @@ class LoRA(WeightDeltaMethod):
             "target_modules": peft_target_modules(model, [n for n, _ in self.named_delta_modules(model)]),
             "use_dora": False,
             "bias": "none",
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": any(m.fan_in_fan_out for m in self.delta_modules(model)),
         }
 
     @classmethod
@@ -204,7 +209,6 @@ class LoRA(WeightDeltaMethod):
             "exclude_modules",
             "modules_to_save",
             "lora_bias",
-            "fan_in_fan_out",
             "target_parameters",
             "layer_replication",
             "trainable_token_indices",
@@ -212,6 +216,7 @@ class LoRA(WeightDeltaMethod):
         ):
             if config.get(key):  # set to something other than PEFT's empty default
                 raise ConfigError(f"PEFT LoRA option {key}={config[key]!r} is not supported by deltatune", field=key)
+        # fan_in_fan_out needs no reading: like PEFT, each layer's type (Conv1D or nn.Linear) decides it
         if config.get("bias", "none") != "none":
             raise ConfigError(
                 f"PEFT LoRA option bias={config['bias']!r} is not supported (use method bitfit)", field="bias"

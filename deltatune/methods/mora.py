@@ -329,6 +329,12 @@ class MoRA(WeightDeltaMethod):
             else ""
         )
 
+    def check_spec(self) -> None:
+        """One-line errors for a bad rank or dropout (before r_hat is computed from the rank)."""
+        from deltatune.methods.lora import check_rank_and_dropout
+
+        check_rank_and_dropout(self.spec)
+
     def make_layer(self, base: nn.Module) -> DeltaLinear:
         return MoRALinear(base, self.spec.rank, self.mora_type, self.spec.dropout)
 

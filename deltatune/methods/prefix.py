@@ -33,6 +33,7 @@ from deltatune.methods.options import Option, positive_int
 from deltatune.methods.virtual_tokens import (
     attach,
     bind_kwargs,
+    check_token_ids,
     prepend_key_columns,
     repeat_to,
     shift_positions,
@@ -184,6 +185,7 @@ class PrefixTuning(Method):
         if self.init == "text":
             ids = self.spec.options.get("init_token_ids")
             ids = tokenizer_ids(self, self.spec.options["init_text"], self.p) if ids is None else repeat_to(ids, self.p)
+            check_token_ids(ids, model.get_input_embeddings().weight.shape[0], "options.init_token_ids")
             self.spec.options["init_token_ids"] = [int(i) for i in ids]
             with torch.no_grad():
                 module.prefix.copy_(real_token_prefix(model, ids))

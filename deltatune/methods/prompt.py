@@ -41,6 +41,7 @@ from deltatune.methods.options import Option, non_negative, positive_int
 from deltatune.methods.virtual_tokens import (
     attach,
     bind_kwargs,
+    check_token_ids,
     drop_leading_positions,
     prepend_key_columns,
     prepend_virtual_rows,
@@ -154,7 +155,7 @@ class PromptTuning(Method):
         g = torch.Generator().manual_seed(self.options["init_seed"])
         return [pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:n]]
 
-    def _label_ids(self) -> list[list[int]]:
+    def _label_ids(self, vocab_size: int) -> list[list[int]]:
         ids = self.options["class_label_ids"]
         if ids is None:
             if self.tokenizer is None:
@@ -168,6 +169,7 @@ class PromptTuning(Method):
             ]
         if not ids or any(not isinstance(x, list) or not x for x in ids):
             raise ConfigError("every class label must have at least one token", field="options.class_labels")
+        check_token_ids([i for x in ids for i in x], vocab_size, "options.class_label_ids")
         if len(ids) > self.p:
             raise ConfigError(
                 f"{len(ids)} class labels do not fit in {self.p} virtual tokens", field="options.num_virtual_tokens"
@@ -183,12 +185,15 @@ class PromptTuning(Method):
         if self.init == "text":
             ids = self.options["init_token_ids"]
             ids = tokenizer_ids(self, self.options["init_text"], self.p) if ids is None else repeat_to(ids, self.p)
+            check_token_ids(ids, table.shape[0], "options.init_token_ids")
             # the saved spec then re-applies without a tokenizer (weights are loaded over it anyway)
             self.spec.options["init_token_ids"] = [int(i) for i in ids]
             return table[torch.tensor(ids, device=table.device)].float()
         rows: list[torch.Tensor] = []
         if self.init == "labels":
-            rows = [table[torch.tensor(x, device=table.device)].float().mean(0) for x in self._label_ids()]
+            rows = [
+                table[torch.tensor(x, device=table.device)].float().mean(0) for x in self._label_ids(table.shape[0])
+            ]
         fill = self._sampled_ids(self.p - len(rows), table.shape[0])
         rows += list(table[torch.tensor(fill, device=table.device, dtype=torch.long)].float())
         return torch.stack(rows)

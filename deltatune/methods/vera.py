@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.errors import ConfigError
-from deltatune.methods.base import DeltaLinear, MethodSpec, WeightDeltaMethod, register
+from deltatune.methods.base import DeltaLinear, MethodSpec, WeightDeltaMethod, linear_features, register
 from deltatune.methods.dropout import Dropout
 from deltatune.methods.inject import is_linear_or_delta, match_targets
 from deltatune.methods.nf4 import NF4_OPTIONS
@@ -112,7 +112,7 @@ class VeRA(WeightDeltaMethod):
             raise ConfigError("method 'vera' is applied twice to one model", field="method")
         names = match_targets(model, self.target_spec(), accept=is_linear_or_delta, inside_delta=False)
         layers = [model.get_submodule(n) for n in names]
-        d_out, d_in = max(m.out_features for m in layers), max(m.in_features for m in layers)
+        d_in, d_out = (max(dims) for dims in zip(*(linear_features(m) for m in layers)))
         g = torch.Generator(device="cpu").manual_seed(self.options["projection_seed"])
         a, b = kaiming_uniform((self.spec.rank, d_in), g), kaiming_uniform((d_out, self.spec.rank), g)
         device = model.get_input_embeddings().weight.device
@@ -145,7 +145,7 @@ class VeRA(WeightDeltaMethod):
             "save_projection": True,
             "vera_dropout": self.spec.dropout,
             "d_initial": self.options["d_initial"],
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": any(m.fan_in_fan_out for m in self.delta_modules(model)),
             "bias": "none",
             "modules_to_save": None,
             "init_weights": True,
@@ -153,7 +153,7 @@ class VeRA(WeightDeltaMethod):
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
-        for key in ("fan_in_fan_out", "modules_to_save", "layers_to_transform"):
+        for key in ("modules_to_save", "layers_to_transform"):  # fan_in_fan_out: each layer's type decides it
             if config.get(key):
                 raise ConfigError(f"PEFT VeRA option {key}={config[key]!r} is not supported by deltatune", field=key)
         if config.get("bias", "none") != "none":

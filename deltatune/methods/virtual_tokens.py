@@ -130,3 +130,12 @@ def repeat_to(ids: list[int], p: int) -> list[int]:
     if not ids:
         raise ConfigError("init token ids are empty", field="options.init_token_ids")
     return (list(ids) * (p // len(ids) + 1))[:p]
+
+
+def check_token_ids(ids: list[Any], vocab_size: int, field: str) -> None:
+    """One-line error for an init token id that is not an id of the model's vocabulary."""
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size]
+    if bad:
+        raise ConfigError(
+            f"init token id {bad[0]!r} is not in the model's vocabulary (ids 0..{vocab_size - 1})", field=field
+        )

@@ -205,3 +205,34 @@ def test_methods_that_cannot_share_a_batch_are_refused_in_one_line(tmp_path, met
         multi.load("x", tmp_path / method)
     assert "\n" not in str(exc.value)
     assert multi.names == [] and not any(isinstance(m, MultiAdapterLinear) for m in multi.model.modules())
+
+
+def test_gpt2_conv1d_adapters_are_served_in_a_mixed_batch(tmp_path):
+    """GPT-2's attention and MLP are Conv1D (weights stored transposed): adapters on them are served, and each
+    row of a mixed batch (two plain LoRAs through the gathered path, DoRA, the base) equals its adapter alone."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+        return GPT2LMHeadModel(config).eval()
+
+    specs = {
+        "a": MethodSpec(name="lora", rank=4, alpha=8),
+        "b": MethodSpec(name="lora", rank=2, alpha=4, targets="c_attn"),
+        "d": MethodSpec(name="dora", rank=4, alpha=8),
+    }
+    for i, (name, spec) in enumerate(specs.items()):
+        random_adapter(tmp_path / name, spec, gpt2(), seed=i, std=0.05)
+    multi = MultiAdapterModel(gpt2())
+    for name in specs:
+        multi.load(name, tmp_path / name)
+    names = [*specs, None]
+    ids = torch.tensor([[1, 5, 77, 300, 12, 9, 45, 2]] * len(names))
+    with torch.no_grad(), multi.route(names):
+        mixed = multi.model(input_ids=ids).logits
+    for k, name in enumerate(names):
+        model = gpt2() if name is None else load_adapter(gpt2(), tmp_path / name).model
+        with torch.no_grad():
+            alone = model(input_ids=ids[:1]).logits[0]
+        torch.testing.assert_close(mixed[k], alone, rtol=1e-5, atol=1e-5)

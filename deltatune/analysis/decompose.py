@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deltatune.methods.base import is_conv1d
+
 _NEVER = ("lm_head", "embed_out")
 
 
@@ -51,7 +53,7 @@ def merged_weight(module: nn.Module) -> torch.Tensor:
     twin.dequantize_base()
     twin.base.weight.data = twin.base.weight.data.float()
     twin.merge()
-    return twin.base.weight.detach().float()
+    return twin.base_weight(torch.float32).detach()  # (out, in), also for GPT-2's Conv1D (stored transposed)
 
 
 @torch.no_grad()
@@ -74,14 +76,21 @@ def matrix_pairs(model: nn.Module, base_model: nn.Module | None = None) -> list[
     base_modules = dict(base_model.named_modules())
     pairs = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or name.split(".")[-1] in _NEVER or name not in base_modules:
+        if not (isinstance(mod, nn.Linear) or is_conv1d(mod)) or name.split(".")[-1] in _NEVER:
             continue
-        # on the CPU: a model trained on a GPU is compared with a base loaded on the CPU
-        w0 = base_modules[name].weight.detach().float().cpu()
-        w = mod.weight.detach().float().cpu()
+        if name not in base_modules:
+            continue
+        # on the CPU: a model trained on a GPU is compared with a base loaded on the CPU; rows are output units
+        # (GPT-2's Conv1D stores its weight transposed)
+        w0 = _out_in(base_modules[name]).detach().float().cpu()
+        w = _out_in(mod).detach().float().cpu()
         if w.shape == w0.shape and not torch.equal(w, w0):
             pairs.append(MatrixPair(name, w0.clone(), w.clone()))
     return _finite(pairs)
+
+
+def _out_in(linear: nn.Module) -> torch.Tensor:
+    return linear.weight.T if is_conv1d(linear) else linear.weight
 
 
 def _finite(pairs: list[MatrixPair]) -> list[MatrixPair]:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError, UserError
-from deltatune.methods.base import DeltaLinear, MethodSpec
+from deltatune.methods.base import DeltaLinear, MethodSpec, is_conv1d, linear_features
 from deltatune.methods.lora import LoRALinear
 
 SERVABLE_METHODS = ("lora", "rslora", "dora", "mora", "ia3", "prompt")
@@ -108,11 +108,11 @@ class MultiAdapterLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return linear_features(self.base)[0]
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return linear_features(self.base)[1]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -378,7 +378,7 @@ class MultiAdapterModel:
             for child_name, child in module.named_children():
                 if isinstance(child, MultiAdapterLinear):
                     mirror.add_module(child_name, child.base)
-                elif isinstance(child, nn.Linear):
+                elif isinstance(child, nn.Linear) or is_conv1d(child):  # Conv1D: GPT-2's transposed linear
                     mirror.add_module(child_name, child)
                 elif any(True for _ in child.children()):
                     sub = nn.Module()

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deltatune.errors import ConfigError
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr: inf` trained NaN weights into final/, `epochs: inf` crashed with a traceback
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # model
     model: str | None = Field(None, description="transformers folder, hub id, .gguf file; empty = default model")
@@ -62,8 +63,10 @@ class TrainConfig(BaseModel):
         "GPU comparison in docs/benchmarks.md is measured)",
     )
     eval_data: str | None = None
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    eval_max_examples: int = Field(256, ge=1)
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of `data` held out for evaluation")
+    eval_max_examples: int = Field(
+        256, ge=1, description="at most this many held-out examples taken from `data`; `eval_data` is used whole"
+    )
     # method
     method: str = Field("lora", description="lora | full | dora | mora | ... ; combine with '+', e.g. lora+bitfit")
     targets: str = "all-linear"
@@ -137,6 +140,13 @@ class TrainConfig(BaseModel):
     overwrite: bool = Field(False, description="replace the run in `output` (never the model or data being read)")
     device: str = "auto"
     num_threads: int | None = Field(None, ge=1)
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):  # else AdamW refused them only after the model loaded
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

@@ -234,9 +234,11 @@ def build_fused(
             max_norm=max_norm,
             loss_scale="dynamic" if half else None,
         )
-    if name == "fused-adamw":
+    if name == "fused-adamw":  # as the plain AdamW path: no weight decay on biases, norms and 1-D vectors
+        from deltatune.train.optim import decay_groups
+
         return FusedUpdate(
-            params,
+            decay_groups(params, weight_decay),
             lr=lr,
             weight_decay=weight_decay,
             algorithm="adamw",

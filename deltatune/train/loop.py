@@ -244,9 +244,12 @@ def save_outputs(adapted, path: Path, tokenizer, full: bool, base_name: str) -> 
 
             model = copy.deepcopy(adapted).merge_and_unload()
         save_model(model, tokenizer, path)
-    else:
-        adapted.save_adapter(path, base_model_name_or_path=base_name)
-        tokenizer.save_pretrained(path)
+    else:  # adapter and tokenizer in one temporary folder renamed into place: never one without the other
+        from deltatune.fileio import atomic_dir
+
+        with atomic_dir(path) as tmp:
+            adapted.save_adapter(tmp, base_model_name_or_path=base_name)
+            tokenizer.save_pretrained(tmp)
 
 
 def after_step_hooks(adapted, optimizer, step: int) -> None:
@@ -654,22 +657,26 @@ def _train(
     start = time.perf_counter()
     try:
         while pos.step < total_steps:
-            policy = schedule.policy_at(pos.step, pos.epoch)
-            micro = [
-                dist.local_batch(
-                    rows,
-                    lambda r: collate(
-                        r,
-                        policy,
-                        seq_len=cfg.row_len,
-                        pad_id=pad_id,
-                        packed=cfg.packing,
-                        template_name=cfg.template,
-                        flat=flat,
-                    ),
+            micro = []  # this rank's share of each micro-batch
+            for _ in range(cfg.grad_accum):
+                rows = data.take(pos, 1)[0]
+                # the policy of the epoch this micro-batch comes from (pos.epoch after taking it: a step that
+                # starts at the end of an epoch reads the next one, and must use that epoch's policy)
+                policy = schedule.policy_at(pos.step, pos.epoch)
+                micro.append(
+                    dist.local_batch(
+                        rows,
+                        lambda r, policy=policy: collate(
+                            r,
+                            policy,
+                            seq_len=cfg.row_len,
+                            pad_id=pad_id,
+                            packed=cfg.packing,
+                            template_name=cfg.template,
+                            flat=flat,
+                        ),
+                    )
                 )
-                for rows in data.take(pos, cfg.grad_accum)
-            ]  # this rank's share of each micro-batch
             if cfg.loss_reduction == "example":  # each example's weights sum to 1: a mean of per-example means
                 for b in micro:
                     b["loss_weights"] = per_example_weights(b["loss_weights"], b["position_ids"])
@@ -702,6 +709,7 @@ def _train(
                 )
             if cfg.max_grad_norm and not cfg.fused_update:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            lr_used = optimizer.param_groups[0]["lr"]  # this step's rate (get_last_lr after the step is the next's)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -719,9 +727,7 @@ def _train(
                 record.update(router_losses.summary())  # expert load, router entropy, drops, aux losses
             if on_step is not None:
                 record.update(_call_step_hook(on_step, pos.step, total_steps, model, flat, autocast))
-            progress.step(
-                pos.step, loss_value, scheduler.get_last_lr()[0], int(sum(b["n_real_tokens"] for b in micro)), record
-            )
+            progress.step(pos.step, loss_value, lr_used, int(sum(b["n_real_tokens"] for b in micro)), record)
             history.append({"step": pos.step, "loss": loss_value, **record})
             interrupted["flag"] = dist.any(interrupted["flag"])  # every rank stops at the same step
             if cfg.snapshot_every and pos.step % cfg.snapshot_every == 0:

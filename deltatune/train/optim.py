@@ -16,12 +16,17 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
     temporary as large as the weight (the tied embedding's is 113 MB in fp32), and full finetuning of the
     default model's update took 490 ms a step against 68 ms fused (benchmarks/optimizer_step.py).
     """
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    groups = decay_groups(params, cfg.weight_decay)
     kwargs = {"fused": True} if fused_supported(params) else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **kwargs)
+
+
+def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """Parameter groups with `weight_decay` on matrices and none on biases, norms and other 1-D vectors."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def fused_supported(params: list[torch.nn.Parameter]) -> bool:

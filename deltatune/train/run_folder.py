@@ -25,13 +25,23 @@ from deltatune.train.checkpoint import list_checkpoints, read_meta, verify_check
 
 # everything `deltatune train` writes into its output folder
 RUN_CONFIG_HEADER = "# deltatune run:"  # config.yaml's first line: --overwrite replaces only folders with it
-RUN_ENTRIES = ("config.yaml", "final", "best", "checkpoints", "metrics.jsonl", "parameters.json", "tensorboard")
+RUN_ENTRIES = (
+    "config.yaml",
+    "final",
+    "best",
+    "checkpoints",
+    "snapshots",  # snapshot_every: an old run's later snapshots must not be read as this run's
+    "metrics.jsonl",
+    "parameters.json",
+    "tensorboard",
+)
 # keys a resumed run may change: they decide how long and how visibly it runs, not what it learns
 MAY_CHANGE = frozenset(
     {
         "steps",
         "epochs",
         "save_every",
+        "snapshot_every",
         "eval_every",
         "log_every",
         "num_threads",

@@ -194,21 +194,15 @@ def run_demo(
     seed: int = 0,
 ) -> dict:
     from deltatune.config import TrainConfig
-    from deltatune.models import load_model
+    from deltatune.errors import UserError
+    from deltatune.models import load_model, local_model_path
     from deltatune.train.loop import train
+    from deltatune.train.run_folder import check_output_folder
 
-    train_records = make_records(n_train + n_eval, seed)
-    task_train, task_eval = train_records[:n_train], train_records[n_train:]
-    source_path, source = source_records()
-    print(
-        f"demo: teach '{INSTRUCTION}' to the default model; {n_train} generated training examples, "
-        f"{n_eval} held-out people"
-    )
-    print(f"  example: {task_eval[0]['input']}\n  target : {task_eval[0]['output']}")
-    model, tokenizer = load_model(model_name)
-    t0 = time.perf_counter()
-    before = measure(model, tokenizer, task_eval, source)
-    del model
+    if n_train < 1:
+        raise UserError(f"must be at least 1, got {n_train}", field="train-examples")
+    if steps is not None and steps < 1:
+        raise UserError(f"must be at least 1, got {steps}", field="steps")
     cfg = TrainConfig(
         model=model_name,
         template="chatml",
@@ -229,6 +223,20 @@ def run_demo(
         resume=False,
         overwrite=True,
     )  # the demo starts fresh: replaces its own run, never other files
+    # checked before the minutes of the "before" measurement, not after them
+    check_output_folder(cfg, reads={"model": str(local_model_path(model_name) or "") or None})
+    train_records = make_records(n_train + n_eval, seed)
+    task_train, task_eval = train_records[:n_train], train_records[n_train:]
+    source_path, source = source_records()
+    print(
+        f"demo: teach '{INSTRUCTION}' to the default model; {n_train} generated training examples, "
+        f"{n_eval} held-out people"
+    )
+    print(f"  example: {task_eval[0]['input']}\n  target : {task_eval[0]['output']}")
+    model, tokenizer = load_model(model_name)
+    t0 = time.perf_counter()
+    before = measure(model, tokenizer, task_eval, source)
+    del model
     result = train(cfg, records=task_train, eval_records=task_eval[:16])
     tuned, tokenizer = load_model(model_name, adapter=Path(output) / "final")
     after = measure(tuned, tokenizer, task_eval, source)

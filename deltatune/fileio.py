@@ -31,6 +31,54 @@ def _make_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, then the folders, to disk: without it, a power cut soon after the rename
+    can leave the new name holding empty or partial files."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not on every platform (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Replace what `out_dir` is (a folder or file) by `tmp`; if that fails, the old one is put back."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+    try:
+        try:
+            os.replace(out_dir, old / "x")
+        except FileNotFoundError:  # removed meanwhile (another writer's swap): the name is free
+            os.replace(tmp, out_dir)
+            return
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if not os.path.lexists(out_dir):
+                os.replace(old / "x", out_dir)
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `out_dir` (a previous folder is removed).
@@ -42,13 +90,17 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would have made it
         yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync_tree(tmp)
+        if os.path.lexists(out_dir):
+            _swap_in(tmp, out_dir)
         else:
-            os.replace(tmp, out_dir)
+            try:
+                os.replace(tmp, out_dir)
+            except OSError:
+                if not os.path.lexists(out_dir):
+                    raise
+                _swap_in(tmp, out_dir)  # another writer put one there since the check: the last one wins
+        _fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,14 +7,16 @@ loaded from there afterwards in well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+import shutil
 import socket
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -64,11 +66,53 @@ def default_gguf_path() -> Path:
 
 
 def default_model_dir() -> Path:
-    """The converted default model folder, converting it on first use."""
+    """The converted default model folder, converting it on first use.
+
+    One process converts at a time (a lock file beside the folder); the others wait, then find it done. A
+    conversion killed half-way leaves only its hidden temporary folder, removed by the next conversion."""
     target = cache_dir() / "models" / DEFAULT_MODEL
     if not (target / "model.safetensors").exists():
-        convert_gguf(default_gguf_path(), target)
+        gguf = default_gguf_path()
+        with _conversion_lock(target):
+            if not (target / "model.safetensors").exists():
+                _remove_stale_temporaries(target)
+                convert_gguf(gguf, target)
     return target
+
+
+@contextlib.contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    lock_path = target.parent / f".{target.name}.lock"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a")
+    except OSError as exc:
+        raise UserError(
+            f"cannot write the converted default model under {target.parent} ({exc.strerror}); "
+            "set DELTATUNE_CACHE to a writable folder"
+        ) from None
+    with fh:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; atomic_dir still keeps the folder whole
+            yield
+            return
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"deltatune: waiting for another process converting the default model in {target}", flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Temporary folders of conversions that were killed (only called while holding the conversion lock)."""
+    for pattern in (f".{target.name}.tmp.*", f".{target.name}.old.*"):
+        for stale in target.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
@@ -107,7 +151,12 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> tuple[str, dict[str
             raise UserError(f"{path}: no such GGUF file", field="model")
         return str(path.parent), {"gguf_file": path.name}
     if path.exists():
-        if path.is_dir() and not (path / "config.json").exists():
+        if not path.is_dir():
+            raise UserError(
+                f"{path}: is a file; give the model's folder (the one holding config.json) or a .gguf file",
+                field="model",
+            )
+        if not (path / "config.json").exists():
             raise UserError(f"{path}: folder has no config.json; is it a transformers model folder?", field="model")
         return str(path), {}
     if (
@@ -197,9 +246,10 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remot
     ref, extra = resolve_model(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code, **extra)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: no tokenizer files, or an unknown tokenizer class
         raise UserError(
-            f"cannot load tokenizer for '{name_or_path}': {str(exc).splitlines()[0]}", field="model"
+            f"cannot load tokenizer for '{name_or_path}' (are its tokenizer files there?): {_first_line(exc)}",
+            field="model",
         ) from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -241,15 +291,23 @@ def load_model(
             ref, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, **extra
         )
     except OSError as exc:
-        raise UserError(f"cannot load model '{name_or_path}': {str(exc).splitlines()[0]}", field="model") from exc
+        raise UserError(f"cannot load model '{name_or_path}': {_first_line(exc)}", field="model") from exc
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise UserError(
                 f"model '{name_or_path}' needs custom code; pass --trust-remote-code if you trust it", field="model"
             ) from exc
-        raise
-    if "gguf_file" in extra:
-        model = model.to(dtype)
+        # a config.json without a model_type, or one this transformers does not know
+        raise UserError(f"cannot load model '{name_or_path}': {_first_line(exc)}", field="model") from exc
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise UserError(
+            f"cannot load model '{name_or_path}': a weights file is damaged or cut short ({_first_line(exc)})",
+            field="model",
+        ) from exc
+    if "gguf_file" in extra:  # transformers' GGUF loader dequantises to float32 whatever dtype it is asked for
+        model = cast_weights(model, dtype)
     model.eval()
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if adapter is not None:
@@ -257,6 +315,26 @@ def load_model(
 
         model = load_adapter(model, adapter).model
     return model, tokenizer
+
+
+def cast_weights(model, dtype: torch.dtype):
+    """`model.to(dtype)`, except for non-persistent buffers (RoPE's `inv_freq`): from_pretrained keeps those in
+    float32 at any dtype, and rounding them to bf16 shifts every rotary angle (by radians at a few thousand
+    positions), so a model cast here would compute otherwise than the same model loaded from a folder."""
+    kept = [
+        (module, name, module._buffers[name])
+        for module in model.modules()
+        for name in getattr(module, "_non_persistent_buffers_set", ())
+        if module._buffers.get(name) is not None
+    ]
+    model = model.to(dtype)
+    for module, name, buffer in kept:
+        module._buffers[name] = buffer.to(device=module._buffers[name].device)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _is_upcycled_dir(ref: str) -> bool:

@@ -87,7 +87,9 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **config_overr
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**config_overrides)).to(dtype)
+    from deltatune.models import cast_weights
+
+    model = cast_weights(LlamaForCausalLM(tiny_llama_config(**config_overrides)), dtype)  # as from_pretrained
     model.eval()
     return model
 

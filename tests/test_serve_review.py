@@ -187,3 +187,11 @@ def test_completions_prompts_get_the_tokenizers_bos_and_chat_prompts_do_not_get_
     assert engine.encode(PROMPT) == [bos] + plain
     chat = engine.encode_chat([{"role": "user", "content": PROMPT}])
     assert chat[0] == bos and chat[1] != bos
+
+
+def test_the_engine_stops_at_the_models_own_end_of_turn_ids():
+    """A model whose generation config lists an end id the tokenizer does not name (Gemma's <end_of_turn>)."""
+    model = base_model()
+    model.generation_config.eos_token_id = [2, 77]
+    engine = Engine(MultiAdapterModel(model), tiny_tokenizer())
+    assert 77 in engine.stop_ids

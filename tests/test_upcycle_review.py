@@ -74,3 +74,16 @@ def test_corrupt_upcycle_json_layers_are_a_one_line_error(tmp_path):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(UserError, match="layer 7 does not exist"):
         load_upcycled(tmp_path / "out")
+
+
+def test_an_upcycled_model_loaded_in_bf16_keeps_rope_in_float32(tmp_path):
+    """As from_pretrained does: casting the whole model to bf16 also rounded RoPE's inv_freq, which shifts every
+    rotary angle with position (the GGUF path had the same defect, models.cast_weights)."""
+    model = tiny_model(num_hidden_layers=2)
+    upcycle(model, UpcycleSpec(experts=2, layers=[1]), seed=1)
+    save_upcycled(model, None, tmp_path / "out")
+    loaded = load_upcycled(tmp_path / "out", dtype=torch.bfloat16)
+    inv_freq = [b for n, b in loaded.named_buffers() if n.endswith("inv_freq")]
+    assert inv_freq and all(b.dtype == torch.float32 for b in inv_freq)
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 for n, b in tiny_model(dtype=torch.bfloat16).named_buffers() if "inv_freq" in n)

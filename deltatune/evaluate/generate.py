@@ -1,19 +1,23 @@
 """Batched generation for scoring: left padding, stop at end of sequence (or a stop string).
 
 Prompts are sorted by length so that each batch pads little; results come back in input order.
-Greedy by default; sampling is seeded so a scored run can be repeated. A row stops as soon as its text holds a
-stop string (as lm-eval's `until` does), so a base model that runs on into another few-shot example does not
-generate to `max_new_tokens`; the text is cut at the stop string either way.
+Greedy by default; sampling is seeded so a scored run can be repeated, and each row draws from its own generator,
+seeded from the seed, the prompt's tokens and how many times that prompt came before in the list: a prompt
+samples the same text alone, in any batch and at any batch size (repeats of a prompt still differ).
+A row stops as soon as its text holds a stop string (as lm-eval's `until` does), so a base model that runs on into
+another few-shot example does not generate to `max_new_tokens`; the text is cut at the stop string either way.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria
+from transformers import LogitsProcessor, StoppingCriteria, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from deltatune.errors import UserError
 from deltatune.evaluate.choice import keeps_logits, left_padded
 
 
@@ -27,13 +31,16 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()  # cut the text at the first of these (few-shot "Question:" etc.)
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """eos plus the chat end-of-turn token when the tokenizer has one (ChatML's <|im_end|>)."""
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """eos plus the chat end-of-turn token when the tokenizer has one (ChatML's <|im_end|>), and, given the model,
+    the end-of-sequence ids of its generation config (Gemma's <end_of_turn> is only there)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     for special in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
         tid = tokenizer.convert_tokens_to_ids(special) if special in tokenizer.get_vocab() else None
         if tid is not None:
             ids.add(tid)
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([own] if isinstance(own, int) else [int(t) for t in own or ()])
     return sorted(ids)
 
 
@@ -63,6 +70,46 @@ class StopStringsCriterion(StoppingCriteria):
         tails = input_ids[:, max(self.prompt_width, input_ids.shape[1] - self.window) :].tolist()
         texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+
+
+def row_seed(seed: int, ids: list[int], repeat: int) -> int:
+    """The seed of one row's sampling generator: from the run's seed, the prompt's tokens and the number of earlier
+    copies of the same prompt, and nothing else (not its batch, not its place in the list)."""
+    digest = hashlib.blake2b(f"{seed}|{repeat}|{ids}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class RowSampler(LogitsProcessor):
+    """Sampling as greedy decoding over Gumbel-perturbed logits (the Gumbel-max trick: the argmax of
+    `logits + Gumbel noise` is a draw from softmax(logits)), with the noise of each row from its own generator, so
+    a row's draws do not depend on the other rows of its batch. Runs last, after temperature and top-k/top-p."""
+
+    def __init__(self, seeds: list[int], device: torch.device) -> None:
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        vocab = scores.shape[-1]
+        uniform = torch.stack(
+            [torch.rand(vocab, generator=g, device=scores.device) for g in self.generators]
+        )  # float32 (no float64 on every device); rand < 1, and 0 is clamped away
+        gumbel = -torch.log(-torch.log(uniform.clamp_(min=torch.finfo(torch.float32).tiny)))
+        return scores.float() + gumbel
+
+
+def _sampling_processors(model, config: GenerationConfig, seeds: list[int], device) -> list[LogitsProcessor]:
+    """What `generate(do_sample=True)` applies (temperature, the model's top-k, else transformers' default 50, and
+    top-p), then the per-row draw."""
+    processors: list[LogitsProcessor] = []
+    if config.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(config.temperature))
+    top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
+    top_k = 50 if top_k is None else top_k
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k=top_k))
+    if config.top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=config.top_p))
+    processors.append(RowSampler(seeds, device))
+    return processors
 
 
 @dataclass
@@ -102,43 +149,55 @@ def generate_detailed(
     """`generate`, with each continuation's `hit_limit`."""
     config = config or GenerationConfig()
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:  # alone it would crash in the model, in a batch it would attend to nothing
+            raise UserError(f"prompt {i + 1} of {len(prompts)} is empty (no tokens to continue)", field="prompt")
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context and config.max_new_tokens >= context:  # no prompt token would fit before the new ones
+        raise UserError(
+            f"max_new_tokens {config.max_new_tokens} leaves no room for the prompt in the model's context of "
+            f"{context} tokens",
+            field="max-new-tokens",
+        )
     if context:  # keep the end of an over-long prompt (the question), drop the start (early shots)
         keep = max(1, context - config.max_new_tokens)
         encoded = [ids[-keep:] for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = stop_token_ids(tokenizer)
+    eos = stop_token_ids(tokenizer, model)
     device = next(model.parameters()).device
     outputs: list[Generation] = [Generation("", False)] * len(prompts)
+    seeds: list[int] = []
     if config.do_sample:
-        torch.manual_seed(config.seed)
+        seen: dict[tuple[int, ...], int] = {}
+        for ids in encoded:
+            repeat = seen.get(tuple(ids), 0)
+            seen[tuple(ids)] = repeat + 1
+            seeds.append(row_seed(config.seed, ids, repeat))
     bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress or len(prompts) < 2)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         input_ids, attention = left_padded([encoded[i] for i in idx], pad_id)
         width = input_ids.shape[1]
-        kwargs = dict(
-            max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, pad_token_id=pad_id, eos_token_id=eos
-        )
+        kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos)
+        kwargs.update(temperature=None, top_p=None, top_k=None)  # sampling: our processors, then the argmax
         if keeps_logits(model):  # the LM head at the last position only, as generate's own `1` would, but
             # as an index: the slice `1` of a prompt batch is not contiguous, and torch's matmul then expands
             # the head's weight once per row (GSM8K, 40 prompts: 59 s -> 50 s, the same tokens)
             kwargs["logits_to_keep"] = torch.tensor([-1])  # a CPU index selects on any device
         if config.do_sample:
-            kwargs.update(temperature=config.temperature, top_p=config.top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
+            kwargs["logits_processor"] = _sampling_processors(model, config, [seeds[i] for i in idx], device)
         if any(config.stop):
             kwargs["stopping_criteria"] = [StopStringsCriterion(tokenizer, config.stop, width)]
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
         new_tokens = out[:, width:]
         for row, i in enumerate(idx):
-            text = tokenizer.decode(new_tokens[row], skip_special_tokens=True)
+            ids = new_tokens[row].tolist()
+            # the text ends before the end-of-sequence token, special in the tokenizer or not (then pad follows)
+            ended = next((k for k, t in enumerate(ids) if t in eos), None)
+            text = tokenizer.decode(ids if ended is None else ids[:ended], skip_special_tokens=True)
             cut = cut_at_stop(text, config.stop)
-            ran_out = new_tokens.shape[1] >= config.max_new_tokens and not any(
-                t in eos for t in new_tokens[row].tolist()
-            )
+            ran_out = new_tokens.shape[1] >= config.max_new_tokens and ended is None
             outputs[i] = Generation(cut, ran_out and cut == text)
         bar.update(len(idx))
     bar.close()

@@ -165,7 +165,7 @@ class Engine:
         from deltatune.evaluate.generate import stop_token_ids
 
         self.adapters, self.model, self.tokenizer = adapters, adapters.model, tokenizer
-        self.stop_ids = set(stop_token_ids(tokenizer))
+        self.stop_ids = set(stop_token_ids(tokenizer, adapters.model))  # the model's own end ids too (Gemma)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
         self.device = next(self.model.parameters()).device

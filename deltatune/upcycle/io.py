@@ -254,7 +254,9 @@ def load_upcycled(
     if tied:
         model.tie_weights()
     model.set_attn_implementation(attn_implementation)
-    return model.to(dtype).eval()
+    from deltatune.models import cast_weights
+
+    return cast_weights(model, dtype).eval()  # RoPE's inv_freq stays float32, as from_pretrained keeps it
 
 
 def meta_upcycled(path: str | os.PathLike, dtype: torch.dtype) -> tuple[nn.Module, dict]:

@@ -170,3 +170,32 @@ def test_weight_analysis_of_gpt2_conv1d_pairs_are_out_by_in():
         tuned.transformer.h[0].mlp.c_fc.weight.add_(0.01)
     (pair,) = matrix_pairs(tuned, gpt2())
     assert pair.name.endswith("h.0.mlp.c_fc") and pair.weight.shape == (256, 64)
+
+
+@pytest.mark.parametrize(
+    "specs, message",
+    [
+        ([MethodSpec(name="lora", rank=4), MethodSpec(name="bitfit", options={"init": "gaussian"})], "init"),
+        ([MethodSpec(name="lora", rank=4), MethodSpec(name="ia3", targets="no_such_layer")], "no_such_layer"),
+        ([MethodSpec(name="prompt"), MethodSpec(name="lora", targets="nothing_here")], "nothing_here"),
+    ],
+)
+def test_a_refused_combination_leaves_the_model_as_it_was(specs, message):
+    """A later method's error (an option it does not take, targets that match nothing) came after the earlier
+    methods had wrapped layers and frozen every weight: the model could not be used again. Now it is untouched."""
+    from deltatune.errors import ConfigError
+    from deltatune.testing import tiny_model
+
+    model = tiny_model()
+    model.train()
+    ids = torch.tensor([[5, 17, 42, 99]])
+    before = {n: type(m) for n, m in model.named_modules()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    expected = model(input_ids=ids).logits.detach()
+    with pytest.raises(ConfigError, match=message):
+        apply_methods(model, specs)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads and all(grads.values())
+    assert model.training and torch.equal(model(input_ids=ids).logits.detach(), expected)
+    adapted = apply_methods(model, [MethodSpec(name="lora", rank=4)])  # usable again
+    assert adapted.trainable_parameters()

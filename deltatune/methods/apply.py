@@ -206,18 +206,53 @@ def apply_methods(model: nn.Module, specs: list[MethodSpec | str] | MethodSpec |
     for n in names:
         if names.count(n) > 1:
             raise ConfigError(f"method '{n}' is given twice; give it once with all its targets", field="method")
-    freeze(model)
+    methods: list[Method] = [get_method(spec.name)(spec) for spec in specs]  # options checked before any change
     before = {id(m) for m in model.modules()}
-    methods: list[Method] = []
-    for spec in specs:
-        method = get_method(spec.name)(spec)
-        method.apply(model)
-        methods.append(method)
-    _check_claims(model, methods)
+    snapshot = _Structure(model)
+    try:
+        freeze(model)
+        for method in methods:
+            method.apply(model)
+        _check_claims(model, methods)
+    except BaseException:
+        snapshot.restore()  # a refused combination leaves the model as it was, not half adapted
+        raise
     for module in model.modules():  # new modules start in training mode: an eval model runs no adapter dropout
         if id(module) not in before:
             module.training = model.training
     return AdaptedModel(model, methods)
+
+
+class _Structure:
+    """What applying methods changes in a model, to put back when it fails: each module's children, parameters,
+    buffers and hooks (the dicts, not the tensors: methods wrap and add, they do not write into base weights), each
+    parameter's requires_grad, and each module's mode."""
+
+    _DICTS = (
+        "_modules",
+        "_parameters",
+        "_buffers",
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks",
+        "_forward_pre_hooks_with_kwargs",
+    )
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [
+            (m, {d: dict(getattr(m, d)) for d in self._DICTS if hasattr(m, d)}, m.training) for m in model.modules()
+        ]
+        self.grads = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for module, dicts, training in self.modules:
+            for name, saved in dicts.items():
+                current = getattr(module, name)
+                current.clear()
+                current.update(saved)
+            module.training = training
+        for p, requires_grad in self.grads:
+            p.requires_grad_(requires_grad)
 
 
 def _check_claims(model: nn.Module, methods: list[Method]) -> None:

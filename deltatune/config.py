@@ -28,11 +28,13 @@ class TrainConfig(BaseModel):
     trust_remote_code: bool = False
     # data
     data: str | None = Field(None, description="training data file (JSONL/JSON/Parquet/CSV)")
-    data_format: Literal["auto", "alpaca", "chat", "prompt-completion", "text"] = "auto"
+    data_format: Literal["auto", "alpaca", "chat", "prompt", "text"] = Field(
+        "auto", description="auto | alpaca | chat | prompt (prompt/completion; 'prompt-completion' also) | text"
+    )
     column_map: dict[str, str] = Field(
         default_factory=dict, description="file column -> field, e.g. question: instruction"
     )
-    template: Literal["chatml", "alpaca", "tokenizer"] = "chatml"
+    template: Literal["chatml", "alpaca", "tokenizer", "raw"] = "chatml"
     policy: str = Field(
         "response",
         description="loss policy: response | instruction | no-boilerplate | all | weighted:L; two phases: 'A->B@STEPS'",
@@ -140,6 +142,12 @@ class TrainConfig(BaseModel):
     overwrite: bool = Field(False, description="replace the run in `output` (never the model or data being read)")
     device: str = "auto"
     num_threads: int | None = Field(None, ge=1)
+
+    @field_validator("data_format", mode="before")
+    @classmethod
+    def _prompt_completion_is_prompt(cls, value):
+        """The reader's name for prompt/completion records is `prompt`; runs recorded as `prompt-completion` resume."""
+        return "prompt" if value == "prompt-completion" else value
 
     @field_validator("betas")
     @classmethod

@@ -135,3 +135,19 @@ def test_fused_adamw_decays_matrices_only_as_the_plain_adamw_path():
     for p, group in opt._params():
         opt._update(p, group)
     assert torch.equal(b, torch.ones(3)) and torch.allclose(w, torch.full((3, 2), 1 - 0.1 * 0.5))
+
+
+def test_train_takes_prompt_completion_records_by_name_and_the_raw_template(tiny_dir, tmp_path):
+    """`--format prompt` (the name data.md and preview use) was refused by train's config, whose own name
+    `prompt-completion` the reader refused in turn; `template: raw` worked in preview, stats and eval but not here."""
+    data = tmp_path / "pc.jsonl"
+    rows = [{"prompt": f"{a} plus {b} is", "completion": f" {a + b}."} for a in range(6) for b in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_config(overrides={"data_format": "prompt-completion"}).data_format == "prompt"  # older runs resume
+    for name in ("prompt", "prompt-completion"):
+        out = tmp_path / name
+        cfg = tiny_train_config(tiny_dir, data, out, data_format=name, template="raw", steps=2)
+        train(cfg, quiet=True)
+        assert (out / "final" / "adapter_config.json").exists()
+        assert "data_format: prompt\n" in (out / "config.yaml").read_text()
+        assert "template: raw\n" in (out / "config.yaml").read_text()

@@ -148,6 +148,8 @@ def _prepare(
     limit: int | None,
     keep_offsets: bool,
 ) -> PreparedData:
+    if data_format == "prompt-completion":  # the config's older name for it
+        data_format = "prompt"
     if data_format not in FORMATS:
         raise ConfigError(
             f"unknown data format '{data_format}' (choose from {', '.join(FORMATS)})", field="--data-format"

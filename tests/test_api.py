@@ -272,9 +272,16 @@ def test_evaluate_loss_task_equals_weighted_loss(tiny_dir, tmp_path):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     expected = deltatune.weighted_loss(out, batch["input_ids"], labels=batch["labels"]).item()
     assert results[f"loss:{path}"].score == pytest.approx(expected, rel=1e-5)
-    adapted = deltatune.apply(model, "lora", rank=4)  # B = 0: the same model, taken as an AdaptedModel
+    # an AdaptedModel is scored with its adapter on: a randomised one (B = 0 would score as the base whether
+    # the adapter ran or not) against weighted_loss of the adapted model's own logits
+    adapted = deltatune.apply(model, "lora", rank=4)
+    randomise_adapter(adapted)
+    with torch.no_grad():
+        out = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    adapted_expected = deltatune.weighted_loss(out, batch["input_ids"], labels=batch["labels"]).item()
+    assert abs(adapted_expected - expected) > 1e-2
     again = deltatune.evaluate(adapted, tok, [f"loss:{path}"], policy="instruction")
-    assert again[f"loss:{path}"].score == pytest.approx(expected, rel=1e-5)
+    assert again[f"loss:{path}"].score == pytest.approx(adapted_expected, rel=1e-5)
     with pytest.raises(deltatune.ConfigError, match="unknown evaluation option 'polciy'"):
         deltatune.evaluate(model, tok, f"loss:{path}", polciy="instruction")
 

@@ -130,9 +130,15 @@ def test_bias_goes_inside_wrappers_and_adapter_linears_are_skipped():
 def test_merge_is_a_no_op():
     model = tiny_model(0)
     method = bitfit(model)
+    with torch.no_grad():  # added biases start at zero: trained values, so that a merge touching them shows
+        for _, p in method.trainable_parameters(model):
+            p.normal_(0, 0.1)
+    biases = {n: p.detach().clone() for n, p in method.trainable_parameters(model)}
     before = model(IDS).logits
+    assert not torch.allclose(before, tiny_model(0)(IDS).logits, atol=1e-3)
     method.merge(model)
     torch.testing.assert_close(model(IDS).logits, before, rtol=0, atol=0)
+    assert all(torch.equal(p, biases[n]) for n, p in method.trainable_parameters(model))
 
 
 @pytest.mark.parametrize("targets", ["nonexistent_proj"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -259,10 +260,15 @@ def test_greedy_generation_equals_transformers_own_generate(tiny_lm, tiny_tok):
 
 
 def test_sampling_is_seeded(tiny_lm, tiny_tok):
+    prompts = ["The quick", "What is"]
     cfg = GenerationConfig(max_new_tokens=5, do_sample=True, temperature=1.5, seed=3)
-    a = generate(tiny_lm, tiny_tok, ["The quick", "What is"], cfg, progress=False)
-    b = generate(tiny_lm, tiny_tok, ["The quick", "What is"], cfg, progress=False)
+    a = generate(tiny_lm, tiny_tok, prompts, cfg, progress=False)
+    b = generate(tiny_lm, tiny_tok, prompts, cfg, progress=False)
     assert a == b
+    # and it really samples: greedy text (what a run ignoring do_sample would give twice) and another seed differ
+    greedy = generate(tiny_lm, tiny_tok, prompts, GenerationConfig(max_new_tokens=5), progress=False)
+    other = generate(tiny_lm, tiny_tok, prompts, dataclasses.replace(cfg, seed=4), progress=False)
+    assert a != greedy and a != other
 
 
 def test_generation_stops_at_stop_string(tiny_lm, tiny_tok):

@@ -170,8 +170,12 @@ def test_generation_path_scores_the_model_text(humaneval_file, tiny_lm, tiny_tok
     res = evaluate_task(tiny_lm, tiny_tok, resolve_task(f"code:{humaneval_file}"), opts)
     assert seen["prompts"] == [ADD["prompt"], REV["prompt"]] and "\ndef " in seen["stop"]
     assert res.metrics == {"pass@1": 0.5} and [r["passed"] for r in res.predictions] == [1, 0]
-    with pytest.raises(Exception, match="allow-code-execution"):
+    from deltatune.errors import UserError
+
+    seen.clear()
+    with pytest.raises(UserError, match="allow-code-execution") as refused:
         evaluate_task(tiny_lm, tiny_tok, resolve_task(f"code:{humaneval_file}"), EvalOptions(progress=False))
+    assert refused.value.field == "allow-code-execution" and not seen  # refused before anything is generated
 
 
 def test_eval_score_cli_humaneval_samples_and_mbpp_integer_ids(tmp_path, humaneval_file, mbpp_file, capsys):

@@ -43,32 +43,42 @@ def _make_run(root, base_model, name, rank, std, method="lora"):
     return run
 
 
-def test_forgetting_cli_end_to_end(tmp_path, tiny_lm, tiny_tok):
+def _write_task(path, pairs):
+    path.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in pairs))
+
+
+def test_forgetting_cli_end_to_end(tmp_path, tiny_tok):
     import copy
 
     from deltatune.cli import main
     from deltatune.evaluate.runner import EvalOptions, evaluate_task
     from deltatune.evaluate.tasks import resolve_task
     from deltatune.methods.apply import load_adapter
+    from deltatune.testing import tiny_model
 
+    # larger random weights than tiny_lm's: greedy text with words in it (tiny_lm only writes newlines, so every
+    # score would be 0 and "run - base" would hold for any run, the adapter applied or not)
+    base_lm = tiny_model(0, initializer_range=0.2)
     base_dir = tmp_path / "base"
-    tiny_lm.save_pretrained(base_dir)
+    base_lm.save_pretrained(base_dir)
     tiny_tok.save_pretrained(base_dir)
-    r1 = _make_run(tmp_path, tiny_lm, "run_a", 2, 0.0)  # B = 0: exactly the base model
-    r2 = _make_run(tmp_path, tiny_lm, "run_b", 4, 0.5)
+    r1 = _make_run(tmp_path, base_lm, "run_a", 2, 0.0)  # B = 0: exactly the base model
+    r2 = _make_run(tmp_path, base_lm, "run_b", 4, 0.5)
+    opts = EvalOptions(max_new_tokens=5, progress=False)
+    questions = ["What is 2 + 3?", "Say fox", "Say dog", "Natalia sold"]
+    probe = tmp_path / "probe.jsonl"
+    _write_task(probe, [(q, "x") for q in questions])
+
+    def outputs(model):
+        res = evaluate_task(model, tiny_tok, resolve_task(f"file:{probe}"), opts)
+        return [r["output"] for r in res.predictions]
+
+    model = load_adapter(copy.deepcopy(base_lm), r2 / "final").model
+    base_says, run_says = outputs(base_lm), outputs(model)
+    # the target's answers are what run_b says (it learned them), the source's what the base says (run_b forgot)
     tgt, src = tmp_path / "target.jsonl", tmp_path / "source.jsonl"
-    tgt.write_text(
-        "".join(
-            json.dumps({"instruction": q, "output": a}) + "\n"
-            for q, a in [("What is 2 + 3?", "5"), ("Say fox", "the fox")]
-        )
-    )
-    src.write_text(
-        "".join(
-            json.dumps({"instruction": q, "output": a}) + "\n"
-            for q, a in [("Say dog", "lazy dog"), ("Natalia sold", "48 clips")]
-        )
-    )
+    _write_task(tgt, zip(questions[:2], run_says[:2]))
+    _write_task(src, zip(questions[2:], base_says[2:]))
     out = tmp_path / "lf"
     rc = main(
         [
@@ -96,14 +106,14 @@ def test_forgetting_cli_end_to_end(tmp_path, tiny_lm, tiny_tok):
     assert (res["dtype"], res["batch_size"]) == ("fp32", 8)  # what the scores depend on, recorded
     a = res["runs"]["lora r=2"]
     assert a["learning"] == 0.0 and a["forgetting"] == 0.0 and a["rank"] == 2  # a zero update changes nothing
-    # run_b's numbers equal a direct evaluation of base + adapter
-    model = load_adapter(copy.deepcopy(tiny_lm), r2 / "final").model
-    opts = EvalOptions(max_new_tokens=5, progress=False)
+    # run_b's numbers equal a direct evaluation of base + adapter, and they are not the base's
     direct = {f"file:{p}": evaluate_task(model, tiny_tok, resolve_task(f"file:{p}"), opts).score for p in (tgt, src)}
     base = res["base_scores"]
     b = res["runs"]["lora r=4"]
     assert b["learning"] == pytest.approx(direct[f"file:{tgt}"] - base[f"file:{tgt}"])
     assert b["forgetting"] == pytest.approx(base[f"file:{src}"] - direct[f"file:{src}"])
+    assert direct[f"file:{tgt}"] == 1.0 and base[f"file:{src}"] == 1.0  # each scores what it said itself
+    assert b["learning"] > 0.5 and b["forgetting"] > 0.5
     assert (out / "forgetting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "forgetting.md").read_text()
     assert "| lora r=2 |" in md and "| lora r=4 |" in md and "| base |" in md

@@ -13,8 +13,6 @@ on Code", eq. 1): with n samples of which c pass, 1 - C(n-c, k) / C(n, k), avera
 
 from __future__ import annotations
 
-import io
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,37 +67,28 @@ def read_code_problems(path: Path) -> list[CodeProblem]:
     problems: list[CodeProblem] = []
     fmt = None
     seen: dict[str, int] = {}
-    from deltatune.evaluate.tasks import read_utf8
+    from deltatune.evaluate.tasks import jsonl_records
 
-    with io.StringIO(read_utf8(path), newline=None) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"not valid JSON ({exc.msg})", file=str(path), line=n) from exc
-            if not isinstance(r, dict):
-                raise DataError("expected a JSON object per line", file=str(path), line=n)
-            this = detect_format(r)
-            if this is None:
-                raise DataError(
-                    f"neither HumanEval ({', '.join(HUMANEVAL_FIELDS)}) nor MBPP ({', '.join(MBPP_FIELDS)}) fields",
-                    file=str(path),
-                    line=n,
-                )
-            fmt = fmt or this
-            if this != fmt:
-                raise DataError(f"a {this} record in a {fmt} file", file=str(path), line=n)
-            problems.append(_problem(r, fmt, path, n))
-            if problems[-1].task_id in seen:
-                raise DataError(
-                    f"task_id {problems[-1].task_id!r} repeats line {seen[problems[-1].task_id]}",
-                    file=str(path),
-                    line=n,
-                    field="task_id",
-                )
-            seen[problems[-1].task_id] = n
+    for n, r in jsonl_records(path):
+        this = detect_format(r)
+        if this is None:
+            raise DataError(
+                f"neither HumanEval ({', '.join(HUMANEVAL_FIELDS)}) nor MBPP ({', '.join(MBPP_FIELDS)}) fields",
+                file=str(path),
+                line=n,
+            )
+        fmt = fmt or this
+        if this != fmt:
+            raise DataError(f"a {this} record in a {fmt} file", file=str(path), line=n)
+        problems.append(_problem(r, fmt, path, n))
+        if problems[-1].task_id in seen:
+            raise DataError(
+                f"task_id {problems[-1].task_id!r} repeats line {seen[problems[-1].task_id]}",
+                file=str(path),
+                line=n,
+                field="task_id",
+            )
+        seen[problems[-1].task_id] = n
     if not problems:
         raise DataError("no problems in the file", file=str(path))
     return problems

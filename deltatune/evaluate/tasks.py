@@ -186,7 +186,9 @@ def read_utf8(path: Path) -> str:
         ) from None
 
 
-def _jsonl(path: Path):
+def jsonl_records(path: Path):
+    """(line number, record) of each non-blank line of a UTF-8 JSONL file; a line that is not a JSON object is one
+    DataError naming the file and line."""
     for n, line in enumerate(io.StringIO(read_utf8(path), newline=None), 1):  # lines as open() splits them
         if not line.strip():
             continue
@@ -208,7 +210,7 @@ def _field(record: dict, key: str, path: Path, line: int) -> str:
 
 def read_gsm8k(path: Path) -> list[Item]:
     items = []
-    for n, r in _jsonl(path):
+    for n, r in jsonl_records(path):
         answer = _field(r, "answer", path, n)
         try:
             target = gsm8k_target(answer)
@@ -248,7 +250,7 @@ def read_bbh(path: Path) -> list[Item]:
 
 def read_self_instruct(path: Path) -> list[Item]:
     items = []
-    for n, r in _jsonl(path):
+    for n, r in jsonl_records(path):
         instances = r.get("instances") or [{}]
         if not isinstance(instances, list) or not isinstance(instances[0], dict):
             raise DataError("expected a list of objects", file=str(path), line=n, field="instances")
@@ -268,7 +270,7 @@ def read_self_instruct(path: Path) -> list[Item]:
 def read_instruction(path: Path, field_map: dict[str, str] | None = None) -> list[Item]:
     fm = {"instruction": "instruction", "input": "input", "output": "output", **(field_map or {})}
     items = []
-    for n, r in _jsonl(path):
+    for n, r in jsonl_records(path):
         prompt = _field(r, fm["instruction"], path, n)
         extra = r.get(fm["input"])
         if isinstance(extra, str) and extra:

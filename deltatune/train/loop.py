@@ -304,6 +304,15 @@ class MicroBatches:
         return out
 
 
+def batch_of(rows: list, policy, cfg: TrainConfig, pad_id: int, flat: bool) -> dict:
+    """One batch of packed rows (or examples) under `policy`, as this run's settings lay it out."""
+    from deltatune.data.packing import collate
+
+    return collate(
+        rows, policy, seq_len=cfg.row_len, pad_id=pad_id, packed=cfg.packing, template_name=cfg.template, flat=flat
+    )
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -315,7 +324,7 @@ def evaluate_loss(
     """Weighted loss per loss-bearing token on held-out examples (same template and policy)."""
     if not examples:
         return None
-    from deltatune.data.packing import collate, pack_examples
+    from deltatune.data.packing import pack_examples
 
     was_training = model.training
     model.eval()
@@ -323,15 +332,7 @@ def evaluate_loss(
     total, weight = 0.0, 0.0
     for i in range(0, len(rows), cfg.batch_size):
         try:
-            batch = collate(
-                rows[i : i + cfg.batch_size],
-                policy,
-                seq_len=cfg.row_len,
-                pad_id=pad_id,
-                packed=cfg.packing,
-                template_name=cfg.template,
-                flat=flat,
-            )
+            batch = batch_of(rows[i : i + cfg.batch_size], policy, cfg, pad_id, flat)
         except TrainingError:
             continue  # an eval batch with no loss-bearing token adds nothing
         batch = _to_device(batch, device)
@@ -402,7 +403,6 @@ def _train(
 ) -> TrainResult:
     from deltatune.analysis.memory import parameter_report
     from deltatune.data.masking import PolicySchedule, parse_policy
-    from deltatune.data.packing import collate
     from deltatune.data.pipeline import no_examples_message, prepare_dataset, prepare_records
     from deltatune.methods import get_method
     from deltatune.methods.apply import apply_methods
@@ -663,20 +663,7 @@ def _train(
                 # the policy of the epoch this micro-batch comes from (pos.epoch after taking it: a step that
                 # starts at the end of an epoch reads the next one, and must use that epoch's policy)
                 policy = schedule.policy_at(pos.step, pos.epoch)
-                micro.append(
-                    dist.local_batch(
-                        rows,
-                        lambda r, policy=policy: collate(
-                            r,
-                            policy,
-                            seq_len=cfg.row_len,
-                            pad_id=pad_id,
-                            packed=cfg.packing,
-                            template_name=cfg.template,
-                            flat=flat,
-                        ),
-                    )
-                )
+                micro.append(dist.local_batch(rows, lambda r, policy=policy: batch_of(r, policy, cfg, pad_id, flat)))
             if cfg.loss_reduction == "example":  # each example's weights sum to 1: a mean of per-example means
                 for b in micro:
                     b["loss_weights"] = per_example_weights(b["loss_weights"], b["position_ids"])

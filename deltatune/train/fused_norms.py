@@ -81,7 +81,8 @@ def _same_formula(module: nn.Module) -> bool:
     ):
         return False
     w = module.weight
-    x = torch.randn(2, 5, w.shape[-1], device=w.device, generator=torch.Generator().manual_seed(0)).to(w.dtype)
+    # drawn on the CPU (a CPU generator cannot fill a CUDA tensor), then moved to the weight's device
+    x = torch.randn(2, 5, w.shape[-1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
     with torch.no_grad():
         return torch.equal(module(x), rms_norm(x, w, module.variance_epsilon))
 

@@ -87,10 +87,11 @@ class FusedUpdate(torch.optim.Optimizer):
     @torch.no_grad()
     def _update(self, p: torch.Tensor, group: dict) -> None:
         g = p.grad
+        wide = torch.promote_types(g.dtype, torch.float32)  # fp16/bf16 -> fp32; float64 stays float64
         if self.scale != 1.0:
-            g = g.float() / self.scale
+            g = g.to(wide) / self.scale
         if self.clip == "per_param":
-            norm = float(torch.linalg.vector_norm(g.float()))
+            norm = float(torch.linalg.vector_norm(g, dtype=wide))
             coef = self.max_norm / (norm + 1e-6)
             if coef < 1.0:
                 g = g * coef
@@ -158,7 +159,8 @@ class FusedUpdate(torch.optim.Optimizer):
         norms: list[torch.Tensor] = []  # one scalar per parameter, reduced as clip_grad_norm_ does
 
         def accumulate_and_free(p: torch.Tensor, group: dict) -> None:
-            norms.append(torch.linalg.vector_norm(p.grad, dtype=torch.float32))
+            dtype = torch.promote_types(p.grad.dtype, torch.float32)  # float64 stays float64
+            norms.append(torch.linalg.vector_norm(p.grad, dtype=dtype))
             p.grad = None
 
         with self._hooks(accumulate_and_free):
@@ -197,11 +199,28 @@ class FusedUpdate(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D401 - torch's signature
         """Apply the same update to any parameter that still holds a gradient (backward run outside
-        `step_hooks_enabled()`); a no-op after a fused backward. Schedulers expect it to be called."""
+        `step_hooks_enabled()`); a no-op after a fused backward. Schedulers expect it to be called.
+
+        Such gradients come from a plain `loss.backward()`: they are not loss-scaled, and global
+        clipping needs their norm (all of them exist now), as `clip_grad_norm_` computes it."""
         loss = closure() if closure is not None else None
-        for p, group in self._params():
-            if p.grad is not None:
+        held = [(p, group) for p, group in self._params() if p.grad is not None]
+        if not held:
+            return loss
+        scale, coef = self.scale, self.clip_coef
+        self.scale, self.clip_coef = 1.0, 1.0
+        try:
+            if self.clip == "global":
+                norms = [
+                    torch.linalg.vector_norm(p.grad, dtype=torch.promote_types(p.grad.dtype, torch.float32))
+                    for p, _ in held
+                ]
+                norm = float(torch.linalg.vector_norm(torch.stack(norms)))
+                self.clip_coef = min(1.0, self.max_norm / (norm + 1e-6))
+            for p, group in held:
                 self._update(p, group)
+        finally:
+            self.scale, self.clip_coef = scale, coef
         return loss
 
 

@@ -144,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("--jobs needs POSIX file locks (Linux, macOS); run with --jobs 1")
         if jobs > (os.cpu_count() or 1):  # each process holds its own copy of the model
             raise UserError(f"--jobs {jobs} is more than the {os.cpu_count()} cores here")
+    if args.threads is not None and args.threads < 1:  # before torch is asked for them (a traceback there)
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
     threads = args.threads or torch.get_num_threads()
     if jobs > 1 and not worker:
         threads = max(1, threads // jobs)  # the cores are shared: each process gets its part
@@ -154,8 +156,6 @@ def run(args: argparse.Namespace) -> int:
     for key, value in settings.items():  # every count an experiment takes (steps, ranks, sizes) is positive;
         if type(value) is int and value < 1:  # 0 must not fall back to the default as a falsy value would
             raise UserError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
     if hasattr(module, "check_arguments"):
         module.check_arguments(args)
     if hasattr(module, "defining_settings"):  # defaults that decide the results (sizes), so a changed default

@@ -301,6 +301,12 @@ class Context:
                 found = json.loads(manifest.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 raise UserError(f"{manifest} is not an experiment manifest; choose another --out") from None
+            if not (isinstance(found, dict) and isinstance(found.get("experiment"), str) and "settings" in found):
+                # some other tool's experiment.json: the folder is the user's, never retaken or written into
+                raise UserError(
+                    f"{self.out} exists and is not an experiment folder of '{self.name}' ({manifest} is not a "
+                    "deltatune manifest); choose an empty or new --out"
+                )
 
             def defining(settings: dict) -> dict:
                 return {k: v for k, v in settings.items() if k not in self.selectors}

@@ -37,6 +37,14 @@ def add_arguments(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--eval-keys", type=int, default=None, help="keys generated at each measurement (default: all)")
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad options before the output folder is claimed."""
+    from deltatune.errors import UserError
+
+    if args.high_rank is not None and args.high_rank <= 8:  # the low arms are r=8: their runs would be named twice
+        raise UserError(f"--high-rank must be above 8 (the low-rank arms use r=8), got {args.high_rank}")
+
+
 def uuid_pairs(n: int, seed: int) -> list[tuple[str, str]]:
     """`n` (key, value) pairs of version-4 UUID strings from `seed`; keys are unique."""
     rng = random.Random(seed)
@@ -65,6 +73,17 @@ def memorization_scores(predictions: list[str], references: list[str]) -> dict[s
     }
 
 
+ROW = 96  # tokens per training row: one pair of the default model (~77 tokens) and no room for a second
+
+
+def row_length(lengths: list[int]) -> int:
+    """Tokens per training row for pairs of these token lengths: every pair whole (a value cut at the row's
+    end would be scored on characters it was never trained on) and one pair a row (rows are packed, so a
+    row with room for two would make `--batch-size` count rows, not pairs). `ROW` when it fits both."""
+    longest, shortest = max(lengths), min(lengths)
+    return max(longest, min(ROW, 2 * shortest - 1))
+
+
 def arms(high_rank: int, quick: bool) -> list[dict]:
     """The five methods and their settings (learning rates scaled from the paper's to a small model and
     ~100 steps: the paper's 3e-5 / 3e-4 / 1e-4 are for 1,000 steps of a 7B model)."""
@@ -90,6 +109,7 @@ def arms(high_rank: int, quick: bool) -> list[dict]:
 
 
 def run(ctx, args: argparse.Namespace) -> None:
+    from deltatune.data.pipeline import prepare_records
     from deltatune.experiments.common import Run, generation_prompts, greedy_answers, measure_points
     from deltatune.models import load_tokenizer
 
@@ -107,6 +127,9 @@ def run(ctx, args: argparse.Namespace) -> None:
         prompts = generation_prompts(keys, tokenizer, "chatml")
         references = [r["output"] for r in keys]
         max_new = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 2
+        seq_len = row_length(
+            [len(ex) for ex in prepare_records(records, tokenizer, template="chatml", max_len=10**9).examples]
+        )
 
         def measure(step, model, prompts=prompts, references=references, max_new=max_new):
             return memorization_scores(greedy_answers(model, tokenizer, prompts, max_new), references)
@@ -123,7 +146,7 @@ def run(ctx, args: argparse.Namespace) -> None:
                 "template": "chatml",
                 "policy": "response",
                 "targets": "all-linear",
-                "seq_len": 96,
+                "seq_len": seq_len,
                 "warmup_ratio": 0.03,
                 "schedule": "cosine",
                 "eval_fraction": 0.0,

@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from deltatune.errors import UserError
 from deltatune.experiments.common import Context, Run, markdown_table, measure_points, save_figure, write_atomic
 
 HELP = "sparse upcycling: dense continuation vs upcycled E=4/E=8 top-2, held-out loss vs steps, time and FLOPs"
@@ -26,17 +27,55 @@ GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k"
 def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 120; quick 3)")
     p.add_argument("--experts", default="4,8", help="expert counts to upcycle to (default 4,8)")
-    p.add_argument("--batch-size", type=int, default=4, help="packed rows per step (default 4)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per packed row (default 256)")
+    p.add_argument("--batch-size", type=int, default=None, help="packed rows per step (default 4; quick 2)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per packed row (default 256; quick 64)")
     p.add_argument("--lr", type=float, default=2e-5, help="learning rate of every run (default 2e-5)")
     p.add_argument("--eval-examples", type=int, default=64, help="held-out GSM8K test examples (default 64)")
-    p.add_argument("--points", type=int, default=6, help="held-out measurements per run (default 6)")
+    p.add_argument("--points", type=int, default=None, help="held-out measurements per run (default 6; quick 2)")
     p.add_argument(
         "--normalize",
         action="store_true",
         help="renormalised top-2 weights (start equal to the dense model) instead of the raw softmax "
         "weights of the paper's decoder (start with every MoE layer's MLP scaled down)",
     )
+
+
+def _experts(value: str) -> list[int]:
+    """The expert counts of `--experts` ("4,8"): each at least 2 (top-2 routing), no repeats, at least one."""
+    try:
+        experts = [int(e) for e in str(value).split(",") if e.strip()]
+    except ValueError:
+        raise UserError(f"--experts takes comma-separated expert counts such as 4,8, got {value!r}") from None
+    if not experts:
+        raise UserError("--experts needs at least one expert count (e.g. 4,8): there is nothing to compare")
+    if min(experts) < 2:
+        raise UserError(f"--experts: every count must be at least 2 (top-2 routing), got {value!r}")
+    if len(set(experts)) != len(experts):
+        raise UserError(f"--experts names a count twice: {value!r}")
+    return experts
+
+
+def check_arguments(args) -> None:
+    """Refuse bad options before the output folder is claimed or a model is loaded."""
+    _experts(args.experts)
+    if not args.lr > 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+
+
+def _sizes(args, quick: bool) -> dict:
+    """The sizes a run uses: the options given, else the mode's defaults."""
+    return {
+        "steps": args.steps or (3 if quick else 120),
+        "batch_size": args.batch_size or (2 if quick else 4),
+        "seq_len": args.seq_len or (64 if quick else 256),
+        "points": args.points or (2 if quick else 6),
+    }
+
+
+def defining_settings(args) -> dict:
+    """The sizes actually used (a default stands for its value), checked when a folder is resumed."""
+    sizes = _sizes(args, args.quick)
+    return {k: sizes[k] for k in ("batch_size", "seq_len", "points")}
 
 
 def _records(quick: bool, n_eval: int) -> tuple[list[dict], list[dict]]:
@@ -49,7 +88,12 @@ def _records(quick: bool, n_eval: int) -> tuple[list[dict], list[dict]]:
         return rows[8:], rows[:4]
 
     def read(name: str, limit: int | None = None) -> list[dict]:
-        lines = (GSM8K / name).read_text(encoding="utf-8").splitlines()[:limit]
+        try:
+            lines = (GSM8K / name).read_text(encoding="utf-8").splitlines()[:limit]
+        except FileNotFoundError:
+            raise UserError(
+                f"the GSM8K data is not at {GSM8K / name} (the experiment reads shared/data/gsm8k)"
+            ) from None
         return [{"instruction": r["question"], "output": r["answer"]} for r in map(json.loads, lines)]
 
     return read("train.jsonl"), read("test.jsonl", n_eval)
@@ -100,11 +144,10 @@ def run(ctx: Context, args) -> None:
     from deltatune.models import load_model
 
     quick = ctx.quick
-    steps = args.steps or (3 if quick else 120)
-    seq_len = 64 if quick else args.seq_len
-    experts = [int(e) for e in str(args.experts).split(",") if e.strip()]
+    sizes = _sizes(args, quick)
+    steps, seq_len = sizes["steps"], sizes["seq_len"]
+    experts = _experts(args.experts)
     train_records, eval_records = _records(quick, args.eval_examples)
-    seed = ctx.seeds[0]
     base = ctx.model
     models = {"dense": base}
     for e in experts:
@@ -113,7 +156,7 @@ def run(ctx: Context, args) -> None:
     # parameters, FLOPs per token and the held-out loss before training (kept for resume)
     start_file = ctx.out / "start.json"
     start = json.loads(start_file.read_text()) if start_file.exists() else {}
-    points = measure_points(steps, 2 if quick else args.points)
+    points = measure_points(steps, sizes["points"])
     runs = []
     for name, ref in models.items():
         model, tok = load_model(ref)
@@ -123,30 +166,41 @@ def run(ctx: Context, args) -> None:
             start[name] = {"params": params, "fwd_flops_per_token": fwd, **measure(0, model)}
             write_atomic(start_file, json.dumps(start, indent=2) + "\n")
         del model
-        config = dict(
-            model=ref,
-            method="full",
-            lr=args.lr,
-            steps=steps,
-            batch_size=2 if quick else args.batch_size,
-            seq_len=seq_len,
-            seed=seed,
-            eval_fraction=0.0,
-            log_every=max(1, steps // 20),
-            moe_aux_loss=0.01,
-            warmup_steps=max(1, steps // 20),
-            fused_norms="off" if quick else "auto",
-        )
-        runs.append(
-            Run(name, config, records=train_records, measure=measure, measure_steps=points, meta={"model": name})
-        )
+        for seed in ctx.seeds:  # every seed asked for (one seed keeps the run names of one-seed folders)
+            config = dict(
+                model=ref,
+                method="full",
+                lr=args.lr,
+                steps=steps,
+                batch_size=sizes["batch_size"],
+                seq_len=seq_len,
+                seed=seed,
+                eval_fraction=0.0,
+                log_every=max(1, steps // 20),
+                moe_aux_loss=0.01,
+                warmup_steps=max(1, steps // 20),
+                fused_norms="off" if quick else "auto",
+            )
+            run_name = name if len(ctx.seeds) == 1 else f"{name}-s{seed}"
+            runs.append(
+                Run(
+                    run_name,
+                    config,
+                    records=train_records,
+                    measure=measure,
+                    measure_steps=points,
+                    meta={"model": name, "seed": seed},
+                )
+            )
     results = ctx.run_all(runs)
 
     curves, rows = {}, []
     dense = start["dense"]
-    for name in models:
+    for run_name, result in results.items():
+        name = result["model"]
         metrics = [
-            json.loads(line) for line in (ctx.run_dir(name) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+            json.loads(line)
+            for line in (ctx.run_dir(run_name) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
         ]
         s = start[name]
         tokens, eval_s, curve = 0, 0.0, [(0, 0.0, 0.0, s["heldout_loss"])]
@@ -157,11 +211,12 @@ def run(ctx: Context, args) -> None:
                 curve.append(
                     (m["step"], m["elapsed_s"] - eval_s, 3 * s["fwd_flops_per_token"] * tokens, m["heldout_loss"])
                 )
-        curves[name] = curve
+        curves[run_name] = curve
         last = [m for m in metrics if "expert_load" in m]
         rows.append(
             [
-                name,
+                run_name,
+                result["seed"],
                 s["params"] / 1e6,
                 (s["params"] - dense["params"]) / 1e6,
                 s["fwd_flops_per_token"] / 1e6,
@@ -170,11 +225,20 @@ def run(ctx: Context, args) -> None:
                 curve[-1][3],
                 curve[-1][1],
                 curve[-1][2] / 1e12,
-                last[-1]["moe_aux_loss"] if last else None,
+                last[-1].get("moe_aux_loss") if last else None,
             ]
         )
+    # per model: each point's numbers, mean over the seeds, and the spread (max - min) of the held-out loss
+    mean_curves, spreads = {}, {}
+    for name in models:
+        own = [curves[n] for n, r in results.items() if r["model"] == name]
+        mean_curves[name] = [
+            (own[0][i][0], *(sum(c[i][j] for c in own) / len(own) for j in (1, 2, 3))) for i in range(len(own[0]))
+        ]
+        spreads[name] = [max(c[i][3] for c in own) - min(c[i][3] for c in own) for i in range(len(own[0]))]
     headers = [
         "run",
+        "seed",
         "params (M)",
         "extra params (M)",
         "fwd MFLOPs/token",
@@ -185,8 +249,14 @@ def run(ctx: Context, args) -> None:
         "train TFLOPs",
         "aux loss (last)",
     ]
+    several = len(ctx.seeds) > 1
+
+    def cell(name: str, i: int) -> str | float:
+        mean = mean_curves[name][i][3]
+        return f"{mean:.3f} ± {spreads[name][i] / 2:.3f}" if several else mean
+
     by_step = markdown_table(
-        ["step"] + list(models), [[c[0]] + [curves[n][i][3] for n in models] for i, c in enumerate(curves["dense"])]
+        ["step"] + list(models), [[c[0]] + [cell(n, i) for n in models] for i, c in enumerate(mean_curves["dense"])]
     )
     plots = []
     try:
@@ -197,10 +267,10 @@ def run(ctx: Context, args) -> None:
 
         fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
         for ax, col, label in zip(axes, (0, 1, 2), ("steps", "training wall time (s)", "training FLOPs")):
-            for name, curve in curves.items():
+            for name, curve in mean_curves.items():
                 ax.plot([c[col] for c in curve], [c[3] for c in curve], marker="o", label=name)
             ax.set_xlabel(label)
-        axes[0].set_ylabel("held-out loss")
+        axes[0].set_ylabel("held-out loss" + (f" (mean of {len(ctx.seeds)} seeds)" if several else ""))
         axes[0].legend()
         fig.suptitle("sparse upcycling vs dense continuation")
         save_figure(fig, ctx.out / "heldout_loss.png")
@@ -212,11 +282,17 @@ def run(ctx: Context, args) -> None:
             "runs": results,
             "start": start,
             "curves": {n: [list(c) for c in cv] for n, cv in curves.items()},
+            "mean_curves": {n: [list(c) for c in cv] for n, cv in mean_curves.items()},
+            "heldout_loss_spread": spreads,
             "steps": steps,
         },
         [
             ("Cost and result per run", markdown_table(headers, rows)),
-            ("Held-out loss by step (step 0 = before training)", by_step),
+            (
+                "Held-out loss by step (step 0 = before training"
+                + (f"; mean over {len(ctx.seeds)} seeds ± half the spread)" if several else ")"),
+                by_step,
+            ),
         ],
         plots,
         notes=[

@@ -99,3 +99,22 @@ def test_memorize_high_rank_equal_to_8_is_one_line_error(tmp_path, capsys):
     argv = ["experiment", "memorize", "--quick", "--out", str(out), "--quiet", "--high-rank", "8"]
     assert main(argv) == 2
     assert "--high-rank" in capsys.readouterr().err and not out.exists()
+
+
+def test_upcycle_measures_the_start_under_the_runs_autocast():
+    """The later held-out points are measured inside the training step's autocast; the step-0 point was measured
+    in plain fp32, so on a bf16 machine the curve's start was not comparable with the rest of it."""
+    import torch
+
+    from deltatune.experiments.upcycle import measure_start
+    from deltatune.testing import tiny_model
+
+    seen = []
+
+    def measure(step, model):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return {"heldout_loss": 1.0}
+
+    assert measure_start(measure, tiny_model(), "bf16") == {"heldout_loss": 1.0}
+    measure_start(measure, tiny_model(), "fp32")
+    assert seen == [True, False]

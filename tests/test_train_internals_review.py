@@ -99,3 +99,23 @@ def test_step_after_a_plain_backward_does_not_unscale_unscaled_gradients():
     _loss(ref_model).backward()
     ref.step()
     assert _max_diff(model, ref_model) < 1e-12
+
+
+def test_the_loss_scale_survives_a_state_dict_round_trip(tmp_path):
+    """A resumed fp16 LOMO run went on at 2^16 whatever scale it had reached; the scale, its clean-step count and
+    the skipped steps now travel in the optimizer's state (through torch.save and weights_only loading)."""
+    import torch
+
+    from deltatune.train.lomo import build_fused
+
+    w = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.float16))
+    opt = build_fused("lomo", [w], lr=0.1)
+    assert opt.dynamic_scale and opt.scale == 2.0**16
+    opt.scale, opt._good_steps, opt.skipped_steps = 1024.0, 7, 2
+    torch.save(opt.state_dict(), tmp_path / "state.pt")
+    fresh = build_fused("lomo", [w], lr=0.1)
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert (fresh.scale, fresh._good_steps, fresh.skipped_steps) == (1024.0, 7, 2)
+    older = dict(opt.state_dict())
+    older.pop("loss_scaling")
+    build_fused("lomo", [w], lr=0.1).load_state_dict(older)  # a checkpoint from before still loads

@@ -140,6 +140,23 @@ def _loss_meter(eval_records: list[dict], tokenizer, seq_len: int):
     return measure
 
 
+def measure_start(measure, model, precision: str | None = None) -> dict:
+    """The held-out loss before training, under the autocast the run's later points are measured with (the
+    training loop measures them inside its step's autocast): bf16 where precision auto picks it, as the runs do."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from deltatune.config import TrainConfig
+    from deltatune.train.loop import pick_precision
+
+    device = next(model.parameters()).device
+    precision = precision or pick_precision(TrainConfig(), device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    with autocast:
+        return measure(0, model)
+
+
 def run(ctx: Context, args) -> None:
     from deltatune.models import load_model
 
@@ -163,7 +180,7 @@ def run(ctx: Context, args) -> None:
         measure = _loss_meter(eval_records, tok, seq_len)
         if name not in start:
             params, fwd = _flops_per_token(model)
-            start[name] = {"params": params, "fwd_flops_per_token": fwd, **measure(0, model)}
+            start[name] = {"params": params, "fwd_flops_per_token": fwd, **measure_start(measure, model)}
             write_atomic(start_file, json.dumps(start, indent=2) + "\n")
         del model
         for seed in ctx.seeds:  # every seed asked for (one seed keeps the run names of one-seed folders)

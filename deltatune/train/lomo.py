@@ -78,6 +78,25 @@ class FusedUpdate(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.overflow = False
 
+    def state_dict(self) -> dict:
+        """torch's optimizer state plus the loss scaling's own (scale, clean steps, skipped steps), so a resumed
+        fp16 run goes on at the scale it had instead of starting again at 2^16."""
+        state = super().state_dict()
+        state["loss_scaling"] = {
+            "scale": self.scale,
+            "good_steps": self._good_steps,
+            "skipped_steps": self.skipped_steps,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        scaling = state_dict.pop("loss_scaling", None)  # absent in checkpoints from before it was saved
+        super().load_state_dict(state_dict)
+        if scaling is not None:
+            self.scale = float(scaling["scale"])
+            self._good_steps, self.skipped_steps = int(scaling["good_steps"]), int(scaling["skipped_steps"])
+
     @property
     def two_passes(self) -> bool:
         """Whether `backward` runs the norm pass first (global clipping, or loss scaling's overflow check)."""

@@ -19,7 +19,7 @@ def test_upcycle_bad_experts_is_one_line_error_and_leaves_no_folder(tmp_path, ca
 def test_upcycle_missing_gsm8k_is_one_line_error(tmp_path, capsys, monkeypatch):
     from deltatune.experiments import upcycle
 
-    monkeypatch.setattr(upcycle, "GSM8K", tmp_path / "nowhere")
+    monkeypatch.setenv("DELTATUNE_DATA", str(tmp_path))  # a data root without gsm8k/
     with pytest.raises(Exception) as info:
         upcycle._records(False, 4)
     from deltatune.errors import UserError

@@ -21,7 +21,6 @@ from deltatune.experiments.common import Context, Run, markdown_table, measure_p
 
 HELP = "sparse upcycling: dense continuation vs upcycled E=4/E=8 top-2, held-out loss vs steps, time and FLOPs"
 DEFAULT_SEEDS = 1
-GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gsm8k"
 
 
 def add_arguments(p) -> None:
@@ -87,12 +86,16 @@ def _records(quick: bool, n_eval: int) -> tuple[list[dict], list[dict]]:
         ]
         return rows[8:], rows[:4]
 
+    from deltatune.evaluate.tasks import data_root
+
+    gsm8k = data_root() / "gsm8k"  # ../shared/data, or $DELTATUNE_DATA as for eval
+
     def read(name: str, limit: int | None = None) -> list[dict]:
         try:
-            lines = (GSM8K / name).read_text(encoding="utf-8").splitlines()[:limit]
+            lines = (gsm8k / name).read_text(encoding="utf-8").splitlines()[:limit]
         except FileNotFoundError:
             raise UserError(
-                f"the GSM8K data is not at {GSM8K / name} (the experiment reads shared/data/gsm8k)"
+                f"the GSM8K data is not at {gsm8k / name} (set DELTATUNE_DATA to the folder that holds gsm8k/)"
             ) from None
         return [{"instruction": r["question"], "output": r["answer"]} for r in map(json.loads, lines)]
 

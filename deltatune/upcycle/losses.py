@@ -6,6 +6,8 @@
   so its L_aux is the constant 1 and has no gradient.
 - Router z-loss (ST-MoE): mean over tokens of logsumexp(router logits)^2.
 Both are averaged over the MoE layers; the train loop adds weight * loss to each micro-batch's loss.
+Under torchrun the gradients are summed over the processes (train/distributed.py), so each process
+adds its share, weight * loss / world: the gradient is that of the mean over processes, as with one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(upcast(logits), dim=-1).pow(2).mean()
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class RouterLosses:
     """Reads every MoE block's last routing after a forward: returns the weighted auxiliary loss
     and accumulates metrics until `summary()` (expert load, router entropy, drops, the losses)."""
@@ -33,6 +41,7 @@ class RouterLosses:
     def __init__(self, model: nn.Module, aux_weight: float, z_weight: float) -> None:
         self.blocks = [b for _, b in moe_blocks(model)]
         self.aux_weight, self.z_weight = aux_weight, z_weight
+        self.world = _world_size()  # gradients are summed over ranks: each rank adds 1/world of the loss
         self._reset()
 
     def _reset(self) -> None:
@@ -61,7 +70,7 @@ class RouterLosses:
         self.aux_sum += float(aux_t.detach())
         self.z_sum += float(z_t.detach())
         self.n += 1
-        return self.aux_weight * aux_t + self.z_weight * z_t
+        return (self.aux_weight * aux_t + self.z_weight * z_t) / self.world
 
     def summary(self) -> dict:
         """Metrics since the last summary: per-layer expert load (fractions), mean router entropy (nats),

@@ -20,12 +20,19 @@ Routing (p = softmax of the router logits, computed in fp32):
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ROUTERS = ("topk", "expert-choice")
+
+
+def ceil_capacity(capacity: float, num: int, den: int) -> int:
+    """ceil(capacity * num / den), exact for the decimal the user wrote: in floats, 1.1 * 200 / 4 is
+    55.00000000000001 and its ceiling 56 (one slot too many)."""
+    return math.ceil(Fraction(str(float(capacity))) * num / den)
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:
@@ -71,7 +78,7 @@ class MoEBlock(nn.Module):
         n, num_e = logits.shape
         probs = torch.softmax(upcast(logits), dim=-1)
         if self.router_type == "expert-choice":
-            t = min(n, math.ceil((self.capacity or 1.0) * n / num_e))
+            t = min(n, ceil_capacity(self.capacity or 1.0, n, num_e))
             weight, token = probs.topk(t, dim=0)  # [T, E]: each expert's top-T tokens
             expert = torch.arange(num_e, device=logits.device).expand(t, num_e)
             covered = torch.zeros(n, dtype=torch.bool, device=logits.device)
@@ -94,7 +101,7 @@ class MoEBlock(nn.Module):
         assigned = torch.bincount(expert, minlength=num_e)
         dropped = 0
         if self.capacity is not None and self.training:
-            cap = math.ceil(self.capacity * self.k * n / num_e)
+            cap = ceil_capacity(self.capacity, self.k * n, num_e)
             onehot = F.one_hot(expert, num_e)
             slot = (onehot.cumsum(0) * onehot).sum(-1) - 1  # this assignment's place in its expert's queue
             keep = slot < cap

@@ -40,13 +40,7 @@ def make_adapter(folder, spec: MethodSpec | list[MethodSpec], seed: int) -> None
     random_adapter(folder, spec, base_model(), seed)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread is fastest, and immune to a machine whose cores other jobs hold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

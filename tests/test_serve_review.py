@@ -8,7 +8,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 
 from deltatune.methods.base import MethodSpec
 from deltatune.serve import Engine, MultiAdapterModel
@@ -24,14 +23,6 @@ PROMPT = "The quick brown fox"
 
 def base_model():
     return tiny_model(0, initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

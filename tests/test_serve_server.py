@@ -29,14 +29,6 @@ def base_model():
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest on a busy machine
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def adapter_root(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("served")
     random_adapter(root / "alpha", MethodSpec(name="lora", rank=4, alpha=8), base_model(), seed=1)

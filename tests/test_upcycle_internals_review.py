@@ -82,7 +82,7 @@ def test_router_loss_gradient_under_torchrun_is_that_of_one_process(tmp_path):
         for r in range(2)
     ]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
-    two = torch.load(tmp_path / "grad.pt")
+    two = torch.load(tmp_path / "grad.pt", weights_only=True)
 
     model = upcycle(tiny_model(num_hidden_layers=2), UpcycleSpec(experts=4, layers=[0, 1]), seed=1).train()
     losses = RouterLosses(model, aux_weight=1.0, z_weight=0.5)

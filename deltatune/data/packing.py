@@ -84,6 +84,7 @@ def collate(
     span by span (train/packed_attention.py).
     packed=False: a list of examples, right-padded to the longest (at most `seq_len`); attention_mask
     is the usual long [B, T] 0/1 mask.
+    token_mask is bool [B, T], True at the examples' tokens and False at the padding, in every layout.
     `weights_of(example)` gives the weights instead of `policy` (evaluation of examples already weighted).
     Raises TrainingError if no token in the batch carries loss under `policy`.
     """
@@ -137,6 +138,7 @@ def collate(
         "loss_weights": weights,
         "position_ids": pos,
         "attention_mask": attention_mask,
+        "token_mask": seg >= 0,  # real tokens (upcycled MoE blocks route only these)
         "n_real_tokens": int(sum(lengths)),
         "n_examples": n_examples,
     }

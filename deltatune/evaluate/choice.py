@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltatune.kv_cache import cache_kwargs, output_cache, takes_cache
+from deltatune.upcycle.moe import moe_blocks, routed_tokens
 
 NORMALISATIONS = ("char", "token", "sum")
 
@@ -122,6 +123,7 @@ def score_options(
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][2]) + len(pairs[i][3])))
     results: list[list[OptionScore | None]] = [[None] * len(o) for o in options]
     keep_subset = not all_logits and keeps_logits(model)
+    moe = [b for _, b in moe_blocks(model)]
     bar = tqdm(total=len(pairs), desc="choices", unit="opt", disable=not progress or len(pairs) < 2)
     for start in range(0, len(order), batch_size):
         batch = [pairs[i] for i in order[start : start + batch_size]]
@@ -142,7 +144,8 @@ def score_options(
             kwargs["logits_to_keep"] = torch.tensor(keep, device=device)
             for j, t in enumerate(keep):
                 column[t] = j
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs).logits
+        with routed_tokens(moe, attention.bool().to(device)):  # upcycled models route the real tokens only
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs).logits
         for r, ((q, o, _, o_ids, n_chars), (ids, ctx_len)) in enumerate(zip(batch, rows)):
             # logits at position t predict token t+1: the option's tokens are ids[ctx_len:]
             cols = [column[t] for t in range(ctx_len - 1, len(ids) - 1)]

@@ -25,6 +25,7 @@ from deltatune.errors import DataError, TrainingError
 from deltatune.methods.virtual_tokens import has_virtual_tokens
 from deltatune.train import packed_attention
 from deltatune.train.loss import weighted_lm_loss_sum
+from deltatune.upcycle.moe import moe_blocks, routed_tokens
 
 
 @dataclass
@@ -69,6 +70,7 @@ def heldout_loss(
         )
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
     total, weight_sum = 0.0, 0.0
+    moe = [b for _, b in moe_blocks(model)]  # upcycled models route the real tokens only
     bar = tqdm(total=len(examples), desc="loss", unit="ex", disable=not progress or len(examples) < 2)
     with packed_attention.switched(model) if flat else nullcontext():
         for start in range(0, len(order), batch_size):
@@ -93,7 +95,8 @@ def heldout_loss(
             else:
                 kwargs["attention_mask"] = tensors["attention_mask"].to(device)
             # final hidden states, then the chunked head: logits exist only for loss-bearing positions
-            hidden = model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
+            with routed_tokens(moe, tensors["token_mask"].to(device)):
+                hidden = model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
             weights = tensors["loss_weights"].to(device)
             s, tw = weighted_lm_loss_sum(hidden, model.get_output_embeddings(), kwargs["input_ids"], weights)
             total += float(s)

@@ -30,6 +30,7 @@ from deltatune.train.loss import per_example_weights, weighted_lm_loss_sum
 from deltatune.train.optim import build_optimizer, build_scheduler
 from deltatune.train.progress import Progress
 from deltatune.train.workspace import release_all as release_workspaces
+from deltatune.upcycle.moe import moe_blocks, routed_tokens
 
 
 @dataclass
@@ -167,7 +168,6 @@ def use_compiled_layers(
         if resumed:
             say("compiled decoder layers: on, as in the checkpoint (compile_layers: auto)")
         return resumed
-    from deltatune.upcycle.moe import moe_blocks
 
     why_not = compiled_layers.auto_declines(
         cfg,
@@ -329,6 +329,7 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     rows = pack_examples(examples, cfg.row_len) if cfg.packing else examples
+    moe = [b for _, b in moe_blocks(model)]  # upcycled models route the real tokens only
     total, weight = 0.0, 0.0
     for i in range(0, len(rows), cfg.batch_size):
         try:
@@ -336,7 +337,7 @@ def evaluate_loss(
         except TrainingError:
             continue  # an eval batch with no loss-bearing token adds nothing
         batch = _to_device(batch, device)
-        with autocast():
+        with autocast(), routed_tokens(moe, batch.get("token_mask")):
             hidden = forward_hidden(model, batch)
         s, w = weighted_lm_loss_sum(hidden, head, batch["input_ids"], batch["loss_weights"], chunk=cfg.loss_chunk)
         total += s.item()
@@ -560,6 +561,7 @@ def _train(
     from deltatune.upcycle.losses import for_training as moe_losses_for
 
     router_losses = moe_losses_for(model, cfg)  # upcycled models: aux losses + routing metrics; None if dense
+    moe = router_losses.blocks if router_losses is not None else []  # they route the batch's real tokens only
     if router_losses is not None and compiled:  # only `true` gets here (auto declines MoE models)
         raise ConfigError("compile_layers: true is not supported for upcycled (MoE) models", field="compile_layers")
 
@@ -673,7 +675,7 @@ def _train(
             for i, batch in enumerate(micro):
                 batch = _to_device(batch, device)
                 dist.sync_grads(runner, i == len(micro) - 1)  # gradients are summed over ranks once per step
-                with autocast():
+                with autocast(), routed_tokens(moe, batch.get("token_mask")):
                     hidden = forward_hidden(runner, batch)
                 loss_sum, _ = weighted_lm_loss_sum(
                     hidden, head, batch["input_ids"], batch["loss_weights"], chunk=cfg.loss_chunk

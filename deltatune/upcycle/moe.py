@@ -15,11 +15,18 @@ Routing (p = softmax of the router logits, computed in fp32):
 - expert choice: each expert takes its top T = min(n, ceil(C*n/E)) tokens by p[:, e] with weight
   p[t, e]; a token may get several experts or none ("dropped"). It looks at the whole batch, so it is
   non-causal: fine for teacher-forced training and scoring, not a faithful autoregressive model.
+
+Padding never routes: inside `routed_tokens(model, mask)` (the train loop's forwards) each block routes
+only the tokens the mask marks as real, and the padding's MLP output is zero (it keeps its residual).
+Otherwise padding would take capacity slots from real tokens (a short row's padding comes before the
+next row's tokens), be chosen by expert-choice experts, and count in the balancing loss and the metrics.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 
 import torch
@@ -63,6 +70,7 @@ class MoEBlock(nn.Module):
         self.router = nn.Linear(hidden_size, self.num_experts, bias=False)
         self.experts = nn.ModuleList(experts)
         self.last_routing: dict[str, torch.Tensor] | None = None
+        self.token_mask: torch.Tensor | None = None  # set by routed_tokens(): which tokens are real
 
     def extra_repr(self) -> str:
         return (
@@ -113,6 +121,15 @@ class MoEBlock(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
+        real = None
+        if self.token_mask is not None:
+            if self.token_mask.numel() != x.shape[0]:
+                raise RuntimeError(
+                    f"the token mask has {self.token_mask.numel()} entries for {x.shape[0]} tokens "
+                    "(set by routed_tokens for another batch)"
+                )
+            real = self.token_mask.reshape(-1).nonzero().squeeze(1)
+            x = x.index_select(0, real)
         logits = self.router(x)
         token, expert, weight, assigned, dropped = self.route(logits)
         order = torch.argsort(expert, stable=True)
@@ -133,9 +150,26 @@ class MoEBlock(nn.Module):
             "processed": counts,
             "dropped": torch.tensor(dropped),
         }
+        if real is not None:  # padding rows of the output stay zero
+            out = torch.zeros(shape.numel() // shape[-1], shape[-1], dtype=out.dtype, device=out.device).index_copy(
+                0, real, out
+            )
         return out.reshape(shape)
 
 
 def moe_blocks(model: nn.Module) -> list[tuple[str, MoEBlock]]:
     """(name, block) of every MoE block in the model, in layer order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoEBlock)]
+
+
+@contextmanager
+def routed_tokens(blocks: list[MoEBlock], mask: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, the MoE blocks route only the tokens where `mask` ([B, T] bool, True = a real
+    token of the batch) is set; None routes every token (a batch without padding)."""
+    for b in blocks:
+        b.token_mask = mask
+    try:
+        yield
+    finally:
+        for b in blocks:
+            b.token_mask = None

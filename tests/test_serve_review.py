@@ -135,7 +135,11 @@ def test_more_prompts_than_the_queue_holds_is_a_400_not_a_busy_503(server):
 
 @pytest.mark.parametrize(
     "flags, message",
-    [(["--port", "70000"], "--port must be in 0-65535"), (["--threads", "-1"], "--threads must be at least 1")],
+    [
+        (["--port", "70000"], "--port must be in 0-65535"),
+        (["--threads", "-1"], "--threads must be at least 1"),
+        (["--max-request-mb", "0"], "--max-request-mb must be a positive number"),
+    ],
 )
 def test_cli_serve_bad_port_or_threads_is_one_line(flags, message, capsys):
     from deltatune.cli import main
@@ -186,3 +190,25 @@ def test_the_engine_stops_at_the_models_own_end_of_turn_ids():
     model.generation_config.eos_token_id = [2, 77]
     engine = Engine(MultiAdapterModel(model), tiny_tokenizer())
     assert 77 in engine.stop_ids
+
+
+def test_a_request_body_over_the_limit_is_a_413_declared_or_streamed(adapter_root):
+    """The server refuses a body past --max-request-mb whether its Content-Length says so or it streams in
+    chunks with no length; a body under the limit is served."""
+    import json
+
+    state = make_state(adapter_root, default_max_tokens=2, max_body_bytes=4096)
+    big = json.dumps({"model": BASE, "prompt": "word " * 1000, "max_tokens": 2}).encode()
+    assert len(big) > 4096
+    with running_server(create_app(state)) as url:
+        declared = httpx.post(url + "/completions", content=big, headers={"content-type": "application/json"})
+        assert declared.status_code == 413 and "over 4096 bytes" in error_of(declared)["message"]
+
+        def chunks():
+            for i in range(0, len(big), 512):
+                yield big[i : i + 512]
+
+        streamed = httpx.post(url + "/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert streamed.status_code == 413 and "over 4096 bytes" in error_of(streamed)["message"]
+        small = {"model": BASE, "prompt": PROMPT, "max_tokens": 2}
+        assert httpx.post(url + "/completions", json=small, timeout=60).status_code == 200

@@ -4,6 +4,7 @@ an OpenAI-compatible server for one base model and many adapters (docs/serving.m
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from deltatune.errors import UserError
@@ -32,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, default=16, help="rows generated together in one batch")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this are answered 503")
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens when a request gives none")
+    p.add_argument(
+        "--max-request-mb", type=float, default=16.0, help="request bodies larger than this are answered 413"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=run)
 
@@ -67,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}", field=flag)
+    if not (math.isfinite(args.max_request_mb) and args.max_request_mb > 0):
+        raise UserError(
+            f"--max-request-mb must be a positive number, got {args.max_request_mb}", field="--max-request-mb"
+        )
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in 0-65535 (0: any free port), got {args.port}", field="port")
     if args.threads is not None and args.threads < 1:
@@ -98,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_tokens,
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
+        max_body_bytes=int(args.max_request_mb * 2**20),
     )
     port = sock.getsockname()[1]  # the port really bound (--port 0 picks a free one)
     host = f"[{args.host}]" if ":" in args.host else args.host

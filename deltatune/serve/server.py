@@ -47,6 +47,7 @@ class ServerState:
     default_max_tokens: int = 256
     max_batch_size: int = 16
     max_queue: int = 64
+    max_body_bytes: int = 16 * 2**20  # a request body past this is a 413, read no further
     lock: threading.Lock = field(default_factory=threading.Lock)
     created: int = field(default_factory=lambda: int(time.time()))
     batcher: Batcher | None = None
@@ -188,11 +189,27 @@ def safe_adapter_folder(root: Path, relative: str) -> Path:
 
 
 async def _json(request: Request) -> Any:
-    raw = await request.body()
+    raw = await _body(request, request.app.state.serve.max_body_bytes)
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"malformed JSON body: {exc}") from None
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) once it passes `limit` bytes: declared in Content-Length or counted
+    while it streams in (a chunked body declares nothing), so a client cannot make the server hold gigabytes."""
+    too_large = APIError(413, f"request body over {limit} bytes (serve --max-request-mb)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _model_card(state: ServerState, name: str, parent: str | None) -> dict[str, Any]:

@@ -111,3 +111,18 @@ def test_an_unreadable_data_file_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(Path, "open", no_read)
     assert deltatune.cli.main(["stats", "--data", str(data), "--tokenizer", "tiny"]) == 2
     assert capsys.readouterr().err == f"deltatune stats: error: {data}: permission denied\n"
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_text_the_terminal_cannot_show_is_escaped_not_a_traceback(tmp_path, encoding):
+    """A stdout that is not UTF-8 (PYTHONIOENCODING, a latin-1 locale, a Windows console): a preview of data
+    with characters it cannot encode prints them as escapes and succeeds."""
+    data = tmp_path / "accents.jsonl"
+    data.write_text('{"instruction": "Résumé café", "output": "Ça va ✓"}\n', encoding="utf-8")
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltatune", "preview", "--data", str(data), "--tokenizer", "tiny"],
+        capture_output=True, cwd=REPO, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr
+    assert b"\\u2713" in proc.stdout  # the check mark, which neither encoding has

@@ -114,12 +114,29 @@ def _flush_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _tolerant_output()
     try:
         return _main(argv)
     except BrokenPipeError:  # also one raised while reporting another error on a closed stderr
         if not _broken_output():
             raise  # a pipe of our own (a worker, a socket): a bug, keep its traceback
         return 141  # 128 + SIGPIPE, what a shell shows for `cat big | head -1`
+
+
+def _tolerant_output() -> None:
+    """On a terminal or pipe that is not UTF-8 (LANG=en_US.ISO-8859-1, PYTHONIOENCODING=ascii, a Windows
+    console), a character it cannot show is written as a \\x.. escape instead of ending the command with a
+    UnicodeEncodeError: previews, generations and eval samples print the data's text as it is."""
+    import codecs
+
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None)
+        try:
+            utf = encoding is not None and codecs.lookup(encoding).name.startswith("utf")
+        except LookupError:
+            utf = False
+        if not utf and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _main(argv: list[str] | None) -> int:

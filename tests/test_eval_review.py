@@ -226,3 +226,20 @@ def test_a_completion_cannot_start_an_unguarded_process_with_posix_spawn(tmp_pat
 
     time.sleep(0.5)
     assert victim.exists()
+
+
+@pytest.mark.parametrize(
+    "text, target, expected",
+    [
+        ("(A) or (C)", "(A)", False),  # hedging between options is no answer
+        ("(A) is wrong, (C) is right.", "(A)", False),
+        ("(A) is wrong, (C) is right.", "(C)", False),
+        ("So the answer is (C), not (A).", "(C)", False),  # as lm-eval's strict match
+        ("(B)\nExplanation: (C) cannot be, since ...", "(B)", True),  # the answer line comes first
+        ("Sure!\n(B)", "(B)", True),
+        ("(B), yes (B).", "(B)", True),  # the same option twice is one answer
+        ("Looking at (A) and (B)...\nSo the answer is (B).", "(B)", True),
+    ],
+)
+def test_bbh_a_line_that_names_several_options_is_no_answer(text, target, expected):
+    assert (extract_bbh(text, bbh_target(target)) == bbh_target(target)) is expected

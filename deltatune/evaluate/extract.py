@@ -66,12 +66,21 @@ def normalize_answer(text: str) -> str:
 
 
 def extract_bbh(text: str, target: str) -> str:
-    """The prediction in the target's form: '(X)' for multiple choice, else the first answer line."""
+    """The prediction in the target's form: '(X)' for multiple choice, else the first answer line.
+
+    Multiple choice reads the first line (after the last 'answer is', else of the whole text) that names an
+    option as "(X)": the answer comes first in the shots' direct format, and an explanation may follow. A line
+    that names several options ("(A) or (C)", "(A) is wrong, (C) is right") has no single prediction and
+    matches no target: taking the first named credited a text that lists the options (lm-eval's strict match
+    takes none of them)."""
     body = _after_answer_is(text).strip()
     if _MC_TARGET.match(target.strip()):
-        m = re.search(r"\(([A-Z])\)", body)
-        if m:
-            return f"({m.group(1)})"
+        for line in body.split("\n"):
+            named = set(re.findall(r"\(([A-Z])\)", line))
+            if len(named) == 1:
+                return f"({named.pop()})"
+            if named:
+                return normalize_answer(line)  # lower case: never an "(X)" target
         # a bare letter, also in markdown bold or quotes as chat models write it: "**B**", "'B'."
         m = re.match(r"[*_\"'`]*([A-Z])(?:[).:\s*_\"'`]|$)", body)
         return f"({m.group(1)})" if m else normalize_answer(body.split("\n")[0])

@@ -227,6 +227,10 @@ def test_analyze_cli_end_to_end(lora_run, tmp_path):
     expected = magnitude_direction(w0, w0 + 0.5 * mod.delta_weight())
     point = next(p for p in dec["points"] if p["name"] == name and p["step"] == 20)
     assert (point["dM"], point["dD"]) == pytest.approx(expected, rel=1e-5)
+    from deltatune.analysis.decompose import dd_dm_fit_within_types
+
+    assert dec["fit_within_types"] == pytest.approx(dd_dm_fit_within_types(dec["points"]), nan_ok=True)
+    assert "| all, within types | 12 |" in (out / "decomposition.md").read_text()
     spec = json.loads((out / "spectrum.json").read_text())["spectrum"]
     assert spec["snapshot"] == "final" and all(1 <= m["rank90"] <= 2 for m in spec["matrices"])
 
@@ -288,3 +292,19 @@ def test_analyze_works_on_an_nf4_base(tmp_path, tiny_lm, tiny_tok):
     out = tmp_path / "analysis"
     assert main(["analyze", "--base", str(base_dir), "--run", str(run), "--out", str(out)]) == 0
     assert len(json.loads((out / "decomposition.json").read_text())["decomposition"]["points"]) == 4
+
+
+def test_the_headline_fit_is_within_layer_types_not_pooled():
+    """Simpson's paradox by hand: in each type dM falls as dD rises (slope -1), but the type with larger dD
+    also has larger dM, so the pooled fit rises. The within-types fit finds the slope of every type."""
+    from deltatune.analysis.decompose import dd_dm_fit_within_types
+
+    q = [(0.0, 1.0), (1.0, 0.0), (2.0, -1.0)]  # (dD, dM): slope -1, mean (1, 0)
+    down = [(10.0, 11.0), (11.0, 10.0), (12.0, 9.0)]  # slope -1, mean (11, 10)
+    rows = [{"type": "q_proj", "dD": x, "dM": y} for x, y in q] + [
+        {"type": "down_proj", "dD": x, "dM": y} for x, y in down
+    ]
+    assert dd_dm_fit(rows)["slope"] > 0 and dd_dm_fit(rows)["correlation"] > 0.9  # pooled: the wrong sign
+    within = dd_dm_fit_within_types(rows)
+    assert within["slope"] == pytest.approx(-1.0) and within["correlation"] == pytest.approx(-1.0)
+    assert within["points"] == 6 and within["intercept"] == pytest.approx(5.0 + 6.0)  # through the mean (6, 5)

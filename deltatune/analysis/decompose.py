@@ -163,3 +163,23 @@ def dd_dm_fit(rows: list[dict], types: list[str] | None = None) -> dict[str, flo
     """Regression of dM on dD over (matrix, checkpoint) points, as the DoRA paper plots them."""
     sel = [r for r in rows if types is None or r["type"] in types]
     return regression([r["dD"] for r in sel], [r["dM"] for r in sel])
+
+
+def dd_dm_fit_within_types(rows: list[dict]) -> dict[str, float]:
+    """The regression of dM on dD within layer types: each point is taken relative to its type's mean (the
+    fixed-effects estimator), so that types whose matrices differ in scale (q against down: another fan-in,
+    another norm) cannot make a correlation that no type has, or hide one every type has (Simpson's
+    paradox), as pooling all points does. The line is drawn through the mean of all points."""
+    by_type: dict[str, list[dict]] = {}
+    for r in rows:
+        by_type.setdefault(r["type"], []).append(r)
+    xs, ys = [], []
+    for sel in by_type.values():
+        mx, my = sum(r["dD"] for r in sel) / len(sel), sum(r["dM"] for r in sel) / len(sel)
+        xs += [r["dD"] - mx for r in sel]
+        ys += [r["dM"] - my for r in sel]
+    fit = regression(xs, ys)
+    if rows and fit["slope"] == fit["slope"]:  # not nan
+        gx, gy = sum(r["dD"] for r in rows) / len(rows), sum(r["dM"] for r in rows) / len(rows)
+        fit["intercept"] = gy - fit["slope"] * gx
+    return fit

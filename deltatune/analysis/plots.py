@@ -103,7 +103,7 @@ def dd_dm_plot(rows: list[dict], fit: dict, path: str | os.PathLike, title: str 
             [fit["intercept"] + fit["slope"] * lo, fit["intercept"] + fit["slope"] * hi],
             "k--",
             lw=1,
-            label=f"slope {fit['slope']:.3g}, r = {fit['correlation']:.2f}",
+            label=f"within layer types: slope {fit['slope']:.3g}, r = {fit['correlation']:.2f}",
         )
     ax.set_xlabel("direction change dD = mean(1 - cos)")
     ax.set_ylabel("magnitude change dM = mean |m - m0|")

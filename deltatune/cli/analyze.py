@@ -62,7 +62,13 @@ def analyze_run(base_model, run_info, checkpoints: str = "protocol", energy: flo
     """Decomposition rows for each snapshot, the spectrum of the last one and rank@energy over time."""
     from tqdm.auto import tqdm
 
-    from deltatune.analysis.decompose import dd_dm_fit, decomposition_rows, matrix_pairs, mean_by_type
+    from deltatune.analysis.decompose import (
+        dd_dm_fit,
+        dd_dm_fit_within_types,
+        decomposition_rows,
+        matrix_pairs,
+        mean_by_type,
+    )
     from deltatune.analysis.spectrum import spectrum_rows, summarise_by_type
     from deltatune.evaluate.runs import load_snapshot
 
@@ -86,7 +92,8 @@ def analyze_run(base_model, run_info, checkpoints: str = "protocol", energy: flo
         "decomposition": {
             "points": decomposition,
             "by_type": mean_by_type(decomposition),
-            "fit": dd_dm_fit(decomposition),
+            "fit": dd_dm_fit(decomposition),  # all points pooled
+            "fit_within_types": dd_dm_fit_within_types(decomposition),  # the headline: no between-type effect
             "fit_by_type": {t: dd_dm_fit(decomposition, [t]) for t in types},
         },
         "spectrum": {
@@ -102,14 +109,18 @@ def decomposition_markdown(result: dict) -> str:
     from deltatune.cli.eval import format_table
 
     d = result["decomposition"]
-    fits = [{"types": "all", **d["fit"]}] + [{"types": t, **f} for t, f in d["fit_by_type"].items()]
+    fits = [
+        {"types": "all, within types", **d["fit_within_types"]},
+        {"types": "all, pooled", **d["fit"]},
+    ] + [{"types": t, **f} for t, f in d["fit_by_type"].items()]
     return (
         f"# Magnitude and direction change: {result['label']}\n\n"
         "Per output unit (row of the (out, in) weight): dM = mean |m - m0|, dD = mean (1 - cos).\n\n"
         + format_table(d["by_type"], ["checkpoint", "step", "type", "matrices", "dM", "dD"])
         + "\n\n## Regression of dM on dD over (matrix, checkpoint) points\n\n"
         + format_table(fits, ["types", "points", "slope", "correlation"])
-        + "\n"
+        + "\n\nWithin types: each point relative to its layer type's mean, so that types of other scales do not "
+        "make (or hide) the correlation, as pooling all points can.\n"
     )
 
 
@@ -190,7 +201,7 @@ def run(args) -> int:
         out / "spectrum.json", json.dumps({k: v for k, v in result.items() if k != "decomposition"}, indent=1) + "\n"
     )
     write_atomic(out / "spectrum.md", spectrum_markdown(result))
-    dd_dm_plot(d["points"], d["fit"], out / "dd_dm.png", f"dD vs dM: {info.label}")
+    dd_dm_plot(d["points"], d["fit_within_types"], out / "dd_dm.png", f"dD vs dM: {info.label}")
     spectrum_plot(
         result["spectrum"]["matrices"], out / "spectrum.png", f"Spectrum of dW: {info.label}", energy=args.energy
     )

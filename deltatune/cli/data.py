@@ -142,10 +142,12 @@ def run_self_instruct(args: argparse.Namespace) -> int:
     )
     from deltatune.data.instructions.self_instruct_text import read_seed_tasks
     from deltatune.errors import ConfigError
+    from deltatune.fileio import check_writable
     from deltatune.models import load_model
 
     out = check_output(args.out, [args.seeds], args.overwrite)
     work = Path(args.work) if args.work else out.with_name(out.name + ".work")
+    check_writable(work, field="--work")  # before the model loads, not when the first round is recorded
     config = SelfInstructConfig(
         n=args.n,
         seed=args.seed,
@@ -174,7 +176,7 @@ def run_filter(args: argparse.Namespace) -> int:
 
     out = check_output(args.out, [args.data], args.overwrite)
     if args.report:
-        check_output(args.report, [args.data, args.out], args.overwrite)
+        check_output(args.report, [args.data, args.out], args.overwrite, field="--report")
     options = FilterOptions(
         near=args.near,
         threshold=args.threshold,

@@ -179,6 +179,9 @@ def _read_csv(p: Path, name: str, delimiter: str) -> Iterator[RawRecord | DataEr
     try:
         with pacsv.open_csv(p, parse_options=parse, convert_options=pacsv.ConvertOptions(check_utf8=False)) as reader:
             names = reader.schema.names
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:  # a row becomes a dict: all but the last such cell would be dropped silently
+            raise DataError("the header names this column twice; rename one of them", file=name, line=1, field=twice)
         convert = pacsv.ConvertOptions(
             column_types={n: pa.binary() for n in names},
             check_utf8=False,
@@ -392,4 +395,25 @@ class _Errors:
             raise self(f"expected a string, got {type(value).__name__}", name)
         if required and not value.strip():
             raise self("empty", name)
+        bad = lone_surrogate(value)
+        if bad is not None:
+            raise self(bad, name)
         return value
+
+
+def lone_surrogate(text: str) -> str | None:
+    """Why `text` is no valid Unicode (half of a UTF-16 pair, as JSON's "\\ud83d" escape gives), or None.
+
+    Such a str reaches Python from JSON but cannot be encoded: the Rust tokenizer rejects the whole
+    batch (a TypeError naming no record) and writing it as UTF-8 fails, so it is refused per field.
+    """
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"not valid Unicode: a lone surrogate \\u{ord(text[exc.start]):04x} at character {exc.start + 1} "
+            "(half of an escaped UTF-16 pair)"
+        )
+    return None

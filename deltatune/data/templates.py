@@ -144,13 +144,17 @@ class TokenizerTemplate(Template):
         self.bos = getattr(tokenizer, "bos_token", None)
         self._scaffolds: dict[tuple, list[str]] = {}
 
-    def _apply(self, messages: list[dict]) -> str:
+    def _apply(self, messages: list[dict], source: str) -> str:
+        """Render with the tokenizer's template. A template that raises (Llama-2's and Mistral's do for roles
+        that do not alternate) refuses this record: a DataError naming it, which --skip-bad can skip."""
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         except Exception as exc:  # jinja raises its own errors for unsupported role orders
-            raise ConfigError(f"the tokenizer's chat template failed: {exc}", field="--template")
+            raise DataError(
+                f"the tokenizer's chat template failed: {exc} (--template tokenizer)", file=source or None
+            ) from None
 
-    def _scaffold(self, msgs: list[Message]) -> list[str]:
+    def _scaffold(self, msgs: list[Message], source: str) -> list[str]:
         """Scaffold pieces around the parts: scaffold[0] part0 scaffold[1] part1 ... scaffold[n]."""
         key = tuple((m.role, len(m.parts)) for m in msgs)
         if key in self._scaffolds:
@@ -161,7 +165,7 @@ class TokenizerTemplate(Template):
             content = "".join(self.SENTINEL.format(k + i) for i in range(len(m.parts)))
             k += len(m.parts)
             sent_msgs.append({"role": m.role, "content": content})
-        rendered = self._apply(sent_msgs)
+        rendered = self._apply(sent_msgs, source)
         pieces, pos = [], 0
         for i in range(k):
             s = self.SENTINEL.format(i)
@@ -180,8 +184,8 @@ class TokenizerTemplate(Template):
 
     def _render(self, conv: Conversation, b: _Builder) -> None:
         msgs = conv.messages
-        scaffold = self._scaffold(msgs)
-        real = self._apply([{"role": m.role, "content": m.content} for m in msgs])
+        scaffold = self._scaffold(msgs, conv.source)
+        real = self._apply([{"role": m.role, "content": m.content} for m in msgs], conv.source)
         parts = [(m, turn, role, text) for m, turn in zip(msgs, _turns(msgs)) for role, text in m.parts]
         if real != "".join(s + p[3] for s, p in zip(scaffold, parts)) + scaffold[-1]:
             raise DataError(

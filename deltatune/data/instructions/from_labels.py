@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from deltatune.data.formats import RawRecord
+from deltatune.data.formats import RawRecord, lone_surrogate
 from deltatune.data.instructions.rows import read_rows, record_error
 from deltatune.errors import ConfigError, DataError
 
@@ -144,7 +144,14 @@ def load_task(path: str | Path) -> LabelTask:
     for value, word in labels.items():
         if not isinstance(word, (str, int, float)) or not str(word).strip():
             raise ConfigError("expected a non-empty label word", file=name, field=f"labels.{value}")
-        words[_label_key(value)] = str(word)
+        key = _label_key(value)
+        if key in words:  # labels compare as text: a second word would silently replace the first
+            raise ConfigError(
+                f"label '{key}' appears twice (labels compare as text, so 1, 1.0 and '1' are one label)",
+                file=name,
+                field=f"labels.{key}",
+            )
+        words[key] = str(word)
     return LabelTask(str(raw.get("name") or p.stem), phrasings, words, name)
 
 
@@ -167,6 +174,9 @@ def _cell(rec: RawRecord, column: str) -> str:
         raise record_error(rec, f"expected text, got {type(value).__name__}", column)
     if not value.strip():
         raise record_error(rec, "empty text", column)
+    bad = lone_surrogate(value)
+    if bad is not None:  # it could not be written as UTF-8 (or trained on): refuse it here, naming the cell
+        raise record_error(rec, bad, column)
     return value
 
 

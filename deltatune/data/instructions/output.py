@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Iterable
 
 from deltatune.errors import UserError
-from deltatune.fileio import write_text_atomic
+from deltatune.fileio import check_writable, write_text_atomic
 
 
-def check_output(out: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False) -> Path:
-    """Refuse an --out that is an input, or that exists and `overwrite` is off; returns it as a Path."""
+def check_output(
+    out: str | Path, inputs: Iterable[str | Path] = (), overwrite: bool = False, field: str = "--out"
+) -> Path:
+    """Refuse an --out that is an input, that exists and `overwrite` is off, or that cannot be written (under a
+    file, in a read-only folder): found now, not after all the work; returns it as a Path."""
     out = Path(out)
     for src in inputs:
         src = Path(src)
@@ -27,6 +30,7 @@ def check_output(out: str | Path, inputs: Iterable[str | Path] = (), overwrite: 
         raise UserError("already exists; pass --overwrite to replace it", file=str(out))
     if out.exists() and out.is_dir():
         raise UserError("is a folder, expected a file name", file=str(out))
+    check_writable(out, field=field)
     return out
 
 

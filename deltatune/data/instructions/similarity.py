@@ -67,6 +67,8 @@ class NearDuplicateIndex:
     def match(self, text: str) -> tuple[int, float] | None:
         """(key, similarity) of the most similar indexed text at or above the threshold, else None."""
         s = shingles(text)
+        if not s:  # no word ("?", an emoji): nothing to compare, and Jaccard(∅, ∅) = 1 would call all such texts one
+            return None  # (a repeat of the same text is the exact-duplicate test's)
         best = None
         for key in self.lsh.query(self._hash(s)):
             sim = jaccard(s, self.sets[key])

@@ -325,3 +325,51 @@ def test_weighted_template_weight_is_the_specs_lambda_template(tiny_tok):
 def test_bad_template_weights_are_one_line(spec, message):
     with pytest.raises(ConfigError, match=message):
         parse_policy(spec)
+
+
+# --- OpenAI's per-message weight: an assistant message with "weight": 0 is context, not a target -----------
+
+CHAT2_FIRST_EXCLUDED = {
+    "messages": [
+        {**m, "weight": 0} if i == 2 else ({**m, "weight": 1} if i == 4 else m) for i, m in enumerate(CHAT2["messages"])
+    ]
+}
+
+
+@pytest.mark.parametrize(
+    "template, runs",
+    [("chatml", RUNS_CHAT2_CHATML), ("tokenizer", RUNS_CHAT2_CHATML), ("alpaca", RUNS_CHAT2_ALPACA)],
+)
+def test_an_assistant_message_of_weight_0_is_context_under_every_policy(tiny_tok, template, runs):
+    """The first answer ("5" and its end-of-turn token) becomes role `context`: no target under `response`,
+    weighed as an instruction under the others (as `turns=last` treats earlier answers)."""
+    excluded = next(r for r in runs if r[0] == "response")  # the first answer's run
+    runs = [("context", *r[1:]) if r is excluded else r for r in runs]
+    ex = _one(tiny_tok, CHAT2_FIRST_EXCLUDED, template)
+    assert ex.roles == _expand(runs)
+    n = len(ex.roles)
+    answer, context = _idx(runs[-1][1:3] if runs[-1][0] == "response" else runs[-2][1:3]), _idx(excluded[1:3])
+    instructions = _idx(*[r[1:3] for r in runs if r[0] == "instruction"])
+    assert policy_weights(ex, LossPolicy("response")) == _expected(n, dict.fromkeys(answer, 1.0))
+    half = {**dict.fromkeys(instructions | context, 0.5), **dict.fromkeys(answer, 1.0)}
+    assert policy_weights(ex, LossPolicy("weighted", lam=0.5)) == _expected(n, half)
+    im = policy_weights(ex, LossPolicy("instruction"))
+    assert all(im[i] == 1.0 for i in context | instructions | answer)
+
+
+@pytest.mark.parametrize(
+    "message, weight, error",
+    [(1, 0, "field 'messages[1].weight': only an assistant message takes a weight"), (2, 0.5, "expected 0 or 1, got 0.5"),
+     (2, True, "expected 0 or 1, got True"), (2, "0", "expected 0 or 1, got '0'")],
+)  # fmt: skip
+def test_a_bad_message_weight_is_one_line_naming_the_field(tiny_tok, message, weight, error):
+    record = {"messages": [dict(m) for m in CHAT2["messages"]]}
+    record["messages"][message]["weight"] = weight
+    with pytest.raises(DataError, match=error.replace("[", r"\[").replace("]", r"\]")):
+        _one(tiny_tok, record, "chatml")
+
+
+def test_a_record_whose_every_answer_has_weight_0_is_dropped_as_having_no_target(tiny_tok):
+    record = {"messages": [{**m, "weight": 0} if m["role"] == "assistant" else m for m in CHAT2["messages"]]}
+    data = prepare_records([record, CHAT2], tiny_tok, template="chatml")
+    assert len(data.examples) == 1 and data.report.dropped_no_loss == 1

@@ -365,7 +365,16 @@ def _chat_messages(data: dict, err: "_Errors", system_prompt: str | None) -> lis
         content = err.text(m, "content", field_name=f"{where}.content")
         if role == "system" and i != 0:
             raise err("a system message may only come first", f"{where}.role")
-        msgs.append(Message(role, ((_ROLE_PART[role], content),)))
+        part = _ROLE_PART[role]
+        if "weight" in m:  # OpenAI's fine-tuning format: 0 keeps an assistant message as context only
+            weight = m["weight"]
+            if role != "assistant":
+                raise err("only an assistant message takes a weight", f"{where}.weight")
+            if isinstance(weight, bool) or weight not in (0, 1):
+                raise err(f"expected 0 or 1, got {weight!r}", f"{where}.weight")
+            if weight == 0:
+                part = Role.CONTEXT
+        msgs.append(Message(role, ((part, content),)))
     if system_prompt and msgs[0].role != "system":
         msgs.insert(0, Message("system", ((Role.SYSTEM, system_prompt),)))
     if not any(m.role == "assistant" for m in msgs):

@@ -13,7 +13,9 @@
 `instruction` is the paper's Instruction Modelling (arXiv 2405.14394): loss on every token except
 role markers and special tokens. `no-boilerplate` also drops the constant template text.
 With `turns="last"` only the last assistant turn is a target; earlier assistant turns are treated
-as prompt context, i.e. they weigh what an instruction weighs under the same policy.
+as prompt context, i.e. they weigh what an instruction weighs under the same policy. An assistant
+message marked `"weight": 0` in chat data (OpenAI's fine-tuning format) is such context under every
+policy (role `context`, its end-of-turn token included).
 
 The loss is normalised over the whole (accumulated) batch: loss = Σ_t w_t·nll_t / Σ_t w_t.
 """
@@ -92,6 +94,7 @@ class LossPolicy:
             w[Role.TEMPLATE] = float(self.lam_template)
             w[Role.RESPONSE] = 1.0
         w[Role.SYSTEM] = w[Role.INSTRUCTION] if self.system_trained else 0.0
+        w[Role.CONTEXT] = w[Role.INSTRUCTION]  # an excluded assistant message is prompt context, as with turns=last
         return w
 
     def __str__(self) -> str:

@@ -20,6 +20,7 @@ COLOURS = {
     Role.INSTRUCTION: 36,
     Role.INPUT: 32,
     Role.RESPONSE: 31,
+    Role.CONTEXT: 95,
     Role.SPECIAL: 90,
 }
 

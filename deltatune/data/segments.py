@@ -17,6 +17,7 @@ class Role(str, Enum):
     INSTRUCTION = "instruction"  # the user's instruction / user turn content
     INPUT = "input"  # Alpaca's optional input
     RESPONSE = "response"  # the assistant's answer, including its closing end-of-turn token
+    CONTEXT = "context"  # an assistant message marked `"weight": 0` (OpenAI's format): context, not a target
     SPECIAL = "special"  # BOS / EOS / padding that belong to no text
 
 

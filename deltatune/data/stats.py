@@ -37,7 +37,7 @@ PAPER = [
     PaperPoint("Dolly 9k", 0.30, 9229, (21.54, 30.77), (45.54, 48.00)),
     PaperPoint("LIMA", 0.09, 1030, (33.06, 32.94), (48.79, 49.60)),
 ]
-INSTRUCTION_ROLES = (Role.INSTRUCTION, Role.INPUT)
+INSTRUCTION_ROLES = (Role.INSTRUCTION, Role.INPUT, Role.CONTEXT)  # excluded assistant messages are prompt
 BOILERPLATE_ROLES = (Role.TEMPLATE, Role.ROLE, Role.SPECIAL)
 
 

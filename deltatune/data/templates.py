@@ -55,6 +55,12 @@ class _Builder:
             self.segments.append(Segment(role, text, turn))
 
 
+def _closing_role(message: Message) -> Role:
+    """The role of the end-of-turn string after an assistant message: a target with its response, context
+    after a message marked `"weight": 0` (the model is not taught to stop there either)."""
+    return Role.CONTEXT if message.parts and message.parts[-1][0] is Role.CONTEXT else Role.RESPONSE
+
+
 def _turns(messages: list[Message]) -> list[int]:
     """Exchange index of each message: it advances after every assistant message."""
     out, turn = [], 0
@@ -108,7 +114,7 @@ class AlpacaTemplate(Template):
                     b.add(Role.ROLE, ALPACA_HEADERS["input"], turn)
                 b.add(role, text, turn)
             if m.role == "assistant":
-                b.add(Role.RESPONSE, self.eos, turn)
+                b.add(_closing_role(m), self.eos, turn)
 
 
 class ChatMLTemplate(Template):
@@ -118,7 +124,7 @@ class ChatMLTemplate(Template):
             for role, text in m.parts:
                 b.add(role, text, turn)
             if m.role == "assistant":
-                b.add(Role.RESPONSE, "<|im_end|>", turn)
+                b.add(_closing_role(m), "<|im_end|>", turn)
                 b.add(Role.ROLE, "\n", turn)
             else:
                 b.add(Role.ROLE, "<|im_end|>\n", turn)
@@ -130,7 +136,7 @@ class RawTemplate(Template):
             for role, text in m.parts:
                 b.add(role, text, turn)
             if m.role == "assistant":
-                b.add(Role.RESPONSE, self.eos, turn)
+                b.add(_closing_role(m), self.eos, turn)
 
 
 class TokenizerTemplate(Template):
@@ -211,9 +217,9 @@ class TokenizerTemplate(Template):
                 rest = after[len(lead) :]
                 eot = next((e for e in (self.eos, *END_OF_TURN_STRINGS) if e and rest.startswith(e)), None)
                 if eot is None:  # the template does not close the turn: add EOS so the model learns to stop
-                    b.add(Role.RESPONSE, self.eos, turn)
+                    b.add(_closing_role(m), self.eos, turn)
                 else:
-                    b.add(Role.RESPONSE, lead + eot, turn)
+                    b.add(_closing_role(m), lead + eot, turn)
                     scaffold[i + 1] = rest[len(eot) :]
         b.add(Role.ROLE, scaffold[-1], parts[-1][1] if parts else 0)
 

@@ -135,6 +135,7 @@ class AdaptedModel:
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], *, source: str | None = None) -> None:
         """Copy adapter tensors in by name; missing, unexpected or mis-shaped tensors are a ConfigError."""
         own = self.adapter_state_dict()
+        state = self._without_saved_base_layers(state, source)
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing:
             raise ConfigError(
@@ -152,6 +153,33 @@ class AdaptedModel:
                     file=source,
                 )
             target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+    def _without_saved_base_layers(self, state: dict[str, torch.Tensor], source: str | None) -> dict[str, torch.Tensor]:
+        """`state` less the frozen base weight PEFT saves beside an adapted output head (`lm_head.base_layer.weight`:
+        PEFT's `save_embedding_layers`, on whenever `lm_head` is a target): it is the base's own weight, so it is
+        checked against the model's and dropped. Different values (a resized or retrained vocabulary) are refused:
+        loading them would change the base itself, which an adapter here never does."""
+        suffix = ".base_layer.weight"
+        modules = dict(self.model.named_modules())
+        out = {}
+        for name, value in state.items():
+            layer = modules.get(name[: -len(suffix)]) if name.endswith(suffix) else None
+            if not isinstance(layer, DeltaLinear):
+                out[name] = value
+                continue
+            weight = layer.base_weight(layer.weight.dtype if not layer.base_is_quantized else torch.float32)
+            if weight.device.type == "meta":
+                continue
+            saved = layer._stored(value.to(weight.device))  # PEFT saves it as the layer stores it
+            # compare in the coarser of the two dtypes: a bf16 copy of an fp32 base is the same base
+            coarse = max((weight.dtype, saved.dtype), key=lambda d: torch.finfo(d).eps)
+            if saved.shape != weight.shape or not torch.equal(weight.to(coarse), saved.to(coarse)):
+                raise ConfigError(
+                    f"tensor '{name}' holds base weights other than the model's (a resized or retrained "
+                    "vocabulary?); deltatune loads an adapter only over the base it was trained on",
+                    file=source,
+                )
+        return out
 
     def save_adapter(self, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
         """PEFT's format for a single PEFT-representable method, else deltatune's; written atomically."""

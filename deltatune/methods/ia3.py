@@ -188,9 +188,10 @@ class IA3(WeightDeltaMethod):
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
-        if config.get("modules_to_save"):  # fan_in_fan_out: each layer's type decides it, as in PEFT
-            key = "modules_to_save"
-            raise ConfigError(f"PEFT IA3 option {key}={config[key]!r} is not supported by deltatune", field=key)
+        from deltatune.methods.peft_format import refuse_peft_options
+
+        # fan_in_fan_out needs no reading: each layer's type decides it, as in PEFT
+        refuse_peft_options(config, "IA3", ("modules_to_save", "exclude_modules", "layers_to_transform"))
         targets = config.get("target_modules")
         if targets is None:
             raise ConfigError("PEFT adapter_config.json has no target_modules", field="target_modules")

@@ -38,6 +38,14 @@ ADAPTER_DTYPES = {
 }
 
 
+# PEFT LoRA inits that subtract their starting B A from the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA):
+# the saved adapter then belongs to that residual base, not to the model it is loaded on.
+PEFT_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# PEFT LoRA sub-configurations that change the forward or add tensors (aLoRA applies the adapter only after its
+# invocation tokens; Arrow routes between adapters; BD-LoRA, KaSA and MonteCLoRA change the factors).
+PEFT_FORWARD_CHANGING = ("alora_invocation_tokens", "arrow_config", "use_bdlora", "kasa_config", "monteclora_config")
+
+
 def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
@@ -202,20 +210,39 @@ class LoRA(WeightDeltaMethod):
     def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
         if cls is not LoRA or config.get("use_dora"):
             return None  # rslora is an alias; DoRA claims use_dora
-        for key in (
-            "rank_pattern",
-            "alpha_pattern",
-            "layers_to_transform",
-            "exclude_modules",
-            "modules_to_save",
-            "lora_bias",
-            "target_parameters",
-            "layer_replication",
-            "trainable_token_indices",
-            "use_qalora",
-        ):
-            if config.get(key):  # set to something other than PEFT's empty default
-                raise ConfigError(f"PEFT LoRA option {key}={config[key]!r} is not supported by deltatune", field=key)
+        from deltatune.methods.peft_format import refuse_peft_options
+
+        refuse_peft_options(
+            config,
+            "LoRA",
+            (
+                "rank_pattern",
+                "alpha_pattern",
+                "layers_to_transform",
+                "exclude_modules",
+                "modules_to_save",
+                "lora_bias",
+                "target_parameters",
+                "layer_replication",
+                "trainable_token_indices",
+                "use_qalora",
+            ),
+        )
+        for key in PEFT_FORWARD_CHANGING:  # variants whose forward is not W0 x + s B A x: PEFT's default is None
+            if config.get(key) is not None:
+                raise ConfigError(
+                    f"PEFT LoRA option {key}={config[key]!r} changes the layer's forward; deltatune computes plain "
+                    "LoRA and would give other outputs",
+                    field=key,
+                )
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(PEFT_BASE_CHANGING_INITS):
+            raise ConfigError(
+                f"PEFT LoRA option init_lora_weights={init!r} rewrote the base weights when the adapter was made, so "
+                "it fits only PEFT's residual base; save it with PEFT's path_initial_model_for_weight_conversion "
+                "to get an adapter of the original base",
+                field="init_lora_weights",
+            )
         # fan_in_fan_out needs no reading: like PEFT, each layer's type (Conv1D or nn.Linear) decides it
         if config.get("bias", "none") != "none":
             raise ConfigError(
@@ -226,7 +253,6 @@ class LoRA(WeightDeltaMethod):
             raise ConfigError("PEFT adapter_config.json has no target_modules", field="target_modules")
         if not isinstance(targets, str):  # a string is "all-linear" or a regex, full-matched like PEFT does
             targets = sorted(targets)
-        init = config.get("init_lora_weights", True)
         return MethodSpec(
             name="lora",
             targets=targets,

@@ -118,6 +118,20 @@ def _read_config(folder: Path) -> tuple[Path, dict[str, Any]]:
     raise UserError(f"{folder}: no {PEFT_CONFIG} or {DELTATUNE_CONFIG}; is it an adapter folder?", field="adapter")
 
 
+def peft_option_set(config: dict[str, Any], key: str) -> bool:
+    """Whether a PEFT config sets `key` to something other than PEFT's empty defaults (None, False, [], {}, "").
+    A plain truth test is not enough: `layers_to_transform: 0` (only the first layer) is falsy."""
+    value = config.get(key)
+    return value is not None and value is not False and value not in ([], {}, "")
+
+
+def refuse_peft_options(config: dict[str, Any], method: str, keys: tuple[str, ...]) -> None:
+    """A one-line ConfigError naming the first of `keys` this PEFT config sets: deltatune would not reproduce it."""
+    for key in keys:
+        if peft_option_set(config, key):
+            raise ConfigError(f"PEFT {method} option {key}={config[key]!r} is not supported by deltatune", field=key)
+
+
 def specs_from_peft_config(config: dict[str, Any], *, source: str | None = None) -> MethodSpec:
     """Ask each registered method with this `peft_type` to claim the config (first one wins)."""
     _load_builtin_methods()

@@ -153,9 +153,10 @@ class VeRA(WeightDeltaMethod):
 
     @classmethod
     def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
-        for key in ("modules_to_save", "layers_to_transform"):  # fan_in_fan_out: each layer's type decides it
-            if config.get(key):
-                raise ConfigError(f"PEFT VeRA option {key}={config[key]!r} is not supported by deltatune", field=key)
+        from deltatune.methods.peft_format import refuse_peft_options
+
+        # fan_in_fan_out needs no reading: each layer's type decides it
+        refuse_peft_options(config, "VeRA", ("modules_to_save", "layers_to_transform", "exclude_modules"))
         if config.get("bias", "none") != "none":
             raise ConfigError(f"PEFT VeRA option bias={config['bias']!r} is not supported", field="bias")
         if not config.get("save_projection", True):

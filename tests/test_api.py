@@ -314,3 +314,25 @@ def test_command_line_train_runs_through_the_public_api(monkeypatch, tmp_path):
     ((config, kwargs),) = seen
     assert (config.data, config.method, config.rank, config.policy) == ("x.jsonl", "dora", 4, "instruction")
     assert kwargs == {"quiet": True}
+
+
+def test_load_adapter_on_an_nf4_model_gives_the_adapted_linears_their_nf4_base(tiny_dir, tmp_path):
+    """`load_model(quantize="nf4")` then `load_adapter` of a plain (PEFT-format) LoRA adapter: the adapted linears
+    get the NF4 base `apply` gives them, as the docs promise (the adapter went over the full-precision base)."""
+    from deltatune.methods.nf4 import NF4Linear
+
+    plain = deltatune.apply(tiny_model(), "lora", rank=4, targets="q_proj")
+    with torch.no_grad():
+        for _, p in plain.trainable_parameters():
+            p.normal_(0, 0.05)
+    plain.save_adapter(tmp_path / "lora")
+    assert (tmp_path / "lora" / "adapter_config.json").exists()  # PEFT's format: nothing says NF4
+    reference_model, _ = deltatune.load_model(tiny_dir, quantize="nf4")
+    reference = deltatune.apply(reference_model, "lora", rank=4, targets="q_proj")
+    reference.load_adapter_state_dict(plain.adapter_state_dict())
+    ids = torch.arange(3, 20)[None]
+    expected = reference.model.eval()(ids).logits
+    model, _ = deltatune.load_model(tiny_dir, quantize="nf4")
+    loaded = deltatune.load_adapter(model, tmp_path / "lora")
+    assert sum(isinstance(m, NF4Linear) for m in model.modules()) == 2
+    assert torch.equal(loaded.model.eval()(ids).logits, expected)

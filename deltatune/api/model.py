@@ -242,9 +242,13 @@ def apply(
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> AdaptedModel:
     """Apply the methods an adapter folder describes (PEFT's format or deltatune's) and load its weights.
-    The added modules take the model's mode (a model in eval mode runs no adapter dropout)."""
+    The added modules take the model's mode (a model in eval mode runs no adapter dropout). On a model from
+    `load_model(quantize="nf4")` the adapted linears get their NF4 base, as `apply` gives them."""
     _check_model(model, "load_adapter")
-    return AdaptedModel._wrap(_load_adapter(model, path))
+    on_nf4 = None
+    if getattr(model, _QUANTIZE_ATTR, None) is not None:
+        on_nf4 = lambda specs: [_on_nf4_base(s) for s in specs]  # noqa: E731
+    return AdaptedModel._wrap(_load_adapter(model, path, adjust_specs=on_nf4))
 
 
 def load_model(

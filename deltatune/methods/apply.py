@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -305,16 +305,23 @@ def _check_claims(model: nn.Module, methods: list[Method]) -> None:
 
 
 def load_adapter(
-    model: nn.Module, adapter_dir: str | os.PathLike, *, trainable_dtype: torch.dtype | None = None
+    model: nn.Module,
+    adapter_dir: str | os.PathLike,
+    *,
+    trainable_dtype: torch.dtype | None = None,
+    adjust_specs: Callable[[list[MethodSpec]], list[MethodSpec]] | None = None,
 ) -> AdaptedModel:
     """Apply the methods an adapter folder describes (PEFT's or deltatune's format) and load its weights.
 
     The adapter's tensors take the base weights' dtype, unless `trainable_dtype` is given: fp32 over a bf16
     base holds them as training did (fp32 master weights), so nothing saved in fp32 is rounded on the way in.
+    `adjust_specs` changes how the file's methods are applied, not their tensors (the API's NF4 base).
     """
     from deltatune.methods.peft_format import read_adapter
 
     specs, state, key_map, source = read_adapter(adapter_dir)
+    if adjust_specs is not None:
+        specs = adjust_specs(specs)
     adapted = apply_methods(model, specs)
     if trainable_dtype is not None:
         with torch.no_grad():

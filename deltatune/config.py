@@ -179,7 +179,22 @@ _BOOL = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0":
 
 class _Yaml12Loader(yaml.SafeLoader):
     """safe_load with YAML 1.2 booleans: only true/false are booleans, so `off`, `no`, `on`, `yes`
-    stay text (`fused_norms: off` means the word); bool keys still accept them (pydantic reads them)."""
+    stay text (`fused_norms: off` means the word); bool keys still accept them (pydantic reads them).
+    A key given twice in one mapping is an error, as YAML 1.2 says (PyYAML kept the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:  # the mapping's own keys; `<<` merges may be overridden
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' appears twice (first on line {first[key]})", key_node.start_mark
+                )
+            first[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {
@@ -274,7 +289,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return TrainConfig(**merged)
     except ValidationError as err:
-        raise _explain(err, source) from None
+        loc = err.errors()[0]["loc"]
+        given_here = bool(loc) and loc[0] in (overrides or {})  # a flag or --set: not the file's to answer for
+        raise _explain(err, "command line" if given_here else source) from None
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -27,8 +27,9 @@ from deltatune.train import compiled_layers, fused_norms, host_memory, packed_at
 from deltatune.train.checkpoint import Position, prune_checkpoints
 from deltatune.train.distributed import NullProgress, init_distributed
 from deltatune.train.loss import per_example_weights, weighted_lm_loss_sum
-from deltatune.train.optim import build_optimizer, build_scheduler
+from deltatune.train.optim import build_optimizer, build_scheduler, reschedule
 from deltatune.train.progress import Progress
+from deltatune.train.snapshot import drop_snapshots_after, save_snapshot
 from deltatune.train.workspace import release_all as release_workspaces
 from deltatune.upcycle.moe import moe_blocks, routed_tokens
 
@@ -80,6 +81,15 @@ def check_switch_point(policy, total_steps: int, steps_per_epoch: int) -> None:
             f"second phase would never run",
             field="policy",
         )
+
+
+def epoch_steps(epochs: float, micro_per_epoch: int, grad_accum: int) -> int:
+    """Optimizer steps for `epochs` passes: the micro-batches of those passes, grouped by `grad_accum`.
+
+    Steps read on across epochs, so rounding each epoch up to whole steps (ceil(micro / accum) x epochs)
+    trained up to twice the epochs asked for (3 epochs of 9 micro-batches at grad_accum 8: 6 steps, 5.3
+    passes). Rounded to 9 decimals first so that 0.7 x 10 (7.000000000000001 in floats) is 7 steps, not 8."""
+    return max(1, math.ceil(round(epochs * micro_per_epoch / grad_accum, 9)))
 
 
 def pick_precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -258,9 +268,14 @@ def after_step_hooks(adapted, optimizer, step: int) -> None:
     for method in adapted.methods:
         for p in method.after_step(adapted.model, step):
             optimizer.state.pop(p, None)
+    apply_method_lr_factors(adapted, optimizer, step + 1)
+
+
+def apply_method_lr_factors(adapted, optimizer, step: int) -> None:
+    """Multiply the scheduled rate of `step` (1-based: the step about to run) by each method's factor."""
     factor = 1.0
     for method in adapted.methods:
-        factor *= method.lr_factor(step + 1)
+        factor *= method.lr_factor(step)
     if factor != 1.0:  # LambdaLR recomputes from base_lrs each step, so the factor never compounds
         for group in optimizer.param_groups:
             group["lr"] *= factor
@@ -506,8 +521,15 @@ def _train(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = MicroBatches(examples, dist.global_config(cfg))  # global micro-batches: world x batch_size rows
     steps_per_epoch = max(1, math.ceil(data.per_epoch() / cfg.grad_accum))
-    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    total_steps = cfg.steps or epoch_steps(cfg.epochs, data.per_epoch(), cfg.grad_accum)
     check_switch_point(parsed, total_steps, steps_per_epoch)
+    if resume_from is not None and meta["position"]["step"] > total_steps:  # nothing would train; final/ replaced
+        done = meta["position"]["step"]
+        raise ConfigError(
+            f"{resume_from} is at step {done}, past this run's {total_steps} steps: resume with "
+            f"{'steps' if cfg.steps else 'epochs'} that reach step {done} at least",
+            field="steps" if cfg.steps else "epochs",
+        )
 
     # --- model and method ------------------------------------------------------------------
     # adapter methods keep frozen weights in bf16 (loaded so: no transient fp32 copy); trainable ones in fp32 below
@@ -593,6 +615,8 @@ def _train(
             if why:
                 raise ConfigError(f"checkpoint {resume_from} {why}", field="resume")
         pos = dist.load_checkpoint(resume_from, runner, trainable, optimizer, scheduler, data)
+        reschedule(optimizer, scheduler)  # this run's schedule: `steps` or `epochs` may have changed
+        apply_method_lr_factors(adapted, optimizer, pos.step + 1)
         if resume_changes:
             config_history.append({"step": pos.step, "changes": resume_changes})
             say(
@@ -605,6 +629,8 @@ def _train(
         start_output(cfg)
         save_run_config(cfg, out, config_history)
         truncate_metrics(out / "metrics.jsonl", pos.step)
+        if resume_from is not None:
+            drop_snapshots_after(out, pos.step)
     dist.barrier()
     report = parameter_report(adapted)
     if dist.is_main:
@@ -720,8 +746,6 @@ def _train(
             history.append({"step": pos.step, "loss": loss_value, **record})
             interrupted["flag"] = dist.any(interrupted["flag"])  # every rank stops at the same step
             if cfg.snapshot_every and pos.step % cfg.snapshot_every == 0:
-                from deltatune.train.snapshot import save_snapshot
-
                 save_snapshot(out, pos.step, trainable, cfg.method, write=dist.is_main)
             if (cfg.save_every and pos.step % cfg.save_every == 0) or interrupted["flag"]:
                 checkpoint()

@@ -73,3 +73,13 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     warm = warmup_steps(cfg, total)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warm, cfg.schedule))
+
+
+def reschedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set each group's rate to this run's schedule at the scheduler's step (as `LambdaLR.step` computes it).
+
+    A checkpoint's optimizer state holds the rate its own schedule gave the next step; a resume that changes
+    the run's length (`steps`, `epochs`) has another schedule, whose first resumed step ran at the old rate
+    (0 after `steps 3 -> 6` under cosine). With the length unchanged this is the saved rate, bit for bit."""
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)

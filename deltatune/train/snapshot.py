@@ -9,6 +9,7 @@ the update over time). Written atomically into <output>/snapshots/step-NNNNNNN/.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -44,3 +45,16 @@ def save_snapshot(
                 json.dumps({"position": {"step": step}, "method": method, "kind": "snapshot"}, indent=2)
             )
     return path
+
+
+def drop_snapshots_after(run_dir: Path, step: int) -> None:
+    """On resume, remove the snapshots of steps after the checkpoint's: the resumed run trains those steps
+    again, and where it changed `steps`/`epochs` (another schedule) or `snapshot_every` (other steps), the old
+    ones were of weights this run never had, yet `analyze` read them beside its own (as metrics.jsonl is
+    cut back to the checkpoint's step)."""
+    root = Path(run_dir) / SNAPSHOT_DIR
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if path.name.startswith("step-") and path.name[5:].isdigit() and int(path.name[5:]) > step:
+            shutil.rmtree(path)

@@ -173,3 +173,34 @@ def test_two_task_labels_that_are_one_label_as_text_are_refused(tmp_path):
     task.write_text("templates: ['Classify: {text}']\nlabels: {0: negative, ' 0': zero}\n")
     with pytest.raises(ConfigError, match="twice"):
         load_task(task)
+
+
+def test_a_json_file_holding_one_chat_record_is_that_record(tmp_path, tiny_tok):
+    """`{"messages": [...]}` in a .json file is one chat record, not an object whose one array is the records
+    (each message was read as a record: "cannot tell the format from fields ['content', 'role']")."""
+    from deltatune.data.pipeline import prepare_dataset
+
+    path = tmp_path / "one.json"
+    path.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]})
+    )
+    data = prepare_dataset(str(path), tiny_tok, template="chatml")
+    assert data.report.read == 1 and data.report.kept == 1 and data.examples[0].source == f"{path}:1"
+    records = tmp_path / "many.json"  # an object holding one array of records still reads as before
+    records.write_text(json.dumps({"data": [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]}))
+    assert prepare_dataset(str(records), tiny_tok, template="chatml").report.kept == 2
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_json_nested_too_deeply_is_one_line_and_a_bom_alone_on_the_first_line_is_no_record(tmp_path, tiny_tok, suffix):
+    from deltatune.data.pipeline import prepare_dataset
+    from deltatune.errors import DataError
+
+    deep = tmp_path / f"deep{suffix}"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match="nested too deeply"):
+        prepare_dataset(str(deep), tiny_tok, template="chatml")
+    if suffix == ".jsonl":
+        bom = tmp_path / "bom.jsonl"
+        bom.write_bytes(b"\xef\xbb\xbf\n" + json.dumps({"instruction": "a", "output": "b"}).encode() + b"\n")
+        assert prepare_dataset(str(bom), tiny_tok, template="chatml").report.kept == 1

@@ -117,3 +117,25 @@ def test_a_resume_removes_the_snapshots_of_the_steps_it_trains_again(tiny_dir, d
     cfg = tiny_train_config(tiny_dir, data_file, run, steps=20, save_every=5, snapshot_every=4, resume=True)
     train(cfg, quiet=True)
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == [f"step-{s:07d}" for s in (3, 8, 12, 16, 20)]
+
+
+def test_a_checkpoint_that_did_not_record_a_dict_key_resumes_with_its_default(tmp_path):
+    """A checkpoint from before `column_map`/`method_options` were recorded: those keys had their defaults ({}),
+    so resuming with the defaults is no change (it was refused as `column_map PydanticUndefined -> {}`)."""
+    from deltatune.train.run_folder import compare_for_resume
+
+    cfg = load_config(overrides={"model": "m", "data": "d.jsonl", "output": str(tmp_path / "run")})
+    saved = cfg.model_dump(mode="json")
+    for key in ("column_map", "method_options"):
+        saved.pop(key)
+    assert compare_for_resume(cfg, {"config": saved}, {}) == {}
+
+
+def test_a_config_yaml_that_no_longer_parses_beside_an_old_checkpoint_is_no_traceback(tmp_path):
+    """A checkpoint that did not record its config falls back to config.yaml; one hand-broken is no config."""
+    from deltatune.train.run_folder import compare_for_resume
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("lr: [1e-3\n")
+    cfg = load_config(overrides={"model": "m", "data": "d.jsonl", "output": str(tmp_path / "run")})
+    assert compare_for_resume(cfg, {}, {}) == {}

@@ -99,10 +99,16 @@ def _read_jsonl(p: Path, name: str) -> Iterator[RawRecord | DataError]:
                 yield _utf8_error(raw, exc, name, lineno)
                 index += 1
                 continue
+            if not text.strip():  # a first line holding only a BOM
+                continue
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as exc:
                 yield DataError(f"not valid JSON ({exc.msg} at column {exc.colno})", file=name, line=lineno)
+                index += 1
+                continue
+            except RecursionError:
+                yield DataError("JSON nested too deeply to read", file=name, line=lineno)
                 index += 1
                 continue
             yield RawRecord(data, name, lineno, index)
@@ -124,6 +130,11 @@ def _read_json(p: Path, name: str) -> Iterator[RawRecord | DataError]:
         top = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"not valid JSON ({exc.msg} at column {exc.colno})", file=name, line=exc.lineno)
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read", file=name) from None
+    if isinstance(top, dict) and _is_one_chat_record(top):  # {"messages": [...]}: a record, not a list of them
+        yield RawRecord(top, name, 1, 0)
+        return
     if isinstance(top, dict):
         lists = [k for k, v in top.items() if isinstance(v, list)]
         if len(lists) != 1:
@@ -148,6 +159,12 @@ def _read_json(p: Path, name: str) -> Iterator[RawRecord | DataError]:
         yield RawRecord(top[i], name, line, i)
         line += text.count("\n", pos, end)
         pos = end
+
+
+def _is_one_chat_record(top: dict) -> bool:
+    """A .json file holding a single chat record: its one array is `messages`, of objects with a `role`."""
+    messages = top.get("messages")
+    return isinstance(messages, list) and bool(messages) and all(isinstance(m, dict) and "role" in m for m in messages)
 
 
 def _read_parquet(p: Path, name: str) -> Iterator[RawRecord | DataError]:

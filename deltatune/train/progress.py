@@ -37,7 +37,9 @@ class Progress:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(tensorboard_dir))
+                # a resume hides the steps after its checkpoint that an earlier process logged (as metrics.jsonl
+                # is cut back): TensorBoard's purge marker drops events of step >= purge_step
+                self.tb = SummaryWriter(str(tensorboard_dir), purge_step=start_step + 1 if start_step else None)
             except Exception:  # tensorboard not installed: metrics.jsonl is enough
                 self.tb = None
 

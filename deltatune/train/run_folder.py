@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from deltatune.config import TrainConfig, load_yaml
 from deltatune.errors import ConfigError
 from deltatune.fileio import check_writable, overlaps, write_text_atomic
@@ -166,7 +168,7 @@ def _saved_config(out: Path, meta: dict) -> dict | None:
     try:  # checkpoints written before configs were recorded in them
         saved = load_yaml((out / "config.yaml").read_text(encoding="utf-8"))
         return saved if isinstance(saved, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, yaml.YAMLError):  # a hand-edited config.yaml that no longer parses
         return None
 
 
@@ -209,7 +211,8 @@ def compare_for_resume(cfg: TrainConfig, meta: dict, fingerprint: dict) -> dict[
     for key, value in new.items():
         if key in _NOT_RECORDED or key in ("data", "eval_data"):
             continue
-        old = saved.get(key, fields[key].default if key in fields else None)
+        # a key the checkpoint's run did not record had its default then (a factory's value for dicts and lists)
+        old = saved.get(key, fields[key].get_default(call_default_factory=True) if key in fields else None)
         if old == value or (key == "model" and _same_model(old, value)):
             continue
         if key == "compile_layers" and value == "auto":  # auto resumes as the checkpoint ran (compiled_layers_at)

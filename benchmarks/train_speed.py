@@ -142,9 +142,7 @@ def deltatune_config(model: str, method: str, steps: int, output: str, **overrid
         template="chatml",
         policy="response",
         method=method,
-        rank=RANK,
-        alpha=ALPHA,
-        dropout=0.0,
+        **({} if method == "full" else dict(rank=RANK, alpha=ALPHA, dropout=0.0)),  # full reads none of them
         lr=LR["full" if method == "full" else "lora"],
         schedule="constant",
         warmup_steps=0,

@@ -167,3 +167,54 @@ def test_merge_inside_a_bf16_autocast_region_is_the_fp32_merge(case):
     assert plain and all(w.dtype == torch.float32 for w in inside)
     for a, b in zip(plain, inside):
         assert torch.equal(a, b)
+
+
+# --- shared_fields: what each method declares it reads is what changes its model ---------------------------
+
+CHANGED = {"targets": "q_proj,v_proj", "rank": 2, "alpha": 4.0, "dropout": 0.5, "rslora": True}
+
+
+def _observed(name: str, **fields) -> tuple[list, torch.Tensor]:
+    """(trainable names and shapes, train-mode logits) of `name` on the tiny model, the trainable tensors
+    filled from a fixed generator and the forward's dropout seeded: equal for equal models."""
+    torch.manual_seed(0)
+    options = {"num_virtual_tokens": 3} if name in ("prompt", "prefix") else {}
+    adapted = apply_methods(tiny_model(), [MethodSpec(name, **fields, options=options)])
+    trainable = adapted.trainable_parameters()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in trainable:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    adapted.model.train()
+    torch.manual_seed(2)
+    return [(n, tuple(p.shape)) for n, p in trainable], adapted.model(IDS).logits
+
+
+@pytest.mark.parametrize("name", sorted(set(method_names()) - {"qlora"}))
+def test_shared_fields_are_exactly_the_fields_that_change_the_method(name):
+    """A declared field changes the trained tensors or the forward; an undeclared one changes neither (so
+    the warning for an unused `--rank` or `targets` never lies)."""
+    declared = get_method(name).shared_fields
+    base_params, base_logits = _observed(name)
+    for field, value in CHANGED.items():
+        params, logits = _observed(name, **{field: value})
+        changed = params != base_params or not torch.equal(logits, base_logits)
+        assert changed == (field in declared), (name, field)
+
+
+def test_a_shared_field_no_method_reads_is_reported(recwarn):
+    import deltatune
+    from deltatune.methods.specs import unused_fields
+
+    assert unused_fields(["adapter"], {"rank", "targets"}, {"rank": 16, "targets": "q_proj"}) == [
+        "targets 'q_proj' is not used by adapter: it changes nothing",
+        "rank 16 is not used by adapter: it changes nothing",
+    ]
+    assert unused_fields(["lora", "bitfit"], {"rank", "alpha"}, {"rank": 4, "alpha": 8}) == []  # lora reads them
+    assert unused_fields(["ia3"], {"dropout"}, {"dropout": 0.1}) == [
+        "dropout 0.1 is not used by ia3: it changes nothing"
+    ]
+    with pytest.warns(UserWarning, match="rank 16 is not used by adapter"):
+        deltatune.apply(tiny_model(), "adapter", rank=16)
+    deltatune.apply(tiny_model(), "lora", rank=4)  # read: no warning
+    assert not [w for w in recwarn if "is not used by" in str(w.message)]

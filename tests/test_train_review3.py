@@ -139,3 +139,15 @@ def test_a_config_yaml_that_no_longer_parses_beside_an_old_checkpoint_is_no_trac
     (tmp_path / "run" / "config.yaml").write_text("lr: [1e-3\n")
     cfg = load_config(overrides={"model": "m", "data": "d.jsonl", "output": str(tmp_path / "run")})
     assert compare_for_resume(cfg, {}, {}) == {}
+
+
+def test_train_says_when_a_shared_setting_is_not_used_by_the_method(tiny_dir, data_file, tmp_path, capsys):
+    """`--method adapter --rank 4`: the bottleneck keeps its own width; the run says rank and alpha change
+    nothing instead of training quietly with something other than what was asked."""
+    cfg = tiny_train_config(tiny_dir, data_file, tmp_path / "run", method="adapter", steps=1, eval_fraction=0.0)
+    train(cfg, quiet=True)
+    err = capsys.readouterr().err
+    assert "warning: rank 4 is not used by adapter: it changes nothing" in err
+    assert "warning: alpha 8.0 is not used by adapter" in err
+    train(tiny_train_config(tiny_dir, data_file, tmp_path / "lora", steps=1, eval_fraction=0.0), quiet=True)
+    assert "is not used by" not in capsys.readouterr().err

@@ -7,8 +7,8 @@ turns keyword arguments into method specs and adds the PEFT-style conveniences.
 
 from __future__ import annotations
 
-import inspect
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,6 +21,7 @@ from deltatune.methods import MethodSpec, get_method
 from deltatune.methods.apply import AdaptedModel as _AdaptedModel
 from deltatune.methods.apply import apply_methods
 from deltatune.methods.apply import load_adapter as _load_adapter
+from deltatune.methods.specs import unused_fields
 
 __all__ = ["AdaptedModel", "apply", "load_adapter", "load_model"]
 
@@ -147,11 +148,11 @@ def _check_model(model: Any, what: str) -> None:
 def method_specs(
     method: str | MethodSpec | list[MethodSpec],
     *,
-    targets: str | list[str] = "all-linear",
-    rank: int = 8,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    rslora: bool = False,
+    targets: str | list[str] | None = None,
+    rank: int | None = None,
+    alpha: float | None = None,
+    dropout: float | None = None,
+    rslora: bool | None = None,
     quantize: str | None = None,
     **options: Any,
 ) -> list[MethodSpec]:
@@ -163,8 +164,7 @@ def method_specs(
         if not all(isinstance(s, MethodSpec) for s in specs):
             raise ConfigError("a list of methods must hold MethodSpec objects; join names with '+'", field="method")
         given = dict(targets=targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, **options)
-        defaults = {k: p.default for k, p in inspect.signature(method_specs).parameters.items()}
-        ignored = [k for k, v in given.items() if k not in defaults or v != defaults[k]]
+        ignored = [k for k, v in given.items() if v is not None]
         if ignored:  # a MethodSpec carries its own settings: a keyword beside it would be ignored
             raise ConfigError(
                 f"'{ignored[0]}' is given beside a MethodSpec, which carries its own settings; set it on the "
@@ -175,12 +175,13 @@ def method_specs(
         names = [n.strip() for n in method.split("+") if n.strip()]
         if not names:
             raise ConfigError("no method given", field="method")
-        specs = [
-            MethodSpec(
-                name=n, targets=targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, options=dict(options)
-            )
-            for n in names
-        ]
+        for n in names:
+            get_method(n)  # an unknown name is a ConfigError listing the methods
+        given = dict(targets=targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora)
+        shared = {k: v for k, v in given.items() if v is not None}  # the rest keep MethodSpec's defaults
+        for line in unused_fields(names, set(shared), shared):
+            warnings.warn(line, stacklevel=3)
+        specs = [MethodSpec(name=n, **shared, options=dict(options)) for n in names]
     else:
         raise ConfigError(
             f"method must be a name like 'lora' or 'lora+bitfit', got {type(method).__name__}", field="method"
@@ -213,17 +214,19 @@ def apply(
     model: nn.Module,
     method: str | MethodSpec | list[MethodSpec] = "lora",
     *,
-    targets: str | list[str] = "all-linear",
-    rank: int = 8,
-    alpha: float = 16.0,
-    dropout: float = 0.0,
-    rslora: bool = False,
+    targets: str | list[str] | None = None,
+    rank: int | None = None,
+    alpha: float | None = None,
+    dropout: float | None = None,
+    rslora: bool | None = None,
     quantize: str | None = None,
     **options: Any,
 ) -> AdaptedModel:
     """Freeze `model` and apply `method` in place, like PEFT's `get_peft_model`.
 
     `method`: a name or a `+` combination as on the command line ("lora", "dora", "lora+bitfit").
+    `targets`, `rank`, `alpha`, `dropout`, `rslora` left out take MethodSpec's defaults ("all-linear", 8, 16.0,
+    0.0, False); one given that no named method reads (`rank` for "adapter" or "ia3") is warned about.
     `targets`: "all-linear", suffixes "q_proj,v_proj" (or a list), or a regex. `quantize="nf4"`
     trains on an NF4 base (QLoRA); it defaults to what `load_model(quantize=...)` asked for.
     Other keyword arguments are the methods' options (e.g. `init="gaussian"`). Errors in names or

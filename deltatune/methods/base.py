@@ -249,6 +249,9 @@ class Method:
     Capabilities (class attributes; read them instead of testing a method's name):
     - `mergeable` / `why_not_mergeable`: folds into the weights (merge, merged export);
     - `has_rank`: `spec.rank` means something (labels such as "lora r=8");
+    - `shared_fields`: which of MethodSpec's shared fields (targets, rank, alpha, dropout, rslora) the method
+      reads; a field set for a combination in which no method reads it is reported (methods/specs.py), since
+      it would change nothing (`--method adapter --rank 16` keeps the bottleneck's own width);
     - `adds_virtual_tokens`: every example attends to extra positions (no span-by-span attention);
     - `trains_full_weights`: the base weights themselves train (kept in fp32, sharded under FSDP);
     - `writes_full_model`: the run's output is a whole model, not an adapter (default: the above);
@@ -262,6 +265,7 @@ class Method:
     mergeable: ClassVar[bool] = False
     why_not_mergeable: ClassVar[str] = ""
     has_rank: ClassVar[bool] = False
+    shared_fields: ClassVar[frozenset[str]] = frozenset()
     adds_virtual_tokens: ClassVar[bool] = False
     trains_full_weights: ClassVar[bool] = False
     can_disable: ClassVar[bool] = True
@@ -412,6 +416,7 @@ class WeightDeltaMethod(Method):
 
     kind = "reparameterisation"
     mergeable = True
+    shared_fields = frozenset({"targets"})
     options_schema = dict(NF4_OPTIONS)
 
     def make_layer(self, base: nn.Module) -> DeltaLinear:

@@ -35,6 +35,7 @@ class BitFit(Method):
 
     name = "bitfit"
     kind = "specification"
+    shared_fields = frozenset({"targets"})
     mergeable = True  # merge/unmerge are no-ops: the trained biases already are the model's own parameters
 
     def __init__(self, spec) -> None:

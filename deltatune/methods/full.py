@@ -30,6 +30,7 @@ def _has_parameters(module: nn.Module) -> bool:
 class FullFinetune(Method):
     name = "full"
     kind = "specification"
+    shared_fields = frozenset({"targets"})
     mergeable = True
     trains_full_weights = True
     can_disable = False

@@ -156,6 +156,7 @@ class LoRA(WeightDeltaMethod):
 
     name = "lora"
     has_rank = True
+    shared_fields = frozenset({"targets", "rank", "alpha", "dropout", "rslora"})
     peft_type = "LORA"
     options_schema = {**LORA_OPTIONS, **NF4_OPTIONS}
 
@@ -269,6 +270,7 @@ class RSLoRA(LoRA):
     """rsLoRA: LoRA with s = alpha / sqrt(r), whatever `spec.rslora` says."""
 
     name = "rslora"
+    shared_fields = LoRA.shared_fields - {"rslora"}  # always rsLoRA's scaling
 
     @property
     def use_rslora(self) -> bool:

@@ -292,6 +292,7 @@ class MoRA(WeightDeltaMethod):
 
     name = "mora"
     has_rank = True
+    shared_fields = frozenset({"targets", "rank", "dropout"})
     options_schema = {**MORA_OPTIONS, **NF4_OPTIONS}
 
     def __init__(self, spec: MethodSpec) -> None:

@@ -80,3 +80,16 @@ def with_tokenizer(specs: list[MethodSpec], tokenizer: Any) -> list[MethodSpec]:
         else s
         for s in specs
     ]
+
+
+def unused_fields(names: list[str], given: set[str] | frozenset[str], values: Mapping[str, Any]) -> list[str]:
+    """One line for each shared field the user set (`given`) that no method of the combination reads: it
+    changes nothing (`adapter` sizes itself with its `bottleneck` option, `ia3` has no rank), so saying so
+    beats training quietly with something other than what was asked. `values` gives the field's value."""
+    combination = "+".join(names)
+    readers = set().union(*(get_method(n).shared_fields for n in names))
+    lines = []
+    for key in SPEC_FIELDS:
+        if key in given and key not in readers:
+            lines.append(f"{key} {values[key]!r} is not used by {combination}: it changes nothing")
+    return lines

@@ -88,6 +88,7 @@ class VeRA(WeightDeltaMethod):
 
     name = "vera"
     has_rank = True
+    shared_fields = frozenset({"targets", "rank", "dropout"})
     peft_type = "VERA"
     ATTR = "deltatune_vera"
     options_schema = {

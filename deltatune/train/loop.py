@@ -538,6 +538,11 @@ def _train(
     adapted = apply_methods(model, with_tokenizer(method_specs(cfg), tokenizer))  # text inits need it
     model = adapted.model
     if dist.is_main:
+        from deltatune.methods.specs import split_methods, unused_fields
+
+        given = set(cfg.model_fields_set)  # keys the config file or the flags set
+        for line in unused_fields(split_methods(cfg.method), given, cfg.model_dump()):
+            warn(f"warning: {line}")
         for method in adapted.methods:
             for line in method.training_warnings(model):
                 warn(f"warning: {line}")

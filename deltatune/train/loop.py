@@ -68,13 +68,18 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def check_switch_point(policy, total_steps: int, steps_per_epoch: int) -> None:
-    """A two-phase policy whose switch comes at or after the last step would never run its second phase."""
+def check_switch_point(policy, total_steps: int, micro_per_epoch: int, grad_accum: int = 1) -> None:
+    """A two-phase policy whose switch comes at or after the last step would never run its second phase.
+    An epoch switch takes effect at the epoch's first micro-batch, inside the step that holds it (0-based
+    step N x micro-batches per epoch // grad_accum), as the loop applies it."""
     from deltatune.data.masking import PolicySchedule
 
     if not isinstance(policy, PolicySchedule):
         return
-    at = policy.switch_step if policy.switch_step is not None else policy.switch_epoch * steps_per_epoch
+    if policy.switch_step is not None:
+        at = policy.switch_step
+    else:
+        at = policy.switch_epoch * micro_per_epoch // grad_accum
     if at >= total_steps:
         raise ConfigError(
             f"the two-phase policy switches at step {at}, but the run has {total_steps} steps: its "
@@ -520,9 +525,8 @@ def _train(
     eval_policy = schedule.policy_at(10**12, 10**12)  # held-out loss uses the policy training ends with
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = MicroBatches(examples, dist.global_config(cfg))  # global micro-batches: world x batch_size rows
-    steps_per_epoch = max(1, math.ceil(data.per_epoch() / cfg.grad_accum))
     total_steps = cfg.steps or epoch_steps(cfg.epochs, data.per_epoch(), cfg.grad_accum)
-    check_switch_point(parsed, total_steps, steps_per_epoch)
+    check_switch_point(parsed, total_steps, data.per_epoch(), cfg.grad_accum)
     if resume_from is not None and meta["position"]["step"] > total_steps:  # nothing would train; final/ replaced
         done = meta["position"]["step"]
         raise ConfigError(

@@ -151,3 +151,17 @@ def test_train_says_when_a_shared_setting_is_not_used_by_the_method(tiny_dir, da
     assert "warning: alpha 8.0 is not used by adapter" in err
     train(tiny_train_config(tiny_dir, data_file, tmp_path / "lora", steps=1, eval_fraction=0.0), quiet=True)
     assert "is not used by" not in capsys.readouterr().err
+
+
+def test_yaml_floats_written_without_a_dot_are_numbers(tmp_path):
+    """`steps: 1e3` (YAML 1.2's float; YAML 1.1 wants `1.0e3`) was text and refused as "unable to parse string
+    as an integer"; `lr: 1e-4` only worked because the text happened to convert."""
+    from deltatune.config import load_yaml
+
+    assert load_yaml("lr: 1e-4\nsteps: 1e3\nwarmup_steps: 3\nweight_decay: 1.5e-2") == {
+        "lr": 1e-4, "steps": 1000.0, "warmup_steps": 3, "weight_decay": 0.015
+    }  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\ndata: d.jsonl\nsteps: 2e1\nlr: 3E-4\n")
+    cfg = load_config(path)
+    assert cfg.steps == 20 and cfg.lr == 3e-4

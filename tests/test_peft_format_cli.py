@@ -90,3 +90,23 @@ def test_export_combination_adapter_and_plain_model(tmp_path, base_dir):
 def test_merge_errors_are_one_line(tmp_path, capsys):
     assert main(["merge", "--adapter", str(tmp_path / "none"), "--out", str(tmp_path / "m")]) == 2
     assert "no such adapter folder" in capsys.readouterr().err
+
+
+def test_merge_in_bf16_adds_the_adapter_as_saved_and_rounds_once(tmp_path, base_dir):
+    """`merge --dtype bf16`: W (bf16) + s B A computed from the adapter's fp32 tensors, rounded once to bf16;
+    the adapter was first rounded to bf16 itself, so merged entries came out one bf16 step off."""
+    from safetensors.torch import load_file
+
+    adapted = apply_methods(load(base_dir), [MethodSpec("lora", rank=4, alpha=8, targets="q_proj")])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, p in adapted.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    adapted.save_adapter(tmp_path / "adapter")
+    layer = adapted.model.model.layers[0].self_attn.q_proj
+    expected = (layer.base.weight.bfloat16().float() + layer.delta_weight()).bfloat16()
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(base_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(out),
+                 "--dtype", "bf16"]) == 0  # fmt: skip
+    merged = load_file(str(out / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(merged.bfloat16(), expected)

@@ -49,6 +49,8 @@ def merge_and_save(
 
     `out` is checked before anything loads: never the model or adapter being read (nor a folder
     holding them or inside them), and an existing non-empty path only with `overwrite`."""
+    import torch
+
     from deltatune.fileio import check_output
     from deltatune.methods.apply import export_merged, load_adapter
     from deltatune.models import load_model, local_model_path, parse_dtype, save_model
@@ -66,7 +68,9 @@ def merge_and_save(
         if save_dtype:
             model = model.to(parse_dtype(save_dtype))
         return save_model(model, tokenizer, out)
-    adapted = load_adapter(model, adapter)
+    # the adapter's tensors as saved (fp32 from training), not rounded to a bf16 base's dtype before the merge:
+    # the merge computes W + dW in fp32 and rounds once
+    adapted = load_adapter(model, adapter, trainable_dtype=torch.float32)
     return export_merged(adapted, tokenizer, out, dtype=parse_dtype(save_dtype) if save_dtype else None)
 
 

@@ -100,7 +100,14 @@ def options_from_args(args) -> EvalOptions:
             raise UserError("must be at least 1", field=name.replace("_", "-"))
     if args.shots < 0:
         raise UserError("must be 0 or more", field="shots")
-    if args.temperature < 0:
+    # `not x > 0` rather than `x <= 0`: NaN passes every comparison, and inf or NaN were tracebacks from
+    # transformers (temperature) or int() in the sandbox (timeout) after the model loaded
+    if args.sample and not 0 < args.temperature < math.inf:
+        raise UserError(
+            f"sampling needs a temperature above 0, got {args.temperature} (leave out --sample for greedy)",
+            field="temperature",
+        )
+    if not 0 <= args.temperature < math.inf:
         raise UserError(f"must be 0 or more, got {args.temperature}", field="temperature")
     if not 0 < args.top_p <= 1:
         raise UserError(f"must be in (0, 1], got {args.top_p}", field="top-p")
@@ -113,7 +120,7 @@ def options_from_args(args) -> EvalOptions:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError("must be at least 1", field=name.replace("_", "-"))
-    if not pass_k or min(pass_k) < 1 or args.exec_timeout <= 0:
+    if not pass_k or min(pass_k) < 1 or not 0 < args.exec_timeout < math.inf:
         raise UserError("k must be at least 1 and the timeout positive", field="pass-k/exec-timeout")
     return EvalOptions(
         limit=args.limit,
@@ -152,17 +159,15 @@ def evaluate_model(model_ref: str | None, adapter: str | None, tasks, opts, dtyp
 
     Every task's data is read (and validated) before the model loads, so bad input fails fast.
     """
-    from deltatune.evaluate.runner import check_code_options, evaluate_task
-    from deltatune.evaluate.tasks import load_items, load_shot_pool
+    from deltatune.evaluate.runner import check_code_options, check_task_options, evaluate_task
+    from deltatune.evaluate.tasks import load_items
     from deltatune.models import load_model
 
     items = [load_items(task, opts.limit) for task in tasks]
-    for task in tasks:
+    for task, its in zip(tasks, items):
         if task.kind == "code":
             check_code_options(opts, task, generating=True)
-    if opts.shots:
-        for task in tasks:
-            load_shot_pool(task)
+        check_task_options(task, its, opts)  # shots, loss policy and template: before hours of earlier tasks
     model, tokenizer = load_model(model_ref, dtype=dtype, adapter=adapter)
     return [evaluate_task(model, tokenizer, task, opts, its) for task, its in zip(tasks, items)]
 

@@ -108,7 +108,7 @@ def run(args) -> int:
     from deltatune.analysis.plots import learn_forget_plot
     from deltatune.cli.eval import options_from_args, resolve_tasks, write_atomic
     from deltatune.evaluate.forgetting import learn_forget
-    from deltatune.evaluate.runner import evaluate_task
+    from deltatune.evaluate.runner import check_task_options, evaluate_task
     from deltatune.evaluate.runs import load_snapshot, read_run, unique_labels
     from deltatune.evaluate.tasks import load_items
     from deltatune.models import load_model, parse_dtype
@@ -124,6 +124,8 @@ def run(args) -> int:
 
             check_code_options(opts, t, generating=True)  # before any model loads
     items = {t.name: load_items(t, opts.limit) for t in tasks}
+    for t in tasks:  # shots, loss policy and template, before the base model and every run are evaluated
+        check_task_options(t, items[t.name], opts)
     runs = [read_run(r) for r in args.run]
     for info in runs:
         if info.final is None:

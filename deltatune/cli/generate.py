@@ -46,14 +46,16 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     system = [{"role": "system", "content": args.system}] if args.system else []
+    # raw prompts and the plain "user: ..." fallback get the tokenizer's own BOS (as eval's plain prompts); only a
+    # chat template writes its own (a base model without a template is the one that needs the BOS)
+    bos = args.raw or not tokenizer.chat_template
     if args.prompt:
         prompts = (
             args.prompt
             if args.raw
             else [_chat_prompt(tokenizer, system + [{"role": "user", "content": p}]) for p in args.prompt]
         )
-        # raw prompts get the tokenizer's own BOS (as eval's plain prompts); a chat template writes its own
-        for text in generate(model, tokenizer, prompts, gen, add_special_tokens=args.raw, progress=False):
+        for text in generate(model, tokenizer, prompts, gen, add_special_tokens=bos, progress=False):
             print(text.strip())
         return 0
     history = list(system)
@@ -66,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         if not line:
             break
         history.append({"role": "user", "content": line})
-        reply = generate(model, tokenizer, [_chat_prompt(tokenizer, history)], gen, progress=False)[0].strip()
+        prompt = _chat_prompt(tokenizer, history)
+        reply = generate(model, tokenizer, [prompt], gen, add_special_tokens=bos, progress=False)[0].strip()
         print(f"model> {reply}")
         history.append({"role": "assistant", "content": reply})
     return 0

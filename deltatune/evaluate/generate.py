@@ -11,6 +11,7 @@ another few-shot example does not generate to `max_new_tokens`; the text is cut 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,11 @@ def generate_detailed(
 ) -> list[Generation]:
     """`generate`, with each continuation's `hit_limit`."""
     config = config or GenerationConfig()
+    if config.do_sample and not 0 < config.temperature < math.inf:  # transformers' ValueError, after loading
+        raise UserError(
+            f"sampling needs a temperature above 0, got {config.temperature} (greedy: do_sample=False)",
+            field="temperature",
+        )
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:  # alone it would crash in the model, in a batch it would attend to nothing

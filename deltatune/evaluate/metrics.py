@@ -15,8 +15,9 @@ _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
 def normalize_text(text: str) -> str:
-    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = _PUNCT.sub(" ", text.lower())
+    """SQuAD's normalisation (its evaluation script, in its order): lower case, punctuation removed, articles
+    dropped, single spaces. Punctuation is deleted, not spaced: "1,000" is "1000" and "U.S." is "us"."""
+    text = _PUNCT.sub("", text.lower())
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 

@@ -20,6 +20,9 @@ STYLES = ("chat", "alpaca", "plain")
 ALPACA_HEADER = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 )
+# every Alpaca example starts with the header, so a model running on into another example writes it before
+# "### Instruction:": cut there too, or the header stays in the answer (exact match 0, ROUGE-L 0.11 for "Paris")
+ALPACA_STOP = (ALPACA_HEADER.split(".")[0], "### Instruction:")
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ def style_info(name: str) -> PromptStyle:
     if name == "chat":
         return PromptStyle("chat", "", ())
     if name == "alpaca":
-        return PromptStyle("alpaca", "", ("### Instruction:",))
+        return PromptStyle("alpaca", "", ALPACA_STOP)
     if name == "plain":
         return PromptStyle("plain", " ", ("\nQuestion:",))
     raise UserError(f"unknown prompt style '{name}'; choose one of: {', '.join(STYLES)}", field="prompt-style")

@@ -8,7 +8,7 @@ from typing import Any
 from deltatune.errors import UserError
 from deltatune.evaluate import metrics as M
 from deltatune.evaluate.choice import choice_accuracies, predict, score_options
-from deltatune.evaluate.extract import extract_bbh, extract_gsm8k, normalize_answer
+from deltatune.evaluate.extract import extract_bbh, extract_gsm8k
 from deltatune.evaluate.generate import GenerationConfig, generate
 from deltatune.evaluate.loss import loss_on_file
 from deltatune.evaluate.prompts import default_style, letter_question, pick_shots, render, style_info
@@ -61,6 +61,34 @@ def _shots_for(item: Item, pool: list[Item] | None, opts: EvalOptions) -> list[I
     return pick_shots(same_group or pool, opts.shots, opts.seed, exclude=item)
 
 
+def check_task_options(task: Task, items: list[Item], opts: EvalOptions) -> None:
+    """What `evaluate_task` would refuse about the options, found without a model: the CLIs call it for every task
+    before the model loads, so `--policy nonsense` or too many `--shots` is not found after earlier tasks ran
+    (for hours) and nothing was written."""
+    if task.kind == "loss":
+        from deltatune.data.masking import LossPolicy, parse_policy
+        from deltatune.data.templates import TEMPLATES
+        from deltatune.errors import ConfigError
+
+        if not isinstance(parse_policy(opts.policy), LossPolicy):
+            raise ConfigError("evaluation takes one loss policy, not a two-phase schedule", field="--policy")
+        if opts.template not in TEMPLATES:
+            raise ConfigError(
+                f"unknown template '{opts.template}' (choose from {', '.join(TEMPLATES)})", field="--template"
+            )
+        if opts.max_len < 2:
+            raise ConfigError(f"max_len must be at least 2, got {opts.max_len}", field="--max-len")
+        return
+    if task.kind == "code" or opts.shots <= 0:
+        return
+    pool = load_shot_pool(task) or load_items(task)
+    first_of_group: dict[str, Item] = {}
+    for item in items:
+        first_of_group.setdefault(item.group, item)
+    for item in first_of_group.values():  # raises as evaluate_task would when a group has too few examples
+        _shots_for(item, pool, opts)
+
+
 def _score_generation(task: Task, item: Item, text: str) -> dict[str, float | str | None]:
     if task.extract == "gsm8k":
         strict, flexible = extract_gsm8k(text, strict=True), extract_gsm8k(text, strict=False)
@@ -74,7 +102,8 @@ def _score_generation(task: Task, item: Item, text: str) -> dict[str, float | st
         return {"extracted": pred, "exact_match": M.exact_match(pred, item.target)}
     return {
         "extracted": text.strip(),
-        "exact_match": M.exact_match(normalize_answer(text), normalize_answer(item.target)),
+        # SQuAD's exact match, normalised as its F1 beside it ("The Eiffel Tower" = "Eiffel Tower")
+        "exact_match": M.exact_match(M.normalize_text(text), M.normalize_text(item.target)),
         "f1": M.token_f1(text, item.target),
         "rouge_l": M.rouge_l(text, item.target),
     }

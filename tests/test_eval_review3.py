@@ -212,3 +212,43 @@ def test_generate_without_a_chat_template_gives_the_prompt_the_tokenizers_bos(tm
     args = ["generate", "--model", str(tmp_path), "--prompt", "The quick brown fox", "--max-new-tokens", "6"]
     assert main(args) == 0
     assert capsys.readouterr().out.strip() == answers["with"]
+
+
+# --- HumanEval: a chat model's answer in a code fence is not cut at the "\ndef " inside the fence -------------
+
+FENCED_ADD = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\n\ndef unrelated():\n    pass\n"
+
+
+def test_a_fenced_humaneval_answer_is_scored_not_cut_to_its_opening_fence(tmp_path):
+    """The stop strings ("\\ndef ", "\\n#", ...) cut the text at the fence's own "\\ndef add": "```python" alone,
+    a SyntaxError, pass@1 0 for a right answer. Inside an open fence they no longer count; after it they do."""
+    problem = {
+        "task_id": "Toy/0",
+        "prompt": 'def add(a, b):\n    """Return a + b."""\n',
+        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n",
+        "entry_point": "add",
+    }
+    path = tmp_path / "he.jsonl"
+    path.write_text(json.dumps(problem) + "\n")
+    tok = tiny_tokenizer()
+    model = _scripted(tiny_model(), tok, FENCED_ADD)
+    opts = EvalOptions(progress=False, allow_code_execution=True, exec_timeout=5.0, max_new_tokens=64)
+    res = evaluate_task(model, tok, resolve_task(f"code:{path}"), opts)
+    assert res.metrics == {"pass@1": 1.0}
+    assert res.predictions[0]["completions"] == ["\ndef add(a, b):\n    return a + b\n"]  # the fenced code, run
+
+
+def test_the_stop_criterion_ignores_stop_strings_inside_an_open_fence():
+    from deltatune.evaluate.generate import StopStringsCriterion, cut_at_stop
+
+    tok = tiny_tokenizer()
+    prompt = tok("def add(a, b):\n", add_special_tokens=False)["input_ids"]
+
+    def stops(text: str, outside_fences: bool) -> bool:
+        ids = torch.tensor([prompt + tok(text, add_special_tokens=False)["input_ids"]])
+        return bool(StopStringsCriterion(tok, ("\ndef ",), len(prompt), outside_fences)(ids, None)[0])
+
+    inside, after = "```python\ndef ", "```python\ndef f():\n    pass\n```\n\ndef "  # each step sees the newest text
+    assert stops(inside, outside_fences=False) and not stops(inside, outside_fences=True)
+    assert stops(after, outside_fences=True)
+    assert cut_at_stop(after, ("\ndef ",), outside_fences=True) == "```python\ndef f():\n    pass\n```\n"

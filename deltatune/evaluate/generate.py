@@ -30,6 +30,8 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()  # cut the text at the first of these (few-shot "Question:" etc.)
+    # stop strings count only outside a ``` block: HumanEval's "\ndef " cut a chat model's fenced answer to "```python"
+    stop_outside_fences: bool = False
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
@@ -45,13 +47,24 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     return sorted(ids)
 
 
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
-    cut = len(text)
+def stop_position(text: str, stop: tuple[str, ...], outside_fences: bool = False) -> int | None:
+    """Where the first stop string starts in `text`, or None. With `outside_fences`, an occurrence inside an
+    open ``` block (an odd number of fences before it) does not count."""
+    best = None
     for s in stop:
+        if not s:
+            continue
         i = text.find(s)
-        if i >= 0:
-            cut = min(cut, i)
-    return text[:cut]
+        while i >= 0 and outside_fences and text.count("```", 0, i) % 2:
+            i = text.find(s, i + 1)
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...], outside_fences: bool = False) -> str:
+    i = stop_position(text, stop, outside_fences)
+    return text if i is None else text[:i]
 
 
 class StopStringsCriterion(StoppingCriteria):
@@ -61,16 +74,18 @@ class StopStringsCriterion(StoppingCriteria):
     byte-level or byte-fallback vocabulary decodes to at least one byte), plus one on each side.
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...], prompt_width: int) -> None:
+    def __init__(self, tokenizer, stop: tuple[str, ...], prompt_width: int, outside_fences: bool = False) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
         self.prompt_width = prompt_width
         self.window = max(len(s.encode("utf-8")) for s in self.stop) + 2
+        self.outside_fences = outside_fences  # then the whole continuation is decoded: fences opened long before count
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        tails = input_ids[:, max(self.prompt_width, input_ids.shape[1] - self.window) :].tolist()
-        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+        start = self.prompt_width if self.outside_fences else max(self.prompt_width, input_ids.shape[1] - self.window)
+        texts = self.tokenizer.batch_decode(input_ids[:, start:].tolist(), skip_special_tokens=True)
+        hits = [stop_position(t, self.stop, self.outside_fences) is not None for t in texts]
+        return torch.tensor(hits, device=input_ids.device)
 
 
 def row_seed(seed: int, ids: list[int], repeat: int) -> int:
@@ -194,7 +209,9 @@ def generate_detailed(
         if config.do_sample:
             kwargs["logits_processor"] = _sampling_processors(model, config, [seeds[i] for i in idx], device)
         if any(config.stop):
-            kwargs["stopping_criteria"] = [StopStringsCriterion(tokenizer, config.stop, width)]
+            kwargs["stopping_criteria"] = [
+                StopStringsCriterion(tokenizer, config.stop, width, config.stop_outside_fences)
+            ]
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
         new_tokens = out[:, width:]
         for row, i in enumerate(idx):
@@ -202,7 +219,7 @@ def generate_detailed(
             # the text ends before the end-of-sequence token, special in the tokenizer or not (then pad follows)
             ended = next((k for k, t in enumerate(ids) if t in eos), None)
             text = tokenizer.decode(ids if ended is None else ids[:ended], skip_special_tokens=True)
-            cut = cut_at_stop(text, config.stop)
+            cut = cut_at_stop(text, config.stop, config.stop_outside_fences)
             ran_out = new_tokens.shape[1] >= config.max_new_tokens and ended is None
             outputs[i] = Generation(cut, ran_out and cut == text)
         bar.update(len(idx))

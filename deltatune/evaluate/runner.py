@@ -249,6 +249,7 @@ def _evaluate_code(model, tokenizer, task: Task, items: list[Item], opts: EvalOp
         opts.generation,
         max_new_tokens=opts.max_new_tokens or task.max_new_tokens,
         stop=tuple(opts.generation.stop) + tuple(stop),
+        stop_outside_fences=True,  # a fenced answer holds "\ndef " and the like; clean_completion unfences it
     )
     n = opts.samples
     texts = generate(

@@ -139,6 +139,13 @@ class MultiAdapterLinear(nn.Module):
             if name is not None and name in self.adapters:
                 return self.adapters[name](x)  # the adapter's own forward, exactly as when served alone
             return self.base(x)
+        rows = len(self.routing.rows or ())
+        if x.shape[0] != rows:
+            return self._mixed(_by_row(x, rows)).reshape(*x.shape[:-1], -1)
+        return self._mixed(x)
+
+    def _mixed(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch whose rows name different adapters; x's first dimension is the batch row."""
         out = self.base(x)
         gathered, others = self._plan(x.device)
         result = out + self._gathered_lora(x).to(out.dtype) if gathered else out.clone() if others else out
@@ -200,6 +207,18 @@ class MultiAdapterLinear(nn.Module):
         return f"adapters={list(self.adapters)}"
 
 
+def _by_row(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x as (rows, tokens, features) when a module flattened the batch's tokens before this linear
+    (`hidden.view(-1, d)`, as Qwen2-MoE's shared expert and its gate do), so that each token gets its own
+    row's adapter instead of the adapter of the row at its flat index (or a shape error)."""
+    if x.dim() != 2 or x.shape[0] % rows:
+        raise RuntimeError(
+            f"a linear got input of shape {tuple(x.shape)} for a batch of {rows} rows with different adapters; "
+            "its tokens cannot be matched to their rows"
+        )
+    return x.reshape(rows, x.shape[0] // rows, x.shape[1])
+
+
 def _stackable(module: DeltaLinear) -> bool:
     """Plain LoRA (not DoRA, which subclasses it) without dropout: its change is s B A x, nothing else."""
     return type(module) is LoRALinear and module.lora_dropout is None
@@ -233,6 +252,7 @@ class MultiAdapterModel:
         self.model = model
         self.routing = Routing()
         self.adapters: dict[str, LoadedAdapter] = {}
+        _split_moe_blocks_by_adapter(model, self.routing)
 
     @property
     def names(self) -> list[str]:
@@ -387,6 +407,52 @@ class MultiAdapterModel:
 
         walk(self.model, root)
         return root
+
+
+def _split_moe_blocks_by_adapter(model: nn.Module, routing: Routing) -> None:
+    """Make each upcycled MoE block (at inference) run once per adapter group of a mixed batch, and an
+    expert-choice block once per row.
+
+    Inside a block, the router and the experts see tokens flattened and regrouped by expert, so their
+    first dimension is not the batch row that `Routing` describes: a mixed batch whose adapters reach
+    the router or the experts failed (or, where sizes matched, gave rows other rows' adapters). Run
+    per group, every linear inside sees a uniform batch and computes the adapter's own forward; top-k
+    routes each token on its own, so a row gets exactly what it gets alone. Expert choice ranks all the
+    tokens it sees, so a row's text changed with the rest of its batch (and its padding): each row
+    routes its own real tokens (the engine's `routed_tokens` mask), as when it is served alone."""
+    from deltatune.upcycle.moe import moe_blocks
+
+    for _, block in moe_blocks(model):
+        block.forward = _per_group_forward(block, block.forward, routing)
+
+
+def _per_group_forward(block: nn.Module, forward, routing: Routing):
+    def run(hidden: torch.Tensor) -> torch.Tensor:
+        per_row = block.router_type == "expert-choice"
+        same, _ = routing.uniform()
+        routed = any(isinstance(m, MultiAdapterLinear) for m in block.modules())
+        if block.training or not (per_row or (not same and routed)):
+            return forward(hidden)
+        names = routing.rows if routing.rows is not None else [routing.default] * hidden.shape[0]
+        if per_row:
+            groups = [(n, torch.tensor([i])) for i, n in enumerate(names)]
+        else:
+            groups = list(routing.groups().items())
+        mask, rows_before, out = block.token_mask, routing.rows, None
+        try:
+            for name, rows in groups:
+                rows = rows.to(hidden.device)
+                routing.set([name] * len(rows))
+                block.token_mask = None if mask is None else mask.index_select(0, rows)
+                part = forward(hidden.index_select(0, rows))
+                out = part.new_empty((hidden.shape[0], *part.shape[1:])) if out is None else out
+                out.index_copy_(0, rows, part)
+        finally:
+            block.token_mask = mask
+            routing.set(rows_before)
+        return out
+
+    return run
 
 
 def _check_servable(spec: MethodSpec, source: str | None) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from deltatune.kv_cache import cache_kwargs
 from deltatune.serve.adapters import MultiAdapterModel
+from deltatune.upcycle.moe import moe_blocks, routed_tokens
 
 FinishReason = str  # "stop" | "length" | "cancelled"
 
@@ -169,6 +170,7 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
         self.device = next(self.model.parameters()).device
+        self.moe = [block for _, block in moe_blocks(self.model)]  # upcycled MoE blocks: padding never routes
         self.stats = {"steps": 0, "tokens": 0, "seconds": 0.0}
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -223,7 +225,8 @@ class Engine:
                 if v is not None:
                     end = width - len(r.prompt_ids)
                     embeds[i, end - v.shape[0] : end] = v.to(embeds.dtype)
-        logits = self._forward(ids, mask, positions, cache, [requests[i].adapter for i in active], embeds=embeds)
+        with routed_tokens(self.moe, mask.bool() if self.moe else None):  # the prefill's left padding
+            logits = self._forward(ids, mask, positions, cache, [requests[i].adapter for i in active], embeds=embeds)
         last_pos = positions[:, -1]
         while True:
             tokens = self._choose(logits, [rows[i] for i in active])

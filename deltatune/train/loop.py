@@ -710,18 +710,20 @@ def _train(
             for i, batch in enumerate(micro):
                 batch = _to_device(batch, device)
                 dist.sync_grads(runner, i == len(micro) - 1)  # gradients are summed over ranks once per step
-                with autocast(), routed_tokens(moe, batch.get("token_mask")):
-                    hidden = forward_hidden(runner, batch)
-                loss_sum, _ = weighted_lm_loss_sum(
-                    hidden, head, batch["input_ids"], batch["loss_weights"], chunk=cfg.loss_chunk
-                )
-                loss = loss_sum / total_weight
-                if router_losses is not None:  # MoE load-balancing and z-loss, averaged over micro-batches
-                    loss = loss + router_losses.collect() / len(micro)
-                if cfg.fused_update:
-                    optimizer.backward(loss)  # LOMO: two passes when clipping
-                else:
-                    loss.backward()
+                # MoE blocks route the real tokens only, also when checkpointing recomputes them in backward
+                with routed_tokens(moe, batch.get("token_mask")):
+                    with autocast():
+                        hidden = forward_hidden(runner, batch)
+                    loss_sum, _ = weighted_lm_loss_sum(
+                        hidden, head, batch["input_ids"], batch["loss_weights"], chunk=cfg.loss_chunk
+                    )
+                    loss = loss_sum / total_weight
+                    if router_losses is not None:  # MoE load-balancing and z-loss, averaged over micro-batches
+                        loss = loss + router_losses.collect() / len(micro)
+                    if cfg.fused_update:
+                        optimizer.backward(loss)  # LOMO: two passes when clipping
+                    else:
+                        loss.backward()
                 step_loss += loss_sum.item()
                 real_tokens += int(batch["n_real_tokens"])
             step_loss = dist.sum(step_loss)

@@ -20,6 +20,7 @@ Padding never routes: inside `routed_tokens(model, mask)` (the train loop's forw
 only the tokens the mask marks as real, and the padding's MLP output is zero (it keeps its residual).
 Otherwise padding would take capacity slots from real tokens (a short row's padding comes before the
 next row's tokens), be chosen by expert-choice experts, and count in the balancing loss and the metrics.
+The train loop keeps the mask through the backward pass, where activation checkpointing recomputes the blocks.
 """
 
 from __future__ import annotations

@@ -173,6 +173,8 @@ def test_learn_forget_never_reuses_base_scores_or_data_files_of_other_sizes(tmp_
     measured = []
 
     class FakeMeasures:
+        precision = "fp32"
+
         def __init__(self, sizes):
             self.sizes = sizes
 

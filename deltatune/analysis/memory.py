@@ -458,8 +458,9 @@ def plan_finetune(
     from deltatune.models import parse_dtype
 
     dtype = parse_dtype(dtype)
-    if batch_size < 1 or seq_len < 1:
-        raise UserError("batch size and sequence length must be positive", field="batch-size")
+    for field_name, value in (("batch-size", batch_size), ("seq-len", seq_len)):  # the one that is wrong, named
+        if value < 1:
+            raise UserError(f"must be at least 1, got {value}", field=field_name)
     name, config = resolve_config(model_name_or_config)
     moe = None
     if isinstance(model_name_or_config, (str, os.PathLike)) and (Path(model_name_or_config) / "upcycle.json").is_file():

@@ -136,6 +136,11 @@ def _sizes(quick: bool, args) -> dict[str, Any]:
     return s
 
 
+def check_arguments(args) -> None:
+    """Refuse bad --methods / --lrs before the output folder is claimed and the base model scored."""
+    _methods(args)
+
+
 def _methods(args) -> list[str]:
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
@@ -143,6 +148,8 @@ def _methods(args) -> list[str]:
         raise UserError(
             f"unknown method '{unknown[0] if unknown else ''}'; choose from {', '.join(METHODS)}", field="methods"
         )
+    if len(set(names)) != len(names):  # each method names its runs: a repeat would make the same runs twice
+        raise UserError(f"names a method twice: '{args.methods}'", field="methods")
     if not 1 <= args.lrs <= 3:
         raise UserError("must be 1, 2 or 3", field="lrs")
     return names
@@ -416,11 +423,15 @@ def _base(ctx: Context, m: Measures, file: str, frozen: bool, wait: bool = True)
         if not wait:
             return None
         time.sleep(POLL_SECONDS)
+    # what the scores depend on besides the tasks: a folder retaken after a failed set-up holds an earlier
+    # attempt's base.json, maybe of other sizes, another precision (bf16 weights and autocast) or another model
+    # (the model as --model named it: the quick model's path is the folder's own)
+    made_with = {"sizes": m.sizes, "precision": m.precision, "model": ctx.settings.get("model")}
     with claim:
         path = ctx.out / file
         scores = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-        if scores is not None and scores.get("sizes", m.sizes) != m.sizes:  # an earlier attempt's, other sizes
-            ctx.say("[learn-forget] base model: scores on file were measured with other sizes; measuring again")
+        if scores is not None and any(scores.get(k, v) != v for k, v in made_with.items()):  # (absent: older file)
+            ctx.say("[learn-forget] base model: scores on file were measured with other settings; measuring again")
             scores = None
         if scores is not None:
             missing = m.missing(scores)
@@ -433,7 +444,7 @@ def _base(ctx: Context, m: Measures, file: str, frozen: bool, wait: bool = True)
                 f"[learn-forget] scoring the base model{' (fp32 weights, for full finetuning)' if not frozen else ''}"
             )
             scores = m.base_scores(frozen)
-        scores["sizes"] = m.sizes
+        scores.update(made_with)
         write_atomic(path, json.dumps(scores, indent=2) + "\n")
         return scores
 

@@ -181,6 +181,8 @@ def parse_sizes(text: str | None) -> list[int]:
         sizes = [0]
     if sizes and min(sizes) < 1:
         raise UserError(f"--sizes needs positive whole numbers, e.g. 50,200,800; got '{text}'")
+    if len(set(sizes)) != len(sizes):  # each size names its runs: a repeat would make the same runs twice
+        raise UserError(f"--sizes names a size twice: '{text}'")
     return sizes
 
 

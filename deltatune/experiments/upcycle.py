@@ -13,6 +13,7 @@ of dense continuation at equal extra compute, after a visible start-up drop.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -102,6 +103,44 @@ def _records(quick: bool, n_eval: int) -> tuple[list[dict], list[dict]]:
     return read("train.jsonl"), read("test.jsonl", n_eval)
 
 
+SETUP = "setup"  # start.json's record of what its losses and OUT/models were made from
+
+
+def _setup(ctx: Context, args, seq_len: int) -> dict:
+    """What the start losses and the upcycled models depend on: the dense model, the routing weights, the
+    held-out examples and their length."""
+    return {
+        "model": ctx.model,
+        "quick": ctx.quick,
+        "normalize": bool(args.normalize),
+        "eval_examples": args.eval_examples,
+        "seq_len": seq_len,
+    }
+
+
+def _start_of_setup(ctx: Context, start_file: Path, setup: dict) -> dict:
+    """start.json when it was made under `setup`, else a new one recording `setup` (written now), with the
+    upcycled models of the earlier setup removed.
+
+    A folder retaken after a set-up that stopped before its first run (Context: another command, no run yet)
+    holds the earlier command's models and start losses: reused, `--normalize` reported raw-softmax models and
+    `--eval-examples` a start loss on other examples. A start.json without a setup (made before it was
+    recorded) is kept where runs exist: the folder's manifest then vouches for its settings."""
+    start = json.loads(start_file.read_text(encoding="utf-8")) if start_file.exists() else None
+    if start is not None and start.get(SETUP) == setup:
+        return start
+    if start is not None and SETUP not in start and (ctx.out / "runs").exists():
+        start[SETUP] = setup
+    else:
+        for folder in sorted((ctx.out / "models").glob("upcycled-e*")):
+            if (folder / "upcycle.json").exists():  # this experiment's own (it writes only these there)
+                ctx.say(f"[upcycle] {folder} was made under other settings; building it again")
+                shutil.rmtree(folder)
+        start = {SETUP: setup}
+    write_atomic(start_file, json.dumps(start, indent=2) + "\n")
+    return start
+
+
 def _make_upcycled(source: str | None, experts: int, folder: Path, normalize: bool) -> str:
     """The upcycled checkpoint of the run (built once; a finished folder is reused on resume)."""
     if not (folder / "upcycle.json").exists():
@@ -169,13 +208,14 @@ def run(ctx: Context, args) -> None:
     experts = _experts(args.experts)
     train_records, eval_records = _records(quick, args.eval_examples)
     base = ctx.model
+    # parameters, FLOPs per token and the held-out loss before training (kept for resume), and the setup that
+    # made them and the upcycled models: recorded before the models are built
+    start_file = ctx.out / "start.json"
+    start = _start_of_setup(ctx, start_file, _setup(ctx, args, seq_len))
     models = {"dense": base}
     for e in experts:
         models[f"upcycled-e{e}"] = _make_upcycled(base, e, ctx.out / "models" / f"upcycled-e{e}", args.normalize)
 
-    # parameters, FLOPs per token and the held-out loss before training (kept for resume)
-    start_file = ctx.out / "start.json"
-    start = json.loads(start_file.read_text()) if start_file.exists() else {}
     points = measure_points(steps, sizes["points"])
     runs = []
     for name, ref in models.items():
@@ -300,7 +340,8 @@ def run(ctx: Context, args) -> None:
     ctx.finish(
         {
             "runs": results,
-            "start": start,
+            "start": {k: v for k, v in start.items() if k != SETUP},
+            "setup": start[SETUP],
             "curves": {n: [list(c) for c in cv] for n, cv in curves.items()},
             "mean_curves": {n: [list(c) for c in cv] for n, cv in mean_curves.items()},
             "heldout_loss_spread": spreads,

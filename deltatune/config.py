@@ -34,7 +34,7 @@ class TrainConfig(BaseModel):
     column_map: dict[str, str] = Field(
         default_factory=dict, description="file column -> field, e.g. question: instruction"
     )
-    template: Literal["chatml", "alpaca", "tokenizer", "raw"] = "chatml"
+    template: Literal["auto", "chatml", "alpaca", "tokenizer", "raw"] = "auto"  # auto: the model's own chat template
     policy: str = Field(
         "response",
         description="loss policy: response | instruction | no-boilerplate | all | weighted:L; two phases: 'A->B@STEPS'",

@@ -204,3 +204,31 @@ def test_json_nested_too_deeply_is_one_line_and_a_bom_alone_on_the_first_line_is
         bom = tmp_path / "bom.jsonl"
         bom.write_bytes(b"\xef\xbb\xbf\n" + json.dumps({"instruction": "a", "output": "b"}).encode() + b"\n")
         assert prepare_dataset(str(bom), tiny_tok, template="chatml").report.kept == 1
+
+
+SMOLLM_LIKE_TEMPLATE = (  # SmolLM2's shape: a default system prompt when the messages bring none
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant.<|im_end|>\\n' }}"
+    "{% endif %}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_the_default_template_trains_on_the_prompt_inference_renders():
+    """`generate`, eval's chat style and `serve` render prompts with the tokenizer's chat template; the training
+    default was `chatml`, which left out the default system prompt those add (SmolLM2's). The default is now
+    `auto`: the model's own template where it has one, so training and inference see the same text."""
+    from deltatune.config import TrainConfig
+    from deltatune.data.pipeline import prepare_records
+    from deltatune.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = SMOLLM_LIKE_TEMPLATE
+    messages = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]
+    data = prepare_records([{"messages": messages}], tok, keep_offsets=True)
+    assert data.template == "tokenizer"
+    assert data.examples[0].text == tok.apply_chat_template(messages, tokenize=False)
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert data.examples[0].text.startswith(prompt)  # what generate/serve feed the model, then the answer
+    assert TrainConfig.model_fields["template"].default == "auto"
+    tok.chat_template = None  # no chat template: ChatML where the tokenizer has its tokens, as before
+    assert prepare_records([{"messages": messages}], tok).template == "chatml"

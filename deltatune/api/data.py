@@ -21,7 +21,7 @@ def prepare(
     data: str | os.PathLike | Iterable[dict[str, Any]],
     tokenizer: Any,
     *,
-    template: str = "chatml",
+    template: str = "auto",
     policy: str | LossPolicy = "response",
     data_format: str = "auto",
     column_map: dict[str, str] | str | None = None,

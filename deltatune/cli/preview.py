@@ -12,7 +12,11 @@ import sys
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by `preview` and `stats`: which data, how to read it, which tokenizer."""
     p.add_argument("--data", required=True, help="JSONL, JSON, Parquet or CSV file")
-    p.add_argument("--template", default="chatml", help="alpaca, chatml, tokenizer (the model's own) or raw")
+    p.add_argument(
+        "--template",
+        default="auto",
+        help="auto (the model's own chat template if it has one, else chatml), tokenizer, chatml, alpaca or raw",
+    )
     p.add_argument("--data-format", default="auto", help="auto, alpaca, chat, prompt or text")
     p.add_argument(
         "--map",

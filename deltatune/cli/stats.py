@@ -58,12 +58,12 @@ def run(args: argparse.Namespace) -> int:
     if args.output_format == "json":
         out = {
             "report": vars(data.report),
-            "template": args.template,
+            "template": data.template,
             "data_format": data.data_format,
             **stats,
-            "advice": advise(stats, args.template),
+            "advice": advise(stats, data.template),
         }
         sys.stdout.write(json.dumps(out, indent=2) + "\n")
     else:
-        sys.stdout.write(format_stats(stats, data.report.summary(), args.template))
+        sys.stdout.write(format_stats(stats, data.report.summary(), data.template))
     return 0

@@ -72,7 +72,7 @@ def prepare_dataset(
     path: str | Path,
     tokenizer: Any,
     *,
-    template: str = "chatml",
+    template: str = "auto",
     data_format: str = "auto",
     column_map: dict[str, str] | str | None = None,
     max_len: int = 1024,
@@ -106,7 +106,7 @@ def prepare_records(
     records: list[dict],
     tokenizer: Any,
     *,
-    template: str = "chatml",
+    template: str = "auto",
     data_format: str = "auto",
     column_map: dict[str, str] | str | None = None,
     max_len: int = 1024,
@@ -235,7 +235,7 @@ def _prepare_inner(
             continue
         kept.append(ex)
     report.kept = len(kept)
-    return PreparedData(kept, report, template=template, data_format=fmt)
+    return PreparedData(kept, report, template=tmpl.name, data_format=fmt)  # the resolved name (auto -> ...)
 
 
 def max_token_chars(tokenizer: Any) -> int:

@@ -28,7 +28,7 @@ from deltatune.data.formats import Conversation, Message
 from deltatune.data.segments import Example, Role, Segment
 from deltatune.errors import ConfigError, DataError
 
-TEMPLATES = ("alpaca", "chatml", "tokenizer", "raw")
+TEMPLATES = ("auto", "alpaca", "chatml", "tokenizer", "raw")
 
 ALPACA_PREAMBLE_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -224,8 +224,23 @@ class TokenizerTemplate(Template):
         b.add(Role.ROLE, scaffold[-1], parts[-1][1] if parts else 0)
 
 
+def resolve_template(name: str, tokenizer: Any) -> str:
+    """`auto` (the default) -> `tokenizer` when the tokenizer has a chat template, else `chatml` where it has
+    ChatML's tokens, else `alpaca`. With the model's own template, training renders the prompts that `generate`,
+    `eval`'s chat style and `serve` render (apply_chat_template): `chatml` left out SmolLM2's default system
+    prompt, which inference then added. Other names are returned as given."""
+    if name != "auto":
+        return name
+    if getattr(tokenizer, "chat_template", None):
+        return "tokenizer"
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return "chatml" if "<|im_start|>" in vocab and "<|im_end|>" in vocab else "alpaca"
+
+
 def get_template(name: str, tokenizer: Any) -> Template:
-    """The template `name` for this tokenizer; a ConfigError if the tokenizer cannot support it."""
+    """The template `name` for this tokenizer (`auto`: see `resolve_template`); a ConfigError if the tokenizer
+    cannot support it."""
+    name = resolve_template(name, tokenizer)
     eos = getattr(tokenizer, "eos_token", None)
     if not eos:
         raise ConfigError("the tokenizer has no EOS token to close responses with", field="--template")

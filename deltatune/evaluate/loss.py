@@ -113,7 +113,7 @@ def loss_on_file(
     tokenizer,
     path,
     *,
-    template: str = "chatml",
+    template: str = "auto",
     policy: str = "response",
     data_format: str = "auto",
     column_map: dict[str, str] | str | None = None,

@@ -26,7 +26,7 @@ class EvalOptions:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     max_new_tokens: int | None = None  # None: the task's own
     progress: bool = True
-    template: str = "chatml"  # loss tasks: the training template and loss policy
+    template: str = "auto"  # loss tasks: the training template and loss policy
     policy: str = "response"
     max_len: int = 1024
     flat_rows: bool | None = None  # loss tasks: each batch end to end in one unpadded row (None: on CPU)

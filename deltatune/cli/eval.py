@@ -49,7 +49,9 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--map", default=None, help="field names for file: tasks, e.g. instruction=question,output=answer")
     p.add_argument(
-        "--template", default="auto", help="loss: tasks: the training template (auto | tokenizer | chatml | alpaca | raw)"
+        "--template",
+        default="auto",
+        help="loss: tasks: the training template (auto | tokenizer | chatml | alpaca | raw)",
     )
     p.add_argument("--policy", default="response", help="loss: tasks: loss policy as in training (default response)")
     p.add_argument("--max-len", type=int, default=1024, help="loss: tasks: truncate examples to this many tokens")

@@ -7,6 +7,13 @@ import os
 from pathlib import Path
 
 
+def read_metrics(run: Path) -> list[dict]:
+    """A run folder's metrics.jsonl, one dict a line."""
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
     """`deltatune ARGV` in this process: (exit code, stdout, stderr). argparse's exits count as codes."""
     from deltatune.cli import main

@@ -19,6 +19,24 @@ def upcycled_base():
     return model.eval()
 
 
+def _each_row_as_alone(make_base, folder) -> MultiAdapterModel:
+    """Adapters `a` and `b` (saved in `folder`) served on `make_base()` in one mixed batch: each row's logits are
+    those of its adapter (or the base) run alone."""
+    multi = MultiAdapterModel(make_base())
+    multi.load("a", folder / "a")
+    multi.load("b", folder / "b")
+    names = ["a", "b", None, "a"]
+    ids = torch.tensor([[1, 5, 77, 300, 12, 9, 45, 2]] * len(names))
+    with torch.no_grad(), multi.route(names):
+        mixed = multi.model(input_ids=ids).logits
+    for k, name in enumerate(names):
+        model = make_base() if name is None else load_adapter(make_base(), folder / name).model.eval()
+        with torch.no_grad():
+            alone = model(input_ids=ids[:1]).logits[0]
+        torch.testing.assert_close(mixed[k], alone, rtol=1e-5, atol=1e-5)
+    return multi
+
+
 @pytest.mark.parametrize("other", ["lora", "dora"])
 def test_a_mixed_batch_on_an_upcycled_model_gives_each_row_its_adapter_alone(tmp_path, other):
     """Adapters on the router and the experts (all-linear) of an upcycled model, three rows of a batch
@@ -27,18 +45,7 @@ def test_a_mixed_batch_on_an_upcycled_model_gives_each_row_its_adapter_alone(tmp
     beside DoRA) or gave rows other rows' adapters (DoRA's prefill logits)."""
     random_adapter(tmp_path / "a", MethodSpec(name="lora", rank=4, alpha=8), upcycled_base(), seed=1)
     random_adapter(tmp_path / "b", MethodSpec(name=other, rank=4, alpha=8), upcycled_base(), seed=2)
-    multi = MultiAdapterModel(upcycled_base())
-    multi.load("a", tmp_path / "a")
-    multi.load("b", tmp_path / "b")
-    names = ["a", "b", None, "a"]
-    ids = torch.tensor([[1, 5, 77, 300, 12, 9, 45, 2]] * len(names))
-    with torch.no_grad(), multi.route(names):
-        mixed = multi.model(input_ids=ids).logits
-    for k, name in enumerate(names):
-        model = upcycled_base() if name is None else load_adapter(upcycled_base(), tmp_path / name).model.eval()
-        with torch.no_grad():
-            alone = model(input_ids=ids[:1]).logits[0]
-        torch.testing.assert_close(mixed[k], alone, rtol=1e-5, atol=1e-5)
+    multi = _each_row_as_alone(upcycled_base, tmp_path)
 
     tok = tiny_tokenizer()
     engine = Engine(multi, tok)
@@ -50,7 +57,7 @@ def test_a_mixed_batch_on_an_upcycled_model_gives_each_row_its_adapter_alone(tmp
         ]
         return [r.token_ids for r in engine.generate(reqs)]
 
-    rows = list(zip(prompts, names))
+    rows = list(zip(prompts, ["a", "b", None, "a"]))  # the names _each_row_as_alone routes
     assert run(rows) == [run([row])[0] for row in rows]
 
 
@@ -82,19 +89,8 @@ def test_a_mixed_batch_on_a_transformers_qwen2_moe_gives_each_row_its_adapter_al
     (logits off by 8.0)."""
     random_adapter(tmp_path / "a", MethodSpec(name="lora", rank=4, alpha=8), tiny_qwen2_moe(), seed=1)
     random_adapter(tmp_path / "b", MethodSpec(name=other, rank=4, alpha=8), tiny_qwen2_moe(), seed=2)
-    multi = MultiAdapterModel(tiny_qwen2_moe())
-    multi.load("a", tmp_path / "a")
-    multi.load("b", tmp_path / "b")
+    multi = _each_row_as_alone(tiny_qwen2_moe, tmp_path)
     assert "shared_expert_gate" in str(multi.model.model.layers[0].mlp)  # an adapted flattened linear
-    names = ["a", "b", None, "a"]
-    ids = torch.tensor([[1, 5, 77, 300, 12, 9, 45, 2]] * len(names))
-    with torch.no_grad(), multi.route(names):
-        mixed = multi.model(input_ids=ids).logits
-    for k, name in enumerate(names):
-        model = tiny_qwen2_moe() if name is None else load_adapter(tiny_qwen2_moe(), tmp_path / name).model.eval()
-        with torch.no_grad():
-            alone = model(input_ids=ids[:1]).logits[0]
-        torch.testing.assert_close(mixed[k], alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("router", ["topk", "expert-choice"])

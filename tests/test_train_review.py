@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reliability_helpers import read_metrics
 
 from deltatune.config import load_config
 from deltatune.errors import ConfigError
@@ -14,17 +15,7 @@ from deltatune.testing import tiny_train_config
 from deltatune.train.loop import save_outputs, train
 from deltatune.train.optim import lr_factor
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one thread is fastest (conftest.py)
 
 
 def test_metrics_log_the_learning_rate_each_step_ran_with(tiny_dir, data_file, tmp_path):
@@ -33,7 +24,7 @@ def test_metrics_log_the_learning_rate_each_step_ran_with(tiny_dir, data_file, t
     lr, steps, warm = 1e-3, 6, 3
     train(tiny_train_config(tiny_dir, data_file, tmp_path / "run", steps=steps, warmup_steps=warm,
                             schedule="linear", lr=lr), quiet=True)  # fmt: skip
-    logged = [m["lr"] for m in _metrics(tmp_path / "run")]
+    logged = [m["lr"] for m in read_metrics(tmp_path / "run")]
     want = [lr * lr_factor(s, steps, warm, "linear") for s in range(steps)]
     assert logged == pytest.approx(want, rel=1e-12)
 
@@ -123,7 +114,6 @@ def test_non_finite_or_out_of_range_optimiser_values_are_one_line_naming_the_key
 def test_fused_adamw_decays_matrices_only_as_the_plain_adamw_path():
     """fused_update: fused-adamw must be AdamW as the default path builds it: weight decay on matrices, none on
     biases and norms (it decayed every parameter)."""
-    import torch
 
     from deltatune.train.lomo import build_fused
 

@@ -3,11 +3,8 @@ configuration errors that name the right place. Each test failed before its fix.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-import torch
+from reliability_helpers import read_metrics
 
 from deltatune.config import load_config
 from deltatune.errors import ConfigError
@@ -15,17 +12,7 @@ from deltatune.testing import tiny_train_config
 from deltatune.train.loop import train
 from deltatune.train.optim import lr_factor
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one thread is fastest (conftest.py)
 
 
 def test_a_resume_with_more_steps_runs_the_new_schedule_from_its_first_step(tiny_dir, data_file, tmp_path):
@@ -34,7 +21,7 @@ def test_a_resume_with_more_steps_runs_the_new_schedule_from_its_first_step(tiny
     lr, run = 5e-3, tmp_path / "run"
     train(tiny_train_config(tiny_dir, data_file, run, steps=3, save_every=1, lr=lr), quiet=True)
     train(tiny_train_config(tiny_dir, data_file, run, steps=6, save_every=1, lr=lr, resume=True), quiet=True)
-    logged = [m["lr"] for m in _metrics(run)]
+    logged = [m["lr"] for m in read_metrics(run)]
     want = [lr * lr_factor(s, 3, 0, "cosine") for s in range(3)] + [
         lr * lr_factor(s, 6, 0, "cosine") for s in (3, 4, 5)
     ]

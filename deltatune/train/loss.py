@@ -9,12 +9,35 @@ scales it. Memory: one chunk of logits (chunk x vocab floats) at a time.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from deltatune.train.workspace import Workspace
 
 _workspace = Workspace()
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's causal-LM forward does to `lm_head`'s output before the loss: logits * scale (Cohere's
+    `logit_scale`, 1 / Granite's `logits_scaling`), then softcap * tanh(logits / softcap) (Gemma2/3's
+    `final_logit_softcapping`). The loss here starts from the head, so it must apply them too."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+
+def logit_transform(model: torch.nn.Module) -> LogitTransform:
+    """The LogitTransform of a transformers causal-LM (identity for Llama, Qwen, Mistral, ...)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = float(getattr(model, "logit_scale", None) or getattr(text, "logit_scale", None) or 1.0)
+    if getattr(text, "logits_scaling", None):
+        scale /= float(text.logits_scaling)
+    softcap = getattr(text, "final_logit_softcapping", None)
+    return LogitTransform(scale, float(softcap) if softcap else None)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -25,6 +48,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     probability p_max = exp(m - lse) >= 1/V, so lse = m - log(p_max) never underflows; nll = lse -
     logit[target]. The gradient (softmax - onehot) is rounded once to the compute dtype and the
     token weights scale the (chunk x hidden) product instead of the (chunk x vocabulary) block.
+    A model's LogitTransform (scale, soft cap) is applied to the float32 logits, and its derivative
+    (scale * (1 - tanh^2)) to their gradient.
     """
 
     @staticmethod
@@ -39,6 +64,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         compute_dtype: torch.dtype,
         need_grad_hidden: bool,
         need_grad_weight: bool,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
     ) -> Tensor:
         n, device = hidden.shape[0], hidden.device
         acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums in >= fp32
@@ -57,6 +84,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs = logits if acc == compute_dtype else _workspace.take("probs", shape, acc, device).copy_(logits)
             if bias is not None:
                 probs += bias.to(acc)
+            if logit_scale != 1.0:
+                probs *= logit_scale
+            slope = None  # d softcap*tanh(z/softcap) / dz = 1 - tanh(z/softcap)^2
+            if softcap is not None:
+                probs.div_(softcap).tanh_()
+                if need_grad_hidden or need_grad_weight or grad_bias is not None:
+                    slope = torch.mul(probs, probs, out=_workspace.take("slope", shape, acc, device)).neg_().add_(1.0)
+                probs.mul_(softcap)
             target_logit = probs[rows, t]
             row_max = probs.amax(dim=-1)
             torch._softmax(probs, -1, False, out=probs)
@@ -66,6 +101,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 continue
             # d(sum w*nll)/dlogits = w * (softmax - onehot)
             probs[rows, t] -= 1.0
+            if slope is not None:
+                probs *= slope
+            if logit_scale != 1.0:
+                probs *= logit_scale
             g = probs if acc == compute_dtype else logits.copy_(probs)  # the logits are spent: reuse
             if need_grad_hidden:
                 grad_hidden[start : start + chunk] = (torch.mm(g, w_c) * tw[:, None]).to(hidden.dtype)
@@ -88,7 +127,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         gh = saved.pop(0) * grad_out.to(ctx.dtypes[0]) if has_h else None
         gw = (saved.pop(0) * grad_out).to(ctx.dtypes[1]) if has_w else None
         gb = (saved.pop(0) * grad_out).to(ctx.dtypes[2]) if has_b else None
-        return gh, gw, gb, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None
 
 
 # The loss-bearing rows are padded (with zero weight) to a multiple of this: the CPU matmul library
@@ -105,11 +144,14 @@ def weighted_lm_loss_sum(
     *,
     chunk: int = 1024,
     compute_dtype: torch.dtype | None = None,
+    transform: LogitTransform | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Σ_t w_t · nll(token_t | tokens_<t) over the batch, and Σ_t w_t.
 
     `hidden` is the final hidden state [B, T, H]; position t-1 predicts token t, whose weight is
     `loss_weights[:, t]`. The caller divides by the total weight of the whole accumulated batch.
+    `transform`: what the model does to the head's output (`logit_transform(model)`); without it the
+    loss is that of the head's raw logits, which is not the model's for Gemma2/3, Cohere or Granite.
     """
     batch, length, width = hidden.shape
     w = loss_weights[:, 1:].to(torch.promote_types(hidden.dtype, torch.float32))
@@ -124,8 +166,19 @@ def weighted_lm_loss_sum(
     bias = getattr(head, "bias", None)
     if compute_dtype is None:
         compute_dtype = weight.dtype if weight.dtype != torch.float32 else hidden.dtype
+    transform = transform or LogitTransform()
     total = _ChunkedLinearCrossEntropy.apply(
-        h, weight, bias, targets, w, chunk, compute_dtype, h.requires_grad, weight.requires_grad
+        h,
+        weight,
+        bias,
+        targets,
+        w,
+        chunk,
+        compute_dtype,
+        h.requires_grad,
+        weight.requires_grad,
+        transform.scale,
+        transform.softcap,
     )
     return total, w.sum()
 

@@ -59,14 +59,19 @@ def spans_from_position_ids(position_ids: Tensor) -> Spans:
 _future: dict[tuple, Tensor] = {}
 
 
-def future_mask(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def future_mask(n: int, dtype: torch.dtype, device: torch.device, window: int | None = None) -> Tensor:
     """[n, n] additive causal mask (-inf above the diagonal): a view of one cached square that grows as
-    needed. Adding it is ~4x faster on CPU than masked_fill_ with a broadcast boolean mask."""
-    square = _future.get((dtype, device))
+    needed. Adding it is ~4x faster on CPU than masked_fill_ with a broadcast boolean mask.
+
+    `window`: a sliding window as transformers' (Mistral, Qwen2, Gemma2, Phi3): query i sees keys j with
+    i - window < j <= i, so -inf also at and below the window-th diagonal under the main one."""
+    square = _future.get((dtype, device, window))
     if square is None or square.shape[0] < n:
         size = max(n, 256 if square is None else 2 * square.shape[0])
         square = torch.full((size, size), float("-inf"), dtype=dtype, device=device).triu_(1)
-        _future[(dtype, device)] = square
+        if window is not None:
+            square += torch.full_like(square, float("-inf")).tril_(-window)
+        _future[(dtype, device, window)] = square
     return square[:n, :n]
 
 
@@ -114,17 +119,20 @@ def _query_blocks(m: int) -> list[tuple[int, int]]:
     return [(r, min(r + step, m)) for r in range(0, m, step)]
 
 
-def _probabilities(q_scaled: Tensor, k_keys: Tensor, groups: int, first_row: int, keep: bool = False) -> Tensor:
+def _probabilities(
+    q_scaled: Tensor, k_keys: Tensor, groups: int, first_row: int, keep: bool = False, window: int | None = None
+) -> Tensor:
     """softmax(q k^T + causal mask) for one block of query rows, q_scaled [KV, G*c, D] (already scaled; rows
     first_row .. first_row + c of the span for each of the G query heads), k_keys [KV, e, D] the keys up to
     the block's last row (e = first_row + c): [KV, G*c, e]. The query heads that share a key/value head
     are stacked along rows, so grouped-query attention needs no copy of the keys and values. `keep`: in a
-    tensor of their own (kept for backward) instead of the workspace buffer that the next span reuses."""
+    tensor of their own (kept for backward) instead of the workspace buffer that the next span reuses.
+    `window`: a sliding window (see `future_mask`), or None for plain causal attention."""
     kv_heads, e = k_keys.shape[0], k_keys.shape[1]
     c = e - first_row
     scores = _take("scores", (kv_heads, groups * c, e), q_scaled)
     torch.bmm(q_scaled, k_keys.transpose(1, 2), out=scores)
-    scores.view(kv_heads, groups, c, e).add_(future_mask(e, scores.dtype, scores.device)[first_row:])
+    scores.view(kv_heads, groups, c, e).add_(future_mask(e, scores.dtype, scores.device, window)[first_row:])
     probs = torch.empty_like(scores) if keep else _take("probs", scores.shape, q_scaled)
     torch._softmax(scores, -1, False, out=probs)  # float32 accumulation inside, even for bf16
     return probs
@@ -134,9 +142,10 @@ class _Span:
     """One span's k and v in tiled workspace buffers [KV, m, D], and its query rows block by block,
     grouped [KV, G*c, D] (scaled, as PyTorch's reference SDPA does, which saves a pass over the scores)."""
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, s: int, e: int, scale: float) -> None:
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, s: int, e: int, scale: float, window: int | None) -> None:
         heads, _, self.dim = q.shape
         self.kv_heads, self.n, self.scale = k.shape[0], e - s, scale
+        self.window = window if window is not None and window < self.n else None  # a wider one changes nothing
         self.groups = heads // self.kv_heads
         self.m = -(-self.n // TILE) * TILE
         self.q_rows = q[:, s:e].view(self.kv_heads, self.groups, self.n, self.dim)
@@ -175,23 +184,27 @@ class SpanAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, spans: list[tuple[int, int]], scale: float) -> Tensor:
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, spans: list[tuple[int, int]], scale: float, window: int | None = None
+    ) -> Tensor:
         heads, total, dim = q.shape
         out = q.new_empty(total, heads, dim)
         kept: list[Tensor] = []  # the kept spans' probabilities, in span order
         ctx.keeps = []
         for s, e in spans:
-            span = _Span(q, k, v, s, e, scale)
+            span = _Span(q, k, v, s, e, scale, window)
             ctx.keeps.append(span.keeps_probabilities)
             for r0, r1 in _query_blocks(span.m):
                 block_q = span.query_block(r0, r1)
-                probs = _probabilities(block_q, span.k[:, :r1], span.groups, r0, keep=span.keeps_probabilities)
+                probs = _probabilities(
+                    block_q, span.k[:, :r1], span.groups, r0, keep=span.keeps_probabilities, window=span.window
+                )
                 if span.keeps_probabilities:
                     kept.append(probs)
                 o = torch.bmm(probs, span.v[:, :r1], out=_take("o", block_q.shape, q))
                 out[s + r0 : s + r0 + span.real_rows(r0, r1)] = span.heads_first(o, r0, r1).transpose(0, 1)
         ctx.save_for_backward(q, k, v, *kept)
-        ctx.spans, ctx.scale = spans, scale
+        ctx.spans, ctx.scale, ctx.window = spans, scale, window
         return out
 
     @staticmethod
@@ -200,12 +213,16 @@ class SpanAttention(torch.autograd.Function):
         kept = iter(kept_probs)
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for (s, e), keeps in zip(ctx.spans, ctx.keeps):
-            span = _Span(q, k, v, s, e, ctx.scale)
+            span = _Span(q, k, v, s, e, ctx.scale, ctx.window)
             g_rows = grad_out[s:e].transpose(0, 1).view(span.kv_heads, span.groups, span.n, -1)
             span_grad_k, span_grad_v = _take("grad_k", span.k.shape, q), _take("grad_v", span.k.shape, q)
             for r0, r1 in reversed(_query_blocks(span.m)):
                 block_q = span.query_block(r0, r1)
-                probs = next(kept) if keeps else _probabilities(block_q, span.k[:, :r1], span.groups, r0)
+                probs = (
+                    next(kept)
+                    if keeps
+                    else _probabilities(block_q, span.k[:, :r1], span.groups, r0, window=span.window)
+                )
                 g = span.rows("g", g_rows, r0, r1)
                 if r1 == span.m:  # the first block done sees every key: it writes, the others add
                     torch.bmm(probs.transpose(1, 2), g, out=span_grad_v)
@@ -223,7 +240,7 @@ class SpanAttention(torch.autograd.Function):
                     span_grad_k[:, :r1].baddbmm_(grad_scores.transpose(1, 2), block_q)
             grad_k[:, s:e] = span_grad_k[:, : span.n]
             grad_v[:, s:e] = span_grad_v[:, : span.n]
-        return grad_q, grad_k, grad_v, None, None
+        return grad_q, grad_k, grad_v, None, None, None
 
 
 def varlen_usable(query: Tensor) -> bool:
@@ -263,14 +280,25 @@ def _cumulative_offsets(spans: Spans, total: int, device: torch.device) -> tuple
     return value
 
 
-def varlen_attention(query: Tensor, key: Tensor, value: Tensor, spans: Spans, scale: float) -> Tensor:
+def varlen_takes_window() -> bool:
+    """Whether this PyTorch's `varlen_attn` takes a `window_size` (sliding-window attention)."""
+    return _varlen_attn is not None and "window_size" in _accepted(_varlen_attn)
+
+
+def varlen_attention(
+    query: Tensor, key: Tensor, value: Tensor, spans: Spans, scale: float, window: int | None = None
+) -> Tensor:
     """query [B, H, T, D], key/value [B, KV, T, D] -> [B, T, H, D] through `varlen_attn`: the rows laid end to
     end, each span one sequence of it (cumulative offsets), causal, grouped-query heads shared in the kernel.
-    On a GPU the span loop would launch a dozen small kernels an example a layer; this is one."""
+    On a GPU the span loop would launch a dozen small kernels an example a layer; this is one.
+    `window`: a sliding window (query i sees keys i - window < j <= i), flash's window_size (window - 1, 0)."""
     batch, heads, total, dim = query.shape
     offsets, longest = _cumulative_offsets(spans, total, query.device)
     accepts = _accepted(_varlen_attn)
-    options = {"window_size": (-1, 0)} if "window_size" in accepts else {"is_causal": True}
+    if window is not None and window < longest and "window_size" not in accepts:
+        raise ValueError("this PyTorch's varlen_attn takes no sliding window; use the span kernel")
+    left = window - 1 if window is not None and window < longest else -1
+    options = {"window_size": (left, 0)} if "window_size" in accepts else {"is_causal": True}
     if "scale" in accepts:
         options["scale"] = scale
     elif scale != dim**-0.5:  # the kernel's own scale is dim**-0.5: fold the difference into the queries
@@ -289,15 +317,19 @@ def varlen_attention(query: Tensor, key: Tensor, value: Tensor, spans: Spans, sc
     return out.view(batch, total, heads, dim)
 
 
-def span_attention(query: Tensor, key: Tensor, value: Tensor, spans: Spans, scale: float) -> Tensor:
-    """query [B, H, T, D], key/value [B, KV, T, D] -> [B, T, H, D], attention only within each span: PyTorch's
-    variable-length flash attention where it runs (CUDA, 16-bit), SpanAttention's batched matmuls elsewhere."""
-    if varlen_usable(query):
-        return varlen_attention(query, key, value, spans, scale)
+def span_attention(
+    query: Tensor, key: Tensor, value: Tensor, spans: Spans, scale: float, window: int | None = None
+) -> Tensor:
+    """query [B, H, T, D], key/value [B, KV, T, D] -> [B, T, H, D], attention only within each span (and within
+    `window` tokens back, for sliding-window layers): PyTorch's variable-length flash attention where it runs
+    (CUDA, 16-bit; with a window only where it takes one), SpanAttention's batched matmuls elsewhere."""
+    if varlen_usable(query) and (window is None or varlen_takes_window()):
+        return varlen_attention(query, key, value, spans, scale, window)
     if len(spans) == 1:  # the flat layout: one row (squeeze, unlike indexing, costs nothing in backward)
-        return SpanAttention.apply(query.squeeze(0), key.squeeze(0), value.squeeze(0), spans[0], scale).unsqueeze(0)
+        q, k, v = query.squeeze(0), key.squeeze(0), value.squeeze(0)
+        return SpanAttention.apply(q, k, v, spans[0], scale, window).unsqueeze(0)
     return torch.stack(
-        [SpanAttention.apply(query[b], key[b], value[b], row_spans, scale) for b, row_spans in enumerate(spans)]
+        [SpanAttention.apply(query[b], key[b], value[b], row, scale, window) for b, row in enumerate(spans)]
     )
 
 
@@ -311,16 +343,31 @@ def packed_eager(
     scaling: float | None = None,
     is_causal: bool | None = None,
     packed_spans: Spans | None = None,
+    sliding_window: int | None = None,
     **kwargs,
 ):
     """query/key/value: [batch, heads, tokens, head_dim]. Returns ([batch, tokens, heads, head_dim], None)
-    like transformers' attention functions."""
+    like transformers' attention functions. `sliding_window` (Mistral, Qwen2, Phi3, Gemma2 layers) is honoured;
+    score soft-capping (Gemma2's `softcap`) and attention sinks (`s_aux`, `sinks`) are not implemented and are
+    refused rather than silently left out (`unsupported_reason` keeps such models on the mask path)."""
     if packed_spans is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            sliding_window=sliding_window,
+            **kwargs,
         )
+    unsupported = [name for name in _UNSUPPORTED_ARGUMENTS if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"packed attention does not implement {', '.join(unsupported)}; use attention: mask")
     if dropout and module.training:
         raise ValueError("packed attention does not implement attention dropout; use attention: mask")
     if query.shape[1] % key.shape[1]:
@@ -335,7 +382,7 @@ def packed_eager(
         else torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
     )
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    return span_attention(query, key, value, packed_spans, scale), None
+    return span_attention(query, key, value, packed_spans, scale, sliding_window), None
 
 
 class HiddenSpans:
@@ -371,13 +418,39 @@ def spans_argument(model, position_ids: Tensor) -> Spans | HiddenSpans:
     return HiddenSpans(spans) if attention_name(model) == COMPILED_NAME else spans
 
 
+# keywords some models pass their attention function that change the scores: score soft-capping (Gemma2) and
+# attention sinks (gpt-oss). SpanAttention computes neither, so a model using them stays on the mask path.
+_UNSUPPORTED_ARGUMENTS = ("softcap", "s_aux", "sinks")
+
+
+def unsupported_reason(model) -> str | None:
+    """Why packed attention would compute something else than `model`'s own attention, or None if it would not."""
+    if not getattr(model, "_supports_attention_backend", False):
+        return f"{type(model).__name__} does not route attention through transformers' AttentionInterface"
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text_config, "attn_logit_softcapping", None) is not None:
+        return f"{type(model).__name__} soft-caps its attention scores (attn_logit_softcapping)"
+    if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules()):
+        return f"{type(model).__name__} has attention sinks"
+    return None
+
+
 def supported(model) -> bool:
-    """Whether `model` routes attention through transformers' AttentionInterface (Llama, Qwen, Mistral, ...)."""
-    return bool(getattr(model, "_supports_attention_backend", False))
+    """Whether packed attention computes `model`'s own attention: a model that routes attention through
+    transformers' AttentionInterface (Llama, Qwen, Mistral, ...) with no score soft-capping or sinks."""
+    return unsupported_reason(model) is None
 
 
-def _no_mask(*args, **kwargs):
-    return None  # the spans replace the mask
+def _padding_mask(*args, attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
+    """None for a batch without a padding mask (flat rows: the spans replace the mask, and building a
+    tokens x tokens mask there would cost a pass per forward); transformers' SDPA mask when the caller gave one,
+    so a padded batch run without spans (the SDPA fallback of `packed_eager`) keeps its padding out."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
 def register(compiled_layers: bool = False) -> str:
@@ -388,8 +461,8 @@ def register(compiled_layers: bool = False) -> str:
 
         AttentionInterface.register(NAME, packed_eager)
         AttentionInterface.register(COMPILED_NAME, packed_eager_outside_graph)
-        AttentionMaskInterface.register(NAME, _no_mask)
-        AttentionMaskInterface.register(COMPILED_NAME, _no_mask)
+        AttentionMaskInterface.register(NAME, _padding_mask)
+        AttentionMaskInterface.register(COMPILED_NAME, _padding_mask)
         _registered = True
     return COMPILED_NAME if compiled_layers else NAME
 

@@ -1,0 +1,236 @@
+"""Review 3 of the training fast paths: model families whose attention or logits are more than Llama's.
+
+Sliding-window layers (Mistral, Qwen2, Phi3, Gemma2) must attend within their window under packed attention
+as they do alone; attention that packed attention does not compute (Gemma2's soft-capped scores) must be
+refused, not silently computed without the cap."""
+
+import pytest
+import torch
+
+from deltatune.train import packed_attention
+
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def _qkv(lengths, heads=6, kv_heads=2, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (
+        torch.randn(1, sum(lengths), h, dim, generator=g, dtype=torch.float64).transpose(1, 2)
+        for h in (heads, kv_heads, kv_heads)
+    )
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    return q, k, v, [[(s, s + n) for s, n in zip(starts, lengths)]]
+
+
+def _windowed_reference(q, k, v, spans, window, scale):
+    """Per-span SDPA with transformers' sliding-window mask (query i sees keys i - window < j <= i)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    parts = []
+    for s, e in spans[0]:
+        i = torch.arange(e - s)
+        allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+        parts.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], attn_mask=allowed, scale=scale
+            )
+        )
+    return torch.cat(parts, 2).transpose(1, 2)
+
+
+def _value_and_grads(fn, q, k, v, grad_out):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(grad_out)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+@pytest.mark.parametrize("whole, block, keep", [(10**9, 32, 256), (32, 32, 0), (0, 64, 256)])
+def test_span_attention_honours_a_sliding_window_in_value_and_gradient(monkeypatch, whole, block, keep):
+    monkeypatch.setattr(packed_attention, "WHOLE_SPAN", whole)
+    monkeypatch.setattr(packed_attention, "QUERY_BLOCK", block)
+    monkeypatch.setattr(packed_attention, "KEEP_PROBABILITIES", keep)
+    lengths = [7, 1, 30, 12, 2, 70, 5]  # spans shorter and longer than the window, one of one token
+    q, k, v, spans = _qkv(lengths)
+    grad_out = torch.randn(1, sum(lengths), 6, 16, dtype=torch.float64)
+    for window in (1, 5, 33):
+        fn = lambda *x: packed_attention.span_attention(*x, spans, 0.3, window)  # noqa: E731
+        ours = _value_and_grads(fn, q, k, v, grad_out)
+        ref = _value_and_grads(lambda *x: _windowed_reference(*x, spans, window, 0.3), q, k, v, grad_out)
+        for name, a, b in zip(["out", "dq", "dk", "dv"], ours, ref):
+            assert torch.allclose(a, b, atol=1e-12), (window, name, (a - b).abs().max())
+
+
+def test_the_varlen_path_passes_the_window_on(monkeypatch):
+    """The CUDA path's kernel gets flash's window_size (window - 1, 0): checked through a float64 stand-in."""
+    windows = []
+
+    def varlen_attn(query, key, value, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        windows.append(window_size)
+        bounds = cu_q.tolist()
+        left = window_size[0]
+        parts = []
+        for a, b in zip(bounds, bounds[1:]):
+            i = torch.arange(b - a)
+            allowed = (i[None, :] <= i[:, None]) & ((i[None, :] >= i[:, None] - left) if left >= 0 else True)
+            parts.append(
+                torch.nn.functional.scaled_dot_product_attention(
+                    query[a:b].transpose(0, 1),
+                    key[a:b].transpose(0, 1),
+                    value[a:b].transpose(0, 1),
+                    attn_mask=allowed,
+                    scale=scale,
+                    enable_gqa=enable_gqa,
+                ).transpose(0, 1)
+            )
+        return torch.cat(parts)
+
+    monkeypatch.setattr(packed_attention, "_varlen_attn", varlen_attn)
+    q, k, v, spans = _qkv([9, 1, 20])
+    for window in (4, 1000):
+        ours = packed_attention.varlen_attention(q, k, v, spans, 0.3, window)
+        ref = _windowed_reference(q, k, v, spans, window, 0.3)
+        assert torch.allclose(ours, ref, atol=1e-12), window
+    assert windows == [(3, 0), (-1, 0)]
+
+
+def _alone_and_packed(model, lengths, seed=0, reference="sdpa"):
+    """The decoder's last hidden states for examples run one at a time, and packed end to end in one row
+    with packed attention; and the gradient of o_proj of the first layer for each."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (1, sum(lengths)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    decoder = model.get_decoder()
+    weight = decoder.layers[0].self_attn.o_proj.weight
+    model.set_attn_implementation(reference)
+    alone = torch.cat(
+        [
+            decoder(input_ids=ids[:, s : s + n], position_ids=pos[:, s : s + n]).last_hidden_state
+            for s, n in zip(starts, lengths)
+        ],
+        1,
+    )
+    direction = torch.randn(alone.shape, generator=g, dtype=alone.dtype)  # not pow(2): the final norm fixes that sum
+    (alone * direction).sum().backward()
+    alone_grad, weight.grad = weight.grad.clone(), None
+    model.set_attn_implementation(packed_attention.register())
+    spans = packed_attention.spans_from_position_ids(pos)
+    packed = decoder(input_ids=ids, position_ids=pos, packed_spans=spans).last_hidden_state
+    (packed * direction).sum().backward()
+    packed_grad, weight.grad = weight.grad.clone(), None
+    return alone.detach(), packed.detach(), alone_grad, packed_grad
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "phi3"])
+def test_packed_sliding_window_models_equal_each_example_alone(family):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=4))
+    elif family == "qwen2":
+        config = tf.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+        model = tf.Qwen2ForCausalLM(config)
+    else:
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(**COMMON, sliding_window=4, pad_token_id=0, eos_token_id=1))
+    model = model.double()
+    assert packed_attention.supported(model)
+    alone, packed, alone_grad, packed_grad = _alone_and_packed(model, [7, 1, 12])
+    assert (packed - alone).abs().max() < 1e-10  # was 0.7-1.1: the window was ignored
+    assert torch.allclose(packed_grad, alone_grad, atol=1e-10)
+
+
+def test_soft_capped_attention_is_refused_not_computed_without_the_cap():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.Gemma2Config(**COMMON, head_dim=16, attn_logit_softcapping=2.0, query_pre_attn_scalar=16)
+    model = tf.Gemma2ForCausalLM(config).double()
+    assert not packed_attention.supported(model)
+    assert "attn_logit_softcapping" in packed_attention.unsupported_reason(model)
+    model.set_attn_implementation(packed_attention.register())  # forced anyway: an error, not other numbers
+    ids = torch.randint(1, 64, (1, 12))
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    with pytest.raises(ValueError, match="softcap"):
+        model.get_decoder()(input_ids=ids, position_ids=pos, packed_spans=packed_attention.spans_from_position_ids(pos))
+    # without the cap, Gemma2 (sliding-window layers, head_dim not hidden/heads) packs exactly
+    config = tf.Gemma2Config(
+        **COMMON, head_dim=16, attn_logit_softcapping=None, sliding_window=4, query_pre_attn_scalar=16
+    )
+    model = tf.Gemma2ForCausalLM(config).double()
+    assert packed_attention.supported(model)
+    # Gemma2 has no SDPA in transformers; its eager softmax runs in float32, hence the tolerance
+    alone, packed, alone_grad, packed_grad = _alone_and_packed(model, [7, 1, 12], reference="eager")
+    assert (packed - alone).abs().max() < 1e-5
+    assert torch.allclose(packed_grad, alone_grad, atol=1e-5)
+
+
+def _causal_lm(family):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "gemma2":
+        return tf.Gemma2ForCausalLM(tf.Gemma2Config(**COMMON, head_dim=16, final_logit_softcapping=1.5))
+    if family == "cohere":  # logit_scale 0.0625 by default
+        return tf.CohereForCausalLM(tf.CohereConfig(**COMMON, eos_token_id=1))
+    return tf.GraniteForCausalLM(tf.GraniteConfig(**COMMON, logits_scaling=8.0))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
+def test_the_chunked_loss_is_the_models_own_loss_for_models_that_transform_their_logits(family):
+    """Gemma2 soft-caps its logits, Cohere and Granite scale them: the loss from the head must do the same
+    (it was 35.2 instead of 4.96 for this Gemma2, 28.9 instead of 4.04 for Cohere, 12.5 instead of 4.27 for
+    Granite), in value and in the gradients of the hidden states and the head."""
+    from deltatune.train.loss import logit_transform, weighted_lm_loss_sum
+
+    model = _causal_lm(family).double().eval()
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.mul_(50)  # logits large enough for the cap and the scale to matter
+    ids = torch.randint(1, 64, (2, 19), generator=torch.Generator().manual_seed(1))
+    weights = torch.rand(2, 19, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state.detach().requires_grad_()
+    # the model's own logits, as its forward makes them (checked against that forward below)
+    own = model(input_ids=ids).logits.detach()
+    transform = logit_transform(model)
+
+    def reference(h):  # float64, full logits, the model's transform written out
+        z = model.lm_head(h) * transform.scale
+        if transform.softcap is not None:
+            z = transform.softcap * torch.tanh(z / transform.softcap)
+        nll = -torch.log_softmax(z[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return (nll * weights[:, 1:]).sum(), z
+
+    ref, z = reference(hidden)
+    assert torch.allclose(z, own, atol=1e-10)  # the written-out transform is the model's
+    ref_grads = torch.autograd.grad(ref, [hidden, head.weight])
+    for chunk in (5, 1024):  # chunk boundaries inside the rows, and one chunk
+        total, w = weighted_lm_loss_sum(hidden, head, ids, weights, chunk=chunk, transform=transform)
+        assert torch.allclose(total, ref, atol=1e-10), (chunk, float(total), float(ref))
+        grads = torch.autograd.grad(total, [hidden, head.weight])
+        for name, a, b in zip(["hidden", "head"], grads, ref_grads):
+            assert torch.allclose(a, b, atol=1e-10), (chunk, name, (a - b).abs().max())
+
+
+def test_a_padded_batch_without_spans_keeps_its_padding_out():
+    """Switched to packed attention but called without spans (the documented SDPA fallback), a padded batch
+    is computed as by SDPA: its padding mask was dropped (logits moved by 0.58)."""
+    from deltatune.testing import tiny_model
+
+    model = tiny_model().double()
+    ids = torch.randint(1, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    model.set_attn_implementation(packed_attention.register())
+    out = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(out[mask.bool()], ref[mask.bool()], atol=1e-10)

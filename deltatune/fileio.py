@@ -31,6 +31,19 @@ def _make_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
+def _follow_umask(root: Path) -> None:
+    """Give every file under `root` the mode the umask gives a new file: safetensors (0.8) writes its files 0600
+    whatever the umask, so a shared model's or adapter's weights were unreadable beside its readable config."""
+    mask = _umask()
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            executable = os.stat(path).st_mode & 0o111
+            os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def _fsync_tree(root: Path) -> None:
     """Flush every file under `root`, then the folders, to disk: without it, a power cut soon after the rename
     can leave the new name holding empty or partial files."""
@@ -90,6 +103,7 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would have made it
         yield tmp
+        _follow_umask(tmp)
         _fsync_tree(tmp)
         if os.path.lexists(out_dir):
             _swap_in(tmp, out_dir)

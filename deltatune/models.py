@@ -126,7 +126,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     print(f"deltatune: converting {gguf_path.name} to safetensors in {out_dir} (once)", flush=True)
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, **gguf_load_kwargs(gguf_path)
+    )
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
@@ -139,6 +141,62 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     plain.tie_weights()
     save_model(plain, tokenizer, out_dir)
     return out_dir
+
+
+def gguf_load_kwargs(gguf_path: Path) -> dict[str, Any]:
+    """`from_pretrained` arguments that load a GGUF file as the model it holds, as a plain dense model.
+
+    transformers' GGUF loader reads no `<arch>.rope.scaling.*` key for most architectures (Llama among them): a
+    file written with RoPE scaling loaded unscaled and computed otherwise at every position. Linear scaling is put
+    into the config here; scaling this cannot reproduce exactly is refused. `GgufConfig(dequantize=True)` gives
+    ordinary weights and no quantizer: with the loader's own quantizer left on the model, `save_pretrained`
+    (export, merge) refused it, and where the `kernels` package is installed the linears stayed packed."""
+    from transformers import AutoConfig
+    from transformers.utils.quantization_config import GgufConfig
+
+    metadata, tensor_names = _gguf_metadata(gguf_path)
+    arch = metadata.get("general.architecture", "")
+    legacy_linear = metadata.get(f"{arch}.rope.scale_linear")  # llama.cpp's key before rope.scaling.*
+    kind = str(metadata.get(f"{arch}.rope.scaling.type", "linear" if legacy_linear else "none")).lower()
+    factor = float(metadata.get(f"{arch}.rope.scaling.factor", legacy_linear or 1.0))
+    if "rope_freqs.weight" in tensor_names:
+        raise UserError(
+            f"{gguf_path}: its RoPE frequencies are scaled per dimension (tensor rope_freqs.weight, as Llama 3.1 "
+            "and later), which transformers' GGUF loader ignores; load the model's transformers folder instead",
+            field="model",
+        )
+    if kind not in ("none", "linear"):
+        raise UserError(
+            f"{gguf_path}: RoPE scaling '{kind}' ({arch}.rope.scaling.type) is not read by transformers' GGUF "
+            "loader, and the model would compute otherwise; load the model's transformers folder instead",
+            field="model",
+        )
+    kwargs: dict[str, Any] = {"quantization_config": GgufConfig(dequantize=True)}
+    if kind == "linear" and factor != 1.0:
+        config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        if params.get("rope_type", "default") == "default":  # the loader left it unscaled
+            config.rope_parameters = {**params, "rope_type": "linear", "factor": factor}
+        kwargs["config"] = config
+    return kwargs
+
+
+def _gguf_metadata(gguf_path: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """A GGUF file's metadata keys and tensor names, without reading any tensor data."""
+    try:
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+    except ImportError:  # a transformers without its own reader: gguf's (slower: it maps every tensor)
+
+        def read_gguf_metadata(path: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+            from gguf import GGUFReader
+
+            reader = GGUFReader(path)
+            return {k: f.contents() for k, f in reader.fields.items()}, tuple(t.name for t in reader.tensors)
+
+    try:
+        return read_gguf_metadata(str(gguf_path))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{gguf_path}: not a readable GGUF file ({_first_line(exc)})", field="model") from exc
 
 
 def resolve_model(name_or_path: str | os.PathLike | None) -> tuple[str, dict[str, Any]]:
@@ -286,6 +344,8 @@ def load_model(
         return model, tokenizer
     if extra.get("local_files_only"):  # transformers' look-up of an adapter_config.json does not inherit it
         extra = {**extra, "adapter_kwargs": {"local_files_only": True}}
+    if "gguf_file" in extra:
+        extra = {**extra, **gguf_load_kwargs(Path(ref) / extra["gguf_file"])}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             ref, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, **extra

@@ -244,6 +244,7 @@ def test_a_gguf_model_loaded_in_bf16_computes_as_the_same_model_loaded_from_a_fo
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", gguf_like)
     monkeypatch.setattr(models, "resolve_model", lambda name: (str(folder), {"gguf_file": "m.gguf"}))
     monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: tiny_tokenizer())
+    monkeypatch.setattr(models, "gguf_load_kwargs", lambda path: {})  # no file to read (a real one: review3)
     from_gguf, _ = models.load_model("m.gguf", dtype="bf16")
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", real)
     from_folder = real(folder, dtype=torch.bfloat16)

@@ -320,10 +320,11 @@ def load_model(
     dtype: str | torch.dtype = torch.float32,
     adapter: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
 ):
     """Return (model, tokenizer). `adapter`, if given, is loaded on top (see deltatune.methods.apply);
-    without a model, an adapter's own base (`base_model_name_or_path`) is the model."""
+    without a model, an adapter's own base (`base_model_name_or_path`) is the model. `attn_implementation`
+    None lets transformers choose: SDPA where the model has it, else eager (asking for SDPA refused Gemma2)."""
     from transformers import AutoModelForCausalLM
 
     if name_or_path is None and adapter is not None:

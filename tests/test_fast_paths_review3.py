@@ -174,15 +174,16 @@ def test_soft_capped_attention_is_refused_not_computed_without_the_cap():
     assert torch.allclose(packed_grad, alone_grad, atol=1e-5)
 
 
-def _causal_lm(family):
+def _causal_lm(family, vocab_size: int = COMMON["vocab_size"]):
     import transformers as tf
 
     torch.manual_seed(0)
+    common = {**COMMON, "vocab_size": vocab_size}
     if family == "gemma2":
-        return tf.Gemma2ForCausalLM(tf.Gemma2Config(**COMMON, head_dim=16, final_logit_softcapping=1.5))
+        return tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, head_dim=16, final_logit_softcapping=1.5))
     if family == "cohere":  # logit_scale 0.0625 by default
-        return tf.CohereForCausalLM(tf.CohereConfig(**COMMON, eos_token_id=1))
-    return tf.GraniteForCausalLM(tf.GraniteConfig(**COMMON, logits_scaling=8.0))
+        return tf.CohereForCausalLM(tf.CohereConfig(**common, eos_token_id=1))
+    return tf.GraniteForCausalLM(tf.GraniteConfig(**common, logits_scaling=8.0))
 
 
 @pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
@@ -234,3 +235,38 @@ def test_a_padded_batch_without_spans_keeps_its_padding_out():
     model.set_attn_implementation(packed_attention.register())
     out = model(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(out[mask.bool()], ref[mask.bool()], atol=1e-10)
+
+
+@pytest.mark.parametrize("family", ["cohere", "gemma2"])
+def test_training_and_held_out_loss_are_the_models_own_loss(family, tmp_path):
+    """The train loop and `heldout_loss` pass the model's logit transform to the chunked loss: one step
+    logs the loss the model itself computes (labels -100 outside the responses), token-weighted."""
+    from deltatune.config import load_config
+    from deltatune.data.masking import LossPolicy, policy_weights
+    from deltatune.data.pipeline import prepare_records
+    from deltatune.evaluate.loss import heldout_loss
+    from deltatune.models import save_model
+    from deltatune.testing import tiny_tokenizer
+    from deltatune.train.loop import train
+
+    tok = tiny_tokenizer()
+    model = _causal_lm(family, vocab_size=len(tok))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40)  # logits large enough that the scale or cap matters
+    folder = save_model(model, tok, tmp_path / "model")
+    records = [{"instruction": f"say {w}", "output": f"{w} {w}"} for w in ("one", "two", "three")]
+    examples = prepare_records(records, tok, template="chatml").examples
+    total, targets = 0.0, 0
+    for ex in examples:
+        ex.weights = policy_weights(ex, LossPolicy("response"))
+        labels = [i if w > 0 else -100 for i, w in zip(ex.input_ids, ex.weights)]
+        n = sum(label != -100 for label in labels[1:])
+        with torch.no_grad():
+            total += float(model(torch.tensor([ex.input_ids]), labels=torch.tensor([labels])).loss) * n
+        targets += n
+    own = total / targets
+    assert heldout_loss(model, examples, progress=False, flat=False).loss == pytest.approx(own, rel=1e-4)
+    cfg = load_config(overrides=dict(model=str(folder), output=str(tmp_path / "run"), method="full", lr=1e-3,
+                                     template="chatml", steps=1, batch_size=4, seq_len=64, precision="fp32",
+                                     eval_fraction=0.0, warmup_steps=0, log_every=1, attention="mask"))  # fmt: skip
+    assert train(cfg, quiet=True, records=records).final_loss == pytest.approx(own, rel=1e-4)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from deltatune.data.masking import LossPolicy, PolicySchedule, parse_policy, policy_weights
-from deltatune.data.packing import collate, pack_examples
+from deltatune.data.packing import additive_mask, collate, pack_examples
 from deltatune.data.segments import Role, TokenizedExample
 from deltatune.errors import ConfigError, DataError
 
@@ -149,7 +149,7 @@ class DataCollator:
         out = {
             "input_ids": batch["input_ids"],
             "labels": batch["input_ids"].masked_fill(weights == 0, IGNORE_INDEX),
-            "attention_mask": _additive(batch["attention_mask"]) if self.packing else batch["attention_mask"],
+            "attention_mask": additive_mask(batch["attention_mask"]) if self.packing else batch["attention_mask"],
             "position_ids": batch["position_ids"],
         }
         if self.return_loss_weights:
@@ -221,8 +221,3 @@ class DataCollator:
 
 def _as_list(value: Any) -> list:
     return value.tolist() if hasattr(value, "tolist") else list(value)
-
-
-def _additive(mask: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, 1, T, T] (True = may attend) -> float32 0 / float32 minimum."""
-    return torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, torch.finfo(torch.float32).min)

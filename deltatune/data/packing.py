@@ -144,6 +144,14 @@ def collate(
     }
 
 
+def additive_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean [B, 1, T, T] mask (True = may attend) as float32 0 / float32 minimum: eager attention adds its
+    mask to the scores, so a boolean one (0/1 added) would mask nothing."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+        ~mask, torch.finfo(torch.float32).min
+    )
+
+
 @lru_cache(maxsize=8)
 def _causal(T: int) -> torch.Tensor:
     return torch.ones((T, T), dtype=torch.bool).tril_()

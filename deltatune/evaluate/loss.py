@@ -24,7 +24,7 @@ from deltatune.data.segments import TokenizedExample
 from deltatune.errors import DataError, TrainingError
 from deltatune.methods.virtual_tokens import has_virtual_tokens
 from deltatune.train import packed_attention
-from deltatune.train.loss import weighted_lm_loss_sum
+from deltatune.train.loss import logit_transform, weighted_lm_loss_sum
 from deltatune.upcycle.moe import moe_blocks, routed_tokens
 
 
@@ -71,6 +71,7 @@ def heldout_loss(
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
     total, weight_sum = 0.0, 0.0
     moe = [b for _, b in moe_blocks(model)]  # upcycled models route the real tokens only
+    head, transform = model.get_output_embeddings(), logit_transform(model)  # Gemma2's cap, Cohere's scale
     bar = tqdm(total=len(examples), desc="loss", unit="ex", disable=not progress or len(examples) < 2)
     with packed_attention.switched(model) if flat else nullcontext():
         for start in range(0, len(order), batch_size):
@@ -98,7 +99,7 @@ def heldout_loss(
             with routed_tokens(moe, tensors["token_mask"].to(device)):
                 hidden = model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
             weights = tensors["loss_weights"].to(device)
-            s, tw = weighted_lm_loss_sum(hidden, model.get_output_embeddings(), kwargs["input_ids"], weights)
+            s, tw = weighted_lm_loss_sum(hidden, head, kwargs["input_ids"], weights, transform=transform)
             total += float(s)
             weight_sum += float(tw)
     bar.close()

@@ -22,11 +22,12 @@ from typing import Callable
 import torch
 
 from deltatune.config import TrainConfig
+from deltatune.data.packing import additive_mask
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.train import compiled_layers, fused_norms, host_memory, packed_attention
 from deltatune.train.checkpoint import Position, prune_checkpoints
 from deltatune.train.distributed import NullProgress, init_distributed
-from deltatune.train.loss import per_example_weights, weighted_lm_loss_sum
+from deltatune.train.loss import LogitTransform, logit_transform, per_example_weights, weighted_lm_loss_sum
 from deltatune.train.optim import build_optimizer, build_scheduler, reschedule
 from deltatune.train.progress import Progress
 from deltatune.train.snapshot import drop_snapshots_after, save_snapshot
@@ -143,7 +144,16 @@ def forward_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         if not packed_attention.is_active(model):
             raise TrainingError("a flat packed batch needs the model switched to packed attention")
         kwargs["packed_spans"] = packed_attention.spans_argument(model, batch["position_ids"])
+    elif batch["attention_mask"].dim() == 4 and _adds_its_mask(model):
+        kwargs["attention_mask"] = additive_mask(batch["attention_mask"])
     return model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
+
+
+def _adds_its_mask(model: torch.nn.Module) -> bool:
+    """Whether the model's attention adds a 4D mask to its scores (eager attention: Gemma2, or any model loaded
+    with it) instead of reading a boolean one (SDPA, flex): a boolean block-diagonal mask added as 0/1 masked
+    nothing, and packed rows attended across their examples."""
+    return getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa", "flex_attention")
 
 
 def use_packed_attention(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> bool:
@@ -339,7 +349,16 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def evaluate_loss(
-    model, head, examples: list, policy, cfg: TrainConfig, pad_id: int, device, autocast, flat: bool = False
+    model,
+    head,
+    examples: list,
+    policy,
+    cfg: TrainConfig,
+    pad_id: int,
+    device,
+    autocast,
+    flat: bool = False,
+    transform: LogitTransform | None = None,
 ) -> float | None:
     """Weighted loss per loss-bearing token on held-out examples (same template and policy)."""
     if not examples:
@@ -359,7 +378,9 @@ def evaluate_loss(
         batch = _to_device(batch, device)
         with autocast(), routed_tokens(moe, batch.get("token_mask")):
             hidden = forward_hidden(model, batch)
-        s, w = weighted_lm_loss_sum(hidden, head, batch["input_ids"], batch["loss_weights"], chunk=cfg.loss_chunk)
+        s, w = weighted_lm_loss_sum(
+            hidden, head, batch["input_ids"], batch["loss_weights"], chunk=cfg.loss_chunk, transform=transform
+        )
         total += s.item()
         weight += w.item()
     model.train(was_training)
@@ -587,6 +608,7 @@ def _train(
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     head = model.get_output_embeddings()
+    transform = logit_transform(model)  # what the model does to the head's output (Gemma2's cap, Cohere's scale)
     runner, trainable = dist.wrap(model, trainable, full=all(m.trains_full_weights for m in methods))  # DDP / FSDP2
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     from deltatune.upcycle.losses import for_training as moe_losses_for
@@ -715,7 +737,12 @@ def _train(
                     with autocast():
                         hidden = forward_hidden(runner, batch)
                     loss_sum, _ = weighted_lm_loss_sum(
-                        hidden, head, batch["input_ids"], batch["loss_weights"], chunk=cfg.loss_chunk
+                        hidden,
+                        head,
+                        batch["input_ids"],
+                        batch["loss_weights"],
+                        chunk=cfg.loss_chunk,
+                        transform=transform,
                     )
                     loss = loss_sum / total_weight
                     if router_losses is not None:  # MoE load-balancing and z-loss, averaged over micro-batches
@@ -743,7 +770,9 @@ def _train(
             after_step_hooks(adapted, optimizer, pos.step)
             record = {"epoch": pos.epoch}
             if cfg.eval_every and pos.step % cfg.eval_every == 0:
-                eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat)
+                eval_loss = evaluate_loss(
+                    runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat, transform
+                )
                 if eval_loss is not None:
                     record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
                     if pos.best_eval is None or eval_loss < pos.best_eval:
@@ -772,7 +801,7 @@ def _train(
         signal.signal(signal.SIGINT, previous_handler)
         progress.close()
     seconds = time.perf_counter() - start
-    eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat)
+    eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat, transform)
     restore_model()
     if cfg.save_every:
         checkpoint()

@@ -224,7 +224,7 @@ def dense_skeleton(meta: dict, dtype: torch.dtype) -> nn.Module:
 
 
 def load_upcycled(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
 ) -> nn.Module:
     """Any upcycled folder (Mixtral, Qwen2-MoE or deltatune format) as deltatune modules, in eval mode."""
     from safetensors.torch import load_file
@@ -253,7 +253,8 @@ def load_upcycled(
         )
     if tied:
         model.tie_weights()
-    model.set_attn_implementation(attn_implementation)
+    if attn_implementation is not None:  # None: the model's own choice (SDPA where it has it)
+        model.set_attn_implementation(attn_implementation)
     from deltatune.models import cast_weights
 
     return cast_weights(model, dtype).eval()  # RoPE's inv_freq stays float32, as from_pretrained keeps it

@@ -237,25 +237,10 @@ def test_a_padded_batch_without_spans_keeps_its_padding_out():
     assert torch.allclose(out[mask.bool()], ref[mask.bool()], atol=1e-10)
 
 
-@pytest.mark.parametrize("family", ["cohere", "gemma2"])
-def test_training_and_held_out_loss_are_the_models_own_loss(family, tmp_path):
-    """The train loop and `heldout_loss` pass the model's logit transform to the chunked loss: one step
-    logs the loss the model itself computes (labels -100 outside the responses), token-weighted."""
-    from deltatune.config import load_config
+def _own_loss(model, examples) -> float:
+    """The model's own loss (labels -100 outside the responses), each example alone, token-weighted."""
     from deltatune.data.masking import LossPolicy, policy_weights
-    from deltatune.data.pipeline import prepare_records
-    from deltatune.evaluate.loss import heldout_loss
-    from deltatune.models import save_model
-    from deltatune.testing import tiny_tokenizer
-    from deltatune.train.loop import train
 
-    tok = tiny_tokenizer()
-    model = _causal_lm(family, vocab_size=len(tok))
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(40)  # logits large enough that the scale or cap matters
-    folder = save_model(model, tok, tmp_path / "model")
-    records = [{"instruction": f"say {w}", "output": f"{w} {w}"} for w in ("one", "two", "three")]
-    examples = prepare_records(records, tok, template="chatml").examples
     total, targets = 0.0, 0
     for ex in examples:
         ex.weights = policy_weights(ex, LossPolicy("response"))
@@ -264,9 +249,61 @@ def test_training_and_held_out_loss_are_the_models_own_loss(family, tmp_path):
         with torch.no_grad():
             total += float(model(torch.tensor([ex.input_ids]), labels=torch.tensor([labels])).loss) * n
         targets += n
-    own = total / targets
+    return total / targets
+
+
+def _first_step_loss(folder, tmp_path, records, **overrides) -> float:
+    """The loss `deltatune train` logs for its first step (all records in one packed batch, the mask path)."""
+    from deltatune.config import load_config
+    from deltatune.train.loop import train
+
+    settings = dict(model=str(folder), output=str(tmp_path / "run"), method="full", lr=1e-3, template="chatml",
+                    steps=1, batch_size=4, seq_len=64, precision="fp32", eval_fraction=0.0, warmup_steps=0,
+                    log_every=1, attention="mask")  # fmt: skip
+    return train(load_config(overrides={**settings, **overrides}), quiet=True, records=records).final_loss
+
+
+@pytest.mark.parametrize("family", ["cohere", "gemma2"])
+def test_training_and_held_out_loss_are_the_models_own_loss(family, tmp_path):
+    """The train loop and `heldout_loss` pass the model's logit transform to the chunked loss: the first step
+    logs the loss the model itself computes (and Gemma2's eager attention gets an additive packed mask)."""
+    from deltatune.data.pipeline import prepare_records
+    from deltatune.evaluate.loss import heldout_loss
+    from deltatune.models import save_model
+    from deltatune.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = _causal_lm(family, vocab_size=len(tok))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40)  # logits large enough that the scale or cap matters
+    folder = save_model(model, tok, tmp_path / "model")
+    records = [{"instruction": f"say {w}", "output": f"{w} {w}"} for w in ("one", "two", "three")]
+    examples = prepare_records(records, tok, template="chatml").examples
+    own = _own_loss(model, examples)
     assert heldout_loss(model, examples, progress=False, flat=False).loss == pytest.approx(own, rel=1e-4)
-    cfg = load_config(overrides=dict(model=str(folder), output=str(tmp_path / "run"), method="full", lr=1e-3,
-                                     template="chatml", steps=1, batch_size=4, seq_len=64, precision="fp32",
-                                     eval_fraction=0.0, warmup_steps=0, log_every=1, attention="mask"))  # fmt: skip
-    assert train(cfg, quiet=True, records=records).final_loss == pytest.approx(own, rel=1e-4)
+    assert _first_step_loss(folder, tmp_path, records) == pytest.approx(own, rel=1e-4)
+
+
+def test_packed_rows_on_the_mask_path_keep_a_sliding_window(tmp_path):
+    """Mistral (every layer slides, window 4): the packed rows' block-diagonal mask carries the window, as the
+    model's own mask does (transformers uses a 4D mask as given, so examples attended past the window)."""
+    import transformers as tf
+
+    from deltatune.data.pipeline import prepare_records
+    from deltatune.errors import ConfigError
+    from deltatune.models import save_model
+    from deltatune.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = tf.MistralForCausalLM(tf.MistralConfig(**{**COMMON, "vocab_size": len(tok)}, sliding_window=4))
+    folder = save_model(model, tok, tmp_path / "mistral")
+    records = [{"instruction": f"say {w} twice please", "output": f"{w} {w} and {w}"} for w in ("one", "two", "three")]
+    examples = prepare_records(records, tok, template="chatml").examples
+    assert min(len(ex) for ex in examples) > 4  # every example is longer than the window
+    own = _own_loss(model.eval(), examples)
+    assert _first_step_loss(folder, tmp_path, records) == pytest.approx(own, rel=1e-4)
+    gemma = tf.Gemma2ForCausalLM(tf.Gemma2Config(**{**COMMON, "vocab_size": len(tok)}, head_dim=16, sliding_window=4))
+    mixed = save_model(gemma, tok, tmp_path / "gemma2")  # sliding and full layers: one mask cannot do both
+    with pytest.raises(ConfigError, match="mixes sliding-window"):
+        _first_step_loss(mixed, tmp_path / "g", records)

@@ -72,6 +72,7 @@ def collate(
     template_name: str = "",
     flat: bool = False,
     weights_of: Callable[[TokenizedExample], Sequence[float]] | None = None,
+    window: int | None = None,
 ) -> dict:
     """Tensors for one batch.
 
@@ -86,6 +87,8 @@ def collate(
     is the usual long [B, T] 0/1 mask.
     token_mask is bool [B, T], True at the examples' tokens and False at the padding, in every layout.
     `weights_of(example)` gives the weights instead of `policy` (evaluation of examples already weighted).
+    `window`: the packed mask also keeps each token to the `window` tokens up to itself (a model whose every
+    layer slides: transformers uses a 4D mask as given, so the window must be in it).
     Raises TrainingError if no token in the batch carries loss under `policy`.
     """
     rows = [list(r) for r in rows_or_examples] if packed else [[ex] for ex in rows_or_examples]
@@ -130,6 +133,8 @@ def collate(
     elif packed:
         mask = seg[:, :, None] == seg[:, None, :]
         mask &= _causal(T)
+        if window is not None:
+            mask &= ~_causal(T).tril(-window)  # i - j < window
         attention_mask = mask[:, None]
     else:
         attention_mask = (seg >= 0).long()

@@ -165,7 +165,7 @@ def use_packed_attention(cfg: TrainConfig, model: torch.nn.Module, device: torch
     if virtual:
         why_not = f"method(s) {', '.join(virtual)} add virtual positions that every example attends to"
     elif not packed_attention.supported(model):
-        why_not = f"{type(model).__name__} does not route attention through transformers' AttentionInterface"
+        why_not = packed_attention.unsupported_reason(model)
     elif getattr(model.config, "attention_dropout", 0.0):
         why_not = "the model uses attention dropout"
     if cfg.attention == "packed" and why_not:
@@ -334,13 +334,39 @@ class MicroBatches:
         return out
 
 
-def batch_of(rows: list, policy, cfg: TrainConfig, pad_id: int, flat: bool) -> dict:
+def batch_of(rows: list, policy, cfg: TrainConfig, pad_id: int, flat: bool, window: int | None = None) -> dict:
     """One batch of packed rows (or examples) under `policy`, as this run's settings lay it out."""
     from deltatune.data.packing import collate
 
     return collate(
-        rows, policy, seq_len=cfg.row_len, pad_id=pad_id, packed=cfg.packing, template_name=cfg.template, flat=flat
+        rows,
+        policy,
+        seq_len=cfg.row_len,
+        pad_id=pad_id,
+        packed=cfg.packing,
+        template_name=cfg.template,
+        flat=flat,
+        window=window,
     )
+
+
+def mask_window(cfg: TrainConfig, model: torch.nn.Module, flat: bool) -> int | None:
+    """The sliding window packed rows' block-diagonal mask must carry (transformers uses a 4D mask as given, so
+    a sliding-window model attended past its window), or None. A model whose layers mix sliding and full
+    attention cannot take one mask for both: refused when its examples can be longer than the window."""
+    if flat or not cfg.packing:
+        return None  # span-by-span attention applies the window itself; padded rows get transformers' own mask
+    window, every_layer = packed_attention.sliding_window_of(model)
+    if window is None or window >= cfg.row_len:
+        return None
+    if not every_layer:
+        raise ConfigError(
+            f"{type(model).__name__} mixes sliding-window ({window} tokens) and full attention layers, which one "
+            f"packed mask cannot express for rows of {cfg.row_len} tokens; use attention: packed, packing: false, "
+            f"or seq_len {window} or less",
+            field="attention",
+        )
+    return window
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -359,6 +385,7 @@ def evaluate_loss(
     autocast,
     flat: bool = False,
     transform: LogitTransform | None = None,
+    window: int | None = None,
 ) -> float | None:
     """Weighted loss per loss-bearing token on held-out examples (same template and policy)."""
     if not examples:
@@ -372,7 +399,7 @@ def evaluate_loss(
     total, weight = 0.0, 0.0
     for i in range(0, len(rows), cfg.batch_size):
         try:
-            batch = batch_of(rows[i : i + cfg.batch_size], policy, cfg, pad_id, flat)
+            batch = batch_of(rows[i : i + cfg.batch_size], policy, cfg, pad_id, flat, window)
         except TrainingError:
             continue  # an eval batch with no loss-bearing token adds nothing
         batch = _to_device(batch, device)
@@ -579,6 +606,7 @@ def _train(
             p.data = p.data.float()  # fp32 master weights for whatever trains
     model.to(device)
     flat = use_packed_attention(cfg, model, device)  # examples end to end, attention span by span
+    window = mask_window(cfg, model, flat)  # a sliding window the packed mask must carry, if any
     planned_tokens = sum(len(e) for e in examples) * total_steps * cfg.grad_accum // max(1, data.per_epoch())
     resumed_compiled = None if resume_from is None else compiled_layers_at(out, meta)
     compiled = use_compiled_layers(
@@ -722,7 +750,9 @@ def _train(
                 # the policy of the epoch this micro-batch comes from (pos.epoch after taking it: a step that
                 # starts at the end of an epoch reads the next one, and must use that epoch's policy)
                 policy = schedule.policy_at(pos.step, pos.epoch)
-                micro.append(dist.local_batch(rows, lambda r, policy=policy: batch_of(r, policy, cfg, pad_id, flat)))
+                micro.append(
+                    dist.local_batch(rows, lambda r, policy=policy: batch_of(r, policy, cfg, pad_id, flat, window))
+                )
             if cfg.loss_reduction == "example":  # each example's weights sum to 1: a mean of per-example means
                 for b in micro:
                     b["loss_weights"] = per_example_weights(b["loss_weights"], b["position_ids"])
@@ -771,7 +801,7 @@ def _train(
             record = {"epoch": pos.epoch}
             if cfg.eval_every and pos.step % cfg.eval_every == 0:
                 eval_loss = evaluate_loss(
-                    runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat, transform
+                    runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat, transform, window
                 )
                 if eval_loss is not None:
                     record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
@@ -801,7 +831,9 @@ def _train(
         signal.signal(signal.SIGINT, previous_handler)
         progress.close()
     seconds = time.perf_counter() - start
-    eval_loss = evaluate_loss(runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat, transform)
+    eval_loss = evaluate_loss(
+        runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat, transform, window
+    )
     restore_model()
     if cfg.save_every:
         checkpoint()

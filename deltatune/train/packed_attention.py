@@ -436,6 +436,21 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def sliding_window_of(model) -> tuple[int | None, bool]:
+    """(window, every layer slides) of a sliding-window model (Mistral, Phi3: every layer; Gemma2, Qwen2 with
+    `use_sliding_window`: the layers `layer_types` marks), or (None, False) for full attention everywhere."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None, False
+    types = getattr(config, "layer_types", None)
+    if types is None:  # no per-layer types: the window applies to every layer
+        return int(window), True
+    sliding = [t == "sliding_attention" for t in types]
+    return (int(window), all(sliding)) if any(sliding) else (None, False)
+
+
 def supported(model) -> bool:
     """Whether packed attention computes `model`'s own attention: a model that routes attention through
     transformers' AttentionInterface (Llama, Qwen, Mistral, ...) with no score soft-capping or sinks."""

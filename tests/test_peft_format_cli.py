@@ -110,3 +110,17 @@ def test_merge_in_bf16_adds_the_adapter_as_saved_and_rounds_once(tmp_path, base_
                  "--dtype", "bf16"]) == 0  # fmt: skip
     merged = load_file(str(out / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
     assert torch.equal(merged.bfloat16(), expected)
+
+
+def test_an_adapter_records_a_relative_base_folder_as_absolute(tmp_path, base_dir, monkeypatch):
+    """A model loaded from "base" (relative) is recorded by its absolute path, so `merge` run from another
+    directory finds it (the relative name was resolved against wherever merge ran)."""
+    monkeypatch.chdir(base_dir.parent)
+    adapted = apply_methods(load(base_dir.name), [MethodSpec("lora", rank=2, targets="q_proj")])
+    adapted.save_adapter(tmp_path / "adapter")
+    recorded = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(base_dir.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0

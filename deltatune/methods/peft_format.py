@@ -45,12 +45,17 @@ def peft_target_modules(model: nn.Module, adapted: list[str]) -> list[str]:
 
 
 def _base_name(adapted: "AdaptedModel", given: str | None) -> str | None:
-    if given is not None:
-        return given
-    name = getattr(getattr(adapted.model, "config", None), "_name_or_path", None) or getattr(
-        adapted.model, "name_or_path", None
-    )
-    return str(name) if name else None
+    """The base to record: a local folder as an absolute path (a relative one was resolved later against the
+    directory `merge`/`export`/`eval` ran in, finding another model or none); a hub id as given."""
+    name = given
+    if name is None:
+        name = getattr(getattr(adapted.model, "config", None), "_name_or_path", None) or getattr(
+            adapted.model, "name_or_path", None
+        )
+    if not name:
+        return None
+    path = Path(str(name)).expanduser()
+    return str(path.resolve()) if not path.is_absolute() and path.is_dir() else str(name)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

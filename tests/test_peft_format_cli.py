@@ -50,16 +50,21 @@ def test_merge_uses_the_base_named_in_the_adapter(tmp_path, base_dir, capsys):
     torch.testing.assert_close(logits(load(tmp_path / "m")), expected, atol=1e-5, rtol=0)
 
 
-def test_merge_without_a_named_base_needs_model(tmp_path, base_dir, capsys):
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_merge_or_export_without_a_named_base_needs_model(tmp_path, base_dir, capsys, command):
+    """An adapter that names no base is not merged into the default model unasked (export did, ending in
+    "adapter lacks 392 tensor(s)" or, for a same-shaped model, merging into a model it was not trained on)."""
     expected = make_adapter(base_dir, tmp_path / "a", [MethodSpec(name="lora", rank=2)], base_name=False)
-    assert main(["merge", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m")]) == 2
+    assert main([command, "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
+    if command == "export":
+        return
     assert (
         main(
             [
-                "merge",
+                command,
                 "--adapter",
                 str(tmp_path / "a"),
                 "--out",

@@ -18,8 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", default=None, help="adapter folder to merge in")
     add_model_options(
         p,
-        model_help="model folder, GGUF file, hub id, or 'default' (default: the adapter's base, "
-        "else the default model)",
+        model_help="model folder, GGUF file, hub id, or 'default' (default: the adapter's base; without an "
+        "adapter, the default model)",
     )
     p.set_defaults(func=run)
 
@@ -28,11 +28,19 @@ def run(args: argparse.Namespace) -> int:
     from deltatune.cli.merge import merge_and_save, warn_if_other_base
     from deltatune.methods.peft_format import adapter_base_model
 
+    from deltatune.errors import UserError
+
     model = args.model
     if args.adapter is not None:
         recorded = adapter_base_model(args.adapter)
         warn_if_other_base(model, recorded, args.adapter)
         model = model or recorded
+        if not model:  # as merge: merging into the default model unasked gave another model or a tensor count error
+            raise UserError(
+                f"{args.adapter}: the adapter names no base model (base_model_name_or_path); pass --model "
+                "(--model default for SmolLM2-135M-Instruct)",
+                field="model",
+            )
     out = merge_and_save(
         model,
         args.adapter,

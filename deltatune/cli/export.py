@@ -26,9 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deltatune.cli.merge import merge_and_save, warn_if_other_base
-    from deltatune.methods.peft_format import adapter_base_model
-
     from deltatune.errors import UserError
+    from deltatune.methods.peft_format import adapter_base_model
 
     model = args.model
     if args.adapter is not None:

@@ -252,3 +252,19 @@ def test_the_stop_criterion_ignores_stop_strings_inside_an_open_fence():
     assert stops(inside, outside_fences=False) and not stops(inside, outside_fences=True)
     assert stops(after, outside_fences=True)
     assert cut_at_stop(after, ("\ndef ",), outside_fences=True) == "```python\ndef f():\n    pass\n```\n"
+
+
+def test_temperature_without_sample_says_decoding_is_greedy(tmp_path, capsys, monkeypatch):
+    """`--temperature 0.7` alone changed nothing (greedy); the run now says so instead of scoring quietly."""
+    import argparse
+
+    from deltatune.cli.eval import add_parser, options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    base = ["eval", "--model", "m", "--task", "gsm8k"]
+    options_from_args(parser.parse_args([*base, "--temperature", "0.7"]))
+    assert "apply only with --sample; decoding is greedy" in capsys.readouterr().err
+    options_from_args(parser.parse_args([*base, "--sample", "--temperature", "0.7"]))
+    options_from_args(parser.parse_args(base))
+    assert capsys.readouterr().err == ""

@@ -126,6 +126,8 @@ def options_from_args(args) -> EvalOptions:
             raise UserError("must be at least 1", field=name.replace("_", "-"))
     if not pass_k or min(pass_k) < 1 or not 0 < args.exec_timeout < math.inf:
         raise UserError("k must be at least 1 and the timeout positive", field="pass-k/exec-timeout")
+    if not args.sample and (args.temperature != 1.0 or args.top_p != 1.0):  # greedy decoding reads neither
+        print("warning: --temperature and --top-p apply only with --sample; decoding is greedy", file=sys.stderr)
     return EvalOptions(
         limit=args.limit,
         shots=args.shots,

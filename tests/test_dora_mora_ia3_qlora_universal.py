@@ -161,7 +161,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(case):
     adapted = _adapted(case)
     _randomise(adapted)
     reference = _reference(case)
-    before = _base_weights(reference)
+    state = {name: t.clone() for name, t in adapted.model.state_dict().items()}
     unmerged = _logits(adapted.model, ids)
     assert (unmerged - _logits(reference, ids)).abs().max() > 1e-3  # the adapter does something
     adapted.merge()
@@ -169,10 +169,13 @@ def test_merge_equals_unmerged_and_unmerge_restores(case):
     with pytest.warns(UserWarning, match="already merged"):
         next(m for meth in adapted.methods for m in meth.delta_modules(adapted.model)).merge()
     adapted.unmerge()
-    after = _base_weights(adapted.model)
-    for name, t in before.items():  # a quantised base comes back dequantised: compare to the round trip
-        torch.testing.assert_close(after[name], t, atol=1e-6, rtol=0, msg=name)
-    torch.testing.assert_close(_logits(adapted.model, ids), unmerged, atol=1e-5, rtol=0)
+    # the model before the merge, bit for bit: an NF4 base comes back as its NF4 codes (it came back dequantised,
+    # computing in fp32 where the NF4 product computes in its compute dtype: logits moved by up to 2.2e-3)
+    after = adapted.model.state_dict()
+    assert after.keys() == state.keys()
+    for name, t in state.items():
+        assert torch.equal(after[name], t), name
+    assert torch.equal(_logits(adapted.model, ids), unmerged)
 
 
 def test_disable_gives_base_exactly(case):

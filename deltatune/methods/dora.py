@@ -161,6 +161,7 @@ class DoRALinear(LoRALinear):
         w.copy_(self._stored(self._unmerged_from(self._stored(w))))
         self._put_back_original("weight", w)
         self._merged_norm = None
+        self.restore_quantized_base()
         self.merged = False
 
     def _unmerged_from(self, merged: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,7 @@ class IA3Linear(DeltaLinear):
         self._put_back_original("weight", self.base.weight)
         if self.base.bias is not None:
             self._put_back_original("bias", self.base.bias)
+        self.restore_quantized_base()
         self.merged = False
 
     def _rescale(self, factor: torch.Tensor, keep_originals: bool = False) -> None:

@@ -182,3 +182,23 @@ def test_plan_counts_upcycled_parameters_and_active_per_token(moe_dir, tiny_dir,
     assert plan.activation_bytes > dense.activation_bytes
     assert main(["plan", "--model", str(moe_dir), "--dtype", "fp32"]) == 0
     assert "active per token" in capsys.readouterr().out
+
+
+def test_a_resume_between_logged_steps_logs_the_routing_metrics_of_the_straight_run(moe_dir, data_file, tmp_path):
+    """Routing metrics are averaged over the steps since the last log; a checkpoint at step 3 of a 4-step log
+    window now carries them, so the resumed run's step-4 line equals the uninterrupted run's (it averaged
+    step 4 alone)."""
+    import shutil
+
+    kw = dict(steps=4, log_every=4, save_every=3, moe_z_loss=1e-3)
+    train(_cfg(moe_dir, data_file, tmp_path / "straight", **kw), quiet=True)
+    train(_cfg(moe_dir, data_file, tmp_path / "resumed", **kw), quiet=True)
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-0000004")  # as if killed after step 3's checkpoint
+    train(_cfg(moe_dir, data_file, tmp_path / "resumed", resume=True, **kw), quiet=True)
+
+    def logged(run):
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        keys = ("step", "expert_load", "moe_aux_loss", "router_entropy")
+        return [{k: m[k] for k in keys} for m in lines if "expert_load" in m]
+
+    assert logged(tmp_path / "straight") and logged(tmp_path / "resumed") == logged(tmp_path / "straight")

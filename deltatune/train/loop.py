@@ -676,6 +676,8 @@ def _train(
         pos = dist.load_checkpoint(resume_from, runner, trainable, optimizer, scheduler, data)
         reschedule(optimizer, scheduler)  # this run's schedule: `steps` or `epochs` may have changed
         apply_method_lr_factors(adapted, optimizer, pos.step + 1)
+        if router_losses is not None and meta.get("router_metrics"):  # routing metrics since the last log
+            router_losses.load_state_dict(meta["router_metrics"])
         if resume_changes:
             config_history.append({"step": pos.step, "changes": resume_changes})
             say(
@@ -731,6 +733,7 @@ def _train(
                 "data_sha256": fingerprint,
                 "history": config_history,
                 "compiled_layers": compiled,  # what auto decided, for the resume (run_folder.compiled_layers_at)
+                "router_metrics": router_losses.state_dict() if router_losses is not None else None,
             },
         )
         if dist.is_main:

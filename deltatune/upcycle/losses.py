@@ -72,6 +72,24 @@ class RouterLosses:
         self.n += 1
         return (self.aux_weight * aux_t + self.z_weight * z_t) / self.world
 
+    def state_dict(self) -> dict:
+        """The metrics accumulated since the last summary, as JSON (a checkpoint's), so that a run resumed between
+        two logged steps logs what the uninterrupted run logs."""
+        return {
+            "n": self.n,
+            "aux_sum": self.aux_sum,
+            "z_sum": self.z_sum,
+            "entropy_sum": self.entropy_sum,
+            "load": [ld.tolist() for ld in self.load],
+            "dropped": self.dropped,
+            "routed": self.routed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n, self.aux_sum, self.z_sum = state["n"], state["aux_sum"], state["z_sum"]
+        self.entropy_sum, self.dropped, self.routed = state["entropy_sum"], state["dropped"], state["routed"]
+        self.load = [torch.tensor(ld, dtype=torch.float32) for ld in state["load"]]
+
     def summary(self) -> dict:
         """Metrics since the last summary: per-layer expert load (fractions), mean router entropy (nats),
         dropped assignments (top-k) or untouched tokens (expert choice), and the mean auxiliary losses."""

@@ -32,9 +32,9 @@ def _failing_loss(kind: str, at_step: int):
     real = loop.weighted_lm_loss_sum
     calls = {"n": 0}
 
-    def loss(hidden, head, ids, weights, chunk):
+    def loss(hidden, head, ids, weights, **kwargs):  # chunk, transform: as the loop passes them
         calls["n"] += 1
-        s, w = real(hidden, head, ids, weights, chunk=chunk)
+        s, w = real(hidden, head, ids, weights, **kwargs)
         if calls["n"] >= at_step:
             if kind == "nan":
                 return s * float("nan"), w

@@ -212,3 +212,12 @@ def test_a_request_body_over_the_limit_is_a_413_declared_or_streamed(adapter_roo
         assert streamed.status_code == 413 and "over 4096 bytes" in error_of(streamed)["message"]
         small = {"model": BASE, "prompt": PROMPT, "max_tokens": 2}
         assert httpx.post(url + "/completions", json=small, timeout=60).status_code == 200
+
+
+def test_stream_options_without_streaming_is_a_400_naming_it(server):
+    """OpenAI refuses `stream_options` on a request that does not stream; it was accepted and ignored."""
+    url, _ = server
+    body = {"model": BASE, "prompt": PROMPT, "max_tokens": 2, "stream_options": {"include_usage": True}}
+    r = httpx.post(url + "/completions", json=body, timeout=60)
+    assert r.status_code == 400 and error_of(r)["param"] == "stream_options"
+    assert "only allowed when stream is true" in error_of(r)["message"]

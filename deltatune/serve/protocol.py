@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 
 class APIError(Exception):
@@ -68,7 +68,9 @@ class _Sampling(_Strict):
 
     @field_validator("stream_options")
     @classmethod
-    def _stream_options(cls, value: dict[str, bool] | None) -> dict[str, bool] | None:
+    def _stream_options(cls, value: dict[str, bool] | None, info: ValidationInfo) -> dict[str, bool] | None:
+        if value is not None and not info.data.get("stream"):  # as OpenAI answers: it would be silently ignored
+            raise ValueError("stream_options is only allowed when stream is true")
         if value and set(value) - {"include_usage"}:
             raise ValueError("only include_usage is supported")
         return value

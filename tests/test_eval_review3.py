@@ -268,3 +268,16 @@ def test_temperature_without_sample_says_decoding_is_greedy(tmp_path, capsys, mo
     options_from_args(parser.parse_args([*base, "--sample", "--temperature", "0.7"]))
     options_from_args(parser.parse_args(base))
     assert capsys.readouterr().err == ""
+
+
+def test_shots_on_a_task_that_takes_none_is_said(tmp_path, capsys):
+    """`--shots 3` on a loss: or code: task was silently ignored."""
+    from deltatune.evaluate.runner import check_task_options
+
+    data = tmp_path / "l.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n")
+    task = resolve_task(f"loss:{data}")
+    check_task_options(task, [], EvalOptions(shots=3, progress=False))
+    assert "--shots does not apply to" in capsys.readouterr().err
+    check_task_options(task, [], EvalOptions(shots=0, progress=False))
+    assert capsys.readouterr().err == ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -64,7 +65,12 @@ def _shots_for(item: Item, pool: list[Item] | None, opts: EvalOptions) -> list[I
 def check_task_options(task: Task, items: list[Item], opts: EvalOptions) -> None:
     """What `evaluate_task` would refuse about the options, found without a model: the CLIs call it for every task
     before the model loads, so `--policy nonsense` or too many `--shots` is not found after earlier tasks ran
-    (for hours) and nothing was written."""
+    (for hours) and nothing was written. `--shots` on a task that takes none is said on stderr."""
+    if opts.shots > 0 and task.kind in ("loss", "code"):  # a loss file or a code problem is scored as it is
+        print(
+            f"warning: --shots does not apply to {task.name} (a {task.kind} task); scored without shots",
+            file=sys.stderr,
+        )
     if task.kind == "loss":
         from deltatune.data.masking import LossPolicy, parse_policy
         from deltatune.data.templates import TEMPLATES

@@ -10,13 +10,7 @@ from deltatune.testing import tiny_model
 
 peft = pytest.importorskip("peft")
 
-IDS = torch.tensor([[1, 5, 77, 300, 12, 9, 2, 45], [1, 200, 3, 4, 5, 6, 7, 2]])
-
-
-def logits(model):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
+from test_peft_format import logits  # noqa: E402  (the shared inputs and eval-mode logits)
 
 
 def randomise(model, seed=1, std=0.05):

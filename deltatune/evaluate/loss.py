@@ -109,6 +109,23 @@ def heldout_loss(
     return LossResult(loss, math.exp(min(loss, 700.0)), weight_sum, len(examples))
 
 
+def loss_options(policy: str, template: str, max_len: int):
+    """The one LossPolicy a held-out loss takes, with `template` and `max_len` checked: what `loss_on_file` would
+    refuse, found without a tokenizer or model (the eval CLIs call it before the model loads)."""
+    from deltatune.data.masking import LossPolicy, parse_policy
+    from deltatune.data.templates import TEMPLATES
+    from deltatune.errors import ConfigError
+
+    parsed = parse_policy(policy)
+    if not isinstance(parsed, LossPolicy):
+        raise ConfigError("evaluation takes one loss policy, not a two-phase schedule", field="--policy")
+    if template not in TEMPLATES:
+        raise ConfigError(f"unknown template '{template}' (choose from {', '.join(TEMPLATES)})", field="--template")
+    if max_len < 2:
+        raise ConfigError(f"max_len must be at least 2, got {max_len}", field="--max-len")
+    return parsed
+
+
 def loss_on_file(
     model,
     tokenizer,
@@ -125,13 +142,10 @@ def loss_on_file(
     flat: bool | None = None,
 ) -> LossResult:
     """Held-out loss of a data file, read, templated and weighted exactly as training reads it."""
-    from deltatune.data.masking import LossPolicy, parse_policy, policy_weights
+    from deltatune.data.masking import policy_weights
     from deltatune.data.pipeline import prepare_dataset
-    from deltatune.errors import ConfigError
 
-    parsed = parse_policy(policy)
-    if not isinstance(parsed, LossPolicy):
-        raise ConfigError("evaluation takes one loss policy, not a two-phase schedule", field="policy")
+    parsed = loss_options(policy, template, max_len)
     prepared = prepare_dataset(
         path, tokenizer, template=template, data_format=data_format, column_map=column_map, max_len=max_len, limit=limit
     )

@@ -11,7 +11,7 @@ from deltatune.evaluate import metrics as M
 from deltatune.evaluate.choice import choice_accuracies, predict, score_options
 from deltatune.evaluate.extract import extract_bbh, extract_gsm8k
 from deltatune.evaluate.generate import GenerationConfig, generate
-from deltatune.evaluate.loss import loss_on_file
+from deltatune.evaluate.loss import loss_on_file, loss_options
 from deltatune.evaluate.prompts import default_style, letter_question, pick_shots, render, style_info
 from deltatune.evaluate.tasks import LETTERS, Item, Task, load_items, load_shot_pool
 
@@ -72,18 +72,7 @@ def check_task_options(task: Task, items: list[Item], opts: EvalOptions) -> None
             file=sys.stderr,
         )
     if task.kind == "loss":
-        from deltatune.data.masking import LossPolicy, parse_policy
-        from deltatune.data.templates import TEMPLATES
-        from deltatune.errors import ConfigError
-
-        if not isinstance(parse_policy(opts.policy), LossPolicy):
-            raise ConfigError("evaluation takes one loss policy, not a two-phase schedule", field="--policy")
-        if opts.template not in TEMPLATES:
-            raise ConfigError(
-                f"unknown template '{opts.template}' (choose from {', '.join(TEMPLATES)})", field="--template"
-            )
-        if opts.max_len < 2:
-            raise ConfigError(f"max_len must be at least 2, got {opts.max_len}", field="--max-len")
+        loss_options(opts.policy, opts.template, opts.max_len)
         return
     if task.kind == "code" or opts.shots <= 0:
         return

@@ -429,9 +429,7 @@ def _split_moe_blocks_by_adapter(model: nn.Module, routing: Routing) -> None:
 def _per_group_forward(block: nn.Module, forward, routing: Routing):
     def run(hidden: torch.Tensor) -> torch.Tensor:
         per_row = block.router_type == "expert-choice"
-        same, _ = routing.uniform()
-        routed = any(isinstance(m, MultiAdapterLinear) for m in block.modules())
-        if block.training or not (per_row or (not same and routed)):
+        if block.training or not (per_row or _mixed_and_routed(block, routing)):
             return forward(hidden)
         names = routing.rows if routing.rows is not None else [routing.default] * hidden.shape[0]
         if per_row:
@@ -453,6 +451,13 @@ def _per_group_forward(block: nn.Module, forward, routing: Routing):
         return out
 
     return run
+
+
+def _mixed_and_routed(block: nn.Module, routing: Routing) -> bool:
+    """Whether the batch names several adapters and one of them reaches inside `block` (checked in that order:
+    every decode step asks, and a uniform batch needs no walk over the block's modules)."""
+    same, _ = routing.uniform()
+    return not same and any(isinstance(m, MultiAdapterLinear) for m in block.modules())
 
 
 def _check_servable(spec: MethodSpec, source: str | None) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from deltatune.errors import UserError
 from deltatune.fileio import atomic_dir
+from deltatune.gguf_rope import gguf_rope_parameters
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_ALIASES = {None, "", "default", "smollm2", "smollm2-135m", DEFAULT_MODEL.lower()}
@@ -146,37 +147,19 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 def gguf_load_kwargs(gguf_path: Path) -> dict[str, Any]:
     """`from_pretrained` arguments that load a GGUF file as the model it holds, as a plain dense model.
 
-    transformers' GGUF loader reads no `<arch>.rope.scaling.*` key for most architectures (Llama among them): a
-    file written with RoPE scaling loaded unscaled and computed otherwise at every position. Linear scaling is put
-    into the config here; scaling this cannot reproduce exactly is refused. `GgufConfig(dequantize=True)` gives
+    transformers' GGUF loader ignores most of a file's RoPE scaling, which `gguf_rope_parameters` puts back into
+    the config (or refuses where it cannot be reproduced exactly). `GgufConfig(dequantize=True)` gives
     ordinary weights and no quantizer: with the loader's own quantizer left on the model, `save_pretrained`
     (export, merge) refused it, and where the `kernels` package is installed the linears stayed packed."""
     from transformers import AutoConfig
     from transformers.utils.quantization_config import GgufConfig
 
     metadata, tensor_names = _gguf_metadata(gguf_path)
-    arch = metadata.get("general.architecture", "")
-    legacy_linear = metadata.get(f"{arch}.rope.scale_linear")  # llama.cpp's key before rope.scaling.*
-    kind = str(metadata.get(f"{arch}.rope.scaling.type", "linear" if legacy_linear else "none")).lower()
-    factor = float(metadata.get(f"{arch}.rope.scaling.factor", legacy_linear or 1.0))
-    if "rope_freqs.weight" in tensor_names:
-        raise UserError(
-            f"{gguf_path}: its RoPE frequencies are scaled per dimension (tensor rope_freqs.weight, as Llama 3.1 "
-            "and later), which transformers' GGUF loader ignores; load the model's transformers folder instead",
-            field="model",
-        )
-    if kind not in ("none", "linear"):
-        raise UserError(
-            f"{gguf_path}: RoPE scaling '{kind}' ({arch}.rope.scaling.type) is not read by transformers' GGUF "
-            "loader, and the model would compute otherwise; load the model's transformers folder instead",
-            field="model",
-        )
     kwargs: dict[str, Any] = {"quantization_config": GgufConfig(dequantize=True)}
-    if kind == "linear" and factor != 1.0:
-        config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        params = dict(getattr(config, "rope_parameters", None) or {})
-        if params.get("rope_type", "default") == "default":  # the loader left it unscaled
-            config.rope_parameters = {**params, "rope_type": "linear", "factor": factor}
+    config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    rope_parameters = gguf_rope_parameters(gguf_path, metadata, tensor_names, config)
+    if rope_parameters is not None:
+        config.rope_parameters = rope_parameters
         kwargs["config"] = config
     return kwargs
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from reliability_helpers import cli
 
@@ -27,7 +28,35 @@ def _permuted(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, model, tokenizer, *, rope_scaling: tuple[str, float] | None = None) -> Path:
+def llama_cpp_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
+    """The per-dimension factors llama.cpp's convert_hf_to_gguf writes as rope_freqs.weight for Llama 3 RoPE."""
+    import math
+
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    old, low, high, factor = (
+        rope[k] for k in ("original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "factor")
+    )
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def write_tiny_gguf(
+    path: Path,
+    model,
+    tokenizer,
+    *,
+    rope_scaling: tuple[str, float] | None = None,
+    rope_freqs: np.ndarray | None = None,
+) -> Path:
     """The tiny Llama as llama.cpp writes it (F32 tensors, GPT-2 tokenizer metadata, no output.weight: tied)."""
     import gguf
 
@@ -72,6 +101,8 @@ def write_tiny_gguf(path: Path, model, tokenizer, *, rope_scaling: tuple[str, fl
         w.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
         w.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -129,6 +160,54 @@ def test_a_gguf_rope_scaling_deltatune_cannot_reproduce_is_one_line_naming_the_f
     rc, _, err = cli(capsys, "export", "--model", path, "--out", tmp_path / "out")
     assert rc == 2, err
     assert len(err.strip().splitlines()) == 1 and str(path) in err and "yarn" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+LLAMA31_ROPE = {  # Meta's Llama 3.1 values
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_theta": 10000.0,
+}
+OTHER_LLAMA3_ROPE = {  # two dimensions between the bands, so the parameters are found by a fit
+    "rope_type": "llama3",
+    "factor": 4.0,
+    "low_freq_factor": 2.0,
+    "high_freq_factor": 32.0,
+    "original_max_position_embeddings": 1024,
+    "rope_theta": 10000.0,
+}
+
+
+@pytest.mark.parametrize("rope", [LLAMA31_ROPE, OTHER_LLAMA3_ROPE], ids=["llama3.1-values", "fitted"])
+def test_a_gguf_with_llama3_rope_factors_loads_with_the_same_positions(rope, tmp_path):
+    """llama.cpp keeps a Llama 3.1+ model's RoPE scaling only as per-dimension factors (tensor rope_freqs.weight),
+    which transformers' GGUF loader ignores; deltatune refused such a file. The config now gets llama3 parameters
+    that give the same frequencies, and the model its logits."""
+    from deltatune.models import load_model
+
+    model = tiny_model(rope_parameters=rope, max_position_embeddings=16384)
+    factors = llama_cpp_rope_freqs(rope, head_dim=16)
+    assert 1.0 < factors.max() and (factors == 1.0).any()  # both bands in play
+    path = write_tiny_gguf(tmp_path / "l3.gguf", model, tiny_tokenizer(), rope_freqs=factors)
+    loaded, _ = load_model(str(path))
+    assert loaded.config.rope_parameters["rope_type"] == "llama3"
+    if rope is LLAMA31_ROPE:
+        assert {k: loaded.config.rope_parameters[k] for k in rope} == rope
+    ids = (torch.arange(2000) % 500 + 1).unsqueeze(0)  # far enough for the longest wavelengths to turn
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-5, rtol=0)
+    unscaled = tiny_model(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    assert (logits(unscaled, ids) - logits(model, ids)).abs().max() > 1e-3  # the scaling shows at these positions
+
+
+def test_gguf_rope_factors_that_follow_no_llama3_scaling_are_one_line_naming_the_file(capsys, tmp_path):
+    factors = np.array([1.0, 3.0, 1.0, 2.0, 5.0, 1.0, 7.0, 8.0], dtype=np.float32)
+    path = write_tiny_gguf(tmp_path / "odd.gguf", tiny_model(), tiny_tokenizer(), rope_freqs=factors)
+    rc, _, err = cli(capsys, "export", "--model", path, "--out", tmp_path / "out")
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and str(path) in err and "rope_freqs" in err, err
     assert not (tmp_path / "out").exists()
 
 

@@ -52,10 +52,12 @@ class GenResult:
     token_ids: list[int]
     finish_reason: FinishReason
     prompt_tokens: int
+    ended_on_stop_token: bool = False  # an end-of-sequence token was generated (not part of token_ids or text)
 
     @property
     def completion_tokens(self) -> int:
-        return len(self.token_ids)
+        """Every token generated, the end-of-sequence token included, as OpenAI and vLLM count them."""
+        return len(self.token_ids) + self.ended_on_stop_token
 
 
 @dataclass
@@ -80,6 +82,7 @@ class _Row:
         self.sent = 0  # characters already released through on_text
         self.text = ""
         self.finish: FinishReason | None = None
+        self.ended_on_stop_token = False
         p = req.params
         self.greedy = p.temperature == 0
         self.gen = None
@@ -93,7 +96,7 @@ class _Row:
             self.finish = "cancelled"
             return
         if token in self.stop_ids:
-            self.finish = "stop"
+            self.finish, self.ended_on_stop_token = "stop", True
         else:
             self.ids.append(token)
             self.text = self.tok.decode(self.ids, skip_special_tokens=True)
@@ -122,6 +125,7 @@ class _Row:
             token_ids=list(self.ids),
             finish_reason=self.finish or "length",
             prompt_tokens=len(self.req.prompt_ids),
+            ended_on_stop_token=self.ended_on_stop_token,
         )
 
 

@@ -209,3 +209,52 @@ def test_forgetting_cli_takes_adapter_and_model_folders_and_a_loss_source(tmp_pa
     assert change == pytest.approx(lora["losses"][f"loss:{tgt}"]["run"] - res["base_scores"][f"loss:{tgt}"])
     md = (out / "forgetting.md").read_text()
     assert "## Held-out loss (nats per token" in md and "(rouge_l)" in md
+
+
+def _permuted_copy(model, tokenizer, folder):
+    """The same model under other token ids: the ordinary tokens' ids reversed in the tokenizer and the
+    embedding rows (the head is tied) moved with them, so that on text it computes exactly as `model`."""
+    import copy
+
+    from transformers import PreTrainedTokenizerFast
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    special = set(tokenizer.all_special_ids)
+    ordinary = sorted(i for i in state["model"]["vocab"].values() if i not in special)
+    new_id = dict(zip(ordinary, reversed(ordinary)))
+    state["model"]["vocab"] = {t: new_id.get(i, i) for t, i in state["model"]["vocab"].items()}
+    (folder / "tokenizer.json").parent.mkdir(parents=True)
+    (folder / "tokenizer.json").write_text(json.dumps(state))
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **tokenizer.special_tokens_map)
+    tok.chat_template = tokenizer.chat_template
+    moved = copy.deepcopy(model)
+    assert moved.config.tie_word_embeddings
+    with torch.no_grad():
+        old = model.get_input_embeddings().weight
+        for i, j in new_id.items():
+            moved.get_input_embeddings().weight[j] = old[i]
+    moved.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert tok("the fox said")["input_ids"] != tokenizer("the fox said")["input_ids"]
+
+
+def test_forgetting_scores_a_full_model_with_its_own_tokenizer(tmp_path, tiny_lm, tiny_tok):
+    """A full model folder was scored with the base's tokenizer: a model whose tokenizer maps text to other ids
+    (finetuned elsewhere with tokens added, or re-ordered) was fed ids it does not know. The same model under
+    other ids now scores as the base exactly."""
+    from deltatune.cli import main
+
+    base_dir = tmp_path / "base"
+    tiny_lm.save_pretrained(base_dir)
+    tiny_tok.save_pretrained(base_dir)
+    _permuted_copy(tiny_lm, tiny_tok, tmp_path / "moved")
+    task = tmp_path / "task.jsonl"
+    _write_task(task, [("Say fox", "the fox jumps"), ("Count to three", "one two three")])
+    out = tmp_path / "lf"
+    args = ["forgetting", "--base", str(base_dir), "--run", str(tmp_path / "moved"), "--target", f"file:{task}"]
+    rc = main([*args, "--source", f"loss:{task}", "--max-new-tokens", "4", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "forgetting.json").read_text())
+    run = res["runs"]["full"]
+    assert run[f"file:{task}"] == res["base_scores"][f"file:{task}"]
+    assert run["losses"][f"loss:{task}"]["run"] == pytest.approx(res["base_scores"][f"loss:{task}"], abs=1e-5)

@@ -109,7 +109,7 @@ def run(args) -> int:
     from deltatune.cli.eval import options_from_args, resolve_tasks, write_atomic
     from deltatune.evaluate.forgetting import learn_forget
     from deltatune.evaluate.runner import check_task_options, evaluate_task
-    from deltatune.evaluate.runs import load_snapshot, read_run, unique_labels
+    from deltatune.evaluate.runs import load_snapshot, read_run, snapshot_tokenizer, unique_labels
     from deltatune.evaluate.tasks import load_items
     from deltatune.models import load_model, parse_dtype
 
@@ -136,7 +136,7 @@ def run(args) -> int:
     loss_tasks: set[str] = set()
     metrics: dict[str, str] = {}
 
-    def scores(model) -> dict[str, float]:
+    def scores(model, tokenizer) -> dict[str, float]:
         out = {}
         for t in tasks:
             res = evaluate_task(model, tokenizer, t, opts, items[t.name])
@@ -147,12 +147,12 @@ def run(args) -> int:
         return out
 
     print("evaluating base model", flush=True)
-    base_scores = scores(base_model)
+    base_scores = scores(base_model, tokenizer)
     rows, loss_rows, details = [], [], {}
     for info, label in zip(runs, labels):
         print(f"evaluating {label} ({info.path})", flush=True)
         model = load_snapshot(base_model, info, info.final, parse_dtype(args.dtype))
-        run_scores = scores(model)
+        run_scores = scores(model, snapshot_tokenizer(info.final, tokenizer))
         del model
         lf = learn_forget(
             label, base_scores, run_scores, [t.name for t in targets], [t.name for t in sources], loss_tasks

@@ -157,6 +157,19 @@ def specs_from_config(config: dict[str, Any]) -> list:
     return build(config)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def snapshot_tokenizer(snap: Snapshot, base_tokenizer):
+    """The tokenizer to score `snap` with: a full model's own where its folder has one (a model finetuned
+    elsewhere may have added tokens or changed ids), the base's for adapters and checkpoints."""
+    if snap.kind != "model" or not any((snap.path / f).exists() for f in TOKENIZER_FILES):
+        return base_tokenizer
+    from deltatune.models import load_tokenizer
+
+    return load_tokenizer(snap.path)
+
+
 def load_snapshot(
     base: torch.nn.Module,
     run: RunInfo,

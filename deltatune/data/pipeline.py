@@ -6,6 +6,7 @@ when batches are collated, so one prepared dataset serves every policy and a two
 
 from __future__ import annotations
 
+import functools
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,24 @@ def prepare_records(
     )
 
 
+def _without_cyclic_gc(fn):
+    """Preparing data makes hundreds of thousands of small objects and no cycles: the cyclic GC would only
+    rescan them."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return wrapper
+
+
+@_without_cyclic_gc
 def _prepare(
     raw: Iterable[RawRecord | DataError],
     tokenizer: Any,
@@ -158,42 +177,6 @@ def _prepare(
         raise ConfigError(f"overflow must be one of {', '.join(OVERFLOW)}, got '{overflow}'", field="--overflow")
     if max_len < 2:
         raise ConfigError(f"max_len must be at least 2, got {max_len}", field="--max-len")
-    # Hundreds of thousands of small objects and no cycles: the cyclic GC would only rescan them.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return _prepare_inner(
-            raw,
-            tokenizer,
-            template=template,
-            data_format=data_format,
-            column_map=column_map,
-            max_len=max_len,
-            overflow=overflow,
-            skip_bad=skip_bad,
-            system_prompt=system_prompt,
-            limit=limit,
-            keep_offsets=keep_offsets,
-        )
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _prepare_inner(
-    raw: Iterable[RawRecord | DataError],
-    tokenizer: Any,
-    *,
-    template: str,
-    data_format: str,
-    column_map: dict[str, str] | str | None,
-    max_len: int,
-    overflow: str,
-    skip_bad: bool,
-    system_prompt: str | None,
-    limit: int | None,
-    keep_offsets: bool,
-) -> PreparedData:
     cmap = parse_column_map(column_map)
     tmpl = get_template(template, tokenizer)
     report = DataReport()

@@ -28,9 +28,10 @@ from torch import nn
 
 from deltatune.errors import ConfigError
 from deltatune.kv_cache import cache_length, drop_output_cache, output_cache, put_cache, take_cache
-from deltatune.methods.base import Method, MethodSpec, register
+from deltatune.methods.base import MethodSpec, register
 from deltatune.methods.options import Option, positive_int
 from deltatune.methods.virtual_tokens import (
+    VirtualTokenMethod,
     attach,
     bind_kwargs,
     check_token_ids,
@@ -129,21 +130,20 @@ class PrefixEncoder(nn.Module):
 
 
 @register
-class PrefixTuning(Method):
+class PrefixTuning(VirtualTokenMethod):
     """options: num_virtual_tokens p (default 20); reparameterize (default False) with hidden (default 512);
     init "random" (N(0, 1), as PEFT) or "text" (the base model's own keys and values for init_text /
     init_token_ids, the paper's real-activation init; not with reparameterize)."""
 
     name = "prefix"
-    kind = "addition"
-    mergeable = False
     why_not_mergeable = (
         "prefix tuning adds key/value vectors that every attention layer attends to; they are "
         "not a change to any weight; keep the adapter and load it with the base model"
     )
     peft_type = "PREFIX_TUNING"
     ATTR = "deltatune_prefix"
-    adds_virtual_tokens = True
+    PEFT_TENSOR = "prefix"
+    LABEL = "prefix tuning"
     options_schema = {
         "num_virtual_tokens": Option(20, "number p of prefix positions", (int,), check=positive_int),
         "reparameterize": Option(
@@ -191,9 +191,6 @@ class PrefixTuning(Method):
                 module.prefix.copy_(real_token_prefix(model, ids))
         attach(model, self.ATTR, module)
 
-    def switchable_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [getattr(model, self.ATTR)]
-
     def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         for name, p in getattr(model, self.ATTR).named_parameters():
             yield f"{self.ATTR}.{name}", p
@@ -233,23 +230,6 @@ class PrefixTuning(Method):
             "prefix_projection": False,
             "task_type": "CAUSAL_LM",
         }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
-        if config.get("peft_type") not in (None, cls.peft_type):
-            return None
-        if int(config.get("num_transformer_submodules") or 1) != 1:
-            raise ConfigError("PEFT prefix tuning for encoder-decoder models is not supported", field="peft_type")
-        # PEFT saves the produced prefixes even with prefix_projection, so we load them as plain prefixes
-        return MethodSpec(name=cls.name, options={"num_virtual_tokens": int(config["num_virtual_tokens"])})
-
-    def to_peft_key(self, name: str) -> str:
-        return "prompt_embeddings"
-
-    def from_peft_key(self, key: str) -> str:
-        if key != "prompt_embeddings":
-            raise ConfigError(f"unexpected key '{key}' in a PEFT prefix-tuning adapter (expected 'prompt_embeddings')")
-        return f"{self.ATTR}.prefix"
 
 
 @torch.no_grad()

@@ -36,9 +36,10 @@ from torch import nn
 
 from deltatune.errors import ConfigError
 from deltatune.kv_cache import cache_length, put_cache, take_cache
-from deltatune.methods.base import Method, MethodSpec, register
+from deltatune.methods.base import MethodSpec, register
 from deltatune.methods.options import Option, non_negative, positive_int
 from deltatune.methods.virtual_tokens import (
+    VirtualTokenMethod,
     attach,
     bind_kwargs,
     check_token_ids,
@@ -92,21 +93,20 @@ class PromptEmbedding(nn.Module):
 
 
 @register
-class PromptTuning(Method):
+class PromptTuning(VirtualTokenMethod):
     """options: num_virtual_tokens p (default 20); init "random" | "text" | "vocab" | "labels" (module
     docstring); init_text / init_token_ids (text); vocab_top, init_seed (vocab, labels); class_labels /
     class_label_ids (labels). Text and labels need the tokenizer (option `tokenizer`) or the ids."""
 
     name = "prompt"
-    kind = "addition"
-    mergeable = False
     why_not_mergeable = (
         "prompt tuning adds virtual input tokens, which are not a change to any weight; keep the "
         "adapter and load it with the base model (PEFT can load it too)"
     )
     peft_type = "PROMPT_TUNING"
     ATTR = "deltatune_prompt"
-    adds_virtual_tokens = True
+    PEFT_TENSOR = "embedding"
+    LABEL = "prompt tuning"
     options_schema = {
         "num_virtual_tokens": Option(20, "number p of virtual tokens", (int,), check=positive_int),
         "init": Option(
@@ -204,9 +204,6 @@ class PromptTuning(Method):
         module.embedding.data.copy_(self.initial_embeddings(table))
         attach(model, self.ATTR, module)
 
-    def switchable_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [getattr(model, self.ATTR)]
-
     def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         yield f"{self.ATTR}.embedding", getattr(model, self.ATTR).embedding
 
@@ -222,19 +219,3 @@ class PromptTuning(Method):
             "prompt_tuning_init": "RANDOM",
             "task_type": "CAUSAL_LM",
         }
-
-    @classmethod
-    def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
-        if config.get("peft_type") not in (None, cls.peft_type):
-            return None
-        if int(config.get("num_transformer_submodules") or 1) != 1:
-            raise ConfigError("PEFT prompt tuning for encoder-decoder models is not supported", field="peft_type")
-        return MethodSpec(name=cls.name, options={"num_virtual_tokens": int(config["num_virtual_tokens"])})
-
-    def to_peft_key(self, name: str) -> str:
-        return "prompt_embeddings"
-
-    def from_peft_key(self, key: str) -> str:
-        if key != "prompt_embeddings":
-            raise ConfigError(f"unexpected key '{key}' in a PEFT prompt-tuning adapter (expected 'prompt_embeddings')")
-        return f"{self.ATTR}.embedding"

@@ -15,6 +15,41 @@ from torch import nn
 
 from deltatune.errors import ConfigError
 from deltatune.kv_cache import cache_key
+from deltatune.methods.base import Method, MethodSpec
+
+
+class VirtualTokenMethod(Method):
+    """What prompt and prefix tuning share: one module attached to the model under `ATTR`, nothing to merge, and
+    PEFT's file layout (one tensor, `prompt_embeddings`, which is the module's `PEFT_TENSOR`)."""
+
+    kind = "addition"
+    mergeable = False
+    adds_virtual_tokens = True
+    ATTR: str
+    PEFT_TENSOR: str  # the module's parameter PEFT saves as prompt_embeddings
+    LABEL: str  # "prompt tuning", for messages
+
+    def switchable_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [getattr(model, self.ATTR)]
+
+    @classmethod
+    def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
+        if config.get("peft_type") not in (None, cls.peft_type):
+            return None
+        if int(config.get("num_transformer_submodules") or 1) != 1:
+            raise ConfigError(f"PEFT {cls.LABEL} for encoder-decoder models is not supported", field="peft_type")
+        # PEFT saves prefix tuning's produced prefixes even with prefix_projection: they load as plain prefixes
+        return MethodSpec(name=cls.name, options={"num_virtual_tokens": int(config["num_virtual_tokens"])})
+
+    def to_peft_key(self, name: str) -> str:
+        return "prompt_embeddings"
+
+    def from_peft_key(self, key: str) -> str:
+        if key != "prompt_embeddings":
+            raise ConfigError(
+                f"unexpected key '{key}' in a PEFT {self.LABEL.replace(' ', '-')} adapter (expected 'prompt_embeddings')"
+            )
+        return f"{self.ATTR}.{self.PEFT_TENSOR}"
 
 
 def decoder_args(decoder: nn.Module) -> tuple[str, ...]:

@@ -162,11 +162,13 @@ def weighted_lm_loss_sum(
     h = hidden.reshape(batch * length, width).index_select(0, rows)
     targets = torch.cat([input_ids[b, t + 1], input_ids.new_zeros(pad)])
     w = torch.cat([w[b, t], w.new_zeros(pad)])
+    transform = transform or LogitTransform()
+    if type(head) is not torch.nn.Linear:  # an adapted head (LoRA on lm_head): its weight is not what it computes
+        return _module_head_loss_sum(head, h, targets, w, chunk, transform), w.sum()
     weight = head.weight
     bias = getattr(head, "bias", None)
     if compute_dtype is None:
         compute_dtype = weight.dtype if weight.dtype != torch.float32 else hidden.dtype
-    transform = transform or LogitTransform()
     total = _ChunkedLinearCrossEntropy.apply(
         h,
         weight,
@@ -181,6 +183,28 @@ def weighted_lm_loss_sum(
         transform.softcap,
     )
     return total, w.sum()
+
+
+def _module_head_loss_sum(
+    head: torch.nn.Module, h: Tensor, targets: Tensor, w: Tensor, chunk: int, transform: LogitTransform
+) -> Tensor:
+    """Σ w·nll through the head module's own forward, a chunk at a time, each chunk's logits recomputed in
+    backward instead of kept: for heads that are not a plain linear (an adapter on lm_head), whose gradients
+    reach the adapter only through that forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk):
+        part = slice(start, start + chunk)
+        total = total + checkpoint(_head_nll_sum, head, h[part], targets[part], w[part], transform, use_reentrant=False)
+    return total
+
+
+def _head_nll_sum(head: torch.nn.Module, h: Tensor, targets: Tensor, w: Tensor, transform: LogitTransform) -> Tensor:
+    logits = head(h).float() * transform.scale
+    if transform.softcap is not None:
+        logits = transform.softcap * torch.tanh(logits / transform.softcap)
+    return (torch.nn.functional.cross_entropy(logits, targets, reduction="none") * w.float()).sum()
 
 
 def per_example_weights(loss_weights: Tensor, position_ids: Tensor) -> Tensor:

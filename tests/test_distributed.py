@@ -337,3 +337,19 @@ def test_global_config_scales_batch_and_refuses_fused_update():
     assert Distributed().global_config(cfg).batch_size == 3
     with pytest.raises(ConfigError, match="fused_update"):
         Distributed(world=2, active=True).global_config(load_config(overrides={"method": "full", "fused_update": True}))
+
+
+def test_fused_norms_on_is_refused_under_several_processes():
+    """Under FSDP2 the swapped-in fused norms' weights were not the sharded ones: full finetuning's final/ kept the
+    untrained norm weights (review). `auto` already ran several processes without them; `on` is now one line."""
+    with pytest.raises(ConfigError, match="fused_norms"):
+        Distributed(world=2, active=True).global_config(load_config(overrides={"method": "full", "fused_norms": "on"}))
+    assert Distributed().global_config(load_config(overrides={"fused_norms": "on"})).fused_norms == "on"
+
+
+def test_nproc_under_torchrun_is_refused_not_launched_again(monkeypatch):
+    """`deltatune train --nproc 2` started by torchrun launched torchrun again in every process: N x N processes in
+    separate groups, all writing the same output folder."""
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="under torchrun"):
+        torchrun_command(2, ["train", "--nproc", "2"])

@@ -68,6 +68,12 @@ class Distributed:
                 "torchrun)",
                 field="fused_update",
             )
+        if self.enabled and cfg.fused_norms == "on":
+            raise ConfigError(
+                "fused_norms: on runs in one process only (the swapped-in norms' weights are not the ones DDP or "
+                "FSDP syncs and saves); use fused_norms: auto, which several processes run without",
+                field="fused_norms",
+            )
         self._global_rows = cfg.batch_size * self.world
         return cfg if not self.enabled else cfg.model_copy(update={"batch_size": self._global_rows})
 
@@ -470,6 +476,13 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
     """
     if nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {nproc}", field="nproc")
+    import os
+
+    if "RANK" in os.environ:  # started by torchrun already: each process would start nproc more
+        raise ConfigError(
+            "--nproc starts torchrun itself; under torchrun drop --nproc (torchrun's --nproc-per-node sets it)",
+            field="nproc",
+        )
     rest, skip = [], False
     for arg in argv:
         if skip:

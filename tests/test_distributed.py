@@ -353,3 +353,21 @@ def test_nproc_under_torchrun_is_refused_not_launched_again(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ConfigError, match="under torchrun"):
         torchrun_command(2, ["train", "--nproc", "2"])
+
+
+def test_lora_on_an_upcycled_models_experts_matches_single_process(tiny_dir, data_file, tmp_path):
+    """An expert that no token of one rank's batch chose has no gradient there: with find_unused_parameters off,
+    DDP never summed its bucket, so the run stopped at the next step ("Expected to have finished reduction"), or,
+    on a run's last step, saved weights that differed from a single process's (review)."""
+    from deltatune.cli import main
+
+    moe = tmp_path / "moe"
+    assert main(["upcycle", "--model", str(tiny_dir), "--experts", "8", "--out", str(moe)]) == 0
+    kw = dict(model=str(moe), targets="all-linear", lr=1e-2, moe_aux_loss=0, moe_z_loss=0, steps=4, save_every=2)
+    one, two = tmp_path / "one", tmp_path / "two"
+    _single(_settings(tiny_dir, data_file, one, **kw))
+    rc, out = _torchrun(_settings(tiny_dir, data_file, two, batch_size=2, **kw))
+    assert rc == 0, out[-3000:]
+    _assert_close(
+        load_file(str(_checkpoint(two, 4) / WEIGHTS_FILE)), load_file(str(_checkpoint(one, 4) / WEIGHTS_FILE))
+    )

@@ -102,10 +102,14 @@ class Distributed:
             if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
             else {"broadcast_buffers": False}
         )  # torch < 2.13
+        from deltatune.upcycle.moe import moe_blocks
+
         ddp = _DDP(
             runner,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=False,
+            # an upcycled model's expert that no token of a rank's batch chose has no gradient there: DDP must
+            # look for such parameters, or their gradients are never summed and the next step stops
+            find_unused_parameters=bool(moe_blocks(model)),
             **quiet_buffers,
         )
         ddp.register_comm_hook(None, _sum_allreduce_hook)

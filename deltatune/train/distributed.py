@@ -457,8 +457,13 @@ def _gather_plain_model(sharded: nn.Module, template: nn.Module) -> nn.Module | 
     sd = get_model_state_dict(sharded, options=_full_options(cpu_offload=True))
     if not sd:
         return None
+    from deltatune.upcycle.convert import spec_of, upcycle
+
     with torch.device("meta"):
         plain = type(template)(template.config)
+        spec = spec_of(template)
+        if spec is not None:  # an upcycled model: its MoE blocks in place of the config's dense MLPs
+            upcycle(plain, spec, copy_weights=False)
     plain.load_state_dict(sd, assign=True, strict=False)
     if hasattr(plain, "tie_weights"):
         plain.tie_weights()

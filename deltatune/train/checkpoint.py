@@ -54,6 +54,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_rng(state: dict, rank: int = 0, world: int = 1) -> None:
+    """This process's random streams from a checkpoint's state: its own where the checkpoint kept every process's
+    (`rng_ranks`, written by the same number of processes), else the first process's."""
+    per_rank = state.get("rng_ranks")
+    _set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else state["rng"])
+
+
 def save_checkpoint(
     path: Path,
     trainable: list[tuple[str, torch.nn.Parameter]],
@@ -61,13 +68,15 @@ def save_checkpoint(
     scheduler,
     position: Position,
     extra: dict | None = None,
+    rng_ranks: list[dict] | None = None,
 ) -> Path:
+    """`rng_ranks`: every process's random streams, in rank order (several processes)."""
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+    if rng_ranks is not None:
+        state["rng_ranks"] = rng_ranks
     with atomic_dir(path) as tmp:
         save_file({n: p.detach().contiguous().cpu() for n, p in trainable}, str(tmp / WEIGHTS_FILE))
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-            tmp / STATE_FILE,
-        )
+        torch.save(state, tmp / STATE_FILE)
         files = {name: _fingerprint(tmp / name) for name in (WEIGHTS_FILE, STATE_FILE)}
         (tmp / META_FILE).write_text(
             json.dumps({"position": asdict(position), "files": files, **(extra or {})}, indent=2)
@@ -136,7 +145,16 @@ def verify_checkpoint(
     return None
 
 
-def load_checkpoint(path: Path, trainable: list[tuple[str, torch.nn.Parameter]], optimizer, scheduler) -> Position:
+def load_checkpoint(
+    path: Path,
+    trainable: list[tuple[str, torch.nn.Parameter]],
+    optimizer,
+    scheduler,
+    *,
+    rank: int = 0,
+    world: int = 1,
+) -> Position:
+    """Weights, optimizer and scheduler state, and this process's (`rank` of `world`) random streams."""
     from deltatune.errors import ConfigError
 
     weights = load_file(str(path / WEIGHTS_FILE))
@@ -157,7 +175,7 @@ def load_checkpoint(path: Path, trainable: list[tuple[str, torch.nn.Parameter]],
         raise ConfigError(
             f"checkpoint {path}: the optimizer state does not fit this run ({str(exc)[:100]})", field="resume"
         ) from None
-    _set_rng_state(state["rng"])
+    restore_rng(state, rank, world)
     meta = json.loads((path / META_FILE).read_text())
     return Position(**meta["position"])
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -182,9 +183,27 @@ class Distributed:
         if self.fsdp:
             weights, optim_state = _gather_fsdp(runner.module, trainable, optimizer)
             trainable, optimizer = list(weights.items()), _StateOnly(optim_state)
+        rng_ranks = self._gather_rng_states() if self.enabled else None  # each process's dropout stream
         if self.is_main:
-            save_checkpoint(path, trainable, optimizer, scheduler, position, extra=extra)
+            save_checkpoint(path, trainable, optimizer, scheduler, position, extra=extra, rng_ranks=rng_ranks)
         self.barrier()
+
+    def _gather_rng_states(self) -> list[dict]:
+        import torch.distributed as dist
+
+        from deltatune.train.checkpoint import _rng_state
+
+        states: list = [None] * self.world
+        dist.all_gather_object(states, _rng_state())
+        return states
+
+    def seed_own_streams(self, seed: int) -> None:
+        """Several processes: each its own random streams from `seed`, so that dropout draws other masks for other
+        rows, as one process does (every rank drew the same ones); one process keeps the stream it has."""
+        if self.enabled:
+            mixed = (seed * 1_000_003 + self.rank) % 2**63
+            torch.manual_seed(mixed)
+            random.seed(mixed)
 
     def load_checkpoint(self, path: Path, runner: nn.Module, trainable, optimizer, scheduler, data):
         """Every rank reads the checkpoint (the output folder must be shared); returns the Position,
@@ -192,9 +211,11 @@ class Distributed:
         from deltatune.train.checkpoint import META_FILE, load_checkpoint
 
         if self.fsdp:
-            position = _load_fsdp(path, runner.module, trainable, optimizer, scheduler)
+            position = _load_fsdp(
+                path, runner.module, trainable, optimizer, scheduler, rank=self.rank, world=self.world
+            )
         else:
-            position = load_checkpoint(path, trainable, optimizer, scheduler)
+            position = load_checkpoint(path, trainable, optimizer, scheduler, rank=self.rank, world=self.world)
         meta = json.loads((path / META_FILE).read_text())
         old_rows = meta.get("global_batch_rows") or self._global_rows  # older checkpoints: single process
         return remap_position(position, old_rows, data, path)
@@ -425,11 +446,11 @@ class _StateOnly:
         return self._state
 
 
-def _load_fsdp(path: Path, model: nn.Module, trainable, optimizer, scheduler):
+def _load_fsdp(path: Path, model: nn.Module, trainable, optimizer, scheduler, *, rank: int, world: int):
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    from deltatune.train.checkpoint import META_FILE, STATE_FILE, WEIGHTS_FILE, Position, _set_rng_state
+    from deltatune.train.checkpoint import META_FILE, STATE_FILE, WEIGHTS_FILE, Position, restore_rng
 
     weights = load_file(str(path / WEIGHTS_FILE))
     missing = {n for n, _ in trainable} - set(weights)
@@ -446,7 +467,7 @@ def _load_fsdp(path: Path, model: nn.Module, trainable, optimizer, scheduler):
     for group, saved in zip(optimizer.param_groups, state["optimizer"]["param_groups"]):
         group.update({k: v for k, v in saved.items() if k not in kept})  # keep hyperparameter types (betas tuple)
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    restore_rng(state, rank, world)
     return Position(**json.loads((path / META_FILE).read_text())["position"])
 
 

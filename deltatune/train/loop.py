@@ -686,6 +686,8 @@ def _train(
                 + f" from step {pos.step}"
             )
         say(f"resumed from {resume_from} at step {pos.step}")
+    else:
+        dist.seed_own_streams(cfg.seed)  # several processes: other dropout masks for other rows
     if dist.is_main:  # training starts: only now does the output folder appear
         start_output(cfg)
         save_run_config(cfg, out, config_history)

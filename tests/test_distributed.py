@@ -365,12 +365,17 @@ def test_lora_on_an_upcycled_models_experts_matches_single_process(tiny_dir, dat
     assert main(["upcycle", "--model", str(tiny_dir), "--experts", "8", "--out", str(moe)]) == 0
     kw = dict(model=str(moe), targets="all-linear", lr=1e-2, moe_aux_loss=0, moe_z_loss=0, steps=4, save_every=2)
     one, two = tmp_path / "one", tmp_path / "two"
-    _single(_settings(tiny_dir, data_file, one, **kw))
-    rc, out = _torchrun(_settings(tiny_dir, data_file, two, batch_size=2, **kw))
+    _single(_settings(tiny_dir, data_file, one, log_every=2, **kw))
+    rc, out = _torchrun(_settings(tiny_dir, data_file, two, batch_size=2, log_every=2, **kw))
     assert rc == 0, out[-3000:]
     _assert_close(
         load_file(str(_checkpoint(two, 4) / WEIGHTS_FILE)), load_file(str(_checkpoint(one, 4) / WEIGHTS_FILE))
     )
+    # the routing metrics are the job's, not rank 0's share: the expert loads are those of one process
+    logged = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
+    loads = [[m["expert_load"] for m in run if "expert_load" in m] for run in logged]
+    assert len(loads[0]) == 2 and loads[0][0] == loads[1][0]  # step 2 (later, last-bit differences flip a token)
+    torch.testing.assert_close(torch.tensor(loads[0][1]), torch.tensor(loads[1][1]), atol=0.01, rtol=0)
 
 
 def test_full_finetuning_of_an_upcycled_model_saves_under_fsdp(tiny_dir, data_file, tmp_path):

@@ -202,3 +202,11 @@ def test_a_resume_between_logged_steps_logs_the_routing_metrics_of_the_straight_
         return [{k: m[k] for k in keys} for m in lines if "expert_load" in m]
 
     assert logged(tmp_path / "straight") and logged(tmp_path / "resumed") == logged(tmp_path / "straight")
+
+
+def test_the_last_step_logs_the_routing_metrics_of_its_window(moe_dir, data_file, tmp_path):
+    """Routing metrics were logged only at multiples of log_every: a run shorter than log_every logged none, and
+    the steps after the last multiple were never reported (review)."""
+    train(_cfg(moe_dir, data_file, tmp_path / "run", steps=3, log_every=2), quiet=True)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "expert_load" in m] == [2, 3]

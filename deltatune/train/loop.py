@@ -813,7 +813,7 @@ def _train(
                     if pos.best_eval is None or eval_loss < pos.best_eval:
                         pos.best_eval = eval_loss
                         dist.save_outputs(save_outputs, adapted, out / "best", tokenizer, full, base_name, runner)
-            if router_losses is not None and pos.step % cfg.log_every == 0:
+            if router_losses is not None and (pos.step % cfg.log_every == 0 or pos.step == total_steps):
                 record.update(router_losses.summary())  # expert load, router entropy, drops, aux losses
             if on_step is not None:
                 record.update(_call_step_hook(on_step, pos.step, total_steps, model, flat, autocast))

@@ -93,6 +93,7 @@ class RouterLosses:
     def summary(self) -> dict:
         """Metrics since the last summary: per-layer expert load (fractions), mean router entropy (nats),
         dropped assignments (top-k) or untouched tokens (expert choice), and the mean auxiliary losses."""
+        self._sum_over_ranks()
         if self.n == 0:
             return {}
         out = {
@@ -105,6 +106,24 @@ class RouterLosses:
         }
         self._reset()
         return out
+
+    def _sum_over_ranks(self) -> None:
+        """Under torchrun, the job's metrics: every rank's counts and sums added (collective: all ranks call
+        summary() at the same steps); otherwise rank 0 logged its own share of the batch."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        scalars = [self.n, self.aux_sum, self.z_sum, self.entropy_sum, self.dropped, self.routed]
+        packed = torch.cat([torch.tensor(scalars, dtype=torch.float64), *(ld.double() for ld in self.load)])
+        packed = packed.to(device) if device is not None else packed
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+        n, self.aux_sum, self.z_sum, self.entropy_sum, dropped, routed = packed[:6].tolist()
+        self.n, self.dropped, self.routed = int(n), int(dropped), int(routed)
+        sizes = [len(ld) for ld in self.load]
+        self.load = [part.float() for part in torch.split(packed[6:], sizes)]
 
 
 def for_training(model: nn.Module, cfg) -> RouterLosses | None:

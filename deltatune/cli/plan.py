@@ -9,6 +9,13 @@ from __future__ import annotations
 import argparse
 
 
+def _train_default(key: str):
+    """`deltatune train`'s default for `key`, so that a plan describes the run train would start."""
+    from deltatune.config import TrainConfig
+
+    return TrainConfig.model_fields[key].default
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plan",
@@ -21,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method", default="lora", help="method, or several joined by '+' as in training (e.g. lora+bitfit)"
     )
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=_train_default("rank"), help="default: %(default)s, as train")
     p.add_argument("--alpha", type=float, default=None, help="default: training's default (16)")
     p.add_argument("--targets", default="all-linear", help="all-linear, suffixes like q_proj,v_proj, or a regex")
     p.add_argument("--dropout", type=float, default=0.0)
@@ -32,8 +39,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="frozen weights' and compute dtype: bf16, fp16, fp32 (trainable weights are counted in fp32, and "
         "full finetuning's whole model, as deltatune train keeps them)",
     )
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=_train_default("batch_size"),
+        help="rows a step; default: %(default)s, as train",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=_train_default("seq_len"),
+        help="tokens a row (train's seq_len, or pack_len where it sets one); default: %(default)s, as train",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
         "--attention-matrix",

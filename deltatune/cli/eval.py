@@ -47,7 +47,12 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--map", default=None, help="field names for file: tasks, e.g. instruction=question,output=answer")
+    p.add_argument(
+        "--map",
+        default=None,
+        help="the file's column names for file: and loss: tasks, COLUMN=FIELD as in train, e.g. "
+        "question=instruction,answer=output (FIELD=COLUMN is read too)",
+    )
     p.add_argument(
         "--template",
         default="auto",

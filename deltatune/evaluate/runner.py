@@ -116,7 +116,7 @@ def evaluate_task(
             task.files[0],
             template=opts.template,
             policy=opts.policy,
-            column_map=task.field_map or None,
+            column_map={column: name for name, column in task.field_map.items()} or None,  # {column: field}
             max_len=opts.max_len,
             limit=opts.limit,
             batch_size=opts.batch_size,

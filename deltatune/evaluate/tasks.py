@@ -5,7 +5,7 @@ Task names on the command line:
   mmlu, mmlu:SUBJECT    MMLU test CSVs, multiple choice by option likelihood (or letters)
   bbh, bbh:TASK         BIG-Bench Hard, generation, exact match after BBH extraction
   self-instruct         252 user-oriented instructions, ROUGE-L against the reference output
-  file:PATH             your JSONL with `instruction` (+ optional `input`) and `output` (see `field_map`)
+  file:PATH             your JSONL with `instruction` (+ optional `input`) and `output` (renamed by `--map`)
   loss:PATH             held-out loss/perplexity of any training-format file (template + loss policy)
   code:PATH             HumanEval- or MBPP-format JSONL, pass@1 / pass@k by running the programs
                         (only with --allow-code-execution; see evaluate/execution.py)
@@ -95,16 +95,31 @@ def _choose(folder: Path, suffix: str, part: str, kind: str) -> list[Path]:
     return [folder / f"{n}{suffix}" for n in chosen]
 
 
+FILE_FIELDS = ("instruction", "input", "output")  # what a file: task reads
+RECORD_FIELDS = (*FILE_FIELDS, "messages", "prompt", "completion", "text", "system")  # any training format (loss:)
+
+
 def parse_field_map(text: str | None) -> dict[str, str]:
-    """'instruction=question,output=answer' -> {'instruction': 'question', 'output': 'answer'}."""
+    """--map as train, preview and stats write it, COLUMN=FIELD ('question=instruction,answer=output'), or as eval
+    first took it, FIELD=COLUMN ('instruction=question'): {field: column} either way. The side that names a field
+    says which is which; an entry naming fields on both sides is refused rather than guessed."""
     out: dict[str, str] = {}
     for part in (text or "").split(","):
         if not part.strip():
             continue
-        key, sep, value = part.partition("=")
-        if not sep or key.strip() not in {"instruction", "input", "output"} or not value.strip():
-            raise UserError(f"bad --map entry '{part}': use instruction=FIELD,input=FIELD,output=FIELD", field="map")
-        out[key.strip()] = value.strip()
+        left, sep, right = (x.strip() for x in part.partition("="))
+        if not sep or not left or not right:
+            raise UserError(f"bad --map entry '{part}': use COLUMN=FIELD, e.g. question=instruction", field="map")
+        if right in RECORD_FIELDS and left not in RECORD_FIELDS:
+            out[right] = left
+        elif left in RECORD_FIELDS and right not in RECORD_FIELDS:
+            out[left] = right
+        elif left != right:
+            raise UserError(
+                f"bad --map entry '{part}': name a column of the file and a field ({', '.join(RECORD_FIELDS)})"
+                f"{' on each side' if left in RECORD_FIELDS else ''}, as COLUMN=FIELD",
+                field="map",
+            )
     return out
 
 
@@ -112,11 +127,18 @@ def resolve_task(spec: str, root: str | os.PathLike | None = None, field_map: di
     """A task name (see the module docstring) -> its definition. Data is read later by `load_items`."""
     name, _, part = spec.strip().partition(":")
     if name == "loss":
-        return Task(spec, "loss", (_need(Path(part).expanduser()),), "records", "loss")
+        return Task(spec, "loss", (_need(Path(part).expanduser()),), "records", "loss", field_map=dict(field_map or {}))
     if name == "code":
         return Task(spec, "code", (_need(Path(part).expanduser()),), "code", "pass@1", max_new_tokens=512)
     if name == "file":
         path = _need(Path(part).expanduser())
+        unread = sorted(set(field_map or {}) - set(FILE_FIELDS))
+        if unread:
+            raise UserError(
+                f"--map names '{unread[0]}', which a file: task does not read ({', '.join(FILE_FIELDS)}); "
+                "a loss: task reads any training format",
+                field="map",
+            )
         return Task(
             spec,
             "generate",

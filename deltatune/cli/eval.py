@@ -83,7 +83,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--task",
         required=True,
-        help="comma list: gsm8k, mmlu[:subject], bbh[:task], self-instruct, file:PATH, loss:PATH",
+        help="comma list: gsm8k, mmlu[:subject], bbh[:task], self-instruct, file:PATH, loss:PATH, code:PATH",
     )
     p.add_argument("--out", default=None, help="write results JSON here")
     p.add_argument("--predictions", default=None, help="write per-item predictions (JSONL) here")

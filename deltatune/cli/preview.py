@@ -15,7 +15,7 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--template",
         default="auto",
-        help="auto (the model's own chat template if it has one, else chatml), tokenizer, chatml, alpaca or raw",
+        help="auto (the model's own chat template if it has one, else chatml where its vocabulary has ChatML's tokens, else alpaca), tokenizer, chatml, alpaca or raw",
     )
     p.add_argument("--data-format", default="auto", help="auto, alpaca, chat, prompt or text")
     p.add_argument(

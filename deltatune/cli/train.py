@@ -73,9 +73,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="rename file columns, e.g. question=instruction,answer=output",
     )
     for flag, key in SWITCHES.items():
-        name = key[0] if isinstance(key, tuple) else key
+        name, value = key if isinstance(key, tuple) else (key, True)
+        meaning = "lomo; --set fused_update=fused-adamw for the other" if name == "fused_update" else str(value).lower()
         p.add_argument(
-            flag, dest=f"switch_{flag.lstrip('-').replace('-', '_')}", action="store_true", help=f"set {name}"
+            flag,
+            dest=f"switch_{flag.lstrip('-').replace('-', '_')}",
+            action="store_true",
+            help=f"set {name}: {meaning}",
         )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument(

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deltatune.errors import ConfigError
+from deltatune.kv_cache import cache_kwargs
 from deltatune.methods.apply import AdaptedModel
 from deltatune.methods.base import MethodSpec, get_method
 from deltatune.methods.inject import freeze
@@ -140,7 +141,7 @@ def test_disabled_equals_base_and_cached_decoding_continues():
     assert not torch.allclose(full, base(X).logits, atol=1e-3)
     out = model(X[:, :-1], use_cache=True)
     assert out.past_key_values.get_seq_length() == 3 + X.shape[1] - 1
-    step = model(X[:, -1:], past_key_values=out.past_key_values, attention_mask=torch.ones_like(X))
+    step = model(X[:, -1:], **cache_kwargs(model, out.past_key_values), attention_mask=torch.ones_like(X))
     torch.testing.assert_close(step.logits[:, -1], full[:, -1], rtol=0, atol=1e-5)
 
 

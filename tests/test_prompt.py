@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from deltatune.errors import ConfigError
+from deltatune.kv_cache import cache_kwargs
 from deltatune.methods.apply import AdaptedModel
 from deltatune.methods.base import MethodSpec, get_method
 from deltatune.methods.inject import freeze
@@ -136,7 +137,7 @@ def test_cached_decoding_continues_after_the_virtual_tokens():
     prompt(model)
     full = model(X).logits
     out = model(X[:, :-1], use_cache=True)
-    step = model(X[:, -1:], past_key_values=out.past_key_values, attention_mask=torch.ones_like(X))
+    step = model(X[:, -1:], **cache_kwargs(model, out.past_key_values), attention_mask=torch.ones_like(X))
     torch.testing.assert_close(step.logits[:, -1], full[:, -1], rtol=0, atol=1e-5)
 
 

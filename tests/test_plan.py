@@ -118,7 +118,24 @@ def test_default_model_config_resolves_offline():
 
 
 def test_cli_plan_llama_7b_and_70b(capsys):
-    assert main(["plan", "--model", "llama-7b", "--method", "lora", "--rank", "8", "--gpu-memory", "24GiB"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                "llama-7b",
+                "--method",
+                "lora",
+                "--rank",
+                "8",
+                "--gpu-memory",
+                "24GiB",
+                "--seq-len",
+                "256",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     lora_7b = 32 * 8 * (4 * (4096 + 4096) + 3 * (4096 + 11008))  # q,k,v,o square; gate, up, down
     assert f"trainable {lora_7b:,}" in out and "fits in 24.00 GiB" in out
@@ -135,3 +152,17 @@ def test_cli_plan_from_a_folder_and_errors(tmp_path, capsys):
     assert main(["plan", "--model", "llama-7b", "--method", "lora", "--targets", "qproj"]) == 2
     err = capsys.readouterr().err
     assert "q_proj" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_plan_that_does_not_fit_says_what_would_and_that_does(capsys):
+    """A plan that does not fit names the settings that would: fewer rows a micro-batch with grad_accum keeping the
+    step's rows, and gradient checkpointing; each suggestion, planned, fits."""
+    args = ["plan", "--model", "llama-7b", "--method", "lora", "--rank", "16", "--gpu-memory", "24GiB"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "--batch-size 2 with --set grad_accum=2 fits" in out
+    assert "--gradient-checkpointing fits" in out
+    for extra in (["--batch-size", "2"], ["--gradient-checkpointing"]):
+        assert main(args + extra) == 0
+        out = capsys.readouterr().out
+        assert "fits in 24.00 GiB" in out and "what would fit" not in out

@@ -87,4 +87,43 @@ def run(args: argparse.Namespace) -> int:
         materialised_attention=args.attention_matrix,
     )
     print(report_json(report) if args.json else report.table(gpu))
+    if gpu is not None and not args.json and not report.fits(gpu):
+        for line in _what_would_fit(report, gpu, args, specs):
+            print(line)
     return 0
+
+
+def _what_would_fit(report, gpu: int, args: argparse.Namespace, specs) -> list[str]:
+    """Settings that would fit: fewer rows a step (activations grow with them; grad_accum keeps the batch), and
+    gradient checkpointing."""
+    from deltatune.analysis.memory import CUDA_OVERHEAD, format_bytes, plan_finetune
+
+    advice = []
+    per_row = report.activation_bytes / report.batch_size
+    spare = gpu - CUDA_OVERHEAD - (report.total_bytes - report.activation_bytes)
+    rows = int(spare // per_row) if per_row > 0 else 0
+    if 1 <= rows < report.batch_size:
+        smaller = max(d for d in range(1, rows + 1) if report.batch_size % d == 0)
+        accum = report.batch_size // smaller
+        advice.append(
+            f"  --batch-size {smaller} with --set grad_accum={accum} fits: the same {report.batch_size} rows a step"
+        )
+    if not args.gradient_checkpointing:
+        checkpointed = plan_finetune(
+            args.model,
+            specs,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            gradient_checkpointing=True,
+            materialised_attention=args.attention_matrix,
+        )
+        need = format_bytes(checkpointed.total_bytes + CUDA_OVERHEAD)
+        verdict = "fits" if checkpointed.fits(gpu) else "does not fit either"
+        advice.append(
+            f"  --gradient-checkpointing {verdict} (needs about {need}; backward recomputes each layer's forward)"
+        )
+    if rows < 1 and all("does not fit" in a for a in advice):
+        four_bit = "" if "qlora" in args.method else "a 4-bit base (--method qlora) or "
+        advice.append(f"  the weights alone leave too little room: {four_bit}a larger GPU")
+    return ["what would fit:", *advice] if advice else []

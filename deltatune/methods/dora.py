@@ -27,6 +27,13 @@ from deltatune.methods.lora import LoRA, LoRALinear
 from deltatune.methods.options import Option
 
 
+def nonzero(norms: torch.Tensor) -> torch.Tensor:
+    """`norms` with its zeros replaced by 1, to divide by: a row of W0 that is all zeros (an untrained reserved
+    token's row of a tied head) has magnitude 0 and norm 0, and m / n was 0 / 0 = NaN in every output; its row now
+    stays 0, as in the base."""
+    return torch.where(norms != 0, norms, torch.ones_like(norms))
+
+
 class DoRALinear(LoRALinear):
     """LoRA plus a trainable magnitude `lora_magnitude_vector` (d_out) and per-row normalisation."""
 
@@ -98,7 +105,7 @@ class DoRALinear(LoRALinear):
         step of the learn-forget experiment peak at 13.6 GB against full finetuning's 9.4 GB."""
         a, b = self.lora_A.weight, self.lora_B.weight
         autocast = torch.is_autocast_enabled(x.device.type)
-        scale = self.lora_magnitude_vector.to(self._fdtype) / self.weight_norm()  # m / n
+        scale = self.lora_magnitude_vector.to(self._fdtype) / nonzero(self.weight_norm())  # m / n
         w0x = base_out if self.base.bias is None else base_out - self.base.bias
         if x.dtype != a.dtype and not autocast:
             x = x.to(a.dtype)  # under autocast the matmuls pick their dtype; casting x would cost a copy
@@ -121,14 +128,14 @@ class DoRALinear(LoRALinear):
         w0 = self._unmerged_base_weight()
         v = self._direction(w0)
         m = self.lora_magnitude_vector.detach().to(self._fdtype)
-        return (m / v.norm(dim=1))[:, None] * v
+        return (m / nonzero(v.norm(dim=1)))[:, None] * v
 
     def _unmerged_base_weight(self) -> torch.Tensor:
         w = self._base_weight().detach()
         if not self.merged:
             return w
         m = self.lora_magnitude_vector.detach().to(self._fdtype)
-        return w * (self._merged_norm / m)[:, None] - self._lora_weight().detach()
+        return w * (self._merged_norm / nonzero(m))[:, None] - self._lora_weight().detach()
 
     def delta_weight(self) -> torch.Tensor:
         """The additive change W' - W0 (fp32), so code that adds delta_weight() to W0 gets W'."""
@@ -145,7 +152,7 @@ class DoRALinear(LoRALinear):
         norm = v.norm(dim=1)
         m = self.lora_magnitude_vector.to(self._fdtype)
         w = self.base.weight
-        merged = self._stored(((m / norm)[:, None] * v).to(w.dtype))
+        merged = self._stored(((m / nonzero(norm))[:, None] * v).to(w.dtype))
         self._merged_norm = norm
         self._keep_original("weight", w, unmerged=self._stored(self._unmerged_from(self._stored(merged))))
         w.copy_(merged)
@@ -167,7 +174,9 @@ class DoRALinear(LoRALinear):
     def _unmerged_from(self, merged: torch.Tensor) -> torch.Tensor:
         """W0 = W' n* / m - s B A, in W's dtype (merge predicts with it what unmerge will compute)."""
         m = self.lora_magnitude_vector.to(self._fdtype)
-        return (merged.to(self._fdtype) * (self._merged_norm / m)[:, None] - self._lora_weight()).to(merged.dtype)
+        return (merged.to(self._fdtype) * (self._merged_norm / nonzero(m))[:, None] - self._lora_weight()).to(
+            merged.dtype
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", dora=True, exact_grad={self.exact_grad}"

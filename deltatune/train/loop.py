@@ -25,7 +25,7 @@ from deltatune.config import TrainConfig
 from deltatune.data.packing import additive_mask
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.train import compiled_layers, fused_norms, host_memory, packed_attention
-from deltatune.train.checkpoint import Position, prune_checkpoints
+from deltatune.train.checkpoint import Position, list_checkpoints, prune_checkpoints
 from deltatune.train.distributed import NullProgress, init_distributed
 from deltatune.train.loss import LogitTransform, logit_transform, per_example_weights, weighted_lm_loss_sum
 from deltatune.train.optim import build_optimizer, build_scheduler, reschedule
@@ -791,9 +791,11 @@ def _train(
             step_loss = dist.sum(step_loss)
             loss_value = step_loss / total_weight
             if not math.isfinite(loss_value):
+                kept = list_checkpoints(out) if dist.is_main else []
+                where = f"; the last good checkpoint is {kept[-1]}" if kept else ""
                 raise TrainingError(
-                    f"loss became {loss_value} at step {pos.step + 1}; last good checkpoint kept "
-                    f"in {out / 'checkpoints'} (lower --lr or check the data)"
+                    f"loss became {loss_value} at step {pos.step + 1}{where} (lower --lr, check the data, or look "
+                    "for NaN in the model's own outputs)"
                 )
             if cfg.max_grad_norm and not cfg.fused_update:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

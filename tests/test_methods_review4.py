@@ -50,3 +50,51 @@ def test_a_nan_loss_names_a_checkpoint_only_when_there_is_one(tiny_dir, data_fil
     with pytest.raises(TrainingError) as caught:
         train(tiny_train_config(tiny_dir, data_file, tmp_path / "run", steps=2), quiet=True)
     assert "loss became nan at step 1" in str(caught.value) and "checkpoint" not in str(caught.value)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_tokens_in_packed_rows_keep_a_sliding_window(method):
+    """Mistral (every layer slides, window 12), rows of 64 tokens: the packed mask let every query see every
+    virtual position, while the model (generate, eval, PEFT, unpacked training) drops those past the window, so
+    packed training optimised another attention than the adapter is used with (loss 6.254 against 6.241)."""
+    import contextlib
+
+    import transformers as tf
+
+    from deltatune.config import load_config
+    from deltatune.data.masking import parse_policy
+    from deltatune.data.packing import collate
+    from deltatune.data.pipeline import prepare_records
+    from deltatune.testing import tiny_tokenizer
+    from deltatune.train import loop
+    from deltatune.train.loss import logit_transform, reference_lm_loss_sum
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = tf.MistralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=12, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    model = tf.MistralForCausalLM(config).eval()
+    adapted = deltatune.apply(model, method, num_virtual_tokens=6)
+    with torch.no_grad():
+        for _, p in adapted.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    records = [{"instruction": f"say {w} twice please", "output": f"{w} {w} and {w}"} for w in ("one", "two", "three")]
+    examples = prepare_records(records, tok, template="chatml").examples
+    assert all(len(ex) + 6 > 12 for ex in examples)  # virtual positions fall out of the window
+    policy = parse_policy("response")
+    own, weight = 0.0, 0.0
+    with torch.no_grad():
+        for ex in examples:  # the model's own loss, one example at a time
+            b = collate([ex], policy, seq_len=64, pad_id=tok.pad_token_id, packed=False)
+            s, w = reference_lm_loss_sum(model(input_ids=b["input_ids"]).logits, b["input_ids"], b["loss_weights"])
+            own, weight = own + s.item(), weight + w.item()
+    cfg = load_config(overrides=dict(seq_len=64, batch_size=4, method=method, attention="mask"))
+    window = loop.mask_window(cfg, model, flat=False)
+    assert window == 12
+    packed = loop.evaluate_loss(
+        model, model.get_output_embeddings(), examples, policy, cfg, tok.pad_token_id, torch.device("cpu"),
+        contextlib.nullcontext, False, logit_transform(model), window,
+    )  # fmt: skip
+    assert packed == pytest.approx(own / weight, rel=1e-6)

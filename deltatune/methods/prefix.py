@@ -38,6 +38,7 @@ from deltatune.methods.virtual_tokens import (
     prepend_key_columns,
     repeat_to,
     shift_positions,
+    sliding_window,
     tokenizer_ids,
 )
 
@@ -118,8 +119,10 @@ class PrefixEncoder(nn.Module):
             for layer, (k, v) in enumerate(self.key_values(ref.shape[0], dtype)):
                 past.update(k, v, layer)
             put_cache(decoder, kw, past)
-        kw["attention_mask"] = prepend_key_columns(kw.get("attention_mask"), self.p)
         kw["position_ids"] = shift_positions(kw.get("position_ids"), self.p, with_virtual=False)
+        kw["attention_mask"] = prepend_key_columns(
+            kw.get("attention_mask"), self.p, kw["position_ids"], sliding_window(decoder)
+        )
         self._drop_cache.append(created and not kw.get("use_cache"))
         return (), kw
 

@@ -48,6 +48,7 @@ from deltatune.methods.virtual_tokens import (
     prepend_virtual_rows,
     repeat_to,
     shift_positions,
+    sliding_window,
     tokenizer_ids,
 )
 
@@ -74,9 +75,10 @@ class PromptEmbedding(nn.Module):
         self._pending.append(first)
         if self.disabled:
             return (), kw
+        window = sliding_window(decoder)
         if not first:  # continuing a cache that already holds the virtual tokens
-            kw["attention_mask"] = prepend_key_columns(kw.get("attention_mask"), p)
             kw["position_ids"] = shift_positions(kw.get("position_ids"), p, with_virtual=False)
+            kw["attention_mask"] = prepend_key_columns(kw.get("attention_mask"), p, kw["position_ids"], window)
             return (), kw
         embeds = kw.get("inputs_embeds")
         if embeds is None:
@@ -84,7 +86,8 @@ class PromptEmbedding(nn.Module):
         prompt = self.embedding.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
         kw["input_ids"] = None
         kw["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
-        kw["attention_mask"] = prepend_virtual_rows(kw.get("attention_mask"), p)
+        real_positions = shift_positions(kw.get("position_ids"), p, with_virtual=False)
+        kw["attention_mask"] = prepend_virtual_rows(kw.get("attention_mask"), p, real_positions, window)
         kw["position_ids"] = shift_positions(kw.get("position_ids"), p, with_virtual=True)
         return (), kw
 

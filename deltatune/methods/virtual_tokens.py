@@ -72,33 +72,62 @@ def _allowed(mask: torch.Tensor, shape: tuple[int, ...], allowed: bool) -> torch
     return torch.full(shape, 0.0 if allowed else torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device)
 
 
-def prepend_key_columns(mask: torch.Tensor | None, p: int) -> torch.Tensor | None:
-    """Let every query see p extra keys in front (prefix keys, or virtual tokens already in a cache)."""
+def _as_mask(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A boolean block (True = may attend) in `mask`'s kind: bool, or additive 0 / most negative."""
+    if mask.dtype == torch.bool:
+        return keep
+    return torch.zeros(keep.shape, dtype=mask.dtype, device=mask.device).masked_fill(~keep, torch.finfo(mask.dtype).min)
+
+
+def sliding_window(decoder: nn.Module) -> int | None:
+    """The window of a model whose every layer slides (Mistral, Phi3), which a 4D mask given to it must carry
+    (transformers uses such a mask as given); None otherwise."""
+    from deltatune.train.packed_attention import sliding_window_of
+
+    window, every_layer = sliding_window_of(decoder)
+    return window if every_layer else None
+
+
+def _virtual_columns(
+    mask: torch.Tensor, p: int, query_positions: torch.Tensor | None, window: int | None
+) -> torch.Tensor:
+    """[b, h, q, p]: which queries see the p virtual positions 0..p-1: all of them, or under a sliding window those
+    fewer than `window` positions away (a query at position P sees j when P - j < window, as transformers)."""
+    b, h, q, _ = mask.shape
+    if window is None or query_positions is None:
+        return _allowed(mask, (b, h, q, p), True)
+    keep = (query_positions[:, :, None] - torch.arange(p, device=mask.device)) < window
+    return _as_mask(mask, keep[:, None].expand(b, h, q, p))
+
+
+def prepend_key_columns(
+    mask: torch.Tensor | None, p: int, query_positions: torch.Tensor | None = None, window: int | None = None
+) -> torch.Tensor | None:
+    """Let every query see p extra keys in front (prefix keys, or virtual tokens already in a cache); with a 4D mask
+    and a sliding `window`, only the queries (at `query_positions`, virtual tokens counted) it reaches."""
     if mask is None:
         return None
     if mask.dim() == 2:
         return torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype, device=mask.device), mask], dim=1)
     if mask.dim() == 4:
-        b, h, q, _ = mask.shape
-        return torch.cat([_allowed(mask, (b, h, q, p), True), mask], dim=3)
+        return torch.cat([_virtual_columns(mask, p, query_positions, window), mask], dim=3)
     raise ConfigError(f"attention_mask must be 2D or 4D, got {mask.dim()}D", field="attention_mask")
 
 
-def prepend_virtual_rows(mask: torch.Tensor | None, p: int) -> torch.Tensor | None:
-    """Mask for p virtual tokens prepended to the sequence (queries and keys both grow by p)."""
+def prepend_virtual_rows(
+    mask: torch.Tensor | None, p: int, query_positions: torch.Tensor | None = None, window: int | None = None
+) -> torch.Tensor | None:
+    """Mask for p virtual tokens prepended to the sequence (queries and keys both grow by p); `query_positions`
+    and `window` as in `prepend_key_columns` (the real tokens' positions)."""
     if mask is None or mask.dim() == 2:
         return prepend_key_columns(mask, p)
     if mask.dim() != 4:
         raise ConfigError(f"attention_mask must be 2D or 4D, got {mask.dim()}D", field="attention_mask")
     b, h, q, k = mask.shape
-    causal = torch.ones(p, p, dtype=torch.bool, device=mask.device).tril()
-    if mask.dtype == torch.bool:
-        virt = causal.expand(b, h, p, p)
-    else:
-        virt = torch.zeros(p, p, dtype=mask.dtype, device=mask.device).masked_fill(~causal, torch.finfo(mask.dtype).min)
-        virt = virt.expand(b, h, p, p)
-    top = torch.cat([virt, _allowed(mask, (b, h, p, k), False)], dim=3)
-    bottom = torch.cat([_allowed(mask, (b, h, q, p), True), mask], dim=3)
+    i = torch.arange(p, device=mask.device)
+    causal = (i[:, None] >= i[None, :]) & ((i[:, None] - i[None, :]) < (window or p + 1))
+    top = torch.cat([_as_mask(mask, causal.expand(b, h, p, p)), _allowed(mask, (b, h, p, k), False)], dim=3)
+    bottom = torch.cat([_virtual_columns(mask, p, query_positions, window), mask], dim=3)
     return torch.cat([top, bottom], dim=2)
 
 

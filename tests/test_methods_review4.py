@@ -98,3 +98,37 @@ def test_virtual_tokens_in_packed_rows_keep_a_sliding_window(method):
         contextlib.nullcontext, False, logit_transform(model), window,
     )  # fmt: skip
     assert packed == pytest.approx(own / weight, rel=1e-6)
+
+
+def test_prefix_with_gradient_checkpointing_is_one_line_before_the_model_loads(tiny_dir, data_file, tmp_path):
+    """transformers drops the cache inside checkpointed layers, and the prefix reaches attention only through it:
+    the first step crashed on mismatched mask sizes."""
+    from deltatune.errors import ConfigError
+
+    cfg = tiny_train_config(tiny_dir, data_file, tmp_path / "run", method="prefix", gradient_checkpointing=True)
+    with pytest.raises(ConfigError, match="gradient_checkpointing cannot run with prefix"):
+        train(cfg, quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_prefix_longer_than_the_sliding_window_is_refused():
+    """A sliding-window model's cache keeps window - 1 positions: a longer prefix crashed packed training and was
+    cut silently elsewhere."""
+    import transformers as tf
+
+    from deltatune.errors import ConfigError
+
+    config = tf.MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=16,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="sliding window of 16"):
+        deltatune.apply(tf.MistralForCausalLM(config), "prefix", num_virtual_tokens=20)
+    deltatune.apply(tf.MistralForCausalLM(config), "prefix", num_virtual_tokens=8)
+
+
+def test_adapter_dtype_in_training_is_said_to_apply_elsewhere(tiny_dir, data_file, tmp_path, capsys):
+    """`method_options: {adapter_dtype: bf16}` trained and saved fp32 tensors without a word."""
+    cfg = tiny_train_config(tiny_dir, data_file, tmp_path / "run", steps=1, method_options={"adapter_dtype": "bf16"})
+    train(cfg, quiet=True)
+    assert "adapter_dtype bf16 applies where the adapter is applied or loaded" in capsys.readouterr().err

@@ -269,7 +269,8 @@ class Method:
     - `trains_full_weights`: the base weights themselves train (kept in fp32, sharded under FSDP);
     - `writes_full_model`: the run's output is a whole model, not an adapter (default: the above);
     - `can_disable` / `why_not_disable`: `AdaptedModel.disable_adapters()` can give the base model;
-    - `why_not_resume`: non-empty when a checkpoint (trainable tensors only) cannot continue the run.
+    - `why_not_resume`: non-empty when a checkpoint (trainable tensors only) cannot continue the run;
+    - `why_not_gradient_checkpointing`: non-empty when the method cannot train with activation checkpointing.
     Options: `options_schema` (see options.py); `self.options` holds the checked values.
     """
 
@@ -297,6 +298,11 @@ class Method:
     @property
     def why_not_resume(self) -> str:
         """Why a run of this method cannot continue from a checkpoint ("" when it can)."""
+        return ""
+
+    @property
+    def why_not_gradient_checkpointing(self) -> str:
+        """Why this method cannot train with gradient checkpointing ("" when it can)."""
         return ""
 
     def training_warnings(self, model: nn.Module) -> list[str]:

@@ -184,8 +184,13 @@ class LoRA(WeightDeltaMethod):
         return LoRALinear(base, self.spec.rank, self.spec.alpha, **self.layer_kwargs())
 
     def training_warnings(self, model: nn.Module) -> list[str]:
-        warning = rank_warning(self.spec.rank, self.named_delta_modules(model))
-        return [warning] if warning else []
+        warnings = [w for w in [rank_warning(self.spec.rank, self.named_delta_modules(model))] if w]
+        if self.options["adapter_dtype"] not in ("auto", "fp32"):
+            warnings.append(
+                f"adapter_dtype {self.options['adapter_dtype']} applies where the adapter is applied or loaded (the "
+                "API, serving); training keeps what trains in fp32 and saves it so"
+            )
+        return warnings
 
     # --- PEFT ---------------------------------------------------------------------------------
     def peft_config(self, model: nn.Module) -> dict[str, Any] | None:

@@ -179,7 +179,23 @@ class PrefixTuning(VirtualTokenMethod):
             )
         self.tokenizer = self.spec.options.pop("tokenizer", None)
 
+    @property
+    def why_not_gradient_checkpointing(self) -> str:
+        return (
+            "prefix tuning hands its keys and values to attention through the cache, which transformers drops in "
+            "checkpointed layers"
+        )
+
     def apply(self, model: nn.Module) -> None:
+        from deltatune.train.packed_attention import sliding_window_of
+
+        window, _ = sliding_window_of(model)
+        if window is not None and self.p >= window - 1:
+            raise ConfigError(
+                f"a prefix of {self.p} positions does not fit {type(model).__name__}'s sliding window of {window} "
+                f"tokens (its cache keeps {window - 1}); use num_virtual_tokens below {window - 1}",
+                field="options.num_virtual_tokens",
+            )
         layers, kv_heads, head_dim = kv_geometry(model.config)
         device = model.get_input_embeddings().weight.device
         module = PrefixEncoder(

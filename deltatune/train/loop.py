@@ -360,9 +360,10 @@ def mask_window(cfg: TrainConfig, model: torch.nn.Module, flat: bool) -> int | N
     if window is None or window >= cfg.row_len:
         return None
     if not every_layer:
+        packed = "attention: packed, " if packed_attention.supported(model) else ""  # Gemma2 caps its scores
         raise ConfigError(
             f"{type(model).__name__} mixes sliding-window ({window} tokens) and full attention layers, which one "
-            f"packed mask cannot express for rows of {cfg.row_len} tokens; use attention: packed, packing: false, "
+            f"packed mask cannot express for rows of {cfg.row_len} tokens; use {packed}packing: false, "
             f"or seq_len {window} or less",
             field="attention",
         )
@@ -530,6 +531,9 @@ def _train(
     if precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16():
         warn(EMULATED_BF16_WARNING)
     methods = method_objects(cfg)
+    refusals = [f"{m.name}: {m.why_not_gradient_checkpointing}" for m in methods if m.why_not_gradient_checkpointing]
+    if cfg.gradient_checkpointing and refusals:
+        raise ConfigError(f"gradient_checkpointing cannot run with {refusals[0]}", field="gradient_checkpointing")
     full = any(m.writes_full_model for m in methods)  # the output is a whole model (full finetuning, ReMoRA)
     local_base = local_model_path(cfg.model) if str(cfg.model or "").lower() not in DEFAULT_MODEL_ALIASES else None
     base_name = str(local_base.resolve()) if local_base else (cfg.model or DEFAULT_MODEL)  # resolvable by load_model

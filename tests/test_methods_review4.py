@@ -132,3 +132,12 @@ def test_adapter_dtype_in_training_is_said_to_apply_elsewhere(tiny_dir, data_fil
     cfg = tiny_train_config(tiny_dir, data_file, tmp_path / "run", steps=1, method_options={"adapter_dtype": "bf16"})
     train(cfg, quiet=True)
     assert "adapter_dtype bf16 applies where the adapter is applied or loaded" in capsys.readouterr().err
+
+
+def test_a_target_that_exists_but_cannot_be_adapted_is_named_as_such_when_alone():
+    """`targets: embed_tokens` for LoRA said no module matched, though the module exists (the clear message came
+    only when another target matched too)."""
+    from deltatune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'embed_tokens' .* module of type Embedding, which this method cannot"):
+        deltatune.apply(tiny_model(), "lora", targets="embed_tokens")

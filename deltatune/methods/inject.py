@@ -61,13 +61,13 @@ def match_targets(
             # a name that exists but selects nothing this method can adapt ("mlp", "embed_tokens" for LoRA)
             # is not dropped either: "q_proj,mlp" must not quietly train q_proj alone
             unusable = [p for p in parts if p not in unknown and not any(n == p or n.endswith("." + p) for n in chosen)]
-            if unusable and chosen:
+            if unusable:
                 kinds = sorted({n.split(".")[-1] for n in candidates})
                 found = next(
                     m for n, m in model.named_modules() if n and (n == unusable[0] or n.endswith("." + unusable[0]))
                 )
                 raise ConfigError(
-                    f"'{unusable[0]}' in targets {targets!r} names a {type(found).__name__}, which this method "
+                    f"'{unusable[0]}' in targets {targets!r} names a module of type {type(found).__name__}, which this method "
                     f"cannot adapt; names it can: {', '.join(kinds)}",
                     field="targets",
                 )

@@ -63,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deltatune.analysis.memory import parse_bytes, plan_finetune, report_json
+    from deltatune.analysis.memory import parse_bytes, report_json
     from deltatune.methods.specs import specs_from_config
 
     gpu = parse_bytes(args.gpu_memory) if args.gpu_memory else None
@@ -77,15 +77,7 @@ def run(args: argparse.Namespace) -> int:
             "rslora": args.rslora,
         }
     )
-    report = plan_finetune(
-        args.model,
-        specs,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        gradient_checkpointing=args.gradient_checkpointing,
-        materialised_attention=args.attention_matrix,
-    )
+    report = _plan(args, specs, gradient_checkpointing=args.gradient_checkpointing)
     print(report_json(report) if args.json else report.table(gpu))
     if gpu is not None and not args.json and not report.fits(gpu):
         for line in _what_would_fit(report, gpu, args, specs):
@@ -93,10 +85,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace, specs, *, gradient_checkpointing: bool):
+    from deltatune.analysis.memory import plan_finetune
+
+    return plan_finetune(
+        args.model,
+        specs,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        gradient_checkpointing=gradient_checkpointing,
+        materialised_attention=args.attention_matrix,
+    )
+
+
 def _what_would_fit(report, gpu: int, args: argparse.Namespace, specs) -> list[str]:
     """Settings that would fit: fewer rows a step (activations grow with them; grad_accum keeps the batch), and
     gradient checkpointing."""
-    from deltatune.analysis.memory import CUDA_OVERHEAD, format_bytes, plan_finetune
+    from deltatune.analysis.memory import CUDA_OVERHEAD, format_bytes
 
     advice = []
     per_row = report.activation_bytes / report.batch_size
@@ -109,15 +115,7 @@ def _what_would_fit(report, gpu: int, args: argparse.Namespace, specs) -> list[s
             f"  --batch-size {smaller} with --set grad_accum={accum} fits: the same {report.batch_size} rows a step"
         )
     if not args.gradient_checkpointing:
-        checkpointed = plan_finetune(
-            args.model,
-            specs,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            gradient_checkpointing=True,
-            materialised_attention=args.attention_matrix,
-        )
+        checkpointed = _plan(args, specs, gradient_checkpointing=True)
         need = format_bytes(checkpointed.total_bytes + CUDA_OVERHEAD)
         verdict = "fits" if checkpointed.fits(gpu) else "does not fit either"
         advice.append(

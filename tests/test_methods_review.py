@@ -12,20 +12,7 @@ from deltatune.testing import tiny_model
 
 peft = pytest.importorskip("peft")
 
-IDS = torch.tensor([[1, 5, 77, 300, 12, 9, 2, 45], [1, 200, 3, 4, 5, 6, 7, 2]])
-
-
-def logits(model):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=IDS).logits
-
-
-def randomise(params, seed=7, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * std)
+from test_peft_format import logits, randomise  # noqa: E402  (the shared eval-mode logits and perturbation)
 
 
 # --- targets ---------------------------------------------------------------------------------------

@@ -352,6 +352,9 @@ def load_model(
         ) from exc
     if "gguf_file" in extra:  # transformers' GGUF loader dequantises to float32 whatever dtype it is asked for
         model = cast_weights(model, dtype)
+        # the file, not its folder: an adapter saved on this model records it as its base (the folder may hold
+        # another model, or none)
+        model.config._name_or_path = str((Path(ref) / extra["gguf_file"]).resolve())
     model.eval()
     tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if adapter is not None:

@@ -238,3 +238,19 @@ def test_a_real_gguf_loaded_in_bf16_computes_as_the_same_model_loaded_from_a_fol
     assert from_gguf.model.rotary_emb.inv_freq.dtype == torch.float32
     assert {p.dtype for p in from_gguf.parameters()} == {torch.bfloat16}
     assert torch.equal(logits(from_gguf), logits(from_folder))
+
+
+def test_an_adapter_on_a_gguf_model_records_the_file_as_its_base(tmp_path):
+    """The loader named the GGUF's folder as the model: an adapter saved on it recorded the folder, so merge and
+    generate --adapter failed there ("no config.json"), or used another model the folder held."""
+    from deltatune.models import load_model
+
+    model = tiny_model()
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", model, tiny_tokenizer())
+    loaded, _ = load_model(str(path))
+    adapted = deltatune.apply(loaded, "lora", rank=4, targets="q_proj")
+    adapted.save_adapter(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(path.resolve())
+    merged, _ = load_model(None, adapter=tmp_path / "a")  # the adapter's own base
+    torch.testing.assert_close(logits(merged), logits(model), atol=1e-5, rtol=0)

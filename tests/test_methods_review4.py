@@ -141,3 +141,19 @@ def test_a_target_that_exists_but_cannot_be_adapted_is_named_as_such_when_alone(
 
     with pytest.raises(ConfigError, match="'embed_tokens' .* module of type Embedding, which this method cannot"):
         deltatune.apply(tiny_model(), "lora", targets="embed_tokens")
+
+
+def test_prefix_under_a_trainers_gradient_checkpointing_is_one_line():
+    """HF Trainer / TRL turn gradient checkpointing on themselves (TRL by default): the prefix's forward crashed on
+    mismatched mask sizes instead of saying why."""
+    from deltatune.errors import ConfigError
+    from deltatune.train.loop import enable_activation_checkpointing
+
+    model = tiny_model()
+    deltatune.apply(model, "prefix", num_virtual_tokens=4)
+    model.train()
+    enable_activation_checkpointing(model)  # what a Trainer's gradient_checkpointing=True does
+    with pytest.raises(ConfigError, match="prefix tuning cannot train with gradient checkpointing"):
+        model(input_ids=IDS)
+    model.eval()  # inference with the flag still set is fine (no recomputation)
+    assert torch.isfinite(model(input_ids=IDS).logits).all()

@@ -52,6 +52,18 @@ def kv_geometry(config) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, kv_heads, head_dim
 
 
+PREFIX_NOT_CHECKPOINTED = (
+    "the prefix reaches attention through the cache, which transformers drops in checkpointed layers; turn "
+    "gradient checkpointing off"
+)
+
+
+def _checkpointed(decoder: nn.Module) -> bool:
+    """Whether transformers' gradient checkpointing is on for the decoder's layers (the flag its layers carry)."""
+    layers = getattr(decoder, "layers", None)
+    return bool(layers) and bool(getattr(layers[0], "gradient_checkpointing", False))
+
+
 class PrefixEncoder(nn.Module):
     """Holds the prefixes (or P' and the MLP that makes them) and the decoder hooks that use them."""
 
@@ -102,6 +114,8 @@ class PrefixEncoder(nn.Module):
         from transformers import DynamicCache
 
         kw = bind_kwargs(decoder, args, kwargs)
+        if not self.disabled and decoder.training and _checkpointed(decoder):  # a Trainer's gradient_checkpointing
+            raise ConfigError(f"prefix tuning cannot train with gradient checkpointing: {PREFIX_NOT_CHECKPOINTED}")
         past, created = take_cache(decoder, kw), False
         put_cache(decoder, kw, past)
         if self.disabled:
@@ -181,10 +195,7 @@ class PrefixTuning(VirtualTokenMethod):
 
     @property
     def why_not_gradient_checkpointing(self) -> str:
-        return (
-            "prefix tuning hands its keys and values to attention through the cache, which transformers drops in "
-            "checkpointed layers"
-        )
+        return PREFIX_NOT_CHECKPOINTED
 
     def apply(self, model: nn.Module) -> None:
         from deltatune.train.packed_attention import sliding_window_of

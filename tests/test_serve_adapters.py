@@ -21,6 +21,7 @@ SPECS = {
     "mora": MethodSpec(name="mora", rank=4, targets="q_proj,gate_proj,down_proj"),
     "mora1": MethodSpec(name="mora", rank=4, options={"mora_type": 1}),
     "ia3": MethodSpec(name="ia3"),
+    "vera": MethodSpec(name="vera", rank=8, targets="q_proj,v_proj,down_proj"),
     "prompt": MethodSpec(name="prompt", options={"num_virtual_tokens": 3}),
     "lora-ia3": [MethodSpec(name="lora", rank=2, targets="q_proj,o_proj"), MethodSpec(name="ia3")],  # one folder
 }

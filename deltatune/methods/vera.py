@@ -116,7 +116,7 @@ class VeRA(WeightDeltaMethod):
         d_in, d_out = (max(dims) for dims in zip(*(linear_features(m) for m in layers)))
         g = torch.Generator(device="cpu").manual_seed(self.options["projection_seed"])
         a, b = kaiming_uniform((self.spec.rank, d_in), g), kaiming_uniform((d_out, self.spec.rank), g)
-        device = model.get_input_embeddings().weight.device
+        device = next(layers[0].parameters()).device  # a model, or serving's skeleton of one (no embeddings)
         self.shared = VeRAProjections(a.to(device), b.to(device))
         model.add_module(self.ATTR, self.shared)
         super().apply(model)

@@ -33,7 +33,7 @@ from deltatune.errors import ConfigError, UserError
 from deltatune.methods.base import DeltaLinear, MethodSpec, is_conv1d, linear_features
 from deltatune.methods.lora import LoRALinear
 
-SERVABLE_METHODS = ("lora", "rslora", "dora", "mora", "ia3", "prompt")
+SERVABLE_METHODS = ("lora", "rslora", "dora", "mora", "vera", "ia3", "prompt")
 _WHY_NOT = {
     "prefix": "prefix tuning adds key/value prefixes to the attention cache, whose length differs per adapter, "
     "so rows of different adapters cannot share one cache; serve it alone with `deltatune generate`",

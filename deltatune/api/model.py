@@ -127,9 +127,39 @@ class AdaptedModel(_AdaptedModel):
                 )
         return super().save_adapter(path, base_model_name_or_path=base_model_name_or_path)
 
-    def save_pretrained(self, out_dir: str | os.PathLike, **kwargs: Any):
-        """PEFT's name for `save_adapter`."""
-        return self.save_adapter(out_dir, **kwargs)
+    def save_pretrained(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        base_model_name_or_path: str | None = None,
+        overwrite: bool = False,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        **peft_kwargs: Any,
+    ):
+        """PEFT's name for `save_adapter`. PEFT's own arguments are read where they mean something here: files are
+        always safetensors (safe_serialization=False is refused), one model holds one adapter (selected_adapters
+        may name only "default"); the rest (is_main_process, save_embedding_layers, ...) change nothing here."""
+        if not safe_serialization:
+            raise ConfigError("deltatune saves adapters as safetensors only (safe_serialization=False)", field="save")
+        if selected_adapters is not None and list(selected_adapters) != ["default"]:
+            raise ConfigError(
+                f"this model holds one adapter ('default'); selected_adapters={selected_adapters!r}", field="save"
+            )
+        if peft_kwargs.get("is_main_process") is False:
+            return Path(out_dir)
+        return self.save_adapter(out_dir, base_model_name_or_path=base_model_name_or_path, overwrite=overwrite)
+
+    def __getattr__(self, name: str) -> Any:
+        """A one-line hint for code written for PEFT's PeftModel, which is a torch module: this is not one."""
+        if name.startswith("__") or name in ("model", "methods"):
+            raise AttributeError(name)
+        if hasattr(self.__dict__.get("model"), name):
+            raise AttributeError(
+                f"AdaptedModel has no attribute '{name}': it is not a torch module; its `.model` is (pass "
+                f"adapted.model to a Trainer or TRL, or call adapted.model.{name})"
+            )
+        raise AttributeError(f"'AdaptedModel' object has no attribute '{name}'")
 
 
 def _check_model(model: Any, what: str) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import re
 import shutil
 import socket
 import urllib.parse
@@ -330,9 +331,16 @@ def load_model(
         extra = {**extra, "adapter_kwargs": {"local_files_only": True}}
     if "gguf_file" in extra:
         extra = {**extra, **gguf_load_kwargs(Path(ref) / extra["gguf_file"])}
+    elif Path(ref).is_dir():  # before any weight loads
+        _refuse_adapted_checkpoint(name_or_path, _checkpoint_keys(Path(ref)))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            ref, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation, **extra
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            ref,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+            **extra,
         )
     except OSError as exc:
         raise UserError(f"cannot load model '{name_or_path}': {_first_line(exc)}", field="model") from exc
@@ -350,6 +358,7 @@ def load_model(
             f"cannot load model '{name_or_path}': a weights file is damaged or cut short ({_first_line(exc)})",
             field="model",
         ) from exc
+    check_loaded_weights(name_or_path, loading)
     if "gguf_file" in extra:  # transformers' GGUF loader dequantises to float32 whatever dtype it is asked for
         model = cast_weights(model, dtype)
         # the file, not its folder: an adapter saved on this model records it as its base (the folder may hold
@@ -362,6 +371,58 @@ def load_model(
 
         model = load_adapter(model, adapter).model
     return model, tokenizer
+
+
+_ADAPTER_KEY = re.compile(
+    r"\.base\.(weight|bias)$|\.(lora_[AB]|lora_magnitude_vector|vera_lambda_[bd]|ia3_l)\b|deltatune_"
+)
+
+
+def _checkpoint_keys(folder: Path) -> list[str]:
+    """The tensor names of a local safetensors checkpoint, from its index or file headers (no tensor is read)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        try:
+            return list(json.loads(index.read_text()).get("weight_map", {}))
+        except (OSError, ValueError):
+            return []
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return []
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(single), framework="pt") as fh:
+            return list(fh.keys())
+    except Exception:  # a damaged file: from_pretrained says so in its own words below
+        return []
+
+
+def _refuse_adapted_checkpoint(name_or_path: Any, keys: list[str]) -> None:
+    """A folder holding a model with deltatune's adapter modules inside (what a Trainer's save_model writes for
+    `adapted.model`) loaded with every adapted linear at random: refused, naming what it is."""
+    adapter_keys = sorted(k for k in keys if _ADAPTER_KEY.search(k))
+    if adapter_keys:
+        raise UserError(
+            f"{name_or_path}: holds a model with deltatune adapters inside (keys such as '{adapter_keys[0]}': a "
+            "Trainer's save of adapted.model), which transformers cannot load as one; save the adapter with "
+            "adapted.save_adapter(...) and load it with --adapter on its base",
+            field="model",
+        )
+
+
+def check_loaded_weights(name_or_path: Any, loading: dict[str, Any]) -> None:
+    """Refuse a checkpoint that left weights at their random start: transformers only logs it."""
+    _refuse_adapted_checkpoint(name_or_path, list(loading.get("unexpected_keys") or []))
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:
+        raise UserError(
+            f"{name_or_path}: the checkpoint lacks {len(missing)} of the model's weights (e.g. '{missing[0]}'), "
+            "which would start at random",
+            field="model",
+        )
 
 
 def cast_weights(model, dtype: torch.dtype):

@@ -31,3 +31,37 @@ def test_a_torch_method_on_the_adapted_model_says_to_use_its_model():
         adapted.to("cpu")
     with pytest.raises(AttributeError, match="no attribute 'nothing_like_this'"):
         adapted.nothing_like_this  # noqa: B018
+
+
+def test_a_trainers_save_of_an_adapted_model_is_refused_not_loaded_with_random_layers(tmp_path, capsys):
+    """`Trainer.save_model` writes `adapted.model` whole: keys `q_proj.base.weight`, `q_proj.lora_A.weight`. The
+    folder loaded with every adapted linear at random (logits 0.65 away), and `deltatune export` wrote that model
+    out as a clean folder."""
+    from reliability_helpers import cli
+
+    from deltatune.models import load_model
+    from deltatune.testing import tiny_tokenizer
+
+    adapted = deltatune.apply(tiny_model(), "lora", rank=4, targets="q_proj")
+    adapted.model.save_pretrained(tmp_path / "saved")
+    tiny_tokenizer().save_pretrained(tmp_path / "saved")
+    with pytest.raises(deltatune.UserError, match="holds a model with deltatune adapters inside"):
+        load_model(tmp_path / "saved")
+    rc, _, err = cli(capsys, "export", "--model", tmp_path / "saved", "--out", tmp_path / "out")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "adapted.save_adapter" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_missing_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from deltatune.models import load_model
+    from deltatune.testing import tiny_tokenizer
+
+    tiny_model().save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    weights = load_file(str(tmp_path / "m" / "model.safetensors"))
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(deltatune.UserError, match="lacks 1 of the model's weights .*up_proj"):
+        load_model(tmp_path / "m")

@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> dict:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (where the hardware has it)")
     args = p.parse_args(argv)
+    if args.policy.startswith("weighted"):  # labels cannot say 0.1; SFTTrainer computes its loss from labels
+        p.error(
+            f"--policy {args.policy}: fractional weights need deltatune.WeightedLossTrainer (examples/hf_trainer.py)"
+        )
     torch.manual_seed(0)
     model, tokenizer = deltatune.load_model(args.model)
     adapted = deltatune.apply(model, "lora", rank=8, alpha=16, targets="all-linear")

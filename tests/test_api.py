@@ -181,7 +181,9 @@ def test_prepare_weights_the_tokens_the_policy_names():
     assert text(row, lambda w: w == 1) == "What is 2 + 3?The answer is 5.<|im_end|>"
     row = deltatune.prepare(record, tok, policy="weighted:0.25")[0]
     assert text(row, lambda w: w == 0.25) == "What is 2 + 3?"
-    assert row["loss_weights"][0] == 0.0 and row["labels"][0] == -100
+    assert row["loss_weights"][0] == 0.0
+    # no labels: they would say 1 where the policy says 0.25, and a Trainer that drops loss_weights would train that
+    assert "labels" not in row
     from datasets import Dataset
 
     assert deltatune.prepare(Dataset.from_list(record), tok, policy="weighted:0.25")[0] == row

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import deltatune
 from deltatune.errors import ConfigError
@@ -65,3 +66,19 @@ def test_a_checkpoint_missing_weights_is_refused(tmp_path):
     save_file(weights, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(deltatune.UserError, match="lacks 1 of the model's weights .*up_proj"):
         load_model(tmp_path / "m")
+
+
+def test_fractional_weights_dropped_by_a_trainer_stop_at_the_collator():
+    """Trainer's remove_unused_columns drops loss_weights; the collator then read the labels, which say 1 where
+    `weighted:0.1` says 0.1, and trained the `instruction` objective without a word (TRL's example too)."""
+    from deltatune.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    records = [{"instruction": "What is 2 + 3?", "output": "5"}]
+    dataset = deltatune.prepare(records, tok, policy="weighted:0.1")
+    assert "labels" not in dataset.column_names
+    as_a_trainer_passes_it = [{"input_ids": row["input_ids"]} for row in dataset]  # the model's arguments only
+    with pytest.raises(deltatune.DataError, match="fractional weights .* remove_unused_columns=False"):
+        deltatune.DataCollator(tok)(as_a_trainer_passes_it)
+    batch = deltatune.DataCollator(tok, return_loss_weights=True)(list(dataset))  # kept columns: fine
+    assert torch.isclose(batch["loss_weights"], torch.tensor(0.1)).any()

@@ -73,6 +73,10 @@ def examples_to_dataset(examples: Sequence[TokenizedExample], policy: LossPolicy
         columns["roles"].append([r.value for r in ex.roles])
         columns["turns"].append(list(ex.turns))
         columns["source"].append(ex.source)
+    if any(w not in (0.0, 1.0) for weights in columns["loss_weights"] for w in weights):
+        # labels would say 1 where the policy says 0.1, and a Trainer that drops loss_weights (its default) would
+        # train that silently: without labels it stops at the collator with the reason
+        del columns["labels"]
     return Dataset.from_dict(columns, info=DatasetInfo(description=description))
 
 
@@ -198,8 +202,10 @@ class DataCollator:
             weights = [0.0 if int(t) == IGNORE_INDEX else 1.0 for t in _as_list(feature["labels"])]
         else:
             raise DataError(
-                f"{ex.source} has neither 'loss_weights' nor 'labels'; pass a policy or prepare the "
-                "data with deltatune.prepare",
+                f"{ex.source} has neither 'loss_weights' nor 'labels': data prepared with fractional weights "
+                "(weighted:λ) has no labels, which cannot express them, and transformers' Trainer drops "
+                "loss_weights unless remove_unused_columns=False (deltatune.WeightedLossTrainer keeps it); "
+                "otherwise prepare the data with deltatune.prepare",
                 field="labels",
             )
         if len(weights) != len(ex):

@@ -46,3 +46,61 @@ def test_training_a_lora_on_lm_head_trains_it(tiny_dir, data_file, tmp_path):
     tensors = load_file(str(run / "final" / "adapter_model.safetensors"))
     head_b = [v for k, v in tensors.items() if "lm_head" in k and "lora_B" in k]
     assert head_b and head_b[0].abs().max() > 0
+
+
+def _gpt2_folder(tmp_path, **config):
+    import transformers as tf
+
+    from deltatune.models import save_model
+    from deltatune.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(
+        tf.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, **config)
+    )
+    return save_model(model, tok, tmp_path / "gpt2")
+
+
+def test_gpt2s_attention_dropout_keeps_training_on_the_mask_path(data_file, tmp_path):
+    """GPT-2 names its attention dropout `attn_pdrop` (0.1 in real configs): auto chose packed attention, which
+    does not implement it, and the first step ended in a ValueError traceback."""
+    from deltatune.train.loop import attention_dropout
+
+    folder = _gpt2_folder(tmp_path, attn_pdrop=0.1)
+    result = train(tiny_train_config(folder, data_file, tmp_path / "run", steps=2, targets="c_attn"), quiet=True)
+    assert result.final_loss is not None
+    from transformers import GPT2Config
+
+    assert attention_dropout(type("M", (), {"config": GPT2Config(attn_pdrop=0.1)})()) == 0.1
+
+
+def test_compile_layers_auto_stays_eager_for_a_model_without_a_layers_list():
+    """GPT-2 and Falcon keep their blocks in `transformer.h`: a long CPU run (where auto compiles) was refused with
+    an error about compile_layers, a setting the user never chose."""
+    import transformers as tf
+
+    from deltatune.config import load_config
+    from deltatune.train.loop import use_compiled_layers
+
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    cfg = load_config(overrides={"method": "lora"})
+    compiled = use_compiled_layers(
+        cfg, model, [], torch.device("cpu"), distributed=False, planned_tokens=10**7, resumed=None, say=lambda m: None
+    )
+    assert compiled is False
+
+
+def test_plan_reads_gpt2_and_falcon_mlp_widths(tmp_path, capsys):
+    """`deltatune plan` read `intermediate_size`, which GPT-2 (`n_inner`) and Falcon (`ffn_hidden_size`) lack: an
+    AttributeError traceback."""
+    import transformers as tf
+
+    from deltatune.analysis.memory import mlp_width
+    from deltatune.cli import main
+
+    assert mlp_width(tf.GPT2Config(n_embd=32)) == 128 and mlp_width(tf.GPT2Config(n_embd=32, n_inner=48)) == 48
+    assert mlp_width(tf.FalconConfig(hidden_size=32, ffn_hidden_size=80)) == 80
+    folder = _gpt2_folder(tmp_path)
+    assert main(["plan", "--model", str(folder)]) == 0
+    assert "activations (rough)" in capsys.readouterr().out

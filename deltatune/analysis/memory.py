@@ -260,6 +260,16 @@ def adapter_file_size(adapter_dir: str | os.PathLike) -> int:
 
 
 # --- activations ---------------------------------------------------------------------------------
+def mlp_width(config) -> int:
+    """The MLP's inner width under the names configs give it (GPT-2's `n_inner`, Falcon's `ffn_hidden_size`, which
+    may be unset for their 4 x hidden default)."""
+    for name in ("intermediate_size", "n_inner", "ffn_hidden_size"):
+        width = getattr(config, name, None)
+        if width:
+            return int(width)
+    return 4 * int(config.hidden_size)
+
+
 def activation_bytes(
     config,
     *,
@@ -274,7 +284,7 @@ def activation_bytes(
     for backward per token, summed over layers (`DeltaLinear.activation_numel_per_token`)."""
     e = torch.empty((), dtype=dtype).element_size()
     b, s = batch_size, seq_len
-    h, i, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    h, i, L = config.hidden_size, mlp_width(config), config.num_hidden_layers
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     kv_dim = kv * getattr(config, "head_dim", None) if getattr(config, "head_dim", None) else kv * h // heads
@@ -491,7 +501,7 @@ def plan_finetune(
     )
     if moe and not gradient_checkpointing:  # rough: each routed copy of a token keeps the MLP's saved inputs
         per_token = moe["spec"]["k"] if moe["spec"]["router"] == "topk" else (moe["spec"]["capacity"] or 1.0)
-        mlp_saved = batch_size * seq_len * (3 * config.intermediate_size + config.hidden_size) * dtype.itemsize
+        mlp_saved = batch_size * seq_len * (3 * mlp_width(config) + config.hidden_size) * dtype.itemsize
         act += int(moe["moe_layers"] * (per_token - 1) * mlp_saved)
     return PlanReport(
         model=name,

@@ -52,6 +52,15 @@ def compile_targets(model: nn.Module) -> list[nn.Module]:
     return [*layers, *([norm] if isinstance(norm, nn.Module) else [])]
 
 
+def why_not_compilable(model: nn.Module) -> str | None:
+    """Why `model` has nothing to compile (GPT-2 and Falcon keep their blocks in `transformer.h`), or None."""
+    try:
+        compile_targets(model)
+    except ConfigError:
+        return f"{type(model).__name__} has no decoder with a `layers` list"
+    return None
+
+
 def install(model: nn.Module) -> Callable[[], None]:
     """Compile each target in place (lazily: the work happens in the first forward); returns `restore`."""
     targets = compile_targets(model)

@@ -166,12 +166,20 @@ def use_packed_attention(cfg: TrainConfig, model: torch.nn.Module, device: torch
         why_not = f"method(s) {', '.join(virtual)} add virtual positions that every example attends to"
     elif not packed_attention.supported(model):
         why_not = packed_attention.unsupported_reason(model)
-    elif getattr(model.config, "attention_dropout", 0.0):
+    elif attention_dropout(model):
         why_not = "the model uses attention dropout"
     if cfg.attention == "packed" and why_not:
         raise ConfigError(f"attention: packed is not available: {why_not}; use attention: mask", field="attention")
     # on CUDA, SDPA's fused kernels with the mask beat a loop of small matmuls (auto keeps them)
     return why_not is None and (cfg.attention == "packed" or device.type == "cpu")
+
+
+def attention_dropout(model: torch.nn.Module) -> float:
+    """The model's dropout on attention probabilities, under the names configs give it (Llama's
+    `attention_dropout`, GPT-2's and GPT-J's `attn_pdrop`, BERT-style `attention_probs_dropout_prob`)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    names = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "attn_dropout")
+    return max(float(getattr(config, name, 0.0) or 0.0) for name in names)
 
 
 def use_compiled_layers(
@@ -201,7 +209,7 @@ def use_compiled_layers(
         methods=[m.name for m in methods],
         planned_tokens=planned_tokens,
         moe=bool(moe_blocks(model)),
-    )
+    ) or compiled_layers.why_not_compilable(model)
     if why_not is None:
         say(
             f"compiled decoder layers: on ({planned_tokens:,} tokens planned; the first step compiles, 10-60 s; "
@@ -364,7 +372,7 @@ def mask_window(cfg: TrainConfig, model: torch.nn.Module, flat: bool) -> int | N
         raise ConfigError(
             f"{type(model).__name__} mixes sliding-window ({window} tokens) and full attention layers, which one "
             f"packed mask cannot express for rows of {cfg.row_len} tokens; use {packed}packing: false, "
-            f"or seq_len {window} or less",
+            f"or rows of {window} tokens or less (seq_len{', and pack_len' if cfg.pack_len else ''})",
             field="attention",
         )
     return window

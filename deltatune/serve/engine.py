@@ -46,6 +46,11 @@ class SamplingParams:
             raise ValueError("seed must be in [-2**63, 2**64)")
 
 
+# Temperatures below this decode greedily, as vLLM does: logits divided by 1e-45 overflow to inf and the
+# sampler's probabilities to NaN, which failed the row and every other row of its batch.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class GenResult:
     text: str
@@ -84,7 +89,7 @@ class _Row:
         self.finish: FinishReason | None = None
         self.ended_on_stop_token = False
         p = req.params
-        self.greedy = p.temperature == 0
+        self.greedy = p.temperature < GREEDY_BELOW
         self.gen = None
         if not self.greedy:
             seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item())

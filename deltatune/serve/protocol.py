@@ -2,8 +2,9 @@
 
 Strict types (a string is not a number), unknown fields refused (a client asking for `logprobs` or
 `tools` learns they are unsupported instead of silently getting something else); OpenAI fields that
-change nothing at their defaults (`n=1`, zero penalties, `user`) are accepted. `top_k` is an extension,
-as in other OpenAI-compatible servers.
+change nothing at their defaults (`n=1`, zero penalties, `user`, `best_of=1`, an empty `logit_bias`, a text
+`response_format`, `store=false`), and any field sent as null, are accepted. `top_k` is an extension, as in
+other OpenAI-compatible servers.
 """
 
 from __future__ import annotations
@@ -55,6 +56,27 @@ class _Sampling(_Strict):
     presence_penalty: float = Field(0.0, ge=0, le=0)
     frequency_penalty: float = Field(0.0, ge=0, le=0)
     logprobs: Literal[False] | None = None  # log-probabilities are not returned
+    # OpenAI fields accepted at the values that change nothing here (others are a 400 naming the field)
+    best_of: int = Field(1, ge=1, le=1)
+    logit_bias: dict[str, float] | None = Field(None, max_length=0)
+    response_format: dict[str, Literal["text"]] | None = None
+    store: Literal[False] = False
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool | None = None  # no tools: nothing to call in parallel
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _no_logprobs(cls, value: Any) -> Any:
+        if value is not None and value is not False:  # `0` asks for the chosen tokens' log-probabilities
+            raise ValueError("log-probabilities are not returned (send null or false)")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and value != {"type": "text"}:
+            raise ValueError("only {'type': 'text'} is supported")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -124,10 +146,37 @@ class AdapterLoadRequest(_Strict):
     path: str | None = None  # a folder under the server's adapter directory; default: `name`
 
 
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """The field holding a string that is not valid Unicode (a lone surrogate, which JSON's \\ud800 allows), or
+    None: the tokenizer and the error answer itself cannot encode it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, where) or _lone_surrogate(item, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{where}.{i}")
+            if found:
+                return found
+    return None
+
+
 def parse(model: type[BaseModel], data: Any) -> Any:
-    """Validate a decoded JSON body; the first problem becomes a 400 naming the field."""
+    """Validate a decoded JSON body; the first problem becomes a 400 naming the field. A field sent as null is
+    left at its default, as OpenAI reads it (clients such as LiteLLM send explicit nulls)."""
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    bad = _lone_surrogate(data)
+    if bad:
+        raise APIError(400, f"{bad}: not valid Unicode (a lone surrogate)", param=bad)
+    required = {name for name, f in model.model_fields.items() if f.is_required()}
+    data = {k: v for k, v in data.items() if v is not None or k in required}
     try:
         return model.model_validate(data)
     except ValidationError as exc:

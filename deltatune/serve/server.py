@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from deltatune.errors import UserError
 from deltatune.serve.adapters import NAME_PATTERN, MultiAdapterModel
@@ -108,7 +109,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(request: Request):
         body = parse(CompletionRequest, await _json(request))
         adapter = _adapter_for(state, body.model)
-        prompts = [state.engine.encode(p) for p in body.prompts()]
+        # tokenising a long prompt takes seconds: off the event loop, which serves every other client meanwhile
+        prompts = await run_in_threadpool(lambda: [state.engine.encode(p) for p in body.prompts()])
         return await _serve(state, request, body, adapter, prompts, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -119,7 +121,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
         try:
-            ids = state.engine.encode_chat(messages)
+            ids = await run_in_threadpool(state.engine.encode_chat, messages)
         except Exception as exc:  # noqa: BLE001 - a template that rejects these messages (e.g. role order)
             raise APIError(400, f"the chat template rejects these messages: {exc}", param="messages") from None
         return await _serve(state, request, body, adapter, [ids], chat=True)
@@ -151,6 +153,12 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.delete("/v1/adapters/{name}")
     async def unload_adapter(name: str) -> dict[str, Any]:
+        if state.adapter_dir is None:  # as loading: the adapters the server started with stay
+            raise APIError(
+                403,
+                "unloading adapters at run time is off; start the server with --adapter-dir DIR",
+                type="permission_error",
+            )
         if name == state.base_name:
             raise APIError(400, "the base model cannot be unloaded", param="name")
         if name not in state.multi.names:
@@ -204,11 +212,14 @@ async def _body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left before sending its body: nobody to answer
+        raise APIError(400, "the client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 

@@ -1,0 +1,69 @@
+"""Review of serving (fourth pass): each test failed before its fix."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from test_serve_review import BASE, PROMPT, error_of, make_state  # noqa: F401  (fixtures below)
+from test_serve_review import adapter_root as adapter_root  # noqa: F401
+from test_serve_review import server as server  # noqa: F401
+
+from deltatune.serve.server import create_app
+from deltatune.serve.testing import running_server
+
+
+def post(url: str, body: dict) -> httpx.Response:
+    return httpx.post(url + "/completions", json=body, timeout=60)
+
+
+def test_a_tiny_temperature_decodes_greedily_and_fails_no_batch(server):
+    """temperature 1e-45 passed validation, the sampler's probabilities became NaN and the whole batch (other
+    clients' rows too) got a 500. It now decodes as greedy, as vLLM does."""
+    url, _ = server
+    greedy = post(url, {"model": BASE, "prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+    tiny = post(url, {"model": BASE, "prompt": PROMPT, "max_tokens": 4, "temperature": 1e-45})
+    assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+def test_nulls_and_no_op_openai_fields_are_accepted_and_logprobs_0_is_refused(server):
+    """Clients such as LiteLLM send explicit nulls and no-op values (best_of 1, an empty logit_bias, a text
+    response_format, store false): each was a 400. `logprobs: 0` (the chosen tokens' log-probabilities) was
+    accepted and ignored, since 0 == False."""
+    url, _ = server
+    fields = {"temperature": None, "top_p": None, "n": None, "stream": None, "tools": None, "logit_bias": {},
+              "best_of": 1, "response_format": {"type": "text"}, "store": False, "metadata": {"k": "v"}}  # fmt: skip
+    plain = post(url, {"model": BASE, "prompt": PROMPT, "max_tokens": 3, "seed": 5})  # temperature 1: seeded
+    with_fields = post(url, {"model": BASE, "prompt": PROMPT, "max_tokens": 3, "seed": 5, **fields})
+    assert with_fields.status_code == 200, with_fields.text
+    assert with_fields.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+    refused = post(url, {"model": BASE, "prompt": PROMPT, "max_tokens": 3, "logprobs": 0})
+    assert refused.status_code == 400 and error_of(refused)["param"] == "logprobs"
+    for field, value in (("best_of", 2), ("logit_bias", {"5": 1.0}), ("response_format", {"type": "json_object"})):
+        r = post(url, {"model": BASE, "prompt": PROMPT, field: value})
+        assert r.status_code == 400 and error_of(r)["param"].startswith(field), (field, r.text)
+
+
+@pytest.mark.parametrize("field", ["prompt", "model"])
+def test_a_lone_surrogate_is_a_400_naming_the_field(server, field):
+    """JSON's "\\ud800" decodes to a string UTF-8 cannot encode: the tokenizer (prompt) or the 404 answer itself
+    (model) raised, and the client got a 500."""
+    url, _ = server
+    body = {"model": BASE, "prompt": PROMPT, "max_tokens": 2, field: "ab\ud800"}
+    r = httpx.post(
+        url + "/completions",
+        content=__import__("json").dumps(body).encode(),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 400 and error_of(r)["param"] == field and "lone surrogate" in error_of(r)["message"]
+
+
+def test_unloading_an_adapter_without_adapter_dir_is_refused(adapter_root):  # noqa: F811
+    """POST /v1/adapters answered 403 without --adapter-dir, but DELETE removed the startup adapters (and they
+    could not be loaded back)."""
+    state = make_state(adapter_root)
+    state.adapter_dir = None
+    with running_server(create_app(state)) as url:
+        r = httpx.delete(url + "/adapters/alpha", timeout=60)
+        assert r.status_code == 403 and error_of(r)["type"] == "permission_error"
+        assert "alpha" in state.multi.names

@@ -295,8 +295,21 @@ def parse_column_map(spec: str | dict | None) -> dict[str, str]:
         src, sep, dst = item.partition("=")
         if not sep or not src.strip() or not dst.strip():
             raise DataError(f"column mapping '{item}' is not of the form source=target", field="--map")
+        if dst.strip() in out.values():
+            raise DataError(f"column mapping names '{dst.strip()}' as the target of two columns", field="--map")
         out[src.strip()] = dst.strip()
     return out
+
+
+def rename_columns(data: dict, column_map: dict[str, str]) -> dict:
+    """A record's fields renamed by `--map`: a renamed column replaces a field the record already has under the
+    new name (`question=instruction` trains on the question even where the record also holds an `instruction`;
+    which one won depended on the order of the record's keys)."""
+    renamed = {k: v for k, v in data.items() if k not in column_map}
+    for source, target in column_map.items():
+        if source in data:
+            renamed[target] = data[source]
+    return renamed
 
 
 def detect_format(data: dict) -> str | None:
@@ -321,7 +334,7 @@ def to_conversation(
     if not isinstance(data, dict):
         raise err(f"expected an object with named fields, got {type(data).__name__}")
     if column_map:
-        data = {column_map.get(k, k): v for k, v in data.items()}
+        data = rename_columns(data, column_map)
     fmt = data_format
     if fmt == "auto":
         fmt = detect_format(data)

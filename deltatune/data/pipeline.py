@@ -20,6 +20,7 @@ from deltatune.data.formats import (
     detect_format,
     parse_column_map,
     read_records,
+    rename_columns,
     to_conversation,
 )
 from deltatune.data.segments import Role, TokenizedExample
@@ -200,7 +201,7 @@ def _prepare(
             continue
         try:
             if fmt == "auto" and isinstance(rec.data, dict):  # the first recognisable record fixes the file's format
-                fmt = detect_format({cmap.get(k, k): v for k, v in rec.data.items()}) or "auto"
+                fmt = detect_format(rename_columns(rec.data, cmap)) or "auto"
             examples.append(tmpl.render(cut_to_budget(to_conversation(rec, fmt, cmap, system_prompt), budget)))
         except DataError as exc:
             bad(exc)

@@ -11,6 +11,7 @@ from deltatune.data.formats import (
     detect_format,
     parse_column_map,
     read_records,
+    rename_columns,
     to_conversation,
 )
 from deltatune.errors import DataError
@@ -32,7 +33,7 @@ def read_rows(path: str | Path, column_map: dict[str, str] | str | None = None) 
         if not isinstance(rec.data, dict):
             raise record_error(rec, f"expected an object with named fields, got {type(rec.data).__name__}")
         if cmap:
-            rec = RawRecord({cmap.get(k, k): v for k, v in rec.data.items()}, rec.file, rec.line, rec.index)
+            rec = RawRecord(rename_columns(rec.data, cmap), rec.file, rec.line, rec.index)
         yield rec
 
 

@@ -214,8 +214,10 @@ def test_cli_summary_refusals_and_no_half_written_output(capsys, task, data, tmp
 def test_atomic_writer_keeps_the_old_file_when_writing_fails(tmp_path):
     out = tmp_path / "o.jsonl"
     out.write_text("old\n")
-    with pytest.raises(TypeError):
-        write_jsonl_atomic(out, [{"a": 1}, {"b": object()}])
+    circular: dict = {}
+    circular["self"] = circular
+    with pytest.raises(ValueError, match="Circular"):
+        write_jsonl_atomic(out, [{"a": 1}, circular])
     assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["o.jsonl"]
 
 

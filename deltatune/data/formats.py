@@ -348,7 +348,7 @@ def to_conversation(
         inp = err.text(data, "input", required=False)
         output = err.text(data, "output")
         parts: list[tuple[Role, str]] = [(Role.INSTRUCTION, instruction)]
-        if inp:
+        if inp.strip():  # an input of spaces is no input (it made the template's "paired with an input" preamble)
             parts += [(Role.TEMPLATE, ALPACA_INPUT_SEPARATOR), (Role.INPUT, inp)]
         msgs = [Message("user", tuple(parts)), Message("assistant", ((Role.RESPONSE, output),))]
         system = err.text(data, "system", required=False) or system_prompt

@@ -208,15 +208,16 @@ def _prepare(
     tokenized = tokenize_examples(examples, tokenizer, keep_offsets=keep_offsets)
     kept = []
     for ex in tokenized:
-        if len(ex) > max_len:
+        cut = len(ex) > max_len
+        if cut:
             if overflow == "drop":
                 report.dropped_too_long += 1
                 continue
             _truncate(ex, max_len)
-            report.truncated += 1
         if Role.RESPONSE not in ex.roles:
-            report.dropped_no_loss += 1
+            report.dropped_no_loss += 1  # counted once: a dropped example is not "truncated" as well
             continue
+        report.truncated += cut
         kept.append(ex)
     report.kept = len(kept)
     return PreparedData(kept, report, template=tmpl.name, data_format=fmt)  # the resolved name (auto -> ...)

@@ -36,7 +36,8 @@ def check_output(
 
 def write_jsonl_atomic(out: str | Path, records: Iterable[dict]) -> int:
     """Write one JSON object per line (UTF-8, not ASCII-escaped) atomically; returns the count."""
-    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    # default=str: a Parquet row's timestamp or decimal column is written as its text (it was a TypeError traceback)
+    lines = [json.dumps(r, ensure_ascii=False, default=str) for r in records]
     write_text_atomic(out, "".join(line + "\n" for line in lines))
     return len(lines)
 

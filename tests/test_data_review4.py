@@ -63,3 +63,51 @@ def test_data_filter_writes_a_parquet_timestamp_column_as_text(tmp_path, capsys)
     assert main(["data", "filter", "--data", str(tmp_path / "d.parquet"), "--out", str(tmp_path / "o.jsonl")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert rows and rows[0]["at"] == str(when)
+
+
+QWEN3_LIKE = (  # Qwen3's rule, cut down: the last answer opens with an empty think block; the generation prompt not
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_text_the_template_puts_after_the_generation_prompt_is_trained_as_the_answers():
+    """Qwen3's template writes `<think>\\n\\n</think>\\n\\n` before the last answer, which inference's generation
+    prompt leaves to the model: training tagged it as template (weight 0), so the model never learnt to write it."""
+    tok = tiny_tokenizer()
+    tok.chat_template = QWEN3_LIKE
+    messages = [{"role": "user", "content": "what is two"}, {"role": "assistant", "content": "two"}]
+    row = deltatune.prepare([{"messages": messages}], tok, template="tokenizer", policy="response")[0]
+    trained = tok.decode([t for t, w in zip(row["input_ids"], row["loss_weights"]) if w > 0])
+    assert trained.startswith("<think>") and trained.endswith("two<|im_end|>")
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    first = next(i for i, w in enumerate(row["loss_weights"]) if w > 0)
+    assert tok.decode(row["input_ids"][:first]) == prompt  # what inference shows, up to the first trained token
+
+
+def test_a_template_whose_generation_prompt_is_not_how_it_starts_answers_is_refused():
+    tok = tiny_tokenizer()
+    tok.chat_template = QWEN3_LIKE.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>bot\n{% endif %}")
+    with pytest.raises(deltatune.ConfigError, match="generation prompt"):
+        deltatune.prepare([{"instruction": "what is two", "output": "two"}], tok, template="tokenizer")
+
+
+def test_the_tokenizer_template_decides_bos_as_at_inference():
+    """A tokenizer that adds BOS to plain text, with a chat template that writes none: training prepended BOS,
+    while generate and serve encode the template's text without special tokens."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]
+    )
+    tok.bos_token = "<|endoftext|>"
+    assert tok("hi")["input_ids"][0] == 0  # adds BOS to plain text
+    messages = [{"role": "user", "content": "what is two"}, {"role": "assistant", "content": "two"}]
+    row = deltatune.prepare([{"messages": messages}], tok, template="tokenizer")[0]
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    assert row["input_ids"] == tok(rendered, add_special_tokens=False)["input_ids"]
+    chatml = deltatune.prepare([{"messages": messages}], tok, template="chatml")[0]
+    assert chatml["input_ids"][0] == 0  # deltatune's own templates keep the tokenizer's BOS

@@ -205,7 +205,9 @@ def _prepare(
             examples.append(tmpl.render(cut_to_budget(to_conversation(rec, fmt, cmap, system_prompt), budget)))
         except DataError as exc:
             bad(exc)
-    tokenized = tokenize_examples(examples, tokenizer, keep_offsets=keep_offsets)
+    tokenized = tokenize_examples(
+        examples, tokenizer, keep_offsets=keep_offsets, template_writes_bos=tmpl.name == "tokenizer"
+    )
     kept = []
     for ex in tokenized:
         cut = len(ex) > max_len

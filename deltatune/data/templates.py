@@ -148,20 +148,21 @@ class TokenizerTemplate(Template):
         super().__init__(name, eos)
         self.tokenizer = tokenizer
         self.bos = getattr(tokenizer, "bos_token", None)
-        self._scaffolds: dict[tuple, list[str]] = {}
+        self._scaffolds: dict[tuple, tuple[list[str], dict[int, str]]] = {}
 
-    def _apply(self, messages: list[dict], source: str) -> str:
+    def _apply(self, messages: list[dict], source: str, generation_prompt: bool = False) -> str:
         """Render with the tokenizer's template. A template that raises (Llama-2's and Mistral's do for roles
         that do not alternate) refuses this record: a DataError naming it, which --skip-bad can skip."""
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as exc:  # jinja raises its own errors for unsupported role orders
             raise DataError(
                 f"the tokenizer's chat template failed: {exc} (--template tokenizer)", file=source or None
             ) from None
 
-    def _scaffold(self, msgs: list[Message], source: str) -> list[str]:
-        """Scaffold pieces around the parts: scaffold[0] part0 scaffold[1] part1 ... scaffold[n]."""
+    def _scaffold(self, msgs: list[Message], source: str) -> tuple[list[str], dict[int, str]]:
+        """Scaffold pieces around the parts: scaffold[0] part0 scaffold[1] part1 ... scaffold[n]; and the text the
+        model writes before an answer (`_generated_preambles`), by the answer's first part."""
         key = tuple((m.role, len(m.parts)) for m in msgs)
         if key in self._scaffolds:
             return self._scaffolds[key]
@@ -185,12 +186,36 @@ class TokenizerTemplate(Template):
             pieces.append(rendered[pos:at])
             pos = at + len(s)
         pieces.append(rendered[pos:])
-        self._scaffolds[key] = pieces
-        return pieces
+        self._scaffolds[key] = (pieces, self._generated_preambles(sent_msgs, rendered, source))
+        return self._scaffolds[key]
+
+    def _generated_preambles(self, sent_msgs: list[dict], rendered: str, source: str) -> dict[int, str]:
+        """What the model must write itself before each answer. At inference the prompt is the conversation so
+        far with the generation prompt (`add_generation_prompt`); whatever the template puts between that and the
+        answer (Qwen3's empty `<think>` block before the last answer, a space after "Bot:") is generated, so
+        it becomes part of the answer's text here. A template whose generation prompt is not how it begins the
+        answer would train other prompts than inference shows: refused."""
+        preambles: dict[int, str] = {}
+        first_part, at = 0, 0
+        for j, message in enumerate(sent_msgs):
+            at = rendered.find(self.SENTINEL.format(first_part), at)
+            if message["role"] == "assistant" and j > 0:
+                prompt = self._apply(sent_msgs[:j], source, generation_prompt=True)
+                if not rendered.startswith(prompt) or len(prompt) > at:
+                    raise ConfigError(
+                        "the tokenizer's chat template writes an answer's start otherwise than its generation "
+                        "prompt (add_generation_prompt), so training would show other prompts than inference; use "
+                        "--template chatml or alpaca",
+                        field="--template",
+                    )
+                if at > len(prompt):
+                    preambles[first_part] = rendered[len(prompt) : at]
+            first_part += message["content"].count("XQDTSENT")
+        return preambles
 
     def _render(self, conv: Conversation, b: _Builder) -> None:
         msgs = conv.messages
-        scaffold = self._scaffold(msgs, conv.source)
+        scaffold, preambles = self._scaffold(msgs, conv.source)
         real = self._apply([{"role": m.role, "content": m.content} for m in msgs], conv.source)
         parts = [(m, turn, role, text) for m, turn in zip(msgs, _turns(msgs)) for role, text in m.parts]
         if real != "".join(s + p[3] for s, p in zip(scaffold, parts)) + scaffold[-1]:
@@ -207,7 +232,10 @@ class TokenizerTemplate(Template):
             first = first[len(self.bos) :]
         scaffold = [first] + scaffold[1:]
         for i, (m, turn, role, text) in enumerate(parts):
-            b.add(Role.ROLE, scaffold[i], turn)
+            generated = preambles.get(i, "")
+            b.add(Role.ROLE, scaffold[i][: len(scaffold[i]) - len(generated)], turn)
+            if generated:  # written by the model at inference, after the generation prompt
+                b.add(Role.RESPONSE, generated, turn)
             b.add(role, text, turn)
             last_of_message = i + 1 == len(parts) or parts[i + 1][0] is not m
             if m.role == "assistant" and last_of_message:

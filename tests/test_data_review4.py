@@ -111,3 +111,34 @@ def test_the_tokenizer_template_decides_bos_as_at_inference():
     assert row["input_ids"] == tok(rendered, add_special_tokens=False)["input_ids"]
     chatml = deltatune.prepare([{"messages": messages}], tok, template="chatml")[0]
     assert chatml["input_ids"][0] == 0  # deltatune's own templates keep the tokenizer's BOS
+
+
+@pytest.mark.parametrize("near", ["rouge", "minhash"])
+def test_filter_does_not_call_records_duplicates_for_a_shared_system_prompt(tmp_path, near):
+    """Six chat records with one 36-word system prompt and six different questions: `--near rouge` dropped five as
+    near duplicates (the comparison joined the system prompt to the question)."""
+    import json
+
+    from deltatune.data.instructions.filter import FilterOptions, filter_records
+
+    system = " ".join(f"rule{i}" for i in range(36))
+    questions = ["how do tides work", "name a prime above ten", "what is photosynthesis", "define entropy briefly",
+                 "who wrote hamlet", "convert ten miles to kilometres"]  # fmt: skip
+    data = tmp_path / "chat.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": q},
+                        {"role": "assistant", "content": "an answer"},
+                    ]
+                }
+            )
+            + "\n"
+            for q in questions
+        )  # fmt: skip
+    )
+    kept, report = filter_records(data, FilterOptions(near=near))
+    assert len(kept) == 6, report.dropped

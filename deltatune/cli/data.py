@@ -75,7 +75,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--on",
         default="prompt",
         choices=["prompt", "all"],
-        help="compare the prompt (instruction + input) or the whole record",
+        help="compare the prompt (instruction + input; the user's messages, not a shared system prompt) or the "
+        "whole record",
     )
     t.add_argument("--model", default=None, help="tokenizer for the length limits (default: the default model)")
     t.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)  # "tiny": the hermetic test tokenizer

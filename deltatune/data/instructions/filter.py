@@ -103,7 +103,9 @@ def filter_records(
         if conv.kind == "text":  # a plain-text document has no prompt side: compare the document
             text = response
         else:
-            text = prompt if options.on == "prompt" else prompt + "\n" + response
+            # the user's side: a system prompt that many records share made them near duplicates of each other
+            asked = "\n".join(m.content for m in conv.messages if m.role == "user")
+            text = asked if options.on == "prompt" else prompt + "\n" + response
         key = normalise(text)
         if key in exact:
             drop(rec.source, "exact_duplicate", duplicate_of=exact[key], similarity=1.0)

@@ -142,3 +142,12 @@ def test_filter_does_not_call_records_duplicates_for_a_shared_system_prompt(tmp_
     )
     kept, report = filter_records(data, FilterOptions(near=near))
     assert len(kept) == 6, report.dropped
+
+
+def test_a_csv_label_written_as_a_float_matches_the_tasks_integer_label():
+    """A CSV label `1.0` (how a float column is written) was "unknown label '1.0' (the task knows 0, 1)", though the
+    docs say a float column's 1.0 agrees with 1."""
+    from deltatune.data.instructions.from_labels import _label_key
+
+    assert _label_key("1.0") == _label_key(1) == _label_key(1.0) == "1"
+    assert _label_key("007") == "007" and _label_key("1.5") == "1.5" and _label_key(True) == "True"

@@ -156,7 +156,12 @@ def load_task(path: str | Path) -> LabelTask:
 
 
 def _label_key(value: object) -> str:
-    """Labels compare as text, so JSON 1, CSV "1", YAML 1 and a float column's 1.0 agree; True stays 'True'."""
+    """Labels compare as text, so JSON 1, CSV "1", YAML 1 and a float column's 1.0 (or a CSV's "1.0") agree; True
+    stays 'True'."""
+    if isinstance(value, str) and "." in value:  # "1.0" as a float column writes it; "007" stays text
+        digits = value.strip().lstrip("+-").replace(".", "", 1)
+        if digits.isdigit() and float(value).is_integer():
+            value = float(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return str(value).strip()

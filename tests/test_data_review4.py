@@ -151,3 +151,16 @@ def test_a_csv_label_written_as_a_float_matches_the_tasks_integer_label():
 
     assert _label_key("1.0") == _label_key(1) == _label_key(1.0) == "1"
     assert _label_key("007") == "007" and _label_key("1.5") == "1.5" and _label_key(True) == "True"
+
+
+def test_yaml_boolean_label_keys_are_named_when_the_data_says_yes(tmp_path):
+    """A task file with `yes:` and `no:` label keys (YAML reads them as booleans) and data saying "yes": the error
+    said the task knows True, False, without saying why."""
+    import json
+
+    from deltatune.data.instructions.from_labels import build_from_labels, load_task
+
+    (tmp_path / "task.yaml").write_text("templates: ['Is it spam? {text}']\nlabels: {yes: spam, no: ham}\n")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "win money", "label": "yes"}) + "\n")
+    with pytest.raises(deltatune.DataError, match="quote the task's labels"):
+        build_from_labels(tmp_path / "d.jsonl", load_task(tmp_path / "task.yaml"))

@@ -224,7 +224,12 @@ def build_from_labels(
             raise record_error(rec, "missing label", label_column)
         label = _label_key(rec.data[label_column])
         if label not in task.labels:
-            raise record_error(rec, f"unknown label '{label}' (the task knows {', '.join(task.labels)})", label_column)
+            hint = ""
+            if {"True", "False"} & set(task.labels) and label.lower() in ("yes", "no", "on", "off", "true", "false"):
+                hint = "; YAML reads unquoted yes/no/on/off/true/false as booleans: quote the task's labels ('yes':)"
+            raise record_error(
+                rec, f"unknown label '{label}' (the task knows {', '.join(task.labels)}){hint}", label_column
+            )
         chosen = choose_phrasings(i, n, per_example, rng)
         cells: dict[str, str] = {}
         for k in sorted(set().union(*(task.phrasings[j].placeholders for j in chosen)) - {OPTIONS}):

@@ -67,3 +67,21 @@ def test_unloading_an_adapter_without_adapter_dir_is_refused(adapter_root):  # n
         r = httpx.delete(url + "/adapters/alpha", timeout=60)
         assert r.status_code == 403 and error_of(r)["type"] == "permission_error"
         assert "alpha" in state.multi.names
+
+
+def test_unsupported_values_say_what_is_unsupported_and_a_message_name_is_refused():
+    """`n: 2` answered pydantic's "Input should be less than or equal to 1"; token-id prompts "Input should be a
+    valid string"; `messages[].name` was accepted and dropped, though it changes OpenAI's answer."""
+    from deltatune.serve.protocol import APIError, ChatRequest, CompletionRequest, parse
+
+    cases = [
+        (CompletionRequest, {"model": "m", "prompt": "x", "n": 2}, "n", "only n=1"),
+        (CompletionRequest, {"model": "m", "prompt": [1, 2, 3]}, "prompt", "token-id prompts"),
+        (ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name",
+         "participant's name"),
+    ]  # fmt: skip
+    for model, body, param, message in cases:
+        with pytest.raises(APIError) as refused:
+            parse(model, body)
+        assert refused.value.param == param and message in refused.value.message
+    parse(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "x", "name": None}]})

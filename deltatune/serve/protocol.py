@@ -127,7 +127,7 @@ class TextPart(_Strict):
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None
+    name: None = None  # a participant's name changes OpenAI's answer; chat templates have no place for it
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -144,6 +144,18 @@ class ChatRequest(_Sampling):
 class AdapterLoadRequest(_Strict):
     name: str
     path: str | None = None  # a folder under the server's adapter directory; default: `name`
+
+
+_UNSUPPORTED_VALUES = {  # fields accepted only at the value that changes nothing: say what, not pydantic's bound
+    "n": "only n=1 is supported (one choice per request)",
+    "best_of": "only best_of=1 is supported",
+    "echo": "echo is not supported",
+    "suffix": "suffix is not supported",
+    "presence_penalty": "penalties are not supported (send 0)",
+    "frequency_penalty": "penalties are not supported (send 0)",
+    "store": "stored completions are not supported",
+    "name": "a participant's name is not supported (the chat template has no place for it)",
+}
 
 
 def _lone_surrogate(value: Any, where: str = "") -> str | None:
@@ -190,6 +202,15 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unsupported field"
+        elif loc and loc[-1] in _UNSUPPORTED_VALUES:
+            msg = _UNSUPPORTED_VALUES[loc[-1]]
+        elif (
+            loc
+            and loc[0] == "prompt"
+            and isinstance(data.get("prompt"), list)
+            and any(isinstance(p, (int, list)) for p in data["prompt"])
+        ):
+            msg = "token-id prompts are not supported; send text"
         raise APIError(
             400,
             f"{param}: {msg}" if param else msg,

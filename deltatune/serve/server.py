@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -58,6 +59,34 @@ class ServerState:
         return self.engine.adapters
 
 
+class _InternalErrors:
+    """An unexpected exception answered as OpenAI's 500 JSON, with the connection kept: Starlette's handler for
+    Exception answers and then re-raises, and uvicorn closed the keep-alive connection (the client's next request
+    on it got a reset). The traceback goes to the log."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:  # a stream already under way: nothing left to answer with
+                raise
+            logging.getLogger("deltatune.serve").exception("internal error")
+            err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+            await JSONResponse(err.body(), status_code=500)(scope, receive, send)
+
+
 def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -82,10 +111,7 @@ def create_app(state: ServerState) -> FastAPI:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(APIError(exc.status_code, str(exc.detail), type=kind).body(), status_code=exc.status_code)
 
-    @app.exception_handler(Exception)
-    async def _server_error(_: Request, exc: Exception) -> JSONResponse:
-        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
-        return JSONResponse(err.body(), status_code=500)
+    app.add_middleware(_InternalErrors)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

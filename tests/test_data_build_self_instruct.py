@@ -384,11 +384,14 @@ def test_cli_on_the_tiny_model_sigkill_then_resume_equals_uninterrupted(
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "b.jsonl").exists()  # no output until the run is complete
-    assert main(["data", "self-instruct", *args(tmp_path / "a.jsonl")]) == 0
-    capsys.readouterr()
-    assert main(["data", "self-instruct", *args(tmp_path / "b.jsonl"), "--resume"]) == 0
+    # gibberish from a random model keeps no instruction: each run says so (exit 2) and writes no --out at all
+    assert main(["data", "self-instruct", *args(tmp_path / "a.jsonl")]) == 2
+    assert "no instruction was kept" in capsys.readouterr().err
+    assert main(["data", "self-instruct", *args(tmp_path / "b.jsonl"), "--resume"]) == 2
     out = capsys.readouterr().out
-    assert (tmp_path / "b.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
+    assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "b.jsonl").exists()
+    tasks = [(tmp_path / f"{x}.jsonl.work" / "tasks.jsonl").read_bytes() for x in "ab"]
+    assert tasks[0] == tasks[1]
     report = json.loads((tmp_path / "b.jsonl.work" / "report.json").read_text())
     assert report == json.loads((tmp_path / "a.jsonl.work" / "report.json").read_text())
     assert report["rounds"] == 4 and "after 4 rounds" in out

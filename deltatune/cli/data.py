@@ -142,7 +142,7 @@ def run_self_instruct(args: argparse.Namespace) -> int:
         write_outputs,
     )
     from deltatune.data.instructions.self_instruct_text import read_seed_tasks
-    from deltatune.errors import ConfigError
+    from deltatune.errors import ConfigError, UserError
     from deltatune.fileio import check_writable
     from deltatune.models import load_model
 
@@ -165,6 +165,10 @@ def run_self_instruct(args: argparse.Namespace) -> int:
     result = run_self_instruct(
         seeds, generate, config, work, model_name=args.model, resume=args.resume, progress=sys.stderr.isatty()
     )
+    if not result.records():  # an empty --out would train nothing and fail later, far from the cause
+        write_outputs(result, None, work)
+        sys.stdout.write(result.format())
+        raise UserError(f"no instruction was kept (drops per reason in {work / 'report.json'}); {out} not written")
     written = write_outputs(result, out, work)
     sys.stdout.write(result.format())
     print(f"wrote {out} ({written} records); tasks and report in {work}", file=sys.stderr)

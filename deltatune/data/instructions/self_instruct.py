@@ -336,8 +336,9 @@ def model_generator(
     return fn
 
 
-def write_outputs(result: SelfInstructResult, out: str | Path, work: str | Path) -> int:
-    """The Alpaca records to `out`, and the kept tasks (seed format) and the report into `work`; all atomic."""
+def write_outputs(result: SelfInstructResult, out: str | Path | None, work: str | Path) -> int:
+    """The Alpaca records to `out` (None: none), and the kept tasks (seed format) and the report into `work`; all
+    atomic."""
     write_jsonl_atomic(Path(work) / TASKS, [t.to_json() for t in result.tasks])
     write_json_atomic(Path(work) / REPORT, result.report())
-    return write_jsonl_atomic(out, result.records())
+    return write_jsonl_atomic(out, result.records()) if out is not None else 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,14 +23,14 @@ _MATCH_RTOL = 1e-5
 
 
 def gguf_rope_parameters(
-    gguf_path: Path, metadata: dict[str, Any], tensor_names: tuple[str, ...], config: Any
+    gguf_path: Path, metadata: dict[str, Any], tensor_names: tuple[str, ...], load_config: Callable[[], Any]
 ) -> dict[str, Any] | None:
-    """The `rope_parameters` a config loaded from `gguf_path` needs, or None where the loader's are right."""
+    """The `rope_parameters` the config `load_config()` loads from `gguf_path` needs, or None where the loader's are
+    right. The config is loaded only for a file that scales RoPE (parsing it reads every metadata key again)."""
     arch = metadata.get("general.architecture", "")
     legacy_linear = metadata.get(f"{arch}.rope.scale_linear")  # llama.cpp's key before rope.scaling.*
     kind = str(metadata.get(f"{arch}.rope.scaling.type", "linear" if legacy_linear else "none")).lower()
     factor = float(metadata.get(f"{arch}.rope.scaling.factor", legacy_linear or 1.0))
-    params = dict(getattr(config, "rope_parameters", None) or {})
     if "rope_freqs.weight" in tensor_names:
         if kind != "none" and not (kind == "linear" and factor == 1.0):
             raise UserError(
@@ -38,16 +38,23 @@ def gguf_rope_parameters(
                 f"'{kind}'); load the model's transformers folder instead",
                 field="model",
             )
-        return _llama3_from_frequency_factors(gguf_path, _read_rope_freqs(gguf_path), params, config)
+        config = load_config()
+        return _llama3_from_frequency_factors(gguf_path, _read_rope_freqs(gguf_path), _rope_params(config), config)
     if kind not in ("none", "linear"):
         raise UserError(
             f"{gguf_path}: RoPE scaling '{kind}' ({arch}.rope.scaling.type) is not read by transformers' GGUF "
             "loader, and the model would compute otherwise; load the model's transformers folder instead",
             field="model",
         )
-    if kind == "linear" and factor != 1.0 and params.get("rope_type", "default") == "default":
-        return {**params, "rope_type": "linear", "factor": factor}
+    if kind == "linear" and factor != 1.0:
+        params = _rope_params(load_config())
+        if params.get("rope_type", "default") == "default":  # the loader left it unscaled
+            return {**params, "rope_type": "linear", "factor": factor}
     return None
+
+
+def _rope_params(config: Any) -> dict[str, Any]:
+    return dict(getattr(config, "rope_parameters", None) or {})
 
 
 def _read_rope_freqs(gguf_path: Path) -> torch.Tensor:

@@ -157,11 +157,11 @@ def gguf_load_kwargs(gguf_path: Path) -> dict[str, Any]:
 
     metadata, tensor_names = _gguf_metadata(gguf_path)
     kwargs: dict[str, Any] = {"quantization_config": GgufConfig(dequantize=True)}
-    config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    config = functools.cache(lambda: AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name))
     rope_parameters = gguf_rope_parameters(gguf_path, metadata, tensor_names, config)
-    if rope_parameters is not None:
-        config.rope_parameters = rope_parameters
-        kwargs["config"] = config
+    if rope_parameters is not None:  # the config was loaded to find them
+        config().rope_parameters = rope_parameters
+        kwargs["config"] = config()
     return kwargs
 
 

@@ -85,6 +85,11 @@ def test_unsupported_values_say_what_is_unsupported_and_a_message_name_is_refuse
             parse(model, body)
         assert refused.value.param == param and message in refused.value.message
     parse(ChatRequest, {"model": "m", "messages": [{"role": "user", "content": "x", "name": None}]})
+    from deltatune.serve.protocol import AdapterLoadRequest
+
+    with pytest.raises(APIError) as refused:  # an adapter's `name` is not a chat participant's
+        parse(AdapterLoadRequest, {"name": 5})
+    assert refused.value.param == "name" and "participant" not in refused.value.message
 
 
 def test_an_internal_error_is_a_500_that_keeps_the_connection(adapter_root, monkeypatch):  # noqa: F811

@@ -33,7 +33,8 @@ def prepare(
 ):
     """Tokenize `data` (a JSONL/JSON/Parquet/CSV path, a list of dicts, or a `datasets.Dataset` of
     records: Alpaca, chat `messages`, prompt/completion or text) with `template` ("auto": the
-    tokenizer's chat template where it has one, else "chatml"; or "chatml", "alpaca", "tokenizer", "raw") and weight every token under the loss `policy` ("response",
+    tokenizer's chat template where it has one, else "chatml" where the vocabulary has ChatML's tokens, else
+    "alpaca"; or "chatml", "alpaca", "tokenizer", "raw") and weight every token under the loss `policy` ("response",
     "instruction", "no-boilerplate", "all", "weighted:λ", with `,turns=last` / `,system=yes`).
 
     Returns a `datasets.Dataset` with columns `input_ids`, `labels` (-100 where the weight is 0),

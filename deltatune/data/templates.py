@@ -167,9 +167,10 @@ class TokenizerTemplate(Template):
         if key in self._scaffolds:
             return self._scaffolds[key]
         k = 0
-        sent_msgs = []
+        sent_msgs, first_parts = [], []
         for m in msgs:
             content = "".join(self.SENTINEL.format(k + i) for i in range(len(m.parts)))
+            first_parts.append(k)
             k += len(m.parts)
             sent_msgs.append({"role": m.role, "content": content})
         rendered = self._apply(sent_msgs, source)
@@ -186,20 +187,21 @@ class TokenizerTemplate(Template):
             pieces.append(rendered[pos:at])
             pos = at + len(s)
         pieces.append(rendered[pos:])
-        self._scaffolds[key] = (pieces, self._generated_preambles(sent_msgs, rendered, source))
+        self._scaffolds[key] = (pieces, self._generated_preambles(sent_msgs, first_parts, rendered, source))
         return self._scaffolds[key]
 
-    def _generated_preambles(self, sent_msgs: list[dict], rendered: str, source: str) -> dict[int, str]:
+    def _generated_preambles(
+        self, sent_msgs: list[dict], first_parts: list[int], rendered: str, source: str
+    ) -> dict[int, str]:
         """What the model must write itself before each answer. At inference the prompt is the conversation so
         far with the generation prompt (`add_generation_prompt`); whatever the template puts between that and the
         answer (Qwen3's empty `<think>` block before the last answer, a space after "Bot:") is generated, so
         it becomes part of the answer's text here. A template whose generation prompt is not how it begins the
         answer would train other prompts than inference shows: refused."""
         preambles: dict[int, str] = {}
-        first_part, at = 0, 0
-        for j, message in enumerate(sent_msgs):
-            at = rendered.find(self.SENTINEL.format(first_part), at)
+        for j, (message, first_part) in enumerate(zip(sent_msgs, first_parts)):
             if message["role"] == "assistant" and j > 0:
+                at = rendered.find(self.SENTINEL.format(first_part))  # where the answer's text starts
                 prompt = self._apply(sent_msgs[:j], source, generation_prompt=True)
                 if not rendered.startswith(prompt) or len(prompt) > at:
                     raise ConfigError(
@@ -210,7 +212,6 @@ class TokenizerTemplate(Template):
                     )
                 if at > len(prompt):
                     preambles[first_part] = rendered[len(prompt) : at]
-            first_part += message["content"].count("XQDTSENT")
         return preambles
 
     def _render(self, conv: Conversation, b: _Builder) -> None:

@@ -154,7 +154,6 @@ _UNSUPPORTED_VALUES = {  # fields accepted only at the value that changes nothin
     "presence_penalty": "penalties are not supported (send 0)",
     "frequency_penalty": "penalties are not supported (send 0)",
     "store": "stored completions are not supported",
-    "name": "a participant's name is not supported (the chat template has no place for it)",
 }
 
 
@@ -202,8 +201,10 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unsupported field"
-        elif loc and loc[-1] in _UNSUPPORTED_VALUES:
-            msg = _UNSUPPORTED_VALUES[loc[-1]]
+        elif len(loc) == 1 and loc[0] in _UNSUPPORTED_VALUES:
+            msg = _UNSUPPORTED_VALUES[loc[0]]
+        elif loc and loc[0] == "messages" and loc[-1] == "name":
+            msg = "a participant's name is not supported (the chat template has no place for it)"
         elif (
             loc
             and loc[0] == "prompt"

@@ -201,3 +201,37 @@ def test_keywords_beside_a_method_spec_are_refused_not_ignored():
         deltatune.apply(tiny_model(), [spec], init="gaussian")
     assert deltatune.apply(tiny_model(), spec).specs[0].rank == 2
     assert deltatune.apply(tiny_model(), spec, quantize="nf4").specs[0].options == {"quantize_base": True}
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_an_fp32_adapter_over_a_bf16_base_keeps_its_precision_as_peft_does(tmp_path, method):
+    """An adapter saved in fp32 and loaded over a bf16 base is not rounded to bf16 (it was, which moved the
+    logits about twice as far from the fp32 model as PEFT's load of the same files does); a bf16 adapter loads as
+    the method builds it over that base."""
+    from peft import PeftModel
+
+    base = save_model(tiny_model(), tiny_tokenizer(), tmp_path / "base")
+    rank = {} if method == "ia3" else {"rank": 4}
+    adapted = deltatune.apply(load(base), method, **rank)
+    randomise(adapted, std=0.05)
+    adapted.save_adapter(tmp_path / "fp32")
+    saved = {n: p.detach().clone() for n, p in adapted.trainable_parameters()}
+    assert all(v.dtype == torch.float32 for v in saved.values())
+
+    ours = deltatune.load_adapter(load(base).to(torch.bfloat16), tmp_path / "fp32")
+    held = dict(ours.trainable_parameters())
+    assert held.keys() == saved.keys()
+    assert all(held[n].dtype == torch.float32 and torch.equal(held[n], saved[n]) for n in saved)
+    peft = PeftModel.from_pretrained(load(base).to(torch.bfloat16), tmp_path / "fp32")
+    theirs = {n for n, p in peft.named_parameters() if "lora_" in n or "ia3_" in n}
+    assert theirs and all(dict(peft.named_parameters())[n].dtype == torch.float32 for n in theirs)
+    assert torch.allclose(logits(ours.model).float(), logits(peft).float(), atol=1e-2)
+
+    bf16 = deltatune.apply(load(base).to(torch.bfloat16), method, **rank)
+    randomise(bf16, std=0.05)
+    for _, p in bf16.trainable_parameters():
+        p.data = p.data.to(torch.bfloat16)
+    bf16.save_adapter(tmp_path / "bf16")
+    again = deltatune.load_adapter(load(base).to(torch.bfloat16), tmp_path / "bf16")
+    built = {p.dtype for _, p in deltatune.apply(load(base).to(torch.bfloat16), method, **rank).trainable_parameters()}
+    assert {p.dtype for _, p in again.trainable_parameters()} == built  # bf16 for LoRA/DoRA; (IA)3 is built in fp32

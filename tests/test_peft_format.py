@@ -124,8 +124,8 @@ def test_export_refuses_a_model_with_tensors_its_config_lacks(tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_an_adapter_loads_onto_a_bf16_base_as_trained(tmp_path, method):
-    """Training holds fp32 adapter tensors over a bf16 base: `trainable_dtype` loads them so, bit for bit;
-    by default they take the base's dtype."""
+    """Training holds fp32 adapter tensors over a bf16 base: `trainable_dtype` loads them so, bit for bit, and
+    so does the default (nothing saved is rounded on the way in), unless the adapter names its dtype."""
     trained = apply_methods(tiny_model(seed=3), MethodSpec(name=method, rank=4, alpha=8))
     randomise([p for _, p in trained.trainable_parameters()])
     trained.save_adapter(tmp_path / "a")
@@ -135,4 +135,16 @@ def test_an_adapter_loads_onto_a_bf16_base_as_trained(tmp_path, method):
         assert value.dtype == torch.float32 and torch.equal(value, saved[name])
     assert all(p.dtype == torch.bfloat16 for n, p in as_trained.model.named_parameters() if not p.requires_grad)
     default = load_adapter(tiny_model(seed=3).to(torch.bfloat16), tmp_path / "a")
-    assert {v.dtype for v in default.adapter_state_dict().values()} == {torch.bfloat16}
+    assert all(v.dtype == torch.float32 and torch.equal(v, saved[k]) for k, v in default.adapter_state_dict().items())
+    specs = [  # deltatune's format (two methods) records the options; PEFT's has no field for this one
+        MethodSpec(name=method, rank=4, alpha=8, targets="q_proj", options={"adapter_dtype": "bf16"}),
+        MethodSpec(name="bitfit", targets="v_proj"),
+    ]
+    named = apply_methods(tiny_model(seed=3), specs)
+    for _, p in named.trainable_parameters():
+        p.data = p.data.float()  # saved in fp32 (as training saves), with bf16 asked for by name
+    named.save_adapter(tmp_path / "named")
+    loaded = load_adapter(tiny_model(seed=3).to(torch.bfloat16), tmp_path / "named")
+    dtypes = {n: v.dtype for n, v in loaded.adapter_state_dict().items()}
+    assert {d for n, d in dtypes.items() if "q_proj" in n} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "v_proj" in n} == {torch.float32}

@@ -313,8 +313,10 @@ def load_adapter(
 ) -> AdaptedModel:
     """Apply the methods an adapter folder describes (PEFT's or deltatune's format) and load its weights.
 
-    The adapter's tensors take the base weights' dtype, unless `trainable_dtype` is given: fp32 over a bf16
-    base holds them as training did (fp32 master weights), so nothing saved in fp32 is rounded on the way in.
+    The adapter's tensors are held in `trainable_dtype` if given; otherwise each keeps the precision it was saved
+    in where that is finer than the base's (an fp32 adapter over a bf16 base stays fp32, as training held it and as
+    PEFT's `autocast_adapter_dtype` does): nothing saved is rounded on the way in, unless the adapter's
+    `adapter_dtype` option names a dtype.
     `adjust_specs` changes how the file's methods are applied, not their tensors (the API's NF4 base).
     """
     from deltatune.methods.peft_format import read_adapter
@@ -330,8 +332,26 @@ def load_adapter(
     if key_map is not None:  # PEFT keys -> our names, through the method's hook
         method = adapted.methods[0]
         state = {method.from_peft_key(k): v for k, v in state.items()}
+    if trainable_dtype is None:
+        _hold_in_saved_precision(adapted, state)
     adapted.load_adapter_state_dict(state, source=source)
     return adapted
+
+
+@torch.no_grad()
+def _hold_in_saved_precision(adapted: AdaptedModel, state: dict[str, torch.Tensor]) -> None:
+    """Give each adapter tensor the dtype it was saved in where that is finer than the one it was built in: a
+    LoRA update of early training is mostly below half a bf16 step, so rounding it to a bf16 base's dtype loses
+    much of what it does (docs/benchmarks.md, the merged-forward section)."""
+    for method in adapted.methods:
+        if method.options.get("adapter_dtype", "auto") != "auto":
+            continue  # asked for by name: built so
+        for name, param in method.trainable_parameters(adapted.model):
+            saved = state.get(name)
+            if saved is None or not (saved.is_floating_point() and param.is_floating_point()):
+                continue
+            if torch.finfo(saved.dtype).eps < torch.finfo(param.dtype).eps:
+                param.data = param.data.to(saved.dtype)
 
 
 def export_merged(

@@ -164,3 +164,38 @@ def test_yaml_boolean_label_keys_are_named_when_the_data_says_yes(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "win money", "label": "yes"}) + "\n")
     with pytest.raises(deltatune.DataError, match="quote the task's labels"):
         build_from_labels(tmp_path / "d.jsonl", load_task(tmp_path / "task.yaml"))
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+ALPACA = {"instruction": "say hi", "output": "hi"}
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        (
+            [ALPACA, CHAT],
+            r"d.jsonl:2: field 'messages': a chat record \(messages\) in a file whose first record "
+            r"\(line 1\) is alpaca \(instruction/output\): one format per file",
+        ),
+        ([CHAT, ALPACA], r"d.jsonl:2: field 'instruction': an alpaca record .* first record \(line 1\) is chat"),
+    ],
+)
+def test_a_file_mixing_formats_says_so(tmp_path, records, message):
+    """A file whose second record is in another format than its first: the error named a missing field of the first
+    record's format ("field 'instruction': missing"), not why the record was read in that format."""
+    import json
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(deltatune.DataError, match=message):
+        deltatune.prepare(str(path), tiny_tokenizer(), template="chatml")
+    # a format given by name keeps the plain error: the record is simply not in it
+    with pytest.raises(deltatune.DataError, match="missing"):
+        deltatune.prepare(
+            str(path), tiny_tokenizer(), template="chatml", data_format="alpaca" if records[0] is ALPACA else "chat"
+        )
+    # and one bad record of the same format keeps its own error
+    path.write_text(json.dumps(ALPACA) + "\n" + json.dumps({"instruction": "no output"}) + "\n")
+    with pytest.raises(deltatune.DataError, match="d.jsonl:2: field 'output': missing"):
+        deltatune.prepare(str(path), tiny_tokenizer(), template="chatml")

@@ -325,6 +325,25 @@ def detect_format(data: dict) -> str | None:
     return None
 
 
+FORMAT_FIELDS = {"chat": "messages", "alpaca": "instruction/output", "prompt": "prompt/completion", "text": "text"}
+
+
+def mixed_format_error(exc: DataError, rec: RawRecord, fixed_by: RawRecord, fmt: str, column_map: dict) -> DataError:
+    """`exc` restated when `rec` failed only because it is in another format than the record that fixed the
+    file's format (a missing 'instruction' says nothing about why a chat record was read as Alpaca)."""
+    if not isinstance(rec.data, dict):
+        return exc
+    other = detect_format(rename_columns(rec.data, column_map))
+    if other is None or other == fmt:
+        return exc
+    where = f"line {fixed_by.line}" if fixed_by.line is not None else f"record [{fixed_by.index}]"
+    return _Errors(rec)(
+        f"{'an' if other[0] in 'aeiou' else 'a'} {other} record ({FORMAT_FIELDS[other]}) in a file whose first record ({where}) is {fmt} "
+        f"({FORMAT_FIELDS[fmt]}): one format per file; split the file or convert these records",
+        FORMAT_FIELDS[other].split("/")[0],
+    )
+
+
 def to_conversation(
     rec: RawRecord, data_format: str, column_map: dict[str, str] | None = None, system_prompt: str | None = None
 ) -> Conversation:

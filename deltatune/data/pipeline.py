@@ -18,6 +18,7 @@ from deltatune.data.formats import (
     Message,
     RawRecord,
     detect_format,
+    mixed_format_error,
     parse_column_map,
     read_records,
     rename_columns,
@@ -182,6 +183,7 @@ def _prepare(
     tmpl = get_template(template, tokenizer)
     report = DataReport()
     fmt = data_format
+    fixed_by: RawRecord | None = None  # the record whose fields fixed the format under "auto"
     examples = []
     budget = char_budget(max_len, tokenizer)
 
@@ -202,9 +204,10 @@ def _prepare(
         try:
             if fmt == "auto" and isinstance(rec.data, dict):  # the first recognisable record fixes the file's format
                 fmt = detect_format(rename_columns(rec.data, cmap)) or "auto"
+                fixed_by = rec
             examples.append(tmpl.render(cut_to_budget(to_conversation(rec, fmt, cmap, system_prompt), budget)))
         except DataError as exc:
-            bad(exc)
+            bad(mixed_format_error(exc, rec, fixed_by, fmt, cmap) if data_format == "auto" and fmt != "auto" else exc)
     tokenized = tokenize_examples(
         examples, tokenizer, keep_offsets=keep_offsets, template_writes_bos=tmpl.name == "tokenizer"
     )

@@ -203,7 +203,7 @@ def test_tokenizer_template_special_bos_and_missing_end_of_turn(tiny_tok):
 
 def test_tokenizer_template_that_rewrites_or_drops_content_is_refused(tiny_tok):
     tiny_tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | trim }}\n{% endfor %}"
-    with pytest.raises(DataError, match="rewrites message content"):
+    with pytest.raises(DataError, match=r"rewrites the content of message 1 \(user\): it strips the whitespace"):
         _one(tiny_tok, {"instruction": "What? ", "output": "5"}, "tokenizer")
     tiny_tok.chat_template = (
         "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"

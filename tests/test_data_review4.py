@@ -199,3 +199,23 @@ def test_a_file_mixing_formats_says_so(tmp_path, records, message):
     path.write_text(json.dumps(ALPACA) + "\n" + json.dumps({"instruction": "no output"}) + "\n")
     with pytest.raises(deltatune.DataError, match="d.jsonl:2: field 'output': missing"):
         deltatune.prepare(str(path), tiny_tokenizer(), template="chatml")
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"instruction": "What? ", "output": "5"}, r"message 1 \(user\): it strips the whitespace around it"),
+        ({"instruction": "What?", "output": " 5\n"}, r"message 2 \(assistant\): it strips the whitespace around it"),
+    ],
+)
+def test_a_template_that_trims_content_names_the_message_and_the_whitespace(record, message):
+    """Llama-3-style templates `| trim` each message: the refusal said only that the template "rewrites message
+    content", not which message or that its surrounding whitespace was the cause."""
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | trim }}\n{% endfor %}"
+    with pytest.raises(deltatune.DataError, match=message + ", so the tokens cannot be tagged; strip it in the data"):
+        deltatune.prepare([record], tok, template="tokenizer")
+    assert deltatune.prepare([{k: v.strip() for k, v in record.items()}], tok, template="tokenizer")  # so it trains
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | upper }}\n{% endfor %}"
+    with pytest.raises(deltatune.DataError, match=r"rewrites the content of message 1 \(user\), so its tokens"):
+        deltatune.prepare([{"instruction": "what?", "output": "5"}], tok, template="tokenizer")

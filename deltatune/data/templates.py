@@ -221,8 +221,7 @@ class TokenizerTemplate(Template):
         parts = [(m, turn, role, text) for m, turn in zip(msgs, _turns(msgs)) for role, text in m.parts]
         if real != "".join(s + p[3] for s, p in zip(scaffold, parts)) + scaffold[-1]:
             raise DataError(
-                "the tokenizer's chat template rewrites message content (for example strips it), so its "
-                "tokens cannot be tagged; use --template chatml or alpaca",
+                f"the tokenizer's chat template rewrites {_rewritten(real, scaffold, parts, msgs)}",
                 file=conv.source or None,
             )
         first = scaffold[0]
@@ -251,6 +250,25 @@ class TokenizerTemplate(Template):
                     b.add(_closing_role(m), lead + eot, turn)
                     scaffold[i + 1] = rest[len(eot) :]
         b.add(Role.ROLE, scaffold[-1], parts[-1][1] if parts else 0)
+
+
+def _rewritten(real: str, scaffold: list[str], parts: list[tuple], msgs: list[Message]) -> str:
+    """Which message's content a chat template changed, and what to do, for the error that refuses the record
+    (a template with `| trim` strips the whitespace around a message: the data can drop it)."""
+    pos = 0
+    for i, (message, _, _, text) in enumerate(parts):
+        pos += len(scaffold[i])
+        if real.startswith(text, pos):
+            pos += len(text)
+            continue
+        where = f"the content of message {msgs.index(message) + 1} ({message.role})"
+        if text != text.strip() and real.startswith(text.strip(), pos):
+            return (
+                f"{where}: it strips the whitespace around it, so the tokens cannot be tagged; strip it in the data "
+                "or use --template chatml or alpaca"
+            )
+        return f"{where}, so its tokens cannot be tagged; use --template chatml or alpaca"
+    return "message content, so its tokens cannot be tagged; use --template chatml or alpaca"
 
 
 def resolve_template(name: str, tokenizer: Any) -> str:

@@ -114,3 +114,22 @@ def test_an_internal_error_is_a_500_that_keeps_the_connection(adapter_root, monk
         second = client.post(url + "/completions", json=body)  # the same connection
         assert second.status_code == 200
         assert client.post(url + "/completions", json=body).status_code == 200
+
+
+def test_an_adapter_load_error_shows_paths_as_the_client_named_them(adapter_root, tmp_path):  # noqa: F811
+    """A broken adapter folder's error quoted the server's absolute path (its users, its disks) to the client."""
+    import shutil
+
+    root = tmp_path / "srv-secret-layout"
+    shutil.copytree(adapter_root, root)
+    (root / "broken").mkdir()
+    (root / "broken" / "adapter_config.json").write_text("{not json")
+    shutil.copytree(root / "alpha", root / "noweights")
+    (root / "noweights" / "adapter_model.safetensors").unlink()
+    state = make_state(root)
+    with running_server(create_app(state)) as url:
+        for name in ("broken", "noweights"):
+            r = httpx.post(url + "/adapters", json={"name": name}, timeout=60)
+            message = error_of(r)["message"]
+            assert r.status_code == 400 and f"{name}/adapter_" in message, message
+            assert "srv-secret-layout" not in message and str(tmp_path) not in message, message

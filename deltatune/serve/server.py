@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -174,7 +175,8 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             await run_in_threadpool(load)
         except UserError as exc:
-            raise APIError(409 if "already loaded" in str(exc) else 400, str(exc), param="path") from None
+            message = as_the_client_sees_it(str(exc), state.adapter_dir)
+            raise APIError(409 if "already loaded" in str(exc) else 400, message, param="path") from None
         return _model_card(state, body.name, state.base_name)
 
     @app.delete("/v1/adapters/{name}")
@@ -201,6 +203,14 @@ def create_app(state: ServerState) -> FastAPI:
         return {"id": name, "object": "model", "deleted": True}
 
     return app
+
+
+def as_the_client_sees_it(message: str, root: Path) -> str:
+    """A load error with paths under the adapter directory relative to it, as the client named them: where the
+    directory lies on the server (its users, its disks) is the operator's to know."""
+    for prefix in sorted({str(root.resolve()), str(root.absolute()), str(root)}, key=len, reverse=True):
+        message = message.replace(prefix + os.sep, "").replace(prefix, "the adapter directory")
+    return message
 
 
 def safe_adapter_folder(root: Path, relative: str) -> Path:

@@ -133,3 +133,34 @@ def test_an_adapter_load_error_shows_paths_as_the_client_named_them(adapter_root
             message = error_of(r)["message"]
             assert r.status_code == 400 and f"{name}/adapter_" in message, message
             assert "srv-secret-layout" not in message and str(tmp_path) not in message, message
+
+
+def test_a_prompt_tuning_rows_context_error_counts_its_virtual_tokens_apart(tmp_path):
+    """usage.prompt_tokens counts the client's tokens; the context error said "the prompt has N tokens" with the
+    adapter's virtual tokens inside N, a number the client could not reconcile with its own count."""
+    from test_serve_review import base_model
+
+    from deltatune.methods.base import MethodSpec
+    from deltatune.serve import Engine, MultiAdapterModel
+    from deltatune.serve.server import ServerState
+    from deltatune.serve.testing import random_adapter
+    from deltatune.testing import tiny_tokenizer
+
+    random_adapter(tmp_path / "soft", MethodSpec(name="prompt", options={"num_virtual_tokens": 5}), base_model(), 1)
+    multi = MultiAdapterModel(base_model())
+    multi.load("soft", tmp_path / "soft")
+    state = ServerState(engine=Engine(multi, tiny_tokenizer()), base_name=BASE, adapter_dir=tmp_path)
+    n = len(tiny_tokenizer()(PROMPT)["input_ids"])
+    with running_server(create_app(state)) as url:
+        ok = post(url, {"model": "soft", "prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+        assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == n
+        room = state.engine.context - n - 5
+        over = post(url, {"model": "soft", "prompt": PROMPT, "max_tokens": room + 1})
+        message = error_of(over)["message"]
+        assert over.status_code == 400 and error_of(over)["code"] == "context_length_exceeded"
+        assert f"plus the prompt's {n} tokens (and the adapter's 5 virtual tokens) exceed" in message, message
+    from deltatune.serve.protocol import CompletionRequest, parse
+    from deltatune.serve.server import _params
+
+    fits = parse(CompletionRequest, {"model": "soft", "prompt": PROMPT, "max_tokens": room})
+    assert _params(state, fits, n, 5).max_tokens == room  # exactly the room left: accepted

@@ -274,15 +274,18 @@ def _adapter_for(state: ServerState, model: str) -> str | None:
     raise not_found_model(model)
 
 
-def _params(state: ServerState, body, prompt_len: int) -> SamplingParams:
+def _params(state: ServerState, body, prompt_len: int, virtual: int = 0) -> SamplingParams:
+    """The row's sampling settings; `prompt_len` counts the client's tokens, `virtual` a prompt-tuning adapter's
+    (not in the usage the client sees, but in the context)."""
     context = state.engine.context
     budget = body.budget() if isinstance(body, ChatRequest) else body.max_tokens
     if context is not None:
-        room = context - prompt_len
+        room = context - prompt_len - virtual
+        tokens = f"{prompt_len} tokens" + (f" (and the adapter's {virtual} virtual tokens)" if virtual else "")
         if room < 1:
             raise APIError(
                 400,
-                f"the prompt has {prompt_len} tokens; this model's maximum context length is {context} tokens",
+                f"the prompt has {tokens}; this model's maximum context length is {context} tokens",
                 param="messages" if isinstance(body, ChatRequest) else "prompt",
                 code="context_length_exceeded",
             )
@@ -294,7 +297,7 @@ def _params(state: ServerState, body, prompt_len: int) -> SamplingParams:
             )
             raise APIError(
                 400,
-                f"{field} {budget} plus the prompt's {prompt_len} tokens exceed this model's "
+                f"{field} {budget} plus the prompt's {tokens} exceed this model's "
                 f"maximum context length of {context} tokens",
                 param=field,
                 code="context_length_exceeded",
@@ -337,12 +340,11 @@ async def _serve(
     reqs = []
     for i, ids in enumerate(prompts):
         virtual = state.multi.virtual_tokens(adapter)  # prompt tuning's tokens count against the context
-        n = len(ids) + (0 if virtual is None else virtual.shape[0])
         reqs.append(
             GenRequest(
                 prompt_ids=ids,
                 adapter=adapter,
-                params=_params(state, body, n),
+                params=_params(state, body, len(ids), 0 if virtual is None else virtual.shape[0]),
                 on_text=lambda s, i=i: relay.put(("text", i, s)),
                 on_finish=lambda r, i=i: relay.put(("finish", i, r)),
                 on_error=lambda e, i=i: relay.put(("error", i, e)),

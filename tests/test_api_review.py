@@ -235,3 +235,26 @@ def test_an_fp32_adapter_over_a_bf16_base_keeps_its_precision_as_peft_does(tmp_p
     again = deltatune.load_adapter(load(base).to(torch.bfloat16), tmp_path / "bf16")
     built = {p.dtype for _, p in deltatune.apply(load(base).to(torch.bfloat16), method, **rank).trainable_parameters()}
     assert {p.dtype for _, p in again.trainable_parameters()} == built  # bf16 for LoRA/DoRA; (IA)3 is built in fp32
+
+
+def test_a_refused_adapter_leaves_the_model_untouched_and_allocates_nothing(tmp_path):
+    """An adapter whose config does not match its tensors was refused only after its methods had been applied: the
+    model stayed adapted (the right adapter then failed with "already adapted"), and a config with an enormous rank
+    allocated its matrices before the shapes were compared."""
+    import shutil
+
+    base = save_model(tiny_model(), tiny_tokenizer(), tmp_path / "base")
+    good = deltatune.apply(load(base), "lora", rank=4, targets="q_proj")
+    randomise(good)
+    good.save_adapter(tmp_path / "good")
+    expected = logits(good.model)
+    for name, rank in (("other", 8), ("enormous", 2**40)):
+        shutil.copytree(tmp_path / "good", tmp_path / name)
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({**config, "r": rank}))
+    model = load(base)
+    for name in ("other", "enormous"):  # 2**40 x 64 fp32 would be 256 TiB
+        with pytest.raises(deltatune.ConfigError, match=r"lora_A.weight' has shape \(4, 64\), the model expects"):
+            deltatune.load_adapter(model, tmp_path / name)
+        assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert torch.equal(logits(deltatune.load_adapter(model, tmp_path / "good").model), expected)

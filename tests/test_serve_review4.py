@@ -118,6 +118,7 @@ def test_an_internal_error_is_a_500_that_keeps_the_connection(adapter_root, monk
 
 def test_an_adapter_load_error_shows_paths_as_the_client_named_them(adapter_root, tmp_path):  # noqa: F811
     """A broken adapter folder's error quoted the server's absolute path (its users, its disks) to the client."""
+    import json
     import shutil
 
     root = tmp_path / "srv-secret-layout"
@@ -126,13 +127,17 @@ def test_an_adapter_load_error_shows_paths_as_the_client_named_them(adapter_root
     (root / "broken" / "adapter_config.json").write_text("{not json")
     shutil.copytree(root / "alpha", root / "noweights")
     (root / "noweights" / "adapter_model.safetensors").unlink()
+    shutil.copytree(root / "alpha", root / "enormous")  # a rank of 2**40: refused before anything is allocated
+    config = json.loads((root / "enormous" / "adapter_config.json").read_text())
+    (root / "enormous" / "adapter_config.json").write_text(json.dumps({**config, "r": 2**40}))
     state = make_state(root)
     with running_server(create_app(state)) as url:
-        for name in ("broken", "noweights"):
+        for name in ("broken", "noweights", "enormous"):
             r = httpx.post(url + "/adapters", json={"name": name}, timeout=60)
             message = error_of(r)["message"]
             assert r.status_code == 400 and f"{name}/adapter_" in message, message
             assert "srv-secret-layout" not in message and str(tmp_path) not in message, message
+        assert "has shape" in message and state.multi.names == ["alpha"]
 
 
 def test_a_prompt_tuning_rows_context_error_counts_its_virtual_tokens_apart(tmp_path):

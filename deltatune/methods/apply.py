@@ -9,6 +9,7 @@ the same parameter, or wrapping the same linear, is a ConfigError, so that "lora
 
 from __future__ import annotations
 
+import copy
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -322,20 +323,48 @@ def load_adapter(
     from deltatune.methods.peft_format import read_adapter
 
     specs, state, key_map, source = read_adapter(adapter_dir)
+    check_adapter_tensors(model, specs, state, peft_keys=key_map is not None, source=source)
     if adjust_specs is not None:
         specs = adjust_specs(specs)
+    snapshot = _Structure(model)
     adapted = apply_methods(model, specs)
-    if trainable_dtype is not None:
-        with torch.no_grad():
-            for _, p in adapted.trainable_parameters():
-                p.data = p.data.to(trainable_dtype)
-    if key_map is not None:  # PEFT keys -> our names, through the method's hook
-        method = adapted.methods[0]
-        state = {method.from_peft_key(k): v for k, v in state.items()}
-    if trainable_dtype is None:
-        _hold_in_saved_precision(adapted, state)
-    adapted.load_adapter_state_dict(state, source=source)
+    try:
+        if trainable_dtype is not None:
+            with torch.no_grad():
+                for _, p in adapted.trainable_parameters():
+                    p.data = p.data.to(trainable_dtype)
+        if key_map is not None:  # PEFT keys -> our names, through the method's hook
+            method = adapted.methods[0]
+            state = {method.from_peft_key(k): v for k, v in state.items()}
+        if trainable_dtype is None:
+            _hold_in_saved_precision(adapted, state)
+        adapted.load_adapter_state_dict(state, source=source)
+    except BaseException:
+        snapshot.restore()  # a refused adapter leaves the model as it was, ready for the right one
+        raise
     return adapted
+
+
+def check_adapter_tensors(
+    model: nn.Module, specs: list[MethodSpec], state: dict[str, torch.Tensor], *, peft_keys: bool, source: str
+) -> None:
+    """Refuse an adapter file whose tensors are not what its config builds (missing, extra, another shape) before
+    anything is built for real: the methods are applied to a copy of `model` on the meta device, so a config whose
+    rank is enormous allocates nothing, and the model is not touched."""
+    dry = apply_methods(meta_copy(model), specs)
+    if peft_keys:
+        state = {dry.methods[0].from_peft_key(k): v for k, v in state.items()}
+    dry.load_adapter_state_dict({k: v.to("meta") for k, v in state.items()}, source=source)
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """`model`'s structure with every parameter and buffer on the meta device (shapes and dtypes, no storage)."""
+    memo: dict[int, torch.Tensor] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
 
 
 @torch.no_grad()

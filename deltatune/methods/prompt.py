@@ -183,6 +183,8 @@ class PromptTuning(VirtualTokenMethod):
     @torch.no_grad()
     def initial_embeddings(self, table: torch.Tensor) -> torch.Tensor:
         """[p, d] float32 start values of the virtual tokens for the chosen init."""
+        if table.device.type == "meta":  # a shapes-only copy (an adapter file checked before loading): no values
+            return torch.empty(self.p, table.shape[1], device="meta")
         if self.init == "random":
             return torch.randn(self.p, table.shape[1], device=table.device) * float(table.float().std())
         if self.init == "text":

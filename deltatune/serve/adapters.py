@@ -278,7 +278,7 @@ class MultiAdapterModel:
         source: str | None = None,
     ) -> LoadedAdapter:
         """Build the adapter's modules from its specs and weights and attach them under `name`."""
-        from deltatune.methods.apply import apply_methods
+        from deltatune.methods.apply import apply_methods, check_adapter_tensors
 
         self._check_new_name(name)
         for spec in specs:
@@ -289,6 +289,7 @@ class MultiAdapterModel:
         built = []
         if linear_specs:
             skeleton = self._skeleton()
+            check_adapter_tensors(skeleton, linear_specs, tensors, peft_keys=peft_keys, source=source)
             adapted = apply_methods(skeleton, linear_specs)
             if peft_keys:
                 method = adapted.methods[0]

@@ -183,6 +183,19 @@ def _gguf_metadata(gguf_path: Path) -> tuple[dict[str, Any], tuple[str, ...]]:
         raise UserError(f"{gguf_path}: not a readable GGUF file ({_first_line(exc)})", field="model") from exc
 
 
+def same_model(a: str | os.PathLike | None, b: str | os.PathLike | None) -> bool:
+    """Whether two model arguments name one model: the default under any of its names (None included), one
+    folder or file under two paths. Hub ids compare as written."""
+    return _model_identity(a) == _model_identity(b)
+
+
+def _model_identity(name: str | os.PathLike | None) -> str:
+    if name is None or str(name).lower() in DEFAULT_MODEL_ALIASES:
+        return os.path.realpath(cache_dir() / "models" / DEFAULT_MODEL)
+    path = Path(name).expanduser()
+    return os.path.realpath(path) if path.exists() else str(name)
+
+
 def resolve_model(name_or_path: str | os.PathLike | None) -> tuple[str, dict[str, Any]]:
     """Map a user's model argument to (path or hub id, extra from_pretrained kwargs)."""
     if name_or_path is None or str(name_or_path).lower() in DEFAULT_MODEL_ALIASES:

@@ -258,3 +258,48 @@ def test_forgetting_scores_a_full_model_with_its_own_tokenizer(tmp_path, tiny_lm
     run = res["runs"]["full"]
     assert run[f"file:{task}"] == res["base_scores"][f"file:{task}"]
     assert run["losses"][f"loss:{task}"]["run"] == pytest.approx(res["base_scores"][f"loss:{task}"], abs=1e-5)
+
+
+def test_forgetting_compares_with_the_base_the_runs_were_trained_from(tmp_path, tiny_tok, capsys):
+    """Without --base every run was compared with the default model, whatever it had been trained from (a full
+    finetune of the tiny model "forgot" 0.5 and its loss rose 4.2 nats where it fell 0.8), and an adapter run that
+    did not fit failed only after the base had been scored."""
+    from deltatune.cli import main
+    from deltatune.testing import tiny_model
+
+    bases = {}
+    for seed in (0, 1):
+        bases[seed] = tmp_path / f"base{seed}"
+        tiny_model(seed).save_pretrained(bases[seed])
+        tiny_tok.save_pretrained(bases[seed])
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        runs[name] = _make_run(tmp_path, tiny_model(seed), name, 2, 0.3)
+        config = yaml.safe_load((runs[name] / "config.yaml").read_text())
+        (runs[name] / "config.yaml").write_text(yaml.safe_dump({**config, "model": str(bases[seed])}))
+    _write_task(tmp_path / "t.jsonl", [("What is 2 + 3?", "5"), ("Say fox", "fox")])
+    task = f"loss:{tmp_path / 't.jsonl'}"
+
+    def forgetting(*run_names, base=None, out="lf"):
+        args = ["forgetting", "--target", task, "--source", task, "--out", str(tmp_path / out), "--no-progress"]
+        args += [a for n in run_names for a in ("--run", str(runs[n]))] + (["--base", str(base)] if base else [])
+        return main(args)
+
+    assert forgetting("a", "b") == 0
+    inferred = json.loads((tmp_path / "lf" / "forgetting.json").read_text())
+    assert inferred["base"] == str(bases[0])
+    assert forgetting("a", "b", base=bases[0], out="given") == 0
+    given = json.loads((tmp_path / "given" / "forgetting.json").read_text())
+    assert inferred["base_scores"] == given["base_scores"] and inferred["runs"] == given["runs"]
+    capsys.readouterr()
+    assert forgetting("a", "c", out="mixed") == 2  # two bases, one base row: refused before anything loads
+    assert "trained from" in capsys.readouterr().err and not (tmp_path / "mixed").exists()
+    # a --base of other shapes than an adapter: refused before the base is scored; of the same shapes: a warning
+    other = tmp_path / "wide"
+    tiny_model(0, hidden_size=96, intermediate_size=128).save_pretrained(other)
+    tiny_tok.save_pretrained(other)
+    assert forgetting("a", base=other, out="wide") == 2
+    captured = capsys.readouterr()
+    assert "has shape" in captured.err and "evaluating base model" not in captured.out
+    assert forgetting("c", base=bases[0], out="warned") == 0
+    assert f"{runs['c']} was trained from {bases[1]}, not {bases[0]}" in capsys.readouterr().err

@@ -21,7 +21,11 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "forgetting", help="learning on target tasks vs forgetting on source tasks, per run", description=__doc__
     )
-    p.add_argument("--base", default=None, help="base model (default: SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model (default: the one the runs were trained from, by their config.yaml or adapter config)",
+    )
     p.add_argument(
         "--run",
         action="append",
@@ -54,6 +58,66 @@ def check_out_folder(out: str, overwrite: bool) -> None:
             f"{folder / earlier[0]} exists (earlier results); choose another folder or pass --overwrite to replace it",
             field="out",
         )
+
+
+def recorded_base(info) -> tuple[bool, str | None]:
+    """(whether the run says, the base it was trained from; None is the default model): its config.yaml's
+    `model`, else its adapter's `base_model_name_or_path`. A model folder without a config says nothing."""
+    from deltatune.methods.peft_format import adapter_base_model
+
+    if info.config:
+        return True, info.config.get("model")
+    if info.final is not None and info.final.kind == "adapter":
+        named = adapter_base_model(info.final.path)
+        return named is not None, named
+    return False, None
+
+
+def base_of_runs(runs: list, given: str | None) -> str | None:
+    """The base to compare the runs against: `given` (a warning for each run trained from another), else the one
+    the runs were trained from. Runs from different bases are refused: one base row cannot describe them. It
+    compared every run against the default model, whatever the run had been trained from."""
+    import sys
+
+    from deltatune.models import same_model
+
+    def name(b: str | None) -> str:
+        return b or "the default model"
+
+    known = [(info, b) for info in runs for says, b in [recorded_base(info)] if says]
+    if given is not None:
+        for info, b in known:
+            if not same_model(given, b):
+                print(
+                    f"warning: {info.path} was trained from {name(b)}, not {given}; its learning and forgetting are "
+                    "measured against a base it did not start from",
+                    file=sys.stderr,
+                )
+        return given
+    if not known:
+        print("note: no run says which base it was trained from; comparing with the default model (--base)")
+        return None
+    first_info, first = known[0]
+    for info, b in known[1:]:
+        if not same_model(first, b):
+            raise UserError(
+                f"{first_info.path} was trained from {name(first)} and {info.path} from {name(b)}: compare runs of "
+                "one base per call, or pass --base",
+                field="run",
+            )
+    return first
+
+
+def check_adapters_fit(base_model, runs: list) -> None:
+    """Each adapter run's tensors against the base, on a shapes-only copy: a mismatch is found before the base
+    model is scored, not after."""
+    from deltatune.methods.apply import check_adapter_tensors
+    from deltatune.methods.peft_format import read_adapter
+
+    for info in runs:
+        if info.final.kind == "adapter":
+            specs, state, peft_keys, source = read_adapter(info.final.path)
+            check_adapter_tensors(base_model, specs, state, peft_keys=peft_keys is not None, source=source)
 
 
 def metric_names(results: dict[str, str], tasks: list[str], loss_tasks: set[str]) -> str:
@@ -131,7 +195,9 @@ def run(args) -> int:
         if info.final is None:
             raise UserError(f"{info.path}: no final/ adapter or model (has training finished?)", field="run")
     labels = unique_labels(runs)
-    base_model, tokenizer = load_model(args.base, dtype=args.dtype)
+    base = base_of_runs(runs, args.base)
+    base_model, tokenizer = load_model(base, dtype=args.dtype)
+    check_adapters_fit(base_model, runs)  # before the base is scored (hours on real tasks)
 
     loss_tasks: set[str] = set()
     metrics: dict[str, str] = {}
@@ -170,7 +236,7 @@ def run(args) -> int:
     tnames, snames = [t.name for t in targets], [t.name for t in sources]
     md = forgetting_markdown(base_scores, rows, tnames, snames, loss_rows, metrics, loss_tasks)
     payload = {
-        "base": args.base or "default",
+        "base": base or "default",
         "base_scores": base_scores,
         "targets": tnames,
         "sources": snames,

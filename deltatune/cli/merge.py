@@ -101,19 +101,11 @@ def run(args: argparse.Namespace) -> int:
 def warn_if_other_base(model: str | None, recorded: str | None, adapter: str) -> None:
     """An adapter merged into another base than it was trained on fits whenever the shapes do, and
     is then silently wrong: say so on stderr."""
-    import os
     import sys
 
-    from deltatune.models import DEFAULT_MODEL, DEFAULT_MODEL_ALIASES
+    from deltatune.models import same_model
 
-    def same(a: str, b: str) -> bool:
-        if a.lower() in DEFAULT_MODEL_ALIASES | {DEFAULT_MODEL.lower()}:
-            return b.lower() in DEFAULT_MODEL_ALIASES | {DEFAULT_MODEL.lower()}
-        if Path(a).expanduser().exists() and Path(b).expanduser().exists():
-            return os.path.realpath(Path(a).expanduser()) == os.path.realpath(Path(b).expanduser())
-        return a == b
-
-    if model and recorded and not same(model, recorded):
+    if model and recorded and not same_model(model, recorded):
         print(
             f"warning: {adapter} was trained on {recorded}, not {model}; the merge fits whenever the shapes "
             f"do, but the result is only meaningful on the base it was trained on",

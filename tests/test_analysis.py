@@ -308,3 +308,24 @@ def test_the_headline_fit_is_within_layer_types_not_pooled():
     within = dd_dm_fit_within_types(rows)
     assert within["slope"] == pytest.approx(-1.0) and within["correlation"] == pytest.approx(-1.0)
     assert within["points"] == 6 and within["intercept"] == pytest.approx(5.0 + 6.0)  # through the mean (6, 5)
+
+
+def test_two_modules_sharing_a_name_are_two_layer_types():
+    """GPT-2's attn.c_proj (32x32) and mlp.c_proj (32x128) were one type "c_proj": averaged together in every table
+    and fit, and spectrum.md's per-layer grid kept one of the two."""
+    from deltatune.analysis.decompose import MatrixPair, decomposition_rows, layer_types
+    from deltatune.analysis.spectrum import spectrum_rows, summarise_by_type
+
+    gpt2 = [f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert [layer_types(gpt2)[n] for n in gpt2[:4]] == ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]
+    llama = [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj")]
+    assert set(layer_types(llama).values()) == {"q_proj", "down_proj"}  # unchanged where names are unique
+    g = torch.Generator().manual_seed(0)
+    pairs = []
+    for name in gpt2:
+        shape = (32, 128) if name.endswith("mlp.c_proj") else (32, 32)
+        base = torch.randn(shape, generator=g)
+        pairs.append(MatrixPair(name, base, base + 0.1 * torch.randn(shape, generator=g)))
+    by_type = {s["type"]: s for s in summarise_by_type(spectrum_rows(pairs))}
+    assert by_type["attn.c_proj"]["matrices"] == 2 and by_type["mlp.c_proj"]["matrices"] == 2
+    assert {r["type"] for r in decomposition_rows(pairs)} == {"c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"}

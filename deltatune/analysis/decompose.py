@@ -32,6 +32,16 @@ def layer_type(name: str) -> str:
     return name.split(".")[-1]
 
 
+def layer_types(names: list[str]) -> dict[str, str]:
+    """Each matrix's type: its module's own name ("q_proj"), or its path inside the layer ("attn.c_proj",
+    "mlp.c_proj") where two different modules share that name (GPT-2), so that no table averages them together."""
+    within = {n: re.split(r"\.\d+\.", n)[-1] for n in names}  # the path after the layer index
+    paths: dict[str, set[str]] = {}
+    for n in names:
+        paths.setdefault(layer_type(n), set()).add(within[n])
+    return {n: layer_type(n) if len(paths[layer_type(n)]) == 1 else within[n] for n in names}
+
+
 def layer_index(name: str) -> int | None:
     m = re.search(r"\.(\d+)\.", f".{name}.")
     return int(m.group(1)) if m else None
@@ -107,6 +117,7 @@ def _finite(pairs: list[MatrixPair]) -> list[MatrixPair]:
 
 def decomposition_rows(pairs: list[MatrixPair], checkpoint: str = "final", step: int | None = None) -> list[dict]:
     rows = []
+    types = layer_types([p.name for p in pairs])
     for p in pairs:
         dm, dd = magnitude_direction(p.base, p.weight)
         rows.append(
@@ -114,7 +125,7 @@ def decomposition_rows(pairs: list[MatrixPair], checkpoint: str = "final", step:
                 "checkpoint": checkpoint,
                 "step": step,
                 "name": p.name,
-                "type": layer_type(p.name),
+                "type": types[p.name],
                 "layer": layer_index(p.name),
                 "dM": dm,
                 "dD": dd,

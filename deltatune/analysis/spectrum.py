@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from deltatune.analysis.decompose import MatrixPair, layer_index, layer_type
+from deltatune.analysis.decompose import MatrixPair, layer_index, layer_types
 
 
 def singular_values(delta: torch.Tensor) -> torch.Tensor:
@@ -34,6 +34,7 @@ def rank_at_energy(s: torch.Tensor, energy: float = 0.9) -> int:
 def spectrum_rows(pairs: list[MatrixPair], energy: float = 0.9, top: int = 8) -> list[dict]:
     """One row per matrix: shape, rank@energy, its fraction of the full rank, relative size, top singular values."""
     rows = []
+    types = layer_types([p.name for p in pairs])
     for p in pairs:
         s = singular_values(p.weight - p.base)
         k = rank_at_energy(s, energy)
@@ -42,7 +43,7 @@ def spectrum_rows(pairs: list[MatrixPair], energy: float = 0.9, top: int = 8) ->
         rows.append(
             {
                 "name": p.name,
-                "type": layer_type(p.name),
+                "type": types[p.name],
                 "layer": layer_index(p.name),
                 "shape": list(p.base.shape),
                 "rank90": k,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from deltatune.analysis.decompose import (
     MatrixPair,
@@ -329,3 +329,67 @@ def test_two_modules_sharing_a_name_are_two_layer_types():
     by_type = {s["type"]: s for s in summarise_by_type(spectrum_rows(pairs))}
     assert by_type["attn.c_proj"]["matrices"] == 2 and by_type["mlp.c_proj"]["matrices"] == 2
     assert {r["type"] for r in decomposition_rows(pairs)} == {"c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"}
+
+
+def test_analyze_keeps_an_earlier_analysis_and_names_a_damaged_snapshot(lora_run, tmp_path, capsys):
+    """An earlier analysis in --out was replaced without asking; a truncated snapshot or one of other shapes than
+    config.yaml says gave a traceback; a snapshot lacking tensors was analysed with them at their initial values
+    (an update of zero); bad YAML in config.yaml was an 8-line message."""
+    import shutil
+
+    from deltatune.cli import main
+
+    base_dir, run, _ = lora_run
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--base", str(base_dir), "--run", str(run), "--out", str(out)]) == 0
+    before = (out / "spectrum.json").read_bytes()
+    assert (
+        main(["analyze", "--base", str(base_dir), "--run", str(run), "--out", str(out), "--checkpoints", "final"]) == 2
+    )
+    assert "--overwrite" in capsys.readouterr().err and (out / "spectrum.json").read_bytes() == before
+    assert main(["analyze", "--base", str(base_dir), "--run", str(run), "--out", str(out), "--overwrite"]) == 0
+
+    def damaged(name, change) -> str:
+        copy = tmp_path / name
+        shutil.copytree(run, copy)
+        change(copy)
+        capsys.readouterr()
+        assert main(["analyze", "--base", str(base_dir), "--run", str(copy), "--out", str(tmp_path / f"o-{name}")]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("error:") == 1 and not (tmp_path / f"o-{name}").exists(), err
+        assert len(err.split("error:")[1].strip().splitlines()) == 1, err
+        return err
+
+    weights = "checkpoints/step-20/trainable.safetensors"
+    cut = damaged("cut", lambda r: (r / weights).write_bytes((r / weights).read_bytes()[:100]))
+    assert f"{weights}: not a readable safetensors file" in cut
+
+    def drop_layer_1(r):
+        state = load_file(str(r / weights))
+        save_file({k: v for k, v in state.items() if "layers.1." not in k}, str(r / weights))
+
+    assert "lacks 4 trained tensor(s), e.g. 'model.layers.1." in damaged("lacking", drop_layer_1)
+
+    def other_rank(r):
+        (r / "final").rename(r / "final-away")  # the method then comes from config.yaml
+        (r / "config.yaml").write_text((r / "config.yaml").read_text().replace("rank: 2", "rank: 3"))
+
+    assert "has shape (2, 64), the model expects (3, 64)" in damaged("rank", other_rank)
+    bad_yaml = damaged("yaml", lambda r: (r / "config.yaml").write_text("method: lora\nrank: [2\n"))
+    assert "config.yaml:3: not valid YAML" in bad_yaml or "config.yaml:2: not valid YAML" in bad_yaml
+
+
+def test_analyze_says_when_a_model_is_stored_in_bf16(lora_run, tmp_path, capsys):
+    """A merge saved in bf16 measured bf16's rounding as part of dW (rank@90% 7 became 100 in one check), silently."""
+    from deltatune.cli import main
+
+    base_dir, run, _ = lora_run
+    for dtype in ("bf16", "fp32"):
+        merged = tmp_path / f"merged-{dtype}"
+        args = ["merge", "--model", str(base_dir), "--adapter", str(run / "final"), "--out", str(merged)]
+        assert main([*args, "--save-dtype", dtype]) == 0
+        capsys.readouterr()
+        out = tmp_path / f"a-{dtype}"
+        assert main(["analyze", "--base", str(base_dir), "--run", str(merged), "--out", str(out)]) == 0
+        warned = "stores weights in bf16: the rounding to it is part of the dW" in capsys.readouterr().err
+        assert warned == (dtype == "bf16")

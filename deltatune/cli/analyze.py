@@ -30,7 +30,19 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--energy", type=float, default=0.9, help="energy fraction for the spectrum's rank (default 0.9)")
     p.add_argument("--out", required=True, help="output folder for tables and plots")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier analysis in --out")
     p.set_defaults(func=run)
+
+
+OUTPUTS = (
+    "decomposition.json",
+    "decomposition.md",
+    "spectrum.json",
+    "spectrum.md",
+    "dd_dm.png",
+    "spectrum.png",
+    "spectrum_time.png",
+)
 
 
 def choose_snapshots(run_info, checkpoints: str = "protocol", intermediate: int = 3) -> list:
@@ -58,6 +70,28 @@ def choose_snapshots(run_info, checkpoints: str = "protocol", intermediate: int 
     return chosen
 
 
+def warn_if_stored_in_16_bits(snap) -> None:
+    """A model folder whose weights are stored in bf16 or fp16: its dW holds the rounding of W0 + dW to that dtype
+    (about 2^-9 of each weight in bf16), which can make up most of a finetuning update (rank@90% 7 became 100 in
+    one check); an adapter folder or a merge saved in fp32 measures the update itself. Said on stderr."""
+    import sys
+
+    from safetensors import safe_open
+
+    if snap.kind != "model":
+        return
+    for path in sorted(snap.path.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as fh:
+            coarse = sorted({fh.get_slice(k).get_dtype() for k in fh.keys()} & {"BF16", "F16"})
+        if coarse:
+            print(
+                f"warning: {path} stores weights in {coarse[0].lower()}: the rounding to it is part of the dW "
+                "measured here; analyse the adapter folder, or a merge saved with --save-dtype fp32",
+                file=sys.stderr,
+            )
+            return
+
+
 def analyze_run(base_model, run_info, checkpoints: str = "protocol", energy: float = 0.9) -> dict:
     """Decomposition rows for each snapshot, the spectrum of the last one and rank@energy over time."""
     from tqdm.auto import tqdm
@@ -75,6 +109,7 @@ def analyze_run(base_model, run_info, checkpoints: str = "protocol", energy: flo
     snaps = choose_snapshots(run_info, checkpoints)
     decomposition, spectrum, over_time = [], [], []
     for snap in tqdm(snaps, desc="snapshots", unit="ckpt", disable=len(snaps) < 2):
+        warn_if_stored_in_16_bits(snap)
         model = load_snapshot(base_model, run_info, snap)
         pairs = matrix_pairs(model, base_model)
         if not pairs:
@@ -181,6 +216,7 @@ def spectrum_markdown(result: dict) -> str:
 def run(args) -> int:
     from deltatune.analysis.plots import _percent, dd_dm_plot, spectrum_plot, spectrum_time_plot
     from deltatune.cli.eval import write_atomic
+    from deltatune.cli.forgetting import check_out_folder
     from deltatune.evaluate.runs import read_run
     from deltatune.models import load_model
 
@@ -189,6 +225,7 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # refused now, not after the analysis
         raise UserError(f"{out} is a file, not a folder for the tables and plots", field="out")
+    check_out_folder(args.out, args.overwrite, OUTPUTS)  # an earlier analysis is replaced only when asked
     info = read_run(args.run)
     base, _ = load_model(args.base or info.base_model, dtype="fp32")
     result = analyze_run(base, info, args.checkpoints, args.energy)

@@ -43,16 +43,16 @@ def add_parser(subparsers) -> None:
 OUTPUTS = ("forgetting.json", "forgetting.md", "forgetting.png")
 
 
-def check_out_folder(out: str, overwrite: bool) -> None:
+def check_out_folder(out: str, overwrite: bool, outputs: tuple[str, ...] = OUTPUTS) -> None:
     """Before any model loads (the evaluation can take hours): --out can be a folder we write, and holds no
-    earlier results unless --overwrite."""
+    earlier results (any of `outputs`) unless --overwrite."""
     from deltatune.fileio import check_writable
 
     folder = Path(out).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{out} exists and is not a folder", field="out")
     check_writable(folder, field="out")
-    earlier = [name for name in OUTPUTS if (folder / name).exists()]
+    earlier = [name for name in outputs if (folder / name).exists()]
     if earlier and not overwrite:
         raise UserError(
             f"{folder / earlier[0]} exists (earlier results); choose another folder or pass --overwrite to replace it",

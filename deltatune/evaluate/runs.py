@@ -84,7 +84,12 @@ def read_run(path: str | Path) -> RunInfo:
         try:
             config = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"not valid YAML: {exc}", file=str(root / "config.yaml")) from None
+            mark = getattr(exc, "problem_mark", None)
+            raise ConfigError(
+                f"not valid YAML: {getattr(exc, 'problem', None) or str(exc).splitlines()[0]}",
+                file=str(root / "config.yaml"),
+                line=(mark.line + 1) if mark else None,
+            ) from None
     final = None
     for candidate in (root / "final", root):
         kind = _folder_kind(candidate) if candidate.is_dir() else None
@@ -199,12 +204,30 @@ def load_snapshot(
         specs = specs_from_config(run.config)
     if not specs:
         raise UserError(f"{run.path}: cannot tell which method made {snap.path.name} (no config.yaml)", field="run")
-    model = apply_methods(model, specs).model
-    state = load_file(str(snap.path / CHECKPOINT_WEIGHTS))
+    adapted = apply_methods(model, specs)
+    model = adapted.model
+    path = snap.path / CHECKPOINT_WEIGHTS
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors' own error type (a file cut short), or OSError
+        raise UserError(
+            f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:80]})", field="run"
+        ) from None
     own = dict(model.named_parameters())
     unexpected = [k for k in state if k not in own]
     if unexpected:
-        raise ConfigError(f"checkpoint tensor '{unexpected[0]}' does not fit the model", file=str(snap.path))
+        raise ConfigError(f"checkpoint tensor '{unexpected[0]}' does not fit the model", file=str(path))
+    # a tensor left out would stay at its initial value and be measured as an update of zero
+    missing = [n for n, _ in adapted.trainable_parameters() if n not in state]
+    if missing:
+        raise ConfigError(f"checkpoint lacks {len(missing)} trained tensor(s), e.g. '{missing[0]}'", file=str(path))
+    wrong = next((k for k, v in state.items() if v.shape != own[k].shape), None)
+    if wrong is not None:
+        raise ConfigError(
+            f"checkpoint tensor '{wrong}' has shape {tuple(state[wrong].shape)}, the model expects "
+            f"{tuple(own[wrong].shape)} (does config.yaml describe this run?)",
+            file=str(path),
+        )
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v.to(own[k].dtype))

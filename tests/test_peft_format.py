@@ -148,3 +148,25 @@ def test_an_adapter_loads_onto_a_bf16_base_as_trained(tmp_path, method):
     dtypes = {n: v.dtype for n, v in loaded.adapter_state_dict().items()}
     assert {d for n, d in dtypes.items() if "q_proj" in n} == {torch.bfloat16}
     assert {d for n, d in dtypes.items() if "v_proj" in n} == {torch.float32}
+
+
+@pytest.mark.parametrize(("targets", "peft"), [("q_proj,v_proj", True), ("all-linear", False)])
+def test_an_adapter_on_upcycled_experts_is_saved_in_deltatunes_format(tmp_path, targets, peft):
+    """An adapter on an upcycled model's experts and router was saved in PEFT's format: PEFT, over the model's
+    transformers export (stacked experts, another router name), dropped those tensors with a warning and computed
+    another model. Attention-only adapters keep PEFT's format (those modules are the same there)."""
+    import copy
+
+    from deltatune.upcycle.convert import UpcycleSpec, parse_layers, upcycle
+
+    moe = upcycle(tiny_model(num_hidden_layers=2), UpcycleSpec(experts=4, layers=parse_layers("all", 2)), seed=1)
+    base = copy.deepcopy(moe)
+    adapted = apply_methods(moe, MethodSpec(name="lora", rank=4, alpha=8, targets=targets))
+    randomise([p for _, p in adapted.trainable_parameters()])
+    adapted.save_adapter(tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_config.json").exists() == peft
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.no_grad():
+        expected = adapted.model(input_ids=ids).logits
+        again = load_adapter(base, tmp_path / "a").model(input_ids=ids).logits
+    assert torch.equal(again, expected)

@@ -41,11 +41,22 @@ class AdaptedModel:
 
     @property
     def is_peft_method(self) -> bool:
-        """True when the adapter is saved in PEFT's format (one method that PEFT can represent)."""
+        """True when the adapter is saved in PEFT's format (one method that PEFT can represent, on modules a
+        transformers model has: an upcycled model's experts and routers are stacked or renamed in its transformers
+        export, so PEFT would drop their tensors with a warning and compute another model)."""
         return (
             len(self.methods) == 1
             and self.methods[0].peft_type is not None
+            and not self._adapts_upcycled_experts()
             and self.methods[0].peft_config(self.model) is not None
+        )
+
+    def _adapts_upcycled_experts(self) -> bool:
+        blocks = [name for name, m in self.model.named_modules() if type(m).__name__ == "MoEBlock"]
+        return any(
+            name.startswith(f"{block}.")
+            for name, _ in self.methods[0].named_delta_modules(self.model)
+            for block in blocks
         )
 
     @property

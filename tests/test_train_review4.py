@@ -104,3 +104,26 @@ def test_plan_reads_gpt2_and_falcon_mlp_widths(tmp_path, capsys):
     folder = _gpt2_folder(tmp_path)
     assert main(["plan", "--model", str(folder)]) == 0
     assert "activations (rough)" in capsys.readouterr().out
+
+
+def test_rows_longer_than_a_learned_position_table_are_one_line(tmp_path):
+    """GPT-2 with 32 positions and 64-token rows: the first forward stopped with an IndexError traceback (the padding
+    and long examples have positions past the table). Rotary models have no table and are not limited."""
+    import json
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from deltatune.testing import tiny_tokenizer
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=1, n_head=4, n_positions=32)).save_pretrained(gpt2)
+    tiny_tokenizer().save_pretrained(gpt2)
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"instruction": f"add {a} and 1", "output": f"{a + 1}"}) + "\n" for a in range(8))
+    )
+    with pytest.raises(deltatune.ConfigError, match=r"seq_len 64 is longer than the model's 32 learned positions"):
+        train(tiny_train_config(gpt2, data, tmp_path / "run", steps=1, targets="c_attn", eval_fraction=0.5))
+    assert not (tmp_path / "run").exists()
+    train(tiny_train_config(gpt2, data, tmp_path / "ok", steps=1, targets="c_attn", seq_len=32))
+    assert (tmp_path / "ok" / "final").is_dir()

@@ -133,6 +133,27 @@ def method_objects(cfg: TrainConfig):
     return build_methods(method_specs(cfg))
 
 
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")  # GPT-2, OPT / BioGPT, GPT-J-style names
+
+
+def check_position_table(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """One line for rows longer than a learned position table (GPT-2's 1,024 `n_positions`, or a small model's
+    128): a position past it has no embedding, and the first forward stopped with an IndexError traceback. Models
+    with rotary or ALiBi positions have no table and are not limited here."""
+    import torch.nn as nn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            limit = module.num_embeddings - (2 if type(module).__name__.startswith("OPT") else 0)  # OPT's offset
+            if cfg.row_len > limit:
+                field = "pack_len" if cfg.pack_len else "seq_len"
+                raise ConfigError(
+                    f"{field} {cfg.row_len} is longer than the model's {limit} learned positions ({name}); "
+                    f"set {field} to {limit} or less",
+                    field=field,
+                )
+
+
 def forward_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Final hidden states [B, T, H] for the batch's tokens (wrappers such as DDP provide their own)."""
     kwargs = dict(
@@ -552,6 +573,8 @@ def _train(
     skeleton = model_skeleton(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if skeleton is not None and cfg.targets != "all-linear":  # targets name modules: check them on the skeleton
         match_targets(skeleton, cfg.targets, accept=lambda m: True)
+    if skeleton is not None:
+        check_position_table(skeleton, cfg)
     del skeleton
     data_kwargs = dict(
         template=cfg.template,

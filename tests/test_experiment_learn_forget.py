@@ -114,6 +114,15 @@ def test_seeds_and_methods_can_be_added_to_a_finished_experiment(tmp_path, share
     ]
     manifest = json.loads((out / "experiment.json").read_text())["settings"]
     assert (manifest["seeds"], manifest["methods"]) == ([0, 1], "lora-r8,dora-r8")
+    # a narrower invocation reports its runs; the wider report is kept under reports/, not replaced (it was)
+    full = json.loads((out / "results.json").read_text())
+    assert main([*args("1", "lora-r8"), *common]) == 0
+    narrow = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in narrow["runs"]] == ["lora-r8-lr0.0001-s0"]
+    kept = out / "reports" / full["finished"].replace(":", "")
+    assert json.loads((kept / "results.json").read_text()) == full
+    assert (kept / "results.md").exists() and (kept / "learn_forget.png").exists()
+    assert narrow["wall_s_all_invocations"] == pytest.approx(full["wall_s_all_invocations"] + narrow["wall_s"], abs=0.2)
     capsys.readouterr()
     assert main([*args("2", "lora-r8,dora-r8", lrs="2"), *common]) != 0
     assert "same options" in capsys.readouterr().err

@@ -549,6 +549,10 @@ class Context:
         if self.worker:
             return None
         wall = time.perf_counter() - self.started
+        earlier = self._earlier_report()
+        if earlier is not None and earlier.get("settings") != json.loads(json.dumps(self.settings, default=str)):
+            self._archive_report(earlier)  # a report of other seeds or methods: kept, not replaced
+        all_wall = wall + float(earlier.get("wall_s_all_invocations", earlier.get("wall_s", 0)) if earlier else 0)
         doc = {
             "experiment": self.name,
             "command": " ".join(["deltatune", *sys.argv[1:]]) if sys.argv else "",
@@ -557,7 +561,8 @@ class Context:
             "model": self.model or "default",
             "machine": machine_info(),
             "jobs": self.jobs,  # processes that trained the runs (per-run seconds depend on it)
-            "wall_s": round(wall, 1),
+            "wall_s": round(wall, 1),  # this invocation's
+            "wall_s_all_invocations": round(all_wall, 1),  # with the earlier ones that trained into this folder
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **results,
         }
@@ -576,6 +581,26 @@ class Context:
         write_atomic(self.out / "results.md", "\n".join(md).rstrip() + "\n")
         self.say(f"[{self.name}] results in {self.out / 'results.md'} ({format_seconds(wall)})")
         return self.out / "results.json"
+
+    def _earlier_report(self) -> dict | None:
+        """The results.json an earlier invocation wrote into this folder, if it is one of ours."""
+        try:
+            found = json.loads((self.out / "results.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+        return found if isinstance(found, dict) and found.get("experiment") == self.name else None
+
+    def _archive_report(self, earlier: dict) -> None:
+        """Move an earlier report (results.json, results.md, the plots) of other seeds or methods into
+        OUT/reports/<when it finished>/: a later invocation reports the runs it was asked for, and a narrower one
+        replaced the full report silently."""
+        stamp = str(earlier.get("finished") or "earlier").replace(":", "")
+        folder = self.out / "reports" / stamp
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in [self.out / "results.json", self.out / "results.md", *sorted(self.out.glob("*.png"))]:
+            if path.exists():
+                os.replace(path, folder / path.name)
+        self.say(f"[{self.name}] the earlier report (other seeds or methods) is kept in {folder}")
 
 
 def format_seconds(s: float) -> str:

@@ -63,5 +63,9 @@ def test_mmlu_modes_and_shot_source_are_recorded(shared_data, tiny_lm, tiny_tok,
         resolve_task("mmlu:anatomy", shared_data),
         EvalOptions(progress=False, style="plain", limit=2, shots=1, choice_mode=mode),
     )
-    assert res.info == {"choice": expected, "shots_from": "the same file (test split) minus the item"}
+    assert res.info == {
+        "choice": expected,
+        "prompt_style": "plain",
+        "shots_from": "the same file (test split) minus the item",
+    }
     assert 0.0 <= res.score <= 1.0 and len(res.predictions) == 2

@@ -170,7 +170,7 @@ def evaluate_model(model_ref: str | None, adapter: str | None, tasks, opts, dtyp
 
     Every task's data is read (and validated) before the model loads, so bad input fails fast.
     """
-    from deltatune.evaluate.runner import check_code_options, check_task_options, evaluate_task
+    from deltatune.evaluate.runner import check_choice_fits, check_code_options, check_task_options, evaluate_task
     from deltatune.evaluate.tasks import load_items
     from deltatune.models import load_model
 
@@ -180,7 +180,40 @@ def evaluate_model(model_ref: str | None, adapter: str | None, tasks, opts, dtyp
             check_code_options(opts, task, generating=True)
         check_task_options(task, its, opts)  # shots, loss policy and template: before hours of earlier tasks
     model, tokenizer = load_model(model_ref, dtype=dtype, adapter=adapter)
+    for task, its in zip(tasks, items):  # options the model's context cannot hold: before any task runs
+        check_choice_fits(model, tokenizer, task, its, opts)
     return [evaluate_task(model, tokenizer, task, opts, its) for task, its in zip(tasks, items)]
+
+
+def recorded_options(args, tasks, results) -> dict[str, Any]:
+    """Every setting that changes a score, resolved (the prompt style the tokenizer chose, the data root read),
+    for results.json; per-task values (a task's own max_new_tokens, a loss task's template) are in its entry."""
+    from deltatune.evaluate.tasks import data_root
+
+    built_in = any(t.kind in ("generate", "choice") and t.format not in ("instruction",) for t in tasks)
+    styles = sorted(
+        {r.info["prompt_style"] for r in results if r.info.get("prompt_style") not in (None, "continuation")}
+    )
+    options: dict[str, Any] = {
+        "limit": args.limit,
+        "shots": args.shots,
+        "seed": args.seed,
+        "choice": args.choice,
+        "prompt_style": ", ".join(styles) if styles else None,  # None: no task used a prompt style
+        "prompt_style_flag": args.prompt_style,
+        "max_new_tokens": args.max_new_tokens,  # None: each task's own (in its entry)
+        "sample": args.sample,
+        "dtype": None if args.score else args.dtype,
+        "batch_size": None if args.score else args.batch_size,
+        "data_root": str(data_root(args.data_root)) if built_in else args.data_root,
+    }
+    if args.sample:
+        options.update(temperature=args.temperature, top_p=args.top_p)
+    if any(t.kind == "loss" for t in tasks):
+        options.update(template=args.template, policy=args.policy, max_len=args.max_len, map=args.map)
+    if any(t.kind == "code" for t in tasks):
+        options.update(exec_timeout=args.exec_timeout, exec_memory_mb=args.exec_memory_mb, samples=args.samples)
+    return options
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -266,16 +299,7 @@ def run(args) -> int:
         "model": args.model or "default",
         "adapter": args.adapter,
         "scored_file": args.score,
-        "options": {
-            "limit": args.limit,
-            "shots": args.shots,
-            "seed": args.seed,
-            "choice": args.choice,
-            "prompt_style": args.prompt_style,
-            "sample": args.sample,
-            "dtype": None if args.score else args.dtype,
-            "batch_size": None if args.score else args.batch_size,
-        },
+        "options": recorded_options(args, tasks, results),
         "tasks": {
             r.task: {"n": r.n, "metric": r.metric, "score": r.score, "metrics": r.metrics, **r.info} for r in results
         },

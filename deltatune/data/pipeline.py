@@ -84,11 +84,14 @@ def prepare_dataset(
     system_prompt: str | None = None,
     limit: int | None = None,
     keep_offsets: bool = False,
+    keep_without_response: bool = False,
 ) -> PreparedData:
     """Read `path` (JSONL/JSON/Parquet/CSV) and return tokenized examples with a report.
 
     A bad record raises DataError (file, line, field) unless `skip_bad`, which counts it instead.
     Examples longer than `max_len` tokens are truncated (keeping the start) or dropped (`overflow`).
+    `keep_without_response` keeps an example truncation left without response tokens (a held-out loss under a
+    policy that weighs the prompt still scores it); the report does not count it as dropped.
     """
     return _prepare(
         read_records(path),
@@ -102,6 +105,7 @@ def prepare_dataset(
         system_prompt=system_prompt,
         limit=limit,
         keep_offsets=keep_offsets,
+        keep_without_response=keep_without_response,
     )
 
 
@@ -168,6 +172,7 @@ def _prepare(
     system_prompt: str | None,
     limit: int | None,
     keep_offsets: bool,
+    keep_without_response: bool = False,
 ) -> PreparedData:
     if data_format == "prompt-completion":  # the config's older name for it
         data_format = "prompt"
@@ -219,7 +224,7 @@ def _prepare(
                 report.dropped_too_long += 1
                 continue
             _truncate(ex, max_len)
-        if Role.RESPONSE not in ex.roles:
+        if Role.RESPONSE not in ex.roles and not keep_without_response:
             report.dropped_no_loss += 1  # counted once: a dropped example is not "truncated" as well
             continue
         report.truncated += cut

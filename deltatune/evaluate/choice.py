@@ -17,6 +17,13 @@ the full logits of a batch are the largest tensor of the forward and most of the
 Tokenisation follows lm-eval: encode context+option, and the option's tokens are those past the
 context's own encoding, so a merge across the boundary is handled the way the model saw it (the context
 is the context's own encoding in both cases, so every option of a question shares it).
+One difference, kept on purpose: lm-eval's `_encode_pair` first moves a context's trailing whitespace into the
+continuation. deltatune's plain style ends its context in "Answer:" and puts the space before the option, so
+there the two agree token for token; but the chat template's context ends in "<|im_start|>assistant\n" (and
+Alpaca's in "### Response:\n"), and there lm-eval would score "\n" + option where deltatune scores the option
+after the template's own newline. Every option of a question shares that newline's log-probability, so acc_sum
+ranks the same; acc and acc_token divide it by each option's length and can differ (0 of 60 anatomy
+predictions changed on SmolLM2-135M-Instruct; up to 6 nats on the random tiny model).
 """
 
 from __future__ import annotations
@@ -32,6 +39,32 @@ from deltatune.kv_cache import cache_kwargs, output_cache, takes_cache
 from deltatune.upcycle.moe import moe_blocks, routed_tokens
 
 NORMALISATIONS = ("char", "token", "sum")
+
+
+class OptionError(ValueError):
+    """An option that cannot be scored (no tokens, or longer than the model's context): `question` and `option`
+    index it, so the caller can name the item's file and line."""
+
+    def __init__(self, question: int, option: int, problem: str) -> None:
+        super().__init__(f"option {option} of question {question} {problem}")
+        self.question, self.option, self.problem = question, option, problem
+
+
+def model_max_length(model, max_length: int | None = None) -> int:
+    """The longest row `score_options` scores: `max_length`, else the model's position count."""
+    return max_length or getattr(model.config, "max_position_embeddings", None) or 10**9
+
+
+def option_problem(option_ids: list[int], text: str, max_length: int) -> str | None:
+    """Why an option's tokens cannot be scored, or None: none at all, or too many to leave a question token."""
+    if not option_ids:
+        return f"encodes to no tokens: {text!r}"
+    if len(option_ids) >= max_length:
+        return (
+            f"has {len(option_ids)} tokens: it does not fit the model's context of {max_length} with a token of its "
+            "question before it"
+        )
+    return None
 
 
 @dataclass
@@ -98,18 +131,16 @@ def score_options(
         for o, text in enumerate(opts):
             c_ids, o_ids = split_encode(tokenizer, ctx, text, add_special_tokens)
             if not o_ids:
-                raise ValueError(f"option {o} of question {q} encodes to no tokens: {text!r}")
+                raise OptionError(q, o, option_problem(o_ids, text, 1) or "")
             if not c_ids:
                 raise ValueError(f"the context of question {q} encodes to no tokens: nothing predicts the option")
             n_chars = char_counts[q][o] if char_counts is not None else (len(text.strip()) or len(text))
             pairs.append((q, o, c_ids, o_ids, n_chars))
-    max_length = max_length or getattr(model.config, "max_position_embeddings", None) or 10**9
+    max_length = model_max_length(model, max_length)
     for q, o, _, o_ids, _ in pairs:  # at least one context token must stay to predict the option's first token
-        if len(o_ids) >= max_length:
-            raise ValueError(
-                f"option {o} of question {q} has {len(o_ids)} tokens: it does not fit the model's context of "
-                f"{max_length} with a token of its question before it"
-            )
+        problem = option_problem(o_ids, "", max_length)
+        if problem:
+            raise OptionError(q, o, problem)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     fits = all(len(c_ids) + len(o_ids) <= max_length for _, _, c_ids, o_ids, _ in pairs)

@@ -125,8 +125,11 @@ def task_id_text(value, path: Path | str, line: int) -> str:
 
 
 def clean_completion(problem: CodeProblem, text: str) -> str:
-    """A generated text -> the code to run: the fenced block if there is one; HumanEval cut at a new top-level."""
+    """A generated text -> the code to run: the fenced block if the text opens one; else the code before a
+    closing fence (a continuation that ran past its block's end into prose); HumanEval cut at a new top-level."""
     m = _FENCE.search(text)
+    if m and _closes_code(problem, text, m):
+        text, m = text[: m.start()], None
     if problem.format == "mbpp":
         return m.group(1) if m else text
     if m:  # a chat model wrote the whole function in a fence: use it after the prompt (it redefines the function)
@@ -137,6 +140,21 @@ def clean_completion(problem: CodeProblem, text: str) -> str:
         if i >= 0:
             cut = min(cut, i)
     return text[:cut]
+
+
+def _closes_code(problem: CodeProblem, text: str, fence: re.Match) -> bool:
+    """Whether the first fence closes code the text began with rather than opening a block: it names no language,
+    and the text before it is code (it compiles, after the HumanEval prompt it continues); prose before a fence
+    ("Here is the code:") does not compile, and a text that starts with a fence opens one."""
+    before = text[: fence.start()]
+    if not before.strip() or not re.match(r"```[ \t]*\n", text[fence.start() :]):
+        return False
+    source = (problem.prompt if problem.format == "humaneval" else "") + before
+    try:
+        compile(source, "<completion>", "exec")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    return True
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -9,25 +9,30 @@ What is enforced on each sample (see docs/evaluation.md, "Code execution"):
   infinite loop is a failed sample, never a hang of the evaluator;
 - no network: the child runs in a new user + network namespace (`unshare -rn`) where the system
   allows it (probed once); in every case a guard prelude replaces `socket.socket` and friends;
-- the guard prelude also refuses `open()` for writing outside the temporary folder and disables
-  destructive calls (os.remove, os.system, subprocess, shutil.rmtree, ...), as HumanEval's own
-  `reliability_guard` does. This guards against accidents of a model's code, not against code
-  written to escape: it is not a security sandbox (run untrusted code in a container or VM).
+- the guard prelude also refuses, outside the temporary folder, `open()` / `io.FileIO` for writing,
+  `os.mkdir` / `os.makedirs`, links and `sqlite3.connect`, and disables destructive calls (os.remove,
+  os.system, subprocess, shutil.rmtree, ...), as HumanEval's own `reliability_guard` does. This guards
+  against accidents of a model's code, not against code written to escape: it is not a security sandbox
+  (run untrusted code in a container or VM).
+- numeric libraries import: the child's environment sets what numpy would otherwise `os.putenv`
+  (`OPENBLAS_MAIN_FREE`; the guard keeps putenv disabled) and one BLAS/OpenMP thread per sample.
 - stdout is discarded; stderr is kept up to the file-size limit, its last line names the error.
-- a sample passes only when the program ran to its end: its last statement exits with a status of its own
-  (`PASS_STATUS`), so a completion that calls `exit()`, `sys.exit(0)` or `os._exit(0)` before the tests
-  run fails (HumanEval's harness counts SystemExit as a failure too).
-Samples run in parallel, up to the core count.
+- a sample passes only when the program ran to its end: its last statement writes a per-run random token to
+  a pipe only the harness reads, then exits with `PASS_STATUS`; both are needed, so `exit()`, `sys.exit(0)`
+  or `sys.exit(PASS_STATUS)` before the tests run fails (HumanEval's harness counts SystemExit as a failure).
+Samples run in parallel, up to the core count; Ctrl-C cancels the queued samples and kills the running ones.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -41,14 +46,55 @@ def _deny(*args, **kwargs):
 for _name in ("socket", "create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo"):
     setattr(_socket, _name, _deny)
 _root = _os.path.realpath(_os.getcwd())
+def _inside(file, dir_fd=None):
+    if isinstance(file, (str, bytes, _os.PathLike)) and dir_fd is None:
+        path = _os.path.realpath(_os.fsdecode(file))
+        if path == _root or path.startswith(_root + _os.sep):
+            return
+    elif isinstance(file, int) and dir_fd is None:
+        return  # an open file descriptor: its file was checked when it was opened by a guarded route
+    raise PermissionError(f"writing outside the sandbox folder is refused: {file!r}")
 _real_open = _b.open
 def _open(file, mode="r", *args, **kwargs):
-    if isinstance(file, (str, bytes, _os.PathLike)) and any(c in mode for c in "wax+"):
-        path = _os.path.realpath(_os.fsdecode(file))
-        if path != _root and not path.startswith(_root + _os.sep):
-            raise PermissionError(f"writing outside the sandbox folder is refused: {path}")
+    if any(c in mode for c in "wax+"):
+        _inside(file)
     return _real_open(file, mode, *args, **kwargs)
 _b.open = _io.open = _open
+class _FileIO(_io.FileIO):
+    def __init__(self, file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            _inside(file)
+        super().__init__(file, mode, *args, **kwargs)
+_io.FileIO = _FileIO
+def _guarded(real, which=(0,)):
+    def call(*args, **kwargs):
+        for i in which:
+            if i < len(args):
+                _inside(args[i], kwargs.get("dir_fd") or kwargs.get("dst_dir_fd"))
+        return real(*args, **kwargs)
+    return call
+_os.mkdir = _guarded(_os.mkdir)  # os.makedirs and Path.mkdir call it
+for _name in ("mkfifo", "mknod"):
+    if hasattr(_os, _name):
+        setattr(_os, _name, _guarded(getattr(_os, _name)))
+# a symlink's target may lie outside (writing through it is checked), a hard link's may not
+_os.symlink, _os.link = _guarded(_os.symlink, (1,)), _guarded(_os.link, (0, 1))
+try:
+    import sqlite3 as _sqlite3
+except ImportError:
+    _sqlite3 = None
+if _sqlite3 is not None:
+    _real_connect = _sqlite3.connect
+    def _connect(database, *args, **kwargs):
+        name = _os.fsdecode(database) if isinstance(database, (str, bytes, _os.PathLike)) else database
+        if isinstance(name, str) and name.startswith("file:") and kwargs.get("uri"):
+            name, _, query = name[5:].partition("?")
+            if "mode=memory" in query or "mode=ro" in query:
+                name = ":memory:"
+        if name not in (":memory:", ""):
+            _inside(name)
+        return _real_connect(database, *args, **kwargs)
+    _sqlite3.connect = _connect
 for _name in ("system", "kill", "killpg", "fork", "forkpty", "putenv", "remove", "removedirs", "rmdir", "unlink",
               "rename", "renames", "replace", "truncate", "chmod", "chown", "lchown", "chdir", "fchdir",
               "setuid", "execv", "execve", "execvp", "spawnv", "popen", "posix_spawn", "posix_spawnp"):
@@ -62,7 +108,16 @@ del _name
 
 PASS_STATUS = 97  # the exit status of a program that reached its end (0 means it left early)
 # only in the program itself: a multiprocessing child re-imports the file as __mp_main__ and must run its target
-_END = f"\nif __name__ == '__main__':\n    __deltatune_end__({PASS_STATUS})\n"
+_END = "\nif __name__ == '__main__':\n    __deltatune_end__()\n"
+_TOKEN_ENV, _FD_ENV = "DELTATUNE_EXEC_TOKEN", "DELTATUNE_EXEC_FD"
+# numpy 2 calls os.putenv('OPENBLAS_MAIN_FREE') at import unless it is set: set it, and one BLAS/OpenMP thread
+# per sample (samples already run one per core; a thread pool per sample would also eat the address-space limit)
+_CHILD_ENV = {
+    "OPENBLAS_MAIN_FREE": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
 
 
 @dataclass(frozen=True)
@@ -112,14 +167,52 @@ def _limits_prelude(limits: Limits) -> str:
         f"_r.setrlimit(_r.RLIMIT_FSIZE, ({fsize}, {fsize}))\n"
         "_r.setrlimit(_r.RLIMIT_CORE, (0, 0))\n"
         "del _r\n"
-        # the real exit, kept before the guard and the program can replace os._exit: the program's last line
-        "from os import _exit as __deltatune_end__\n"
+        # the program's last line: the run's token to the harness's pipe, then the real exit, both kept before the
+        # guard and the program can replace them; the token leaves the environment before the model's code runs
+        "import os as _o\n"
+        f"def __deltatune_end__(_w=_o.write, _x=_o._exit, _fd=int(_o.environ.pop('{_FD_ENV}', '-1')),\n"
+        f"                      _t=_o.environ.pop('{_TOKEN_ENV}', '').encode()):\n"
+        "    try:\n"
+        "        _w(_fd, _t)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        f"    _x({PASS_STATUS})\n"
+        "del _o\n"
     )
 
 
-def run_program(program: str, limits: Limits = Limits()) -> Outcome:
+class _Batch:
+    """The running samples of one `run_programs` call, so that Ctrl-C can kill their process groups; once
+    stopped, a sample that starts late kills itself at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopped = False
+
+    def add(self, proc: subprocess.Popen) -> bool:
+        with self.lock:
+            if not self.stopped:
+                self.running.add(proc)
+        return not self.stopped
+
+    def discard(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.running.discard(proc)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            running = list(self.running)
+        for proc in running:
+            _signal_group(proc.pid)
+
+
+def run_program(program: str, limits: Limits = Limits(), batch: _Batch | None = None) -> Outcome:
     """Run one program (guard prelude + the program) and say whether it ran to its end in time."""
     folder = tempfile.mkdtemp(prefix="deltatune-exec-")
+    read_end, write_end = os.pipe()  # the passing sample's token comes back here, not through its exit status
+    token = secrets.token_hex(16)
     try:
         with open(os.path.join(folder, "sample.py"), "w", encoding="utf-8") as fh:
             fh.write(_limits_prelude(limits) + GUARD + "\n" + program + "\n" + _END)
@@ -134,36 +227,69 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 start_new_session=True,
+                pass_fds=(write_end,),
                 env={
                     "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                     "PYTHONHASHSEED": "0",
                     "HOME": folder,
                     "TMPDIR": folder,
+                    **_CHILD_ENV,
+                    _TOKEN_ENV: token,
+                    _FD_ENV: str(write_end),
                 },
             )
+            os.close(write_end)
+            write_end = -1
+            if batch is not None and not batch.add(proc):
+                _kill_group(proc)
+                return Outcome(False, "cancelled")
             try:
                 code = proc.wait(timeout=limits.timeout_s)
             except subprocess.TimeoutExpired:
                 _kill_group(proc)  # the sample and anything it started in its session
                 return Outcome(False, "timed out")
+            finally:
+                if batch is not None:
+                    batch.discard(proc)
             _kill_leftovers(proc.pid)  # a process the sample started and left running (its group outlives it)
-        if code == PASS_STATUS:
-            return Outcome(True, "passed")
-        if code == 0:  # exit(), sys.exit(0), os._exit(0): the tests did not all run
-            return Outcome(False, "failed: exited before the end of the tests (status 0)")
-        if code < 0:
-            return Outcome(False, f"killed by signal {-code}")
-        return Outcome(False, "failed: " + _last_line(os.path.join(folder, "stderr.txt")))
+        return _outcome(code, _read_token(read_end) == token.encode(), os.path.join(folder, "stderr.txt"))
     finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _read_token(fd: int) -> bytes:
+    """What the sample wrote to its pipe (the token if it reached its end), without waiting for more."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 256)
+    except BlockingIOError:
+        return b""
+
+
+def _outcome(code: int, reached_end: bool, stderr_path: str) -> Outcome:
+    """Passed only with both the pass status and the token: an exit status alone (`sys.exit(97)`) is forgeable."""
+    if code == PASS_STATUS and reached_end:
+        return Outcome(True, "passed")
+    if code in (0, PASS_STATUS):  # exit(), sys.exit(0), sys.exit(97), os._exit(0): the tests did not all run
+        return Outcome(False, f"failed: exited before the end of the tests (status {code})")
+    if code < 0:
+        return Outcome(False, f"killed by signal {-code}")
+    return Outcome(False, "failed: " + _last_line(stderr_path))
+
+
+def _signal_group(group: int) -> None:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the sample's session (its pid is the group id: it is still running, not yet reaped)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    _signal_group(proc.pid)
     proc.wait()
 
 
@@ -188,15 +314,26 @@ def _last_line(path: str) -> str:
 def run_programs(
     programs: list[str], limits: Limits = Limits(), workers: int | None = None, progress: bool = True
 ) -> list[Outcome]:
-    """Outcomes in input order; up to `workers` (default: the core count) samples at a time."""
+    """Outcomes in input order; up to `workers` (default: the core count) samples at a time.
+
+    On Ctrl-C (or any exception while waiting) the queued samples are cancelled and the running ones' process
+    groups killed before it propagates: the pool's own exit would otherwise run every queued sample first."""
     workers = max(1, workers or os.cpu_count() or 1)
     network_namespace_available()  # probe once, before the threads start
     bar = tqdm(total=len(programs), desc="execute", unit="sample", disable=not progress or len(programs) < 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(run_program, p, limits) for p in programs]
+    batch = _Batch()
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        futures = [pool.submit(run_program, p, limits, batch) for p in programs]
         out = []
         for f in futures:
             out.append(f.result())
             bar.update(1)
-    bar.close()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        batch.stop()
+        raise
+    finally:
+        pool.shutdown(wait=True)  # after a stop, only the killed samples' threads remain: they end at once
+        bar.close()
     return out

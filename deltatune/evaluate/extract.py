@@ -1,9 +1,11 @@
 """Pull the final answer out of a generated text, per task, and normalise it for exact match.
 
-GSM8K: the strict form is the number after `#### ` (the data set's own answer format); the
-flexible form is the last number in the text. BIG-Bench Hard: multiple-choice targets look like
-"(B)" and accept "(B)", "B", "B)" or "the answer is (B)"; other targets (True/False, Yes/No,
-valid/invalid, numbers, word lists) compare after case and punctuation normalisation.
+GSM8K: the strict form is the number after the first `#### ` (the data set's own answer format, lm-eval's
+strict regex `#### (-?[0-9.,]+)`); the flexible form is the last number in the whole text, `####` or not
+(lm-eval's flexible regex takes its last match too; a minus sign counts only right before the digits, so a
+bullet "- 72" is 72 and "50 - 5" ends in 5). BIG-Bench Hard: multiple-choice targets look like "(B)" and accept
+"(B)", "B", "B)" or "the answer is (B)"; other targets (True/False, Yes/No, valid/invalid, numbers, word lists)
+compare after case and punctuation normalisation.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-_NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\$?\s?\.\d+")
-_STRICT = re.compile(r"####\s*(-?\$?\s?[\d,]*\.?\d+)")
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+")
+_STRICT = re.compile(r"#### (-?[0-9.,]+)")  # lm-eval's gsm8k strict-match regex, first match
 _ANSWER_IS = re.compile(r"answer is[:\s]*", re.IGNORECASE)
 _MC_TARGET = re.compile(r"^\(([A-Z])\)$")
 
@@ -34,12 +36,11 @@ def normalize_number(text: str | None) -> str | None:
 
 
 def extract_gsm8k(text: str, strict: bool = True) -> str | None:
-    """The normalised answer number: after '####' (strict), else the last number (flexible)."""
-    m = _STRICT.search(text)
-    if m:
-        return normalize_number(m.group(1))
+    """The normalised answer number: after the first '#### ' (strict), else the last number in the text (flexible,
+    as lm-eval's flexible-extract: a '####' earlier in the text does not choose it)."""
     if strict:
-        return None
+        m = _STRICT.search(text)
+        return normalize_number(m.group(1)) if m else None
     numbers = _NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
 
@@ -65,27 +66,62 @@ def normalize_answer(text: str) -> str:
     return number if number is not None else t.lower()
 
 
-def extract_bbh(text: str, target: str) -> str:
-    """The prediction in the target's form: '(X)' for multiple choice, else the first answer line.
+_OPTION = re.compile(r"\(([A-Z])\)")
+# a reply that is only an option: "(B)", "B", "**B**", "'B'.", "B)"
+_ONLY_OPTION = re.compile(r"[*_\"'`]*\(?([A-Z])\)?[).:*_\"'`]*")
+# the first line's leading letter: "B) text", "B. text", "B: text" (not "A dog": the article, or "I think")
+_LEADING_LETTER = re.compile(r"[*_\"'`]*([A-Z])(?:[).:*_\"'`]|$)")
+# a conclusion line: "So B is correct", "Therefore (B)", "Answer: B", "the correct option is (B)"
+_CONCLUSION = re.compile(
+    r"\b(?:so|therefore|thus|hence|answer|final|conclusion)\b|\bis\s+(?:the\s+)?(?:correct|right|best)\b", re.I
+)
+_CONCLUDED_LETTER = re.compile(  # the letter itself in capitals: "a" is not an option
+    r"\b([A-Z])\)?\s+(?i:is\s+(?:the\s+)?(?:correct|right|best|answer))\b"
+    r"|\b(?i:so|therefore|thus|hence|option|choice|answer)\b\W{1,3}\(?([A-Z])\b\)?(?=\s*(?:$|[.,;:!*]|is\b))"
+)
 
-    Multiple choice reads the first line (after the last 'answer is', else of the whole text) that names an
-    option as "(X)": the answer comes first in the shots' direct format, and an explanation may follow. A line
-    that names several options ("(A) or (C)", "(A) is wrong, (C) is right") has no single prediction and
-    matches no target: taking the first named credited a text that lists the options (lm-eval's strict match
-    takes none of them)."""
+
+def extract_bbh(text: str, target: str) -> str:
+    """The prediction in the target's form: '(X)' for multiple choice, else the first answer line."""
+    after_answer_is = bool(_ANSWER_IS.search(text))
     body = _after_answer_is(text).strip()
     if _MC_TARGET.match(target.strip()):
-        for line in body.split("\n"):
-            named = set(re.findall(r"\(([A-Z])\)", line))
-            if len(named) == 1:
-                return f"({named.pop()})"
-            if named:
-                return normalize_answer(line)  # lower case: never an "(X)" target
-        # a bare letter, also in markdown bold or quotes as chat models write it: "**B**", "'B'."
-        m = re.match(r"[*_\"'`]*([A-Z])(?:[).:\s*_\"'`]|$)", body)
-        return f"({m.group(1)})" if m else normalize_answer(body.split("\n")[0])
+        letter = _mc_letter(body, after_answer_is)
+        return f"({letter})" if letter else normalize_answer(body.split("\n")[0])  # lower case: never "(X)"
     first_line = body.split("\n")[0] if body else ""
     return normalize_answer(first_line)
+
+
+def _mc_letter(body: str, after_answer_is: bool) -> str | None:
+    """The option a reply (after its last 'answer is') gives, or None; strict, as lm-eval's strict match is, so
+    that no rule favours an option by its position (a reply that walks through the options names (A) first).
+
+    - Every "(X)" in the reply names the same option: that one.
+    - Several options named: the first line if it is only an option (the shots' direct format, an explanation
+      after it), else a conclusion, the last line naming an option that says so/therefore/answer/"is correct"
+      ("So B is correct."), naming one; otherwise none ("(A) or (C)", "(C), not (A)", a plain walk-through).
+    - None named: a leading bare letter ("B", "B)", "**B**"; followed by a word only right after "answer is",
+      so a reply opening with the article "A" or "I" is no answer), else a conclusion as above."""
+    lines = [ln.strip() for ln in body.split("\n") if ln.strip()]
+    if not lines:
+        return None
+    named = {x for ln in lines for x in _OPTION.findall(ln)}
+    if len(named) == 1:
+        return named.pop()
+    if named:
+        only = _ONLY_OPTION.fullmatch(lines[0])
+        return only.group(1) if only else _conclusion(lines)
+    leading = _LEADING_LETTER.match(lines[0]) or (after_answer_is and re.match(r"([A-Z])\s", lines[0]))
+    return leading.group(1) if leading else _conclusion(lines)
+
+
+def _conclusion(lines: list[str]) -> str | None:
+    """The one option the last option-naming line concludes on, if it reads as a conclusion."""
+    for line in reversed(lines):
+        letters = set(_OPTION.findall(line)) | {a or b for a, b in _CONCLUDED_LETTER.findall(line)}
+        if letters:
+            return letters.pop() if len(letters) == 1 and _CONCLUSION.search(line) else None
+    return None
 
 
 def bbh_target(target: str) -> str:

@@ -34,9 +34,22 @@ class LossResult:
     perplexity: float
     tokens: float  # sum of weights (the number of loss-bearing tokens for 0/1 policies)
     examples: int
+    read: int = 0  # records read (loss_on_file); the counts below change the score, so results report them
+    truncated: int = 0  # scored examples cut to max_len tokens
+    dropped: int = 0  # examples with no loss-bearing token left under the policy (after truncation)
+    template: str = ""  # the resolved template (auto -> ...)
 
     def as_dict(self) -> dict[str, float]:
         return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "examples": self.examples}
+
+    def note(self, max_len: int) -> str | None:
+        """One line on what --max-len did to the file, or None when it did nothing."""
+        if not self.truncated and not self.dropped:
+            return None
+        return (
+            f"{self.truncated} of {self.read} examples truncated to --max-len {max_len} tokens, {self.dropped} "
+            "dropped (no loss-bearing token left under the policy)"
+        )
 
 
 def flat_rows_available(model) -> bool:
@@ -146,10 +159,27 @@ def loss_on_file(
     from deltatune.data.pipeline import prepare_dataset
 
     parsed = loss_options(policy, template, max_len)
+    # an example whose response truncation cut off still has loss-bearing prompt tokens under `--policy all`: the
+    # policy's weights, not the response role, decide what is dropped
     prepared = prepare_dataset(
-        path, tokenizer, template=template, data_format=data_format, column_map=column_map, max_len=max_len, limit=limit
+        path,
+        tokenizer,
+        template=template,
+        data_format=data_format,
+        column_map=column_map,
+        max_len=max_len,
+        limit=limit,
+        keep_without_response=True,
     )
+    scored = []
     for ex in prepared.examples:
         ex.weights = policy_weights(ex, parsed)
+        if any(w > 0 for w in ex.weights[1:]):  # the first token is never a target
+            scored.append(ex)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return heldout_loss(model, prepared.examples, batch_size=batch_size, pad_id=pad, progress=progress, flat=flat)
+    res = heldout_loss(model, scored, batch_size=batch_size, pad_id=pad, progress=progress, flat=flat)
+    res.read = prepared.report.read
+    res.truncated = sum(bool(ex.truncated) for ex in scored)
+    res.dropped = prepared.report.dropped_no_loss + len(prepared.examples) - len(scored)
+    res.template = prepared.template
+    return res

@@ -8,7 +8,15 @@ from typing import Any
 
 from deltatune.errors import UserError
 from deltatune.evaluate import metrics as M
-from deltatune.evaluate.choice import choice_accuracies, predict, score_options
+from deltatune.evaluate.choice import (
+    OptionError,
+    choice_accuracies,
+    model_max_length,
+    option_problem,
+    predict,
+    score_options,
+    split_encode,
+)
 from deltatune.evaluate.extract import extract_bbh, extract_gsm8k
 from deltatune.evaluate.generate import GenerationConfig, generate
 from deltatune.evaluate.loss import loss_on_file, loss_options
@@ -123,7 +131,19 @@ def evaluate_task(
             progress=opts.progress,
             flat=opts.flat_rows,
         )
-        return TaskResult(task.name, res.examples, "loss", res.as_dict(), [], higher_is_better=False)
+        note = res.note(opts.max_len)
+        if note:
+            print(f"note: {task.name}: {note}", file=sys.stderr)
+        info = {
+            "template": res.template,
+            "policy": opts.policy,
+            "max_len": opts.max_len,
+            "map": dict(task.field_map) or None,
+            "read": res.read,
+            "truncated": res.truncated,
+            "dropped": res.dropped,
+        }
+        return TaskResult(task.name, res.examples, "loss", res.as_dict(), [], higher_is_better=False, info=info)
     items = items if items is not None else load_items(task, opts.limit)
     if task.kind == "code":
         return _evaluate_code(model, tokenizer, task, items, opts)
@@ -160,16 +180,28 @@ def evaluate_task(
         )
     keys = [k for k in rows[0] if k not in {"source", "target", "output", "extracted"}]
     metrics = {k: M.mean([float(r[k]) for r in rows]) for k in keys}
-    info = {"protocol": f"{opts.shots}-shot" + (", answer format stated in the prompt" if suffix else "")}
+    info = {
+        "protocol": f"{opts.shots}-shot" + (", answer format stated in the prompt" if suffix else ""),
+        **generation_info(gen, style.name),
+    }
     return TaskResult(task.name, len(items), task.metric, metrics, rows, info=info)
 
 
-def _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_special) -> TaskResult:
+def generation_info(gen: GenerationConfig, style: str) -> dict[str, Any]:
+    """The settings that change a generation task's texts, for results.json (resolved: the task's own length,
+    the style the tokenizer chose)."""
+    info: dict[str, Any] = {"prompt_style": style, "max_new_tokens": gen.max_new_tokens, "sample": gen.do_sample}
+    if gen.do_sample:
+        info.update(temperature=gen.temperature, top_p=gen.top_p, seed=gen.seed)
+    return info
+
+
+def choice_inputs(tokenizer, items: list[Item], pool, opts: EvalOptions, style) -> tuple[list[str], list[list[str]]]:
+    """(contexts, options) of a choice task as it is scored: shots, prompt style, option or letter."""
     contexts, options = [], []
-    letter = opts.choice_mode == "letter"
     for item in items:
         shots = _shots_for(item, pool, opts)
-        if letter:
+        if opts.choice_mode == "letter":
             pairs = [(letter_question(s), LETTERS[s.answer]) for s in shots]
             contexts.append(render(tokenizer, style.name, pairs, letter_question(item)))
             options.append([style.continuation_prefix + LETTERS[i] for i in range(len(item.options))])
@@ -177,17 +209,59 @@ def _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_speci
             pairs = [(s.prompt, s.options[s.answer]) for s in shots]
             contexts.append(render(tokenizer, style.name, pairs, item.prompt))
             options.append([style.continuation_prefix + o for o in item.options])
-    scores = score_options(
-        model,
-        tokenizer,
-        contexts,
-        options,
-        batch_size=opts.batch_size,
-        add_special_tokens=add_special,
-        progress=opts.progress,
-        # acc divides by len(choice) of the option as written, as lm-eval's acc_norm (spaces around it included)
-        char_counts=[[len(o) - len(style.continuation_prefix) for o in row] for row in options],
-    )
+    return contexts, options
+
+
+def _option_error(item: Item, option: int, problem: str) -> UserError:
+    """One line naming the item's file and line (MMLU's `path:line`)."""
+    file, _, line = item.source.rpartition(":")
+    where = {"file": file, "line": int(line)} if file and line.isdigit() else {"file": item.source or None}
+    return UserError(f"option {LETTERS[option]} {problem}; fix or remove the item", **where)
+
+
+def check_choice_fits(model, tokenizer, task: Task, items: list[Item], opts: EvalOptions) -> None:
+    """Refuse an option that encodes to no tokens or does not fit the model's context, naming its file and line,
+    before any task runs (score_options would raise in the middle of the run, after earlier tasks' hours).
+    Options are encoded alone in one batch; only those near the limit (a boundary merge moves a token or two) or
+    empty get the exact split that scoring uses."""
+    if task.kind != "choice" or not items:
+        return
+    pool = (load_shot_pool(task) or load_items(task)) if opts.shots > 0 else None
+    style = style_info(opts.style or default_style(tokenizer))
+    contexts, options = choice_inputs(tokenizer, items, pool, opts, style)
+    max_length = model_max_length(model)
+    flat = [text for row in options for text in row]
+    alone = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    at = 0
+    for q, row in enumerate(options):
+        for o, text in enumerate(row):
+            n = len(alone[at])
+            at += 1
+            if 0 < n < max_length - 8:
+                continue
+            _, o_ids = split_encode(tokenizer, contexts[q], text, style.name != "chat")
+            problem = option_problem(o_ids, text, max_length)
+            if problem:
+                raise _option_error(items[q], o, problem)
+
+
+def _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_special) -> TaskResult:
+    letter = opts.choice_mode == "letter"
+    contexts, options = choice_inputs(tokenizer, items, pool, opts, style)
+    try:
+        scores = score_options(
+            model,
+            tokenizer,
+            contexts,
+            options,
+            batch_size=opts.batch_size,
+            add_special_tokens=add_special,
+            progress=opts.progress,
+            # acc divides by len(choice) of the option as written, as lm-eval's acc_norm (spaces around it included)
+            char_counts=[[len(o) - len(style.continuation_prefix) for o in row] for row in options],
+        )
+    except OptionError as exc:
+        raise _option_error(items[exc.question], exc.option, exc.problem) from None
     answers = [item.answer for item in items]
     metrics = choice_accuracies(scores, answers)
     if letter:  # every letter has one character and (usually) one token: the three agree; keep one
@@ -203,6 +277,7 @@ def _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_speci
     ]
     info = {
         "choice": "letter" if letter else "option likelihood",
+        "prompt_style": style.name,
         "shots_from": "none"
         if opts.shots == 0
         else ("the training split" if task.fewshot_files else "the same file (test split) minus the item"),
@@ -257,7 +332,11 @@ def _evaluate_code(model, tokenizer, task: Task, items: list[Item], opts: EvalOp
         progress=opts.progress,
     )
     completions = [[clean_completion(p, t) for t in texts[i * n : (i + 1) * n]] for i, p in enumerate(problems)]
-    return score_code(task.name, problems, completions, opts)
+    result = score_code(task.name, problems, completions, opts)
+    # HumanEval's prompt is code the model continues: no prompt style applies
+    used = "continuation" if problems[0].format == "humaneval" else style.name
+    result.info.update(generation_info(gen, used))
+    return result
 
 
 def score_code(name: str, problems: list, completions: list[list[str]], opts: EvalOptions) -> TaskResult:

@@ -249,8 +249,11 @@ def read_mmlu(path: Path) -> list[Item]:
             if len(row) != 6 or row[5].strip() not in ("A", "B", "C", "D"):
                 raise DataError("expected 6 columns: question, A, B, C, D, answer letter", file=str(path), line=n)
             answer = LETTERS.index(row[5].strip())
+            # the question stripped as lm-eval's MMLU templates do (`question.strip()`): 963 test questions start
+            # or end with whitespace (nutrition's end in a newline); the options stay as written, as lm-eval's
+            question = row[0].strip()
             items.append(
-                Item(row[0], row[5].strip(), row[1 + answer], options=row[1:5], answer=answer, source=f"{path}:{n}")
+                Item(question, row[5].strip(), row[1 + answer], options=row[1:5], answer=answer, source=f"{path}:{n}")
             )
     return items
 

@@ -172,7 +172,7 @@ def run(args) -> int:
     from deltatune.analysis.plots import learn_forget_plot
     from deltatune.cli.eval import options_from_args, resolve_tasks, write_atomic
     from deltatune.evaluate.forgetting import learn_forget
-    from deltatune.evaluate.runner import check_task_options, evaluate_task
+    from deltatune.evaluate.runner import check_choice_fits, check_task_options, evaluate_task
     from deltatune.evaluate.runs import load_snapshot, read_run, snapshot_tokenizer, unique_labels
     from deltatune.evaluate.tasks import load_items
     from deltatune.models import load_model, parse_dtype
@@ -198,6 +198,8 @@ def run(args) -> int:
     base = base_of_runs(runs, args.base)
     base_model, tokenizer = load_model(base, dtype=args.dtype)
     check_adapters_fit(base_model, runs)  # before the base is scored (hours on real tasks)
+    for t in tasks:  # options the model's context cannot hold, likewise
+        check_choice_fits(base_model, tokenizer, t, items[t.name], opts)
 
     loss_tasks: set[str] = set()
     metrics: dict[str, str] = {}

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deltatune.upcycle.convert import UpcycleSpec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,10 +64,13 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from deltatune.models import resolve_model
-    from deltatune.upcycle.convert import validate
+    from deltatune.upcycle.convert import refuse_moe_source, validate
 
     ref, extra = resolve_model(args.model)
-    n_layers = AutoConfig.from_pretrained(ref, **extra).num_hidden_layers  # check the choice before loading
+    config = AutoConfig.from_pretrained(ref, **extra)
+    # before loading: a Mixtral / Qwen2-MoE source's MLPs are mixtures of experts already
+    refuse_moe_source(config, str(args.model or "the default model"))
+    n_layers = config.num_hidden_layers  # check the choice before loading
     spec = UpcycleSpec(
         experts=args.experts,
         router=args.router,
@@ -81,14 +88,19 @@ def run(args: argparse.Namespace) -> int:
     counts = count_parameters(model)
     fmt, why = export_format(model, spec)
     save_model(model, tokenizer, out)
-    print(
-        f"upcycled {len(spec.layers)} layer(s) {spec.layers} to {spec.experts} experts ({spec.router}"
-        f"{f', k={spec.k}' if spec.router == 'topk' else ''}, capacity {spec.capacity}, "
-        f"{'renormalised' if spec.normalize else 'raw softmax'} weights)"
-    )
+    print(f"upcycled {len(spec.layers)} layer(s) {spec.layers} to {spec.experts} experts ({routing_summary(spec)})")
     print(
         f"parameters: {dense_total / 1e6:.1f}M dense -> {counts['total'] / 1e6:.1f}M total, "
         f"{counts['active_per_token'] / 1e6:.1f}M active per token"
     )
     print(f"wrote {out} ({fmt} format: {why})")
     return 0
+
+
+def routing_summary(spec: UpcycleSpec) -> str:
+    """How the blocks route, in the words of the router chosen: raw or renormalised combine weights are a
+    top-k notion (expert choice weights each chosen token by its probability for the expert)."""
+    if spec.router == "topk":
+        weights = "renormalised" if spec.normalize else "raw softmax"
+        return f"topk, k={spec.k}, capacity {spec.capacity}, {weights} weights"
+    return f"{spec.router}, capacity {spec.capacity}"

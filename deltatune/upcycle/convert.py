@@ -46,6 +46,38 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+# config keys that transformers' MoE architectures (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek, GPT-OSS, ...) use for
+# their expert count
+MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def moe_config_field(config) -> tuple[str, int] | None:
+    """(key, expert count) when the config says the model's MLPs are already mixtures of experts (2 or more
+    experts), None for a dense model: upcycling one copies whole sparse blocks as "experts", which cannot run."""
+    configs = [config]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config:
+        configs.append(text)
+    for cfg in configs:
+        for key in MOE_CONFIG_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+                return key, value
+    return None
+
+
+def refuse_moe_source(config, name: str) -> None:
+    """A one-line refusal of a source model that is already a mixture of experts."""
+    found = moe_config_field(config)
+    if found is not None:
+        key, value = found
+        raise UserError(
+            f"{name} is already a mixture of experts ({config.model_type} with {key} = {value} in its config); "
+            "upcycling needs a dense model",
+            field="model",
+        )
+
+
 def parse_layers(text: str, num_layers: int) -> list[int]:
     """every-other (0-based odd layers: 1, 3, ...), all, last:N, or a comma list i,j,k (0-based)."""
     text = text.strip()
@@ -106,6 +138,14 @@ def upcycle(model: nn.Module, spec: UpcycleSpec, *, seed: int = 0, copy_weights:
         spec.capacity = 2.0
     if moe_blocks(model):
         raise UserError("the model is already upcycled", field="model")
+    refuse_moe_source(model.config, type(model).__name__)
+    sparse = [i for i in spec.layers if hasattr(layers[i].mlp, "experts")]
+    if sparse:  # a MoE architecture under another config key: its MLP already holds experts
+        raise UserError(
+            f"{type(model).__name__}: the MLP of layer {sparse[0]} is already a mixture of experts; "
+            "upcycling needs a dense model",
+            field="model",
+        )
     gen = torch.Generator().manual_seed(seed)
     hidden = model.config.hidden_size
     for i in spec.layers:

@@ -17,19 +17,22 @@ method injection can target them).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from deltatune.errors import UserError
 from deltatune.fileio import atomic_dir
-from deltatune.upcycle.convert import UpcycleSpec, decoder_layers, spec_of, upcycle
+from deltatune.upcycle.convert import UpcycleSpec, decoder_layers, spec_of, upcycle, validate
+from deltatune.upcycle.moe import DEFAULT_AUX_WEIGHT, ROUTERS, moe_blocks
 
 UPCYCLE_FILE = "upcycle.json"
 WEIGHTS_FILE = "upcycled.safetensors"
@@ -83,7 +86,7 @@ def hf_config(model: nn.Module, spec: UpcycleSpec, fmt: str):
     from transformers import MixtralConfig, Qwen2MoeConfig
 
     cfg = model.config
-    common = _common_config(cfg)
+    common = {**_common_config(cfg), "router_aux_loss_coef": transformers_aux_coef(model, spec)}
     expert_width = cfg.intermediate_size
     if fmt == "mixtral":
         return MixtralConfig(
@@ -109,6 +112,16 @@ def hf_config(model: nn.Module, spec: UpcycleSpec, fmt: str):
     )
 
 
+def transformers_aux_coef(model: nn.Module, spec: UpcycleSpec) -> float:
+    """transformers' `router_aux_loss_coef` with deltatune's balancing strength: its load_balancing_loss_func
+    takes f_e as the fraction of tokens (summing to k), ours the fraction of assignments (summing to 1), so
+    its loss is k times ours and the same pull needs 1/k of the weight. The weight is the one the blocks
+    last trained with (RouterLosses records it), else the train default."""
+    blocks = moe_blocks(model)
+    weight = blocks[0][1].aux_loss_weight if blocks else DEFAULT_AUX_WEIGHT
+    return weight / spec.k
+
+
 def to_hf_state(model: nn.Module, spec: UpcycleSpec) -> dict[str, torch.Tensor]:
     """deltatune's state dict in the transformers MoE layout (experts stacked as 3D tensors)."""
     sd = {k: v for k, v in model.state_dict().items() if ".mlp." not in k or not _in_moe(k, spec)}
@@ -125,8 +138,11 @@ def to_hf_state(model: nn.Module, spec: UpcycleSpec) -> dict[str, torch.Tensor]:
     return sd
 
 
-def from_hf_state(hf_sd: dict[str, torch.Tensor], spec: UpcycleSpec, prefix: str) -> dict[str, torch.Tensor]:
-    """The inverse of `to_hf_state` (shared-expert tensors of Qwen2-MoE, all of zero width, are dropped)."""
+def from_hf_state(
+    hf_sd: dict[str, torch.Tensor], spec: UpcycleSpec, prefix: str, source: str | os.PathLike | None = None
+) -> dict[str, torch.Tensor]:
+    """The inverse of `to_hf_state` (shared-expert tensors of Qwen2-MoE, all of zero width, are dropped).
+    `source` names the folder in the one-line errors about weights that do not match its upcycle.json."""
     out = {}
     for k, v in hf_sd.items():
         if ".mlp.shared_expert" in k:
@@ -134,6 +150,7 @@ def from_hf_state(hf_sd: dict[str, torch.Tensor], spec: UpcycleSpec, prefix: str
         out[k] = v
     for i in spec.layers:
         p = f"{prefix}{i}.mlp."
+        _check_stacked(out, p, i, spec, Path(source) / UPCYCLE_FILE if source is not None else Path(UPCYCLE_FILE))
         out[p + "router.weight"] = out.pop(p + "gate.weight")
         gate_up, down = out.pop(p + "experts.gate_up_proj"), out.pop(p + "experts.down_proj")
         width = gate_up.shape[1] // 2
@@ -142,6 +159,26 @@ def from_hf_state(hf_sd: dict[str, torch.Tensor], spec: UpcycleSpec, prefix: str
             out[f"{p}experts.{e}.up_proj.weight"] = gate_up[e, width:]
             out[f"{p}experts.{e}.down_proj.weight"] = down[e]
     return out
+
+
+def _check_stacked(sd: dict[str, torch.Tensor], p: str, layer: int, spec: UpcycleSpec, meta_file: Path) -> None:
+    """A layer upcycle.json calls MoE has the transformers MoE tensors, with spec.experts experts: else the
+    unstacking would fail with an IndexError (or silently keep too few experts)."""
+    names = ("gate.weight", "experts.gate_up_proj", "experts.down_proj")
+    absent = [p + n for n in names if p + n not in sd]
+    if absent:
+        raise UserError(
+            f"layer {layer} is MoE here, but the weights have no '{absent[0]}'",
+            file=str(meta_file),
+            field="spec.layers",
+        )
+    held = {int(sd[p + n].shape[0]) for n in names}
+    if held != {spec.experts}:
+        raise UserError(
+            f"{spec.experts} experts here, but the weights hold {min(held)} in layer {layer}",
+            file=str(meta_file),
+            field="spec.experts",
+        )
 
 
 def _layers_prefix(model: nn.Module) -> str:
@@ -169,6 +206,8 @@ def save_upcycled(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Pa
     with atomic_dir(out_dir) as tmp:
         if fmt == "deltatune":
             model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:  # the dense model's (see _restore_...)
+                model.generation_config.save_pretrained(tmp)
             tied = getattr(model.config, "tie_word_embeddings", False)
             sd = {
                 k: v.detach().contiguous()
@@ -188,6 +227,8 @@ def save_upcycled(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Pa
                     if ".shared_expert" in name:
                         p.zero_()  # zero width (shared expert) and a gate in front of it: adds exactly 0
             hf.tie_weights()
+            if getattr(model, "generation_config", None) is not None:  # else regenerated from the MoE config.json
+                hf.generation_config = copy.deepcopy(model.generation_config)
             hf.save_pretrained(tmp, safe_serialization=True)
         meta = {"format": fmt, "why": why, "spec": spec.to_dict(), "dense_config": model.config.to_dict()}
         (tmp / UPCYCLE_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -204,72 +245,252 @@ def quiet_zero_width() -> Iterator[None]:
         yield
 
 
+FORMATS = ("mixtral", "qwen2_moe", "deltatune")
+
+# upcycle.json's spec fields: (accepts the JSON value, what it must be)
+_SPEC_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "experts": (lambda v: _is_int(v), "an integer"),
+    "layers": (lambda v: isinstance(v, list) and all(_is_int(i) for i in v), "a list of 0-based layer indices"),
+    "router": (lambda v: isinstance(v, str), f"one of {', '.join(ROUTERS)}"),
+    "k": (lambda v: _is_int(v), "an integer"),
+    "capacity": (lambda v: v is None or _is_int(v) or isinstance(v, float), "a number or null"),
+    "normalize": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _bare_message(exc: UserError) -> str:
+    """A UserError's message without its 'file: field ...: ' prefix, to name another file and field."""
+    text = str(exc)
+    prefix = f"field '{exc.field}': " if exc.field is not None and exc.file is None else ""
+    return text[len(prefix) :] if prefix and text.startswith(prefix) else text
+
+
 def read_meta(path: str | os.PathLike) -> dict:
+    """upcycle.json, checked: a damaged or hand-edited file is a one-line error naming it and the field, not a
+    TypeError or IndexError deep in the load."""
     file = Path(path) / UPCYCLE_FILE
     try:
         meta = json.loads(file.read_text(encoding="utf-8"))
-        meta["spec"] = UpcycleSpec.from_dict(meta["spec"])
-        _ = meta["format"], meta["dense_config"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise UserError(f"not a valid upcycle description: {exc}", file=str(file)) from None
+    if not isinstance(meta, dict):
+        raise UserError("not a valid upcycle description: must be a JSON object", file=str(file))
+    if meta.get("format") not in FORMATS:
+        raise UserError(
+            f"{meta.get('format')!r} is not a format; expected one of {', '.join(FORMATS)}",
+            file=str(file),
+            field="format",
+        )
+    dense = meta.get("dense_config")
+    if not isinstance(dense, dict) or not isinstance(dense.get("model_type"), str):
+        raise UserError(
+            "must be the dense model's config: an object with its model_type", file=str(file), field="dense_config"
+        )
+    meta["spec"] = _read_spec(meta.get("spec"), file)
     return meta
 
 
-def dense_skeleton(meta: dict, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _read_spec(raw: Any, file: Path) -> UpcycleSpec:
+    """The spec of upcycle.json with the types UpcycleSpec needs, and the values `validate` accepts."""
+    if not isinstance(raw, dict):
+        raise UserError(f"must be an object of {', '.join(_SPEC_FIELDS)}", file=str(file), field="spec")
+    for key, (ok, what) in _SPEC_FIELDS.items():
+        if key not in raw:
+            raise UserError("is missing", file=str(file), field=f"spec.{key}")
+        if not ok(raw[key]):
+            raise UserError(f"must be {what}, got {raw[key]!r}", file=str(file), field=f"spec.{key}")
+    spec = UpcycleSpec(**{k: raw[k] for k in _SPEC_FIELDS})
+    try:
+        validate(spec)
+    except UserError as exc:
+        raise UserError(_bare_message(exc), file=str(file), field=f"spec.{exc.field}") from None
+    return spec
+
+
+def _dense_config(meta: dict, path: Path):
+    """The dense model's transformers config from upcycle.json's dense_config (one-line error if it is not one)."""
+    from transformers import AutoConfig
 
     cfg = dict(meta["dense_config"])
-    config = AutoConfig.for_model(**cfg)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        return AutoConfig.for_model(**cfg)
+    except Exception as exc:  # user JSON: TypeError, ValueError, huggingface_hub's validation error, ...
+        raise UserError(
+            f"not a config transformers can build: {' '.join(str(exc).split())[:300]}",
+            file=str(path / UPCYCLE_FILE),
+            field="dense_config",
+        ) from None
+
+
+def dense_skeleton(meta: dict, dtype: torch.dtype, path: str | os.PathLike = ".") -> nn.Module:
+    """The dense model upcycle.json describes, at random (the weights are loaded over it)."""
+    from transformers import AutoModelForCausalLM
+
+    config = _dense_config(meta, Path(path))
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, ZeroDivisionError) as exc:
+        raise UserError(
+            f"cannot build the model it describes: {_first_line(exc)}",
+            file=str(Path(path) / UPCYCLE_FILE),
+            field="dense_config",
+        ) from None
+
+
+def _upcycle_structure(model: nn.Module, spec: UpcycleSpec, path: Path) -> None:
+    """The MoE blocks upcycle.json's spec describes, over the dense skeleton; a spec that does not fit the
+    dense config (a layer it lacks, an MoE source) names upcycle.json and the field."""
+    try:
+        upcycle(model, spec, copy_weights=False)
+    except UserError as exc:
+        field = f"spec.{exc.field}" if exc.field in _SPEC_FIELDS else "dense_config"
+        raise UserError(_bare_message(exc), file=str(path / UPCYCLE_FILE), field=field) from None
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """deltatune's weights file, with the dense load's one-line errors for a missing or damaged file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise UserError("is missing (the upcycled weights)", file=str(file), field="model")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(
+            f"the weights file is damaged or cut short ({_first_line(exc)})", file=str(file), field="model"
+        ) from None
+
+
+def _read_transformers_weights(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A Mixtral / Qwen2-MoE folder's state dict through from_pretrained, with models.load_model's translation
+    of a missing, damaged or incomplete weights file into one line."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.models import check_loaded_weights
+
+    weights = path / "model.safetensors"
+    if not weights.is_file() and not (path / "model.safetensors.index.json").is_file():
+        raise UserError("is missing (the upcycled weights)", file=str(weights), field="model")
+    try:
+        with quiet_zero_width():
+            hf, loading = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the upcycled model: {_first_line(exc)}", file=str(path), field="model") from None
+    except SafetensorError as exc:
+        raise UserError(
+            f"the weights file is damaged or cut short ({_first_line(exc)})", file=str(weights), field="model"
+        ) from None
+    check_loaded_weights(str(weights), loading)
+    return hf.state_dict()
+
+
+def _load_weights(model: nn.Module, sd: dict[str, torch.Tensor], weights: Path) -> None:
+    """Load `sd` into the upcycled skeleton; tensors the skeleton lacks or shapes other than upcycle.json's
+    dense config are one-line errors naming the weights file (torch would raise a many-line RuntimeError)."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    own = model.state_dict()
+    for key, tensor in sd.items():
+        if key in own and own[key].shape != tensor.shape:
+            raise UserError(
+                f"shape {tuple(tensor.shape)}, but upcycle.json's dense_config needs {tuple(own[key].shape)}",
+                file=str(weights),
+                field=key,
+            )
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise UserError(
+            f"weights do not match upcycle.json: missing {missing[:3]}, unexpected {unexpected[:3]}", file=str(weights)
+        )
+    if tied:
+        model.tie_weights()
 
 
 def load_upcycled(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
 ) -> nn.Module:
     """Any upcycled folder (Mixtral, Qwen2-MoE or deltatune format) as deltatune modules, in eval mode."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
     meta = read_meta(path)
     spec: UpcycleSpec = meta["spec"]
-    model = dense_skeleton(meta, dtype)
-    upcycle(model, spec, copy_weights=False)
+    model = dense_skeleton(meta, dtype, path)
+    _upcycle_structure(model, spec, path)
     if meta["format"] == "deltatune":
-        if not (path / WEIGHTS_FILE).is_file():
-            raise UserError(f"{path / WEIGHTS_FILE} is missing", field="model")
-        sd = load_file(str(path / WEIGHTS_FILE))
+        weights = path / WEIGHTS_FILE
+        sd = _read_safetensors(weights)
+        _check_expert_keys(sd, spec, _layers_prefix(model), path)
     else:
-        with quiet_zero_width():
-            hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        sd = from_hf_state(hf.state_dict(), spec, _layers_prefix(model))
-        del hf
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
-    if missing or unexpected:
-        raise UserError(
-            f"weights do not match upcycle.json: missing {missing[:3]}, unexpected {unexpected[:3]}", file=str(path)
-        )
-    if tied:
-        model.tie_weights()
+        weights = path / "model.safetensors"
+        sd = from_hf_state(_read_transformers_weights(path, dtype), spec, _layers_prefix(model), path)
+    _check_moe_layers(sd, spec, _layers_prefix(model), path)
+    _load_weights(model, sd, weights)
     if attn_implementation is not None:  # None: the model's own choice (SDPA where it has it)
         model.set_attn_implementation(attn_implementation)
+    _restore_generation_config(model, path)
     from deltatune.models import cast_weights
 
     return cast_weights(model, dtype).eval()  # RoPE's inv_freq stays float32, as from_pretrained keeps it
 
 
+def _check_moe_layers(sd: dict[str, torch.Tensor], spec: UpcycleSpec, prefix: str, path: Path) -> None:
+    """No layer that upcycle.json calls dense holds a router or experts in the weights (else the load lists
+    every missing dense and unexpected expert tensor instead of naming the field that is wrong)."""
+    pattern = re.compile(rf"{re.escape(prefix)}(\d+)\.mlp\.(experts|router|gate)\b")
+    extra = sorted({int(m.group(1)) for k in sd if (m := pattern.match(k))} - set(spec.layers))
+    if extra:
+        raise UserError(
+            f"{spec.layers} are the MoE layers here, but the weights hold experts in layer {extra[0]} too",
+            file=str(path / UPCYCLE_FILE),
+            field="spec.layers",
+        )
+
+
+def _check_expert_keys(sd: dict[str, torch.Tensor], spec: UpcycleSpec, prefix: str, path: Path) -> None:
+    """deltatune's format: each MoE layer's weights hold spec.experts experts (else a load would list every
+    missing or unexpected expert tensor instead of saying which count is wrong)."""
+    for i in spec.layers:
+        pattern = re.compile(rf"{re.escape(prefix)}{i}\.mlp\.experts\.(\d+)\.")
+        held = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
+        if held and len(held) != spec.experts:
+            raise UserError(
+                f"{spec.experts} experts here, but {WEIGHTS_FILE} holds {len(held)} in layer {i}",
+                file=str(path / UPCYCLE_FILE),
+                field="spec.experts",
+            )
+
+
+def _restore_generation_config(model: nn.Module, path: Path) -> None:
+    """The dense model's generation_config (extra eos ids, sampling defaults), saved beside the weights: a
+    model built from its config alone would have one regenerated from config.json, which lacks them."""
+    from transformers import GenerationConfig
+
+    if not (path / "generation_config.json").is_file():
+        return
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"not a valid generation config: {_first_line(exc)}", file=str(path / "generation_config.json")
+        ) from None
+
+
 def meta_upcycled(path: str | os.PathLike, dtype: torch.dtype) -> tuple[nn.Module, dict]:
     """An upcycled folder's structure on the meta device (no weights) for `deltatune plan`, with its
     parameter counts (total, active per token; see convert.count_parameters) and spec."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from deltatune.upcycle.convert import count_parameters
 
     meta = read_meta(path)
-    config = AutoConfig.for_model(**dict(meta["dense_config"]))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        upcycle(model, meta["spec"], copy_weights=False)
+        model = dense_skeleton(meta, dtype, path)
+        _upcycle_structure(model, meta["spec"], Path(path))
     return model, {**count_parameters(model), "spec": meta["spec"].to_dict(), "format": meta["format"]}

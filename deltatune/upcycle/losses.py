@@ -4,6 +4,9 @@
   assignments sent to expert e (before capacity drops) and P_e the mean router probability of e.
   Perfectly uniform routing gives exactly 1; expert choice is balanced by construction (f_e = 1/E),
   so its L_aux is the constant 1 and has no gradient.
+  This is 1/k of transformers' load_balancing_loss_func (f_e there is the fraction of tokens, summing
+  to k): the same pull there needs router_aux_loss_coef = weight / k, which exports write
+  (io.transformers_aux_coef; docs/upcycling.md).
 - Router z-loss (ST-MoE): mean over tokens of logsumexp(router logits)^2.
 Both are averaged over the MoE layers; the train loop adds weight * loss to each micro-batch's loss.
 Under torchrun the gradients are summed over the processes (train/distributed.py), so each process
@@ -41,6 +44,8 @@ class RouterLosses:
     def __init__(self, model: nn.Module, aux_weight: float, z_weight: float) -> None:
         self.blocks = [b for _, b in moe_blocks(model)]
         self.aux_weight, self.z_weight = aux_weight, z_weight
+        for b in self.blocks:  # an export then writes transformers' equivalent coefficient (io.transformers_aux_coef)
+            b.aux_loss_weight = aux_weight
         self.world = _world_size()  # gradients are summed over ranks: each rank adds 1/world of the loss
         self._reset()
 

@@ -18,6 +18,7 @@ Routing (p = softmax of the router logits, computed in fp32):
 
 Padding never routes: inside `routed_tokens(model, mask)` (the train loop's forwards) each block routes
 only the tokens the mask marks as real, and the padding's MLP output is zero (it keeps its residual).
+Prompt tuning's virtual tokens, prepended to every row after the mask was made, are real and route.
 Otherwise padding would take capacity slots from real tokens (a short row's padding comes before the
 next row's tokens), be chosen by expert-choice experts, and count in the balancing loss and the metrics.
 The train loop keeps the mask through the backward pass, where activation checkpointing recomputes the blocks.
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ROUTERS = ("topk", "expert-choice")
+DEFAULT_AUX_WEIGHT = 0.01  # the train default of moe_aux_loss (deltatune/config.py), for exports of untrained blocks
 
 
 def ceil_capacity(capacity: float, num: int, den: int) -> int:
@@ -72,6 +74,7 @@ class MoEBlock(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.last_routing: dict[str, torch.Tensor] | None = None
         self.token_mask: torch.Tensor | None = None  # set by routed_tokens(): which tokens are real
+        self.aux_loss_weight = DEFAULT_AUX_WEIGHT  # the balancing weight it trains with (set by RouterLosses)
 
     def extra_repr(self) -> str:
         return (
@@ -119,17 +122,29 @@ class MoEBlock(nn.Module):
         return token, expert, weight, assigned, dropped
 
     # --- forward --------------------------------------------------------------------------------
+    def mask_for(self, shape: torch.Size) -> torch.Tensor | None:
+        """The token mask for hidden states of `shape` ([B, T', H]). Prompt tuning prepends its p virtual
+        tokens to every row after the batch's [B, T] mask was set, so T' = p + T: those leading positions
+        are real inputs (trained embeddings the attention sees), so they route like any real token."""
+        mask = self.token_mask
+        if mask is None:
+            return None
+        if mask.dim() == 2 and len(shape) == 3 and mask.shape[0] == shape[0] and mask.shape[1] < shape[1]:
+            mask = torch.cat([mask.new_ones(shape[0], shape[1] - mask.shape[1]), mask], dim=1)
+        if mask.numel() != shape.numel() // shape[-1]:
+            raise RuntimeError(
+                f"the token mask has {mask.numel()} entries for {shape.numel() // shape[-1]} tokens "
+                "(set by routed_tokens for another batch)"
+            )
+        return mask
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         real = None
-        if self.token_mask is not None:
-            if self.token_mask.numel() != x.shape[0]:
-                raise RuntimeError(
-                    f"the token mask has {self.token_mask.numel()} entries for {x.shape[0]} tokens "
-                    "(set by routed_tokens for another batch)"
-                )
-            real = self.token_mask.reshape(-1).nonzero().squeeze(1)
+        mask = self.mask_for(shape)
+        if mask is not None:
+            real = mask.reshape(-1).nonzero().squeeze(1)
             x = x.index_select(0, real)
         logits = self.router(x)
         token, expert, weight, assigned, dropped = self.route(logits)

@@ -361,7 +361,10 @@ def check_adapter_tensors(
 ) -> None:
     """Refuse an adapter file whose tensors are not what its config builds (missing, extra, another shape) before
     anything is built for real: the methods are applied to a copy of `model` on the meta device, so a config whose
-    rank is enormous allocates nothing, and the model is not touched."""
+    rank is enormous allocates nothing, and the model is not touched. A model dispatched by accelerate (its hooks
+    hold offloaded weights a copy would load) is checked when the adapter loads instead."""
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return
     dry = apply_methods(meta_copy(model), specs)
     if peft_keys:
         state = {dry.methods[0].from_peft_key(k): v for k, v in state.items()}

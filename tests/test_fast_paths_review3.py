@@ -286,7 +286,8 @@ def test_training_and_held_out_loss_are_the_models_own_loss(family, tmp_path):
 
 def test_packed_rows_on_the_mask_path_keep_a_sliding_window(tmp_path):
     """Mistral (every layer slides, window 4): the packed rows' block-diagonal mask carries the window, as the
-    model's own mask does (transformers uses a 4D mask as given, so examples attended past the window)."""
+    model's own mask does (transformers uses a 4D mask as given, so examples attended past the window); Gemma2
+    (sliding and full layers) gets one mask per layer type."""
     import transformers as tf
 
     from deltatune.data.pipeline import prepare_records
@@ -303,8 +304,66 @@ def test_packed_rows_on_the_mask_path_keep_a_sliding_window(tmp_path):
     assert min(len(ex) for ex in examples) > 4  # every example is longer than the window
     own = _own_loss(model.eval(), examples)
     assert _first_step_loss(folder, tmp_path, records) == pytest.approx(own, rel=1e-4)
+
+    # Gemma2 mixes sliding and full layers: one mask per layer type (it was refused; packed attention is no way
+    # out there, since Gemma2 soft-caps its scores)
     gemma = tf.Gemma2ForCausalLM(tf.Gemma2Config(**{**COMMON, "vocab_size": len(tok)}, head_dim=16, sliding_window=4))
-    mixed = save_model(gemma, tok, tmp_path / "gemma2")  # sliding and full layers: one mask cannot do both
-    with pytest.raises(ConfigError, match="mixes sliding-window") as refused:
-        _first_step_loss(mixed, tmp_path / "g", records)
-    assert "attention: packed" not in str(refused.value)  # Gemma2 soft-caps its scores: packed is refused too
+    mixed = save_model(gemma, tok, tmp_path / "gemma2")
+    assert _first_step_loss(mixed, tmp_path / "g", records) == pytest.approx(
+        _own_loss(gemma.eval(), examples), rel=1e-4
+    )
+    with pytest.raises(ConfigError, match="attention: packed is not available"):
+        _first_step_loss(mixed, tmp_path / "g2", records, attention="packed")
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_tokens_on_a_model_mixing_sliding_and_full_layers(tmp_path, method):
+    """Prompt and prefix tuning on Gemma2 (window 4, examples longer): packed rows with a mask per layer type give
+    the first step's loss of the same examples padded, each with transformers' own masks."""
+    import transformers as tf
+
+    from deltatune.models import save_model
+    from deltatune.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    gemma = tf.Gemma2ForCausalLM(tf.Gemma2Config(**{**COMMON, "vocab_size": len(tok)}, head_dim=16, sliding_window=4))
+    folder = save_model(gemma, tok, tmp_path / "gemma2")
+    records = [{"instruction": f"say {w} twice please", "output": f"{w} {w} and {w}"} for w in ("one", "two", "three")]
+    common = dict(method=method, lr=1e-3, method_options={"num_virtual_tokens": 2})
+    packed = _first_step_loss(folder, tmp_path / "p", records, **common)
+    padded = _first_step_loss(folder, tmp_path / "u", records, packing=False, **common)
+    assert packed == pytest.approx(padded, rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_the_trainer_collator_keeps_a_sliding_window_given_the_config(family):
+    """DataCollator(packing=True) for transformers' Trainer built a full-attention mask: on Mistral (every layer
+    slides) and Gemma2 (sliding and full layers), packed examples longer than the window attended past it. With
+    `config=model.config` each packed example's logits equal its run alone."""
+    import transformers as tf
+
+    import deltatune
+    from deltatune.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    common = {**COMMON, "vocab_size": len(tok)}
+    if family == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=4)).eval()
+    else:
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**common, head_dim=16, sliding_window=4)).eval()
+    records = [{"instruction": f"say {w} twice please", "output": f"{w} {w} and {w}"} for w in ("one", "two", "three")]
+    data = deltatune.prepare(records, tok, template="chatml")
+    features = [data[i] for i in range(len(data))]
+    batch = deltatune.DataCollator(tok, packing=True, max_length=128, config=model.config)(features)
+    assert batch["input_ids"].shape[0] == 1  # all three in one row
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits[0]  # fmt: skip
+        start = 0
+        for f in features:
+            n = len(f["input_ids"])
+            alone = model(input_ids=torch.tensor([f["input_ids"]])).logits[0]
+            assert torch.allclose(packed[start : start + n], alone, atol=1e-5), family
+            start += n

@@ -96,6 +96,10 @@ class DataCollator:
       the longest row. `packing=False`: one example per row, right-padded to the longest, with the
       usual [B, T] 0/1 attention mask. `max_length` there only checks lengths (truncate with
       `deltatune.prepare(max_len=...)`).
+    - `config`: the model's config, needed with `packing=True` on a sliding-window model (Mistral,
+      Phi3, Gemma2/3) whose rows can be longer than its window: transformers uses a packed 4D mask as
+      given, so the window must be in it (for Gemma2/3, one mask per layer type). Without it, packed rows
+      are masked for full attention.
     """
 
     tokenizer: Any = None
@@ -104,6 +108,7 @@ class DataCollator:
     max_length: int | None = None
     return_loss_weights: bool = False
     pad_token_id: int | None = None
+    config: Any = None
 
     def __post_init__(self) -> None:
         self._policy = single_policy(self.policy) if self.policy is not None else None
@@ -134,10 +139,11 @@ class DataCollator:
                     field="max_length",
                 )
             rows, seq_len = examples, longest
+        layout = dict(seq_len=seq_len, pad_id=self.pad_token_id, packed=self.packing, **self._window(seq_len))
         if self._policy is not None:
-            batch = collate(rows, self._policy, seq_len=seq_len, pad_id=self.pad_token_id, packed=self.packing)
+            batch = collate(rows, self._policy, **layout)
         else:  # the features' own weights, laid out exactly where collate puts each example
-            batch = collate(rows, _LAYOUT_POLICY, seq_len=seq_len, pad_id=self.pad_token_id, packed=self.packing)
+            batch = collate(rows, _LAYOUT_POLICY, **layout)
             batch["loss_weights"] = self._given_weights(rows, batch["loss_weights"].shape)
         weights = batch["loss_weights"]
         if not bool((weights > 0).any()):
@@ -153,12 +159,23 @@ class DataCollator:
         out = {
             "input_ids": batch["input_ids"],
             "labels": batch["input_ids"].masked_fill(weights == 0, IGNORE_INDEX),
-            "attention_mask": additive_mask(batch["attention_mask"]) if self.packing else batch["attention_mask"],
+            "attention_mask": _additive(batch["attention_mask"]) if self.packing else batch["attention_mask"],
             "position_ids": batch["position_ids"],
         }
         if self.return_loss_weights:
             out["loss_weights"] = weights
         return out
+
+    def _window(self, seq_len: int) -> dict[str, Any]:
+        """collate's sliding-window arguments for packed rows of `seq_len` tokens (none without packing)."""
+        if not self.packing or self.config is None:
+            return {}
+        from deltatune.train.packed_attention import sliding_window_of
+
+        window, every_layer = sliding_window_of(self.config)
+        if window is None or window >= seq_len:
+            return {}
+        return {"window": window, "window_layers": "all" if every_layer else "some"}
 
     def _example(self, feature: dict[str, Any], index: int) -> TokenizedExample:
         if "input_ids" not in feature:
@@ -227,3 +244,10 @@ class DataCollator:
 
 def _as_list(value: Any) -> list:
     return value.tolist() if hasattr(value, "tolist") else list(value)
+
+
+def _additive(mask: Any) -> Any:
+    """The packed mask as the additive mask transformers adds to its scores; per layer type for a mapping."""
+    if isinstance(mask, dict):
+        return {kind: additive_mask(m) for kind, m in mask.items()}
+    return additive_mask(mask)

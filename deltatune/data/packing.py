@@ -73,6 +73,7 @@ def collate(
     flat: bool = False,
     weights_of: Callable[[TokenizedExample], Sequence[float]] | None = None,
     window: int | None = None,
+    window_layers: str = "all",
 ) -> dict:
     """Tensors for one batch.
 
@@ -88,7 +89,9 @@ def collate(
     token_mask is bool [B, T], True at the examples' tokens and False at the padding, in every layout.
     `weights_of(example)` gives the weights instead of `policy` (evaluation of examples already weighted).
     `window`: the packed mask also keeps each token to the `window` tokens up to itself (a model whose every
-    layer slides: transformers uses a 4D mask as given, so the window must be in it).
+    layer slides: transformers uses a 4D mask as given, so the window must be in it). `window_layers="some"`
+    (Gemma2/3: sliding and full layers): attention_mask is transformers' per-layer-type mapping,
+    {"full_attention": the block mask, "sliding_attention": it with the window}.
     Raises TrainingError if no token in the batch carries loss under `policy`.
     """
     rows = [list(r) for r in rows_or_examples] if packed else [[ex] for ex in rows_or_examples]
@@ -133,9 +136,15 @@ def collate(
     elif packed:
         mask = seg[:, :, None] == seg[:, None, :]
         mask &= _causal(T)
-        if window is not None:
-            mask &= ~_causal(T).tril(-window)  # i - j < window
-        attention_mask = mask[:, None]
+        if window is None:
+            attention_mask = mask[:, None]
+        elif window_layers == "all":
+            attention_mask = (mask & ~_causal(T).tril(-window))[:, None]  # i - j < window
+        else:
+            attention_mask = {
+                "full_attention": mask[:, None],
+                "sliding_attention": (mask & ~_causal(T).tril(-window))[:, None],
+            }
     else:
         attention_mask = (seg >= 0).long()
     return {

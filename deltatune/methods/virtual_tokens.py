@@ -8,7 +8,7 @@ positions and (prefix tuning) hands in a cache, under the name this transformers
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -79,13 +79,24 @@ def _as_mask(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.zeros(keep.shape, dtype=mask.dtype, device=mask.device).masked_fill(~keep, torch.finfo(mask.dtype).min)
 
 
-def sliding_window(decoder: nn.Module) -> int | None:
-    """The window of a model whose every layer slides (Mistral, Phi3), which a 4D mask given to it must carry
-    (transformers uses such a mask as given); None otherwise."""
+def sliding_window(decoder: nn.Module) -> int | None | dict[str, int | None]:
+    """The window a 4D mask given to the model must carry (transformers uses such a mask as given): the window of a
+    model whose every layer slides (Mistral, Phi3), None for full attention, and for a model that mixes the two
+    (Gemma2/3) the window of each layer type, for masks given per layer type."""
     from deltatune.train.packed_attention import sliding_window_of
 
     window, every_layer = sliding_window_of(decoder)
-    return window if every_layer else None
+    if window is None or every_layer:
+        return window
+    return {"full_attention": None, "sliding_attention": window}
+
+
+def _per_layer_type(build: Callable[..., Any], mask: Any, window: int | None | dict[str, int | None], *args) -> Any:
+    """`build(mask, *args, window)` for one mask, or for each of a per-layer-type mapping with that type's window."""
+    if isinstance(mask, dict):
+        windows = window if isinstance(window, dict) else {}
+        return {kind: build(m, *args, windows.get(kind)) for kind, m in mask.items()}
+    return build(mask, *args, None if isinstance(window, dict) else window)
 
 
 def _virtual_columns(
@@ -100,11 +111,12 @@ def _virtual_columns(
     return _as_mask(mask, keep[:, None].expand(b, h, q, p))
 
 
-def prepend_key_columns(
-    mask: torch.Tensor | None, p: int, query_positions: torch.Tensor | None = None, window: int | None = None
-) -> torch.Tensor | None:
+def prepend_key_columns(mask: Any, p: int, query_positions: torch.Tensor | None = None, window: Any = None) -> Any:
     """Let every query see p extra keys in front (prefix keys, or virtual tokens already in a cache); with a 4D mask
-    and a sliding `window`, only the queries (at `query_positions`, virtual tokens counted) it reaches."""
+    and a sliding `window`, only the queries (at `query_positions`, virtual tokens counted) it reaches. A mask per
+    layer type (a dict) gets each type's window."""
+    if isinstance(mask, dict) or isinstance(window, dict):
+        return _per_layer_type(prepend_key_columns, mask, window, p, query_positions)
     if mask is None:
         return None
     if mask.dim() == 2:
@@ -114,11 +126,11 @@ def prepend_key_columns(
     raise ConfigError(f"attention_mask must be 2D or 4D, got {mask.dim()}D", field="attention_mask")
 
 
-def prepend_virtual_rows(
-    mask: torch.Tensor | None, p: int, query_positions: torch.Tensor | None = None, window: int | None = None
-) -> torch.Tensor | None:
+def prepend_virtual_rows(mask: Any, p: int, query_positions: torch.Tensor | None = None, window: Any = None) -> Any:
     """Mask for p virtual tokens prepended to the sequence (queries and keys both grow by p); `query_positions`
     and `window` as in `prepend_key_columns` (the real tokens' positions)."""
+    if isinstance(mask, dict) or isinstance(window, dict):
+        return _per_layer_type(prepend_virtual_rows, mask, window, p, query_positions)
     if mask is None or mask.dim() == 2:
         return prepend_key_columns(mask, p)
     if mask.dim() != 4:

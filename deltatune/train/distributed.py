@@ -130,7 +130,13 @@ class Distributed:
         except TrainingError:
             batch = make(list(rows))  # raises, as a single run would, if the whole batch carries no loss
             n = batch["input_ids"].shape[0]
-            batch = {k: (v[:1] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v) for k, v in batch.items()}
+
+            def first_row(v):
+                if isinstance(v, dict):  # a mask per layer type
+                    return {k: first_row(x) for k, x in v.items()}
+                return v[:1] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v
+
+            batch = {k: first_row(v) for k, v in batch.items()}
             batch["loss_weights"] = torch.zeros_like(batch["loss_weights"])
         batch["n_real_tokens"] = sum(_n_tokens(r) for r in rows)
         return batch

@@ -17,7 +17,7 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -165,8 +165,12 @@ def forward_hidden(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         if not packed_attention.is_active(model):
             raise TrainingError("a flat packed batch needs the model switched to packed attention")
         kwargs["packed_spans"] = packed_attention.spans_argument(model, batch["position_ids"])
-    elif batch["attention_mask"].dim() == 4 and _adds_its_mask(model):
-        kwargs["attention_mask"] = additive_mask(batch["attention_mask"])
+    elif _adds_its_mask(model):
+        mask = batch["attention_mask"]
+        if isinstance(mask, dict):  # one mask per layer type (sliding and full layers)
+            kwargs["attention_mask"] = {kind: additive_mask(m) for kind, m in mask.items()}
+        elif mask.dim() == 4:
+            kwargs["attention_mask"] = additive_mask(mask)
     return model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
 
 
@@ -363,7 +367,14 @@ class MicroBatches:
         return out
 
 
-def batch_of(rows: list, policy, cfg: TrainConfig, pad_id: int, flat: bool, window: int | None = None) -> dict:
+class MaskWindow(NamedTuple):
+    """A sliding window the packed rows' mask must carry, in every layer or in some (Gemma2/3)."""
+
+    window: int
+    every_layer: bool
+
+
+def batch_of(rows: list, policy, cfg: TrainConfig, pad_id: int, flat: bool, window: MaskWindow | None = None) -> dict:
     """One batch of packed rows (or examples) under `policy`, as this run's settings lay it out."""
     from deltatune.data.packing import collate
 
@@ -375,32 +386,30 @@ def batch_of(rows: list, policy, cfg: TrainConfig, pad_id: int, flat: bool, wind
         packed=cfg.packing,
         template_name=cfg.template,
         flat=flat,
-        window=window,
+        window=window.window if window else None,
+        window_layers="all" if window is None or window.every_layer else "some",
     )
 
 
-def mask_window(cfg: TrainConfig, model: torch.nn.Module, flat: bool) -> int | None:
+def mask_window(cfg: TrainConfig, model: torch.nn.Module, flat: bool) -> MaskWindow | None:
     """The sliding window packed rows' block-diagonal mask must carry (transformers uses a 4D mask as given, so
-    a sliding-window model attended past its window), or None. A model whose layers mix sliding and full
-    attention cannot take one mask for both: refused when its examples can be longer than the window."""
+    a sliding-window model attended past its window), or None. A model that mixes sliding and full layers gets
+    one mask per layer type (transformers takes the mapping as given)."""
     if flat or not cfg.packing:
         return None  # span-by-span attention applies the window itself; padded rows get transformers' own mask
     window, every_layer = packed_attention.sliding_window_of(model)
     if window is None or window >= cfg.row_len:
         return None
-    if not every_layer:
-        packed = "attention: packed, " if packed_attention.supported(model) else ""  # Gemma2 caps its scores
-        raise ConfigError(
-            f"{type(model).__name__} mixes sliding-window ({window} tokens) and full attention layers, which one "
-            f"packed mask cannot express for rows of {cfg.row_len} tokens; use {packed}packing: false, "
-            f"or rows of {window} tokens or less (seq_len{', and pack_len' if cfg.pack_len else ''})",
-            field="attention",
-        )
-    return window
+    return MaskWindow(window, every_layer)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    def move(v):
+        if isinstance(v, dict):  # a mask per layer type
+            return {k: move(x) for k, x in v.items()}
+        return v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -415,7 +424,7 @@ def evaluate_loss(
     autocast,
     flat: bool = False,
     transform: LogitTransform | None = None,
-    window: int | None = None,
+    window: MaskWindow | None = None,
 ) -> float | None:
     """Weighted loss per loss-bearing token on held-out examples (same template and policy)."""
     if not examples:

@@ -437,9 +437,9 @@ def unsupported_reason(model) -> str | None:
 
 
 def sliding_window_of(model) -> tuple[int | None, bool]:
-    """(window, every layer slides) of a sliding-window model (Mistral, Phi3: every layer; Gemma2, Qwen2 with
-    `use_sliding_window`: the layers `layer_types` marks), or (None, False) for full attention everywhere."""
-    config = getattr(model, "config", None)
+    """(window, every layer slides) of a sliding-window model or its config (Mistral, Phi3: every layer; Gemma2,
+    Qwen2 with `use_sliding_window`: the layers `layer_types` marks), or (None, False) for full attention."""
+    config = getattr(model, "config", model)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     window = getattr(config, "sliding_window", None)
     if not window:

@@ -9,9 +9,14 @@ source set (GSM8K answers, when ../shared/data is present) to show how much the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
 from pathlib import Path
+
+TEMPLATE = "auto"  # the model's own chat template where it has one: what generate, eval and serve render
+DEMO_MARKER = "demo.json"
 
 MONTHS = [
     "January",
@@ -129,7 +134,6 @@ def make_records(n: int, seed: int) -> list[dict]:
 
 def source_records(limit: int = 48) -> tuple[str, list[dict]]:
     """A general set to measure forgetting: GSM8K test answers if ../shared/data is here."""
-    import json
 
     from deltatune.evaluate.tasks import data_root
 
@@ -144,14 +148,12 @@ def source_records(limit: int = 48) -> tuple[str, list[dict]]:
 
 
 def _prompts(tokenizer, records: list[dict]) -> list[str]:
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        for r in records
-    ]
+    """Each held-out record's prompt exactly as training renders it (the same template, up to the answer): the
+    model's own chat template rendered by `apply_chat_template` added SmolLM2's default system prompt, which the
+    demo's chatml training had never shown, and failed on a tokenizer without a template."""
+    from deltatune.experiments.common import generation_prompts
+
+    return generation_prompts(records, tokenizer, TEMPLATE)
 
 
 def measure(model, tokenizer, task_eval: list[dict], source: list[dict]) -> dict:
@@ -163,7 +165,7 @@ def measure(model, tokenizer, task_eval: list[dict], source: list[dict]) -> dict
     def loss_on(records: list[dict]) -> float | None:
         if not records:
             return None
-        examples = prepare_records(records, tokenizer, template="chatml", max_len=512).examples
+        examples = prepare_records(records, tokenizer, template=TEMPLATE, max_len=512).examples
         for ex in examples:
             ex.weights = policy_weights(ex, LossPolicy("response"))
         return heldout_loss(model, examples, batch_size=16, pad_id=tokenizer.pad_token_id, progress=False).loss
@@ -185,6 +187,22 @@ def measure(model, tokenizer, task_eval: list[dict], source: list[dict]) -> dict
     }
 
 
+def _is_demo_run(out: Path) -> bool:
+    """Whether `out` holds the run an earlier demo wrote (its marker names the config.yaml it wrote): only that one
+    is replaced without --overwrite (the demo replaced any deltatune run there, a user's included)."""
+    marker, config = out / DEMO_MARKER, out / "config.yaml"
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8")).get("config_sha256")
+        return recorded == hashlib.sha256(config.read_bytes()).hexdigest()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _mark_demo_run(out: Path) -> None:
+    digest = hashlib.sha256((out / "config.yaml").read_bytes()).hexdigest()
+    (out / DEMO_MARKER).write_text(json.dumps({"config_sha256": digest}) + "\n", encoding="utf-8")
+
+
 def run_demo(
     output: str = "runs/demo",
     n_train: int = 800,
@@ -192,6 +210,7 @@ def run_demo(
     steps: int | None = None,
     model_name: str | None = None,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict:
     from deltatune.config import TrainConfig
     from deltatune.errors import UserError
@@ -205,7 +224,7 @@ def run_demo(
         raise UserError(f"must be at least 1, got {steps}", field="steps")
     cfg = TrainConfig(
         model=model_name,
-        template="chatml",
+        template=TEMPLATE,
         policy="response",
         method="lora",
         rank=16,
@@ -221,8 +240,8 @@ def run_demo(
         log_every=10,
         warmup_ratio=0.05,
         resume=False,
-        overwrite=True,
-    )  # the demo starts fresh: replaces its own run, never other files
+        overwrite=overwrite or _is_demo_run(Path(output).expanduser()),
+    )  # the demo starts fresh: replaces its own earlier run, another run only with --overwrite
     # checked before the minutes of the "before" measurement, not after them
     check_output_folder(cfg, reads={"model": str(local_model_path(model_name) or "") or None})
     train_records = make_records(n_train + n_eval, seed)
@@ -238,6 +257,7 @@ def run_demo(
     before = measure(model, tokenizer, task_eval, source)
     del model
     result = train(cfg, records=task_train, eval_records=task_eval[:16])
+    _mark_demo_run(Path(output).expanduser())
     tuned, tokenizer = load_model(model_name, adapter=Path(output) / "final")
     after = measure(tuned, tokenizer, task_eval, source)
     rows = [

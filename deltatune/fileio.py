@@ -105,15 +105,18 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         _follow_umask(tmp)
         _fsync_tree(tmp)
-        if os.path.lexists(out_dir):
-            _swap_in(tmp, out_dir)
-        else:
-            try:
-                os.replace(tmp, out_dir)
-            except OSError:
-                if not os.path.lexists(out_dir):
-                    raise
-                _swap_in(tmp, out_dir)  # another writer put one there since the check: the last one wins
+        try:
+            if os.path.lexists(out_dir):
+                _swap_in(tmp, out_dir)
+            else:
+                try:
+                    os.replace(tmp, out_dir)
+                except OSError:
+                    if not os.path.lexists(out_dir):
+                        raise
+                    _swap_in(tmp, out_dir)  # another writer put one there since the check: the last one wins
+        except OSError as exc:  # named by the user's path, not the temporary folder's
+            raise UserError(f"{out_dir}: cannot put the result there ({exc.strerror or exc})") from None
         _fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -182,6 +185,11 @@ def check_output(
                 field=field,
             )
     p = Path(out).expanduser()
+    here = Path.cwd().resolve()
+    if p.exists() and (p.resolve() == here or p.resolve() in here.parents):
+        raise UserError(
+            f"{out} is the current folder or holds it, which cannot be replaced; choose a new folder", field=field
+        )
     if p.exists() or p.is_symlink():
         empty_dir = p.is_dir() and not any(p.iterdir())
         if not empty_dir and not overwrite:

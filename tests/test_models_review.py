@@ -67,7 +67,9 @@ def test_atomic_dir_keeps_the_old_folder_when_the_final_rename_fails(tmp_path, m
     out.mkdir()
     (out / "weights").write_text("old")
     _failing_final_rename(monkeypatch, out)
-    with pytest.raises(OSError, match="disk went away"):
+    from deltatune.errors import UserError
+
+    with pytest.raises(UserError, match="model: cannot put the result there .*disk went away"):  # the user's path
         with atomic_dir(out) as tmp:
             (tmp / "weights").write_text("new")
     assert (out / "weights").read_text() == "old"
@@ -270,8 +272,61 @@ def test_the_demo_refuses_bad_arguments_before_loading_anything(tmp_path, monkey
             demo.run_demo(output=str(tmp_path / "run"), **kwargs)
     mine = tmp_path / "mine"
     (mine / "final").mkdir(parents=True)  # a user's folder, not a run: the training at the end would refuse it
-    with pytest.raises(UserError, match="not a deltatune run"):
+    with pytest.raises(UserError, match="already holds a run"):
         demo.run_demo(output=str(mine))
+    with pytest.raises(UserError, match="not a deltatune run"):
+        demo.run_demo(output=str(mine), overwrite=True)
+
+
+def test_the_demo_replaces_only_its_own_run_without_overwrite(tmp_path, monkeypatch):
+    """`deltatune demo --output DIR` replaced any deltatune run in DIR (it always trained with overwrite): a user's
+    DoRA run there was lost. It now replaces only the run an earlier demo wrote, unless --overwrite."""
+    import pytest
+    import yaml
+
+    from deltatune import demo, models
+    from deltatune.errors import UserError
+
+    class Loaded(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Loaded  # the folder check passed; nothing more is needed here
+
+    monkeypatch.setattr(models, "load_model", stop)
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": None, "method": "dora", "rank": 8}))
+    with pytest.raises(UserError, match="already holds a run"):
+        demo.run_demo(output=str(run))
+    demo._mark_demo_run(run)  # what a finished demo leaves
+    with pytest.raises(Loaded):
+        demo.run_demo(output=str(run))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump({"model": None, "method": "lora", "rank": 4})
+    )  # a user's run there since
+    with pytest.raises(UserError, match="already holds a run"):
+        demo.run_demo(output=str(run))
+    with pytest.raises(Loaded):
+        demo.run_demo(output=str(run), overwrite=True)
+
+
+def test_the_demo_generates_from_the_prompts_it_trains_on():
+    """The demo trained with chatml but generated from `apply_chat_template`, which added SmolLM2's default system
+    prompt the training never showed (and raised on a tokenizer without a chat template)."""
+    from deltatune import demo
+    from deltatune.data.pipeline import prepare_records
+    from deltatune.data.segments import Role
+
+    records = demo.make_records(3, seed=0)
+    for with_template in (True, False):
+        tok = tiny_tokenizer()
+        if not with_template:
+            tok.chat_template = None
+        prompts = demo._prompts(tok, records)
+        for prompt, ex in zip(prompts, prepare_records(records, tok, template=demo.TEMPLATE).examples):
+            first = ex.roles.index(Role.RESPONSE)
+            assert tok(prompt, add_special_tokens=False)["input_ids"] == ex.input_ids[:first]
 
 
 def test_generation_stops_at_the_models_own_end_of_turn_token():

@@ -115,12 +115,24 @@ def _flush_stdout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _tolerant_output()
+    if argv is None:  # the process is this command (not a call from Python)
+        _end_on_sigterm()
     try:
         return _main(argv)
     except BrokenPipeError:  # also one raised while reporting another error on a closed stderr
         if not _broken_output():
             raise  # a pipe of our own (a worker, a socket): a bug, keep its traceback
         return 141  # 128 + SIGPIPE, what a shell shows for `cat big | head -1`
+
+
+def _end_on_sigterm() -> None:
+    """SIGTERM (`timeout`, `docker stop`, Slurm) ends the command as Ctrl-C does, through the handlers that remove
+    half-written temporary folders (an export killed so left a hidden 254 MB one that nothing removed); exit 143."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def _tolerant_output() -> None:

@@ -1,0 +1,67 @@
+"""Outputs never half-written (fifth review): each test failed before its fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def test_export_to_the_current_folder_is_one_line_before_the_model_loads(tiny_dir, tmp_path, monkeypatch, capsys):
+    """`deltatune export --out . --overwrite` loaded the model, wrote it, then failed to replace the current folder
+    with an OSError traceback."""
+    from deltatune import models
+    from deltatune.cli import main
+
+    here = tmp_path / "work"
+    here.mkdir()
+    (here / "userfile").write_text("keep")
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    for out in (".", ".."):
+        assert main(["export", "--model", str(tiny_dir), "--out", out, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "is the current folder or holds it" in err and len(err.strip().splitlines()) == 1, err
+    assert (here / "userfile").read_text() == "keep"
+
+
+def test_sigterm_ends_a_command_through_its_cleanup(tmp_path):
+    """A SIGTERM (timeout, docker stop, Slurm) killed an export at once, leaving a hidden half-written temporary
+    folder beside --out that nothing removed; it now ends the command as Ctrl-C does (exit 143, folder removed)."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, time
+        from pathlib import Path
+        from deltatune.cli import _end_on_sigterm
+        from deltatune.fileio import atomic_dir
+
+        _end_on_sigterm()
+        with atomic_dir(Path({str(tmp_path / "out")!r})) as tmp:
+            (tmp / "half.bin").write_bytes(b"x" * 1000)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.returncode == 143, done.stderr.decode()
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary folder
+
+
+def test_a_failed_final_rename_names_the_users_path(tmp_path, monkeypatch):
+    """When the last rename failed, the error named the internal temporary folder (`.out.tmp.xxxx`)."""
+    import os
+
+    from deltatune.errors import UserError
+    from deltatune.fileio import atomic_dir
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(UserError, match=r"out: cannot put the result there \(Permission denied\)") as exc:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "x").write_text("1")
+    assert ".tmp." not in str(exc.value)
+    assert list(tmp_path.iterdir()) == []

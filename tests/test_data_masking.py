@@ -300,15 +300,16 @@ def test_segment_bounds_fall_back_to_token_ends_when_a_character_is_uncovered():
 
 def test_weighted_template_weight_is_the_specs_lambda_template(tiny_tok):
     """methods.md section 7: w = λ_prompt on instruction tokens, λ_template on template tokens, 1 on the output.
-    Token by token on an Alpaca example: the preamble and headers' text (`template`) weigh λ_t, role markers and
-    special tokens 0."""
+    Token by token on an Alpaca example: the whole constant scaffold, preamble (`template`) and `### ...:` headers
+    (`role`), weighs λ_t, and so would a BOS (`special`)."""
     ex = _one(tiny_tok, ALPACA, "alpaca")
     policy = parse_policy("weighted:0.1,template=0.05")
     assert policy == LossPolicy("weighted", lam=0.1, lam_template=0.05)
-    expected = {Role.TEMPLATE: 0.05, Role.INSTRUCTION: 0.1, Role.INPUT: 0.1, Role.RESPONSE: 1.0}
+    expected = {Role.INSTRUCTION: 0.1, Role.INPUT: 0.1, Role.RESPONSE: 1.0, Role.SYSTEM: 0.0, Role.CONTEXT: 0.1}
     weights = policy_weights(ex, policy)
-    assert Role.TEMPLATE in ex.roles and Role.RESPONSE in ex.roles
-    assert weights == [expected.get(r, 0.0) for r in ex.roles]
+    assert Role.TEMPLATE in ex.roles and Role.ROLE in ex.roles and Role.RESPONSE in ex.roles
+    expected = {r: expected.get(r, 0.05) for r in Role}
+    assert weights == [expected[r] for r in ex.roles]
     assert parse_policy(str(policy)) == policy  # config.yaml and checkpoints store the string
     assert str(parse_policy("weighted:0.1")) == "weighted:0.1"  # the default λ_t = 0 is not written
     assert parse_policy("IM") == LossPolicy("instruction") and parse_policy("Weighted:0.2").lam == 0.2

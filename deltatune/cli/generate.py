@@ -11,7 +11,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model folder, hub id or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="adapter folder written by `deltatune train`")
     p.add_argument("--prompt", action="append", default=None, help="prompt (repeatable); omit for interactive chat")
-    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--system", default=None, help='system prompt ("" for an empty one, not the template\'s default)')
     p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -25,6 +25,23 @@ def _chat_prompt(tokenizer, history: list[dict]) -> str:
         return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
     text = "".join(f"{m['role']}: {m['content']}\n" for m in history)
     return text + "assistant: "
+
+
+def system_messages(system: str | None) -> list[dict]:
+    """The system message: none without --system (the template may add its default), and an empty one for
+    --system "" (SmolLM2's template then writes an empty system block instead of its default prompt)."""
+    return [] if system is None else [{"role": "system", "content": system}]
+
+
+def print_answers(answers: list[str]) -> None:
+    """One answer as it is; several each under a `==> prompt i of n <==` header (as `head` marks files), so
+    multi-line answers can be told apart. Only trailing whitespace goes: leading indentation matters for code."""
+    for i, text in enumerate(answers, 1):
+        if len(answers) > 1:
+            if i > 1:
+                print()
+            print(f"==> prompt {i} of {len(answers)} <==")
+        print(text.rstrip())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature or 1.0,
         seed=args.seed,
     )
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = system_messages(args.system)
     # raw prompts and the plain "user: ..." fallback get the tokenizer's own BOS (as eval's plain prompts); only a
     # chat template writes its own (a base model without a template is the one that needs the BOS)
     bos = args.raw or not tokenizer.chat_template
@@ -55,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
             if args.raw
             else [_chat_prompt(tokenizer, system + [{"role": "user", "content": p}]) for p in args.prompt]
         )
-        for text in generate(model, tokenizer, prompts, gen, add_special_tokens=bos, progress=False):
-            print(text.strip())
+        texts = generate(model, tokenizer, prompts, gen, add_special_tokens=bos, progress=False, warn_truncated=True)
+        print_answers(texts)
         return 0
     history = list(system)
     print("interactive chat; an empty line or Ctrl-D ends it", file=sys.stderr)
@@ -69,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
             break
         history.append({"role": "user", "content": line})
         prompt = _chat_prompt(tokenizer, history)
-        reply = generate(model, tokenizer, [prompt], gen, add_special_tokens=bos, progress=False)[0].strip()
+        texts = generate(model, tokenizer, [prompt], gen, add_special_tokens=bos, progress=False, warn_truncated=True)
+        reply = texts[0].strip()
         print(f"model> {reply}")
         history.append({"role": "assistant", "content": reply})
     return 0

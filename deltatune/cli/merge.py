@@ -100,12 +100,15 @@ def run(args: argparse.Namespace) -> int:
 
 def warn_if_other_base(model: str | None, recorded: str | None, adapter: str) -> None:
     """An adapter merged into another base than it was trained on fits whenever the shapes do, and
-    is then silently wrong: say so on stderr."""
+    is then silently wrong: say so on stderr, once `model` is known to name a model (a mistyped one is its
+    own one-line error, with no warning before it)."""
     import sys
 
-    from deltatune.models import same_model
+    from deltatune.models import DEFAULT_MODEL_ALIASES, resolve_model, same_model
 
     if model and recorded and not same_model(model, recorded):
+        if str(model).lower() not in DEFAULT_MODEL_ALIASES:  # the default always resolves (and may convert)
+            resolve_model(model)
         print(
             f"warning: {adapter} was trained on {recorded}, not {model}; the merge fits whenever the shapes "
             f"do, but the result is only meaningful on the base it was trained on",

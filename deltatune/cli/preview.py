@@ -27,11 +27,35 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--model", default=None, help="model whose tokenizer to use (default: the default model)")
     p.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)  # "tiny": the hermetic test tokenizer
-    p.add_argument("--max-len", type=int, default=1024, help="examples longer than this are truncated or dropped")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="examples longer than this are truncated or dropped (default: `deltatune train`'s default seq_len)",
+    )
     p.add_argument("--overflow", default="truncate", choices=["truncate", "drop"])
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
     p.add_argument("--system-prompt", default=None, help="system prompt for records that have none")
     p.add_argument("--format", dest="output_format", default="text", choices=["text", "json"])
+
+
+def default_seq_len() -> int:
+    """`deltatune train`'s default seq_len, so that preview and stats show the data as default training cuts it
+    (read when the command runs: importing the config at parser time would slow every command)."""
+    from deltatune.config import TrainConfig
+
+    return int(TrainConfig.model_fields["seq_len"].default)
+
+
+def resolve_max_len(args: argparse.Namespace) -> int:
+    """--max-len, or train's default; a ConfigError below 2 (no token would be left to train)."""
+    from deltatune.errors import ConfigError
+
+    if args.max_len is None:
+        args.max_len = default_seq_len()
+    if args.max_len < 2:
+        raise ConfigError(f"must be at least 2, got {args.max_len}", field="--max-len")
+    return args.max_len
 
 
 def load_tokenizer_from_args(args: argparse.Namespace):
@@ -54,7 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--policy",
         default="response",
-        help="response, instruction, no-boilerplate, all, weighted:λ; options ,turns=last ,system=yes; "
+        help="response, instruction, no-boilerplate, all, weighted:λ; options ,template=λ_t ,turns=last ,system=yes; "
         "two-phase FIRST->THEN@STEPS (or @Nep)",
     )
     p.add_argument("--limit", type=int, default=3, help="how many examples to show")
@@ -63,14 +87,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deltatune.data.masking import PolicySchedule, parse_policy
+    from deltatune.data.masking import PolicySchedule, parse_policy, unused_template_weight
     from deltatune.data.pipeline import no_examples_message, prepare_dataset
     from deltatune.data.preview import to_json, to_text
     from deltatune.errors import ConfigError, DataError
 
     if args.limit < 1:
         raise ConfigError(f"must be at least 1, got {args.limit}", field="--limit")
-    policy = parse_policy(args.policy)
+    resolve_max_len(args)
+    policy = parsed = parse_policy(args.policy)
     note = ""
     if isinstance(policy, PolicySchedule):
         note = f"(two-phase '{policy}': showing the first phase; preview '{policy.then}' for the second)\n"
@@ -91,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if not data.examples:
         raise DataError(no_examples_message(args.data, data.report))
+    warning = unused_template_weight(data.examples, parsed, data.template)
+    if warning:
+        print(warning, file=sys.stderr)
     if args.output_format == "json":
         sys.stdout.write(to_json(data.examples, tokenizer, policy) + "\n")
         return 0

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from deltatune.cli.preview import add_data_arguments, load_tokenizer_from_args
+from deltatune.cli.preview import add_data_arguments, load_tokenizer_from_args, resolve_max_len
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,8 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from deltatune.data.stats import advise, dataset_stats, format_stats
     from deltatune.errors import ConfigError, DataError
 
-    if args.max_len < 2:
-        raise ConfigError(f"must be at least 2, got {args.max_len}", field="--max-len")
+    resolve_max_len(args)
     if args.batch_size < 1:
         raise ConfigError(f"must be at least 1, got {args.batch_size}", field="--batch-size")
     if args.seq_len is not None and args.seq_len < args.max_len:

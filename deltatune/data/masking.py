@@ -6,9 +6,12 @@
 | instruction     | 1*     | 1        | 0    | 1           | 1     | 1        | 0       |
 | no-boilerplate  | 0*     | 0        | 0    | 1           | 1     | 1        | 0       |
 | all             | 1*     | 1        | 1    | 1           | 1     | 1        | 1       |
-| weighted:λ      | 0*     | λ_t      | 0    | λ           | λ     | 1        | 0       |
+| weighted:λ      | 0*     | λ_t      | λ_t  | λ           | λ     | 1        | λ_t     |
 (*) `train_system` overrides the default: the system prompt then weighs what an instruction weighs.
-λ_t (`template=`, default 0) is the spec's λ_template for the constant template text: `weighted:0.1,template=0.05`.
+λ_t (`template=`, default 0) is the spec's λ_template (methods.md section 7) for the template tokens: the
+role markers and the constant scaffold (`TEMPLATE_ROLES`), under every template: `weighted:0.1,template=0.05`.
+The end-of-turn token that closes a response is `response` and keeps weight 1. `weighted:1` (λ_t 0) is
+`no-boilerplate`, the spec's IM = (1, 0, 1); `weighted:0` is `response`, IT = (0, 0, 1).
 
 `instruction` is the paper's Instruction Modelling (arXiv 2405.14394): loss on every token except
 role markers and special tokens. `no-boilerplate` also drops the constant template text.
@@ -43,6 +46,10 @@ _DEFAULT_TRAIN_SYSTEM = {
     "weighted": False,
 }
 DEFAULT_LAMBDA = 0.1
+# The spec's template tokens T: role markers and headers, the constant scaffold, and BOS-like special tokens
+# (neither instruction nor output in the spec's three-way split; a BOS is always an example's first token,
+# which no policy can train, so its weight shows only in the table).
+TEMPLATE_ROLES = (Role.TEMPLATE, Role.ROLE, Role.SPECIAL)
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,8 @@ class LossPolicy:
             w = {role: 1.0 for role in Role}
         elif self.name == "weighted":
             w[Role.INSTRUCTION] = w[Role.INPUT] = float(self.lam)
-            w[Role.TEMPLATE] = float(self.lam_template)
+            for r in TEMPLATE_ROLES:
+                w[r] = float(self.lam_template)
             w[Role.RESPONSE] = 1.0
         w[Role.SYSTEM] = w[Role.INSTRUCTION] if self.system_trained else 0.0
         w[Role.CONTEXT] = w[Role.INSTRUCTION]  # an excluded assistant message is prompt context, as with turns=last
@@ -156,6 +164,23 @@ def policy_weights(example: TokenizedExample, policy: LossPolicy) -> list[float]
                 for w, r, t in zip(weights, example.roles, example.turns)
             ]
     return weights
+
+
+def unused_template_weight(examples: list[TokenizedExample], policy: LossPolicy, template: str) -> str | None:
+    """A one-line warning when `template=λ_t` changes no trained weight (the `raw` template and plain text have
+    no template tokens after an example's first token, which never trains), else None: an option that does
+    nothing should not pass silently."""
+    if isinstance(policy, PolicySchedule):
+        found = [unused_template_weight(examples, p, template) for p in (policy.first, policy.then)]
+        return next((f for f in found if f), None)
+    if not policy.lam_template:
+        return None
+    if any(r in TEMPLATE_ROLES for ex in examples for r in ex.roles[1:]):
+        return None
+    return (
+        f"warning: policy '{policy}': template={policy.lam_template:g} changes no weight, since template "
+        f"'{template}' puts no template tokens (role markers, constant scaffold) in this data"
+    )
 
 
 def parse_policy(spec: str) -> LossPolicy | PolicySchedule:

@@ -39,6 +39,10 @@ PAPER = [
 ]
 INSTRUCTION_ROLES = (Role.INSTRUCTION, Role.INPUT, Role.CONTEXT)  # excluded assistant messages are prompt
 BOILERPLATE_ROLES = (Role.TEMPLATE, Role.ROLE, Role.SPECIAL)
+LAMBDA_RANGE = "0.01–0.5"  # the prompt-loss-weight study's best λ for short completions (methods.md section 7)
+# The paper's size finding holds on Tulu V2 subsets at a ratio near 10; BBH (3.27) still gained strongly, LIMA
+# (0.09) not at all: below this ratio the size is not evidence for loss on instructions.
+SIZE_FINDING_MIN_RATIO = 3.0
 
 
 def distribution(values: Sequence[float]) -> dict:
@@ -61,7 +65,6 @@ def dataset_stats(
     resp = [c[Role.RESPONSE] for c in counts]
     system = [c[Role.SYSTEM] for c in counts]
     boiler = [sum(c[r] for r in BOILERPLATE_ROLES) for c in counts]
-    role_totals: Counter = sum(counts, Counter())
     n = len(examples)
     mean_i = sum(instr) / n if n else 0.0
     mean_r = sum(resp) / n if n else 0.0
@@ -73,15 +76,7 @@ def dataset_stats(
     else:
         trained = [c for c in (_clip(ex, max_len) for ex in examples) if Role.RESPONSE in c.roles]
     waste = padding_waste(trained, seq_len, batch_size) if trained else {}
-    share = {}
-    for name in ("response", "instruction", "no-boilerplate", "all", "weighted"):
-        table = LossPolicy(name).role_weights()  # turns="all": a token's weight depends on its role only
-        wsum = sum(table[r] * k for r, k in role_totals.items())
-        bsum = sum(table[r] * role_totals[r] for r in BOILERPLATE_ROLES)
-        share[name] = {
-            "loss_weight_per_example": wsum / n if n else 0.0,
-            "boilerplate_share": bsum / wsum if wsum else 0.0,
-        }
+    share = policy_shares(trained)
     return {
         "examples": n,
         "tokens": {
@@ -103,6 +98,24 @@ def dataset_stats(
         "padding": waste,
         "policies": share,
     }
+
+
+def policy_shares(trained: Sequence[TokenizedExample]) -> dict:
+    """Loss weight per example, and its share on boilerplate, for each policy, over the examples training keeps
+    (cut as training cuts them) and without each example's first token: nothing precedes it, so training
+    always gives it weight 0 (packing.collate)."""
+    role_totals: Counter = sum((Counter(ex.roles[1:]) for ex in trained), Counter())
+    n = len(trained)
+    share = {}
+    for name in ("response", "instruction", "no-boilerplate", "all", "weighted"):
+        table = LossPolicy(name).role_weights()  # turns="all": a token's weight depends on its role only
+        wsum = sum(table[r] * k for r, k in role_totals.items())
+        bsum = sum(table[r] * role_totals[r] for r in BOILERPLATE_ROLES)
+        share[name] = {
+            "loss_weight_per_example": wsum / n if n else 0.0,
+            "boilerplate_share": bsum / wsum if wsum else 0.0,
+        }
+    return share
 
 
 def _clip(ex: TokenizedExample, max_len: int) -> TokenizedExample:
@@ -127,36 +140,8 @@ def advise(stats: dict, template: str) -> list[str]:
         f"(ratio {near.ratio}), where loss on instructions moved AlpacaEval 1.0 {ae[0]} -> {ae[1]} "
         f"({ae[1] - ae[0]:+.2f}) and the 18-task NLP mean {nlp[0]} -> {nlp[1]} ({nlp[1] - nlp[0]:+.2f})."
     ]
-    if r >= 1.0:
-        lines.append(
-            "Instructions are longer than responses: the regime where instruction modelling gained most "
-            "(MMLU-Chat 26.3: AlpacaEval 4.42 -> 9.78; BBH 3.27: 36.20 -> 44.15). Recommended: --policy instruction "
-            "(or weighted:0.1..0.5, which the prompt-loss-weight study found best for short completions)."
-        )
-    elif r >= 0.2:
-        lines.append(
-            "Instructions are shorter than responses but not negligible: instruction modelling still helped at "
-            "these ratios (Alpaca 5k 0.57: +3.23 AlpacaEval; Dolly 9k 0.30: +9.23). Recommended: --policy "
-            "instruction, and compare with response on a held-out set."
-        )
-    else:
-        lines.append(
-            "Responses dominate (as in LIMA, ratio 0.09, where instruction modelling gave no AlpacaEval gain: "
-            "33.06 -> 32.94): the instruction adds little signal. Recommended: --policy response."
-        )
-    if n <= 10_000:
-        lines.append(
-            f"{n} examples: a small dataset. At a fixed ratio near 10 the paper's gain from instruction "
-            "modelling grew as Tulu V2 subsets shrank from 35K to 1K examples (less overfitting to responses), "
-            "so the size favours loss on instructions."
-        )
-    elif n > 35_000:
-        lines.append(
-            f"{n} examples: more than the 35K where the paper's instruction-modelling gain had shrunk; "
-            "expect a smaller gain than the ratio alone suggests."
-        )
-    else:
-        lines.append(f"{n} examples: between the paper's 10K and 35K subsets; a moderate gain is likely.")
+    lines.append(ratio_advice(r, n))
+    lines.append(size_advice(r, n))
     im = stats["policies"]["instruction"]
     if im["boilerplate_share"] >= 0.1:
         lines.append(
@@ -183,6 +168,84 @@ def advise(stats: dict, template: str) -> list[str]:
 
     lines.append(masking_advice(r, n))  # the project's own measurement beside the paper's
     return lines
+
+
+def _measured_worse(ratio: float, examples: int) -> str | None:
+    """The project's recorded masking run nearest to this ratio and size (as `masking_advice` picks it), named,
+    when instruction loss did worse there beyond the seed spread; else None (none recorded, or no difference)."""
+    from deltatune.experiments.recorded import load_recorded
+
+    by = (load_recorded("masking") or {}).get("by_dataset") or {}
+    if not by:
+        return None
+    ds = min(by, key=lambda d: abs(math.log(max(by[d]["ratio"], 1e-6)) - math.log(max(ratio, 1e-6))))
+    sizes = by[ds].get("sizes") or {}
+    if not sizes:
+        return None
+    s = sizes[min(sizes, key=lambda k: abs(math.log(int(k)) - math.log(max(examples, 1))))]
+    return f"{ds}, ratio {by[ds]['ratio']:.2f}" if s["loss_diff"] > s["loss_diff_spread"] else None
+
+
+def ratio_advice(r: float, n: int) -> str:
+    """The policy the length ratio suggests. Long instructions: the paper's full instruction loss (λ = 1) gained
+    there with long training of a 7B model, the prompt-loss-weight study found a small λ best for short
+    completions, and this project's short LoRA run found λ = 1 worse: a small λ is what all three support."""
+    if r >= 1.0:
+        measured = _measured_worse(r, n)
+        own = (
+            f"This project's own run nearest this data ({measured}; last line) found full instruction loss worse "
+            "than response-only (a short run leaves the short response under-trained when the instruction shares "
+            "the loss) and weighted:0.1 no worse (docs/experiments.md). "
+            if measured
+            else ""
+        )
+        return (
+            "Instructions are longer than responses: the regime where the paper's instruction modelling gained most "
+            "(MMLU-Chat 26.3: AlpacaEval 4.42 -> 9.78; BBH 3.27: 36.20 -> 44.15; LLaMA-2-7B, about 2 epochs). "
+            + own
+            + f"Recommended: --policy weighted:λ with λ in {LAMBDA_RANGE} (the prompt-loss-weight study's best "
+            "for short completions); try --policy instruction (λ = 1, the paper's) against response on held-out "
+            "data, with long training on a small set."
+        )
+    if r >= 0.2:
+        return (
+            "Instructions are shorter than responses but not negligible: instruction modelling still helped at "
+            "these ratios (Alpaca 5k 0.57: +3.23 AlpacaEval; Dolly 9k 0.30: +9.23). Recommended: --policy "
+            "instruction, and compare with response on a held-out set."
+        )
+    return (
+        "Responses dominate (as in LIMA, ratio 0.09, where instruction modelling gave no AlpacaEval gain: "
+        "33.06 -> 32.94): the instruction adds little signal. Recommended: --policy response."
+    )
+
+
+def size_advice(r: float, n: int) -> str:
+    """What the dataset's size adds. The paper measured the size effect only on Tulu V2 subsets at a ratio near
+    10; LIMA, small but with a ratio of 0.09, got no gain, so the size speaks only where instructions are long."""
+    long_instructions = r >= SIZE_FINDING_MIN_RATIO
+    if n <= 10_000:
+        if long_instructions:
+            return (
+                f"{n} examples: a small dataset. At a fixed ratio near 10 the paper's gain from instruction "
+                "modelling grew as Tulu V2 subsets shrank from 35K to 1K examples (less overfitting to responses), "
+                "so with instructions this long the size favours some weight on the instruction."
+            )
+        return (
+            f"{n} examples: a small dataset, but the paper's finding that small sets gain more was measured at a "
+            f"ratio near 10 (Tulu V2 subsets, 35K to 1K), not at {r:.2f}; LIMA, small (1,030) with a ratio of "
+            "0.09, got no gain: the size does not favour loss on instructions here."
+        )
+    if n > 35_000:
+        return (
+            f"{n} examples: more than the 35K where the paper's instruction-modelling gain (at a ratio near 10) "
+            "had shrunk; expect a smaller gain than the ratio alone suggests."
+        )
+    if long_instructions:
+        return f"{n} examples: between the paper's 10K and 35K subsets at a ratio near 10; a moderate gain is likely."
+    return (
+        f"{n} examples: between the paper's 10K and 35K subsets, but those were at a ratio near 10, not {r:.2f}; "
+        "the size says little here."
+    )
 
 
 def format_stats(stats: dict, report_summary: str, template: str) -> str:

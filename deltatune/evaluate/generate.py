@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +129,15 @@ def _sampling_processors(model, config: GenerationConfig, seeds: list[int], devi
     return processors
 
 
+def truncation_warning(i: int, n: int, length: int, keep: int, context: int, config: GenerationConfig) -> str:
+    """One line: which prompt lost how many of its first tokens, and why."""
+    which = f"prompt {i + 1} of {n}" if n > 1 else "the prompt"
+    return (
+        f"warning: {which} is {length} tokens, more than the model's context of {context} minus "
+        f"max_new_tokens {config.max_new_tokens}: its first {length - keep} tokens were dropped, the last {keep} kept"
+    )
+
+
 @dataclass
 class Generation:
     """A continuation, and whether it ran to `max_new_tokens` with no end of sequence or stop string (cut
@@ -145,10 +155,14 @@ def generate(
     batch_size: int = 8,
     add_special_tokens: bool = False,
     progress: bool = True,
+    warn_truncated: bool = False,
 ) -> list[str]:
     """Continuations of `prompts` (decoded without special tokens), in input order."""
     return [
-        g.text for g in generate_detailed(model, tokenizer, prompts, config, batch_size, add_special_tokens, progress)
+        g.text
+        for g in generate_detailed(
+            model, tokenizer, prompts, config, batch_size, add_special_tokens, progress, warn_truncated
+        )
     ]
 
 
@@ -161,8 +175,10 @@ def generate_detailed(
     batch_size: int = 8,
     add_special_tokens: bool = False,
     progress: bool = True,
+    warn_truncated: bool = False,
 ) -> list[Generation]:
-    """`generate`, with each continuation's `hit_limit`."""
+    """`generate`, with each continuation's `hit_limit`. `warn_truncated`: say on stderr, one line a prompt, when
+    an over-long prompt's start is dropped (transformers would read it whole; `deltatune generate` says so)."""
     config = config or GenerationConfig()
     if config.do_sample and not 0 < config.temperature < math.inf:  # transformers' ValueError, after loading
         raise UserError(
@@ -182,6 +198,10 @@ def generate_detailed(
         )
     if context:  # keep the end of an over-long prompt (the question), drop the start (early shots)
         keep = max(1, context - config.max_new_tokens)
+        if warn_truncated:
+            for i, ids in enumerate(encoded):
+                if len(ids) > keep:
+                    print(truncation_warning(i, len(prompts), len(ids), keep, context, config), file=sys.stderr)
         encoded = [ids[-keep:] for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -34,14 +34,20 @@ def match_targets(
     """Names of modules that `targets` selects, among those `accept` allows.
 
     `targets` is "all-linear", a list or comma list of name suffixes ("q_proj,v_proj"), or a regex
-    (full match against the qualified module name). An empty match is an error that lists the names
-    that do exist, so a typo never trains nothing. `inside_delta=False` skips modules inside an
-    already injected `DeltaLinear` (its frozen `.base`), so the wrapper itself stands for the layer.
+    (full match against the qualified module name). "all-linear" may lead a list of further names or
+    patterns ("all-linear,lm_head", as PEFT users add the head): their union. An empty match is an error
+    that lists the names that do exist, so a typo never trains nothing. `inside_delta=False` skips modules
+    inside an already injected `DeltaLinear` (its frozen `.base`), so the wrapper itself stands for the layer.
     """
     candidates = [n for n, m in model.named_modules() if n and accept(m)]
     if not inside_delta:
         wrapped = [n + "." for n, m in model.named_modules() if n and isinstance(m, DeltaLinear)]
         candidates = [n for n in candidates if not any(n.startswith(w) for w in wrapped)]
+    extra = _beside_all_linear(targets)
+    if extra:  # "all-linear,lm_head": each part is matched (and checked) on its own
+        picked = set(match_targets(model, "all-linear", accept, inside_delta=inside_delta))
+        picked |= set(match_targets(model, extra, accept, inside_delta=inside_delta))
+        return [n for n in candidates if n in picked]
     if targets == "all-linear":
         chosen = [n for n in candidates if n.split(".")[-1] not in _NEVER_ALL_LINEAR]
     else:
@@ -83,6 +89,15 @@ def match_targets(
             f"no module matches targets {targets!r}; module names that exist: {', '.join(kinds)}", field="targets"
         )
     return chosen
+
+
+def _beside_all_linear(targets: str | list[str]) -> list[str]:
+    """The other names of a target list that includes "all-linear" ([] when there is none, or nothing else):
+    without this, the hyphen made "all-linear,lm_head" a regex that matched no module."""
+    parts = targets if isinstance(targets, list) else [t.strip() for t in targets.split(",") if t.strip()]
+    if "all-linear" not in parts:
+        return []
+    return [p for p in parts if p != "all-linear"]
 
 
 def is_wrapper(module: nn.Module) -> bool:

@@ -510,7 +510,7 @@ def _train(
     on_step: Callable[[int, int, torch.nn.Module], dict | None] | None,
 ) -> TrainResult:
     from deltatune.analysis.memory import parameter_report
-    from deltatune.data.masking import PolicySchedule, parse_policy
+    from deltatune.data.masking import PolicySchedule, parse_policy, unused_template_weight
     from deltatune.data.pipeline import no_examples_message, prepare_dataset, prepare_records
     from deltatune.methods import get_method
     from deltatune.methods.apply import apply_methods
@@ -599,6 +599,9 @@ def _train(
     else:
         prepared = prepare_dataset(cfg.data, tokenizer, **data_kwargs)
     say(f"data: {prepared.report.summary()}")
+    unused = unused_template_weight(prepared.examples, parsed, prepared.template)
+    if unused and dist.is_main:
+        warn(unused)
     examples = list(prepared.examples)
     if eval_records is not None:
         eval_examples = list(prepare_records(eval_records, tokenizer, **data_kwargs).examples)

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from deltatune.cli import main
-from deltatune.config import load_config
 from deltatune.errors import UserError
 from deltatune.methods.apply import apply_methods
 from deltatune.methods.base import MethodSpec
-from deltatune.testing import tiny_model, tiny_tokenizer
+from deltatune.testing import tiny_model, tiny_tokenizer, tiny_train_config
 from deltatune.train.loop import train
 from deltatune.upcycle.convert import UpcycleSpec, upcycle
 from deltatune.upcycle.moe import moe_blocks, routed_tokens
@@ -39,22 +38,8 @@ def ec_dir(tiny_dir, tmp_path_factory):
 
 
 def _cfg(model, data_file, out, **kw):
-    base = dict(
-        model=str(model),
-        data=str(data_file),
-        output=str(out),
-        lr=1e-3,
-        batch_size=4,
-        seq_len=64,
-        precision="fp32",
-        steps=2,
-        seed=3,
-        eval_fraction=0.1,
-        warmup_steps=0,
-        log_every=1,
-    )
-    base.update(kw)
-    return load_config(overrides=base)
+    """The tiny-run config of the other tests, with two steps at lr 1e-3 and every step logged."""
+    return tiny_train_config(model, data_file, out, **{"lr": 1e-3, "steps": 2, "log_every": 1, **kw})
 
 
 # --- #1: prompt tuning (virtual tokens) on upcycled models ------------------------------------------------------

@@ -92,7 +92,7 @@ def test_virtual_tokens_in_packed_rows_keep_a_sliding_window(method):
             own, weight = own + s.item(), weight + w.item()
     cfg = load_config(overrides=dict(seq_len=64, batch_size=4, method=method, attention="mask"))
     window = loop.mask_window(cfg, model, flat=False)
-    assert window == 12
+    assert window == loop.MaskWindow(12, every_layer=True)
     packed = loop.evaluate_loss(
         model, model.get_output_embeddings(), examples, policy, cfg, tok.pad_token_id, torch.device("cpu"),
         contextlib.nullcontext, False, logit_transform(model), window,

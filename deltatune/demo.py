@@ -213,7 +213,7 @@ def run_demo(
     overwrite: bool = False,
 ) -> dict:
     from deltatune.config import TrainConfig
-    from deltatune.errors import UserError
+    from deltatune.errors import ConfigError, UserError
     from deltatune.models import load_model, local_model_path
     from deltatune.train.loop import train
     from deltatune.train.run_folder import check_output_folder
@@ -243,7 +243,16 @@ def run_demo(
         overwrite=overwrite or _is_demo_run(Path(output).expanduser()),
     )  # the demo starts fresh: replaces its own earlier run, another run only with --overwrite
     # checked before the minutes of the "before" measurement, not after them
-    check_output_folder(cfg, reads={"model": str(local_model_path(model_name) or "") or None})
+    try:
+        check_output_folder(cfg, reads={"model": str(local_model_path(model_name) or "") or None})
+    except ConfigError as exc:
+        if cfg.overwrite or "already holds a run" not in str(exc):
+            raise
+        raise ConfigError(
+            f"{output} already holds a run the demo did not write (or one it did not finish); pass --overwrite to "
+            "replace it, or choose another --output",
+            field="output",
+        ) from None
     train_records = make_records(n_train + n_eval, seed)
     task_train, task_eval = train_records[:n_train], train_records[n_train:]
     source_path, source = source_records()

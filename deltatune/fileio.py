@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,23 +74,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends: between the two renames of a swap, an interrupt would have
+    removed both the old folder and the new one."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _swap_in(tmp: Path, out_dir: Path) -> None:
     """Replace what `out_dir` is (a folder or file) by `tmp`; if that fails, the old one is put back."""
     old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
     try:
-        try:
-            os.replace(out_dir, old / "x")
-        except FileNotFoundError:  # removed meanwhile (another writer's swap): the name is free
-            os.replace(tmp, out_dir)
-            return
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            if not os.path.lexists(out_dir):
-                os.replace(old / "x", out_dir)
-            raise
+        with _signals_held():
+            _rename_pair(tmp, out_dir, old)
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _rename_pair(tmp: Path, out_dir: Path, old: Path) -> None:
+    """`out_dir` into `old`, then `tmp` into `out_dir` (the old one put back if the second fails)."""
+    try:
+        os.replace(out_dir, old / "x")
+    except FileNotFoundError:  # removed meanwhile (another writer's swap): the name is free
+        os.replace(tmp, out_dir)
+        return
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if not os.path.lexists(out_dir):
+            os.replace(old / "x", out_dir)
+        raise
 
 
 @contextmanager

@@ -258,3 +258,17 @@ def test_a_refused_adapter_leaves_the_model_untouched_and_allocates_nothing(tmp_
             deltatune.load_adapter(model, tmp_path / name)
         assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert torch.equal(logits(deltatune.load_adapter(model, tmp_path / "good").model), expected)
+
+
+@pytest.mark.parametrize("method", ["bitfit", "adapter"])
+def test_methods_whose_forward_takes_the_activations_dtype_load_in_the_models(tmp_path, method):
+    """Keeping an fp32 adapter's precision over a bf16 model broke BitFit and bottleneck adapters (fp32 tensors met
+    bf16 activations: a dtype error in the forward): their tensors take the model's dtype, as before."""
+    base = save_model(tiny_model(), tiny_tokenizer(), tmp_path / "base")
+    adapted = deltatune.apply(load(base), method, **({"rank": 4} if method == "adapter" else {}))
+    randomise(adapted, std=0.05)
+    adapted.save_adapter(tmp_path / "a")
+    ours = deltatune.load_adapter(load(base).to(torch.bfloat16), tmp_path / "a")
+    built = deltatune.apply(load(base).to(torch.bfloat16), method, **({"rank": 4} if method == "adapter" else {}))
+    assert [p.dtype for _, p in ours.trainable_parameters()] == [p.dtype for _, p in built.trainable_parameters()]
+    assert torch.isfinite(logits(ours.model).float()).all()  # the forward runs (it raised for BitFit)

@@ -338,3 +338,14 @@ def test_trailing_whitespace_difference_is_documented():
     assert "_encode_pair" in choice.__doc__ and "trailing whitespace" in choice.__doc__
     text = (REPO / "docs" / "evaluation.md").read_text()
     assert "_encode_pair" in text and "trailing whitespace" in text
+
+
+def test_bbh_a_first_line_that_gives_one_option_wins_over_the_explanation_after_it():
+    """The strict rules scored "Answer: (C)" or "(C) Paris" followed by an explanation naming other options as no
+    answer (the shots' direct format), and still credited "B is correct. (A) is wrong" with (A)."""
+    from deltatune.evaluate.extract import extract_bbh
+
+    assert extract_bbh("Answer: (C)\nBecause (A) and (B) are wrong.", "(C)") == "(C)"
+    assert extract_bbh("(C) Paris\nThe others: (A) Rome, (B) Oslo", "(C)") == "(C)"
+    assert extract_bbh("B is correct. (A) is wrong", "(A)") != "(A)"
+    assert extract_bbh("(A) or (C)", "(A)") != "(A)"

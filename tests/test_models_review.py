@@ -297,7 +297,7 @@ def test_the_demo_replaces_only_its_own_run_without_overwrite(tmp_path, monkeypa
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"model": None, "method": "dora", "rank": 8}))
-    with pytest.raises(UserError, match="already holds a run"):
+    with pytest.raises(UserError, match="already holds a run the demo did not write .*pass --overwrite"):
         demo.run_demo(output=str(run))
     demo._mark_demo_run(run)  # what a finished demo leaves
     with pytest.raises(Loaded):

@@ -169,3 +169,19 @@ def test_a_prompt_tuning_rows_context_error_counts_its_virtual_tokens_apart(tmp_
 
     fits = parse(CompletionRequest, {"model": "soft", "prompt": PROMPT, "max_tokens": room})
     assert _params(state, fits, n, 5).max_tokens == room  # exactly the room left: accepted
+
+
+def test_a_relative_adapter_dir_does_not_garble_load_errors(tmp_path, monkeypatch):
+    """With `--adapter-dir .` every "." of a load error became "the adapter directory" (and with `ad`, "bad" and
+    "adapter_config" were mangled): only the directory's absolute path is taken out."""
+    from pathlib import Path
+
+    from deltatune.serve.server import as_the_client_sees_it
+
+    monkeypatch.chdir(tmp_path)
+    for root in (Path("."), Path("ad")):
+        where = str(root.resolve())
+        message = f"{where}/bad/adapter_config.json: invalid JSON: Expecting value. (line 1)"
+        assert (
+            as_the_client_sees_it(message, root) == "bad/adapter_config.json: invalid JSON: Expecting value. (line 1)"
+        )

@@ -154,11 +154,14 @@ def test_sigkill_then_resume_equals_uninterrupted_run_bitwise(tiny_dir, data_fil
         assert torch.equal(a[name], b[name]), name
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_dir, data_file, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_dir, data_file, tmp_path, sig):
+    """Ctrl-C, and SIGTERM (Slurm preemption, docker stop; it killed the run with no checkpoint), finish the step,
+    save a checkpoint and stop."""
     out = tmp_path / "run"
     proc = _launch(_cli_args(tiny_dir, data_file, out, 100000))
     _wait_for_checkpoint(out, proc, min_step=2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err

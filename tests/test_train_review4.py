@@ -127,3 +127,10 @@ def test_rows_longer_than_a_learned_position_table_are_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
     train(tiny_train_config(gpt2, data, tmp_path / "ok", steps=1, targets="c_attn", seq_len=32))
     assert (tmp_path / "ok" / "final").is_dir()
+    # prompt tuning's virtual tokens shift the real ones' positions: 28 + 8 > 32
+    prompt = tiny_train_config(gpt2, data, tmp_path / "p", steps=1, method="prompt", seq_len=28,
+                               method_options={"num_virtual_tokens": 8})  # fmt: skip
+    with pytest.raises(
+        deltatune.ConfigError, match=r"seq_len 28 with the method's 8 virtual tokens .* set seq_len to 24"
+    ):
+        train(prompt)

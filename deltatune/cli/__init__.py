@@ -126,11 +126,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _end_on_sigterm() -> None:
-    """SIGTERM (`timeout`, `docker stop`, Slurm) ends the command as Ctrl-C does, through the handlers that remove
-    half-written temporary folders (an export killed so left a hidden 254 MB one that nothing removed); exit 143."""
+    """SIGTERM (`timeout`, `docker stop`, Slurm) ends the command through the handlers that remove half-written
+    temporary folders (an export killed so left a hidden 254 MB one that nothing removed); exit 143. Training
+    handles it as Ctrl-C: it finishes the step and saves a checkpoint first."""
     import signal
     import threading
 
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: torchrun's shutdown sends SIGTERM, end at once
+        return
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 

@@ -95,7 +95,10 @@ def base_of_runs(runs: list, given: str | None) -> str | None:
                 )
         return given
     if not known:
-        print("note: no run says which base it was trained from; comparing with the default model (--base)")
+        print(
+            "note: no run says which base it was trained from; comparing with the default model (--base)",
+            file=sys.stderr,
+        )
         return None
     first_info, first = known[0]
     for info, b in known[1:]:

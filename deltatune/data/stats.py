@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from deltatune.data.masking import LossPolicy
+from deltatune.data.masking import TEMPLATE_ROLES, LossPolicy
 from deltatune.data.packing import padding_waste
 from deltatune.data.segments import Role, TokenizedExample
 
@@ -38,7 +38,7 @@ PAPER = [
     PaperPoint("LIMA", 0.09, 1030, (33.06, 32.94), (48.79, 49.60)),
 ]
 INSTRUCTION_ROLES = (Role.INSTRUCTION, Role.INPUT, Role.CONTEXT)  # excluded assistant messages are prompt
-BOILERPLATE_ROLES = (Role.TEMPLATE, Role.ROLE, Role.SPECIAL)
+BOILERPLATE_ROLES = TEMPLATE_ROLES  # the tokens the weighted policy's template=λ_t weights
 LAMBDA_RANGE = "0.01–0.5"  # the prompt-loss-weight study's best λ for short completions (methods.md section 7)
 # The paper's size finding holds on Tulu V2 subsets at a ratio near 10; BBH (3.27) still gained strongly, LIMA
 # (0.09) not at all: below this ratio the size is not evidence for loss on instructions.

@@ -261,7 +261,8 @@ def _rewritten(real: str, scaffold: list[str], parts: list[tuple], msgs: list[Me
         if real.startswith(text, pos):
             pos += len(text)
             continue
-        where = f"the content of message {msgs.index(message) + 1} ({message.role})"
+        number = next(k for k, m in enumerate(msgs) if m is message) + 1  # by identity: two messages may be equal
+        where = f"the content of message {number} ({message.role})"
         if text != text.strip() and real.startswith(text.strip(), pos):
             return (
                 f"{where}: it strips the whitespace around it, so the tokens cannot be tagged; strip it in the data "

@@ -14,6 +14,7 @@ on Code", eq. 1): with n samples of which c pass, 1 - C(n-c, k) / C(n, k), avera
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,10 +151,12 @@ def _closes_code(problem: CodeProblem, text: str, fence: re.Match) -> bool:
     if not before.strip() or not re.match(r"```[ \t]*\n", text[fence.start() :]):
         return False
     source = (problem.prompt if problem.format == "humaneval" else "") + before
-    try:
-        compile(source, "<completion>", "exec")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return False
+    with warnings.catch_warnings():  # a completion's invalid escapes are not ours to report
+        warnings.simplefilter("ignore")
+        try:
+            compile(source, "<completion>", "exec")
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return False
     return True
 
 

@@ -52,7 +52,7 @@ def _inside(file, dir_fd=None):
         if path == _root or path.startswith(_root + _os.sep):
             return
     elif isinstance(file, int) and dir_fd is None:
-        return  # an open file descriptor: its file was checked when it was opened by a guarded route
+        return  # an open file descriptor (os.open is not guarded: this is no sandbox, see the module docstring)
     raise PermissionError(f"writing outside the sandbox folder is refused: {file!r}")
 _real_open = _b.open
 def _open(file, mode="r", *args, **kwargs):
@@ -108,7 +108,8 @@ del _name
 
 PASS_STATUS = 97  # the exit status of a program that reached its end (0 means it left early)
 # only in the program itself: a multiprocessing child re-imports the file as __mp_main__ and must run its target
-_END = "\nif __name__ == '__main__':\n    __deltatune_end__()\n"
+# the last line calls the end function under a name drawn per sample, so that no completion calls it by a known name
+_END = "\nif __name__ == '__main__':\n    {end}()\n"
 _TOKEN_ENV, _FD_ENV = "DELTATUNE_EXEC_TOKEN", "DELTATUNE_EXEC_FD"
 # numpy 2 calls os.putenv('OPENBLAS_MAIN_FREE') at import unless it is set: set it, and one BLAS/OpenMP thread
 # per sample (samples already run one per core; a thread pool per sample would also eat the address-space limit)
@@ -155,7 +156,7 @@ def isolation() -> str:
     return f"process per sample, empty temp dir, rlimits (memory, CPU, file size), wall timeout; no network: {net}"
 
 
-def _limits_prelude(limits: Limits) -> str:
+def _limits_prelude(limits: Limits, end: str = "__deltatune_end__") -> str:
     """Set the resource limits as the sample's first statements: the process limits itself before any of the
     model's code runs (no preexec_fn, which is unsafe while the evaluator's threads run)."""
     mem, fsize = limits.memory_mb * 2**20, limits.file_mb * 2**20
@@ -170,8 +171,8 @@ def _limits_prelude(limits: Limits) -> str:
         # the program's last line: the run's token to the harness's pipe, then the real exit, both kept before the
         # guard and the program can replace them; the token leaves the environment before the model's code runs
         "import os as _o\n"
-        f"def __deltatune_end__(_w=_o.write, _x=_o._exit, _fd=int(_o.environ.pop('{_FD_ENV}', '-1')),\n"
-        f"                      _t=_o.environ.pop('{_TOKEN_ENV}', '').encode()):\n"
+        f"def {end}(_w=_o.write, _x=_o._exit, _fd=int(_o.environ.pop('{_FD_ENV}', '-1')),\n"
+        f"        _t=_o.environ.pop('{_TOKEN_ENV}', '').encode()):\n"
         "    try:\n"
         "        _w(_fd, _t)\n"
         "    except OSError:\n"
@@ -215,7 +216,8 @@ def run_program(program: str, limits: Limits = Limits(), batch: _Batch | None = 
     token = secrets.token_hex(16)
     try:
         with open(os.path.join(folder, "sample.py"), "w", encoding="utf-8") as fh:
-            fh.write(_limits_prelude(limits) + GUARD + "\n" + program + "\n" + _END)
+            end = f"_end_{secrets.token_hex(8)}"
+            fh.write(_limits_prelude(limits, end) + GUARD + "\n" + program + "\n" + _END.format(end=end))
         cmd = [sys.executable, "-I", "sample.py"]
         if network_namespace_available():
             cmd = ["unshare", "-rn", *cmd]

@@ -69,6 +69,7 @@ def normalize_answer(text: str) -> str:
 _OPTION = re.compile(r"\(([A-Z])\)")
 # a reply that is only an option: "(B)", "B", "**B**", "'B'.", "B)"
 _ONLY_OPTION = re.compile(r"[*_\"'`]*\(?([A-Z])\)?[).:*_\"'`]*")
+_OPENS_WITH_OPTION = re.compile(r"[*_\"'`]*\([A-Z]\)")
 # the first line's leading letter: "B) text", "B. text", "B: text" (not "A dog": the article, or "I think")
 _LEADING_LETTER = re.compile(r"[*_\"'`]*([A-Z])(?:[).:*_\"'`]|$)")
 # a conclusion line: "So B is correct", "Therefore (B)", "Answer: B", "the correct option is (B)"
@@ -96,10 +97,12 @@ def _mc_letter(body: str, after_answer_is: bool) -> str | None:
     """The option a reply (after its last 'answer is') gives, or None; strict, as lm-eval's strict match is, so
     that no rule favours an option by its position (a reply that walks through the options names (A) first).
 
-    - Every "(X)" in the reply names the same option: that one.
-    - Several options named: the first line if it is only an option (the shots' direct format, an explanation
-      after it), else a conclusion, the last line naming an option that says so/therefore/answer/"is correct"
-      ("So B is correct."), naming one; otherwise none ("(A) or (C)", "(C), not (A)", a plain walk-through).
+    - Every "(X)" in the reply names the same option: that one, unless a conclusion names another.
+    - Several options named: the first line if it names one option and is only that option, concludes, or is
+      the only line that opens with an option ("(C) Paris", "Answer: (C)", then an explanation: the shots' direct
+      format; a walk-through opens line after line with one), else a conclusion,
+      the last line naming an option that says so/therefore/answer/"is correct" ("So B is correct."), naming one;
+      otherwise none ("(A) or (C)", "(C), not (A)", a plain walk-through).
     - None named: a leading bare letter ("B", "B)", "**B**"; followed by a word only right after "answer is",
       so a reply opening with the article "A" or "I" is no answer), else a conclusion as above."""
     lines = [ln.strip() for ln in body.split("\n") if ln.strip()]
@@ -107,10 +110,15 @@ def _mc_letter(body: str, after_answer_is: bool) -> str | None:
         return None
     named = {x for ln in lines for x in _OPTION.findall(ln)}
     if len(named) == 1:
-        return named.pop()
+        concluded = {a or b for ln in lines for a, b in _CONCLUDED_LETTER.findall(ln)}
+        return named.pop() if concluded <= named else None  # "B is correct. (A) is wrong" is no (A)
     if named:
-        only = _ONLY_OPTION.fullmatch(lines[0])
-        return only.group(1) if only else _conclusion(lines)
+        first = set(_OPTION.findall(lines[0]))
+        opening = [ln for ln in lines if _OPENS_WITH_OPTION.match(ln)]  # a walk-through opens line after line so
+        leads = len(first) == 1 and (
+            _ONLY_OPTION.fullmatch(lines[0]) or opening == [lines[0]] or _CONCLUSION.search(lines[0])
+        )
+        return first.pop() if leads else _conclusion(lines)  # "(C) Paris" / "Answer: (C)", then an explanation
     leading = _LEADING_LETTER.match(lines[0]) or (after_answer_is and re.match(r"([A-Z])\s", lines[0]))
     return leading.group(1) if leading else _conclusion(lines)
 

@@ -595,8 +595,11 @@ class Context:
         OUT/reports/<when it finished>/: a later invocation reports the runs it was asked for, and a narrower one
         replaced the full report silently."""
         stamp = str(earlier.get("finished") or "earlier").replace(":", "")
-        folder = self.out / "reports" / stamp
-        folder.mkdir(parents=True, exist_ok=True)
+        folder, n = self.out / "reports" / stamp, 1
+        while folder.exists():  # two reports finished in the same second
+            n += 1
+            folder = self.out / "reports" / f"{stamp}-{n}"
+        folder.mkdir(parents=True)
         for path in [self.out / "results.json", self.out / "results.md", *sorted(self.out.glob("*.png"))]:
             if path.exists():
                 os.replace(path, folder / path.name)

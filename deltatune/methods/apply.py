@@ -365,7 +365,11 @@ def check_adapter_tensors(
     hold offloaded weights a copy would load) is checked when the adapter loads instead."""
     if any(hasattr(m, "_hf_hook") for m in model.modules()):
         return
-    dry = apply_methods(meta_copy(model), specs)
+    try:
+        shapes_only = meta_copy(model)
+    except Exception:  # noqa: BLE001 - a model deepcopy cannot copy: checked when the adapter loads instead
+        return
+    dry = apply_methods(shapes_only, specs)
     if peft_keys:
         state = {dry.methods[0].from_peft_key(k): v for k, v in state.items()}
     dry.load_adapter_state_dict({k: v.to("meta") for k, v in state.items()}, source=source)
@@ -389,6 +393,8 @@ def _hold_in_saved_precision(adapted: AdaptedModel, state: dict[str, torch.Tenso
     for method in adapted.methods:
         if method.options.get("adapter_dtype", "auto") != "auto":
             continue  # asked for by name: built so
+        if not (method.named_delta_modules(adapted.model) or method.adds_virtual_tokens):
+            continue  # BitFit's biases, bottleneck adapters: their forward takes the activations' dtype as it is
         for name, param in method.trainable_parameters(adapted.model):
             saved = state.get(name)
             if saved is None or not (saved.is_floating_point() and param.is_floating_point()):

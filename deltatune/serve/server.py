@@ -208,8 +208,9 @@ def create_app(state: ServerState) -> FastAPI:
 def as_the_client_sees_it(message: str, root: Path) -> str:
     """A load error with paths under the adapter directory relative to it, as the client named them: where the
     directory lies on the server (its users, its disks) is the operator's to know."""
-    for prefix in sorted({str(root.resolve()), str(root.absolute()), str(root)}, key=len, reverse=True):
-        message = message.replace(prefix + os.sep, "").replace(prefix, "the adapter directory")
+    absolute = {str(p) for p in (root.resolve(), root.absolute(), root) if p.is_absolute()}
+    for prefix in sorted(absolute, key=len, reverse=True):  # a relative --adapter-dir ("." or "ad") is no path to hide
+        message = message.replace(prefix + os.sep, "")
     return message
 
 

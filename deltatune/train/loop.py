@@ -142,14 +142,16 @@ def check_position_table(model: torch.nn.Module, cfg: TrainConfig) -> None:
     with rotary or ALiBi positions have no table and are not limited here."""
     import torch.nn as nn
 
+    virtual = sum(getattr(m, "p", 0) for m in method_objects(cfg) if m.adds_virtual_tokens)  # they shift positions
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
-            limit = module.num_embeddings - (2 if type(module).__name__.startswith("OPT") else 0)  # OPT's offset
-            if cfg.row_len > limit:
+            limit = module.num_embeddings - int(getattr(module, "offset", 0))  # OPT's and BioGPT's offset of 2
+            if cfg.row_len + virtual > limit:
                 field = "pack_len" if cfg.pack_len else "seq_len"
+                also = f" with the method's {virtual} virtual tokens" if virtual else ""
                 raise ConfigError(
-                    f"{field} {cfg.row_len} is longer than the model's {limit} learned positions ({name}); "
-                    f"set {field} to {limit} or less",
+                    f"{field} {cfg.row_len}{also} is longer than the model's {limit} learned positions ({name}); "
+                    f"set {field} to {limit - virtual} or less",
                     field=field,
                 )
 
@@ -761,12 +763,16 @@ def _train(
         tensorboard_dir=out / "tensorboard",
     )
     interrupted = {"flag": False}
-    previous_handler = signal.getsignal(signal.SIGINT)
+    # Ctrl-C, and SIGTERM (Slurm preemption, docker stop) outside torchrun, whose own shutdown sends it to every
+    # worker: finish the step, save a checkpoint, then stop
+    stop_signals = [signal.SIGINT] + ([] if dist.active else [signal.SIGTERM])
+    previous_handlers = {s: signal.getsignal(s) for s in stop_signals}
 
     def on_sigint(signum, frame):  # finish the step, save, then stop
         interrupted["flag"] = True
 
-    signal.signal(signal.SIGINT, on_sigint)
+    for s in stop_signals:
+        signal.signal(s, on_sigint)
 
     def checkpoint() -> None:
         dist.save_checkpoint(
@@ -882,7 +888,8 @@ def _train(
             raise
         raise TrainingError(compiled_layers.failure_message(exc, cfg.compile_layers)) from exc
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
         progress.close()
     seconds = time.perf_counter() - start
     eval_loss = evaluate_loss(

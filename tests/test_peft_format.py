@@ -138,7 +138,7 @@ def test_an_adapter_loads_onto_a_bf16_base_as_trained(tmp_path, method):
     assert all(v.dtype == torch.float32 and torch.equal(v, saved[k]) for k, v in default.adapter_state_dict().items())
     specs = [  # deltatune's format (two methods) records the options; PEFT's has no field for this one
         MethodSpec(name=method, rank=4, alpha=8, targets="q_proj", options={"adapter_dtype": "bf16"}),
-        MethodSpec(name="bitfit", targets="v_proj"),
+        MethodSpec(name="ia3", targets="v_proj"),  # keeps its saved fp32 (BitFit would take the model's dtype)
     ]
     named = apply_methods(tiny_model(seed=3), specs)
     for _, p in named.trainable_parameters():

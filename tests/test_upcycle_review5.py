@@ -308,3 +308,53 @@ def test_the_export_after_training_carries_the_runs_balancing_weight(moe_dir, da
     train(_cfg(moe_dir, data_file, tmp_path / "run", method="full", steps=1, moe_aux_loss=0.05), quiet=True)
     cfg = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert cfg["router_aux_loss_coef"] == pytest.approx(0.05 / 2)
+
+
+@pytest.mark.parametrize(
+    ("layers", "router", "fmt"),
+    [("all", "topk", "mixtral"), ([0], "topk", "qwen2_moe"), ("all", "expert-choice", "deltatune")],
+)
+def test_a_loaded_upcycled_model_saves_again_with_its_balancing_weight(tmp_path, layers, router, fmt):
+    """Loading an upcycled folder and saving it again wrote router_aux_loss_coef = 0.01/k, the default, whatever
+    the model trained with: the weight is recorded in upcycle.json and restored on load."""
+    from deltatune.upcycle.convert import parse_layers
+    from deltatune.upcycle.io import load_upcycled, save_upcycled, transformers_aux_coef
+
+    n = 2
+    spec = UpcycleSpec(
+        experts=4,
+        layers=parse_layers(layers, n) if layers == "all" else layers,
+        router=router,
+        normalize=fmt == "mixtral",
+    )
+    moe = upcycle(tiny_model(num_hidden_layers=n), spec, seed=1)
+    for _, block in moe_blocks(moe):
+        block.aux_loss_weight = 0.05
+    save_upcycled(moe, None, tmp_path / "first")
+    assert json.loads((tmp_path / "first" / "upcycle.json").read_text())["format"] == fmt
+    loaded = load_upcycled(tmp_path / "first")
+    assert {b.aux_loss_weight for _, b in moe_blocks(loaded)} == {0.05}
+    save_upcycled(loaded, None, tmp_path / "again")
+    if fmt != "deltatune":
+        coef = json.loads((tmp_path / "again" / "config.json").read_text())["router_aux_loss_coef"]
+        assert coef == pytest.approx(0.05 / spec.k) == transformers_aux_coef(moe, spec)
+
+
+def test_an_upcycled_folder_without_a_recorded_weight_takes_it_from_the_transformers_config(tmp_path):
+    """Folders written before upcycle.json recorded the weight: router_aux_loss_coef times k."""
+    from deltatune.upcycle.convert import parse_layers
+    from deltatune.upcycle.io import load_upcycled, save_upcycled
+
+    moe = upcycle(tiny_model(num_hidden_layers=2), UpcycleSpec(experts=4, layers=parse_layers("all", 2)), seed=1)
+    for _, block in moe_blocks(moe):
+        block.aux_loss_weight = 0.04
+    save_upcycled(moe, None, tmp_path / "old")
+    meta_file = tmp_path / "old" / "upcycle.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["aux_loss_weight"]
+    meta_file.write_text(json.dumps(meta))
+    assert [b.aux_loss_weight for _, b in moe_blocks(load_upcycled(tmp_path / "old"))] == pytest.approx([0.04] * 2)
+    meta["aux_loss_weight"] = "high"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="upcycle.json.*aux_loss_weight.*must be a number"):
+        load_upcycled(tmp_path / "old")

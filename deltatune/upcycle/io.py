@@ -117,9 +117,32 @@ def transformers_aux_coef(model: nn.Module, spec: UpcycleSpec) -> float:
     takes f_e as the fraction of tokens (summing to k), ours the fraction of assignments (summing to 1), so
     its loss is k times ours and the same pull needs 1/k of the weight. The weight is the one the blocks
     last trained with (RouterLosses records it), else the train default."""
+    return trained_aux_weight(model) / spec.k
+
+
+def trained_aux_weight(model: nn.Module) -> float:
+    """The balancing weight the MoE blocks last trained with (RouterLosses records it), else the train default."""
     blocks = moe_blocks(model)
-    weight = blocks[0][1].aux_loss_weight if blocks else DEFAULT_AUX_WEIGHT
-    return weight / spec.k
+    return float(blocks[0][1].aux_loss_weight) if blocks else DEFAULT_AUX_WEIGHT
+
+
+def _restore_aux_weight(model: nn.Module, meta: dict, path: Path) -> None:
+    """Give the loaded blocks the balancing weight they were saved with, so that saving the model again exports
+    the same router_aux_loss_coef (it fell back to the default). Folders written before upcycle.json recorded it:
+    the transformers config's coefficient times k, or the default for deltatune's format."""
+    weight = meta.get("aux_loss_weight")
+    if weight is None and meta["format"] != "deltatune":
+        coef = _json_field(path / "config.json", "router_aux_loss_coef")
+        weight = coef * meta["spec"].k if isinstance(coef, (int, float)) and not isinstance(coef, bool) else None
+    for _, block in moe_blocks(model):
+        block.aux_loss_weight = DEFAULT_AUX_WEIGHT if weight is None else float(weight)
+
+
+def _json_field(file: Path, key: str) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None  # the load itself reported a damaged config.json already
 
 
 def to_hf_state(model: nn.Module, spec: UpcycleSpec) -> dict[str, torch.Tensor]:
@@ -230,7 +253,13 @@ def save_upcycled(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Pa
             if getattr(model, "generation_config", None) is not None:  # else regenerated from the MoE config.json
                 hf.generation_config = copy.deepcopy(model.generation_config)
             hf.save_pretrained(tmp, safe_serialization=True)
-        meta = {"format": fmt, "why": why, "spec": spec.to_dict(), "dense_config": model.config.to_dict()}
+        meta = {
+            "format": fmt,
+            "why": why,
+            "spec": spec.to_dict(),
+            "aux_loss_weight": trained_aux_weight(model),
+            "dense_config": model.config.to_dict(),
+        }
         (tmp / UPCYCLE_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -295,6 +324,9 @@ def read_meta(path: str | os.PathLike) -> dict:
             "must be the dense model's config: an object with its model_type", file=str(file), field="dense_config"
         )
     meta["spec"] = _read_spec(meta.get("spec"), file)
+    weight = meta.get("aux_loss_weight")
+    if weight is not None and not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0):
+        raise UserError(f"must be a number >= 0 or absent, got {weight!r}", file=str(file), field="aux_loss_weight")
     return meta
 
 
@@ -437,6 +469,7 @@ def load_upcycled(
     if attn_implementation is not None:  # None: the model's own choice (SDPA where it has it)
         model.set_attn_implementation(attn_implementation)
     _restore_generation_config(model, path)
+    _restore_aux_weight(model, meta, path)
     from deltatune.models import cast_weights
 
     return cast_weights(model, dtype).eval()  # RoPE's inv_freq stays float32, as from_pretrained keeps it

@@ -11,6 +11,7 @@ from deltatune.cli import main
 from deltatune.errors import UserError
 from deltatune.methods.apply import apply_methods
 from deltatune.methods.base import MethodSpec
+from deltatune.methods.virtual_tokens import prepended_tokens
 from deltatune.testing import tiny_model, tiny_tokenizer, tiny_train_config
 from deltatune.train.loop import train
 from deltatune.upcycle.convert import UpcycleSpec, upcycle
@@ -76,7 +77,7 @@ def test_virtual_tokens_route_as_real_tokens_and_padding_does_not(method):
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(5))
     ids, mask = _padded_batch()
     blocks = [b for _, b in moe_blocks(model)]
-    with torch.no_grad(), routed_tokens(blocks, mask):
+    with torch.no_grad(), routed_tokens(blocks, mask, prepended_tokens(model)):
         batch = model(ids, attention_mask=mask.long()).logits
         routed = blocks[0].last_routing["logits"].shape[0]
     assert routed == int(mask.sum()) + (2 * 3 if method == "prompt" else 0)
@@ -94,7 +95,7 @@ def test_expert_choice_counts_virtual_tokens_among_the_routed_tokens():
     apply_methods(model, MethodSpec(name="prompt", options={"num_virtual_tokens": 3}))
     ids, mask = _padded_batch()
     block = model.model.layers[1].mlp
-    with torch.no_grad(), routed_tokens([block], mask):
+    with torch.no_grad(), routed_tokens([block], mask, prepended_tokens(model)):
         model(ids, attention_mask=mask.long())
     n = int(mask.sum()) + 2 * 3
     assert block.last_routing["logits"].shape[0] == n
@@ -106,6 +107,27 @@ def test_a_mask_of_another_batch_is_still_refused():
     block.token_mask = torch.ones(3, 5, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="another batch"):
         block(torch.randn(2, 5, 64))
+
+
+@pytest.mark.parametrize(("columns", "virtual"), [(3, 0), (3, 1), (2, 2)])
+def test_a_mask_with_fewer_columns_is_read_as_virtual_tokens_only_for_exactly_their_count(columns, virtual):
+    """A [B, T] mask for hidden states of T' > T positions was taken as T' - T virtual tokens whatever T' was: a
+    stale mask of a shorter batch routed the wrong tokens. Only prompt tuning's declared p pads it."""
+    block = upcycle(tiny_model(num_hidden_layers=2), UpcycleSpec(experts=2, layers=[1])).model.layers[1].mlp
+    mask = torch.ones(2, columns, dtype=torch.bool)
+    with routed_tokens([block], mask, virtual), pytest.raises(RuntimeError, match="another batch"):
+        block(torch.randn(2, 5, 64))
+    with routed_tokens([block], mask, 5 - columns):
+        assert block.mask_for(torch.Size([2, 5, 64])).tolist() == [[True] * 5] * 2
+
+
+def test_prepended_tokens_counts_prompt_tuning_only_while_enabled():
+    adapted = apply_methods(tiny_model(), MethodSpec(name="prompt", options={"num_virtual_tokens": 3}))
+    assert prepended_tokens(adapted.model) == 3
+    with adapted.disable_adapters():
+        assert prepended_tokens(adapted.model) == 0
+    prefixed = apply_methods(tiny_model(), MethodSpec(name="prefix", options={"num_virtual_tokens": 3}))
+    assert prepended_tokens(prefixed.model) == 0 == prepended_tokens(tiny_model())
 
 
 # --- #3: a source that is already a mixture of experts ----------------------------------------------------------

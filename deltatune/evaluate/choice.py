@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltatune.kv_cache import cache_kwargs, output_cache, takes_cache
+from deltatune.methods.virtual_tokens import prepended_tokens
 from deltatune.upcycle.moe import moe_blocks, routed_tokens
 
 NORMALISATIONS = ("char", "token", "sum")
@@ -175,7 +176,8 @@ def score_options(
             kwargs["logits_to_keep"] = torch.tensor(keep, device=device)
             for j, t in enumerate(keep):
                 column[t] = j
-        with routed_tokens(moe, attention.bool().to(device)):  # upcycled models route the real tokens only
+        # upcycled models route the real tokens only (and prompt tuning's virtual ones)
+        with routed_tokens(moe, attention.bool().to(device), prepended_tokens(model)):
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs).logits
         for r, ((q, o, _, o_ids, n_chars), (ids, ctx_len)) in enumerate(zip(batch, rows)):
             # logits at position t predict token t+1: the option's tokens are ids[ctx_len:]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from deltatune.data.packing import collate
 from deltatune.data.segments import TokenizedExample
 from deltatune.errors import DataError, TrainingError
-from deltatune.methods.virtual_tokens import has_virtual_tokens
+from deltatune.methods.virtual_tokens import has_virtual_tokens, prepended_tokens
 from deltatune.train import packed_attention
 from deltatune.train.loss import logit_transform, weighted_lm_loss_sum
 from deltatune.upcycle.moe import moe_blocks, routed_tokens
@@ -109,7 +109,7 @@ def heldout_loss(
             else:
                 kwargs["attention_mask"] = tensors["attention_mask"].to(device)
             # final hidden states, then the chunked head: logits exist only for loss-bearing positions
-            with routed_tokens(moe, tensors["token_mask"].to(device)):
+            with routed_tokens(moe, tensors["token_mask"].to(device), prepended_tokens(model)):
                 hidden = model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
             weights = tensors["loss_weights"].to(device)
             s, tw = weighted_lm_loss_sum(hidden, head, kwargs["input_ids"], weights, transform=transform)

@@ -201,6 +201,15 @@ def has_virtual_tokens(model: nn.Module) -> bool:
     return any(hasattr(model, attr) for attr in _ATTRS)
 
 
+def prepended_tokens(model: nn.Module) -> int:
+    """How many positions a virtual-token method prepends to the decoder's input in a forward without a cache:
+    prompt tuning's p while it is enabled; 0 without it (prefix tuning adds key/value columns, not positions)."""
+    modules = (getattr(model, attr, None) for attr in _ATTRS)
+    return sum(
+        m.num_virtual_tokens for m in modules if hasattr(m, "num_virtual_tokens") and not getattr(m, "disabled", False)
+    )
+
+
 def repeat_to(ids: list[int], p: int) -> list[int]:
     """`ids` repeated or truncated to exactly p (as PEFT's TEXT init does)."""
     if not ids:

@@ -24,6 +24,7 @@ import torch
 from deltatune.config import TrainConfig
 from deltatune.data.packing import additive_mask
 from deltatune.errors import ConfigError, TrainingError
+from deltatune.methods.virtual_tokens import prepended_tokens
 from deltatune.train import compiled_layers, fused_norms, host_memory, packed_attention
 from deltatune.train.checkpoint import Position, list_checkpoints, prune_checkpoints
 from deltatune.train.distributed import NullProgress, init_distributed
@@ -444,7 +445,7 @@ def evaluate_loss(
         except TrainingError:
             continue  # an eval batch with no loss-bearing token adds nothing
         batch = _to_device(batch, device)
-        with autocast(), routed_tokens(moe, batch.get("token_mask")):
+        with autocast(), routed_tokens(moe, batch.get("token_mask"), prepended_tokens(model)):
             hidden = forward_hidden(model, batch)
         s, w = weighted_lm_loss_sum(
             hidden, head, batch["input_ids"], batch["loss_weights"], chunk=cfg.loss_chunk, transform=transform
@@ -821,7 +822,7 @@ def _train(
                 batch = _to_device(batch, device)
                 dist.sync_grads(runner, i == len(micro) - 1)  # gradients are summed over ranks once per step
                 # MoE blocks route the real tokens only, also when checkpointing recomputes them in backward
-                with routed_tokens(moe, batch.get("token_mask")):
+                with routed_tokens(moe, batch.get("token_mask"), prepended_tokens(model)):
                     with autocast():
                         hidden = forward_hidden(runner, batch)
                     loss_sum, _ = weighted_lm_loss_sum(

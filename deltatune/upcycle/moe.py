@@ -74,6 +74,7 @@ class MoEBlock(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.last_routing: dict[str, torch.Tensor] | None = None
         self.token_mask: torch.Tensor | None = None  # set by routed_tokens(): which tokens are real
+        self.virtual_tokens = 0  # set by routed_tokens(): positions prompt tuning prepends after the mask was made
         self.aux_loss_weight = DEFAULT_AUX_WEIGHT  # the balancing weight it trains with (set by RouterLosses)
 
     def extra_repr(self) -> str:
@@ -125,12 +126,14 @@ class MoEBlock(nn.Module):
     def mask_for(self, shape: torch.Size) -> torch.Tensor | None:
         """The token mask for hidden states of `shape` ([B, T', H]). Prompt tuning prepends its p virtual
         tokens to every row after the batch's [B, T] mask was set, so T' = p + T: those leading positions
-        are real inputs (trained embeddings the attention sees), so they route like any real token."""
+        are real inputs (trained embeddings the attention sees), so they route like any real token. Only
+        exactly p more positions are read so: a mask of another batch is refused, not padded to fit."""
         mask = self.token_mask
         if mask is None:
             return None
-        if mask.dim() == 2 and len(shape) == 3 and mask.shape[0] == shape[0] and mask.shape[1] < shape[1]:
-            mask = torch.cat([mask.new_ones(shape[0], shape[1] - mask.shape[1]), mask], dim=1)
+        p = self.virtual_tokens
+        if p and mask.dim() == 2 and len(shape) == 3 and mask.shape[0] == shape[0] and mask.shape[1] + p == shape[1]:
+            mask = torch.cat([mask.new_ones(shape[0], p), mask], dim=1)
         if mask.numel() != shape.numel() // shape[-1]:
             raise RuntimeError(
                 f"the token mask has {mask.numel()} entries for {shape.numel() // shape[-1]} tokens "
@@ -179,13 +182,14 @@ def moe_blocks(model: nn.Module) -> list[tuple[str, MoEBlock]]:
 
 
 @contextmanager
-def routed_tokens(blocks: list[MoEBlock], mask: torch.Tensor | None) -> Iterator[None]:
+def routed_tokens(blocks: list[MoEBlock], mask: torch.Tensor | None, virtual_tokens: int = 0) -> Iterator[None]:
     """Within the block, the MoE blocks route only the tokens where `mask` ([B, T] bool, True = a real
-    token of the batch) is set; None routes every token (a batch without padding)."""
+    token of the batch) is set; None routes every token (a batch without padding). `virtual_tokens`: the
+    positions prompt tuning prepends to each row after the mask was made (`prepended_tokens(model)`)."""
     for b in blocks:
-        b.token_mask = mask
+        b.token_mask, b.virtual_tokens = mask, virtual_tokens
     try:
         yield
     finally:
         for b in blocks:
-            b.token_mask = None
+            b.token_mask, b.virtual_tokens = None, 0

@@ -219,3 +219,34 @@ def test_train_warns_when_the_template_weight_changes_nothing(tmp_path, capsys):
     assert "template=0.05 changes no weight" in capsys.readouterr().err
     assert main([*args, "--output", str(tmp_path / "r2"), "--policy", "weighted:0.1"]) == 0
     assert "changes no weight" not in capsys.readouterr().err
+
+
+def test_stats_quotes_and_weighs_the_same_nearest_recorded_run(monkeypatch):
+    """`masking_advice` (the quoted line) and the ratio advice's 'found worse' sentence pick one run: the nearest
+    in length ratio, then in size; a dataset without sizes, or no record, quotes nothing to weigh."""
+    from deltatune.data import stats
+    from deltatune.experiments import recorded
+
+    record = {
+        "model": "M",
+        "by_dataset": {
+            "long": {"ratio": 3.0, "sizes": {"100": _result(0.20, 0.05), "1000": _result(0.01, 0.05)}},
+            "short": {"ratio": 0.1, "sizes": {"100": _result(0.30, 0.05)}},
+            "bare": {"ratio": 30.0, "sizes": {}},
+        },
+    }
+    monkeypatch.setattr(recorded, "load_recorded", lambda name: record)
+    near = recorded.nearest_masking_run(2.5, 120)
+    assert (near.dataset, near.size) == ("long", "100")
+    assert "long (ratio 3.00), 100 training examples" in recorded.masking_advice(2.5, 120)
+    assert stats._measured_worse(2.5, 120) == "long, ratio 3.00"
+    assert stats._measured_worse(2.5, 900) is None  # within the spread at the nearer size
+    assert recorded.nearest_masking_run(40.0, 100).result is None
+    assert stats._measured_worse(40.0, 100) is None
+    assert "no size for bare" in recorded.masking_advice(40.0, 100)
+    monkeypatch.setattr(recorded, "load_recorded", lambda name: None)
+    assert recorded.nearest_masking_run(2.5, 120) is None and stats._measured_worse(2.5, 120) is None
+
+
+def _result(loss_diff: float, spread: float) -> dict:
+    return {"loss_diff": loss_diff, "loss_diff_spread": spread, "seeds": 3, "em_diff": 0.0}

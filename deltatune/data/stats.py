@@ -173,17 +173,13 @@ def advise(stats: dict, template: str) -> list[str]:
 def _measured_worse(ratio: float, examples: int) -> str | None:
     """The project's recorded masking run nearest to this ratio and size (as `masking_advice` picks it), named,
     when instruction loss did worse there beyond the seed spread; else None (none recorded, or no difference)."""
-    from deltatune.experiments.recorded import load_recorded
+    from deltatune.experiments.recorded import nearest_masking_run
 
-    by = (load_recorded("masking") or {}).get("by_dataset") or {}
-    if not by:
+    near = nearest_masking_run(ratio, examples)
+    if near is None or near.result is None:
         return None
-    ds = min(by, key=lambda d: abs(math.log(max(by[d]["ratio"], 1e-6)) - math.log(max(ratio, 1e-6))))
-    sizes = by[ds].get("sizes") or {}
-    if not sizes:
-        return None
-    s = sizes[min(sizes, key=lambda k: abs(math.log(int(k)) - math.log(max(examples, 1))))]
-    return f"{ds}, ratio {by[ds]['ratio']:.2f}" if s["loss_diff"] > s["loss_diff_spread"] else None
+    worse = near.result["loss_diff"] > near.result["loss_diff_spread"]
+    return f"{near.dataset}, ratio {near.ratio:.2f}" if worse else None
 
 
 def ratio_advice(r: float, n: int) -> str:

@@ -155,7 +155,8 @@ def score_options(
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][2]) + len(pairs[i][3])))
     results: list[list[OptionScore | None]] = [[None] * len(o) for o in options]
     keep_subset = not all_logits and keeps_logits(model)
-    moe = [b for _, b in moe_blocks(model)]
+    moe = [b for _, b in moe_blocks(model)]  # upcycled models route the real tokens only
+    virtual = prepended_tokens(model)  # ... and prompt tuning's virtual ones
     bar = tqdm(total=len(pairs), desc="choices", unit="opt", disable=not progress or len(pairs) < 2)
     for start in range(0, len(order), batch_size):
         batch = [pairs[i] for i in order[start : start + batch_size]]
@@ -176,8 +177,7 @@ def score_options(
             kwargs["logits_to_keep"] = torch.tensor(keep, device=device)
             for j, t in enumerate(keep):
                 column[t] = j
-        # upcycled models route the real tokens only (and prompt tuning's virtual ones)
-        with routed_tokens(moe, attention.bool().to(device), prepended_tokens(model)):
+        with routed_tokens(moe, attention.bool().to(device), virtual):
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs).logits
         for r, ((q, o, _, o_ids, n_chars), (ids, ctx_len)) in enumerate(zip(batch, rows)):
             # logits at position t predict token t+1: the option's tokens are ids[ctx_len:]

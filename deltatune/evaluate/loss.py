@@ -84,6 +84,7 @@ def heldout_loss(
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
     total, weight_sum = 0.0, 0.0
     moe = [b for _, b in moe_blocks(model)]  # upcycled models route the real tokens only
+    virtual = prepended_tokens(model)  # ... and prompt tuning's virtual ones
     head, transform = model.get_output_embeddings(), logit_transform(model)  # Gemma2's cap, Cohere's scale
     bar = tqdm(total=len(examples), desc="loss", unit="ex", disable=not progress or len(examples) < 2)
     with packed_attention.switched(model) if flat else nullcontext():
@@ -109,7 +110,7 @@ def heldout_loss(
             else:
                 kwargs["attention_mask"] = tensors["attention_mask"].to(device)
             # final hidden states, then the chunked head: logits exist only for loss-bearing positions
-            with routed_tokens(moe, tensors["token_mask"].to(device), prepended_tokens(model)):
+            with routed_tokens(moe, tensors["token_mask"].to(device), virtual):
                 hidden = model.get_decoder()(**kwargs, use_cache=False).last_hidden_state
             weights = tensors["loss_weights"].to(device)
             s, tw = weighted_lm_loss_sum(hidden, head, kwargs["input_ids"], weights, transform=transform)

@@ -438,6 +438,7 @@ def evaluate_loss(
     model.eval()
     rows = pack_examples(examples, cfg.row_len) if cfg.packing else examples
     moe = [b for _, b in moe_blocks(model)]  # upcycled models route the real tokens only
+    virtual = prepended_tokens(model)  # ... and prompt tuning's virtual ones
     total, weight = 0.0, 0.0
     for i in range(0, len(rows), cfg.batch_size):
         try:
@@ -445,7 +446,7 @@ def evaluate_loss(
         except TrainingError:
             continue  # an eval batch with no loss-bearing token adds nothing
         batch = _to_device(batch, device)
-        with autocast(), routed_tokens(moe, batch.get("token_mask"), prepended_tokens(model)):
+        with autocast(), routed_tokens(moe, batch.get("token_mask"), virtual):
             hidden = forward_hidden(model, batch)
         s, w = weighted_lm_loss_sum(
             hidden, head, batch["input_ids"], batch["loss_weights"], chunk=cfg.loss_chunk, transform=transform
@@ -693,6 +694,7 @@ def _train(
 
     router_losses = moe_losses_for(model, cfg)  # upcycled models: aux losses + routing metrics; None if dense
     moe = router_losses.blocks if router_losses is not None else []  # they route the batch's real tokens only
+    virtual = prepended_tokens(model)  # ... and prompt tuning's virtual ones
     if router_losses is not None and compiled:  # only `true` gets here (auto declines MoE models)
         raise ConfigError("compile_layers: true is not supported for upcycled (MoE) models", field="compile_layers")
 
@@ -822,7 +824,7 @@ def _train(
                 batch = _to_device(batch, device)
                 dist.sync_grads(runner, i == len(micro) - 1)  # gradients are summed over ranks once per step
                 # MoE blocks route the real tokens only, also when checkpointing recomputes them in backward
-                with routed_tokens(moe, batch.get("token_mask"), prepended_tokens(model)):
+                with routed_tokens(moe, batch.get("token_mask"), virtual):
                     with autocast():
                         hidden = forward_hidden(runner, batch)
                     loss_sum, _ = weighted_lm_loss_sum(

@@ -133,7 +133,7 @@ def _restore_aux_weight(model: nn.Module, meta: dict, path: Path) -> None:
     weight = meta.get("aux_loss_weight")
     if weight is None and meta["format"] != "deltatune":
         coef = _json_field(path / "config.json", "router_aux_loss_coef")
-        weight = coef * meta["spec"].k if isinstance(coef, (int, float)) and not isinstance(coef, bool) else None
+        weight = coef * meta["spec"].k if _is_number(coef) else None
     for _, block in moe_blocks(model):
         block.aux_loss_weight = DEFAULT_AUX_WEIGHT if weight is None else float(weight)
 
@@ -291,6 +291,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -325,7 +329,7 @@ def read_meta(path: str | os.PathLike) -> dict:
         )
     meta["spec"] = _read_spec(meta.get("spec"), file)
     weight = meta.get("aux_loss_weight")
-    if weight is not None and not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight >= 0):
+    if weight is not None and not (_is_number(weight) and weight >= 0):
         raise UserError(f"must be a number >= 0 or absent, got {weight!r}", file=str(file), field="aux_loss_weight")
     return meta
 

@@ -82,6 +82,12 @@ def _common_config(cfg) -> dict:
     return {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
 
 
+# Qwen2-MoE always builds a shared expert; deltatune's MoE has none. One unit wide with every weight zero it adds
+# exactly 0 and all its gradients are 0 (a fixed point of training). Zero width (before 2026-12-07) made torch warn
+# "Initializing zero-element tensors is a no-op" on every from_pretrained of the export.
+SHARED_EXPERT_WIDTH = 1
+
+
 def hf_config(model: nn.Module, spec: UpcycleSpec, fmt: str):
     from transformers import MixtralConfig, Qwen2MoeConfig
 
@@ -103,7 +109,7 @@ def hf_config(model: nn.Module, spec: UpcycleSpec, fmt: str):
         num_experts=spec.experts,
         num_experts_per_tok=spec.k,
         moe_intermediate_size=expert_width,
-        shared_expert_intermediate_size=0,
+        shared_expert_intermediate_size=SHARED_EXPERT_WIDTH,
         norm_topk_prob=spec.normalize,
         mlp_only_layers=dense_layers,
         decoder_sparse_step=1,
@@ -164,13 +170,10 @@ def to_hf_state(model: nn.Module, spec: UpcycleSpec) -> dict[str, torch.Tensor]:
 def from_hf_state(
     hf_sd: dict[str, torch.Tensor], spec: UpcycleSpec, prefix: str, source: str | os.PathLike | None = None
 ) -> dict[str, torch.Tensor]:
-    """The inverse of `to_hf_state` (shared-expert tensors of Qwen2-MoE, all of zero width, are dropped).
+    """The inverse of `to_hf_state` (Qwen2-MoE's shared experts, which add exactly 0, are dropped).
     `source` names the folder in the one-line errors about weights that do not match its upcycle.json."""
-    out = {}
-    for k, v in hf_sd.items():
-        if ".mlp.shared_expert" in k:
-            continue
-        out[k] = v
+    _check_shared_experts_add_nothing(hf_sd, Path(source) if source is not None else None)
+    out = {k: v for k, v in hf_sd.items() if ".mlp.shared_expert" not in k}
     for i in spec.layers:
         p = f"{prefix}{i}.mlp."
         _check_stacked(out, p, i, spec, Path(source) / UPCYCLE_FILE if source is not None else Path(UPCYCLE_FILE))
@@ -182,6 +185,25 @@ def from_hf_state(
             out[f"{p}experts.{e}.up_proj.weight"] = gate_up[e, width:]
             out[f"{p}experts.{e}.down_proj.weight"] = down[e]
     return out
+
+
+def _check_shared_experts_add_nothing(hf_sd: dict[str, torch.Tensor], source: Path | None) -> None:
+    """A shared expert with an all-zero projection (or none, at zero width) adds exactly 0 and can be dropped;
+    one that adds something cannot: deltatune's MoE has no shared expert, so dropping it would change outputs."""
+    experts: dict[str, list[torch.Tensor]] = {}
+    for k, v in hf_sd.items():
+        if m := re.match(r"(.*\.mlp\.shared_expert)\.(gate|up|down)_proj\.weight$", k):
+            experts.setdefault(m.group(1), []).append(v)
+    for name, projections in sorted(experts.items()):
+        if all(p.any() for p in projections):
+            weights = source / "model.safetensors" if source is not None else Path("model.safetensors")
+            raise UserError(
+                "a Qwen2-MoE shared expert that adds to the output (deltatune's MoE has none and exports it as "
+                "zeros); without upcycle.json beside it the folder loads through transformers' Qwen2-MoE modules, "
+                "shared expert included",
+                file=str(weights),
+                field=name,
+            )
 
 
 def _check_stacked(sd: dict[str, torch.Tensor], p: str, layer: int, spec: UpcycleSpec, meta_file: Path) -> None:
@@ -248,7 +270,7 @@ def save_upcycled(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> Pa
             with torch.no_grad():
                 for name, p in hf.named_parameters():
                     if ".shared_expert" in name:
-                        p.zero_()  # zero width (shared expert) and a gate in front of it: adds exactly 0
+                        p.zero_()  # see SHARED_EXPERT_WIDTH: adds exactly 0, and every gradient is 0
             hf.tie_weights()
             if getattr(model, "generation_config", None) is not None:  # else regenerated from the MoE config.json
                 hf.generation_config = copy.deepcopy(model.generation_config)

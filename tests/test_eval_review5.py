@@ -272,6 +272,27 @@ def test_an_option_that_cannot_be_scored_is_one_line_before_any_task_runs(
     assert calls == []  # found before mmlu:aa ran
 
 
+def test_the_fit_check_renders_only_the_questions_of_options_near_the_limit(tmp_path, tiny_lm, tiny_tok, monkeypatch):
+    """The check rendered every question (shots and chat template included) and scoring rendered them all again;
+    now a question is rendered for the check only when one of its options needs the exact split."""
+    from deltatune.errors import UserError
+    from deltatune.evaluate import runner
+    from deltatune.evaluate.tasks import load_items, resolve_task
+
+    rendered = []
+    real_render = runner.render
+    monkeypatch.setattr(runner, "render", lambda *a, **k: rendered.append(a[3]) or real_render(*a, **k))
+    fine = resolve_task("mmlu:bb", _mmlu_root(tmp_path / "fine", "w"))
+    for mode in ("option", "letter"):
+        options = runner.EvalOptions(progress=False, shots=1, choice_mode=mode)
+        runner.check_choice_fits(tiny_lm, tiny_tok, fine, load_items(fine), options)
+    assert rendered == []
+    long = resolve_task("mmlu:bb", _mmlu_root(tmp_path / "long", " ".join(["word"] * 700)))
+    with pytest.raises(UserError, match=r"bb_test\.csv:2: option D has \d+ tokens"):
+        runner.check_choice_fits(tiny_lm, tiny_tok, long, load_items(long), runner.EvalOptions(progress=False))
+    assert rendered == ["Which?"]  # the second item's question alone
+
+
 def test_score_options_error_names_the_item_when_scoring_directly(tmp_path, tiny_dir, tiny_lm, tiny_tok):
     """evaluate_task (the API, forgetting) turns the scorer's error into the same one-line UserError."""
     from deltatune.errors import UserError

@@ -198,18 +198,25 @@ def generation_info(gen: GenerationConfig, style: str) -> dict[str, Any]:
 
 def choice_inputs(tokenizer, items: list[Item], pool, opts: EvalOptions, style) -> tuple[list[str], list[list[str]]]:
     """(contexts, options) of a choice task as it is scored: shots, prompt style, option or letter."""
-    contexts, options = [], []
-    for item in items:
-        shots = _shots_for(item, pool, opts)
-        if opts.choice_mode == "letter":
-            pairs = [(letter_question(s), LETTERS[s.answer]) for s in shots]
-            contexts.append(render(tokenizer, style.name, pairs, letter_question(item)))
-            options.append([style.continuation_prefix + LETTERS[i] for i in range(len(item.options))])
-        else:
-            pairs = [(s.prompt, s.options[s.answer]) for s in shots]
-            contexts.append(render(tokenizer, style.name, pairs, item.prompt))
-            options.append([style.continuation_prefix + o for o in item.options])
-    return contexts, options
+    contexts = [choice_context(tokenizer, item, pool, opts, style) for item in items]
+    return contexts, [choice_options(item, opts, style) for item in items]
+
+
+def choice_context(tokenizer, item: Item, pool, opts: EvalOptions, style) -> str:
+    """An item's question as scored: its shots and the prompt style rendered (a chat template: the slow part)."""
+    shots = _shots_for(item, pool, opts)
+    if opts.choice_mode == "letter":
+        pairs = [(letter_question(s), LETTERS[s.answer]) for s in shots]
+        return render(tokenizer, style.name, pairs, letter_question(item))
+    pairs = [(s.prompt, s.options[s.answer]) for s in shots]
+    return render(tokenizer, style.name, pairs, item.prompt)
+
+
+def choice_options(item: Item, opts: EvalOptions, style) -> list[str]:
+    """An item's options as scored: each letter or option text after the style's continuation prefix."""
+    if opts.choice_mode == "letter":
+        return [style.continuation_prefix + LETTERS[i] for i in range(len(item.options))]
+    return [style.continuation_prefix + o for o in item.options]
 
 
 def _option_error(item: Item, option: int, problem: str) -> UserError:
@@ -223,12 +230,13 @@ def check_choice_fits(model, tokenizer, task: Task, items: list[Item], opts: Eva
     """Refuse an option that encodes to no tokens or does not fit the model's context, naming its file and line,
     before any task runs (score_options would raise in the middle of the run, after earlier tasks' hours).
     Options are encoded alone in one batch; only those near the limit (a boundary merge moves a token or two) or
-    empty get the exact split that scoring uses."""
+    empty get the exact split that scoring uses, so only their questions are rendered (rendering every question,
+    shots and chat template included, repeated the scoring run's own rendering)."""
     if task.kind != "choice" or not items:
         return
     pool = (load_shot_pool(task) or load_items(task)) if opts.shots > 0 else None
     style = style_info(opts.style or default_style(tokenizer))
-    contexts, options = choice_inputs(tokenizer, items, pool, opts, style)
+    options = [choice_options(item, opts, style) for item in items]
     max_length = model_max_length(model)
     flat = [text for row in options for text in row]
     alone = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
@@ -239,7 +247,8 @@ def check_choice_fits(model, tokenizer, task: Task, items: list[Item], opts: Eva
             at += 1
             if 0 < n < max_length - 8:
                 continue
-            _, o_ids = split_encode(tokenizer, contexts[q], text, style.name != "chat")
+            context = choice_context(tokenizer, items[q], pool, opts, style)
+            _, o_ids = split_encode(tokenizer, context, text, style.name != "chat")
             problem = option_problem(o_ids, text, max_length)
             if problem:
                 raise _option_error(items[q], o, problem)

@@ -15,7 +15,7 @@ class UserError(Exception):
     def __init__(
         self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None
     ) -> None:
-        self.file, self.line, self.field = file, line, field
+        self.message, self.file, self.line, self.field = message, file, line, field
         where = ""
         if file is not None:
             where = f"{file}"
@@ -27,6 +27,10 @@ class UserError(Exception):
         elif field is not None:
             where = f"field '{field}': "
         super().__init__(f"{where}{message}")
+
+    def blamed_on(self, field: str) -> UserError:
+        """The same error naming another field: the flag the user gave, where a helper named its own argument."""
+        return type(self)(self.message, file=self.file, line=self.line, field=field)
 
 
 class DataError(UserError):

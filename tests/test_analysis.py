@@ -379,6 +379,21 @@ def test_analyze_keeps_an_earlier_analysis_and_names_a_damaged_snapshot(lora_run
     assert "config.yaml:3: not valid YAML" in bad_yaml or "config.yaml:2: not valid YAML" in bad_yaml
 
 
+@pytest.mark.parametrize("given", ["run", "adapter folder"])
+def test_a_damaged_adapter_is_blamed_on_the_run_flag_the_user_gave(lora_run, tmp_path, capsys, given):
+    """The error named field 'adapter', a flag analyze does not have; a damaged checkpoint already named 'run'."""
+    from deltatune.cli import main
+
+    base_dir, run, _ = lora_run
+    weights = run / "final" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    folder = run if given == "run" else run / "final"
+    args = ["analyze", "--base", str(base_dir), "--run", str(folder), "--out", str(tmp_path / "o")]
+    assert main([*args, "--checkpoints", "final"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: field 'run': {weights}: not a readable safetensors file" in err, err
+
+
 def test_analyze_says_when_a_model_is_stored_in_bf16(lora_run, tmp_path, capsys):
     """A merge saved in bf16 measured bf16's rounding as part of dW (rank@90% 7 became 100 in one check), silently."""
     from deltatune.cli import main

@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -68,10 +69,22 @@ def _step(path: Path) -> int | None:
     return int(digits[-1]) if digits else None
 
 
+@contextmanager
+def _blamed_on_run() -> Iterator[None]:
+    """An adapter error names field 'adapter' (load_adapter's argument); here the user gave the folder as --run."""
+    try:
+        yield
+    except UserError as exc:
+        if exc.field != "adapter":
+            raise
+        raise exc.blamed_on("run") from None
+
+
 def _adapter_specs(folder: Path) -> list:
     from deltatune.methods.peft_format import read_adapter
 
-    return read_adapter(folder)[0]
+    with _blamed_on_run():
+        return read_adapter(folder)[0]
 
 
 def read_run(path: str | Path) -> RunInfo:
@@ -193,7 +206,8 @@ def load_snapshot(
     if snap.kind == "adapter":
         from deltatune.methods.apply import load_adapter
 
-        return load_adapter(model, snap.path, trainable_dtype=trainable_dtype).model
+        with _blamed_on_run():
+            return load_adapter(model, snap.path, trainable_dtype=trainable_dtype).model
     from safetensors.torch import load_file
 
     from deltatune.methods.apply import apply_methods

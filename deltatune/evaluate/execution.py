@@ -9,11 +9,12 @@ What is enforced on each sample (see docs/evaluation.md, "Code execution"):
   infinite loop is a failed sample, never a hang of the evaluator;
 - no network: the child runs in a new user + network namespace (`unshare -rn`) where the system
   allows it (probed once); in every case a guard prelude replaces `socket.socket` and friends;
-- the guard prelude also refuses, outside the temporary folder, `open()` / `io.FileIO` for writing,
-  `os.mkdir` / `os.makedirs`, links and `sqlite3.connect`, and disables destructive calls (os.remove,
-  os.system, subprocess, shutil.rmtree, ...), as HumanEval's own `reliability_guard` does. This guards
-  against accidents of a model's code, not against code written to escape: it is not a security sandbox
-  (run untrusted code in a container or VM).
+- the guard prelude also refuses, outside the temporary folder, `open()` / `io.FileIO` / `os.open` for
+  writing, `os.mkdir` / `os.makedirs`, removing and renaming (os.remove, os.rename, shutil.rmtree, ...:
+  allowed inside, where tempfile needs them), links and `sqlite3.connect`, each in `os` and in `posix`
+  (which os copies them from), and disables os.system, subprocess, os.fork and the like, as HumanEval's
+  own `reliability_guard` does. This guards against accidents of a model's code, not against code
+  written to escape (ctypes): it is not a security sandbox (run untrusted code in a container or VM).
 - numeric libraries import: the child's environment sets what numpy would otherwise `os.putenv`
   (`OPENBLAS_MAIN_FREE`; the guard keeps putenv disabled) and one BLAS/OpenMP thread per sample.
 - stdout is discarded; stderr is kept up to the file-size limit, its last line names the error.
@@ -41,18 +42,40 @@ from tqdm.auto import tqdm
 
 GUARD = r"""
 import builtins as _b, io as _io, os as _os, socket as _socket, shutil as _shutil, subprocess as _subprocess
+try:
+    import posix as _posix  # os copies its functions from posix: each is replaced in both
+except ImportError:
+    _posix = None
+_modules = (_os,) if _posix is None else (_os, _posix)
+def _replace(name, make):
+    for _m in _modules:
+        if hasattr(_m, name):
+            setattr(_m, name, make(getattr(_m, name)))
 def _deny(*args, **kwargs):
     raise PermissionError("disabled by deltatune's code-execution guard")
 for _name in ("socket", "create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo"):
     setattr(_socket, _name, _deny)
 _root = _os.path.realpath(_os.getcwd())
-def _inside(file, dir_fd=None):
-    if isinstance(file, (str, bytes, _os.PathLike)) and dir_fd is None:
-        path = _os.path.realpath(_os.fsdecode(file))
-        if path == _root or path.startswith(_root + _os.sep):
-            return
+# refuse a path outside the folder. dir_fd: the path is relative to that open folder (shutil.rmtree walks so);
+# follow=False: the entry itself is what changes (removing or renaming a link leaves its target alone)
+def _inside(file, dir_fd=None, follow=True):
+    if isinstance(file, (str, bytes, _os.PathLike)):
+        name = _os.fsdecode(file)
+        if dir_fd is not None and not _os.path.isabs(name):
+            try:
+                name = _os.path.join(_os.readlink(f"/proc/self/fd/{dir_fd}"), name)
+            except (OSError, TypeError):
+                name = None
+        if name is not None:
+            if follow:
+                path = _os.path.realpath(name)
+            else:
+                head, tail = _os.path.split(_os.path.abspath(name))
+                path = _os.path.join(_os.path.realpath(head), tail)
+            if path.startswith(_root + _os.sep) or (follow and path == _root):
+                return
     elif isinstance(file, int) and dir_fd is None:
-        return  # an open file descriptor (os.open is not guarded: this is no sandbox, see the module docstring)
+        return  # an open file descriptor: one opened for writing passed this check when it was opened
     raise PermissionError(f"writing outside the sandbox folder is refused: {file!r}")
 _real_open = _b.open
 def _open(file, mode="r", *args, **kwargs):
@@ -66,19 +89,32 @@ class _FileIO(_io.FileIO):
             _inside(file)
         super().__init__(file, mode, *args, **kwargs)
 _io.FileIO = _FileIO
-def _guarded(real, which=(0,)):
+def _guarded(real, which=(0,), follow=True):
     def call(*args, **kwargs):
         for i in which:
             if i < len(args):
-                _inside(args[i], kwargs.get("dir_fd") or kwargs.get("dst_dir_fd"))
+                fd = kwargs.get("src_dir_fd" if i == 0 and len(which) > 1 else "dst_dir_fd") or kwargs.get("dir_fd")
+                _inside(args[i], fd, follow)
         return real(*args, **kwargs)
     return call
-_os.mkdir = _guarded(_os.mkdir)  # os.makedirs and Path.mkdir call it
-for _name in ("mkfifo", "mknod"):
-    if hasattr(_os, _name):
-        setattr(_os, _name, _guarded(getattr(_os, _name)))
+_WRITE_FLAGS = _os.O_WRONLY | _os.O_RDWR | _os.O_CREAT | _os.O_TRUNC | _os.O_APPEND
+def _guarded_open(real):
+    def call(path, flags, *args, **kwargs):
+        if flags & _WRITE_FLAGS:  # reading is not restricted
+            _inside(path, kwargs.get("dir_fd"))
+        return real(path, flags, *args, **kwargs)
+    return call
+_replace("open", _guarded_open)  # tempfile, and code below open()
+# os.makedirs and Path.mkdir call mkdir; removing and renaming inside the folder is allowed (tempfile does both)
+for _name in ("mkdir", "mkfifo", "mknod", "truncate"):
+    _replace(_name, _guarded)
+for _name in ("remove", "unlink", "rmdir"):
+    _replace(_name, lambda real: _guarded(real, follow=False))
+for _name in ("rename", "replace"):
+    _replace(_name, lambda real: _guarded(real, (0, 1), follow=False))
 # a symlink's target may lie outside (writing through it is checked), a hard link's may not
-_os.symlink, _os.link = _guarded(_os.symlink, (1,)), _guarded(_os.link, (0, 1))
+_replace("symlink", lambda real: _guarded(real, (1,)))
+_replace("link", lambda real: _guarded(real, (0, 1)))
 try:
     import sqlite3 as _sqlite3
 except ImportError:
@@ -95,12 +131,12 @@ if _sqlite3 is not None:
             _inside(name)
         return _real_connect(database, *args, **kwargs)
     _sqlite3.connect = _connect
-for _name in ("system", "kill", "killpg", "fork", "forkpty", "putenv", "remove", "removedirs", "rmdir", "unlink",
-              "rename", "renames", "replace", "truncate", "chmod", "chown", "lchown", "chdir", "fchdir",
-              "setuid", "execv", "execve", "execvp", "spawnv", "popen", "posix_spawn", "posix_spawnp"):
-    if hasattr(_os, _name):
-        setattr(_os, _name, _deny)
-_shutil.rmtree = _shutil.move = _shutil.chown = _deny
+for _name in ("system", "kill", "killpg", "fork", "forkpty", "putenv", "removedirs", "renames", "chmod", "chown",
+              "lchown", "chdir", "fchdir", "setuid", "execv", "execve", "execvp", "spawnv", "popen", "posix_spawn",
+              "posix_spawnp"):
+    _replace(_name, lambda real: _deny)
+_shutil.rmtree = _guarded(_shutil.rmtree, follow=False)  # its walk goes through the guarded removals above
+_shutil.move = _shutil.chown = _deny
 _subprocess.Popen = _subprocess.run = _subprocess.call = _deny
 del _name
 """

@@ -162,8 +162,16 @@ def run_self_instruct(args: argparse.Namespace) -> int:
     seeds = read_seed_tasks(args.seeds)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     generate = model_generator(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    generation = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "dtype": args.dtype}
     result = run_self_instruct(
-        seeds, generate, config, work, model_name=args.model, resume=args.resume, progress=sys.stderr.isatty()
+        seeds,
+        generate,
+        config,
+        work,
+        model_name=args.model,
+        generation=generation,
+        resume=args.resume,
+        progress=sys.stderr.isatty(),
     )
     if not result.records():  # an empty --out would train nothing and fail later, far from the cause
         write_outputs(result, None, work)

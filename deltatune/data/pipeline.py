@@ -200,7 +200,7 @@ def _prepare(
             report.bad.append(str(exc))
 
     for rec in raw:
-        if limit is not None and report.read >= limit:
+        if limit is not None and len(examples) >= limit:  # usable records: skipped bad ones do not count
             break
         report.read += 1
         if isinstance(rec, DataError):

@@ -234,8 +234,8 @@ class TokenizerTemplate(Template):
         for i, (m, turn, role, text) in enumerate(parts):
             generated = preambles.get(i, "")
             b.add(Role.ROLE, scaffold[i][: len(scaffold[i]) - len(generated)], turn)
-            if generated:  # written by the model at inference, after the generation prompt
-                b.add(Role.RESPONSE, generated, turn)
+            if generated:  # written by the model at inference, after the generation prompt; context before an
+                b.add(Role.CONTEXT if role is Role.CONTEXT else Role.RESPONSE, generated, turn)  # answer of weight 0
             b.add(role, text, turn)
             last_of_message = i + 1 == len(parts) or parts[i + 1][0] is not m
             if m.role == "assistant" and last_of_message:

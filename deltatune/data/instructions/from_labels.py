@@ -74,14 +74,21 @@ def _check_template(text: object, file: str, where: str) -> str:
     if not text.strip():
         raise ConfigError("empty", file=file, field=where)
     try:
-        names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(text)]
     except ValueError as exc:  # unbalanced braces
         raise ConfigError(
             f"not a valid template ({exc}); write a literal brace as {{{{ or }}}}", file=file, field=where
         ) from None
-    for name in names:
+    for name, spec, conversion in fields:
+        if name is None:
+            continue
         if not name.isidentifier():
             raise ConfigError(f"placeholder {{{name}}} must be a column name", file=file, field=where)
+        if spec or conversion:  # {text:d} or {text!x} failed with a traceback on the first row; {text!r} quoted
+            written = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ConfigError(
+                f"placeholder {{{written}}} takes no conversion or format; write {{{name}}}", file=file, field=where
+            )
     return text
 
 

@@ -7,13 +7,16 @@ from typing import Iterator
 
 from deltatune.data.formats import (
     Conversation,
+    Message,
     RawRecord,
     detect_format,
+    mixed_format_error,
     parse_column_map,
     read_records,
     rename_columns,
     to_conversation,
 )
+from deltatune.data.segments import Role
 from deltatune.errors import DataError
 
 
@@ -45,11 +48,15 @@ def read_instruction_records(
     Returns (record with columns renamed, its conversation) pairs and the file's format.
     """
     fmt = "auto"
+    fixed_by: RawRecord | None = None  # the record whose fields fixed the format
     out = []
     for rec in read_rows(path, column_map):
         if fmt == "auto":
-            fmt = detect_format(rec.data) or "auto"
-        out.append((rec, to_conversation(rec, fmt)))
+            fmt, fixed_by = detect_format(rec.data) or "auto", rec
+        try:
+            out.append((rec, to_conversation(rec, fmt)))
+        except DataError as exc:  # a chat record in an Alpaca file: say so, not "field 'instruction': missing"
+            raise (mixed_format_error(exc, rec, fixed_by, fmt, {}) if fmt != "auto" else exc) from None
     if not out:
         raise DataError("no records", file=str(path))
     return out, fmt
@@ -65,5 +72,13 @@ def response_text(conv: Conversation) -> str:
 
 
 def as_chat(conv: Conversation) -> dict:
-    """A conversation as a `messages` record (Alpaca's instruction and input joined as training joins them)."""
-    return {"messages": [{"role": m.role, "content": m.content} for m in conv.messages]}
+    """A conversation as a `messages` record (Alpaca's instruction and input joined as training joins them); an
+    assistant message marked `"weight": 0` (context, not a target) keeps its mark."""
+    return {"messages": [_as_message(m) for m in conv.messages]}
+
+
+def _as_message(message: Message) -> dict:
+    out = {"role": message.role, "content": message.content}
+    if message.role == "assistant" and message.parts and message.parts[-1][0] is Role.CONTEXT:
+        out["weight"] = 0
+    return out

@@ -136,9 +136,9 @@ def _derived_seed(seed: int, round_: int, stage: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _settings(config: SelfInstructConfig, seeds: list[Task], model: str | None) -> dict:
+def _settings(config: SelfInstructConfig, seeds: list[Task], model: str | None, generation: dict | None) -> dict:
     seeds_hash = hashlib.sha256(json.dumps([t.to_json() for t in seeds], sort_keys=True).encode()).hexdigest()
-    return {"config": asdict(config), "seeds_sha256": seeds_hash, "model": model}
+    return {"config": asdict(config), "seeds_sha256": seeds_hash, "model": model, "generation": generation}
 
 
 class _Progress:
@@ -161,6 +161,7 @@ class _Progress:
             if not (self.work / SETTINGS).exists():
                 raise UserError(f"is not a self-instruct progress folder (no {SETTINGS})", file=str(self.work))
             saved = json.loads((self.work / SETTINGS).read_text(encoding="utf-8"))
+            saved.setdefault("generation", settings["generation"])  # a folder from before it was recorded
             if saved != settings:
                 changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
                 raise UserError(
@@ -194,13 +195,15 @@ def run_self_instruct(
     work: str | Path,
     *,
     model_name: str | None = None,
+    generation: dict | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> SelfInstructResult:
-    """Bootstrap `config.n` new tasks from `seeds`, recording progress in `work` (resumable)."""
+    """Bootstrap `config.n` new tasks from `seeds`, recording progress in `work` (resumable). `generation`: the
+    settings behind `generate` (sampling, length, dtype), which a resume must repeat to equal an uninterrupted run."""
     config.check()
     state = _Progress(Path(work))
-    done = state.start(_settings(config, seeds, model_name), resume)
+    done = state.start(_settings(config, seeds, model_name, generation), resume)
     result = SelfInstructResult(tasks=[], rounds=0)
     pool = [(t.instruction, rouge_tokens(t.instruction)) for t in seeds]
     for record in done:

@@ -54,6 +54,27 @@ def _tiny_tokenizer_cached(vocab_size: int):
     return fast
 
 
+@lru_cache(maxsize=1)
+def _tiny_sentencepiece_cached():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_sentencepiece_tokenizer():
+    """A Metaspace ("\u2581") tokenizer like Llama 2's and Mistral's, whose decoder drops the leading space of
+    the first token it decodes: the case that byte-level tokenizers (the tiny one, SmolLM2's) never show."""
+    import copy
+
+    return copy.deepcopy(_tiny_sentencepiece_cached())
+
+
 def tiny_tokenizer(vocab_size: int = 512):
     """A fresh copy each call, so a test that changes it cannot affect another."""
     import copy

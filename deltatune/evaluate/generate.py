@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, StoppingCriteria, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from deltatune.detokenize import continuation_text
 from deltatune.errors import UserError
 from deltatune.evaluate.choice import keeps_logits, left_padded
 
@@ -238,7 +239,9 @@ def generate_detailed(
             ids = new_tokens[row].tolist()
             # the text ends before the end-of-sequence token, special in the tokenizer or not (then pad follows)
             ended = next((k for k, t in enumerate(ids) if t in eos), None)
-            text = tokenizer.decode(ids if ended is None else ids[:ended], skip_special_tokens=True)
+            text = continuation_text(
+                tokenizer, encoded[i], ids if ended is None else ids[:ended], skip_special_tokens=True
+            )
             cut = cut_at_stop(text, config.stop, config.stop_outside_fences)
             ran_out = new_tokens.shape[1] >= config.max_new_tokens and ended is None
             outputs[i] = Generation(cut, ran_out and cut == text)

@@ -348,7 +348,7 @@ def load_adapter(
             method = adapted.methods[0]
             state = {method.from_peft_key(k): v for k, v in state.items()}
         if trainable_dtype is None:
-            _hold_in_saved_precision(adapted, state)
+            hold_in_saved_precision(adapted, state)
         adapted.load_adapter_state_dict(state, source=source)
     except BaseException:
         snapshot.restore()  # a refused adapter leaves the model as it was, ready for the right one
@@ -386,7 +386,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _hold_in_saved_precision(adapted: AdaptedModel, state: dict[str, torch.Tensor]) -> None:
+def hold_in_saved_precision(adapted: AdaptedModel, state: dict[str, torch.Tensor]) -> None:
     """Give each adapter tensor the dtype it was saved in where that is finer than the one it was built in: a
     LoRA update of early training is mostly below half a bf16 step, so rounding it to a bf16 base's dtype loses
     much of what it does (docs/benchmarks.md, the merged-forward section)."""

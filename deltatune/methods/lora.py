@@ -216,7 +216,7 @@ class LoRA(WeightDeltaMethod):
     def from_peft_config(cls, config: dict[str, Any]) -> MethodSpec | None:
         if cls is not LoRA or config.get("use_dora"):
             return None  # rslora is an alias; DoRA claims use_dora
-        from deltatune.methods.peft_format import refuse_peft_options
+        from deltatune.methods.peft_format import peft_flag, peft_number, refuse_peft_options
 
         refuse_peft_options(
             config,
@@ -258,14 +258,16 @@ class LoRA(WeightDeltaMethod):
         if targets is None:
             raise ConfigError("PEFT adapter_config.json has no target_modules", field="target_modules")
         if not isinstance(targets, str):  # a string is "all-linear" or a regex, full-matched like PEFT does
+            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+                raise ConfigError(f"expected a name, pattern or list of names, got {targets!r}", field="target_modules")
             targets = sorted(targets)
         return MethodSpec(
             name="lora",
             targets=targets,
-            rank=int(config["r"]),
-            alpha=float(config["lora_alpha"]),
-            dropout=float(config.get("lora_dropout") or 0.0),
-            rslora=bool(config.get("use_rslora")),
+            rank=peft_number(config, "r", integer=True),
+            alpha=peft_number(config, "lora_alpha"),
+            dropout=peft_number(config, "lora_dropout", default=0.0),
+            rslora=peft_flag(config, "use_rslora"),
             options={"init": "gaussian" if init == "gaussian" else "kaiming"},
         )
 

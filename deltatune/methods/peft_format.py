@@ -137,6 +137,32 @@ def refuse_peft_options(config: dict[str, Any], method: str, keys: tuple[str, ..
             raise ConfigError(f"PEFT {method} option {key}={config[key]!r} is not supported by deltatune", field=key)
 
 
+_MISSING = object()
+
+
+def peft_number(config: dict[str, Any], key: str, *, integer: bool = False, default: Any = _MISSING) -> Any:
+    """A number of a PEFT adapter_config.json, or a one-line error naming the key (int("four") was a ValueError
+    traceback, a missing "r" a KeyError; the server answered 500)."""
+    value = config.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise ConfigError("missing", field=key)
+        return default
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise ConfigError(f"expected {'an integer' if integer else 'a number'}, got {value!r}", field=key)
+    return value if integer else float(value)
+
+
+def peft_flag(config: dict[str, Any], key: str) -> bool:
+    """A true/false option of a PEFT config (absent: false); the string "false" was read as true."""
+    value = config.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ConfigError(f"expected true or false, got {value!r}", field=key)
+    return value
+
+
 def specs_from_peft_config(config: dict[str, Any], *, source: str | None = None) -> MethodSpec:
     """Ask each registered method with this `peft_type` to claim the config (first one wins)."""
     _load_builtin_methods()
@@ -147,6 +173,10 @@ def specs_from_peft_config(config: dict[str, Any], *, source: str | None = None)
             spec = cls.from_peft_config(config)
         except ConfigError as exc:
             raise ConfigError(str(exc), file=source) from exc
+        except (KeyError, TypeError, ValueError) as exc:  # a value of another type than PEFT writes
+            raise ConfigError(
+                f"a missing or malformed {peft_type} setting ({type(exc).__name__}: {exc})", file=source
+            ) from None
         if spec is not None:
             return spec
     known = sorted({c.peft_type for c in _REGISTRY.values() if c.peft_type})

@@ -278,7 +278,7 @@ class MultiAdapterModel:
         source: str | None = None,
     ) -> LoadedAdapter:
         """Build the adapter's modules from its specs and weights and attach them under `name`."""
-        from deltatune.methods.apply import apply_methods, check_adapter_tensors
+        from deltatune.methods.apply import apply_methods, check_adapter_tensors, hold_in_saved_precision
 
         self._check_new_name(name)
         for spec in specs:
@@ -294,6 +294,7 @@ class MultiAdapterModel:
             if peft_keys:
                 method = adapted.methods[0]
                 tensors = {method.from_peft_key(k): v for k, v in tensors.items()}
+            hold_in_saved_precision(adapted, tensors)  # as load_adapter: an fp32 adapter over a bf16 base
             adapted.load_adapter_state_dict(tensors, source=source)
             built = [(n, m) for n, m in skeleton.named_modules() if isinstance(m, DeltaLinear)]
         for _, module in built:

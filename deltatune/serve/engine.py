@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from deltatune.detokenize import continuation_text
 from deltatune.kv_cache import cache_kwargs
 from deltatune.serve.adapters import MultiAdapterModel
 from deltatune.upcycle.moe import moe_blocks, routed_tokens
@@ -104,7 +105,7 @@ class _Row:
             self.finish, self.ended_on_stop_token = "stop", True
         else:
             self.ids.append(token)
-            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+            self.text = continuation_text(self.tok, self.req.prompt_ids, self.ids, skip_special_tokens=True)
             cut = _first_stop(self.text, p.stop)
             if cut is not None:
                 self.text, self.finish = self.text[:cut], "stop"

@@ -239,6 +239,8 @@ async def _json(request: Request) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(400, f"malformed JSON body: {exc}") from None
+    except RecursionError:  # nested deeper than the parser's recursion limit
+        raise APIError(400, "malformed JSON body: nested too deeply") from None
 
 
 async def _body(request: Request, limit: int) -> bytes:

@@ -21,7 +21,7 @@ from deltatune.methods import MethodSpec, get_method
 from deltatune.methods.apply import AdaptedModel as _AdaptedModel
 from deltatune.methods.apply import apply_methods
 from deltatune.methods.apply import load_adapter as _load_adapter
-from deltatune.methods.specs import unused_fields
+from deltatune.methods.specs import per_method_options, unused_fields
 
 __all__ = ["AdaptedModel", "apply", "load_adapter", "load_model"]
 
@@ -187,8 +187,8 @@ def method_specs(
     **options: Any,
 ) -> list[MethodSpec]:
     """Specs for `method` ("lora", "lora+bitfit", a MethodSpec or a list of them). Keyword
-    arguments other than the common ones become every named method's options, as on the command
-    line (`--set method_options=...`)."""
+    arguments other than the common ones are the methods' options, as on the command line
+    (`--set method_options=...`): a flat one goes to each named method that has it, `lora={...}` to one."""
     if isinstance(method, (MethodSpec, list, tuple)):
         specs = [method] if isinstance(method, MethodSpec) else list(method)
         if not all(isinstance(s, MethodSpec) for s in specs):
@@ -211,7 +211,8 @@ def method_specs(
         shared = {k: v for k, v in given.items() if v is not None}  # the rest keep MethodSpec's defaults
         for line in unused_fields(names, set(shared), shared):
             warnings.warn(line, stacklevel=3)
-        specs = [MethodSpec(name=n, **shared, options=dict(options)) for n in names]
+        per_method = per_method_options(names, options)  # as the command line: each option to the methods it names
+        specs = [MethodSpec(name=n, **shared, options=per_method[n]) for n in names]
     else:
         raise ConfigError(
             f"method must be a name like 'lora' or 'lora+bitfit', got {type(method).__name__}", field="method"

@@ -90,9 +90,9 @@ class AdaptedModel:
         Its config describes it (BitFit's added biases turn on the bias flags), so `save_pretrained`
         and `from_pretrained` give the same model back; what no config can describe is refused here."""
         self._require_mergeable()
-        untie_adapted_weights(self.model)
-        for m in self.methods:
+        for m in self.methods:  # first: a refusal here leaves the model as it was (the head still tied)
             m.prepare_export(self.model)
+        untie_adapted_weights(self.model)
         for m in self.methods:
             m.merge(self.model)
             m.unload(self.model)

@@ -288,6 +288,14 @@ class Method:
     options_schema: ClassVar[dict[str, Option]] = {}
 
     def __init__(self, spec: MethodSpec) -> None:
+        targets = spec.targets
+        if not isinstance(targets, str) and not (
+            isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets)
+        ):  # a number or a list holding one reached re / str.split: a traceback
+            raise ConfigError(
+                f"method '{spec.name}': targets must be a name, a pattern or a list of names, got {targets!r}",
+                field="targets",
+            )
         self.spec = spec
         self.options = read_options(self.name, spec.options, self.options_schema)
 

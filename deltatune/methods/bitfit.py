@@ -25,6 +25,7 @@ from torch import nn
 from deltatune.errors import ConfigError
 from deltatune.methods.base import Method, OriginalValues, register
 from deltatune.methods.inject import innermost, layer_slots, match_targets
+from deltatune.methods.nf4 import NF4Linear
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,13 @@ class BitFit(Method):
 
 
 def _add_zero_bias(linear: nn.Module) -> None:
-    w = linear.weight
-    out_features = w.shape[0] if isinstance(linear, nn.Linear) else w.shape[1]  # Conv1D stores (in, out)
-    linear.bias = nn.Parameter(torch.zeros(out_features, dtype=w.dtype, device=w.device), requires_grad=False)
+    if isinstance(linear, NF4Linear):  # no .weight (see NF4Linear): its shape and dtype are recorded
+        out_features, dtype, device = linear.out_features, linear.orig_dtype, linear.packed.device
+    else:
+        w = linear.weight
+        out_features = w.shape[0] if isinstance(linear, nn.Linear) else w.shape[1]  # Conv1D stores (in, out)
+        dtype, device = w.dtype, w.device
+    linear.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
 
 
 def bias_flags(config) -> dict[str, set[str]]:

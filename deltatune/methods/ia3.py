@@ -76,10 +76,8 @@ class IA3Linear(DeltaLinear):
         if self._already(merged=False):
             return
         l = self._scale()  # noqa: E741
-        if torch.any(l == 0):
-            raise ConfigError("cannot unmerge (IA)3: a scaling entry is exactly 0, so the original weight is lost")
         self.dequantize_base()
-        self._rescale(1.0 / l)
+        self._rescale(1.0 / l)  # an entry of l that is 0 gives NaN here: merge kept those weights, put back below
         self._put_back_original("weight", self.base.weight)
         if self.base.bias is not None:
             self._put_back_original("bias", self.base.bias)

@@ -119,6 +119,9 @@ def layer_slots(model: nn.Module) -> dict[str, nn.Module]:
     """
     from transformers.pytorch_utils import Conv1D
 
+    from deltatune.methods.nf4 import NF4Linear
+
+    linear_types = (nn.Linear, Conv1D, NF4Linear)  # NF4Linear: a LoRA's quantised base, beside BitFit (QLoRA)
     slots: dict[str, nn.Module] = {}
     inside: list[str] = []
     for name, module in model.named_modules():
@@ -126,9 +129,9 @@ def layer_slots(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if is_wrapper(module):
             inside.append(name)
-            if isinstance(innermost(module), (nn.Linear, Conv1D)):
+            if isinstance(innermost(module), linear_types):
                 slots[name] = module
-        elif isinstance(module, (nn.Linear, Conv1D)):
+        elif isinstance(module, linear_types):
             slots[name] = module
     return slots
 

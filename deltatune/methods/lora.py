@@ -170,6 +170,8 @@ class LoRA(WeightDeltaMethod):
         check_rank_and_dropout(s)
         if isinstance(s.alpha, bool) or not isinstance(s.alpha, (int, float)) or not s.alpha > 0:
             raise ConfigError(f"alpha must be a positive number, got {s.alpha!r}", field="alpha")
+        if not isinstance(s.rslora, bool):  # the string "false" was true
+            raise ConfigError(f"rslora must be True or False, got {s.rslora!r}", field="rslora")
 
     def layer_kwargs(self) -> dict[str, Any]:
         s = self.spec

@@ -28,7 +28,7 @@ def _defaults() -> dict[str, Any]:
     return {k: TrainConfig.model_fields[k].default for k in ("method", *SPEC_FIELDS)}
 
 
-def _per_method_options(names: list[str], options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def per_method_options(names: list[str], options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     nested = {k for k, v in options.items() if k in names and isinstance(v, dict)}
     flat = {k: v for k, v in options.items() if k not in nested}
     out = {n: dict(options[n]) if n in nested else {} for n in names}
@@ -59,7 +59,7 @@ def specs_from_config(config: Any) -> list[MethodSpec]:
         raise ConfigError("no method given", field="method")
     for n in names:
         get_method(n)  # unknown -> ConfigError listing the methods
-    options = _per_method_options(names, values.get("method_options") or {})
+    options = per_method_options(names, values.get("method_options") or {})
     common = {k: values[k] for k in SPEC_FIELDS}
     return [MethodSpec(name=n, **common, options=options[n]) for n in names]
 

@@ -159,3 +159,11 @@ def test_filter_and_mix_name_a_record_of_another_format(tmp_path, capsys, comman
     assert (
         f"{data}:2: field 'messages': a chat record (messages) in a file whose first record (line 1) is alpaca" in err
     )
+
+
+def test_a_threshold_with_no_near_duplicate_test_is_one_line(tmp_path, capsys):
+    data = _jsonl(tmp_path / "d.jsonl", [{"instruction": "Say hi", "output": "hi"}])
+    out = tmp_path / "out.jsonl"
+    args = ["data", "filter", "--data", str(data), "--near", "none", "--threshold", "0.5", "--out", str(out)]
+    assert main(args) == 2
+    assert "field '--threshold': has no effect with --near none" in capsys.readouterr().err and not out.exists()

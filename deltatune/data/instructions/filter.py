@@ -35,6 +35,8 @@ class FilterOptions:
             raise ConfigError(f"unknown near-duplicate test '{self.near}' (choose {', '.join(NEAR)})", field="--near")
         if self.on not in ("prompt", "all"):
             raise ConfigError(f"must be prompt or all, got '{self.on}'", field="--on")
+        if self.near == "none" and self.threshold is not None:  # it was accepted and ignored
+            raise ConfigError("has no effect with --near none (no near-duplicate test runs)", field="--threshold")
         threshold = self.threshold if self.threshold is not None else DEFAULT_THRESHOLD.get(self.near, 1.0)
         if not 0.0 < threshold <= 1.0:
             raise ConfigError(f"must be in (0, 1], got {threshold}", field="--threshold")

@@ -394,6 +394,25 @@ def test_a_damaged_adapter_is_blamed_on_the_run_flag_the_user_gave(lora_run, tmp
     assert f"error: field 'run': {weights}: not a readable safetensors file" in err, err
 
 
+def test_an_adapter_folder_alone_is_analysed_against_the_base_it_records(lora_run, tmp_path, capsys):
+    """Without config.yaml, analyze loaded the default model for an adapter folder (and blamed the adapter for
+    lacking 392 tensors); forgetting already read the adapter's base_model_name_or_path."""
+    import shutil
+
+    from deltatune.cli import main
+
+    base_dir, run, _ = lora_run
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run / "final", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base_dir)}))
+    assert main(["analyze", "--run", str(adapter), "--out", str(tmp_path / "alone")]) == 0, capsys.readouterr().err
+    given = ["analyze", "--base", str(base_dir), "--run", str(adapter), "--out", str(tmp_path / "given")]
+    assert main(given) == 0
+    alone = json.loads((tmp_path / "alone" / "spectrum.json").read_text())["spectrum"]
+    assert alone == json.loads((tmp_path / "given" / "spectrum.json").read_text())["spectrum"]
+
+
 def test_analyze_says_when_a_model_is_stored_in_bf16(lora_run, tmp_path, capsys):
     """A merge saved in bf16 measured bf16's rounding as part of dW (rank@90% 7 became 100 in one check), silently."""
     from deltatune.cli import main

@@ -60,19 +60,6 @@ def check_out_folder(out: str, overwrite: bool, outputs: tuple[str, ...] = OUTPU
         )
 
 
-def recorded_base(info) -> tuple[bool, str | None]:
-    """(whether the run says, the base it was trained from; None is the default model): its config.yaml's
-    `model`, else its adapter's `base_model_name_or_path`. A model folder without a config says nothing."""
-    from deltatune.methods.peft_format import adapter_base_model
-
-    if info.config:
-        return True, info.config.get("model")
-    if info.final is not None and info.final.kind == "adapter":
-        named = adapter_base_model(info.final.path)
-        return named is not None, named
-    return False, None
-
-
 def base_of_runs(runs: list, given: str | None) -> str | None:
     """The base to compare the runs against: `given` (a warning for each run trained from another), else the one
     the runs were trained from. Runs from different bases are refused: one base row cannot describe them. It
@@ -84,7 +71,7 @@ def base_of_runs(runs: list, given: str | None) -> str | None:
     def name(b: str | None) -> str:
         return b or "the default model"
 
-    known = [(info, b) for info in runs for says, b in [recorded_base(info)] if says]
+    known = [(info, b) for info in runs for says, b in [info.recorded_base] if says]
     if given is not None:
         for info, b in known:
             if not same_model(given, b):

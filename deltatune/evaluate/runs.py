@@ -44,8 +44,23 @@ class RunInfo:
     checkpoints: list[Snapshot] = field(default_factory=list)
 
     @property
+    def recorded_base(self) -> tuple[bool, str | None]:
+        """(whether the run says, the base it was trained from; None is the default model): its config.yaml's
+        `model`, else its adapter's `base_model_name_or_path`. A model folder without a config says nothing."""
+        from deltatune.methods.peft_format import adapter_base_model
+
+        if self.config:
+            return True, self.config.get("model")
+        if self.final is not None and self.final.kind == "adapter":
+            named = adapter_base_model(self.final.path)
+            return named is not None, named
+        return False, None
+
+    @property
     def base_model(self) -> str | None:
-        return self.config.get("model")
+        """The base to load for this run (None: the default model). An adapter folder given alone has no
+        config.yaml: its own record of the base counts (analyze loaded the default model for it)."""
+        return self.recorded_base[1]
 
 
 def _folder_kind(path: Path) -> str | None:

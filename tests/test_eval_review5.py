@@ -370,3 +370,12 @@ def test_bbh_a_first_line_that_gives_one_option_wins_over_the_explanation_after_
     assert extract_bbh("(C) Paris\nThe others: (A) Rome, (B) Oslo", "(C)") == "(C)"
     assert extract_bbh("B is correct. (A) is wrong", "(A)") != "(A)"
     assert extract_bbh("(A) or (C)", "(A)") != "(A)"
+
+
+def test_a_task_given_twice_is_one_line(tmp_path, tiny_dir, capsys):
+    """The table printed two rows while results.json kept one entry (keyed by name)."""
+    from deltatune.cli import main
+
+    root = _mmlu_root(tmp_path, "w")
+    code = main(["eval", "--model", str(tiny_dir), "--task", "mmlu:aa,mmlu:aa", "--data-root", str(root)])
+    assert code == 2 and "field 'task': task 'mmlu:aa' is given twice" in capsys.readouterr().err

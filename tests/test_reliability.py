@@ -353,15 +353,19 @@ def test_two_phase_switch_inside_the_run_is_accepted_and_after_it_refused():
     from deltatune.errors import ConfigError
     from deltatune.train.loop import check_switch_point
 
-    check_switch_point(parse_policy("response->all@2"), total_steps=3, micro_per_epoch=10)
+    check_switch_point(parse_policy("response->all@2"), total_steps=3, micro_before_epoch=lambda e: 10 * e)
     with pytest.raises(ConfigError, match="never run"):
-        check_switch_point(parse_policy("response->all@3"), total_steps=3, micro_per_epoch=10)
+        check_switch_point(parse_policy("response->all@3"), total_steps=3, micro_before_epoch=lambda e: 10 * e)
     with pytest.raises(ConfigError, match="never run"):
-        check_switch_point(parse_policy("response->all@1ep"), total_steps=10, micro_per_epoch=10)
+        check_switch_point(parse_policy("response->all@1ep"), total_steps=10, micro_before_epoch=lambda e: 10 * e)
     # 9 micro-batches an epoch, 8 a step: epoch 1 starts at micro-batch 9, inside step 1 (0-based) of 2
-    check_switch_point(parse_policy("response->all@1ep"), total_steps=2, micro_per_epoch=9, grad_accum=8)
+    check_switch_point(
+        parse_policy("response->all@1ep"), total_steps=2, micro_before_epoch=lambda e: 9 * e, grad_accum=8
+    )
     with pytest.raises(ConfigError, match="switches at step 2"):
-        check_switch_point(parse_policy("response->all@2ep"), total_steps=2, micro_per_epoch=9, grad_accum=8)
+        check_switch_point(
+            parse_policy("response->all@2ep"), total_steps=2, micro_before_epoch=lambda e: 9 * e, grad_accum=8
+        )
 
 
 # ----------------------------------------------------------------------------- 13. text stays text

@@ -162,7 +162,13 @@ def resolve_tasks(spec: str, data_root: str | None, field_map: str | None):
     if not names:
         raise UserError("no task given", field="task")
     fm = parse_field_map(field_map)
-    return [resolve_task(n, data_root, fm) for n in names]
+    tasks = [resolve_task(n, data_root, fm) for n in names]
+    seen: set[str] = set()
+    for task in tasks:  # results.json keys tasks by name: a second run of one replaced the first's entry
+        if task.name in seen:
+            raise UserError(f"task '{task.name}' is given twice", field="task")
+        seen.add(task.name)
+    return tasks
 
 
 def evaluate_model(model_ref: str | None, adapter: str | None, tasks, opts, dtype: str = "fp32"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -51,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise UserError(f"must be at least 1, got {args.max_new_tokens}", field="max-new-tokens")
-    if args.temperature < 0:
-        raise UserError(f"must be 0 (greedy) or more, got {args.temperature}", field="temperature")
+    if not math.isfinite(args.temperature) or args.temperature < 0:  # NaN passed and ran greedy
+        raise UserError(f"must be 0 (greedy) or a finite number above it, got {args.temperature}", field="temperature")
     parse_dtype(args.dtype)
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, adapter=args.adapter)

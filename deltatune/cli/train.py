@@ -120,7 +120,10 @@ def run(args: argparse.Namespace) -> int:
         return relaunch_with_torchrun(args.nproc, sys.argv[1:])
     import deltatune
     from deltatune.config import load_config
+    from deltatune.train.run_folder import check_reads_outside_run_entries
 
     cfg = load_config(args.config, collect_overrides(args))
+    if not cfg.resume:  # resuming from the config.yaml a run recorded is fine: it is rewritten with the same settings
+        check_reads_outside_run_entries(cfg.output, {"configuration file": args.config})
     deltatune.train(cfg, quiet=args.quiet)  # the public API (docs/api.md)
     return 0

@@ -8,7 +8,6 @@ raw softmax probabilities as combine weights. See docs/upcycling.md.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -52,13 +51,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deltatune.errors import UserError
-    from deltatune.models import load_model, save_model
+    from deltatune.fileio import check_output
+    from deltatune.models import load_model, local_model_path, save_model
     from deltatune.upcycle.convert import UpcycleSpec, count_parameters, decoder_layers, parse_layers, upcycle
     from deltatune.upcycle.io import export_format, is_upcycled_dir
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not empty; choose a new --out", field="out")
+    # as merge and export check theirs: never the model read (or inside it), never the current folder, a parent
+    # that is a file or not writable refused now, not after the upcycling (a traceback)
+    out = check_output(args.out, overwrite=False, reads={"model": local_model_path(args.model)})
     if args.model and is_upcycled_dir(args.model):
         raise UserError(f"{args.model} is already upcycled", field="model")
     from transformers import AutoConfig

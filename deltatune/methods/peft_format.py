@@ -103,8 +103,13 @@ def save_adapter(
 
 def adapter_base_model(adapter_dir: str | os.PathLike) -> str | None:
     """The base model an adapter folder names (`base_model_name_or_path`), if any."""
-    _, config = _read_config(Path(adapter_dir))
-    return config.get("base_model_name_or_path")
+    path, config = _read_config(Path(adapter_dir))
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):  # Path(5) was a TypeError traceback in merge/export
+        raise ConfigError(
+            f"expected a model folder or hub id, got {base!r}", file=str(path), field="base_model_name_or_path"
+        )
+    return base
 
 
 def _read_config(folder: Path) -> tuple[Path, dict[str, Any]]:

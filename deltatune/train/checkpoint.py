@@ -38,6 +38,7 @@ class Position:
     epoch: int = 0
     micro: int = 0  # index of the next micro-batch within `epoch`
     best_eval: float | None = None
+    loss: float | None = None  # the last step's training loss: what a resume that trains no further step reports
 
 
 def _rng_state() -> dict:

@@ -70,10 +70,12 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def check_switch_point(policy, total_steps: int, micro_per_epoch: int, grad_accum: int = 1) -> None:
+def check_switch_point(
+    policy, total_steps: int, micro_before_epoch: Callable[[int], float], grad_accum: int = 1
+) -> None:
     """A two-phase policy whose switch comes at or after the last step would never run its second phase.
-    An epoch switch takes effect at the epoch's first micro-batch, inside the step that holds it (0-based
-    step N x micro-batches per epoch // grad_accum), as the loop applies it."""
+    An epoch switch takes effect at the epoch's first micro-batch, inside the step that holds it (0-based step:
+    the micro-batches of the epochs before it // grad_accum), as the loop applies it."""
     from deltatune.data.masking import PolicySchedule
 
     if not isinstance(policy, PolicySchedule):
@@ -81,7 +83,7 @@ def check_switch_point(policy, total_steps: int, micro_per_epoch: int, grad_accu
     if policy.switch_step is not None:
         at = policy.switch_step
     else:
-        at = policy.switch_epoch * micro_per_epoch // grad_accum
+        at = int(micro_before_epoch(policy.switch_epoch)) // grad_accum
     if at >= total_steps:
         raise ConfigError(
             f"the two-phase policy switches at step {at}, but the run has {total_steps} steps: its "
@@ -90,13 +92,13 @@ def check_switch_point(policy, total_steps: int, micro_per_epoch: int, grad_accu
         )
 
 
-def epoch_steps(epochs: float, micro_per_epoch: int, grad_accum: int) -> int:
-    """Optimizer steps for `epochs` passes: the micro-batches of those passes, grouped by `grad_accum`.
+def epoch_steps(micro_batches: float, grad_accum: int) -> int:
+    """Optimizer steps for the micro-batches of some passes (`MicroBatches.in_epochs`), grouped by `grad_accum`.
 
     Steps read on across epochs, so rounding each epoch up to whole steps (ceil(micro / accum) x epochs)
     trained up to twice the epochs asked for (3 epochs of 9 micro-batches at grad_accum 8: 6 steps, 5.3
     passes). Rounded to 9 decimals first so that 0.7 x 10 (7.000000000000001 in floats) is 7 steps, not 8."""
-    return max(1, math.ceil(round(epochs * micro_per_epoch / grad_accum, 9)))
+    return max(1, math.ceil(round(micro_batches / grad_accum, 9)))
 
 
 def pick_precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -357,6 +359,18 @@ class MicroBatches:
     def per_epoch(self) -> int:
         return len(self.epoch_batches(0))
 
+    def in_epochs(self, epochs: float) -> float:
+        """Micro-batches in the first `epochs` passes (a fraction of the last). Each epoch is packed after its own
+        shuffle, so their counts differ by a few rows: epoch 0's count times `epochs` stopped a 2-epoch run
+        before the end of its second pass, or ran on into a third."""
+        whole = int(round(epochs, 9))
+        part = round(epochs - whole, 9)
+        total = sum(len(self.epoch_batches(e)) for e in range(whole))
+        if part > 0:
+            total += part * len(self.epoch_batches(whole))
+        self.epoch_batches(0)  # the cache holds the epoch training starts with
+        return total
+
     def take(self, pos: Position, n: int) -> list[list]:
         """The next `n` micro-batches from `pos` (crossing into the next epoch if needed); advances pos."""
         out = []
@@ -570,9 +584,27 @@ def _train(
     compiled_layers.check(cfg, distributed=dist.active)
     device = dist.device
     precision = pick_precision(cfg, device)
+    if resume_from is not None and cfg.precision == "auto" and meta.get("precision") in ("fp32", "bf16"):
+        if meta["precision"] != precision:  # bf16 and fp32 steps differ: switching would break the exact resume
+            say(
+                f"precision auto resumes in {meta['precision']}, as the run was trained (here it would pick {precision})"
+            )
+        precision = meta["precision"]
     if precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16():
         warn(EMULATED_BF16_WARNING)
     methods = method_objects(cfg)
+    cannot_resume = [m for m in methods if m.why_not_resume]
+    if resume_from is not None and cannot_resume:  # before the model loads
+        raise ConfigError(
+            f"method '{cannot_resume[0].name}' cannot resume from a checkpoint: {cannot_resume[0].why_not_resume}",
+            field="resume",
+        )
+    if cfg.save_every and cannot_resume:  # its checkpoints could never be resumed: written for nothing
+        raise ConfigError(
+            f"method '{cannot_resume[0].name}' cannot resume from checkpoints ({cannot_resume[0].why_not_resume}); "
+            "leave save_every unset (Ctrl-C saves the model trained so far in final/)",
+            field="save_every",
+        )
     refusals = [f"{m.name}: {m.why_not_gradient_checkpointing}" for m in methods if m.why_not_gradient_checkpointing]
     if cfg.gradient_checkpointing and refusals:
         raise ConfigError(f"gradient_checkpointing cannot run with {refusals[0]}", field="gradient_checkpointing")
@@ -620,12 +652,22 @@ def _train(
         examples = [e for i, e in enumerate(examples) if i not in held]
     if not examples:
         raise ConfigError(no_examples_message(cfg.data if records is None else None, prepared.report), field="data")
+    if cfg.eval_every and not eval_examples:  # it evaluated nothing, wrote no eval_loss and no best/, silently
+        held_out = (
+            "eval_data holds no usable example"
+            if (cfg.eval_data or eval_records is not None)
+            else (f"eval_fraction {cfg.eval_fraction:g} of {len(examples)} examples holds none")
+        )
+        raise ConfigError(
+            f"is set, but {held_out}: raise eval_fraction, give eval_data, or leave eval_every unset",
+            field="eval_every",
+        )
     schedule = parsed if isinstance(parsed, PolicySchedule) else PolicySchedule(parsed, parsed, switch_step=0)
     eval_policy = schedule.policy_at(10**12, 10**12)  # held-out loss uses the policy training ends with
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = MicroBatches(examples, dist.global_config(cfg))  # global micro-batches: world x batch_size rows
-    total_steps = cfg.steps or epoch_steps(cfg.epochs, data.per_epoch(), cfg.grad_accum)
-    check_switch_point(parsed, total_steps, data.per_epoch(), cfg.grad_accum)
+    total_steps = cfg.steps or epoch_steps(data.in_epochs(cfg.epochs), cfg.grad_accum)
+    check_switch_point(parsed, total_steps, data.in_epochs, cfg.grad_accum)
     if resume_from is not None and meta["position"]["step"] > total_steps:  # nothing would train; final/ replaced
         done = meta["position"]["step"]
         raise ConfigError(
@@ -716,11 +758,6 @@ def _train(
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     pos = Position()
     if resume_from is not None:
-        for m in methods:
-            if m.why_not_resume:
-                raise ConfigError(
-                    f"method '{m.name}' cannot resume from a checkpoint: {m.why_not_resume}", field="resume"
-                )
         if not dist.active:  # the names and shapes of what trains must be the checkpoint's
             why = verify_checkpoint(resume_from, {n: tuple(p.shape) for n, p in trainable}, hashes=False)
             if why:
@@ -765,17 +802,20 @@ def _train(
         enabled=not quiet,
         tensorboard_dir=out / "tensorboard",
     )
-    interrupted = {"flag": False}
+    interrupted = {"flag": False, "raise": False}
     # Ctrl-C, and SIGTERM (Slurm preemption, docker stop) outside torchrun, whose own shutdown sends it to every
-    # worker: finish the step, save a checkpoint, then stop
+    # worker: finish the step, save a checkpoint, then stop. Held until final/ is written: restored on any exit.
     stop_signals = [signal.SIGINT] + ([] if dist.active else [signal.SIGTERM])
     previous_handlers = {s: signal.getsignal(s) for s in stop_signals}
 
     def on_sigint(signum, frame):  # finish the step, save, then stop
         interrupted["flag"] = True
+        if interrupted["raise"]:  # the final evaluation: stop it now (the weights are the last step's)
+            raise KeyboardInterrupt
 
     for s in stop_signals:
         signal.signal(s, on_sigint)
+    cleanup.callback(lambda: [signal.signal(s, h) for s, h in previous_handlers.items()])
 
     def checkpoint() -> None:
         dist.save_checkpoint(
@@ -791,11 +831,29 @@ def _train(
                 "data_sha256": fingerprint,
                 "history": config_history,
                 "compiled_layers": compiled,  # what auto decided, for the resume (run_folder.compiled_layers_at)
+                "precision": precision,  # likewise for precision auto
                 "router_metrics": router_losses.state_dict() if router_losses is not None else None,
             },
         )
         if dist.is_main:
             prune_checkpoints(out, keep=2)
+
+    def stop_interrupted(when: str) -> None:
+        """Ctrl-C or SIGTERM: keep what was trained and stop (exit 130). A method that cannot resume from a
+        checkpoint (ReMoRA merged into the base weights) gets the model trained so far in final/ instead."""
+        cannot = [m for m in methods if m.why_not_resume]
+        when = f" {when}" if when else ""
+        if cannot:
+            restore_model()
+            dist.save_outputs(save_outputs, adapted, out / "final", tokenizer, full, base_name, runner)
+            say(
+                f"interrupted{when} at step {pos.step}; method '{cannot[0].name}' cannot resume "
+                f"({cannot[0].why_not_resume}): the model trained so far is saved in {out / 'final'}"
+            )
+        else:
+            checkpoint()
+            say(f"interrupted{when} at step {pos.step}; checkpoint saved; continue with --resume")
+        raise KeyboardInterrupt
 
     keep = cfg.keep_freed_memory == "on" or (cfg.keep_freed_memory == "auto" and device.type == "cpu")
     cleanup.enter_context(host_memory.kept(keep))  # steps reuse the pages earlier steps freed
@@ -860,6 +918,7 @@ def _train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             pos.step += 1
+            pos.loss = loss_value
             after_step_hooks(adapted, optimizer, pos.step)
             record = {"epoch": pos.epoch}
             if cfg.eval_every and pos.step % cfg.eval_every == 0:
@@ -880,24 +939,29 @@ def _train(
             interrupted["flag"] = dist.any(interrupted["flag"])  # every rank stops at the same step
             if cfg.snapshot_every and pos.step % cfg.snapshot_every == 0:
                 save_snapshot(out, pos.step, trainable, cfg.method, write=dist.is_main)
-            if (cfg.save_every and pos.step % cfg.save_every == 0) or interrupted["flag"]:
-                checkpoint()
             if interrupted["flag"]:
-                progress.message(f"interrupted at step {pos.step}; checkpoint saved; continue with --resume")
-                raise KeyboardInterrupt
+                progress.close()
+                stop_interrupted("")
+            if cfg.save_every and pos.step % cfg.save_every == 0:
+                checkpoint()
     # a compilation failed: with compiled layers on they are the only compiled code (the fused norms are off)
     except torch._dynamo.exc.TorchDynamoException as exc:
         if not compiled:
             raise
         raise TrainingError(compiled_layers.failure_message(exc, cfg.compile_layers)) from exc
     finally:
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
         progress.close()
     seconds = time.perf_counter() - start
-    eval_loss = evaluate_loss(
-        runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat, transform, window
-    )
+    interrupted["raise"] = not dist.active  # one process stops at once; ranks agree on it after the evaluation
+    try:
+        eval_loss = evaluate_loss(
+            runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat, transform, window
+        )
+    except KeyboardInterrupt:
+        interrupted["flag"] = True
+    interrupted["raise"] = False
+    if dist.any(interrupted["flag"]):  # the trained weights are kept before anything else is done
+        stop_interrupted("during the final evaluation")
     restore_model()
     if cfg.save_every:
         checkpoint()
@@ -909,7 +973,7 @@ def _train(
     return TrainResult(
         output=out,
         steps=pos.step,
-        final_loss=loss_value,
+        final_loss=pos.loss if pos.loss is not None else loss_value,
         eval_loss=eval_loss,
         tokens_per_s=real_tokens / max(seconds, 1e-9),
         real_tokens=real_tokens,

@@ -96,9 +96,29 @@ def is_deltatune_run(out: Path) -> bool:
     return isinstance(settings, dict) and {"model", "method"} <= settings.keys() <= TrainConfig.model_fields.keys()
 
 
+def check_reads_outside_run_entries(output: str, reads: dict[str, str | None]) -> None:
+    """Refuse a file being read that is one of the run's own entries in `output` (its config.yaml, something
+    inside final/ or checkpoints/ ...): the run writes them, and --overwrite removed a hand-written config.yaml
+    that was being read (it passed for an earlier run's record)."""
+    out = Path(output).expanduser().resolve()
+    entries = {(out / name): name for name in RUN_ENTRIES}
+    for what, path in reads.items():
+        if not path or not Path(path).expanduser().exists():
+            continue
+        read = Path(path).expanduser().resolve()
+        hit = next((name for entry, name in entries.items() if read == entry or entry in read.parents), None)
+        if hit is not None:
+            raise ConfigError(
+                f"the {what} being read ({path}) is the run's own {hit} in {output}, which training writes; "
+                "move it or choose another --output",
+                field="output",
+            )
+
+
 def check_output_folder(cfg: TrainConfig, reads: dict[str, str | None]) -> None:
     """Refuse, before anything loads, an output that would destroy a run or what is read."""
     out = Path(cfg.output).expanduser()
+    check_reads_outside_run_entries(cfg.output, reads)
     for what, path in reads.items():
         if path and Path(path).expanduser().exists():
             read = Path(path).expanduser().resolve()

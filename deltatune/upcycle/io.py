@@ -496,6 +496,9 @@ def load_upcycled(
         model.set_attn_implementation(attn_implementation)
     _restore_generation_config(model, path)
     _restore_aux_weight(model, meta, path)
+    # the skeleton came from upcycle.json's dense_config, which names the dense source: an adapter saved on this
+    # model recorded that as its base, and `merge` silently built the dense model (as from_pretrained names it)
+    model.config._name_or_path = model.name_or_path = str(path)
     from deltatune.models import cast_weights
 
     return cast_weights(model, dtype).eval()  # RoPE's inv_freq stays float32, as from_pretrained keeps it

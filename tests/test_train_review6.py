@@ -122,3 +122,12 @@ def test_eval_every_with_nothing_held_out_is_refused_before_the_model_loads(tiny
         train(tiny_train_config(tiny_dir, data_file, tmp_path / "run", eval_every=2, **held_out), quiet=True)
     assert err.value.field == "eval_every" and "holds none" in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_betas_under_lomo_are_said_to_be_unused(tiny_dir, data_file, tmp_path, capsys):
+    """LOMO is SGD without moments: betas given with it were accepted and ignored, silently."""
+    cfg = dict(method="full", fused_update="lomo", steps=1, lr=1e-3)
+    train(tiny_train_config(tiny_dir, data_file, tmp_path / "a", betas=(0.8, 0.9), **cfg), quiet=True)
+    assert "warning: betas are not used by fused_update lomo" in capsys.readouterr().err
+    train(tiny_train_config(tiny_dir, data_file, tmp_path / "b", **cfg), quiet=True)
+    assert "betas" not in capsys.readouterr().err

@@ -745,8 +745,13 @@ def _train(
     if cfg.fused_update:  # each parameter is updated inside backward, its gradient freed at once
         from deltatune.train.lomo import build_fused
 
+        fused = "lomo" if cfg.fused_update is True else cfg.fused_update
+        if fused == "lomo" and "betas" in cfg.model_fields_set and dist.is_main:  # plain SGD: no moments to shape
+            warn(
+                "warning: betas are not used by fused_update lomo (SGD without moments); they shape fused-adamw's moments"
+            )
         optimizer = build_fused(
-            "lomo" if cfg.fused_update is True else cfg.fused_update,
+            fused,
             params,
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,

@@ -107,3 +107,17 @@ def test_settings_of_the_wrong_type_are_one_line_errors_and_leave_the_model(kwar
         deltatune.apply(model, "lora", rank=4, alpha=8, **kwargs)
     assert err.value.field == field and "\n" not in str(err.value)
     assert model.state_dict().keys() == before.keys()
+
+
+@pytest.mark.parametrize("second", ["lora", "bitfit"])
+def test_a_second_apply_on_one_model_is_one_line_and_changes_nothing(second):
+    """A second LoRA was refused with "a later method froze it"; a second call with BitFit froze the first LoRA's
+    parameters silently (the AdaptedModel it returned knew only BitFit)."""
+    model = tiny_model()
+    first = deltatune.apply(model, "lora", rank=2, alpha=4, targets="q_proj")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    with pytest.raises(ConfigError, match=r"already carries lora from an earlier call; .* in one call \('lora"):
+        deltatune.apply(model, second, targets="v_proj")
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
+    first.merge_and_unload()  # a plain model again: a new method trains on the merged weights
+    assert [m.name for m in deltatune.apply(model, second, targets="v_proj").methods] == [second]

@@ -190,21 +190,34 @@ def generate_detailed(
     for i, ids in enumerate(encoded):
         if not ids:  # alone it would crash in the model, in a batch it would attend to nothing
             raise UserError(f"prompt {i + 1} of {len(prompts)} is empty (no tokens to continue)", field="prompt")
+    from deltatune.methods.virtual_tokens import has_virtual_tokens, virtual_positions
+    from deltatune.train.packed_attention import sliding_window_of
+
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if context and config.max_new_tokens >= context:  # no prompt token would fit before the new ones
+    virtual = virtual_positions(model)  # prompt/prefix tuning's positions before the prompt take context too
+    if context and config.max_new_tokens + virtual >= context:  # no prompt token would fit before the new ones
+        taken = f" and {virtual} virtual tokens" if virtual else ""
         raise UserError(
-            f"max_new_tokens {config.max_new_tokens} leaves no room for the prompt in the model's context of "
+            f"max_new_tokens {config.max_new_tokens}{taken} leave no room for the prompt in the model's context of "
             f"{context} tokens",
             field="max-new-tokens",
         )
     if context:  # keep the end of an over-long prompt (the question), drop the start (early shots)
-        keep = max(1, context - config.max_new_tokens)
+        keep = max(1, context - config.max_new_tokens - virtual)
         if warn_truncated:
             for i, ids in enumerate(encoded):
                 if len(ids) > keep:
                     print(truncation_warning(i, len(prompts), len(ids), keep, context, config), file=sys.stderr)
         encoded = [ids[-keep:] for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if has_virtual_tokens(model) and sliding_window_of(model)[1]:
+        # every layer slides (Mistral, Phi3): transformers' window counts cache slots, so a padded row's virtual
+        # tokens left the window as many tokens early as the row had padding; prompts of one length need none
+        by_length: dict[int, list[int]] = {}
+        for i in order:
+            by_length.setdefault(len(encoded[i]), []).append(i)
+        batches = [rows[s : s + batch_size] for rows in by_length.values() for s in range(0, len(rows), batch_size)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = stop_token_ids(tokenizer, model)
     device = next(model.parameters()).device
@@ -217,8 +230,7 @@ def generate_detailed(
             seen[tuple(ids)] = repeat + 1
             seeds.append(row_seed(config.seed, ids, repeat))
     bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress or len(prompts) < 2)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in batches:
         input_ids, attention = left_padded([encoded[i] for i in idx], pad_id)
         width = input_ids.shape[1]
         kwargs = dict(max_new_tokens=config.max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=eos)

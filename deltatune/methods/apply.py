@@ -97,6 +97,7 @@ class AdaptedModel:
             m.merge(self.model)
             m.unload(self.model)
         self.methods = []
+        self.model.__dict__.pop(APPLIED_ATTR, None)  # a plain model again: methods may be applied to it
         return self.model
 
     @contextmanager
@@ -235,6 +236,9 @@ def _as_spec(spec: MethodSpec | str) -> MethodSpec:
     return MethodSpec(name=spec) if isinstance(spec, str) else spec
 
 
+APPLIED_ATTR = "_deltatune_methods"  # the method names an apply_methods call left on the model
+
+
 def apply_methods(model: nn.Module, specs: list[MethodSpec | str] | MethodSpec | str) -> AdaptedModel:
     """Freeze `model`, apply each method in order, and check that no two claim the same parameter."""
     if isinstance(specs, (MethodSpec, str)):
@@ -247,6 +251,14 @@ def apply_methods(model: nn.Module, specs: list[MethodSpec | str] | MethodSpec |
         if names.count(n) > 1:
             raise ConfigError(f"method '{n}' is given twice; give it once with all its targets", field="method")
     methods: list[Method] = [get_method(spec.name)(spec) for spec in specs]  # options checked before any change
+    earlier = getattr(model, APPLIED_ATTR, None)
+    if earlier:  # a second call froze the first one's parameters (or refused with "a later method froze it")
+        together = "+".join(dict.fromkeys([*earlier, *names]))
+        raise ConfigError(
+            f"the model already carries {'+'.join(earlier)} from an earlier call; give every method, with all its "
+            f"targets, in one call ('{together}'), or merge_and_unload() first to train on the merged weights",
+            field="method",
+        )
     before = {id(m) for m in model.modules()}
     snapshot = _Structure(model)
     try:
@@ -260,6 +272,7 @@ def apply_methods(model: nn.Module, specs: list[MethodSpec | str] | MethodSpec |
     for module in model.modules():  # new modules start in training mode: an eval model runs no adapter dropout
         if id(module) not in before:
             module.training = model.training
+    object.__setattr__(model, APPLIED_ATTR, names)  # a plain attribute: not a module, parameter or buffer
     return AdaptedModel(model, methods)
 
 

@@ -204,9 +204,14 @@ class PromptTuning(VirtualTokenMethod):
         return torch.stack(rows)
 
     def apply(self, model: nn.Module) -> None:
-        table = model.get_input_embeddings().weight
+        embed = model.get_input_embeddings()
+        table = embed.weight
         module = PromptEmbedding(self.p, table.shape[1], device=table.device)
-        module.embedding.data.copy_(self.initial_embeddings(table))
+        # Gemma's embedding multiplies its rows by sqrt(d) in forward (embed_scale): virtual tokens start at the
+        # size real tokens enter the decoder with, as PEFT's init (which calls the module) gives them
+        scale = getattr(embed, "embed_scale", None)
+        start = self.initial_embeddings(table)
+        module.embedding.data.copy_(start if scale is None else start * float(scale))
         attach(model, self.ATTR, module)
 
     def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

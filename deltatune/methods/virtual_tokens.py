@@ -210,6 +210,17 @@ def prepended_tokens(model: nn.Module) -> int:
     )
 
 
+def virtual_positions(model: nn.Module) -> int:
+    """Positions the virtual tokens take before a prompt, while enabled: prompt tuning's prepended tokens and
+    prefix tuning's key/value columns (they shift every real position by their count). A prompt must leave them
+    room in the model's context (a learned position table ends there)."""
+    total = 0
+    for module in (getattr(model, attr, None) for attr in _ATTRS):
+        if module is not None and not getattr(module, "disabled", False):
+            total += getattr(module, "num_virtual_tokens", None) or getattr(module, "p", 0)
+    return total
+
+
 def repeat_to(ids: list[int], p: int) -> list[int]:
     """`ids` repeated or truncated to exactly p (as PEFT's TEXT init does)."""
     if not ids:

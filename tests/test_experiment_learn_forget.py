@@ -116,12 +116,19 @@ def test_seeds_and_methods_can_be_added_to_a_finished_experiment(tmp_path, share
     assert (manifest["seeds"], manifest["methods"]) == ([0, 1], "lora-r8,dora-r8")
     # a narrower invocation reports its runs; the wider report is kept under reports/, not replaced (it was)
     full = json.loads((out / "results.json").read_text())
+    plots = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert sorted(plots) == ["learn_forget.png", "learn_forget_loss.png", "spectrum.png"]
     assert main([*args("1", "lora-r8"), *common]) == 0
     narrow = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in narrow["runs"]] == ["lora-r8-lr0.0001-s0"]
     kept = out / "reports" / full["finished"].replace(":", "")
     assert json.loads((kept / "results.json").read_text()) == full
-    assert (kept / "results.md").exists() and (kept / "learn_forget.png").exists()
+    assert (kept / "results.md").exists()
+    # the earlier report's own plots are kept (the new ones had replaced them before the archive moved them), and
+    # the new results.md has its plots beside it (none were left)
+    assert {p.name: p.read_bytes() for p in kept.glob("*.png")} == plots
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(plots)
+    assert all((out / name).read_bytes() != plots[name] for name in ("learn_forget.png", "learn_forget_loss.png"))
     assert narrow["wall_s_all_invocations"] == pytest.approx(full["wall_s_all_invocations"] + narrow["wall_s"], abs=0.2)
     capsys.readouterr()
     assert main([*args("2", "lora-r8,dora-r8", lrs="2"), *common]) != 0
@@ -411,3 +418,20 @@ def test_a_folder_made_under_other_default_sizes_is_refused(tmp_path, shared_dat
     capsys.readouterr()
     assert main(args) != 0
     assert "resume it with the same options or choose another --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, value, says", [("--train-examples", "100000", "at most"), ("--epochs", "nan", "positive")]
+)
+def test_sizes_no_run_can_use_are_one_line_before_the_folder_is_claimed(
+    tmp_path, shared_data, capsys, flag, value, says
+):
+    """--train-examples past GSM8K's train set trained every run, then stopped on a missing validation loss (a
+    traceback); --epochs nan was refused only inside the first run, after the base was scored."""
+    from deltatune.cli import main
+
+    out = tmp_path / "lf"
+    args = ["experiment", "learn-forget", "--quick", "--threads", "1", "--quiet", "--out", str(out), flag, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"field '{flag[2:]}'" in err and says in err and not out.exists()

@@ -16,6 +16,14 @@ def test_upcycle_bad_experts_is_one_line_error_and_leaves_no_folder(tmp_path, ca
     assert not out.exists()
 
 
+@pytest.mark.parametrize("lr", ["inf", "nan", "0"])
+def test_upcycle_lr_that_is_no_positive_number_is_one_line_and_leaves_no_folder(tmp_path, capsys, lr):
+    """inf passed the check (not inf > 0 is false) and reached the first run."""
+    out = tmp_path / "exp"
+    assert main(["experiment", "upcycle", "--quick", "--out", str(out), "--quiet", "--lr", lr]) == 2
+    assert "--lr must be a positive number" in capsys.readouterr().err and not out.exists()
+
+
 def test_upcycle_missing_gsm8k_is_one_line_error(tmp_path, capsys, monkeypatch):
     from deltatune.experiments import upcycle
 

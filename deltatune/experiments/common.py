@@ -549,9 +549,7 @@ class Context:
         if self.worker:
             return None
         wall = time.perf_counter() - self.started
-        earlier = self._earlier_report()
-        if earlier is not None and earlier.get("settings") != json.loads(json.dumps(self.settings, default=str)):
-            self._archive_report(earlier)  # a report of other seeds or methods: kept, not replaced
+        earlier = self.keep_earlier_report()
         all_wall = wall + float(earlier.get("wall_s_all_invocations", earlier.get("wall_s", 0)) if earlier else 0)
         doc = {
             "experiment": self.name,
@@ -581,6 +579,18 @@ class Context:
         write_atomic(self.out / "results.md", "\n".join(md).rstrip() + "\n")
         self.say(f"[{self.name}] results in {self.out / 'results.md'} ({format_seconds(wall)})")
         return self.out / "results.json"
+
+    def keep_earlier_report(self) -> dict | None:
+        """Move aside an earlier report of other seeds or methods (kept, not replaced), before this one writes
+        anything of its own: called before an experiment draws its plots (they overwrote the earlier report's
+        PNGs, which were then archived as its own, and the new results.md linked to plots no longer there).
+        Returns the earlier report (read once: later calls return what the first found)."""
+        if not hasattr(self, "_earlier"):
+            self._earlier = self._earlier_report()
+            settings = json.loads(json.dumps(self.settings, default=str))
+            if self._earlier is not None and self._earlier.get("settings") != settings and not self.worker:
+                self._archive_report(self._earlier)
+        return self._earlier
 
     def _earlier_report(self) -> dict | None:
         """The results.json an earlier invocation wrote into this folder, if it is one of ours."""

@@ -130,15 +130,26 @@ def _sizes(quick: bool, args) -> dict[str, Any]:
         ("bbh", "bbh_per_task"),
     ):
         if getattr(args, arg) is not None:
-            if getattr(args, arg) <= 0:
-                raise UserError("must be positive", field=arg.replace("_", "-"))
+            if not (math.isfinite(getattr(args, arg)) and getattr(args, arg) > 0):  # NaN passed to the first run
+                raise UserError("must be a positive number", field=arg.replace("_", "-"))
             s[key] = getattr(args, arg)
     return s
 
 
 def check_arguments(args) -> None:
-    """Refuse bad --methods / --lrs before the output folder is claimed and the base model scored."""
+    """Refuse bad --methods / --lrs and sizes before the output folder is claimed and the base model scored."""
     _methods(args)
+    sizes = _sizes(args.quick, args)
+    if getattr(args, "train_examples", None) is not None:
+        from deltatune.evaluate.tasks import data_root, read_gsm8k
+
+        available = len(read_gsm8k(data_root() / "gsm8k" / "train.jsonl"))
+        if sizes["train"] + sizes["val"] > available:  # else the validation split came out short or empty: every
+            raise UserError(  # run trained, then the report stopped on a missing validation loss (a traceback)
+                f"at most {available - sizes['val']} (GSM8K train has {available}; {sizes['val']} are held out "
+                "for validation)",
+                field="train-examples",
+            )
 
 
 def _methods(args) -> list[str]:
@@ -490,6 +501,8 @@ def _mean_sd(values: list[float]) -> tuple[float, float | None]:
 
 def _report(ctx, names, bases, rows, picked, sizes, tgt, srcs, steps, precision) -> None:
     from deltatune.analysis.plots import learn_forget_plot, rank_by_type_plot
+
+    ctx.keep_earlier_report()  # before the plots below replace its PNGs
 
     short = {tgt: "GSM8K EM", srcs[0]: "MMLU acc", srcs[1]: "BBH acc"}
     sweep_rows, head_rows, head_loss_rows, loss_rows, spec_rows, spec_plot = [], [], [], [], [], {}

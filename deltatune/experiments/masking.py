@@ -297,6 +297,7 @@ def run(ctx, args: argparse.Namespace) -> None:
     rows = [dict(r, **r["measured"][str(r["steps"])]) for r in results.values()]
     gains = instruction_gains(rows, ratios)
     plot = "masking_gain.png"
+    ctx.keep_earlier_report()  # before the plot replaces its PNG
     gain_plot(gains, ctx.out / plot)
     tables = [
         ("Instruction/response length ratio (chatml tokens; the paper's Table 1 measure)", ratio_table(ratios)),

@@ -182,6 +182,7 @@ def run(ctx, args: argparse.Namespace) -> None:
         ("Paper (LLaMA-2 7B, 10k pairs, 1,000 pairs per batch; Table 2)", paper_table()),
     ]
     plot = "memorize.png"
+    ctx.keep_earlier_report()  # before the plot replaces its PNG
     accuracy_plot(
         summary,
         points,

@@ -13,6 +13,7 @@ of dense continuation at equal extra compute, after a visible start-up drop.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -58,8 +59,8 @@ def _experts(value: str) -> list[int]:
 def check_arguments(args) -> None:
     """Refuse bad options before the output folder is claimed or a model is loaded."""
     _experts(args.experts)
-    if not args.lr > 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):  # inf passed, to a NaN loss in the first run
+        raise UserError(f"--lr must be a positive number, got {args.lr}")
 
 
 def _sizes(args, quick: bool) -> dict:
@@ -333,6 +334,7 @@ def run(ctx: Context, args) -> None:
         axes[0].set_ylabel("held-out loss" + (f" (mean of {len(ctx.seeds)} seeds)" if several else ""))
         axes[0].legend()
         fig.suptitle("sparse upcycling vs dense continuation")
+        ctx.keep_earlier_report()  # before the plot replaces its PNG
         save_figure(fig, ctx.out / "heldout_loss.png")
         plots.append("heldout_loss.png")
     except ImportError:

@@ -196,9 +196,9 @@ def generate_detailed(
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     virtual = virtual_positions(model)  # prompt/prefix tuning's positions before the prompt take context too
     if context and config.max_new_tokens + virtual >= context:  # no prompt token would fit before the new ones
-        taken = f" and {virtual} virtual tokens" if virtual else ""
+        taken = f" and {virtual} virtual tokens leave" if virtual else " leaves"
         raise UserError(
-            f"max_new_tokens {config.max_new_tokens}{taken} leave no room for the prompt in the model's context of "
+            f"max_new_tokens {config.max_new_tokens}{taken} no room for the prompt in the model's context of "
             f"{context} tokens",
             field="max-new-tokens",
         )

@@ -8,6 +8,7 @@ counts in both directions. A failing rank must bring the whole run down, leaving
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -93,6 +94,7 @@ def _launch(args: list[str], *, extra_env: dict | None = None, timeout: float = 
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": "1",
         "DELTATUNE_TEST_MARKER": marker,
+        "PYTHONFAULTHANDLER": "1",  # a worker sent SIGABRT prints every thread's stack: where a hang waits
         **(extra_env or {}),
     }
     proc = subprocess.Popen(
@@ -101,13 +103,19 @@ def _launch(args: list[str], *, extra_env: dict | None = None, timeout: float = 
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        for pid in _marked_pids(marker):  # first the stacks of the processes still running, for the failure
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
         for pid in [proc.pid, *_marked_pids(marker)]:
             try:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
         out, _ = proc.communicate()
-        pytest.fail(f"run did not finish in {timeout}s:\n{out[-3000:]}")
+        pytest.fail(f"run did not finish in {timeout}s:\n{out[-8000:]}")
     deadline = time.time() + 10  # workers torn down by torchrun may take a moment to be reaped
     while _marked_pids(marker) and time.time() < deadline:
         time.sleep(0.2)

@@ -8,20 +8,30 @@ cutting those off gives the text the model wrote (as vLLM's incremental detokeni
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 CONTEXT_TOKENS = 4  # enough to hold a word boundary; more only costs decoding
 
 
-def continuation_text(tokenizer, prompt_ids: Sequence[int], ids: Sequence[int], **decode_kwargs) -> str:
-    """The text `ids` add after `prompt_ids` (decode's keyword arguments, e.g. skip_special_tokens, apply to both);
-    decoded alone where the prompt's tail does not decode to a prefix of the whole (a character split across the
-    boundary)."""
-    tail = list(prompt_ids[-CONTEXT_TOKENS:])
-    if not tail:
-        return tokenizer.decode(list(ids), **decode_kwargs)
-    before = tokenizer.decode(tail, **decode_kwargs)
-    whole = tokenizer.decode(tail + list(ids), **decode_kwargs)
-    if whole.startswith(before) and not before.endswith("\ufffd"):
-        return whole[len(before) :]
-    return tokenizer.decode(list(ids), **decode_kwargs)
+class ContinuationDecoder:
+    """The text a continuation adds after one prompt; the prompt's tail is decoded once (the server decodes a
+    row's continuation again after every token). decode's keyword arguments (skip_special_tokens) apply to both."""
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], **decode_kwargs: Any) -> None:
+        self.tokenizer, self.kwargs = tokenizer, decode_kwargs
+        self.tail = list(prompt_ids[-CONTEXT_TOKENS:])
+        self.before = tokenizer.decode(self.tail, **decode_kwargs) if self.tail else ""
+
+    def __call__(self, ids: Sequence[int]) -> str:
+        """Decoded alone where the prompt's tail does not decode to a prefix of the whole (a character split across
+        the boundary), or where there is no prompt."""
+        if self.tail and not self.before.endswith("\ufffd"):
+            whole = self.tokenizer.decode(self.tail + list(ids), **self.kwargs)
+            if whole.startswith(self.before):
+                return whole[len(self.before) :]
+        return self.tokenizer.decode(list(ids), **self.kwargs)
+
+
+def continuation_text(tokenizer, prompt_ids: Sequence[int], ids: Sequence[int], **decode_kwargs: Any) -> str:
+    """The text `ids` add after `prompt_ids` (see ContinuationDecoder)."""
+    return ContinuationDecoder(tokenizer, prompt_ids, **decode_kwargs)(ids)

@@ -103,6 +103,31 @@ def tiny_llama_config(vocab_size: int = 512, **overrides):
     return LlamaConfig(**cfg)
 
 
+def tiny_sliding_window_model(window: int = 12, seed: int = 0):
+    """A tiny Mistral whose every layer slides over `window` tokens, its embeddings scaled up 20x so that a token
+    leaving the window changes the greedy text (what batched generation with virtual tokens must not do)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MistralConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=window,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    model = MistralForCausalLM(config).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(20)
+    return model
+
+
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **config_overrides):
     """A 2-layer Llama with random weights; deterministic for a given seed."""
     from transformers import LlamaForCausalLM

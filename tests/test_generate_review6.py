@@ -9,7 +9,7 @@ from deltatune.errors import UserError
 from deltatune.evaluate.generate import GenerationConfig, generate
 from deltatune.methods.apply import apply_methods
 from deltatune.methods.base import MethodSpec
-from deltatune.testing import tiny_tokenizer
+from deltatune.testing import tiny_sliding_window_model, tiny_tokenizer
 
 VIRTUAL = {"num_virtual_tokens": 4}
 
@@ -42,26 +42,8 @@ def test_an_over_long_prompt_leaves_room_for_the_virtual_positions(method, capsy
 def test_a_sliding_window_model_gives_each_row_the_text_it_gets_alone(method):
     """Mistral's window counts cache slots: in a left-padded row the virtual tokens left the window as many tokens
     early as the row had padding, so a batch generated other text than each prompt alone."""
-    from transformers import MistralConfig, MistralForCausalLM
-
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        sliding_window=12,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    model = MistralForCausalLM(config).eval()
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(20)  # sharp enough that a changed window changes the text
+    model = tiny_sliding_window_model()
     apply_methods(model, MethodSpec(name=method, options=VIRTUAL))
     prompts = ["The quick brown fox jumps over the lazy dog. What is", "Hi", "Natalia sold clips to 48 of her", "abc"]
     gen = GenerationConfig(max_new_tokens=16)

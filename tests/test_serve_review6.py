@@ -14,7 +14,7 @@ from deltatune.serve import Engine, MultiAdapterModel
 from deltatune.serve.engine import GenRequest, SamplingParams, _Row
 from deltatune.serve.server import ServerState, create_app
 from deltatune.serve.testing import random_adapter, running_server
-from deltatune.testing import tiny_model, tiny_sentencepiece_tokenizer, tiny_tokenizer
+from deltatune.testing import tiny_model, tiny_sentencepiece_tokenizer, tiny_sliding_window_model, tiny_tokenizer
 
 PROMPT = "The quick brown"
 
@@ -141,30 +141,13 @@ def test_json_nested_too_deeply_is_a_400(server):
 def test_prompt_tuning_on_a_sliding_window_model_serves_each_row_as_alone(tmp_path):
     """generate() gave a padded row other text on such a model (the window counts cache slots); the server's own
     batching keeps each row's positions and mask, and must go on doing so."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    def base():
-        torch.manual_seed(0)
-        config = MistralConfig(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            sliding_window=12,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=2,
-        )
-        model = MistralForCausalLM(config).eval()
-        with torch.no_grad():
-            model.get_input_embeddings().weight.mul_(20)  # sharp enough that a changed window changes the text
-        return model
-
-    random_adapter(tmp_path / "p", MethodSpec(name="prompt", options={"num_virtual_tokens": 4}), base(), seed=1)
-    multi = MultiAdapterModel(base())
+    random_adapter(
+        tmp_path / "p",
+        MethodSpec(name="prompt", options={"num_virtual_tokens": 4}),
+        tiny_sliding_window_model(),
+        seed=1,
+    )
+    multi = MultiAdapterModel(tiny_sliding_window_model())
     multi.load("p", tmp_path / "p")
     engine = Engine(multi, tiny_tokenizer())
     prompts = ["The quick brown fox jumps over the lazy dog. What is", "Hi", "Natalia sold clips to 48 of her", "abc"]

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from deltatune.detokenize import continuation_text
+from deltatune.detokenize import ContinuationDecoder
 from deltatune.kv_cache import cache_kwargs
 from deltatune.serve.adapters import MultiAdapterModel
 from deltatune.upcycle.moe import moe_blocks, routed_tokens
@@ -83,7 +83,8 @@ class _Row:
     """Decoding state of one request inside a running batch."""
 
     def __init__(self, req: GenRequest, tokenizer, stop_ids: set[int]) -> None:
-        self.req, self.tok, self.stop_ids = req, tokenizer, stop_ids
+        self.req, self.stop_ids = req, stop_ids
+        self.decode = ContinuationDecoder(tokenizer, req.prompt_ids, skip_special_tokens=True)
         self.ids: list[int] = []
         self.sent = 0  # characters already released through on_text
         self.text = ""
@@ -105,7 +106,7 @@ class _Row:
             self.finish, self.ended_on_stop_token = "stop", True
         else:
             self.ids.append(token)
-            self.text = continuation_text(self.tok, self.req.prompt_ids, self.ids, skip_special_tokens=True)
+            self.text = self.decode(self.ids)
             cut = _first_stop(self.text, p.stop)
             if cut is not None:
                 self.text, self.finish = self.text[:cut], "stop"

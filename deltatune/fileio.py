@@ -27,9 +27,25 @@ def _umask() -> int:
     return mask
 
 
-def _make_dir(path: Path) -> None:
-    """mkdir -p with the user's umask (tempfile.mkdtemp would make 0700 folders)."""
+def _make_dir(path: Path) -> list[Path]:
+    """mkdir -p with the user's umask (tempfile.mkdtemp would make 0700 folders); returns the folders it
+    created, deepest first, so that a failed write can remove them again."""
+    created = []
+    for folder in (path, *path.parents):
+        if os.path.lexists(folder):
+            break
+        created.append(folder)
     path.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed write created (deepest first), each only while still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _follow_umask(root: Path) -> None:
@@ -117,8 +133,12 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
 
     Callers that may replace a user's folder check it first with `check_output`."""
     out_dir = Path(out_dir)
-    _make_dir(out_dir.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
+    created = _make_dir(out_dir.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would have made it
         yield tmp
@@ -139,14 +159,19 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write via a temporary file in the same folder and os.replace: no half-written file, ever."""
     path = Path(path)
-    _make_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    created = _make_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -156,6 +181,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        _remove_empty(created)
         raise
     return path
 

@@ -110,6 +110,9 @@ def test_parse_bytes():
     assert parse_bytes("512MiB") == 512 * 1024**2 and parse_bytes("1000") == 1000
     with pytest.raises(UserError, match="gpu-memory"):
         parse_bytes("lots")
+    for nothing in ("0", "0GiB", "0.0001"):  # 'fits in 0 bytes' was answered as if it were a size
+        with pytest.raises(UserError, match="gpu-memory.*more than"):
+            parse_bytes(nothing)
 
 
 def test_default_model_config_resolves_offline():

@@ -65,3 +65,24 @@ def test_a_failed_final_rename_names_the_users_path(tmp_path, monkeypatch):
             (tmp / "x").write_text("1")
     assert ".tmp." not in str(exc.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("writer", ["atomic_dir", "write_text_atomic"])
+def test_a_failed_write_removes_the_folders_it_created(tmp_path, writer):
+    """A write that fails leaves the disk as it found it: the parent folders it made for the output went too
+    (an empty `runs/new/` stayed behind), while a folder that existed before, even empty, stays."""
+    from deltatune import fileio
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    target = existing / "a" / "b" / "out"
+    with pytest.raises(RuntimeError, match="stopped"):
+        if writer == "atomic_dir":
+            with fileio.atomic_dir(target) as tmp:
+                (tmp / "x").write_text("1")
+                raise RuntimeError("stopped")
+        else:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(fileio.os, "fsync", lambda fd: (_ for _ in ()).throw(RuntimeError("stopped")))
+                fileio.write_text_atomic(target, "text")
+    assert existing.is_dir() and list(existing.iterdir()) == []

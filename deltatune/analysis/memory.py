@@ -381,7 +381,10 @@ def parse_bytes(text: str) -> int:
     if not math.isfinite(value):
         raise UserError(f"cannot read memory size '{text}'; write e.g. 24GiB or 80GB", field="gpu-memory")
     unit = m.group(2).upper()
-    return int(value * {"": 1, "K": 1024, "M": 1024**2, "G": GiB, "T": 1024**4}[unit])
+    size = int(value * {"": 1, "K": 1024, "M": 1024**2, "G": GiB, "T": 1024**4}[unit])
+    if size < 1:
+        raise UserError(f"memory size '{text}' must be more than 0 bytes", field="gpu-memory")
+    return size
 
 
 def resolve_config(model: Any):

@@ -164,6 +164,19 @@ def test_quantize_nf4_trains_lora_on_an_nf4_base(tiny_dir):
         deltatune.load_model(tiny_dir, quantize="int3")
 
 
+def test_quantize_none_keeps_the_base_of_an_nf4_loaded_model(tiny_dir):
+    """On a model from `load_model(quantize="nf4")`, `quantize=None` means 'as the model asked', so there was no
+    way to apply a method over the unquantised weights; `quantize="none"` is that way."""
+    from deltatune.methods.nf4 import NF4Linear
+
+    model, _ = deltatune.load_model(tiny_dir, quantize="nf4")
+    adapted = deltatune.apply(model, "lora", rank=4, targets="q_proj", quantize="none")
+    assert adapted.specs[0].options == {}
+    assert not any(isinstance(m, NF4Linear) for m in model.modules())
+    with pytest.raises(deltatune.ConfigError, match="'none' or None, got 'off'"):
+        deltatune.apply(tiny_model(), "lora", quantize="off")
+
+
 # --- data ----------------------------------------------------------------------------------------
 def test_prepare_weights_the_tokens_the_policy_names():
     tok = tiny_tokenizer()

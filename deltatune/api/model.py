@@ -259,15 +259,20 @@ def apply(
     `targets`, `rank`, `alpha`, `dropout`, `rslora` left out take MethodSpec's defaults ("all-linear", 8, 16.0,
     0.0, False); one given that no named method reads (`rank` for "adapter" or "ia3") is warned about.
     `targets`: "all-linear", suffixes "q_proj,v_proj" (or a list), or a regex. `quantize="nf4"`
-    trains on an NF4 base (QLoRA); it defaults to what `load_model(quantize=...)` asked for.
+    trains on an NF4 base (QLoRA); it defaults to what `load_model(quantize=...)` asked for, and
+    `quantize="none"` keeps this method's base unquantised on such a model.
     Other keyword arguments are the methods' options (e.g. `init="gaussian"`). Errors in names or
     values raise `deltatune.ConfigError` naming the field.
     """
     _check_model(model, "apply")
     if quantize is None:
         quantize = getattr(model, _QUANTIZE_ATTR, None)
+    elif quantize == "none":  # None means "as load_model asked"; this is how to say "not quantised"
+        quantize = None
     if quantize is not None and quantize not in QUANTIZE:
-        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)} or None, got {quantize!r}", field="quantize")
+        raise ConfigError(
+            f"quantize must be one of {', '.join(QUANTIZE)}, 'none' or None, got {quantize!r}", field="quantize"
+        )
     specs = method_specs(
         method, targets=targets, rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, quantize=quantize, **options
     )

@@ -182,6 +182,17 @@ def test_label_column_as_placeholder_is_refused(tmp_path, data):
         build_from_labels(data, load_task(t))
 
 
+def test_an_options_column_and_the_options_placeholder_is_refused(tmp_path, task):
+    """A multiple-choice file often has an `options` column; `{options}` silently listed the task's label words
+    instead of it. The clash is refused, and the column can be renamed with the column map."""
+    data = tmp_path / "mc.jsonl"
+    data.write_text(json.dumps({"text": "2+2?", "options": "A) 4 B) 5", "label": 1}) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"field 'templates\[1\]': placeholder \{options\} lists .* column 'options'"):
+        build_from_labels(data, load_task(task))
+    records, _ = build_from_labels(data, load_task(task), column_map="options=choices")
+    assert records[0]["output"] == "positive"
+
+
 def _cli(capsys, *argv):
     code = main(["data", *map(str, argv)])
     out, err = capsys.readouterr()

@@ -262,6 +262,13 @@ def build_from_labels(
 def _check_placeholders(task: LabelTask, first: RawRecord, label_column: str) -> None:
     columns = sorted(first.data)
     for i, ph in enumerate(task.phrasings):
+        if OPTIONS in ph.placeholders and OPTIONS in first.data:  # which one the user means cannot be known
+            raise ConfigError(
+                f"placeholder {{{OPTIONS}}} lists the task's label words, but {first.file} also has a column "
+                f"'{OPTIONS}': rename the column (--map {OPTIONS}=choices) and write {{choices}} for it",
+                file=task.file,
+                field=f"templates[{i}]",
+            )
         for name in sorted(ph.placeholders - {OPTIONS}):
             if name == label_column:
                 raise ConfigError(

@@ -105,6 +105,19 @@ def test_magnitude_direction_hand_built():
     assert dm == pytest.approx(0.0, abs=1e-7) and dd == pytest.approx(0.5)
 
 
+def test_zero_rows_have_not_turned_or_have_no_direction():
+    """A row that is zero in both weights counted as a full turn (cos 0): an unchanged head with zero rows for
+    reserved tokens gave dD 0.25. Zero in both: no turn; zero on one side only: no direction, left out of dD."""
+    w0 = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    assert magnitude_direction(w0, w0) == (0.0, 0.0)
+    w = torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.0, 2.0], [0.0, 1.0]])
+    # dM = (0 + 0 + 1 + 1) / 4; dD over rows 0-2 (row 3 had no direction): (0 + 0 + 1) / 3
+    dm, dd = magnitude_direction(w0, w)
+    assert dm == pytest.approx(0.5) and dd == pytest.approx(1 / 3)
+    dm, dd = magnitude_direction(torch.zeros(2, 2), torch.eye(2))
+    assert dm == pytest.approx(1.0) and math.isnan(dd)
+
+
 def test_per_output_unit_convention():
     # scaling one INPUT column changes every row's norm; scaling one OUTPUT row changes one norm
     w0 = torch.eye(3)
@@ -153,6 +166,29 @@ def test_matrix_pairs_full_finetune_only_changed_layers(tiny_lm):
     pairs = matrix_pairs(tuned, tiny_lm)
     assert [p.name for p in pairs] == ["model.layers.1.mlp.up_proj"]
     assert torch.allclose(pairs[0].weight - pairs[0].base, torch.full_like(pairs[0].base, 0.01), atol=1e-6)
+
+
+def test_matrix_pairs_of_an_adapter_beside_full_finetuning(tiny_lm):
+    """ "lora+full": the fully trained linears were dropped as soon as any DeltaLinear existed."""
+    import copy
+
+    from deltatune.methods import MethodSpec
+    from deltatune.methods.apply import apply_methods
+
+    base = copy.deepcopy(tiny_lm)
+    adapted = apply_methods(tiny_lm, MethodSpec("lora", targets="v_proj", rank=2, alpha=4))
+    for m in adapted.model.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B.weight)
+    with torch.no_grad():
+        adapted.model.model.layers[1].mlp.up_proj.weight.add_(0.01)
+    pairs = matrix_pairs(adapted.model, base)
+    assert [p.name for p in pairs] == [
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.v_proj",
+        "model.layers.1.mlp.up_proj",
+    ]  # in the model's order
+    assert torch.allclose(pairs[2].weight - pairs[2].base, torch.full_like(pairs[2].base, 0.01), atol=1e-6)
 
 
 def test_mean_by_type_and_fit():

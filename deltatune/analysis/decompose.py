@@ -48,11 +48,19 @@ def layer_index(name: str) -> int | None:
 
 
 def magnitude_direction(base: torch.Tensor, weight: torch.Tensor) -> tuple[float, float]:
-    """(dM, dD) of `weight` against `base`, per output unit (row), in float64."""
+    """(dM, dD) of `weight` against `base`, per output unit (row), in float64.
+
+    A row that is zero before and after has not turned (cos 1: reserved tokens' rows of a head often are); a
+    row that is zero on one side only has no direction to compare, so it counts in dM and not in dD (it
+    counted as a full turn, cos 0, even when nothing changed). dD is nan when no row has a direction."""
     w0, w = base.detach().to(torch.float64), weight.detach().to(torch.float64)
     m0, m = w0.norm(dim=1), w.norm(dim=1)
-    cos = (w0 * w).sum(dim=1) / (m0 * m).clamp_min(1e-300)
-    return float((m - m0).abs().mean()), float((1.0 - cos).mean())
+    both_zero = (m0 == 0) & (m == 0)
+    has_direction = (m0 > 0) & (m > 0)
+    cos = torch.where(has_direction, (w0 * w).sum(dim=1) / (m0 * m).clamp_min(1e-300), 1.0)
+    counted = has_direction | both_zero
+    dd = float((1.0 - cos)[counted].mean()) if counted.any() else math.nan
+    return float((m - m0).abs().mean()), dd
 
 
 @torch.no_grad()
@@ -68,27 +76,26 @@ def merged_weight(module: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def matrix_pairs(model: nn.Module, base_model: nn.Module | None = None) -> list[MatrixPair]:
-    """Every adapted matrix of `model`, against its base.
+    """Every changed matrix of `model`, against its base.
 
     A `DeltaLinear` compares its merged weight with its own frozen base weight (any method with
-    `delta_weight()`, DoRA's rescaling included). A model without them (full finetuning) compares
-    each linear layer that changed with the same layer of `base_model`.
+    `delta_weight()`, DoRA's rescaling included). Every other linear layer that changed (full finetuning,
+    alone or beside an adapter: "lora+full") is compared with the same layer of `base_model`.
     """
     from deltatune.methods.base import DeltaLinear
 
     deltas = [(n, m) for n, m in model.named_modules() if isinstance(m, DeltaLinear)]
-    if deltas:
-        return _finite(
-            [MatrixPair(n, m.base_weight(torch.float32).detach().clone(), merged_weight(m)) for n, m in deltas]
-        )
+    pairs = [MatrixPair(n, m.base_weight(torch.float32).detach().clone(), merged_weight(m)) for n, m in deltas]
     if base_model is None:
-        raise ValueError("a model without DeltaLinear layers needs base_model to compare against")
+        if not deltas:
+            raise ValueError("a model without DeltaLinear layers needs base_model to compare against")
+        return _finite(pairs)
+    inside_deltas = tuple(f"{n}." for n, _ in deltas)  # their own base linears, already compared above
     base_modules = dict(base_model.named_modules())
-    pairs = []
     for name, mod in model.named_modules():
         if not (isinstance(mod, nn.Linear) or is_conv1d(mod)) or name.split(".")[-1] in _NEVER:
             continue
-        if name not in base_modules:
+        if name not in base_modules or name.startswith(inside_deltas):
             continue
         # on the CPU: a model trained on a GPU is compared with a base loaded on the CPU; rows are output units
         # (GPT-2's Conv1D stores its weight transposed)
@@ -96,7 +103,8 @@ def matrix_pairs(model: nn.Module, base_model: nn.Module | None = None) -> list[
         w = _out_in(mod).detach().float().cpu()
         if w.shape == w0.shape and not torch.equal(w, w0):
             pairs.append(MatrixPair(name, w0.clone(), w.clone()))
-    return _finite(pairs)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return _finite(sorted(pairs, key=lambda p: order[p.name]))
 
 
 def _out_in(linear: nn.Module) -> torch.Tensor:

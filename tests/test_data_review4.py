@@ -113,6 +113,24 @@ def test_the_tokenizer_template_decides_bos_as_at_inference():
     assert chatml["input_ids"][0] == 0  # deltatune's own templates keep the tokenizer's BOS
 
 
+@pytest.mark.parametrize("template", ["tokenizer", "auto", "chatml", "alpaca", "raw"])
+def test_plain_text_records_get_the_tokenizers_bos_under_every_template(template):
+    """A `{"text": ...}` record is rendered without the template, yet under `tokenizer` (what `auto` picks for a
+    model with a chat template) it lost its BOS, so its first real token was never trained, and the text was
+    not encoded as `generate --raw` and eval's plain prompts encode it."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]
+    )
+    tok.bos_token = "<|endoftext|>"
+    text = "The quick brown fox."
+    row = deltatune.prepare([{"text": text}], tok, template=template, policy="response")[0]
+    assert row["input_ids"] == tok(text)["input_ids"] + [tok.eos_token_id]
+    assert row["loss_weights"][0] == 0 and all(w == 1 for w in row["loss_weights"][1:])
+
+
 @pytest.mark.parametrize("near", ["rouge", "minhash"])
 def test_filter_does_not_call_records_duplicates_for_a_shared_system_prompt(tmp_path, near):
     """Six chat records with one 36-word system prompt and six different questions: `--near rouge` dropped five as

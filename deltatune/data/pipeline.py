@@ -213,9 +213,7 @@ def _prepare(
             examples.append(tmpl.render(cut_to_budget(to_conversation(rec, fmt, cmap, system_prompt), budget)))
         except DataError as exc:
             bad(mixed_format_error(exc, rec, fixed_by, fmt, cmap) if data_format == "auto" and fmt != "auto" else exc)
-    tokenized = tokenize_examples(
-        examples, tokenizer, keep_offsets=keep_offsets, template_writes_bos=tmpl.name == "tokenizer"
-    )
+    tokenized = tokenize_examples(examples, tokenizer, keep_offsets=keep_offsets)
     kept = []
     for ex in tokenized:
         cut = len(ex) > max_len

@@ -33,6 +33,9 @@ class Example:
     segments: list[Segment]
     source: str = ""  # "file:line" for error messages and previews
     meta: dict = field(default_factory=dict)
+    # The tokenizer's own chat template rendered it, and decides alone whether a BOS starts it (as at inference,
+    # where its text is encoded without special tokens); otherwise BOS is added as the tokenizer adds it to text.
+    template_writes_bos: bool = False
 
     @property
     def text(self) -> str:

@@ -78,15 +78,16 @@ class Template:
     name: str
     eos: str  # the end-of-turn string that closes a response and carries loss
     text_eos: str = ""  # the tokenizer's EOS, closing a plain-text document ("": same as `eos`)
+    writes_bos = False  # whether its rendering of a conversation decides the BOS (the tokenizer's chat template)
 
     def render(self, conv: Conversation) -> Example:
         b = _Builder()
-        if conv.kind == "text":
+        if conv.kind == "text":  # the template is not used: BOS as the tokenizer gives it to any text
             b.add(Role.RESPONSE, conv.messages[0].content, 0)
             b.add(Role.RESPONSE, self.text_eos or self.eos, 0)
-        else:
-            self._render(conv, b)
-        return Example(b.segments, source=conv.source, meta=conv.meta)
+            return Example(b.segments, source=conv.source, meta=conv.meta)
+        self._render(conv, b)
+        return Example(b.segments, source=conv.source, meta=conv.meta, template_writes_bos=self.writes_bos)
 
     def _render(self, conv: Conversation, b: _Builder) -> None:
         raise NotImplementedError
@@ -143,6 +144,7 @@ class TokenizerTemplate(Template):
     """The tokenizer's own chat template, segmented by rendering sentinel contents."""
 
     SENTINEL = "XQDTSENT{}QX"
+    writes_bos = True
 
     def __init__(self, name: str, eos: str, tokenizer: Any) -> None:
         super().__init__(name, eos)

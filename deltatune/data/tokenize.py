@@ -33,18 +33,19 @@ def tokenize_examples(
     *,
     keep_offsets: bool = False,
     batch_size: int = 2048,
-    template_writes_bos: bool = False,
 ) -> list[TokenizedExample]:
     """Token ids, roles and turns for each example (weights are filled later by a loss policy).
 
     BOS, when the tokenizer adds one, is prepended as a `special` token (unless the template
-    already wrote it). `template_writes_bos`: the tokenizer's own chat template decides alone, as at inference,
-    where generate and serve encode its text without special tokens (a BOS added here was a token the model
-    never sees when it is used). `keep_offsets` keeps each token's character span for previews.
+    already wrote it). An example the tokenizer's own chat template rendered (`template_writes_bos`) gets none:
+    that template decides alone, as at inference, where generate and serve encode its text without special
+    tokens (a BOS added here was a token the model never sees when it is used). Plain-text records get it as
+    the tokenizer gives it to any text, whatever the template. `keep_offsets` keeps each token's character span
+    for previews.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError("a fast (Rust) tokenizer is needed for offset mappings", field="--model")
-    bos_id = tokenizer.bos_token_id if adds_bos(tokenizer) and not template_writes_bos else None
+    tokenizer_bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     bos_text = tokenizer.bos_token
     backend = tokenizer.backend_tokenizer  # the Rust tokenizer: batched, parallel, offsets without Python dicts
     if backend.truncation is not None or backend.padding is not None:
@@ -60,6 +61,7 @@ def tokenize_examples(
         chunk = examples[lo : lo + batch_size]
         texts = [ex.text for ex in chunk]
         for ex, text, enc in zip(chunk, texts, backend.encode_batch(texts, add_special_tokens=False)):
+            bos_id = None if ex.template_writes_bos else tokenizer_bos
             out.append(_tag(ex, text, enc, bos_id, bos_text, keep_offsets))
     return out
 

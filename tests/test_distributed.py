@@ -287,6 +287,21 @@ def test_local_batch_takes_strided_rows_and_zero_weight_row_when_share_is_empty(
     assert Distributed().local_batch(rows, _fake_collate)["input_ids"].shape[0] == 5
 
 
+def test_one_process_under_torchrun_keeps_its_random_stream():
+    """torchrun with one process re-seeded the stream as a rank of many, so with dropout on, `--nproc 1` trained
+    another model than a plain run (docs/distributed.md says they are bitwise equal). Ranks of several processes
+    each get their own stream."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    Distributed(rank=0, world=1, active=True).seed_own_streams(5)
+    assert torch.equal(torch.rand(3), expected)
+    Distributed(rank=0, world=2, active=True).seed_own_streams(5)
+    rank0 = torch.rand(3)
+    Distributed(rank=1, world=2, active=True).seed_own_streams(5)
+    assert not torch.equal(torch.rand(3), rank0)
+
+
 def test_local_batch_reports_global_token_count():
     rows = [[_Sized(3), _Sized(4)], [_Sized(5)]]  # packed rows of examples
     fake = lambda rs: {"input_ids": torch.zeros(len(rs), 1), "loss_weights": torch.ones(len(rs), 2), "n_real_tokens": 0}

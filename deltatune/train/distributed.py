@@ -205,8 +205,9 @@ class Distributed:
 
     def seed_own_streams(self, seed: int) -> None:
         """Several processes: each its own random streams from `seed`, so that dropout draws other masks for other
-        rows, as one process does (every rank drew the same ones); one process keeps the stream it has."""
-        if self.enabled:
+        rows, as one process does (every rank drew the same ones); one process keeps the stream it has, under torchrun
+        too (re-seeding it made `--nproc 1` train another model than a plain run whenever dropout was on)."""
+        if self.world > 1:
             mixed = (seed * 1_000_003 + self.rank) % 2**63
             torch.manual_seed(mixed)
             random.seed(mixed)

@@ -374,3 +374,37 @@ def test_a_record_whose_every_answer_has_weight_0_is_dropped_as_having_no_target
     record = {"messages": [{**m, "weight": 0} if m["role"] == "assistant" else m for m in CHAT2["messages"]]}
     data = prepare_records([record, CHAT2], tiny_tok, template="chatml")
     assert len(data.examples) == 1 and data.report.dropped_no_loss == 1
+
+
+def test_turns_last_never_trains_an_earlier_answer_after_truncation(tiny_tok):
+    """A two-turn chat cut inside its second question: `turns=last` trained the first answer, which the policy
+    makes context. Its weights are now those of context, and preparing data for such a policy drops the example,
+    as one without any answer is dropped."""
+    import deltatune
+
+    rec = {
+        "messages": [
+            {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": "The answer is 5."},
+            {"role": "user", "content": "And 48 + 24?"},
+            {"role": "assistant", "content": "The answer is 72. " * 20},
+        ]
+    }
+    full = prepare_records([rec], tiny_tok, template="chatml", max_len=4096).examples[0]
+    second_question = [i for i, (r, t) in enumerate(zip(full.roles, full.turns)) if r is Role.INSTRUCTION and t == 1]
+    cut_at = second_question[-1] + 1  # the last answer is cut away, the first survives
+    last = LossPolicy("response", turns="last")
+    kept = prepare_records([rec], tiny_tok, template="chatml", max_len=cut_at)  # turns="all": the first answer trains
+    ex = kept.examples[0]
+    assert ex.last_response_turn == 1 and Role.RESPONSE in ex.roles
+    assert sum(policy_weights(ex, last)) == 0  # the first answer was trained before
+    assert policy_weights(ex, LossPolicy("instruction", turns="last")) == policy_weights(
+        ex, LossPolicy("instruction", turns="all")
+    )  # context keeps the instruction weight, as the first answer does untruncated
+    dropped = prepare_records([rec], tiny_tok, template="chatml", max_len=cut_at, turns="last")
+    assert dropped.examples == [] and dropped.report.dropped_no_loss == 1
+    # the last answer cut only in part still trains, and only it
+    partly = prepare_records([rec], tiny_tok, template="chatml", max_len=cut_at + 8, turns="last").examples[0]
+    trained = {t for t, w in zip(partly.turns, policy_weights(partly, last)) if w > 0}
+    assert trained == {1}
+    assert len(deltatune.prepare([rec], tiny_tok, template="chatml", max_len=cut_at, policy="response,turns=last")) == 0

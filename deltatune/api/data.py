@@ -54,6 +54,7 @@ def prepare(
         skip_bad=skip_bad,
         system_prompt=system_prompt,
         limit=limit,
+        turns=parsed.turns,
     )
     if isinstance(data, (str, os.PathLike)):
         prepared = prepare_dataset(Path(data), tokenizer, **kwargs)

@@ -148,6 +148,13 @@ class PolicySchedule:
         return f"{self.first}->{self.then}@{at}"
 
 
+def turns_trained(policy: LossPolicy | PolicySchedule) -> str:
+    """ "last" when some phase of `policy` trains each record's last answer alone (then an example whose last
+    answer truncation cut away trains nothing there, and data preparation drops it), else "all"."""
+    phases = (policy.first, policy.then) if isinstance(policy, PolicySchedule) else (policy,)
+    return "last" if any(p.turns == "last" for p in phases) else "all"
+
+
 def policy_weights(example: TokenizedExample, policy: LossPolicy) -> list[float]:
     """Weight of each token of `example` as a prediction target under `policy`."""
     if isinstance(policy, PolicySchedule):
@@ -157,7 +164,8 @@ def policy_weights(example: TokenizedExample, policy: LossPolicy) -> list[float]
     if policy.turns == "last":
         resp_turns = [t for r, t in zip(example.roles, example.turns) if r is Role.RESPONSE]
         if resp_turns:
-            last = max(resp_turns)
+            # the record's last answer, even when truncation cut it away (then every answer left is context)
+            last = example.last_response_turn if example.last_response_turn is not None else max(resp_turns)
             context = table[Role.INSTRUCTION]
             weights = [
                 context if (r is Role.RESPONSE and t != last) else w

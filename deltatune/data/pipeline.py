@@ -85,13 +85,16 @@ def prepare_dataset(
     limit: int | None = None,
     keep_offsets: bool = False,
     keep_without_response: bool = False,
+    turns: str = "all",
 ) -> PreparedData:
     """Read `path` (JSONL/JSON/Parquet/CSV) and return tokenized examples with a report.
 
     A bad record raises DataError (file, line, field) unless `skip_bad`, which counts it instead.
     Examples longer than `max_len` tokens are truncated (keeping the start) or dropped (`overflow`).
     `keep_without_response` keeps an example truncation left without response tokens (a held-out loss under a
-    policy that weighs the prompt still scores it); the report does not count it as dropped.
+    policy that weighs the prompt still scores it); the report does not count it as dropped. `turns="last"`
+    (the policy trains each record's last answer alone): an example whose last answer truncation cut away has
+    nothing to train and is dropped, as one without any answer is.
     """
     return _prepare(
         read_records(path),
@@ -106,6 +109,7 @@ def prepare_dataset(
         limit=limit,
         keep_offsets=keep_offsets,
         keep_without_response=keep_without_response,
+        turns=turns,
     )
 
 
@@ -123,6 +127,7 @@ def prepare_records(
     limit: int | None = None,
     keep_offsets: bool = False,
     name: str = "<records>",
+    turns: str = "all",
 ) -> PreparedData:
     """Like `prepare_dataset`, for in-memory records; errors name `name` and the record number (1-based)."""
     raw = (RawRecord(r, name, i + 1, i) for i, r in enumerate(records))
@@ -138,6 +143,7 @@ def prepare_records(
         system_prompt=system_prompt,
         limit=limit,
         keep_offsets=keep_offsets,
+        turns=turns,
     )
 
 
@@ -173,6 +179,7 @@ def _prepare(
     limit: int | None,
     keep_offsets: bool,
     keep_without_response: bool = False,
+    turns: str = "all",
 ) -> PreparedData:
     if data_format == "prompt-completion":  # the config's older name for it
         data_format = "prompt"
@@ -222,7 +229,10 @@ def _prepare(
                 report.dropped_too_long += 1
                 continue
             _truncate(ex, max_len)
-        if Role.RESPONSE not in ex.roles and not keep_without_response:
+        answered = Role.RESPONSE in ex.roles
+        if turns == "last" and cut and answered:
+            answered = ex.last_response_turn in {t for r, t in zip(ex.roles, ex.turns) if r is Role.RESPONSE}
+        if not answered and not keep_without_response:
             report.dropped_no_loss += 1  # counted once: a dropped example is not "truncated" as well
             continue
         report.truncated += cut
@@ -268,7 +278,10 @@ def cut_to_budget(conv: Conversation, budget: int) -> Conversation:
 
 
 def _truncate(ex: TokenizedExample, max_len: int) -> None:
-    """Keep the first `max_len` tokens (the prompt survives; the end of a long response is cut)."""
+    """Keep the first `max_len` tokens (the prompt survives; the end of a long response is cut). Which turn held
+    the last answer is recorded first: `turns=last` trains that answer, not the last one left."""
+    if ex.last_response_turn is None:
+        ex.last_response_turn = max((t for r, t in zip(ex.roles, ex.turns) if r is Role.RESPONSE), default=None)
     ex.input_ids = ex.input_ids[:max_len]
     ex.roles = ex.roles[:max_len]
     ex.turns = ex.turns[:max_len]

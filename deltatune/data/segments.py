@@ -52,6 +52,7 @@ class TokenizedExample:
     weights: list[float] | None = None  # filled by a loss policy; weight of token t as a target
     source: str = ""
     truncated: bool = False  # cut to max_len by prepare_dataset
+    last_response_turn: int | None = None  # the turn of the last answer before truncation (set when cut)
     text: str = ""  # the rendered text, kept only for previews (keep_offsets=True)
     offsets: list[tuple[int, int]] | None = None  # each token's character span in `text`, for previews
 

@@ -528,7 +528,7 @@ def _train(
     on_step: Callable[[int, int, torch.nn.Module], dict | None] | None,
 ) -> TrainResult:
     from deltatune.analysis.memory import parameter_report
-    from deltatune.data.masking import PolicySchedule, parse_policy, unused_template_weight
+    from deltatune.data.masking import PolicySchedule, parse_policy, turns_trained, unused_template_weight
     from deltatune.data.pipeline import no_examples_message, prepare_dataset, prepare_records
     from deltatune.methods import get_method
     from deltatune.methods.apply import apply_methods
@@ -629,6 +629,7 @@ def _train(
         overflow=cfg.overflow,
         skip_bad=cfg.skip_bad,
         system_prompt=cfg.system_prompt,
+        turns=turns_trained(parsed),
     )
     if records is not None:
         prepared = prepare_records(records, tokenizer, **data_kwargs)

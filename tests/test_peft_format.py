@@ -83,6 +83,43 @@ def test_we_load_a_peft_written_adapter(tmp_path, rslora):
     torch.testing.assert_close(logits(again), expected, atol=1e-5, rtol=0)
 
 
+def test_a_peft_adapter_as_peft_reads_it_bin_file_and_a_shared_target_list(tmp_path):
+    """PEFT's `.bin` weights (safe_serialization=False) were 'missing adapter weights', and a target_modules list
+    naming a module this model lacks (one list for several architectures, which PEFT loads) was refused."""
+    from deltatune.serve.adapters import MultiAdapterModel
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "query_key_value"])
+    theirs = peft.get_peft_model(tiny_model(0), config)
+    randomise([p for n, p in theirs.named_parameters() if "lora_B" in n])
+    expected = logits(theirs)
+    theirs.save_pretrained(str(tmp_path / "p"), safe_serialization=False)
+    assert (tmp_path / "p" / "adapter_model.bin").exists() and not (
+        tmp_path / "p" / "adapter_model.safetensors"
+    ).exists()
+    adapted = load_adapter(tiny_model(0), tmp_path / "p")
+    assert adapted.methods[0].spec.targets == ["q_proj", "v_proj"]
+    torch.testing.assert_close(logits(adapted.model), expected, atol=1e-5, rtol=0)
+    bank = MultiAdapterModel(tiny_model(0))
+    assert len(bank.load("p", tmp_path / "p").layers) == 4  # the server reads it the same way
+    # a list typed by the user is still checked name by name
+    from deltatune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'query_key_value' in targets"):
+        apply_methods(tiny_model(0), [MethodSpec(name="lora", targets=["q_proj", "query_key_value"])])
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_virtual_tokens_with_modules_to_save_are_refused_by_name(tmp_path, kind):
+    """The refusal blamed an 'unexpected key base_model.lm_head.weight', naming neither the option nor the file."""
+    from deltatune.errors import ConfigError
+
+    make = peft.PromptTuningConfig if kind == "prompt" else peft.PrefixTuningConfig
+    config = make(num_virtual_tokens=3, modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    peft.get_peft_model(tiny_model(0), config).save_pretrained(str(tmp_path / "p"))
+    with pytest.raises(ConfigError, match=r"adapter_config.json: field 'modules_to_save': PEFT .* not supported"):
+        load_adapter(tiny_model(0), tmp_path / "p")
+
+
 def test_unsupported_peft_options_are_named(tmp_path):
     config = peft.LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 2}, task_type="CAUSAL_LM")
     peft.get_peft_model(tiny_model(0), config).save_pretrained(str(tmp_path / "p"))

@@ -344,9 +344,11 @@ def load_adapter(
     `adapter_dtype` option names a dtype.
     `adjust_specs` changes how the file's methods are applied, not their tensors (the API's NF4 base).
     """
-    from deltatune.methods.peft_format import read_adapter
+    from deltatune.methods.peft_format import narrow_peft_targets, read_adapter
 
     specs, state, key_map, source = read_adapter(adapter_dir)
+    if key_map is not None:
+        specs = narrow_peft_targets(model, specs)
     check_adapter_tensors(model, specs, state, peft_keys=key_map is not None, source=source)
     if adjust_specs is not None:
         specs = adjust_specs(specs)

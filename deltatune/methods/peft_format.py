@@ -192,6 +192,42 @@ def specs_from_peft_config(config: dict[str, Any], *, source: str | None = None)
     )
 
 
+PICKLED_WEIGHTS = "adapter_model.bin"  # PEFT's file with safe_serialization=False (and before safetensors)
+
+
+def _load_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A PEFT adapter saved as a torch pickle, read with `weights_only=True`: tensors and plain containers only,
+    no code runs (anything else is refused by torch and named here)."""
+    try:
+        tensors = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle's, torch's or the unpickler's refusal of a non-tensor object
+        raise UserError(
+            f"{path}: not a readable weights-only torch file ({str(exc).splitlines()[0][:80]})", field="adapter"
+        ) from None
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise UserError(f"{path}: expected a mapping of names to tensors", field="adapter")
+    return tensors
+
+
+def narrow_peft_targets(model: nn.Module, specs: list[MethodSpec]) -> list[MethodSpec]:
+    """A PEFT file's list of `target_modules` as PEFT reads it: a name no module of `model` has is passed over
+    (adapters made with one list for several architectures name modules this one lacks), where a list the user
+    typed is checked name by name. A list that matches nothing is left whole, for the usual error."""
+    from dataclasses import replace
+
+    names = [n for n, _ in model.named_modules() if n]
+    narrowed = []
+    for spec in specs:
+        if isinstance(spec.targets, list):
+            present = [t for t in spec.targets if any(n == t or n.endswith("." + t) for n in names)]
+            if present:
+                spec = replace(spec, targets=present)
+        narrowed.append(spec)
+    return narrowed
+
+
 def read_adapter(adapter_dir: str | os.PathLike) -> tuple[list[MethodSpec], dict[str, torch.Tensor], bool | None, str]:
     """(specs, tensors, True if keys are PEFT's else None, config path) of an adapter folder."""
     from safetensors.torch import load_file
@@ -214,6 +250,8 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[list[MethodSpec], dict
     else:
         specs, peft_keys = [specs_from_peft_config(config, source=str(path))], True
     weights = folder / WEIGHTS
+    if not weights.exists() and peft_keys and (folder / PICKLED_WEIGHTS).exists():
+        return specs, _load_pickled_weights(folder / PICKLED_WEIGHTS), peft_keys, str(path)
     if not weights.exists():
         raise UserError(f"{weights}: missing adapter weights", field="adapter")
     try:

@@ -38,6 +38,9 @@ class VirtualTokenMethod(Method):
             return None
         if int(config.get("num_transformer_submodules") or 1) != 1:
             raise ConfigError(f"PEFT {cls.LABEL} for encoder-decoder models is not supported", field="peft_type")
+        from deltatune.methods.peft_format import refuse_peft_options
+
+        refuse_peft_options(config, cls.LABEL, ("modules_to_save",))  # its keys were blamed as unexpected
         # PEFT saves prefix tuning's produced prefixes even with prefix_projection: they load as plain prefixes
         return MethodSpec(name=cls.name, options={"num_virtual_tokens": int(config["num_virtual_tokens"])})
 

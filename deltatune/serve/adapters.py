@@ -260,7 +260,8 @@ class MultiAdapterModel:
 
     # --- loading ------------------------------------------------------------------------------
     def load(self, name: str, folder: str | os.PathLike) -> LoadedAdapter:
-        """Load an adapter folder (PEFT's or deltatune's format; safetensors only) under `name`."""
+        """Load an adapter folder (PEFT's or deltatune's format; a PEFT `.bin` is read weights-only)
+        under `name`."""
         from deltatune.methods.peft_format import read_adapter
 
         self._check_new_name(name)
@@ -279,6 +280,7 @@ class MultiAdapterModel:
     ) -> LoadedAdapter:
         """Build the adapter's modules from its specs and weights and attach them under `name`."""
         from deltatune.methods.apply import apply_methods, check_adapter_tensors, hold_in_saved_precision
+        from deltatune.methods.peft_format import narrow_peft_targets
 
         self._check_new_name(name)
         for spec in specs:
@@ -289,6 +291,8 @@ class MultiAdapterModel:
         built = []
         if linear_specs:
             skeleton = self._skeleton()
+            if peft_keys:
+                linear_specs = narrow_peft_targets(skeleton, linear_specs)
             check_adapter_tensors(skeleton, linear_specs, tensors, peft_keys=peft_keys, source=source)
             adapted = apply_methods(skeleton, linear_specs)
             if peft_keys:

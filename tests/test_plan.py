@@ -95,6 +95,62 @@ def test_activation_estimate_is_within_30_percent_of_what_autograd_saves():
         assert 0.7 * measured <= estimate <= 1.3 * measured, (attn, measured, estimate)
 
 
+@pytest.mark.parametrize("method", ["vera", "lora", "prompt"])
+def test_adapter_bytes_are_the_tensors_the_adapter_file_holds(tmp_path, method):
+    """VeRA's file holds its shared random matrices beside the trained vectors; plan left them out (4,320 bytes
+    planned, 8,416 written here; about 5x at 7B)."""
+    from safetensors import safe_open
+
+    specs = [MethodSpec(name=method, rank=4)]
+    adapted = apply_methods(tiny_model(0), specs)
+    adapted.save_adapter(tmp_path / "a")
+    written = 0
+    for file in (tmp_path / "a").glob("*.safetensors"):
+        with safe_open(str(file), "pt") as fh:
+            written += sum(fh.get_tensor(k).nbytes for k in fh.keys())
+    planned = plan_finetune(CFG, specs, dtype="fp32", batch_size=1, seq_len=8).params
+    assert planned.adapter_bytes == written
+    assert planned.weight_bytes == 4 * BASE_TOTAL + planned.adapter_bytes  # the shared matrices are held too
+
+
+def _saved_numel_per_token(layer: torch.nn.Module, d_in: int) -> float:
+    """Numbers autograd keeps for `layer`'s backward per token, beyond its input and its own tensors: the
+    difference between 96 and 32 tokens, so that what does not grow with the tokens cancels."""
+
+    def saved(tokens: int) -> int:
+        x = torch.randn(tokens, d_in, requires_grad=True)
+        own = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers(), x)}
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x).sum()
+        return sum(n for ptr, n in storages.items() if ptr not in own)
+
+    return (saved(96) - saved(32)) / 64
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (576, 192), (1536, 576)])
+def test_mora_and_ia3_count_what_backward_keeps_per_token(shape):
+    """`plan` counted nothing for MoRA and (IA)3 (the base class's 0): MoRA's type 6 (its default) keeps a
+    wrap-padded copy of the input, 2.2x the input on a 576->192 layer, and was planned below LoRA."""
+    from deltatune.methods.ia3 import IA3Linear
+    from deltatune.methods.mora import MoRALinear
+
+    d_in, d_out = shape
+    layers = [MoRALinear(torch.nn.Linear(d_in, d_out, bias=False), 8, mora_type=t) for t in (6, 1, 2, "truncate")]
+    layers += [IA3Linear(torch.nn.Linear(d_in, d_out, bias=False), feedforward=ff) for ff in (False, True)]
+    for layer in layers:
+        layer.train()
+        assert layer.activation_numel_per_token() == _saved_numel_per_token(layer, d_in), layer
+    # dropout adds its output, as LoRA counts it (its one-byte mask is left out of both)
+    dropped = MoRALinear(torch.nn.Linear(d_in, d_out, bias=False), 8, mora_type=6, dropout=0.1)
+    assert dropped.activation_numel_per_token() == layers[0].activation_numel_per_token() + d_in
+
+
 def test_gradient_checkpointing_keeps_layer_inputs_only():
     kw = dict(batch_size=2, seq_len=16, dtype=torch.float32)
     full = activation_bytes(CFG, gradient_checkpointing=False, **kw)

@@ -216,10 +216,13 @@ def parameter_report(target) -> ParamReport:
     from deltatune.methods.apply import AdaptedModel
     from deltatune.methods.nf4 import NF4Linear
 
+    saved_buffers: list[torch.Tensor] = []  # frozen tensors the adapter file holds too (VeRA's shared matrices)
     if isinstance(target, AdaptedModel):
         model = target.model
         by_method = {m.name: sum(p.numel() for _, p in m.trainable_parameters(model)) for m in target.methods}
         trainable_ids = {id(p) for _, p in target.trainable_parameters()}
+        parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        saved_buffers = [t for name, t in target.adapter_state_dict().items() if name not in parameters]
     else:
         model, by_method = target, {}
         trainable_ids = {id(p) for p in model.parameters() if p.requires_grad}
@@ -242,6 +245,8 @@ def parameter_report(target) -> ParamReport:
             total += n
             kind[0] += n
             weight_bytes += module.weight_nbytes()  # 4-bit codes and their scales
+    saved_bytes = sum(t.numel() * t.element_size() for t in saved_buffers)
+    weight_bytes += saved_bytes
     return ParamReport(
         total=total,
         trainable=trainable,
@@ -250,7 +255,7 @@ def parameter_report(target) -> ParamReport:
         weight_bytes=weight_bytes,
         gradient_bytes=trainable_bytes,
         optimizer_bytes=trainable * ADAMW_STATE_BYTES,
-        adapter_bytes=trainable_bytes,
+        adapter_bytes=trainable_bytes + saved_bytes,
     )
 
 

@@ -52,6 +52,11 @@ class IA3Linear(DeltaLinear):
             return base_out + nn.functional.linear((x.to(l.dtype) * (l - 1)).to(x.dtype), self.base_weight(x.dtype))
         return (base_out * l).to(base_out.dtype)
 
+    def activation_numel_per_token(self) -> int:
+        """The base's output, kept for the vector's gradient; a feedforward layer scales its input, which the
+        base already keeps."""
+        return 0 if self.is_feedforward else self.out_features
+
     def _scale(self) -> torch.Tensor:
         """The vector shaped to broadcast against W (out, in): a column for rows, a row for columns."""
         return self.ia3_l.detach().float()

@@ -206,6 +206,17 @@ class MoRALinear(DeltaLinear):
         z = torch.bmm(xb, blocks.transpose(1, 2))  # (n_blocks, tokens, r)
         return z.transpose(0, 1).reshape(*lead, self.n_blocks, self.r_hat)
 
+    def activation_numel_per_token(self) -> int:
+        """What backward keeps per token (memory planning): the compressed input (r_hat) that M's gradient needs,
+        or for the rotation types the wrap-padded copy of the input (`_wrap_pad` repeats it whole, then cuts),
+        the blocks' products reading a view of x otherwise; plus the dropout's output."""
+        padded = self.n_blocks * self.r_hat
+        if self.mora_type in (6, "decouple"):
+            kept = -(-padded // self.in_features) * self.in_features if padded != self.in_features else 0
+        else:
+            kept = self.r_hat
+        return kept + (self.in_features if isinstance(self.dropout, Dropout) else 0)
+
     # --- explicit delta W ------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
         """delta W = D M C, assembled column by column from index maps (fp32, shape (out, in))."""

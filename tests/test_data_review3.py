@@ -191,6 +191,22 @@ def test_a_json_file_holding_one_chat_record_is_that_record(tmp_path, tiny_tok):
     assert prepare_dataset(str(records), tiny_tok, template="chatml").report.kept == 2
 
 
+def test_records_in_an_object_holding_one_array_are_named_by_their_line(tmp_path, tiny_tok):
+    """docs/data.md: errors name the line where the record opens; for `{"data": [...]}` they named only the index."""
+    from deltatune.data.pipeline import prepare_dataset
+    from deltatune.errors import DataError
+
+    path = tmp_path / "obj.json"
+    path.write_text(
+        '{\n  "name": "a [set]",\n  "data": [\n    {"instruction": "a", "output": "b"},\n'
+        + '    {"instruction": "c",\n     "output": ""}\n  ]\n}\n'
+    )
+    with pytest.raises(DataError, match=r"obj\.json:5: field 'output': empty"):
+        prepare_dataset(str(path), tiny_tok, template="chatml")
+    data = prepare_dataset(str(path), tiny_tok, template="chatml", skip_bad=True)
+    assert data.examples[0].source == f"{path}:4"
+
+
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
 def test_json_nested_too_deeply_is_one_line_and_a_bom_alone_on_the_first_line_is_no_record(tmp_path, tiny_tok, suffix):
     from deltatune.data.pipeline import prepare_dataset

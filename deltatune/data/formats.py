@@ -141,22 +141,49 @@ def _read_json(p: Path, name: str) -> Iterator[RawRecord | DataError]:
             raise DataError(
                 "expected a JSON array of records, or an object with exactly one array of records", file=name
             )
-        for i, item in enumerate(top[lists[0]]):
-            yield RawRecord(item, name, None, i)
+        records = top[lists[0]]
+        yield from _with_lines(records, text, _value_start(text, lists[0]), name)
         return
     if not isinstance(top, list):
         raise DataError(f"expected a JSON array of records, got {type(top).__name__}", file=name)
-    # Walk the array once more with raw_decode to learn where each element starts (its line).
+    yield from _with_lines(top, text, text.index("["), name)
+
+
+_BLANK = " \t\r\n"
+
+
+def _value_start(text: str, key: str) -> int:
+    """Where the value of the top-level object's `key` starts in `text` (already parsed, so well formed)."""
     decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
+    pos = text.index("{") + 1
+    while True:
+        while text[pos] in _BLANK + ",":
+            pos += 1
+        name, pos = decoder.raw_decode(text, pos)
+        while text[pos] in _BLANK + ":":
+            pos += 1
+        if name == key:  # a repeated key: json.loads keeps the last, and so does this
+            last = pos
+        _, pos = decoder.raw_decode(text, pos)
+        while pos < len(text) and text[pos] in _BLANK:
+            pos += 1
+        if text[pos] == "}":
+            return last
+
+
+def _with_lines(items: list, text: str, array_start: int, name: str) -> Iterator[RawRecord]:
+    """Each element of the array that opens at `array_start`, with the line where it starts: the array is walked
+    once more with raw_decode."""
+    decoder = json.JSONDecoder()
+    pos = array_start + 1
     line = text.count("\n", 0, pos) + 1
-    for i in range(len(top)):
-        while text[pos] in " \t\r\n,":
+    for i in range(len(items)):
+        while text[pos] in _BLANK + ",":
             if text[pos] == "\n":
                 line += 1
             pos += 1
         _, end = decoder.raw_decode(text, pos)
-        yield RawRecord(top[i], name, line, i)
+        yield RawRecord(items[i], name, line, i)
         line += text.count("\n", pos, end)
         pos = end
 

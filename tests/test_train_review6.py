@@ -2,6 +2,7 @@
 model, `precision: auto` resumes in the precision it trained in, `epochs` counts every epoch's own rows, and
 `eval_every` with nothing held out is refused."""
 
+import json
 import os
 import signal
 
@@ -131,3 +132,26 @@ def test_betas_under_lomo_are_said_to_be_unused(tiny_dir, data_file, tmp_path, c
     assert "warning: betas are not used by fused_update lomo" in capsys.readouterr().err
     train(tiny_train_config(tiny_dir, data_file, tmp_path / "b", **cfg), quiet=True)
     assert "betas" not in capsys.readouterr().err
+
+
+def test_a_resume_keeps_a_best_written_after_its_checkpoint_unless_beaten(tiny_dir, data_file, tmp_path, capsys):
+    """best/ written at a step after the checkpoint (the crash came later) was replaced by the resumed run's first
+    eval that beat the checkpoint's best, even when it was worse than what best/ held (after a changed schedule
+    the resumed steps train another way). The resume now knows best/'s eval loss from metrics.jsonl."""
+    run = tmp_path / "run"
+
+    def crash_at_4(step, total, model):  # step 3 is logged, the checkpoint is step 2's
+        if step == 4:
+            raise RuntimeError("power cut")
+
+    cfg = dict(steps=5, save_every=2, eval_every=1)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(tiny_train_config(tiny_dir, data_file, run, **cfg), quiet=True, on_step=crash_at_4)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    metrics[2]["eval_loss"] = 1e-3  # best/ as written at step 3: far better than anything the resume will see
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (run / "best" / "marker").write_text("step 3")
+    train(tiny_train_config(tiny_dir, data_file, run, resume=True, **{**cfg, "steps": 7}))
+    assert (run / "best" / "marker").read_text() == "step 3"
+    assert "best/ holds step 3 of the run before this resume (eval loss 0.0010)" in capsys.readouterr().out

@@ -544,6 +544,7 @@ def _train(
     )
     from deltatune.train.checkpoint import verify_checkpoint
     from deltatune.train.run_folder import (
+        best_eval_after,
         check_output_folder,
         compare_for_resume,
         compiled_layers_at,
@@ -781,6 +782,17 @@ def _train(
                 + f" from step {pos.step}"
             )
         say(f"resumed from {resume_from} at step {pos.step}")
+        # best/ may hold a step after the checkpoint's, whose eval the checkpoint never saw: without it, a worse
+        # eval of the resumed run replaced best/ (after a changed schedule the run trains those steps another way)
+        later_best = best_eval_after(out / "metrics.jsonl", pos.step) if (out / "best").is_dir() else None
+        if later_best is not None and (pos.best_eval is None or later_best[1] < pos.best_eval):
+            pos.best_eval = later_best[1]
+            if resume_changes:
+                say(
+                    f"best/ holds step {later_best[0]} of the run before this resume (eval loss {later_best[1]:.4f}); "
+                    "it is replaced only by a lower eval loss"
+                )
+        dist.barrier()  # every rank read metrics.jsonl before the first one cuts it back
     else:
         dist.seed_own_streams(cfg.seed)  # several processes: other dropout masks for other rows
     if dist.is_main:  # training starts: only now does the output folder appear

@@ -278,6 +278,25 @@ def save_run_config(cfg: TrainConfig, out: Path, history: list[dict]) -> None:
     write_text_atomic(out / "config.yaml", "\n".join(lines) + "\n" + body)
 
 
+def best_eval_after(path: Path, step: int) -> tuple[int, float] | None:
+    """(step, eval loss) of what best/ holds, read from metrics.jsonl, when an evaluation after `step` wrote it:
+    best/ is written at each eval loss lower than every earlier one, so it holds the first lowest."""
+    best: tuple[int, float] | None = None
+    if not path.exists():
+        return None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            continue
+        loss = record.get("eval_loss")
+        if isinstance(loss, (int, float)) and (best is None or loss < best[1]):
+            best = (record["step"], float(loss))
+    return best if best is not None and best[0] > step else None
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep metrics.jsonl's records up to `step` (those after the checkpoint will be logged again)."""
     if not path.exists():

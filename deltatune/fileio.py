@@ -11,12 +11,13 @@ refused even then.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 from deltatune.errors import UserError
 
@@ -125,6 +126,36 @@ def _rename_pair(tmp: Path, out_dir: Path, old: Path) -> None:
         if not os.path.lexists(out_dir):
             os.replace(old / "x", out_dir)
         raise
+
+
+# what a write killed before its rename leaves beside its target NAME: atomic_dir's `.NAME.tmp.XXXXXXXX`, _swap_in's
+# `.NAME.old.XXXXXXXX` and write_text_atomic's `.NAME.XXXXXXXX` (tempfile's eight random characters)
+_LEFT_BY_A_KILL = re.compile(r"\.(?P<name>.+?)(?P<kind>\.tmp|\.old)?\.[a-z0-9_]{8}")
+
+
+def remove_interrupted_writes(folder: str | os.PathLike, names: Callable[[str], bool]) -> list[Path]:
+    """Remove what writes killed mid-way left in `folder` (a process killed before its rename cannot clean up: a
+    half-written checkpoint can be as large as the model and its optimizer state), for targets whose NAME
+    `names` accepts. A previous version that a kill caught between the two renames of a swap is put back when
+    its name is free. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        m = _LEFT_BY_A_KILL.fullmatch(entry.name)
+        if not m or not names(m["name"]) or entry.is_symlink():
+            continue
+        if m["kind"] == ".old" and (entry / "x").exists() and not os.path.lexists(folder / m["name"]):
+            os.replace(entry / "x", folder / m["name"])
+        if entry.is_dir() and m["kind"]:
+            shutil.rmtree(entry)
+        elif entry.is_file() and not m["kind"]:
+            entry.unlink()
+        else:
+            continue
+        removed.append(entry)
+    return removed
 
 
 @contextmanager

@@ -155,3 +155,26 @@ def test_a_resume_keeps_a_best_written_after_its_checkpoint_unless_beaten(tiny_d
     train(tiny_train_config(tiny_dir, data_file, run, resume=True, **{**cfg, "steps": 7}))
     assert (run / "best" / "marker").read_text() == "step 3"
     assert "best/ holds step 3 of the run before this resume (eval loss 0.0010)" in capsys.readouterr().out
+
+
+def test_a_resume_removes_what_a_killed_write_left_and_nothing_else(tiny_dir, data_file, tmp_path):
+    """A kill during a checkpoint write left `checkpoints/.step-N.tmp.XXXXXXXX` (as large as the model and its
+    optimizer state) for good: neither resume nor pruning removed it. A previous best/ that a kill caught between
+    the two renames of its swap is put back. The user's own hidden files stay."""
+    run = tmp_path / "run"
+    cfg = dict(steps=2, save_every=2, eval_every=1)
+    train(tiny_train_config(tiny_dir, data_file, run, **cfg), quiet=True)
+    half = run / "checkpoints" / ".step-0000004.tmp.k2j_9xqz"
+    half.mkdir()
+    (half / "state.pt").write_bytes(b"x" * 1000)
+    (run / ".metrics.jsonl.a1b2c3d4").write_text("half")  # write_text_atomic's temporary file
+    (run / "best").rename(run / "kept-best")
+    (run / ".best.old.q8w7e6r5").mkdir()
+    (run / "kept-best").rename(run / ".best.old.q8w7e6r5" / "x")  # killed between the swap's two renames
+    (run / ".notes.txt").write_text("mine")
+    (run / ".mydata.abcdefgh").write_text("mine too")  # not a name deltatune writes
+    train(tiny_train_config(tiny_dir, data_file, run, resume=True, **{**cfg, "steps": 3}), quiet=True)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    hidden = sorted(p.name for p in run.iterdir() if p.name.startswith("."))
+    assert hidden == [".mydata.abcdefgh", ".notes.txt"]
+    assert (run / "best" / "adapter_model.safetensors").exists()

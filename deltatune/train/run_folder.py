@@ -22,8 +22,9 @@ import yaml
 
 from deltatune.config import TrainConfig, load_yaml
 from deltatune.errors import ConfigError
-from deltatune.fileio import check_writable, overlaps, write_text_atomic
+from deltatune.fileio import check_writable, overlaps, remove_interrupted_writes, write_text_atomic
 from deltatune.train.checkpoint import list_checkpoints, read_meta, verify_checkpoint
+from deltatune.train.snapshot import SNAPSHOT_DIR
 
 # everything `deltatune train` writes into its output folder
 RUN_CONFIG_HEADER = "# deltatune run:"  # config.yaml's first line: --overwrite replaces only folders with it
@@ -161,12 +162,18 @@ def check_output_folder(cfg: TrainConfig, reads: dict[str, str | None]) -> None:
 
 
 def start_output(cfg: TrainConfig) -> Path:
-    """Create the output folder as training starts; with --overwrite, first remove the old run's entries."""
+    """Create the output folder as training starts; with --overwrite, first remove the old run's entries. What a
+    killed run's writes left half-done (a temporary checkpoint folder, as large as the model and its optimizer
+    state) is removed on resume and overwrite."""
     out = Path(cfg.output).expanduser()
     if cfg.overwrite:  # config.yaml last: a folder left half-removed by an interrupt still reads as a run
         for name in sorted(holds_run(out), key=lambda name: name == "config.yaml"):
             target = out / name
             shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    if cfg.overwrite or cfg.resume:
+        for folder in (out / "checkpoints", out / SNAPSHOT_DIR):
+            remove_interrupted_writes(folder, lambda name: name.startswith("step-"))
+        remove_interrupted_writes(out, lambda name: name in RUN_ENTRIES)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

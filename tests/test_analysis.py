@@ -463,3 +463,23 @@ def test_analyze_says_when_a_model_is_stored_in_bf16(lora_run, tmp_path, capsys)
         assert main(["analyze", "--base", str(base_dir), "--run", str(merged), "--out", str(out)]) == 0
         warned = "stores weights in bf16: the rounding to it is part of the dW" in capsys.readouterr().err
         assert warned == (dtype == "bf16")
+
+
+def test_the_spectrum_grid_shows_every_expert_of_a_layer():
+    """The per-layer grid kept one matrix per (layer, type): a mixture's eight experts of layer 0 showed as the last
+    one alone. Several matrices of a type in a layer show their range of ranks and their count."""
+    from deltatune.cli.analyze import spectrum_markdown
+
+    def row(name, rank):
+        return {"name": name, "type": layer_type(name), "layer": layer_index(name), "rank90": rank, "full_rank": 64}
+
+    experts = [row(f"model.layers.0.mlp.experts.{e}.up_proj", r) for e, r in enumerate([3, 9, 5])]
+    matrices = [*experts, row("model.layers.0.self_attn.q_proj", 4), row("model.layers.1.mlp.experts.0.up_proj", 7)]
+    result = {
+        "label": "moe",
+        "energy": 0.9,
+        "spectrum": {"snapshot": "final", "matrices": matrices, "by_type": [], "over_time": []},
+    }
+    text = spectrum_markdown(result)
+    grid = text.split("per layer\n\n")[1].split("\n\n")[0]
+    assert grid.splitlines()[2:] == ["| 0 | 4/64 | 3-9/64 (x3) |", "| 1 |  | 7/64 |"]

@@ -169,6 +169,17 @@ def _relabel(rows: list[dict], pct: str) -> list[dict]:
     return [{k.replace("rank90", _rank_label(pct)): v for k, v in r.items()} for r in rows]
 
 
+def _grid_cell(matrices: list[dict]) -> str:
+    """rank/full rank of one matrix; for several of a layer's matrices of one type (a mixture's experts: each
+    overwrote the last, so the grid showed one expert), the range of ranks and how many there are."""
+    ranks = sorted(r["rank90"] for r in matrices)
+    full = max(r["full_rank"] for r in matrices)
+    if len(matrices) == 1:
+        return f"{ranks[0]}/{full}"
+    spread = f"{ranks[0]}" if ranks[0] == ranks[-1] else f"{ranks[0]}-{ranks[-1]}"
+    return f"{spread}/{full} (x{len(matrices)})"
+
+
 def spectrum_markdown(result: dict) -> str:
     from deltatune.analysis.plots import _percent
     from deltatune.cli.eval import format_table
@@ -181,9 +192,12 @@ def spectrum_markdown(result: dict) -> str:
     grid = []
     for layer in layers:
         row = {"layer": "-" if layer is None else layer}
+        cells: dict[str, list[dict]] = {}
         for r in s["matrices"]:
             if r["layer"] == layer:
-                row[r["type"]] = f"{r['rank90']}/{r['full_rank']}"
+                cells.setdefault(r["type"], []).append(r)
+        for kind, found in cells.items():
+            row[kind] = _grid_cell(found)
         grid.append(row)
     return (
         f"# Spectrum of dW: {result['label']} ({s['snapshot']})\n\n"

@@ -87,6 +87,7 @@ def test_relative_update_size_is_the_frobenius_ratio():
     (row,) = spectrum_rows([pair])
     assert row["rel_norm"] == pytest.approx(5 / (2 * 3**0.5), rel=1e-12)
     assert summarise_by_type([row, {**row, "rel_norm": 0.0}])[0]["rel_norm_mean"] == pytest.approx(5 / (4 * 3**0.5))
+    assert summarise_by_type([row])[0]["full_rank"] == 3  # the spectrum plot draws it dashed
 
 
 # --- magnitude and direction ------------------------------------------------------------------

@@ -70,6 +70,7 @@ def summarise_by_type(rows: list[dict]) -> list[dict]:
                 "rank90_max": max(r["rank90"] for r in sel),
                 "rank90_frac_mean": sum(r["rank90_frac"] for r in sel) / len(sel),
                 "rel_norm_mean": sum(r["rel_norm"] for r in sel) / len(sel),
+                "full_rank": max(r["full_rank"] for r in sel),  # the spectrum plot's dashed line
             }
         )
     return out

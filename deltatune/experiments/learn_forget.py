@@ -289,11 +289,7 @@ class Measures:
         from deltatune.analysis.decompose import matrix_pairs
         from deltatune.analysis.spectrum import spectrum_rows, summarise_by_type
 
-        rows = spectrum_rows(matrix_pairs(model, self.base), 0.9, top=0)
-        full = {}
-        for r in rows:
-            full.setdefault(r["type"], r["full_rank"])
-        return [{**s, "full_rank": full[s["type"]]} for s in summarise_by_type(rows)]
+        return summarise_by_type(spectrum_rows(matrix_pairs(model, self.base), 0.9, top=0))
 
 
 def _config(method: str, rank: int | None, lr: float, seed: int, length: dict, sizes: dict, precision: str) -> dict:

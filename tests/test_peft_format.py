@@ -120,6 +120,19 @@ def test_virtual_tokens_with_modules_to_save_are_refused_by_name(tmp_path, kind)
         load_adapter(tiny_model(0), tmp_path / "p")
 
 
+def test_a_mora_fork_adapter_is_refused_by_name(tmp_path):
+    """The MoRA authors' PEFT fork saves MoRA as peft_type LORA with `use_mora: true`: read as LoRA, its square
+    matrices failed on shapes with no word of MoRA."""
+    from deltatune.errors import ConfigError
+
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    peft.get_peft_model(tiny_model(0), config).save_pretrained(str(tmp_path / "p"))
+    path = tmp_path / "p" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "use_mora": True, "mora_type": 6}))
+    with pytest.raises(ConfigError, match=r"field 'use_mora': this adapter was saved by the MoRA authors' fork"):
+        load_adapter(tiny_model(0), tmp_path / "p")
+
+
 def test_unsupported_peft_options_are_named(tmp_path):
     config = peft.LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"q_proj": 2}, task_type="CAUSAL_LM")
     peft.get_peft_model(tiny_model(0), config).save_pretrained(str(tmp_path / "p"))

@@ -243,6 +243,12 @@ class LoRA(WeightDeltaMethod):
                     "LoRA and would give other outputs",
                     field=key,
                 )
+        if config.get("use_mora"):  # the MoRA authors' fork of PEFT writes MoRA as peft_type LORA
+            raise ConfigError(
+                "this adapter was saved by the MoRA authors' fork of PEFT (use_mora: true); its tensors are MoRA's "
+                "square matrices, which deltatune reads from its own adapter format only (method mora)",
+                field="use_mora",
+            )
         init = config.get("init_lora_weights", True)
         if isinstance(init, str) and init.lower().startswith(PEFT_BASE_CHANGING_INITS):
             raise ConfigError(

@@ -171,6 +171,11 @@ def run_deltatune(
 
     if "keep_probabilities" in ctx:  # benchmarks/kept_probabilities.py's two variants
         packed_attention.KEEP_PROBABILITIES = ctx["keep_probabilities"]
+    if ctx.get("fp32_head"):  # benchmarks/head_precision.py: the head as it ran before 2026-12-07
+        from deltatune.train import loop
+
+        bf16_head = loop.weighted_lm_loss_sum
+        loop.weighted_lm_loss_sum = lambda *a, compute_dtype=None, **k: bf16_head(*a, **k)
     records, _, _ = examples_of(ctx, load_tokenizer(ctx["model"]))
     out = tempfile.mkdtemp(prefix="bench-dt-")
     cfg = deltatune_config(

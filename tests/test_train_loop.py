@@ -244,3 +244,27 @@ def test_gradient_checkpointing_with_packed_attention_trains_identically(tiny_di
         runs[ckpt] = _final_weights(out)
     for name, value in runs[False].items():
         assert torch.allclose(runs[True][name], value, atol=1e-6), name
+
+
+def test_full_finetuning_in_bf16_runs_the_head_in_bf16_as_every_other_linear(
+    tiny_dir, data_file, tmp_path, monkeypatch
+):
+    """The loss runs outside autocast; with fp32 master weights the final hidden state is fp32, so the head's
+    three vocabulary-sized products ran in fp32 (2-3x slower on the default model) while every other linear ran
+    in bf16, and the lean loop's head (under autocast) too. fp32 runs keep an fp32 head."""
+    from deltatune.train import loop
+
+    seen = []
+
+    def spy(hidden, head, *args, **kwargs):
+        seen.append((hidden.dtype, head.weight.dtype, kwargs.get("compute_dtype")))
+        return weighted(hidden, head, *args, **kwargs)
+
+    weighted = loop.weighted_lm_loss_sum
+    monkeypatch.setattr(loop, "weighted_lm_loss_sum", spy)
+    cfg = dict(method="full", lr=1e-4, steps=2, eval_every=1)
+    train(_cfg(tiny_dir, data_file, tmp_path / "bf16", precision="bf16", **cfg), quiet=True)
+    assert seen and set(seen) == {(torch.float32, torch.float32, torch.bfloat16)}  # training and held-out evals
+    seen.clear()
+    train(_cfg(tiny_dir, data_file, tmp_path / "fp32", precision="fp32", **cfg), quiet=True)
+    assert seen and set(seen) == {(torch.float32, torch.float32, None)}

@@ -23,7 +23,7 @@ from deltatune.upcycle.moe import moe_blocks, upcast
 
 def balance_loss(logits: torch.Tensor, assigned: torch.Tensor) -> torch.Tensor:
     probs = torch.softmax(upcast(logits), dim=-1)
-    f = assigned.float() / assigned.sum().clamp(min=1)
+    f = assigned.to(probs.dtype) / assigned.sum().clamp(min=1)  # float64 routing stays float64
     return probs.shape[-1] * (f * probs.mean(dim=0)).sum()
 
 

@@ -408,3 +408,51 @@ def test_turns_last_never_trains_an_earlier_answer_after_truncation(tiny_tok):
     trained = {t for t, w in zip(partly.turns, policy_weights(partly, last)) if w > 0}
     assert trained == {1}
     assert len(deltatune.prepare([rec], tiny_tok, template="chatml", max_len=cut_at, policy="response,turns=last")) == 0
+
+
+def _merging_tokenizer():
+    """The tiny tokenizer with byte-level merges of a newline and the whitespace after it ("\\n" + indentation,
+    a blank line), as SmolLM2's, Llama 3's and Qwen's tokenizers have."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from deltatune.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    for pair in (["Ċ", "Ġ"], ["ĊĠ", "Ġ"], ["ĊĠĠ", "Ġ"], ["Ċ", "Ċ"]):
+        vocab["".join(pair)] = len(vocab)
+    spec["model"]["merges"] = [["Ċ", "Ġ"], ["ĊĠ", "Ġ"], ["ĊĠĠ", "Ġ"], ["Ċ", "Ċ"], *merges]
+    merged = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        pad_token=tok.pad_token,
+        unk_token=tok.unk_token,
+    )
+    merged.chat_template = tok.chat_template
+    return merged
+
+
+@pytest.mark.parametrize("template", ["tokenizer", "chatml"])
+@pytest.mark.parametrize("answer", ["    return a + b", "\n\nThe answer is 5."])
+def test_an_answer_opening_with_whitespace_is_trained_after_the_prompt_inference_shows(template, answer):
+    """A byte-level tokenizer merged the generation prompt's final newline with an answer's leading whitespace into
+    one token, tagged as the answer: the trained context lacked the newline every inference prompt ends with, and
+    the first target was a token the model never produces after that prompt. The answer is now tokenized apart."""
+    tok = _merging_tokenizer()
+    messages = [{"role": "user", "content": "Complete: def add(a, b):"}, {"role": "assistant", "content": answer}]
+    assert len(tok("assistant\n    return", add_special_tokens=False)["input_ids"]) < len(
+        tok("assistant\n", add_special_tokens=False)["input_ids"]
+        + tok("    return", add_special_tokens=False)["input_ids"]
+    )  # the merge happens
+    ex = prepare_records([{"messages": messages}], tok, template=template).examples[0]
+    weights = policy_weights(ex, LossPolicy("response"))
+    first = weights.index(1.0)
+    prompt = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert ex.input_ids[:first] == tok(prompt, add_special_tokens=False)["input_ids"]
+    trained = [t for t, w in zip(ex.input_ids, weights) if w > 0]
+    assert trained == tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]

@@ -5,7 +5,9 @@ inference) and the fast tokenizer's offset mapping gives each token's character 
 segment holding its last character gives the token's role and turn (a token that straddles a
 boundary, like " 5" after a template ending in "[/INST]", is what the model generates there). No marker string is ever
 re-tokenized on its own, so a template whose markers tokenize differently in context is still
-tagged right. Tokenization is batched: the Rust tokenizer does the work in parallel.
+tagged right. One exception: where an answer's first characters merge into a token that began in the prompt (a
+byte-level "\n" + indentation), the text is tokenized apart at the answer's start, as inference tokenizes the
+prompt alone. Tokenization is batched: the Rust tokenizer does the work in parallel.
 """
 
 from __future__ import annotations
@@ -62,8 +64,45 @@ def tokenize_examples(
         texts = [ex.text for ex in chunk]
         for ex, text, enc in zip(chunk, texts, backend.encode_batch(texts, add_special_tokens=False)):
             bos_id = None if ex.template_writes_bos else tokenizer_bos
+            cuts = _answers_merged_into_prompt(ex, enc)
+            if cuts:
+                enc = _SplitEncoding(backend, text, cuts)
             out.append(_tag(ex, text, enc, bos_id, bos_text, keep_offsets))
     return out
+
+
+def _answers_merged_into_prompt(ex: Example, enc: Any) -> list[int]:
+    """Where an answer starts inside a token that began in the prompt before it: a byte-level tokenizer merges the
+    generation prompt's final newline with an answer that opens with whitespace (indented code, a blank line) into
+    one token. Tagged as the answer, that token left the trained context without the newline every inference
+    prompt ends with, and its first target was a token the model never produces after that prompt."""
+    cuts, pos = [], 0
+    for before, seg in zip(ex.segments, ex.segments[1:]):
+        pos += len(before.text)
+        if seg.role is Role.RESPONSE and before.role is not Role.RESPONSE and seg.text:
+            t = enc.char_to_token(pos)
+            if t is not None and enc.token_to_chars(t)[0] < pos:
+                cuts.append(pos)
+    return cuts
+
+
+class _SplitEncoding:
+    """The encoding of `text` cut at `cuts`, each piece tokenized alone, as inference tokenizes a prompt and the
+    model then writes the answer after it; offsets stay those of the whole text."""
+
+    def __init__(self, backend: Any, text: str, cuts: list[int]) -> None:
+        starts = [0, *cuts]
+        pieces = [text[a:b] for a, b in zip(starts, [*cuts, len(text)])]
+        self.ids: list[int] = []
+        self.offsets: list[tuple[int, int]] = []
+        for start, enc in zip(starts, backend.encode_batch(pieces, add_special_tokens=False)):
+            self.ids += enc.ids
+            self.offsets += [(a + start, b + start) for a, b in enc.offsets]
+        self._ends = [b for _, b in self.offsets]
+
+    def char_to_token(self, char: int) -> int | None:
+        t = bisect_right(self._ends, char)
+        return t if t < len(self.offsets) and self.offsets[t][0] <= char else None
 
 
 def _segment_bounds(enc: Any, seg_starts: list[int]) -> list[int]:

@@ -154,6 +154,19 @@ def test_clean_completion_cuts_humaneval_and_unfences_mbpp(humaneval_file, mbpp_
     )
 
 
+@pytest.mark.parametrize(
+    "text",
+    [" def sq(x):\n    return x * x\n", "  def sq(x):\n      return x * x\n", "\n def sq(x):\n    return x * x\n"],
+)
+def test_an_unfenced_mbpp_answer_after_a_plain_prompt_runs(mbpp_file, text):
+    """A plain prompt ends in "Answer:", so the model's first token is " def": the program opened with an indented
+    line and a correct answer failed with IndentationError (pass@1 0 for base models' unfenced answers)."""
+    sq = read_code_problems(mbpp_file)[0]
+    code = clean_completion(sq, text)
+    assert code.lstrip("\n").startswith("def sq(x):\n")
+    assert run_program(sq.program(code), FAST).passed
+
+
 def test_generation_path_scores_the_model_text(humaneval_file, tiny_lm, tiny_tok, monkeypatch):
     from deltatune.evaluate import runner
     from deltatune.evaluate.runner import EvalOptions, evaluate_task
@@ -163,12 +176,15 @@ def test_generation_path_scores_the_model_text(humaneval_file, tiny_lm, tiny_tok
 
     def fake_generate(model, tokenizer, prompts, config, **kw):  # the model "writes" add right, rev wrong
         seen["prompts"], seen["stop"] = prompts, config.stop
+        seen["add_special_tokens"] = kw.get("add_special_tokens")
         return ["    return a + b\n\ndef junk():\n    pass\n" if "add" in p else "    return s\n" for p in prompts]
 
     monkeypatch.setattr(runner, "generate", fake_generate)
     opts = EvalOptions(progress=False, allow_code_execution=True, exec_timeout=5.0)
     res = evaluate_task(tiny_lm, tiny_tok, resolve_task(f"code:{humaneval_file}"), opts)
     assert seen["prompts"] == [ADD["prompt"], REV["prompt"]] and "\ndef " in seen["stop"]
+    # encoded with the BOS the tokenizer gives any text, as lm-eval encodes a HumanEval prompt (it had none)
+    assert seen["add_special_tokens"] is True
     assert res.metrics == {"pass@1": 0.5} and [r["passed"] for r in res.predictions] == [1, 0]
     from deltatune.errors import UserError
 

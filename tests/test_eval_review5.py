@@ -379,3 +379,27 @@ def test_a_task_given_twice_is_one_line(tmp_path, tiny_dir, capsys):
     root = _mmlu_root(tmp_path, "w")
     code = main(["eval", "--model", str(tiny_dir), "--task", "mmlu:aa,mmlu:aa", "--data-root", str(root)])
     assert code == 2 and "field 'task': task 'mmlu:aa' is given twice" in capsys.readouterr().err
+
+
+def test_a_context_past_the_window_keeps_as_many_tokens_as_lm_eval():
+    """lm-eval feeds (context + option)[-(max_length + 1):][:-1]: the option's last token is a target only. deltatune
+    fed the last max_length tokens, spending a position on it, so a context past the window lost one token more
+    and its option log-likelihoods were 0.07-0.5 nats off lm-eval's."""
+    import torch
+
+    from deltatune.evaluate.choice import score_options
+    from deltatune.testing import tiny_model, tiny_tokenizer
+
+    tok, model = tiny_tokenizer(), tiny_model(max_position_embeddings=32).double().eval()
+    context, options = " ".join(["the cat sat on the mat"] * 6) + " and then", [" it slept", " a dog ran in"]
+    scores = score_options(model, tok, [context], [options], max_length=32, progress=False)[0]
+    c_ids = tok(context, add_special_tokens=False)["input_ids"]
+    assert len(c_ids) > 32
+    for option, score in zip(options, scores):
+        o_ids = tok(option, add_special_tokens=False)["input_ids"]
+        whole = (c_ids + o_ids)[-33:]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([whole[:-1]])).logits[0], dim=-1)
+        start = len(whole) - len(o_ids)
+        expected = sum(logp[t - 1, whole[t]].item() for t in range(start, len(whole)))
+        assert score.logprob == pytest.approx(expected, abs=1e-9)

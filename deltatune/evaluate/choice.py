@@ -162,14 +162,16 @@ def score_options(
         batch = [pairs[i] for i in order[start : start + batch_size]]
         rows = []
         for _, _, c_ids, o_ids, _ in batch:
-            ids = (c_ids + o_ids)[-max_length:]  # drop the context's start if too long
+            # the option's last token is a target only, never an input (as lm-eval feeds it): a context too long
+            # for the window keeps max_length tokens before it, dropping its start
+            ids = (c_ids + o_ids)[-(max_length + 1) :]
             rows.append((ids, len(ids) - len(o_ids)))
-        width = max(len(ids) for ids, _ in rows)
+        width = max(len(ids) - 1 for ids, _ in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         for r, (ids, _) in enumerate(rows):
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            attention[r, : len(ids)] = 1
+            input_ids[r, : len(ids) - 1] = torch.tensor(ids[:-1])
+            attention[r, : len(ids) - 1] = 1
         kwargs = {}
         column = list(range(width))  # position -> column of the logits tensor
         if keep_subset:

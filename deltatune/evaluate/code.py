@@ -132,7 +132,7 @@ def clean_completion(problem: CodeProblem, text: str) -> str:
     if m and _closes_code(problem, text, m):
         text, m = text[: m.start()], None
     if problem.format == "mbpp":
-        return m.group(1) if m else text
+        return m.group(1) if m else _at_column_zero(text)
     if m:  # a chat model wrote the whole function in a fence: use it after the prompt (it redefines the function)
         return "\n" + m.group(1)
     cut = len(text)
@@ -141,6 +141,20 @@ def clean_completion(problem: CodeProblem, text: str) -> str:
         if i >= 0:
             cut = min(cut, i)
     return text[:cut]
+
+
+def _at_column_zero(code: str) -> str:
+    """An unfenced MBPP answer as a program: a plain prompt ends in "Answer:", so the model's first token is " def"
+    and the program opened with an indented line (IndentationError, a correct answer scored 0). The whole text is
+    dedented, then a first line still indented alone (its body at its own depth) loses that indent."""
+    import textwrap
+
+    code = textwrap.dedent(code)
+    lines = code.split("\n")
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is not None:
+        lines[first] = lines[first].lstrip(" \t")
+    return "\n".join(lines)
 
 
 def _closes_code(problem: CodeProblem, text: str, fence: re.Match) -> bool:

@@ -319,8 +319,9 @@ def _evaluate_code(model, tokenizer, task: Task, items: list[Item], opts: EvalOp
     check_code_options(opts, task, generating=True)
     problems = [it.problem for it in items]
     style = style_info(opts.style or default_style(tokenizer))
-    if problems[0].format == "humaneval":  # the code itself is the prompt: a plain continuation
-        prompts, stop, add_special = [p.prompt for p in problems], HUMANEVAL_STOP, False
+    if problems[0].format == "humaneval":  # the code itself is the prompt: a plain continuation, with the BOS the
+        # tokenizer gives any text (as lm-eval and bigcode's harness encode it)
+        prompts, stop, add_special = [p.prompt for p in problems], HUMANEVAL_STOP, True
     else:
         prompts = [render(tokenizer, style.name, [], p.generation_prompt()) for p in problems]
         stop, add_special = style.stop, style.name != "chat"

@@ -122,6 +122,26 @@ def test_weighted_trainer_matches_own_trainer_with_fractional_weights(tiny_dir, 
     assert theirs[1] == pytest.approx(own[1], rel=1e-4, abs=1e-5)
 
 
+def test_weighted_trainer_evaluates_the_weighted_objective(tiny_dir, tmp_path):
+    """evaluate() normalised Σ w·nll by transformers' count of labelled tokens, not by Σ w: under `weighted:0.3`
+    eval_loss came out 0.79x the objective (Σ w over the labelled tokens)."""
+    adapted, tokenizer = adapted_tiny(tiny_dir)
+    dataset = deltatune.prepare(RECORDS, tokenizer, policy="weighted:0.3", max_len=64)
+    collator = deltatune.DataCollator(tokenizer, return_loss_weights=True)
+    args = trainer_args(tmp_path, per_device_eval_batch_size=len(RECORDS))
+    trainer = deltatune.WeightedLossTrainer(
+        model=adapted.model, args=args, eval_dataset=dataset, data_collator=collator
+    )
+    reported = trainer.evaluate()["eval_loss"]
+    batch = collator([dataset[i] for i in range(len(dataset))])
+    adapted.model.eval()
+    with torch.no_grad():
+        logits = adapted.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = deltatune.weighted_loss(logits, batch["input_ids"], batch["loss_weights"]).item()
+    assert (batch["loss_weights"] == 0.3).any()  # fractional weights present
+    assert reported == pytest.approx(expected, rel=1e-5)
+
+
 def test_sft_trainer_with_deltatune_collator_matches_own_trainer(tiny_dir, tmp_path):
     """TRL's SFTTrainer takes the custom collator and a pre-tokenized dataset: same first-step loss."""
     trl = pytest.importorskip("trl")

@@ -90,6 +90,9 @@ def _trainer_class():
             return batches, num_items
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not model.training:  # evaluation: transformers counts labelled tokens (`labels != -100`) there, not
+                # the weights, which under a fractional policy is another normaliser; each batch's own weight it is
+                num_items_in_batch = None
             inputs = dict(inputs)
             loss_weights = inputs.pop("loss_weights", None)
             labels = inputs.pop("labels", None)

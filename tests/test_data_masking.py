@@ -208,8 +208,15 @@ def test_tokenizer_template_that_rewrites_or_drops_content_is_refused(tiny_tok):
     tiny_tok.chat_template = (
         "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
     )
-    with pytest.raises(ConfigError, match="cannot be segmented"):
+    # the record's shape decides (this one has a system message): a DataError naming the record and message,
+    # which --skip-bad skips; it was a ConfigError that stopped the whole data set, naming part "0"
+    with pytest.raises(DataError, match=r"<records>:1: .*cannot be segmented: message 1 \(system\)"):
         _one(tiny_tok, {"instruction": "What?", "output": "5"}, "tokenizer", system_prompt="Be brief.")
+    records = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What?"},
+                             {"role": "assistant", "content": "5"}]},
+               {"messages": [{"role": "user", "content": "What?"}, {"role": "assistant", "content": "5"}]}]  # fmt: skip
+    kept = prepare_records(records, tiny_tok, template="tokenizer", skip_bad=True)
+    assert kept.report.kept == 1 and kept.report.skipped_bad == 1
 
 
 def test_bos_is_prepended_as_special_only_when_the_tokenizer_adds_one(tiny_tok):

@@ -90,7 +90,7 @@ def test_text_the_template_puts_after_the_generation_prompt_is_trained_as_the_an
 def test_a_template_whose_generation_prompt_is_not_how_it_starts_answers_is_refused():
     tok = tiny_tokenizer()
     tok.chat_template = QWEN3_LIKE.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>bot\n{% endif %}")
-    with pytest.raises(deltatune.ConfigError, match="generation prompt"):
+    with pytest.raises(deltatune.DataError, match=r"<records>:1: .*start of message 2 .*generation prompt"):
         deltatune.prepare([{"instruction": "what is two", "output": "two"}], tok, template="tokenizer")
 
 

@@ -180,11 +180,13 @@ class TokenizerTemplate(Template):
         for i in range(k):
             s = self.SENTINEL.format(i)
             at = rendered.find(s, pos)
-            if at < 0 or rendered.count(s) != 1:
-                raise ConfigError(
-                    "the tokenizer's chat template cannot be segmented: message "
-                    f"{i} does not appear exactly once, in order, in its output; use --template chatml or alpaca",
-                    field="--template",
+            if at < 0 or rendered.count(s) != 1:  # this record's shape: its own error, which --skip-bad skips
+                n = sum(1 for f in first_parts if f <= i)  # the message (1-based) this part belongs to
+                raise DataError(
+                    f"the tokenizer's chat template cannot be segmented: message {n} ({sent_msgs[n - 1]['role']}) "
+                    "does not appear exactly once, in order, in its output (the template drops, repeats or moves "
+                    "it; Mistral's moves a system message into the last user turn); use --template chatml or alpaca",
+                    file=source or None,
                 )
             pieces.append(rendered[pos:at])
             pos = at + len(s)
@@ -206,11 +208,11 @@ class TokenizerTemplate(Template):
                 at = rendered.find(self.SENTINEL.format(first_part))  # where the answer's text starts
                 prompt = self._apply(sent_msgs[:j], source, generation_prompt=True)
                 if not rendered.startswith(prompt) or len(prompt) > at:
-                    raise ConfigError(
-                        "the tokenizer's chat template writes an answer's start otherwise than its generation "
-                        "prompt (add_generation_prompt), so training would show other prompts than inference; use "
-                        "--template chatml or alpaca",
-                        field="--template",
+                    raise DataError(
+                        f"the tokenizer's chat template writes the start of message {j + 1} (an answer) otherwise "
+                        "than its generation prompt (add_generation_prompt), so training would show other prompts "
+                        "than inference; use --template chatml or alpaca",
+                        file=source or None,
                     )
                 if at > len(prompt):
                     preambles[first_part] = rendered[len(prompt) : at]

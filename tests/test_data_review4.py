@@ -237,3 +237,21 @@ def test_a_template_that_trims_content_names_the_message_and_the_whitespace(reco
     tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | upper }}\n{% endfor %}"
     with pytest.raises(deltatune.DataError, match=r"rewrites the content of message 1 \(user\), so its tokens"):
         deltatune.prepare([{"instruction": "what?", "output": "5"}], tok, template="tokenizer")
+
+
+def test_answers_a_template_rewrites_in_the_history_are_trained_only_as_the_last_turn():
+    """Qwen3 writes an empty think block before the last answer and drops it from earlier ones: multi-turn records
+    trained the earlier answers without it, after the very prompt at which the model writes it, so they taught
+    answers without a think block. Such records now need the last answer alone (turns=last), where the earlier
+    ones are context as the template shows them."""
+    tok = tiny_tokenizer()
+    tok.chat_template = QWEN3_LIKE
+    chat = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "1"},
+            {"role": "user", "content": "two"}, {"role": "assistant", "content": "2"}]  # fmt: skip
+    with pytest.raises(deltatune.DataError, match=r"<records>:1: .*writes answer 2 otherwise in the history"):
+        deltatune.prepare([{"messages": chat}], tok, template="tokenizer", policy="response")
+    row = deltatune.prepare([{"messages": chat}], tok, template="tokenizer", policy="response,turns=last")[0]
+    trained = tok.decode([t for t, w in zip(row["input_ids"], row["loss_weights"]) if w > 0])
+    assert trained == "<think>\n\n</think>\n\n2<|im_end|>"
+    single = deltatune.prepare([{"messages": chat[:2]}], tok, template="tokenizer", policy="response")  # one answer
+    assert len(single) == 1

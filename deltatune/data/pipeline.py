@@ -217,7 +217,16 @@ def _prepare(
             if fmt == "auto" and isinstance(rec.data, dict):  # the first recognisable record fixes the file's format
                 fmt = detect_format(rename_columns(rec.data, cmap)) or "auto"
                 fixed_by = rec
-            examples.append(tmpl.render(cut_to_budget(to_conversation(rec, fmt, cmap, system_prompt), budget)))
+            example = tmpl.render(cut_to_budget(to_conversation(rec, fmt, cmap, system_prompt), budget))
+            if example.answers_rendered_as_history and turns != "last":
+                raise DataError(
+                    f"the tokenizer's chat template writes answer {example.answers_rendered_as_history[0]} "
+                    "otherwise in the history than when it ended the conversation (Qwen3 drops earlier turns' think "
+                    "blocks), so training it would teach answers without what the model writes first; train the "
+                    "last answer alone (policy ...,turns=last) or use --template chatml",
+                    file=rec.source,
+                )
+            examples.append(example)
         except DataError as exc:
             bad(mixed_format_error(exc, rec, fixed_by, fmt, cmap) if data_format == "auto" and fmt != "auto" else exc)
     tokenized = tokenize_examples(examples, tokenizer, keep_offsets=keep_offsets)

@@ -36,6 +36,10 @@ class Example:
     # The tokenizer's own chat template rendered it, and decides alone whether a BOS starts it (as at inference,
     # where its text is encoded without special tokens); otherwise BOS is added as the tokenizer adds it to text.
     template_writes_bos: bool = False
+    # Answers (message numbers) the template writes otherwise in the history than when they end the conversation,
+    # as they did when generated: trained as written, they would teach answers without what the model writes
+    # first (Qwen3 drops earlier turns' think blocks). Only policies that train the last turn alone can use them.
+    answers_rendered_as_history: tuple[int, ...] = ()
 
     @property
     def text(self) -> str:

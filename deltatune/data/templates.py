@@ -49,6 +49,7 @@ class _Builder:
 
     def __init__(self) -> None:
         self.segments: list[Segment] = []
+        self.answers_rendered_as_history: tuple[int, ...] = ()  # see TokenizerTemplate._generated_preambles
 
     def add(self, role: Role, text: str, turn: int) -> None:
         if text:
@@ -87,7 +88,13 @@ class Template:
             b.add(Role.RESPONSE, self.text_eos or self.eos, 0)
             return Example(b.segments, source=conv.source, meta=conv.meta)
         self._render(conv, b)
-        return Example(b.segments, source=conv.source, meta=conv.meta, template_writes_bos=self.writes_bos)
+        return Example(
+            b.segments,
+            source=conv.source,
+            meta=conv.meta,
+            template_writes_bos=self.writes_bos,
+            answers_rendered_as_history=b.answers_rendered_as_history,
+        )
 
     def _render(self, conv: Conversation, b: _Builder) -> None:
         raise NotImplementedError
@@ -162,9 +169,10 @@ class TokenizerTemplate(Template):
                 f"the tokenizer's chat template failed: {exc} (--template tokenizer)", file=source or None
             ) from None
 
-    def _scaffold(self, msgs: list[Message], source: str) -> tuple[list[str], dict[int, str]]:
-        """Scaffold pieces around the parts: scaffold[0] part0 scaffold[1] part1 ... scaffold[n]; and the text the
-        model writes before an answer (`_generated_preambles`), by the answer's first part."""
+    def _scaffold(self, msgs: list[Message], source: str) -> tuple[list[str], dict[int, str], tuple[int, ...]]:
+        """Scaffold pieces around the parts: scaffold[0] part0 scaffold[1] part1 ... scaffold[n]; the text the
+        model writes before an answer (`_generated_preambles`), by the answer's first part; and the answers the
+        template renders otherwise as history than as the conversation's last."""
         key = tuple((m.role, len(m.parts)) for m in msgs)
         if key in self._scaffolds:
             return self._scaffolds[key]
@@ -191,22 +199,35 @@ class TokenizerTemplate(Template):
             pieces.append(rendered[pos:at])
             pos = at + len(s)
         pieces.append(rendered[pos:])
-        self._scaffolds[key] = (pieces, self._generated_preambles(sent_msgs, first_parts, rendered, source))
+        preambles, as_history = self._generated_preambles(sent_msgs, first_parts, rendered, source)
+        self._scaffolds[key] = (pieces, preambles, as_history)
         return self._scaffolds[key]
 
     def _generated_preambles(
         self, sent_msgs: list[dict], first_parts: list[int], rendered: str, source: str
-    ) -> dict[int, str]:
+    ) -> tuple[dict[int, str], tuple[int, ...]]:
         """What the model must write itself before each answer. At inference the prompt is the conversation so
         far with the generation prompt (`add_generation_prompt`); whatever the template puts between that and the
         answer (Qwen3's empty `<think>` block before the last answer, a space after "Bot:") is generated, so
         it becomes part of the answer's text here. A template whose generation prompt is not how it begins the
-        answer would train other prompts than inference shows: refused."""
+        answer would train other prompts than inference shows: refused. Also returns the answers (message
+        numbers, 1-based) whose start the template writes otherwise when they end the conversation, as when they
+        were generated, than in the history after them (Qwen3 drops the think block from earlier turns)."""
         preambles: dict[int, str] = {}
+        as_history: list[int] = []
+        last_answer = max((j for j, m in enumerate(sent_msgs) if m["role"] == "assistant"), default=-1)
         for j, (message, first_part) in enumerate(zip(sent_msgs, first_parts)):
             if message["role"] == "assistant" and j > 0:
                 at = rendered.find(self.SENTINEL.format(first_part))  # where the answer's text starts
                 prompt = self._apply(sent_msgs[:j], source, generation_prompt=True)
+                if j != last_answer and rendered.startswith(prompt) and len(prompt) <= at:
+                    alone = self._apply(sent_msgs[: j + 1], source)  # the conversation as this answer ended it
+                    if (
+                        alone.startswith(prompt)
+                        and alone[len(prompt) : alone.find(self.SENTINEL.format(first_part))]
+                        != rendered[len(prompt) : at]
+                    ):
+                        as_history.append(j + 1)
                 if not rendered.startswith(prompt) or len(prompt) > at:
                     raise DataError(
                         f"the tokenizer's chat template writes the start of message {j + 1} (an answer) otherwise "
@@ -216,11 +237,12 @@ class TokenizerTemplate(Template):
                     )
                 if at > len(prompt):
                     preambles[first_part] = rendered[len(prompt) : at]
-        return preambles
+        return preambles, tuple(as_history)
 
     def _render(self, conv: Conversation, b: _Builder) -> None:
         msgs = conv.messages
-        scaffold, preambles = self._scaffold(msgs, conv.source)
+        scaffold, preambles, as_history = self._scaffold(msgs, conv.source)
+        b.answers_rendered_as_history = as_history
         real = self._apply([{"role": m.role, "content": m.content} for m in msgs], conv.source)
         parts = [(m, turn, role, text) for m, turn in zip(msgs, _turns(msgs)) for role, text in m.parts]
         if real != "".join(s + p[3] for s, p in zip(scaffold, parts)) + scaffold[-1]:

@@ -128,15 +128,16 @@ def _rename_pair(tmp: Path, out_dir: Path, old: Path) -> None:
         raise
 
 
-# what a write killed before its rename leaves beside its target NAME: atomic_dir's `.NAME.tmp.XXXXXXXX`, _swap_in's
-# `.NAME.old.XXXXXXXX` and write_text_atomic's `.NAME.XXXXXXXX` (tempfile's eight random characters)
-_LEFT_BY_A_KILL = re.compile(r"\.(?P<name>.+?)(?P<kind>\.tmp|\.old)?\.[a-z0-9_]{8}")
+# what a write killed before its rename leaves beside its target NAME: atomic_dir's folder `.NAME.tmp.XXXXXXXX` and
+# _swap_in's `.NAME.old.XXXXXXXX` (tempfile's eight random characters). write_text_atomic's small `.NAME.XXXXXXXX`
+# files are left alone: that pattern also fits names a user might choose (`.config.yaml.original`).
+_LEFT_BY_A_KILL = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)\.[a-z0-9_]{8}")
 
 
 def remove_interrupted_writes(folder: str | os.PathLike, names: Callable[[str], bool]) -> list[Path]:
-    """Remove what writes killed mid-way left in `folder` (a process killed before its rename cannot clean up: a
-    half-written checkpoint can be as large as the model and its optimizer state), for targets whose NAME
-    `names` accepts. A previous version that a kill caught between the two renames of a swap is put back when
+    """Remove the temporary folders that writes killed mid-way left in `folder` (a process killed before its rename
+    cannot clean up: a half-written checkpoint can be as large as the model and its optimizer state), for targets
+    whose NAME `names` accepts. A previous version that a kill caught between the two renames of a swap is put back when
     its name is free. Returns what was removed."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -144,16 +145,11 @@ def remove_interrupted_writes(folder: str | os.PathLike, names: Callable[[str], 
     removed = []
     for entry in sorted(folder.iterdir()):
         m = _LEFT_BY_A_KILL.fullmatch(entry.name)
-        if not m or not names(m["name"]) or entry.is_symlink():
+        if not m or not names(m["name"]) or entry.is_symlink() or not entry.is_dir():
             continue
-        if m["kind"] == ".old" and (entry / "x").exists() and not os.path.lexists(folder / m["name"]):
+        if m["kind"] == "old" and (entry / "x").exists() and not os.path.lexists(folder / m["name"]):
             os.replace(entry / "x", folder / m["name"])
-        if entry.is_dir() and m["kind"]:
-            shutil.rmtree(entry)
-        elif entry.is_file() and not m["kind"]:
-            entry.unlink()
-        else:
-            continue
+        shutil.rmtree(entry)
         removed.append(entry)
     return removed
 

@@ -167,7 +167,7 @@ def test_a_resume_removes_what_a_killed_write_left_and_nothing_else(tiny_dir, da
     half = run / "checkpoints" / ".step-0000004.tmp.k2j_9xqz"
     half.mkdir()
     (half / "state.pt").write_bytes(b"x" * 1000)
-    (run / ".metrics.jsonl.a1b2c3d4").write_text("half")  # write_text_atomic's temporary file
+    (run / ".config.yaml.original").write_text("mine")  # the pattern of write_text_atomic's small temporaries: kept
     (run / "best").rename(run / "kept-best")
     (run / ".best.old.q8w7e6r5").mkdir()
     (run / "kept-best").rename(run / ".best.old.q8w7e6r5" / "x")  # killed between the swap's two renames
@@ -176,5 +176,5 @@ def test_a_resume_removes_what_a_killed_write_left_and_nothing_else(tiny_dir, da
     train(tiny_train_config(tiny_dir, data_file, run, resume=True, **{**cfg, "steps": 3}), quiet=True)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
     hidden = sorted(p.name for p in run.iterdir() if p.name.startswith("."))
-    assert hidden == [".mydata.abcdefgh", ".notes.txt"]
+    assert hidden == [".config.yaml.original", ".mydata.abcdefgh", ".notes.txt"]
     assert (run / "best" / "adapter_model.safetensors").exists()

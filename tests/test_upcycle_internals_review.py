@@ -200,3 +200,14 @@ def test_held_out_loss_and_option_scores_of_an_expert_choice_model_do_not_depend
             scores[pad] = [[s.logprob for s in q] for q in score_options(model, tok, contexts, options,
                                                                           progress=False, shared_context=False)]  # fmt: skip
         assert scores[0] == scores[77]
+
+
+def test_k_with_the_expert_choice_router_is_refused_before_the_model_loads(tmp_path, tiny_dir, capsys):
+    """`--router expert-choice --k 9` was accepted: k does nothing there, yet upcycle.json recorded it."""
+    from deltatune.cli import main
+
+    code = main(["upcycle", "--model", str(tiny_dir), "--experts", "4", "--router", "expert-choice", "--k", "9",
+                 "--out", str(tmp_path / "moe")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "field 'k': --k is the top-k router's option" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "moe").exists()

@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="every-other (0-based odd layers) | all | last:N | i,j,k (0-based); default every-other",
     )
     p.add_argument("--router", default="topk", choices=["topk", "expert-choice"])
-    p.add_argument("--k", type=int, default=2, help="experts per token for top-k (default 2)")
+    p.add_argument("--k", type=int, default=None, help="experts per token for top-k (default 2)")
     p.add_argument(
         "--capacity",
         type=float,
@@ -71,10 +71,16 @@ def run(args: argparse.Namespace) -> int:
     # before loading: a Mixtral / Qwen2-MoE source's MLPs are mixtures of experts already
     refuse_moe_source(config, str(args.model or "the default model"))
     n_layers = config.num_hidden_layers  # check the choice before loading
+    if args.k is not None and args.router == "expert-choice":  # it was ignored, and recorded in upcycle.json
+        raise UserError(
+            "--k is the top-k router's option: with expert choice each expert picks its tokens (--capacity sets how "
+            "many)",
+            field="k",
+        )
     spec = UpcycleSpec(
         experts=args.experts,
         router=args.router,
-        k=args.k,
+        k=2 if args.k is None else args.k,
         capacity=args.capacity,
         normalize=args.normalize,
         layers=parse_layers(args.layers, n_layers),

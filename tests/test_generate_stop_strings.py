@@ -47,3 +47,14 @@ def test_a_batch_whose_rows_all_hit_a_stop_string_stops_generating():
         hook.remove()
     assert got == [cut_at_stop(t, firsts) for t in full]
     assert len(calls) <= 2, f"{len(calls)} forward passes: generation ran on past every row's stop string"
+
+
+def test_the_plain_style_stops_at_a_question_begun_mid_line_as_lm_eval():
+    """lm-eval's gsm8k `until` is "Question:" anywhere; the plain style stopped only at "\\nQuestion:", so a reply
+    that ran on into a new question on the same line was scored by that question's answer (30, not 72)."""
+    from deltatune.evaluate.extract import extract_gsm8k
+    from deltatune.evaluate.prompts import style_info
+
+    text = " 48+24 = 72 in all. Question: How many did she sell in June? Answer: 30"
+    cut = cut_at_stop(text, style_info("plain").stop)
+    assert cut == " 48+24 = 72 in all. " and extract_gsm8k(cut, strict=False) == "72"

@@ -42,7 +42,7 @@ def style_info(name: str) -> PromptStyle:
     if name == "alpaca":
         return PromptStyle("alpaca", "", ALPACA_STOP)
     if name == "plain":
-        return PromptStyle("plain", " ", ("\nQuestion:",))
+        return PromptStyle("plain", " ", ("Question:",))  # lm-eval's gsm8k `until`: also mid-line
     raise UserError(f"unknown prompt style '{name}'; choose one of: {', '.join(STYLES)}", field="prompt-style")
 
 

@@ -147,6 +147,10 @@ def test_writes_outside_the_temp_folder_are_refused_and_inside_allowed(humaneval
 def test_clean_completion_cuts_humaneval_and_unfences_mbpp(humaneval_file, mbpp_file):
     add = read_code_problems(humaneval_file)[0]
     assert clean_completion(add, "    return a + b\n\ndef other():\n    pass\n") == "    return a + b\n"
+    # any top-level `if` ends the function, as lm-eval's `until` has it (only `if __name__` did)
+    assert (
+        clean_completion(add, "    return a + b\nif add(1, 2) != 3:\n    raise SystemExit(1)\n") == "    return a + b"
+    )
     sq = read_code_problems(mbpp_file)[0]
     assert (
         clean_completion(sq, "Here:\n```python\ndef sq(x):\n    return x*x\n```\nDone")

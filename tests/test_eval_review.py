@@ -243,3 +243,20 @@ def test_a_completion_cannot_start_an_unguarded_process_with_posix_spawn(tmp_pat
 )
 def test_bbh_a_line_that_names_several_options_is_no_answer(text, target, expected):
     assert (extract_bbh(text, bbh_target(target)) == bbh_target(target)) is expected
+
+
+def test_a_question_with_twins_keeps_the_shots_every_other_question_gets():
+    """Where twins of the item took two of the k + 1 draws, the shots were drawn again with a larger sample, which
+    random.sample makes another sequence altogether: a question with twins got other shots than all the others
+    ("the same shots for every question"). The common draw is kept, then the rest of the pool in a fixed order."""
+    import random
+
+    pool = [Item(f"q{i}", str(i), source=f"f:{i}") for i in range(40)]
+    for seed in range(20):
+        order = random.Random(seed).sample(range(40), 4)  # k + 1 = 4 draws for k = 3
+        item = pool[order[0]]
+        twins = [Item(item.prompt, item.target, source=f"f:{100 + j}") for j in range(2)]
+        pool_with_twins = [p if i not in order[1:3] else twins[order[1:3].index(i)] for i, p in enumerate(pool)]
+        shots = pick_shots(pool_with_twins, 3, seed, exclude=item)
+        assert len(shots) == 3 and all(s.prompt != item.prompt for s in shots)
+        assert shots[0] is pool_with_twins[order[3]]  # the common draw's one survivor comes first, as for the others

@@ -91,11 +91,14 @@ def pick_shots(pool: list[Item], k: int, seed: int, exclude: Item | None = None)
     candidates = [p for p in pool if not same(p)]
     if len(candidates) < k:
         raise UserError(f"asked for {k} shots but only {len(candidates)} examples are available", field="shots")
-    # k + 1 draws (the seeded shots of earlier versions), more only when duplicates of the item took their place
-    size = min(len(pool), k + 1)
-    while True:
-        order = random.Random(seed).sample(range(len(pool)), size)
-        chosen = [pool[i] for i in order if not same(pool[i])][:k]
-        if len(chosen) == k or size == len(pool):
-            return chosen
-        size = min(len(pool), 2 * size)
+    # k + 1 draws (the seeded shots of earlier versions); where duplicates of the item took their place, the rest
+    # of the pool follows in a fixed order. A larger redraw (as before 2026-12-07) was another sample altogether, so
+    # a question with twins got other shots than every other question.
+    order = random.Random(seed).sample(range(len(pool)), min(len(pool), k + 1))
+    chosen = [pool[i] for i in order if not same(pool[i])][:k]
+    if len(chosen) < k:
+        drawn = set(order)
+        rest = [i for i in range(len(pool)) if i not in drawn]
+        random.Random(seed + 1).shuffle(rest)
+        chosen += [pool[i] for i in rest if not same(pool[i])][: k - len(chosen)]
+    return chosen

@@ -82,21 +82,28 @@ def tiny_tokenizer(vocab_size: int = 512):
     return copy.deepcopy(_tiny_tokenizer_cached(vocab_size))
 
 
+# the tiny test models' shape and special ids, whatever their architecture
+TINY_SHAPE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+
+
 def tiny_llama_config(vocab_size: int = 512, **overrides):
     from transformers import LlamaConfig
 
     cfg = dict(
+        TINY_SHAPE,
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
         attn_implementation="sdpa",
     )
     cfg.update(overrides)
@@ -109,19 +116,7 @@ def tiny_sliding_window_model(window: int = 12, seed: int = 0):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        sliding_window=window,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    config = MistralConfig(**TINY_SHAPE, max_position_embeddings=256, sliding_window=window)
     model = MistralForCausalLM(config).eval()
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(20)

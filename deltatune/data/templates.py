@@ -220,14 +220,6 @@ class TokenizerTemplate(Template):
             if message["role"] == "assistant" and j > 0:
                 at = rendered.find(self.SENTINEL.format(first_part))  # where the answer's text starts
                 prompt = self._apply(sent_msgs[:j], source, generation_prompt=True)
-                if j != last_answer and rendered.startswith(prompt) and len(prompt) <= at:
-                    alone = self._apply(sent_msgs[: j + 1], source)  # the conversation as this answer ended it
-                    if (
-                        alone.startswith(prompt)
-                        and alone[len(prompt) : alone.find(self.SENTINEL.format(first_part))]
-                        != rendered[len(prompt) : at]
-                    ):
-                        as_history.append(j + 1)
                 if not rendered.startswith(prompt) or len(prompt) > at:
                     raise DataError(
                         f"the tokenizer's chat template writes the start of message {j + 1} (an answer) otherwise "
@@ -237,6 +229,11 @@ class TokenizerTemplate(Template):
                     )
                 if at > len(prompt):
                     preambles[first_part] = rendered[len(prompt) : at]
+                if j != last_answer:  # as history: does it start as it did when it ended the conversation?
+                    alone = self._apply(sent_msgs[: j + 1], source)
+                    began = alone[len(prompt) : alone.find(self.SENTINEL.format(first_part))]
+                    if alone.startswith(prompt) and began != rendered[len(prompt) : at]:
+                        as_history.append(j + 1)
         return preambles, tuple(as_history)
 
     def _render(self, conv: Conversation, b: _Builder) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from deltatune.errors import ConfigError
 from deltatune.methods.base import DeltaLinear, MethodSpec, WeightDeltaMethod, register
-from deltatune.methods.inject import match_targets
+from deltatune.methods.inject import match_targets, named_by
 from deltatune.methods.nf4 import NF4_OPTIONS
 from deltatune.methods.options import Option
 
@@ -156,7 +156,7 @@ class IA3(WeightDeltaMethod):
     def _is_ff(self, name: str) -> bool:
         if self._ff_regex is not None:
             return self._ff_regex.fullmatch(name) is not None
-        return any(name == f or name.endswith("." + f) for f in self.feedforward)
+        return any(named_by(name, f) for f in self.feedforward)
 
     def make_layer(self, base: nn.Module) -> DeltaLinear:
         return IA3Linear(base, id(base) in self._ff)

@@ -24,6 +24,12 @@ def is_linear_or_delta(module: nn.Module) -> bool:
     return _is_linear(module) or isinstance(module, DeltaLinear)
 
 
+def named_by(name: str, suffix: str) -> bool:
+    """Whether a module's qualified `name` is `suffix` or ends in it at a dot: how a target list names modules
+    ("q_proj" names "model.layers.0.self_attn.q_proj"), as PEFT matches a list."""
+    return name == suffix or name.endswith("." + suffix)
+
+
 def match_targets(
     model: nn.Module,
     targets: str | list[str],
@@ -54,9 +60,9 @@ def match_targets(
         parts = targets if isinstance(targets, list) else [t.strip() for t in targets.split(",") if t.strip()]
         suffix_like = all(re.fullmatch(r"[\w.]+", p) for p in parts)
         if suffix_like:
-            chosen = [n for n in candidates if any(n == p or n.endswith("." + p) for p in parts)]
+            chosen = [n for n in candidates if any(named_by(n, p) for p in parts)]
             names = [n for n, _ in model.named_modules() if n]
-            unknown = [p for p in parts if not any(n == p or n.endswith("." + p) for n in names)]
+            unknown = [p for p in parts if not any(named_by(n, p) for n in names)]
             if unknown and chosen:  # every name must match something: a typo in a list is not dropped
                 kinds = sorted({n.split(".")[-1] for n in candidates})
                 raise ConfigError(
@@ -66,12 +72,10 @@ def match_targets(
                 )
             # a name that exists but selects nothing this method can adapt ("mlp", "embed_tokens" for LoRA)
             # is not dropped either: "q_proj,mlp" must not quietly train q_proj alone
-            unusable = [p for p in parts if p not in unknown and not any(n == p or n.endswith("." + p) for n in chosen)]
+            unusable = [p for p in parts if p not in unknown and not any(named_by(n, p) for n in chosen)]
             if unusable:
                 kinds = sorted({n.split(".")[-1] for n in candidates})
-                found = next(
-                    m for n, m in model.named_modules() if n and (n == unusable[0] or n.endswith("." + unusable[0]))
-                )
+                found = next(m for n, m in model.named_modules() if n and named_by(n, unusable[0]))
                 raise ConfigError(
                     f"'{unusable[0]}' in targets {targets!r} names a module of type {type(found).__name__}, which this method "
                     f"cannot adapt; names it can: {', '.join(kinds)}",

@@ -217,11 +217,13 @@ def narrow_peft_targets(model: nn.Module, specs: list[MethodSpec]) -> list[Metho
     typed is checked name by name. A list that matches nothing is left whole, for the usual error."""
     from dataclasses import replace
 
+    from deltatune.methods.inject import named_by
+
     names = [n for n, _ in model.named_modules() if n]
     narrowed = []
     for spec in specs:
         if isinstance(spec.targets, list):
-            present = [t for t in spec.targets if any(n == t or n.endswith("." + t) for n in names)]
+            present = [t for t in spec.targets if any(named_by(n, t) for n in names)]
             if present:
                 spec = replace(spec, targets=present)
         narrowed.append(spec)

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -285,19 +285,25 @@ def save_run_config(cfg: TrainConfig, out: Path, history: list[dict]) -> None:
     write_text_atomic(out / "config.yaml", "\n".join(lines) + "\n" + body)
 
 
-def best_eval_after(path: Path, step: int) -> tuple[int, float] | None:
-    """(step, eval loss) of what best/ holds, read from metrics.jsonl, when an evaluation after `step` wrote it:
-    best/ is written at each eval loss lower than every earlier one, so it holds the first lowest."""
-    best: tuple[int, float] | None = None
+def _metric_lines(path: Path) -> Iterator[tuple[str, dict]]:
+    """metrics.jsonl's lines that are step records, with their parsed record (a line cut short by a kill is
+    skipped)."""
     if not path.exists():
-        return None
+        return
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            yield line, record
+
+
+def best_eval_after(path: Path, step: int) -> tuple[int, float] | None:
+    """(step, eval loss) of what best/ holds, read from metrics.jsonl, when an evaluation after `step` wrote it:
+    best/ is written at each eval loss lower than every earlier one, so it holds the first lowest."""
+    best: tuple[int, float] | None = None
+    for _, record in _metric_lines(path):
         loss = record.get("eval_loss")
         if isinstance(loss, (int, float)) and (best is None or loss < best[1]):
             best = (record["step"], float(loss))
@@ -308,12 +314,5 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Keep metrics.jsonl's records up to `step` (those after the checkpoint will be logged again)."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line)
+    kept = [line for line, record in _metric_lines(path) if record["step"] <= step]
     write_text_atomic(path, "".join(f"{line}\n" for line in kept))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -339,6 +340,7 @@ def load_model(
             from deltatune.methods.apply import load_adapter
 
             model = load_adapter(model, adapter).model
+            tokenizer.chat_template = saved_chat_template(adapter) or tokenizer.chat_template
         return model, tokenizer
     if extra.get("local_files_only"):  # transformers' look-up of an adapter_config.json does not inherit it
         extra = {**extra, "adapter_kwargs": {"local_files_only": True}}
@@ -383,7 +385,30 @@ def load_model(
         from deltatune.methods.apply import load_adapter
 
         model = load_adapter(model, adapter).model
+        tokenizer.chat_template = saved_chat_template(adapter) or tokenizer.chat_template
     return model, tokenizer
+
+
+def saved_chat_template(folder: str | os.PathLike) -> str | None:
+    """The chat template saved in an adapter's folder, if any: the one it was trained with (deltatune writes
+    its training template there, see `training_chat_template`; other trainers save their tokenizer), which
+    inference must render rather than the base's."""
+    folder = Path(folder)
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (ValueError, AttributeError):  # not JSON or not an object: the tokenizer's own load reports it
+        return None
+    if isinstance(template, list):  # named templates: the default one
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
+    return template if isinstance(template, str) and template else None
 
 
 _ADAPTER_KEY = re.compile(

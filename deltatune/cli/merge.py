@@ -53,7 +53,7 @@ def merge_and_save(
 
     from deltatune.fileio import check_output
     from deltatune.methods.apply import export_merged, load_adapter
-    from deltatune.models import load_model, local_model_path, parse_dtype, save_model
+    from deltatune.models import load_model, local_model_path, parse_dtype, save_model, saved_chat_template
 
     parse_dtype(dtype)
     if save_dtype:
@@ -71,6 +71,7 @@ def merge_and_save(
     # the adapter's tensors as saved (fp32 from training), not rounded to a bf16 base's dtype before the merge:
     # the merge computes W + dW in fp32 and rounds once
     adapted = load_adapter(model, adapter, trainable_dtype=torch.float32)
+    tokenizer.chat_template = saved_chat_template(adapter) or tokenizer.chat_template  # the merged model's prompts
     return export_merged(adapted, tokenizer, out, dtype=parse_dtype(save_dtype) if save_dtype else None)
 
 

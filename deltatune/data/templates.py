@@ -99,6 +99,26 @@ class Template:
     def _render(self, conv: Conversation, b: _Builder) -> None:
         raise NotImplementedError
 
+    def chat_template(self, bos: str = "") -> str | None:
+        """This template as a Jinja chat template, for the tokenizer saved with the trained model or adapter:
+        `apply_chat_template(messages, add_generation_prompt=True)` then renders the prompt that training
+        rendered before an answer, so `generate`, `eval`, `serve` and other tools (vLLM, transformers'
+        pipelines) prompt the model as it was trained. `bos`: the Jinja that writes the BOS training put in
+        front (inference tokenizes a chat template's text without special tokens; see
+        `training_chat_template`). None: the tokenizer's own template is the training template already."""
+        return None
+
+
+# Jinja pieces shared by the chat templates below (HF renders them with trim_blocks and lstrip_blocks).
+_JINJA_ONLY_ROLES = (
+    "{% if message['role'] not in [{roles}] %}"
+    "{{ raise_exception('template {name} has no place for a ' + message['role'] + ' message') }}{% endif %}"
+)
+
+
+def _only_roles(name: str, roles: tuple[str, ...]) -> str:
+    return _JINJA_ONLY_ROLES.replace("{roles}", ", ".join(f"'{r}'" for r in roles)).replace("{name}", name)
+
 
 class AlpacaTemplate(Template):
     def _render(self, conv: Conversation, b: _Builder) -> None:
@@ -124,6 +144,32 @@ class AlpacaTemplate(Template):
             if m.role == "assistant":
                 b.add(_closing_role(m), self.eos, turn)
 
+    def chat_template(self, bos: str = "") -> str | None:
+        """A leading system message replaces the preamble; a user message in two parts (instruction and input)
+        cannot be told apart here, so inference writes the preamble without input."""
+        return (
+            bos
+            + "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+            + "{% set rest = messages[1:] %}"
+            + f"{{% else %}}{{{{ {ALPACA_PREAMBLE!r} }}}}{{% set rest = messages %}}{{% endif %}}"
+            + "{% for message in rest %}"
+            + _only_roles("alpaca", ("user", "assistant"))
+            + "{% if message['role'] == 'user' %}"
+            + _jinja_text(ALPACA_SEP + ALPACA_HEADERS["user"])
+            + "{% else %}"
+            + _jinja_text(ALPACA_SEP + ALPACA_HEADERS["assistant"])
+            + "{% endif %}{{ message['content'] }}"
+            + "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+            + "{% if add_generation_prompt %}"
+            + _jinja_text(ALPACA_SEP + ALPACA_HEADERS["assistant"])
+            + "{% endif %}"
+        )
+
+
+def _jinja_text(text: str) -> str:
+    """`text` as a Jinja expression (a string literal: its newlines escaped, never touched by trim_blocks)."""
+    return "{{ " + repr(text) + " }}"
+
 
 class ChatMLTemplate(Template):
     def _render(self, conv: Conversation, b: _Builder) -> None:
@@ -137,6 +183,16 @@ class ChatMLTemplate(Template):
             else:
                 b.add(Role.ROLE, "<|im_end|>\n", turn)
 
+    def chat_template(self, bos: str = "") -> str | None:
+        return (
+            bos
+            + "{% for message in messages %}"
+            + "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+            + "{% if add_generation_prompt %}"
+            + _jinja_text("<|im_start|>assistant\n")
+            + "{% endif %}"
+        )
+
 
 class RawTemplate(Template):
     def _render(self, conv: Conversation, b: _Builder) -> None:
@@ -145,6 +201,13 @@ class RawTemplate(Template):
                 b.add(role, text, turn)
             if m.role == "assistant":
                 b.add(_closing_role(m), self.eos, turn)
+
+    def chat_template(self, bos: str = "") -> str | None:
+        return (
+            bos
+            + "{% for message in messages %}{{ message['content'] }}"
+            + "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+        )
 
 
 class TokenizerTemplate(Template):
@@ -336,3 +399,41 @@ def get_template(name: str, tokenizer: Any) -> Template:
             )
         return TokenizerTemplate(name, eos, tokenizer)
     raise ConfigError(f"unknown template '{name}' (choose from {', '.join(TEMPLATES)})", field="--template")
+
+
+def training_chat_template(name: str, tokenizer: Any) -> tuple[str | None, str]:
+    """The chat template that renders training's prompts at inference, for the tokenizer saved with the output
+    (see `Template.chat_template`; None where the tokenizer's own template is the one training used), and a
+    warning ("" if none).
+
+    Training puts the BOS id in front of the text's tokens; a template writes BOS as text, and some tokenizers
+    then tokenize the first word otherwise (a Metaspace tokenizer, Llama 2's and Mistral's kind, marks only the
+    text's first word as word-initial, and BOS text is that first piece). So the BOS written is the one, of
+    `bos_token` and `bos_token` and a space, whose rendering of a probe conversation tokenizes exactly as
+    training tokenizes its prompt."""
+    from deltatune.data.tokenize import adds_bos, tokenize_examples
+
+    template = get_template(name, tokenizer)
+    if template.chat_template() is None:
+        return None, ""
+    candidates = ["{{ bos_token }}", "{{ bos_token + ' ' }}"] if adds_bos(tokenizer) else [""]
+    probe = [
+        Message("user", ((Role.INSTRUCTION, "Name a prime number."),)),
+        Message("assistant", ((Role.RESPONSE, "7"),)),
+    ]
+    trained = tokenize_examples([template.render(Conversation(probe, "probe"))], tokenizer)[0]
+    prompt = trained.input_ids[: trained.roles.index(Role.RESPONSE)]
+    for bos in candidates:
+        jinja = template.chat_template(bos)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": probe[0].content}],
+            chat_template=jinja,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        if list(tokenizer(text, add_special_tokens=False)["input_ids"]) == list(prompt):
+            return jinja, ""
+    return template.chat_template(candidates[0]), (
+        f"the chat template saved with the output renders template '{template.name}' as text, which this "
+        "tokenizer tokenizes otherwise than training did; prompts at inference may differ by a token"
+    )

@@ -231,6 +231,7 @@ class LoadedAdapter:
     layers: list[str]  # qualified names of the MultiAdapterLinear layers it adapts
     source: str | None
     prompt: torch.Tensor | None = None  # prompt tuning's virtual-token embeddings (p, d_model), if any
+    chat_template: str | None = None  # the one saved with it (its training template), rendered for its chats
 
 
 class MultiAdapterModel:
@@ -261,12 +262,15 @@ class MultiAdapterModel:
     # --- loading ------------------------------------------------------------------------------
     def load(self, name: str, folder: str | os.PathLike) -> LoadedAdapter:
         """Load an adapter folder (PEFT's or deltatune's format; a PEFT `.bin` is read weights-only)
-        under `name`."""
+        under `name`, with the chat template saved beside it."""
         from deltatune.methods.peft_format import read_adapter
+        from deltatune.models import saved_chat_template
 
         self._check_new_name(name)
         specs, tensors, peft_keys, source = read_adapter(folder)
-        return self.add(name, specs, tensors, peft_keys=bool(peft_keys), source=source)
+        loaded = self.add(name, specs, tensors, peft_keys=bool(peft_keys), source=source)
+        loaded.chat_template = saved_chat_template(folder)
+        return loaded
 
     @torch.no_grad()
     def add(

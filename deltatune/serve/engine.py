@@ -184,9 +184,12 @@ class Engine:
         self.moe = [block for _, block in moe_blocks(self.model)]  # upcycled MoE blocks: padding never routes
         self.stats = {"steps": 0, "tokens": 0, "seconds": 0.0}
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """The chat template's text as it stands: the template writes BOS itself where the model wants one."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def encode_chat(self, messages: list[dict], chat_template: str | None = None) -> list[int]:
+        """The chat template's text as it stands: the template writes BOS itself where the model wants one.
+        `chat_template`: an adapter's own (its training template) instead of the tokenizer's."""
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=chat_template, tokenize=False, add_generation_prompt=True
+        )
         return self.encode(text, add_special_tokens=False)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

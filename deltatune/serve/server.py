@@ -144,11 +144,13 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat(request: Request):
         body = parse(ChatRequest, await _json(request))
         adapter = _adapter_for(state, body.model)
-        if not state.engine.tokenizer.chat_template:
+        loaded = state.multi.adapters.get(adapter) if adapter is not None else None
+        chat_template = (loaded.chat_template if loaded is not None else None) or state.engine.tokenizer.chat_template
+        if not chat_template:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
         try:
-            ids = await run_in_threadpool(state.engine.encode_chat, messages)
+            ids = await run_in_threadpool(state.engine.encode_chat, messages, chat_template)
         except Exception as exc:  # noqa: BLE001 - a template that rejects these messages (e.g. role order)
             raise APIError(400, f"the chat template rejects these messages: {exc}", param="messages") from None
         return await _serve(state, request, body, adapter, [ids], chat=True)

@@ -315,6 +315,19 @@ def save_outputs(adapted, path: Path, tokenizer, full: bool, base_name: str) -> 
             tokenizer.save_pretrained(tmp)
 
 
+def carry_training_template(tokenizer, template: str, warn: Callable[[str], None]) -> None:
+    """Give the tokenizer saved with the output the training template as its chat template (a base model's
+    tokenizer has none, and `--template chatml` on a model with its own renders other prompts), so inference
+    in deltatune and elsewhere prompts the model as it was trained."""
+    from deltatune.data.templates import training_chat_template
+
+    chat_template, mismatch = training_chat_template(template, tokenizer)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if mismatch:
+        warn(f"warning: {mismatch}")
+
+
 def after_step_hooks(adapted, optimizer, step: int) -> None:
     """Each method's `after_step` hook (ReMoRA merges and restarts its adapter: its optimizer state is
     reset), then each method's learning-rate factor for the next step (ReMoRA's re-warmup)."""
@@ -689,6 +702,8 @@ def _train(
     # adapter methods keep frozen weights in bf16 (loaded so: no transient fp32 copy); trainable ones in fp32 below
     frozen_dtype = torch.bfloat16 if precision == "bf16" and not full else torch.float32
     model, tokenizer = load_model(cfg.model, dtype=frozen_dtype, trust_remote_code=cfg.trust_remote_code)
+    if prepared.data_format != "text":  # plain documents use no template: the tokenizer stays as it came
+        carry_training_template(tokenizer, prepared.template, warn if dist.is_main else lambda line: None)
     adapted = apply_methods(model, with_tokenizer(method_specs(cfg), tokenizer))  # text inits need it
     model = adapted.model
     if dist.is_main:

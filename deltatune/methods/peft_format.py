@@ -253,13 +253,24 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[list[MethodSpec], dict
         specs, peft_keys = [specs_from_peft_config(config, source=str(path))], True
     weights = folder / WEIGHTS
     if not weights.exists() and peft_keys and (folder / PICKLED_WEIGHTS).exists():
-        return specs, _load_pickled_weights(folder / PICKLED_WEIGHTS), peft_keys, str(path)
-    if not weights.exists():
+        weights = folder / PICKLED_WEIGHTS
+        tensors = _load_pickled_weights(weights)
+    elif not weights.exists():
         raise UserError(f"{weights}: missing adapter weights", field="adapter")
-    try:
-        tensors = load_file(str(weights))
-    except Exception as exc:  # safetensors' own error type, or OSError
-        raise UserError(
-            f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:80]})", field="adapter"
-        ) from None
+    else:
+        try:
+            tensors = load_file(str(weights))
+        except Exception as exc:  # safetensors' own error type, or OSError
+            raise UserError(
+                f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:80]})", field="adapter"
+            ) from None
+    _check_finite(weights, tensors)
     return specs, tensors, peft_keys, str(path)
+
+
+def _check_finite(weights: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """An adapter holding NaN or inf (a run that diverged, a damaged file) is refused where it is read: loaded, it
+    made every answer NaN, and a server's sampler then failed the whole batch it shared with other adapters."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{weights}: tensor '{key}' holds NaN or infinite values", field="adapter")

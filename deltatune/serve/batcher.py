@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from deltatune.serve.engine import Engine, GenRequest
 
@@ -99,14 +100,18 @@ class Batcher:
         finished: set[int] = set()
         wrapped = []
         for r in batch:
-            inner = r.on_finish
+            inner, inner_error = r.on_finish, r.on_error
 
             def done(result, r=r, inner=inner) -> None:
                 finished.add(id(r))
                 if inner is not None:
                     inner(result)
 
-            r.on_finish = done
+            def failed(exc, r=r, inner_error=inner_error) -> None:  # a row the engine failed alone
+                finished.add(id(r))
+                _report(inner_error, exc)
+
+            r.on_finish, r.on_error = done, failed
             wrapped.append(r)
         try:
             self.engine.generate(wrapped)
@@ -117,8 +122,12 @@ class Batcher:
 
 
 def _fail(request: GenRequest, exc: Exception) -> None:
-    if request.on_error is not None:
+    _report(request.on_error, exc)
+
+
+def _report(on_error: Callable[[Exception], None] | None, exc: Exception) -> None:
+    if on_error is not None:
         try:
-            request.on_error(exc)
+            on_error(exc)
         except Exception:  # noqa: BLE001 - a dead client must not stop the worker
             pass

@@ -22,7 +22,11 @@ from deltatune.kv_cache import cache_kwargs
 from deltatune.serve.adapters import MultiAdapterModel
 from deltatune.upcycle.moe import moe_blocks, routed_tokens
 
-FinishReason = str  # "stop" | "length" | "cancelled"
+FinishReason = str  # "stop" | "length" | "cancelled" ("error": the row failed alone, see `_Row.fail`)
+
+
+class NonFiniteScores(RuntimeError):
+    """The model's scores for a row went NaN or infinite: that row fails, the batch goes on."""
 
 
 @dataclass
@@ -113,6 +117,12 @@ class _Row:
             elif len(self.ids) >= p.max_tokens:
                 self.finish = "length"
         self._release()
+
+    def fail(self, exc: Exception) -> None:
+        """End this row with an error, reported to its request alone."""
+        self.finish = "error"
+        if self.req.on_error is not None:
+            self.req.on_error(exc)
 
     def _release(self) -> None:
         if self.req.on_text is None:
@@ -244,12 +254,16 @@ class Engine:
         last_pos = positions[:, -1]
         while True:
             tokens = self._choose(logits, [rows[i] for i in active])
-            for i, t in zip(active, tokens):
-                rows[i].push(t)
+            finite = torch.isfinite(logits).all(dim=-1).tolist()
+            for i, t, ok in zip(active, tokens, finite):
+                if ok:
+                    rows[i].push(t)
+                else:  # this row alone fails (e.g. a bf16 base whose scores overflowed); the others go on
+                    rows[i].fail(NonFiniteScores("the model's next-token scores are NaN or infinite"))
             keep = [k for k, i in enumerate(active) if rows[i].finish is None]
             for i in active:
                 row = rows[i]
-                if row.finish is not None and row.req.on_finish is not None:
+                if row.finish not in (None, "error") and row.req.on_finish is not None:
                     row.req.on_finish(row.result())
             self.stats["tokens"] += len(active)
             if not keep:
@@ -281,9 +295,12 @@ class Engine:
         return out.logits[:, -1, :]
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """Greedy rows from one argmax; sampled rows on the CPU with their own generator (same draw on any device)."""
+        """Greedy rows from one argmax; sampled rows on the CPU with their own generator (same draw on any device).
+        A row whose scores are not finite gets a placeholder (`generate` fails it) instead of a sampler error
+        that failed every row of the batch."""
         greedy = logits.argmax(dim=-1).tolist()
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         return [
-            greedy[k] if row.greedy else sample_next(logits[k].float().cpu(), row.req.params, row.gen)
+            greedy[k] if row.greedy or not finite[k] else sample_next(logits[k].float().cpu(), row.req.params, row.gen)
             for k, row in enumerate(rows)
         ]

@@ -48,16 +48,17 @@ def _strip_meta(records):
 def test_round_robin_gives_exact_records(task, data):
     records, report = build_from_labels(data, load_task(task))
     assert _strip_meta(records) == [
+        # round-robin within each label (labels 1, 0, 1, 0): each label's i-th example gets phrasing i
         {"instruction": Q0 + "Great phone, love it", "output": "positive"},
-        {"instruction": "Broke after a day" + Q1, "output": "negative"},
-        {"instruction": "Classify the review as negative, positive.", "input": "Works fine", "output": "positive"},
-        {"instruction": Q0 + "Meh {really}", "output": "negative"},  # braces in the data are not re-formatted
+        {"instruction": Q0 + "Broke after a day", "output": "negative"},
+        {"instruction": "Works fine" + Q1, "output": "positive"},
+        {"instruction": "Meh {really}" + Q1, "output": "negative"},  # braces in the data are not re-formatted
     ]
     assert [r["meta"] for r in records][:2] == [
         {"task": "sentiment", "phrasing": 0, "label": "1", "source": f"{data}:1"},
-        {"task": "sentiment", "phrasing": 1, "label": "0", "source": f"{data}:2"},
+        {"task": "sentiment", "phrasing": 0, "label": "0", "source": f"{data}:2"},
     ]
-    assert report.per_phrasing == [2, 1, 1] and report.per_label == {"0": 2, "1": 2}
+    assert report.per_phrasing == [2, 2, 0] and report.per_label == {"0": 2, "1": 2}
     assert report.examples == 4 and report.records == 4
     text = report.format(load_task(task))
     assert "4 examples -> 4 records" in text and "  0 (negative): 2" in text and "  1 (positive): 2" in text
@@ -65,9 +66,10 @@ def test_round_robin_gives_exact_records(task, data):
 
 def test_k_phrasings_per_example_round_robin_and_seeded(task, data):
     records, report = build_from_labels(data, load_task(task), per_example=2)
-    assert [r["meta"]["phrasing"] for r in records] == [0, 1, 2, 0, 1, 2, 0, 1]  # example i: 2i, 2i+1 (mod 3)
+    # a label's example i: phrasings 2i, 2i+1 (mod 3); labels 1, 0, 1, 0
+    assert [r["meta"]["phrasing"] for r in records] == [0, 1, 0, 1, 2, 0, 2, 0]
     assert [r["meta"]["source"].rsplit(":", 1)[1] for r in records] == ["1", "1", "2", "2", "3", "3", "4", "4"]
-    assert report.per_phrasing == [3, 3, 2] and report.per_label == {"0": 4, "1": 4}
+    assert report.per_phrasing == [4, 2, 2] and report.per_label == {"0": 4, "1": 4}
     seeded, _ = build_from_labels(data, load_task(task), per_example=2, seed=7)
     rng = random.Random(7)
     expected = [j for _ in ROWS for j in rng.sample(range(3), 2)]

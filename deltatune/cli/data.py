@@ -136,6 +136,7 @@ def run_self_instruct(args: argparse.Namespace) -> int:
 
     from deltatune.data.instructions.output import check_output
     from deltatune.data.instructions.self_instruct import (
+        WORK_FILES,
         SelfInstructConfig,
         model_generator,
         run_self_instruct,
@@ -148,6 +149,8 @@ def run_self_instruct(args: argparse.Namespace) -> int:
 
     out = check_output(args.out, [args.seeds], args.overwrite)
     work = Path(args.work) if args.work else out.with_name(out.name + ".work")
+    if out.resolve().parent == work.resolve() and out.name in WORK_FILES:  # written at the end, over the run's own
+        raise UserError(f"is the run's own {out.name} in --work; choose another --out", file=str(out))
     check_writable(work, field="--work")  # before the model loads, not when the first round is recorded
     config = SelfInstructConfig(
         n=args.n,

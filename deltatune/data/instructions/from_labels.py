@@ -149,6 +149,13 @@ def load_task(path: str | Path) -> LabelTask:
         )
     words: dict[str, str] = {}
     for value, word in labels.items():
+        if isinstance(word, bool):  # every output would read "True"/"False", with no error
+            raise ConfigError(
+                f"the label word is {word}: YAML reads unquoted yes/no/on/off/true/false as booleans; quote it "
+                f"({value}: '{'yes' if word else 'no'}')",
+                file=name,
+                field=f"labels.{value}",
+            )
         if not isinstance(word, (str, int, float)) or not str(word).strip():
             raise ConfigError("expected a non-empty label word", file=name, field=f"labels.{value}")
         key = _label_key(value)
@@ -193,7 +200,9 @@ def _cell(rec: RawRecord, column: str) -> str:
 
 
 def choose_phrasings(index: int, n_phrasings: int, per_example: int, rng: random.Random | None) -> list[int]:
-    """Round-robin (`rng` None): example i gets phrasings i*K .. i*K+K-1 (mod n); else K distinct drawn from rng."""
+    """Round-robin (`rng` None): the i-th example of a label gets phrasings i*K .. i*K+K-1 (mod n), so each label
+    goes round all phrasings (counted over all examples, labels that alternate in the file each kept one
+    phrasing, and the phrasing told the label); else K distinct drawn from rng."""
     if rng is None:
         start = index * per_example
         return [(start + j) % n_phrasings for j in range(per_example)]
@@ -237,7 +246,7 @@ def build_from_labels(
             raise record_error(
                 rec, f"unknown label '{label}' (the task knows {', '.join(task.labels)}){hint}", label_column
             )
-        chosen = choose_phrasings(i, n, per_example, rng)
+        chosen = choose_phrasings(report.per_label[label] // per_example, n, per_example, rng)
         cells: dict[str, str] = {}
         for k in sorted(set().union(*(task.phrasings[j].placeholders for j in chosen)) - {OPTIONS}):
             cells[k] = _cell(rec, k)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from deltatune.data.instructions.rows import as_chat, read_instruction_records
 from deltatune.errors import ConfigError, DataError
@@ -63,6 +64,14 @@ def mix(sources: list[MixSource], n: int, seed: int = 0) -> tuple[list[dict], li
     """`n` records drawn from `sources` in proportion to their weights, shuffled with `seed`."""
     if n < 1:
         raise ConfigError(f"must be at least 1, got {n}", field="--n")
+    seen: dict[Path, str] = {}
+    for s in sources:  # one file twice drew some records twice, while the summary said "without replacement"
+        real = Path(s.path).resolve()
+        if real in seen:
+            raise ConfigError(
+                f"{s.path} is the same file as {seen[real]}: give it once, with the weights added up", field="sources"
+            )
+        seen[real] = s.path
     loaded = [read_instruction_records(s.path) for s in sources]
     formats = {fmt for _, fmt in loaded}
     if "text" in formats and len(formats) > 1:

@@ -51,6 +51,7 @@ PROGRESS, CHECKPOINT, SETTINGS, REPORT, TASKS = (
     "report.json",
     "tasks.jsonl",
 )
+WORK_FILES = (PROGRESS, CHECKPOINT, SETTINGS, REPORT, TASKS)  # what the run writes in its --work folder
 _KEEP_EXAMPLES = 5  # dropped instructions kept per reason in the report
 
 
@@ -153,6 +154,8 @@ class _Progress:
         """Returns the rounds already done (empty for a fresh run)."""
         if self.work.exists() and not self.work.is_dir():
             raise UserError("is a file; --work must be a folder for the run's progress", file=str(self.work))
+        if resume and not (self.work.exists() and any(self.work.iterdir())):  # a typo started a fresh run
+            raise UserError("holds no run, nothing to resume (is --work the folder of the run?)", file=str(self.work))
         if self.work.exists() and any(self.work.iterdir()):
             if not resume:
                 raise UserError(

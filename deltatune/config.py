@@ -289,6 +289,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             ) from None
         if not isinstance(raw, dict):
             raise ConfigError("the configuration must be a mapping of keys to values", file=source)
+        for key in raw:
+            if not isinstance(key, str):  # `1: 2` or `null: 3` reached TrainConfig(**...) as a TypeError traceback
+                raise ConfigError(f"the key {key!r} is not a name", file=source)
     merged = {**raw, **(overrides or {})}
     try:
         return TrainConfig(**merged)

@@ -42,11 +42,11 @@ DTYPES = {
 }
 
 
-def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+def parse_dtype(value: str | torch.dtype, field: str = "dtype") -> torch.dtype:
     if isinstance(value, torch.dtype):
         return value
     if value not in DTYPES:
-        raise UserError(f"unknown dtype '{value}'; choose one of: {', '.join(DTYPES)}", field="dtype")
+        raise UserError(f"unknown dtype '{value}'; choose one of: {', '.join(DTYPES)}", field=field)
     return DTYPES[value]
 
 

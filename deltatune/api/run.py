@@ -65,7 +65,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 8,
     data_root: str | os.PathLike | None = None,
-    field_map: dict[str, str] | None = None,
+    field_map: dict[str, str] | str | None = None,
     progress: bool = False,
     **options: Any,
 ) -> "dict[str, TaskResult]":
@@ -80,7 +80,7 @@ def evaluate(
     from dataclasses import fields
 
     from deltatune.evaluate.runner import EvalOptions, evaluate_task
-    from deltatune.evaluate.tasks import Task, load_items, load_shot_pool, resolve_task
+    from deltatune.evaluate.tasks import Task, load_items, load_shot_pool, parse_field_map, resolve_task
 
     allowed = {f.name for f in fields(EvalOptions)} - {"limit", "shots", "seed", "batch_size", "progress"}
     unknown = sorted(set(options) - allowed)
@@ -88,7 +88,16 @@ def evaluate(
         raise ConfigError(
             f"unknown evaluation option '{unknown[0]}'; allowed: {', '.join(sorted(allowed))}", field=unknown[0]
         )
+    from deltatune.api.model import _check_model
+    from deltatune.methods.apply import AdaptedModel
+
+    if isinstance(model, AdaptedModel):
+        model = model.model
+    _check_model(model, "evaluate")
     opts = EvalOptions(limit=limit, shots=shots, seed=seed, batch_size=batch_size, progress=progress, **options)
+    if isinstance(field_map, dict):  # {column: field} as prepare's column_map, or {field: column}: either reads
+        field_map = ",".join(f"{k}={v}" for k, v in field_map.items())
+    field_map = parse_field_map(field_map) if field_map else None
     if isinstance(tasks, str):
         specs = [t.strip() for t in tasks.split(",") if t.strip()]
     elif isinstance(tasks, Task):
@@ -107,8 +116,4 @@ def evaluate(
     if shots:
         for t in resolved:
             load_shot_pool(t)
-    from deltatune.methods.apply import AdaptedModel
-
-    if isinstance(model, AdaptedModel):
-        model = model.model
     return {t.name: evaluate_task(model, tokenizer, t, opts, its) for t, its in zip(resolved, items)}

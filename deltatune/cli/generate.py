@@ -47,7 +47,7 @@ def print_answers(answers: list[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deltatune.errors import UserError
-    from deltatune.evaluate.generate import GenerationConfig, generate
+    from deltatune.evaluate.generate import GREEDY_BELOW, GenerationConfig, generate
     from deltatune.models import load_model, parse_dtype
 
     if args.max_new_tokens < 1:
@@ -57,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
     parse_dtype(args.dtype)
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, adapter=args.adapter)
+    sample = args.temperature >= GREEDY_BELOW  # below it, greedy (as `serve` and vLLM decode it)
     gen = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature or 1.0,
+        do_sample=sample,
+        temperature=args.temperature if sample else 1.0,
         seed=args.seed,
     )
     system = system_messages(args.system)

@@ -57,7 +57,7 @@ def merge_and_save(
 
     parse_dtype(dtype)
     if save_dtype:
-        parse_dtype(save_dtype)
+        parse_dtype(save_dtype, field="save-dtype")
     check_output(out, overwrite=overwrite, reads={"model": local_model_path(model_ref), "adapter": adapter})
     if adapter is not None:  # a broken adapter fails before the model loads
         from deltatune.methods.peft_format import read_adapter

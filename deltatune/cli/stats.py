@@ -54,6 +54,13 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         overflow=args.overflow,
     )
+    if not stats["examples_trained"]:  # advice on a policy and a dataset size for nothing that trains
+        raise DataError(
+            f"none of its {stats['examples']} examples would train at --max-len {args.max_len} "
+            f"(--overflow {args.overflow}): {stats['would_truncate']} are longer, "
+            f"{stats['would_lose_whole_response']} of them with no response token left; raise --max-len",
+            file=str(args.data),
+        )
     if args.output_format == "json":
         out = {
             "report": vars(data.report),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from deltatune.errors import ConfigError
+
 # flag -> config key; each flag's value is parsed by the config's own validation
 FLAGS = {
     "--model": "model",
@@ -122,8 +124,24 @@ def run(args: argparse.Namespace) -> int:
     from deltatune.config import load_config
     from deltatune.train.run_folder import check_reads_outside_run_entries
 
-    cfg = load_config(args.config, collect_overrides(args))
+    overrides = collect_overrides(args)
+    cfg = load_config(args.config, overrides)
     if not cfg.resume:  # resuming from the config.yaml a run recorded is fine: it is rewritten with the same settings
         check_reads_outside_run_entries(cfg.output, {"configuration file": args.config})
-    deltatune.train(cfg, quiet=args.quiet)  # the public API (docs/api.md)
+    try:
+        deltatune.train(cfg, quiet=args.quiet)  # the public API (docs/api.md)
+    except ConfigError as exc:
+        raise in_config_file(exc, args.config, set(cfg.model_fields_set) - set(overrides)) from None
     return 0
+
+
+def in_config_file(exc: ConfigError, config: str | None, file_keys: set[str]) -> ConfigError:
+    """A setting training checks (a method name, a policy) named as the config file's key when the file gave it:
+    `field '--policy'` blamed a flag the user never passed."""
+    if config is None or exc.file is not None or not exc.field:
+        return exc
+    key, dot, rest = exc.field.lstrip("-").replace("-", "_").partition(".")
+    key = {"options": "method_options"}.get(key, key)
+    if key not in file_keys:
+        return exc
+    return ConfigError(exc.message, file=config, field=key + dot + rest)

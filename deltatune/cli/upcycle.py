@@ -45,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the router initialisation")
     p.add_argument("--dtype", default="fp32", help="dtype of the saved weights (default fp32)")
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the model being read)")
     p.set_defaults(func=run)
 
 
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     # as merge and export check theirs: never the model read (or inside it), never the current folder, a parent
     # that is a file or not writable refused now, not after the upcycling (a traceback)
-    out = check_output(args.out, overwrite=False, reads={"model": local_model_path(args.model)})
+    out = check_output(args.out, overwrite=args.overwrite, reads={"model": local_model_path(args.model)})
     if args.model and is_upcycled_dir(args.model):
         raise UserError(f"{args.model} is already upcycled", field="model")
     from transformers import AutoConfig

@@ -115,6 +115,13 @@ def _read_jsonl(p: Path, name: str) -> Iterator[RawRecord | DataError]:
             index += 1
 
 
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 def _read_json(p: Path, name: str) -> Iterator[RawRecord | DataError]:
     """A JSON array of records (or an object holding one such array), with each record's line."""
     raw = p.read_bytes()
@@ -129,6 +136,9 @@ def _read_json(p: Path, name: str) -> Iterator[RawRecord | DataError]:
     try:
         top = json.loads(text)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and _is_json_object(text[: exc.pos]):  # JSON Lines named .json, as
+            yield from _read_jsonl(p, name)  # `datasets`' to_json writes them: read as `datasets` reads them
+            return
         raise DataError(f"not valid JSON ({exc.msg} at column {exc.colno})", file=name, line=exc.lineno)
     except RecursionError:
         raise DataError("JSON nested too deeply to read", file=name) from None
@@ -324,6 +334,8 @@ def parse_column_map(spec: str | dict | None) -> dict[str, str]:
             raise DataError(f"column mapping '{item}' is not of the form source=target", field="--map")
         if dst.strip() in out.values():
             raise DataError(f"column mapping names '{dst.strip()}' as the target of two columns", field="--map")
+        if src.strip() in out:  # the last mapping won, silently
+            raise DataError(f"column mapping maps the column '{src.strip()}' twice", field="--map")
         out[src.strip()] = dst.strip()
     return out
 

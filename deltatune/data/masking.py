@@ -212,6 +212,11 @@ def parse_policy(spec: str) -> LossPolicy | PolicySchedule:
                 f"switch point '{at}' is not a whole number of steps or epochs (like 100 or 2ep)", field="--policy"
             )
         n, unit = int(m.group(1)), m.group(2) or "steps"
+        if n == 0:  # its first phase never trains (and `preview` showed that phase)
+            raise ConfigError(
+                f"'{spec}' switches at 0, so its first phase never trains; give the second policy alone",
+                field="--policy",
+            )
         if unit.startswith("ep"):
             return PolicySchedule(_parse_one(first), _parse_one(then), switch_epoch=n)
         return PolicySchedule(_parse_one(first), _parse_one(then), switch_step=n)

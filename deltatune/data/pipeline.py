@@ -191,6 +191,10 @@ def _prepare(
         raise ConfigError(f"overflow must be one of {', '.join(OVERFLOW)}, got '{overflow}'", field="--overflow")
     if max_len < 2:
         raise ConfigError(f"max_len must be at least 2, got {max_len}", field="--max-len")
+    if limit is not None and limit < 1:  # 0 and -1 gave no examples, silently
+        raise ConfigError(f"must be at least 1, got {limit}", field="limit")
+    if not hasattr(tokenizer, "get_vocab"):  # a path or None was blamed on the template's EOS
+        raise ConfigError(f"expected a tokenizer, got {type(tokenizer).__name__}", field="tokenizer")
     cmap = parse_column_map(column_map)
     tmpl = get_template(template, tokenizer)
     report = DataReport()
@@ -206,8 +210,29 @@ def _prepare(
         if len(report.bad) < _KEEP_BAD_MESSAGES:
             report.bad.append(str(exc))
 
+    kept = []
+
+    def keep_tokenized() -> None:  # tokenize what is rendered; keep what fits, or is cut, and still answers
+        for ex in tokenize_examples(examples, tokenizer, keep_offsets=keep_offsets):
+            cut = len(ex) > max_len
+            if cut:
+                if overflow == "drop":
+                    report.dropped_too_long += 1
+                    continue
+                _truncate(ex, max_len)
+            answered = Role.RESPONSE in ex.roles
+            if turns == "last" and cut and answered:
+                answered = ex.last_response_turn in {t for r, t in zip(ex.roles, ex.turns) if r is Role.RESPONSE}
+            if not answered and not keep_without_response:
+                report.dropped_no_loss += 1  # counted once: a dropped example is not "truncated" as well
+                continue
+            report.truncated += cut
+            kept.append(ex)
+        examples.clear()
+
     for rec in raw:
-        if limit is not None and len(examples) >= limit:  # usable records: skipped bad ones do not count
+        # `limit` counts examples kept for training: records skipped as bad or dropped (too long) do not count
+        if limit is not None and len(kept) >= limit:
             break
         report.read += 1
         if isinstance(rec, DataError):
@@ -229,23 +254,9 @@ def _prepare(
             examples.append(example)
         except DataError as exc:
             bad(mixed_format_error(exc, rec, fixed_by, fmt, cmap) if data_format == "auto" and fmt != "auto" else exc)
-    tokenized = tokenize_examples(examples, tokenizer, keep_offsets=keep_offsets)
-    kept = []
-    for ex in tokenized:
-        cut = len(ex) > max_len
-        if cut:
-            if overflow == "drop":
-                report.dropped_too_long += 1
-                continue
-            _truncate(ex, max_len)
-        answered = Role.RESPONSE in ex.roles
-        if turns == "last" and cut and answered:
-            answered = ex.last_response_turn in {t for r, t in zip(ex.roles, ex.turns) if r is Role.RESPONSE}
-        if not answered and not keep_without_response:
-            report.dropped_no_loss += 1  # counted once: a dropped example is not "truncated" as well
-            continue
-        report.truncated += cut
-        kept.append(ex)
+        if limit is not None and len(kept) + len(examples) >= limit:  # enough rendered to reach it, if all are kept
+            keep_tokenized()
+    keep_tokenized()
     report.kept = len(kept)
     return PreparedData(kept, report, template=tmpl.name, data_format=fmt)  # the resolved name (auto -> ...)
 

@@ -141,7 +141,7 @@ def advise(stats: dict, template: str) -> list[str]:
         f"({ae[1] - ae[0]:+.2f}) and the 18-task NLP mean {nlp[0]} -> {nlp[1]} ({nlp[1] - nlp[0]:+.2f})."
     ]
     lines.append(ratio_advice(r, n))
-    lines.append(size_advice(r, n))
+    lines.append(size_advice(r, stats.get("examples_trained", n)))  # the examples --max-len and --overflow leave
     im = stats["policies"]["instruction"]
     if im["boilerplate_share"] >= 0.1:
         lines.append(
@@ -247,7 +247,7 @@ def size_advice(r: float, n: int) -> str:
 def format_stats(stats: dict, report_summary: str, template: str) -> str:
     t = stats["tokens"]
     lines = [
-        f"records: {report_summary}",
+        f"records (read whole, before --max-len): {report_summary}",
         f"examples: {stats['examples']}",
         "",
         f"{'tokens':<12} {'min':>7} {'median':>8} {'p90':>7} {'max':>7} {'mean':>8}",

@@ -23,6 +23,10 @@ from deltatune.detokenize import continuation_text
 from deltatune.errors import UserError
 from deltatune.evaluate.choice import keeps_logits, left_padded
 
+# Temperatures below this decode greedily, as vLLM does: logits divided by 1e-45 overflow to inf and the
+# sampler's probabilities to NaN (a server's whole batch failed; `generate` answered garbage).
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class GenerationConfig:

@@ -46,6 +46,18 @@ class EvalOptions:
     exec_memory_mb: int = 1024
     exec_workers: int | None = None  # default: the core count
 
+    def __post_init__(self) -> None:
+        """The checks `deltatune eval` makes of its flags, for callers of the Python API (limit=-1 dropped the
+        last item, a misspelt choice_mode scored as "option", batch_size=0 was a traceback)."""
+        for name in ("limit", "batch_size", "max_new_tokens", "samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"must be at least 1, got {value}", field=name)
+        if self.shots < 0:
+            raise UserError(f"must be 0 or more, got {self.shots}", field="shots")
+        if self.choice_mode not in ("option", "letter"):
+            raise UserError(f"must be 'option' or 'letter', got {self.choice_mode!r}", field="choice_mode")
+
 
 @dataclass
 class TaskResult:

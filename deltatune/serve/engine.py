@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from deltatune.detokenize import ContinuationDecoder
+from deltatune.evaluate.generate import GREEDY_BELOW
 from deltatune.kv_cache import cache_kwargs
 from deltatune.serve.adapters import MultiAdapterModel
 from deltatune.upcycle.moe import moe_blocks, routed_tokens
@@ -49,11 +50,6 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ValueError("seed must be in [-2**63, 2**64)")
-
-
-# Temperatures below this decode greedily, as vLLM does: logits divided by 1e-45 overflow to inf and the
-# sampler's probabilities to NaN, which failed the row and every other row of its batch.
-GREEDY_BELOW = 1e-5
 
 
 @dataclass

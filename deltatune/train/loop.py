@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -597,6 +598,9 @@ def _train(
         resume_changes = compare_for_resume(cfg, meta, fingerprint)
         config_history = list(meta.get("history", []))
     if cfg.num_threads:
+        cores = os.cpu_count() or 1
+        if cfg.num_threads > 4 * cores:  # 100000 threads crashed the process (a segfault) after "interrupted"
+            raise ConfigError(f"{cfg.num_threads} threads on a machine with {cores} cores", field="num_threads")
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

@@ -147,3 +147,12 @@ def test_json_lines_in_a_json_file_are_read_as_datasets_writes_them(tmp_path):
     (tmp_path / "bad.json").write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     with pytest.raises(DataError, match=r"bad.json:2"):
         prepare_dataset(tmp_path / "bad.json", tiny_tokenizer(), template="chatml")
+
+
+def test_a_file_given_for_a_folder_is_called_a_file(tmp_path, capsys):
+    # "no such run folder" for a path that exists, as a file
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    assert main(["analyze", "--run", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "a")]) == 2
+    assert "is a file, not a run folder" in _one_error_line(capsys)
+    assert main(["generate", "--adapter", str(tmp_path / "train.jsonl"), "--prompt", "hi"]) == 2
+    assert "is a file, not an adapter folder" in _one_error_line(capsys)

@@ -106,7 +106,8 @@ def read_run(path: str | Path) -> RunInfo:
     """The run's config, label ("lora r=8"), final snapshot and checkpoints (sorted by step)."""
     root = Path(path)
     if not root.is_dir():
-        raise UserError(f"{root}: no such run folder", field="run")
+        why = "is a file, not a run folder" if root.exists() else "no such run folder"
+        raise UserError(f"{root}: {why}", field="run")
     config: dict[str, Any] = {}
     if (root / "config.yaml").exists():
         try:

@@ -114,7 +114,8 @@ def adapter_base_model(adapter_dir: str | os.PathLike) -> str | None:
 
 def _read_config(folder: Path) -> tuple[Path, dict[str, Any]]:
     if not folder.is_dir():
-        raise UserError(f"{folder}: no such adapter folder", field="adapter")
+        why = "is a file, not an adapter folder" if folder.exists() else "no such adapter folder"
+        raise UserError(f"{folder}: {why}", field="adapter")
     for name in (DELTATUNE_CONFIG, PEFT_CONFIG):
         path = folder / name
         if path.exists():

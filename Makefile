@@ -15,7 +15,8 @@ NEWEST_VENV := .venv-newest
 NEWEST_TRANSFORMERS ?= transformers==5.25.*
 NEWEST_TESTS ?= tests/test_prefix.py tests/test_prompt.py tests/test_method_contract.py \
 	tests/test_packed_attention.py tests/test_vera.py tests/test_kv_cache.py tests/test_eval.py \
-	tests/test_serve_engine.py tests/test_train_loop.py tests/test_compiled_layers.py tests/test_api_review.py
+	tests/test_serve_engine.py tests/test_train_loop.py tests/test_compiled_layers.py tests/test_api_review.py \
+	tests/test_training_template_at_inference.py
 
 # constraints.txt pins every dependency to the versions the suite was last run with (transformers
 # 5.24 renamed the decoder's cache argument, 5.25 the causal LM's and gradient checkpointing; `make

@@ -22,6 +22,13 @@ CONVERSATIONS = [
         {"role": "user", "content": "And in May?"},
         {"role": "assistant", "content": "24 clips"},
     ],
+    # first texts that open with a space: a Metaspace tokenizer must then get no space after BOS
+    [{"role": "user", "content": " What is 7?"}, {"role": "assistant", "content": " Seven."}],
+    [
+        {"role": "system", "content": " Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ],
 ]
 
 
@@ -39,6 +46,7 @@ TOKENIZERS = {
     "byte-level": lambda: tiny_tokenizer(),
     "byte-level, BOS": lambda: _with_bos(tiny_tokenizer(), "<|endoftext|>"),  # Llama 3's kind
     "metaspace, BOS": lambda: _with_bos(tiny_sentencepiece_tokenizer(), "<s>"),  # Llama 2's and Mistral's kind
+    "byte-level, BOS <|im_start|>": lambda: _with_bos(tiny_tokenizer(), "<|im_start|>"),  # ChatML opens with it
 }
 
 
@@ -68,6 +76,39 @@ def test_the_saved_chat_template_renders_every_prompt_training_rendered(kind, te
             assert tok(prompt, add_special_tokens=False)["input_ids"] == ex.input_ids[:start]
         whole = tok.apply_chat_template(conv, chat_template=jinja, tokenize=False)
         assert tok(whole, add_special_tokens=False)["input_ids"] == ex.input_ids
+
+
+@pytest.mark.parametrize("kind", list(TOKENIZERS))
+@pytest.mark.parametrize("template", ["chatml", "alpaca", "raw"])
+def test_auto_on_a_carried_template_is_the_template_trained(kind, template):
+    # `auto` on the saved tokenizer segmented the Jinja rendering (`tokenizer`): Alpaca's preamble tagged `role`
+    # (the instruction policy's loss over other tokens) and its input section gone; now the same tokens and roles
+    tok = TOKENIZERS[kind]()
+    tok.chat_template = None
+    if template == "chatml" and "<|im_start|>" not in tok.get_vocab():
+        pytest.skip("no ChatML tokens in this vocabulary")
+    saved = TOKENIZERS[kind]()
+    saved.chat_template = training_chat_template(template, tok)[0]
+    chats = [{"messages": c} for c in CONVERSATIONS]
+    alpaca = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]
+    for records in (chats, alpaca):
+        trained = prepare_records(records, tok, template=template, max_len=512).examples
+        again = prepare_records(records, saved, template="auto", max_len=512)
+        assert again.template == template
+        assert [(e.input_ids, e.roles) for e in again.examples] == [(e.input_ids, e.roles) for e in trained]
+
+
+def test_forgetting_scores_a_full_model_with_the_bases_template(tmp_path):
+    # a fully finetuned run's folder carries its training template: it was scored `chat`, the base `plain`
+    from deltatune.evaluate.runs import Snapshot, snapshot_tokenizer
+
+    carrying = tiny_tokenizer()
+    carrying.chat_template = training_chat_template("alpaca", carrying)[0]
+    carrying.save_pretrained(tmp_path)
+    tiny_model().config.save_pretrained(tmp_path)
+    base = tiny_tokenizer()
+    base.chat_template = None
+    assert snapshot_tokenizer(Snapshot(tmp_path, "model", None, "final"), base).chat_template is None
 
 
 def test_the_tokenizers_own_template_stays():

@@ -21,6 +21,7 @@ Plain-text records ignore the template: the text is `response` followed by the t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,7 @@ class Template:
     eos: str  # the end-of-turn string that closes a response and carries loss
     text_eos: str = ""  # the tokenizer's EOS, closing a plain-text document ("": same as `eos`)
     writes_bos = False  # whether its rendering of a conversation decides the BOS (the tokenizer's chat template)
+    first_text = "''"  # a Jinja expression: the text its chat template writes first (see `training_chat_template`)
 
     def render(self, conv: Conversation) -> Example:
         b = _Builder()
@@ -144,6 +146,8 @@ class AlpacaTemplate(Template):
             if m.role == "assistant":
                 b.add(_closing_role(m), self.eos, turn)
 
+    first_text = f"(messages[0]['content'] if messages and messages[0]['role'] == 'system' else {ALPACA_PREAMBLE!r})"
+
     def chat_template(self, bos: str = "") -> str | None:
         """A leading system message replaces the preamble; a user message in two parts (instruction and input)
         cannot be told apart here, so inference writes the preamble without input."""
@@ -183,6 +187,8 @@ class ChatMLTemplate(Template):
             else:
                 b.add(Role.ROLE, "<|im_end|>\n", turn)
 
+    first_text = "'<|im_start|>'"
+
     def chat_template(self, bos: str = "") -> str | None:
         return (
             bos
@@ -201,6 +207,8 @@ class RawTemplate(Template):
                 b.add(role, text, turn)
             if m.role == "assistant":
                 b.add(_closing_role(m), self.eos, turn)
+
+    first_text = "(messages[0]['content'] if messages else '')"
 
     def chat_template(self, bos: str = "") -> str | None:
         return (
@@ -362,10 +370,17 @@ def resolve_template(name: str, tokenizer: Any) -> str:
     """`auto` (the default) -> `tokenizer` when the tokenizer has a chat template, else `chatml` where it has
     ChatML's tokens, else `alpaca`. With the model's own template, training renders the prompts that `generate`,
     `eval`'s chat style and `serve` render (apply_chat_template): `chatml` left out SmolLM2's default system
-    prompt, which inference then added. Other names are returned as given."""
+    prompt, which inference then added. A chat template deltatune saved with a trained output (see
+    `training_chat_template`) names its template, which `auto` then is: the same tokens and roles as training
+    (segmenting its Jinja rendering tagged Alpaca's preamble `role`, not `template`, and lost Alpaca's input
+    section). Other names are returned as given."""
     if name != "auto":
         return name
-    if getattr(tokenizer, "chat_template", None):
+    chat_template = getattr(tokenizer, "chat_template", None)
+    carried = _CARRIED.match(chat_template) if isinstance(chat_template, str) else None
+    if carried:  # a model or adapter deltatune trained: its training template, not the Jinja rendering of it
+        return carried.group(1)
+    if chat_template:
         return "tokenizer"
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     return "chatml" if "<|im_start|>" in vocab and "<|im_end|>" in vocab else "alpaca"
@@ -401,39 +416,52 @@ def get_template(name: str, tokenizer: Any) -> Template:
     raise ConfigError(f"unknown template '{name}' (choose from {', '.join(TEMPLATES)})", field="--template")
 
 
+_CARRIED = re.compile(r"\{#- deltatune template: (alpaca|chatml|raw) -#\}")
+
+
 def training_chat_template(name: str, tokenizer: Any) -> tuple[str | None, str]:
     """The chat template that renders training's prompts at inference, for the tokenizer saved with the output
     (see `Template.chat_template`; None where the tokenizer's own template is the one training used), and a
-    warning ("" if none).
+    warning ("" if none). It opens with a comment naming the template, which `--template auto` reads back.
 
-    Training puts the BOS id in front of the text's tokens; a template writes BOS as text, and some tokenizers
-    then tokenize the first word otherwise (a Metaspace tokenizer, Llama 2's and Mistral's kind, marks only the
-    text's first word as word-initial, and BOS text is that first piece). So the BOS written is the one, of
-    `bos_token` and `bos_token` and a space, whose rendering of a probe conversation tokenizes exactly as
-    training tokenizes its prompt."""
+    Training puts the BOS id in front of the text's tokens (none where the text opens with BOS's text); a template
+    writes BOS as text, and some tokenizers then tokenize the first word otherwise (a Metaspace tokenizer, Llama
+    2's and Mistral's kind, marks only the text's first word as word-initial, and BOS text is that first piece).
+    So the BOS written is the form, of `bos_token`, `bos_token` and a space unless the text opens with one, and
+    none, whose rendering of probe conversations tokenizes exactly as training tokenizes their prompts."""
     from deltatune.data.tokenize import adds_bos, tokenize_examples
 
     template = get_template(name, tokenizer)
     if template.chat_template() is None:
         return None, ""
-    candidates = ["{{ bos_token }}", "{{ bos_token + ' ' }}"] if adds_bos(tokenizer) else [""]
-    probe = [
-        Message("user", ((Role.INSTRUCTION, "Name a prime number."),)),
-        Message("assistant", ((Role.RESPONSE, "7"),)),
+    spaced = f"{{{{ bos_token }}}}{{% if not {template.first_text}.startswith(' ') %}}{{{{ ' ' }}}}{{% endif %}}"
+    candidates = ["{{ bos_token }}", spaced, ""] if adds_bos(tokenizer) else [""]
+    probes = [
+        [Message("user", ((Role.INSTRUCTION, "Name a prime number."),))],
+        [Message("user", ((Role.INSTRUCTION, " Name a prime number."),))],  # a first text opening with a space
+        [Message("system", ((Role.SYSTEM, " Be brief."),)), Message("user", ((Role.INSTRUCTION, "Name one."),))],
     ]
-    trained = tokenize_examples([template.render(Conversation(probe, "probe"))], tokenizer)[0]
-    prompt = trained.input_ids[: trained.roles.index(Role.RESPONSE)]
+    answer = Message("assistant", ((Role.RESPONSE, "7"),))
+    trained = tokenize_examples([template.render(Conversation(p + [answer], "probe")) for p in probes], tokenizer)
+    marker = f"{{#- deltatune template: {template.name} -#}}"
     for bos in candidates:
-        jinja = template.chat_template(bos)
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": probe[0].content}],
-            chat_template=jinja,
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        if list(tokenizer(text, add_special_tokens=False)["input_ids"]) == list(prompt):
+        jinja = marker + template.chat_template(bos)
+        if all(
+            list(tokenizer(_prompt_text(tokenizer, jinja, p), add_special_tokens=False)["input_ids"])
+            == ex.input_ids[: ex.roles.index(Role.RESPONSE)]
+            for p, ex in zip(probes, trained)
+        ):
             return jinja, ""
-    return template.chat_template(candidates[0]), (
+    return marker + template.chat_template(candidates[0]), (
         f"the chat template saved with the output renders template '{template.name}' as text, which this "
         "tokenizer tokenizes otherwise than training did; prompts at inference may differ by a token"
+    )
+
+
+def _prompt_text(tokenizer: Any, jinja: str, messages: list[Message]) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages],
+        chat_template=jinja,
+        tokenize=False,
+        add_generation_prompt=True,
     )

@@ -196,12 +196,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 def snapshot_tokenizer(snap: Snapshot, base_tokenizer):
     """The tokenizer to score `snap` with: a full model's own where its folder has one (a model finetuned
-    elsewhere may have added tokens or changed ids), the base's for adapters and checkpoints."""
+    elsewhere may have added tokens or changed ids), the base's for adapters and checkpoints; either way with the
+    base's chat template, so that the base and every run are scored on the same prompts (a model's folder carries
+    its training template, which would score it in another style than the base and the adapters)."""
     if snap.kind != "model" or not any((snap.path / f).exists() for f in TOKENIZER_FILES):
         return base_tokenizer
     from deltatune.models import load_tokenizer
 
-    return load_tokenizer(snap.path)
+    tokenizer = load_tokenizer(snap.path)
+    tokenizer.chat_template = base_tokenizer.chat_template
+    return tokenizer
 
 
 def load_snapshot(

@@ -23,6 +23,10 @@ def test_quick_upcycle_experiment_reports_costs_and_curves(tmp_path):
     assert "Held-out loss by step" in (out / "results.md").read_text()
     assert (out / "heldout_loss.png").exists()
     assert json.loads((out / "runs" / "upcycled-e8" / "done.json").read_text())["steps"] == 3
+    # trained in the template its held-out loss is measured in (auto became the model's own template, with a
+    # system prompt where SmolLM2's adds one)
+    for run in ("dense", "upcycled-e4", "upcycled-e8"):
+        assert "template: chatml" in (out / "runs" / run / "config.yaml").read_text().splitlines()
     # a second invocation resumes: every run is done, nothing trains again
     before = (out / "runs" / "dense" / "metrics.jsonl").read_text()
     assert main(["experiment", "upcycle", "--quick", "--out", str(out), "--quiet"]) == 0

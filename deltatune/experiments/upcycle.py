@@ -1,7 +1,7 @@
 """Sparse upcycling vs dense continuation (arXiv 2212.05055, Fig. 2-3 in spirit).
 
 From the same dense checkpoint, three runs train for the same steps on the same data (GSM8K train,
-chat template, response-only loss; full finetuning, same lr schedule and seed): the dense model
+ChatML template as held-out loss is measured, response-only loss; full finetuning, same lr schedule and seed): the dense model
 ("dense continuation"), and the model upcycled to E=4 and E=8 experts (top-2, raw softmax weights,
 every other layer, load-balancing loss 0.01). Held-out loss (GSM8K test) is measured before
 training and at evenly spaced steps, and reported against steps, wall time and training FLOPs
@@ -231,6 +231,7 @@ def run(ctx: Context, args) -> None:
             config = dict(
                 model=ref,
                 method="full",
+                template="chatml",  # as `_loss_meter` measures (`auto` is SmolLM2's own template, with a system prompt)
                 lr=args.lr,
                 steps=steps,
                 batch_size=sizes["batch_size"],

@@ -94,7 +94,7 @@ class AdaptedModel:
             m.prepare_export(self.model)
         untie_adapted_weights(self.model)
         for m in self.methods:
-            m.merge(self.model)
+            m.merge_for_unload(self.model)
             m.unload(self.model)
         self.methods = []
         self.model.__dict__.pop(APPLIED_ATTR, None)  # a plain model again: methods may be applied to it

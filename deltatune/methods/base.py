@@ -26,6 +26,10 @@ from deltatune.errors import ConfigError
 from deltatune.methods.nf4 import NF4_OPTIONS, QuantOptions, quant_options, quantize_bases, requantize_bases
 from deltatune.methods.options import Option, read_options
 
+# Set to True on a parameter stored as a matrix that is a vector (IA3's scaling vectors, (d, 1) or (1, d) as PEFT
+# stores them): the optimizer gives it no weight decay, as other vectors (decay pulled IA3's 1.0 start towards 0).
+VECTOR_ATTR = "deltatune_vector"
+
 
 @dataclass
 class MethodSpec:
@@ -339,6 +343,10 @@ class Method:
         for module in self.delta_modules(model):
             module.merge()
 
+    def merge_for_unload(self, model: nn.Module) -> None:
+        """The merge `merge_and_unload` makes before the wrappers go: its weights leave as plain linears."""
+        self.merge(model)
+
     def unmerge(self, model: nn.Module) -> None:
         if not self.mergeable:
             raise ConfigError(f"method '{self.name}' cannot be merged: {self.why_not_mergeable}")
@@ -480,6 +488,11 @@ class WeightDeltaMethod(Method):
         super().merge(model)
         if self.quant is not None and self.quant.merge_requantize:
             requantize_bases(self.delta_modules(model), self.quant)
+
+    def merge_for_unload(self, model: nn.Module) -> None:
+        """Never requantised: NF4 weights are no transformers model's (its `save_pretrained` wrote NF4 codes,
+        which `from_pretrained` dropped for random weights); `merge_requantize` is for a merged adapted model."""
+        super().merge(model)
 
 
 _REGISTRY: dict[str, type[Method]] = {}

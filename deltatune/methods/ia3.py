@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
-from deltatune.methods.base import DeltaLinear, MethodSpec, WeightDeltaMethod, register
+from deltatune.methods.base import VECTOR_ATTR, DeltaLinear, MethodSpec, WeightDeltaMethod, register
 from deltatune.methods.inject import match_targets, named_by
 from deltatune.methods.nf4 import NF4_OPTIONS
 from deltatune.methods.options import Option
@@ -35,6 +35,7 @@ class IA3Linear(DeltaLinear):
         self.is_feedforward = feedforward
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, dtype=dtype, device=base.weight.device))
+        setattr(self.ia3_l, VECTOR_ATTR, True)  # a vector (no weight decay), stored as a matrix as PEFT stores it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:

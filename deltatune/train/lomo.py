@@ -260,11 +260,13 @@ def build_fused(
 ) -> FusedUpdate:
     """ "lomo" (SGD, no state, global clipping by two passes, dynamic loss scaling for fp16 parameters) or
     "fused-adamw" (AdamW state, per-tensor clipping)."""
+    from deltatune.train.optim import decay_groups
+
     params = list(params)
-    if name == "lomo":
+    if name == "lomo":  # no weight decay on biases, norms and vectors either, as every optimizer here
         half = any(p.dtype == torch.float16 for p in params if isinstance(p, torch.Tensor))
         return FusedUpdate(
-            params,
+            decay_groups(params, weight_decay) if weight_decay else params,  # one group: earlier runs resume
             lr=lr,
             weight_decay=weight_decay,
             algorithm="sgd",
@@ -273,8 +275,6 @@ def build_fused(
             loss_scale="dynamic" if half else None,
         )
     if name == "fused-adamw":  # as the plain AdamW path: no weight decay on biases, norms and 1-D vectors
-        from deltatune.train.optim import decay_groups
-
         return FusedUpdate(
             decay_groups(params, weight_decay),
             lr=lr,

@@ -924,7 +924,7 @@ def _train(
                     b["loss_weights"] = per_example_weights(b["loss_weights"], b["position_ids"])
             total_weight = sum(float(b["loss_weights"][:, 1:].sum()) for b in micro)
             total_weight = dist.sum(total_weight)  # the global batch's weight normalises every rank's loss
-            step_loss = 0.0
+            step_loss, aux_finite = 0.0, True
             for i, batch in enumerate(micro):
                 batch = _to_device(batch, device)
                 dist.sync_grads(runner, i == len(micro) - 1)  # gradients are summed over ranks once per step
@@ -943,7 +943,9 @@ def _train(
                     )
                     loss = loss_sum / total_weight
                     if router_losses is not None:  # MoE load-balancing and z-loss, averaged over micro-batches
-                        loss = loss + router_losses.collect() / len(micro)
+                        aux = router_losses.collect()
+                        aux_finite = aux_finite and bool(torch.isfinite(aux).all())
+                        loss = loss + aux / len(micro)
                     if cfg.fused_update:
                         optimizer.backward(loss)  # LOMO: two passes when clipping
                     else:
@@ -952,11 +954,12 @@ def _train(
                 real_tokens += int(batch["n_real_tokens"])
             step_loss = dist.sum(step_loss)
             loss_value = step_loss / total_weight
-            if not math.isfinite(loss_value):
+            if not math.isfinite(loss_value) or not aux_finite:  # a NaN router loss poisons the gradients too
                 kept = list_checkpoints(out) if dist.is_main else []
                 where = f"; the last good checkpoint is {kept[-1]}" if kept else ""
+                what = f"loss became {loss_value}" if aux_finite else "the MoE router loss became NaN or infinite"
                 raise TrainingError(
-                    f"loss became {loss_value} at step {pos.step + 1}{where} (lower --lr, check the data, or look "
+                    f"{what} at step {pos.step + 1}{where} (lower --lr, check the data, or look "
                     "for NaN in the model's own outputs)"
                 )
             if cfg.max_grad_norm and not cfg.fused_update:

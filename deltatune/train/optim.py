@@ -7,6 +7,7 @@ import math
 import torch
 
 from deltatune.config import TrainConfig
+from deltatune.methods.base import VECTOR_ATTR
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -21,10 +22,15 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **kwargs)
 
 
+def is_vector(p: torch.nn.Parameter) -> bool:
+    return p.ndim < 2 or bool(getattr(p, VECTOR_ATTR, False))
+
+
 def decay_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
-    """Parameter groups with `weight_decay` on matrices and none on biases, norms and other 1-D vectors."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    """Parameter groups with `weight_decay` on matrices and none on biases, norms and other vectors (a matrix
+    with one row is a matrix: LoRA's A at rank 1; a vector stored as a matrix says so, see `VECTOR_ATTR`)."""
+    decay = [p for p in params if not is_vector(p)]
+    no_decay = [p for p in params if is_vector(p)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -22,12 +22,16 @@ from deltatune.upcycle.moe import moe_blocks, upcast
 
 
 def balance_loss(logits: torch.Tensor, assigned: torch.Tensor) -> torch.Tensor:
+    if logits.shape[0] == 0:  # a block that routed no token: no imbalance (a mean over nothing was NaN)
+        return upcast(logits).sum()
     probs = torch.softmax(upcast(logits), dim=-1)
     f = assigned.to(probs.dtype) / assigned.sum().clamp(min=1)  # float64 routing stays float64
     return probs.shape[-1] * (f * probs.mean(dim=0)).sum()
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    if logits.shape[0] == 0:  # no token routed: nothing to penalise (a mean over nothing was NaN)
+        return upcast(logits).sum()
     return torch.logsumexp(upcast(logits), dim=-1).pow(2).mean()
 
 
@@ -64,7 +68,8 @@ class RouterLosses:
             z.append(z_loss(r["logits"]))
             with torch.no_grad():
                 p = torch.softmax(upcast(r["logits"]), dim=-1)
-                self.entropy_sum += float(-(p * torch.log(p.clamp(min=1e-30))).sum(-1).mean())
+                if p.shape[0]:  # the mean entropy of no token is NaN: it adds nothing
+                    self.entropy_sum += float(-(p * torch.log(p.clamp(min=1e-30))).sum(-1).mean())
                 self.load[i] += r["processed"].float().cpu()
                 self.dropped += int(r["dropped"])
                 self.routed += int(r["assigned"].sum()) if b.router_type == "topk" else r["logits"].shape[0]

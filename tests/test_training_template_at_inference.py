@@ -184,3 +184,58 @@ def test_plain_text_training_leaves_the_tokenizer_without_a_template(base_model_
     data.write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox."}) + "\n" for i in range(20)))
     train(tiny_train_config(base_model_dir, data, tmp_path / "run", steps=1), quiet=True)
     assert not AutoTokenizer.from_pretrained(tmp_path / "run" / "final").chat_template
+
+
+def _carrying(template: str):
+    tok = _with_bos(tiny_tokenizer(), "<|endoftext|>")
+    tok.chat_template = training_chat_template(template, tok)[0]
+    return tok
+
+
+def test_eval_in_chat_style_with_a_carried_alpaca_template_stops_at_another_example():
+    # chat style had no stops: a reply running on into "### Instruction: ..." was scored whole (BBH read the
+    # run-on's answer, MBPP ran "### Instruction:" as code)
+    from deltatune.evaluate.prompts import ALPACA_STOP, default_style, style_info
+
+    style = style_info(default_style(_carrying("alpaca")), _carrying("alpaca"))
+    assert style.name == "chat" and style.stop == ALPACA_STOP and style.label == "chat (training template alpaca)"
+    assert style_info("chat", _carrying("chatml")).stop == ()  # ChatML stops on its <|im_end|> token
+    assert style_info("chat", tiny_tokenizer()).label == "chat"  # the tokenizer's own template
+
+
+def test_eval_prompts_a_carried_raw_template_plain():
+    # raw writes no cue for where an answer starts, and eval's questions carry none: "...in Virginia?It rained"
+    from deltatune.evaluate.prompts import default_style
+
+    assert default_style(_carrying("raw")) == "plain"
+
+
+def test_an_empty_system_message_keeps_alpacas_preamble():
+    # training refuses an empty system message; `generate --system ""` rendered Alpaca with no preamble at all
+    tok = _carrying("alpaca")
+    msgs = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}]
+    plain = [{"role": "user", "content": "Hi"}]
+    render = lambda m: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)  # noqa: E731
+    assert render(msgs) == render(plain) and "Below is an instruction" in render(msgs)
+
+
+def test_generate_cuts_an_alpaca_adapters_reply_at_another_example(base_model_dir, tmp_path, monkeypatch, capsys):
+    # the run-on went into the interactive chat's history as a user turn never written
+    import deltatune
+    import deltatune.evaluate.generate as gen_module
+    from deltatune.cli import main
+    from deltatune.evaluate.prompts import ALPACA_STOP
+
+    model, tok = deltatune.load_model(str(base_model_dir))
+    deltatune.apply(model, "lora", rank=2).save_adapter(tmp_path / "adapter")
+    _carrying("alpaca").save_pretrained(tmp_path / "adapter")
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, config, **kwargs):
+        seen["stop"] = config.stop
+        return ["Paris."]
+
+    monkeypatch.setattr(gen_module, "generate", fake_generate)
+    args = ["generate", "--model", str(base_model_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", "Hi"]
+    assert main(args) == 0
+    assert seen["stop"] == ALPACA_STOP and capsys.readouterr().out.strip() == "Paris."

@@ -48,6 +48,7 @@ def print_answers(answers: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     from deltatune.errors import UserError
     from deltatune.evaluate.generate import GREEDY_BELOW, GenerationConfig, generate
+    from deltatune.evaluate.prompts import style_info
     from deltatune.models import load_model, parse_dtype
 
     if args.max_new_tokens < 1:
@@ -58,7 +59,11 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, adapter=args.adapter)
     sample = args.temperature >= GREEDY_BELOW  # below it, greedy (as `serve` and vLLM decode it)
+    # an adapter trained with Alpaca's template: a reply running on into another example is cut there (it went
+    # into the chat's history as a turn the user never wrote)
+    chat = not args.raw and bool(tokenizer.chat_template)
     gen = GenerationConfig(
+        stop=style_info("chat", tokenizer).stop if chat else (),
         max_new_tokens=args.max_new_tokens,
         do_sample=sample,
         temperature=args.temperature if sample else 1.0,

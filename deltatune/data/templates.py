@@ -146,16 +146,19 @@ class AlpacaTemplate(Template):
             if m.role == "assistant":
                 b.add(_closing_role(m), self.eos, turn)
 
-    first_text = f"(messages[0]['content'] if messages and messages[0]['role'] == 'system' else {ALPACA_PREAMBLE!r})"
+    # a system message replaces the preamble; an empty one (training refuses them) does not
+    first_text = (
+        "(messages[0]['content'] if messages and messages[0]['role'] == 'system' and messages[0]['content'] "
+        f"else {ALPACA_PREAMBLE!r})"
+    )
 
     def chat_template(self, bos: str = "") -> str | None:
         """A leading system message replaces the preamble; a user message in two parts (instruction and input)
         cannot be told apart here, so inference writes the preamble without input."""
         return (
             bos
-            + "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
-            + "{% set rest = messages[1:] %}"
-            + f"{{% else %}}{{{{ {ALPACA_PREAMBLE!r} }}}}{{% set rest = messages %}}{{% endif %}}"
+            + "{% set rest = messages[1:] if messages and messages[0]['role'] == 'system' else messages %}"
+            + f"{{{{ {self.first_text} }}}}"
             + "{% for message in rest %}"
             + _only_roles("alpaca", ("user", "assistant"))
             + "{% if message['role'] == 'user' %}"
@@ -376,11 +379,10 @@ def resolve_template(name: str, tokenizer: Any) -> str:
     section). Other names are returned as given."""
     if name != "auto":
         return name
-    chat_template = getattr(tokenizer, "chat_template", None)
-    carried = _CARRIED.match(chat_template) if isinstance(chat_template, str) else None
+    carried = carried_template(tokenizer)
     if carried:  # a model or adapter deltatune trained: its training template, not the Jinja rendering of it
-        return carried.group(1)
-    if chat_template:
+        return carried
+    if getattr(tokenizer, "chat_template", None):
         return "tokenizer"
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     return "chatml" if "<|im_start|>" in vocab and "<|im_end|>" in vocab else "alpaca"
@@ -417,6 +419,14 @@ def get_template(name: str, tokenizer: Any) -> Template:
 
 
 _CARRIED = re.compile(r"\{#- deltatune template: (alpaca|chatml|raw) -#\}")
+
+
+def carried_template(tokenizer: Any) -> str | None:
+    """The training template a tokenizer saved by deltatune carries as its chat template (see
+    `training_chat_template`), else None."""
+    chat_template = getattr(tokenizer, "chat_template", None)
+    carried = _CARRIED.match(chat_template) if isinstance(chat_template, str) else None
+    return carried.group(1) if carried else None
 
 
 def training_chat_template(name: str, tokenizer: Any) -> tuple[str | None, str]:

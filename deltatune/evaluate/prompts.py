@@ -30,15 +30,32 @@ class PromptStyle:
     name: str
     continuation_prefix: str  # before an option's text or a letter
     stop: tuple[str, ...]  # cut generated text here
+    carried: str | None = None  # chat: the training template the tokenizer carries (None: its own template)
+
+    @property
+    def label(self) -> str:
+        """What results.json records: the style, and for chat which template rendered it."""
+        return f"chat (training template {self.carried})" if self.carried else self.name
 
 
 def default_style(tokenizer) -> str:
+    """chat where the tokenizer has a chat template, else plain; also plain for a carried `raw` training template,
+    which writes no cue for where an answer starts (eval's questions carry none of their own)."""
+    from deltatune.data.templates import carried_template
+
+    if carried_template(tokenizer) == "raw":
+        return "plain"
     return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
 
 
-def style_info(name: str) -> PromptStyle:
+def style_info(name: str, tokenizer=None) -> PromptStyle:
+    """The style `name`; for chat with a carried Alpaca template (see deltatune.data.templates), Alpaca's stops:
+    a model running on into another example writes its header, which stayed in the answer."""
     if name == "chat":
-        return PromptStyle("chat", "", ())
+        from deltatune.data.templates import carried_template
+
+        carried = carried_template(tokenizer) if tokenizer is not None else None
+        return PromptStyle("chat", "", ALPACA_STOP if carried == "alpaca" else (), carried)
     if name == "alpaca":
         return PromptStyle("alpaca", "", ALPACA_STOP)
     if name == "plain":

@@ -162,7 +162,7 @@ def evaluate_task(
     pool = None
     if opts.shots > 0:  # the training split, else the whole task (not just the first --limit items)
         pool = load_shot_pool(task) or load_items(task)
-    style = style_info(opts.style or default_style(tokenizer))
+    style = style_info(opts.style or default_style(tokenizer), tokenizer)
     add_special = style.name != "chat"
     if task.kind == "choice":
         return _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_special)
@@ -194,7 +194,7 @@ def evaluate_task(
     metrics = {k: M.mean([float(r[k]) for r in rows]) for k in keys}
     info = {
         "protocol": f"{opts.shots}-shot" + (", answer format stated in the prompt" if suffix else ""),
-        **generation_info(gen, style.name),
+        **generation_info(gen, style.label),
     }
     return TaskResult(task.name, len(items), task.metric, metrics, rows, info=info)
 
@@ -247,7 +247,7 @@ def check_choice_fits(model, tokenizer, task: Task, items: list[Item], opts: Eva
     if task.kind != "choice" or not items:
         return
     pool = (load_shot_pool(task) or load_items(task)) if opts.shots > 0 else None
-    style = style_info(opts.style or default_style(tokenizer))
+    style = style_info(opts.style or default_style(tokenizer), tokenizer)
     options = [choice_options(item, opts, style) for item in items]
     max_length = model_max_length(model)
     flat = [text for row in options for text in row]
@@ -298,7 +298,7 @@ def _evaluate_choice(model, tokenizer, task, items, pool, opts, style, add_speci
     ]
     info = {
         "choice": "letter" if letter else "option likelihood",
-        "prompt_style": style.name,
+        "prompt_style": style.label,
         "shots_from": "none"
         if opts.shots == 0
         else ("the training split" if task.fewshot_files else "the same file (test split) minus the item"),
@@ -330,7 +330,7 @@ def _evaluate_code(model, tokenizer, task: Task, items: list[Item], opts: EvalOp
 
     check_code_options(opts, task, generating=True)
     problems = [it.problem for it in items]
-    style = style_info(opts.style or default_style(tokenizer))
+    style = style_info(opts.style or default_style(tokenizer), tokenizer)
     if problems[0].format == "humaneval":  # the code itself is the prompt: a plain continuation, with the BOS the
         # tokenizer gives any text (as lm-eval and bigcode's harness encode it)
         prompts, stop, add_special = [p.prompt for p in problems], HUMANEVAL_STOP, True
@@ -356,7 +356,7 @@ def _evaluate_code(model, tokenizer, task: Task, items: list[Item], opts: EvalOp
     completions = [[clean_completion(p, t) for t in texts[i * n : (i + 1) * n]] for i, p in enumerate(problems)]
     result = score_code(task.name, problems, completions, opts)
     # HumanEval's prompt is code the model continues: no prompt style applies
-    used = "continuation" if problems[0].format == "humaneval" else style.name
+    used = "continuation" if problems[0].format == "humaneval" else style.label
     result.info.update(generation_info(gen, used))
     return result
 

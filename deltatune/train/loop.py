@@ -952,7 +952,10 @@ def _train(
                         loss.backward()
                 step_loss += loss_sum.item()
                 real_tokens += int(batch["n_real_tokens"])
-            step_loss = dist.sum(step_loss)
+            # with every rank's router-loss verdict in the same reduction: a rank that stopped alone left the
+            # others waiting in the next collective
+            step_loss, aux_bad = dist.sum(step_loss, float(not aux_finite))
+            aux_finite = aux_bad == 0
             loss_value = step_loss / total_weight
             if not math.isfinite(loss_value) or not aux_finite:  # a NaN router loss poisons the gradients too
                 kept = list_checkpoints(out) if dist.is_main else []

@@ -441,3 +441,19 @@ def test_a_two_process_run_with_dropout_resumes_exactly(tiny_dir, data_file, tmp
     assert len(state["rng_ranks"]) == 2 and not torch.equal(
         state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"]
     )
+
+
+def test_a_resume_under_torchrun_checks_the_checkpoints_shapes(data_file, tmp_path):
+    """The shape check ran in one process only: under torchrun a checkpoint of another shape was a copy_
+    traceback on every rank (or, where a dimension was 1, a silent broadcast)."""
+    from deltatune.testing import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    run = tmp_path / "run"
+    _single(_settings(model_dir, data_file, run, steps=1, save_every=1))
+    tiny_model(hidden_size=96).save_pretrained(model_dir)  # the same path, another model
+    rc, out = _torchrun(_settings(model_dir, data_file, run, batch_size=2, steps=2, save_every=1, resume=True))
+    assert rc != 0
+    assert "does not fit this model and method" in out and "must match the size" not in out, out[-3000:]

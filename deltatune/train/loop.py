@@ -794,10 +794,11 @@ def _train(
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     pos = Position()
     if resume_from is not None:
-        if not dist.active:  # the names and shapes of what trains must be the checkpoint's
-            why = verify_checkpoint(resume_from, {n: tuple(p.shape) for n, p in trainable}, hashes=False)
-            if why:
-                raise ConfigError(f"checkpoint {resume_from} {why}", field="resume")
+        # the names and shapes of what trains must be the checkpoint's, on every rank alike (each reads the same
+        # files; under torchrun a mismatch was a copy_ traceback, or a silent broadcast where a dimension was 1)
+        why = verify_checkpoint(resume_from, {n: tuple(p.shape) for n, p in trainable}, hashes=False)
+        if why:
+            raise ConfigError(f"checkpoint {resume_from} {why}", field="resume")
         pos = dist.load_checkpoint(resume_from, runner, trainable, optimizer, scheduler, data)
         reschedule(optimizer, scheduler)  # this run's schedule: `steps` or `epochs` may have changed
         apply_method_lr_factors(adapted, optimizer, pos.step + 1)

@@ -10,7 +10,9 @@
 - Router z-loss (ST-MoE): mean over tokens of logsumexp(router logits)^2.
 Both are averaged over the MoE layers; the train loop adds weight * loss to each micro-batch's loss.
 Under torchrun the gradients are summed over the processes (train/distributed.py), so each process
-adds its share, weight * loss / world: the gradient is that of the mean over processes, as with one.
+adds its share, weight * loss / world: the gradient is that of the mean over processes of each process's
+loss. The z-loss is a mean over tokens, so that is the single process's up to share sizes; the balance loss is
+not linear in the batch, so a run with it matches one process only approximately (docs/distributed.md).
 """
 
 from __future__ import annotations

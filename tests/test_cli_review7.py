@@ -156,3 +156,21 @@ def test_a_file_given_for_a_folder_is_called_a_file(tmp_path, capsys):
     assert "is a file, not a run folder" in _one_error_line(capsys)
     assert main(["generate", "--adapter", str(tmp_path / "train.jsonl"), "--prompt", "hi"]) == 2
     assert "is a file, not an adapter folder" in _one_error_line(capsys)
+
+
+def test_field_map_dicts_read_in_both_directions_and_field_named_columns(tmp_path):
+    # a file whose columns are `prompt` and `completion` maps field to field: {"instruction": "prompt", ...} was
+    # refused once dicts went through --map's parser
+    model, tok = tiny_model(0), tiny_tokenizer()
+    data = _jsonl(tmp_path / "q.jsonl", [{"prompt": f"What is {i}?", "completion": f"It is {i}."} for i in range(4)])
+    got = deltatune.evaluate(model, tok, f"loss:{data}", field_map={"instruction": "prompt", "output": "completion"})
+    assert torch.isfinite(torch.tensor(got[f"loss:{data}"].score))
+    with pytest.raises(ConfigError, match="field_map"):
+        deltatune.evaluate(model, tok, f"loss:{data}", field_map={"a": "b"})
+
+
+def test_pretty_printed_objects_back_to_back_are_not_read_as_json_lines(tmp_path):
+    # the JSON Lines fallback blamed line 1 of a file whose first object spans lines
+    (tmp_path / "x.json").write_text('{\n  "instruction": "a",\n  "output": "b"\n}\n{\n  "instruction": "c"\n}\n')
+    with pytest.raises(DataError, match=r"x.json:5: not valid JSON \(Extra data"):
+        prepare_dataset(tmp_path / "x.json", tiny_tokenizer(), template="chatml")

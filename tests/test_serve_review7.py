@@ -81,3 +81,24 @@ def test_a_row_whose_scores_go_nan_fails_alone_and_the_batch_goes_on(tmp_path):
     for name in ("bad sampled", "bad greedy"):
         kind, exc = outcome[name]
         assert kind == "error" and isinstance(exc, NonFiniteScores)
+
+
+def test_a_masked_token_at_minus_infinity_fails_no_row(monkeypatch):
+    # -inf (a masked entry) has probability 0: only NaN, +inf or a row of -inf fail it
+    from deltatune.serve.engine import usable_scores
+
+    rows = torch.tensor([[0.0, float("-inf")], [float("nan"), 0.0], [float("inf"), 0.0], [float("-inf")] * 2])
+    assert usable_scores(rows).tolist() == [True, False, False, False]
+    engine = Engine(MultiAdapterModel(tiny_model(0, initializer_range=0.2)), tiny_tokenizer())
+    forward = engine._forward
+
+    def masked(*args, **kwargs):
+        logits = forward(*args, **kwargs)
+        logits[:, 0] = float("-inf")
+        return logits
+
+    monkeypatch.setattr(engine, "_forward", masked)
+    ids = engine.encode("The quick brown fox")
+    for params in (SamplingParams(max_tokens=3), SamplingParams(max_tokens=3, temperature=0.8, seed=1)):
+        result = engine.generate([GenRequest(ids, None, params)])[0]
+        assert result.finish_reason in ("length", "stop") and 0 not in result.token_ids

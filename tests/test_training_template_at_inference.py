@@ -239,3 +239,12 @@ def test_generate_cuts_an_alpaca_adapters_reply_at_another_example(base_model_di
     args = ["generate", "--model", str(base_model_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", "Hi"]
     assert main(args) == 0
     assert seen["stop"] == ALPACA_STOP and capsys.readouterr().out.strip() == "Paris."
+
+
+def test_a_carried_chatml_template_on_a_vocabulary_without_its_tokens_renders_as_the_tokenizers():
+    # `auto` returned chatml, which that tokenizer cannot build: a ConfigError where the Jinja renders fine
+    from deltatune.data.templates import resolve_template
+
+    tok = tiny_sentencepiece_tokenizer()
+    tok.chat_template = training_chat_template("chatml", tiny_tokenizer())[0]
+    assert resolve_template("auto", tok) == "tokenizer"

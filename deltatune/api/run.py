@@ -80,7 +80,7 @@ def evaluate(
     from dataclasses import fields
 
     from deltatune.evaluate.runner import EvalOptions, evaluate_task
-    from deltatune.evaluate.tasks import Task, load_items, load_shot_pool, parse_field_map, resolve_task
+    from deltatune.evaluate.tasks import Task, load_items, load_shot_pool, resolve_task
 
     allowed = {f.name for f in fields(EvalOptions)} - {"limit", "shots", "seed", "batch_size", "progress"}
     unknown = sorted(set(options) - allowed)
@@ -95,9 +95,7 @@ def evaluate(
         model = model.model
     _check_model(model, "evaluate")
     opts = EvalOptions(limit=limit, shots=shots, seed=seed, batch_size=batch_size, progress=progress, **options)
-    if isinstance(field_map, dict):  # {column: field} as prepare's column_map, or {field: column}: either reads
-        field_map = ",".join(f"{k}={v}" for k, v in field_map.items())
-    field_map = parse_field_map(field_map) if field_map else None
+    field_map = _field_map(field_map)
     if isinstance(tasks, str):
         specs = [t.strip() for t in tasks.split(",") if t.strip()]
     elif isinstance(tasks, Task):
@@ -117,3 +115,23 @@ def evaluate(
         for t in resolved:
             load_shot_pool(t)
     return {t.name: evaluate_task(model, tokenizer, t, opts, its) for t, its in zip(resolved, items)}
+
+
+def _field_map(field_map: dict[str, str] | str | None) -> dict[str, str] | None:
+    """{field: column} for the task readers, from `prepare`'s direction ({column: field}), the readers' own (every
+    key a field: a file whose columns are named `prompt` and `completion` maps field to field), or --map's text."""
+    from deltatune.evaluate.tasks import RECORD_FIELDS, parse_field_map
+
+    if not field_map:
+        return None
+    if isinstance(field_map, str):
+        return parse_field_map(field_map)
+    if all(k in RECORD_FIELDS for k in field_map):
+        return dict(field_map)
+    if all(v in RECORD_FIELDS for v in field_map.values()):
+        return {v: k for k, v in field_map.items()}
+    raise ConfigError(
+        f"field_map {field_map!r}: map the file's columns to fields ({', '.join(RECORD_FIELDS)}), as prepare's "
+        "column_map does",
+        field="field_map",
+    )

@@ -136,7 +136,8 @@ def _read_json(p: Path, name: str) -> Iterator[RawRecord | DataError]:
     try:
         top = json.loads(text)
     except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data" and _is_json_object(text[: exc.pos]):  # JSON Lines named .json, as
+        first = text[: exc.pos].strip()  # one object on its first line: JSON Lines (not pretty-printed objects)
+        if exc.msg == "Extra data" and "\n" not in first and _is_json_object(first):  # JSON Lines named .json, as
             yield from _read_jsonl(p, name)  # `datasets`' to_json writes them: read as `datasets` reads them
             return
         raise DataError(f"not valid JSON ({exc.msg} at column {exc.colno})", file=name, line=exc.lineno)

@@ -380,11 +380,11 @@ def resolve_template(name: str, tokenizer: Any) -> str:
     if name != "auto":
         return name
     carried = carried_template(tokenizer)
-    if carried:  # a model or adapter deltatune trained: its training template, not the Jinja rendering of it
-        return carried
-    if getattr(tokenizer, "chat_template", None):
-        return "tokenizer"
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    if carried and (carried != "chatml" or ("<|im_start|>" in vocab and "<|im_end|>" in vocab)):
+        return carried  # a model or adapter deltatune trained: its training template, not the Jinja rendering of it
+    if getattr(tokenizer, "chat_template", None):  # (a carried chatml on a vocabulary without its tokens too)
+        return "tokenizer"
     return "chatml" if "<|im_start|>" in vocab and "<|im_end|>" in vocab else "alpaca"
 
 

@@ -26,6 +26,12 @@ from deltatune.upcycle.moe import moe_blocks, routed_tokens
 FinishReason = str  # "stop" | "length" | "cancelled" ("error": the row failed alone, see `_Row.fail`)
 
 
+def usable_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Per row: scores a token can be chosen from. NaN or +inf are not; -inf is (a masked entry has probability
+    0; a vocabulary masked as a whole is not)."""
+    return ~(torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1))
+
+
 class NonFiniteScores(RuntimeError):
     """The model's scores for a row went NaN or infinite: that row fails, the batch goes on."""
 
@@ -250,7 +256,7 @@ class Engine:
         last_pos = positions[:, -1]
         while True:
             tokens = self._choose(logits, [rows[i] for i in active])
-            finite = torch.isfinite(logits).all(dim=-1).tolist()
+            finite = usable_scores(logits).tolist()
             for i, t, ok in zip(active, tokens, finite):
                 if ok:
                     rows[i].push(t)
@@ -295,7 +301,7 @@ class Engine:
         A row whose scores are not finite gets a placeholder (`generate` fails it) instead of a sampler error
         that failed every row of the batch."""
         greedy = logits.argmax(dim=-1).tolist()
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        finite = usable_scores(logits).tolist()
         return [
             greedy[k] if row.greedy or not finite[k] else sample_next(logits[k].float().cpu(), row.req.params, row.gen)
             for k, row in enumerate(rows)

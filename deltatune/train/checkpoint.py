@@ -173,8 +173,15 @@ def load_checkpoint(
         load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     except (ValueError, KeyError) as exc:
+        groups = "parameter groups" in str(exc)  # the decay groups changed: IA3's vectors, LOMO (2026-12-07)
+        hint = (
+            "; a checkpoint written before 2026-12-07 with IA3 or LOMO and weight decay grouped its parameters "
+            "otherwise: finish it with the deltatune that started it, or start anew"
+            if groups
+            else ""
+        )
         raise ConfigError(
-            f"checkpoint {path}: the optimizer state does not fit this run ({str(exc)[:100]})", field="resume"
+            f"checkpoint {path}: the optimizer state does not fit this run ({str(exc)[:100]}){hint}", field="resume"
         ) from None
     restore_rng(state, rank, world)
     meta = json.loads((path / META_FILE).read_text())

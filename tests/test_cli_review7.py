@@ -174,3 +174,14 @@ def test_pretty_printed_objects_back_to_back_are_not_read_as_json_lines(tmp_path
     (tmp_path / "x.json").write_text('{\n  "instruction": "a",\n  "output": "b"\n}\n{\n  "instruction": "c"\n}\n')
     with pytest.raises(DataError, match=r"x.json:5: not valid JSON \(Extra data"):
         prepare_dataset(tmp_path / "x.json", tiny_tokenizer(), template="chatml")
+
+
+def test_a_flags_field_is_named_as_the_config_key_it_sets():
+    # `--format` and `--threads` set data_format and num_threads: their errors named keys that do not exist
+    from deltatune.cli.train import in_config_file
+
+    err = in_config_file(ConfigError("bad", field="--format"), "c.yaml", {"data_format"})
+    assert (err.file, err.field) == ("c.yaml", "data_format")
+    err = in_config_file(ConfigError("bad", field="options.rank"), "c.yaml", {"method_options"})
+    assert err.field == "method_options.rank"
+    assert in_config_file(ConfigError("bad", field="--threads"), "c.yaml", {"lr"}).file is None  # not the file's

@@ -140,8 +140,8 @@ def in_config_file(exc: ConfigError, config: str | None, file_keys: set[str]) ->
     `field '--policy'` blamed a flag the user never passed."""
     if config is None or exc.file is not None or not exc.field:
         return exc
-    key, dot, rest = exc.field.lstrip("-").replace("-", "_").partition(".")
-    key = {"options": "method_options"}.get(key, key)
+    head, dot, rest = exc.field.partition(".")
+    key = FLAGS.get(head) or {"options": "method_options"}.get(head) or head.lstrip("-").replace("-", "_")
     if key not in file_keys:
         return exc
     return ConfigError(exc.message, file=config, field=key + dot + rest)

@@ -50,6 +50,12 @@ TOKENIZERS = {
 }
 
 
+# every template with every tokenizer, except ChatML where the vocabulary lacks its tokens (get_template refuses it)
+CASES = [
+    (t, k) for t in ("chatml", "alpaca", "raw") for k in TOKENIZERS if not (t == "chatml" and k == "metaspace, BOS")
+]
+
+
 def _answer_starts(ex) -> list[int]:
     """The index of each answer's first token."""
     return [
@@ -57,15 +63,12 @@ def _answer_starts(ex) -> list[int]:
     ]
 
 
-@pytest.mark.parametrize("kind", list(TOKENIZERS))
-@pytest.mark.parametrize("template", ["chatml", "alpaca", "raw"])
+@pytest.mark.parametrize("template,kind", CASES)
 def test_the_saved_chat_template_renders_every_prompt_training_rendered(kind, template):
     # every answer's prompt (the conversation before it, with the generation prompt) tokenizes to exactly the
     # tokens training put before that answer, BOS included; the whole conversation to the whole example
     tok = TOKENIZERS[kind]()
     tok.chat_template = None  # a base model's tokenizer
-    if template == "chatml" and "<|im_start|>" not in tok.get_vocab():
-        pytest.skip("no ChatML tokens in this vocabulary")
     jinja, warning = training_chat_template(template, tok)
     assert jinja is not None and warning == ""
     examples = prepare_records([{"messages": c} for c in CONVERSATIONS], tok, template=template, max_len=512).examples
@@ -78,15 +81,12 @@ def test_the_saved_chat_template_renders_every_prompt_training_rendered(kind, te
         assert tok(whole, add_special_tokens=False)["input_ids"] == ex.input_ids
 
 
-@pytest.mark.parametrize("kind", list(TOKENIZERS))
-@pytest.mark.parametrize("template", ["chatml", "alpaca", "raw"])
+@pytest.mark.parametrize("template,kind", CASES)
 def test_auto_on_a_carried_template_is_the_template_trained(kind, template):
     # `auto` on the saved tokenizer segmented the Jinja rendering (`tokenizer`): Alpaca's preamble tagged `role`
     # (the instruction policy's loss over other tokens) and its input section gone; now the same tokens and roles
     tok = TOKENIZERS[kind]()
     tok.chat_template = None
-    if template == "chatml" and "<|im_start|>" not in tok.get_vocab():
-        pytest.skip("no ChatML tokens in this vocabulary")
     saved = TOKENIZERS[kind]()
     saved.chat_template = training_chat_template(template, tok)[0]
     chats = [{"messages": c} for c in CONVERSATIONS]

@@ -12,7 +12,7 @@ from deltatune.errors import UserError
 from deltatune.methods.apply import apply_methods
 from deltatune.methods.base import MethodSpec
 from deltatune.methods.virtual_tokens import prepended_tokens
-from deltatune.testing import tiny_model, tiny_tokenizer, tiny_train_config
+from deltatune.testing import TINY_SHAPE, tiny_model, tiny_tokenizer, tiny_train_config
 from deltatune.train.loop import train
 from deltatune.upcycle.convert import UpcycleSpec, upcycle
 from deltatune.upcycle.moe import moe_blocks, routed_tokens
@@ -135,18 +135,7 @@ def _moe_source(kind: str, path) -> None:
     """A tiny random transformers MoE (no upcycle.json), as a real Mixtral / Qwen2-MoE download would be."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    common = dict(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    common = dict(TINY_SHAPE, max_position_embeddings=512)
     extra = {
         "mixtral": dict(num_local_experts=4),
         "qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32),

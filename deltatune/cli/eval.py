@@ -99,16 +99,15 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+# EvalOptions' field -> the flag that sets it
+EVAL_OPTION_FLAGS = {"batch_size": "batch-size", "max_new_tokens": "max-new-tokens", "choice_mode": "choice"}
+
+
 def options_from_args(args) -> EvalOptions:
     from deltatune.evaluate.generate import GenerationConfig
     from deltatune.evaluate.runner import EvalOptions
 
-    for name in ("limit", "batch_size", "max_new_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError("must be at least 1", field=name.replace("_", "-"))
-    if args.shots < 0:
-        raise UserError("must be 0 or more", field="shots")
+    # limit, batch size, max new tokens, shots, samples and the choice mode are EvalOptions' to check (below)
     # `not x > 0` rather than `x <= 0`: NaN passes every comparison, and inf or NaN were tracebacks from
     # transformers (temperature) or int() in the sandbox (timeout) after the model loaded
     if args.sample and not 0 < args.temperature < math.inf:
@@ -125,7 +124,7 @@ def options_from_args(args) -> EvalOptions:
         pass_k = tuple(int(k) for k in str(args.pass_k).split(",") if k.strip())
     except ValueError:
         raise UserError(f"expected a comma list of integers, got '{args.pass_k}'", field="pass-k") from None
-    for name in ("samples", "exec_workers", "exec_memory_mb"):
+    for name in ("exec_workers", "exec_memory_mb"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError("must be at least 1", field=name.replace("_", "-"))
@@ -133,26 +132,29 @@ def options_from_args(args) -> EvalOptions:
         raise UserError("k must be at least 1 and the timeout positive", field="pass-k/exec-timeout")
     if not args.sample and (args.temperature != 1.0 or args.top_p != 1.0):  # greedy decoding reads neither
         print("warning: --temperature and --top-p apply only with --sample; decoding is greedy", file=sys.stderr)
-    return EvalOptions(
-        limit=args.limit,
-        shots=args.shots,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        style=args.prompt_style,
-        choice_mode=args.choice,
-        generation=gen,
-        max_new_tokens=args.max_new_tokens,
-        progress=not args.no_progress,
-        template=args.template,
-        policy=args.policy,
-        max_len=args.max_len,
-        samples=args.samples,
-        pass_k=pass_k,
-        allow_code_execution=args.allow_code_execution,
-        exec_timeout=args.exec_timeout,
-        exec_memory_mb=args.exec_memory_mb,
-        exec_workers=args.exec_workers,
-    )
+    try:
+        return EvalOptions(
+            limit=args.limit,
+            shots=args.shots,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            style=args.prompt_style,
+            choice_mode=args.choice,
+            generation=gen,
+            max_new_tokens=args.max_new_tokens,
+            progress=not args.no_progress,
+            template=args.template,
+            policy=args.policy,
+            max_len=args.max_len,
+            samples=args.samples,
+            pass_k=pass_k,
+            allow_code_execution=args.allow_code_execution,
+            exec_timeout=args.exec_timeout,
+            exec_memory_mb=args.exec_memory_mb,
+            exec_workers=args.exec_workers,
+        )
+    except UserError as exc:  # named as the flag that gave it
+        raise exc.blamed_on(EVAL_OPTION_FLAGS.get(exc.field, exc.field)) from None
 
 
 def resolve_tasks(spec: str, data_root: str | None, field_map: str | None):

@@ -255,9 +255,9 @@ class Engine:
             logits = self._forward(ids, mask, positions, cache, [requests[i].adapter for i in active], embeds=embeds)
         last_pos = positions[:, -1]
         while True:
-            tokens = self._choose(logits, [rows[i] for i in active])
-            finite = usable_scores(logits).tolist()
-            for i, t, ok in zip(active, tokens, finite):
+            usable = usable_scores(logits).tolist()
+            tokens = self._choose(logits, [rows[i] for i in active], usable)
+            for i, t, ok in zip(active, tokens, usable):
                 if ok:
                     rows[i].push(t)
                 else:  # this row alone fails (e.g. a bf16 base whose scores overflowed); the others go on
@@ -296,13 +296,12 @@ class Engine:
             )
         return out.logits[:, -1, :]
 
-    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    def _choose(self, logits: torch.Tensor, rows: list[_Row], usable: list[bool]) -> list[int]:
         """Greedy rows from one argmax; sampled rows on the CPU with their own generator (same draw on any device).
         A row whose scores are not finite gets a placeholder (`generate` fails it) instead of a sampler error
         that failed every row of the batch."""
         greedy = logits.argmax(dim=-1).tolist()
-        finite = usable_scores(logits).tolist()
         return [
-            greedy[k] if row.greedy or not finite[k] else sample_next(logits[k].float().cpu(), row.req.params, row.gen)
+            greedy[k] if row.greedy or not usable[k] else sample_next(logits[k].float().cpu(), row.req.params, row.gen)
             for k, row in enumerate(rows)
         ]

@@ -87,7 +87,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deltatune.data.masking import PolicySchedule, parse_policy, unused_template_weight
+    from deltatune.data.masking import PolicySchedule, parse_policy, turns_trained, unused_template_weight
     from deltatune.data.pipeline import no_examples_message, prepare_dataset
     from deltatune.data.preview import to_json, to_text
     from deltatune.errors import ConfigError, DataError
@@ -112,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         system_prompt=args.system_prompt,
         limit=args.limit,
+        turns=turns_trained(parsed),  # as training prepares it: drops the examples training drops
         keep_offsets=True,
     )
     if not data.examples:

@@ -12,6 +12,7 @@ prompt alone. Tokenization is batched: the Rust tokenizer does the work in paral
 
 from __future__ import annotations
 
+import json
 from bisect import bisect_right
 from typing import Any, Sequence
 
@@ -59,6 +60,7 @@ def tokenize_examples(
         backend.no_truncation()
         backend.no_padding()
     out: list[TokenizedExample] = []
+    continuation = None  # made when a first answer needs it
     for lo in range(0, len(examples), batch_size):
         chunk = examples[lo : lo + batch_size]
         texts = [ex.text for ex in chunk]
@@ -66,7 +68,8 @@ def tokenize_examples(
             bos_id = None if ex.template_writes_bos else tokenizer_bos
             cuts = _answers_merged_into_prompt(ex, enc)
             if cuts:
-                enc = _SplitEncoding(backend, text, cuts)
+                continuation = continuation or continuation_tokenizer(backend)
+                enc = _SplitEncoding(backend, continuation, text, cuts)
             out.append(_tag(ex, text, enc, bos_id, bos_text, keep_offsets))
     return out
 
@@ -86,16 +89,63 @@ def _answers_merged_into_prompt(ex: Example, enc: Any) -> list[int]:
     return cuts
 
 
+def continuation_tokenizer(backend: Any) -> Any:
+    """`backend` tokenizing text as the continuation of a text before it: without the word boundary a
+    SentencePiece-style tokenizer puts in front of the text it starts ("\u2581", a Metaspace pre-tokenizer's
+    `prepend_scheme` or a `Prepend` normalizer) or a byte-level one's `add_prefix_space`. An answer cut from its
+    prompt is such a continuation: the model writes it after the prompt's tokens, and a space put before it
+    would be trained as a character the record does not have. `backend` itself when it adds nothing."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(backend.to_str())
+    changed = False
+
+    def plain(component: dict | None) -> dict | None:
+        nonlocal changed
+        if component is None:
+            return None
+        kind = component.get("type")
+        if kind == "Sequence":
+            key = "normalizers" if "normalizers" in component else "pretokenizers"
+            kept = [c for c in (plain(c) for c in component[key]) if c is not None]
+            return {**component, key: kept}
+        if kind == "Prepend":
+            changed = True
+            return None
+        if kind == "Metaspace" and (
+            component.get("prepend_scheme", "always") != "never" or component.get("add_prefix_space")
+        ):
+            changed = True
+            return {
+                **component,
+                "prepend_scheme": "never",
+                **({"add_prefix_space": False} if "add_prefix_space" in component else {}),
+            }
+        if kind == "ByteLevel" and component.get("add_prefix_space"):
+            changed = True
+            return {**component, "add_prefix_space": False}
+        return component
+
+    spec["normalizer"] = plain(spec.get("normalizer"))
+    spec["pre_tokenizer"] = plain(spec.get("pre_tokenizer"))
+    return Tokenizer.from_str(json.dumps(spec)) if changed else backend
+
+
 class _SplitEncoding:
     """The encoding of `text` cut at `cuts`, each piece tokenized alone, as inference tokenizes a prompt and the
-    model then writes the answer after it; offsets stay those of the whole text."""
+    model then writes the answer after it (the pieces after the first by `continuation`, which puts no word
+    boundary before them); offsets stay those of the whole text."""
 
-    def __init__(self, backend: Any, text: str, cuts: list[int]) -> None:
+    def __init__(self, backend: Any, continuation: Any, text: str, cuts: list[int]) -> None:
         starts = [0, *cuts]
         pieces = [text[a:b] for a, b in zip(starts, [*cuts, len(text)])]
+        encodings = [
+            *backend.encode_batch(pieces[:1], add_special_tokens=False),
+            *continuation.encode_batch(pieces[1:], add_special_tokens=False),
+        ]
         self.ids: list[int] = []
         self.offsets: list[tuple[int, int]] = []
-        for start, enc in zip(starts, backend.encode_batch(pieces, add_special_tokens=False)):
+        for start, enc in zip(starts, encodings):
             self.ids += enc.ids
             self.offsets += [(a + start, b + start) for a, b in enc.offsets]
         self._ends = [b for _, b in self.offsets]

@@ -480,6 +480,11 @@ class WeightDeltaMethod(Method):
                     "(GPT-2's transposed linear), which the NF4 base does not take",
                     field="options.quantize_base",
                 )
+            from deltatune.methods.apply import untie_adapted_weights
+
+            # a head tied to the embeddings is quantised from its own copy, and the config says it is untied: a
+            # merged model's head then differs from the embeddings (the NF4 base has no `.weight` to untie later)
+            untie_adapted_weights(model)
             quantize_bases(self.delta_modules(model), self.quant)
             for module in self.delta_modules(model):
                 module.base_changed()

@@ -181,8 +181,8 @@ class IA3(WeightDeltaMethod):
         ff = [n for n, m in self.named_delta_modules(model) if m.is_feedforward]
         targets = peft_target_modules(model, names)
         ff_modules = peft_target_modules(model, ff) if ff else []
-        if not set(ff_modules) <= set(targets):  # PEFT refuses feedforward_modules outside target_modules
-            ff_modules = sorted(ff)  # targets are full names here, so these are among them
+        if not set(ff_modules) <= set(targets):  # PEFT refuses feedforward_modules outside target_modules,
+            targets, ff_modules = sorted(names), sorted(ff)  # comparing names: both as full names, then
         return {
             "target_modules": targets,
             "feedforward_modules": ff_modules,

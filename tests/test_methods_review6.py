@@ -74,9 +74,10 @@ def test_an_ia3_vector_with_a_zero_merges_and_unmerges_exactly():
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_a_refused_merge_and_unload_leaves_the_head_tied():
-    """BitFit's bias on lm_head cannot be described by the config, so merge_and_unload refuses; the head had
-    already been untied from the embeddings by then."""
+def test_a_refused_merge_and_unload_leaves_the_model_as_it_was():
+    """BitFit's bias on lm_head cannot be described by the config, so merge_and_unload refuses, and leaves the
+    model as it was (it had merged the head by then). The adapted head has its own copy of the tied weight from
+    the start (`apply` unties it: tests/test_api_review8.py)."""
     model = tiny_model(tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     specs = [
@@ -84,10 +85,14 @@ def test_a_refused_merge_and_unload_leaves_the_head_tied():
         MethodSpec(name="bitfit", targets="lm_head"),
     ]
     adapted = deltatune.apply(model, specs)
+    head = adapted.model.lm_head.base.weight
+    assert head is not adapted.model.model.embed_tokens.weight and torch.equal(head, model.model.embed_tokens.weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match="bias"):
         adapted.merge_and_unload()
-    assert model.config.tie_word_embeddings is True
-    assert adapted.model.lm_head.base.weight is adapted.model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings is False
+    assert adapted.model.lm_head.base.weight is head and not adapted.model.lm_head.merged
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deltatune.errors import ConfigError
+
 __all__ = ["WeightedLossTrainer", "weighted_loss"]  # noqa: F822 (WeightedLossTrainer: module __getattr__)
 
-DELTATUNE_COLUMNS = ("loss_weights", "roles", "turns")  # what Trainer would drop: not model arguments
+# what Trainer would drop (they are not model arguments) and deltatune's collator reads
+DELTATUNE_COLUMNS = ("loss_weights", "roles", "turns", "last_response_turn")
 
 
 def _target_weights(input_ids: Tensor, loss_weights: Tensor | None, labels: Tensor | None) -> Tensor:
@@ -71,6 +74,21 @@ def _trainer_class():
         away from the model (the collator builds it from the dataset, so that is automatic)."""
 
         loss_is_scaled_for_ga = True  # normalised by the whole accumulated batch's weight below
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # Trainer's own loss options, which this loss would ignore silently
+            if self.args.label_smoothing_factor:
+                raise ConfigError(
+                    "WeightedLossTrainer has no label smoothing (its loss is deltatune's weighted one); set "
+                    "label_smoothing_factor to 0, or use transformers' Trainer",
+                    field="label_smoothing_factor",
+                )
+            if getattr(self, "compute_loss_func", None) is not None:
+                raise ConfigError(
+                    "WeightedLossTrainer computes deltatune's weighted loss itself; it takes no compute_loss_func",
+                    field="compute_loss_func",
+                )
 
         def _set_signature_columns_if_needed(self):  # Trainer's hook (TRL overrides it too)
             super()._set_signature_columns_if_needed()

@@ -2,8 +2,10 @@
 role-tagged examples, and a collator that gives transformers' `Trainer` and TRL what they expect.
 
 Rows of the dataset (`examples_to_dataset`): `input_ids`, `labels` (-100 where the weight is 0),
-`loss_weights`, `roles` and `turns` (per token), `source`. The weight of token t is its weight as a
-prediction target; the first token of every example weighs 0, as in deltatune's own batches.
+`loss_weights`, `roles` and `turns` (per token), `last_response_turn` (the turn of the record's last answer
+when truncation cut the example, else None: `turns=last` trains that answer or none), `source`. The weight of
+token t is its weight as a prediction target; the first token of every example weighs 0, as in deltatune's own
+batches.
 
 The collator builds batches with `deltatune.data.packing.collate`, the function deltatune's own
 trainer uses, so the two see the same tensors. Packed rows carry a 4D additive float mask
@@ -63,6 +65,7 @@ def examples_to_dataset(examples: Sequence[TokenizedExample], policy: LossPolicy
         "loss_weights": [],
         "roles": [],
         "turns": [],
+        "last_response_turn": [],
         "source": [],
     }
     for ex in examples:
@@ -72,12 +75,17 @@ def examples_to_dataset(examples: Sequence[TokenizedExample], policy: LossPolicy
         columns["loss_weights"].append(weights)
         columns["roles"].append([r.value for r in ex.roles])
         columns["turns"].append(list(ex.turns))
+        columns["last_response_turn"].append(ex.last_response_turn)  # set when truncation cut the example
         columns["source"].append(ex.source)
     if any(w not in (0.0, 1.0) for weights in columns["loss_weights"] for w in weights):
         # labels would say 1 where the policy says 0.1, and a Trainer that drops loss_weights (its default) would
         # train that silently: without labels it stops at the collator with the reason
         del columns["labels"]
     return Dataset.from_dict(columns, info=DatasetInfo(description=description))
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 @dataclass
@@ -197,6 +205,8 @@ class DataCollator:
             roles=[Role(r) for r in roles] if roles is not None else [Role.RESPONSE] * n,
             turns=[int(t) for t in _as_list(turns)] if turns is not None else [0] * n,
             source=str(feature.get("source") or f"feature {index}"),
+            # `turns=last` trains the record's last answer, not the last one truncation left
+            last_response_turn=_optional_int(feature.get("last_response_turn")),
         )
         if len(ex.roles) != n or len(ex.turns) != n:
             raise DataError(f"'roles' or 'turns' of {ex.source} do not match its {n} input_ids", field="roles")

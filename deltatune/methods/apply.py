@@ -266,6 +266,10 @@ def apply_methods(model: nn.Module, specs: list[MethodSpec | str] | MethodSpec |
         for method in methods:
             method.apply(model)
         _check_claims(model, methods)
+        # an adapted head tied to the embeddings gets its own copy of the weight, and the config says untied:
+        # shared under another name (`lm_head.base.weight`), transformers' save_pretrained (a Trainer's
+        # checkpoints) refused the model, and merging into it would change the embeddings too
+        untie_adapted_weights(model)
     except BaseException:
         snapshot.restore()  # a refused combination leaves the model as it was, not half adapted
         raise

@@ -10,6 +10,7 @@ refused even then.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -128,10 +129,11 @@ def _rename_pair(tmp: Path, out_dir: Path, old: Path) -> None:
         raise
 
 
-# what a write killed before its rename leaves beside its target NAME: atomic_dir's folder `.NAME.tmp.XXXXXXXX` and
-# _swap_in's `.NAME.old.XXXXXXXX` (tempfile's eight random characters). write_text_atomic's small `.NAME.XXXXXXXX`
-# files are left alone: that pattern also fits names a user might choose (`.config.yaml.original`).
-_LEFT_BY_A_KILL = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)\.[a-z0-9_]{8}")
+# what a write killed before its rename leaves beside its target NAME: atomic_dir's folder `.NAME.tmp.XXXXXXXX`,
+# _swap_in's `.NAME.old.XXXXXXXX` (tempfile's eight random characters) and remove_dir's `.NAME.del.XXXXXXXX`.
+# write_text_atomic's small `.NAME.XXXXXXXX` files are left alone: that pattern also fits names a user might
+# choose (`.config.yaml.original`).
+_LEFT_BY_A_KILL = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|del)\.[a-z0-9_]{8}")
 
 
 def remove_interrupted_writes(folder: str | os.PathLike, names: Callable[[str], bool]) -> list[Path]:
@@ -152,6 +154,16 @@ def remove_interrupted_writes(folder: str | os.PathLike, names: Callable[[str], 
         shutil.rmtree(entry)
         removed.append(entry)
     return removed
+
+
+def remove_dir(path: str | os.PathLike) -> None:
+    """Remove a folder so that a kill at any moment leaves it whole or gone, never a part of it that a reader takes
+    for the whole (a checkpoint without its meta.json): renamed aside first, to a name `remove_interrupted_writes`
+    knows, then deleted."""
+    path = Path(path)
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.del.", dir=path.parent))
+    os.replace(path, aside / "x")
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextmanager
@@ -184,10 +196,45 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
         except OSError as exc:  # named by the user's path, not the temporary folder's
             raise UserError(f"{out_dir}: cannot put the result there ({exc.strerror or exc})") from None
         _fsync_dir(out_dir.parent)
-    except BaseException:
+    except BaseException as exc:
+        disk = _disk_error(exc, tmp, out_dir)  # before the temporary folder goes, freeing what it took
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
+        if disk is not None:
+            raise disk from exc
         raise
+
+
+# Rust's io::Error as safetensors words it: "... No space left on device (os error 28)"
+_OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
+FULL_BELOW = 1 << 20  # bytes left on the disk under which a failed write is taken for a full disk
+
+
+def _free_bytes(folder: Path) -> int:
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+def _disk_error(exc: BaseException, tmp: Path, out_dir: Path) -> OSError | None:
+    """A write into `tmp` that failed because the disk is full or read-only, as the OSError it is, named by the
+    user's `out_dir` (the CLI's one-line error); None for any other failure. safetensors raises its own error
+    type and `torch.save` a RuntimeError ("unexpected pos ..."), neither an OSError: the first names the errno
+    in its text, the second is known by the disk having (almost) no space left."""
+    if not isinstance(exc, Exception):
+        return None
+    if isinstance(exc, OSError):
+        code = exc.errno
+    elif found := _OS_ERROR_TEXT.search(str(exc)):
+        code = int(found.group(1))
+    else:
+        try:
+            code = errno.ENOSPC if _free_bytes(tmp) < FULL_BELOW else None
+        except OSError:
+            code = None
+    if code not in _DISK_ERRNOS:
+        return None
+    return OSError(code, os.strerror(code), str(out_dir))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -2,8 +2,9 @@
 
 Each checkpoint is written into a temporary folder and renamed into place, so a crash (even
 SIGKILL) never leaves a half-written checkpoint; `latest` is found by scanning for the highest
-complete step. meta.json records each file's size and SHA-256, so that a checkpoint damaged
-afterwards (a bad disk, a copy cut short) is recognised before it is used (`verify_checkpoint`),
+complete step. meta.json records each file's size and SHA-256, and the weights file's header holds the
+position meta.json gives, so that a checkpoint damaged afterwards (a bad disk, a copy cut short, an edited
+meta.json) is recognised before it is used (`verify_checkpoint`),
 and resume falls back to the newest intact one (see train/run_folder.py). Adapter methods save
 only their trainable tensors; full finetuning saves all (trainable) parameters, which
 `named_parameters()` lists once even when tied.
@@ -15,19 +16,19 @@ import hashlib
 import json
 import os
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltatune.fileio import atomic_dir
+from deltatune.fileio import atomic_dir, remove_dir
 from deltatune.train.optim import load_optimizer_state
 
 STATE_FILE = "trainer_state.pt"
 WEIGHTS_FILE = "trainable.safetensors"
 META_FILE = "meta.json"
+POSITION_KEY = "deltatune.position"  # the weights file's header holds the position too
 
 
 @dataclass
@@ -76,7 +77,9 @@ def save_checkpoint(
     if rng_ranks is not None:
         state["rng_ranks"] = rng_ranks
     with atomic_dir(path) as tmp:
-        save_file({n: p.detach().contiguous().cpu() for n, p in trainable}, str(tmp / WEIGHTS_FILE))
+        tensors = {n: p.detach().contiguous().cpu() for n, p in trainable}
+        # the position again inside a hashed file: meta.json itself has no hash (see verify_checkpoint)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={POSITION_KEY: json.dumps(asdict(position))})
         torch.save(state, tmp / STATE_FILE)
         files = {name: _fingerprint(tmp / name) for name in (WEIGHTS_FILE, STATE_FILE)}
         (tmp / META_FILE).write_text(
@@ -96,12 +99,22 @@ def _fingerprint(path: Path) -> dict:
 
 
 def read_meta(path: Path) -> dict:
-    """A checkpoint's meta.json; raises ValueError if it is unreadable or not a checkpoint's."""
+    """A checkpoint's meta.json; raises ValueError if it is unreadable or not a checkpoint's: its position must
+    be a Position's fields of their types, at the step the folder is named for."""
     try:
         meta = json.loads((path / META_FILE).read_text())
-        Position(**meta["position"])
+        position = Position(**meta["position"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{META_FILE} unreadable ({type(exc).__name__})") from None
+    counts = (position.step, position.epoch, position.micro)
+    losses = (position.best_eval, position.loss)
+    if not all(type(c) is int and c >= 0 for c in counts) or not all(
+        x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in losses
+    ):
+        raise ValueError(f"{META_FILE} holds a position of other types ({meta['position']})")
+    named = path.name[len("step-") :]
+    if path.name.startswith("step-") and named.isdigit() and int(named) != position.step:
+        raise ValueError(f"{META_FILE} says step {position.step}, the folder step {int(named)}")
     return meta
 
 
@@ -130,8 +143,11 @@ def verify_checkpoint(
     try:
         with safe_open(str(path / WEIGHTS_FILE), framework="pt") as fh:
             found = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+            header = fh.metadata() or {}
     except Exception as exc:  # safetensors raises its own error type for a damaged header
         return f"{WEIGHTS_FILE} unreadable ({type(exc).__name__})"
+    if POSITION_KEY in header and json.loads(header[POSITION_KEY]) != meta["position"]:  # older ones have none
+        return f"{META_FILE}'s position differs from the one written with the weights"
     if shapes is not None and found != {k: tuple(v) for k, v in shapes.items()}:
         missing = sorted(set(shapes) - set(found))
         other = sorted(k for k in set(shapes) & set(found) if tuple(shapes[k]) != found[k])
@@ -201,4 +217,4 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)  # a kill mid-way left a step folder without meta.json, for good

@@ -25,6 +25,7 @@ import torch
 from deltatune.config import TrainConfig
 from deltatune.data.packing import additive_mask
 from deltatune.errors import ConfigError, TrainingError
+from deltatune.fileio import write_text_atomic
 from deltatune.methods.virtual_tokens import prepended_tokens
 from deltatune.train import compiled_layers, fused_norms, host_memory, packed_attention
 from deltatune.train.checkpoint import Position, list_checkpoints, prune_checkpoints
@@ -834,7 +835,7 @@ def _train(
     dist.barrier()
     report = parameter_report(adapted)
     if dist.is_main:
-        (out / "parameters.json").write_text(json.dumps(report.to_dict(), indent=2))
+        write_text_atomic(out / "parameters.json", json.dumps(report.to_dict(), indent=2))
     say(
         f"model: {report.total / 1e6:.1f}M parameters, training {report.trainable / 1e6:.3f}M "
         f"({report.percent:.3f}%) with {cfg.method}; {precision} on {device.type}; {len(examples)} train / "

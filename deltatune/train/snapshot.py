@@ -9,13 +9,12 @@ the update over time). Written atomically into <output>/snapshots/step-NNNNNNN/.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from deltatune.fileio import atomic_dir
+from deltatune.fileio import atomic_dir, remove_dir
 
 SNAPSHOT_DIR = "snapshots"
 WEIGHTS_FILE = "trainable.safetensors"  # the checkpoint's file name, so one reader handles both
@@ -57,4 +56,4 @@ def drop_snapshots_after(run_dir: Path, step: int) -> None:
         return
     for path in root.iterdir():
         if path.name.startswith("step-") and path.name[5:].isdigit() and int(path.name[5:]) > step:
-            shutil.rmtree(path)
+            remove_dir(path)

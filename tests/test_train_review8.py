@@ -1,0 +1,126 @@
+"""Review 8 of run reliability: a full disk while a checkpoint or a model is written is the one-line disk error,
+and a checkpoint whose meta.json says another position than its weights is skipped. Each test failed before
+its fix."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from reliability_helpers import cli, train_args
+
+from deltatune import fileio
+
+TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 73408 vs 73300"
+SAFETENSORS_FULL_DISK = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_writer_failing_on_a_full_disk_is_the_disk_error_named_by_the_output(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(fileio, "_free_bytes", lambda folder: 4096)
+    with pytest.raises(OSError) as caught, fileio.atomic_dir(out):
+        raise RuntimeError(TORCH_FULL_DISK)  # torch.save's error on a full disk
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(out)
+    monkeypatch.setattr(fileio, "_free_bytes", lambda folder: 10**12)
+    with pytest.raises(OSError) as caught, fileio.atomic_dir(out):
+        raise Exception(SAFETENSORS_FULL_DISK)  # safetensors' own error type, its errno in the text
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(out)
+    with pytest.raises(RuntimeError, match="unexpected pos"), fileio.atomic_dir(out):
+        raise RuntimeError(TORCH_FULL_DISK)  # space left: not the disk's, the error as it was
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_earlier_ones(
+    capsys, tiny_dir, data_file, tmp_path, monkeypatch
+):
+    # torch.save's RuntimeError and safetensors' SafetensorError are no OSError: a 40-line traceback, exit 1
+    out = tmp_path / "run"
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint
+            raise RuntimeError(TORCH_FULL_DISK)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(fileio, "_free_bytes", lambda folder: 0)
+    rc, _, err = cli(capsys, *train_args(tiny_dir, data_file, out, "--save-every", "1"))
+    assert rc == 2
+    line = _one_line(err)
+    assert "step-0000002" in line and "no space left on device" in line, line
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000001"]  # nothing half-written
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_dir, data_file, tmp_path_factory):
+    from deltatune.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main([str(a) for a in train_args(tiny_dir, data_file, out, "--save-every", "1")]) == 0
+    return out
+
+
+@pytest.mark.parametrize("change", ["step as text", "another step", "another micro-batch"])
+def test_a_checkpoint_whose_meta_json_was_changed_is_skipped(
+    capsys, tiny_dir, data_file, finished_run, tmp_path, change
+):
+    # meta.json had no hash: a step as text was a TypeError traceback, another step resumed silently from step 3's
+    # weights at step 2's position (training steps 3 again)
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    meta_file = run / "checkpoints" / "step-0000003" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    position = meta["position"]
+    if change == "step as text":
+        position["step"] = "3"
+    elif change == "another step":
+        position["step"] = 2
+    else:
+        position["micro"] += 1
+    meta_file.write_text(json.dumps(meta))
+    rc, _, err = cli(capsys, *train_args(tiny_dir, data_file, run, "--resume", "--save-every", "1", steps=4))
+    assert rc == 0, err
+    assert "step-0000003 is damaged" in err
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # step 3 again, from step 2's checkpoint
+
+
+def test_a_kill_while_pruning_leaves_each_checkpoint_whole_or_gone(tmp_path, monkeypatch):
+    # pruning removed files one by one in place: a kill mid-way left step-N without meta.json, which neither resume
+    # nor the clean-up of interrupted writes ever touched again
+    from deltatune.train import checkpoint
+
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1, 2, 3):
+        folder = root / f"step-{step:07d}"
+        folder.mkdir(parents=True)
+        (folder / "trainable.safetensors").write_bytes(b"w" * 100)
+        (folder / "meta.json").write_text("{}")
+    before = {p.name: sorted(q.name for q in p.iterdir()) for p in root.iterdir()}
+
+    def killed(path, *args, **kwargs):  # the process dies inside the removal, after its first file
+        first = next(p for p in sorted(Path(path).rglob("*")) if p.is_file())
+        first.unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.prune_checkpoints(tmp_path / "run", keep=2)
+    monkeypatch.undo()
+    visible = [p for p in root.iterdir() if not p.name.startswith(".")]
+    assert all((p / "meta.json").exists() for p in visible)  # no step folder half removed
+    fileio.remove_interrupted_writes(root, lambda name: name.startswith("step-"))  # what a resume does first
+    after = {p.name: sorted(q.name for q in p.iterdir()) for p in root.iterdir()}
+    assert after == {name: files for name, files in before.items() if name != "step-0000001"}

@@ -104,12 +104,17 @@ QUERY_BLOCK = 128
 KEEP_PROBABILITIES = 256
 
 
-def _tiled(name: str, x: Tensor, n: int, m: int) -> Tensor:
-    """x [A, B, n, D] copied into a contiguous workspace buffer [A, B, m, D] whose last m - n rows are zero."""
+def _tiled(name: str | None, x: Tensor, n: int, m: int, scale: float | None = None) -> Tensor:
+    """x [A, B, n, D] copied (times `scale`, if given, in the same pass) into a contiguous [A, B, m, D] whose last
+    m - n rows are zero: workspace buffer `name`, or a tensor of its own (kept for backward) when `name` is None."""
     a, b, _, d = x.shape
-    out = _take(name, (a, b, m, d), x)
-    out[:, :, :n].copy_(x)
-    out[:, :, n:].zero_()
+    out = x.new_empty(a, b, m, d) if name is None else _take(name, (a, b, m, d), x)
+    if scale is None:
+        out[:, :, :n].copy_(x)
+    else:
+        torch.mul(x, scale, out=out[:, :, :n])
+    if m > n:
+        out[:, :, n:].zero_()
     return out
 
 
@@ -139,33 +144,47 @@ def _probabilities(
 
 
 class _Span:
-    """One span's k and v in tiled workspace buffers [KV, m, D], and its query rows block by block,
-    grouped [KV, G*c, D] (scaled, as PyTorch's reference SDPA does, which saves a pass over the scores)."""
+    """One span's k and v tiled [KV, m, D], and its query rows block by block, grouped [KV, G*c, D] (scaled, as
+    PyTorch's reference SDPA does, which saves a pass over the scores).
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, s: int, e: int, scale: float, window: int | None) -> None:
-        heads, _, self.dim = q.shape
-        self.kv_heads, self.n, self.scale = k.shape[0], e - s, scale
+    A span that keeps its probabilities (`kept`: whole, up to KEEP_PROBABILITIES rows) keeps its tiles too, in
+    tensors of their own that backward takes back (`saved`) instead of copying q, k and v into tiles again;
+    the other spans tile into workspace buffers, in forward and again in backward."""
+
+    def __init__(
+        self, q: Tensor, k: Tensor, v: Tensor, s: int, e: int, scale: float, window: int | None, saved=None
+    ) -> None:
+        self.n, self.scale = e - s, scale
         self.window = window if window is not None and window < self.n else None  # a wider one changes nothing
-        self.groups = heads // self.kv_heads
         self.m = -(-self.n // TILE) * TILE
+        if saved is not None:  # backward of a kept span: forward's tiles (q, k and v may not have been saved)
+            self.whole_q, self.k, self.v = saved
+            self.kv_heads, _, self.dim = self.k.shape
+            self.groups = self.whole_q.shape[1] // self.m
+            self.kept = True
+            return
+        heads, _, self.dim = q.shape
+        self.kv_heads = k.shape[0]
+        self.groups = heads // self.kv_heads
         self.q_rows = q[:, s:e].view(self.kv_heads, self.groups, self.n, self.dim)
-        self.k = _tiled("k", k[:, s:e].unsqueeze(1), self.n, self.m).squeeze(1)
-        self.v = _tiled("v", v[:, s:e].unsqueeze(1), self.n, self.m).squeeze(1)
-
-    @property
-    def keeps_probabilities(self) -> bool:
-        return self.m <= min(KEEP_PROBABILITIES, WHOLE_SPAN)
+        self.kept = self.m <= min(KEEP_PROBABILITIES, WHOLE_SPAN)
+        k_buffer, v_buffer = (None, None) if self.kept else ("k", "v")  # None: a tensor of its own
+        self.k = _tiled(k_buffer, k[:, s:e].unsqueeze(1), self.n, self.m).squeeze(1)
+        self.v = _tiled(v_buffer, v[:, s:e].unsqueeze(1), self.n, self.m).squeeze(1)
+        self.whole_q = self.rows(None, self.q_rows, 0, self.m, scale) if self.kept else None
 
     def real_rows(self, r0: int, r1: int) -> int:
         return max(0, min(r1, self.n) - r0)
 
-    def rows(self, name: str, x: Tensor, r0: int, r1: int) -> Tensor:
-        """Rows r0..r1 of x [KV, G, n, D] as a tiled block [KV, G*(r1 - r0), D]."""
-        block = _tiled(name, x[:, :, r0 : r0 + self.real_rows(r0, r1)], self.real_rows(r0, r1), r1 - r0)
-        return block.view(self.kv_heads, -1, x.shape[-1])
+    def rows(self, name: str | None, x: Tensor, r0: int, r1: int, scale: float | None = None) -> Tensor:
+        """Rows r0..r1 of x [KV, G, n, D] as a tiled block [KV, G*(r1 - r0), D] (see `_tiled`)."""
+        real = self.real_rows(r0, r1)
+        return _tiled(name, x[:, :, r0 : r0 + real], real, r1 - r0, scale).view(self.kv_heads, -1, x.shape[-1])
 
     def query_block(self, r0: int, r1: int) -> Tensor:
-        return self.rows("q", self.q_rows, r0, r1).mul_(self.scale)
+        if self.whole_q is not None:  # a kept span is one block
+            return self.whole_q
+        return self.rows("q", self.q_rows, r0, r1, self.scale)
 
     def heads_first(self, x: Tensor, r0: int, r1: int) -> Tensor:
         """A block [KV, G*(r1 - r0), D] -> its real rows as [H, rows, D]."""
@@ -177,10 +196,12 @@ class SpanAttention(torch.autograd.Function):
     """Causal attention within each span of one packed row.
 
     q: [H, T, D], k/v: [KV, T, D]; returns [T, H, D] (the layout the output projection reads).
-    Saves q, k and v, and the probabilities of spans up to KEEP_PROBABILITIES rows; backward recomputes
-    the other blocks' probabilities (one more matmul), so without kept spans the memory per layer is that of
-    its inputs. Backward is the textbook softmax-attention gradient; the key and value gradients sum over
-    the query blocks (the last block, which sees every key, first).
+    Spans up to KEEP_PROBABILITIES rows save their probabilities and their tiled (scaled) queries, keys and values;
+    the others save nothing of their own, and backward recomputes their blocks' probabilities (one more matmul)
+    from q, k and v, which are saved when some span is not kept. So the memory per layer is that of its inputs
+    (tiled, where every span keeps its tiles) plus the kept probabilities. Backward is the textbook softmax-attention
+    gradient; the key and value gradients sum over the query blocks (the last block, which sees every key,
+    first).
     """
 
     @staticmethod
@@ -189,55 +210,60 @@ class SpanAttention(torch.autograd.Function):
     ) -> Tensor:
         heads, total, dim = q.shape
         out = q.new_empty(total, heads, dim)
-        kept: list[Tensor] = []  # the kept spans' probabilities, in span order
+        kept: list[Tensor] = []  # the kept spans' tiled q, k, v and probabilities, four a span in span order
         ctx.keeps = []
         for s, e in spans:
             span = _Span(q, k, v, s, e, scale, window)
-            ctx.keeps.append(span.keeps_probabilities)
+            ctx.keeps.append(span.kept)
             for r0, r1 in _query_blocks(span.m):
                 block_q = span.query_block(r0, r1)
-                probs = _probabilities(
-                    block_q, span.k[:, :r1], span.groups, r0, keep=span.keeps_probabilities, window=span.window
-                )
-                if span.keeps_probabilities:
-                    kept.append(probs)
+                probs = _probabilities(block_q, span.k[:, :r1], span.groups, r0, keep=span.kept, window=span.window)
+                if span.kept:
+                    kept += [span.whole_q, span.k, span.v, probs]
                 o = torch.bmm(probs, span.v[:, :r1], out=_take("o", block_q.shape, q))
                 out[s + r0 : s + r0 + span.real_rows(r0, r1)] = span.heads_first(o, r0, r1).transpose(0, 1)
-        ctx.save_for_backward(q, k, v, *kept)
-        ctx.spans, ctx.scale, ctx.window = spans, scale, window
+        ctx.inputs_saved = not all(ctx.keeps)  # where every span keeps its tiles, they replace q, k and v
+        ctx.save_for_backward(*((q, k, v) if ctx.inputs_saved else ()), *kept)
+        ctx.spans, ctx.scale, ctx.window, ctx.shapes = spans, scale, window, (q.shape, k.shape)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, k, v, *kept_probs = ctx.saved_tensors
-        kept = iter(kept_probs)
-        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        saved = ctx.saved_tensors
+        (q, k, v), kept = (saved[:3], iter(saved[3:])) if ctx.inputs_saved else ((None, None, None), iter(saved))
+        q_shape, kv_shape = ctx.shapes
+        grad_q, grad_k, grad_v = grad_out.new_empty(q_shape), grad_out.new_empty(kv_shape), grad_out.new_empty(kv_shape)
         for (s, e), keeps in zip(ctx.spans, ctx.keeps):
-            span = _Span(q, k, v, s, e, ctx.scale, ctx.window)
+            probs = None
+            if keeps:
+                span = _Span(q, k, v, s, e, ctx.scale, ctx.window, saved=(next(kept), next(kept), next(kept)))
+                probs = next(kept)
+            else:
+                span = _Span(q, k, v, s, e, ctx.scale, ctx.window)
             g_rows = grad_out[s:e].transpose(0, 1).view(span.kv_heads, span.groups, span.n, -1)
-            span_grad_k, span_grad_v = _take("grad_k", span.k.shape, q), _take("grad_v", span.k.shape, q)
+            span_grad_k, span_grad_v = _take("grad_k", span.k.shape, grad_out), _take("grad_v", span.k.shape, grad_out)
             for r0, r1 in reversed(_query_blocks(span.m)):
                 block_q = span.query_block(r0, r1)
-                probs = (
-                    next(kept)
-                    if keeps
-                    else _probabilities(block_q, span.k[:, :r1], span.groups, r0, window=span.window)
-                )
+                if probs is None:
+                    probs = _probabilities(block_q, span.k[:, :r1], span.groups, r0, window=span.window)
                 g = span.rows("g", g_rows, r0, r1)
                 if r1 == span.m:  # the first block done sees every key: it writes, the others add
                     torch.bmm(probs.transpose(1, 2), g, out=span_grad_v)
                 else:
                     span_grad_v[:, :r1].baddbmm_(probs.transpose(1, 2), g)
-                grad_probs = torch.bmm(g, span.v[:, :r1].transpose(1, 2), out=_take("grad_probs", probs.shape, q))
-                grad_scores = _take("scores", probs.shape, q)  # the scores are spent: reuse
+                grad_probs = torch.bmm(
+                    g, span.v[:, :r1].transpose(1, 2), out=_take("grad_probs", probs.shape, grad_out)
+                )
+                grad_scores = _take("scores", probs.shape, grad_out)  # the scores are spent: reuse
                 torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype, grad_input=grad_scores)
-                q_part = torch.bmm(grad_scores, span.k[:, :r1], out=_take("o", block_q.shape, q))
+                q_part = torch.bmm(grad_scores, span.k[:, :r1], out=_take("o", block_q.shape, grad_out))
                 real = span.real_rows(r0, r1)
                 torch.mul(span.heads_first(q_part, r0, r1), ctx.scale, out=grad_q[:, s + r0 : s + r0 + real])
                 if r1 == span.m:
                     torch.bmm(grad_scores.transpose(1, 2), block_q, out=span_grad_k)
                 else:
                     span_grad_k[:, :r1].baddbmm_(grad_scores.transpose(1, 2), block_q)
+                probs = None
             grad_k[:, s:e] = span_grad_k[:, : span.n]
             grad_v[:, s:e] = span_grad_v[:, : span.n]
         return grad_q, grad_k, grad_v, None, None, None

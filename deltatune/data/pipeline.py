@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -44,15 +45,35 @@ class DataReport:
     dropped_no_loss: int = 0  # nothing loss-bearing left (the response was cut off by truncation)
     kept: int = 0
     bad: list[str] = field(default_factory=list)  # the first few skipped records' errors
+    special_in_content: int = 0  # records whose content holds a special token's text (see `special_tokens_in`)
+    first_special: str = ""  # where the first of them is, and the token
 
     def summary(self) -> str:
         s = (
             f"read {self.read}, kept {self.kept}, skipped bad {self.skipped_bad}, truncated {self.truncated}, "
             f"dropped too long {self.dropped_too_long}, dropped with no loss-bearing token {self.dropped_no_loss}"
         )
+        if self.special_in_content:
+            s += (
+                f"; {self.special_in_content} hold a special token's text in their content, which the tokenizer "
+                f"reads as that token (first: {self.first_special})"
+            )
         if self.bad:
             s += f" (first bad: {self.bad[0]})"
         return s
+
+
+def special_tokens_in(tokenizer: Any) -> re.Pattern | None:
+    """A pattern matching the text of the tokenizer's special tokens (EOS, `<|im_end|>`, ...), or None. A record
+    whose content holds one (a conversation about chat formats, scraped logs) is tokenized with that control
+    token there, as transformers' and TRL's tokenization do: an answer quoting `<|im_end|>` trains the model to
+    stop mid-answer. Reported, not changed: escaping it would tokenize the content unlike the model's own use."""
+    specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            specials.add(str(added))
+    specials = sorted((t for t in specials if isinstance(t, str) and t), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
 
 
 def no_examples_message(source: str | None, report: DataReport) -> str:
@@ -202,6 +223,7 @@ def _prepare(
     fixed_by: RawRecord | None = None  # the record whose fields fixed the format under "auto"
     examples = []
     budget = char_budget(max_len, tokenizer)
+    specials = special_tokens_in(tokenizer)
 
     def bad(exc: DataError) -> None:
         if not skip_bad:
@@ -242,7 +264,10 @@ def _prepare(
             if fmt == "auto" and isinstance(rec.data, dict):  # the first recognisable record fixes the file's format
                 fmt = detect_format(rename_columns(rec.data, cmap)) or "auto"
                 fixed_by = rec
-            example = tmpl.render(cut_to_budget(to_conversation(rec, fmt, cmap, system_prompt), budget))
+            conv = cut_to_budget(to_conversation(rec, fmt, cmap, system_prompt), budget)
+            if specials is not None:
+                _note_special_tokens(conv, specials, rec, report)
+            example = tmpl.render(conv)
             if example.answers_rendered_as_history and turns != "last":
                 raise DataError(
                     f"the tokenizer's chat template writes answer {example.answers_rendered_as_history[0]} "
@@ -259,6 +284,17 @@ def _prepare(
     keep_tokenized()
     report.kept = len(kept)
     return PreparedData(kept, report, template=tmpl.name, data_format=fmt)  # the resolved name (auto -> ...)
+
+
+def _note_special_tokens(conv: Conversation, specials: re.Pattern, rec: RawRecord, report: DataReport) -> None:
+    for message in conv.messages:
+        for _, text in message.parts:
+            if found := specials.search(text):
+                report.special_in_content += 1
+                if not report.first_special:
+                    article = "an" if message.role[:1] in "aeiou" else "a"
+                    report.first_special = f"{rec.source}: {found.group(0)!r} in {article} {message.role} message"
+                return
 
 
 def max_token_chars(tokenizer: Any) -> int:

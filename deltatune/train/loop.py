@@ -662,6 +662,12 @@ def _train(
     else:
         prepared = prepare_dataset(cfg.data, tokenizer, **data_kwargs)
     say(f"data: {prepared.report.summary()}")
+    if prepared.report.special_in_content and dist.is_main:  # shown under --quiet too: it changes what trains
+        report = prepared.report
+        warn(
+            f"warning: {report.special_in_content} record(s) hold a special token's text in their content, "
+            f"tokenized as that token (first: {report.first_special})"
+        )
     unused = unused_template_weight(prepared.examples, parsed, prepared.template)
     if unused and dist.is_main:
         warn(unused)

@@ -115,42 +115,12 @@ def query_blocks(request, monkeypatch):
     monkeypatch.setattr(packed_attention, "KEEP_PROBABILITIES", keep)
 
 
-def test_kept_probabilities_give_bitwise_the_same_gradients_and_are_saved(monkeypatch):
-    """Spans up to KEEP_PROBABILITIES rows save their probabilities instead of recomputing them in backward:
-    the same bits in bf16 (the same kernels on the same inputs), [H, m, m] more numbers saved for each kept
-    span (m: its length tiled to 32) and its tiled queries, keys and values ([H + 2 KV, m, D]), so that
-    backward copies none of them again; nothing more for the span longer than the limit."""
-    lengths = [37, 120, 64, 90, 300]
-    q, k, v, spans = _qkv(lengths, heads=9, kv_heads=3, dim=64, dtype=torch.bfloat16, seed=3)
-    grad_out = torch.randn(1, sum(lengths), 9, 64, dtype=torch.bfloat16)
-
-    def run(keep: int):
-        monkeypatch.setattr(packed_attention, "KEEP_PROBABILITIES", keep)
-        saved: list[int] = []
-
-        def pack(t):
-            saved.append(t.numel())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            result = _value_and_grads(
-                lambda *x: packed_attention.span_attention(*x, spans, 64**-0.5), q, k, v, grad_out
-            )
-        return result, sum(saved)
-
-    (recomputed, saved_without), (kept, saved_with) = run(0), run(256)
-    for name, a, b in zip(["out", "dq", "dk", "dv"], recomputed, kept):
-        assert torch.equal(a, b), name
-    tiled = [-(-n // 32) * 32 for n in lengths if n <= 256]
-    assert saved_with - saved_without == sum(9 * m * m + (9 + 2 * 3) * m * 64 for m in tiled)
-
-
-def test_where_every_span_keeps_its_tiles_they_replace_the_inputs(monkeypatch):
-    """Spans all kept: q, k and v themselves are not saved (the tiles hold them, scaled and padded to 32 rows),
-    and the gradients are bitwise those of recomputing."""
-    lengths = [37, 120, 64, 90]
-    q, k, v, spans = _qkv(lengths, heads=9, kv_heads=3, dim=64, dtype=torch.bfloat16, seed=4)
-    grad_out = torch.randn(1, sum(lengths), 9, 64, dtype=torch.bfloat16)
+def _kept_against_recomputed(monkeypatch, lengths: list[int], seed: int) -> tuple[int, int]:
+    """SpanAttention's numbers saved for backward with KEEP_PROBABILITIES 0 and 256 (recomputing and keeping), after
+    checking that the two give bitwise the same outputs and gradients in bf16 (the same kernels on the same
+    inputs)."""
+    q, k, v, spans = _qkv(lengths, heads=9, kv_heads=3, dim=64, dtype=torch.bfloat16, seed=seed)
+    grad_out = torch.randn(1, sum(lengths), 9, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(seed))
 
     def run(keep: int):
         monkeypatch.setattr(packed_attention, "KEEP_PROBABILITIES", keep)
@@ -164,6 +134,24 @@ def test_where_every_span_keeps_its_tiles_they_replace_the_inputs(monkeypatch):
     (recomputed, saved_without), (kept, saved_with) = run(0), run(256)
     for name, a, b in zip(["out", "dq", "dk", "dv"], recomputed, kept):
         assert torch.equal(a, b), name
+    return saved_without, saved_with
+
+
+def test_kept_probabilities_give_bitwise_the_same_gradients_and_are_saved(monkeypatch):
+    """Spans up to KEEP_PROBABILITIES rows save their probabilities instead of recomputing them in backward:
+    [H, m, m] more numbers saved for each kept span (m: its length tiled to 32) and its tiled queries, keys and
+    values ([H + 2 KV, m, D]), so that backward copies none of them again; nothing more for the span longer than
+    the limit."""
+    lengths = [37, 120, 64, 90, 300]
+    saved_without, saved_with = _kept_against_recomputed(monkeypatch, lengths, seed=3)
+    tiled = [-(-n // 32) * 32 for n in lengths if n <= 256]
+    assert saved_with - saved_without == sum(9 * m * m + (9 + 2 * 3) * m * 64 for m in tiled)
+
+
+def test_where_every_span_keeps_its_tiles_they_replace_the_inputs(monkeypatch):
+    """Spans all kept: q, k and v themselves are not saved (the tiles hold them, scaled and padded to 32 rows)."""
+    lengths = [37, 120, 64, 90]
+    saved_without, saved_with = _kept_against_recomputed(monkeypatch, lengths, seed=4)
     tiled = [-(-n // 32) * 32 for n in lengths]
     assert saved_without == (9 + 2 * 3) * sum(lengths) * 64
     assert saved_with == sum(9 * m * m + (9 + 2 * 3) * m * 64 for m in tiled)

@@ -307,6 +307,14 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, *, trust_remot
             f"cannot load tokenizer for '{name_or_path}' (are its tokenizer files there?): {_first_line(exc)}",
             field="model",
         ) from exc
+    if len(tok) <= len(set(tok.all_special_tokens)):
+        # transformers 5 builds an empty tokenizer of the model type's class where a folder has no tokenizer files
+        # (a Qwen2-MoE export without them): every text then tokenized to nothing, blamed on the prompt or the data
+        raise UserError(
+            f"cannot load tokenizer for '{name_or_path}' (are its tokenizer files there?): it has no vocabulary "
+            f"beyond its {len(tok)} special token(s)",
+            field="model",
+        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -368,7 +376,10 @@ def load_model(
         raise UserError(f"cannot load model '{name_or_path}': {_first_line(exc)}", field="model") from exc
     except Exception as exc:
         if type(exc).__name__ != "SafetensorError":
-            raise
+            mismatch = config_error(exc, ref) if Path(ref).is_dir() else None
+            if mismatch is None:
+                raise
+            raise mismatch from None
         raise UserError(
             f"cannot load model '{name_or_path}': a weights file is damaged or cut short ({_first_line(exc)})",
             field="model",
@@ -481,6 +492,22 @@ def cast_weights(model, dtype: torch.dtype):
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def config_error(exc: BaseException, folder: str | os.PathLike) -> UserError | None:
+    """transformers' error for a folder whose config.json does not fit its weights (a RuntimeError after its load
+    report, which names the tensors) or breaks the config class's own rules (huggingface_hub's
+    StrictDataclassClassValidationError, no ValueError), as one line naming config.json; None for others."""
+    config = str(Path(folder) / "config.json")
+    if isinstance(exc, RuntimeError) and "ignore_mismatched_sizes" in str(exc):
+        return UserError(
+            "does not fit the weights: tensors of other sizes than it describes (the load report above names them)",
+            file=config,
+        )
+    if type(exc).__name__.startswith("StrictDataclass"):
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        return UserError(f"not a valid configuration: {lines[-1] if lines else type(exc).__name__}", file=config)
+    return None
 
 
 def _is_upcycled_dir(ref: str) -> bool:

@@ -434,7 +434,7 @@ def _read_transformers_weights(path: Path, dtype: torch.dtype) -> dict[str, torc
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    from deltatune.models import check_loaded_weights
+    from deltatune.models import check_loaded_weights, config_error
 
     weights = path / "model.safetensors"
     if not weights.is_file() and not (path / "model.safetensors.index.json").is_file():
@@ -448,6 +448,11 @@ def _read_transformers_weights(path: Path, dtype: torch.dtype) -> dict[str, torc
         raise UserError(
             f"the weights file is damaged or cut short ({_first_line(exc)})", file=str(weights), field="model"
         ) from None
+    except Exception as exc:  # a config.json that does not fit the weights, or breaks its class's rules
+        mismatch = config_error(exc, path)
+        if mismatch is None:
+            raise
+        raise mismatch from None
     check_loaded_weights(str(weights), loading)
     return hf.state_dict()
 

@@ -75,3 +75,15 @@ def test_a_folder_without_tokenizer_files_is_refused_not_read_as_an_empty_tokeni
     Qwen2ForCausalLM(config).save_pretrained(folder)
     with pytest.raises(UserError, match="are its tokenizer files there"):
         load_tokenizer(folder)
+
+
+def test_an_upcycled_config_of_other_expert_sizes_is_one_line_naming_it(tiny_dir, tmp_path):
+    from deltatune.cli import main
+
+    out = tmp_path / "moe"
+    assert main(["upcycle", "--model", str(tiny_dir), "--experts", "4", "--layers", "1", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["moe_intermediate_size"] = 48
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="config.json: does not fit the weights"):
+        load_model(out)

@@ -196,7 +196,21 @@ def _truncate(name):
     return cut
 
 
+def _edit_config(**changes):
+    """config.json edited by hand (review 8: transformers built the model from it, deltatune from upcycle.json)."""
+
+    def edit(folder):
+        config = json.loads((folder / "config.json").read_text())
+        for key, value in changes.items():
+            config[key] = (not config[key]) if value == "flip" else value
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
 DAMAGE = {
+    "config.json k 1": ("moe", _edit_config(num_experts_per_tok=1), "config.json: field 'num_experts_per_tok': is 1"),
+    "config.json norm flipped": ("moe", _edit_config(norm_topk_prob="flip"), "config.json: field 'norm_topk_prob'"),
     "no model.safetensors": ("moe", _remove("model.safetensors"), "model.safetensors: field 'model': is missing"),
     "cut model.safetensors": ("moe", _truncate("model.safetensors"), "model.safetensors: field 'model': the weights"),
     "cut upcycled.safetensors": ("ec", _truncate("upcycled.safetensors"), "upcycled.safetensors: field 'model'"),

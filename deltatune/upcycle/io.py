@@ -494,6 +494,7 @@ def load_upcycled(
         _check_expert_keys(sd, spec, _layers_prefix(model), path)
     else:
         weights = path / "model.safetensors"
+        _check_routing_config(path, spec, meta["format"])
         sd = from_hf_state(_read_transformers_weights(path, dtype), spec, _layers_prefix(model), path)
     _check_moe_layers(sd, spec, _layers_prefix(model), path)
     _load_weights(model, sd, weights)
@@ -507,6 +508,31 @@ def load_upcycled(
     from deltatune.models import cast_weights
 
     return cast_weights(model, dtype).eval()  # RoPE's inv_freq stays float32, as from_pretrained keeps it
+
+
+def _check_routing_config(path: Path, spec: UpcycleSpec, fmt: str) -> None:
+    """config.json routes as upcycle.json does: transformers builds the model from the first, deltatune from the
+    second, and a hand-edited `num_experts_per_tok` or `norm_topk_prob` loaded silently as two different models
+    (logits 0.1-0.5 apart). The keys that shape the weights (the expert count, the dense layers) need no check
+    here: the weights' own checks name the file that disagrees with them."""
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers' load names what is wrong with it
+    if not isinstance(config, dict):
+        return
+    expected: dict[str, Any] = {"num_experts_per_tok": spec.k}
+    if fmt != "mixtral":
+        expected["norm_topk_prob"] = spec.normalize
+    for key, value in expected.items():
+        if key in config and config[key] != value:
+            raise UserError(
+                f"is {config[key]!r} where upcycle.json's routing gives {value!r}: transformers and deltatune "
+                "would load two different models",
+                file=str(file),
+                field=key,
+            )
 
 
 def _check_moe_layers(sd: dict[str, torch.Tensor], spec: UpcycleSpec, prefix: str, path: Path) -> None:

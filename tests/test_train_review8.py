@@ -124,3 +124,34 @@ def test_a_kill_while_pruning_leaves_each_checkpoint_whole_or_gone(tmp_path, mon
     fileio.remove_interrupted_writes(root, lambda name: name.startswith("step-"))  # what a resume does first
     after = {p.name: sorted(q.name for q in p.iterdir()) for p in root.iterdir()}
     assert after == {name: files for name, files in before.items() if name != "step-0000001"}
+
+
+def test_the_final_evaluation_says_it_has_begun(capsys, tiny_dir, data_file, tmp_path):
+    # after the last step's "eta 0s" the final held-out loss ran minutes on the default model with nothing shown
+    args = [a for a in train_args(tiny_dir, data_file, tmp_path / "run", steps=1) if a != "--quiet"]
+    rc, out, err = cli(capsys, *args)
+    assert rc == 0, err
+    lines = out.splitlines()
+    begun = next(i for i, line in enumerate(lines) if line.startswith("final evaluation: held-out loss on "))
+    done = next(i for i, line in enumerate(lines) if line.startswith("final eval loss "))
+    assert begun < done
+    assert (
+        lines[begun] == "final evaluation: held-out loss on 3 examples"
+    )  # eval_fraction 0.1 of 36 records, rounded down
+
+
+def test_a_log_shows_the_first_step_not_only_every_log_every(capsys, tiny_dir, data_file, tmp_path):
+    # with log_every 10 a run printed nothing for its first 10 steps: on the default model, minutes after start
+    args = [a for a in train_args(tiny_dir, data_file, tmp_path / "run", steps=3) if a != "--quiet"]
+    rc, out, err = cli(capsys, *args, "--set", "log_every=10")
+    assert rc == 0, err
+    steps = [line.split()[1] for line in out.splitlines() if line.startswith("step ")]
+    assert steps == ["1/3", "3/3"]
+
+
+def test_a_run_folder_given_as_the_adapter_names_its_final_folder(capsys, tiny_dir, data_file, tmp_path):
+    run = tmp_path / "run"
+    assert cli(capsys, *train_args(tiny_dir, data_file, run, steps=1))[0] == 0
+    rc, _, err = cli(capsys, "generate", "--adapter", run, "--prompt", "hi", "--max-new-tokens", "2")
+    assert rc == 2
+    assert _one_line(err).endswith(f"a training run's adapter is its {run / 'final'}")

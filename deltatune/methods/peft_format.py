@@ -126,7 +126,10 @@ def _read_config(folder: Path) -> tuple[Path, dict[str, Any]]:
             if not isinstance(data, dict):
                 raise ConfigError("expected a JSON object", file=str(path))
             return path, data
-    raise UserError(f"{folder}: no {PEFT_CONFIG} or {DELTATUNE_CONFIG}; is it an adapter folder?", field="adapter")
+    inside = [f"{folder / sub}" for sub in ("final", "best") if (folder / sub / PEFT_CONFIG).is_file()]
+    inside += [f"{folder / sub}" for sub in ("final", "best") if (folder / sub / DELTATUNE_CONFIG).is_file()]
+    hint = f"; a training run's adapter is its {inside[0]}" if inside else "; is it an adapter folder?"
+    raise UserError(f"{folder}: no {PEFT_CONFIG} or {DELTATUNE_CONFIG}{hint}", field="adapter")
 
 
 def peft_option_set(config: dict[str, Any], key: str) -> bool:

@@ -458,8 +458,10 @@ def evaluate_loss(
     transform: LogitTransform | None = None,
     window: MaskWindow | None = None,
     head_dtype: torch.dtype | None = None,
+    bar: str | None = None,
 ) -> float | None:
-    """Weighted loss per loss-bearing token on held-out examples (same template, policy and head precision)."""
+    """Weighted loss per loss-bearing token on held-out examples (same template, policy and head precision).
+    `bar`: a progress bar of that name over the batches, on a terminal (a final evaluation can take minutes)."""
     if not examples:
         return None
     from deltatune.data.packing import pack_examples
@@ -470,7 +472,12 @@ def evaluate_loss(
     moe = [b for _, b in moe_blocks(model)]  # upcycled models route the real tokens only
     virtual = prepended_tokens(model)  # ... and prompt tuning's virtual ones
     total, weight = 0.0, 0.0
-    for i in range(0, len(rows), cfg.batch_size):
+    starts = range(0, len(rows), cfg.batch_size)
+    if bar is not None:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=bar, unit="batch", leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+    for i in starts:
         try:
             batch = batch_of(rows[i : i + cfg.batch_size], policy, cfg, pad_id, flat, window)
         except TrainingError:
@@ -849,6 +856,7 @@ def _train(
     )
 
     progress_cls = Progress if dist.is_main else NullProgress  # rank 0 alone prints and writes metrics
+    progress_shown = dist.is_main and not quiet
     progress = progress_cls(
         total_steps,
         pos.step,
@@ -997,6 +1005,7 @@ def _train(
                     transform,
                     window,
                     head_dtype,
+                    bar="held-out loss" if progress_shown else None,
                 )
                 if eval_loss is not None:
                     record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
@@ -1026,9 +1035,23 @@ def _train(
         progress.close()
     seconds = time.perf_counter() - start
     interrupted["raise"] = not dist.active  # one process stops at once; ranks agree on it after the evaluation
+    if eval_examples:  # after "eta 0s", minutes of silence looked like a hang
+        say(f"final evaluation: held-out loss on {len(eval_examples)} examples")
     try:
         eval_loss = evaluate_loss(
-            runner, head, eval_examples, eval_policy, cfg, pad_id, device, autocast, flat, transform, window, head_dtype
+            runner,
+            head,
+            eval_examples,
+            eval_policy,
+            cfg,
+            pad_id,
+            device,
+            autocast,
+            flat,
+            transform,
+            window,
+            head_dtype,
+            bar="held-out loss" if progress_shown else None,
         )
     except KeyboardInterrupt:
         interrupted["flag"] = True

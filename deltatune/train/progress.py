@@ -63,7 +63,8 @@ class Progress:
             return
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}", refresh=False)
-        if not self.tty and (step % self.log_every == 0 or step == self.total):
+        # the first step too: it carries the warm-up (compilation, first touches), minutes on a large model
+        if not self.tty and (step % self.log_every == 0 or step == self.total or step == self.start_step + 1):
             print(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {tps:.0f} tok/s eta {eta:.0f}s", flush=True)
 
     def log(self, record: dict) -> None:

@@ -208,7 +208,8 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
 # Rust's io::Error as safetensors words it: "... No space left on device (os error 28)"
 _OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
 _DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
-FULL_BELOW = 1 << 20  # bytes left on the disk under which a failed write is taken for a full disk
+FULL_BELOW = 1 << 20  # bytes left on the disk under which torch.save's failed write is taken for a full disk
+_TORCH_SAVE_CUT_SHORT = "unexpected pos"  # torch.save's zip writer when a write came up short
 
 
 def _free_bytes(folder: Path) -> int:
@@ -220,18 +221,20 @@ def _disk_error(exc: BaseException, tmp: Path, out_dir: Path) -> OSError | None:
     """A write into `tmp` that failed because the disk is full or read-only, as the OSError it is, named by the
     user's `out_dir` (the CLI's one-line error); None for any other failure. safetensors raises its own error
     type and `torch.save` a RuntimeError ("unexpected pos ..."), neither an OSError: the first names the errno
-    in its text, the second is known by the disk having (almost) no space left."""
-    if not isinstance(exc, Exception):
+    in its text, the second is taken for a full disk only where the disk has (almost) no space left."""
+    if not isinstance(exc, Exception) or isinstance(exc, UserError):  # a UserError says what it is already
         return None
     if isinstance(exc, OSError):
         code = exc.errno
     elif found := _OS_ERROR_TEXT.search(str(exc)):
         code = int(found.group(1))
-    else:
-        try:
+    elif isinstance(exc, RuntimeError) and _TORCH_SAVE_CUT_SHORT in str(exc):  # nothing else of the free space:
+        try:  # a root process sees none available on a 95% full disk, and any other failure is its own
             code = errno.ENOSPC if _free_bytes(tmp) < FULL_BELOW else None
         except OSError:
             code = None
+    else:
+        code = None
     if code not in _DISK_ERRNOS:
         return None
     return OSError(code, os.strerror(code), str(out_dir))

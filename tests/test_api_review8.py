@@ -80,3 +80,21 @@ def test_weighted_loss_trainer_refuses_the_loss_options_it_would_ignore(tmp_path
         deltatune.WeightedLossTrainer(
             model=adapted.model, args=args, train_dataset=data, data_collator=deltatune.DataCollator(tok), **given
         )
+
+
+def test_an_adapter_refused_after_apply_leaves_the_head_tied_and_the_config_saying_so(tmp_path):
+    # apply now unties an adapted head; a refusal after it (a PEFT file whose saved base head differs) put the shared
+    # weight back but left tie_word_embeddings false, and save_pretrained then wrote a model without its head
+    from safetensors.torch import load_file, save_file
+
+    adapted = deltatune.apply(tiny_model(), "lora", rank=4, targets="lm_head")
+    adapted.save_adapter(tmp_path / "peft")
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_A" in k).replace("lora_A.weight", "base_layer.weight")
+    tensors[key] = torch.randn(512, 64)  # a retrained vocabulary's head
+    save_file(tensors, str(tmp_path / "peft" / "adapter_model.safetensors"))
+    victim = tiny_model()
+    with pytest.raises(ConfigError, match="base"):
+        deltatune.load_adapter(victim, tmp_path / "peft")
+    assert victim.lm_head.weight is victim.model.embed_tokens.weight
+    assert victim.config.tie_word_embeddings is True

@@ -14,6 +14,7 @@ import torch
 from reliability_helpers import cli, train_args
 
 from deltatune import fileio
+from deltatune.errors import UserError
 
 TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 73408 vs 73300"
 SAFETENSORS_FULL_DISK = "Error while serializing: I/O error: No space left on device (os error 28)"
@@ -37,7 +38,30 @@ def test_a_writer_failing_on_a_full_disk_is_the_disk_error_named_by_the_output(t
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(out)
     with pytest.raises(RuntimeError, match="unexpected pos"), fileio.atomic_dir(out):
         raise RuntimeError(TORCH_FULL_DISK)  # space left: not the disk's, the error as it was
+    # no space available (a root process sees none on a 95% full disk): only torch.save's failure is taken for it
+    monkeypatch.setattr(fileio, "_free_bytes", lambda folder: 0)
+    for other in (ValueError("a bug"), RuntimeError("Some tensors share memory"), UserError("cannot be written")):
+        with pytest.raises(type(other), match=str(other)), fileio.atomic_dir(out):
+            raise other
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_that_cannot_be_pruned_does_not_stop_training(tmp_path, monkeypatch):
+    # pruning ignored a failed removal (another process removed it, no permission); renaming it aside first must too
+    from deltatune.train import checkpoint
+
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1, 2):
+        (root / f"step-{step:07d}").mkdir(parents=True)
+        (root / f"step-{step:07d}" / "meta.json").write_text("{}")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fileio.os, "replace", refused)
+    checkpoint.prune_checkpoints(tmp_path / "run", keep=1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["step-0000001", "step-0000002"]
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_earlier_ones(

@@ -300,8 +300,13 @@ class _Structure:
             (m, {d: dict(getattr(m, d)) for d in self._DICTS if hasattr(m, d)}, m.training) for m in model.modules()
         ]
         self.grads = [(p, p.requires_grad) for p in model.parameters()]
+        config = getattr(model, "config", None)  # `untie_adapted_weights` turns the tie off
+        configs = {id(c): c for c in (config, _text_config(config)) if c is not None}.values() if config else []
+        self.ties = [(c, c.tie_word_embeddings) for c in configs if hasattr(c, "tie_word_embeddings")]
 
     def restore(self) -> None:
+        for config, tie in self.ties:
+            config.tie_word_embeddings = tie
         for module, dicts, training in self.modules:
             for name, saved in dicts.items():
                 current = getattr(module, name)

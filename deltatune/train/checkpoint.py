@@ -217,4 +217,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
-        remove_dir(old)  # a kill mid-way left a step folder without meta.json, for good
+        try:
+            remove_dir(old)  # in place, a kill mid-way left a step folder without meta.json, for good
+        except OSError:  # another process removed it, or no permission: training goes on, as it did before
+            pass

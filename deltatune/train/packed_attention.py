@@ -32,6 +32,7 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from deltatune.train.workspace import Workspace
 
@@ -143,21 +144,38 @@ def _probabilities(
     return probs
 
 
+def keeps_probabilities(n: int) -> bool:
+    """Whether a span of n tokens keeps its probabilities from forward to backward (see KEEP_PROBABILITIES)."""
+    return -(-n // TILE) * TILE <= min(KEEP_PROBABILITIES, WHOLE_SPAN)
+
+
 class _Span:
     """One span's k and v tiled [KV, m, D], and its query rows block by block, grouped [KV, G*c, D] (scaled, as
     PyTorch's reference SDPA does, which saves a pass over the scores).
 
-    A span that keeps its probabilities (`kept`: whole, up to KEEP_PROBABILITIES rows) keeps its tiles too, in
-    tensors of their own that backward takes back (`saved`) instead of copying q, k and v into tiles again;
-    the other spans tile into workspace buffers, in forward and again in backward."""
+    A span that keeps its probabilities (`kept`: whole, up to KEEP_PROBABILITIES rows) in a call whose every span
+    does (`keep_tiles`) keeps its tiles too, in tensors of their own that backward takes back (`saved`) instead
+    of copying q, k and v into tiles again; the tiles then replace q, k and v as what is saved. In other calls
+    every span tiles into workspace buffers, in forward and again in backward (keeping tiles beside q, k and v,
+    which the other spans need, cost up to 60% more saved memory)."""
 
     def __init__(
-        self, q: Tensor, k: Tensor, v: Tensor, s: int, e: int, scale: float, window: int | None, saved=None
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        s: int,
+        e: int,
+        scale: float,
+        window: int | None,
+        *,
+        keep_tiles: bool = False,
+        saved: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> None:
         self.n, self.scale = e - s, scale
         self.window = window if window is not None and window < self.n else None  # a wider one changes nothing
         self.m = -(-self.n // TILE) * TILE
-        if saved is not None:  # backward of a kept span: forward's tiles (q, k and v may not have been saved)
+        if saved is not None:  # backward of a span that kept its tiles (q, k and v were not saved)
             self.whole_q, self.k, self.v = saved
             self.kv_heads, _, self.dim = self.k.shape
             self.groups = self.whole_q.shape[1] // self.m
@@ -167,11 +185,12 @@ class _Span:
         self.kv_heads = k.shape[0]
         self.groups = heads // self.kv_heads
         self.q_rows = q[:, s:e].view(self.kv_heads, self.groups, self.n, self.dim)
-        self.kept = self.m <= min(KEEP_PROBABILITIES, WHOLE_SPAN)
-        k_buffer, v_buffer = (None, None) if self.kept else ("k", "v")  # None: a tensor of its own
+        self.kept = keeps_probabilities(self.n)
+        own = self.kept and keep_tiles
+        k_buffer, v_buffer = (None, None) if own else ("k", "v")  # None: a tensor of its own
         self.k = _tiled(k_buffer, k[:, s:e].unsqueeze(1), self.n, self.m).squeeze(1)
         self.v = _tiled(v_buffer, v[:, s:e].unsqueeze(1), self.n, self.m).squeeze(1)
-        self.whole_q = self.rows(None, self.q_rows, 0, self.m, scale) if self.kept else None
+        self.whole_q = self.rows(None, self.q_rows, 0, self.m, scale) if own else None
 
     def real_rows(self, r0: int, r1: int) -> int:
         return max(0, min(r1, self.n) - r0)
@@ -196,12 +215,13 @@ class SpanAttention(torch.autograd.Function):
     """Causal attention within each span of one packed row.
 
     q: [H, T, D], k/v: [KV, T, D]; returns [T, H, D] (the layout the output projection reads).
-    Spans up to KEEP_PROBABILITIES rows save their probabilities and their tiled (scaled) queries, keys and values;
-    the others save nothing of their own, and backward recomputes their blocks' probabilities (one more matmul)
-    from q, k and v, which are saved when some span is not kept. So the memory per layer is that of its inputs
-    (tiled, where every span keeps its tiles) plus the kept probabilities. Backward is the textbook softmax-attention
-    gradient; the key and value gradients sum over the query blocks (the last block, which sees every key,
-    first).
+    Spans up to KEEP_PROBABILITIES rows save their probabilities; the others save nothing of their own, and
+    backward recomputes their blocks' probabilities (one more matmul). Where every span keeps its probabilities
+    (GSM8K-sized examples), the spans' tiled (scaled) queries, keys and values are saved instead of q, k and v,
+    so backward copies none of them again; else q, k and v are saved. So the memory per layer is that of its
+    inputs (padded to TILE rows a span in the first case) plus the kept probabilities. Backward is the textbook
+    softmax-attention gradient; the key and value gradients sum over the query blocks (the last block, which
+    sees every key, first). It is differentiable once (`once_differentiable`): a double backward is refused.
     """
 
     @staticmethod
@@ -210,36 +230,35 @@ class SpanAttention(torch.autograd.Function):
     ) -> Tensor:
         heads, total, dim = q.shape
         out = q.new_empty(total, heads, dim)
-        kept: list[Tensor] = []  # the kept spans' tiled q, k, v and probabilities, four a span in span order
-        ctx.keeps = []
+        kept: list[Tensor] = []  # in span order: each kept span's probabilities, after its tiles where kept too
+        ctx.keeps = [keeps_probabilities(e - s) for s, e in spans]
+        ctx.tiles = all(ctx.keeps)  # every span keeps its tiles, which replace q, k and v as what is saved
         for s, e in spans:
-            span = _Span(q, k, v, s, e, scale, window)
-            ctx.keeps.append(span.kept)
+            span = _Span(q, k, v, s, e, scale, window, keep_tiles=ctx.tiles)
             for r0, r1 in _query_blocks(span.m):
                 block_q = span.query_block(r0, r1)
                 probs = _probabilities(block_q, span.k[:, :r1], span.groups, r0, keep=span.kept, window=span.window)
                 if span.kept:
-                    kept += [span.whole_q, span.k, span.v, probs]
+                    kept += [span.whole_q, span.k, span.v, probs] if ctx.tiles else [probs]
                 o = torch.bmm(probs, span.v[:, :r1], out=_take("o", block_q.shape, q))
                 out[s + r0 : s + r0 + span.real_rows(r0, r1)] = span.heads_first(o, r0, r1).transpose(0, 1)
-        ctx.inputs_saved = not all(ctx.keeps)  # where every span keeps its tiles, they replace q, k and v
-        ctx.save_for_backward(*((q, k, v) if ctx.inputs_saved else ()), *kept)
+        ctx.save_for_backward(*(() if ctx.tiles else (q, k, v)), *kept)
         ctx.spans, ctx.scale, ctx.window, ctx.shapes = spans, scale, window, (q.shape, k.shape)
         return out
 
     @staticmethod
+    @once_differentiable  # its products write into buffers (out=): a double backward would be silently wrong
     def backward(ctx, grad_out: Tensor):
         saved = ctx.saved_tensors
-        (q, k, v), kept = (saved[:3], iter(saved[3:])) if ctx.inputs_saved else ((None, None, None), iter(saved))
+        (q, k, v), kept = ((None, None, None), iter(saved)) if ctx.tiles else (saved[:3], iter(saved[3:]))
         q_shape, kv_shape = ctx.shapes
         grad_q, grad_k, grad_v = grad_out.new_empty(q_shape), grad_out.new_empty(kv_shape), grad_out.new_empty(kv_shape)
         for (s, e), keeps in zip(ctx.spans, ctx.keeps):
-            probs = None
-            if keeps:
+            if ctx.tiles:
                 span = _Span(q, k, v, s, e, ctx.scale, ctx.window, saved=(next(kept), next(kept), next(kept)))
-                probs = next(kept)
             else:
                 span = _Span(q, k, v, s, e, ctx.scale, ctx.window)
+            probs = next(kept) if keeps else None
             g_rows = grad_out[s:e].transpose(0, 1).view(span.kv_heads, span.groups, span.n, -1)
             span_grad_k, span_grad_v = _take("grad_k", span.k.shape, grad_out), _take("grad_v", span.k.shape, grad_out)
             for r0, r1 in reversed(_query_blocks(span.m)):

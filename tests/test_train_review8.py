@@ -179,3 +179,17 @@ def test_a_run_folder_given_as_the_adapter_names_its_final_folder(capsys, tiny_d
     rc, _, err = cli(capsys, "generate", "--adapter", run, "--prompt", "hi", "--max-new-tokens", "2")
     assert rc == 2
     assert _one_line(err).endswith(f"a training run's adapter is its {run / 'final'}")
+
+
+def test_a_bad_record_of_a_loss_task_is_one_line_before_the_model_loads(capsys, tiny_dir, tmp_path, monkeypatch):
+    # the other tasks' data was read first; a loss task's only after the model had loaded (minutes on a large one)
+    import deltatune.models
+
+    data = tmp_path / "held-out.jsonl"
+    data.write_text('{"instruction": "What is 2 + 3?", "output": "5"}\n{"instruction": "Empty?", "output": ""}\n')
+    loaded = []
+    real = deltatune.models.load_model
+    monkeypatch.setattr(deltatune.models, "load_model", lambda *a, **k: loaded.append(1) or real(*a, **k))
+    rc, _, err = cli(capsys, "eval", "--model", tiny_dir, "--task", f"loss:{data}")
+    assert rc == 2 and not loaded
+    assert f"{data}:2" in _one_line(err) and "output" in _one_line(err)

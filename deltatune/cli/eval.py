@@ -187,10 +187,38 @@ def evaluate_model(model_ref: str | None, adapter: str | None, tasks, opts, dtyp
         if task.kind == "code":
             check_code_options(opts, task, generating=True)
         check_task_options(task, its, opts)  # shots, loss policy and template: before hours of earlier tasks
+    check_loss_data(model_ref, adapter, [t for t in tasks if t.kind == "loss"], opts)
     model, tokenizer = load_model(model_ref, dtype=dtype, adapter=adapter)
     for task, its in zip(tasks, items):  # options the model's context cannot hold: before any task runs
         check_choice_fits(model, tokenizer, task, its, opts)
     return [evaluate_task(model, tokenizer, task, opts, its) for task, its in zip(tasks, items)]
+
+
+def check_loss_data(model_ref: str | None, adapter: str | None, tasks, opts) -> None:
+    """Read every loss task's records as its run will (the model's tokenizer, the adapter's training template), so
+    that a bad record is one line before the model loads, as for the other tasks (the run reads them again)."""
+    if not tasks:
+        return
+    from deltatune.data.pipeline import prepare_dataset
+    from deltatune.models import load_tokenizer, saved_chat_template
+
+    if model_ref is None and adapter is not None:
+        from deltatune.methods.peft_format import adapter_base_model
+
+        model_ref = adapter_base_model(adapter)
+    tokenizer = load_tokenizer(model_ref)
+    if adapter is not None:
+        tokenizer.chat_template = saved_chat_template(adapter) or tokenizer.chat_template
+    for task in tasks:
+        prepare_dataset(
+            task.files[0],
+            tokenizer,
+            template=opts.template,
+            column_map={column: name for name, column in task.field_map.items()} or None,
+            max_len=opts.max_len,
+            limit=opts.limit,
+            keep_without_response=True,
+        )
 
 
 def recorded_options(args, tasks, results) -> dict[str, Any]:

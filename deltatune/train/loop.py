@@ -857,6 +857,24 @@ def _train(
 
     progress_cls = Progress if dist.is_main else NullProgress  # rank 0 alone prints and writes metrics
     progress_shown = dist.is_main and not quiet
+
+    def held_out_loss() -> float | None:  # the same evaluation every eval_every steps and at the end
+        return evaluate_loss(
+            runner,
+            head,
+            eval_examples,
+            eval_policy,
+            cfg,
+            pad_id,
+            device,
+            autocast,
+            flat,
+            transform,
+            window,
+            head_dtype,
+            bar="held-out loss" if progress_shown else None,
+        )
+
     progress = progress_cls(
         total_steps,
         pos.step,
@@ -992,21 +1010,7 @@ def _train(
             after_step_hooks(adapted, optimizer, pos.step)
             record = {"epoch": pos.epoch}
             if cfg.eval_every and pos.step % cfg.eval_every == 0:
-                eval_loss = evaluate_loss(
-                    runner,
-                    head,
-                    eval_examples,
-                    eval_policy,
-                    cfg,
-                    pad_id,
-                    device,
-                    autocast,
-                    flat,
-                    transform,
-                    window,
-                    head_dtype,
-                    bar="held-out loss" if progress_shown else None,
-                )
+                eval_loss = held_out_loss()
                 if eval_loss is not None:
                     record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
                     if pos.best_eval is None or eval_loss < pos.best_eval:
@@ -1038,21 +1042,7 @@ def _train(
     if eval_examples:  # after "eta 0s", minutes of silence looked like a hang
         say(f"final evaluation: held-out loss on {len(eval_examples)} examples")
     try:
-        eval_loss = evaluate_loss(
-            runner,
-            head,
-            eval_examples,
-            eval_policy,
-            cfg,
-            pad_id,
-            device,
-            autocast,
-            flat,
-            transform,
-            window,
-            head_dtype,
-            bar="held-out loss" if progress_shown else None,
-        )
+        eval_loss = held_out_loss()
     except KeyboardInterrupt:
         interrupted["flag"] = True
     interrupted["raise"] = False

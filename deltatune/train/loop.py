@@ -573,6 +573,7 @@ def _train(
     )
     from deltatune.train.checkpoint import verify_checkpoint
     from deltatune.train.run_folder import (
+        SUMMARY_FILE,
         best_eval_after,
         check_output_folder,
         compare_for_resume,
@@ -583,6 +584,7 @@ def _train(
         save_run_config,
         start_output,
         truncate_metrics,
+        write_summary,
     )
 
     # --- everything a user can get wrong is checked before weights load and before anything is written
@@ -843,6 +845,7 @@ def _train(
         start_output(cfg)
         save_run_config(cfg, out, config_history)
         truncate_metrics(out / "metrics.jsonl", pos.step)
+        (out / SUMMARY_FILE).unlink(missing_ok=True)  # an earlier finish's summary describes other weights
         if resume_from is not None:
             drop_snapshots_after(out, pos.step)
     dist.barrier()
@@ -1056,7 +1059,7 @@ def _train(
     if eval_loss is not None:
         say(f"final eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50)):.2f})")
     say(f"saved {out / 'final'}")
-    return TrainResult(
+    result = TrainResult(
         output=out,
         steps=pos.step,
         final_loss=pos.loss if pos.loss is not None else loss_value,
@@ -1066,3 +1069,6 @@ def _train(
         seconds=seconds,
         history=history,
     )
+    if dist.is_main:  # the final evaluation was only printed: a script reading the run found no record of it
+        write_summary(out, result, len(eval_examples), pos.best_eval if (out / "best").is_dir() else None)
+    return result

@@ -36,8 +36,10 @@ RUN_ENTRIES = (
     "snapshots",  # snapshot_every: an old run's later snapshots must not be read as this run's
     "metrics.jsonl",
     "parameters.json",
+    "summary.json",
     "tensorboard",
 )
+SUMMARY_FILE = "summary.json"  # written when a run finishes: its final losses, for scripts (no log parsing)
 # keys a resumed run may change: they decide how long and how visibly it runs, not what it learns
 MAY_CHANGE = frozenset(
     {
@@ -316,3 +318,24 @@ def truncate_metrics(path: Path, step: int) -> None:
         return
     kept = [line for line, record in _metric_lines(path) if record["step"] <= step]
     write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
+def write_summary(out: Path, result: Any, eval_examples: int, best_eval: float | None) -> None:
+    """summary.json: how the finished run ended (final train and held-out loss, throughput), written last, so
+    a folder holding one holds the final/ it describes."""
+    record = {
+        "steps": result.steps,
+        "train_loss": _finite_or_none(result.final_loss),
+        "eval_loss": _finite_or_none(result.eval_loss),
+        "eval_examples": eval_examples,
+        "best_eval_loss": _finite_or_none(best_eval),
+        "real_tokens": result.real_tokens,
+        "seconds": round(result.seconds, 3),
+        "tokens_per_s": round(result.tokens_per_s, 2),
+    }
+    write_text_atomic(out / SUMMARY_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN (json.dumps writes a token other readers refuse): a loss never computed is null."""
+    return float(value) if value is not None and value == value and abs(value) != float("inf") else None

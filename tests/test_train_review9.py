@@ -1,0 +1,44 @@
+"""Review 9 of training runs. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from reliability_helpers import cli, train_args
+
+
+def test_a_finished_run_records_its_final_losses_in_summary_json(capsys, tiny_dir, data_file, tmp_path):
+    # the final held-out loss was only printed: a script reading the run folder found it nowhere
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, *train_args(tiny_dir, data_file, run, "--eval-every", "1", steps=2))
+    assert rc == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in steps if "eval_loss" in r]
+    assert [r["step"] for r in steps if "eval_loss" in r] == [1, 2]
+    # the final evaluation sees the weights of step 2, evaluated there already: the same loss
+    assert summary["eval_loss"] == evals[-1]
+    assert summary["best_eval_loss"] == min(evals)
+    assert summary["steps"] == 2 and summary["eval_examples"] == 3
+    assert summary["train_loss"] == pytest.approx(steps[-1]["loss"], abs=1e-6)  # the log keeps 6 decimals
+    assert summary["real_tokens"] > 0 and summary["tokens_per_s"] > 0
+
+
+def test_a_resumed_run_drops_the_summary_of_its_earlier_finish(capsys, tiny_dir, data_file, tmp_path, monkeypatch):
+    # a resumed run stopped before its end must not leave a summary.json describing the weights of the earlier end
+    from deltatune.train import run_folder
+
+    run = tmp_path / "run"
+    assert cli(capsys, *train_args(tiny_dir, data_file, run, "--save-every", "1", steps=2))[0] == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+    seen = []
+    real = run_folder.write_summary
+    monkeypatch.setattr(
+        run_folder, "write_summary", lambda out, *a: seen.append((out / "summary.json").exists()) or real(out, *a)
+    )
+    rc, _, err = cli(capsys, *train_args(tiny_dir, data_file, run, "--save-every", "1", "--resume", steps=3))
+    assert rc == 0, err
+    assert seen == [False]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["eval_loss"] is not None and summary["best_eval_loss"] is None

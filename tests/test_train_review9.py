@@ -42,3 +42,23 @@ def test_a_resumed_run_drops_the_summary_of_its_earlier_finish(capsys, tiny_dir,
     assert seen == [False]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["eval_loss"] is not None and summary["best_eval_loss"] is None
+
+
+def test_resume_refuses_other_weights_at_the_model_path(capsys, tiny_dir, data_file, tmp_path):
+    # resume compared the model's path only: a folder re-exported with other weights trained on silently
+    import shutil
+
+    from deltatune.testing import tiny_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    run = tmp_path / "run"
+    assert cli(capsys, *train_args(model, data_file, run, "--save-every", "1", steps=2))[0] == 0
+    tiny_model(seed=123).save_pretrained(model)  # the same architecture, other weights
+    rc, _, err = cli(capsys, *train_args(model, data_file, run, "--save-every", "1", "--resume", steps=3))
+    assert rc == 2 and "Traceback" not in err
+    assert "model content: model.safetensors changed" in err and len(err.strip().splitlines()) == 1
+    shutil.rmtree(model)
+    shutil.copytree(tiny_dir, model)  # the weights it trained on: resumes
+    rc, _, err = cli(capsys, *train_args(model, data_file, run, "--save-every", "1", "--resume", steps=3))
+    assert rc == 0, err

@@ -579,6 +579,7 @@ def _train(
         compare_for_resume,
         compiled_layers_at,
         data_fingerprint,
+        model_fingerprint,
         pick_checkpoint,
         record_config,
         save_run_config,
@@ -602,6 +603,7 @@ def _train(
         reads={"model": str(local_model_path(cfg.model) or "") or None, "data": cfg.data, "eval data": cfg.eval_data},
     )
     fingerprint = data_fingerprint(cfg, records, eval_records)
+    fingerprint["model"] = model_fingerprint(local_model_path(cfg.model))
     resume_from, resume_changes, config_history = None, {}, []
     if cfg.resume:
         resume_from, meta = pick_checkpoint(cfg, warn)
@@ -722,6 +724,8 @@ def _train(
     # adapter methods keep frozen weights in bf16 (loaded so: no transient fp32 copy); trainable ones in fp32 below
     frozen_dtype = torch.bfloat16 if precision == "bf16" and not full else torch.float32
     model, tokenizer = load_model(cfg.model, dtype=frozen_dtype, trust_remote_code=cfg.trust_remote_code)
+    if fingerprint["model"] is None:  # the default model is converted at its first load
+        fingerprint["model"] = model_fingerprint(local_model_path(cfg.model))
     if prepared.data_format != "text":  # plain documents use no template: the tokenizer stays as it came
         carry_training_template(tokenizer, prepared.template, warn if dist.is_main else lambda line: None)
     adapted = apply_methods(model, with_tokenizer(method_specs(cfg), tokenizer))  # text inits need it

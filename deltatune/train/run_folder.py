@@ -79,6 +79,54 @@ def data_fingerprint(cfg: TrainConfig, records: list[dict] | None, eval_records:
     return {"data": of(cfg.data, records), "eval_data": of(cfg.eval_data, eval_records)}
 
 
+# what decides the model a run trains: its weights (sampled: a re-export of other weights differs in every
+# tensor), its configuration and its tokenizer (another tokenizer trains on other tokens)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_MODEL_FILES = (
+    "config.json",
+    "upcycle.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+_SAMPLE = 1 << 20
+
+
+def _sampled_sha256(path: Path) -> str:
+    """SHA-256 of a weights file's size, first and last MiB: its header and two tensors' bytes, read in
+    milliseconds where hashing a 70B model's files took minutes at every resume."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    digest.update(str(size).encode())
+    with open(path, "rb") as fh:
+        digest.update(fh.read(_SAMPLE))
+        if size > 2 * _SAMPLE:
+            fh.seek(size - _SAMPLE)
+            digest.update(fh.read(_SAMPLE))
+        elif size > _SAMPLE:
+            digest.update(fh.read())
+    return digest.hexdigest()
+
+
+def model_fingerprint(path: Path | None) -> dict[str, str] | None:
+    """{file: sha256} of what a local model (folder or file) holds, for resume to refuse other weights at the
+    same path (a folder re-exported from a later run). None for a hub id or a model not on disk yet."""
+    if path is None or not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    prints = {}
+    for file in files:
+        if file.suffix in _WEIGHT_SUFFIXES:
+            prints[file.name] = _sampled_sha256(file)
+        elif file.name in _MODEL_FILES:
+            prints[file.name] = sha256_file(file)
+    return prints or None
+
+
 def holds_run(out: Path) -> list[str]:
     """The run entries that exist in `out`."""
     return [name for name in RUN_ENTRIES if (out / name).exists()] if out.is_dir() else []
@@ -259,6 +307,10 @@ def compare_for_resume(cfg: TrainConfig, meta: dict, fingerprint: dict) -> dict[
                 refused.append(f"{key} {_short(saved.get(key))} -> {_short(new[key])}")
         elif old_hash != new_hash:
             refused.append(f"{key} content (sha256 {str(old_hash)[:12]}) -> (sha256 {str(new_hash)[:12]})")
+    old_model, new_model = old_prints.get("model"), fingerprint.get("model")
+    if old_model and new_model and old_model != new_model:  # unknown on either side (older checkpoints): not compared
+        files = sorted(f for f in old_model.keys() | new_model.keys() if old_model.get(f) != new_model.get(f))
+        refused.append(f"model content: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''} changed")
     if refused:
         raise ConfigError(
             f"{cfg.output} was trained with other settings; put them back or start a new --output: "

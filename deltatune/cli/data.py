@@ -144,13 +144,14 @@ def run_self_instruct(args: argparse.Namespace) -> int:
     )
     from deltatune.data.instructions.self_instruct_text import read_seed_tasks
     from deltatune.errors import ConfigError, UserError
-    from deltatune.fileio import check_writable
+    from deltatune.fileio import check_writable, overlaps
     from deltatune.models import load_model
 
     out = check_output(args.out, [args.seeds], args.overwrite)
     work = Path(args.work) if args.work else out.with_name(out.name + ".work")
-    if out.resolve().parent == work.resolve() and out.name in WORK_FILES:  # written at the end, over the run's own
-        raise UserError(f"is the run's own {out.name} in --work; choose another --out", file=str(out))
+    if overlaps(out, work):  # written at the end: over the run's own files, or onto the folder (after every round)
+        what = f"the run's own {out.name} in --work" if out.name in WORK_FILES else "--work or inside it"
+        raise UserError(f"is {what}; choose another --out", file=str(out))
     check_writable(work, field="--work")  # before the model loads, not when the first round is recorded
     config = SelfInstructConfig(
         n=args.n,

@@ -515,3 +515,23 @@ def lone_surrogate(text: str) -> str | None:
             "(half of an escaped UTF-16 pair)"
         )
     return None
+
+
+def invalid_unicode_field(value: Any, where: str = "") -> str | None:
+    """The dotted path of the first string in a JSON value (keys included) that is no valid Unicode, "" for the
+    value itself, or None. Fields nothing validates (a record's `meta`, `id`) were copied through and failed
+    when written, a UnicodeEncodeError traceback after all the work."""
+    if isinstance(value, str):
+        return where if lone_surrogate(value) is not None else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{where}.{key}" if where else str(key)
+            found = invalid_unicode_field(key, inner) or invalid_unicode_field(item, inner)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = invalid_unicode_field(item, f"{where}.{i}" if where else str(i))
+            if found is not None:
+                return found
+    return None

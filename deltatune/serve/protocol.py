@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from deltatune.data.formats import invalid_unicode_field
+
 
 class APIError(Exception):
     """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
@@ -157,34 +159,14 @@ _UNSUPPORTED_VALUES = {  # fields accepted only at the value that changes nothin
 }
 
 
-def _lone_surrogate(value: Any, where: str = "") -> str | None:
-    """The field holding a string that is not valid Unicode (a lone surrogate, which JSON's \\ud800 allows), or
-    None: the tokenizer and the error answer itself cannot encode it."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return where or "body"
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            found = _lone_surrogate(key, where) or _lone_surrogate(item, f"{where}.{key}" if where else str(key))
-            if found:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = _lone_surrogate(item, f"{where}.{i}")
-            if found:
-                return found
-    return None
-
-
 def parse(model: type[BaseModel], data: Any) -> Any:
     """Validate a decoded JSON body; the first problem becomes a 400 naming the field. A field sent as null is
     left at its default, as OpenAI reads it (clients such as LiteLLM send explicit nulls)."""
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
-    bad = _lone_surrogate(data)
-    if bad:
+    bad = invalid_unicode_field(data)  # the tokenizer and the error answer itself cannot encode it
+    if bad is not None:
+        bad = bad or "body"
         raise APIError(400, f"{bad}: not valid Unicode (a lone surrogate)", param=bad)
     required = {name for name, f in model.model_fields.items() if f.is_required()}
     data = {k: v for k, v in data.items() if v is not None or k in required}

@@ -13,11 +13,10 @@ from typing import Any
 
 from deltatune.data.instructions.rows import prompt_text, read_instruction_records, response_text
 from deltatune.data.instructions.similarity import NearDuplicateIndex, normalise, rouge_l, rouge_tokens
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, DataError
 
 NEAR = ("minhash", "rouge", "none")
 DEFAULT_THRESHOLD = {"minhash": 0.8, "rouge": 0.7}
-_KEEP_EXAMPLES = 20
 
 
 @dataclass
@@ -59,7 +58,7 @@ class FilterReport:
     read: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)  # reason -> count
-    examples: list[dict] = field(default_factory=list)  # the first few drops: source, reason, duplicate_of, ...
+    examples: list[dict] = field(default_factory=list)  # every drop: source, reason, duplicate_of, similarity
 
     def format(self) -> str:
         lines = [f"read {self.read}, kept {self.kept}, dropped {self.read - self.kept}"]
@@ -91,9 +90,8 @@ def filter_records(
     kept: list[dict] = []
 
     def drop(source: str, reason: str, **extra) -> None:
-        report.dropped[reason] += 1
-        if len(report.examples) < _KEEP_EXAMPLES:
-            report.examples.append({"source": source, "reason": reason, **extra})
+        report.dropped[reason] += 1  # each named (the report kept 20; the docs promise every one)
+        report.examples.append({"source": source, "reason": reason, **extra})
 
     for rec, conv in rows:
         prompt, response = prompt_text(conv), response_text(conv)
@@ -128,6 +126,9 @@ def filter_records(
         exact[key] = rec.source
         kept.append({**rec.data, "__source": rec.source})
     report.kept = len(kept)
+    if not kept:  # an empty --out that train then refuses ("no records"): say it here, writing nothing
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
+        raise DataError(f"every record was dropped ({reasons}); nothing written", file=str(path))
     return [{k: v for k, v in r.items() if k != "__source"} for r in kept], report
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from deltatune.data.formats import RawRecord, lone_surrogate
+from deltatune.data.formats import RawRecord, invalid_unicode_field, lone_surrogate
 from deltatune.data.instructions.rows import read_rows, record_error
 from deltatune.errors import ConfigError, DataError
 
@@ -119,6 +119,9 @@ def load_task(path: str | Path) -> LabelTask:
         ) from None
     if not isinstance(raw, dict):
         raise ConfigError("expected a mapping with templates and labels", file=name)
+    bad = invalid_unicode_field(raw)  # YAML's "\ud800" escape: every output record failed when written
+    if bad is not None:
+        raise ConfigError("not valid Unicode: a lone surrogate (half of an escaped UTF-16 pair)", file=name, field=bad)
     unknown = sorted(set(raw) - {"name", "templates", "labels"})
     if unknown:
         raise ConfigError("unknown key (expected name, templates, labels)", file=name, field=unknown[0])

@@ -10,6 +10,7 @@ from deltatune.data.formats import (
     Message,
     RawRecord,
     detect_format,
+    invalid_unicode_field,
     mixed_format_error,
     parse_column_map,
     read_records,
@@ -35,6 +36,9 @@ def read_rows(path: str | Path, column_map: dict[str, str] | str | None = None) 
             raise rec
         if not isinstance(rec.data, dict):
             raise record_error(rec, f"expected an object with named fields, got {type(rec.data).__name__}")
+        bad = invalid_unicode_field(rec.data)  # every field: those copied through unread failed when written
+        if bad is not None:
+            raise record_error(rec, "not valid Unicode: a lone surrogate (half of an escaped UTF-16 pair)", bad)
         if cmap:
             rec = RawRecord(rename_columns(rec.data, cmap), rec.file, rec.line, rec.index)
         yield rec

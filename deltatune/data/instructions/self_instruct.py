@@ -173,10 +173,30 @@ class _Progress:
                 )
             done = json.loads(self.checkpoint.read_text(encoding="utf-8")) if self.checkpoint.exists() else None
             size = done["bytes"] if done else 0
+            if not self.log.exists() or self.log.stat().st_size < size:  # truncate() would pad it with NUL bytes
+                raise UserError(
+                    f"{PROGRESS} is shorter than {CHECKPOINT} records ({size} bytes): the folder was changed, "
+                    "start a new --work",
+                    file=str(self.work),
+                )
             with self.log.open("ab") as fh:  # discard anything after the last checkpoint (a torn line)
                 fh.truncate(size)
-            lines = self.log.read_bytes().decode("utf-8").splitlines()
-            return [json.loads(line) for line in lines]
+            # split on newlines only: splitlines() also cut a line at U+2028, U+2029 and NEL, which json.dumps
+            # leaves unescaped under ensure_ascii=False (a generated output holding one made the run unresumable)
+            lines = self.log.read_bytes().decode("utf-8", errors="replace").split("\n")
+            rounds = []
+            for number, line in enumerate(lines[:-1], 1):
+                try:
+                    rounds.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"a damaged round ({exc.msg}); start a new --work", file=str(self.log), line=number)
+            if lines[-1] or len(rounds) != (done["rounds"] if done else 0):  # the checkpoint names whole lines
+                raise UserError(
+                    f"holds {len(rounds)} whole rounds where {CHECKPOINT} records {done['rounds'] if done else 0}; "
+                    "start a new --work",
+                    file=str(self.log),
+                )
+            return rounds
         self.work.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.work / SETTINGS, settings)
         self.log.touch()

@@ -96,6 +96,21 @@ CASES = [
         ["experiment", "masking", "--quick", "--out", "{root}/e", "--sizes", "50,x"],
         "--sizes",
     ),
+    (  # the two-phase arm switched at step 0: refused when that run started, after 8 runs had trained
+        "experiment-masking-one-step",
+        ["experiment", "masking", "--quick", "--out", "{root}/e", "--steps", "1"],
+        "--steps must be at least 2",
+    ),
+    (  # cut down to the pool silently and reported under the size asked for
+        "experiment-masking-size-above-the-data",
+        ["experiment", "masking", "--quick", "--out", "{root}/e", "--sizes", "4,100000"],
+        "training records",
+    ),
+    (
+        "experiment-masking-heldout-above-the-data",
+        ["experiment", "masking", "--quick", "--out", "{root}/e", "--heldout", "100000"],
+        "held-out records",
+    ),
     (  # refused inside the experiment, once its folder was claimed: the new folder goes again
         "experiment-data-root-missing",
         ["experiment", "masking", "--quick", "--out", "{root}/e", "--data-root", "{root}/no-data"],

@@ -16,7 +16,7 @@ Runs (LoRA on all linear layers, chatml template unless said):
   paper's method section: all template text masked);
 - `loss_reduction: example` for the headline policies at the smallest size, first seed.
 Measured on held-out examples at the end of each run: the loss on response tokens only (the same
-measure for every policy), greedy exact match, and the train-minus-held-out response-loss gap.
+measure for every policy), greedy exact match, and the held-out-minus-train response-loss gap.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ QUICK = {
 def add_arguments(p: argparse._ArgumentGroup) -> None:
     p.add_argument("--sizes", default=None, help="training-set sizes, comma-separated (full 50,200,800)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of every run (full: gsm8k 24, mmlu 32)")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per optimizer step (full 8)")
+    p.add_argument("--batch-size", type=int, default=None, help="packed 512-token rows per optimizer step (full 8)")
     p.add_argument(
         "--heldout", type=int, default=None, help="examples for the held-out and the training response loss (full 48)"
     )
@@ -187,7 +187,22 @@ def parse_sizes(text: str | None) -> list[int]:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    parse_sizes(args.sizes)
+    """Options no run of the plan could honour, refused before the folder is claimed (they stopped the
+    experiment at the first run that met them, or were cut down silently and reported under the size asked)."""
+    from deltatune.errors import UserError
+    from deltatune.evaluate.tasks import data_root
+
+    plan = resolved_plan(args.quick, args)
+    if min(plan["steps"].values()) < 2:  # the two-phase arm switches at steps // 2: at 0 its first phase never trains
+        raise UserError(f"--steps must be at least 2 (the two-phase policy switches half-way), got {args.steps}")
+    root = data_root(args.data_root)
+    for ds, (pool, heldout_pool) in {"gsm8k": gsm8k_records(root), "mmlu": mmlu_records(root)}.items():
+        if max(plan["sizes"]) > len(pool):
+            raise UserError(f"--sizes {max(plan['sizes'])} is more than the {len(pool)} {ds} training records")
+        wanted = max(plan["heldout"], plan["generate"][ds])
+        if wanted > len(heldout_pool):
+            option = "--heldout" if plan["heldout"] >= plan["generate"][ds] else "--generate"
+            raise UserError(f"{option} {wanted} is more than the {len(heldout_pool)} {ds} held-out records")
 
 
 def defining_settings(args: argparse.Namespace) -> dict:

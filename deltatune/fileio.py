@@ -11,6 +11,7 @@ refused even then.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 from deltatune.errors import UserError
 
@@ -242,6 +243,12 @@ def _disk_error(exc: BaseException, tmp: Path, out_dir: Path) -> OSError | None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write via a temporary file in the same folder and os.replace: no half-written file, ever."""
+    return write_file_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def write_file_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """`write(binary file)` into a temporary file beside `path`, fsynced, then renamed over it; the file gets the
+    mode the umask gives (mkstemp's 0600 left plots unreadable beside their readable tables)."""
     path = Path(path)
     created = _make_dir(path.parent)
     try:
@@ -251,8 +258,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         raise
     try:
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -261,6 +268,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         _remove_empty(created)
         raise
     return path
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every NaN or infinite float made None: json.dumps writes them as NaN/Infinity, which jq,
+    JavaScript and other strict readers refuse (a measure never computed, a fit of fewer than two points)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def _real(path: str | os.PathLike) -> Path:

@@ -101,7 +101,15 @@ def matrix_pairs(model: nn.Module, base_model: nn.Module | None = None) -> list[
         # (GPT-2's Conv1D stores its weight transposed)
         w0 = _out_in(base_modules[name]).detach().float().cpu()
         w = _out_in(mod).detach().float().cpu()
-        if w.shape == w0.shape and not torch.equal(w, w0):
+        if w.shape != w0.shape:  # another model: its other layers were dropped silently, or all ("no change")
+            from deltatune.errors import UserError
+
+            raise UserError(
+                f"'{name}' has shape {tuple(w.shape)} in the run and {tuple(w0.shape)} in the base: it was not "
+                "trained from this base (name the one it was with --base)",
+                field="base",
+            )
+        if not torch.equal(w, w0):
             pairs.append(MatrixPair(name, w0.clone(), w.clone()))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return _finite(sorted(pairs, key=lambda p: order[p.name]))

@@ -81,8 +81,13 @@ def warn_if_stored_in_16_bits(snap) -> None:
     if snap.kind != "model":
         return
     for path in sorted(snap.path.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as fh:
-            coarse = sorted({fh.get_slice(k).get_dtype() for k in fh.keys()} & {"BF16", "F16"})
+        try:
+            with safe_open(str(path), "pt") as fh:
+                coarse = sorted({fh.get_slice(k).get_dtype() for k in fh.keys()} & {"BF16", "F16"})
+        except Exception as exc:  # safetensors' own error type (a truncated file): a traceback before
+            raise UserError(
+                f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:80]})", field="run"
+            ) from None
         if coarse:
             print(
                 f"warning: {path} stores weights in {coarse[0].lower()}: the rounding to it is part of the dW "
@@ -230,8 +235,9 @@ def spectrum_markdown(result: dict) -> str:
 def run(args) -> int:
     from deltatune.analysis.plots import _percent, dd_dm_plot, spectrum_plot, spectrum_time_plot
     from deltatune.cli.eval import write_atomic
-    from deltatune.cli.forgetting import check_out_folder
+    from deltatune.cli.forgetting import base_of_runs, check_out_folder
     from deltatune.evaluate.runs import read_run
+    from deltatune.fileio import strict_json
     from deltatune.models import load_model
 
     if not 0 < args.energy <= 1:
@@ -241,15 +247,18 @@ def run(args) -> int:
         raise UserError(f"{out} is a file, not a folder for the tables and plots", field="out")
     check_out_folder(args.out, args.overwrite, OUTPUTS)  # an earlier analysis is replaced only when asked
     info = read_run(args.run)
-    base, _ = load_model(args.base or info.base_model, dtype="fp32")
+    # --base against the run's own record warns, as forgetting does (two unrelated models measured as an update)
+    base, _ = load_model(base_of_runs([info], args.base), dtype="fp32")
     result = analyze_run(base, info, args.checkpoints, args.energy)
     d = result["decomposition"]
     write_atomic(
-        out / "decomposition.json", json.dumps({k: v for k, v in result.items() if k != "spectrum"}, indent=1) + "\n"
+        out / "decomposition.json",
+        json.dumps(strict_json({k: v for k, v in result.items() if k != "spectrum"}), indent=1) + "\n",
     )
     write_atomic(out / "decomposition.md", decomposition_markdown(result))
     write_atomic(
-        out / "spectrum.json", json.dumps({k: v for k, v in result.items() if k != "decomposition"}, indent=1) + "\n"
+        out / "spectrum.json",
+        json.dumps(strict_json({k: v for k, v in result.items() if k != "decomposition"}), indent=1) + "\n",
     )
     write_atomic(out / "spectrum.md", spectrum_markdown(result))
     dd_dm_plot(d["points"], d["fit_within_types"], out / "dd_dm.png", f"dD vs dM: {info.label}")

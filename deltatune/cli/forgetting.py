@@ -108,6 +108,30 @@ def check_adapters_fit(base_model, runs: list) -> None:
         if info.final.kind == "adapter":
             specs, state, peft_keys, source = read_adapter(info.final.path)
             check_adapter_tensors(base_model, specs, state, peft_keys=peft_keys is not None, source=source)
+        elif info.final.kind == "model":
+            check_model_folder_fits(base_model, info.final.path)
+
+
+def check_model_folder_fits(base_model, folder: Path) -> None:
+    """A model folder's weights files are readable and their tensors have the base's shapes (headers only, no
+    weights read): a damaged or other model was found after the base and every earlier run had been scored."""
+    from safetensors import safe_open
+
+    shapes = {name: tuple(t.shape) for name, t in base_model.state_dict().items()}
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as fh:
+                found = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
+        except Exception as exc:  # safetensors' own error type: a file cut short
+            raise UserError(
+                f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:80]})", field="run"
+            ) from None
+        for key, shape in shapes.items():  # in the model's order: the first layer that differs is named
+            if key in found and found[key] != shape:
+                raise UserError(
+                    f"{path}: tensor '{key}' has shape {found[key]}, the base {shape}: not trained from this base",
+                    field="run",
+                )
 
 
 def metric_names(results: dict[str, str], tasks: list[str], loss_tasks: set[str]) -> str:
@@ -165,6 +189,7 @@ def run(args) -> int:
     from deltatune.evaluate.runner import check_choice_fits, check_task_options, evaluate_task
     from deltatune.evaluate.runs import load_snapshot, read_run, snapshot_tokenizer, unique_labels
     from deltatune.evaluate.tasks import load_items
+    from deltatune.fileio import strict_json
     from deltatune.models import load_model, parse_dtype
 
     opts = options_from_args(args)
@@ -241,7 +266,7 @@ def run(args) -> int:
         "batch_size": args.batch_size,  # bf16 greedy texts change with it (docs/evaluation.md)
         "runs": details,
     }
-    write_atomic(out / "forgetting.json", json.dumps(payload, indent=2) + "\n")
+    write_atomic(out / "forgetting.json", json.dumps(strict_json(payload), indent=2) + "\n")  # NaN: null
     write_atomic(out / "forgetting.md", md)
     learn_forget_plot(
         rows,

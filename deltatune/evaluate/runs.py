@@ -85,12 +85,13 @@ def _step(path: Path) -> int | None:
 
 
 @contextmanager
-def _blamed_on_run() -> Iterator[None]:
-    """An adapter error names field 'adapter' (load_adapter's argument); here the user gave the folder as --run."""
+def _blamed_on_run(field: str = "adapter") -> Iterator[None]:
+    """An adapter error names field 'adapter' (load_adapter's argument), a model folder's 'model' (load_model's);
+    here the user gave the folder as --run."""
     try:
         yield
     except UserError as exc:
-        if exc.field != "adapter":
+        if exc.field != field:
             raise
         raise exc.blamed_on("run") from None
 
@@ -179,9 +180,27 @@ def last_trained_step(root: Path) -> int | None:
 
 
 def unique_labels(runs: list[RunInfo]) -> list[str]:
-    """Method-and-rank labels, with the folder name added where two runs would share one."""
+    """Method-and-rank labels, with as much of the path added as tells two runs apart where they would share one
+    (seed0/final and seed1/final both read "(final)", and the report kept one of them). The same run twice is
+    refused: its rows would be one run counted twice."""
+    seen: dict[Path, Path] = {}
+    for r in runs:
+        real = r.path.resolve()
+        if real in seen:
+            raise UserError(f"{r.path}: the same run as {seen[real]}, given twice", field="run")
+        seen[real] = r.path
     labels = [r.label for r in runs]
-    return [f"{lab} ({r.path.name})" if labels.count(lab) > 1 else lab for lab, r in zip(labels, runs)]
+    named = []
+    for lab, r in zip(labels, runs):
+        twins = [t for t, other in zip(labels, runs) if other is not r and t == lab]
+        if not twins:
+            named.append(lab)
+            continue
+        parts = r.path.resolve().parts
+        others = [o.path.resolve().parts for t, o in zip(labels, runs) if o is not r and t == lab]
+        depth = next(d for d in range(1, len(parts) + 1) if all(o[-d:] != parts[-d:] for o in others))
+        named.append(f"{lab} ({'/'.join(parts[-depth:])})")
+    return named
 
 
 def specs_from_config(config: dict[str, Any]) -> list:
@@ -221,7 +240,8 @@ def load_snapshot(
     if snap.kind == "model":
         from deltatune.models import load_model
 
-        return load_model(str(snap.path), dtype=dtype)[0]
+        with _blamed_on_run("model"):
+            return load_model(str(snap.path), dtype=dtype)[0]
     model = copy.deepcopy(base)
     if snap.kind == "adapter":
         from deltatune.methods.apply import load_adapter

@@ -22,7 +22,7 @@ import yaml
 
 from deltatune.config import TrainConfig, load_yaml
 from deltatune.errors import ConfigError
-from deltatune.fileio import check_writable, overlaps, remove_interrupted_writes, write_text_atomic
+from deltatune.fileio import check_writable, overlaps, remove_interrupted_writes, strict_json, write_text_atomic
 from deltatune.train.checkpoint import list_checkpoints, read_meta, verify_checkpoint
 from deltatune.train.snapshot import SNAPSHOT_DIR
 
@@ -377,17 +377,12 @@ def write_summary(out: Path, result: Any, eval_examples: int, best_eval: float |
     a folder holding one holds the final/ it describes."""
     record = {
         "steps": result.steps,
-        "train_loss": _finite_or_none(result.final_loss),
-        "eval_loss": _finite_or_none(result.eval_loss),
+        "train_loss": result.final_loss,
+        "eval_loss": result.eval_loss,
         "eval_examples": eval_examples,
-        "best_eval_loss": _finite_or_none(best_eval),
+        "best_eval_loss": best_eval,
         "real_tokens": result.real_tokens,
         "seconds": round(result.seconds, 3),
         "tokens_per_s": round(result.tokens_per_s, 2),
     }
-    write_text_atomic(out / SUMMARY_FILE, json.dumps(record, indent=2) + "\n")
-
-
-def _finite_or_none(value: float | None) -> float | None:
-    """JSON has no NaN (json.dumps writes a token other readers refuse): a loss never computed is null."""
-    return float(value) if value is not None and value == value and abs(value) != float("inf") else None
+    write_text_atomic(out / SUMMARY_FILE, json.dumps(strict_json(record), indent=2) + "\n")  # a NaN loss: null

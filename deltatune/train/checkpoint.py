@@ -58,9 +58,18 @@ def _set_rng_state(state: dict) -> None:
 
 def restore_rng(state: dict, rank: int = 0, world: int = 1) -> None:
     """This process's random streams from a checkpoint's state: its own where the checkpoint kept every process's
-    (`rng_ranks`, written by the same number of processes), else the first process's."""
+    (`rng_ranks`, written by the same number of processes), else ones derived from the first process's and this
+    rank (as `seed_own_streams` does for a fresh run)."""
     per_rank = state.get("rng_ranks")
-    _set_rng_state(per_rank[rank] if per_rank and len(per_rank) == world else state["rng"])
+    if per_rank and len(per_rank) == world:
+        _set_rng_state(per_rank[rank])
+        return
+    _set_rng_state(state["rng"])
+    if world > 1:  # another process count: every rank would draw the first one's dropout masks for its own rows
+        drawn = int(torch.randint(2**62, (1,)).item())  # from the restored stream: the same resume, the same seeds
+        mixed = (drawn * 1_000_003 + rank) % 2**63
+        torch.manual_seed(mixed)
+        random.seed(mixed)
 
 
 def save_checkpoint(

@@ -138,6 +138,8 @@ class Distributed:
 
             batch = {k: first_row(v) for k, v in batch.items()}
             batch["loss_weights"] = torch.zeros_like(batch["loss_weights"])
+            # nor routed: an upcycled model's blocks counted the stand-in in the expert load and router losses
+            batch["token_mask"] = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
         batch["n_real_tokens"] = sum(_n_tokens(r) for r in rows)
         return batch
 

@@ -230,6 +230,12 @@ def use_compiled_layers(
     if cfg.compile_layers != "auto":
         return bool(cfg.compile_layers)
     if resumed is not None:
+        if resumed and distributed:  # torchrun never compiles them (compiled_layers.check); auto must not either
+            say(
+                "compiled decoder layers: off under torchrun (the checkpoint ran them compiled; eager computes the "
+                "same step within rounding)"
+            )
+            return False
         if resumed:
             say("compiled decoder layers: on, as in the checkpoint (compile_layers: auto)")
         return resumed

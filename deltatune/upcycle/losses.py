@@ -61,11 +61,12 @@ class RouterLosses:
         self.dropped, self.routed = 0, 0
 
     def collect(self) -> torch.Tensor:
-        aux, z = [], []
+        aux, z, logits_seen = [], [], []
         for i, b in enumerate(self.blocks):
             r = b.last_routing
             if r is None:
                 continue
+            logits_seen.append(r["logits"])
             aux.append(balance_loss(r["logits"], r["assigned"]))
             z.append(z_loss(r["logits"]))
             with torch.no_grad():
@@ -76,7 +77,7 @@ class RouterLosses:
                 self.dropped += int(r["dropped"])
                 self.routed += int(r["assigned"].sum()) if b.router_type == "topk" else r["logits"].shape[0]
             b.last_routing = None
-        if not aux:
+        if not aux or not any(r.shape[0] for r in logits_seen):  # a stand-in batch with no token (torchrun)
             return torch.zeros(())
         aux_t, z_t = torch.stack(aux).mean(), torch.stack(z).mean()
         self.aux_sum += float(aux_t.detach())

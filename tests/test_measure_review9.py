@@ -157,3 +157,30 @@ def test_runs_whose_labels_collide_keep_each_their_own_row(tiny_dir, tmp_path):
     with pytest.raises(UserError, match="the same run as .*given twice"):
         unique_labels([read_run(a), read_run(tmp_path / "seed1" / ".." / "seed0" / "final")])
     shutil.rmtree(tmp_path / "x")
+
+
+def test_plan_counts_the_loss_head_as_train_runs_it_one_chunk_of_logits():
+    # plan added the full logits (b*s*V in bf16 and fp32: 11.7 GiB of a 34 GiB Llama-3-8B plan at 8 x 2048) that
+    # train's chunked head never holds; its buffers are one chunk's
+    from deltatune.analysis.memory import activation_bytes
+    from deltatune.testing import tiny_llama_config
+    from deltatune.train import loss as loss_module
+
+    config = tiny_llama_config()
+    b, s, chunk, h, v = 4, 64, 32, config.hidden_size, config.vocab_size
+    kw = dict(batch_size=b, seq_len=s, dtype=torch.bfloat16, gradient_checkpointing=False, loss_chunk=chunk)
+    # only the logits grow with the vocabulary: one chunk of them, in bf16 and in fp32
+    assert activation_bytes(tiny_llama_config(vocab_size=2 * v), **kw) - activation_bytes(config, **kw) == (
+        chunk * v * (2 + 4)
+    )
+    # a chunk as large as the batch: every position's logits at once, as before
+    whole = activation_bytes(config, **{**kw, "loss_chunk": b * s}) - activation_bytes(config, **kw)
+    assert whole == (b * s - chunk) * v * (2 + 4)
+    loss_module._workspace.release()
+    hidden = torch.randn(b, s, h, dtype=torch.bfloat16, requires_grad=True)
+    head = torch.nn.Linear(h, v, bias=False).to(torch.bfloat16)
+    ids = torch.randint(0, v, (b, s))
+    total, _ = loss_module.weighted_lm_loss_sum(hidden, head, ids, torch.ones(b, s), chunk=chunk)
+    total.backward()
+    held = sum(t.numel() * t.element_size() for t in loss_module._workspace.buffers.values())
+    assert held == chunk * v * (2 + 4)  # what the plan counts for the logits, not b*s*v

@@ -156,7 +156,7 @@ def test_gradient_checkpointing_keeps_layer_inputs_only():
     full = activation_bytes(CFG, gradient_checkpointing=False, **kw)
     ckpt = activation_bytes(CFG, gradient_checkpointing=True, **kw)
     per_layer = 2 * 16 * (7 * H + 3 * KV + 4 * I) * 4
-    logits = 2 * 16 * V * (4 + 4)
+    logits = 2 * 16 * V * 4 + 2 * 2 * 16 * H * 4  # one fp32 chunk (all 32 positions) + hidden and its gradient
     assert full == L * per_layer + logits
     assert ckpt == L * 2 * 16 * H * 4 + per_layer + logits
 

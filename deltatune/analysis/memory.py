@@ -16,8 +16,10 @@ Memory model (bytes), stated so it can be checked:
   probabilities (eager/"math" attention; FlashAttention and memory-efficient SDPA don't), plus, per
   adapted linear, b*s*r for LoRA's intermediate and b*s*d_in when LoRA dropout > 0. With gradient
   checkpointing only each layer's input (b*s*h) is kept, plus one layer's activations during its
-  recomputation. Plus the logits at the loss: b*s*V in the compute dtype and again in fp32 (a loop
-  that chunks the LM head + cross-entropy needs less). Element size = the compute dtype's.
+  recomputation. Plus the loss head as `deltatune train` runs it (chunked, train/loss.py): min(b*s,
+  loss_chunk)*V logits in the compute dtype and a float32 copy (one buffer in fp32), and 2*b*s*h for the loss
+  positions' hidden states and their gradient (a loop that materialises all logits needs b*s*V twice).
+  Element size = the compute dtype's.
 - fits: total + 1 GiB for the CUDA context and workspace <= the GPU's memory.
 """
 
@@ -284,6 +286,7 @@ def activation_bytes(
     gradient_checkpointing: bool,
     adapter_numel_per_token: int = 0,
     materialised_attention: bool = False,
+    loss_chunk: int = 1024,
 ) -> int:
     """The rough formula in this module's docstring. `adapter_numel_per_token`: what the adapted layers keep
     for backward per token, summed over layers (`DeltaLinear.activation_numel_per_token`)."""
@@ -297,7 +300,11 @@ def activation_bytes(
     if materialised_attention:
         per_layer += b * heads * s * s * e
     adapters = b * s * adapter_numel_per_token * e
-    logits = b * s * config.vocab_size * (e + 4)
+    # deltatune's loss head (train/loss.py): one chunk of logits at a time, in the compute dtype and a float32 copy
+    # (one buffer when that is float32), and the loss positions' hidden states with their gradient, computed in
+    # the forward; at most every position carries loss. Full logits (b*s*V twice) were 11.7 GiB of a 34 GiB plan
+    # for Llama-3-8B at 8 x 2048 that train holds in 0.7 GiB.
+    logits = min(b * s, loss_chunk) * config.vocab_size * (e + (4 if e < 4 else 0)) + 2 * b * s * h * e
     if gradient_checkpointing:
         return L * b * s * h * e + per_layer + adapters // max(L, 1) + logits
     return L * per_layer + adapters + logits

@@ -133,3 +133,19 @@ def test_the_filter_report_names_every_dropped_record(tmp_path):
     assert len(records) == 1 and report.dropped["exact_duplicate"] == 29
     assert [e["source"] for e in report.examples] == [f"{data}:{i}" for i in range(2, 31)]  # only 20 were named
     assert {e["duplicate_of"] for e in report.examples} == {f"{data}:1"}
+
+
+def test_decimal_labels_agree_however_they_are_written():
+    # a CSV's "1.50" did not match the task file's 1.5: an "unknown label" error on every row
+    from deltatune.data.instructions.from_labels import _label_key
+
+    assert _label_key("1.50") == _label_key(1.5) == _label_key("1.5") == "1.5"
+    assert _label_key("2.0") == _label_key(2) == "2" and _label_key("007") == "007" and _label_key("1.2.3") == "1.2.3"
+
+
+def test_a_negative_self_instruct_temperature_is_refused_before_the_model_loads(tmp_path, capsys):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"instruction": "Name a colour", "instances": [{"input": "", "output": "red"}]}\n')
+    args = ["data", "self-instruct", "--model", str(tmp_path / "no-model"), "--seeds", str(seeds), "--n", "2"]
+    assert main([*args, "--out", str(tmp_path / "o.jsonl"), "--temperature", "-1"]) == 2
+    assert _one_line(capsys.readouterr().err).endswith("field '--temperature': must be 0 (greedy) or more, got -1.0")

@@ -163,6 +163,8 @@ def run_self_instruct(args: argparse.Namespace) -> int:
     config.check()
     if args.max_new_tokens < 1:  # before the model loads
         raise ConfigError(f"must be at least 1, got {args.max_new_tokens}", field="--max-new-tokens")
+    if not 0 <= args.temperature < float("inf"):  # a negative one decoded greedily, silently
+        raise ConfigError(f"must be 0 (greedy) or more, got {args.temperature}", field="--temperature")
     seeds = read_seed_tasks(args.seeds)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     generate = model_generator(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature)

@@ -173,11 +173,11 @@ def load_task(path: str | Path) -> LabelTask:
 
 
 def _label_key(value: object) -> str:
-    """Labels compare as text, so JSON 1, CSV "1", YAML 1 and a float column's 1.0 (or a CSV's "1.0") agree; True
-    stays 'True'."""
-    if isinstance(value, str) and "." in value:  # "1.0" as a float column writes it; "007" stays text
+    """Labels compare as text, so JSON 1, CSV "1", YAML 1 and a float column's 1.0 (or a CSV's "1.0") agree, as do
+    YAML 1.5 and a CSV's "1.50"; True stays 'True'."""
+    if isinstance(value, str) and "." in value:  # "1.0" as a float column writes it, "1.50" a CSV; "007" stays text
         digits = value.strip().lstrip("+-").replace(".", "", 1)
-        if digits.isdigit() and float(value).is_integer():
+        if digits.isdigit():
             value = float(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)

@@ -184,3 +184,20 @@ def test_plan_counts_the_loss_head_as_train_runs_it_one_chunk_of_logits():
     total.backward()
     held = sum(t.numel() * t.element_size() for t in loss_module._workspace.buffers.values())
     assert held == chunk * v * (2 + 4)  # what the plan counts for the logits, not b*s*v
+
+
+def test_the_final_step_is_known_without_metrics_jsonl_and_final_picks_the_newest_step(tmp_path):
+    # without metrics.jsonl a checkpoint at the final step was analysed twice (as itself and as final/); with no
+    # final/, --checkpoints final took a step-less checkpoint (sorted last) over the newest numbered one
+    from deltatune.cli.analyze import choose_snapshots
+    from deltatune.evaluate.runs import RunInfo, Snapshot, last_trained_step
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"steps": 8, "eval_loss": None}))
+    assert last_trained_step(run) == 8
+    steps = [Snapshot(run / f"s{i}", "checkpoint", i, f"step {i}") for i in (4, 8)]
+    info = RunInfo(run, {}, "lora", 2, "lora r=2", Snapshot(run / "final", "adapter", None, "final"), steps)
+    assert [s.label for s in choose_snapshots(info, "all")] == ["step 4", "final"]
+    info.final, info.checkpoints = None, [*steps, Snapshot(run / "odd", "checkpoint", None, "odd")]
+    assert [s.label for s in choose_snapshots(info, "final")] == ["step 8"]

@@ -55,7 +55,8 @@ def choose_snapshots(run_info, checkpoints: str = "protocol", intermediate: int 
 
     final = run_info.final
     if checkpoints == "final":
-        chosen = [final] if final is not None else run_info.checkpoints[-1:]
+        numbered = [c for c in run_info.checkpoints if c.step is not None]  # a step-less one sorts last
+        chosen = [final] if final is not None else (numbered or run_info.checkpoints)[-1:]
     else:
         inter = list(run_info.checkpoints)
         last = last_trained_step(run_info.path) if final is not None else None

@@ -164,7 +164,13 @@ def _one_per_step(snaps: list[Snapshot]) -> list[Snapshot]:
 
 
 def last_trained_step(root: Path) -> int | None:
-    """The highest step in the run's metrics.jsonl (the step final/ was saved at), if it has one."""
+    """The step final/ was saved at: summary.json's, else the highest in metrics.jsonl, if the run has either."""
+    try:
+        steps = json.loads((Path(root) / "summary.json").read_text(encoding="utf-8")).get("steps")
+        if isinstance(steps, int):
+            return steps
+    except (OSError, ValueError, AttributeError):
+        pass
     path = Path(root) / "metrics.jsonl"
     if not path.is_file():
         return None

@@ -610,7 +610,8 @@ class Context:
             n += 1
             folder = self.out / "reports" / f"{stamp}-{n}"
         folder.mkdir(parents=True)
-        for path in [self.out / "results.json", self.out / "results.md", *sorted(self.out.glob("*.png"))]:
+        report = [self.out / name for name in ("results.json", "results.md", "recorded.json")]  # recorded: masking's
+        for path in [*report, *sorted(self.out.glob("*.png"))]:
             if path.exists():
                 os.replace(path, folder / path.name)
         self.say(f"[{self.name}] the earlier report (other seeds or methods) is kept in {folder}")

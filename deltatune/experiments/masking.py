@@ -323,6 +323,10 @@ def run(ctx, args: argparse.Namespace) -> None:
         ("All runs (means over seeds)", runs_table(rows)),
     ]
     recorded = record_summary(gains, ratios, ctx.model or "SmolLM2-135M-Instruct")
+    if not ctx.worker:  # before results.json, which says the report is complete (a kill between left it stale)
+        from deltatune.experiments.common import write_atomic
+
+        write_atomic(ctx.out / "recorded.json", json.dumps(recorded, indent=2) + "\n")
     ctx.finish(
         {"sizes": sizes, "plan": plan, "ratios": ratios, "gains": gains, "recorded": recorded, "runs": results},
         tables,
@@ -333,9 +337,6 @@ def run(ctx, args: argparse.Namespace) -> None:
             "exact-match difference favour loss on instructions. ± is half the spread over seeds.",
         ],
     )
-    from deltatune.experiments.common import write_atomic
-
-    write_atomic(ctx.out / "recorded.json", json.dumps(recorded, indent=2) + "\n")
 
 
 def _mean(values: list[float]) -> float:

@@ -24,10 +24,12 @@ from deltatune.evaluate.tasks import Item, load_items, resolve_task
     [
         ("She makes 9 * 2 = $18 every day.\n#### 18", "18", "18"),
         ("#### 1,000", "1000", "1000"),
-        ("so the total is $1,234.00\n#### $1,234.00", None, "1234"),  # lm-eval's strict regex: no "$"
-        ("#### 18.0", "18", "18"),
+        ("so the total is $1,234.00\n#### $1,234.00", None, "1234.00"),  # lm-eval's strict regex: no "$"
+        ("#### 18.0", "18.0", "18.0"),  # lm-eval compares the text: not 18
         ("#### -3", "-3", "-3"),
-        ("#### 0.50", "0.5", "0.5"),
+        ("#### 0.50", "0.50", "0.50"),
+        ("#### 5\n\n...", "5", ".."),  # its flexible regex takes a run of dots as the last "number"
+        ("The answer is $390.00.", None, "390.00"),
         ("The answer is 42.", None, "42"),
         ("I think 3 apples, then 5 pears, so 8.", None, "8"),
         ("No number here", None, None),

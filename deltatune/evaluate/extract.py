@@ -1,11 +1,12 @@
 """Pull the final answer out of a generated text, per task, and normalise it for exact match.
 
-GSM8K: the strict form is the number after the first `#### ` (the data set's own answer format, lm-eval's
-strict regex `#### (-?[0-9.,]+)`); the flexible form is the last number in the whole text, `####` or not
-(lm-eval's flexible regex takes its last match too; a minus sign counts only right before the digits, so a
-bullet "- 72" is 72 and "50 - 5" ends in 5). BIG-Bench Hard: multiple-choice targets look like "(B)" and accept
-"(B)", "B", "B)" or "the answer is (B)"; other targets (True/False, Yes/No, valid/invalid, numbers, word lists)
-compare after case and punctuation normalisation.
+GSM8K follows lm-eval's gsm8k task exactly (lm_eval/tasks/gsm8k/gsm8k.yaml, 0.4.x): the strict form is the
+first match of `#### (-?[0-9.,]+)`, the flexible form the last match of `(-?[$0-9.,]{2,})|(-?[0-9]+)` anywhere
+in the text (a `####` earlier does not choose it; a run of punctuation such as "..." is a match, as there), and
+both sides of the comparison drop ",", "$", everything up to the last "#### " and one trailing "." and are
+lower-cased (its `regexes_to_ignore`, `ignore_case`). So "18.0" is not "18", as in lm-eval. BIG-Bench Hard:
+multiple-choice targets look like "(B)" and accept "(B)", "B", "B)" or "the answer is (B)"; other targets
+(True/False, Yes/No, valid/invalid, numbers, word lists) compare after case and punctuation normalisation.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from decimal import Decimal, InvalidOperation
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+")
 _STRICT = re.compile(r"#### (-?[0-9.,]+)")  # lm-eval's gsm8k strict-match regex, first match
+_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")  # its flexible-extract regex, last match
+# its exact_match `regexes_to_ignore`, applied in this order to prediction and reference alike
+_GSM8K_IGNORED = tuple(re.compile(p) for p in (",", r"\$", r"(?s).*#### ", r"\.$"))
 _ANSWER_IS = re.compile(r"answer is[:\s]*", re.IGNORECASE)
 _MC_TARGET = re.compile(r"^\(([A-Z])\)$")
 
@@ -36,21 +40,29 @@ def normalize_number(text: str | None) -> str | None:
 
 
 def extract_gsm8k(text: str, strict: bool = True) -> str | None:
-    """The normalised answer number: after the first '#### ' (strict), else the last number in the text (flexible,
-    as lm-eval's flexible-extract: a '####' earlier in the text does not choose it)."""
+    """The answer as lm-eval compares it: after the first '#### ' (strict), else the last match of the flexible
+    regex in the whole text; None where lm-eval's filter finds nothing (its "[invalid]", never equal)."""
     if strict:
         m = _STRICT.search(text)
-        return normalize_number(m.group(1)) if m else None
-    numbers = _NUMBER.findall(text)
-    return normalize_number(numbers[-1]) if numbers else None
+        found = m.group(1) if m else None
+    else:
+        matches = _FLEXIBLE.findall(text)
+        found = next((g for g in matches[-1] if g), None) if matches else None
+    return _gsm8k_compared(found.strip()) if found is not None else None
+
+
+def _gsm8k_compared(text: str) -> str:
+    """lm-eval's exact_match preprocessing for gsm8k: the ignored regexes removed, then lower case."""
+    for pattern in _GSM8K_IGNORED:
+        text = pattern.sub("", text)
+    return text.lower()
 
 
 def gsm8k_target(answer: str) -> str:
-    """The reference number of a GSM8K `answer` field."""
-    value = extract_gsm8k(answer, strict=True)
-    if value is None:
+    """The reference of a GSM8K `answer` field as lm-eval compares it (what follows its last '#### ')."""
+    if "#### " not in answer:
         raise ValueError(f"GSM8K answer without '#### N': {answer[-60:]!r}")
-    return value
+    return _gsm8k_compared(answer)
 
 
 def _after_answer_is(text: str) -> str:

@@ -186,7 +186,7 @@ def test_generation_path_scores_the_model_text(humaneval_file, tiny_lm, tiny_tok
     monkeypatch.setattr(runner, "generate", fake_generate)
     opts = EvalOptions(progress=False, allow_code_execution=True, exec_timeout=5.0)
     res = evaluate_task(tiny_lm, tiny_tok, resolve_task(f"code:{humaneval_file}"), opts)
-    assert seen["prompts"] == [ADD["prompt"], REV["prompt"]] and "\ndef " in seen["stop"]
+    assert seen["prompts"] == [ADD["prompt"], REV["prompt"]] and "\ndef" in seen["stop"]
     # encoded with the BOS the tokenizer gives any text, as lm-eval encodes a HumanEval prompt (it had none)
     assert seen["add_special_tokens"] is True
     assert res.metrics == {"pass@1": 0.5} and [r["passed"] for r in res.predictions] == [1, 0]

@@ -64,3 +64,13 @@ def test_gsm8k_agrees_with_lm_evals_own_filters_on_real_answers(shared_data):
                 theirs = exact_match_hf_evaluate([picked], [answer], regexes_to_ignore=ignored, ignore_case=True)
                 ours = extract_gsm8k(text, strict=is_strict) == gsm8k_target(answer)
                 assert ours == bool(theirs["exact_match"]), (text, is_strict, picked)
+
+
+def test_humaneval_stops_are_lm_evals_strings_as_written():
+    # "\nclass ", "\ndef ", "\nprint(" let a top-level `default = 1` or `printer = ...` through, which lm-eval cuts
+    from deltatune.evaluate.code import HUMANEVAL_STOP
+
+    assert {"\nclass", "\ndef", "\n#", "\nif", "\nprint"} <= set(HUMANEVAL_STOP)  # lm-eval's humaneval.yaml `until`
+    text = "    return a + b\ndefault = 3\nprint(add(1, 2))\n"
+    cut = min(text.find(s) for s in HUMANEVAL_STOP if s in text)
+    assert text[:cut] == "    return a + b"

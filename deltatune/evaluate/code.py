@@ -25,9 +25,10 @@ from deltatune.errors import DataError
 HUMANEVAL_FIELDS = ("task_id", "prompt", "test", "entry_point")
 MBPP_FIELDS = ("text", "code", "test_list")
 # Codex/HumanEval convention: a continuation ends where a new top-level statement starts
-# Codex's and lm-eval's stops (a top-level `if` of any kind ends the function, not only `if __name__`: lm-eval cut
-# there, and code after it ran as part of the sample), and a top-level assert (the model's own tests)
-HUMANEVAL_STOP = ("\nclass ", "\ndef ", "\n#", "\nif", "\nprint(", "\nassert ")
+# Codex's and lm-eval's stops exactly (humaneval.yaml: a top-level `if` of any kind ends the function, not only
+# `if __name__`; "\ndef" also cuts a top-level `default = ...`, "\nprint" a `printer = ...`, as there), and a
+# top-level assert (the model's own tests, which lm-eval runs as part of the sample)
+HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\nassert ")
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 
 

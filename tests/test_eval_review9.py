@@ -74,3 +74,29 @@ def test_humaneval_stops_are_lm_evals_strings_as_written():
     text = "    return a + b\ndefault = 3\nprint(add(1, 2))\n"
     cut = min(text.find(s) for s in HUMANEVAL_STOP if s in text)
     assert text[:cut] == "    return a + b"
+
+
+@pytest.mark.parametrize(
+    "context, option", [("Answer: fo", "o"), ("Answer: ", "A"), ("Answer:", " 5"), ("The cat sa", "t")]
+)
+def test_options_are_encoded_as_lm_eval_encodes_a_pair(tiny_tok, context, option):
+    # a token across the boundary made deltatune encode the option apart (other tokens scored than lm-eval's), and
+    # a context's trailing space stayed in the context (lm-eval moves it to the continuation)
+    from deltatune.evaluate.choice import split_encode
+
+    def enc(text):
+        return tiny_tok(text, add_special_tokens=False)["input_ids"]
+
+    ctx, cont = split_encode(tiny_tok, context, option)
+    bare = context.rstrip()
+    moved = context[len(bare) :] + option
+    assert ctx == enc(bare) and cont == enc(bare + moved)[len(enc(bare)) :]  # lm-eval's _encode_pair, by hand
+    lm_eval_model = pytest.importorskip("lm_eval.api.model")
+
+    class Causal:
+        backend = "causal"
+
+        def tok_encode(self, text):
+            return enc(text)
+
+    assert lm_eval_model.TemplateLM._encode_pair(Causal(), context, option) == (ctx, cont)

@@ -56,10 +56,12 @@ def model_max_length(model, max_length: int | None = None) -> int:
     return max_length or getattr(model.config, "max_position_embeddings", None) or 10**9
 
 
-def option_problem(option_ids: list[int], text: str, max_length: int) -> str | None:
-    """Why an option's tokens cannot be scored, or None: none at all, or too many to leave a question token."""
-    if not option_ids:
-        return f"encodes to no tokens: {text!r}"
+def option_problem(option_ids: list[int], text: str | None, max_length: int) -> str | None:
+    """Why an option's tokens cannot be scored, or None: none at all (or, given its `text`, none of its own: an
+    empty option after a context ending in a space scores only that space, as lm-eval would), or too many to
+    leave a question token."""
+    if not option_ids or (text is not None and not text.strip()):
+        return f"encodes to no tokens of its own: {text or ''!r}"
     if len(option_ids) >= max_length:
         return (
             f"has {len(option_ids)} tokens: it does not fit the model's context of {max_length} with a token of its "
@@ -87,11 +89,15 @@ class OptionScore:
 def split_encode(
     tokenizer, context: str, continuation: str, add_special_tokens: bool = False
 ) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) such that their concatenation encodes context+continuation."""
+    """(context ids, continuation ids) exactly as lm-eval's `_encode_pair` makes them for a causal model: the
+    context's trailing spaces move to the continuation, and the continuation is what the encoding of both holds
+    after as many tokens as the context alone encodes to (also where a token spans the boundary: deltatune then
+    encoded the option apart, and scored other tokens than lm-eval)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"]
-    if whole[: len(ctx)] != ctx:  # boundary merge changed the context's tokens: encode apart
-        return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
     return ctx, whole[len(ctx) :]
 
 
@@ -131,7 +137,7 @@ def score_options(
     for q, (ctx, opts) in enumerate(zip(contexts, options)):
         for o, text in enumerate(opts):
             c_ids, o_ids = split_encode(tokenizer, ctx, text, add_special_tokens)
-            if not o_ids:
+            if not o_ids or not text.strip():
                 raise OptionError(q, o, option_problem(o_ids, text, 1) or "")
             if not c_ids:
                 raise ValueError(f"the context of question {q} encodes to no tokens: nothing predicts the option")
@@ -139,7 +145,7 @@ def score_options(
             pairs.append((q, o, c_ids, o_ids, n_chars))
     max_length = model_max_length(model, max_length)
     for q, o, _, o_ids, _ in pairs:  # at least one context token must stay to predict the option's first token
-        problem = option_problem(o_ids, "", max_length)
+        problem = option_problem(o_ids, None, max_length)
         if problem:
             raise OptionError(q, o, problem)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

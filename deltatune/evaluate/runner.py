@@ -257,7 +257,7 @@ def check_choice_fits(model, tokenizer, task: Task, items: list[Item], opts: Eva
         for o, text in enumerate(row):
             n = len(alone[at])
             at += 1
-            if 0 < n < max_length - 8:
+            if 0 < n < max_length - 8 and text.strip():
                 continue
             context = choice_context(tokenizer, items[q], pool, opts, style)
             _, o_ids = split_encode(tokenizer, context, text, style.name != "chat")

@@ -118,12 +118,16 @@ def test_a_filter_that_drops_every_record_writes_nothing(tmp_path, capsys, tiny_
         '{"instruction": "Say hi to me", "output": "hi"}\n{"instruction": "Say bye to me", "output": "x"}\n'
     )
     out = tmp_path / "out.jsonl"
+    report = tmp_path / "report.json"
     args = ["data", "filter", "--data", str(data), "--out", str(out), "--max-prompt-tokens", "1", "--model", tiny_dir]
     assert main([str(a) for a in args]) == 2
     assert _one_line(capsys.readouterr().err).endswith(
-        f"{data}: every record was dropped (2 prompt_too_long); nothing written"
+        f"{data}: every record was dropped (2 prompt_too_long); no --out written"
     )
     assert not out.exists()
+    assert main([str(a) for a in [*args, "--report", report]]) == 2  # the report is what says why: written
+    assert _one_line(capsys.readouterr().err).endswith(f"no --out written; the report is in {report}")
+    assert json.loads(report.read_text())["dropped"] == {"prompt_too_long": 2} and not out.exists()
 
 
 def test_the_filter_report_names_every_dropped_record(tmp_path):
@@ -149,3 +153,21 @@ def test_a_negative_self_instruct_temperature_is_refused_before_the_model_loads(
     args = ["data", "self-instruct", "--model", str(tmp_path / "no-model"), "--seeds", str(seeds), "--n", "2"]
     assert main([*args, "--out", str(tmp_path / "o.jsonl"), "--temperature", "-1"]) == 2
     assert _one_line(capsys.readouterr().err).endswith("field '--temperature': must be 0 (greedy) or more, got -1.0")
+
+
+def test_only_what_is_written_is_checked_and_a_bad_key_names_its_object(tmp_path, capsys):
+    # review of the fix: from-labels refused a surrogate in a column it never writes, and a bad key was put into the
+    # path itself, which the server's error answer could not encode (a 500 where it answered 400)
+    from deltatune.data.formats import invalid_unicode_field
+
+    assert invalid_unicode_field({"x\ud800": 1}) == ""
+    assert invalid_unicode_field({"messages": [{"role": "user", "c\udc00": "hi"}]}) == "messages.0"
+    assert invalid_unicode_field({"stop": ["ok", "\ud800"]}) == "stop.1"
+    assert invalid_unicode_field({"a": ["ok", {"b": 1.0}]}) is None
+    data = tmp_path / "r.jsonl"
+    data.write_text('{"text": "good", "label": 1, "url": "http://x/\\ud83d"}\n{"text": "bad", "label": 0}\n')
+    task = tmp_path / "task.yaml"
+    task.write_text('templates: ["Is this positive? {text}"]\nlabels: {0: "no", 1: "yes"}\n')
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "from-labels", "--data", str(data), "--task", str(task), "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 2 and "\\ud83d" not in out.read_text()

@@ -81,3 +81,14 @@ def test_compiled_layers_stay_off_when_torchrun_resumes_a_compiled_checkpoint(ti
     assert use_compiled_layers(cfg, tiny_lm, [], torch.device("cpu"), distributed=True, **kw) is False
     assert "off under torchrun" in said[-1]
     assert use_compiled_layers(cfg, tiny_lm, [], torch.device("cpu"), distributed=False, **kw) is True
+
+
+def test_a_stand_in_row_routes_no_prompt_tuning_token_either():
+    # prompt tuning's virtual tokens were routed in a row whose token mask was all false (review of the fix)
+    from deltatune.upcycle.moe import MoEBlock, routed_tokens
+
+    block = MoEBlock(torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(4)), 4, k=2)
+    mask = torch.tensor([[False, False, False], [True, True, False]])
+    with routed_tokens([block], mask, virtual_tokens=2):
+        block(torch.randn(2, 5, 4))
+    assert int(block.last_routing["processed"].sum()) == 2 * (2 + 2)  # the real row's 2 virtual + 2 real tokens

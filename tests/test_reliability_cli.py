@@ -111,7 +111,7 @@ CASES = [
         ["experiment", "masking", "--quick", "--out", "{root}/e", "--heldout", "100000"],
         "held-out records",
     ),
-    (  # refused inside the experiment, once its folder was claimed: the new folder goes again
+    (  # refused before the experiment claims its folder (masking reads its data to check --sizes)
         "experiment-data-root-missing",
         ["experiment", "masking", "--quick", "--out", "{root}/e", "--data-root", "{root}/no-data"],
         "no-data",

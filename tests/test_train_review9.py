@@ -62,3 +62,39 @@ def test_resume_refuses_other_weights_at_the_model_path(capsys, tiny_dir, data_f
     shutil.copytree(tiny_dir, model)  # the weights it trained on: resumes
     rc, _, err = cli(capsys, *train_args(model, data_file, run, "--save-every", "1", "--resume", steps=3))
     assert rc == 0, err
+
+
+def test_the_model_fingerprint_sees_what_loads_and_nothing_else(tiny_dir, tmp_path):
+    # review of the fingerprint: a re-saved config.json (another transformers_version) or a file beside the weights
+    # refused a resume of the same model, and a change to mid-file tensors (a merge into q_proj alone) passed
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from deltatune.train.run_folder import model_fingerprint
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    before = model_fingerprint(model)
+    assert set(before) == {"model.safetensors", "config.json"}
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "transformers_version": "9.9.9"}, indent=4))
+    (model / "other.gguf").write_bytes(b"GGUF" + bytes(100))  # never loaded
+    (model / "README.md").write_text("notes")
+    assert model_fingerprint(model) == before
+    (model / "config.json").write_text(json.dumps({**config, "rope_theta": 1.0}))
+    assert model_fingerprint(model)["config.json"] != before["config.json"]
+    (model / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(model / "model.safetensors"))
+    name = "model.layers.1.self_attn.q_proj.weight"  # one tensor in the middle of the file
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert model_fingerprint(model)["model.safetensors"] != before["model.safetensors"]
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(bytes(range(256)) * 4096)
+    first = model_fingerprint(gguf)
+    data = bytearray(gguf.read_bytes())
+    data[len(data) // 2 + 7] ^= 1  # a GGUF file: blocks across it, not only its ends
+    gguf.write_bytes(bytes(data))
+    assert model_fingerprint(gguf) != first
+    assert model_fingerprint(tmp_path / "missing") is None

@@ -249,7 +249,7 @@ def run(args) -> int:
     check_out_folder(args.out, args.overwrite, OUTPUTS)  # an earlier analysis is replaced only when asked
     info = read_run(args.run)
     # --base against the run's own record warns, as forgetting does (two unrelated models measured as an update)
-    base, _ = load_model(base_of_runs([info], args.base), dtype="fp32")
+    base, _ = load_model(base_of_runs([info], args.base, "its weight change is"), dtype="fp32")
     result = analyze_run(base, info, args.checkpoints, args.energy)
     d = result["decomposition"]
     write_atomic(

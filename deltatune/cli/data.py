@@ -211,9 +211,15 @@ def run_filter(args: argparse.Namespace) -> int:
 
         tokenizer = load_tokenizer_from_args(args)
     records, report = filter_records(args.data, options, column_map=args.column_map, tokenizer=tokenizer)
-    write_jsonl_atomic(out, records)
-    if args.report:
+    if args.report:  # also when nothing is kept: it says why
         write_json_atomic(args.report, report.to_json())
+    if not records:  # an empty --out, exit 0, that train then refused ("no records")
+        from deltatune.errors import DataError
+
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
+        report_note = f"; the report is in {args.report}" if args.report else ""
+        raise DataError(f"every record was dropped ({reasons}); no --out written{report_note}", file=str(args.data))
+    write_jsonl_atomic(out, records)
     sys.stdout.write(report.format())
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -60,7 +60,7 @@ def check_out_folder(out: str, overwrite: bool, outputs: tuple[str, ...] = OUTPU
         )
 
 
-def base_of_runs(runs: list, given: str | None) -> str | None:
+def base_of_runs(runs: list, given: str | None, measured: str = "its learning and forgetting are") -> str | None:
     """The base to compare the runs against: `given` (a warning for each run trained from another), else the one
     the runs were trained from. Runs from different bases are refused: one base row cannot describe them. It
     compared every run against the default model, whatever the run had been trained from."""
@@ -76,8 +76,8 @@ def base_of_runs(runs: list, given: str | None) -> str | None:
         for info, b in known:
             if not same_model(given, b):
                 print(
-                    f"warning: {info.path} was trained from {name(b)}, not {given}; its learning and forgetting are "
-                    "measured against a base it did not start from",
+                    f"warning: {info.path} was trained from {name(b)}, not {given}; {measured} measured against a "
+                    "base it did not start from",
                     file=sys.stderr,
                 )
         return given

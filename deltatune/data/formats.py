@@ -525,8 +525,9 @@ def invalid_unicode_field(value: Any, where: str = "") -> str | None:
         return where if lone_surrogate(value) is not None else None
     if isinstance(value, dict):
         for key, item in value.items():
-            inner = f"{where}.{key}" if where else str(key)
-            found = invalid_unicode_field(key, inner) or invalid_unicode_field(item, inner)
+            if isinstance(key, str) and lone_surrogate(key) is not None:
+                return where  # the object holding the key: the key itself cannot be written in an answer or error
+            found = invalid_unicode_field(item, f"{where}.{key}" if where else str(key))
             if found is not None:
                 return found
     elif isinstance(value, list):

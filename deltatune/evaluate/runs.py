@@ -202,8 +202,8 @@ def unique_labels(runs: list[RunInfo]) -> list[str]:
         if not twins:
             named.append(lab)
             continue
-        parts = r.path.resolve().parts
-        others = [o.path.resolve().parts for t, o in zip(labels, runs) if o is not r and t == lab]
+        parts = r.path.absolute().parts  # as given (a link keeps its own name), made absolute for "../x"
+        others = [o.path.absolute().parts for t, o in zip(labels, runs) if o is not r and t == lab]
         depth = next(d for d in range(1, len(parts) + 1) if all(o[-d:] != parts[-d:] for o in others))
         named.append(f"{lab} ({'/'.join(parts[-depth:])})")
     return named

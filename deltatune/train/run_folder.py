@@ -79,51 +79,83 @@ def data_fingerprint(cfg: TrainConfig, records: list[dict] | None, eval_records:
     return {"data": of(cfg.data, records), "eval_data": of(cfg.eval_data, eval_records)}
 
 
-# what decides the model a run trains: its weights (sampled: a re-export of other weights differs in every
-# tensor), its configuration and its tokenizer (another tokenizer trains on other tokens)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-_MODEL_FILES = (
-    "config.json",
-    "upcycle.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
-_SAMPLE = 1 << 20
+# what decides the model a run trains: the weights transformers loads (a re-export of other weights differs in
+# every changed tensor) and config.json read as settings (its transformers_version changes with every re-save)
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_SAMPLE = 1 << 12  # bytes read at each end of a tensor, or of a block of a file without a tensor table
+_BLOCKS = 256
+
+
+def _loaded_weights(folder: Path) -> list[Path]:
+    """The weights files transformers reads from a model folder, in its order of preference (an index's shards,
+    else the single file; safetensors before pickles): other files beside them never load."""
+    for index in _WEIGHT_INDEXES:
+        if (folder / index).is_file():
+            shards = json.loads((folder / index).read_text(encoding="utf-8")).get("weight_map", {}).values()
+            return [folder / name for name in sorted(set(shards))]
+    return [folder / name for name in _WEIGHT_FILES if (folder / name).is_file()][:1]
 
 
 def _sampled_sha256(path: Path) -> str:
-    """SHA-256 of a weights file's size, first and last MiB: its header and two tensors' bytes, read in
-    milliseconds where hashing a 70B model's files took minutes at every resume."""
+    """SHA-256 of a weights file's size and samples of its content, read in milliseconds where hashing a 70B
+    model took minutes at every resume: for safetensors, both ends of every tensor (a merge into the q_proj
+    weights alone changes those tensors, mid-file); for other files, both ends of 256 evenly spaced blocks."""
     digest = hashlib.sha256()
     size = path.stat().st_size
     digest.update(str(size).encode())
     with open(path, "rb") as fh:
-        digest.update(fh.read(_SAMPLE))
-        if size > 2 * _SAMPLE:
-            fh.seek(size - _SAMPLE)
-            digest.update(fh.read(_SAMPLE))
-        elif size > _SAMPLE:
-            digest.update(fh.read())
+        spans = _safetensors_spans(fh, size) if path.suffix == ".safetensors" else None
+        if spans is None:
+            step = max(size // _BLOCKS, 1)
+            spans = [(start, min(start + step, size)) for start in range(0, size, step)]
+        for start, end in spans:
+            for at in sorted({start, max(start, end - _SAMPLE)}):
+                fh.seek(at)
+                digest.update(fh.read(min(_SAMPLE, end - at)))
     return digest.hexdigest()
 
 
+def _safetensors_spans(fh, size: int) -> list[tuple[int, int]] | None:
+    """(start, end) file offsets of the header and of every tensor's data, or None for a damaged header."""
+    head = fh.read(8)
+    if len(head) < 8:
+        return None
+    length = int.from_bytes(head, "little")
+    if length > size - 8:
+        return None
+    try:
+        header = json.loads(fh.read(length))
+    except ValueError:
+        return None
+    base = 8 + length
+    spans = [(0, base)]
+    for name, entry in sorted(header.items()):
+        if name != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2:
+            start, end = entry["data_offsets"]
+            spans.append((base + int(start), base + int(end)))
+    return spans
+
+
 def model_fingerprint(path: Path | None) -> dict[str, str] | None:
-    """{file: sha256} of what a local model (folder or file) holds, for resume to refuse other weights at the
-    same path (a folder re-exported from a later run). None for a hub id or a model not on disk yet."""
+    """{file: sha256} of what a local model (folder or GGUF file) trains from, for resume to refuse other weights at
+    the same path (a folder re-exported from a later run). None for a hub id, a model not on disk yet, or files
+    that cannot be read (the load says why)."""
     if path is None or not path.exists():
         return None
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    prints = {}
-    for file in files:
-        if file.suffix in _WEIGHT_SUFFIXES:
-            prints[file.name] = _sampled_sha256(file)
-        elif file.name in _MODEL_FILES:
-            prints[file.name] = sha256_file(file)
+    try:
+        if path.is_file():
+            return {path.name: _sampled_sha256(path)}
+        prints = {file.name: _sampled_sha256(file) for file in _loaded_weights(path)}
+        config = path / "config.json"
+        if config.is_file():
+            settings = json.loads(config.read_text(encoding="utf-8"))
+            if isinstance(settings, dict):
+                settings.pop("transformers_version", None)
+            canonical = json.dumps(settings, sort_keys=True).encode()
+            prints["config.json"] = hashlib.sha256(canonical).hexdigest()
+    except (OSError, ValueError):
+        return None
     return prints or None
 
 
@@ -309,8 +341,12 @@ def compare_for_resume(cfg: TrainConfig, meta: dict, fingerprint: dict) -> dict[
             refused.append(f"{key} content (sha256 {str(old_hash)[:12]}) -> (sha256 {str(new_hash)[:12]})")
     old_model, new_model = old_prints.get("model"), fingerprint.get("model")
     if old_model and new_model and old_model != new_model:  # unknown on either side (older checkpoints): not compared
+
+        def how(f: str) -> str:
+            return f"{f} {'added' if f not in old_model else 'removed' if f not in new_model else 'changed'}"
+
         files = sorted(f for f in old_model.keys() | new_model.keys() if old_model.get(f) != new_model.get(f))
-        refused.append(f"model content: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''} changed")
+        refused.append(f"model content: {', '.join(map(how, files[:3]))}{' ...' if len(files) > 3 else ''}")
     if refused:
         raise ConfigError(
             f"{cfg.output} was trained with other settings; put them back or start a new --output: "

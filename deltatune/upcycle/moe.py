@@ -133,7 +133,8 @@ class MoEBlock(nn.Module):
             return None
         p = self.virtual_tokens
         if p and mask.dim() == 2 and len(shape) == 3 and mask.shape[0] == shape[0] and mask.shape[1] + p == shape[1]:
-            mask = torch.cat([mask.new_ones(shape[0], p), mask], dim=1)
+            # a row with no real token (a torchrun rank's zero-weight stand-in) routes none of them either
+            mask = torch.cat([mask.any(dim=1, keepdim=True).expand(-1, p), mask], dim=1)
         if mask.numel() != shape.numel() // shape[-1]:
             raise RuntimeError(
                 f"the token mask has {mask.numel()} entries for {shape.numel() // shape[-1]} tokens "

@@ -13,7 +13,7 @@ from typing import Any
 
 from deltatune.data.instructions.rows import prompt_text, read_instruction_records, response_text
 from deltatune.data.instructions.similarity import NearDuplicateIndex, normalise, rouge_l, rouge_tokens
-from deltatune.errors import ConfigError, DataError
+from deltatune.errors import ConfigError
 
 NEAR = ("minhash", "rouge", "none")
 DEFAULT_THRESHOLD = {"minhash": 0.8, "rouge": 0.7}
@@ -126,9 +126,6 @@ def filter_records(
         exact[key] = rec.source
         kept.append({**rec.data, "__source": rec.source})
     report.kept = len(kept)
-    if not kept:  # an empty --out that train then refuses ("no records"): say it here, writing nothing
-        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
-        raise DataError(f"every record was dropped ({reasons}); nothing written", file=str(path))
     return [{k: v for k, v in r.items() if k != "__source"} for r in kept], report
 
 

@@ -36,9 +36,6 @@ def read_rows(path: str | Path, column_map: dict[str, str] | str | None = None) 
             raise rec
         if not isinstance(rec.data, dict):
             raise record_error(rec, f"expected an object with named fields, got {type(rec.data).__name__}")
-        bad = invalid_unicode_field(rec.data)  # every field: those copied through unread failed when written
-        if bad is not None:
-            raise record_error(rec, "not valid Unicode: a lone surrogate (half of an escaped UTF-16 pair)", bad)
         if cmap:
             rec = RawRecord(rename_columns(rec.data, cmap), rec.file, rec.line, rec.index)
         yield rec
@@ -55,6 +52,9 @@ def read_instruction_records(
     fixed_by: RawRecord | None = None  # the record whose fields fixed the format
     out = []
     for rec in read_rows(path, column_map):
+        bad = invalid_unicode_field(rec.data)  # filter and mix copy whole records: fields nothing reads failed when
+        if bad is not None:  # written (a UnicodeEncodeError traceback after all the work)
+            raise record_error(rec, "not valid Unicode: a lone surrogate (half of an escaped UTF-16 pair)", bad or None)
         if fmt == "auto":
             fmt, fixed_by = detect_format(rec.data) or "auto", rec
         try:

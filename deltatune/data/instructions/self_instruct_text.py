@@ -13,6 +13,7 @@ import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deltatune.data.formats import lone_surrogate
 from deltatune.data.instructions.rows import read_rows, record_error
 from deltatune.errors import DataError
 
@@ -54,6 +55,11 @@ def read_seed_tasks(path: str | Path) -> list[Task]:
         clf = d.get("is_classification", False)
         if not isinstance(clf, bool):
             raise record_error(rec, f"expected true or false, got {type(clf).__name__}", "is_classification")
+        texts = {"instruction": ins, **{f"instances[{i}]": v for i, x in enumerate(instances) for v in x.values()}}
+        for name, text in texts.items():  # the tokenizer's TypeError after the model loaded, a work folder left
+            bad = lone_surrogate(text)
+            if bad is not None:
+                raise record_error(rec, bad, name)
         tasks.append(Task(ins.strip(), instances, clf))
     if not tasks:
         raise DataError("no seed tasks", file=str(path))

@@ -147,13 +147,12 @@ def model_fingerprint(path: Path | None) -> dict[str, str] | None:
         if path.is_file():
             return {path.name: _sampled_sha256(path)}
         prints = {file.name: _sampled_sha256(file) for file in _loaded_weights(path)}
-        config = path / "config.json"
-        if config.is_file():
-            settings = json.loads(config.read_text(encoding="utf-8"))
-            if isinstance(settings, dict):
-                settings.pop("transformers_version", None)
-            canonical = json.dumps(settings, sort_keys=True).encode()
-            prints["config.json"] = hashlib.sha256(canonical).hexdigest()
+        for name in ("config.json", "upcycle.json"):  # an upcycled folder's routing is in the second
+            if (path / name).is_file():
+                settings = json.loads((path / name).read_text(encoding="utf-8"))
+                if isinstance(settings, dict):
+                    settings.pop("transformers_version", None)
+                prints[name] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     except (OSError, ValueError):
         return None
     return prints or None

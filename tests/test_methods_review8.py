@@ -63,3 +63,22 @@ def test_a_qlora_head_on_a_tied_model_merges_into_a_model_that_says_untied(tmp_p
     loaded.tie_weights()  # what a loader that honours the config's flag does
     with torch.no_grad():
         assert (loaded(input_ids=IDS).logits - want).abs().max() < 1e-5
+
+
+def test_a_model_carrying_peft_layers_is_refused_not_adapted_inside_them():
+    # deltatune put LoRA on PEFT's own lora_A/lora_B/base_layer linears (36 trainable tensors), silently
+    import pytest
+    from peft import LoraConfig, get_peft_model
+
+    from deltatune.errors import ConfigError
+    from deltatune.methods.apply import apply_methods
+    from deltatune.testing import tiny_model
+
+    peft_model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    for model in (peft_model, peft_model.base_model.model):
+        before = {n: p.requires_grad for n, p in model.named_parameters()}
+        with pytest.raises(ConfigError, match=r"already carries PEFT adapter layers .*merge_and_unload\(\)"):
+            apply_methods(model, "lora")
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == before  # left as it was
+    merged = peft_model.merge_and_unload()
+    assert apply_methods(merged, "lora").model is merged  # once merged, a plain model again

@@ -259,6 +259,16 @@ def apply_methods(model: nn.Module, specs: list[MethodSpec | str] | MethodSpec |
             f"targets, in one call ('{together}'), or merge_and_unload() first to train on the merged weights",
             field="method",
         )
+    peft_layer = next(((n, m) for n, m in model.named_modules() if type(m).__module__.startswith("peft.")), None)
+    if peft_layer is not None:  # its lora_A/base_layer children were adapted as plain linears, silently
+        kind = type(peft_layer[1])
+        raise ConfigError(
+            f"the model already carries PEFT adapter layers ('{peft_layer[0] or 'the model'}' is "
+            f"{kind.__module__}.{kind.__name__}); "
+            "call merge_and_unload() on the PEFT model first, or load a PEFT adapter folder with deltatune "
+            "(load_adapter / --adapter), which reads PEFT's format",
+            field="method",
+        )
     before = {id(m) for m in model.modules()}
     snapshot = _Structure(model)
     try:

@@ -82,3 +82,26 @@ def test_a_model_carrying_peft_layers_is_refused_not_adapted_inside_them():
         assert {n: p.requires_grad for n, p in model.named_parameters()} == before  # left as it was
     merged = peft_model.merge_and_unload()
     assert apply_methods(merged, "lora").model is merged  # once merged, a plain model again
+
+
+def test_a_float64_model_merges_lora_in_float64():
+    # the delta and the merge were computed in float32: merged and unmerged logits of a float64 model 2e-7 apart
+    import torch
+
+    from deltatune.methods.apply import apply_methods
+    from deltatune.testing import tiny_model
+
+    adapted = apply_methods(tiny_model().double(), "lora")
+    torch.manual_seed(0)
+    for m in adapted.model.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    ids = torch.randint(3, 500, (2, 12))
+    with torch.no_grad():
+        unmerged = adapted.model(ids).logits
+        originals = {n: p.clone() for n, p in adapted.model.named_parameters() if "base" in n}
+        adapted.merge()
+        merged = adapted.model(ids).logits
+        adapted.unmerge()
+    assert (merged - unmerged).abs().max() < 1e-12
+    assert all(torch.equal(p, originals[n]) for n, p in adapted.model.named_parameters() if n in originals)

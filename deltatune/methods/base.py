@@ -217,9 +217,10 @@ class DeltaLinear(nn.Module):
             return
         self.dequantize_base()
         w = self.base.weight
-        delta = self._stored(self.delta_weight())
-        merged = (w.float() + delta).to(w.dtype)
-        self._keep_original("weight", w, unmerged=(merged.float() - delta).to(w.dtype))
+        acc = torch.promote_types(w.dtype, torch.float32)  # a float64 model merges in float64, not rounded to fp32
+        delta = self._stored(self.delta_weight()).to(acc)
+        merged = (w.to(acc) + delta).to(w.dtype)
+        self._keep_original("weight", w, unmerged=(merged.to(acc) - delta).to(w.dtype))
         w.copy_(merged)
         self.merged = True
 
@@ -230,7 +231,8 @@ class DeltaLinear(nn.Module):
             return
         self.dequantize_base()
         w = self.base.weight
-        w.copy_((w.float() - self._stored(self.delta_weight())).to(w.dtype))
+        acc = torch.promote_types(w.dtype, torch.float32)
+        w.copy_((w.to(acc) - self._stored(self.delta_weight()).to(acc)).to(w.dtype))
         self._put_back_original("weight", w)
         self.restore_quantized_base()
         self.merged = False

@@ -86,7 +86,8 @@ class LoRALinear(DeltaLinear):
         nn.init.zeros_(self.lora_B.weight)
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        acc = torch.promote_types(self.lora_B.weight.dtype, torch.float32)  # float32, or float64 in a float64 model
+        return (self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc)) * self.scaling
 
     def adapted_forward(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A.weight, self.lora_B.weight

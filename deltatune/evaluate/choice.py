@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from deltatune.kv_cache import cache_kwargs, output_cache, takes_cache
 from deltatune.methods.virtual_tokens import prepended_tokens
-from deltatune.upcycle.moe import moe_blocks, routed_tokens
+from deltatune.upcycle.moe import moe_blocks, routed_tokens, routes_across_rows
 
 NORMALISATIONS = ("char", "token", "sum")
 
@@ -153,6 +153,8 @@ def score_options(
     fits = all(len(c_ids) + len(o_ids) <= max_length for _, _, c_ids, o_ids, _ in pairs)
     if shared_context is None:
         shared_context = not all_logits
+    if routes_across_rows(model):  # expert choice: a row's scores moved with its batch and the padding there
+        batch_size, shared_context = 1, False
     # a row past the context length keeps its end, which whole rows do; virtual tokens need whole rows
     if shared_context and fits and can_share_context(model):
         shared = _score_over_shared_contexts(model, pairs, options, batch_size, pad_id, device, progress)

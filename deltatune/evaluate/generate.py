@@ -22,6 +22,7 @@ from transformers import LogitsProcessor, StoppingCriteria, TemperatureLogitsWar
 from deltatune.detokenize import continuation_text
 from deltatune.errors import UserError
 from deltatune.evaluate.choice import keeps_logits, left_padded
+from deltatune.upcycle.moe import routes_across_rows
 
 # Temperatures below this decode greedily, as vLLM does: logits divided by 1e-45 overflow to inf and the
 # sampler's probabilities to NaN (a server's whole batch failed; `generate` answered garbage).
@@ -214,6 +215,8 @@ def generate_detailed(
                     print(truncation_warning(i, len(prompts), len(ids), keep, context, config), file=sys.stderr)
         encoded = [ids[-keep:] for ids in encoded]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    if routes_across_rows(model):  # expert choice: the other rows and their padding changed a row's text
+        batch_size = 1
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     if has_virtual_tokens(model) and sliding_window_of(model)[1]:
         # every layer slides (Mistral, Phi3): transformers' window counts cache slots, so a padded row's virtual

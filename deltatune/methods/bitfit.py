@@ -96,6 +96,13 @@ class BitFit(Method):
                 field="method",
             )
         slots = layer_slots(model)
+        unlike = sorted(k for k in covered - added if k.rsplit(".", 1)[0] not in slots)
+        if unlike:  # an upcycled model: the config's flag describes dense MLPs, which its layers hold as experts
+            raise ConfigError(
+                f"bitfit's bias flag ({', '.join(chosen)}) would add '{unlike[0]}', which this model does not have "
+                "(an upcycled model's MLPs are experts); save the adapter instead of a merged model",
+                field="method",
+            )
         for key in sorted(covered - added):
             module = innermost(slots[key.rsplit(".", 1)[0]])
             if module.bias is None:

@@ -494,6 +494,11 @@ def _gather_plain_model(sharded: nn.Module, template: nn.Module) -> nn.Module | 
         spec = spec_of(template)
         if spec is not None:  # an upcycled model: its MoE blocks in place of the config's dense MLPs
             upcycle(plain, spec, copy_weights=False)
+            from deltatune.upcycle.moe import moe_blocks
+
+            # the run's balancing weight, which the export writes (rebuilt blocks had the default 0.01)
+            for (_, rebuilt), (_, trained) in zip(moe_blocks(plain), moe_blocks(template)):
+                rebuilt.aux_loss_weight = trained.aux_loss_weight
     plain.load_state_dict(sd, assign=True, strict=False)
     if hasattr(plain, "tie_weights"):
         plain.tie_weights()

@@ -182,6 +182,12 @@ def moe_blocks(model: nn.Module) -> list[tuple[str, MoEBlock]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoEBlock)]
 
 
+def routes_across_rows(model: nn.Module) -> bool:
+    """Whether a row's output depends on the other rows of its batch: expert-choice experts pick their tokens
+    among all the batch's (top-k routes each token on its own). Evaluation runs such a model a row at a time."""
+    return any(b.router_type == "expert-choice" for _, b in moe_blocks(model))
+
+
 @contextmanager
 def routed_tokens(blocks: list[MoEBlock], mask: torch.Tensor | None, virtual_tokens: int = 0) -> Iterator[None]:
     """Within the block, the MoE blocks route only the tokens where `mask` ([B, T] bool, True = a real

@@ -10,6 +10,7 @@ import difflib
 import re
 import types
 import typing
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,10 +19,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deltatune.errors import ConfigError
 
+_FROM_FILE: ContextVar[bool] = ContextVar("deltatune_config_from_file", default=False)
+
 
 class TrainConfig(BaseModel):
     # allow_inf_nan=False: `lr: inf` trained NaN weights into final/, `epochs: inf` crashed with a traceback
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    def __init__(self, **data: Any) -> None:
+        """From Python (`TrainConfig(rank=8)`): a wrong key or value is the one-line ConfigError a file gets (it
+        was pydantic's multi-line ValidationError); `load_config` names the file instead."""
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            if _FROM_FILE.get():  # load_config explains it, naming the file or the command line
+                raise
+            raise _explain(err, "TrainConfig") from None
 
     # model
     model: str | None = Field(None, description="transformers folder, hub id, .gguf file; empty = default model")
@@ -293,12 +306,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             if not isinstance(key, str):  # `1: 2` or `null: 3` reached TrainConfig(**...) as a TypeError traceback
                 raise ConfigError(f"the key {key!r} is not a name", file=source)
     merged = {**raw, **(overrides or {})}
+    reading = _FROM_FILE.set(True)
     try:
-        return TrainConfig(**merged)
+        return TrainConfig.model_validate(merged)
     except ValidationError as err:
         loc = err.errors()[0]["loc"]
         given_here = bool(loc) and loc[0] in (overrides or {})  # a flag or --set: not the file's to answer for
         raise _explain(err, "command line" if given_here else source) from None
+    finally:
+        _FROM_FILE.reset(reading)
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

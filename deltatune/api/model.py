@@ -82,18 +82,10 @@ class AdaptedModel(_AdaptedModel):
     def disabled(self) -> Iterator[None]:
         """Within the block the model computes the base model (PEFT's `disable_adapter()`).
 
-        Uses the engine's `disable_adapters` (a context manager) or, where the engine offers
-        `disable_adapters()`/`enable_adapters()` as plain calls, those. Refused while merged (the
-        merged weights hold the adapter)."""
-        handle = self.disable_adapters()
-        if hasattr(handle, "__enter__"):
-            with handle:
-                yield
-            return
-        try:
+        `disable_adapters()` / `enable_adapters()` do the same as plain calls, as transformers' do. Refused while
+        merged (the merged weights hold the adapter)."""
+        with self.disable_adapters():
             yield
-        finally:
-            self.enable_adapters()
 
     def save_adapter(
         self,
@@ -154,12 +146,20 @@ class AdaptedModel(_AdaptedModel):
         """A one-line hint for code written for PEFT's PeftModel, which is a torch module: this is not one."""
         if name.startswith("__") or name in ("model", "methods"):
             raise AttributeError(name)
+        if name in _ONE_ADAPTER:  # transformers' own methods of that name fail there ("No adapter loaded")
+            raise AttributeError(
+                f"AdaptedModel has no '{name}': it holds one adapter (its methods); load another onto a fresh "
+                "model with load_adapter, or serve several from one base with `deltatune serve`"
+            )
         if hasattr(self.__dict__.get("model"), name):
             raise AttributeError(
                 f"AdaptedModel has no attribute '{name}': it is not a torch module; its `.model` is (pass "
                 f"adapted.model to a Trainer or TRL, or call adapted.model.{name})"
             )
         raise AttributeError(f"'AdaptedModel' object has no attribute '{name}'")
+
+
+_ONE_ADAPTER = frozenset({"set_adapter", "add_adapter", "delete_adapter", "active_adapter", "active_adapters"})
 
 
 def _check_model(model: Any, what: str) -> None:
@@ -279,15 +279,21 @@ def apply(
     return AdaptedModel._wrap(apply_methods(model, specs))
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> AdaptedModel:
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = True) -> AdaptedModel:
     """Apply the methods an adapter folder describes (PEFT's format or deltatune's) and load its weights.
     The added modules take the model's mode (a model in eval mode runs no adapter dropout). On a model from
-    `load_model(quantize="nf4")` the adapted linears get their NF4 base, as `apply` gives them."""
+    `load_model(quantize="nf4")` the adapted linears get their NF4 base, as `apply` gives them.
+    `is_trainable=False` freezes the loaded tensors (PEFT's `from_pretrained` default); by default they train on,
+    as `apply` leaves them."""
     _check_model(model, "load_adapter")
     on_nf4 = None
     if getattr(model, _QUANTIZE_ATTR, None) is not None:
         on_nf4 = lambda specs: [_on_nf4_base(s) for s in specs]  # noqa: E731
-    return AdaptedModel._wrap(_load_adapter(model, path, adjust_specs=on_nf4))
+    adapted = AdaptedModel._wrap(_load_adapter(model, path, adjust_specs=on_nf4))
+    if not is_trainable:
+        for _, p in adapted.trainable_parameters():
+            p.requires_grad_(False)
+    return adapted
 
 
 def load_model(

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import copy
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -100,11 +99,12 @@ class AdaptedModel:
         self.model.__dict__.pop(APPLIED_ATTR, None)  # a plain model again: methods may be applied to it
         return self.model
 
-    @contextmanager
-    def disable_adapters(self) -> Iterator[None]:
-        """Within the block the model computes exactly the base model, whatever the methods' kind
-        (each method's `set_disabled` hook); on leaving, the adapted model again. Refused while merged:
-        the merged weights hold the change, so switching the adapter off would change nothing."""
+    def disable_adapters(self) -> "_AdaptersOff":
+        """The model computes exactly the base model, whatever the methods' kind (each method's `set_disabled`
+        hook), until `enable_adapters()`, as transformers' `model.disable_adapters()`; as a context manager
+        (`with adapted.disable_adapters():`), until the block ends. Refused while merged: the merged weights hold
+        the change, so switching the adapter off would change nothing. (It was a context manager only: called
+        plainly, as transformers' is, it did nothing.)"""
         if any(getattr(module, "merged", False) for module in self.model.modules()):
             raise ConfigError(
                 "the adapter is merged into the weights; unmerge() it before disabling it", field="method"
@@ -112,15 +112,22 @@ class AdaptedModel:
         for m in self.methods:
             if not m.can_disable:
                 raise ConfigError(f"method '{m.name}' cannot be disabled: {m.why_not_disable}", field="method")
-        done = []
+        off = self.__dict__.setdefault("_switched_off", [])
         try:
             for m in self.methods:
-                m.set_disabled(self.model, True)
-                done.append(m)
-            yield
-        finally:
-            for m in reversed(done):
-                m.set_disabled(self.model, False)
+                if m not in off:
+                    m.set_disabled(self.model, True)
+                    off.append(m)
+        except BaseException:
+            self.enable_adapters()
+            raise
+        return _AdaptersOff(self)
+
+    def enable_adapters(self) -> None:
+        """The adapted model again after `disable_adapters()` (nothing to do if it was not disabled)."""
+        off = self.__dict__.get("_switched_off", [])
+        while off:
+            off.pop().set_disabled(self.model, False)
 
     # --- capabilities of the combination --------------------------------------------------------
     @property
@@ -237,6 +244,19 @@ def _as_spec(spec: MethodSpec | str) -> MethodSpec:
 
 
 APPLIED_ATTR = "_deltatune_methods"  # the method names an apply_methods call left on the model
+
+
+class _AdaptersOff:
+    """What `disable_adapters()` returns: the adapters are off already; leaving a `with` block turns them on."""
+
+    def __init__(self, adapted: AdaptedModel) -> None:
+        self.adapted = adapted
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self.adapted.enable_adapters()
 
 
 def apply_methods(model: nn.Module, specs: list[MethodSpec | str] | MethodSpec | str) -> AdaptedModel:

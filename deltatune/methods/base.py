@@ -302,6 +302,10 @@ class Method:
                 f"method '{spec.name}': targets must be a name, a pattern or a list of names, got {targets!r}",
                 field="targets",
             )
+        if isinstance(targets, tuple):  # read as a list everywhere (a tuple reached str.split: a traceback)
+            from dataclasses import replace
+
+            spec = replace(spec, targets=list(targets))
         self.spec = spec
         self.options = read_options(self.name, spec.options, self.options_schema)
 

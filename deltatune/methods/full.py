@@ -44,12 +44,21 @@ class FullFinetune(Method):
             params = []
             for name in match_targets(model, targets, accept=_has_parameters):
                 params.extend(model.get_submodule(name).parameters())
-        self._ids = {id(p) for p in params}
+        wanted = {id(p) for p in params}
+        # (module, attribute) of each trained weight, not the weight objects' ids: a deepcopy or pickle of the
+        # model copies these modules along (ids would name the original's weights, so the copy trained and saved
+        # nothing), and load_state_dict(assign=True) puts new weights in the same places
+        self._owners = [
+            (module, attr)
+            for module in model.modules()
+            for attr, p in module.named_parameters(recurse=False)
+            if id(p) in wanted
+        ]
         for p in params:
             p.requires_grad_(True)
 
     def trainable_parameters(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-        ids = getattr(self, "_ids", set())
+        ids = {id(getattr(module, attr)) for module, attr in getattr(self, "_owners", [])}
         for name, p in model.named_parameters():
             if id(p) in ids:
                 yield name, p

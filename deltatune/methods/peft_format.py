@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,7 +74,10 @@ def save_adapter(
 ) -> Path:
     base = _base_name(adapted, base_model_name_or_path)
     state = adapted.adapter_state_dict()
+    card = Path(out_dir) / "README.md"  # a model card written there (by hand, by PEFT) stays: the folder is replaced
     with atomic_dir(out_dir) as tmp:
+        if card.is_file():
+            shutil.copy2(card, tmp / "README.md")
         if adapted.is_peft_method:
             method = adapted.methods[0]
             config = {

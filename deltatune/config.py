@@ -52,11 +52,13 @@ class TrainConfig(BaseModel):
         "response",
         description="loss policy: response | instruction | no-boilerplate | all | weighted:L; two phases: 'A->B@STEPS'",
     )
-    loss_reduction: Literal["token", "example"] = Field(
+    loss_reduction: Literal["token", "example", "count"] = Field(
         "token",
         description="token: sum(w*nll)/sum(w) over the whole accumulated batch, so long examples weigh "
         "more; example: each example's weighted mean first, then the mean over examples "
-        "(what the Instruction Modelling paper's code does with micro-batch 1)",
+        "(what the Instruction Modelling paper's code does with micro-batch 1); count: sum(w*nll) over the "
+        "number of tokens that carry any weight (the spec's token-count normaliser: a fractional weight then "
+        "lowers the loss's scale, not only the instruction's share)",
     )
     system_prompt: str | None = None
     skip_bad: bool = False

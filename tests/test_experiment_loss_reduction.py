@@ -72,3 +72,42 @@ def test_loss_reduction_is_validated():
 
     with pytest.raises(ConfigError, match="loss_reduction"):
         load_config(overrides={"loss_reduction": "batch"})
+
+
+@pytest.mark.parametrize("reduction", ["token", "count"])
+def test_a_weighted_policy_normalises_by_the_weights_or_by_the_token_count(tiny_dir, tmp_path, reduction):
+    """methods.md section 7: normalise by sum(w) (default) or by the token count (option; it was missing)."""
+    from deltatune.data.masking import parse_policy, policy_weights
+    from deltatune.data.pipeline import prepare_records
+    from deltatune.models import load_model
+    from deltatune.train.loop import train
+
+    records = [{"instruction": f"Say the word {i} times", "output": " ".join(["seven"] * (1 + i))} for i in range(4)]
+    cfg = load_config(
+        overrides=dict(
+            model=str(tiny_dir),
+            output=str(tmp_path / "run"),
+            method="lora",
+            rank=2,
+            steps=1,
+            batch_size=4,
+            seq_len=64,
+            precision="fp32",
+            eval_fraction=0.0,
+            policy="weighted:0.25",
+            loss_reduction=reduction,
+            fused_norms="off",
+        )
+    )
+    result = train(cfg, quiet=True, records=records)
+    model, tok = load_model(str(tiny_dir))
+    total, weight, count = 0.0, 0.0, 0
+    for ex in prepare_records(records, tok, template="chatml").examples:
+        w = torch.tensor(policy_weights(ex, parse_policy("weighted:0.25")), dtype=torch.float64)[1:]
+        with torch.no_grad():
+            logits = model(torch.tensor([ex.input_ids])).logits[0, :-1].double()
+        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ex.input_ids[1:]), reduction="none")
+        total, weight, count = total + float((w * nll).sum()), weight + float(w.sum()), count + int((w > 0).sum())
+    assert count > weight  # instruction tokens weigh 0.25: the two normalisers differ
+    expected = total / (count if reduction == "count" else weight)
+    assert result.history[0]["loss"] == pytest.approx(expected, abs=1e-5)

@@ -969,7 +969,10 @@ def _train(
             if cfg.loss_reduction == "example":  # each example's weights sum to 1: a mean of per-example means
                 for b in micro:
                     b["loss_weights"] = per_example_weights(b["loss_weights"], b["position_ids"])
-            total_weight = sum(float(b["loss_weights"][:, 1:].sum()) for b in micro)
+            if cfg.loss_reduction == "count":  # over the tokens that carry any weight, not their weights' sum
+                total_weight = sum(float((b["loss_weights"][:, 1:] > 0).sum()) for b in micro)
+            else:
+                total_weight = sum(float(b["loss_weights"][:, 1:].sum()) for b in micro)
             total_weight = dist.sum(total_weight)  # the global batch's weight normalises every rank's loss
             step_loss, aux_finite = 0.0, True
             for i, batch in enumerate(micro):

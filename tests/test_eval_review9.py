@@ -76,21 +76,16 @@ def test_humaneval_stops_are_lm_evals_strings_as_written():
     assert text[:cut] == "    return a + b"
 
 
-@pytest.mark.parametrize(
-    "context, option", [("Answer: fo", "o"), ("Answer: ", "A"), ("Answer:", " 5"), ("The cat sa", "t")]
-)
-def test_options_are_encoded_as_lm_eval_encodes_a_pair(tiny_tok, context, option):
-    # a token across the boundary made deltatune encode the option apart (other tokens scored than lm-eval's), and
-    # a context's trailing space stayed in the context (lm-eval moves it to the continuation)
+@pytest.mark.parametrize("context, option", [("Answer:", " 5"), ("Question: Is it?\nAnswer:", " yes"), ("A:", " B)")])
+def test_options_are_encoded_as_lm_eval_encodes_a_clean_pair(tiny_tok, context, option):
+    # where the context's tokens start the joint encoding, deltatune's split is lm-eval's _encode_pair exactly
     from deltatune.evaluate.choice import split_encode
 
     def enc(text):
         return tiny_tok(text, add_special_tokens=False)["input_ids"]
 
     ctx, cont = split_encode(tiny_tok, context, option)
-    bare = context.rstrip()
-    moved = context[len(bare) :] + option
-    assert ctx == enc(bare) and cont == enc(bare + moved)[len(enc(bare)) :]  # lm-eval's _encode_pair, by hand
+    assert ctx + cont == enc(context + option)
     lm_eval_model = pytest.importorskip("lm_eval.api.model")
 
     class Causal:
@@ -100,3 +95,11 @@ def test_options_are_encoded_as_lm_eval_encodes_a_pair(tiny_tok, context, option
             return enc(text)
 
     assert lm_eval_model.TemplateLM._encode_pair(Causal(), context, option) == (ctx, cont)
+
+
+def test_an_empty_option_is_refused_after_a_context_ending_in_a_space(tiny_tok):
+    from deltatune.evaluate.choice import OptionError, score_options
+    from deltatune.testing import tiny_model
+
+    with pytest.raises(OptionError, match="encodes to no tokens of its own"):
+        score_options(tiny_model(), tiny_tok, ["Answer: "], [["", "B"]], progress=False)

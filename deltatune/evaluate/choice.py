@@ -89,15 +89,16 @@ class OptionScore:
 def split_encode(
     tokenizer, context: str, continuation: str, add_special_tokens: bool = False
 ) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) exactly as lm-eval's `_encode_pair` makes them for a causal model: the
-    context's trailing spaces move to the continuation, and the continuation is what the encoding of both holds
-    after as many tokens as the context alone encodes to (also where a token spans the boundary: deltatune then
-    encoded the option apart, and scored other tokens than lm-eval)."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    """(context ids, continuation ids) whose concatenation encodes context+continuation. Where the context's own
+    tokens start the joint encoding (the usual case: "Answer:" + " A") this is lm-eval's `_encode_pair` exactly.
+    Where they do not (a token spans the boundary), lm-eval splits the joint encoding at the context's length and
+    moves a context's trailing whitespace into the continuation, which drops "\n" from a prompt ending ":\n" under
+    Qwen2/Llama-3 pre-tokenizers ("### Response:Paris") and misreads a tokenizer that appends EOS: deltatune
+    keeps the context as trained and encodes the continuation apart (docs/evaluation.md)."""
     whole = tokenizer(context + continuation, add_special_tokens=add_special_tokens)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=add_special_tokens)["input_ids"]
+    if whole[: len(ctx)] != ctx:  # boundary merge changed the context's tokens: encode apart
+        return ctx, tokenizer(continuation, add_special_tokens=False)["input_ids"]
     return ctx, whole[len(ctx) :]
 
 

@@ -98,3 +98,42 @@ def test_the_model_fingerprint_sees_what_loads_and_nothing_else(tiny_dir, tmp_pa
     gguf.write_bytes(bytes(data))
     assert model_fingerprint(gguf) != first
     assert model_fingerprint(tmp_path / "missing") is None
+
+
+def test_resume_refuses_another_chat_template_at_the_model_path(capsys, tiny_dir, data_file, tmp_path):
+    # review of the fingerprint: only weights and config were compared, so a rewritten chat template (the same
+    # records read as other tokens) resumed silently; a re-save of the same tokenizer must still resume
+    import shutil
+
+    from deltatune.testing import tiny_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    run = tmp_path / "run"
+    args = ["--save-every", "1", "--template", "tokenizer"]
+    assert cli(capsys, *train_args(model, data_file, run, *args, steps=2))[0] == 0
+    tiny_tokenizer().save_pretrained(model)  # the same tokenizer written again
+    rc, _, err = cli(capsys, *train_args(model, data_file, run, *args, "--resume", steps=3))
+    assert rc == 0, err
+    tok = tiny_tokenizer()
+    changed = tok.chat_template.replace("'<|im_end|>' + '\n'", "'<|im_end|>' + '\n\n'")  # a blank line a turn
+    assert changed != tok.chat_template
+    tok.chat_template = changed
+    tok.save_pretrained(model)
+    rc, _, err = cli(capsys, *train_args(model, data_file, run, *args, "--resume", steps=4))
+    assert rc == 2 and "was trained on other tokens from this data" in err and "Traceback" not in err
+
+
+def test_an_upcycled_folder_in_deltatunes_format_has_its_weights_fingerprinted(tiny_dir, tmp_path):
+    from deltatune.testing import tiny_model
+    from deltatune.train.run_folder import model_fingerprint
+    from deltatune.upcycle.convert import UpcycleSpec, upcycle
+    from deltatune.upcycle.io import WEIGHTS_FILE, save_upcycled
+
+    spec = UpcycleSpec(experts=4, layers=[1], router="expert-choice")  # written in deltatune's own format
+    save_upcycled(upcycle(tiny_model(num_hidden_layers=2), spec), None, tmp_path / "moe")
+    assert (tmp_path / "moe" / WEIGHTS_FILE).is_file()
+    before = model_fingerprint(tmp_path / "moe")
+    assert WEIGHTS_FILE in before and "upcycle.json" in before
+    save_upcycled(upcycle(tiny_model(seed=5, num_hidden_layers=2), spec), None, tmp_path / "moe")
+    assert model_fingerprint(tmp_path / "moe")[WEIGHTS_FILE] != before[WEIGHTS_FILE]

@@ -587,6 +587,7 @@ def _train(
         data_fingerprint,
         model_fingerprint,
         pick_checkpoint,
+        tokens_fingerprint,
         record_config,
         save_run_config,
         start_output,
@@ -688,6 +689,15 @@ def _train(
     unused = unused_template_weight(prepared.examples, parsed, prepared.template)
     if unused and dist.is_main:
         warn(unused)
+    # what the model reads, after the tokenizer and template at the model's path: another tokenizer or chat template
+    # there trains on other tokens from the same records (the files' bytes change with every re-save; the tokens not)
+    fingerprint["tokens"] = tokens_fingerprint(prepared.examples)
+    if resume_from is not None and (meta.get("data_sha256") or {}).get("tokens") not in (None, fingerprint["tokens"]):
+        raise ConfigError(
+            f"{cfg.output} was trained on other tokens from this data: the tokenizer or chat template at "
+            f"{cfg.model or 'the default model'} changed since the checkpoint; put it back or start a new --output",
+            field="resume",
+        )
     examples = list(prepared.examples)
     if eval_records is not None:
         eval_examples = list(prepare_records(eval_records, tokenizer, **data_kwargs).examples)

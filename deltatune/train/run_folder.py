@@ -82,7 +82,7 @@ def data_fingerprint(cfg: TrainConfig, records: list[dict] | None, eval_records:
 # what decides the model a run trains: the weights transformers loads (a re-export of other weights differs in
 # every changed tensor) and config.json read as settings (its transformers_version changes with every re-save)
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_WEIGHT_FILES = ("model.safetensors", "upcycled.safetensors", "pytorch_model.bin")  # upcycled: deltatune's format
 _SAMPLE = 1 << 12  # bytes read at each end of a tensor, or of a block of a file without a tensor table
 _BLOCKS = 256
 
@@ -135,6 +135,21 @@ def _safetensors_spans(fh, size: int) -> list[tuple[int, int]] | None:
             start, end = entry["data_offsets"]
             spans.append((base + int(start), base + int(end)))
     return spans
+
+
+def tokens_fingerprint(examples: list) -> str:
+    """SHA-256 of every example's token ids and the roles that decide their loss weights."""
+    from array import array
+
+    from deltatune.data.segments import Role
+
+    code = {role: i for i, role in enumerate(Role)}
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(array("q", ex.input_ids).tobytes())
+        digest.update(bytes(code[r] for r in ex.roles))
+        digest.update(b"\x00")
+    return digest.hexdigest()
 
 
 def model_fingerprint(path: Path | None) -> dict[str, str] | None:

@@ -587,10 +587,10 @@ def _train(
         data_fingerprint,
         model_fingerprint,
         pick_checkpoint,
-        tokens_fingerprint,
         record_config,
         save_run_config,
         start_output,
+        tokens_fingerprint,
         truncate_metrics,
         write_summary,
     )

@@ -122,11 +122,11 @@ def test_a_filter_that_drops_every_record_writes_nothing(tmp_path, capsys, tiny_
     args = ["data", "filter", "--data", str(data), "--out", str(out), "--max-prompt-tokens", "1", "--model", tiny_dir]
     assert main([str(a) for a in args]) == 2
     assert _one_line(capsys.readouterr().err).endswith(
-        f"{data}: every record was dropped (2 prompt_too_long); no --out written"
+        f"{data}: every record was dropped (2 prompt_too_long); --out not written"
     )
     assert not out.exists()
     assert main([str(a) for a in [*args, "--report", report]]) == 2  # the report is what says why: written
-    assert _one_line(capsys.readouterr().err).endswith(f"no --out written; the report is in {report}")
+    assert _one_line(capsys.readouterr().err).endswith(f"--out not written; the report is in {report}")
     assert json.loads(report.read_text())["dropped"] == {"prompt_too_long": 2} and not out.exists()
 
 

@@ -54,3 +54,16 @@ def test_a_stop_string_across_the_fixed_text_is_still_cut_at_its_start():
             break
     assert row.finish == "stop" and row.text == " ".join(f"w{i}" for i in range(60)) + " "
     assert len(row.ids) > _DECODE_WINDOW  # the stop came after text had been fixed
+
+
+def test_the_text_is_not_fixed_behind_skipped_special_tokens_alone():
+    # review of the fix: behind 4 skipped special tokens a SentencePiece decoder dropped the next word's space
+    tok = tiny_sentencepiece_tokenizer()
+    prompt = tok("Question: what is 2 + 3?")["input_ids"]
+    words = tok(" the quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    ids = (words * 10)[: _DECODE_WINDOW - 4] + [tok.unk_token_id] * 4 + [tok.convert_tokens_to_ids("\u2581The")]
+    ids += words[:3]
+    row = _Row(GenRequest(prompt, params=SamplingParams(max_tokens=10**6)), tok, set())
+    for token in ids:
+        row.push(token)
+    assert row.text == continuation_text(tok, prompt, ids, skip_special_tokens=True)

@@ -218,7 +218,7 @@ def run_filter(args: argparse.Namespace) -> int:
 
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items()))
         report_note = f"; the report is in {args.report}" if args.report else ""
-        raise DataError(f"every record was dropped ({reasons}); no --out written{report_note}", file=str(args.data))
+        raise DataError(f"every record was dropped ({reasons}); --out not written{report_note}", file=str(args.data))
     write_jsonl_atomic(out, records)
     sys.stdout.write(report.format())
     print(f"wrote {out}", file=sys.stderr)

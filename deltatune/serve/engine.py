@@ -120,9 +120,15 @@ class _Row:
             searched = max(0, len(self.done_text) - self.longest_stop + 1)
             fresh = self.decode(self.ids[self.done_ids :])
             self.text = self.done_text + fresh
-            if len(self.ids) - self.done_ids >= _DECODE_WINDOW and not fresh.endswith("\ufffd"):
+            behind = (list(self.req.prompt_ids[-CONTEXT_TOKENS:]) + self.ids)[-CONTEXT_TOKENS:]
+            # fixed only behind tokens that decode to text: behind skipped special tokens alone, a SentencePiece
+            # decoder dropped the space that starts the next word
+            if (
+                len(self.ids) - self.done_ids >= _DECODE_WINDOW
+                and not fresh.endswith("\ufffd")
+                and self.tokenizer.decode(behind, skip_special_tokens=True).strip()
+            ):
                 self.done_text, self.done_ids = self.text, len(self.ids)  # behind the last tokens, as the prompt
-                behind = (list(self.req.prompt_ids[-CONTEXT_TOKENS:]) + self.ids)[-CONTEXT_TOKENS:]
                 self.decode = ContinuationDecoder(self.tokenizer, behind, skip_special_tokens=True)
             cut = _first_stop(self.text[searched:], p.stop)
             if cut is not None:

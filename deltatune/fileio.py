@@ -270,6 +270,23 @@ def write_file_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], objec
     return path
 
 
+def unreadable_safetensors(path: str | os.PathLike, exc: BaseException, field: str) -> UserError:
+    """The one line for a weights file safetensors cannot read (its own error type, a file cut short, OSError)."""
+    return UserError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:80]})", field=field)
+
+
+def safetensors_header(path: str | os.PathLike, *, field: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor: (dtype, shape)} of a safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            slices = {key: fh.get_slice(key) for key in fh.keys()}
+            return {key: (s.get_dtype(), tuple(s.get_shape())) for key, s in slices.items()}
+    except Exception as exc:
+        raise unreadable_safetensors(path, exc, field) from None
+
+
 def strict_json(value: Any) -> Any:
     """`value` with every NaN or infinite float made None: json.dumps writes them as NaN/Infinity, which jq,
     JavaScript and other strict readers refuse (a measure never computed, a fit of fewer than two points)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -156,7 +155,6 @@ def test_runs_whose_labels_collide_keep_each_their_own_row(tiny_dir, tmp_path):
     assert labels == ["lora r=2 (seed0/final)", "lora r=2 (seed1/final)", "lora r=2 (other)"]
     with pytest.raises(UserError, match="the same run as .*given twice"):
         unique_labels([read_run(a), read_run(tmp_path / "seed1" / ".." / "seed0" / "final")])
-    shutil.rmtree(tmp_path / "x")
 
 
 def test_plan_counts_the_loss_head_as_train_runs_it_one_chunk_of_logits():

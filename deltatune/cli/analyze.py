@@ -77,18 +77,12 @@ def warn_if_stored_in_16_bits(snap) -> None:
     one check); an adapter folder or a merge saved in fp32 measures the update itself. Said on stderr."""
     import sys
 
-    from safetensors import safe_open
+    from deltatune.fileio import safetensors_header
 
     if snap.kind != "model":
         return
-    for path in sorted(snap.path.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), "pt") as fh:
-                coarse = sorted({fh.get_slice(k).get_dtype() for k in fh.keys()} & {"BF16", "F16"})
-        except Exception as exc:  # safetensors' own error type (a truncated file): a traceback before
-            raise UserError(
-                f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:80]})", field="run"
-            ) from None
+    for path in sorted(snap.path.glob("*.safetensors")):  # a truncated file was a SafetensorError traceback
+        coarse = sorted({dtype for dtype, _ in safetensors_header(path, field="run").values()} & {"BF16", "F16"})
         if coarse:
             print(
                 f"warning: {path} stores weights in {coarse[0].lower()}: the rounding to it is part of the dW "

@@ -115,17 +115,11 @@ def check_adapters_fit(base_model, runs: list) -> None:
 def check_model_folder_fits(base_model, folder: Path) -> None:
     """A model folder's weights files are readable and their tensors have the base's shapes (headers only, no
     weights read): a damaged or other model was found after the base and every earlier run had been scored."""
-    from safetensors import safe_open
+    from deltatune.fileio import safetensors_header
 
     shapes = {name: tuple(t.shape) for name, t in base_model.state_dict().items()}
     for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), "pt") as fh:
-                found = {key: tuple(fh.get_slice(key).get_shape()) for key in fh.keys()}
-        except Exception as exc:  # safetensors' own error type: a file cut short
-            raise UserError(
-                f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:80]})", field="run"
-            ) from None
+        found = {key: shape for key, (_, shape) in safetensors_header(path, field="run").items()}
         for key, shape in shapes.items():  # in the model's order: the first layer that differs is named
             if key in found and found[key] != shape:
                 raise UserError(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +58,8 @@ def model_max_length(model, max_length: int | None = None) -> int:
 
 
 def option_problem(option_ids: list[int], text: str | None, max_length: int) -> str | None:
-    """Why an option's tokens cannot be scored, or None: none at all (or, given its `text`, none of its own: an
-    empty option after a context ending in a space scores only that space, as lm-eval would), or too many to
-    leave a question token."""
+    """Why an option's tokens cannot be scored, or None: none at all (or, given its `text`, an option that is only
+    whitespace), or too many to leave a question token."""
     if not option_ids or (text is not None and not text.strip()):
         return f"encodes to no tokens of its own: {text or ''!r}"
     if len(option_ids) >= max_length:
@@ -138,8 +138,9 @@ def score_options(
     for q, (ctx, opts) in enumerate(zip(contexts, options)):
         for o, text in enumerate(opts):
             c_ids, o_ids = split_encode(tokenizer, ctx, text, add_special_tokens)
-            if not o_ids or not text.strip():
-                raise OptionError(q, o, option_problem(o_ids, text, 1) or "")
+            empty = option_problem(o_ids, text, max_length=sys.maxsize)  # the length is checked below
+            if empty:
+                raise OptionError(q, o, empty)
             if not c_ids:
                 raise ValueError(f"the context of question {q} encodes to no tokens: nothing predicts the option")
             n_chars = char_counts[q][o] if char_counts is not None else (len(text.strip()) or len(text))

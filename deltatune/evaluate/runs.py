@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from deltatune.errors import ConfigError, UserError
+from deltatune.fileio import unreadable_safetensors
 
 ADAPTER_FILES = ("adapter_config.json", "deltatune_adapter.json")
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
@@ -270,9 +271,7 @@ def load_snapshot(
     try:
         state = load_file(str(path))
     except Exception as exc:  # safetensors' own error type (a file cut short), or OSError
-        raise UserError(
-            f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:80]})", field="run"
-        ) from None
+        raise unreadable_safetensors(path, exc, "run") from None
     own = dict(model.named_parameters())
     unexpected = [k for k in state if k not in own]
     if unexpected:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError, UserError
-from deltatune.fileio import atomic_dir
+from deltatune.fileio import atomic_dir, unreadable_safetensors
 from deltatune.methods.base import _REGISTRY, MethodSpec, _load_builtin_methods
 
 if TYPE_CHECKING:
@@ -269,9 +269,7 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[list[MethodSpec], dict
         try:
             tensors = load_file(str(weights))
         except Exception as exc:  # safetensors' own error type, or OSError
-            raise UserError(
-                f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:80]})", field="adapter"
-            ) from None
+            raise unreadable_safetensors(weights, exc, "adapter") from None
     _check_finite(weights, tensors)
     return specs, tensors, peft_keys, str(path)
 

@@ -26,6 +26,7 @@ from deltatune.fileio import check_writable, overlaps, remove_interrupted_writes
 from deltatune.train.checkpoint import list_checkpoints, read_meta, verify_checkpoint
 from deltatune.train.snapshot import SNAPSHOT_DIR
 
+SUMMARY_FILE = "summary.json"  # written when a run finishes: its final losses, for scripts (no log parsing)
 # everything `deltatune train` writes into its output folder
 RUN_CONFIG_HEADER = "# deltatune run:"  # config.yaml's first line: --overwrite replaces only folders with it
 RUN_ENTRIES = (
@@ -36,10 +37,9 @@ RUN_ENTRIES = (
     "snapshots",  # snapshot_every: an old run's later snapshots must not be read as this run's
     "metrics.jsonl",
     "parameters.json",
-    "summary.json",
+    SUMMARY_FILE,
     "tensorboard",
 )
-SUMMARY_FILE = "summary.json"  # written when a run finishes: its final losses, for scripts (no log parsing)
 # keys a resumed run may change: they decide how long and how visibly it runs, not what it learns
 MAY_CHANGE = frozenset(
     {
